@@ -1,0 +1,162 @@
+//! The vmgrid job file: TOML in, a validated [`Job`] out.
+//!
+//! This crate reads the job file and nothing else: it does not check that images exist, it does not
+//! touch the job directory and it starts no process, so the coordinator can validate submissions
+//! with the same code that `vmgrid run` uses. Every error names the file, the line and the column.
+
+mod raw;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use validate::parse_job;
+
+/// A validated job, with every path resolved against the job file's directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// The job file this job was read from.
+    pub source: PathBuf,
+    pub name: String,
+    pub vm: Vm,
+    pub resources: Resources,
+    pub files: Files,
+    pub policy: Policy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmType {
+    Wasm,
+    Qemu,
+    Jvm,
+}
+
+impl VmType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmType::Wasm => "wasm",
+            VmType::Qemu => "qemu",
+            VmType::Jvm => "jvm",
+        }
+    }
+}
+
+impl fmt::Display for VmType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    None,
+    User,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vm {
+    pub vm_type: VmType,
+    /// wasm: the module; jvm: the jar; qemu: the disk image (optional with `kernel`).
+    pub image: Option<PathBuf>,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub append: Option<String>,
+    pub network: Network,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resources {
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub timeout_s: u64,
+    pub disk_mb: u64,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources { cpus: 1, memory_mb: 256, timeout_s: 600, disk_mb: 1024 }
+    }
+}
+
+/// One input: where it is on the submitting machine and where it goes in the job directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Input {
+    pub source: PathBuf,
+    /// A relative path with only normal components: it cannot leave the job directory.
+    pub dest: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Files {
+    pub inputs: Vec<Input>,
+    /// Glob patterns relative to the job directory; none is absolute or contains `..`.
+    pub outputs: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Policy {
+    pub requirements: Option<String>,
+    pub rank: Option<String>,
+    pub max_retries: u32,
+}
+
+/// Upper bounds checked before anything runs.
+pub mod limits {
+    pub const MAX_CPUS: u32 = 256;
+    pub const MAX_MEMORY_MB: u64 = 1 << 20;
+    /// wasm32 linear memory cannot exceed 4 GiB.
+    pub const MAX_WASM_MEMORY_MB: u64 = 4096;
+    pub const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
+    pub const MAX_DISK_MB: u64 = 1 << 20;
+    pub const MAX_RETRIES: u32 = 100;
+    pub const MAX_ARGS: usize = 4096;
+    pub const MAX_NAME_LEN: usize = 128;
+    /// The x86 kernel command line is at most 2048 bytes; vmgrid keeps room for its own options.
+    pub const MAX_KERNEL_CMDLINE: usize = 1900;
+    /// Linux passes at most 32 argv entries to init, one of which is init's own name.
+    pub const MAX_KERNEL_INIT_ARGS: usize = 30;
+    /// Linux passes at most 32 envp entries to init and sets `HOME` and `TERM` itself.
+    pub const MAX_KERNEL_INIT_ENV: usize = 28;
+}
+
+/// A job file that cannot be used, with the place that is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobFileError {
+    #[error("{path}: cannot read the job file: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid { path: PathBuf, line: usize, column: usize, message: String },
+}
+
+impl JobFileError {
+    pub fn path(&self) -> &Path {
+        match self {
+            JobFileError::Read { path, .. } | JobFileError::Invalid { path, .. } => path,
+        }
+    }
+}
+
+/// Reads and validates a job file from disk. Relative paths in it resolve against its directory.
+pub fn load_job(path: &Path) -> Result<Job, JobFileError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| JobFileError::Read { path: path.to_path_buf(), message: e.to_string() })?;
+    parse_job(path, &text)
+}
+
+impl Job {
+    /// The job's args with `{index}` replaced by the instance number of a `--count` sweep.
+    pub fn with_index(&self, index: u64) -> Job {
+        let mut job = self.clone();
+        let idx = index.to_string();
+        for a in &mut job.vm.args {
+            *a = a.replace("{index}", &idx);
+        }
+        for v in job.vm.env.values_mut() {
+            *v = v.replace("{index}", &idx);
+        }
+        job
+    }
+}

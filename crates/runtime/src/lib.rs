@@ -1,0 +1,168 @@
+//! Runs one vmgrid job inside a virtual machine, on this host, and reports what happened.
+//!
+//! The runtime is a library with a typed request ([`RunRequest`]) and a typed result
+//! ([`RunResult`] or [`RunError`]). It is the only part of vmgrid that starts guest code or
+//! processes (`qemu-system-*`, `qemu-img`, `java`); it knows nothing of pools, HTTP or SQLite.
+//! One module per VM type: [`wasm`] (wasmtime, in process), [`qemu`] (a system VM) and [`jvm`].
+
+pub mod capture;
+pub mod jobdir;
+pub mod jvm;
+mod process;
+pub mod qemu;
+pub mod wasm;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use capture::Captured;
+use vmgrid_job::{Job, VmType};
+
+/// How a runtime is set up on this host.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Compiled wasm modules, the accelerator probe's answer and other rebuildable state.
+    pub cache_dir: PathBuf,
+    /// Bytes of stdout (and, separately, of stderr) kept per job; the rest is dropped and counted.
+    pub output_cap: usize,
+    /// Echo the guest's stdout and stderr to ours as they arrive (up to the cap).
+    pub echo: bool,
+}
+
+impl RuntimeConfig {
+    pub const DEFAULT_OUTPUT_CAP: usize = 16 << 20;
+
+    /// `$VMGRID_CACHE_DIR`, else `$XDG_CACHE_HOME/vmgrid`, else `~/.cache/vmgrid`.
+    pub fn default_cache_dir() -> PathBuf {
+        if let Some(d) = std::env::var_os("VMGRID_CACHE_DIR") {
+            return PathBuf::from(d);
+        }
+        if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+            return PathBuf::from(d).join("vmgrid");
+        }
+        match std::env::var_os("HOME") {
+            Some(h) => PathBuf::from(h).join(".cache/vmgrid"),
+            None => std::env::temp_dir().join("vmgrid-cache"),
+        }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { cache_dir: Self::default_cache_dir(), output_cap: Self::DEFAULT_OUTPUT_CAP, echo: false }
+    }
+}
+
+/// One job to run: the validated job and the directory it runs in (already holding its inputs).
+#[derive(Debug, Clone)]
+pub struct RunRequest<'a> {
+    pub job: &'a Job,
+    pub job_dir: &'a Path,
+}
+
+/// How the guest ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest ran to the end and reported this exit code.
+    Exited(i32),
+    /// The guest did not finish properly; the job, not the host, is at fault.
+    Failed(Failure),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: FailureKind,
+    /// A sentence a person can act on.
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    TimeLimit,
+    MemoryLimit,
+    DiskLimit,
+    /// A trap, a kernel panic, a guest that powered off without an exit status.
+    GuestError,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub outcome: Outcome,
+    pub stdout: Captured,
+    pub stderr: Captured,
+    pub wall: Duration,
+}
+
+impl RunResult {
+    /// The exit code a shell should see: the guest's own, or 1 when it did not finish.
+    pub fn exit_code(&self) -> i32 {
+        match &self.outcome {
+            Outcome::Exited(c) => *c,
+            Outcome::Failed(_) => 1,
+        }
+    }
+}
+
+/// Why a job could not be run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The job's own fault: a missing or invalid image, a bad input. Rerunning will not help.
+    #[error("{0}")]
+    BadJob(String),
+    /// This host cannot run the job (missing qemu, IO failure). Another host may.
+    #[error("{0}")]
+    Host(String),
+}
+
+impl RunError {
+    pub(crate) fn host(context: impl std::fmt::Display, e: impl std::fmt::Display) -> RunError {
+        RunError::Host(format!("{context}: {e}"))
+    }
+}
+
+/// All the VM runtimes of one host, created once and reused across jobs.
+pub struct Runtime {
+    config: RuntimeConfig,
+    wasm: std::sync::OnceLock<Result<wasm::WasmRuntime, String>>,
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> Runtime {
+        Runtime { config, wasm: std::sync::OnceLock::new() }
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    fn wasm(&self) -> Result<&wasm::WasmRuntime, RunError> {
+        self.wasm
+            .get_or_init(|| wasm::WasmRuntime::new(&self.config).map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| RunError::Host(format!("cannot start the wasm engine: {e}")))
+    }
+
+    /// Runs the job in its VM and waits for it. Outputs stay in the job directory.
+    pub fn run(&self, req: &RunRequest<'_>) -> Result<RunResult, RunError> {
+        let mut result = match req.job.vm.vm_type {
+            VmType::Wasm => self.wasm()?.run(req, &self.config)?,
+            VmType::Qemu => qemu::run(req, &self.config)?,
+            VmType::Jvm => jvm::run(req, &self.config)?,
+        };
+        if let Outcome::Exited(_) = result.outcome {
+            let used = jobdir::disk_usage(req.job_dir);
+            let cap = req.job.resources.disk_mb << 20;
+            if used > cap {
+                result.outcome = Outcome::Failed(Failure {
+                    kind: FailureKind::DiskLimit,
+                    reason: format!(
+                        "the job directory holds {} MiB, over the disk_mb limit of {} MiB",
+                        used.div_ceil(1 << 20),
+                        req.job.resources.disk_mb
+                    ),
+                });
+            }
+        }
+        Ok(result)
+    }
+}

@@ -1,0 +1,216 @@
+//! The WebAssembly runtime: a WASI preview-1 command module in wasmtime, in this process.
+//!
+//! The guest gets the job directory (preopened as `/job` and `.`), its args and env, and bounded
+//! stdout/stderr; nothing else. Memory is bounded by a store limiter, time by epoch interruption.
+//! Compiled modules are cached on disk, keyed by the module's blake3 and the engine's
+//! compatibility hash; this module holds vmgrid's only `unsafe` wasm code, the cache load.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use wasmtime::{Config, Engine, InstancePre, Linker, Module, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+
+use crate::capture::{CaptureSink, Echo};
+use crate::{Failure, FailureKind, Outcome, RunError, RunRequest, RunResult, RuntimeConfig};
+
+mod stream;
+
+/// One epoch tick. Time limits are enforced to within about this much.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Table elements a guest may allocate (8 bytes each).
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+pub struct WasmRuntime {
+    engine: Engine,
+    linker: Linker<GuestState>,
+    cache_dir: PathBuf,
+}
+
+struct GuestState {
+    wasi: WasiP1Ctx,
+    limits: MemoryLimit,
+}
+
+/// Bounds linear memory to `memory_mb`. A denied growth makes `memory.grow` return -1, as the spec
+/// says, and is remembered so that a guest that then dies is reported as out of memory.
+struct MemoryLimit {
+    max_bytes: usize,
+    denied: Option<usize>,
+}
+
+impl ResourceLimiter for MemoryLimit {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.denied = Some(desired);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+impl WasmRuntime {
+    pub fn new(config: &RuntimeConfig) -> wasmtime::Result<WasmRuntime> {
+        let mut cfg = Config::new();
+        cfg.epoch_interruption(true);
+        cfg.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let engine = Engine::new(&cfg)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut GuestState| &mut s.wasi)?;
+        // The ticker only holds a weak handle, so it ends when the engine does.
+        let weak = engine.weak();
+        std::thread::Builder::new().name("vmgrid-epoch".into()).spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })?;
+        Ok(WasmRuntime { engine, linker, cache_dir: config.cache_dir.join("wasm") })
+    }
+
+    /// Loads and compiles (or fetches from the cache) a module, ready to instantiate.
+    fn prepare(&self, image: &Path) -> Result<InstancePre<GuestState>, RunError> {
+        let bytes = std::fs::read(image)
+            .map_err(|e| RunError::BadJob(format!("cannot read the wasm image `{}`: {e}", image.display())))?;
+        if bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] != [1, 0, 0, 0] {
+            return Err(RunError::BadJob(format!(
+                "`{}` is a WebAssembly component; vmgrid runs WASI preview-1 command modules (build for wasm32-wasip1)",
+                image.display()
+            )));
+        }
+        let module = self.load_module(image, &bytes)?;
+        self.linker.instantiate_pre(&module).map_err(|e| {
+            RunError::BadJob(format!("`{}` cannot be linked as a WASI preview-1 command: {e:#}", image.display()))
+        })
+    }
+
+    fn load_module(&self, image: &Path, bytes: &[u8]) -> Result<Module, RunError> {
+        let path = self.cache_path(bytes);
+        if path.exists() {
+            // SAFETY: `deserialize_file` trusts the file to be a module that this engine
+            // serialized. The file lives in vmgrid's own cache directory, is written only by
+            // `store_in_cache` below from `Module::serialize` (atomically, by rename), and its
+            // name carries the engine's compatibility hash, so a different wasmtime or different
+            // settings use a different file. Jobs cannot write there: guests only see their job
+            // directory. wasmtime still checks the header and version and fails cleanly on
+            // a mismatch, in which case we recompile.
+            match unsafe { Module::deserialize_file(&self.engine, &path) } {
+                Ok(m) => return Ok(m),
+                Err(e) => tracing::warn!(path = %path.display(), "ignoring unusable cached module: {e:#}"),
+            }
+        }
+        let module = Module::new(&self.engine, bytes).map_err(|e| {
+            RunError::BadJob(format!("`{}` is not a valid WebAssembly module: {e:#}", image.display()))
+        })?;
+        if let Err(e) = self.store_in_cache(&module, &path) {
+            tracing::warn!(path = %path.display(), "cannot cache the compiled module: {e:#}");
+        }
+        Ok(module)
+    }
+
+    fn cache_path(&self, bytes: &[u8]) -> PathBuf {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        let engine_hash = h.finish();
+        self.cache_dir.join(format!("{}-{engine_hash:016x}.cwasm", blake3::hash(bytes).to_hex()))
+    }
+
+    fn store_in_cache(&self, module: &Module, path: &Path) -> wasmtime::Result<()> {
+        std::fs::create_dir_all(&self.cache_dir)?;
+        let tmp = tempfile::NamedTempFile::new_in(&self.cache_dir)?;
+        std::fs::write(tmp.path(), module.serialize()?)?;
+        tmp.persist(path)?;
+        Ok(())
+    }
+
+    pub fn run(&self, req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, RunError> {
+        let job = req.job;
+        let image = job.vm.image.as_deref().ok_or_else(|| RunError::BadJob("a wasm job needs `image`".into()))?;
+        let pre = self.prepare(image)?;
+        let start = Instant::now();
+        let stdout = CaptureSink::new(config.output_cap, if config.echo { Echo::Stdout } else { Echo::None });
+        let stderr = CaptureSink::new(config.output_cap, if config.echo { Echo::Stderr } else { Echo::None });
+
+        let argv0 = image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "main.wasm".into());
+        let mut argv = vec![argv0];
+        argv.extend(job.vm.args.iter().cloned());
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.args(&argv)
+            .stdout(stream::CapturedStream(stdout.clone()))
+            .stderr(stream::CapturedStream(stderr.clone()))
+            .allow_blocking_current_thread(true);
+        for (k, v) in &job.vm.env {
+            wasi.env(k, v);
+        }
+        for guest_path in ["/job", "."] {
+            wasi.preopened_dir(req.job_dir, guest_path, FsPerms::ReadWrite)
+                .map_err(|e| RunError::host(format!("cannot open the job directory {}", req.job_dir.display()), e))?;
+        }
+        let state = GuestState {
+            wasi: wasi.build_p1(),
+            limits: MemoryLimit { max_bytes: (job.resources.memory_mb as usize) << 20, denied: None },
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        let ticks = job.resources.timeout_s.saturating_mul(1000) / EPOCH_TICK.as_millis() as u64;
+        store.set_epoch_deadline(ticks.max(1));
+
+        let ended = pre.instantiate(&mut store).and_then(|instance| {
+            let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+            start.call(&mut store, ())
+        });
+        let outcome = match ended {
+            Ok(()) => Outcome::Exited(0),
+            Err(e) => classify(e, &store, job.resources.memory_mb, job.resources.timeout_s),
+        };
+        drop(store);
+        Ok(RunResult { outcome, stdout: stdout.take(), stderr: stderr.take(), wall: start.elapsed() })
+    }
+}
+
+fn classify(e: wasmtime::Error, store: &Store<GuestState>, memory_mb: u64, timeout_s: u64) -> Outcome {
+    if let Some(exit) = e.downcast_ref::<I32Exit>() {
+        if exit.0 != 0 {
+            if let Some(desired) = store.data().limits.denied {
+                return Outcome::Failed(memory_failure(memory_mb, desired));
+            }
+        }
+        return Outcome::Exited(exit.0);
+    }
+    if let Some(Trap::Interrupt) = e.downcast_ref::<Trap>() {
+        return Outcome::Failed(Failure {
+            kind: FailureKind::TimeLimit,
+            reason: format!("the time limit of {timeout_s} s was exceeded (timeout_s)"),
+        });
+    }
+    if let Some(desired) = store.data().limits.denied {
+        return Outcome::Failed(memory_failure(memory_mb, desired));
+    }
+    let what = match e.downcast_ref::<Trap>() {
+        Some(t) => format!("the guest trapped: {t}"),
+        None => format!("the guest failed: {e:#}"),
+    };
+    Outcome::Failed(Failure { kind: FailureKind::GuestError, reason: first_lines(&what, 12) })
+}
+
+fn memory_failure(memory_mb: u64, desired: usize) -> Failure {
+    Failure {
+        kind: FailureKind::MemoryLimit,
+        reason: format!(
+            "the memory limit of {memory_mb} MiB was exceeded: the guest asked for {} MiB (memory_mb)",
+            desired.div_ceil(1 << 20)
+        ),
+    }
+}
+
+fn first_lines(s: &str, n: usize) -> String {
+    s.lines().take(n).collect::<Vec<_>>().join("\n")
+}
+

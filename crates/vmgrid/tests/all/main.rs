@@ -1,0 +1,8 @@
+//! vmgrid's integration tests: one binary, one module per capability. They run the real `vmgrid`
+//! binary against real wasmtime and real QEMU.
+
+mod util;
+
+mod job_file;
+mod run_qemu;
+mod run_wasm;
