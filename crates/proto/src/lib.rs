@@ -1,0 +1,437 @@
+//! The pool's wire types, shared by the CLI, the coordinator and the node agents. Plain serde
+//! structs: no IO, no HTTP client or server, no SQLite.
+//!
+//! Files travel as content addresses: a [`BlobRef`] is the blake3 hash (hex) of the bytes, which
+//! are uploaded once to `/v1/blobs/{hash}` and cached by hash on nodes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The blake3 hash of a blob, as 64 lowercase hex digits.
+pub type BlobRef = String;
+
+pub fn is_blob_ref(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A job as submitted to a pool: the job file with its files replaced by blob references.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub name: String,
+    pub vm_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<FileRef>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<FileRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<FileRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub append: Option<String>,
+    #[serde(default = "default_network")]
+    pub network: String,
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub timeout_s: u64,
+    pub disk_mb: u64,
+    /// Inputs: their destination in the job directory and their content.
+    #[serde(default)]
+    pub inputs: Vec<FileRef>,
+    #[serde(default)]
+    pub outputs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requirements: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<String>,
+    #[serde(default)]
+    pub max_retries: u32,
+}
+
+fn default_network() -> String {
+    "none".into()
+}
+
+/// A file by name and content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRef {
+    /// For inputs, the relative destination in the job directory; for images, the file name.
+    pub path: String,
+    pub blob: BlobRef,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    pub spec: JobSpec,
+    /// Instances 0..count-1; `{index}` in args and env becomes the instance number.
+    #[serde(default = "one")]
+    pub count: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubmitResponse {
+    pub ids: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Idle,
+    Running,
+    Completed,
+    Held,
+    Removed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Idle => "idle",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Held => "held",
+            JobState::Removed => "removed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        Some(match s {
+            "idle" => JobState::Idle,
+            "running" => JobState::Running,
+            "completed" => JobState::Completed,
+            "held" => JobState::Held,
+            "removed" => JobState::Removed,
+            _ => return None,
+        })
+    }
+
+    /// Completed and removed jobs never change again.
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Removed)
+    }
+}
+
+/// One job as `q` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: u64,
+    pub name: String,
+    pub owner: String,
+    pub state: JobState,
+    pub node: Option<String>,
+    pub exit_code: Option<i32>,
+    pub attempts: u32,
+    pub reason: Option<String>,
+    pub vm_type: String,
+    pub index: u64,
+    pub submitted_ms: u64,
+    pub finished_ms: Option<u64>,
+}
+
+/// A finished job's results: what `logs` and `fetch` read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub job: JobView,
+    pub stdout: Option<FileRef>,
+    pub stderr: Option<FileRef>,
+    pub stdout_dropped: u64,
+    pub stderr_dropped: u64,
+    pub outputs: Vec<FileRef>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobAction {
+    Rm,
+    Hold,
+    Release,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionRequest {
+    pub action: JobAction,
+    pub ids: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ActionResponse {
+    pub changed: Vec<JobView>,
+    /// Ids that could not be changed, with why.
+    pub refused: Vec<(u64, String)>,
+}
+
+/// What a node says about itself; CEL sees it as `node`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAd {
+    pub name: String,
+    pub arch: String,
+    pub os: String,
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub disk_mb: u64,
+    pub vm_types: Vec<String>,
+    pub accelerators: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub appliance: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    Ready,
+    Draining,
+    Lost,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Ready => "ready",
+            NodeState::Draining => "draining",
+            NodeState::Lost => "lost",
+        }
+    }
+}
+
+/// One node as `status` shows it: its ad, flattened, and the pool's view of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    #[serde(flatten)]
+    pub ad: NodeAd,
+    pub state: NodeState,
+    pub running_jobs: u32,
+    pub free_cpus: u32,
+    pub free_memory_mb: u64,
+    pub last_seen_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub ad: NodeAd,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    /// The node's own credential for every later call; the pool token only registers.
+    pub credential: String,
+    pub lease_ttl_ms: u64,
+    pub heartbeat_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    /// At most this many jobs in the reply.
+    pub max_jobs: u32,
+    /// Wait up to this long for work before replying with none.
+    pub wait_ms: u64,
+}
+
+/// A job handed to a node under a lease. The epoch fences results: only a report carrying the
+/// current epoch of a running job is accepted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lease {
+    pub job_id: u64,
+    pub epoch: u64,
+    pub index: u64,
+    /// The spec with `{index}` already substituted.
+    pub spec: JobSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LeaseResponse {
+    pub leases: Vec<Lease>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LeaseId {
+    pub job_id: u64,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    pub leases: Vec<LeaseId>,
+    #[serde(default)]
+    pub draining: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// Leases the node must stop: the job was removed, held or given to another node.
+    pub revoked: Vec<LeaseId>,
+}
+
+/// How a run ended, as a node reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RunReport {
+    /// The guest exited with this code.
+    Exited { code: i32 },
+    /// The guest ran and did not finish (time or memory limit, trap, panic, no exit status).
+    GuestFailed { failure: String, reason: String },
+    /// The job cannot run anywhere: a bad image or input.
+    BadJob { reason: String },
+    /// This node could not run it; another may.
+    HostFailed { reason: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    pub lease: LeaseId,
+    pub run: RunReport,
+    pub stdout: Option<FileRef>,
+    pub stderr: Option<FileRef>,
+    #[serde(default)]
+    pub stdout_dropped: u64,
+    #[serde(default)]
+    pub stderr_dropped: u64,
+    #[serde(default)]
+    pub outputs: Vec<FileRef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportRequest {
+    pub reports: Vec<Report>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReportResponse {
+    pub accepted: Vec<LeaseId>,
+    /// Reports refused because their lease expired or was given to another node.
+    pub refused: Vec<(LeaseId, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Node,
+    User,
+    Admin,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    pub role: Role,
+    pub owner: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenResponse {
+    pub token: String,
+}
+
+/// Every error reply: a sentence for a person.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+/// Whether a relative path from a job is safe to create under a directory: relative, with only
+/// normal components.
+pub fn is_confined_path(p: &str) -> bool {
+    let path = std::path::Path::new(p);
+    !p.is_empty()
+        && !path.is_absolute()
+        && path.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl JobSpec {
+    /// The spec of instance `index`: `{index}` in args and env replaced.
+    pub fn with_index(&self, index: u64) -> JobSpec {
+        let mut spec = self.clone();
+        let idx = index.to_string();
+        for a in &mut spec.args {
+            if a.contains("{index}") {
+                *a = a.replace("{index}", &idx);
+            }
+        }
+        for v in spec.env.values_mut() {
+            if v.contains("{index}") {
+                *v = v.replace("{index}", &idx);
+            }
+        }
+        spec
+    }
+
+    /// Turns the spec back into a runnable job whose files live where `locate` says.
+    pub fn to_job(
+        &self,
+        source: &std::path::Path,
+        locate: impl Fn(&FileRef) -> std::path::PathBuf,
+    ) -> Result<vmgrid_job::Job, String> {
+        use vmgrid_job::*;
+        let vm_type = match self.vm_type.as_str() {
+            "wasm" => VmType::Wasm,
+            "qemu" => VmType::Qemu,
+            "jvm" => VmType::Jvm,
+            other => return Err(format!("unknown vm type `{other}`")),
+        };
+        let network = match self.network.as_str() {
+            "none" => Network::None,
+            "user" => Network::User,
+            other => return Err(format!("unknown network `{other}`")),
+        };
+        let mut inputs = Vec::new();
+        for i in &self.inputs {
+            if !is_confined_path(&i.path) {
+                return Err(format!("input path `{}` leaves the job directory", i.path));
+            }
+            inputs.push(Input { source: locate(i), dest: i.path.clone().into() });
+        }
+        Ok(Job {
+            source: source.to_path_buf(),
+            name: self.name.clone(),
+            vm: Vm {
+                vm_type,
+                image: self.image.as_ref().map(&locate),
+                args: self.args.clone(),
+                env: self.env.clone(),
+                kernel: self.kernel.as_ref().map(&locate),
+                initrd: self.initrd.as_ref().map(&locate),
+                append: self.append.clone(),
+                network,
+            },
+            resources: Resources {
+                cpus: self.cpus,
+                memory_mb: self.memory_mb,
+                timeout_s: self.timeout_s,
+                disk_mb: self.disk_mb,
+            },
+            files: Files { inputs, outputs: self.outputs.clone() },
+            policy: Policy {
+                requirements: self.requirements.clone(),
+                rank: self.rank.clone(),
+                max_retries: self.max_retries,
+            },
+        })
+    }
+}

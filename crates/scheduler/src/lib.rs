@@ -1,0 +1,246 @@
+//! The matchmaker: a pure engine. A snapshot of the pool's ready nodes and the idle jobs go in;
+//! placements, and for each job left idle a reason, come out. No IO, no async, no clock, no
+//! locks: the coordinator is the runtime around it, and tests call it directly.
+//!
+//! Requirements and rank are CEL expressions over the node ad (`node.cpus`, `"wasm" in
+//! node.vm_types`, `node.labels.site == "a"`, …). Jobs that share a spec form a *cluster* (as in
+//! HTCondor's autoclusters): its expressions are compiled once and evaluated once per node, so a
+//! sweep of a million jobs costs one evaluation per node, not a million.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cel::{Context, Program, Value};
+use vmgrid_proto::NodeAd;
+
+/// A ready node with the resources it has free right now.
+#[derive(Debug, Clone)]
+pub struct NodeSlot {
+    pub ad: NodeAd,
+    pub free_cpus: u32,
+    pub free_memory_mb: u64,
+    pub running_jobs: u32,
+}
+
+/// What a set of identical jobs asks for. Compile it once with [`Cluster::compile`].
+#[derive(Clone)]
+pub struct Cluster {
+    pub vm_type: String,
+    pub cpus: u32,
+    pub memory_mb: u64,
+    requirements: Option<Arc<Program>>,
+    rank: Option<Arc<Program>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("vm_type", &self.vm_type).field("cpus", &self.cpus).field("memory_mb", &self.memory_mb).finish()
+    }
+}
+
+/// A CEL expression that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExprError {
+    pub which: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for ExprError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} is not a valid CEL expression: {}", self.which, self.message)
+    }
+}
+
+impl Cluster {
+    pub fn compile(
+        vm_type: &str,
+        cpus: u32,
+        memory_mb: u64,
+        requirements: Option<&str>,
+        rank: Option<&str>,
+    ) -> Result<Cluster, ExprError> {
+        let compile = |which: &'static str, src: Option<&str>| -> Result<Option<Arc<Program>>, ExprError> {
+            match src.map(str::trim).filter(|s| !s.is_empty()) {
+                None => Ok(None),
+                Some(s) => Program::compile(s)
+                    .map(|p| Some(Arc::new(p)))
+                    .map_err(|e| ExprError { which, message: e.to_string().trim().to_string() }),
+            }
+        };
+        Ok(Cluster {
+            vm_type: vm_type.to_string(),
+            cpus,
+            memory_mb,
+            requirements: compile("requirements", requirements)?,
+            rank: compile("rank", rank)?,
+        })
+    }
+}
+
+/// One idle job: its id and the cluster it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleJob {
+    pub id: u64,
+    pub cluster: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub job: u64,
+    /// Index into the `nodes` slice given to [`place`].
+    pub node: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct Decision {
+    pub placements: Vec<Placement>,
+    /// Why the jobs of a cluster that were left idle are waiting.
+    pub waiting: HashMap<u64, String>,
+}
+
+/// Places idle jobs, oldest first, each on the matching node of highest rank that has room.
+/// `nodes` is updated with the resources the placements take.
+pub fn place(nodes: &mut [NodeSlot], clusters: &HashMap<u64, Cluster>, jobs: &[IdleJob]) -> Decision {
+    let mut decision = Decision::default();
+    let node_values: Vec<Value> = nodes.iter().map(node_value).collect();
+    // Per cluster: matching nodes, best first, and a cursor past the ones that are full for it.
+    let mut candidates: HashMap<u64, (Vec<usize>, usize)> = HashMap::new();
+    for job in jobs {
+        let Some(cluster) = clusters.get(&job.cluster) else {
+            decision.waiting.entry(job.cluster).or_insert_with(|| "the job's spec is unknown to the matchmaker".into());
+            continue;
+        };
+        let (list, cursor) = candidates.entry(job.cluster).or_insert_with(|| {
+            let (list, why) = match_nodes(nodes, &node_values, cluster);
+            if let Some(why) = why {
+                decision.waiting.insert(job.cluster, why);
+            }
+            (list, 0)
+        });
+        while *cursor < list.len() {
+            let n = &nodes[list[*cursor]];
+            if n.free_cpus >= cluster.cpus && n.free_memory_mb >= cluster.memory_mb {
+                break;
+            }
+            *cursor += 1;
+        }
+        if *cursor == list.len() {
+            if !list.is_empty() {
+                decision.waiting.entry(job.cluster).or_insert_with(|| {
+                    format!(
+                        "waiting for {} cpu(s) and {} MiB free on one of the {} matching node(s)",
+                        cluster.cpus,
+                        cluster.memory_mb,
+                        list.len()
+                    )
+                });
+            }
+            continue;
+        }
+        let idx = list[*cursor];
+        let n = &mut nodes[idx];
+        n.free_cpus -= cluster.cpus;
+        n.free_memory_mb -= cluster.memory_mb;
+        n.running_jobs += 1;
+        decision.placements.push(Placement { job: job.id, node: idx });
+    }
+    decision
+}
+
+/// The nodes a cluster may run on, best rank first; if none, why not.
+fn match_nodes(nodes: &[NodeSlot], values: &[Value], cluster: &Cluster) -> (Vec<usize>, Option<String>) {
+    if nodes.is_empty() {
+        return (Vec::new(), Some("no ready nodes in the pool".into()));
+    }
+    let mut matched: Vec<(f64, usize)> = Vec::new();
+    let mut no_vm = 0;
+    let mut too_small = 0;
+    let mut rejected = 0;
+    let mut eval_error: Option<String> = None;
+    for (i, n) in nodes.iter().enumerate() {
+        if !n.ad.vm_types.iter().any(|t| *t == cluster.vm_type) {
+            no_vm += 1;
+            continue;
+        }
+        if n.ad.cpus < cluster.cpus || n.ad.memory_mb < cluster.memory_mb {
+            too_small += 1;
+            continue;
+        }
+        let mut ctx = Context::default();
+        ctx.add_variable_from_value("node", values[i].clone());
+        if let Some(req) = &cluster.requirements {
+            match req.execute(&ctx) {
+                Ok(Value::Bool(true)) => {}
+                Ok(Value::Bool(false)) => {
+                    rejected += 1;
+                    continue;
+                }
+                Ok(other) => {
+                    eval_error.get_or_insert(format!("requirements gave {other:?}, not a bool"));
+                    continue;
+                }
+                Err(e) => {
+                    eval_error.get_or_insert(format!("requirements failed: {e}"));
+                    continue;
+                }
+            }
+        }
+        let rank = match &cluster.rank {
+            None => 0.0,
+            Some(r) => match r.execute(&ctx) {
+                Ok(Value::Int(x)) => x as f64,
+                Ok(Value::UInt(x)) => x as f64,
+                Ok(Value::Float(x)) => x,
+                Ok(Value::Bool(b)) => b as u8 as f64,
+                _ => 0.0,
+            },
+        };
+        matched.push((rank, i));
+    }
+    // Highest rank first; ties keep the pool's order, which spreads work by name.
+    matched.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal).then(a.1.cmp(&b.1)));
+    let list: Vec<usize> = matched.into_iter().map(|(_, i)| i).collect();
+    if !list.is_empty() {
+        return (list, None);
+    }
+    let total = nodes.len();
+    let mut why = format!("no node matches ({total} ready):");
+    if no_vm > 0 {
+        why.push_str(&format!(" {no_vm} do not run {} jobs;", cluster.vm_type));
+    }
+    if too_small > 0 {
+        why.push_str(&format!(" {too_small} have fewer than {} cpu(s) or {} MiB;", cluster.cpus, cluster.memory_mb));
+    }
+    if rejected > 0 {
+        why.push_str(&format!(" {rejected} fail the requirements;"));
+    }
+    if let Some(e) = eval_error {
+        why.push_str(&format!(" {e};"));
+    }
+    why.pop();
+    (list, Some(why))
+}
+
+/// The node as CEL sees it: its ad plus the pool's view.
+pub fn node_value(n: &NodeSlot) -> Value {
+    let mut m: HashMap<String, Value> = HashMap::new();
+    let ad = &n.ad;
+    m.insert("name".into(), ad.name.clone().into());
+    m.insert("arch".into(), ad.arch.clone().into());
+    m.insert("os".into(), ad.os.clone().into());
+    m.insert("cpus".into(), Value::Int(ad.cpus as i64));
+    m.insert("memory_mb".into(), Value::Int(ad.memory_mb as i64));
+    m.insert("disk_mb".into(), Value::Int(ad.disk_mb as i64));
+    m.insert("vm_types".into(), ad.vm_types.clone().into());
+    m.insert("accelerators".into(), ad.accelerators.clone().into());
+    let labels: HashMap<String, Value> = ad.labels.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
+    m.insert("labels".into(), labels.into());
+    m.insert("appliance".into(), Value::Bool(ad.appliance));
+    m.insert("running_jobs".into(), Value::Int(n.running_jobs as i64));
+    m.insert("free_cpus".into(), Value::Int(n.free_cpus as i64));
+    m.insert("free_memory_mb".into(), Value::Int(n.free_memory_mb as i64));
+    m.into()
+}
+
+#[cfg(test)]
+mod tests;
