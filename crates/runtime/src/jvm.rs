@@ -39,8 +39,14 @@ pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, Ru
     let start = Instant::now();
     let mut vm = Supervised::spawn(&mut cmd, stdout.clone(), stderr.clone())
         .map_err(|e| RunError::host(format!("cannot start {}", java.display()), e))?;
-    let waited = vm.wait_until(start + Duration::from_secs(job.resources.timeout_s)).map_err(|e| RunError::host("waiting for java", e))?;
+    let waited = vm
+        .wait_cancellable(start + Duration::from_secs(job.resources.timeout_s), req.cancel.as_deref())
+        .map_err(|e| RunError::host("waiting for java", e))?;
     let outcome = match waited {
+        Waited::TimedOut if req.cancelled() => {
+            vm.kill_and_reap();
+            Outcome::Failed(crate::cancelled_failure())
+        }
         Waited::TimedOut => {
             vm.kill_and_reap();
             Outcome::Failed(Failure {

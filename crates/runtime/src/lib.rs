@@ -13,6 +13,8 @@ pub mod qemu;
 pub mod wasm;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use capture::Captured;
@@ -58,6 +60,14 @@ impl Default for RuntimeConfig {
 pub struct RunRequest<'a> {
     pub job: &'a Job,
     pub job_dir: &'a Path,
+    /// Set to stop the job early (its lease was revoked); it then fails as `Cancelled`.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl RunRequest<'_> {
+    pub(crate) fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
+    }
 }
 
 /// How the guest ended.
@@ -83,6 +93,24 @@ pub enum FailureKind {
     DiskLimit,
     /// A trap, a kernel panic, a guest that powered off without an exit status.
     GuestError,
+    /// Stopped by the host through [`RunRequest::cancel`].
+    Cancelled,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::TimeLimit => "time limit exceeded",
+            FailureKind::MemoryLimit => "memory limit exceeded",
+            FailureKind::DiskLimit => "disk limit exceeded",
+            FailureKind::GuestError => "guest failed",
+            FailureKind::Cancelled => "cancelled",
+        }
+    }
+}
+
+pub(crate) fn cancelled_failure() -> Failure {
+    Failure { kind: FailureKind::Cancelled, reason: "the job was stopped by its node".into() }
 }
 
 #[derive(Debug, Clone)]
@@ -115,7 +143,7 @@ pub enum RunError {
 }
 
 impl RunError {
-    pub(crate) fn host(context: impl std::fmt::Display, e: impl std::fmt::Display) -> RunError {
+    pub fn host(context: impl std::fmt::Display, e: impl std::fmt::Display) -> RunError {
         RunError::Host(format!("{context}: {e}"))
     }
 }

@@ -4,6 +4,7 @@
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -61,6 +62,17 @@ impl Supervised {
 
     pub(crate) fn pid(&self) -> libc::pid_t {
         self.pid
+    }
+
+    /// Waits until the child exits, `deadline` passes, or `cancel` is set.
+    pub(crate) fn wait_cancellable(&mut self, deadline: Instant, cancel: Option<&AtomicBool>) -> std::io::Result<Waited> {
+        loop {
+            let slice = deadline.min(Instant::now() + Duration::from_millis(50));
+            match self.wait_until(slice)? {
+                Waited::TimedOut if Instant::now() < deadline && !cancel.is_some_and(|c| c.load(Ordering::Relaxed)) => continue,
+                w => return Ok(w),
+            }
+        }
     }
 
     /// Waits until the child exits or `deadline` passes.

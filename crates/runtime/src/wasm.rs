@@ -159,8 +159,17 @@ impl WasmRuntime {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        let ticks = job.resources.timeout_s.saturating_mul(1000) / EPOCH_TICK.as_millis() as u64;
-        store.set_epoch_deadline(ticks.max(1));
+        // Every tick checks the time limit and the cancel flag.
+        let deadline = start + Duration::from_secs(job.resources.timeout_s);
+        let cancel = req.cancel.clone();
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline || cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+                Err(Trap::Interrupt.into())
+            } else {
+                Ok(wasmtime::UpdateDeadline::Continue(1))
+            }
+        });
+        store.set_epoch_deadline(1);
 
         let ended = pre.instantiate(&mut store).and_then(|instance| {
             let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
@@ -168,6 +177,7 @@ impl WasmRuntime {
         });
         let outcome = match ended {
             Ok(()) => Outcome::Exited(0),
+            Err(_) if req.cancelled() => Outcome::Failed(crate::cancelled_failure()),
             Err(e) => classify(e, &store, job.resources.memory_mb, job.resources.timeout_s),
         };
         drop(store);

@@ -99,13 +99,22 @@ pub struct Decision {
 }
 
 /// Places idle jobs, oldest first, each on the matching node of highest rank that has room.
-/// `nodes` is updated with the resources the placements take.
-pub fn place(nodes: &mut [NodeSlot], clusters: &HashMap<u64, Cluster>, jobs: &[IdleJob]) -> Decision {
+/// `nodes` is updated with the resources the placements take. Jobs are read lazily and the pass
+/// stops as soon as no node has a free cpu, so a long queue costs nothing when the pool is full.
+pub fn place<'a>(
+    nodes: &mut [NodeSlot],
+    clusters: &HashMap<u64, Cluster>,
+    jobs: impl IntoIterator<Item = &'a IdleJob>,
+) -> Decision {
     let mut decision = Decision::default();
     let node_values: Vec<Value> = nodes.iter().map(node_value).collect();
+    let mut free_cpus: u64 = nodes.iter().map(|n| n.free_cpus as u64).sum();
     // Per cluster: matching nodes, best first, and a cursor past the ones that are full for it.
     let mut candidates: HashMap<u64, (Vec<usize>, usize)> = HashMap::new();
     for job in jobs {
+        if free_cpus == 0 && !nodes.is_empty() {
+            break;
+        }
         let Some(cluster) = clusters.get(&job.cluster) else {
             decision.waiting.entry(job.cluster).or_insert_with(|| "the job's spec is unknown to the matchmaker".into());
             continue;
@@ -142,6 +151,7 @@ pub fn place(nodes: &mut [NodeSlot], clusters: &HashMap<u64, Cluster>, jobs: &[I
         n.free_cpus -= cluster.cpus;
         n.free_memory_mb -= cluster.memory_mb;
         n.running_jobs += 1;
+        free_cpus -= cluster.cpus as u64;
         decision.placements.push(Placement { job: job.id, node: idx });
     }
     decision

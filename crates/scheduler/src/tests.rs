@@ -37,7 +37,13 @@ fn fills_nodes_by_cpus_oldest_job_first() {
     let d = place(&mut nodes, &c, &jobs(1, 10..15));
     let placed: Vec<(u64, usize)> = d.placements.iter().map(|p| (p.job, p.node)).collect();
     assert_eq!(placed, vec![(10, 0), (11, 0), (12, 1)]);
-    assert!(d.waiting[&1].contains("waiting for 1 cpu(s)"), "{:?}", d.waiting);
+    // The pool is full: the pass stopped; the jobs left wait.
+    let d = place(&mut nodes, &c, &jobs(1, 13..15));
+    assert!(d.placements.is_empty());
+    let mut big = vec![node("a", 2, 100, &["wasm"])];
+    let d = place(&mut big, &c, &jobs(1, 0..3));
+    assert_eq!(d.placements.len(), 1);
+    assert!(d.waiting[&1].contains("waiting for 1 cpu(s) and 64 MiB"), "{:?}", d.waiting);
     assert_eq!(nodes[0].free_cpus, 0);
     assert_eq!(nodes[0].running_jobs, 2);
 }

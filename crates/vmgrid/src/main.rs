@@ -2,7 +2,10 @@
 //! library crates; this binary turns their typed errors into messages and exit codes.
 
 mod cli_error;
+mod cmd_jobs;
+mod cmd_pool;
 mod cmd_run;
+mod pool_config;
 
 use clap::{Parser, Subcommand};
 
@@ -16,9 +19,14 @@ use cli_error::CliError;
     long_about = "vmgrid runs jobs inside virtual machines: WebAssembly modules (wasmtime), \
 QEMU system VMs and JVM programs.\n\nA job is described by a TOML job file; see \
 examples/ in the source tree and `vmgrid run --help`.",
-    after_help = "Examples:\n  vmgrid run examples/wordcount/job.toml --out results/\n  \
-vmgrid run examples/qemu-hello/job.toml\n\nExit codes: 0 success; the job's own code for `run`; \
-2 bad input (job file, image, inputs); 1 other failures.\nSet VMGRID_LOG=debug for more detail."
+    after_help = "Examples:\n  vmgrid run examples/wordcount/job.toml --out results/     one job here, no pool\n  \
+vmgrid up --nodes 2                                        a local pool (foreground)\n  \
+vmgrid submit examples/wordcount/job.toml --count 10 --wait\n  \
+vmgrid q; vmgrid status; vmgrid fetch 3 --out results/\n\n\
+Client commands find the pool with --pool and --token-file, VMGRID_POOL and VMGRID_TOKEN, \
+VMGRID_CONFIG (a client.toml), ~/.config/vmgrid/client.toml, or the one `vmgrid up` writes.\n\n\
+Exit codes: 0 success; the job's own code for `run` and `wait`; 2 bad input; 1 other failures.\n\
+Set VMGRID_LOG=debug for more detail."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -28,6 +36,32 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Run(cmd_run::RunArgs),
+    /// Run a local pool: a coordinator and N node agents in this process (foreground).
+    Up(cmd_pool::UpArgs),
+    /// Run a pool's coordinator: the durable job queue and the API (foreground).
+    Coordinator(cmd_pool::CoordinatorArgs),
+    /// Run a node agent that joins a pool and runs its jobs in VMs (foreground; SIGTERM drains).
+    Node(cmd_pool::NodeArgs),
+    /// Submit a job file to the pool; prints the job ids, one per line.
+    Submit(cmd_jobs::SubmitArgs),
+    /// List jobs: id, name, owner, state, node, exit code, attempts, reason.
+    Q(cmd_jobs::ListArgs),
+    /// List the pool's nodes and their ads.
+    Status(cmd_jobs::ListArgs),
+    /// Remove jobs (a running job is stopped).
+    Rm(cmd_jobs::ActionArgs),
+    /// Hold jobs: they stay in the queue but do not run until released.
+    Hold(cmd_jobs::ActionArgs),
+    /// Release held jobs back to idle.
+    Release(cmd_jobs::ActionArgs),
+    /// Wait for jobs; exit 0 if all completed with 0, else the first non-zero code (1 if held or removed).
+    Wait(cmd_jobs::WaitArgs),
+    /// Print a finished job's stdout (or stderr).
+    Logs(cmd_jobs::LogsArgs),
+    /// Download a job's output files.
+    Fetch(cmd_jobs::FetchArgs),
+    /// Create a token for a user (admin only); prints it once.
+    Token(cmd_jobs::TokenArgs),
 }
 
 fn main() {
@@ -41,6 +75,19 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => cmd_run::run(args),
+        Command::Up(args) => cmd_pool::up(args),
+        Command::Coordinator(args) => cmd_pool::coordinator(args),
+        Command::Node(args) => cmd_pool::node(args),
+        Command::Submit(args) => cmd_jobs::submit(args),
+        Command::Q(args) => cmd_jobs::q(args),
+        Command::Status(args) => cmd_jobs::status(args),
+        Command::Rm(args) => cmd_jobs::action(vmgrid_proto::JobAction::Rm, args),
+        Command::Hold(args) => cmd_jobs::action(vmgrid_proto::JobAction::Hold, args),
+        Command::Release(args) => cmd_jobs::action(vmgrid_proto::JobAction::Release, args),
+        Command::Wait(args) => cmd_jobs::wait(args),
+        Command::Logs(args) => cmd_jobs::logs(args),
+        Command::Fetch(args) => cmd_jobs::fetch(args),
+        Command::Token(args) => cmd_jobs::token(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -83,7 +83,7 @@ pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, Ru
     let mut vm = Supervised::spawn(&mut cmd, stdout.clone(), stderr.clone())
         .map_err(|e| RunError::host(format!("cannot start {}", qemu.display()), e))?;
     let deadline = start + Duration::from_secs(job.resources.timeout_s);
-    let waited = vm.wait_until(deadline).map_err(|e| RunError::host("waiting for qemu", e))?;
+    let waited = vm.wait_cancellable(deadline, req.cancel.as_deref()).map_err(|e| RunError::host("waiting for qemu", e))?;
     let status = match waited {
         Waited::Exited(st) => Some(st),
         Waited::TimedOut => {
@@ -96,6 +96,7 @@ pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, Ru
     let stdout = stdout.take();
     let stderr = stderr.take();
     let outcome = match status {
+        None if req.cancelled() => Outcome::Failed(crate::cancelled_failure()),
         None => Outcome::Failed(Failure {
             kind: FailureKind::TimeLimit,
             reason: format!("the time limit of {} s was exceeded (timeout_s); the VM was stopped", job.resources.timeout_s),

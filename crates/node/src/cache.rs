@@ -1,0 +1,63 @@
+//! The node's blob cache: images and inputs by hash, shared by every job on the node, bounded in
+//! size. A blob is fetched once; concurrent jobs that need the same blob wait for one download.
+//! Least recently used blobs are evicted when the cache grows past its bound.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use vmgrid_client::Client;
+use vmgrid_proto::is_blob_ref;
+
+pub struct BlobCache {
+    dir: PathBuf,
+    max_bytes: u64,
+    fetching: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+impl BlobCache {
+    pub fn new(dir: PathBuf, max_bytes: u64) -> std::io::Result<BlobCache> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(BlobCache { dir, max_bytes, fetching: Mutex::new(HashMap::new()) })
+    }
+
+    /// The local path of a blob, fetched from the pool if it is not here yet.
+    pub fn get(&self, client: &Client, hash: &str) -> Result<PathBuf, String> {
+        if !is_blob_ref(hash) {
+            return Err(format!("`{hash}` is not a blob hash"));
+        }
+        let path = self.dir.join(hash);
+        let gate = self.fetching.lock().unwrap().entry(hash.to_string()).or_default().clone();
+        let _one_at_a_time = gate.lock().unwrap();
+        if path.is_file() {
+            // Touch it: eviction takes the least recently used.
+            let _ = std::fs::File::open(&path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+            return Ok(path);
+        }
+        client.download(hash, &path).map_err(|e| e.to_string())?;
+        tracing::debug!(blob = hash, "fetched into the cache");
+        self.evict(&path);
+        Ok(path)
+    }
+
+    fn evict(&self, keep: &PathBuf) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                m.is_file().then(|| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len(), e.path()))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        files.sort();
+        for (_, len, p) in files {
+            if total <= self.max_bytes {
+                break;
+            }
+            if &p != keep && std::fs::remove_file(&p).is_ok() {
+                total -= len;
+            }
+        }
+    }
+}

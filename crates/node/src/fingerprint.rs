@@ -1,0 +1,58 @@
+//! What this node is: the ad it registers with, found by looking at the host.
+
+use vmgrid_proto::NodeAd;
+
+use crate::NodeConfig;
+
+pub fn fingerprint(config: &NodeConfig) -> NodeAd {
+    let cpus = config.cpus.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+    let memory_mb = config.memory_mb.unwrap_or_else(host_memory_mb);
+    let mut vm_types = vec!["wasm".to_string()];
+    let mut accelerators = Vec::new();
+    if let Ok(qemu) = vmgrid_runtime::qemu::find_qemu() {
+        if qemu.is_file() {
+            vm_types.push("qemu".into());
+            let cache = config.cache_dir.join("runtime");
+            if vmgrid_runtime::qemu::accel::choose(&qemu, &cache) == vmgrid_runtime::qemu::Accel::Kvm {
+                accelerators.push("kvm".into());
+            }
+            accelerators.push("tcg".into());
+        }
+    }
+    if vmgrid_runtime::jvm::find_java().is_some() {
+        vm_types.push("jvm".into());
+    }
+    NodeAd {
+        name: config.name.clone(),
+        arch: std::env::consts::ARCH.into(),
+        os: std::env::consts::OS.into(),
+        cpus,
+        memory_mb,
+        disk_mb: disk_mb(&config.cache_dir),
+        vm_types,
+        accelerators,
+        labels: config.labels.clone(),
+        appliance: config.appliance,
+    }
+}
+
+fn host_memory_mb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(1024, |kb| kb / 1024)
+}
+
+fn disk_mb(dir: &std::path::Path) -> u64 {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return 0 };
+    // SAFETY: statvfs gets a valid NUL-terminated path and a zeroed struct to fill.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut s) == 0 { (s.f_bavail as u64 * s.f_frsize as u64) >> 20 } else { 0 }
+    }
+}

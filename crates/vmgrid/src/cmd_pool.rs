@@ -1,0 +1,190 @@
+//! `vmgrid coordinator`, `vmgrid node` and `vmgrid up`: the pool's long-running processes.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmgrid_coordinator::{Config, Timing};
+use vmgrid_node::NodeConfig;
+
+use crate::pool_config::{default_data_dir, read_token_file};
+use crate::CliError;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CoordinatorArgs {
+    /// Where the job queue, the blobs and the tokens live (default: ~/.local/share/vmgrid).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// The address to serve the API on.
+    #[arg(long, default_value = "127.0.0.1:7800", value_name = "ADDR")]
+    listen: SocketAddr,
+    /// A lease not renewed by its node's heartbeat for this long expires; its job runs again.
+    #[arg(long, default_value_t = 15_000, value_name = "MS")]
+    lease_ttl_ms: u64,
+    /// A node not heard from for this long is lost.
+    #[arg(long, default_value_t = 15_000, value_name = "MS")]
+    node_ttl_ms: u64,
+}
+
+impl CoordinatorArgs {
+    fn config(&self) -> Config {
+        let heartbeat_ms = (self.lease_ttl_ms.min(self.node_ttl_ms) / 5).clamp(50, 2_000);
+        Config {
+            data_dir: self.data_dir.clone().unwrap_or_else(default_data_dir),
+            listen: self.listen,
+            timing: Timing { lease_ttl_ms: self.lease_ttl_ms, node_ttl_ms: self.node_ttl_ms, heartbeat_ms },
+        }
+    }
+}
+
+fn start(config: Config, signals: bool) -> Result<vmgrid_coordinator::Running, CliError> {
+    vmgrid_coordinator::start(config, signals).map_err(|e| CliError::Failed(e.to_string()))
+}
+
+/// `vmgrid coordinator`: serves the pool until SIGINT or SIGTERM.
+pub fn coordinator(args: CoordinatorArgs) -> Result<i32, CliError> {
+    let running = start(args.config(), true)?;
+    eprintln!("vmgrid: coordinator listening on {}", running.url);
+    eprintln!("vmgrid: data in {}; nodes join with --token-file {}", running.data_dir.display(), running.data_dir.join(vmgrid_coordinator::POOL_TOKEN_FILE).display());
+    eprintln!("vmgrid: clients: export VMGRID_CONFIG={}", running.data_dir.join(vmgrid_coordinator::CLIENT_CONFIG_FILE).display());
+    running.join();
+    Ok(0)
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// The pool's URL.
+    #[arg(long, value_name = "URL", env = "VMGRID_POOL")]
+    pool: String,
+    /// The pool token (the coordinator's pool.token).
+    #[arg(long, value_name = "FILE")]
+    token_file: PathBuf,
+    /// This node's name in the pool (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// CPUs to offer (default: all).
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory to offer in MiB (default: all).
+    #[arg(long)]
+    memory_mb: Option<u64>,
+    /// Where images, inputs and compiled modules are cached (default: ~/.cache/vmgrid/node-NAME).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// The cache's size bound in MiB.
+    #[arg(long, default_value_t = 4096)]
+    cache_max_mb: u64,
+    /// A label for requirements (`node.labels.KEY`), as KEY=VALUE; repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Advertise `appliance = true` (set by the grid appliance).
+    #[arg(long)]
+    appliance: bool,
+    /// On SIGTERM, wait this long for running jobs before handing them back.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout_s: u64,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "node".into())
+}
+
+fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>, CliError> {
+    labels
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| CliError::BadInput(format!("label `{l}` is not KEY=VALUE")))
+        })
+        .collect()
+}
+
+fn stop_on_signals() -> Result<Arc<AtomicBool>, CliError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| CliError::Failed(format!("cannot handle signals: {e}")))?;
+    }
+    Ok(stop)
+}
+
+/// `vmgrid node`: runs a node agent until SIGINT or SIGTERM, then drains and leaves.
+pub fn node(args: NodeArgs) -> Result<i32, CliError> {
+    let token = read_token_file(&args.token_file)?;
+    let name = args.name.clone().unwrap_or_else(host_name);
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| vmgrid_runtime::RuntimeConfig::default_cache_dir().join(format!("node-{name}")));
+    let config = NodeConfig {
+        pool: args.pool.clone(),
+        token,
+        name,
+        cpus: args.cpus,
+        memory_mb: args.memory_mb,
+        labels: parse_labels(&args.labels)?,
+        appliance: args.appliance,
+        cache_dir,
+        cache_max_mb: args.cache_max_mb,
+        drain_timeout: Duration::from_secs(args.drain_timeout_s),
+    };
+    let stop = stop_on_signals()?;
+    eprintln!("vmgrid: node {} joining {}", config.name, config.pool);
+    vmgrid_node::run(config, stop).map_err(|e| CliError::Failed(e.to_string()))?;
+    Ok(0)
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct UpArgs {
+    /// How many node agents to run in this process.
+    #[arg(long, default_value_t = 2)]
+    nodes: u32,
+    #[command(flatten)]
+    coordinator: CoordinatorArgs,
+}
+
+/// `vmgrid up`: the embedded pool, a coordinator and N node agents in one process.
+pub fn up(args: UpArgs) -> Result<i32, CliError> {
+    if args.nodes == 0 || args.nodes > 64 {
+        return Err(CliError::BadInput("--nodes must be between 1 and 64".into()));
+    }
+    let stop = stop_on_signals()?;
+    let running = start(args.coordinator.config(), false)?;
+    let data_dir = running.data_dir.clone();
+    let token = read_token_file(&data_dir.join(vmgrid_coordinator::POOL_TOKEN_FILE))?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let mut agents = Vec::new();
+    for i in 1..=args.nodes {
+        let config = NodeConfig {
+            pool: running.url.clone(),
+            token: token.clone(),
+            name: format!("local-{i}"),
+            cpus: Some(cpus),
+            memory_mb: None,
+            labels: BTreeMap::from([("pool".to_string(), "local".to_string())]),
+            appliance: false,
+            cache_dir: data_dir.join(format!("node-{i}")),
+            cache_max_mb: 4096,
+            drain_timeout: Duration::from_secs(30),
+        };
+        let s = stop.clone();
+        agents.push(std::thread::spawn(move || {
+            if let Err(e) = vmgrid_node::run(config, s) {
+                eprintln!("vmgrid: node agent failed: {e}");
+            }
+        }));
+    }
+    let config_path = data_dir.join(vmgrid_coordinator::CLIENT_CONFIG_FILE);
+    eprintln!("vmgrid: pool up at {} with {} local node(s); Ctrl-C stops it", running.url, args.nodes);
+    eprintln!("vmgrid: client config {}", config_path.display());
+    eprintln!("vmgrid: try `vmgrid submit examples/wordcount/job.toml --count 10 --wait` from another terminal");
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("vmgrid: stopping: draining the nodes");
+    for a in agents {
+        let _ = a.join();
+    }
+    running.stop();
+    Ok(0)
+}
