@@ -593,7 +593,10 @@ impl State {
 
     /// Applies a node's reports; each is accepted only under the job's current lease.
     pub fn report(&mut self, name: &str, reports: Vec<Report>, now: u64) -> Result<(ReportResponse, u64), ApiError> {
-        self.live_node(name, now)?;
+        if let Err(e) = self.live_node(name, now) {
+            self.metrics.results_refused += reports.len() as u64;
+            return Err(e);
+        }
         let mut resp = ReportResponse { accepted: Vec::new(), refused: Vec::new() };
         let mut ticket = 0;
         for r in reports {

@@ -202,9 +202,7 @@ impl Agent {
         let agent = self.clone();
         let spawned = std::thread::Builder::new().name(format!("vmgrid-job-{}", lease.job_id)).spawn(move || {
             let report = agent.run_job(&lease, cancel);
-            if let Some(r) = report {
-                let _ = agent.reports.send(r);
-            }
+            let _ = agent.reports.send(report);
             agent.running.lock().unwrap().remove(&id);
         });
         if let Err(e) = spawned {
@@ -213,8 +211,8 @@ impl Agent {
         }
     }
 
-    /// Runs one leased job and builds its report (None if it was cancelled: its lease is gone).
-    fn run_job(&self, lease: &Lease, cancel: Arc<AtomicBool>) -> Option<Report> {
+    /// Runs one leased job and builds its report.
+    fn run_job(&self, lease: &Lease, cancel: Arc<AtomicBool>) -> Report {
         let id = LeaseId { job_id: lease.job_id, epoch: lease.epoch };
         let dir = self.work_dir.join(format!("job-{}-{}", lease.job_id, lease.epoch));
         let report = |run: RunReport| Report { lease: id, run, stdout: None, stderr: None, stdout_dropped: 0, stderr_dropped: 0, outputs: Vec::new() };
@@ -258,14 +256,15 @@ impl Agent {
         })();
         let _ = std::fs::remove_dir_all(&dir);
         if cancel.load(Ordering::Relaxed) {
+            // Still reported: the coordinator, not the node, decides what a result is worth, and
+            // it refuses one whose lease is gone.
             tracing::info!(job = lease.job_id, epoch = lease.epoch, "stopped: the lease was revoked");
-            return None;
         }
-        Some(match result {
+        match result {
             Ok(r) => r,
             Err(RunError::BadJob(reason)) => report(RunReport::BadJob { reason }),
             Err(RunError::Host(reason)) => report(RunReport::HostFailed { reason }),
-        })
+        }
     }
 
     /// Sends reports in batches: whatever is queued goes in one call.

@@ -4,6 +4,7 @@
 //!   ls:PATH             print the entries of a dir      cwd         print the working directory
 //!   alloc:MB            allocate and touch MB MiB       flood:MB    write MB MiB to stdout
 //!   spin                loop forever                    stderr:TEXT print TEXT to stderr
+//!   sleep:MS            sleep MS milliseconds
 //!   exit:N              exit with N                      panic       panic (a trap under wasm)
 
 use std::io::Write;
@@ -67,6 +68,7 @@ fn main() {
                 }
             }
             "stderr" => eprintln!("{rest}"),
+            "sleep" => std::thread::sleep(std::time::Duration::from_millis(rest.parse().unwrap())),
             "exit" => std::process::exit(rest.parse().unwrap()),
             "panic" => panic!("the probe was asked to panic"),
             other => {

@@ -4,5 +4,6 @@
 mod util;
 
 mod job_file;
+mod pool;
 mod run_qemu;
 mod run_wasm;

@@ -94,3 +94,145 @@ pub fn stdout_of(output: &std::process::Output) -> String {
 pub fn stderr_of(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
+
+/// A pool of real processes on loopback: one `vmgrid coordinator` and any number of
+/// `vmgrid node`s, all killed when the pool is dropped.
+pub struct Pool {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub coordinator: Option<std::process::Child>,
+    pub nodes: Vec<(String, std::process::Child)>,
+    listen: String,
+}
+
+pub const LEASE_TTL_MS: u64 = 1500;
+
+impl Pool {
+    pub fn start() -> Pool {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = Pool { dir, url: String::new(), coordinator: None, nodes: Vec::new(), listen: "127.0.0.1:0".into() };
+        pool.start_coordinator();
+        pool
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts (or restarts, on the same address) the coordinator and waits until it answers.
+    pub fn start_coordinator(&mut self) {
+        let config = self.data_dir().join("client.toml");
+        let _ = std::fs::remove_file(&config);
+        let child = Command::new(assert_cmd::cargo::cargo_bin("vmgrid"))
+            .args(["coordinator", "--listen", &self.listen])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--lease-ttl-ms", &LEASE_TTL_MS.to_string(), "--node-ttl-ms", &LEASE_TTL_MS.to_string()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.coordinator = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&config) {
+                if let Some(url) = text.lines().find_map(|l| l.strip_prefix("pool = \"")).map(|u| u.trim_end_matches('"').to_string()) {
+                    self.url = url;
+                    break;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "the coordinator did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        self.listen = self.url.trim_start_matches("http://").to_string();
+    }
+
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut c) = self.coordinator.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn start_node(&mut self, name: &str, cpus: u32) {
+        let child = Command::new(assert_cmd::cargo::cargo_bin("vmgrid"))
+            .args(["node", "--pool", &self.url, "--name", name, "--cpus", &cpus.to_string(), "--drain-timeout-s", "10"])
+            .arg("--token-file")
+            .arg(self.data_dir().join("pool.token"))
+            .arg("--cache-dir")
+            .arg(self.dir.path().join(format!("node-{name}")))
+            .env("VMGRID_ACCEL", "tcg")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.nodes.push((name.to_string(), child));
+        self.wait_for(&format!("node {name} ready"), |p| {
+            p.admin().nodes().unwrap().iter().any(|n| n.ad.name == name && n.state == vmgrid_proto::NodeState::Ready)
+        });
+    }
+
+    pub fn node_pid(&self, name: &str) -> u32 {
+        self.nodes.iter().find(|(n, _)| n == name).unwrap().1.id()
+    }
+
+    pub fn kill_node(&mut self, name: &str) {
+        let i = self.nodes.iter().position(|(n, _)| n == name).unwrap();
+        let (_, mut c) = self.nodes.remove(i);
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    pub fn node_credential(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node-{name}/credential"))).unwrap()
+    }
+
+    pub fn admin(&self) -> vmgrid_client::Client {
+        let token = std::fs::read_to_string(self.data_dir().join("admin.token")).unwrap();
+        vmgrid_client::Client::new(&self.url, &token)
+    }
+
+    /// The CLI, pointed at this pool as the admin (through the client.toml it wrote).
+    pub fn cli(&self) -> assert_cmd::Command {
+        let mut cmd = vmgrid();
+        cmd.env("VMGRID_CONFIG", self.data_dir().join("client.toml"));
+        cmd.env_remove("VMGRID_POOL").env_remove("VMGRID_TOKEN");
+        cmd
+    }
+
+    pub fn wait_for(&self, what: &str, cond: impl Fn(&Pool) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !cond(self) {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+    }
+
+    pub fn job(&self, id: u64) -> vmgrid_proto::JobView {
+        self.admin().job(id).unwrap().job
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.nodes {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.kill_coordinator();
+    }
+}
+
+/// A job file for the probe guest, in `dir`.
+pub fn probe_job_file(dir: &Path, name: &str, args: &[&str], extra: &str) -> PathBuf {
+    let args = args.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ");
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &p,
+        format!("name = \"{name}\"\n[vm]\ntype = \"wasm\"\nimage = {}\nargs = [{args}]\n{extra}", toml_path(&guest_wasm("probe"))),
+    )
+    .unwrap();
+    p
+}
+
+pub fn ids_of(out: &std::process::Output) -> Vec<u64> {
+    stdout_of(out).lines().map(|l| l.trim().parse().unwrap()).collect()
+}

@@ -1,0 +1,324 @@
+//! The pool, end to end: a real coordinator and real node agents as processes on loopback.
+
+use vmgrid_proto::{JobState, LeaseId, Report, ReportRequest, RunReport};
+
+use crate::util::*;
+
+#[test]
+fn a_two_node_pool_runs_a_sweep_keeps_exit_codes_and_fetches_outputs() {
+    let mut pool = Pool::start();
+    pool.start_node("n1", 2);
+    pool.start_node("n2", 2);
+    let d = JobDir::new();
+    // Instance i writes out/i.txt, prints i, and exits with i.
+    let job = probe_job_file(
+        d.path(),
+        "sweep",
+        &["write:out/{index}.txt:result {index}", "stderr:err {index}", "env:IDX", "exit:{index}"],
+        "env = { IDX = \"i{index}\" }\n[files]\noutputs = [\"out/*.txt\"]\n[policy]\nrequirements = '\"wasm\" in node.vm_types'\n",
+    );
+    let out = pool.cli().arg("submit").arg(&job).args(["--count", "6"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    let ids = ids_of(&out);
+    assert_eq!(ids.len(), 6);
+    // wait exits with the first non-zero exit code among the jobs: instance 1 exits 1.
+    let out = pool.cli().arg("wait").args(ids.iter().map(|i| i.to_string())).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+
+    let out = pool.cli().args(["q", "--json"]).output().unwrap();
+    let jobs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(jobs.len(), 6);
+    let mut nodes_used = std::collections::BTreeSet::new();
+    for (i, j) in jobs.iter().enumerate() {
+        assert_eq!(j["state"], "completed", "{j}");
+        assert_eq!(j["exit_code"], i as i64, "{j}");
+        assert_eq!(j["owner"], "admin");
+        for key in ["id", "name", "node", "attempts", "reason"] {
+            assert!(j.get(key).is_some(), "q --json lacks {key}");
+        }
+        nodes_used.insert(j["node"].as_str().unwrap().to_string());
+    }
+    assert_eq!(nodes_used.len(), 2, "both nodes ran jobs: {nodes_used:?}");
+
+    let out = pool.cli().args(["logs", &ids[4].to_string()]).output().unwrap();
+    assert_eq!(stdout_of(&out), "i4\n");
+    let out = pool.cli().args(["logs", &ids[4].to_string(), "--stderr"]).output().unwrap();
+    assert_eq!(stdout_of(&out), "err 4\n");
+    let fetched = d.path().join("fetched");
+    pool.cli().args(["fetch", &ids[5].to_string(), "--out"]).arg(&fetched).assert().success();
+    assert_eq!(std::fs::read_to_string(fetched.join("out/5.txt")).unwrap(), "result 5");
+
+    let out = pool.cli().args(["status", "--json"]).output().unwrap();
+    let nodes: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(nodes.len(), 2);
+    for key in ["name", "state", "arch", "os", "cpus", "memory_mb", "disk_mb", "vm_types", "accelerators", "labels", "appliance"] {
+        assert!(nodes[0].get(key).is_some(), "status --json lacks {key}");
+    }
+    let metrics = pool.admin().metrics().unwrap();
+    assert!(metrics.contains("vmgrid_jobs{state=\"completed\"} 6"), "{metrics}");
+    assert!(metrics.contains("vmgrid_nodes{state=\"ready\"} 2"), "{metrics}");
+    assert!(metrics.contains("vmgrid_dispatch_latency_ms_count 6"), "{metrics}");
+}
+
+#[test]
+fn bad_tokens_and_wrong_roles_are_refused() {
+    let pool = Pool::start();
+    let d = JobDir::new();
+    let bad = d.write("bad.token", "not-a-token");
+    let out = vmgrid().args(["q", "--pool", &pool.url, "--token-file"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).contains("not valid for this pool"), "{}", stderr_of(&out));
+    // The pool token only registers nodes.
+    let out = vmgrid().args(["q", "--pool", &pool.url, "--token-file"]).arg(pool.data_dir().join("pool.token")).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).contains("a pool token cannot list jobs"), "{}", stderr_of(&out));
+    // Garbage bodies get a 4xx with a sentence.
+    let err = vmgrid_client::Client::new(&pool.url, &std::fs::read_to_string(pool.data_dir().join("pool.token")).unwrap())
+        .register(&vmgrid_proto::NodeAd {
+            name: "bad name!".into(),
+            arch: "x".into(),
+            os: "y".into(),
+            cpus: 1,
+            memory_mb: 1,
+            disk_mb: 1,
+            vm_types: vec![],
+            accelerators: vec![],
+            labels: Default::default(),
+            appliance: false,
+        })
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+}
+
+#[test]
+fn a_user_cannot_remove_another_users_job() {
+    let pool = Pool::start();
+    let alice = pool.admin().add_token(vmgrid_proto::Role::User, "alice").unwrap();
+    let bob = pool.admin().add_token(vmgrid_proto::Role::User, "bob").unwrap();
+    let d = JobDir::new();
+    let a_tok = d.write("alice.token", &alice);
+    let b_tok = d.write("bob.token", &bob);
+    let job = probe_job_file(d.path(), "mine", &["exit:0"], "");
+    let mut c = vmgrid();
+    c.env("VMGRID_POOL", &pool.url).env("VMGRID_TOKEN", &alice);
+    let out = c.arg("submit").arg(&job).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    let id = ids_of(&out)[0];
+
+    let out = vmgrid().env("VMGRID_POOL", &pool.url).arg("rm").arg(id.to_string()).arg("--token-file").arg(&b_tok).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).contains("belongs to alice, not bob"), "{}", stderr_of(&out));
+    // Bob does not even see it.
+    let out = vmgrid().env("VMGRID_POOL", &pool.url).args(["q", "--json"]).arg("--token-file").arg(&b_tok).output().unwrap();
+    assert_eq!(stdout_of(&out).trim(), "[]");
+    assert_eq!(pool.job(id).state, JobState::Idle);
+    // Alice can, and the admin can see it removed.
+    let out = vmgrid().env("VMGRID_POOL", &pool.url).arg("rm").arg(id.to_string()).arg("--token-file").arg(&a_tok).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    assert_eq!(pool.job(id).state, JobState::Removed);
+}
+
+#[test]
+fn unmatchable_jobs_stay_idle_with_a_reason_and_hold_release_work() {
+    let mut pool = Pool::start();
+    pool.start_node("n1", 1);
+    let d = JobDir::new();
+    let job = probe_job_file(d.path(), "picky", &["exit:0"], "[policy]\nrequirements = 'node.labels.gpu == \"yes\"'\n");
+    let out = pool.cli().arg("submit").arg(&job).output().unwrap();
+    let id = ids_of(&out)[0];
+    pool.wait_for("a reason", |p| p.job(id).reason.is_some());
+    let v = pool.job(id);
+    assert_eq!(v.state, JobState::Idle);
+    assert!(v.reason.as_deref().unwrap().contains("no node matches"), "{:?}", v.reason);
+    let out = pool.cli().arg("q").output().unwrap();
+    assert!(stdout_of(&out).contains("no node matches"), "{}", stdout_of(&out));
+
+    // A bad CEL expression is refused at submit time, with exit 2.
+    let bad = probe_job_file(d.path(), "bad", &["exit:0"], "[policy]\nrequirements = 'node.cpus >>> 1'\n");
+    let out = pool.cli().arg("submit").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr_of(&out).contains("requirements is not a valid CEL expression"), "{}", stderr_of(&out));
+
+    // Hold and release.
+    let ok = probe_job_file(d.path(), "ok", &["sleep:300", "exit:0"], "");
+    pool.cli().arg("hold").arg(id.to_string()).assert().success();
+    assert_eq!(pool.job(id).state, JobState::Held);
+    assert!(pool.job(id).reason.unwrap().contains("held by admin"));
+    pool.cli().arg("release").arg(id.to_string()).assert().success();
+    assert_eq!(pool.job(id).state, JobState::Idle);
+    pool.cli().arg("release").arg(id.to_string()).assert().code(1);
+    let out = pool.cli().arg("submit").arg(&ok).arg("--wait").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    // A held job makes wait exit 1.
+    pool.cli().arg("hold").arg(id.to_string()).assert().success();
+    let out = pool.cli().arg("wait").arg(id.to_string()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).contains("is held"), "{}", stderr_of(&out));
+}
+
+#[test]
+fn a_killed_node_loses_its_job_to_the_other_and_its_late_result_is_refused() {
+    let mut pool = Pool::start();
+    pool.start_node("n1", 1);
+    let d = JobDir::new();
+    let job = probe_job_file(d.path(), "long", &["sleep:2000", "args", "done"], "");
+    let out = pool.cli().arg("submit").arg(&job).output().unwrap();
+    let id = ids_of(&out)[0];
+    pool.wait_for("the job to run on n1", |p| p.job(id).state == JobState::Running);
+    let first_epoch_cred = pool.node_credential("n1");
+    pool.start_node("n2", 1);
+    pool.kill_node("n1");
+    pool.wait_for("the job to complete", |p| p.job(id).state == JobState::Completed);
+    let v = pool.job(id);
+    assert_eq!(v.node.as_deref(), Some("n2"));
+    assert_eq!(v.exit_code, Some(0));
+    assert_eq!(v.attempts, 2);
+    // The dead node's result arrives late, under its expired lease: refused.
+    let late = vmgrid_client::Client::new(&pool.url, &first_epoch_cred);
+    let r = late.report(&ReportRequest {
+        reports: vec![Report {
+            lease: LeaseId { job_id: id, epoch: 1 },
+            run: RunReport::Exited { code: 99 },
+            stdout: None,
+            stderr: None,
+            stdout_dropped: 0,
+            stderr_dropped: 0,
+            outputs: vec![],
+        }],
+    });
+    match r {
+        Ok(resp) => assert!(resp.accepted.is_empty() && resp.refused.len() == 1, "{resp:?}"),
+        Err(e) => assert_eq!(e.status(), Some(409), "{e}"),
+    }
+    assert_eq!(pool.job(id).exit_code, Some(0), "the late result changed nothing");
+    let out = pool.cli().args(["logs", &id.to_string()]).output().unwrap();
+    assert_eq!(stdout_of(&out), "done\n");
+}
+
+#[test]
+fn a_node_cut_off_and_brought_back_is_fenced() {
+    let mut pool = Pool::start();
+    pool.start_node("n1", 1);
+    let d = JobDir::new();
+    let job = probe_job_file(d.path(), "fenced", &["sleep:2500", "args", "ran"], "");
+    let out = pool.cli().arg("submit").arg(&job).output().unwrap();
+    let id = ids_of(&out)[0];
+    pool.wait_for("the job to run on n1", |p| p.job(id).state == JobState::Running);
+    pool.start_node("n2", 1);
+    // Cut n1 off: it stops heartbeating, its lease expires, and n2 reruns the job.
+    let pid = pool.node_pid("n1") as i32;
+    // SAFETY: signalling a child process we started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    pool.wait_for("the job to complete on n2", |p| {
+        let v = p.job(id);
+        v.state == JobState::Completed && v.node.as_deref() == Some("n2")
+    });
+    // Bring n1 back: its result for the old lease is refused, and it rejoins as a new node.
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    pool.wait_for("n1's late result to be refused", |p| {
+        p.admin().metrics().unwrap().lines().any(|l| l.starts_with("vmgrid_results_refused_total") && !l.ends_with(" 0"))
+    });
+    pool.wait_for("n1 to rejoin", |p| {
+        p.admin().nodes().unwrap().iter().any(|n| n.ad.name == "n1" && n.state == vmgrid_proto::NodeState::Ready)
+    });
+    let v = pool.job(id);
+    assert_eq!((v.state, v.node.as_deref(), v.exit_code), (JobState::Completed, Some("n2"), Some(0)));
+}
+
+#[test]
+fn a_killed_coordinator_restarts_and_every_acknowledged_job_completes_once() {
+    let mut pool = Pool::start();
+    let d = JobDir::new();
+    let job = probe_job_file(d.path(), "many", &["sleep:10", "args", "{index}"], "");
+    let out = pool.cli().arg("submit").arg(&job).args(["--count", "300"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    let ids = ids_of(&out);
+    assert_eq!(ids.len(), 300);
+    pool.start_node("n1", 2);
+    pool.start_node("n2", 2);
+    pool.wait_for("some jobs to complete", |p| {
+        p.admin().jobs().unwrap().iter().filter(|j| j.state == JobState::Completed).count() >= 20
+    });
+    pool.kill_coordinator();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    pool.start_coordinator();
+    pool.wait_for("all jobs to complete", |p| {
+        p.admin().jobs().unwrap().iter().filter(|j| j.state == JobState::Completed).count() == 300
+    });
+    let admin = pool.admin();
+    let jobs = admin.jobs().unwrap();
+    assert_eq!(jobs.len(), 300);
+    for (i, j) in jobs.iter().enumerate() {
+        assert_eq!(j.id, ids[i]);
+        assert_eq!(j.exit_code, Some(0));
+        let r = admin.job(j.id).unwrap();
+        let stdout = r.stdout.expect("a completed job has its stdout");
+        let tmp = d.path().join(format!("stdout-{}", j.id));
+        admin.download(&stdout.blob, &tmp).unwrap();
+        assert_eq!(std::fs::read_to_string(&tmp).unwrap(), format!("{i}\n"), "job {} has its own result", j.id);
+    }
+}
+
+#[test]
+fn a_node_asked_to_stop_finishes_its_job_and_leaves() {
+    let mut pool = Pool::start();
+    pool.start_node("n1", 1);
+    let d = JobDir::new();
+    let job = probe_job_file(d.path(), "drain", &["sleep:1500", "args", "finished"], "");
+    let out = pool.cli().arg("submit").arg(&job).output().unwrap();
+    let id = ids_of(&out)[0];
+    pool.wait_for("the job to run", |p| p.job(id).state == JobState::Running);
+    let pid = pool.node_pid("n1") as i32;
+    // SAFETY: signalling a child process we started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let (_, mut child) = pool.nodes.remove(0);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the node exits 0 after draining: {status}");
+    let v = pool.job(id);
+    assert_eq!((v.state, v.node.as_deref(), v.exit_code, v.attempts), (JobState::Completed, Some("n1"), Some(0), 1));
+    assert!(pool.admin().nodes().unwrap().is_empty(), "the node left the pool");
+}
+
+#[test]
+fn vmgrid_up_runs_an_embedded_pool_that_the_cli_finds() {
+    let d = JobDir::new();
+    let data = d.path().join("pool");
+    let mut up = std::process::Command::new(assert_cmd::cargo::cargo_bin("vmgrid"))
+        .args(["up", "--nodes", "2", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("VMGRID_ACCEL", "tcg")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let config = data.join("client.toml");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !config.exists() {
+        assert!(std::time::Instant::now() < deadline, "vmgrid up wrote no client.toml");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for f in ["pool.token", "admin.token"] {
+        assert!(data.join(f).exists(), "{f}");
+    }
+    let cli = || {
+        let mut c = vmgrid();
+        c.env("VMGRID_CONFIG", &config);
+        c
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let out = cli().args(["status", "--json"]).output().unwrap();
+        if out.status.success() && serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).map(|v| v.len()).ok() == Some(2) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the embedded nodes did not join");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let job = probe_job_file(d.path(), "emb", &["args", "{index}"], "");
+    let out = cli().arg("submit").arg(&job).args(["--count", "4", "--wait"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    assert_eq!(ids_of(&out).len(), 4);
+    // SAFETY: signalling a child process we started.
+    unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
+    assert!(up.wait().unwrap().success());
+}
