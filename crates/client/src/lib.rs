@@ -180,14 +180,7 @@ impl Client {
     pub fn upload_file(&self, path: &Path, name: &str) -> Result<FileRef> {
         let (blob, size) = hash_file(path)?;
         if !self.has_blob(&blob)? {
-            let file = std::fs::File::open(path)?;
-            let resp = self
-                .agent
-                .put(format!("{}/v1/blobs/{blob}", self.base))
-                .header("Authorization", &self.auth)
-                .send(file)
-                .map_err(|e| self.unreachable(e))?;
-            self.check(resp)?;
+            self.put_blob(&blob, std::fs::File::open(path)?)?;
         }
         Ok(FileRef { path: name.to_string(), blob, size })
     }
@@ -196,15 +189,19 @@ impl Client {
     pub fn upload_bytes(&self, bytes: &[u8], name: &str) -> Result<FileRef> {
         let blob = blake3::hash(bytes).to_hex().to_string();
         if !self.has_blob(&blob)? {
-            let resp = self
-                .agent
-                .put(format!("{}/v1/blobs/{blob}", self.base))
-                .header("Authorization", &self.auth)
-                .send(bytes)
-                .map_err(|e| self.unreachable(e))?;
-            self.check(resp)?;
+            self.put_blob(&blob, bytes)?;
         }
         Ok(FileRef { path: name.to_string(), blob, size: bytes.len() as u64 })
+    }
+
+    fn put_blob(&self, blob: &str, body: impl ureq::AsSendBody) -> Result<()> {
+        let resp = self
+            .agent
+            .put(format!("{}/v1/blobs/{blob}", self.base))
+            .header("Authorization", &self.auth)
+            .send(body)
+            .map_err(|e| self.unreachable(e))?;
+        self.check(resp).map(|_| ())
     }
 
     /// Downloads a blob to `dest`, checking its hash; the file appears only when complete.

@@ -63,6 +63,12 @@ impl CaptureSink {
         inner.captured.dropped += (buf.len() - keep) as u64;
     }
 
+    /// The stdout and stderr sinks of one job, echoing to ours if the config says so.
+    pub(crate) fn pair(config: &crate::RuntimeConfig) -> (CaptureSink, CaptureSink) {
+        let (out, err) = if config.echo { (Echo::Stdout, Echo::Stderr) } else { (Echo::None, Echo::None) };
+        (CaptureSink::new(config.output_cap, out), CaptureSink::new(config.output_cap, err))
+    }
+
     pub fn take(&self) -> Captured {
         let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
         std::mem::take(&mut inner.captured)

@@ -8,7 +8,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::capture::{CaptureSink, Echo};
+use crate::capture::CaptureSink;
 use crate::process::{Supervised, Waited};
 use crate::{Failure, FailureKind, Outcome, RunError, RunRequest, RunResult, RuntimeConfig};
 
@@ -34,8 +34,7 @@ pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, Ru
         .current_dir(req.job_dir)
         .env_clear()
         .envs(&job.vm.env);
-    let stdout = CaptureSink::new(config.output_cap, if config.echo { Echo::Stdout } else { Echo::None });
-    let stderr = CaptureSink::new(config.output_cap, if config.echo { Echo::Stderr } else { Echo::None });
+    let (stdout, stderr) = CaptureSink::pair(config);
     let start = Instant::now();
     let mut vm = Supervised::spawn(&mut cmd, stdout.clone(), stderr.clone())
         .map_err(|e| RunError::host(format!("cannot start {}", java.display()), e))?;

@@ -13,7 +13,7 @@ use wasmtime::{Config, Engine, InstancePre, Linker, Module, ResourceLimiter, Sto
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
-use crate::capture::{CaptureSink, Echo};
+use crate::capture::CaptureSink;
 use crate::{Failure, FailureKind, Outcome, RunError, RunRequest, RunResult, RuntimeConfig};
 
 mod stream;
@@ -135,8 +135,7 @@ impl WasmRuntime {
         let image = job.vm.image.as_deref().ok_or_else(|| RunError::BadJob("a wasm job needs `image`".into()))?;
         let pre = self.prepare(image)?;
         let start = Instant::now();
-        let stdout = CaptureSink::new(config.output_cap, if config.echo { Echo::Stdout } else { Echo::None });
-        let stderr = CaptureSink::new(config.output_cap, if config.echo { Echo::Stderr } else { Echo::None });
+        let (stdout, stderr) = CaptureSink::pair(config);
 
         let argv0 = image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "main.wasm".into());
         let mut argv = vec![argv0];

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use vmgrid_job::{Job, Network};
 
-use crate::capture::{CaptureSink, Echo};
+use crate::capture::CaptureSink;
 use crate::process::{Supervised, Waited};
 use crate::{Failure, FailureKind, Outcome, RunError, RunRequest, RunResult, RuntimeConfig};
 
@@ -77,8 +77,7 @@ pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, Ru
     let mut cmd = command(&qemu, job, req.job_dir, overlay.as_deref(), &qmp_path, accel)?;
     tracing::debug!(?cmd, "starting qemu");
 
-    let stdout = CaptureSink::new(config.output_cap, if config.echo { Echo::Stdout } else { Echo::None });
-    let stderr = CaptureSink::new(config.output_cap, if config.echo { Echo::Stderr } else { Echo::None });
+    let (stdout, stderr) = CaptureSink::pair(config);
     let start = Instant::now();
     let mut vm = Supervised::spawn(&mut cmd, stdout.clone(), stderr.clone())
         .map_err(|e| RunError::host(format!("cannot start {}", qemu.display()), e))?;
