@@ -390,30 +390,16 @@ impl State {
                 }
             })
             .collect();
-        let clusters: HashMap<u64, Cluster> = {
-            // Only the clusters of idle jobs matter; collect them lazily as the pass reads jobs.
-            let mut seen = HashMap::new();
-            for id in &self.idle {
-                let spec_id = self.jobs[id].spec_id;
-                if !seen.contains_key(&spec_id) {
-                    if let Some(s) = self.specs.get(&spec_id) {
-                        seen.insert(spec_id, s.cluster.clone());
-                    }
-                }
-                if seen.len() >= 10_000 {
-                    break;
-                }
-            }
-            seen
+        // Idle jobs are read lazily, oldest first; the pass stops when the pool is full.
+        let decision = {
+            let (jobs, specs) = (&self.jobs, &self.specs);
+            let idle = self.idle.iter().map(|id| IdleJob { id: *id, cluster: jobs[id].spec_id });
+            vmgrid_scheduler::place(&mut slots, |c: u64| specs.get(&c).map(|s| &s.cluster), idle)
         };
-        let idle: Vec<IdleJob> = self
-            .idle
-            .iter()
-            .filter(|id| clusters.contains_key(&self.jobs[id].spec_id))
-            .map(|id| IdleJob { id: *id, cluster: self.jobs[id].spec_id })
-            .collect();
-        let decision = vmgrid_scheduler::place(&mut slots, &clusters, &idle);
-        self.waiting = decision.waiting;
+        for c in &decision.evaluated {
+            self.waiting.remove(c);
+        }
+        self.waiting.extend(decision.waiting);
         let mut ticket = 0;
         for p in decision.placements {
             let name = &names[p.node];
@@ -800,3 +786,6 @@ impl State {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests;

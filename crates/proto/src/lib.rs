@@ -435,3 +435,45 @@ impl JobSpec {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confined_paths_stay_inside() {
+        for ok in ["a", "a/b.txt", "out/x/y"] {
+            assert!(is_confined_path(ok), "{ok}");
+        }
+        for bad in ["", "/etc/passwd", "../x", "a/../../b", "./a", "a/./b/.."] {
+            assert!(!is_confined_path(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn blob_refs_are_64_lowercase_hex_digits() {
+        assert!(is_blob_ref(&"ab".repeat(32)));
+        assert!(!is_blob_ref(&"AB".repeat(32)));
+        assert!(!is_blob_ref("abc"));
+        assert!(!is_blob_ref(&"../".repeat(22)[..64]));
+    }
+
+    #[test]
+    fn index_substitution_reaches_args_and_env() {
+        let spec: JobSpec = serde_json::from_value(serde_json::json!({
+            "name": "s", "vm_type": "wasm", "args": ["x{index}", "y"], "env": {"I": "{index}"},
+            "cpus": 1, "memory_mb": 16, "timeout_s": 1, "disk_mb": 1,
+            "image": {"path": "a.wasm", "blob": "ab".repeat(32), "size": 1}
+        }))
+        .unwrap();
+        let s = spec.with_index(7);
+        assert_eq!(s.args, vec!["x7", "y"]);
+        assert_eq!(s.env["I"], "7");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_on_the_wire() {
+        let r: Result<LeaseRequest, _> = serde_json::from_str(r#"{"max_jobs": 1, "wait_ms": 0, "evil": true}"#);
+        assert!(r.is_err());
+    }
+}

@@ -6,7 +6,10 @@
 //! compatibility hash; this module holds vmgrid's only `unsafe` wasm code, the cache load.
 
 use std::hash::{Hash, Hasher};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
 use std::time::{Duration, Instant};
 
 use wasmtime::{Config, Engine, InstancePre, Linker, Module, ResourceLimiter, Store, Trap};
@@ -27,7 +30,12 @@ pub struct WasmRuntime {
     engine: Engine,
     linker: Linker<GuestState>,
     cache_dir: PathBuf,
+    /// Linked modules by (path, size, mtime): a node running a sweep links its module once.
+    ready: Mutex<HashMap<(PathBuf, u64, SystemTime), InstancePre<GuestState>>>,
 }
+
+/// Linked modules kept in memory; past this, the map starts over.
+const READY_MODULES: usize = 64;
 
 struct GuestState {
     wasi: WasiP1Ctx,
@@ -72,7 +80,28 @@ impl WasmRuntime {
                 std::thread::sleep(EPOCH_TICK);
             }
         })?;
-        Ok(WasmRuntime { engine, linker, cache_dir: config.cache_dir.join("wasm") })
+        Ok(WasmRuntime { engine, linker, cache_dir: config.cache_dir.join("wasm"), ready: Mutex::new(HashMap::new()) })
+    }
+
+    /// A linked module, from memory if this image was linked before.
+    fn prepared(&self, image: &Path) -> Result<InstancePre<GuestState>, RunError> {
+        let key = std::fs::metadata(image)
+            .ok()
+            .and_then(|m| Some((image.to_path_buf(), m.len(), m.modified().ok()?)));
+        if let Some(k) = &key {
+            if let Some(pre) = self.ready.lock().unwrap_or_else(|p| p.into_inner()).get(k) {
+                return Ok(pre.clone());
+            }
+        }
+        let pre = self.prepare(image)?;
+        if let Some(k) = key {
+            let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+            if ready.len() >= READY_MODULES {
+                ready.clear();
+            }
+            ready.insert(k, pre.clone());
+        }
+        Ok(pre)
     }
 
     /// Loads and compiles (or fetches from the cache) a module, ready to instantiate.
@@ -133,7 +162,7 @@ impl WasmRuntime {
     pub fn run(&self, req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, RunError> {
         let job = req.job;
         let image = job.vm.image.as_deref().ok_or_else(|| RunError::BadJob("a wasm job needs `image`".into()))?;
-        let pre = self.prepare(image)?;
+        let pre = self.prepared(image)?;
         let start = Instant::now();
         let (stdout, stderr) = CaptureSink::pair(config);
 

@@ -84,6 +84,23 @@ pub struct IdleJob {
     pub cluster: u64,
 }
 
+/// Where [`place`] finds a job's cluster: a map, or any lookup the caller keeps.
+pub trait Clusters<'c> {
+    fn cluster(&self, id: u64) -> Option<&'c Cluster>;
+}
+
+impl<'c> Clusters<'c> for &'c HashMap<u64, Cluster> {
+    fn cluster(&self, id: u64) -> Option<&'c Cluster> {
+        self.get(&id)
+    }
+}
+
+impl<'c, F: Fn(u64) -> Option<&'c Cluster>> Clusters<'c> for F {
+    fn cluster(&self, id: u64) -> Option<&'c Cluster> {
+        self(id)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placement {
     pub job: u64,
@@ -96,15 +113,17 @@ pub struct Decision {
     pub placements: Vec<Placement>,
     /// Why the jobs of a cluster that were left idle are waiting.
     pub waiting: HashMap<u64, String>,
+    /// The clusters this pass looked at (a pass that stops early, on a full pool, sees fewer).
+    pub evaluated: Vec<u64>,
 }
 
 /// Places idle jobs, oldest first, each on the matching node of highest rank that has room.
 /// `nodes` is updated with the resources the placements take. Jobs are read lazily and the pass
 /// stops as soon as no node has a free cpu, so a long queue costs nothing when the pool is full.
-pub fn place<'a>(
+pub fn place<'c, C: Clusters<'c>, J: std::borrow::Borrow<IdleJob>>(
     nodes: &mut [NodeSlot],
-    clusters: &HashMap<u64, Cluster>,
-    jobs: impl IntoIterator<Item = &'a IdleJob>,
+    clusters: C,
+    jobs: impl IntoIterator<Item = J>,
 ) -> Decision {
     let mut decision = Decision::default();
     let node_values: Vec<Value> = nodes.iter().map(node_value).collect();
@@ -112,14 +131,16 @@ pub fn place<'a>(
     // Per cluster: matching nodes, best first, and a cursor past the ones that are full for it.
     let mut candidates: HashMap<u64, (Vec<usize>, usize)> = HashMap::new();
     for job in jobs {
+        let job = job.borrow();
         if free_cpus == 0 && !nodes.is_empty() {
             break;
         }
-        let Some(cluster) = clusters.get(&job.cluster) else {
+        let Some(cluster) = clusters.cluster(job.cluster) else {
             decision.waiting.entry(job.cluster).or_insert_with(|| "the job's spec is unknown to the matchmaker".into());
             continue;
         };
         let (list, cursor) = candidates.entry(job.cluster).or_insert_with(|| {
+            decision.evaluated.push(job.cluster);
             let (list, why) = match_nodes(nodes, &node_values, cluster);
             if let Some(why) = why {
                 decision.waiting.insert(job.cluster, why);

@@ -1,0 +1,431 @@
+//! vmgrid's benchmark suite (`scripts/bench`). Each comparison runs side by side in the same run,
+//! so the ratio holds on a noisy machine. It prints a table and writes BENCHMARKS.md.
+//!
+//! It measures: trivial-job throughput through `vmgrid up` (2 nodes) against a single-node Slurm
+//! started by `../shared/peers/slurm-up`; single-job latency on a warm pool; wasm against native
+//! compute; a QEMU job against plain qemu-system; the scheduler engine with 1M jobs and 10k nodes;
+//! and the coordinator's memory with 1M jobs queued. Benchmarks print figures; they assert nothing.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmgrid_client::Client;
+use vmgrid_proto::*;
+
+struct Args {
+    root: PathBuf,
+    sizes: Vec<u64>,
+    slurm: bool,
+    out: PathBuf,
+    latency_runs: usize,
+}
+
+fn parse_args() -> Args {
+    let root = std::env::current_dir().expect("a working directory");
+    let mut a = Args { out: root.join("BENCHMARKS.md"), root, sizes: vec![10_000, 100_000], slurm: true, latency_runs: 300 };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--quick" => {
+                a.sizes = vec![2_000];
+                a.latency_runs = 50;
+            }
+            "--no-slurm" => a.slurm = false,
+            "--sizes" => a.sizes = it.next().expect("--sizes N,M").split(',').map(|s| s.parse().expect("a number")).collect(),
+            "--out" => a.out = PathBuf::from(it.next().expect("--out FILE")),
+            "-h" | "--help" => {
+                println!("usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--out BENCHMARKS.md]\nRun from the repository root after scripts/bench has built everything.");
+                std::process::exit(0);
+            }
+            other => {
+                eprintln!("vmgrid-bench: unknown argument {other}; see --help");
+                std::process::exit(2);
+            }
+        }
+    }
+    a
+}
+
+struct Report {
+    rows: Vec<(String, String, String)>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    fn row(&mut self, what: &str, value: String, target: &str) {
+        println!("{what:<58} {value:>28}   (target {target})");
+        self.rows.push((what.into(), value, target.into()));
+    }
+}
+
+fn vmgrid_bin(root: &Path) -> PathBuf {
+    root.join("target/release/vmgrid")
+}
+
+fn guest(root: &Path, name: &str) -> PathBuf {
+    root.join(format!("guests/target/wasm32-wasip1/release/{name}.wasm"))
+}
+
+/// A `vmgrid up` pool in a temporary directory, stopped on drop.
+struct Pool {
+    child: Child,
+    client: Client,
+    _dir: PathBuf,
+}
+
+impl Pool {
+    fn up(root: &Path, nodes: u32) -> Pool {
+        let dir = std::env::temp_dir().join(format!("vmgrid-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let child = Command::new(vmgrid_bin(root))
+            .args(["up", "--nodes", &nodes.to_string(), "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&dir)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start vmgrid up");
+        let config = dir.join("client.toml");
+        let client = loop {
+            if let Ok(text) = std::fs::read_to_string(&config) {
+                let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{k} = \""))).map(|v| v.trim_end_matches('"').to_string());
+                if let (Some(p), Some(t)) = (get("pool"), get("token")) {
+                    break Client::new(&p, &t);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        while client.nodes().map(|n| n.len() as u32).unwrap_or(0) < nodes {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Pool { child, client, _dir: dir }
+    }
+
+    fn completed(&self) -> u64 {
+        let m = self.client.metrics().unwrap_or_default();
+        m.lines()
+            .find_map(|l| l.strip_prefix("vmgrid_jobs{state=\"completed\"} "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child, which we have not reaped yet.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+fn trivial_spec(client: &Client, root: &Path) -> JobSpec {
+    let image = client.upload_file(&guest(root, "probe"), "probe.wasm").expect("upload the probe guest");
+    JobSpec {
+        name: "trivial".into(),
+        vm_type: "wasm".into(),
+        image: Some(image),
+        args: vec!["exit:0".into()],
+        env: BTreeMap::new(),
+        kernel: None,
+        initrd: None,
+        append: None,
+        network: "none".into(),
+        cpus: 1,
+        memory_mb: 16,
+        timeout_s: 60,
+        disk_mb: 1,
+        inputs: vec![],
+        outputs: vec![],
+        requirements: Some("\"wasm\" in node.vm_types".into()),
+        rank: Some("node.free_cpus".into()),
+        max_retries: 0,
+    }
+}
+
+/// Jobs per second from submit to the last durable result.
+fn vmgrid_throughput(pool: &Pool, spec: &JobSpec, n: u64) -> f64 {
+    let before = pool.completed();
+    let start = Instant::now();
+    pool.client.submit(&SubmitRequest { spec: spec.clone(), count: n }).expect("submit the sweep");
+    while pool.completed() < before + n {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn slurm(root: &Path, sizes: &[u64]) -> Result<BTreeMap<u64, f64>, String> {
+    let peers = root.join("../shared/peers");
+    if !peers.join("slurm-up").exists() {
+        return Err(format!("{} not found", peers.display()));
+    }
+    let up = Command::new("bash").arg(peers.join("slurm-up")).output().map_err(|e| e.to_string())?;
+    if !up.status.success() {
+        return Err(format!("slurm-up failed: {}", String::from_utf8_lossy(&up.stderr).trim()));
+    }
+    let mut out = BTreeMap::new();
+    for &n in sizes {
+        let r = Command::new("bash").arg(peers.join("slurm-throughput")).arg(n.to_string()).output().map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&r.stdout);
+        // "slurm: N jobs in X s = Y jobs/s"
+        let rate = text.split('=').nth(1).and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse::<f64>().ok());
+        match rate {
+            Some(r) => {
+                out.insert(n, r);
+            }
+            None => return Err(format!("slurm-throughput printed {text:?} {}", String::from_utf8_lossy(&r.stderr))),
+        }
+    }
+    let _ = Command::new("bash").arg(peers.join("slurm-down")).status();
+    Ok(out)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn latency(pool: &Pool, spec: &JobSpec, runs: usize) -> (f64, f64) {
+    let mut ms = Vec::with_capacity(runs);
+    for i in 0..runs + 10 {
+        let start = Instant::now();
+        let ids = pool.client.submit(&SubmitRequest { spec: spec.clone(), count: 1 }).expect("submit").ids;
+        let v = pool.client.wait(ids[0], Duration::from_secs(30)).expect("wait");
+        assert_eq!(v.state, JobState::Completed);
+        if i >= 10 {
+            ms.push(start.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (percentile(&ms, 0.5), percentile(&ms, 0.99))
+}
+
+fn time_cmd(cmd: &mut Command) -> f64 {
+    let start = Instant::now();
+    let st = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().expect("run a benchmark command");
+    assert!(st.success(), "{cmd:?} failed: {st}");
+    start.elapsed().as_secs_f64()
+}
+
+fn wasm_vs_native(root: &Path) -> Result<(f64, f64), String> {
+    let native = root.join("guests/target/release/compute");
+    if !native.exists() {
+        return Err("guests/target/release/compute is missing; run scripts/bench".into());
+    }
+    let dir = std::env::temp_dir().join("vmgrid-bench-compute");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let job = dir.join("compute.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "[vm]\ntype = \"wasm\"\nimage = {:?}\nargs = [\"20000000\", \"5\"]\n[resources]\nmemory_mb = 256\ntimeout_s = 600\n",
+            guest(root, "compute").to_str().unwrap()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let run_wasm = || time_cmd(Command::new(vmgrid_bin(root)).arg("run").arg(&job).arg("--out").arg(&dir));
+    run_wasm(); // warm the module cache
+    let (mut n, mut w) = (f64::MAX, f64::MAX);
+    for _ in 0..3 {
+        n = n.min(time_cmd(Command::new(&native).args(["20000000", "5"])));
+        w = w.min(run_wasm());
+    }
+    Ok((n, w))
+}
+
+fn qemu_vs_plain(root: &Path) -> Result<(f64, f64), String> {
+    let kit = root.join("guest-kit/out");
+    let (kernel, initrd) = (kit.join("vmlinuz"), kit.join("initrd.gz"));
+    if !kernel.exists() {
+        return Err("guest-kit/out is missing; run scripts/bench".into());
+    }
+    let dir = std::env::temp_dir().join("vmgrid-bench-qemu");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("share")).map_err(|e| e.to_string())?;
+    let job = dir.join("qemu.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "[vm]\ntype = \"qemu\"\nkernel = {:?}\ninitrd = {:?}\nappend = \"console=ttyS0 quiet\"\nargs = [\"true\"]\n[resources]\nmemory_mb = 256\ntimeout_s = 300\n",
+            kernel.to_str().unwrap(),
+            initrd.to_str().unwrap()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let plain = |share: &Path| {
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args(["-machine", "pc", "-accel", "tcg", "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+            .args(["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"])
+            .args(["-fsdev", &format!("local,id=job,path={},security_model=mapped-xattr", share.display())])
+            .args(["-device", "virtio-9p-pci,fsdev=job,mount_tag=vmgrid", "-nic", "none"])
+            .arg("-kernel")
+            .arg(&kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", "console=ttyS0 quiet panic=-1 -- true"])
+            .stdin(Stdio::null());
+        c
+    };
+    let (mut p, mut v) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        p.push(time_cmd(&mut plain(&dir.join("share"))));
+        v.push(time_cmd(Command::new(vmgrid_bin(root)).env("VMGRID_ACCEL", "tcg").arg("run").arg(&job).arg("--out").arg(&dir)));
+    }
+    p.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Ok((p[1], v[1]))
+}
+
+fn scheduler_engine() -> (f64, usize) {
+    use vmgrid_scheduler::*;
+    let nodes: Vec<NodeSlot> = (0..10_000)
+        .map(|i| NodeSlot {
+            ad: NodeAd {
+                name: format!("n{i:05}"),
+                arch: "x86_64".into(),
+                os: "linux".into(),
+                cpus: 128,
+                memory_mb: 1 << 20,
+                disk_mb: 1 << 20,
+                vm_types: vec!["wasm".into(), "qemu".into()],
+                accelerators: vec!["tcg".into()],
+                labels: BTreeMap::from([("rack".to_string(), (i % 40).to_string())]),
+                appliance: i % 10 == 0,
+            },
+            free_cpus: 128,
+            free_memory_mb: 1 << 20,
+            running_jobs: 0,
+        })
+        .collect();
+    let clusters: std::collections::HashMap<u64, Cluster> = (0..100)
+        .map(|k| {
+            let req = format!("node.memory_mb >= {} && \"wasm\" in node.vm_types && node.labels.rack != \"{}\"", 512 * (k % 4 + 1), k % 40);
+            (k, Cluster::compile("wasm", 1, 64, Some(&req), Some("node.free_cpus")).unwrap())
+        })
+        .collect();
+    let jobs: Vec<IdleJob> = (0..1_000_000u64).map(|id| IdleJob { id, cluster: id % 100 }).collect();
+    let mut slots = nodes.clone();
+    let start = Instant::now();
+    let d = place(&mut slots, &clusters, &jobs);
+    let secs = start.elapsed().as_secs_f64();
+    (d.placements.len() as f64 / secs, d.placements.len())
+}
+
+fn coordinator_rss(root: &Path) -> Result<(f64, f64), String> {
+    let dir = std::env::temp_dir().join(format!("vmgrid-bench-rss-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut child = Command::new(vmgrid_bin(root))
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let config = dir.join("client.toml");
+    let client = loop {
+        if let Ok(text) = std::fs::read_to_string(&config) {
+            let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{k} = \""))).map(|v| v.trim_end_matches('"').to_string());
+            if let (Some(p), Some(t)) = (get("pool"), get("token")) {
+                break Client::new(&p, &t);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let spec = trivial_spec(&client, root);
+    let start = Instant::now();
+    let r = client.submit(&SubmitRequest { spec, count: 1_000_000 });
+    let submit_s = start.elapsed().as_secs_f64();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let rss_kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    r.map_err(|e| e.to_string())?;
+    Ok((rss_kb / 1024.0, submit_s))
+}
+
+fn sh(cmd: &str) -> String {
+    Command::new("sh").args(["-c", cmd]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+}
+
+fn main() {
+    let args = parse_args();
+    let root = args.root.clone();
+    if !vmgrid_bin(&root).exists() {
+        eprintln!("vmgrid-bench: {} is missing; run scripts/bench", vmgrid_bin(&root).display());
+        std::process::exit(1);
+    }
+    let mut rep = Report { rows: Vec::new(), notes: Vec::new() };
+    let machine = format!(
+        "{} cores ({}), {} MiB, Linux {}",
+        sh("nproc"),
+        sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'"),
+        sh("awk '/MemTotal/{print int($2/1024)}' /proc/meminfo"),
+        sh("uname -r")
+    );
+    let date = sh("date -u +%Y-%m-%dT%H:%MZ");
+    println!("vmgrid benchmarks, {date}\nmachine: {machine}\n");
+
+    // Throughput and latency, on one warm pool.
+    let pool = Pool::up(&root, 2);
+    let spec = trivial_spec(&pool.client, &root);
+    vmgrid_throughput(&pool, &spec, 200); // warm up: module cache, connections
+    let mut ours = BTreeMap::new();
+    for &n in &args.sizes {
+        let rate = vmgrid_throughput(&pool, &spec, n);
+        ours.insert(n, rate);
+        rep.row(&format!("throughput, {n} trivial wasm jobs, vmgrid up (2 nodes)"), format!("{rate:.0} jobs/s"), ">= 10,000 jobs/s");
+    }
+    let (p50, p99) = latency(&pool, &spec, args.latency_runs);
+    rep.row(&format!("one trivial job, submit to result, warm pool (n={})", args.latency_runs), format!("p50 {p50:.2} ms, p99 {p99:.2} ms"), "p50 <= 2 ms, p99 <= 10 ms");
+    drop(pool);
+
+    if args.slurm {
+        // Slurm gets the smallest size only: at its rate the larger sweeps would take hours.
+        let n = args.sizes[0];
+        match slurm(&root, &[n]) {
+            Ok(r) => {
+                let theirs = r[&n];
+                rep.row(&format!("throughput, {n} trivial jobs, Slurm job array (1 node)"), format!("{theirs:.1} jobs/s"), "-");
+                rep.row(&format!("vmgrid / Slurm, {n} jobs, same run"), format!("{:.1}x", ours[&n] / theirs), ">= 500x");
+            }
+            Err(e) => {
+                println!("slurm: not measured: {e}");
+                rep.notes.push(format!("Slurm was not measured in this run: {e}"));
+            }
+        }
+    }
+
+    match wasm_vs_native(&root) {
+        Ok((n, w)) => rep.row("wasm compute (sieve, 20M x5): vmgrid run / native", format!("{w:.2} s / {n:.2} s = {:.2}x", w / n), "<= 1.10x"),
+        Err(e) => rep.notes.push(format!("wasm compute not measured: {e}")),
+    }
+    match qemu_vs_plain(&root) {
+        Ok((p, v)) => rep.row("QEMU guest-kit job: vmgrid run / plain qemu-system", format!("{v:.2} s / {p:.2} s = {:.2}x", v / p), "<= 1.10x"),
+        Err(e) => rep.notes.push(format!("QEMU not measured: {e}")),
+    }
+    let (rate, placed) = scheduler_engine();
+    rep.row("scheduler engine, 1M jobs x 10k nodes, CEL req + rank", format!("{rate:.0} placements/s ({placed})"), ">= 100,000/s");
+    match coordinator_rss(&root) {
+        Ok((mb, s)) => rep.row("coordinator RSS with 1M jobs queued", format!("{mb:.0} MiB (submit {s:.1} s)"), "<= 1024 MiB"),
+        Err(e) => rep.notes.push(format!("coordinator RSS not measured: {e}")),
+    }
+
+    let mut md = format!(
+        "# vmgrid benchmarks\n\nWritten by `scripts/bench` (crates/bench). Each comparison ran side by side in the same run.\n\n- date: {date}\n- machine: {machine}\n- commit: {}\n\n| figure | measured | target |\n|---|---|---|\n",
+        sh("git rev-parse --short HEAD")
+    );
+    for (w, v, t) in &rep.rows {
+        md.push_str(&format!("| {w} | {v} | {t} |\n"));
+    }
+    for n in &rep.notes {
+        md.push_str(&format!("\n- {n}"));
+    }
+    md.push('\n');
+    let analysis = root.join("crates/bench/ANALYSIS.md");
+    if let Ok(text) = std::fs::read_to_string(&analysis) {
+        md.push('\n');
+        md.push_str(&text);
+    }
+    std::fs::write(&args.out, md).expect("write BENCHMARKS.md");
+    println!("\nwrote {}", args.out.display());
+}
