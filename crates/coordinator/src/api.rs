@@ -235,16 +235,17 @@ async fn lease(AxState(shared): AxState<S>, Auth(p): Auth, Body_(req): Body_<Lea
         let notified = shared.work.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let (leases, ticket, others) = {
+        let (leases, ticket, placed_elsewhere) = {
             let mut s = shared.lock();
             let now = now_ms();
             s.live_node(&name, now)?;
-            let t = s.schedule(now);
+            let placed = s.schedule(now) > 0;
             let leases = s.take_leases(&name, req.max_jobs.max(1), now);
-            let others = s.nodes.keys().any(|n| *n != name && s.has_pending(n));
-            (leases, t.max(s.writer.last_ticket()), others)
+            // Wake the other nodes only when this pass placed work that they may collect.
+            let others = placed && s.nodes.keys().any(|n| *n != name && s.has_pending(n));
+            (leases, s.writer.last_ticket(), others)
         };
-        if others {
+        if placed_elsewhere {
             shared.work.notify_waiters();
         }
         if !leases.is_empty() || tokio::time::Instant::now() >= deadline {

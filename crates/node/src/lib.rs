@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use vmgrid_client::{Client, ClientError};
@@ -58,6 +58,8 @@ struct Agent {
     runtime: Runtime,
     cache: cache::BlobCache,
     running: Mutex<HashMap<LeaseId, Running>>,
+    /// Signalled when a job ends and its cpus are free again.
+    slot_freed: Condvar,
     reports: mpsc::Sender<Report>,
     work_dir: PathBuf,
     heartbeat: Duration,
@@ -82,6 +84,7 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
         ad,
         client: Mutex::new(client),
         running: Mutex::new(HashMap::new()),
+        slot_freed: Condvar::new(),
         reports: tx,
         work_dir,
         heartbeat: Duration::from_millis(reg.heartbeat_ms.max(100)),
@@ -153,9 +156,17 @@ impl Agent {
         self.client.lock().unwrap().clone()
     }
 
-    fn free_cpus(&self) -> u32 {
-        let used: u32 = self.running.lock().unwrap().values().map(|r| r.cpus).sum();
-        self.ad.cpus.saturating_sub(used)
+    /// Waits (briefly) until some cpus are free; returns how many.
+    fn wait_for_free_cpus(&self) -> u32 {
+        let mut running = self.running.lock().unwrap();
+        for _ in 0..10 {
+            let used: u32 = running.values().map(|r| r.cpus).sum();
+            if used < self.ad.cpus {
+                return self.ad.cpus - used;
+            }
+            running = self.slot_freed.wait_timeout(running, Duration::from_millis(10)).unwrap().0;
+        }
+        0
     }
 
     /// A refused call from a node that was declared lost or replaced: it registers again.
@@ -172,9 +183,8 @@ impl Agent {
     fn lease_loop(self: &Arc<Self>, stop: &AtomicBool) {
         let mut backoff = Duration::from_millis(50);
         while !stop.load(Ordering::Relaxed) {
-            let free = self.free_cpus();
+            let free = self.wait_for_free_cpus();
             if free == 0 {
-                std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
             let req = LeaseRequest { max_jobs: free, wait_ms: 1000 };
@@ -204,6 +214,7 @@ impl Agent {
             let report = agent.run_job(&lease, cancel);
             let _ = agent.reports.send(report);
             agent.running.lock().unwrap().remove(&id);
+            agent.slot_freed.notify_all();
         });
         if let Err(e) = spawned {
             tracing::error!("cannot start a job thread: {e}");
