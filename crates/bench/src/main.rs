@@ -20,11 +20,19 @@ struct Args {
     slurm: bool,
     out: PathBuf,
     latency_runs: usize,
+    /// Run only these parts (pool, slurm, wasm, qemu, scheduler, rss); all when empty.
+    only: Vec<String>,
+}
+
+impl Args {
+    fn wants(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == part)
+    }
 }
 
 fn parse_args() -> Args {
     let root = std::env::current_dir().expect("a working directory");
-    let mut a = Args { out: root.join("BENCHMARKS.md"), root, sizes: vec![10_000, 100_000], slurm: true, latency_runs: 300 };
+    let mut a = Args { out: root.join("BENCHMARKS.md"), root, sizes: vec![10_000, 100_000], slurm: true, latency_runs: 300, only: Vec::new() };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -35,8 +43,9 @@ fn parse_args() -> Args {
             "--no-slurm" => a.slurm = false,
             "--sizes" => a.sizes = it.next().expect("--sizes N,M").split(',').map(|s| s.parse().expect("a number")).collect(),
             "--out" => a.out = PathBuf::from(it.next().expect("--out FILE")),
+            "--only" => a.only = it.next().expect("--only PART,PART").split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
-                println!("usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--out BENCHMARKS.md]\nRun from the repository root after scripts/bench has built everything.");
+                println!("usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,slurm,wasm,qemu,scheduler,rss] [--out BENCHMARKS.md]\nRun from the repository root after scripts/bench has built everything.");
                 std::process::exit(0);
             }
             other => {
@@ -366,27 +375,30 @@ fn main() {
     println!("vmgrid benchmarks, {date}\nmachine: {machine}\n");
 
     // Throughput and latency, on one warm pool.
-    let pool = Pool::up(&root, 2);
-    let spec = trivial_spec(&pool.client, &root);
-    vmgrid_throughput(&pool, &spec, 200); // warm up: module cache, connections
     let mut ours = BTreeMap::new();
-    for &n in &args.sizes {
-        let rate = vmgrid_throughput(&pool, &spec, n);
-        ours.insert(n, rate);
-        rep.row(&format!("throughput, {n} trivial wasm jobs, vmgrid up (2 nodes)"), format!("{rate:.0} jobs/s"), ">= 10,000 jobs/s");
+    if args.wants("pool") {
+        let pool = Pool::up(&root, 2);
+        let spec = trivial_spec(&pool.client, &root);
+        vmgrid_throughput(&pool, &spec, 200); // warm up: module cache, connections
+        for &n in &args.sizes {
+            let rate = vmgrid_throughput(&pool, &spec, n);
+            ours.insert(n, rate);
+            rep.row(&format!("throughput, {n} trivial wasm jobs, vmgrid up (2 nodes)"), format!("{rate:.0} jobs/s"), ">= 10,000 jobs/s");
+        }
+        let (p50, p99) = latency(&pool, &spec, args.latency_runs);
+        rep.row(&format!("one trivial job, submit to result, warm pool (n={})", args.latency_runs), format!("p50 {p50:.2} ms, p99 {p99:.2} ms"), "p50 <= 2 ms, p99 <= 10 ms");
     }
-    let (p50, p99) = latency(&pool, &spec, args.latency_runs);
-    rep.row(&format!("one trivial job, submit to result, warm pool (n={})", args.latency_runs), format!("p50 {p50:.2} ms, p99 {p99:.2} ms"), "p50 <= 2 ms, p99 <= 10 ms");
-    drop(pool);
 
-    if args.slurm {
+    if args.slurm && args.wants("slurm") {
         // Slurm gets the smallest size only: at its rate the larger sweeps would take hours.
         let n = args.sizes[0];
         match slurm(&root, &[n]) {
             Ok(r) => {
                 let theirs = r[&n];
                 rep.row(&format!("throughput, {n} trivial jobs, Slurm job array (1 node)"), format!("{theirs:.1} jobs/s"), "-");
-                rep.row(&format!("vmgrid / Slurm, {n} jobs, same run"), format!("{:.1}x", ours[&n] / theirs), ">= 500x");
+                if let Some(o) = ours.get(&n) {
+                    rep.row(&format!("vmgrid / Slurm, {n} jobs, same run"), format!("{:.1}x", o / theirs), ">= 500x");
+                }
             }
             Err(e) => {
                 println!("slurm: not measured: {e}");
@@ -395,17 +407,19 @@ fn main() {
         }
     }
 
-    match wasm_vs_native(&root) {
+    match if args.wants("wasm") { wasm_vs_native(&root) } else { Err("skipped (--only)".into()) } {
         Ok((n, w)) => rep.row("wasm compute (sieve, 20M x5): vmgrid run / native", format!("{w:.2} s / {n:.2} s = {:.2}x", w / n), "<= 1.10x"),
         Err(e) => rep.notes.push(format!("wasm compute not measured: {e}")),
     }
-    match qemu_vs_plain(&root) {
+    match if args.wants("qemu") { qemu_vs_plain(&root) } else { Err("skipped (--only)".into()) } {
         Ok((p, v)) => rep.row("QEMU guest-kit job: vmgrid run / plain qemu-system", format!("{v:.2} s / {p:.2} s = {:.2}x", v / p), "<= 1.10x"),
         Err(e) => rep.notes.push(format!("QEMU not measured: {e}")),
     }
-    let (rate, placed) = scheduler_engine();
-    rep.row("scheduler engine, 1M jobs x 10k nodes, CEL req + rank", format!("{rate:.0} placements/s ({placed})"), ">= 100,000/s");
-    match coordinator_rss(&root) {
+    if args.wants("scheduler") {
+        let (rate, placed) = scheduler_engine();
+        rep.row("scheduler engine, 1M jobs x 10k nodes, CEL req + rank", format!("{rate:.0} placements/s ({placed})"), ">= 100,000/s");
+    }
+    match if args.wants("rss") { coordinator_rss(&root) } else { Err("skipped (--only)".into()) } {
         Ok((mb, s)) => rep.row("coordinator RSS with 1M jobs queued", format!("{mb:.0} MiB (submit {s:.1} s)"), "<= 1024 MiB"),
         Err(e) => rep.notes.push(format!("coordinator RSS not measured: {e}")),
     }

@@ -22,14 +22,81 @@ pub struct NodeSlot {
     pub running_jobs: u32,
 }
 
+/// A compiled expression and the node attributes it reads, if that can be told from its text.
+#[derive(Clone)]
+struct Expr {
+    program: Arc<Program>,
+    /// Indices into [`ATTRS`]; `None` when the expression uses `node` other than as `node.NAME`,
+    /// in which case it is evaluated for every node.
+    reads: Option<Vec<usize>>,
+}
+
+/// The node attributes CEL sees, in a fixed order.
+const ATTRS: [&str; 13] = [
+    "name", "arch", "os", "cpus", "memory_mb", "disk_mb", "vm_types", "accelerators", "labels", "appliance",
+    "running_jobs", "free_cpus", "free_memory_mb",
+];
+
+/// Which `node.NAME` attributes an expression reads; `None` if it uses `node` any other way (or
+/// is written in a way this small lexer does not follow, such as triple-quoted strings).
+fn reads_of(src: &str) -> Option<Vec<usize>> {
+    if src.contains("\"\"\"") || src.contains("'''") {
+        return None;
+    }
+    let chars: Vec<char> = src.chars().collect();
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut reads = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '"' || c == '\'' {
+            // Skip the string literal, with its escapes.
+            i += 1;
+            while i < chars.len() && chars[i] != c {
+                i += if chars[i] == '\\' { 2 } else { 1 };
+            }
+            i += 1;
+            continue;
+        }
+        if ident(c) {
+            let start = i;
+            while i < chars.len() && ident(chars[i]) {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let after_dot = start > 0 && chars[start - 1] == '.';
+            if word == "node" && !after_dot {
+                if chars.get(i) != Some(&'.') {
+                    return None;
+                }
+                let name_start = i + 1;
+                let mut j = name_start;
+                while j < chars.len() && ident(chars[j]) {
+                    j += 1;
+                }
+                let name: String = chars[name_start..j].iter().collect();
+                let idx = ATTRS.iter().position(|a| *a == name)?;
+                if !reads.contains(&idx) {
+                    reads.push(idx);
+                }
+                i = j;
+            }
+            continue;
+        }
+        i += 1;
+    }
+    reads.sort_unstable();
+    Some(reads)
+}
+
 /// What a set of identical jobs asks for. Compile it once with [`Cluster::compile`].
 #[derive(Clone)]
 pub struct Cluster {
     pub vm_type: String,
     pub cpus: u32,
     pub memory_mb: u64,
-    requirements: Option<Arc<Program>>,
-    rank: Option<Arc<Program>>,
+    requirements: Option<Expr>,
+    rank: Option<Expr>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -59,11 +126,11 @@ impl Cluster {
         requirements: Option<&str>,
         rank: Option<&str>,
     ) -> Result<Cluster, ExprError> {
-        let compile = |which: &'static str, src: Option<&str>| -> Result<Option<Arc<Program>>, ExprError> {
+        let compile = |which: &'static str, src: Option<&str>| -> Result<Option<Expr>, ExprError> {
             match src.map(str::trim).filter(|s| !s.is_empty()) {
                 None => Ok(None),
                 Some(s) => Program::compile(s)
-                    .map(|p| Some(Arc::new(p)))
+                    .map(|p| Some(Expr { program: Arc::new(p), reads: reads_of(s) }))
                     .map_err(|e| ExprError { which, message: e.to_string().trim().to_string() }),
             }
         };
@@ -127,6 +194,7 @@ pub fn place<'c, C: Clusters<'c>, J: std::borrow::Borrow<IdleJob>>(
 ) -> Decision {
     let mut decision = Decision::default();
     let node_values: Vec<Value> = nodes.iter().map(node_value).collect();
+    let node_hashes: Vec<[u64; ATTRS.len()]> = nodes.iter().map(attr_hashes).collect();
     let mut free_cpus: u64 = nodes.iter().map(|n| n.free_cpus as u64).sum();
     // Per cluster: matching nodes, best first, and a cursor past the ones that are full for it.
     let mut candidates: HashMap<u64, (Vec<usize>, usize)> = HashMap::new();
@@ -141,7 +209,7 @@ pub fn place<'c, C: Clusters<'c>, J: std::borrow::Borrow<IdleJob>>(
         };
         let (list, cursor) = candidates.entry(job.cluster).or_insert_with(|| {
             decision.evaluated.push(job.cluster);
-            let (list, why) = match_nodes(nodes, &node_values, cluster);
+            let (list, why) = match_nodes(nodes, &node_values, &node_hashes, cluster);
             if let Some(why) = why {
                 decision.waiting.insert(job.cluster, why);
             }
@@ -179,7 +247,46 @@ pub fn place<'c, C: Clusters<'c>, J: std::borrow::Borrow<IdleJob>>(
 }
 
 /// The nodes a cluster may run on, best rank first; if none, why not.
-fn match_nodes(nodes: &[NodeSlot], values: &[Value], cluster: &Cluster) -> (Vec<usize>, Option<String>) {
+/// A hash of each attribute's value, so that nodes alike in what an expression reads share one
+/// evaluation of it.
+fn attr_hashes(n: &NodeSlot) -> [u64; ATTRS.len()] {
+    use std::hash::{Hash, Hasher};
+    let ad = &n.ad;
+    let h = |f: &dyn Fn(&mut std::collections::hash_map::DefaultHasher)| {
+        let mut s = std::collections::hash_map::DefaultHasher::new();
+        f(&mut s);
+        s.finish()
+    };
+    [
+        h(&|s| ad.name.hash(s)),
+        h(&|s| ad.arch.hash(s)),
+        h(&|s| ad.os.hash(s)),
+        h(&|s| ad.cpus.hash(s)),
+        h(&|s| ad.memory_mb.hash(s)),
+        h(&|s| ad.disk_mb.hash(s)),
+        h(&|s| ad.vm_types.hash(s)),
+        h(&|s| ad.accelerators.hash(s)),
+        h(&|s| ad.labels.hash(s)),
+        h(&|s| ad.appliance.hash(s)),
+        h(&|s| n.running_jobs.hash(s)),
+        h(&|s| n.free_cpus.hash(s)),
+        h(&|s| n.free_memory_mb.hash(s)),
+    ]
+}
+
+/// Evaluates `e` for node `i`, once per distinct value of what it reads.
+fn eval(e: &Expr, i: usize, values: &[Value], hashes: &[[u64; ATTRS.len()]], memo: &mut HashMap<u64, Result<Value, String>>) -> Result<Value, String> {
+    let run = || {
+        let mut ctx = Context::default();
+        ctx.add_variable_from_value("node", values[i].clone());
+        e.program.execute(&ctx).map_err(|err| err.to_string())
+    };
+    let Some(reads) = &e.reads else { return run() };
+    let key = reads.iter().fold(0xcbf2_9ce4_8422_2325u64, |k, &a| (k ^ hashes[i][a]).wrapping_mul(0x100_0000_01b3).rotate_left(17));
+    memo.entry(key).or_insert_with(run).clone()
+}
+
+fn match_nodes(nodes: &[NodeSlot], values: &[Value], hashes: &[[u64; ATTRS.len()]], cluster: &Cluster) -> (Vec<usize>, Option<String>) {
     if nodes.is_empty() {
         return (Vec::new(), Some("no ready nodes in the pool".into()));
     }
@@ -188,6 +295,7 @@ fn match_nodes(nodes: &[NodeSlot], values: &[Value], cluster: &Cluster) -> (Vec<
     let mut too_small = 0;
     let mut rejected = 0;
     let mut eval_error: Option<String> = None;
+    let (mut req_memo, mut rank_memo) = (HashMap::new(), HashMap::new());
     for (i, n) in nodes.iter().enumerate() {
         if !n.ad.vm_types.iter().any(|t| *t == cluster.vm_type) {
             no_vm += 1;
@@ -197,10 +305,8 @@ fn match_nodes(nodes: &[NodeSlot], values: &[Value], cluster: &Cluster) -> (Vec<
             too_small += 1;
             continue;
         }
-        let mut ctx = Context::default();
-        ctx.add_variable_from_value("node", values[i].clone());
         if let Some(req) = &cluster.requirements {
-            match req.execute(&ctx) {
+            match eval(req, i, values, hashes, &mut req_memo) {
                 Ok(Value::Bool(true)) => {}
                 Ok(Value::Bool(false)) => {
                     rejected += 1;
@@ -218,7 +324,7 @@ fn match_nodes(nodes: &[NodeSlot], values: &[Value], cluster: &Cluster) -> (Vec<
         }
         let rank = match &cluster.rank {
             None => 0.0,
-            Some(r) => match r.execute(&ctx) {
+            Some(r) => match eval(r, i, values, hashes, &mut rank_memo) {
                 Ok(Value::Int(x)) => x as f64,
                 Ok(Value::UInt(x)) => x as f64,
                 Ok(Value::Float(x)) => x,

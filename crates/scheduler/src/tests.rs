@@ -109,3 +109,31 @@ fn many_cases_per_second() {
     assert_eq!(d.placements.len(), 6400);
     assert!(nodes.iter().all(|n| n.free_cpus == 0));
 }
+
+#[test]
+fn expressions_know_which_attributes_they_read() {
+    assert_eq!(reads_of("node.cpus >= 2 && \"wasm\" in node.vm_types"), Some(vec![3, 6]));
+    assert_eq!(reads_of("node.labels.site == 'node.os'"), Some(vec![8]));
+    assert_eq!(reads_of("true"), Some(vec![]));
+    // Anything but node.NAME: evaluate per node.
+    assert_eq!(reads_of("node['cpus'] > 1"), None);
+    assert_eq!(reads_of("size(node) > 1"), None);
+    assert_eq!(reads_of("node.nosuch > 1"), None);
+    assert_eq!(reads_of("mynode.x || node_count > 1"), Some(vec![]));
+    assert_eq!(reads_of("node.labels.x == \"it's\" && node.cpus > 1"), Some(vec![3, 8]));
+    assert_eq!(reads_of("node.os == 'a\\'b' || node.arch == \"x\""), Some(vec![1, 2]));
+    assert_eq!(reads_of("node.os == \"\"\"x\"\"\""), None);
+}
+
+#[test]
+fn alike_nodes_share_evaluations_but_rank_still_tells_them_apart() {
+    let mut nodes: Vec<NodeSlot> = (0..50).map(|i| node(&format!("a{i}"), 4, 1024, &["wasm"])).collect();
+    nodes[37].free_cpus = 4;
+    nodes[37].ad.cpus = 8;
+    let c = clusters(&[(1, Cluster::compile("wasm", 1, 64, Some("node.memory_mb >= 1024"), Some("node.cpus")).unwrap())]);
+    let d = place(&mut nodes, &c, &jobs(1, 0..1));
+    assert_eq!(d.placements, vec![Placement { job: 0, node: 37 }]);
+    let c = clusters(&[(2, Cluster::compile("wasm", 1, 64, Some("node.name == 'a12'"), None).unwrap())]);
+    let d = place(&mut nodes, &c, &[IdleJob { id: 5, cluster: 2 }]);
+    assert_eq!(d.placements, vec![Placement { job: 5, node: 12 }]);
+}
