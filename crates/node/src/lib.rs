@@ -79,7 +79,12 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     let (tx, rx) = mpsc::channel();
     let agent = Arc::new(Agent {
         cache: cache::BlobCache::new(config.cache_dir.join("blobs"), config.cache_max_mb << 20)?,
-        runtime: Runtime::new(RuntimeConfig { cache_dir: config.cache_dir.join("runtime"), ..RuntimeConfig::default() }),
+        runtime: Runtime::new(RuntimeConfig {
+            cache_dir: config.cache_dir.join("runtime"),
+            // At most one instance per cpu runs at a time; the pool has room to spare.
+            pooled_instances: (ad.cpus * 2).clamp(16, 1000),
+            ..RuntimeConfig::default()
+        }),
         config,
         ad,
         client: Mutex::new(client),

@@ -29,6 +29,9 @@ pub struct RuntimeConfig {
     pub output_cap: usize,
     /// Echo the guest's stdout and stderr to ours as they arrive (up to the cap).
     pub echo: bool,
+    /// With N > 0, wasm instances come from a pool of N preallocated slots (wasmtime's pooling
+    /// allocator), which a node running many short jobs reuses; 0 allocates each on demand.
+    pub pooled_instances: u32,
 }
 
 impl RuntimeConfig {
@@ -51,7 +54,7 @@ impl RuntimeConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { cache_dir: Self::default_cache_dir(), output_cap: Self::DEFAULT_OUTPUT_CAP, echo: false }
+        RuntimeConfig { cache_dir: Self::default_cache_dir(), output_cap: Self::DEFAULT_OUTPUT_CAP, echo: false, pooled_instances: 0 }
     }
 }
 

@@ -68,6 +68,12 @@ impl WasmRuntime {
         let mut cfg = Config::new();
         cfg.epoch_interruption(true);
         cfg.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        if config.pooled_instances > 0 {
+            let n = config.pooled_instances;
+            let mut pool = wasmtime::PoolingAllocationConfig::default();
+            pool.total_core_instances(n).total_memories(n).total_tables(n).total_stacks(n);
+            cfg.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        }
         let engine = Engine::new(&cfg)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut GuestState| &mut s.wasi)?;
