@@ -322,3 +322,26 @@ fn vmgrid_up_runs_an_embedded_pool_that_the_cli_finds() {
     unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
     assert!(up.wait().unwrap().success());
 }
+
+#[test]
+fn a_qemu_job_runs_through_the_pool_with_its_files() {
+    let mut pool = Pool::start();
+    pool.start_node("n1", 1);
+    let (kernel, initrd) = guest_kit();
+    let d = JobDir::new();
+    d.write("job.sh", "cat in.txt\nmkdir -p out\necho from-the-vm > out/r.txt\n");
+    d.write("in.txt", "input via blob");
+    let job = d.job(&format!(
+        "name = \"pool-qemu\"\n[vm]\ntype = \"qemu\"\nkernel = {}\ninitrd = {}\nappend = \"console=ttyS0 quiet\"\nargs = [\"sh\", \"job.sh\"]\n[resources]\ntimeout_s = 120\n[files]\ninputs = [\"job.sh\", \"in.txt\"]\noutputs = [\"out/*\"]\n[policy]\nrequirements = '\"qemu\" in node.vm_types'\n",
+        toml_path(&kernel),
+        toml_path(&initrd)
+    ));
+    let out = pool.cli().arg("submit").arg(&job).arg("--wait").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    let id = ids_of(&out)[0];
+    let out = pool.cli().args(["logs", &id.to_string()]).output().unwrap();
+    assert!(stdout_of(&out).contains("input via blob"), "{}", stdout_of(&out));
+    let fetched = d.path().join("fetched");
+    pool.cli().args(["fetch", &id.to_string(), "--out"]).arg(&fetched).assert().success();
+    assert_eq!(std::fs::read_to_string(fetched.join("out/r.txt")).unwrap(), "from-the-vm\n");
+}
