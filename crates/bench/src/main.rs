@@ -94,16 +94,7 @@ impl Pool {
             .stderr(Stdio::null())
             .spawn()
             .expect("start vmgrid up");
-        let config = dir.join("client.toml");
-        let client = loop {
-            if let Ok(text) = std::fs::read_to_string(&config) {
-                let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{k} = \""))).map(|v| v.trim_end_matches('"').to_string());
-                if let (Some(p), Some(t)) = (get("pool"), get("token")) {
-                    break Client::new(&p, &t);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let client = client_of(&dir);
         while client.nodes().map(|n| n.len() as u32).unwrap_or(0) < nodes {
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -116,6 +107,20 @@ impl Pool {
             .find_map(|l| l.strip_prefix("vmgrid_jobs{state=\"completed\"} "))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
+    }
+}
+
+/// A client for the pool whose data dir is `dir`, once its client.toml appears.
+fn client_of(dir: &Path) -> Client {
+    let config = dir.join("client.toml");
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&config) {
+            let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{k} = \""))).map(|v| v.trim_end_matches('"').to_string());
+            if let (Some(p), Some(t)) = (get("pool"), get("token")) {
+                return Client::new(&p, &t);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -329,16 +334,7 @@ fn coordinator_rss(root: &Path) -> Result<(f64, f64), String> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| e.to_string())?;
-    let config = dir.join("client.toml");
-    let client = loop {
-        if let Ok(text) = std::fs::read_to_string(&config) {
-            let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{k} = \""))).map(|v| v.trim_end_matches('"').to_string());
-            if let (Some(p), Some(t)) = (get("pool"), get("token")) {
-                break Client::new(&p, &t);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let client = client_of(&dir);
     let spec = trivial_spec(&client, root);
     let start = Instant::now();
     let r = client.submit(&SubmitRequest { spec, count: 1_000_000 });
