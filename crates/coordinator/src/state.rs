@@ -521,7 +521,7 @@ impl State {
             let pending: Vec<u64> = node.pending.drain(..).collect();
             ticket = self.writer.push(Op::Node { name: name.into(), ad_json, cred_hash, state: "draining".into() });
             for id in pending {
-                ticket = self.requeue_free(id, now, format!("node {name} is draining"));
+                ticket = self.requeue(id, now, format!("node {name} is draining"));
             }
         }
         let mut revoked = Vec::new();

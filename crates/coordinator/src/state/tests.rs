@@ -175,3 +175,23 @@ fn acknowledged_state_survives_a_restart() {
     assert_eq!(s.nodes["n1"].jobs.len(), 1);
     assert_eq!(s.next_job, 3);
 }
+
+#[test]
+fn a_draining_node_hands_back_unclaimed_placements_without_touching_other_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = fresh(dir.path());
+    s.register(ad("n1", 2), 0);
+    s.submit("alice", spec(0), 2, 0).unwrap();
+    s.schedule(0);
+    assert_eq!(s.nodes["n1"].pending.len(), 2);
+    s.heartbeat("n1", &[], true, 1).unwrap();
+    assert_eq!(s.nodes["n1"].state, NodeState::Draining);
+    assert_eq!((s.nodes["n1"].jobs.len(), s.nodes["n1"].used_cpus), (0, 0));
+    assert_eq!(s.jobs[&1].state, JobState::Idle);
+    s.register(ad("n2", 2), 2);
+    let l = lease_all(&mut s, "n2", 3);
+    assert_eq!(l.len(), 2);
+    s.deregister("n1", 4);
+    assert_eq!((s.nodes["n2"].jobs.len(), s.nodes["n2"].used_cpus), (2, 2), "n2's accounting is intact");
+    assert!(s.jobs.values().all(|j| j.state == JobState::Running && j.node.as_deref() == Some("n2")));
+}
