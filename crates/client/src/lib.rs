@@ -48,6 +48,8 @@ impl Client {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(5)))
+            // Long polls wait at most a minute; a pool that accepts and never answers is dead.
+            .timeout_recv_response(Some(Duration::from_secs(90)))
             .build()
             .into();
         Client { base: pool.trim_end_matches('/').to_string(), auth: format!("Bearer {}", token.trim()), agent }
@@ -120,8 +122,8 @@ impl Client {
         self.get("/v1/nodes")
     }
 
-    pub fn register(&self, ad: &NodeAd) -> Result<RegisterResponse> {
-        self.post("/v1/nodes/register", &RegisterRequest { ad: ad.clone() })
+    pub fn register(&self, ad: &NodeAd, previous_credential: Option<String>) -> Result<RegisterResponse> {
+        self.post("/v1/nodes/register", &RegisterRequest { ad: ad.clone(), previous_credential })
     }
 
     pub fn lease(&self, req: &LeaseRequest) -> Result<LeaseResponse> {

@@ -159,8 +159,13 @@ fn result_of(s: &State, p: &Principal, id: u64) -> Result<JobResult> {
 
 async fn job_result(AxState(shared): AxState<S>, Auth(p): Auth, Path(id): Path<u64>) -> Result<Json<JobResult>> {
     user(&p, "read jobs")?;
-    let s = shared.lock();
-    Ok(Json(result_of(&s, &p, id)?))
+    let (r, ticket) = {
+        let s = shared.lock();
+        (result_of(&s, &p, id)?, s.writer.last_ticket())
+    };
+    // Show only what is on disk: wait for any change not yet committed.
+    durable(&shared, ticket).await;
+    Ok(Json(r))
 }
 
 #[derive(Deserialize)]
@@ -182,12 +187,15 @@ async fn wait_job(
         let notified = shared.changed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        {
+        let answer = {
             let s = shared.lock();
             let r = result_of(&s, &p, id)?;
-            if r.job.state.is_final() || r.job.state == JobState::Held || tokio::time::Instant::now() >= deadline {
-                return Ok(Json(r.job));
-            }
+            let done = r.job.state.is_final() || r.job.state == JobState::Held || tokio::time::Instant::now() >= deadline;
+            done.then(|| (r.job, s.writer.last_ticket()))
+        };
+        if let Some((job, ticket)) = answer {
+            durable(&shared, ticket).await;
+            return Ok(Json(job));
         }
         let _ = tokio::time::timeout_at(deadline, notified).await;
     }
@@ -211,7 +219,7 @@ async fn register(AxState(shared): AxState<S>, Auth(p): Auth, Body_(req): Body_<
     if !matches!(p, Principal::Pool | Principal::Admin(_)) {
         return Err(forbidden(&p, "register nodes; use the pool token"));
     }
-    let ad = req.ad;
+    let ad = req.ad.clone();
     if ad.name.is_empty() || ad.name.len() > 128 || !ad.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
         return Err(Error(StatusCode::BAD_REQUEST, "a node name is 1 to 128 letters, digits, `-`, `_` or `.`".into()));
     }
@@ -220,11 +228,12 @@ async fn register(AxState(shared): AxState<S>, Auth(p): Auth, Body_(req): Body_<
     }
     let (credential, ticket, timing) = {
         let mut s = shared.lock();
-        let (c, t) = s.register(ad, now_ms());
+        let (c, t) = s.register(ad, req.previous_credential.as_deref(), matches!(p, Principal::Admin(_)), now_ms())?;
         (c, t, s.timing)
     };
     durable(&shared, ticket).await;
     shared.work.notify_waiters();
+    shared.changed.notify_waiters();
     Ok(Json(RegisterResponse { credential, lease_ttl_ms: timing.lease_ttl_ms, heartbeat_ms: timing.heartbeat_ms }))
 }
 
@@ -240,7 +249,7 @@ async fn lease(AxState(shared): AxState<S>, Auth(p): Auth, Body_(req): Body_<Lea
             let now = now_ms();
             s.live_node(&name, now)?;
             let placed = s.schedule(now) > 0;
-            let leases = s.take_leases(&name, req.max_jobs.max(1), now);
+            let leases = s.take_leases(&name, req.max_jobs.max(1), req.max_cpus.max(1), now);
             // Wake the other nodes only when this pass placed work that they may collect.
             let others = placed && s.nodes.keys().any(|n| *n != name && s.has_pending(n));
             (leases, s.writer.last_ticket(), others)
@@ -262,20 +271,31 @@ async fn heartbeat(AxState(shared): AxState<S>, Auth(p): Auth, Body_(req): Body_
     durable(&shared, ticket).await;
     if ticket > 0 {
         shared.work.notify_waiters();
+        shared.changed.notify_waiters();
     }
     Ok(Json(HeartbeatResponse { revoked }))
 }
 
 async fn report(AxState(shared): AxState<S>, Auth(p): Auth, Body_(req): Body_<ReportRequest>) -> Result<Json<ReportResponse>> {
     let name = node(&p)?;
-    for r in &req.reports {
-        for f in r.stdout.iter().chain(&r.stderr).chain(&r.outputs) {
-            if !is_confined_path(&f.path) || !shared.blobs.has(&f.blob) {
-                return Err(Error(StatusCode::BAD_REQUEST, format!("result file `{}` is not confined or its blob is not uploaded", f.path)));
-            }
+    // A report with a bad file is refused alone; the rest of the batch stands.
+    let mut bad = Vec::new();
+    let mut good = Vec::new();
+    for r in req.reports {
+        let wrong = r.stdout.iter().chain(&r.stderr).chain(&r.outputs).find(|f| !is_confined_path(&f.path) || !shared.blobs.has(&f.blob));
+        match wrong {
+            Some(f) => bad.push((r.lease, format!("result file `{}` is not confined or its blob is not uploaded", f.path))),
+            None => good.push(r),
         }
     }
-    let (resp, ticket) = shared.lock().report(name, req.reports, now_ms())?;
+    let (mut resp, ticket) = {
+        let mut s = shared.lock();
+        s.metrics.results_refused += bad.len() as u64;
+        let (resp, _) = s.report(name, good, now_ms())?;
+        (resp, s.writer.last_ticket())
+    };
+    resp.refused.extend(bad);
+    // Even a fully refused batch waits: an earlier copy of it may still be committing.
     durable(&shared, ticket).await;
     shared.work.notify_waiters();
     shared.changed.notify_waiters();
@@ -287,6 +307,7 @@ async fn deregister(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<Status
     let ticket = shared.lock().deregister(name, now_ms());
     durable(&shared, ticket).await;
     shared.work.notify_waiters();
+    shared.changed.notify_waiters();
     Ok(StatusCode::NO_CONTENT)
 }
 

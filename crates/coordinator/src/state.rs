@@ -254,9 +254,10 @@ impl State {
             .jobs
             .values()
             .filter(|j| j.state == JobState::Running)
-            .filter_map(|j| {
-                let spec = s.specs.get(&j.spec_id)?;
-                Some((j.id, j.node.as_deref()?.to_string(), j.epoch, spec.spec.cpus, spec.spec.memory_mb))
+            .map(|j| {
+                let spec = s.specs.get(&j.spec_id);
+                let node = j.node.as_deref().unwrap_or("").to_string();
+                (j.id, node, j.epoch, spec.map_or(0, |s| s.spec.cpus), spec.map_or(0, |s| s.spec.memory_mb))
             })
             .collect();
         for (id, node, _epoch, cpus, mem) in running {
@@ -267,7 +268,13 @@ impl State {
                     n.used_memory_mb += mem;
                 }
                 None => {
-                    s.requeue(id, now, format!("its node {node} is no longer registered"));
+                    // No node to give it back to: it runs again.
+                    let j = s.jobs.get_mut(&id).expect("listed above");
+                    j.state = JobState::Idle;
+                    j.node = None;
+                    j.reason = Some(format!("requeued at restart: its node {node:?} is no longer registered"));
+                    s.idle.insert(id);
+                    s.persist(id, false);
                 }
             }
         }
@@ -301,6 +308,7 @@ impl State {
             reason: j.reason.clone(),
             finished_ms: j.finished_ms,
             result: if with_result { j.result.as_ref().and_then(|r| serde_json::to_string(r).ok()) } else { None },
+            set_result: with_result,
         };
         self.writer.push(Op::Job(row))
     }
@@ -386,7 +394,7 @@ impl State {
                     ad: n.ad.clone(),
                     free_cpus: n.ad.cpus.saturating_sub(n.used_cpus),
                     free_memory_mb: n.ad.memory_mb.saturating_sub(n.used_memory_mb),
-                    running_jobs: n.jobs.len() as u32 + n.pending.len() as u32,
+                    running_jobs: n.jobs.len() as u32,
                 }
             })
             .collect();
@@ -426,8 +434,19 @@ impl State {
         ticket
     }
 
-    pub fn register(&mut self, ad: NodeAd, now: u64) -> (String, u64) {
+    /// Registers a node. A name already held by a registration that is not lost is refused,
+    /// unless the caller proves it is that node (its previous credential) or is an admin.
+    pub fn register(&mut self, ad: NodeAd, previous: Option<&str>, admin: bool, now: u64) -> Result<(String, u64), ApiError> {
         let name = ad.name.clone();
+        if let Some(old) = self.nodes.get(&name) {
+            let same_node = previous.is_some_and(|c| hash_token(c) == old.cred_hash);
+            if old.state != NodeState::Lost && !same_node && !admin {
+                return Err(ApiError::Conflict(format!(
+                    "a node named {name} is already in the pool (heard from {} ms ago); use another --name, or wait until it is declared lost",
+                    now.saturating_sub(old.last_seen_ms)
+                )));
+            }
+        }
         if let Some(old) = self.nodes.get(&name) {
             // A node that registers again is a new incarnation: whatever the old one ran is
             // fenced off and runs again.
@@ -463,7 +482,7 @@ impl State {
             },
         );
         self.dirty = true;
-        (credential, ticket)
+        Ok((credential, ticket))
     }
 
     /// The node named by a credential, if it is still part of the pool.
@@ -480,15 +499,22 @@ impl State {
         }
     }
 
-    /// Hands a node up to `max` of the jobs placed on it.
-    pub fn take_leases(&mut self, name: &str, max: u32, now: u64) -> Vec<Lease> {
+    /// Hands a node up to `max` of the jobs placed on it, needing at most `max_cpus` in all.
+    pub fn take_leases(&mut self, name: &str, max: u32, max_cpus: u32, now: u64) -> Vec<Lease> {
         let mut out = Vec::new();
+        let mut cpus = 0u32;
         while out.len() < max as usize {
-            let Some(id) = self.nodes.get_mut(name).and_then(|n| n.pending.pop_front()) else { break };
+            let Some(&id) = self.nodes.get(name).and_then(|n| n.pending.front()) else { break };
+            let need = self.jobs.get(&id).and_then(|j| self.specs.get(&j.spec_id)).map_or(0, |s| s.spec.cpus);
+            if !out.is_empty() && cpus.saturating_add(need) > max_cpus {
+                break;
+            }
+            self.nodes.get_mut(name).expect("checked above").pending.pop_front();
             let Some(j) = self.jobs.get_mut(&id) else { continue };
             if j.state != JobState::Running || j.node.as_deref() != Some(name) {
                 continue;
             }
+            cpus = cpus.saturating_add(need);
             j.lease_deadline_ms = now + self.timing.lease_ttl_ms;
             let latency = now.saturating_sub(j.submitted_ms);
             let m = &mut self.metrics;
@@ -518,7 +544,7 @@ impl State {
         if draining && node.state == NodeState::Ready {
             node.state = NodeState::Draining;
             let (ad_json, cred_hash) = (serde_json::to_string(&node.ad).expect("an ad serializes"), node.cred_hash.clone());
-            let pending: Vec<u64> = node.pending.drain(..).collect();
+            let pending: Vec<u64> = node.pending.iter().copied().collect();
             ticket = self.writer.push(Op::Node { name: name.into(), ad_json, cred_hash, state: "draining".into() });
             for id in pending {
                 ticket = self.requeue(id, now, format!("node {name} is draining"));
@@ -539,16 +565,19 @@ impl State {
     /// Back to idle after a node failed the job, without consuming the job's retries; held after
     /// [`MAX_NODE_LOSSES`].
     pub fn requeue(&mut self, id: u64, now: u64, why: String) -> u64 {
+        // A job placed but never handed to its node has not been lost by anyone.
+        let delivered = match self.jobs.get(&id).and_then(|j| j.node.clone()) {
+            Some(node) => !self.nodes.get(&*node).is_some_and(|n| n.pending.contains(&id)),
+            None => false,
+        };
         self.release_resources(id);
-        self.requeue_free(id, now, why)
-    }
-
-    fn requeue_free(&mut self, id: u64, now: u64, why: String) -> u64 {
         let Some(j) = self.jobs.get_mut(&id) else { return 0 };
         if j.state != JobState::Running {
             return 0;
         }
-        j.losses += 1;
+        if delivered {
+            j.losses += 1;
+        }
         j.node = None;
         if j.losses > MAX_NODE_LOSSES {
             j.state = JobState::Held;
@@ -759,6 +788,7 @@ impl State {
                 JobAction::Release => {
                     j.state = JobState::Idle;
                     j.reason = None;
+                    j.result = None;
                     j.losses = 0;
                     j.retries = 0;
                     j.finished_ms = None;
@@ -766,7 +796,7 @@ impl State {
                     self.dirty = true;
                 }
             }
-            ticket = self.persist(id, false);
+            ticket = self.persist(id, action == JobAction::Release);
             resp.changed.push(self.view(&self.jobs[&id]));
         }
         (resp, ticket)

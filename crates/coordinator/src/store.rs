@@ -35,6 +35,8 @@ pub struct JobRow {
     pub reason: Option<String>,
     pub finished_ms: Option<u64>,
     pub result: Option<String>,
+    /// Write `result` as it is (clearing it when None); otherwise leave the column alone.
+    pub set_result: bool,
 }
 
 /// Everything loaded at start.
@@ -95,6 +97,7 @@ pub fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
                     reason: r.get(11)?,
                     finished_ms: r.get::<_, Option<i64>>(13)?.map(|x| x as u64),
                     result: r.get(14)?,
+                    set_result: false,
                 },
             ))
         })?
@@ -125,7 +128,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         }
         Op::Job(j) => {
             let mut st = tx.prepare_cached(
-                "UPDATE jobs SET state = ?2, node = ?3, epoch = ?4, attempts = ?5, retries = ?6, losses = ?7, exit_code = ?8, reason = ?9, finished_ms = ?10, result = COALESCE(?11, result) WHERE id = ?1",
+                "UPDATE jobs SET state = ?2, node = ?3, epoch = ?4, attempts = ?5, retries = ?6, losses = ?7, exit_code = ?8, reason = ?9, finished_ms = ?10, result = CASE WHEN ?12 THEN ?11 ELSE result END WHERE id = ?1",
             )?;
             st.execute(params![
                 j.id as i64,
@@ -138,7 +141,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
                 j.exit_code,
                 j.reason,
                 j.finished_ms.map(|x| x as i64),
-                j.result
+                j.result,
+                j.set_result
             ])?;
         }
         Op::Node { name, ad_json, cred_hash, state } => {

@@ -135,13 +135,20 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
 /// Registers, retrying while the pool is unreachable (it may be starting or restarting).
 fn register(config: &NodeConfig, ad: &NodeAd, stop: &AtomicBool) -> Result<(Client, Option<RegisterResponse>), NodeError> {
     let joiner = Client::new(&config.pool, &config.token);
+    let saved = config.cache_dir.join("credential");
     let mut wait = Duration::from_millis(50);
     loop {
-        match joiner.register(ad) {
+        let previous = std::fs::read_to_string(&saved).ok().map(|c| c.trim().to_string());
+        match joiner.register(ad, previous) {
             Ok(reg) => {
                 let client = Client::new(&config.pool, &reg.credential);
                 let _ = std::fs::write(config.cache_dir.join("credential"), &reg.credential);
                 return Ok((client, Some(reg)));
+            }
+            Err(ClientError::Refused { status: 409, message }) if !stop.load(Ordering::Relaxed) => {
+                // Our name is still held by a registration the pool has not declared lost.
+                tracing::warn!("{message}; retrying");
+                std::thread::sleep(Duration::from_secs(1));
             }
             Err(e @ ClientError::Refused { .. }) => return Err(NodeError::Register(e)),
             Err(e) => {
@@ -180,8 +187,13 @@ impl Agent {
         for r in self.running.lock().unwrap().values() {
             r.cancel.store(true, Ordering::Relaxed);
         }
-        if let Ok((c, Some(_))) = register(&self.config, &self.ad, stop) {
-            *self.client.lock().unwrap() = c;
+        match register(&self.config, &self.ad, stop) {
+            Ok((c, Some(_))) => *self.client.lock().unwrap() = c,
+            Ok((_, None)) => {}
+            Err(e) => {
+                tracing::error!("{e}; trying again in 2 s");
+                std::thread::sleep(Duration::from_secs(2));
+            }
         }
     }
 
@@ -192,7 +204,7 @@ impl Agent {
             if free == 0 {
                 continue;
             }
-            let req = LeaseRequest { max_jobs: free, wait_ms: 1000 };
+            let req = LeaseRequest { max_jobs: free, max_cpus: free, wait_ms: 1000 };
             match self.client().lease(&req) {
                 Ok(resp) => {
                     backoff = Duration::from_millis(50);
@@ -277,6 +289,9 @@ impl Agent {
             tracing::info!(job = lease.job_id, epoch = lease.epoch, "stopped: the lease was revoked");
         }
         match result {
+            // A run this node stopped (drain timeout, revoked lease) says nothing about the job:
+            // it goes back to the pool, which refuses it anyway if the lease is gone.
+            Ok(r) if cancel.load(Ordering::Relaxed) => Report { run: RunReport::HostFailed { reason: "stopped by its node".into() }, ..r },
             Ok(r) => r,
             Err(RunError::BadJob(reason)) => report(RunReport::BadJob { reason }),
             Err(RunError::Host(reason)) => report(RunReport::HostFailed { reason }),
@@ -310,6 +325,10 @@ impl Agent {
                     }
                     Err(ClientError::Refused { status, message }) => {
                         tracing::warn!("the pool refused {} result(s) (HTTP {status}): {message}", req.reports.len());
+                        break;
+                    }
+                    Err(e) if self.closing.load(Ordering::Relaxed) && wait >= Duration::from_secs(2) => {
+                        tracing::error!("report: {e}; leaving with {} result(s) unsent", req.reports.len());
                         break;
                     }
                     Err(e) => {

@@ -79,6 +79,10 @@ fn one() -> u64 {
     1
 }
 
+fn unbounded() -> u32 {
+    u32::MAX
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SubmitResponse {
     pub ids: Vec<u64>,
@@ -224,6 +228,10 @@ pub struct NodeView {
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     pub ad: NodeAd,
+    /// The credential of this node's previous registration, if it had one: it proves that a
+    /// restarting node is the same node, so it may replace a registration not yet declared lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_credential: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -239,6 +247,9 @@ pub struct RegisterResponse {
 pub struct LeaseRequest {
     /// At most this many jobs in the reply.
     pub max_jobs: u32,
+    /// And at most this many cpus among them (the node's free cpus).
+    #[serde(default = "unbounded")]
+    pub max_cpus: u32,
     /// Wait up to this long for work before replying with none.
     pub wait_ms: u64,
 }

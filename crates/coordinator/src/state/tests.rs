@@ -64,14 +64,14 @@ fn exited(l: &Lease, code: i32) -> Report {
 
 fn lease_all(s: &mut State, node: &str, now: u64) -> Vec<Lease> {
     s.schedule(now);
-    s.take_leases(node, 100, now)
+    s.take_leases(node, 100, 100, now)
 }
 
 #[test]
 fn submit_place_lease_report_complete() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = fresh(dir.path());
-    s.register(ad("n1", 2), 0);
+    s.register(ad("n1", 2), None, false, 0).unwrap();
     let (ids, _) = s.submit("alice", spec(0), 3, 0).unwrap();
     assert_eq!(ids, vec![1, 2, 3]);
     let leases = lease_all(&mut s, "n1", 1);
@@ -90,8 +90,8 @@ fn submit_place_lease_report_complete() {
 fn a_result_under_a_stale_epoch_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = fresh(dir.path());
-    s.register(ad("n1", 1), 0);
-    s.register(ad("n2", 1), 0);
+    s.register(ad("n1", 1), None, false, 0).unwrap();
+    s.register(ad("n2", 1), None, false, 0).unwrap();
     s.submit("alice", spec(0), 1, 0).unwrap();
     let first = lease_all(&mut s, "n1", 0);
     let first = if first.is_empty() { lease_all(&mut s, "n2", 0) } else { first };
@@ -120,7 +120,7 @@ fn a_result_under_a_stale_epoch_is_refused_and_changes_nothing() {
 fn retries_then_completion_or_hold() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = fresh(dir.path());
-    s.register(ad("n1", 1), 0);
+    s.register(ad("n1", 1), None, false, 0).unwrap();
     s.submit("alice", spec(1), 1, 0).unwrap();
     let l = lease_all(&mut s, "n1", 0);
     s.report("n1", vec![exited(&l[0], 2)], 1).unwrap();
@@ -158,7 +158,7 @@ fn acknowledged_state_survives_a_restart() {
     let ticket;
     {
         let mut s = fresh(dir.path());
-        s.register(ad("n1", 1), 0);
+        s.register(ad("n1", 1), None, false, 0).unwrap();
         s.submit("alice", spec(0), 2, 0).unwrap();
         let l = lease_all(&mut s, "n1", 0);
         let (_, t) = s.report("n1", vec![exited(&l[0], 5)], 1).unwrap();
@@ -180,7 +180,7 @@ fn acknowledged_state_survives_a_restart() {
 fn a_draining_node_hands_back_unclaimed_placements_without_touching_other_nodes() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = fresh(dir.path());
-    s.register(ad("n1", 2), 0);
+    s.register(ad("n1", 2), None, false, 0).unwrap();
     s.submit("alice", spec(0), 2, 0).unwrap();
     s.schedule(0);
     assert_eq!(s.nodes["n1"].pending.len(), 2);
@@ -188,10 +188,39 @@ fn a_draining_node_hands_back_unclaimed_placements_without_touching_other_nodes(
     assert_eq!(s.nodes["n1"].state, NodeState::Draining);
     assert_eq!((s.nodes["n1"].jobs.len(), s.nodes["n1"].used_cpus), (0, 0));
     assert_eq!(s.jobs[&1].state, JobState::Idle);
-    s.register(ad("n2", 2), 2);
+    s.register(ad("n2", 2), None, false, 2).unwrap();
     let l = lease_all(&mut s, "n2", 3);
     assert_eq!(l.len(), 2);
     s.deregister("n1", 4);
     assert_eq!((s.nodes["n2"].jobs.len(), s.nodes["n2"].used_cpus), (2, 2), "n2's accounting is intact");
     assert!(s.jobs.values().all(|j| j.state == JobState::Running && j.node.as_deref() == Some("n2")));
+}
+
+#[test]
+fn a_live_nodes_name_cannot_be_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = fresh(dir.path());
+    let (cred, _) = s.register(ad("n1", 1), None, false, 0).unwrap();
+    assert!(matches!(s.register(ad("n1", 1), None, false, 1), Err(ApiError::Conflict(_))));
+    assert!(matches!(s.register(ad("n1", 1), Some("wrong"), false, 1), Err(ApiError::Conflict(_))));
+    // The node itself, restarting, proves who it is; an admin may replace it.
+    let (cred2, _) = s.register(ad("n1", 1), Some(&cred), false, 2).unwrap();
+    assert!(s.authenticate(&cred).is_none(), "the old credential is revoked");
+    s.register(ad("n1", 1), None, true, 3).unwrap();
+    assert!(s.authenticate(&cred2).is_none());
+    // Once lost, anyone with the pool token may take the name.
+    s.tick(10_000);
+    assert_eq!(s.nodes["n1"].state, NodeState::Lost);
+    s.register(ad("n1", 1), None, false, 10_001).unwrap();
+}
+
+#[test]
+fn jobs_never_handed_to_a_node_are_not_counted_as_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = fresh(dir.path());
+    s.register(ad("n1", 1), None, false, 0).unwrap();
+    s.submit("alice", spec(0), 1, 0).unwrap();
+    s.schedule(0);
+    s.tick(5_000);
+    assert_eq!((s.jobs[&1].state, s.jobs[&1].losses), (JobState::Idle, 0));
 }

@@ -85,7 +85,7 @@ fn bad_tokens_and_wrong_roles_are_refused() {
             accelerators: vec![],
             labels: Default::default(),
             appliance: false,
-        })
+        }, None)
         .unwrap_err();
     assert_eq!(err.status(), Some(400), "{err}");
 }
