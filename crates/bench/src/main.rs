@@ -32,7 +32,14 @@ impl Args {
 
 fn parse_args() -> Args {
     let root = std::env::current_dir().expect("a working directory");
-    let mut a = Args { out: root.join("BENCHMARKS.md"), root, sizes: vec![10_000, 100_000], slurm: true, latency_runs: 300, only: Vec::new() };
+    let mut a = Args {
+        out: root.join("BENCHMARKS.md"),
+        root,
+        sizes: vec![10_000, 100_000],
+        slurm: true,
+        latency_runs: 300,
+        only: Vec::new(),
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -41,11 +48,15 @@ fn parse_args() -> Args {
                 a.latency_runs = 50;
             }
             "--no-slurm" => a.slurm = false,
-            "--sizes" => a.sizes = it.next().expect("--sizes N,M").split(',').map(|s| s.parse().expect("a number")).collect(),
+            "--sizes" => {
+                a.sizes = it.next().expect("--sizes N,M").split(',').map(|s| s.parse().expect("a number")).collect()
+            }
             "--out" => a.out = PathBuf::from(it.next().expect("--out FILE")),
             "--only" => a.only = it.next().expect("--only PART,PART").split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
-                println!("usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,slurm,wasm,qemu,scheduler,rss] [--out BENCHMARKS.md]\nRun from the repository root after scripts/bench has built everything.");
+                println!(
+                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,slurm,wasm,qemu,scheduler,rss] [--out BENCHMARKS.md]\nRun from the repository root after scripts/bench has built everything."
+                );
                 std::process::exit(0);
             }
             other => {
@@ -115,7 +126,11 @@ fn client_of(dir: &Path) -> Client {
     let config = dir.join("client.toml");
     loop {
         if let Ok(text) = std::fs::read_to_string(&config) {
-            let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{k} = \""))).map(|v| v.trim_end_matches('"').to_string());
+            let get = |k: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{k} = \"")))
+                    .map(|v| v.trim_end_matches('"').to_string())
+            };
             if let (Some(p), Some(t)) = (get("pool"), get("token")) {
                 return Client::new(&p, &t);
             }
@@ -179,7 +194,11 @@ fn slurm(root: &Path, sizes: &[u64]) -> Result<BTreeMap<u64, f64>, String> {
     }
     let mut out = BTreeMap::new();
     for &n in sizes {
-        let r = Command::new("bash").arg(peers.join("slurm-throughput")).arg(n.to_string()).output().map_err(|e| e.to_string())?;
+        let r = Command::new("bash")
+            .arg(peers.join("slurm-throughput"))
+            .arg(n.to_string())
+            .output()
+            .map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&r.stdout);
         // "slurm: N jobs in X s = Y jobs/s"
         let rate = text.split('=').nth(1).and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse::<f64>().ok());
@@ -268,22 +287,38 @@ fn qemu_vs_plain(root: &Path) -> Result<(f64, f64), String> {
     .map_err(|e| e.to_string())?;
     let plain = |share: &Path| {
         let mut c = Command::new("qemu-system-x86_64");
-        c.args(["-machine", "pc", "-accel", "tcg", "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-            .args(["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"])
-            .args(["-fsdev", &format!("local,id=job,path={},security_model=mapped-xattr", share.display())])
-            .args(["-device", "virtio-9p-pci,fsdev=job,mount_tag=vmgrid", "-nic", "none"])
-            .arg("-kernel")
-            .arg(&kernel)
-            .arg("-initrd")
-            .arg(&initrd)
-            .args(["-append", "console=ttyS0 quiet panic=-1 -- true"])
-            .stdin(Stdio::null());
+        c.args([
+            "-machine",
+            "pc",
+            "-accel",
+            "tcg",
+            "-m",
+            "256",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"])
+        .args(["-fsdev", &format!("local,id=job,path={},security_model=mapped-xattr", share.display())])
+        .args(["-device", "virtio-9p-pci,fsdev=job,mount_tag=vmgrid", "-nic", "none"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1 -- true"])
+        .stdin(Stdio::null());
         c
     };
     let (mut p, mut v) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         p.push(time_cmd(&mut plain(&dir.join("share"))));
-        v.push(time_cmd(Command::new(vmgrid_bin(root)).env("VMGRID_ACCEL", "tcg").arg("run").arg(&job).arg("--out").arg(&dir)));
+        v.push(time_cmd(
+            Command::new(vmgrid_bin(root)).env("VMGRID_ACCEL", "tcg").arg("run").arg(&job).arg("--out").arg(&dir),
+        ));
     }
     p.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -313,7 +348,11 @@ fn scheduler_engine() -> (f64, usize) {
         .collect();
     let clusters: std::collections::HashMap<u64, Cluster> = (0..100)
         .map(|k| {
-            let req = format!("node.memory_mb >= {} && \"wasm\" in node.vm_types && node.labels.rack != \"{}\"", 512 * (k % 4 + 1), k % 40);
+            let req = format!(
+                "node.memory_mb >= {} && \"wasm\" in node.vm_types && node.labels.rack != \"{}\"",
+                512 * (k % 4 + 1),
+                k % 40
+            );
             (k, Cluster::compile("wasm", 1, 64, Some(&req), Some("node.free_cpus")).unwrap())
         })
         .collect();
@@ -340,7 +379,11 @@ fn coordinator_rss(root: &Path) -> Result<(f64, f64), String> {
     let r = client.submit(&SubmitRequest { spec, count: 1_000_000 });
     let submit_s = start.elapsed().as_secs_f64();
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
-    let rss_kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
+    let rss_kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
@@ -349,7 +392,11 @@ fn coordinator_rss(root: &Path) -> Result<(f64, f64), String> {
 }
 
 fn sh(cmd: &str) -> String {
-    Command::new("sh").args(["-c", cmd]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 fn main() {
@@ -379,10 +426,18 @@ fn main() {
         for &n in &args.sizes {
             let rate = vmgrid_throughput(&pool, &spec, n);
             ours.insert(n, rate);
-            rep.row(&format!("throughput, {n} trivial wasm jobs, vmgrid up (2 nodes)"), format!("{rate:.0} jobs/s"), ">= 10,000 jobs/s");
+            rep.row(
+                &format!("throughput, {n} trivial wasm jobs, vmgrid up (2 nodes)"),
+                format!("{rate:.0} jobs/s"),
+                ">= 10,000 jobs/s",
+            );
         }
         let (p50, p99) = latency(&pool, &spec, args.latency_runs);
-        rep.row(&format!("one trivial job, submit to result, warm pool (n={})", args.latency_runs), format!("p50 {p50:.2} ms, p99 {p99:.2} ms"), "p50 <= 2 ms, p99 <= 10 ms");
+        rep.row(
+            &format!("one trivial job, submit to result, warm pool (n={})", args.latency_runs),
+            format!("p50 {p50:.2} ms, p99 {p99:.2} ms"),
+            "p50 <= 2 ms, p99 <= 10 ms",
+        );
     }
 
     if args.slurm && args.wants("slurm") {
@@ -391,7 +446,11 @@ fn main() {
         match slurm(&root, &[n]) {
             Ok(r) => {
                 let theirs = r[&n];
-                rep.row(&format!("throughput, {n} trivial jobs, Slurm job array (1 node)"), format!("{theirs:.1} jobs/s"), "-");
+                rep.row(
+                    &format!("throughput, {n} trivial jobs, Slurm job array (1 node)"),
+                    format!("{theirs:.1} jobs/s"),
+                    "-",
+                );
                 if let Some(o) = ours.get(&n) {
                     rep.row(&format!("vmgrid / Slurm, {n} jobs, same run"), format!("{:.1}x", o / theirs), ">= 500x");
                 }
@@ -404,19 +463,33 @@ fn main() {
     }
 
     match if args.wants("wasm") { wasm_vs_native(&root) } else { Err("skipped (--only)".into()) } {
-        Ok((n, w)) => rep.row("wasm compute (sieve, 20M x5): vmgrid run / native", format!("{w:.2} s / {n:.2} s = {:.2}x", w / n), "<= 1.10x"),
+        Ok((n, w)) => rep.row(
+            "wasm compute (sieve, 20M x5): vmgrid run / native",
+            format!("{w:.2} s / {n:.2} s = {:.2}x", w / n),
+            "<= 1.10x",
+        ),
         Err(e) => rep.notes.push(format!("wasm compute not measured: {e}")),
     }
     match if args.wants("qemu") { qemu_vs_plain(&root) } else { Err("skipped (--only)".into()) } {
-        Ok((p, v)) => rep.row("QEMU guest-kit job: vmgrid run / plain qemu-system", format!("{v:.2} s / {p:.2} s = {:.2}x", v / p), "<= 1.10x"),
+        Ok((p, v)) => rep.row(
+            "QEMU guest-kit job: vmgrid run / plain qemu-system",
+            format!("{v:.2} s / {p:.2} s = {:.2}x", v / p),
+            "<= 1.10x",
+        ),
         Err(e) => rep.notes.push(format!("QEMU not measured: {e}")),
     }
     if args.wants("scheduler") {
         let (rate, placed) = scheduler_engine();
-        rep.row("scheduler engine, 1M jobs x 10k nodes, CEL req + rank", format!("{rate:.0} placements/s ({placed})"), ">= 100,000/s");
+        rep.row(
+            "scheduler engine, 1M jobs x 10k nodes, CEL req + rank",
+            format!("{rate:.0} placements/s ({placed})"),
+            ">= 100,000/s",
+        );
     }
     match if args.wants("rss") { coordinator_rss(&root) } else { Err("skipped (--only)".into()) } {
-        Ok((mb, s)) => rep.row("coordinator RSS with 1M jobs queued", format!("{mb:.0} MiB (submit {s:.1} s)"), "<= 1024 MiB"),
+        Ok((mb, s)) => {
+            rep.row("coordinator RSS with 1M jobs queued", format!("{mb:.0} MiB (submit {s:.1} s)"), "<= 1024 MiB")
+        }
         Err(e) => rep.notes.push(format!("coordinator RSS not measured: {e}")),
     }
 

@@ -5,8 +5,8 @@ use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use vmgrid_proto::*;
 
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State as AxState};
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -16,7 +16,7 @@ use serde::Deserialize;
 use vmgrid_proto::*;
 
 use crate::state::{ApiError, Principal, State};
-use crate::{metrics, store, Shared};
+use crate::{Shared, metrics, store};
 
 type S = Arc<Shared>;
 
@@ -82,12 +82,18 @@ impl FromRequestParts<S> for Auth {
 }
 
 fn forbidden(p: &Principal, what: &str) -> Error {
-    Error(StatusCode::FORBIDDEN, format!("a {} token cannot {what}", match p {
-        Principal::Pool => "pool",
-        Principal::Node(_) => "node",
-        Principal::User(_) => "user",
-        Principal::Admin(_) => "admin",
-    }))
+    Error(
+        StatusCode::FORBIDDEN,
+        format!(
+            "a {} token cannot {what}",
+            match p {
+                Principal::Pool => "pool",
+                Principal::Node(_) => "node",
+                Principal::User(_) => "user",
+                Principal::Admin(_) => "admin",
+            }
+        ),
+    )
 }
 
 fn user(p: &Principal, what: &str) -> Result<()> {
@@ -122,11 +128,18 @@ async fn durable(shared: &S, ticket: u64) {
     store::durable(shared.committed.clone(), ticket).await;
 }
 
-async fn submit(AxState(shared): AxState<S>, Auth(p): Auth, Body_(req): Body_<SubmitRequest>) -> Result<Json<SubmitResponse>> {
+async fn submit(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Body_(req): Body_<SubmitRequest>,
+) -> Result<Json<SubmitResponse>> {
     user(&p, "submit jobs")?;
     for f in req.spec.image.iter().chain(&req.spec.kernel).chain(&req.spec.initrd).chain(&req.spec.inputs) {
         if !shared.blobs.has(&f.blob) {
-            return Err(Error(StatusCode::BAD_REQUEST, format!("file `{}` (blob {}) has not been uploaded", f.path, f.blob)));
+            return Err(Error(
+                StatusCode::BAD_REQUEST,
+                format!("file `{}` (blob {}) has not been uploaded", f.path, f.blob),
+            ));
         }
     }
     let (ids, ticket) = shared.lock().submit(p.owner(), req.spec, req.count, now_ms())?;
@@ -190,7 +203,8 @@ async fn wait_job(
         let answer = {
             let s = shared.lock();
             let r = result_of(&s, &p, id)?;
-            let done = r.job.state.is_final() || r.job.state == JobState::Held || tokio::time::Instant::now() >= deadline;
+            let done =
+                r.job.state.is_final() || r.job.state == JobState::Held || tokio::time::Instant::now() >= deadline;
             done.then(|| (r.job, s.writer.last_ticket()))
         };
         if let Some((job, ticket)) = answer {
@@ -201,7 +215,11 @@ async fn wait_job(
     }
 }
 
-async fn actions(AxState(shared): AxState<S>, Auth(p): Auth, Body_(req): Body_<ActionRequest>) -> Result<Json<ActionResponse>> {
+async fn actions(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Body_(req): Body_<ActionRequest>,
+) -> Result<Json<ActionResponse>> {
     user(&p, "manage jobs")?;
     let (resp, ticket) = shared.lock().action(&p, req.action, &req.ids, now_ms());
     durable(&shared, ticket).await;
@@ -215,12 +233,19 @@ async fn list_nodes(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<Json<V
     Ok(Json(shared.lock().node_views()))
 }
 
-async fn register(AxState(shared): AxState<S>, Auth(p): Auth, Body_(req): Body_<RegisterRequest>) -> Result<Json<RegisterResponse>> {
+async fn register(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Body_(req): Body_<RegisterRequest>,
+) -> Result<Json<RegisterResponse>> {
     if !matches!(p, Principal::Pool | Principal::Admin(_)) {
         return Err(forbidden(&p, "register nodes; use the pool token"));
     }
     let ad = req.ad.clone();
-    if ad.name.is_empty() || ad.name.len() > 128 || !ad.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+    if ad.name.is_empty()
+        || ad.name.len() > 128
+        || !ad.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
         return Err(Error(StatusCode::BAD_REQUEST, "a node name is 1 to 128 letters, digits, `-`, `_` or `.`".into()));
     }
     if ad.cpus == 0 || ad.memory_mb == 0 {
@@ -237,7 +262,11 @@ async fn register(AxState(shared): AxState<S>, Auth(p): Auth, Body_(req): Body_<
     Ok(Json(RegisterResponse { credential, lease_ttl_ms: timing.lease_ttl_ms, heartbeat_ms: timing.heartbeat_ms }))
 }
 
-async fn lease(AxState(shared): AxState<S>, Auth(p): Auth, Body_(req): Body_<LeaseRequest>) -> Result<Json<LeaseResponse>> {
+async fn lease(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Body_(req): Body_<LeaseRequest>,
+) -> Result<Json<LeaseResponse>> {
     let name = node(&p)?.to_string();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms.min(60_000));
     loop {
@@ -265,7 +294,11 @@ async fn lease(AxState(shared): AxState<S>, Auth(p): Auth, Body_(req): Body_<Lea
     }
 }
 
-async fn heartbeat(AxState(shared): AxState<S>, Auth(p): Auth, Body_(req): Body_<HeartbeatRequest>) -> Result<Json<HeartbeatResponse>> {
+async fn heartbeat(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Body_(req): Body_<HeartbeatRequest>,
+) -> Result<Json<HeartbeatResponse>> {
     let name = node(&p)?;
     let (revoked, ticket) = shared.lock().heartbeat(name, &req.leases, req.draining, now_ms())?;
     durable(&shared, ticket).await;
@@ -276,15 +309,26 @@ async fn heartbeat(AxState(shared): AxState<S>, Auth(p): Auth, Body_(req): Body_
     Ok(Json(HeartbeatResponse { revoked }))
 }
 
-async fn report(AxState(shared): AxState<S>, Auth(p): Auth, Body_(req): Body_<ReportRequest>) -> Result<Json<ReportResponse>> {
+async fn report(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Body_(req): Body_<ReportRequest>,
+) -> Result<Json<ReportResponse>> {
     let name = node(&p)?;
     // A report with a bad file is refused alone; the rest of the batch stands.
     let mut bad = Vec::new();
     let mut good = Vec::new();
     for r in req.reports {
-        let wrong = r.stdout.iter().chain(&r.stderr).chain(&r.outputs).find(|f| !is_confined_path(&f.path) || !shared.blobs.has(&f.blob));
+        let wrong = r
+            .stdout
+            .iter()
+            .chain(&r.stderr)
+            .chain(&r.outputs)
+            .find(|f| !is_confined_path(&f.path) || !shared.blobs.has(&f.blob));
         match wrong {
-            Some(f) => bad.push((r.lease, format!("result file `{}` is not confined or its blob is not uploaded", f.path))),
+            Some(f) => {
+                bad.push((r.lease, format!("result file `{}` is not confined or its blob is not uploaded", f.path)))
+            }
             None => good.push(r),
         }
     }
@@ -326,7 +370,8 @@ async fn head_blob(AxState(shared): AxState<S>, Auth(p): Auth, Path(hash): Path<
 async fn get_blob(AxState(shared): AxState<S>, Auth(p): Auth, Path(hash): Path<String>) -> Result<Response> {
     blob_caller(&p)?;
     let path = shared.blobs.path(&hash).ok_or_else(|| Error(StatusCode::BAD_REQUEST, "not a blob hash".into()))?;
-    let file = tokio::fs::File::open(&path).await.map_err(|_| Error(StatusCode::NOT_FOUND, format!("no blob {hash}")))?;
+    let file =
+        tokio::fs::File::open(&path).await.map_err(|_| Error(StatusCode::NOT_FOUND, format!("no blob {hash}")))?;
     let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
     let stream = tokio_util_stream(file);
     Ok(([(header::CONTENT_LENGTH, len.to_string())], Body::from_stream(stream)).into_response())
@@ -348,7 +393,12 @@ fn tokio_util_stream(file: tokio::fs::File) -> impl futures_util::Stream<Item = 
     })
 }
 
-async fn put_blob(AxState(shared): AxState<S>, Auth(p): Auth, Path(hash): Path<String>, body: Body) -> Result<StatusCode> {
+async fn put_blob(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Path(hash): Path<String>,
+    body: Body,
+) -> Result<StatusCode> {
     blob_caller(&p)?;
     if shared.blobs.has(&hash) {
         return Ok(StatusCode::OK);
@@ -366,7 +416,11 @@ async fn put_blob(AxState(shared): AxState<S>, Auth(p): Auth, Path(hash): Path<S
     Ok(StatusCode::CREATED)
 }
 
-async fn add_token(AxState(shared): AxState<S>, Auth(p): Auth, Body_(req): Body_<TokenRequest>) -> Result<Json<TokenResponse>> {
+async fn add_token(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Body_(req): Body_<TokenRequest>,
+) -> Result<Json<TokenResponse>> {
     if !matches!(p, Principal::Admin(_)) {
         return Err(forbidden(&p, "create tokens"));
     }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{Notify, watch};
 
 pub use state::Timing;
 use state::{Principal, State};
@@ -152,7 +152,8 @@ pub fn start(config: Config, handle_signals: bool) -> Result<Running, StartError
             state.tokens.insert(hash, p);
         }
     }
-    let shared = Arc::new(Shared { state: Mutex::new(state), committed, work: Notify::new(), changed: Notify::new(), blobs });
+    let shared =
+        Arc::new(Shared { state: Mutex::new(state), committed, work: Notify::new(), changed: Notify::new(), blobs });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -180,7 +181,8 @@ pub fn start(config: Config, handle_signals: bool) -> Result<Running, StartError
                 let ticker = tokio::spawn(tick_loop(shared.clone()));
                 let shutdown = async move {
                     if handle_signals {
-                        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+                        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .expect("SIGTERM handler");
                         tokio::select! {
                             _ = rx => {}
                             _ = tokio::signal::ctrl_c() => {}

@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use vmgrid_proto::{JobState, NodeState};
 
-use crate::state::{State, DISPATCH_BUCKETS};
+use crate::state::{DISPATCH_BUCKETS, State};
 
 pub fn render(s: &State) -> String {
     let mut out = String::new();
@@ -17,21 +17,42 @@ pub fn render(s: &State) -> String {
         let _ = writeln!(out, "vmgrid_jobs{{state=\"{}\"}} {}", st.as_str(), by_state[st as usize]);
     }
     let leases: usize = s.nodes.values().map(|n| n.jobs.len()).sum();
-    let _ = writeln!(out, "# HELP vmgrid_leases Jobs running under a lease.\n# TYPE vmgrid_leases gauge\nvmgrid_leases {leases}");
+    let _ = writeln!(
+        out,
+        "# HELP vmgrid_leases Jobs running under a lease.\n# TYPE vmgrid_leases gauge\nvmgrid_leases {leases}"
+    );
     out.push_str("# HELP vmgrid_nodes Nodes, by state.\n# TYPE vmgrid_nodes gauge\n");
     for st in [NodeState::Ready, NodeState::Draining, NodeState::Lost] {
         let n = s.nodes.values().filter(|n| n.state == st).count();
         let _ = writeln!(out, "vmgrid_nodes{{state=\"{}\"}} {n}", st.as_str());
     }
     let m = &s.metrics;
-    let _ = writeln!(out, "# HELP vmgrid_leases_granted_total Leases handed to nodes.\n# TYPE vmgrid_leases_granted_total counter\nvmgrid_leases_granted_total {}", m.leases_granted);
-    let _ = writeln!(out, "# HELP vmgrid_results_accepted_total Results accepted under a current lease.\n# TYPE vmgrid_results_accepted_total counter\nvmgrid_results_accepted_total {}", m.results_accepted);
-    let _ = writeln!(out, "# HELP vmgrid_results_refused_total Results refused because their lease was stale.\n# TYPE vmgrid_results_refused_total counter\nvmgrid_results_refused_total {}", m.results_refused);
-    out.push_str("# HELP vmgrid_dispatch_latency_ms Submit-to-lease latency.\n# TYPE vmgrid_dispatch_latency_ms histogram\n");
+    let _ = writeln!(
+        out,
+        "# HELP vmgrid_leases_granted_total Leases handed to nodes.\n# TYPE vmgrid_leases_granted_total counter\nvmgrid_leases_granted_total {}",
+        m.leases_granted
+    );
+    let _ = writeln!(
+        out,
+        "# HELP vmgrid_results_accepted_total Results accepted under a current lease.\n# TYPE vmgrid_results_accepted_total counter\nvmgrid_results_accepted_total {}",
+        m.results_accepted
+    );
+    let _ = writeln!(
+        out,
+        "# HELP vmgrid_results_refused_total Results refused because their lease was stale.\n# TYPE vmgrid_results_refused_total counter\nvmgrid_results_refused_total {}",
+        m.results_refused
+    );
+    out.push_str(
+        "# HELP vmgrid_dispatch_latency_ms Submit-to-lease latency.\n# TYPE vmgrid_dispatch_latency_ms histogram\n",
+    );
     for (i, b) in DISPATCH_BUCKETS.iter().enumerate() {
         let _ = writeln!(out, "vmgrid_dispatch_latency_ms_bucket{{le=\"{b}\"}} {}", m.dispatch_buckets[i]);
     }
     let _ = writeln!(out, "vmgrid_dispatch_latency_ms_bucket{{le=\"+Inf\"}} {}", m.dispatch_count);
-    let _ = writeln!(out, "vmgrid_dispatch_latency_ms_sum {}\nvmgrid_dispatch_latency_ms_count {}", m.dispatch_sum_ms, m.dispatch_count);
+    let _ = writeln!(
+        out,
+        "vmgrid_dispatch_latency_ms_sum {}\nvmgrid_dispatch_latency_ms_count {}",
+        m.dispatch_sum_ms, m.dispatch_count
+    );
     out
 }

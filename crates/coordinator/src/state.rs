@@ -191,7 +191,8 @@ impl State {
             match serde_json::from_str::<JobSpec>(&json) {
                 Ok(spec) => {
                     let cluster = cluster_of(&spec).unwrap_or_else(|_| {
-                        Cluster::compile(&spec.vm_type, spec.cpus, spec.memory_mb, Some("false"), None).expect("`false` compiles")
+                        Cluster::compile(&spec.vm_type, spec.cpus, spec.memory_mb, Some("false"), None)
+                            .expect("`false` compiles")
                     });
                     s.specs.insert(id, Arc::new(SpecEntry { spec, cluster }));
                 }
@@ -289,7 +290,8 @@ impl State {
     pub fn add_token(&mut self, p: Principal) -> (String, u64) {
         let token = new_token();
         let hash = hash_token(&token);
-        let ticket = self.writer.push(Op::Token { hash: hash.clone(), role: p.role_str().into(), owner: p.owner().into() });
+        let ticket =
+            self.writer.push(Op::Token { hash: hash.clone(), role: p.role_str().into(), owner: p.owner().into() });
         self.tokens.insert(hash, p);
         (token, ticket)
     }
@@ -348,7 +350,8 @@ impl State {
         self.specs.insert(spec_id, Arc::new(SpecEntry { spec, cluster }));
         let first = self.next_job;
         self.next_job += count;
-        let ticket = self.writer.push(Op::Jobs { spec_id, first_id: first, count, owner: owner.into(), submitted_ms: now });
+        let ticket =
+            self.writer.push(Op::Jobs { spec_id, first_id: first, count, owner: owner.into(), submitted_ms: now });
         let owner: Arc<str> = Arc::from(owner);
         for i in 0..count {
             let id = first + i;
@@ -385,7 +388,8 @@ impl State {
             return 0;
         }
         self.dirty = false;
-        let names: Vec<String> = self.nodes.iter().filter(|(_, n)| n.state == NodeState::Ready).map(|(k, _)| k.clone()).collect();
+        let names: Vec<String> =
+            self.nodes.iter().filter(|(_, n)| n.state == NodeState::Ready).map(|(k, _)| k.clone()).collect();
         let mut slots: Vec<NodeSlot> = names
             .iter()
             .map(|name| {
@@ -436,7 +440,13 @@ impl State {
 
     /// Registers a node. A name already held by a registration that is not lost is refused,
     /// unless the caller proves it is that node (its previous credential) or is an admin.
-    pub fn register(&mut self, ad: NodeAd, previous: Option<&str>, admin: bool, now: u64) -> Result<(String, u64), ApiError> {
+    pub fn register(
+        &mut self,
+        ad: NodeAd,
+        previous: Option<&str>,
+        admin: bool,
+        now: u64,
+    ) -> Result<(String, u64), ApiError> {
         let name = ad.name.clone();
         if let Some(old) = self.nodes.get(&name) {
             let same_node = previous.is_some_and(|c| hash_token(c) == old.cred_hash);
@@ -489,9 +499,9 @@ impl State {
     pub fn live_node(&mut self, name: &str, now: u64) -> Result<&mut Node, ApiError> {
         match self.nodes.get_mut(name) {
             None => Err(ApiError::Conflict(format!("node {name} is not registered; register again"))),
-            Some(n) if n.state == NodeState::Lost => {
-                Err(ApiError::Conflict(format!("node {name} was declared lost and its jobs given to others; register again")))
-            }
+            Some(n) if n.state == NodeState::Lost => Err(ApiError::Conflict(format!(
+                "node {name} was declared lost and its jobs given to others; register again"
+            ))),
             Some(n) => {
                 n.last_seen_ms = now;
                 Ok(n)
@@ -537,13 +547,20 @@ impl State {
     }
 
     /// Renews the leases a node still holds and lists those it must drop.
-    pub fn heartbeat(&mut self, name: &str, leases: &[LeaseId], draining: bool, now: u64) -> Result<(Vec<LeaseId>, u64), ApiError> {
+    pub fn heartbeat(
+        &mut self,
+        name: &str,
+        leases: &[LeaseId],
+        draining: bool,
+        now: u64,
+    ) -> Result<(Vec<LeaseId>, u64), ApiError> {
         let ttl = self.timing.lease_ttl_ms;
         let node = self.live_node(name, now)?;
         let mut ticket = 0;
         if draining && node.state == NodeState::Ready {
             node.state = NodeState::Draining;
-            let (ad_json, cred_hash) = (serde_json::to_string(&node.ad).expect("an ad serializes"), node.cred_hash.clone());
+            let (ad_json, cred_hash) =
+                (serde_json::to_string(&node.ad).expect("an ad serializes"), node.cred_hash.clone());
             let pending: Vec<u64> = node.pending.iter().copied().collect();
             ticket = self.writer.push(Op::Node { name: name.into(), ad_json, cred_hash, state: "draining".into() });
             for id in pending {
@@ -581,7 +598,10 @@ impl State {
         j.node = None;
         if j.losses > MAX_NODE_LOSSES {
             j.state = JobState::Held;
-            j.reason = Some(format!("{why}; the job lost its node {} times, so it is held: `vmgrid release {id}` to try again", j.losses));
+            j.reason = Some(format!(
+                "{why}; the job lost its node {} times, so it is held: `vmgrid release {id}` to try again",
+                j.losses
+            ));
             j.finished_ms = Some(now);
         } else {
             j.state = JobState::Idle;
@@ -622,7 +642,9 @@ impl State {
                 self.metrics.results_refused += 1;
                 let why = match self.jobs.get(&l.job_id) {
                     None => "no such job".to_string(),
-                    Some(j) if j.epoch != l.epoch => format!("lease epoch {} is stale; the job is at epoch {}", l.epoch, j.epoch),
+                    Some(j) if j.epoch != l.epoch => {
+                        format!("lease epoch {} is stale; the job is at epoch {}", l.epoch, j.epoch)
+                    }
                     Some(j) => format!("the job is {} on {}", j.state.as_str(), j.node.as_deref().unwrap_or("no node")),
                 };
                 tracing::info!(job = l.job_id, epoch = l.epoch, node = name, "refused a result: {why}");

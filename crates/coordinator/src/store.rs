@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::mpsc;
 
-use rusqlite::{params, Connection};
+use rusqlite::{Connection, params};
 use tokio::sync::watch;
 
 /// One durable change.
@@ -74,7 +74,8 @@ pub fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
     let mut st = conn.prepare("SELECT hash, role, owner FROM tokens")?;
     l.tokens = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
     let mut st = conn.prepare("SELECT id, owner, json FROM specs")?;
-    l.specs = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+    l.specs =
+        st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
     let mut st = conn.prepare(
         "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result FROM jobs ORDER BY id",
     )?;
@@ -110,7 +111,10 @@ pub fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
 fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
     match op {
         Op::Token { hash, role, owner } => {
-            tx.execute("INSERT OR REPLACE INTO tokens (hash, role, owner) VALUES (?1, ?2, ?3)", params![hash, role, owner])?;
+            tx.execute(
+                "INSERT OR REPLACE INTO tokens (hash, role, owner) VALUES (?1, ?2, ?3)",
+                params![hash, role, owner],
+            )?;
         }
         Op::RevokeToken { hash } => {
             tx.execute("DELETE FROM tokens WHERE hash = ?1", params![hash])?;
@@ -191,7 +195,9 @@ impl Writer {
                         t.commit()
                     })();
                     if let Err(e) = result {
-                        tracing::error!("the job store cannot commit: {e}; stopping so nothing unsaved is acknowledged");
+                        tracing::error!(
+                            "the job store cannot commit: {e}; stopping so nothing unsaved is acknowledged"
+                        );
                         eprintln!("vmgrid coordinator: the job store cannot commit: {e}");
                         std::process::exit(1);
                     }

@@ -2,7 +2,7 @@
 //! nothing from the network on trust.
 
 use vmgrid_job::limits;
-use vmgrid_proto::{is_blob_ref, is_confined_path, FileRef, JobSpec};
+use vmgrid_proto::{FileRef, JobSpec, is_blob_ref, is_confined_path};
 
 pub fn spec(s: &JobSpec) -> Result<(), String> {
     if s.name.is_empty() || s.name.len() > limits::MAX_NAME_LEN {

@@ -6,7 +6,7 @@ use std::path::{Component, Path, PathBuf};
 use toml::Spanned;
 
 use crate::raw::{RawJob, RawVm};
-use crate::{limits, Files, Input, Job, JobFileError, Network, Policy, Resources, Vm, VmType};
+use crate::{Files, Input, Job, JobFileError, Network, Policy, Resources, Vm, VmType, limits};
 
 /// Parses and validates job-file text. `path` names the file in errors and anchors relative paths.
 pub fn parse_job(path: &Path, text: &str) -> Result<Job, JobFileError> {
@@ -49,11 +49,9 @@ impl Cx<'_> {
                 }
                 v.clone()
             }
-            None => self
-                .path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "job".to_string()),
+            None => {
+                self.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "job".to_string())
+            }
         };
         let vm_span = raw.vm.span();
         let vm = self.vm(raw.vm.into_inner(), vm_span)?;
@@ -90,9 +88,14 @@ impl Cx<'_> {
             Ok(base.join(s.get_ref()))
         };
         if vm_type != VmType::Qemu {
-            for (key, v) in [("kernel", &raw.kernel), ("initrd", &raw.initrd), ("append", &raw.append), ("network", &raw.network)] {
+            for (key, v) in
+                [("kernel", &raw.kernel), ("initrd", &raw.initrd), ("append", &raw.append), ("network", &raw.network)]
+            {
                 if let Some(v) = v {
-                    return Err(self.err(v.span(), format!("`{key}` applies only to qemu jobs, and this job's vm type is `{}`", vm_type)));
+                    return Err(self.err(
+                        v.span(),
+                        format!("`{key}` applies only to qemu jobs, and this job's vm type is `{}`", vm_type),
+                    ));
                 }
             }
             if raw.image.is_none() {
@@ -100,19 +103,27 @@ impl Cx<'_> {
             }
         } else {
             if raw.image.is_none() && raw.kernel.is_none() {
-                return Err(self.err(vm_span, "a qemu job needs `image` (a disk image), `kernel` (direct kernel boot), or both"));
+                return Err(self
+                    .err(vm_span, "a qemu job needs `image` (a disk image), `kernel` (direct kernel boot), or both"));
             }
             if raw.kernel.is_none() {
                 for (key, v) in [("initrd", &raw.initrd), ("append", &raw.append)] {
                     if let Some(v) = v {
-                        return Err(self.err(v.span(), format!("`{key}` needs `kernel`: it is used only for direct kernel boot")));
+                        return Err(self
+                            .err(v.span(), format!("`{key}` needs `kernel`: it is used only for direct kernel boot")));
                     }
                 }
                 if let Some(a) = raw.args.first() {
-                    return Err(self.err(a.span(), "qemu `args` need `kernel`: they are passed to the guest's init on the kernel command line"));
+                    return Err(self.err(
+                        a.span(),
+                        "qemu `args` need `kernel`: they are passed to the guest's init on the kernel command line",
+                    ));
                 }
                 if let Some((_, v)) = raw.env.iter().next() {
-                    return Err(self.err(v.span(), "qemu `env` needs `kernel`: it is passed to the guest's init on the kernel command line"));
+                    return Err(self.err(
+                        v.span(),
+                        "qemu `env` needs `kernel`: it is passed to the guest's init on the kernel command line",
+                    ));
                 }
             }
         }
@@ -129,7 +140,12 @@ impl Cx<'_> {
                 && !k.starts_with(|c: char| c.is_ascii_digit())
                 && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !ok {
-                return Err(self.err(v.span(), format!("environment variable name `{k}` must be letters, digits and `_`, not starting with a digit")));
+                return Err(self.err(
+                    v.span(),
+                    format!(
+                        "environment variable name `{k}` must be letters, digits and `_`, not starting with a digit"
+                    ),
+                ));
             }
             if v.get_ref().contains('\0') {
                 return Err(self.err(v.span(), "an environment value may not contain a NUL byte"));
@@ -140,7 +156,9 @@ impl Cx<'_> {
             Some(n) => match n.get_ref().as_str() {
                 "none" => Network::None,
                 "user" => Network::User,
-                other => return Err(self.err(n.span(), format!("unknown network `{other}`, expected `none` or `user`"))),
+                other => {
+                    return Err(self.err(n.span(), format!("unknown network `{other}`, expected `none` or `user`")));
+                }
             },
         };
         if vm_type == VmType::Qemu && raw.kernel.is_some() {
@@ -163,27 +181,45 @@ impl Cx<'_> {
     fn check_kernel_cmdline(&self, raw: &RawVm) -> Result<(), JobFileError> {
         // Linux gives init at most 32 argv and 32 envp entries, and uses some of each itself.
         if raw.args.len() > limits::MAX_KERNEL_INIT_ARGS {
-            return Err(self.err(raw.args[limits::MAX_KERNEL_INIT_ARGS].span(), format!("a qemu job passes at most {} args to the guest's init", limits::MAX_KERNEL_INIT_ARGS)));
+            return Err(self.err(
+                raw.args[limits::MAX_KERNEL_INIT_ARGS].span(),
+                format!("a qemu job passes at most {} args to the guest's init", limits::MAX_KERNEL_INIT_ARGS),
+            ));
         }
         if let Some((_, v)) = raw.env.iter().nth(limits::MAX_KERNEL_INIT_ENV) {
-            return Err(self.err(v.span(), format!("a qemu job passes at most {} env variables to the guest's init", limits::MAX_KERNEL_INIT_ENV)));
+            return Err(self.err(
+                v.span(),
+                format!("a qemu job passes at most {} env variables to the guest's init", limits::MAX_KERNEL_INIT_ENV),
+            ));
         }
         let mut len = raw.append.as_ref().map_or(0, |a| a.get_ref().len());
         for a in &raw.args {
             if a.get_ref().contains(['"', '\n']) {
-                return Err(self.err(a.span(), "qemu args travel on the kernel command line and may not contain `\"` or a newline"));
+                return Err(self.err(
+                    a.span(),
+                    "qemu args travel on the kernel command line and may not contain `\"` or a newline",
+                ));
             }
             len += a.get_ref().len() + 3;
         }
         for (k, v) in &raw.env {
             if v.get_ref().contains(['"', '\n']) {
-                return Err(self.err(v.span(), "qemu env values travel on the kernel command line and may not contain `\"` or a newline"));
+                return Err(self.err(
+                    v.span(),
+                    "qemu env values travel on the kernel command line and may not contain `\"` or a newline",
+                ));
             }
             len += k.len() + v.get_ref().len() + 4;
         }
         if len > limits::MAX_KERNEL_CMDLINE {
             let span = raw.append.as_ref().map(|a| a.span()).unwrap_or(raw.vm_type.span());
-            return Err(self.err(span, format!("append, args and env make a kernel command line of {len} bytes; the limit is {}", limits::MAX_KERNEL_CMDLINE)));
+            return Err(self.err(
+                span,
+                format!(
+                    "append, args and env make a kernel command line of {len} bytes; the limit is {}",
+                    limits::MAX_KERNEL_CMDLINE
+                ),
+            ));
         }
         Ok(())
     }
@@ -224,15 +260,22 @@ impl Cx<'_> {
         let mut inputs = Vec::new();
         for i in &raw.inputs {
             let p = Path::new(i.get_ref());
-            let dest = input_dest(p).ok_or_else(|| self.err(i.span(), format!("input `{}` does not name a file", i.get_ref())))?;
+            let dest = input_dest(p)
+                .ok_or_else(|| self.err(i.span(), format!("input `{}` does not name a file", i.get_ref())))?;
             inputs.push(Input { source: base.join(p), dest });
         }
         let mut outputs = Vec::new();
         for o in &raw.outputs {
             let pat = o.get_ref();
             let p = Path::new(pat);
-            if pat.is_empty() || p.is_absolute() || p.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
-                return Err(self.err(o.span(), format!("output pattern `{pat}` must be relative to the job directory, without `..`")));
+            if pat.is_empty()
+                || p.is_absolute()
+                || p.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+            {
+                return Err(self.err(
+                    o.span(),
+                    format!("output pattern `{pat}` must be relative to the job directory, without `..`"),
+                ));
             }
             if let Err(e) = globset::Glob::new(pat) {
                 return Err(self.err(o.span(), format!("output pattern `{pat}` is not a valid glob: {}", e.kind())));

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use vmgrid_client::{Client, ClientError};
 use vmgrid_proto::*;
-use vmgrid_runtime::{jobdir, Outcome, RunError, RunRequest, Runtime, RuntimeConfig};
+use vmgrid_runtime::{Outcome, RunError, RunRequest, Runtime, RuntimeConfig, jobdir};
 
 pub use fingerprint::fingerprint;
 
@@ -133,7 +133,11 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
 }
 
 /// Registers, retrying while the pool is unreachable (it may be starting or restarting).
-fn register(config: &NodeConfig, ad: &NodeAd, stop: &AtomicBool) -> Result<(Client, Option<RegisterResponse>), NodeError> {
+fn register(
+    config: &NodeConfig,
+    ad: &NodeAd,
+    stop: &AtomicBool,
+) -> Result<(Client, Option<RegisterResponse>), NodeError> {
     let joiner = Client::new(&config.pool, &config.token);
     let saved = config.cache_dir.join("credential");
     let mut wait = Duration::from_millis(50);
@@ -243,13 +247,25 @@ impl Agent {
     fn run_job(&self, lease: &Lease, cancel: Arc<AtomicBool>) -> Report {
         let id = LeaseId { job_id: lease.job_id, epoch: lease.epoch };
         let dir = self.work_dir.join(format!("job-{}-{}", lease.job_id, lease.epoch));
-        let report = |run: RunReport| Report { lease: id, run, stdout: None, stderr: None, stdout_dropped: 0, stderr_dropped: 0, outputs: Vec::new() };
+        let report = |run: RunReport| Report {
+            lease: id,
+            run,
+            stdout: None,
+            stderr: None,
+            stdout_dropped: 0,
+            stderr_dropped: 0,
+            outputs: Vec::new(),
+        };
         let result = (|| -> Result<Report, RunError> {
             let client = self.client();
-            let files = lease.spec.image.iter().chain(&lease.spec.kernel).chain(&lease.spec.initrd).chain(&lease.spec.inputs);
+            let files =
+                lease.spec.image.iter().chain(&lease.spec.kernel).chain(&lease.spec.initrd).chain(&lease.spec.inputs);
             let mut located = HashMap::new();
             for f in files {
-                let p = self.cache.get(&client, &f.blob).map_err(|e| RunError::Host(format!("cannot fetch `{}`: {e}", f.path)))?;
+                let p = self
+                    .cache
+                    .get(&client, &f.blob)
+                    .map_err(|e| RunError::Host(format!("cannot fetch `{}`: {e}", f.path)))?;
                 located.insert(f.blob.clone(), p);
             }
             let job = lease
@@ -259,13 +275,18 @@ impl Agent {
             let job_dir = dir.join("job");
             std::fs::create_dir_all(&job_dir).map_err(|e| RunError::host("cannot create the job directory", e))?;
             jobdir::stage_inputs(&job, &job_dir)?;
-            let result = self.runtime.run(&RunRequest { job: &job, job_dir: &job_dir, cancel: Some(cancel.clone()) })?;
+            let result =
+                self.runtime.run(&RunRequest { job: &job, job_dir: &job_dir, cancel: Some(cancel.clone()) })?;
             let out_dir = dir.join("out");
             let collected = jobdir::collect_outputs(&job, &job_dir, &out_dir)?;
-            let upload = |bytes: &[u8], name: &str| client.upload_bytes(bytes, name).map_err(|e| RunError::Host(format!("cannot upload {name}: {e}")));
+            let upload = |bytes: &[u8], name: &str| {
+                client.upload_bytes(bytes, name).map_err(|e| RunError::Host(format!("cannot upload {name}: {e}")))
+            };
             let mut r = report(match &result.outcome {
                 Outcome::Exited(code) => RunReport::Exited { code: *code },
-                Outcome::Failed(f) => RunReport::GuestFailed { failure: f.kind.as_str().into(), reason: f.reason.clone() },
+                Outcome::Failed(f) => {
+                    RunReport::GuestFailed { failure: f.kind.as_str().into(), reason: f.reason.clone() }
+                }
             });
             if !result.stdout.bytes.is_empty() {
                 r.stdout = Some(upload(&result.stdout.bytes, "stdout")?);
@@ -277,7 +298,9 @@ impl Agent {
             r.stderr_dropped = result.stderr.dropped;
             for rel in &collected.files {
                 let name = rel.to_string_lossy().into_owned();
-                let f = client.upload_file(&out_dir.join(rel), &name).map_err(|e| RunError::Host(format!("cannot upload output {name}: {e}")))?;
+                let f = client
+                    .upload_file(&out_dir.join(rel), &name)
+                    .map_err(|e| RunError::Host(format!("cannot upload output {name}: {e}")))?;
                 r.outputs.push(f);
             }
             Ok(r)
@@ -291,7 +314,9 @@ impl Agent {
         match result {
             // A run this node stopped (drain timeout, revoked lease) says nothing about the job:
             // it goes back to the pool, which refuses it anyway if the lease is gone.
-            Ok(r) if cancel.load(Ordering::Relaxed) => Report { run: RunReport::HostFailed { reason: "stopped by its node".into() }, ..r },
+            Ok(r) if cancel.load(Ordering::Relaxed) => {
+                Report { run: RunReport::HostFailed { reason: "stopped by its node".into() }, ..r }
+            }
             Ok(r) => r,
             Err(RunError::BadJob(reason)) => report(RunReport::BadJob { reason }),
             Err(RunError::Host(reason)) => report(RunReport::HostFailed { reason }),

@@ -362,17 +362,12 @@ pub struct ApiError {
 /// normal components.
 pub fn is_confined_path(p: &str) -> bool {
     let path = std::path::Path::new(p);
-    !p.is_empty()
-        && !path.is_absolute()
-        && path.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+    !p.is_empty() && !path.is_absolute() && path.components().all(|c| matches!(c, std::path::Component::Normal(_)))
 }
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl JobSpec {

@@ -56,7 +56,9 @@ impl CaptureSink {
             // Echo is best effort: a closed terminal must not fail the job.
             let _ = match inner.echo {
                 Echo::None => Ok(()),
-                Echo::Stdout => std::io::stdout().lock().write_all(&buf[..keep]).and_then(|_| std::io::stdout().flush()),
+                Echo::Stdout => {
+                    std::io::stdout().lock().write_all(&buf[..keep]).and_then(|_| std::io::stdout().flush())
+                }
                 Echo::Stderr => std::io::stderr().lock().write_all(&buf[..keep]),
             };
         }

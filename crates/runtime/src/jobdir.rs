@@ -18,9 +18,8 @@ pub const RESERVED_PREFIX: &str = ".vmgrid-";
 /// Copies the job's inputs into `job_dir` (files, or directories recursively).
 pub fn stage_inputs(job: &Job, job_dir: &Path) -> Result<(), RunError> {
     for input in &job.files.inputs {
-        let meta = fs::metadata(&input.source).map_err(|e| {
-            RunError::BadJob(format!("input `{}` cannot be read: {e}", input.source.display()))
-        })?;
+        let meta = fs::metadata(&input.source)
+            .map_err(|e| RunError::BadJob(format!("input `{}` cannot be read: {e}", input.source.display())))?;
         let dest = job_dir.join(&input.dest);
         if meta.is_dir() {
             copy_tree(&input.source, &dest)?;
@@ -89,7 +88,8 @@ pub fn collect_outputs(job: &Job, job_dir: &Path, out_dir: &Path) -> Result<Coll
         if ft.is_file() {
             let dest = out_dir.join(&rel);
             if let Some(parent) = dest.parent() {
-                fs::create_dir_all(parent).map_err(|e| RunError::host(format!("cannot create {}", parent.display()), e))?;
+                fs::create_dir_all(parent)
+                    .map_err(|e| RunError::host(format!("cannot create {}", parent.display()), e))?;
             }
             fs::copy(entry.path(), &dest).map_err(|e| RunError::host(format!("cannot write {}", dest.display()), e))?;
             collected.files.push(rel);

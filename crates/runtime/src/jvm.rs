@@ -23,7 +23,10 @@ pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, Ru
     let jar = std::fs::canonicalize(jar)
         .map_err(|e| RunError::BadJob(format!("the jar `{}` cannot be read: {e}", jar.display())))?;
     let java = find_java().ok_or_else(|| {
-        RunError::Host("no `java` on PATH; install a JVM (Debian: `apt-get install default-jre-headless`) or set VMGRID_JAVA".into())
+        RunError::Host(
+            "no `java` on PATH; install a JVM (Debian: `apt-get install default-jre-headless`) or set VMGRID_JAVA"
+                .into(),
+        )
     })?;
     let mut cmd = Command::new(&java);
     cmd.arg(format!("-Xmx{}m", job.resources.memory_mb))
@@ -57,13 +60,18 @@ pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, Ru
             vm.join_readers();
             match st.code() {
                 Some(c) => Outcome::Exited(c),
-                None => Outcome::Failed(Failure { kind: FailureKind::GuestError, reason: format!("the JVM was killed: {st}") }),
+                None => Outcome::Failed(Failure {
+                    kind: FailureKind::GuestError,
+                    reason: format!("the JVM was killed: {st}"),
+                }),
             }
         }
     };
     let stderr = stderr.take();
     let outcome = match outcome {
-        Outcome::Exited(c) if c != 0 && String::from_utf8_lossy(&stderr.bytes).contains("java.lang.OutOfMemoryError") => {
+        Outcome::Exited(c)
+            if c != 0 && String::from_utf8_lossy(&stderr.bytes).contains("java.lang.OutOfMemoryError") =>
+        {
             Outcome::Failed(Failure {
                 kind: FailureKind::MemoryLimit,
                 reason: format!("the JVM ran out of its {} MiB heap (memory_mb)", job.resources.memory_mb),

@@ -13,8 +13,8 @@ pub mod qemu;
 pub mod wasm;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 pub use capture::Captured;
@@ -54,7 +54,12 @@ impl RuntimeConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { cache_dir: Self::default_cache_dir(), output_cap: Self::DEFAULT_OUTPUT_CAP, echo: false, pooled_instances: 0 }
+        RuntimeConfig {
+            cache_dir: Self::default_cache_dir(),
+            output_cap: Self::DEFAULT_OUTPUT_CAP,
+            echo: false,
+            pooled_instances: 0,
+        }
     }
 }
 

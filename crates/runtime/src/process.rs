@@ -65,11 +65,17 @@ impl Supervised {
     }
 
     /// Waits until the child exits, `deadline` passes, or `cancel` is set.
-    pub(crate) fn wait_cancellable(&mut self, deadline: Instant, cancel: Option<&AtomicBool>) -> std::io::Result<Waited> {
+    pub(crate) fn wait_cancellable(
+        &mut self,
+        deadline: Instant,
+        cancel: Option<&AtomicBool>,
+    ) -> std::io::Result<Waited> {
         loop {
             let slice = deadline.min(Instant::now() + Duration::from_millis(50));
             match self.wait_until(slice)? {
-                Waited::TimedOut if Instant::now() < deadline && !cancel.is_some_and(|c| c.load(Ordering::Relaxed)) => continue,
+                Waited::TimedOut if Instant::now() < deadline && !cancel.is_some_and(|c| c.load(Ordering::Relaxed)) => {
+                    continue;
+                }
                 w => return Ok(w),
             }
         }

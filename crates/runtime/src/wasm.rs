@@ -5,8 +5,8 @@
 //! Compiled modules are cached on disk, keyed by the module's blake3 and the engine's
 //! compatibility hash; this module holds vmgrid's only `unsafe` wasm code, the cache load.
 
-use std::hash::{Hash, Hasher};
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -91,9 +91,7 @@ impl WasmRuntime {
 
     /// A linked module, from memory if this image was linked before.
     fn prepared(&self, image: &Path) -> Result<InstancePre<GuestState>, RunError> {
-        let key = std::fs::metadata(image)
-            .ok()
-            .and_then(|m| Some((image.to_path_buf(), m.len(), m.modified().ok()?)));
+        let key = std::fs::metadata(image).ok().and_then(|m| Some((image.to_path_buf(), m.len(), m.modified().ok()?)));
         if let Some(k) = &key {
             if let Some(pre) = self.ready.lock().unwrap_or_else(|p| p.into_inner()).get(k) {
                 return Ok(pre.clone());
@@ -141,9 +139,8 @@ impl WasmRuntime {
                 Err(e) => tracing::warn!(path = %path.display(), "ignoring unusable cached module: {e:#}"),
             }
         }
-        let module = Module::new(&self.engine, bytes).map_err(|e| {
-            RunError::BadJob(format!("`{}` is not a valid WebAssembly module: {e:#}", image.display()))
-        })?;
+        let module = Module::new(&self.engine, bytes)
+            .map_err(|e| RunError::BadJob(format!("`{}` is not a valid WebAssembly module: {e:#}", image.display())))?;
         if let Err(e) = self.store_in_cache(&module, &path) {
             tracing::warn!(path = %path.display(), "cannot cache the compiled module: {e:#}");
         }
@@ -197,7 +194,9 @@ impl WasmRuntime {
         let deadline = start + Duration::from_secs(job.resources.timeout_s);
         let cancel = req.cancel.clone();
         store.epoch_deadline_callback(move |_| {
-            if Instant::now() >= deadline || cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+            if Instant::now() >= deadline
+                || cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            {
                 Err(Trap::Interrupt.into())
             } else {
                 Ok(wasmtime::UpdateDeadline::Continue(1))
@@ -257,4 +256,3 @@ fn memory_failure(memory_mb: u64, desired: usize) -> Failure {
 fn first_lines(s: &str, n: usize) -> String {
     s.lines().take(n).collect::<Vec<_>>().join("\n")
 }
-

@@ -33,8 +33,19 @@ struct Expr {
 
 /// The node attributes CEL sees, in a fixed order.
 const ATTRS: [&str; 13] = [
-    "name", "arch", "os", "cpus", "memory_mb", "disk_mb", "vm_types", "accelerators", "labels", "appliance",
-    "running_jobs", "free_cpus", "free_memory_mb",
+    "name",
+    "arch",
+    "os",
+    "cpus",
+    "memory_mb",
+    "disk_mb",
+    "vm_types",
+    "accelerators",
+    "labels",
+    "appliance",
+    "running_jobs",
+    "free_cpus",
+    "free_memory_mb",
 ];
 
 /// Which `node.NAME` attributes an expression reads; `None` if it uses `node` any other way (or
@@ -101,7 +112,11 @@ pub struct Cluster {
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster").field("vm_type", &self.vm_type).field("cpus", &self.cpus).field("memory_mb", &self.memory_mb).finish()
+        f.debug_struct("Cluster")
+            .field("vm_type", &self.vm_type)
+            .field("cpus", &self.cpus)
+            .field("memory_mb", &self.memory_mb)
+            .finish()
     }
 }
 
@@ -275,18 +290,31 @@ fn attr_hashes(n: &NodeSlot) -> [u64; ATTRS.len()] {
 }
 
 /// Evaluates `e` for node `i`, once per distinct value of what it reads.
-fn eval(e: &Expr, i: usize, values: &[Value], hashes: &[[u64; ATTRS.len()]], memo: &mut HashMap<u64, Result<Value, String>>) -> Result<Value, String> {
+fn eval(
+    e: &Expr,
+    i: usize,
+    values: &[Value],
+    hashes: &[[u64; ATTRS.len()]],
+    memo: &mut HashMap<u64, Result<Value, String>>,
+) -> Result<Value, String> {
     let run = || {
         let mut ctx = Context::default();
         ctx.add_variable_from_value("node", values[i].clone());
         e.program.execute(&ctx).map_err(|err| err.to_string())
     };
     let Some(reads) = &e.reads else { return run() };
-    let key = reads.iter().fold(0xcbf2_9ce4_8422_2325u64, |k, &a| (k ^ hashes[i][a]).wrapping_mul(0x100_0000_01b3).rotate_left(17));
+    let key = reads
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |k, &a| (k ^ hashes[i][a]).wrapping_mul(0x100_0000_01b3).rotate_left(17));
     memo.entry(key).or_insert_with(run).clone()
 }
 
-fn match_nodes(nodes: &[NodeSlot], values: &[Value], hashes: &[[u64; ATTRS.len()]], cluster: &Cluster) -> (Vec<usize>, Option<String>) {
+fn match_nodes(
+    nodes: &[NodeSlot],
+    values: &[Value],
+    hashes: &[[u64; ATTRS.len()]],
+    cluster: &Cluster,
+) -> (Vec<usize>, Option<String>) {
     if nodes.is_empty() {
         return (Vec::new(), Some("no ready nodes in the pool".into()));
     }

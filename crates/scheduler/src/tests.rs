@@ -50,10 +50,12 @@ fn fills_nodes_by_cpus_oldest_job_first() {
 
 #[test]
 fn requirements_filter_and_rank_orders() {
-    let mut nodes = vec![node("a", 2, 512, &["wasm"]), node("b", 8, 4096, &["wasm", "qemu"]), node("c", 4, 4096, &["wasm"])];
+    let mut nodes =
+        vec![node("a", 2, 512, &["wasm"]), node("b", 8, 4096, &["wasm", "qemu"]), node("c", 4, 4096, &["wasm"])];
     let c = clusters(&[(
         1,
-        Cluster::compile("wasm", 1, 64, Some("node.memory_mb >= 1024 && \"wasm\" in node.vm_types"), Some("node.cpus")).unwrap(),
+        Cluster::compile("wasm", 1, 64, Some("node.memory_mb >= 1024 && \"wasm\" in node.vm_types"), Some("node.cpus"))
+            .unwrap(),
     )]);
     let d = place(&mut nodes, &c, &jobs(1, 0..1));
     assert_eq!(d.placements, vec![Placement { job: 0, node: 1 }]);
@@ -79,7 +81,12 @@ fn unmatchable_jobs_stay_idle_with_a_reason() {
         (3, Cluster::compile("wasm", 1, 64, Some("node.cpus > 100"), None).unwrap()),
         (4, Cluster::compile("wasm", 1, 64, Some("node.nonexistent == 1"), None).unwrap()),
     ]);
-    let js = [IdleJob { id: 1, cluster: 1 }, IdleJob { id: 2, cluster: 2 }, IdleJob { id: 3, cluster: 3 }, IdleJob { id: 4, cluster: 4 }];
+    let js = [
+        IdleJob { id: 1, cluster: 1 },
+        IdleJob { id: 2, cluster: 2 },
+        IdleJob { id: 3, cluster: 3 },
+        IdleJob { id: 4, cluster: 4 },
+    ];
     let d = place(&mut nodes, &c, &js);
     assert!(d.placements.is_empty());
     assert!(d.waiting[&1].contains("2 do not run qemu jobs"), "{}", d.waiting[&1]);
@@ -102,7 +109,13 @@ fn many_cases_per_second() {
     // 10,000 jobs in 100 clusters on 100 nodes: a plain synchronous call.
     let mut nodes: Vec<NodeSlot> = (0..100).map(|i| node(&format!("n{i}"), 64, 1 << 20, &["wasm"])).collect();
     let c: HashMap<u64, Cluster> = (0..100)
-        .map(|k| (k, Cluster::compile("wasm", 1, 16, Some(&format!("node.cpus >= {}", k % 8)), Some("node.free_cpus")).unwrap()))
+        .map(|k| {
+            (
+                k,
+                Cluster::compile("wasm", 1, 16, Some(&format!("node.cpus >= {}", k % 8)), Some("node.free_cpus"))
+                    .unwrap(),
+            )
+        })
         .collect();
     let js: Vec<IdleJob> = (0..10_000).map(|id| IdleJob { id, cluster: id % 100 }).collect();
     let d = place(&mut nodes, &c, &js);
@@ -130,7 +143,8 @@ fn alike_nodes_share_evaluations_but_rank_still_tells_them_apart() {
     let mut nodes: Vec<NodeSlot> = (0..50).map(|i| node(&format!("a{i}"), 4, 1024, &["wasm"])).collect();
     nodes[37].free_cpus = 4;
     nodes[37].ad.cpus = 8;
-    let c = clusters(&[(1, Cluster::compile("wasm", 1, 64, Some("node.memory_mb >= 1024"), Some("node.cpus")).unwrap())]);
+    let c =
+        clusters(&[(1, Cluster::compile("wasm", 1, 64, Some("node.memory_mb >= 1024"), Some("node.cpus")).unwrap())]);
     let d = place(&mut nodes, &c, &jobs(1, 0..1));
     assert_eq!(d.placements, vec![Placement { job: 0, node: 37 }]);
     let c = clusters(&[(2, Cluster::compile("wasm", 1, 64, Some("node.name == 'a12'"), None).unwrap())]);

@@ -9,8 +9,8 @@ use std::time::Duration;
 use vmgrid_client::{Client, ClientError};
 use vmgrid_proto::*;
 
-use crate::pool_config::PoolArgs;
 use crate::CliError;
+use crate::pool_config::PoolArgs;
 
 impl From<ClientError> for CliError {
     fn from(e: ClientError) -> Self {
@@ -196,7 +196,11 @@ fn wait_for(client: &Client, ids: &[u64]) -> Result<i32, CliError> {
         let this = match v.state {
             JobState::Completed => v.exit_code.unwrap_or(1),
             _ => {
-                eprintln!("vmgrid: job {id} is {}: {}", v.state.as_str(), v.reason.as_deref().unwrap_or("no reason given"));
+                eprintln!(
+                    "vmgrid: job {id} is {}: {}",
+                    v.state.as_str(),
+                    v.reason.as_deref().unwrap_or("no reason given")
+                );
                 1
             }
         };
@@ -229,7 +233,10 @@ pub fn q(args: ListArgs) -> Result<i32, CliError> {
         print_json(&jobs)?;
         return Ok(0);
     }
-    println!("{:>8}  {:<16} {:<10} {:<9} {:<12} {:>4} {:>3}  REASON", "ID", "NAME", "OWNER", "STATE", "NODE", "EXIT", "RUN");
+    println!(
+        "{:>8}  {:<16} {:<10} {:<9} {:<12} {:>4} {:>3}  REASON",
+        "ID", "NAME", "OWNER", "STATE", "NODE", "EXIT", "RUN"
+    );
     for j in &jobs {
         println!(
             "{:>8}  {:<16} {:<10} {:<9} {:<12} {:>4} {:>3}  {}",
@@ -263,7 +270,10 @@ pub fn status(args: ListArgs) -> Result<i32, CliError> {
         print_json(&nodes)?;
         return Ok(0);
     }
-    println!("{:<16} {:<9} {:>4} {:>4} {:>8} {:>4}  {:<16} {:<8} APPLIANCE", "NAME", "STATE", "CPUS", "FREE", "MEM_MB", "JOBS", "VM_TYPES", "ACCEL");
+    println!(
+        "{:<16} {:<9} {:>4} {:>4} {:>8} {:>4}  {:<16} {:<8} APPLIANCE",
+        "NAME", "STATE", "CPUS", "FREE", "MEM_MB", "JOBS", "VM_TYPES", "ACCEL"
+    );
     for n in &nodes {
         println!(
             "{:<16} {:<9} {:>4} {:>4} {:>8} {:>4}  {:<16} {:<8} {}",

@@ -3,15 +3,15 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use vmgrid_coordinator::{Config, Timing};
 use vmgrid_node::NodeConfig;
 
-use crate::pool_config::{default_data_dir, read_token_file};
 use crate::CliError;
+use crate::pool_config::{default_data_dir, read_token_file};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CoordinatorArgs {
@@ -48,8 +48,15 @@ fn start(config: Config, signals: bool) -> Result<vmgrid_coordinator::Running, C
 pub fn coordinator(args: CoordinatorArgs) -> Result<i32, CliError> {
     let running = start(args.config(), true)?;
     eprintln!("vmgrid: coordinator listening on {}", running.url);
-    eprintln!("vmgrid: data in {}; nodes join with --token-file {}", running.data_dir.display(), running.data_dir.join(vmgrid_coordinator::POOL_TOKEN_FILE).display());
-    eprintln!("vmgrid: clients: export VMGRID_CONFIG={}", running.data_dir.join(vmgrid_coordinator::CLIENT_CONFIG_FILE).display());
+    eprintln!(
+        "vmgrid: data in {}; nodes join with --token-file {}",
+        running.data_dir.display(),
+        running.data_dir.join(vmgrid_coordinator::POOL_TOKEN_FILE).display()
+    );
+    eprintln!(
+        "vmgrid: clients: export VMGRID_CONFIG={}",
+        running.data_dir.join(vmgrid_coordinator::CLIENT_CONFIG_FILE).display()
+    );
     running.join();
     Ok(0)
 }
@@ -89,7 +96,11 @@ pub struct NodeArgs {
 }
 
 fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "node".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".into())
 }
 
 fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>, CliError> {
@@ -106,7 +117,8 @@ fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>, CliError>
 fn stop_on_signals() -> Result<Arc<AtomicBool>, CliError> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(|e| CliError::Failed(format!("cannot handle signals: {e}")))?;
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| CliError::Failed(format!("cannot handle signals: {e}")))?;
     }
     Ok(stop)
 }
@@ -115,7 +127,10 @@ fn stop_on_signals() -> Result<Arc<AtomicBool>, CliError> {
 pub fn node(args: NodeArgs) -> Result<i32, CliError> {
     let token = read_token_file(&args.token_file)?;
     let name = args.name.clone().unwrap_or_else(host_name);
-    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| vmgrid_runtime::RuntimeConfig::default_cache_dir().join(format!("node-{name}")));
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| vmgrid_runtime::RuntimeConfig::default_cache_dir().join(format!("node-{name}")));
     let config = NodeConfig {
         pool: args.pool.clone(),
         token,

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use vmgrid_runtime::{jobdir, Outcome, RunRequest, Runtime, RuntimeConfig};
+use vmgrid_runtime::{Outcome, RunRequest, Runtime, RuntimeConfig, jobdir};
 
 use crate::CliError;
 

@@ -61,7 +61,8 @@ pub fn read_token_file(path: &Path) -> Result<String, CliError> {
 fn read_client_toml(path: &Path) -> Result<(String, Option<String>), CliError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| CliError::BadInput(format!("cannot read {}: {e}", path.display())))?;
-    let c: ClientToml = toml::from_str(&text).map_err(|e| CliError::BadInput(format!("{}: {}", path.display(), e.message())))?;
+    let c: ClientToml =
+        toml::from_str(&text).map_err(|e| CliError::BadInput(format!("{}: {}", path.display(), e.message())))?;
     let token = match (c.token, c.token_file) {
         (Some(t), _) => Some(t),
         (None, Some(f)) => Some(read_token_file(&path.parent().unwrap_or(Path::new(".")).join(f))?),

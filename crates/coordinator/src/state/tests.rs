@@ -133,7 +133,10 @@ fn retries_then_completion_or_hold() {
     s.submit("alice", spec(0), 1, 4).unwrap();
     let l = lease_all(&mut s, "n1", 4);
     let mut r = exited(&l[0], 0);
-    r.run = RunReport::GuestFailed { failure: "time limit exceeded".into(), reason: "the time limit of 10 s was exceeded".into() };
+    r.run = RunReport::GuestFailed {
+        failure: "time limit exceeded".into(),
+        reason: "the time limit of 10 s was exceeded".into(),
+    };
     s.report("n1", vec![r], 5).unwrap();
     assert_eq!(s.jobs[&2].state, JobState::Held);
     assert!(s.jobs[&2].reason.as_deref().unwrap().starts_with("time limit exceeded"));

@@ -61,7 +61,12 @@ pub fn choose(qemu: &Path, cache_dir: &Path) -> Accel {
 fn cache_key(qemu: &Path) -> String {
     let meta = std::fs::metadata(qemu).ok();
     let (len, mtime) = meta
-        .map(|m| (m.len(), m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs())))
+        .map(|m| {
+            (
+                m.len(),
+                m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs()),
+            )
+        })
         .unwrap_or((0, 0));
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{}:{len}:{mtime}:{}", qemu.display(), kernel.trim()).replace('=', "_")

@@ -48,9 +48,7 @@ pub(crate) fn find_tool(env: &str, name: &str) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(env) {
         return Some(PathBuf::from(p));
     }
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, RunError> {
@@ -82,7 +80,8 @@ pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, Ru
     let mut vm = Supervised::spawn(&mut cmd, stdout.clone(), stderr.clone())
         .map_err(|e| RunError::host(format!("cannot start {}", qemu.display()), e))?;
     let deadline = start + Duration::from_secs(job.resources.timeout_s);
-    let waited = vm.wait_cancellable(deadline, req.cancel.as_deref()).map_err(|e| RunError::host("waiting for qemu", e))?;
+    let waited =
+        vm.wait_cancellable(deadline, req.cancel.as_deref()).map_err(|e| RunError::host("waiting for qemu", e))?;
     let status = match waited {
         Waited::Exited(st) => Some(st),
         Waited::TimedOut => {
@@ -98,7 +97,10 @@ pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, Ru
         None if req.cancelled() => Outcome::Failed(crate::cancelled_failure()),
         None => Outcome::Failed(Failure {
             kind: FailureKind::TimeLimit,
-            reason: format!("the time limit of {} s was exceeded (timeout_s); the VM was stopped", job.resources.timeout_s),
+            reason: format!(
+                "the time limit of {} s was exceeded (timeout_s); the VM was stopped",
+                job.resources.timeout_s
+            ),
         }),
         Some(st) if !st.success() => {
             let msg = String::from_utf8_lossy(&stderr.bytes).trim().to_string();
@@ -116,7 +118,8 @@ pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, Ru
 
 /// Asks QEMU to quit over QMP, then kills it if it has not gone within the grace period.
 fn stop(vm: &mut Supervised, qmp_path: &Path) {
-    let asked = qmp::Qmp::connect(qmp_path, Duration::from_secs(1)).and_then(|mut q| q.execute("quit", serde_json::json!({})));
+    let asked =
+        qmp::Qmp::connect(qmp_path, Duration::from_secs(1)).and_then(|mut q| q.execute("quit", serde_json::json!({})));
     if let Err(e) = &asked {
         tracing::warn!(pid = vm.pid(), "QMP quit failed, killing qemu: {e}");
     }
@@ -138,7 +141,10 @@ fn guest_outcome(job_dir: &Path, console: &[u8]) -> Outcome {
     match (text, panic) {
         (_, Some(line)) => Outcome::Failed(Failure {
             kind: FailureKind::GuestError,
-            reason: format!("the guest kernel panicked: {}", line.trim_start_matches(|c: char| c == '[' || c == ']' || c.is_ascii_digit() || c == '.' || c == ' ')),
+            reason: format!(
+                "the guest kernel panicked: {}",
+                line.trim_start_matches(|c: char| c == '[' || c == ']' || c.is_ascii_digit() || c == '.' || c == ' ')
+            ),
         }),
         (Some(t), None) => match t.trim().parse::<i32>() {
             Ok(code) => Outcome::Exited(code),
@@ -187,7 +193,10 @@ fn create_overlay(image: &Path, scratch: &Path) -> Result<PathBuf, RunError> {
     }
     let format = info.get("format").and_then(|f| f.as_str()).unwrap_or("raw").to_string();
     if !["raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx"].contains(&format.as_str()) {
-        return Err(RunError::BadJob(format!("the image `{}` has format `{format}`, which vmgrid does not run", image.display())));
+        return Err(RunError::BadJob(format!(
+            "the image `{}` has format `{format}`, which vmgrid does not run",
+            image.display()
+        )));
     }
     let overlay = scratch.join("overlay.qcow2");
     let out = Command::new(&qemu_img)
@@ -197,7 +206,10 @@ fn create_overlay(image: &Path, scratch: &Path) -> Result<PathBuf, RunError> {
         .output()
         .map_err(|e| RunError::host(format!("cannot run {}", qemu_img.display()), e))?;
     if !out.status.success() {
-        return Err(RunError::Host(format!("cannot create an overlay: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(RunError::Host(format!(
+            "cannot create an overlay: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
     Ok(overlay)
 }
@@ -229,7 +241,10 @@ fn command(
         .args(["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"])
         .args(["-qmp", &format!("unix:{},server=on,wait=off", opt_path(qmp))])
         .args(["-sandbox", &format!("on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny")])
-        .args(["-fsdev", &format!("local,id=job,path={},security_model=mapped-xattr,multidevs=remap", opt_path(&job_dir))])
+        .args([
+            "-fsdev",
+            &format!("local,id=job,path={},security_model=mapped-xattr,multidevs=remap", opt_path(&job_dir)),
+        ])
         .args(["-device", &format!("virtio-9p-pci,fsdev=job,mount_tag={MOUNT_TAG}")]);
     if let Some(user) = run_as {
         cmd.args(["-runas", user]);
@@ -271,7 +286,9 @@ fn hand_to_nobody(job_dir: &Path) -> Result<&'static str, RunError> {
     let (uid, gid) = unsafe {
         let pw = libc::getpwnam(name.as_ptr());
         if pw.is_null() {
-            return Err(RunError::Host(format!("vmgrid runs as root but there is no `{UNPRIVILEGED_USER}` user for QEMU to run as")));
+            return Err(RunError::Host(format!(
+                "vmgrid runs as root but there is no `{UNPRIVILEGED_USER}` user for QEMU to run as"
+            )));
         }
         ((*pw).pw_uid, (*pw).pw_gid)
     };
@@ -320,12 +337,16 @@ mod tests {
     #[test]
     fn exit_file_decides_the_outcome() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(guest_outcome(dir.path(), b"booted\n"), Outcome::Failed(f) if f.reason.contains("without writing") && f.reason.contains("booted")));
+        assert!(
+            matches!(guest_outcome(dir.path(), b"booted\n"), Outcome::Failed(f) if f.reason.contains("without writing") && f.reason.contains("booted"))
+        );
         std::fs::write(dir.path().join(EXIT_FILE), "7\n").unwrap();
         assert_eq!(guest_outcome(dir.path(), b""), Outcome::Exited(7));
         std::fs::write(dir.path().join(EXIT_FILE), "seven").unwrap();
         assert!(matches!(guest_outcome(dir.path(), b""), Outcome::Failed(f) if f.reason.contains("not a decimal")));
         let panic = b"[    1.234] Kernel panic - not syncing: Attempted to kill init!\n";
-        assert!(matches!(guest_outcome(dir.path(), panic), Outcome::Failed(f) if f.reason == "the guest kernel panicked: Kernel panic - not syncing: Attempted to kill init!"));
+        assert!(
+            matches!(guest_outcome(dir.path(), panic), Outcome::Failed(f) if f.reason == "the guest kernel panicked: Kernel panic - not syncing: Attempted to kill init!")
+        );
     }
 }

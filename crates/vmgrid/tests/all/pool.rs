@@ -51,7 +51,19 @@ fn a_two_node_pool_runs_a_sweep_keeps_exit_codes_and_fetches_outputs() {
     let out = pool.cli().args(["status", "--json"]).output().unwrap();
     let nodes: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(nodes.len(), 2);
-    for key in ["name", "state", "arch", "os", "cpus", "memory_mb", "disk_mb", "vm_types", "accelerators", "labels", "appliance"] {
+    for key in [
+        "name",
+        "state",
+        "arch",
+        "os",
+        "cpus",
+        "memory_mb",
+        "disk_mb",
+        "vm_types",
+        "accelerators",
+        "labels",
+        "appliance",
+    ] {
         assert!(nodes[0].get(key).is_some(), "status --json lacks {key}");
     }
     let metrics = pool.admin().metrics().unwrap();
@@ -69,24 +81,32 @@ fn bad_tokens_and_wrong_roles_are_refused() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_of(&out).contains("not valid for this pool"), "{}", stderr_of(&out));
     // The pool token only registers nodes.
-    let out = vmgrid().args(["q", "--pool", &pool.url, "--token-file"]).arg(pool.data_dir().join("pool.token")).output().unwrap();
+    let out = vmgrid()
+        .args(["q", "--pool", &pool.url, "--token-file"])
+        .arg(pool.data_dir().join("pool.token"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_of(&out).contains("a pool token cannot list jobs"), "{}", stderr_of(&out));
     // Garbage bodies get a 4xx with a sentence.
-    let err = vmgrid_client::Client::new(&pool.url, &std::fs::read_to_string(pool.data_dir().join("pool.token")).unwrap())
-        .register(&vmgrid_proto::NodeAd {
-            name: "bad name!".into(),
-            arch: "x".into(),
-            os: "y".into(),
-            cpus: 1,
-            memory_mb: 1,
-            disk_mb: 1,
-            vm_types: vec![],
-            accelerators: vec![],
-            labels: Default::default(),
-            appliance: false,
-        }, None)
-        .unwrap_err();
+    let err =
+        vmgrid_client::Client::new(&pool.url, &std::fs::read_to_string(pool.data_dir().join("pool.token")).unwrap())
+            .register(
+                &vmgrid_proto::NodeAd {
+                    name: "bad name!".into(),
+                    arch: "x".into(),
+                    os: "y".into(),
+                    cpus: 1,
+                    memory_mb: 1,
+                    disk_mb: 1,
+                    vm_types: vec![],
+                    accelerators: vec![],
+                    labels: Default::default(),
+                    appliance: false,
+                },
+                None,
+            )
+            .unwrap_err();
     assert_eq!(err.status(), Some(400), "{err}");
 }
 
@@ -105,15 +125,30 @@ fn a_user_cannot_remove_another_users_job() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
     let id = ids_of(&out)[0];
 
-    let out = vmgrid().env("VMGRID_POOL", &pool.url).arg("rm").arg(id.to_string()).arg("--token-file").arg(&b_tok).output().unwrap();
+    let out = vmgrid()
+        .env("VMGRID_POOL", &pool.url)
+        .arg("rm")
+        .arg(id.to_string())
+        .arg("--token-file")
+        .arg(&b_tok)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_of(&out).contains("belongs to alice, not bob"), "{}", stderr_of(&out));
     // Bob does not even see it.
-    let out = vmgrid().env("VMGRID_POOL", &pool.url).args(["q", "--json"]).arg("--token-file").arg(&b_tok).output().unwrap();
+    let out =
+        vmgrid().env("VMGRID_POOL", &pool.url).args(["q", "--json"]).arg("--token-file").arg(&b_tok).output().unwrap();
     assert_eq!(stdout_of(&out).trim(), "[]");
     assert_eq!(pool.job(id).state, JobState::Idle);
     // Alice can, and the admin can see it removed.
-    let out = vmgrid().env("VMGRID_POOL", &pool.url).arg("rm").arg(id.to_string()).arg("--token-file").arg(&a_tok).output().unwrap();
+    let out = vmgrid()
+        .env("VMGRID_POOL", &pool.url)
+        .arg("rm")
+        .arg(id.to_string())
+        .arg("--token-file")
+        .arg(&a_tok)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
     assert_eq!(pool.job(id).state, JobState::Removed);
 }
@@ -217,7 +252,11 @@ fn a_node_cut_off_and_brought_back_is_fenced() {
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     pool.wait_for("n1's late result to be refused", |p| {
-        p.admin().metrics().unwrap().lines().any(|l| l.starts_with("vmgrid_results_refused_total") && !l.ends_with(" 0"))
+        p.admin()
+            .metrics()
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("vmgrid_results_refused_total") && !l.ends_with(" 0"))
     });
     pool.wait_for("n1 to rejoin", |p| {
         p.admin().nodes().unwrap().iter().any(|n| n.ad.name == "n1" && n.state == vmgrid_proto::NodeState::Ready)
@@ -241,7 +280,6 @@ fn a_killed_coordinator_restarts_and_every_acknowledged_job_completes_once() {
         p.admin().jobs().unwrap().iter().filter(|j| j.state == JobState::Completed).count() >= 20
     });
     pool.kill_coordinator();
-    std::thread::sleep(std::time::Duration::from_millis(300));
     pool.start_coordinator();
     pool.wait_for("all jobs to complete", |p| {
         p.admin().jobs().unwrap().iter().filter(|j| j.state == JobState::Completed).count() == 300
@@ -308,7 +346,9 @@ fn vmgrid_up_runs_an_embedded_pool_that_the_cli_finds() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let out = cli().args(["status", "--json"]).output().unwrap();
-        if out.status.success() && serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).map(|v| v.len()).ok() == Some(2) {
+        if out.status.success()
+            && serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).map(|v| v.len()).ok() == Some(2)
+        {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "the embedded nodes did not join");

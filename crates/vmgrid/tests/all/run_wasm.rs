@@ -28,7 +28,13 @@ fn inputs_and_outputs_keep_subdirectories() {
     d.write("tree/a/b.txt", "nested input");
     let job = probe_job(
         &d,
-        &["read:data/in.txt", "read:/job/tree/a/b.txt", "write:out/sub/r.csv:1,2", "write:top.txt:top", "write:skip.log:no"],
+        &[
+            "read:data/in.txt",
+            "read:/job/tree/a/b.txt",
+            "write:out/sub/r.csv:1,2",
+            "write:top.txt:top",
+            "write:skip.log:no",
+        ],
         "[files]\ninputs = [\"data/in.txt\", \"tree\"]\noutputs = [\"top.txt\", \"out/**/*.csv\"]\n",
     );
     let out = vmgrid().arg("run").arg(&job).arg("--out").arg(d.out()).output().unwrap();

@@ -110,7 +110,8 @@ pub const LEASE_TTL_MS: u64 = 1500;
 impl Pool {
     pub fn start() -> Pool {
         let dir = tempfile::tempdir().unwrap();
-        let mut pool = Pool { dir, url: String::new(), coordinator: None, nodes: Vec::new(), listen: "127.0.0.1:0".into() };
+        let mut pool =
+            Pool { dir, url: String::new(), coordinator: None, nodes: Vec::new(), listen: "127.0.0.1:0".into() };
         pool.start_coordinator();
         pool
     }
@@ -135,7 +136,9 @@ impl Pool {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
             if let Ok(text) = std::fs::read_to_string(&config) {
-                if let Some(url) = text.lines().find_map(|l| l.strip_prefix("pool = \"")).map(|u| u.trim_end_matches('"').to_string()) {
+                if let Some(url) =
+                    text.lines().find_map(|l| l.strip_prefix("pool = \"")).map(|u| u.trim_end_matches('"').to_string())
+                {
                     self.url = url;
                     break;
                 }
@@ -227,7 +230,10 @@ pub fn probe_job_file(dir: &Path, name: &str, args: &[&str], extra: &str) -> Pat
     let p = dir.join(format!("{name}.toml"));
     std::fs::write(
         &p,
-        format!("name = \"{name}\"\n[vm]\ntype = \"wasm\"\nimage = {}\nargs = [{args}]\n{extra}", toml_path(&guest_wasm("probe"))),
+        format!(
+            "name = \"{name}\"\n[vm]\ntype = \"wasm\"\nimage = {}\nargs = [{args}]\n{extra}",
+            toml_path(&guest_wasm("probe"))
+        ),
     )
     .unwrap();
     p
