@@ -330,11 +330,7 @@ fn vmgrid_up_runs_an_embedded_pool_that_the_cli_finds() {
         .spawn()
         .unwrap();
     let config = data.join("client.toml");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !config.exists() {
-        assert!(std::time::Instant::now() < deadline, "vmgrid up wrote no client.toml");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until("vmgrid up to write client.toml", || config.exists());
     for f in ["pool.token", "admin.token"] {
         assert!(data.join(f).exists(), "{f}");
     }
@@ -343,17 +339,11 @@ fn vmgrid_up_runs_an_embedded_pool_that_the_cli_finds() {
         c.env("VMGRID_CONFIG", &config);
         c
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
+    wait_until("the embedded nodes to join", || {
         let out = cli().args(["status", "--json"]).output().unwrap();
-        if out.status.success()
+        out.status.success()
             && serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).map(|v| v.len()).ok() == Some(2)
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the embedded nodes did not join");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    });
     let job = probe_job_file(d.path(), "emb", &["args", "{index}"], "");
     let out = cli().arg("submit").arg(&job).args(["--count", "4", "--wait"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));

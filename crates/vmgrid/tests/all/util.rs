@@ -133,19 +133,14 @@ impl Pool {
             .spawn()
             .unwrap();
         self.coordinator = Some(child);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&config) {
-                if let Some(url) =
-                    text.lines().find_map(|l| l.strip_prefix("pool = \"")).map(|u| u.trim_end_matches('"').to_string())
-                {
-                    self.url = url;
-                    break;
-                }
-            }
-            assert!(std::time::Instant::now() < deadline, "the coordinator did not start");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        let mut url = None;
+        wait_until("the coordinator to start", || {
+            url = std::fs::read_to_string(&config).ok().and_then(|text| {
+                text.lines().find_map(|l| l.strip_prefix("pool = \"")).map(|u| u.trim_end_matches('"').to_string())
+            });
+            url.is_some()
+        });
+        self.url = url.expect("set when the wait ended");
         self.listen = self.url.trim_start_matches("http://").to_string();
     }
 
@@ -202,11 +197,7 @@ impl Pool {
     }
 
     pub fn wait_for(&self, what: &str, cond: impl Fn(&Pool) -> bool) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !cond(self) {
-            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(std::time::Duration::from_millis(25));
-        }
+        wait_until(what, || cond(self));
     }
 
     pub fn job(&self, id: u64) -> vmgrid_proto::JobView {
@@ -241,4 +232,13 @@ pub fn probe_job_file(dir: &Path, name: &str, args: &[&str], extra: &str) -> Pat
 
 pub fn ids_of(out: &std::process::Output) -> Vec<u64> {
     stdout_of(out).lines().map(|l| l.trim().parse().unwrap()).collect()
+}
+
+/// Polls `cond` until it holds; fails the test after 60 s, naming what it waited for.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
