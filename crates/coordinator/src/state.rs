@@ -595,8 +595,18 @@ impl State {
         if delivered {
             j.losses += 1;
         }
-        j.node = None;
-        if j.losses > MAX_NODE_LOSSES {
+        let lost_node = j.node.take();
+        let ssi = self.specs.get(&j.spec_id).is_some_and(|s| s.spec.ssi.is_some());
+        if delivered && ssi {
+            // A process of a single-system image has had effects (files, children, output) that
+            // a rerun would repeat; like a process on a crashed machine, it ends, with the reason.
+            j.state = JobState::Held;
+            j.reason = Some(format!(
+                "{why}: the process was lost with its node {}",
+                lost_node.as_deref().unwrap_or("(unknown)")
+            ));
+            j.finished_ms = Some(now);
+        } else if j.losses > MAX_NODE_LOSSES {
             j.state = JobState::Held;
             j.reason = Some(format!(
                 "{why}; the job lost its node {} times, so it is held: `vmgrid release {id}` to try again",

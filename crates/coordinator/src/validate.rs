@@ -19,7 +19,10 @@ pub fn spec(s: &JobSpec) -> Result<(), String> {
     let range = |what: &str, v: u64, lo: u64, hi: u64| {
         if v < lo || v > hi { Err(format!("{what} is {v}, but must be between {lo} and {hi}")) } else { Ok(()) }
     };
-    range("cpus", s.cpus as u64, 1, limits::MAX_CPUS as u64)?;
+    // An SSI process shares its node's cpus by time slicing, as a process on one machine does, so
+    // it may ask for none; the matchmaker then spreads such jobs over the least loaded nodes.
+    let min_cpus = if s.ssi.is_some() { 0 } else { 1 };
+    range("cpus", s.cpus as u64, min_cpus, limits::MAX_CPUS as u64)?;
     range("memory_mb", s.memory_mb, 1, max_mem)?;
     range("timeout_s", s.timeout_s, 1, limits::MAX_TIMEOUT_S)?;
     range("disk_mb", s.disk_mb, 1, limits::MAX_DISK_MB)?;
@@ -35,6 +38,17 @@ pub fn spec(s: &JobSpec) -> Result<(), String> {
     }
     if s.vm_type != "qemu" && s.image.is_none() {
         return Err(format!("a {} job needs an image", s.vm_type));
+    }
+    if let Some(ssi) = &s.ssi {
+        if s.vm_type != "wasm" {
+            return Err("an SSI process must be a wasm job".into());
+        }
+        if !(ssi.home.starts_with("http://") || ssi.home.starts_with("https://")) || ssi.home.len() > 2048 {
+            return Err(format!("the SSI home `{}` is not an http(s) URL", ssi.home));
+        }
+        if ssi.token.is_empty() || ssi.token.len() > 256 {
+            return Err("the SSI process token must be 1 to 256 characters".into());
+        }
     }
     let files = s.image.iter().chain(&s.kernel).chain(&s.initrd).chain(&s.inputs);
     for f in files {

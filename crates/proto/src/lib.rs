@@ -50,6 +50,23 @@ pub struct JobSpec {
     pub rank: Option<String>,
     #[serde(default)]
     pub max_retries: u32,
+    /// Set when the job is a process of a single-system image (`vmgrid ssi`): the node runs it
+    /// against its home instead of a job directory of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssi: Option<SsiSpec>,
+}
+
+/// Where an SSI process's home (the console that owns its files and process table) is, and the
+/// capability that lets this one process talk to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SsiSpec {
+    /// The home's URL, which nodes connect to (outward, as they connect to the pool).
+    pub home: String,
+    /// A secret for this process alone; the home checks it on every call.
+    pub token: String,
+    /// The global PID.
+    pub pid: u64,
 }
 
 fn default_network() -> String {

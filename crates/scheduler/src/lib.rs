@@ -230,6 +230,34 @@ pub fn place<'c, C: Clusters<'c>, J: std::borrow::Borrow<IdleJob>>(
             }
             (list, 0)
         });
+        if cluster.cpus == 0 {
+            // Time-shared jobs (SSI processes) use no cpu slot, so no node ever fills up for
+            // them: spread them instead, least loaded first, rank breaking ties.
+            let best = list
+                .iter()
+                .copied()
+                .filter(|&i| nodes[i].free_memory_mb >= cluster.memory_mb)
+                .min_by_key(|&i| nodes[i].running_jobs);
+            match best {
+                Some(idx) => {
+                    let n = &mut nodes[idx];
+                    n.free_memory_mb -= cluster.memory_mb;
+                    n.running_jobs += 1;
+                    decision.placements.push(Placement { job: job.id, node: idx });
+                }
+                None if !list.is_empty() => {
+                    decision.waiting.entry(job.cluster).or_insert_with(|| {
+                        format!(
+                            "waiting for {} MiB free on one of the {} matching node(s)",
+                            cluster.memory_mb,
+                            list.len()
+                        )
+                    });
+                }
+                None => {}
+            }
+            continue;
+        }
         while *cursor < list.len() {
             let n = &nodes[list[*cursor]];
             if n.free_cpus >= cluster.cpus && n.free_memory_mb >= cluster.memory_mb {

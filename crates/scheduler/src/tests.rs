@@ -151,3 +151,22 @@ fn alike_nodes_share_evaluations_but_rank_still_tells_them_apart() {
     let d = place(&mut nodes, &c, &[IdleJob { id: 5, cluster: 2 }]);
     assert_eq!(d.placements, vec![Placement { job: 5, node: 12 }]);
 }
+
+#[test]
+fn time_shared_jobs_spread_over_the_least_loaded_nodes() {
+    let mut nodes = vec![node("a", 1, 1024, &["wasm"]), node("b", 1, 1024, &["wasm"]), node("c", 1, 200, &["wasm"])];
+    nodes[0].running_jobs = 1;
+    let c = clusters(&[(1, Cluster::compile("wasm", 0, 256, None, None).unwrap())]);
+    let d = place(&mut nodes, &c, &jobs(1, 0..6));
+    let placed: Vec<usize> = d.placements.iter().map(|p| p.node).collect();
+    // c has too little memory for any; b is emptiest first, then a and b alternate.
+    assert_eq!(placed, vec![1, 0, 1, 0, 1, 0]);
+    assert_eq!(nodes[0].free_memory_mb, 1024 - 3 * 256);
+    assert_eq!(nodes[1].free_memory_mb, 1024 - 3 * 256);
+    // They used no cpu slots; memory bounds them: two more fit, then the next waits, with a reason.
+    assert_eq!(nodes[0].free_cpus, 1);
+    assert_eq!(place(&mut nodes, &c, &jobs(1, 6..8)).placements.len(), 2);
+    let d = place(&mut nodes, &c, &jobs(1, 8..9));
+    assert!(d.placements.is_empty());
+    assert!(d.waiting[&1].contains("256 MiB"), "{:?}", d.waiting);
+}

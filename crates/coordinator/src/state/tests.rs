@@ -32,6 +32,7 @@ fn spec(max_retries: u32) -> JobSpec {
         requirements: None,
         rank: None,
         max_retries,
+        ssi: None,
     }
 }
 
@@ -226,4 +227,26 @@ fn jobs_never_handed_to_a_node_are_not_counted_as_lost() {
     s.schedule(0);
     s.tick(5_000);
     assert_eq!((s.jobs[&1].state, s.jobs[&1].losses), (JobState::Idle, 0));
+}
+
+#[test]
+fn an_ssi_process_on_a_lost_node_ends_held_with_the_reason_and_is_not_rerun() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = fresh(dir.path());
+    s.register(ad("n1", 1), None, false, 0).unwrap();
+    let mut p = spec(0);
+    p.cpus = 0;
+    p.ssi = Some(SsiSpec { home: "http://127.0.0.1:1".into(), token: "t".into(), pid: 7 });
+    s.submit("alice", p, 2, 0).unwrap();
+    // Time-shared: both placed on a one-cpu node; only the first is handed over.
+    s.schedule(0);
+    let leases = s.take_leases("n1", 1, 1, 0);
+    assert_eq!(leases.len(), 1);
+    s.tick(10_000);
+    let lost = &s.jobs[&leases[0].job_id];
+    assert_eq!(lost.state, JobState::Held);
+    assert!(lost.reason.as_deref().unwrap().contains("lost with its node n1"), "{:?}", lost.reason);
+    // The one never delivered had no effects yet: it waits for another node.
+    let other = if leases[0].job_id == 1 { 2 } else { 1 };
+    assert_eq!(s.jobs[&other].state, JobState::Idle);
 }
