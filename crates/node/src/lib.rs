@@ -7,6 +7,7 @@
 
 mod cache;
 mod fingerprint;
+mod ssi;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -275,8 +276,22 @@ impl Agent {
             let job_dir = dir.join("job");
             std::fs::create_dir_all(&job_dir).map_err(|e| RunError::host("cannot create the job directory", e))?;
             jobdir::stage_inputs(&job, &job_dir)?;
-            let result =
-                self.runtime.run(&RunRequest { job: &job, job_dir: &job_dir, cancel: Some(cancel.clone()) })?;
+            // An SSI process runs against its home: its job directory is the mirror of the
+            // home's files, and the home hears of its start, output and end first.
+            let home = lease.spec.ssi.clone().map(|spec| ssi::HomeLink::start(spec, cancel.clone()));
+            if let Some(h) = &home {
+                h.started(&self.ad.name);
+            }
+            let host = home.clone().map(|h| h as Arc<dyn vmgrid_runtime::ssi::SsiHost>);
+            let run =
+                self.runtime.run(&RunRequest { job: &job, job_dir: &job_dir, cancel: Some(cancel.clone()), ssi: host });
+            if let Some(h) = &home {
+                match &run {
+                    Ok(r) => h.finish(Some(&r.outcome), None),
+                    Err(e) => h.finish(None, Some(&e.to_string())),
+                }
+            }
+            let result = run?;
             let out_dir = dir.join("out");
             let collected = jobdir::collect_outputs(&job, &job_dir, &out_dir)?;
             let upload = |bytes: &[u8], name: &str| {

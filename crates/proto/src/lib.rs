@@ -51,7 +51,8 @@ pub struct JobSpec {
     #[serde(default)]
     pub max_retries: u32,
     /// Set when the job is a process of a single-system image (`vmgrid ssi`): the node runs it
-    /// against its home instead of a job directory of its own.
+    /// against its home instead of a job directory of its own, and `args` is the whole argv
+    /// (argv[0] is the module's path in the SSI filesystem).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssi: Option<SsiSpec>,
 }
@@ -498,5 +499,71 @@ mod tests {
     fn unknown_fields_are_refused_on_the_wire() {
         let r: Result<LeaseRequest, _> = serde_json::from_str(r#"{"max_jobs": 1, "wait_ms": 0, "evil": true}"#);
         assert!(r.is_err());
+    }
+}
+
+/// The protocol between an SSI process's node and its home (`vmgrid ssi`). Errors are HTTP 422
+/// with the WASI errno in [`ssi::ERRNO_HEADER`]; a refused process token is 401.
+pub mod ssi {
+    use serde::{Deserialize, Serialize};
+
+    pub const ERRNO_HEADER: &str = "x-vmgrid-errno";
+    /// `file` or `dir`, on answers to a fetch.
+    pub const KIND_HEADER: &str = "x-vmgrid-kind";
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct SpawnRequest {
+        pub argv: Vec<String>,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct SpawnResponse {
+        pub pid: u64,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct WaitRequest {
+        pub pid: i64,
+        pub wait_ms: u64,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct WaitResponse {
+        /// The child's exit status; `None` if it is still running after `wait_ms`.
+        pub status: Option<i32>,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct StartedRequest {
+        pub node: String,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct ExitRequest {
+        pub status: i32,
+        /// Why, when the process did not exit on its own.
+        pub reason: Option<String>,
+        /// Output bytes dropped because the home could not take them fast enough.
+        pub dropped: u64,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct SignalResponse {
+        pub kill: bool,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct DirEntry {
+        pub name: String,
+        pub dir: bool,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(tag = "op", rename_all = "lowercase")]
+    pub enum FsOpRequest {
+        Mkdir { path: String },
+        Rmdir { path: String },
+        Unlink { path: String },
+        Rename { path: String, to: String },
     }
 }

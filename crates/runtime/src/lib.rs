@@ -10,6 +10,7 @@ pub mod jobdir;
 pub mod jvm;
 mod process;
 pub mod qemu;
+pub mod ssi;
 pub mod wasm;
 
 use std::path::{Path, PathBuf};
@@ -64,12 +65,15 @@ impl Default for RuntimeConfig {
 }
 
 /// One job to run: the validated job and the directory it runs in (already holding its inputs).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RunRequest<'a> {
     pub job: &'a Job,
     pub job_dir: &'a Path,
     /// Set to stop the job early (its lease was revoked); it then fails as `Cancelled`.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// For a process of a single-system image: its home. The job directory is then the mirror of
+    /// the home's files, preopened as `/`, and stdout and stderr go to the home's console.
+    pub ssi: Option<Arc<dyn ssi::SsiHost>>,
 }
 
 impl RunRequest<'_> {
@@ -180,6 +184,9 @@ impl Runtime {
 
     /// Runs the job in its VM and waits for it. Outputs stay in the job directory.
     pub fn run(&self, req: &RunRequest<'_>) -> Result<RunResult, RunError> {
+        if req.ssi.is_some() && req.job.vm.vm_type != VmType::Wasm {
+            return Err(RunError::BadJob("an SSI process must be a WASI preview-1 module (vm = \"wasm\")".into()));
+        }
         let mut result = match req.job.vm.vm_type {
             VmType::Wasm => self.wasm()?.run(req, &self.config)?,
             VmType::Qemu => qemu::run(req, &self.config)?,

@@ -19,6 +19,7 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 use crate::capture::CaptureSink;
 use crate::{Failure, FailureKind, Outcome, RunError, RunRequest, RunResult, RuntimeConfig};
 
+mod ssi;
 mod stream;
 
 /// One epoch tick. Time limits are enforced to within about this much.
@@ -29,10 +30,14 @@ const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 pub struct WasmRuntime {
     engine: Engine,
     linker: Linker<GuestState>,
+    /// WASI with the SSI mirror and the `vmgrid` import module, for processes of an SSI.
+    ssi_linker: Linker<GuestState>,
     cache_dir: PathBuf,
-    /// Linked modules by (path, size, mtime): a node running a sweep links its module once.
-    ready: Mutex<HashMap<(PathBuf, u64, SystemTime), InstancePre<GuestState>>>,
+    /// Linked modules by (path, size, mtime, ssi): a node running a sweep links its module once.
+    ready: Mutex<HashMap<ReadyKey, InstancePre<GuestState>>>,
 }
+
+type ReadyKey = (PathBuf, u64, SystemTime, bool);
 
 /// Linked modules kept in memory; past this, the map starts over.
 const READY_MODULES: usize = 64;
@@ -40,6 +45,7 @@ const READY_MODULES: usize = 64;
 struct GuestState {
     wasi: WasiP1Ctx,
     limits: MemoryLimit,
+    ssi: Option<ssi::SsiFs>,
 }
 
 /// Bounds linear memory to `memory_mb`. A denied growth makes `memory.grow` return -1, as the spec
@@ -77,6 +83,8 @@ impl WasmRuntime {
         let engine = Engine::new(&cfg)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut GuestState| &mut s.wasi)?;
+        let mut ssi_linker = linker.clone();
+        ssi::add_to_linker(&mut ssi_linker)?;
         // The ticker only holds a weak handle, so it ends when the engine does.
         let weak = engine.weak();
         std::thread::Builder::new().name("vmgrid-epoch".into()).spawn(move || {
@@ -86,18 +94,26 @@ impl WasmRuntime {
                 std::thread::sleep(EPOCH_TICK);
             }
         })?;
-        Ok(WasmRuntime { engine, linker, cache_dir: config.cache_dir.join("wasm"), ready: Mutex::new(HashMap::new()) })
+        Ok(WasmRuntime {
+            engine,
+            linker,
+            ssi_linker,
+            cache_dir: config.cache_dir.join("wasm"),
+            ready: Mutex::new(HashMap::new()),
+        })
     }
 
     /// A linked module, from memory if this image was linked before.
-    fn prepared(&self, image: &Path) -> Result<InstancePre<GuestState>, RunError> {
-        let key = std::fs::metadata(image).ok().and_then(|m| Some((image.to_path_buf(), m.len(), m.modified().ok()?)));
+    fn prepared(&self, image: &Path, for_ssi: bool) -> Result<InstancePre<GuestState>, RunError> {
+        let key = std::fs::metadata(image)
+            .ok()
+            .and_then(|m| Some((image.to_path_buf(), m.len(), m.modified().ok()?, for_ssi)));
         if let Some(k) = &key {
             if let Some(pre) = self.ready.lock().unwrap_or_else(|p| p.into_inner()).get(k) {
                 return Ok(pre.clone());
             }
         }
-        let pre = self.prepare(image)?;
+        let pre = self.prepare(image, for_ssi)?;
         if let Some(k) = key {
             let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
             if ready.len() >= READY_MODULES {
@@ -109,7 +125,7 @@ impl WasmRuntime {
     }
 
     /// Loads and compiles (or fetches from the cache) a module, ready to instantiate.
-    fn prepare(&self, image: &Path) -> Result<InstancePre<GuestState>, RunError> {
+    fn prepare(&self, image: &Path, for_ssi: bool) -> Result<InstancePre<GuestState>, RunError> {
         let bytes = std::fs::read(image)
             .map_err(|e| RunError::BadJob(format!("cannot read the wasm image `{}`: {e}", image.display())))?;
         if bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] != [1, 0, 0, 0] {
@@ -119,8 +135,14 @@ impl WasmRuntime {
             )));
         }
         let module = self.load_module(image, &bytes)?;
-        self.linker.instantiate_pre(&module).map_err(|e| {
-            RunError::BadJob(format!("`{}` cannot be linked as a WASI preview-1 command: {e:#}", image.display()))
+        let linker = if for_ssi { &self.ssi_linker } else { &self.linker };
+        linker.instantiate_pre(&module).map_err(|e| {
+            let hint = if !for_ssi && module.imports().any(|i| i.module() == "vmgrid") {
+                " (it imports `vmgrid`, so it is a process for `vmgrid ssi`, not a job)"
+            } else {
+                ""
+            };
+            RunError::BadJob(format!("`{}` cannot be linked as a WASI preview-1 command: {e:#}{hint}", image.display()))
         })
     }
 
@@ -165,28 +187,38 @@ impl WasmRuntime {
     pub fn run(&self, req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, RunError> {
         let job = req.job;
         let image = job.vm.image.as_deref().ok_or_else(|| RunError::BadJob("a wasm job needs `image`".into()))?;
-        let pre = self.prepared(image)?;
+        let pre = self.prepared(image, req.ssi.is_some())?;
         let start = Instant::now();
         let (stdout, stderr) = CaptureSink::pair(config);
+        let (out_stream, err_stream) = match &req.ssi {
+            Some(host) => {
+                (stream::CapturedStream::Home(host.clone(), 1), stream::CapturedStream::Home(host.clone(), 2))
+            }
+            None => (stream::CapturedStream::Capture(stdout.clone()), stream::CapturedStream::Capture(stderr.clone())),
+        };
 
         let argv0 = image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "main.wasm".into());
-        let mut argv = vec![argv0];
-        argv.extend(job.vm.args.iter().cloned());
+        // An SSI process's args are its whole argv: argv[0] is its path in the SSI filesystem.
+        let argv = if req.ssi.is_some() {
+            job.vm.args.clone()
+        } else {
+            std::iter::once(argv0).chain(job.vm.args.iter().cloned()).collect()
+        };
         let mut wasi = WasiCtxBuilder::new();
-        wasi.args(&argv)
-            .stdout(stream::CapturedStream(stdout.clone()))
-            .stderr(stream::CapturedStream(stderr.clone()))
-            .allow_blocking_current_thread(true);
+        wasi.args(&argv).stdout(out_stream).stderr(err_stream).allow_blocking_current_thread(true);
         for (k, v) in &job.vm.env {
             wasi.env(k, v);
         }
-        for guest_path in ["/job", "."] {
+        // An SSI process sees the one filesystem as `/`; a job sees its job directory.
+        let guest_paths: &[&str] = if req.ssi.is_some() { &["/"] } else { &["/job", "."] };
+        for guest_path in guest_paths {
             wasi.preopened_dir(req.job_dir, guest_path, FsPerms::ReadWrite)
                 .map_err(|e| RunError::host(format!("cannot open the job directory {}", req.job_dir.display()), e))?;
         }
         let state = GuestState {
             wasi: wasi.build_p1(),
             limits: MemoryLimit { max_bytes: (job.resources.memory_mb as usize) << 20, denied: None },
+            ssi: req.ssi.as_ref().map(|h| ssi::SsiFs::new(h.clone(), req.job_dir.to_path_buf())),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -208,11 +240,19 @@ impl WasmRuntime {
             let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
             start.call(&mut store, ())
         });
-        let outcome = match ended {
+        // Exit closes the process's descriptors: what it wrote goes home.
+        let written_back = store.data_mut().ssi.as_mut().map_or(Ok(()), |s| s.close_all());
+        let mut outcome = match ended {
             Ok(()) => Outcome::Exited(0),
             Err(_) if req.cancelled() => Outcome::Failed(crate::cancelled_failure()),
             Err(e) => classify(e, &store, job.resources.memory_mb, job.resources.timeout_s),
         };
+        if let (Err(errno), Outcome::Exited(_)) = (written_back, &outcome) {
+            outcome = Outcome::Failed(Failure {
+                kind: FailureKind::GuestError,
+                reason: format!("the files the process wrote could not be written back to its home (errno {errno})"),
+            });
+        }
         drop(store);
         Ok(RunResult { outcome, stdout: stdout.take(), stderr: stderr.take(), wall: start.elapsed() })
     }

@@ -41,7 +41,7 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
     jobdir::stage_inputs(&job, job_dir.path())?;
     let config = RuntimeConfig { output_cap: args.output_cap, echo: true, ..RuntimeConfig::default() };
     let runtime = Runtime::new(config);
-    let result = runtime.run(&RunRequest { job: &job, job_dir: job_dir.path(), cancel: None });
+    let result = runtime.run(&RunRequest { job: &job, job_dir: job_dir.path(), cancel: None, ssi: None });
     // Outputs are collected whatever happened, so a failed job's partial results are kept.
     let collected = jobdir::collect_outputs(&job, job_dir.path(), &args.out);
     if args.keep {

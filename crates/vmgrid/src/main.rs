@@ -5,6 +5,7 @@ mod cli_error;
 mod cmd_jobs;
 mod cmd_pool;
 mod cmd_run;
+mod cmd_ssi;
 mod pool_config;
 
 use clap::{Parser, Subcommand};
@@ -62,6 +63,8 @@ enum Command {
     Fetch(cmd_jobs::FetchArgs),
     /// Create a token for a user (admin only); prints it once.
     Token(cmd_jobs::TokenArgs),
+    /// The single-system image: one console, process table and filesystem over the whole pool.
+    Ssi(cmd_ssi::SsiArgs),
 }
 
 fn main() {
@@ -86,6 +89,7 @@ fn main() {
         Command::Logs(args) => cmd_jobs::logs(args),
         Command::Fetch(args) => cmd_jobs::fetch(args),
         Command::Token(args) => cmd_jobs::token(args),
+        Command::Ssi(args) => cmd_ssi::ssi(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,6 +1,6 @@
-//! A WASI output stream that writes into a bounded [`CaptureSink`]. It never blocks and never
-//! fails: past the cap, writes are accepted and dropped (and counted), so a guest that floods its
-//! stdout keeps running without growing the host's memory.
+//! A WASI output stream that writes into a bounded [`CaptureSink`], or, for an SSI process, to its
+//! home's console. It never blocks and never fails: past the cap, writes are accepted and dropped
+//! (and counted), so a guest that floods its stdout keeps running without growing the host's memory.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -10,12 +10,26 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
 use crate::capture::CaptureSink;
+use crate::ssi::SsiHost;
 
 /// The most a guest may write in one call; it is a permit, not a buffer.
 const PERMIT: usize = 64 * 1024;
 
 #[derive(Clone)]
-pub(crate) struct CapturedStream(pub(crate) CaptureSink);
+pub(crate) enum CapturedStream {
+    Capture(CaptureSink),
+    /// To the home of an SSI process, as descriptor 1 or 2.
+    Home(std::sync::Arc<dyn SsiHost>, u32),
+}
+
+impl CapturedStream {
+    fn put(&self, bytes: &[u8]) {
+        match self {
+            CapturedStream::Capture(sink) => sink.write(bytes),
+            CapturedStream::Home(host, fd) => host.output(*fd, bytes),
+        }
+    }
+}
 
 impl IsTerminal for CapturedStream {
     fn is_terminal(&self) -> bool {
@@ -35,7 +49,7 @@ impl StdoutStream for CapturedStream {
 
 impl OutputStream for CapturedStream {
     fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
-        self.0.write(&bytes);
+        self.put(&bytes);
         Ok(())
     }
 
@@ -55,7 +69,7 @@ impl Pollable for CapturedStream {
 
 impl tokio::io::AsyncWrite for CapturedStream {
     fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        self.0.write(buf);
+        self.put(buf);
         Poll::Ready(Ok(buf.len()))
     }
 
