@@ -346,7 +346,7 @@ impl Home {
 
     /// Records the end of a process, once: the first report of it wins.
     pub(crate) fn end(&self, pid: u64, state: ProcState) {
-        {
+        let notice = {
             let mut t = self.lock();
             let Some(p) = t.procs.get_mut(&pid) else { return };
             if p.state.ended() {
@@ -357,6 +357,20 @@ impl Home {
             if p.started.is_none() {
                 p.started = p.ended;
             }
+            // The console is the machine's console: an abnormal end is told there, as a kernel
+            // would log it, whoever the parent is.
+            match &p.state {
+                ProcState::Failed(status, why) => Some(format!(
+                    "vmgrid ssi: process {pid} ({}), child of {}, failed on {} (status {status}): {why}\n",
+                    p.argv.join(" "),
+                    if p.ppid == 0 { "the console".to_string() } else { p.ppid.to_string() },
+                    p.node.as_deref().unwrap_or("no node"),
+                )),
+                _ => None,
+            }
+        };
+        if let Some(n) = notice {
+            (self.output)(pid, 2, n.as_bytes());
         }
         self.wake();
     }

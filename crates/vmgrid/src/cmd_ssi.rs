@@ -171,6 +171,7 @@ impl Console {
     }
 
     fn line(&mut self, line: &str) -> Flow {
+        self.announce();
         let words = match split_words(line) {
             Ok(w) => w,
             Err(e) => return self.fail(e),

@@ -7,3 +7,4 @@ mod job_file;
 mod pool;
 mod run_qemu;
 mod run_wasm;
+mod ssi;

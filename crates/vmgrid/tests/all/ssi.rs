@@ -1,0 +1,288 @@
+//! `vmgrid ssi`: the single-system image over a 3-node pool on loopback, driven through piped
+//! console sessions. Processes are real wasm guests (guests/fanout, guests/ssi-probe, guests/probe)
+//! on real node agents.
+
+use std::io::Write;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use crate::util::*;
+
+fn pool_of_three() -> Pool {
+    let mut pool = Pool::start();
+    for n in ["n1", "n2", "n3"] {
+        pool.start_node(n, 1);
+    }
+    pool
+}
+
+/// An SSI root holding the test programs.
+fn root_with_programs() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    for g in ["fanout", "ssi-probe", "probe"] {
+        std::fs::copy(guest_wasm(g), root.path().join(format!("{g}.wasm"))).unwrap();
+    }
+    root
+}
+
+/// A console whose stdin is a pipe; its stdout and stderr are collected as they come.
+struct Session {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Session {
+    fn start(pool: &Pool, root: &std::path::Path) -> Session {
+        let mut child = Command::new(assert_cmd::cargo::cargo_bin("vmgrid"))
+            .arg("ssi")
+            .arg("--root")
+            .arg(root)
+            .env("VMGRID_CONFIG", pool.data_dir().join("client.toml"))
+            .env_remove("VMGRID_POOL")
+            .env_remove("VMGRID_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let collect = |mut r: Box<dyn std::io::Read + Send>| {
+            let buf = Arc::new(Mutex::new(String::new()));
+            let b = buf.clone();
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = r.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    b.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk[..n]));
+                }
+            });
+            buf
+        };
+        let stdout = collect(Box::new(child.stdout.take().unwrap()));
+        let stderr = collect(Box::new(child.stderr.take().unwrap()));
+        Session { stdin: child.stdin.take(), child, stdout, stderr }
+    }
+
+    fn send(&mut self, line: &str) {
+        writeln!(self.stdin.as_mut().unwrap(), "{line}").unwrap();
+    }
+
+    fn out(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    fn err(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn wait_out(&self, what: &str, cond: impl Fn(&str) -> bool) {
+        wait_until(what, || cond(&self.out()));
+    }
+
+    fn wait_err(&self, what: &str, cond: impl Fn(&str) -> bool) {
+        wait_until(what, || cond(&self.err()));
+    }
+
+    /// Rows of the last `ps` output: (pid, ppid, node, state).
+    fn ps(&mut self) -> Vec<(u64, u64, String, String)> {
+        let marker = format!("ps-marker-{}", rand_suffix());
+        // Commands run in order: the error of a `cat` of a missing file marks the end of `ps`.
+        self.send("ps -a");
+        self.send(&format!("cat /{marker}"));
+        let needle = format!("/{marker}");
+        self.wait_err("ps to answer", |e| e.contains(&needle));
+        let out = self.out();
+        let last = out.rfind("   PID   PPID").expect("a ps header");
+        out[last..]
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                if f.len() < 5 {
+                    return None;
+                }
+                Some((f[0].parse().ok()?, f[1].parse().ok()?, f[2].to_string(), f[3].to_string()))
+            })
+            .collect()
+    }
+
+    fn finish(mut self) -> (i32, String, String) {
+        drop(self.stdin.take());
+        let status = self.child.wait().unwrap();
+        // The readers end with the pipes.
+        wait_until("the console's output to close", || Arc::strong_count(&self.stdout) == 1);
+        wait_until("the console's errors to close", || Arc::strong_count(&self.stderr) == 1);
+        (status.code().unwrap_or(-1), self.out(), self.err())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+#[test]
+fn a_fan_out_spreads_over_the_nodes_and_gets_the_right_answer() {
+    let pool = pool_of_three();
+    let root = root_with_programs();
+    let mut s = Session::start(&pool, root.path());
+    // π(5,000,000) = 348,513, by six child processes.
+    s.send("run /fanout.wasm 6 5000000 &");
+    s.wait_out("the background pid", |o| o.contains("[1]"));
+    let mut nodes_seen = std::collections::BTreeSet::new();
+    wait_until("the children running on two nodes at once", || {
+        let rows = s.ps();
+        let running: std::collections::BTreeSet<String> =
+            rows.iter().filter(|r| r.1 == 1 && r.3 == "running").map(|r| r.2.clone()).collect();
+        if running.len() > nodes_seen.len() {
+            nodes_seen = running;
+        }
+        nodes_seen.len() >= 2 || s.out().contains("primes below")
+    });
+    assert!(nodes_seen.len() >= 2, "children ran on {nodes_seen:?}");
+    s.send("wait");
+    s.wait_err("the fan-out to end", |e| e.contains("[1] done"));
+    let rows = s.ps();
+    assert_eq!(rows.iter().filter(|r| r.1 == 1).count(), 6, "six children in the table: {rows:?}");
+    s.send("info");
+    let (code, out, err) = s.finish();
+    assert!(out.contains("primes below 5000000: 348513 (6 processes)"), "{out}\n{err}");
+    assert!(err.contains("[1] done, exit 0"), "{err}");
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn a_file_written_on_one_node_is_read_on_another() {
+    let pool = pool_of_three();
+    let root = root_with_programs();
+    let mut s = Session::start(&pool, root.path());
+    // The parent writes, then its child (placed on a less loaded node) reads it and answers.
+    s.send("run /ssi-probe.wasm write:/note.txt:from-parent spawn:/ssi-probe.wasm,read:/note.txt,write:/reply.txt:from-child wait read:/reply.txt");
+    s.wait_out("the parent to read the reply", |o| o.contains("status 0") && o.matches("from-").count() >= 2);
+    let rows = s.ps();
+    let parent = rows.iter().find(|r| r.1 == 0).expect("the parent");
+    let child = rows.iter().find(|r| r.1 == parent.0).expect("the child");
+    assert_ne!(parent.2, child.2, "parent and child on different nodes: {rows:?}");
+    // The console sees the same files.
+    s.send("cat /reply.txt");
+    s.send("ls /");
+    let local = root.path().join("got.txt");
+    s.send(&format!("get /note.txt {}", local.display()));
+    let (code, out, err) = s.finish();
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.contains(&"from-parent"), "the child read the parent's file: {out}\n{err}");
+    assert!(out.matches("from-child").count() >= 2, "parent and console read it: {out}");
+    assert!(lines.contains(&"note.txt") && lines.contains(&"reply.txt"), "{out}");
+    assert_eq!(std::fs::read_to_string(local).unwrap(), "from-parent");
+    assert_eq!(code, 0, "{err}");
+}
+
+/// CPU seconds a process has used (user + system).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+#[test]
+fn kill_stops_processes_on_their_nodes_and_parents_see_it() {
+    let pool = pool_of_three();
+    let root = root_with_programs();
+    let mut s = Session::start(&pool, root.path());
+    s.send("run /ssi-probe.wasm spin &");
+    s.send("run /ssi-probe.wasm spin &");
+    let mut rows = Vec::new();
+    wait_until("two spinners running", || {
+        rows = s.ps();
+        rows.iter().filter(|r| r.3 == "running").count() == 2
+    });
+    let nodes: Vec<String> = rows.iter().map(|r| r.2.clone()).collect();
+    assert_ne!(nodes[0], nodes[1], "spread over two nodes: {rows:?}");
+    s.send("kill 1 2");
+    wait_until("both killed", || s.ps().iter().filter(|r| r.3 == "killed").count() == 2);
+    // Stopped on their nodes: the node agents stop burning cpu.
+    let pids: Vec<u32> = nodes.iter().map(|n| pool.node_pid(n)).collect();
+    wait_until("the nodes to go idle", || {
+        let before: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        pids.iter().zip(&before).all(|(p, b)| cpu_seconds(*p) - b < 0.2)
+    });
+    // A parent waiting for a child that is killed gets 137 and lives on.
+    s.send("run /ssi-probe.wasm spawn:/ssi-probe.wasm,spin wait getpid &");
+    s.wait_out("the child to be spawned", |o| o.contains("spawned 4"));
+    wait_until("the child running", || s.ps().iter().any(|r| r.0 == 4 && r.3 == "running"));
+    s.send("kill 4");
+    s.wait_out("the parent to see the kill", |o| o.contains("child 4 status 137") && o.contains("pid 3"));
+    s.send("wait");
+    let (code, _out, err) = s.finish();
+    assert!(err.contains("[3] done, exit 0"), "{err}");
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn a_process_on_a_lost_node_fails_and_its_parent_is_told() {
+    let mut pool = pool_of_three();
+    let root = root_with_programs();
+    let mut s = Session::start(&pool, root.path());
+    s.send("run /ssi-probe.wasm spawn:/ssi-probe.wasm,spin wait &");
+    s.wait_out("the child to be spawned", |o| o.contains("spawned 2"));
+    let mut rows = Vec::new();
+    wait_until("the child running", || {
+        rows = s.ps();
+        rows.iter().any(|r| r.0 == 2 && r.3 == "running")
+    });
+    let child_node = rows.iter().find(|r| r.0 == 2).unwrap().2.clone();
+    let parent_node = rows.iter().find(|r| r.0 == 1).unwrap().2.clone();
+    assert_ne!(child_node, parent_node, "{rows:?}");
+    pool.kill_node(&child_node);
+    s.wait_out("the parent to hear of the loss", |o| o.contains("child 2 status 134"));
+    s.wait_err("the console to tell why", |e| e.contains(&format!("was lost with its node {child_node}")));
+    s.send("wait");
+    let rows = s.ps();
+    assert_eq!(rows.iter().find(|r| r.0 == 2).unwrap().3, "failed", "{rows:?}");
+    let (_, _out, err) = s.finish();
+    assert!(err.contains("process 2 (/ssi-probe.wasm spin), child of 1, failed on"), "{err}");
+    assert!(err.contains("[1] done, exit 0"), "the parent lived on: {err}");
+}
+
+#[test]
+fn spawn_errors_are_errnos_and_crashing_children_report_a_status() {
+    let pool = pool_of_three();
+    let root = root_with_programs();
+    std::fs::write(root.path().join("bad.wasm"), "this is not a module").unwrap();
+    let mut s = Session::start(&pool, root.path());
+    s.send("run /ssi-probe.wasm spawn:/missing.wasm spawn:/bad.wasm spawn:/ssi-probe.wasm,panic wait spawn:/ssi-probe.wasm,exit:7 wait getpid");
+    s.wait_out("the parent to finish", |o| o.contains("pid 1"));
+    // From the console too: clear errors, and $? as the last command's status.
+    s.send("run /missing.wasm");
+    s.send("run /ssi-probe.wasm exit:5");
+    s.send("frobnicate");
+    let local = root.path().join("local.txt");
+    std::fs::write(&local, "put in").unwrap();
+    s.send(&format!("put {} /dir-missing/x", local.display()));
+    s.send("info");
+    s.send("run /ssi-probe.wasm exit:3");
+    let (code, out, err) = s.finish();
+    assert!(out.contains("spawn /missing.wasm: errno 44"), "{out}");
+    assert!(out.contains("spawn /bad.wasm: errno 45"), "{out}");
+    assert!(out.contains("child 2 status 134"), "a crashed child: {out}");
+    assert!(out.contains("child 3 status 7"), "{out}");
+    assert!(err.contains("the ssi probe was asked to panic"), "its stderr reached the console: {err}");
+    assert!(err.contains("/missing.wasm: no such file or directory"), "{err}");
+    assert!(err.contains("[4] done, exit 5"), "{err}");
+    assert!(err.contains("frobnicate: unknown command"), "{err}");
+    assert!(err.contains("put: /dir-missing/x: no such file or directory"), "{err}");
+    assert!(out.contains("machine: 3 node(s), 3 cpu(s)"), "{out}");
+    assert_eq!(code, 3, "the status of the last process");
+}
