@@ -7,6 +7,7 @@
 //! and the coordinator's memory with 1M jobs queued. Benchmarks print figures; they assert nothing.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,7 +21,8 @@ struct Args {
     slurm: bool,
     out: PathBuf,
     latency_runs: usize,
-    /// Run only these parts (pool, slurm, wasm, qemu, scheduler, rss); all when empty.
+    quick: bool,
+    /// Run only these parts (pool, slurm, wasm, qemu, scheduler, rss, ssi); all when empty.
     only: Vec<String>,
 }
 
@@ -38,6 +40,7 @@ fn parse_args() -> Args {
         sizes: vec![10_000, 100_000],
         slurm: true,
         latency_runs: 300,
+        quick: false,
         only: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -46,6 +49,7 @@ fn parse_args() -> Args {
             "--quick" => {
                 a.sizes = vec![2_000];
                 a.latency_runs = 50;
+                a.quick = true;
             }
             "--no-slurm" => a.slurm = false,
             "--sizes" => {
@@ -55,7 +59,7 @@ fn parse_args() -> Args {
             "--only" => a.only = it.next().expect("--only PART,PART").split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
                 println!(
-                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,slurm,wasm,qemu,scheduler,rss] [--out BENCHMARKS.md]\nRun from the repository root after scripts/bench has built everything."
+                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,slurm,wasm,qemu,scheduler,rss,ssi] [--out BENCHMARKS.md]\nRun from the repository root after scripts/bench has built everything."
                 );
                 std::process::exit(0);
             }
@@ -392,6 +396,108 @@ fn coordinator_rss(root: &Path) -> Result<(f64, f64), String> {
     Ok((rss_kb / 1024.0, submit_s))
 }
 
+/// The single-system image: a CPU-bound fan-out on 1 node and on 2 (each node agent pinned to
+/// its own core, so "a node" is one core of this machine), and the cost of a remote open/close.
+struct SsiFigures {
+    one_node_s: f64,
+    two_nodes_s: f64,
+    open_us: f64,
+    write_us: f64,
+}
+
+fn ssi_figures(root: &Path, limit: u64, parts: u32) -> Result<SsiFigures, String> {
+    let dir = std::env::temp_dir().join(format!("vmgrid-bench-ssi-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let fsroot = dir.join("root");
+    std::fs::create_dir_all(&fsroot).map_err(|e| e.to_string())?;
+    for g in ["fanout", "ssi-probe"] {
+        std::fs::copy(guest(root, g), fsroot.join(format!("{g}.wasm"))).map_err(|e| format!("{g}: {e}"))?;
+    }
+    std::fs::write(fsroot.join("data.txt"), vec![b'x'; 4096]).map_err(|e| e.to_string())?;
+    let data = dir.join("pool");
+    let mut coord = Command::new(vmgrid_bin(root))
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let client = client_of(&data);
+    let url = client.url().to_string();
+    let console = |script: &str| -> Result<(f64, String), String> {
+        let start = Instant::now();
+        let mut c = Command::new(vmgrid_bin(root))
+            .args(["ssi", "--pool", &url, "--token-file"])
+            .arg(data.join("admin.token"))
+            .arg("--root")
+            .arg(&fsroot)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        c.stdin.take().expect("piped").write_all(script.as_bytes()).map_err(|e| e.to_string())?;
+        let out = c.wait_with_output().map_err(|e| e.to_string())?;
+        let secs = start.elapsed().as_secs_f64();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            return Err(format!("the console exited with {}: {text}", out.status));
+        }
+        Ok((secs, text))
+    };
+    let mut nodes: Vec<Child> = Vec::new();
+    let mut result = Err("not run".to_string());
+    let fan = format!("run /fanout.wasm {parts} {limit}\n");
+    let warm = format!("run /fanout.wasm {parts} 100000\n");
+    for n in 1..=2u32 {
+        let node = Command::new("taskset")
+            .args(["-c", &(n - 1).to_string()])
+            .arg(vmgrid_bin(root))
+            .args(["node", "--pool", &url, "--name", &format!("core{n}"), "--cpus", "1", "--token-file"])
+            .arg(data.join("pool.token"))
+            .arg("--cache-dir")
+            .arg(dir.join(format!("node{n}")))
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("taskset: {e}"))?;
+        nodes.push(node);
+        while client.nodes().map(|v| v.len() as u32).unwrap_or(0) < n {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Warm: every node compiles the module once.
+        for _ in 0..n {
+            console(&warm)?;
+        }
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            let (secs, out) = console(&fan)?;
+            if !out.contains("primes below") {
+                return Err(format!("the fan-out printed no answer: {out}"));
+            }
+            times.push(secs);
+        }
+        times.sort_by(f64::total_cmp);
+        println!("ssi fan-out on {n} node(s): {times:.2?} s");
+        result = match result {
+            Err(_) => Ok(SsiFigures { one_node_s: times[1], two_nodes_s: 0.0, open_us: 0.0, write_us: 0.0 }),
+            Ok(f) => Ok(SsiFigures { two_nodes_s: times[1], ..f }),
+        };
+    }
+    let (_, out) = console("run /ssi-probe.wasm opens:/data.txt:2000 writes:/w.txt:500\n")?;
+    let grab =
+        |prefix: &str| out.lines().find_map(|l| l.strip_prefix(prefix)?.strip_suffix(" us")?.parse::<f64>().ok());
+    let mut figures = result?;
+    figures.open_us = grab("open+close ").ok_or(format!("no open figure in {out}"))?;
+    figures.write_us = grab("write+close ").ok_or(format!("no write figure in {out}"))?;
+    for mut n in nodes {
+        let _ = n.kill();
+        let _ = n.wait();
+    }
+    let _ = coord.kill();
+    let _ = coord.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(figures)
+}
+
 fn sh(cmd: &str) -> String {
     Command::new("sh")
         .args(["-c", cmd])
@@ -492,6 +598,27 @@ fn main() {
             rep.row("coordinator RSS with 1M jobs queued", format!("{mb:.0} MiB (submit {s:.1} s)"), "<= 1024 MiB")
         }
         Err(e) => rep.notes.push(format!("coordinator RSS not measured: {e}")),
+    }
+
+    let ssi = if args.wants("ssi") {
+        ssi_figures(&root, if args.quick { 3_000_000 } else { 20_000_000 }, 8)
+    } else {
+        Err("skipped (--only)".into())
+    };
+    match ssi {
+        Ok(f) => {
+            rep.row(
+                "ssi CPU-bound fan-out (8 children): 1 node / 2 nodes",
+                format!("{:.2} s / {:.2} s = {:.2}x", f.one_node_s, f.two_nodes_s, f.one_node_s / f.two_nodes_s),
+                ">= 1.8x",
+            );
+            rep.row(
+                "ssi remote file, open+close (4 KiB, unchanged) / write+close",
+                format!("{:.0} us / {:.0} us", f.open_us, f.write_us),
+                "-",
+            );
+        }
+        Err(e) => rep.notes.push(format!("ssi not measured: {e}")),
     }
 
     let mut md = format!(
