@@ -3,10 +3,11 @@
 //!   vmgrid ssi> run /fanout.wasm 8 2000000
 //!   primes below 2000000: 148933 (8 processes)
 //!
-//! The parent splits [2, LIMIT) into PARTS ranges and spawns one child per range (the same
-//! module, with `--child`). The pool's matchmaker places the children across the nodes. Each child
-//! writes its count to /fanout-out/part-K; the parent waits for every child, then reads the files
-//! its children wrote on other nodes and adds them up. A child that fails makes the parent exit 1.
+//! The parent splits [2, LIMIT) into PARTS ranges of about equal work and spawns one child per
+//! range (the same module, with `--child`). The pool's matchmaker places the children across the
+//! nodes. Each child writes its count to /fanout-out/part-K; the parent waits for every child, then
+//! reads the files its children wrote on other nodes and adds them up. A child that fails makes the
+//! parent exit 1.
 
 use std::process::ExitCode;
 
@@ -28,7 +29,7 @@ fn main() -> ExitCode {
     }
     let mut children = Vec::new();
     for k in 0..parts {
-        let (lo, hi) = (2 + (limit - 2) * k / parts, 2 + (limit - 2) * (k + 1) / parts);
+        let (lo, hi) = (bound(k, parts, limit), bound(k + 1, parts, limit));
         let argv = [me.clone(), "--child".into(), lo.to_string(), hi.to_string(), format!("/fanout-out/part-{k}")];
         match vmgrid_ssi::spawn(&argv) {
             Ok(pid) => children.push((pid, k)),
@@ -79,6 +80,15 @@ fn child(args: &[String]) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The start of part `k`: trial division costs about sqrt(n) per prime, so the work below x grows
+/// as x^1.5; parts of equal work split at LIMIT * (k/PARTS)^(2/3).
+fn bound(k: u64, parts: u64, limit: u64) -> u64 {
+    if k >= parts {
+        return limit;
+    }
+    2 + ((limit - 2) as f64 * (k as f64 / parts as f64).powf(2.0 / 3.0)) as u64
 }
 
 fn is_prime(n: u64) -> bool {
