@@ -119,10 +119,17 @@ impl HomeLink {
         match c {
             Call::Errno(e) => e,
             Call::Refused => {
-                self.cancel.store(true, Ordering::Relaxed);
+                self.stop();
                 errno::INTR
             }
             _ => errno::IO,
+        }
+    }
+
+    /// Stops the running process (not one that has already finished).
+    fn stop(&self) {
+        if !self.done.load(Ordering::Relaxed) {
+            self.cancel.store(true, Ordering::Relaxed);
         }
     }
 
@@ -134,6 +141,9 @@ impl HomeLink {
     /// Sends what is left of the output, then the exit status, and stops the link's threads.
     pub fn finish(&self, outcome: Option<&Outcome>, error: Option<&str>) {
         self.flush();
+        // From here on the home may refuse this process's token: that is the end we report, not
+        // a reason to stop it.
+        self.done.store(true, Ordering::Relaxed);
         let (status, reason) = match (outcome, error) {
             (Some(Outcome::Exited(c)), _) => (*c, None),
             (Some(Outcome::Failed(f)), _) if f.kind == FailureKind::Cancelled => {
@@ -144,7 +154,6 @@ impl HomeLink {
         };
         let dropped = self.dropped.load(Ordering::Relaxed);
         let _ = self.post("exit", &ExitRequest { status, reason, dropped });
-        self.done.store(true, Ordering::Relaxed);
         self.out_ready.notify_all();
     }
 
@@ -207,15 +216,15 @@ impl HomeLink {
                 Call::Ok(mut resp) => {
                     unreachable_since = None;
                     if resp.body_mut().read_json::<SignalResponse>().is_ok_and(|s| s.kill) {
-                        self.cancel.store(true, Ordering::Relaxed);
+                        self.stop();
                     }
                 }
-                Call::Refused => self.cancel.store(true, Ordering::Relaxed),
+                Call::Refused => self.stop(),
                 Call::Errno(_) | Call::Unreachable => {
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
                     if since.elapsed() > HOME_GONE_AFTER {
                         tracing::warn!(pid = self.spec.pid, home = %self.spec.home, "the process's home is gone; stopping it");
-                        self.cancel.store(true, Ordering::Relaxed);
+                        self.stop();
                     }
                     std::thread::sleep(Duration::from_millis(500));
                 }

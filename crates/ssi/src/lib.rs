@@ -412,8 +412,10 @@ impl Home {
         Ok(())
     }
 
+    /// Whether `kill` was asked for this process. (A process that simply ended is not killed:
+    /// its node may still be reporting it to the pool.)
     pub(crate) fn kill_requested(&self, pid: u64) -> bool {
-        self.lock().procs.get(&pid).is_none_or(|p| p.kill || p.state.ended())
+        self.lock().procs.get(&pid).is_none_or(|p| p.kill)
     }
 
     /// The child `pid` of `ppid`, once it has ended; reaps it. `Err(CHILD)` if there is no such

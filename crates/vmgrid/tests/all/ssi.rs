@@ -159,6 +159,12 @@ fn a_fan_out_spreads_over_the_nodes_and_gets_the_right_answer() {
     assert!(out.contains("primes below 5000000: 348513 (6 processes)"), "{out}\n{err}");
     assert!(err.contains("[1] done, exit 0"), "{err}");
     assert_eq!(code, 0, "{err}");
+    // In the pool, each process was one job that completed once, with its exit code.
+    let jobs = pool.admin().jobs().unwrap();
+    assert_eq!(jobs.len(), 7);
+    for j in &jobs {
+        assert_eq!((j.state, j.exit_code, j.attempts), (vmgrid_proto::JobState::Completed, Some(0), 1), "{j:?}");
+    }
 }
 
 #[test]
