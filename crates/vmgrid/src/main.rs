@@ -1,7 +1,9 @@
 //! The `vmgrid` command: argument parsing and the sentences people read. The work is done by the
 //! library crates; this binary turns their typed errors into messages and exit codes.
 
+mod appliance;
 mod cli_error;
+mod cmd_appliance;
 mod cmd_jobs;
 mod cmd_pool;
 mod cmd_run;
@@ -62,6 +64,7 @@ enum Command {
     Fetch(cmd_jobs::FetchArgs),
     /// Create a token for a user (admin only); prints it once.
     Token(cmd_jobs::TokenArgs),
+    Appliance(cmd_appliance::ApplianceArgs),
 }
 
 fn main() {
@@ -86,6 +89,7 @@ fn main() {
         Command::Logs(args) => cmd_jobs::logs(args),
         Command::Fetch(args) => cmd_jobs::fetch(args),
         Command::Token(args) => cmd_jobs::token(args),
+        Command::Appliance(args) => cmd_appliance::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),
