@@ -30,7 +30,18 @@ fn say(msg: impl std::fmt::Display) {
     println!("{MARKER}{msg}");
 }
 
+/// Runs the agent; a failure is also said on the console in the form `appliance start` reports.
 pub fn run(args: AgentArgs) -> Result<i32, CliError> {
+    match serve(args) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            say(format!("the node agent failed: {e}"));
+            Ok(e.exit_code())
+        }
+    }
+}
+
+fn serve(args: AgentArgs) -> Result<i32, CliError> {
     let text = std::fs::read_to_string(&args.config)
         .map_err(|e| CliError::BadInput(format!("cannot read {}: {e}", args.config.display())))?;
     let config = ApplianceConfig::parse(&text).map_err(|e| {

@@ -51,15 +51,13 @@ impl ApplianceConfig {
         if self.token.trim().is_empty() {
             return Err("the pool token is empty".into());
         }
-        if let Some(n) = &self.name {
-            if n.is_empty()
-                || n.len() > 63
-                || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-            {
-                return Err(format!(
-                    "the name `{n}` must be 1 to 63 letters, digits, `-`, `_` or `.` (it becomes the host name)"
-                ));
-            }
+        let bad_name = |n: &String| {
+            n.is_empty() || n.len() > 63 || !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        if let Some(n) = self.name.as_ref().filter(|n| bad_name(n)) {
+            return Err(format!(
+                "the name `{n}` must be 1 to 63 letters, digits, `-`, `_` or `.` (it becomes the host name)"
+            ));
         }
         Ok(())
     }
@@ -123,7 +121,14 @@ pub fn write_disk(config: &ApplianceConfig, out: &Path) -> Result<(), CliError> 
         Command::new(&mkfs).args(["-C", "-n", LABEL, "-i", "766d6763", "--invariant"]).arg(&staged).arg("1440"),
     )?;
     tools::run(
-        Command::new(&mcopy).env("MTOOLS_SKIP_CHECK", "1").arg("-i").arg(&staged).arg("-o").arg(&file).arg("::/"),
+        Command::new(&mcopy)
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .env("SOURCE_DATE_EPOCH", "946684800")
+            .arg("-i")
+            .arg(&staged)
+            .arg("-o")
+            .arg(&file)
+            .arg("::/"),
     )?;
     let bytes = std::fs::read(&staged).map_err(io("cannot read the config disk"))?;
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {

@@ -163,7 +163,8 @@ pub fn build(out: &Path, formats: &[Format], quiet: bool) -> Result<Vec<(Format,
             .arg(&fat)
             .arg((part_mib * 1024).to_string()),
     )?;
-    tools::run(Command::new(&syslinux).arg("--install").arg(&fat))?;
+    // syslinux installs through mtools, which dates the files SOURCE_DATE_EPOCH when it is set.
+    tools::run(Command::new(&syslinux).env("SOURCE_DATE_EPOCH", FIXED_MTIME.to_string()).arg("--install").arg(&fat))?;
     for p in [&vmlinuz, &initrd, &cfg] {
         let f = std::fs::File::options().write(true).open(p).map_err(io(format!("cannot open {}", p.display())))?;
         f.set_modified(UNIX_EPOCH + std::time::Duration::from_secs(FIXED_MTIME))
@@ -172,6 +173,7 @@ pub fn build(out: &Path, formats: &[Format], quiet: bool) -> Result<Vec<(Format,
     tools::run(
         Command::new(&mcopy)
             .env("MTOOLS_SKIP_CHECK", "1")
+            .env("SOURCE_DATE_EPOCH", FIXED_MTIME.to_string())
             .arg("-i")
             .arg(&fat)
             .args(["-m", "-o"])
@@ -250,7 +252,7 @@ impl Kernel {
                     .collect()
             })
             .unwrap_or_default();
-        versions.sort_by(|a, b| version_key(b).cmp(&version_key(a)));
+        versions.sort_by_key(|v| std::cmp::Reverse(version_key(v)));
         versions
             .into_iter()
             .map(|v| Kernel {
@@ -431,7 +433,7 @@ fn parse_ldd(text: &str) -> Vec<PathBuf> {
     for line in text.lines() {
         let line = line.trim();
         let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.trim().split_whitespace().next().unwrap_or(""),
+            Some((_, rest)) => rest.split_whitespace().next().unwrap_or(""),
             None => line.split_whitespace().next().unwrap_or(""),
         };
         if path.starts_with('/') {
@@ -551,7 +553,7 @@ mod tests {
     #[test]
     fn kernel_versions_sort_numerically() {
         let mut v = vec!["6.1.0-9-amd64", "6.1.0-56-amd64", "5.10.0-30-amd64"];
-        v.sort_by(|a, b| version_key(b).cmp(&version_key(a)));
+        v.sort_by_key(|x| std::cmp::Reverse(version_key(x)));
         assert_eq!(v, ["6.1.0-56-amd64", "6.1.0-9-amd64", "5.10.0-30-amd64"]);
     }
 
