@@ -113,10 +113,10 @@ pub fn start(opts: StartOptions) -> Result<i32, CliError> {
         image.display(),
         opts.config.pool
     );
+    let log = std::fs::File::create(&log_path).map_err(tools::io(format!("cannot create {}", log_path.display())))?;
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(|e| CliError::Failed(format!("cannot start {}: {e}", qemu.display())))?;
     let stderr = collect(child.stderr.take().expect("stderr was piped"));
-    let log = std::fs::File::create(&log_path).map_err(tools::io(format!("cannot create {}", log_path.display())))?;
     let (tx, markers) = mpsc::channel();
     let console = match connect_console(&console_sock, &mut child) {
         Ok(c) => c,
