@@ -103,7 +103,7 @@ fn host_name() -> String {
         .unwrap_or_else(|| "node".into())
 }
 
-fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>, CliError> {
+pub(crate) fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>, CliError> {
     labels
         .iter()
         .map(|l| {

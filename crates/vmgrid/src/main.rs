@@ -1,7 +1,9 @@
 //! The `vmgrid` command: argument parsing and the sentences people read. The work is done by the
 //! library crates; this binary turns their typed errors into messages and exit codes.
 
+mod appliance;
 mod cli_error;
+mod cmd_appliance;
 mod cmd_jobs;
 mod cmd_pool;
 mod cmd_run;
@@ -65,6 +67,7 @@ enum Command {
     Token(cmd_jobs::TokenArgs),
     /// The single-system image: one console, process table and filesystem over the whole pool.
     Ssi(cmd_ssi::SsiArgs),
+    Appliance(cmd_appliance::ApplianceArgs),
 }
 
 fn main() {
@@ -90,6 +93,7 @@ fn main() {
         Command::Fetch(args) => cmd_jobs::fetch(args),
         Command::Token(args) => cmd_jobs::token(args),
         Command::Ssi(args) => cmd_ssi::ssi(args),
+        Command::Appliance(args) => cmd_appliance::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -3,6 +3,7 @@
 
 mod util;
 
+mod appliance;
 mod job_file;
 mod pool;
 mod run_qemu;
