@@ -278,7 +278,7 @@ async fn lease(
             let now = now_ms();
             s.live_node(&name, now)?;
             let placed = s.schedule(now) > 0;
-            let leases = s.take_leases(&name, req.max_jobs.max(1), req.max_cpus.max(1), now);
+            let leases = s.take_leases(&name, req.max_jobs.max(1), req.max_cpus, now);
             // Wake the other nodes only when this pass placed work that they may collect.
             let others = placed && s.nodes.keys().any(|n| *n != name && s.has_pending(n));
             (leases, s.writer.last_ticket(), others)

@@ -149,6 +149,8 @@ pub enum ApiError {
 pub struct State {
     pub jobs: BTreeMap<u64, Job>,
     pub idle: BTreeSet<u64>,
+    /// The idle jobs that ask for no cpus (SSI processes): placed even when the pool is full.
+    pub shared_idle: BTreeSet<u64>,
     pub specs: HashMap<u64, Arc<SpecEntry>>,
     pub nodes: BTreeMap<String, Node>,
     pub tokens: HashMap<String, Principal>,
@@ -171,6 +173,7 @@ impl State {
         let mut s = State {
             jobs: BTreeMap::new(),
             idle: BTreeSet::new(),
+            shared_idle: BTreeSet::new(),
             specs: HashMap::new(),
             nodes: BTreeMap::new(),
             tokens: HashMap::new(),
@@ -224,10 +227,11 @@ impl State {
                 result: row.result.and_then(|r| serde_json::from_str(&r).ok()).map(Box::new),
             };
             s.next_job = s.next_job.max(job.id + 1);
+            let id = job.id;
+            s.jobs.insert(id, job);
             if state == JobState::Idle {
-                s.idle.insert(job.id);
+                s.set_idle(id);
             }
-            s.jobs.insert(job.id, job);
         }
         for (name, ad_json, cred_hash, state) in loaded.nodes {
             let Ok(ad) = serde_json::from_str::<NodeAd>(&ad_json) else { continue };
@@ -274,7 +278,7 @@ impl State {
                     j.state = JobState::Idle;
                     j.node = None;
                     j.reason = Some(format!("requeued at restart: its node {node:?} is no longer registered"));
-                    s.idle.insert(id);
+                    s.set_idle(id);
                     s.persist(id, false);
                 }
             }
@@ -376,10 +380,23 @@ impl State {
                     result: None,
                 },
             );
-            self.idle.insert(id);
+            self.set_idle(id);
         }
         self.dirty = true;
         Ok(((first..first + count).collect(), ticket))
+    }
+
+    fn set_idle(&mut self, id: u64) {
+        self.idle.insert(id);
+        let shared = self.jobs.get(&id).and_then(|j| self.specs.get(&j.spec_id)).is_some_and(|s| s.spec.cpus == 0);
+        if shared {
+            self.shared_idle.insert(id);
+        }
+    }
+
+    fn unset_idle(&mut self, id: u64) {
+        self.idle.remove(&id);
+        self.shared_idle.remove(&id);
     }
 
     /// Runs the matchmaker over ready nodes and idle jobs, if anything changed since last time.
@@ -406,7 +423,22 @@ impl State {
         let decision = {
             let (jobs, specs) = (&self.jobs, &self.specs);
             let idle = self.idle.iter().map(|id| IdleJob { id: *id, cluster: jobs[id].spec_id });
-            vmgrid_scheduler::place(&mut slots, |c: u64| specs.get(&c).map(|s| &s.cluster), idle)
+            let mut d = vmgrid_scheduler::place(&mut slots, |c: u64| specs.get(&c).map(|s| &s.cluster), idle);
+            // The pass above stops when the pool's cpus are all taken; time-shared jobs need
+            // none, so they get a pass of their own over what is left.
+            if !self.shared_idle.is_empty() {
+                let placed: std::collections::HashSet<u64> = d.placements.iter().map(|p| p.job).collect();
+                let shared = self
+                    .shared_idle
+                    .iter()
+                    .filter(|id| !placed.contains(id))
+                    .map(|id| IdleJob { id: *id, cluster: jobs[id].spec_id });
+                let more = vmgrid_scheduler::place(&mut slots, |c: u64| specs.get(&c).map(|s| &s.cluster), shared);
+                d.placements.extend(more.placements);
+                d.evaluated.extend(more.evaluated);
+                d.waiting.extend(more.waiting);
+            }
+            d
         };
         for c in &decision.evaluated {
             self.waiting.remove(c);
@@ -427,7 +459,7 @@ impl State {
             j.attempts += 1;
             j.reason = None;
             j.lease_deadline_ms = now + self.timing.lease_ttl_ms;
-            self.idle.remove(&p.job);
+            self.unset_idle(p.job);
             let n = self.nodes.get_mut(name).expect("placed on a known node");
             n.pending.push_back(p.job);
             n.jobs.insert(p.job);
@@ -509,17 +541,30 @@ impl State {
         }
     }
 
-    /// Hands a node up to `max` of the jobs placed on it, needing at most `max_cpus` in all.
+    /// Hands a node up to `max` of the jobs placed on it, needing at most `max_cpus` in all, in
+    /// the order they were placed. A node with no cpu free asks with `max_cpus = 0`: it then gets
+    /// only time-shared jobs (cpus = 0), wherever they are in its queue.
     pub fn take_leases(&mut self, name: &str, max: u32, max_cpus: u32, now: u64) -> Vec<Lease> {
         let mut out = Vec::new();
         let mut cpus = 0u32;
-        while out.len() < max as usize {
-            let Some(&id) = self.nodes.get(name).and_then(|n| n.pending.front()) else { break };
-            let need = self.jobs.get(&id).and_then(|j| self.specs.get(&j.spec_id)).map_or(0, |s| s.spec.cpus);
-            if !out.is_empty() && cpus.saturating_add(need) > max_cpus {
+        let queued: Vec<u64> = match self.nodes.get(name) {
+            Some(n) => n.pending.iter().copied().collect(),
+            None => return out,
+        };
+        for id in queued {
+            if out.len() >= max as usize {
                 break;
             }
-            self.nodes.get_mut(name).expect("checked above").pending.pop_front();
+            let need = self.jobs.get(&id).and_then(|j| self.specs.get(&j.spec_id)).map_or(0, |s| s.spec.cpus);
+            if need > 0 {
+                if max_cpus == 0 {
+                    continue;
+                }
+                if !out.is_empty() && cpus.saturating_add(need) > max_cpus {
+                    break;
+                }
+            }
+            self.nodes.get_mut(name).expect("checked above").pending.retain(|p| *p != id);
             let Some(j) = self.jobs.get_mut(&id) else { continue };
             if j.state != JobState::Running || j.node.as_deref() != Some(name) {
                 continue;
@@ -616,7 +661,7 @@ impl State {
         } else {
             j.state = JobState::Idle;
             j.reason = Some(format!("requeued: {why}"));
-            self.idle.insert(id);
+            self.set_idle(id);
             self.dirty = true;
         }
         self.persist(id, false)
@@ -718,7 +763,7 @@ impl State {
             RunReport::HostFailed { .. } => unreachable!("handled above"),
         }
         if j.state == JobState::Idle {
-            self.idle.insert(id);
+            self.set_idle(id);
         }
         self.persist(id, true)
     }
@@ -804,7 +849,7 @@ impl State {
             if state == JobState::Running {
                 self.release_resources(id);
             }
-            self.idle.remove(&id);
+            self.unset_idle(id);
             let j = self.jobs.get_mut(&id).expect("checked above");
             j.node = None;
             match action {
@@ -824,7 +869,7 @@ impl State {
                     j.losses = 0;
                     j.retries = 0;
                     j.finished_ms = None;
-                    self.idle.insert(id);
+                    self.set_idle(id);
                     self.dirty = true;
                 }
             }

@@ -206,10 +206,13 @@ impl Agent {
         let mut backoff = Duration::from_millis(50);
         while !stop.load(Ordering::Relaxed) {
             let free = self.wait_for_free_cpus();
-            if free == 0 {
-                continue;
-            }
-            let req = LeaseRequest { max_jobs: free, max_cpus: free, wait_ms: 1000 };
+            // With every cpu busy, the node still collects time-shared jobs (SSI processes need
+            // no cpu slot), without waiting, so that a freed cpu is put to work at once.
+            let req = if free == 0 {
+                LeaseRequest { max_jobs: 64, max_cpus: 0, wait_ms: 0 }
+            } else {
+                LeaseRequest { max_jobs: free, max_cpus: free, wait_ms: 1000 }
+            };
             match self.client().lease(&req) {
                 Ok(resp) => {
                     backoff = Duration::from_millis(50);

@@ -305,6 +305,7 @@ impl SsiHost for HomeLink {
 
     fn fs_op(&self, op: &FsOp) -> Result<(), Errno> {
         let req = match op.clone() {
+            FsOp::Create(path) => FsOpRequest::Create { path },
             FsOp::Mkdir(path) => FsOpRequest::Mkdir { path },
             FsOp::Rmdir(path) => FsOpRequest::Rmdir { path },
             FsOp::Unlink(path) => FsOpRequest::Unlink { path },

@@ -561,9 +561,22 @@ pub mod ssi {
     #[derive(Debug, Clone, Serialize, Deserialize)]
     #[serde(tag = "op", rename_all = "lowercase")]
     pub enum FsOpRequest {
-        Mkdir { path: String },
-        Rmdir { path: String },
-        Unlink { path: String },
-        Rename { path: String, to: String },
+        /// Creates an empty file; `EEXIST` if there is one.
+        Create {
+            path: String,
+        },
+        Mkdir {
+            path: String,
+        },
+        Rmdir {
+            path: String,
+        },
+        Unlink {
+            path: String,
+        },
+        Rename {
+            path: String,
+            to: String,
+        },
     }
 }

@@ -48,6 +48,8 @@ pub struct DirEntry {
 /// A change to the namespace, done at the home first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FsOp {
+    /// Creates an empty file, failing with `EXIST` if there is one (`O_CREAT|O_EXCL`).
+    Create(String),
     Mkdir(String),
     Rmdir(String),
     Unlink(String),

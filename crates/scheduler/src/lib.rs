@@ -215,13 +215,14 @@ pub fn place<'c, C: Clusters<'c>, J: std::borrow::Borrow<IdleJob>>(
     let mut candidates: HashMap<u64, (Vec<usize>, usize)> = HashMap::new();
     for job in jobs {
         let job = job.borrow();
-        if free_cpus == 0 && !nodes.is_empty() {
-            break;
-        }
         let Some(cluster) = clusters.cluster(job.cluster) else {
             decision.waiting.entry(job.cluster).or_insert_with(|| "the job's spec is unknown to the matchmaker".into());
             continue;
         };
+        // A full pool ends the pass, except for time-shared jobs (cpus = 0), which need no slot.
+        if free_cpus == 0 && !nodes.is_empty() && cluster.cpus > 0 {
+            break;
+        }
         let (list, cursor) = candidates.entry(job.cluster).or_insert_with(|| {
             decision.evaluated.push(job.cluster);
             let (list, why) = match_nodes(nodes, &node_values, &node_hashes, cluster);

@@ -99,13 +99,15 @@ async fn started(State(home): State<S>, Caller(pid): Caller, Json(req): Json<Sta
 async fn exit(State(home): State<S>, Caller(pid): Caller, Json(req): Json<ExitRequest>) -> StatusCode {
     if req.dropped > 0 {
         let note = format!("vmgrid ssi: process {pid}: {} bytes of output were dropped\n", req.dropped);
-        home.output(pid, 2, note.as_bytes());
+        let h = home.clone();
+        let _ = tokio::task::spawn_blocking(move || h.output(pid, 2, note.as_bytes())).await;
     }
     let state = match req.reason {
         None => ProcState::Exited(req.status),
         Some(reason) => ProcState::Failed(req.status, reason),
     };
-    home.end(pid, state);
+    // Ending may print to the console, which may block (a paused terminal): not on a worker.
+    let _ = tokio::task::spawn_blocking(move || home.end(pid, state)).await;
     StatusCode::NO_CONTENT
 }
 
@@ -118,7 +120,8 @@ async fn output(State(home): State<S>, Caller(pid): Caller, Query(q): Query<Outp
     if q.fd != 1 && q.fd != 2 {
         return StatusCode::BAD_REQUEST;
     }
-    home.output(pid, q.fd, &body);
+    // The console's stdout may block (a paused terminal): not on a worker thread.
+    let _ = tokio::task::spawn_blocking(move || home.output(pid, q.fd, &body)).await;
     StatusCode::NO_CONTENT
 }
 
@@ -134,7 +137,7 @@ async fn signal(State(home): State<S>, Caller(pid): Caller, Query(q): Query<Sign
         tokio::pin!(notified);
         notified.as_mut().enable();
         let kill = home.kill_requested(pid);
-        if kill || tokio::time::Instant::now() >= deadline {
+        if kill || home.ended(pid) || tokio::time::Instant::now() >= deadline {
             return Json(SignalResponse { kill });
         }
         let _ = tokio::time::timeout_at(deadline, notified).await;
@@ -188,6 +191,7 @@ async fn store(State(home): State<S>, _c: Caller, Query(q): Query<PathQuery>, bo
 async fn fsop(State(home): State<S>, _c: Caller, Json(req): Json<FsOpRequest>) -> Response {
     let h = home.clone();
     let r = tokio::task::spawn_blocking(move || match &req {
+        FsOpRequest::Create { path } => h.root.create_new(path),
         FsOpRequest::Mkdir { path } => h.root.mkdir(path),
         FsOpRequest::Rmdir { path } => h.root.rmdir(path),
         FsOpRequest::Unlink { path } => h.root.unlink(path),

@@ -165,6 +165,12 @@ impl Root {
         std::fs::metadata(&p).map(|m| Self::version(&m)).map_err(|e| errno_of(&e))
     }
 
+    /// Creates an empty file; `EXIST` if anything is there.
+    pub fn create_new(&self, path: &str) -> Result<(), Errno> {
+        let p = self.non_root(path)?;
+        std::fs::OpenOptions::new().write(true).create_new(true).open(p).map(|_| ()).map_err(|e| errno_of(&e))
+    }
+
     pub fn mkdir(&self, path: &str) -> Result<(), Errno> {
         std::fs::create_dir(self.non_root(path)?).map_err(|e| errno_of(&e))
     }
@@ -199,7 +205,41 @@ pub fn check_module(bytes: &[u8]) -> Result<(), String> {
     if bytes[4..8] != [1, 0, 0, 0] {
         return Err("a WebAssembly component; SSI processes are WASI preview-1 modules".into());
     }
-    wasmparser::Validator::new().validate_all(bytes).map(|_| ()).map_err(|e| format!("invalid module: {e}"))
+    wasmparser::Validator::new().validate_all(bytes).map_err(|e| format!("invalid module: {e}"))?;
+    // What the node will link it against: WASI preview 1 and the `vmgrid` calls.
+    let (mut start, mut memory) = (false, false);
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        match payload.map_err(|e| format!("invalid module: {e}"))? {
+            wasmparser::Payload::ImportSection(imports) => {
+                for import in imports.into_imports() {
+                    let import = import.map_err(|e| format!("invalid module: {e}"))?;
+                    let known = match import.module {
+                        "wasi_snapshot_preview1" => true,
+                        "vmgrid" => ["spawn", "wait", "getpid"].contains(&import.name),
+                        _ => false,
+                    };
+                    if !known {
+                        return Err(format!(
+                            "it imports `{}.{}`; SSI processes may import WASI preview 1 and vmgrid.spawn/wait/getpid",
+                            import.module, import.name
+                        ));
+                    }
+                }
+            }
+            wasmparser::Payload::ExportSection(exports) => {
+                for export in exports {
+                    let export = export.map_err(|e| format!("invalid module: {e}"))?;
+                    start |= export.name == "_start" && export.kind == wasmparser::ExternalKind::Func;
+                    memory |= export.name == "memory" && export.kind == wasmparser::ExternalKind::Memory;
+                }
+            }
+            _ => {}
+        }
+    }
+    if !start || !memory {
+        return Err("not a WASI command: it must export `_start` and `memory` (build for wasm32-wasip1)".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -241,7 +281,8 @@ mod tests {
     fn only_valid_modules_pass() {
         assert!(check_module(b"hello world").is_err());
         assert!(check_module(b"\0asm\x0d\0\x01\0").unwrap_err().contains("component"));
-        assert!(check_module(b"\0asm\x01\0\0\0").is_ok());
         assert!(check_module(b"\0asm\x01\0\0\0\x01\x05garbage").is_err());
+        // Valid, but not a command: no _start, no memory.
+        assert!(check_module(b"\0asm\x01\0\0\0").unwrap_err().contains("_start"));
     }
 }

@@ -304,22 +304,21 @@ impl Home {
 
     /// Follows the process's job in the pool until it ends there; tells the table what only the
     /// pool knows (a lost node, a module that would not start).
+    /// An unreachable pool (a coordinator restarting) ends nothing: the process may well be
+    /// running, and its node tells the home itself when it exits.
     fn watch(&self, pid: u64, job: u64) {
-        let mut failures = 0;
+        let mut backoff = Duration::from_millis(200);
         loop {
             match self.pool.wait(job, Duration::from_secs(30)) {
                 Ok(v) if v.state.is_final() || v.state == JobState::Held => {
                     self.job_ended(pid, &v);
                     return;
                 }
-                Ok(_) => failures = 0,
+                Ok(_) => backoff = Duration::from_millis(200),
                 Err(e) => {
-                    failures += 1;
-                    if failures > 30 {
-                        self.end(pid, ProcState::Failed(STATUS_FAILED, format!("the pool is unreachable: {e}")));
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_secs(1));
+                    tracing::warn!(pid, job, "cannot follow the process in the pool: {e}; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
             if self.lock().closing {
@@ -357,13 +356,23 @@ impl Home {
             if p.started.is_none() {
                 p.started = p.ended;
             }
-            // The console is the machine's console: an abnormal end is told there, as a kernel
-            // would log it, whoever the parent is.
+            let ppid = p.ppid;
+            let p = p.clone();
+            // Orphans are reaped, as init reaps them: the ended children of the process that
+            // ended, and this process if its parent is gone.
+            let parent_gone = ppid != 0 && t.procs.get(&ppid).is_none_or(|q| q.state.ended());
+            for q in t.procs.values_mut() {
+                if (q.ppid == pid && q.state.ended()) || (q.pid == pid && parent_gone) {
+                    q.reaped = true;
+                }
+            }
+            // The console is the machine's console: an abnormal end of a process the console did
+            // not start itself is told there, as a kernel would log it.
             match &p.state {
-                ProcState::Failed(status, why) => Some(format!(
+                ProcState::Failed(status, why) if ppid != 0 => Some(format!(
                     "vmgrid ssi: process {pid} ({}), child of {}, failed on {} (status {status}): {why}\n",
                     p.argv.join(" "),
-                    if p.ppid == 0 { "the console".to_string() } else { p.ppid.to_string() },
+                    p.ppid,
                     p.node.as_deref().unwrap_or("no node"),
                 )),
                 _ => None,
@@ -416,6 +425,10 @@ impl Home {
     /// its node may still be reporting it to the pool.)
     pub(crate) fn kill_requested(&self, pid: u64) -> bool {
         self.lock().procs.get(&pid).is_none_or(|p| p.kill)
+    }
+
+    pub(crate) fn ended(&self, pid: u64) -> bool {
+        self.lock().procs.get(&pid).is_none_or(|p| p.state.ended())
     }
 
     /// The child `pid` of `ppid`, once it has ended; reaps it. `Err(CHILD)` if there is no such

@@ -89,14 +89,39 @@ pub fn ssi(args: SsiArgs) -> Result<i32, CliError> {
         );
     }
     let interrupted = Arc::new(AtomicBool::new(false));
-    let _ = signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone());
-    let mut console = Console { home: home.clone(), status: 0, interrupted, out: stdout_lock };
+    let waiting = Arc::new(AtomicBool::new(false));
+    watch_signals(home.clone(), interrupted.clone(), waiting.clone())?;
+    let mut console = Console { home: home.clone(), status: 0, interrupted, waiting, out: stdout_lock };
     let result = if interactive { console.repl_terminal() } else { console.repl_pipe() };
+    console.announce();
     let left = home.shutdown();
     if left > 0 {
         eprintln!("vmgrid ssi: the console is closing; killed {left} running process(es)");
     }
     result.map(|()| console.status)
+}
+
+/// Ctrl-C while the console waits for a process stops the process; otherwise (and on SIGTERM or
+/// SIGHUP) the console ends, killing its processes first, so none is left without its home.
+fn watch_signals(home: Arc<Home>, interrupted: Arc<AtomicBool>, waiting: Arc<AtomicBool>) -> Result<(), CliError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(|e| CliError::Failed(format!("cannot handle signals: {e}")))?;
+    std::thread::Builder::new()
+        .name("vmgrid-ssi-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if sig == SIGINT && waiting.load(Ordering::Relaxed) {
+                    interrupted.store(true, Ordering::Relaxed);
+                    continue;
+                }
+                let left = home.shutdown();
+                eprintln!("\nvmgrid ssi: stopped by a signal; killed {left} running process(es)");
+                std::process::exit(128 + sig);
+            }
+        })
+        .map_err(|e| CliError::Failed(format!("cannot handle signals: {e}")))?;
+    Ok(())
 }
 
 /// The address of this host that faces the pool (loopback for a pool on loopback), port 0.
@@ -122,6 +147,8 @@ struct Console {
     /// The status of the last command, as `$?`.
     status: i32,
     interrupted: Arc<AtomicBool>,
+    /// The console is waiting for a process: Ctrl-C is for it.
+    waiting: Arc<AtomicBool>,
     out: Arc<std::sync::Mutex<()>>,
 }
 
@@ -238,6 +265,7 @@ impl Console {
         }
         // Foreground: Ctrl-C kills the process, not the console.
         self.interrupted.store(false, Ordering::Relaxed);
+        self.waiting.store(true, Ordering::Relaxed);
         let state = loop {
             if let Some(s) = self.home.wait_ended(pid, Some(Duration::from_millis(100))) {
                 break s;
@@ -246,6 +274,7 @@ impl Console {
                 let _ = self.home.kill(pid);
             }
         };
+        self.waiting.store(false, Ordering::Relaxed);
         self.home.reap(pid);
         if !matches!(state, ProcState::Exited(0)) {
             eprintln!("[{pid}] {}", describe_end(&state));
@@ -308,14 +337,17 @@ impl Console {
         self.interrupted.store(false, Ordering::Relaxed);
         let mut status = 0;
         for pid in targets {
+            self.waiting.store(true, Ordering::Relaxed);
             let state = loop {
                 if let Some(s) = self.home.wait_ended(pid, Some(Duration::from_millis(100))) {
                     break s;
                 }
                 if self.interrupted.swap(false, Ordering::Relaxed) {
+                    self.waiting.store(false, Ordering::Relaxed);
                     return self.fail("wait: interrupted".into());
                 }
             };
+            self.waiting.store(false, Ordering::Relaxed);
             self.home.reap(pid);
             eprintln!("[{pid}] {}", describe_end(&state));
             status = state.status().unwrap_or(1);

@@ -8,6 +8,10 @@
 //!   mv:FROM:TO          rename                ls:PATH     print the sorted entries of a dir
 //!   opens:PATH:N        open and close PATH for reading N times; print the mean µs per pair
 //!   writes:PATH:N       write and close PATH N times; print the mean µs per pair
+//!   excl:PATH           create PATH exclusively; print "created" or "error: …"
+//!   symlink:TARGET:LINK make a symbolic link; print "linked" or "error: …"
+//!   leak:PATH:TEXT      write PATH and exit without closing it
+//!   renameopen:TMP:DST  write TMP, rename it to DST while open, write more, then close
 //!   spin                loop forever          exit:N      exit with N
 //!   panic               trap
 
@@ -90,6 +94,33 @@ fn main() {
                 }
                 println!("write+close {:.1} us", start.elapsed().as_secs_f64() * 1e6 / n as f64);
             }
+            "excl" => match std::fs::OpenOptions::new().write(true).create_new(true).open(rest) {
+                Ok(_) => println!("created"),
+                Err(e) => println!("error: {e}"),
+            },
+            "symlink" => {
+                let (target, link) = rest.split_once(':').expect("symlink:TARGET:LINK");
+                match symlink(target, link.trim_start_matches('/')) {
+                    0 => println!("linked"),
+                    e => println!("error: errno {e}"),
+                }
+            }
+            "leak" => {
+                let (path, text) = rest.split_once(':').expect("leak:PATH:TEXT");
+                let mut f = std::fs::File::create(path).expect("create");
+                std::io::Write::write_all(&mut f, text.as_bytes()).expect("write");
+                std::mem::forget(f);
+            }
+            "renameopen" => {
+                let (tmp, dst) = rest.split_once(':').expect("renameopen:TMP:DST");
+                let mut f = std::fs::File::create(tmp).expect("create");
+                std::io::Write::write_all(&mut f, b"first ").expect("write");
+                if let Err(e) = std::fs::rename(tmp, dst) {
+                    println!("error: {e}");
+                }
+                std::io::Write::write_all(&mut f, b"second").expect("write");
+                drop(f);
+            }
             "spin" => {
                 let mut x: u64 = 0;
                 loop {
@@ -111,4 +142,19 @@ fn wait(pid: vmgrid_ssi::Pid) {
         Ok(s) => println!("child {pid} status {s}"),
         Err(e) => println!("wait {pid}: {e}"),
     }
+}
+
+#[cfg(target_arch = "wasm32")]
+fn symlink(target: &str, link: &str) -> u16 {
+    #[link(wasm_import_module = "wasi_snapshot_preview1")]
+    unsafe extern "C" {
+        fn path_symlink(old: *const u8, old_len: usize, fd: u32, new: *const u8, new_len: usize) -> u16;
+    }
+    // SAFETY: both strings are live for the call; descriptor 3 is the preopened root.
+    unsafe { path_symlink(target.as_ptr(), target.len(), 3, link.as_ptr(), link.len()) }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn symlink(_target: &str, _link: &str) -> u16 {
+    52
 }

@@ -250,3 +250,24 @@ fn an_ssi_process_on_a_lost_node_ends_held_with_the_reason_and_is_not_rerun() {
     let other = if leases[0].job_id == 1 { 2 } else { 1 };
     assert_eq!(s.jobs[&other].state, JobState::Idle);
 }
+
+#[test]
+fn time_shared_jobs_run_on_a_full_pool_and_a_full_node_still_collects_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = fresh(dir.path());
+    s.register(ad("n1", 1), None, false, 0).unwrap();
+    // A batch job takes the only cpu; more wait behind it.
+    s.submit("alice", spec(0), 3, 0).unwrap();
+    let batch = lease_all(&mut s, "n1", 0);
+    assert_eq!(batch.len(), 1);
+    let mut p = spec(0);
+    p.cpus = 0;
+    p.ssi = Some(SsiSpec { home: "http://127.0.0.1:1".into(), token: "t".into(), pid: 1 });
+    let (ids, _) = s.submit("alice", p, 1, 1).unwrap();
+    s.schedule(1);
+    assert_eq!(s.jobs[&ids[0]].state, JobState::Running, "placed although no cpu is free");
+    // The node, with no cpu free, asks with max_cpus = 0 and gets only the time-shared job.
+    let shared = s.take_leases("n1", 64, 0, 2);
+    assert_eq!(shared.iter().map(|l| l.job_id).collect::<Vec<_>>(), ids);
+    assert_eq!(s.jobs[&2].state, JobState::Idle, "batch jobs still wait for the cpu");
+}

@@ -23,31 +23,51 @@ const OFLAGS_CREAT: i32 = 1;
 const OFLAGS_EXCL: i32 = 4;
 const OFLAGS_TRUNC: i32 = 8;
 const RIGHT_FD_WRITE: i64 = 1 << 6;
+const ERRNO_NOTSUP: Errno = 58;
+const ERRNO_NOTCAPABLE: Errno = 76;
 
 /// The longest argv a process may pass to `spawn`.
 const MAX_ARGV_BYTES: usize = 64 * 1024;
+
+/// A descriptor that may write a file: closing it writes the file back if it changed.
+struct Writer {
+    path: String,
+    /// The file's (mtime, length) in the mirror when it was opened, if the home has it; `None`
+    /// means the home does not have it yet, so it is written back whatever happens.
+    before: Option<(std::time::SystemTime, u64)>,
+}
 
 /// Per-process state of the mirror.
 pub(crate) struct SsiFs {
     pub(crate) host: Arc<dyn SsiHost>,
     root: PathBuf,
-    /// Directory descriptors the process opened, by their SSI path ("" is the root).
+    /// Directory descriptors, by their SSI path ("" is the root).
     dirs: HashMap<u32, String>,
     /// Files held in the mirror, with the version the home gave them.
     versions: HashMap<String, String>,
-    /// Descriptors open for writing, by SSI path: closing one writes the file back.
-    written: HashMap<u32, String>,
+    written: HashMap<u32, Writer>,
+}
+
+fn stamp(p: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+    let m = std::fs::symlink_metadata(p).ok()?;
+    Some((m.modified().ok()?, m.len()))
 }
 
 impl SsiFs {
     pub(crate) fn new(host: Arc<dyn SsiHost>, root: PathBuf) -> SsiFs {
-        SsiFs { host, root, dirs: HashMap::new(), versions: HashMap::new(), written: HashMap::new() }
+        SsiFs {
+            host,
+            root,
+            dirs: HashMap::from([(ROOT_FD, String::new())]),
+            versions: HashMap::new(),
+            written: HashMap::new(),
+        }
     }
 
-    /// The SSI path that `path`, relative to descriptor `dirfd`, names; `None` if it is not one
-    /// of ours or leaves the root (wasmtime-wasi then refuses it on its own).
+    /// The SSI path that `path`, relative to descriptor `dirfd`, names; `None` if `dirfd` is not
+    /// a directory of ours or the path leaves the root.
     fn resolve(&self, dirfd: u32, path: &str) -> Option<String> {
-        let base = if dirfd == ROOT_FD { "" } else { self.dirs.get(&dirfd)?.as_str() };
+        let base = self.dirs.get(&dirfd)?.as_str();
         if path.starts_with('/') {
             return None;
         }
@@ -64,12 +84,22 @@ impl SsiFs {
         Some(parts.join("/"))
     }
 
-    fn local(&self, path: &str) -> PathBuf {
-        if path.is_empty() { self.root.clone() } else { self.root.join(path) }
+    /// The mirror's host path for an SSI path. The guest cannot make links (`path_symlink` and
+    /// `path_link` are refused) and the home serves none, but the host-side code here uses plain
+    /// `std::fs`, so it checks anyway: a link anywhere on the path is refused.
+    fn local(&self, path: &str) -> Result<PathBuf, Errno> {
+        let mut p = self.root.clone();
+        for c in path.split('/').filter(|c| !c.is_empty()) {
+            p.push(c);
+            if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(errno::ACCES);
+            }
+        }
+        Ok(p)
     }
 
     fn open_for_writing(&self, path: &str) -> bool {
-        self.written.values().any(|p| p == path)
+        self.written.values().any(|w| w.path == path)
     }
 
     /// Brings the mirror's copy of `path` up to date with the home (open of close-to-open).
@@ -78,7 +108,7 @@ impl SsiFs {
             // This process is writing it: its own copy is the newest.
             return Ok(());
         }
-        let local = self.local(path);
+        let local = self.local(path)?;
         let have = self.versions.get(path).filter(|_| local.is_file()).cloned();
         match self.host.fetch(path, have.as_deref()) {
             Ok(Fetched::Unchanged) => Ok(()),
@@ -143,7 +173,7 @@ impl SsiFs {
     /// Makes sure the directory holding `path` is in the mirror, as the home has it.
     fn ensure_parent(&mut self, path: &str) -> Result<(), Errno> {
         let Some((parent, _)) = path.rsplit_once('/') else { return Ok(()) };
-        if self.local(parent).is_dir() {
+        if self.local(parent)?.is_dir() {
             return Ok(());
         }
         self.ensure_parent(parent)?;
@@ -152,20 +182,105 @@ impl SsiFs {
 
     /// Writes `path` back to the home (close of close-to-open).
     fn write_back(&mut self, path: &str) -> Result<(), Errno> {
-        let bytes = std::fs::read(self.local(path)).map_err(|_| errno::IO)?;
+        let bytes = std::fs::read(self.local(path)?).map_err(|_| errno::IO)?;
         let version = self.host.store(path, bytes)?;
         self.versions.insert(path.to_string(), version);
         Ok(())
     }
 
-    /// At exit the process's descriptors close, so what it wrote goes home.
-    pub(crate) fn close_all(&mut self) -> Result<(), Errno> {
-        let mut paths: Vec<String> = self.written.drain().map(|(_, p)| p).collect();
+    /// Whether a writer changed its file (a file the home does not have yet always counts).
+    fn dirty(&self, w: &Writer) -> bool {
+        match (w.before, self.local(&w.path).ok().and_then(|p| stamp(&p))) {
+            (None, Some(_)) => true,
+            (Some(before), Some(now)) => before != now,
+            // Gone from the mirror: unlinked while open; nothing to write back.
+            (_, None) => false,
+        }
+    }
+
+    /// The descriptor `fd` closed: forget it, and write its file back if it was the last writer
+    /// and the file changed.
+    fn closed(&mut self, fd: u32) -> Result<(), Errno> {
+        self.dirs.remove(&fd);
+        let Some(w) = self.written.remove(&fd) else { return Ok(()) };
+        let dirty = self.dirty(&w);
+        if let Some(other) = self.written.values_mut().find(|o| o.path == w.path) {
+            // Another descriptor still writes it: it goes home with the last one.
+            if dirty {
+                other.before = None;
+            }
+            return Ok(());
+        }
+        if dirty { self.write_back(&w.path) } else { Ok(()) }
+    }
+
+    /// `fd_renumber(from, to)` succeeded: `to` closed and then became `from`.
+    fn renumbered(&mut self, from: u32, to: u32) -> Result<(), Errno> {
+        let result = if from != to { self.closed(to) } else { Ok(()) };
+        if let Some(d) = self.dirs.remove(&from) {
+            self.dirs.insert(to, d);
+        }
+        if let Some(w) = self.written.remove(&from) {
+            self.written.insert(to, w);
+        }
+        result
+    }
+
+    /// `path` was unlinked: nothing of it goes home any more.
+    fn forget(&mut self, path: &str) {
+        self.versions.remove(path);
+        self.written.retain(|_, w| w.path != path);
+    }
+
+    /// `old` was renamed to `new`: what the mirror knows of it (and under it) moves along.
+    fn moved(&mut self, old: &str, new: &str) {
+        let re = |p: &str| -> Option<String> {
+            if p == old {
+                Some(new.to_string())
+            } else {
+                p.strip_prefix(old).filter(|rest| rest.starts_with('/')).map(|rest| format!("{new}{rest}"))
+            }
+        };
+        for w in self.written.values_mut() {
+            if let Some(p) = re(&w.path) {
+                w.path = p;
+            }
+        }
+        for d in self.dirs.values_mut() {
+            if let Some(p) = re(d) {
+                *d = p;
+            }
+        }
+        self.versions = self.versions.drain().map(|(k, v)| (re(&k).unwrap_or(k), v)).collect();
+    }
+
+    /// Files being written at or under `path`, written back now (before a rename moves them).
+    fn flush_under(&mut self, path: &str) -> Result<(), Errno> {
+        let mut paths: Vec<String> = self
+            .written
+            .values()
+            .filter(|w| w.path == path || w.path.starts_with(&format!("{path}/")))
+            .map(|w| w.path.clone())
+            .collect();
         paths.sort();
         paths.dedup();
-        let mut result = Ok(());
         for p in paths {
-            if let Err(e) = self.write_back(&p) {
+            self.write_back(&p)?;
+            // The home has it now; later closes compare against what was just sent.
+            let now = self.local(&p).ok().and_then(|l| stamp(&l));
+            for w in self.written.values_mut().filter(|w| w.path == p) {
+                w.before = now;
+            }
+        }
+        Ok(())
+    }
+
+    /// At exit the process's descriptors close, so what it wrote goes home.
+    pub(crate) fn close_all(&mut self) -> Result<(), Errno> {
+        let fds: Vec<u32> = self.written.keys().copied().collect();
+        let mut result = Ok(());
+        for fd in fds {
+            if let Err(e) = self.closed(fd) {
                 result = Err(e);
             }
         }
@@ -241,15 +356,46 @@ pub(crate) fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result
          fdflags: i32,
          fd_out: i32|
          -> R {
-            let path = read_str(&mut c, path_ptr, path_len)?;
-            let target = path.and_then(|p| ssi(&mut c).resolve(dirfd as u32, &p));
-            if let Some(p) = &target {
-                let fresh = oflags & OFLAGS_CREAT != 0 && oflags & OFLAGS_TRUNC != 0 && oflags & OFLAGS_EXCL == 0;
-                let synced = if fresh { ssi(&mut c).ensure_parent(p) } else { ssi(&mut c).sync(p) };
-                if let Err(e) = synced.and_then(|()| ssi(&mut c).ensure_parent(p)) {
-                    return fail(e);
-                }
+            let Some(path) = read_str(&mut c, path_ptr, path_len)? else {
+                return real(&mut c, |w, m| {
+                    in_tokio(abi::path_open(
+                        w,
+                        m,
+                        dirfd,
+                        dirflags,
+                        path_ptr,
+                        path_len,
+                        oflags,
+                        rights_base,
+                        rights_inheriting,
+                        fdflags,
+                        fd_out,
+                    ))
+                })?;
+            };
+            let Some(p) = ssi(&mut c).resolve(dirfd as u32, &path) else { return fail(ERRNO_NOTCAPABLE) };
+            let (creat, excl, trunc) =
+                (oflags & OFLAGS_CREAT != 0, oflags & OFLAGS_EXCL != 0, oflags & OFLAGS_TRUNC != 0);
+            let s = ssi(&mut c);
+            let prepared = if creat && excl {
+                // Exclusive across the machine: the home creates it, or says it exists.
+                s.sync(&p).and_then(|()| s.ensure_parent(&p)).and_then(|()| s.host.fs_op(&FsOp::Create(p.clone())))
+            } else if creat && trunc {
+                // Replaced whole: no need to fetch what is there.
+                s.ensure_parent(&p)
+            } else {
+                s.sync(&p).and_then(|()| s.ensure_parent(&p))
+            };
+            if let Err(e) = prepared {
+                return fail(e);
             }
+            let before = if creat && excl {
+                // Created empty at the home just now.
+                None
+            } else {
+                let s = ssi(&mut c);
+                s.versions.get(&p).and(s.local(&p).ok()).and_then(|l| stamp(&l))
+            };
             let r = real(&mut c, |w, m| {
                 in_tokio(abi::path_open(
                     w,
@@ -265,14 +411,16 @@ pub(crate) fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result
                     fd_out,
                 ))
             })??;
-            if let (0, Some(p)) = (r, target) {
+            if r == 0 {
                 let fd = read_bytes(&mut c, fd_out, 4)?.map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
                 if let Some(fd) = fd {
                     let s = ssi(&mut c);
-                    if s.local(&p).is_dir() {
+                    if s.local(&p).is_ok_and(|l| l.is_dir()) {
                         s.dirs.insert(fd, p);
-                    } else if rights_base & RIGHT_FD_WRITE != 0 || oflags & (OFLAGS_CREAT | OFLAGS_TRUNC) != 0 {
-                        s.written.insert(fd, p);
+                    } else if rights_base & RIGHT_FD_WRITE != 0 || creat || trunc {
+                        // After an exclusive create the home has the empty file already.
+                        let before = if creat && excl { s.local(&p).ok().and_then(|l| stamp(&l)) } else { before };
+                        s.written.insert(fd, Writer { path: p, before });
                     }
                 }
             }
@@ -284,23 +432,44 @@ pub(crate) fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result
         if r != 0 {
             return Ok(r);
         }
-        let s = ssi(&mut c);
-        s.dirs.remove(&(fd as u32));
-        if let Some(p) = s.written.remove(&(fd as u32)) {
-            if !s.open_for_writing(&p) {
-                if let Err(e) = s.write_back(&p) {
-                    return fail(e);
-                }
-            }
+        match ssi(&mut c).closed(fd as u32) {
+            Ok(()) => Ok(0),
+            Err(e) => fail(e),
         }
-        Ok(0)
     })?;
+    linker.func_wrap(W, "fd_renumber", |mut c: Caller<'_, GuestState>, from: i32, to: i32| -> R {
+        if to as u32 == ROOT_FD || from as u32 == ROOT_FD {
+            // The root stays where it is: everything resolves against it.
+            return fail(ERRNO_NOTSUP);
+        }
+        let r = real(&mut c, |w, m| in_tokio(abi::fd_renumber(w, m, from, to)))??;
+        if r != 0 {
+            return Ok(r);
+        }
+        match ssi(&mut c).renumbered(from as u32, to as u32) {
+            Ok(()) => Ok(0),
+            Err(e) => fail(e),
+        }
+    })?;
+    // Links would make the mirror differ from the home (which has none) and could point out of it.
+    linker.func_wrap(
+        W,
+        "path_symlink",
+        |_c: Caller<'_, GuestState>, _a: i32, _b: i32, _fd: i32, _d: i32, _e: i32| -> R { fail(ERRNO_NOTSUP) },
+    )?;
+    linker.func_wrap(
+        W,
+        "path_link",
+        |_c: Caller<'_, GuestState>, _fd: i32, _fl: i32, _a: i32, _b: i32, _fd2: i32, _d: i32, _e: i32| -> R {
+            fail(ERRNO_NOTSUP)
+        },
+    )?;
     linker.func_wrap(
         W,
         "path_filestat_get",
         |mut c: Caller<'_, GuestState>, dirfd: i32, flags: i32, path_ptr: i32, path_len: i32, out: i32| -> R {
-            let path = read_str(&mut c, path_ptr, path_len)?;
-            if let Some(p) = path.and_then(|p| ssi(&mut c).resolve(dirfd as u32, &p)) {
+            if let Some(path) = read_str(&mut c, path_ptr, path_len)? {
+                let Some(p) = ssi(&mut c).resolve(dirfd as u32, &path) else { return fail(ERRNO_NOTCAPABLE) };
                 if let Err(e) = ssi(&mut c).sync(&p) {
                     return fail(e);
                 }
@@ -317,16 +486,24 @@ pub(crate) fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result
         op: fn(String) -> FsOp,
         local: impl FnOnce(&mut Caller<'_, GuestState>) -> R,
     ) -> R {
-        let path = read_str(c, path_ptr, path_len)?;
-        let Some(p) = path.and_then(|p| ssi(c).resolve(dirfd as u32, &p)) else { return local(c) };
+        let Some(path) = read_str(c, path_ptr, path_len)? else { return local(c) };
+        let Some(p) = ssi(c).resolve(dirfd as u32, &path) else { return fail(ERRNO_NOTCAPABLE) };
         if p.is_empty() {
             return fail(errno::PERM);
         }
-        if let Err(e) = ssi(c).host.fs_op(&op(p.clone())) {
+        let s = ssi(c);
+        let op = op(p.clone());
+        if matches!(op, FsOp::Unlink(_)) && s.open_for_writing(&p) && !s.versions.contains_key(&p) {
+            // Created here and not yet sent: the home has nothing to remove.
+            s.forget(&p);
+        } else if let Err(e) = s.host.fs_op(&op) {
             return fail(e);
         }
-        ssi(c).versions.remove(&p);
-        if let Err(e) = ssi(c).ensure_parent(&p) {
+        let s = ssi(c);
+        if let FsOp::Unlink(_) | FsOp::Rmdir(_) = op {
+            s.forget(&p);
+        }
+        if let Err(e) = s.ensure_parent(&p) {
             return fail(e);
         }
         let _ = local(c)?;
@@ -367,29 +544,31 @@ pub(crate) fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result
          new_ptr: i32,
          new_len: i32|
          -> R {
-            let old = read_str(&mut c, old_ptr, old_len)?.and_then(|p| ssi(&mut c).resolve(fd as u32, &p));
-            let new = read_str(&mut c, new_ptr, new_len)?.and_then(|p| ssi(&mut c).resolve(new_fd as u32, &p));
             let call_local = |c: &mut Caller<'_, GuestState>| {
                 real(c, |w, m| in_tokio(abi::path_rename(w, m, fd, old_ptr, old_len, new_fd, new_ptr, new_len)))?
             };
-            let (Some(old), Some(new)) = (old, new) else { return call_local(&mut c) };
+            let (Some(old), Some(new)) = (read_str(&mut c, old_ptr, old_len)?, read_str(&mut c, new_ptr, new_len)?)
+            else {
+                return call_local(&mut c);
+            };
+            let s = ssi(&mut c);
+            let (Some(old), Some(new)) = (s.resolve(fd as u32, &old), s.resolve(new_fd as u32, &new)) else {
+                return fail(ERRNO_NOTCAPABLE);
+            };
             if old.is_empty() || new.is_empty() {
                 return fail(errno::PERM);
             }
-            // The mirror needs the source to rename it locally.
-            if let Err(e) = ssi(&mut c).sync(&old) {
+            // What is being written under the old name goes home first, so the home can move
+            // it; the mirror needs the source (and the target's directory) to move it locally.
+            let prepared = s
+                .flush_under(&old)
+                .and_then(|()| s.sync(&old))
+                .and_then(|()| s.ensure_parent(&new))
+                .and_then(|()| s.host.fs_op(&FsOp::Rename(old.clone(), new.clone())));
+            if let Err(e) = prepared {
                 return fail(e);
             }
-            if let Err(e) = ssi(&mut c).host.fs_op(&FsOp::Rename(old.clone(), new.clone())) {
-                return fail(e);
-            }
-            if let Err(e) = ssi(&mut c).ensure_parent(&new) {
-                return fail(e);
-            }
-            let s = ssi(&mut c);
-            if let Some(v) = s.versions.remove(&old) {
-                s.versions.insert(new, v);
-            }
+            s.moved(&old, &new);
             let _ = call_local(&mut c)?;
             Ok(0)
         },

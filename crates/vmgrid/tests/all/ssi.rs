@@ -27,6 +27,8 @@ fn root_with_programs() -> tempfile::TempDir {
 
 /// A console whose stdin is a pipe; its stdout and stderr are collected as they come.
 struct Session {
+    root: std::path::PathBuf,
+    marks: u64,
     child: Child,
     stdin: Option<ChildStdin>,
     stdout: Arc<Mutex<String>>,
@@ -63,7 +65,7 @@ impl Session {
         };
         let stdout = collect(Box::new(child.stdout.take().unwrap()));
         let stderr = collect(Box::new(child.stderr.take().unwrap()));
-        Session { stdin: child.stdin.take(), child, stdout, stderr }
+        Session { root: root.to_path_buf(), marks: 0, stdin: child.stdin.take(), child, stdout, stderr }
     }
 
     fn send(&mut self, line: &str) {
@@ -86,17 +88,20 @@ impl Session {
         wait_until(what, || cond(&self.err()));
     }
 
-    /// Rows of the last `ps` output: (pid, ppid, node, state).
+    /// Rows of a fresh `ps -a`: (pid, ppid, node, state).
     fn ps(&mut self) -> Vec<(u64, u64, String, String)> {
-        let marker = format!("ps-marker-{}", rand_suffix());
-        // Commands run in order: the error of a `cat` of a missing file marks the end of `ps`.
+        // Commands run in order: a `cat` of a marker file after `ps` marks the end of its output
+        // on the same stream.
+        self.marks += 1;
+        let marker = format!("ps-end-{}", self.marks);
+        std::fs::write(self.root.join(".ps-marker"), format!("{marker}\n")).unwrap();
         self.send("ps -a");
-        self.send(&format!("cat /{marker}"));
-        let needle = format!("/{marker}");
-        self.wait_err("ps to answer", |e| e.contains(&needle));
+        self.send("cat /.ps-marker");
+        self.wait_out("ps to answer", |o| o.contains(&marker));
         let out = self.out();
-        let last = out.rfind("   PID   PPID").expect("a ps header");
-        out[last..]
+        let end = out.find(&marker).unwrap();
+        let last = out[..end].rfind("   PID   PPID").expect("a ps header");
+        out[last..end]
             .lines()
             .skip(1)
             .filter_map(|l| {
@@ -124,11 +129,6 @@ impl Drop for Session {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn rand_suffix() -> u64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
 }
 
 #[test]
@@ -291,4 +291,38 @@ fn spawn_errors_are_errnos_and_crashing_children_report_a_status() {
     assert!(err.contains("put: /dir-missing/x: no such file or directory"), "{err}");
     assert!(out.contains("machine: 3 node(s), 3 cpu(s)"), "{out}");
     assert_eq!(code, 3, "the status of the last process");
+}
+
+#[test]
+fn files_keep_unix_semantics_across_processes_and_links_are_refused() {
+    let pool = pool_of_three();
+    let root = root_with_programs();
+    let mut s = Session::start(&pool, root.path());
+    s.send(concat!(
+        "run /ssi-probe.wasm write:/a.txt:one mv:/a.txt:/b.txt exists:/a.txt read:/b.txt excl:/lock excl:/lock ",
+        "symlink:/etc/passwd:/link leak:/leaked.txt:kept renameopen:/tmp1:/final.txt write:/gone.txt:x rm:/gone.txt ",
+        "spawn:/ssi-probe.wasm,excl:/lock,read:/final.txt,exists:/gone.txt wait"
+    ));
+    s.send("cat /leaked.txt");
+    s.send("ls /");
+    let (code, out, err) = s.finish();
+    let lines: Vec<&str> = out.lines().collect();
+    // mv, then the old name is gone and the new one has the content.
+    assert_eq!(&lines[..2], ["no", "one"], "{out}\n{err}");
+    // O_EXCL holds across the machine: once here, then refused here and in a child elsewhere.
+    assert_eq!(lines[2], "created", "{out}");
+    assert!(lines[3].starts_with("error:") && lines[3].contains("exists"), "{out}");
+    assert!(lines[4].contains("errno 58"), "symlinks are refused: {out}");
+    assert!(lines.iter().filter(|l| l.contains("exists")).count() >= 2, "the child's excl failed too: {out}");
+    assert!(lines.contains(&"first second"), "a file renamed while open keeps what was written after: {out}");
+    assert!(lines.contains(&"no"), "{out}");
+    assert!(out.contains("kept"), "written back at exit without a close: {out}");
+    assert!(!root.path().join("link").exists() && std::fs::symlink_metadata(root.path().join("link")).is_err());
+    assert!(
+        !root.path().join("a.txt").exists()
+            && !root.path().join("gone.txt").exists()
+            && !root.path().join("tmp1").exists()
+    );
+    assert_eq!(std::fs::read_to_string(root.path().join("final.txt")).unwrap(), "first second");
+    assert_eq!(code, 0, "{err}");
 }
