@@ -22,7 +22,7 @@ struct Args {
     out: PathBuf,
     latency_runs: usize,
     quick: bool,
-    /// Run only these parts (pool, slurm, wasm, qemu, scheduler, rss, ssi); all when empty.
+    /// Run only these parts (pool, slurm, wasm, qemu, scheduler, rss, ssi, appliance); all when empty.
     only: Vec<String>,
 }
 
@@ -59,7 +59,7 @@ fn parse_args() -> Args {
             "--only" => a.only = it.next().expect("--only PART,PART").split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
                 println!(
-                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,slurm,wasm,qemu,scheduler,rss,ssi] [--out BENCHMARKS.md]\nRun from the repository root after scripts/bench has built everything."
+                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,slurm,wasm,qemu,scheduler,rss,ssi,appliance] [--out BENCHMARKS.md]\nRun from the repository root after scripts/bench has built everything."
                 );
                 std::process::exit(0);
             }
@@ -498,6 +498,84 @@ fn ssi_figures(root: &Path, limit: u64, parts: u32) -> Result<SsiFigures, String
     Ok(figures)
 }
 
+/// The grid appliance: the image's size in each format and its build time; one appliance booted
+/// by firmware under QEMU (KVM by probe, else TCG): boot to joined, and power-off to gone.
+struct ApplianceFigures {
+    build_s: f64,
+    sizes_mib: Vec<(String, f64)>,
+    joined_s: f64,
+    left_s: f64,
+}
+
+fn appliance_figures(root: &Path) -> Result<ApplianceFigures, String> {
+    use std::io::BufRead;
+    let dir = std::env::temp_dir().join(format!("vmgrid-bench-appliance-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let images = dir.join("image");
+    let start = Instant::now();
+    let out = Command::new(vmgrid_bin(root))
+        .args(["appliance", "build", "--out"])
+        .arg(&images)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("appliance build: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let build_s = start.elapsed().as_secs_f64();
+    let mut sizes_mib = Vec::new();
+    for ext in ["img", "qcow2", "vmdk", "vdi"] {
+        let len = std::fs::metadata(images.join(format!("vmgrid-appliance.{ext}"))).map_err(|e| e.to_string())?.len();
+        sizes_mib.push((ext.to_string(), len as f64 / (1 << 20) as f64));
+    }
+    let data = dir.join("pool");
+    let mut coord = Command::new(vmgrid_bin(root))
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let client = client_of(&data);
+    let mut app = Command::new(vmgrid_bin(root))
+        .args(["appliance", "start", "--pool", client.url(), "--token-file"])
+        .arg(data.join("pool.token"))
+        .arg("--image")
+        .arg(images.join("vmgrid-appliance.qcow2"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut lines = std::io::BufReader::new(app.stderr.take().expect("piped")).lines();
+    let mut joined_s = None;
+    for line in lines.by_ref() {
+        let line = line.map_err(|e| e.to_string())?;
+        // "vmgrid: appliance NAME joined … (12.3 s after boot)"
+        if line.contains(" joined ") {
+            joined_s = line.rsplit_once('(').and_then(|(_, r)| r.split_whitespace().next()?.parse::<f64>().ok());
+            break;
+        }
+    }
+    let result = match joined_s {
+        None => Err("the appliance never said it joined".to_string()),
+        Some(joined_s) => {
+            // SAFETY: signalling our own child, which we have not reaped yet.
+            unsafe { libc::kill(app.id() as i32, libc::SIGTERM) };
+            let asked = Instant::now();
+            while client.nodes().map(|n| !n.is_empty()).unwrap_or(true) && asked.elapsed() < Duration::from_secs(120) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(ApplianceFigures { build_s, sizes_mib, joined_s, left_s: asked.elapsed().as_secs_f64() })
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let _ = app.wait();
+    let _ = coord.kill();
+    let _ = coord.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
 fn sh(cmd: &str) -> String {
     Command::new("sh")
         .args(["-c", cmd])
@@ -619,6 +697,17 @@ fn main() {
             );
         }
         Err(e) => rep.notes.push(format!("ssi not measured: {e}")),
+    }
+
+    match if args.wants("appliance") { appliance_figures(&root) } else { Err("skipped (--only)".into()) } {
+        Ok(f) => {
+            let sizes: Vec<String> = f.sizes_mib.iter().map(|(e, m)| format!("{e} {m:.1}")).collect();
+            rep.row("appliance image (release vmgrid inside), MiB", sizes.join(", "), "-");
+            rep.row("appliance build time", format!("{:.1} s", f.build_s), "-");
+            rep.row("appliance boot by firmware to joined (one appliance)", format!("{:.1} s", f.joined_s), "<= 60 s");
+            rep.row("appliance power-off (SIGTERM) to gone from the pool", format!("{:.1} s", f.left_s), "-");
+        }
+        Err(e) => rep.notes.push(format!("appliance not measured: {e}")),
     }
 
     let mut md = format!(

@@ -266,7 +266,23 @@ fn command(
         Network::None => cmd.args(["-nic", "none"]),
         Network::User => cmd.args(["-nic", "user,model=virtio-net-pci"]),
     };
+    if run_as.is_some() {
+        return Ok(in_own_pid_namespace(&cmd));
+    }
     Ok(cmd)
+}
+
+/// Changing its uid (`-runas`) clears QEMU's parent-death signal, so a node killed with SIGKILL
+/// would leave it running. As root, QEMU therefore runs in a PID namespace of its own whose init is
+/// a shell that keeps the death signal (it never changes uid): when vmgrid dies, or kills the
+/// namespace on a timeout, the init dies and the kernel kills everything in the namespace with it.
+fn in_own_pid_namespace(qemu: &Command) -> Command {
+    let mut cmd = Command::new("unshare");
+    // The shell must not exec QEMU in its place (it would become the init and lose the signal).
+    cmd.args(["--pid", "--fork", "--kill-child=SIGKILL", "--", "sh", "-c", "\"$@\"; exit $?", "sh"])
+        .arg(qemu.get_program())
+        .args(qemu.get_args());
+    cmd
 }
 
 fn effective_uid() -> u32 {

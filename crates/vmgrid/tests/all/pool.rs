@@ -375,3 +375,43 @@ fn a_qemu_job_runs_through_the_pool_with_its_files() {
     pool.cli().args(["fetch", &id.to_string(), "--out"]).arg(&fetched).assert().success();
     assert_eq!(std::fs::read_to_string(fetched.join("out/r.txt")).unwrap(), "from-the-vm\n");
 }
+
+/// Processes whose command line contains `needle`.
+fn processes_with(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).replace('\0', " ").contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[test]
+fn a_node_killed_mid_qemu_job_leaves_no_qemu_behind() {
+    let mut pool = Pool::start();
+    pool.start_node("n1", 1);
+    let (kernel, initrd) = guest_kit();
+    let d = JobDir::new();
+    d.write("job.sh", "sleep 120\n");
+    let name = format!("orphan-check-{}", std::process::id());
+    let job = d.job(&format!(
+        "name = \"{name}\"\n[vm]\ntype = \"qemu\"\nkernel = {}\ninitrd = {}\nappend = \"console=ttyS0 quiet\"\nargs = [\"sh\", \"job.sh\"]\n[resources]\ntimeout_s = 300\n[files]\ninputs = [\"job.sh\"]\n",
+        toml_path(&kernel),
+        toml_path(&initrd)
+    ));
+    pool.cli().arg("submit").arg(&job).assert().success();
+    let marker = format!("vmgrid-{name}");
+    // Running, and past the point where it drops root (when vmgrid is root).
+    let dropped = |pid: &u32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) != Some("0"))
+    };
+    wait_until("QEMU to run the job", || processes_with(&marker).iter().any(dropped));
+    pool.kill_node("n1");
+    // QEMU dropped root (-runas) when vmgrid is root, which clears a parent-death signal; it must
+    // die with its node all the same.
+    wait_until("QEMU to die with its node", || processes_with(&marker).is_empty());
+}
