@@ -369,16 +369,21 @@ fn scheduler_engine() -> (f64, usize) {
     (d.placements.len() as f64 / secs, d.placements.len())
 }
 
+/// A `vmgrid coordinator` on a free loopback port with its data in `dir`, and an admin client.
+fn coordinator(root: &Path, dir: &Path) -> Result<(Child, Client), String> {
+    let child = Command::new(vmgrid_bin(root))
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the coordinator: {e}"))?;
+    Ok((child, client_of(dir)))
+}
+
 fn coordinator_rss(root: &Path) -> Result<(f64, f64), String> {
     let dir = std::env::temp_dir().join(format!("vmgrid-bench-rss-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut child = Command::new(vmgrid_bin(root))
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&dir)
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let client = client_of(&dir);
+    let (mut child, client) = coordinator(root, &dir)?;
     let spec = trivial_spec(&client, root);
     let start = Instant::now();
     let r = client.submit(&SubmitRequest { spec, count: 1_000_000 });
@@ -415,13 +420,7 @@ fn ssi_figures(root: &Path, limit: u64, parts: u32) -> Result<SsiFigures, String
     }
     std::fs::write(fsroot.join("data.txt"), vec![b'x'; 4096]).map_err(|e| e.to_string())?;
     let data = dir.join("pool");
-    let mut coord = Command::new(vmgrid_bin(root))
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let client = client_of(&data);
+    let (mut coord, client) = coordinator(root, &data)?;
     let url = client.url().to_string();
     let console = |script: &str| -> Result<(f64, String), String> {
         let start = Instant::now();
@@ -528,13 +527,7 @@ fn appliance_figures(root: &Path) -> Result<ApplianceFigures, String> {
         sizes_mib.push((ext.to_string(), len as f64 / (1 << 20) as f64));
     }
     let data = dir.join("pool");
-    let mut coord = Command::new(vmgrid_bin(root))
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let client = client_of(&data);
+    let (mut coord, client) = coordinator(root, &data)?;
     let mut app = Command::new(vmgrid_bin(root))
         .args(["appliance", "start", "--pool", client.url(), "--token-file"])
         .arg(data.join("pool.token"))

@@ -356,8 +356,8 @@ pub(crate) fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result
          fdflags: i32,
          fd_out: i32|
          -> R {
-            let Some(path) = read_str(&mut c, path_ptr, path_len)? else {
-                return real(&mut c, |w, m| {
+            let open = |c: &mut Caller<'_, GuestState>| {
+                real(c, |w, m| {
                     in_tokio(abi::path_open(
                         w,
                         m,
@@ -371,8 +371,9 @@ pub(crate) fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result
                         fdflags,
                         fd_out,
                     ))
-                })?;
+                })
             };
+            let Some(path) = read_str(&mut c, path_ptr, path_len)? else { return open(&mut c)? };
             let Some(p) = ssi(&mut c).resolve(dirfd as u32, &path) else { return fail(ERRNO_NOTCAPABLE) };
             let (creat, excl, trunc) =
                 (oflags & OFLAGS_CREAT != 0, oflags & OFLAGS_EXCL != 0, oflags & OFLAGS_TRUNC != 0);
@@ -396,21 +397,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result
                 let s = ssi(&mut c);
                 s.versions.get(&p).and(s.local(&p).ok()).and_then(|l| stamp(&l))
             };
-            let r = real(&mut c, |w, m| {
-                in_tokio(abi::path_open(
-                    w,
-                    m,
-                    dirfd,
-                    dirflags,
-                    path_ptr,
-                    path_len,
-                    oflags,
-                    rights_base,
-                    rights_inheriting,
-                    fdflags,
-                    fd_out,
-                ))
-            })??;
+            let r = open(&mut c)??;
             if r == 0 {
                 let fd = read_bytes(&mut c, fd_out, 4)?.map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
                 if let Some(fd) = fd {
