@@ -272,14 +272,23 @@ fn command(
     Ok(cmd)
 }
 
+const SH: &str = "/bin/sh";
+
 /// Changing its uid (`-runas`) clears QEMU's parent-death signal, so a node killed with SIGKILL
 /// would leave it running. As root, QEMU therefore runs in a PID namespace of its own whose init is
 /// a shell that keeps the death signal (it never changes uid): when vmgrid dies, or kills the
 /// namespace on a timeout, the init dies and the kernel kills everything in the namespace with it.
+/// Without util-linux's `unshare` (every Debian has it), QEMU runs as before, with a warning.
 fn in_own_pid_namespace(qemu: &Command) -> Command {
-    let mut cmd = Command::new("unshare");
+    let Some(unshare) = find_tool("VMGRID_UNSHARE", "unshare").filter(|_| Path::new(SH).is_file()) else {
+        tracing::warn!("`unshare` was not found: a QEMU that dropped root may outlive a killed vmgrid");
+        let mut cmd = Command::new(qemu.get_program());
+        cmd.args(qemu.get_args());
+        return cmd;
+    };
+    let mut cmd = Command::new(unshare);
     // The shell must not exec QEMU in its place (it would become the init and lose the signal).
-    cmd.args(["--pid", "--fork", "--kill-child=SIGKILL", "--", "sh", "-c", "\"$@\"; exit $?", "sh"])
+    cmd.args(["--pid", "--fork", "--kill-child=SIGKILL", "--", SH, "-c", "\"$@\"; exit $?", "sh"])
         .arg(qemu.get_program())
         .args(qemu.get_args());
     cmd
