@@ -257,18 +257,6 @@ fn node_state(pool: &Pool, name: &str) -> Option<(NodeState, bool)> {
     pool.admin().nodes().unwrap().into_iter().find(|n| n.ad.name == name).map(|n| (n.state, n.ad.appliance))
 }
 
-/// Polls `cond` until it holds or `limit` passes; the answer is whether it held.
-fn poll(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    true
-}
-
 /// A hello-world WASI module in text form, short enough to type at a console.
 const HELLO_WAT: &str = r#"(module
 (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
@@ -295,7 +283,7 @@ fn two_appliances_join_run_jobs_take_a_console_job_and_leave() {
     let mut a = Appliance::start(&pool, "app-a", &qcow2, Some(&alice), true);
     let b = Appliance::start(&pool, "app-b", &raw, None, false);
     let mut joined: [Option<Duration>; 2] = [None, None];
-    let all_joined = poll(JOIN_BOUND + Duration::from_secs(30), || {
+    let all_joined = poll_until(JOIN_BOUND + Duration::from_secs(30), || {
         for (i, app) in [&a, &b].into_iter().enumerate() {
             if joined[i].is_none() && node_state(&pool, &app.name) == Some((NodeState::Ready, true)) {
                 joined[i] = Some(app.started.elapsed());
@@ -311,7 +299,7 @@ fn two_appliances_join_run_jobs_take_a_console_job_and_leave() {
     }
     assert!(a.stderr.lock().unwrap().contains("the appliance reaches it as http://10.0.2.2:"));
     assert!(
-        poll(Duration::from_secs(10), || b.stderr.lock().unwrap().contains("app-b joined")),
+        poll_until(Duration::from_secs(10), || b.stderr.lock().unwrap().contains("app-b joined")),
         "{}",
         b.diagnostics(&pool)
     );
@@ -365,7 +353,7 @@ fn two_appliances_join_run_jobs_take_a_console_job_and_leave() {
     a.type_line("printf 'name = \"console-hello\"\\n[vm]\\ntype = \"wasm\"\\nimage = \"hello.wat\"\\n' > hello.toml");
     // The quotes keep the echoed command line from matching what the test waits for.
     a.type_line("id=$(vmgrid submit hello.toml) && vmgrid wait $id && vmgrid logs $id; echo console\"\"-exit=$?");
-    let done = poll(Duration::from_secs(60), || a.console.lock().unwrap().contains("console-exit="));
+    let done = poll_until(Duration::from_secs(60), || a.console.lock().unwrap().contains("console-exit="));
     let console = a.console.lock().unwrap().clone();
     assert!(done, "no answer at the console:\n{}", tail(&console, 3000));
     assert!(console.contains("console-exit=0"), "{}", tail(&console, 3000));
@@ -389,7 +377,7 @@ fn two_appliances_join_run_jobs_take_a_console_job_and_leave() {
     let off = Instant::now();
     a.signal(libc::SIGTERM);
     let mut seen_lost = false;
-    let left = poll(Duration::from_secs(30), || match node_state(&pool, "app-a") {
+    let left = poll_until(Duration::from_secs(30), || match node_state(&pool, "app-a") {
         None => true,
         Some((s, _)) => {
             seen_lost |= s == NodeState::Lost;
@@ -399,7 +387,7 @@ fn two_appliances_join_run_jobs_take_a_console_job_and_leave() {
     assert!(left, "app-a did not leave the pool:\n{}", a.diagnostics(&pool));
     assert!(!seen_lost, "app-a deregistered; it was not lost");
     eprintln!("appliance: app-a left the pool {:.1} s after power-off", off.elapsed().as_secs_f64());
-    let exited = poll(Duration::from_secs(30), || a.child.try_wait().unwrap().is_some());
+    let exited = poll_until(Duration::from_secs(30), || a.child.try_wait().unwrap().is_some());
     assert!(exited, "app-a's QEMU did not power off:\n{}", a.diagnostics(&pool));
     assert_eq!(a.child.wait().unwrap().code(), Some(0), "{}", a.diagnostics(&pool));
     assert!(a.stderr.lock().unwrap().contains("app-a powered off"), "{}", a.diagnostics(&pool));
@@ -413,6 +401,11 @@ fn two_appliances_join_run_jobs_take_a_console_job_and_leave() {
         &["sleep:6000", "exit:0"],
         "[policy]\nrank = 'node.appliance ? 1 : 0'\nmax_retries = 2\n",
     );
+    let granted = || {
+        let m = pool.admin().metrics().unwrap();
+        m.lines().find_map(|l| l.strip_prefix("vmgrid_leases_granted_total ")?.trim().parse::<u64>().ok()).unwrap()
+    };
+    let granted_before = granted();
     let out = pool.cli().arg("submit").arg(&job).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
     let id = ids_of(&out)[0];
@@ -420,7 +413,8 @@ fn two_appliances_join_run_jobs_take_a_console_job_and_leave() {
         let j = p.job(id);
         j.state == JobState::Running && j.node.as_deref() == Some("app-b")
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // Placed is not enough: app-b must hold the lease, so that killing it loses a running job.
+    wait_until("app-b to take the lease", || granted() > granted_before);
     let killed = Instant::now();
     let mut b = b;
     b.child.kill().unwrap();

@@ -219,10 +219,16 @@ fn kill_stops_processes_on_their_nodes_and_parents_see_it() {
     wait_until("both killed", || s.ps().iter().filter(|r| r.3 == "killed").count() == 2);
     // Stopped on their nodes: the node agents stop burning cpu.
     let pids: Vec<u32> = nodes.iter().map(|n| pool.node_pid(n)).collect();
+    // Idle: under 0.2 s of cpu over the last half second or more of polling.
+    let mut since = (std::time::Instant::now(), pids.iter().map(|p| cpu_seconds(*p)).collect::<Vec<f64>>());
     wait_until("the nodes to go idle", || {
-        let before: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        pids.iter().zip(&before).all(|(p, b)| cpu_seconds(*p) - b < 0.2)
+        if since.0.elapsed() < std::time::Duration::from_millis(500) {
+            return false;
+        }
+        let now: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
+        let idle = now.iter().zip(&since.1).all(|(n, b)| n - b < 0.2);
+        since = (std::time::Instant::now(), now);
+        idle
     });
     // A parent waiting for a child that is killed gets 137 and lives on.
     s.send("run /ssi-probe.wasm spawn:/ssi-probe.wasm,spin wait getpid &");

@@ -235,10 +235,19 @@ pub fn ids_of(out: &std::process::Output) -> Vec<u64> {
 }
 
 /// Polls `cond` until it holds; fails the test after 60 s, naming what it waited for.
-pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+pub fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    assert!(poll_until(std::time::Duration::from_secs(60), cond), "timed out waiting for {what}");
+}
+
+/// Polls `cond` until it holds or `limit` passes; the answer is whether it held (for a caller
+/// that prints its own diagnostics).
+pub fn poll_until(limit: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
     while !cond() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    true
 }
