@@ -260,6 +260,7 @@ impl Agent {
             stderr_dropped: 0,
             outputs: Vec::new(),
         };
+        let mut home_gone = false;
         let result = (|| -> Result<Report, RunError> {
             let client = self.client();
             let files =
@@ -294,6 +295,7 @@ impl Agent {
                     Err(e) => h.finish(None, Some(&e.to_string())),
                 }
             }
+            home_gone = home.as_ref().is_some_and(|h| h.home_gone());
             let result = run?;
             let out_dir = dir.join("out");
             let collected = jobdir::collect_outputs(&job, &job_dir, &out_dir)?;
@@ -330,6 +332,14 @@ impl Agent {
             tracing::info!(job = lease.job_id, epoch = lease.epoch, "stopped: the lease was revoked");
         }
         match result {
+            // An SSI process whose console went away is over: nothing would take its output.
+            Ok(r) if home_gone => Report {
+                run: RunReport::GuestFailed {
+                    failure: "cancelled".into(),
+                    reason: "the process's home (its `vmgrid ssi` console) is gone".into(),
+                },
+                ..r
+            },
             // A run this node stopped (drain timeout, revoked lease) says nothing about the job:
             // it goes back to the pool, which refuses it anyway if the lease is gone.
             Ok(r) if cancel.load(Ordering::Relaxed) => {

@@ -36,6 +36,8 @@ pub struct HomeLink {
     out_ready: Condvar,
     dropped: AtomicU64,
     done: AtomicBool,
+    /// The home stopped answering, or no longer knows this process: it was stopped for that.
+    gone: AtomicBool,
 }
 
 #[derive(Default)]
@@ -72,6 +74,7 @@ impl HomeLink {
             out_ready: Condvar::new(),
             dropped: AtomicU64::new(0),
             done: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
         });
         let l = link.clone();
         let _ = std::thread::Builder::new().name("vmgrid-ssi-out".into()).spawn(move || l.send_loop());
@@ -119,10 +122,22 @@ impl HomeLink {
         match c {
             Call::Errno(e) => e,
             Call::Refused => {
-                self.stop();
+                self.lost_home();
                 errno::INTR
             }
             _ => errno::IO,
+        }
+    }
+
+    /// Whether the process was stopped because its home is gone (not killed, not finished).
+    pub fn home_gone(&self) -> bool {
+        self.gone.load(Ordering::Relaxed)
+    }
+
+    fn lost_home(&self) {
+        if !self.done.load(Ordering::Relaxed) {
+            self.gone.store(true, Ordering::Relaxed);
+            self.stop();
         }
     }
 
@@ -219,12 +234,12 @@ impl HomeLink {
                         self.stop();
                     }
                 }
-                Call::Refused => self.stop(),
+                Call::Refused => self.lost_home(),
                 Call::Errno(_) | Call::Unreachable => {
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
                     if since.elapsed() > HOME_GONE_AFTER {
                         tracing::warn!(pid = self.spec.pid, home = %self.spec.home, "the process's home is gone; stopping it");
-                        self.stop();
+                        self.lost_home();
                     }
                     std::thread::sleep(Duration::from_millis(500));
                 }

@@ -77,6 +77,16 @@ fn main() {
         .with_target(false)
         .init();
     let cli = Cli::parse();
+    // Commands that print and end behave like other Unix tools when their reader goes away
+    // (`vmgrid q | head`): SIGPIPE ends them quietly instead of a failed print panicking. The
+    // long-running ones (servers, the console, the appliance) keep Rust's default and see EPIPE.
+    if !matches!(
+        cli.command,
+        Command::Up(_) | Command::Coordinator(_) | Command::Node(_) | Command::Ssi(_) | Command::Appliance(_)
+    ) {
+        // SAFETY: setting a signal's disposition to the default, before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Run(args) => cmd_run::run(args),
         Command::Up(args) => cmd_pool::up(args),
