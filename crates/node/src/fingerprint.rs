@@ -9,8 +9,9 @@ pub fn fingerprint(config: &NodeConfig) -> NodeAd {
     let memory_mb = config.memory_mb.unwrap_or_else(host_memory_mb);
     let mut vm_types = vec!["wasm".to_string()];
     let mut accelerators = Vec::new();
-    if let Ok(qemu) = vmgrid_runtime::qemu::find_qemu() {
-        if qemu.is_file() {
+    match vmgrid_runtime::qemu::usable() {
+        Ok((qemu, caps)) => {
+            tracing::info!(qemu = %qemu.display(), version = %caps.version, "QEMU jobs run here");
             vm_types.push("qemu".into());
             let cache = config.cache_dir.join("runtime");
             if vmgrid_runtime::qemu::accel::choose(&qemu, &cache) == vmgrid_runtime::qemu::Accel::Kvm {
@@ -18,6 +19,7 @@ pub fn fingerprint(config: &NodeConfig) -> NodeAd {
             }
             accelerators.push("tcg".into());
         }
+        Err(e) => tracing::info!("this node takes no QEMU jobs: {e}"),
     }
     if vmgrid_runtime::jvm::find_java().is_some() {
         vm_types.push("jvm".into());

@@ -411,7 +411,7 @@ fn a_node_killed_mid_qemu_job_leaves_no_qemu_behind() {
     };
     wait_until("QEMU to run the job", || processes_with(&marker).iter().any(dropped));
     pool.kill_node("n1");
-    // QEMU dropped root (-runas) when vmgrid is root, which clears a parent-death signal; it must
-    // die with its node all the same.
+    // QEMU dropped root (-runas on QEMU 7.2, -run-with user= on 9.1 and later) when vmgrid is root,
+    // which clears a parent-death signal; it must die with its node all the same.
     wait_until("QEMU to die with its node", || processes_with(&marker).is_empty());
 }
