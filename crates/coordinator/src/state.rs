@@ -67,9 +67,8 @@ pub fn hash_token(token: &str) -> String {
 }
 
 pub fn new_token() -> String {
-    use rand::RngCore;
     let mut b = [0u8; 24];
-    rand::rng().fill_bytes(&mut b);
+    getrandom::fill(&mut b).expect("the kernel's random source is readable");
     hex::encode(b)
 }
 

@@ -225,7 +225,9 @@ impl Home {
             self.lock().uploaded.insert(f.blob.clone());
             f
         };
-        let token = hex::encode(rand::random::<[u8; 24]>());
+        let mut secret = [0u8; 24];
+        getrandom::fill(&mut secret).expect("the kernel's random source is readable");
+        let token = hex::encode(secret);
         let pid = {
             let mut t = self.lock();
             if t.closing {
