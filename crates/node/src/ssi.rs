@@ -23,9 +23,6 @@ const FLUSH_EVERY: Duration = Duration::from_millis(20);
 /// A home unreachable this long is gone: its processes stop.
 const HOME_GONE_AFTER: Duration = Duration::from_secs(20);
 
-/// The status a parent sees for a killed process, and for one that failed (see vmgrid-ssi).
-const STATUS_KILLED: i32 = 137;
-const STATUS_FAILED: i32 = 134;
 
 pub struct HomeLink {
     spec: SsiSpec,
@@ -296,9 +293,7 @@ impl SsiHost for HomeLink {
                 let kind = resp.headers().get(KIND_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("file").to_string();
                 let version = resp.headers().get("etag").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
                 if kind == "dir" {
-                    let entries: Vec<vmgrid_proto::ssi::DirEntry> =
-                        resp.body_mut().read_json().map_err(|_| errno::IO)?;
-                    let entries = entries.into_iter().map(|e| DirEntry { name: e.name, dir: e.dir }).collect();
+                    let entries: Vec<DirEntry> = resp.body_mut().read_json().map_err(|_| errno::IO)?;
                     return Ok(Fetched::Dir { entries });
                 }
                 let bytes = resp.body_mut().with_config().limit(1 << 30).read_to_vec().map_err(|_| errno::IO)?;

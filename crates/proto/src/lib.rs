@@ -507,6 +507,53 @@ mod tests {
 pub mod ssi {
     use serde::{Deserialize, Serialize};
 
+    /// A WASI preview-1 errno, as the guest sees it and as the home sends it in [`ERRNO_HEADER`].
+    pub type Errno = u16;
+
+    /// The WASI preview-1 errno values (preview-1 numbering) that SSI calls return.
+    pub mod errno {
+        use super::Errno;
+        pub const ACCES: Errno = 2;
+        pub const AGAIN: Errno = 6;
+        pub const CHILD: Errno = 12;
+        pub const EXIST: Errno = 20;
+        pub const FAULT: Errno = 21;
+        pub const INTR: Errno = 27;
+        pub const INVAL: Errno = 28;
+        pub const IO: Errno = 29;
+        pub const ISDIR: Errno = 31;
+        pub const NOENT: Errno = 44;
+        pub const NOEXEC: Errno = 45;
+        pub const NOTDIR: Errno = 54;
+        pub const NOTEMPTY: Errno = 55;
+        pub const PERM: Errno = 63;
+
+        /// Text for an errno, for the console.
+        pub fn describe(e: Errno) -> &'static str {
+            match e {
+                ACCES => "permission denied",
+                AGAIN => "resource temporarily unavailable",
+                CHILD => "no such child process",
+                EXIST => "file exists",
+                FAULT => "bad address",
+                INTR => "interrupted",
+                INVAL => "invalid argument",
+                ISDIR => "is a directory",
+                NOENT => "no such file or directory",
+                NOEXEC => "not a WASI preview-1 module",
+                NOTDIR => "not a directory",
+                NOTEMPTY => "directory not empty",
+                PERM => "operation not permitted",
+                _ => "input/output error",
+            }
+        }
+    }
+
+    /// The status of a process that was killed, as a shell reports SIGKILL.
+    pub const STATUS_KILLED: i32 = 137;
+    /// The status of a process that did not exit on its own: a trap, a limit, a lost node.
+    pub const STATUS_FAILED: i32 = 134;
+
     pub const ERRNO_HEADER: &str = "x-vmgrid-errno";
     /// `file` or `dir`, on answers to a fetch.
     pub const KIND_HEADER: &str = "x-vmgrid-kind";
@@ -552,7 +599,7 @@ pub mod ssi {
         pub kill: bool,
     }
 
-    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
     pub struct DirEntry {
         pub name: String,
         pub dir: bool,

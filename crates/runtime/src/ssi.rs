@@ -6,27 +6,7 @@
 //! validated against the home (and fetched whole if it changed) when it is opened, and written
 //! back whole when a descriptor that wrote it is closed. Reads and writes in between are local.
 
-/// A WASI preview-1 errno, as the guest sees it.
-pub type Errno = u16;
-
-/// The WASI preview-1 errno values the SSI calls return.
-pub mod errno {
-    use super::Errno;
-    pub const ACCES: Errno = 2;
-    pub const AGAIN: Errno = 6;
-    pub const CHILD: Errno = 12;
-    pub const EXIST: Errno = 20;
-    pub const FAULT: Errno = 21;
-    pub const INTR: Errno = 27;
-    pub const INVAL: Errno = 28;
-    pub const IO: Errno = 29;
-    pub const ISDIR: Errno = 31;
-    pub const NOENT: Errno = 44;
-    pub const NOEXEC: Errno = 45;
-    pub const NOTDIR: Errno = 54;
-    pub const NOTEMPTY: Errno = 55;
-    pub const PERM: Errno = 63;
-}
+pub use vmgrid_proto::ssi::{DirEntry, Errno, errno};
 
 /// What the home answered when a file was opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,12 +17,6 @@ pub enum Fetched {
     File { bytes: Vec<u8>, version: String },
     /// A directory, with its entries.
     Dir { entries: Vec<DirEntry> },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirEntry {
-    pub name: String,
-    pub dir: bool,
 }
 
 /// A change to the namespace, done at the home first.

@@ -7,23 +7,7 @@ use std::path::{Path, PathBuf};
 
 use vmgrid_proto::ssi::DirEntry;
 
-/// WASI errno values (preview 1 numbering).
-pub mod errno {
-    pub const ACCES: u16 = 2;
-    pub const CHILD: u16 = 12;
-    pub const EXIST: u16 = 20;
-    pub const INTR: u16 = 27;
-    pub const INVAL: u16 = 28;
-    pub const IO: u16 = 29;
-    pub const ISDIR: u16 = 31;
-    pub const NOENT: u16 = 44;
-    pub const NOEXEC: u16 = 45;
-    pub const NOTDIR: u16 = 54;
-    pub const NOTEMPTY: u16 = 55;
-    pub const PERM: u16 = 63;
-}
-
-pub type Errno = u16;
+pub use vmgrid_proto::ssi::{Errno, errno};
 
 pub fn errno_of(e: &std::io::Error) -> Errno {
     use std::io::ErrorKind::*;
@@ -39,23 +23,7 @@ pub fn errno_of(e: &std::io::Error) -> Errno {
     }
 }
 
-/// Text for an errno, for the console.
-pub fn describe(e: Errno) -> &'static str {
-    match e {
-        errno::ACCES => "permission denied",
-        errno::CHILD => "no such child process",
-        errno::EXIST => "file exists",
-        errno::INTR => "interrupted",
-        errno::INVAL => "invalid argument",
-        errno::ISDIR => "is a directory",
-        errno::NOENT => "no such file or directory",
-        errno::NOEXEC => "not a WASI preview-1 module",
-        errno::NOTDIR => "not a directory",
-        errno::NOTEMPTY => "directory not empty",
-        errno::PERM => "operation not permitted",
-        _ => "input/output error",
-    }
-}
+pub use errno::describe;
 
 #[derive(Debug, Clone)]
 pub struct Root {

@@ -21,10 +21,7 @@ use vmgrid_proto::{JobAction, JobSpec, JobState, JobView, SsiSpec, SubmitRequest
 
 pub use fs::{Errno, Root, errno};
 
-/// The status of a process that was killed, as a shell reports SIGKILL.
-pub const STATUS_KILLED: i32 = 137;
-/// The status of a process that did not exit on its own: a trap, a limit, a lost node.
-pub const STATUS_FAILED: i32 = 134;
+pub use vmgrid_proto::ssi::{STATUS_FAILED, STATUS_KILLED};
 
 /// How long a process may run, at most (a pool job's `timeout_s`).
 pub const PROCESS_TIMEOUT_S: u64 = 7 * 24 * 3600;
