@@ -47,16 +47,25 @@ impl Upload {
     }
 
     /// Keeps the blob if its bytes hash to its name.
-    pub fn commit(self) -> Result<(), String> {
+    pub fn commit(self) -> Result<(), CommitError> {
         let got = self.hasher.finalize().to_hex().to_string();
         if got != self.expected {
-            return Err(format!("the uploaded bytes hash to {got}, not {}", self.expected));
+            return Err(CommitError::Mismatch(format!("the uploaded bytes hash to {got}, not {}", self.expected)));
         }
-        self.tmp.as_file().sync_all().map_err(|e| e.to_string())?;
+        self.tmp.as_file().sync_all()?;
         if let Some(parent) = self.dest.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(parent)?;
         }
-        self.tmp.persist(&self.dest).map_err(|e| e.to_string())?;
+        self.tmp.persist(&self.dest).map_err(|e| e.error)?;
         Ok(())
     }
+}
+
+/// Why an upload was not kept: the caller's bytes, or this host's disk.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("{0}")]
+    Mismatch(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }

@@ -1,23 +1,24 @@
 //! The coordinator: the pool's durable job queue, its node registry, its blob store and its
-//! HTTP API (`/v1/…`, `/metrics`). Only this crate speaks HTTP as a server and only it touches
-//! SQLite. Matching is delegated to the pure `vmgrid-scheduler`; this crate is its runtime.
+//! HTTP API (`/v1/…`, `/metrics`). The job state machine is a pure [`engine`]; `core` is the
+//! runtime around it (the lock, the store's writer, durability and wake-ups), `store` keeps the
+//! state (SQLite), and `api` is the HTTP glue. Matching is delegated to the pure
+//! `vmgrid-scheduler`.
 
 mod api;
 mod blobs;
+mod core;
+pub mod engine;
 mod metrics;
-pub mod state;
 pub mod store;
-mod validate;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
-
-pub use state::Timing;
-use state::{Principal, State};
+pub use engine::Timing;
+use engine::{Engine, Principal, hash_token};
+use store::Store;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -26,31 +27,9 @@ pub struct Config {
     pub timing: Timing,
 }
 
-impl Default for Timing {
-    fn default() -> Self {
-        Timing { lease_ttl_ms: 15_000, node_ttl_ms: 15_000, heartbeat_ms: 2_000 }
-    }
-}
-
 pub const POOL_TOKEN_FILE: &str = "pool.token";
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub const CLIENT_CONFIG_FILE: &str = "client.toml";
-
-pub(crate) struct Shared {
-    pub state: Mutex<State>,
-    pub committed: watch::Receiver<u64>,
-    /// Wakes long-polling lease calls: there may be work.
-    pub work: Notify,
-    /// Wakes `wait` calls: some job changed state.
-    pub changed: Notify,
-    pub blobs: blobs::Blobs,
-}
-
-impl Shared {
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -105,7 +84,7 @@ fn read_or_create_token(dir: &Path, file: &str) -> Result<String, StartError> {
     match std::fs::read_to_string(&path) {
         Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
         _ => {
-            let t = state::new_token();
+            let t = new_token();
             write_private(&path, &format!("{t}\n")).map_err(|e| StartError::DataDir(path.clone(), e.to_string()))?;
             Ok(t)
         }
@@ -124,36 +103,31 @@ pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
+/// A new secret: 24 random bytes from the kernel, in hex.
+pub fn new_token() -> String {
+    let mut b = [0u8; 24];
+    getrandom::fill(&mut b).expect("the kernel's random source is readable");
+    hex::encode(b)
+}
+
 /// Starts the coordinator on its own thread and runtime; returns once it is listening.
 pub fn start(config: Config, handle_signals: bool) -> Result<Running, StartError> {
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
     let db_path = dir.join("pool.sqlite");
-    let conn = store::open(&db_path).map_err(|e| StartError::Store(db_path.clone(), e.to_string()))?;
-    let loaded = store::load(&conn).map_err(|e| StartError::Store(db_path.clone(), e.to_string()))?;
+    let mut db =
+        store::sqlite::SqliteStore::open(&db_path).map_err(|e| StartError::Store(db_path.clone(), e.to_string()))?;
+    let loaded = db.load().map_err(|e| StartError::Store(db_path.clone(), e.to_string()))?;
     let pool_token = read_or_create_token(&dir, POOL_TOKEN_FILE)?;
     let admin_token = read_or_create_token(&dir, ADMIN_TOKEN_FILE)?;
     let blobs = blobs::Blobs::new(dir.join("blobs")).map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
-    let writer = store::Writer::start(conn);
-    let committed = writer.committed.clone();
-    let mut state = State::new(loaded, writer, config.timing, vmgrid_proto::now_ms());
+    let mut engine = Engine::load(loaded, config.timing, vmgrid_proto::now_ms());
     // The token files are the source of truth for the two built-in tokens.
-    for (token, p) in [(&pool_token, Principal::Pool), (&admin_token, Principal::Admin("admin".into()))] {
-        let hash = state::hash_token(token);
-        if !state.tokens.contains_key(&hash) {
-            state.writer.push(store::Op::Token {
-                hash: hash.clone(),
-                role: match p {
-                    Principal::Pool => "pool".into(),
-                    _ => "admin".into(),
-                },
-                owner: p.owner().into(),
-            });
-            state.tokens.insert(hash, p);
-        }
-    }
-    let shared =
-        Arc::new(Shared { state: Mutex::new(state), committed, work: Notify::new(), changed: Notify::new(), blobs });
+    engine.ensure_token(hash_token(&pool_token), Principal::Pool);
+    engine.ensure_token(hash_token(&admin_token), Principal::Admin("admin".into()));
+    let shared = Arc::new(core::Shared::new(engine, store::Writer::start(Box::new(db)), blobs));
+    // What loading changed (jobs requeued because their node is gone) is queued like any call's.
+    let ((), loaded) = shared.call(|_| ());
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -178,6 +152,7 @@ pub fn start(config: Config, handle_signals: bool) -> Result<Running, StartError
         .name("vmgrid-coordinator-main".into())
         .spawn(move || {
             runtime.block_on(async move {
+                shared.finish(loaded).await;
                 let ticker = tokio::spawn(tick_loop(shared.clone()));
                 let shutdown = async move {
                     if handle_signals {
@@ -205,15 +180,11 @@ pub fn start(config: Config, handle_signals: bool) -> Result<Running, StartError
 }
 
 /// Expires leases and nodes, and wakes whoever may care.
-async fn tick_loop(shared: Arc<Shared>) {
+async fn tick_loop(shared: Arc<core::Shared>) {
     let mut every = tokio::time::interval(Duration::from_millis(200));
     loop {
         every.tick().await;
-        let ticket = shared.lock().tick(vmgrid_proto::now_ms());
-        if ticket > 0 {
-            store::durable(shared.committed.clone(), ticket).await;
-            shared.work.notify_waiters();
-            shared.changed.notify_waiters();
-        }
+        let ((), pending) = shared.call(|e| e.tick(vmgrid_proto::now_ms()));
+        shared.finish(pending).await;
     }
 }

@@ -2,31 +2,25 @@
 
 use std::fmt::Write;
 
-use vmgrid_proto::{JobState, NodeState};
+use crate::engine::{DISPATCH_BUCKETS, Engine};
 
-use crate::state::{DISPATCH_BUCKETS, State};
-
-pub fn render(s: &State) -> String {
+pub fn render(e: &Engine) -> String {
     let mut out = String::new();
-    let mut by_state = [0u64; 5];
-    for j in s.jobs.values() {
-        by_state[j.state as usize] += 1;
-    }
+    let counts = e.counts();
     out.push_str("# HELP vmgrid_jobs Jobs in the queue, by state.\n# TYPE vmgrid_jobs gauge\n");
-    for st in [JobState::Idle, JobState::Running, JobState::Completed, JobState::Held, JobState::Removed] {
-        let _ = writeln!(out, "vmgrid_jobs{{state=\"{}\"}} {}", st.as_str(), by_state[st as usize]);
+    for (st, n) in counts.jobs {
+        let _ = writeln!(out, "vmgrid_jobs{{state=\"{}\"}} {n}", st.as_str());
     }
-    let leases: usize = s.nodes.values().map(|n| n.jobs.len()).sum();
     let _ = writeln!(
         out,
-        "# HELP vmgrid_leases Jobs running under a lease.\n# TYPE vmgrid_leases gauge\nvmgrid_leases {leases}"
+        "# HELP vmgrid_leases Jobs running under a lease.\n# TYPE vmgrid_leases gauge\nvmgrid_leases {}",
+        counts.leases
     );
     out.push_str("# HELP vmgrid_nodes Nodes, by state.\n# TYPE vmgrid_nodes gauge\n");
-    for st in [NodeState::Ready, NodeState::Draining, NodeState::Lost] {
-        let n = s.nodes.values().filter(|n| n.state == st).count();
+    for (st, n) in counts.nodes {
         let _ = writeln!(out, "vmgrid_nodes{{state=\"{}\"}} {n}", st.as_str());
     }
-    let m = &s.metrics;
+    let m = e.metrics();
     let _ = writeln!(
         out,
         "# HELP vmgrid_leases_granted_total Leases handed to nodes.\n# TYPE vmgrid_leases_granted_total counter\nvmgrid_leases_granted_total {}",

@@ -1,9 +1,11 @@
 //! The vmgrid job file: TOML in, a validated [`Job`] out.
 //!
 //! This crate reads the job file and nothing else: it does not check that images exist, it does not
-//! touch the job directory and it starts no process, so the coordinator can validate submissions
-//! with the same code that `vmgrid run` uses. Every error names the file, the line and the column.
+//! touch the job directory and it starts no process. Its rules ([`check`]) are the one validator of
+//! jobs: the coordinator applies them to submitted specs too. Every error in a job file names the
+//! file, the line and the column.
 
+pub mod check;
 mod raw;
 mod validate;
 
@@ -25,7 +27,8 @@ pub struct Job {
     pub policy: Policy,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum VmType {
     Wasm,
     Qemu,
@@ -42,16 +45,74 @@ impl VmType {
     }
 }
 
+impl std::str::FromStr for VmType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<VmType, String> {
+        match s {
+            "wasm" => Ok(VmType::Wasm),
+            "qemu" => Ok(VmType::Qemu),
+            "jvm" => Ok(VmType::Jvm),
+            other => Err(format!("unknown vm type `{other}`, expected one of `wasm`, `qemu`, `jvm`")),
+        }
+    }
+}
+
 impl fmt::Display for VmType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Network {
+    #[default]
     None,
     User,
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Network, String> {
+        match s {
+            "none" => Ok(Network::None),
+            "user" => Ok(Network::User),
+            other => Err(format!("unknown network `{other}`, expected `none` or `user`")),
+        }
+    }
+}
+
+/// How a guest that ran can fail to finish: what a node reports and what a held job says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    TimeLimit,
+    MemoryLimit,
+    DiskLimit,
+    /// A trap, a kernel panic, a guest that powered off without an exit status.
+    GuestError,
+    /// Stopped by its host (a revoked lease, a drain, a console that is gone).
+    Cancelled,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::TimeLimit => "time limit exceeded",
+            FailureKind::MemoryLimit => "memory limit exceeded",
+            FailureKind::DiskLimit => "disk limit exceeded",
+            FailureKind::GuestError => "guest failed",
+            FailureKind::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -113,6 +174,11 @@ pub mod limits {
     pub const MAX_DISK_MB: u64 = 1 << 20;
     pub const MAX_RETRIES: u32 = 100;
     pub const MAX_ARGS: usize = 4096;
+    pub const MAX_ENV: usize = 4096;
+    /// Args and env together, in bytes (each with its separator), as an exec would count them.
+    pub const MAX_ARGV_ENV_BYTES: usize = 1 << 20;
+    /// A `requirements` or `rank` expression, in bytes.
+    pub const MAX_EXPRESSION_LEN: usize = 4096;
     pub const MAX_NAME_LEN: usize = 128;
     /// The x86 kernel command line is at most 2048 bytes; vmgrid keeps room for its own options.
     pub const MAX_KERNEL_CMDLINE: usize = 1900;

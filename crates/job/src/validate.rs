@@ -1,11 +1,14 @@
-//! From [`RawJob`] to [`Job`]: types, limits, paths and per-VM-type rules, each error with a place.
+//! From [`RawJob`] to [`Job`]: the file's values, checked by the one set of rules ([`check`]), each
+//! error with the place in the file.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
 
 use toml::Spanned;
 
-use crate::raw::{RawJob, RawVm};
+use crate::check::{self, Field, Shape};
+use crate::raw::RawJob;
 use crate::{Files, Input, Job, JobFileError, Network, Policy, Resources, Vm, VmType, limits};
 
 /// Parses and validates job-file text. `path` names the file in errors and anchors relative paths.
@@ -37,252 +40,119 @@ impl Cx<'_> {
         }
     }
 
+    /// A job without a `name` is named after its file, made to fit the rules for names.
+    fn default_name(&self) -> String {
+        let stem = self.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let name: String = stem
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+            .take(limits::MAX_NAME_LEN)
+            .collect();
+        if name.is_empty() { "job".into() } else { name }
+    }
+
     fn job(&self, raw: RawJob) -> Result<Job, JobFileError> {
-        let name = match raw.name {
-            Some(n) => {
-                let v = n.get_ref();
-                if v.is_empty() || v.len() > limits::MAX_NAME_LEN {
-                    return Err(self.err(n.span(), format!("`name` must be 1 to {} characters", limits::MAX_NAME_LEN)));
-                }
-                if !v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                    return Err(self.err(n.span(), "`name` may use only letters, digits, `-`, `_` and `.`"));
-                }
-                v.clone()
-            }
-            None => {
-                self.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "job".to_string())
-            }
-        };
         let vm_span = raw.vm.span();
-        let vm = self.vm(raw.vm.into_inner(), vm_span)?;
-        let resources = self.resources(&raw.resources, vm.vm_type)?;
-        let files = self.files(&raw.files)?;
-        let policy = Policy {
-            requirements: raw.policy.requirements.map(|s| s.into_inner()),
-            rank: raw.policy.rank.map(|s| s.into_inner()),
-            max_retries: match raw.policy.max_retries {
-                Some(m) => self.int_in(&m, "max_retries", 0, limits::MAX_RETRIES as i64)? as u32,
-                None => 0,
-            },
+        let rv = raw.vm.get_ref();
+        let vm_type: VmType = rv.vm_type.get_ref().parse().map_err(|m: String| self.err(rv.vm_type.span(), m))?;
+        let network = match &rv.network {
+            Some(n) => Some(n.get_ref().parse::<Network>().map_err(|m| self.err(n.span(), m))?),
+            None => None,
         };
-        Ok(Job { source: self.path.to_path_buf(), name, vm, resources, files, policy })
-    }
-
-    fn vm(&self, raw: RawVm, vm_span: Range<usize>) -> Result<Vm, JobFileError> {
-        let vm_type = match raw.vm_type.get_ref().as_str() {
-            "wasm" => VmType::Wasm,
-            "qemu" => VmType::Qemu,
-            "jvm" => VmType::Jvm,
-            other => {
-                return Err(self.err(
-                    raw.vm_type.span(),
-                    format!("unknown vm type `{other}`, expected one of `wasm`, `qemu`, `jvm`"),
-                ));
-            }
-        };
-        let base = self.base_dir();
-        let resolve = |s: &Spanned<String>| -> Result<PathBuf, JobFileError> {
-            if s.get_ref().is_empty() {
-                return Err(self.err(s.span(), "path is empty"));
-            }
-            Ok(base.join(s.get_ref()))
-        };
-        if vm_type != VmType::Qemu {
-            for (key, v) in
-                [("kernel", &raw.kernel), ("initrd", &raw.initrd), ("append", &raw.append), ("network", &raw.network)]
-            {
-                if let Some(v) = v {
-                    return Err(self.err(
-                        v.span(),
-                        format!("`{key}` applies only to qemu jobs, and this job's vm type is `{}`", vm_type),
-                    ));
-                }
-            }
-            if raw.image.is_none() {
-                return Err(self.err(vm_span, format!("a {vm_type} job needs `image` in [vm]")));
-            }
-        } else {
-            if raw.image.is_none() && raw.kernel.is_none() {
-                return Err(self
-                    .err(vm_span, "a qemu job needs `image` (a disk image), `kernel` (direct kernel boot), or both"));
-            }
-            if raw.kernel.is_none() {
-                for (key, v) in [("initrd", &raw.initrd), ("append", &raw.append)] {
-                    if let Some(v) = v {
-                        return Err(self
-                            .err(v.span(), format!("`{key}` needs `kernel`: it is used only for direct kernel boot")));
-                    }
-                }
-                if let Some(a) = raw.args.first() {
-                    return Err(self.err(
-                        a.span(),
-                        "qemu `args` need `kernel`: they are passed to the guest's init on the kernel command line",
-                    ));
-                }
-                if let Some((_, v)) = raw.env.iter().next() {
-                    return Err(self.err(
-                        v.span(),
-                        "qemu `env` needs `kernel`: it is passed to the guest's init on the kernel command line",
-                    ));
-                }
-            }
-        }
-        if raw.args.len() > limits::MAX_ARGS {
-            return Err(self.err(raw.args[limits::MAX_ARGS].span(), format!("at most {} args", limits::MAX_ARGS)));
-        }
-        for a in &raw.args {
-            if a.get_ref().contains('\0') {
-                return Err(self.err(a.span(), "an argument may not contain a NUL byte"));
-            }
-        }
-        for (k, v) in &raw.env {
-            let ok = !k.is_empty()
-                && !k.starts_with(|c: char| c.is_ascii_digit())
-                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !ok {
-                return Err(self.err(
-                    v.span(),
-                    format!(
-                        "environment variable name `{k}` must be letters, digits and `_`, not starting with a digit"
-                    ),
-                ));
-            }
-            if v.get_ref().contains('\0') {
-                return Err(self.err(v.span(), "an environment value may not contain a NUL byte"));
-            }
-        }
-        let network = match &raw.network {
-            None => Network::None,
-            Some(n) => match n.get_ref().as_str() {
-                "none" => Network::None,
-                "user" => Network::User,
-                other => {
-                    return Err(self.err(n.span(), format!("unknown network `{other}`, expected `none` or `user`")));
-                }
-            },
-        };
-        if vm_type == VmType::Qemu && raw.kernel.is_some() {
-            self.check_kernel_cmdline(&raw)?;
-        }
-        Ok(Vm {
-            vm_type,
-            image: raw.image.as_ref().map(resolve).transpose()?,
-            args: raw.args.into_iter().map(|a| a.into_inner()).collect(),
-            env: raw.env.into_iter().map(|(k, v)| (k, v.into_inner())).collect(),
-            kernel: raw.kernel.as_ref().map(resolve).transpose()?,
-            initrd: raw.initrd.as_ref().map(resolve).transpose()?,
-            append: raw.append.map(|a| a.into_inner()),
-            network,
-        })
-    }
-
-    /// Direct-kernel-boot jobs carry args and env on the kernel command line, whose syntax allows
-    /// double quotes around spaces but no quote inside a value, and whose length is bounded.
-    fn check_kernel_cmdline(&self, raw: &RawVm) -> Result<(), JobFileError> {
-        // Linux gives init at most 32 argv and 32 envp entries, and uses some of each itself.
-        if raw.args.len() > limits::MAX_KERNEL_INIT_ARGS {
-            return Err(self.err(
-                raw.args[limits::MAX_KERNEL_INIT_ARGS].span(),
-                format!("a qemu job passes at most {} args to the guest's init", limits::MAX_KERNEL_INIT_ARGS),
-            ));
-        }
-        if let Some((_, v)) = raw.env.iter().nth(limits::MAX_KERNEL_INIT_ENV) {
-            return Err(self.err(
-                v.span(),
-                format!("a qemu job passes at most {} env variables to the guest's init", limits::MAX_KERNEL_INIT_ENV),
-            ));
-        }
-        let mut len = raw.append.as_ref().map_or(0, |a| a.get_ref().len());
-        for a in &raw.args {
-            if a.get_ref().contains(['"', '\n']) {
-                return Err(self.err(
-                    a.span(),
-                    "qemu args travel on the kernel command line and may not contain `\"` or a newline",
-                ));
-            }
-            len += a.get_ref().len() + 3;
-        }
-        for (k, v) in &raw.env {
-            if v.get_ref().contains(['"', '\n']) {
-                return Err(self.err(
-                    v.span(),
-                    "qemu env values travel on the kernel command line and may not contain `\"` or a newline",
-                ));
-            }
-            len += k.len() + v.get_ref().len() + 4;
-        }
-        if len > limits::MAX_KERNEL_CMDLINE {
-            let span = raw.append.as_ref().map(|a| a.span()).unwrap_or(raw.vm_type.span());
-            return Err(self.err(
-                span,
-                format!(
-                    "append, args and env make a kernel command line of {len} bytes; the limit is {}",
-                    limits::MAX_KERNEL_CMDLINE
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    fn resources(&self, raw: &crate::raw::RawResources, vm_type: VmType) -> Result<Resources, JobFileError> {
-        let d = Resources::default();
-        let max_mem = if vm_type == VmType::Wasm { limits::MAX_WASM_MEMORY_MB } else { limits::MAX_MEMORY_MB };
-        Ok(Resources {
-            cpus: match &raw.cpus {
-                Some(v) => self.int_in(v, "cpus", 1, limits::MAX_CPUS as i64)? as u32,
-                None => d.cpus,
-            },
-            memory_mb: match &raw.memory_mb {
-                Some(v) => self.int_in(v, "memory_mb", 1, max_mem as i64)? as u64,
-                None => d.memory_mb,
-            },
-            timeout_s: match &raw.timeout_s {
-                Some(v) => self.int_in(v, "timeout_s", 1, limits::MAX_TIMEOUT_S as i64)? as u64,
-                None => d.timeout_s,
-            },
-            disk_mb: match &raw.disk_mb {
-                Some(v) => self.int_in(v, "disk_mb", 1, limits::MAX_DISK_MB as i64)? as u64,
-                None => d.disk_mb,
-            },
-        })
-    }
-
-    fn int_in(&self, v: &Spanned<i64>, key: &str, min: i64, max: i64) -> Result<i64, JobFileError> {
-        let x = *v.get_ref();
-        if x < min || x > max {
-            return Err(self.err(v.span(), format!("`{key}` is {x}, but must be between {min} and {max}")));
-        }
-        Ok(x)
-    }
-
-    fn files(&self, raw: &crate::raw::RawFiles) -> Result<Files, JobFileError> {
-        let base = self.base_dir();
+        let name = raw.name.as_ref().map_or_else(|| self.default_name(), |n| n.get_ref().clone());
+        let args: Vec<String> = rv.args.iter().map(|a| a.get_ref().clone()).collect();
+        let env: BTreeMap<String, String> = rv.env.iter().map(|(k, v)| (k.clone(), v.get_ref().clone())).collect();
         let mut inputs = Vec::new();
-        for i in &raw.inputs {
+        for i in &raw.files.inputs {
             let p = Path::new(i.get_ref());
             let dest = input_dest(p)
                 .ok_or_else(|| self.err(i.span(), format!("input `{}` does not name a file", i.get_ref())))?;
-            inputs.push(Input { source: base.join(p), dest });
+            inputs.push(Input { source: self.base_dir().join(p), dest });
         }
-        let mut outputs = Vec::new();
-        for o in &raw.outputs {
-            let pat = o.get_ref();
-            let p = Path::new(pat);
-            if pat.is_empty()
-                || p.is_absolute()
-                || p.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-            {
-                return Err(self.err(
-                    o.span(),
-                    format!("output pattern `{pat}` must be relative to the job directory, without `..`"),
-                ));
+        let dests: Vec<String> = inputs.iter().map(|i| i.dest.to_string_lossy().into_owned()).collect();
+        let outputs: Vec<String> = raw.files.outputs.iter().map(|o| o.get_ref().clone()).collect();
+        let d = Resources::default();
+        let int = |v: &Option<Spanned<i64>>, default: u64| v.as_ref().map_or(default as i64, |v| *v.get_ref());
+        let r = &raw.resources;
+        let p = &raw.policy;
+        let shape = Shape {
+            name: &name,
+            vm_type,
+            image: rv.image.is_some(),
+            args: &args,
+            env: &env,
+            kernel: rv.kernel.is_some(),
+            initrd: rv.initrd.is_some(),
+            append: rv.append.as_ref().map(|a| a.get_ref().as_str()),
+            network,
+            cpus: int(&r.cpus, d.cpus as u64),
+            min_cpus: 1,
+            memory_mb: int(&r.memory_mb, d.memory_mb),
+            timeout_s: int(&r.timeout_s, d.timeout_s),
+            disk_mb: int(&r.disk_mb, d.disk_mb),
+            inputs: dests.iter().map(String::as_str).collect(),
+            outputs: &outputs,
+            requirements: p.requirements.as_ref().map(|s| s.get_ref().as_str()),
+            rank: p.rank.as_ref().map(|s| s.get_ref().as_str()),
+            max_retries: int(&p.max_retries, 0),
+        };
+        check::check(&shape).map_err(|inv| self.err(self.span_of(&raw, &inv.field, vm_span.clone()), inv.message))?;
+        let resources = Resources {
+            cpus: shape.cpus as u32,
+            memory_mb: shape.memory_mb as u64,
+            timeout_s: shape.timeout_s as u64,
+            disk_mb: shape.disk_mb as u64,
+        };
+        let policy = Policy {
+            requirements: p.requirements.as_ref().map(|s| s.get_ref().clone()),
+            rank: p.rank.as_ref().map(|s| s.get_ref().clone()),
+            max_retries: shape.max_retries as u32,
+        };
+        let base = self.base_dir();
+        let resolve = |s: &Option<Spanned<String>>| -> Result<Option<PathBuf>, JobFileError> {
+            match s {
+                Some(s) if s.get_ref().is_empty() => Err(self.err(s.span(), "path is empty")),
+                Some(s) => Ok(Some(base.join(s.get_ref()))),
+                None => Ok(None),
             }
-            if let Err(e) = globset::Glob::new(pat) {
-                return Err(self.err(o.span(), format!("output pattern `{pat}` is not a valid glob: {}", e.kind())));
-            }
-            outputs.push(pat.clone());
+        };
+        let vm = Vm {
+            vm_type,
+            image: resolve(&rv.image)?,
+            args,
+            env,
+            kernel: resolve(&rv.kernel)?,
+            initrd: resolve(&rv.initrd)?,
+            append: rv.append.as_ref().map(|a| a.get_ref().clone()),
+            network: network.unwrap_or_default(),
+        };
+        Ok(Job { source: self.path.to_path_buf(), name, vm, resources, files: Files { inputs, outputs }, policy })
+    }
+
+    /// Where in the file a refused field was written (the `[vm]` table when it was not).
+    fn span_of(&self, raw: &RawJob, field: &Field, vm_span: Range<usize>) -> Range<usize> {
+        let rv = raw.vm.get_ref();
+        let (r, f, p) = (&raw.resources, &raw.files, &raw.policy);
+        let span = |s: Option<Range<usize>>| s.unwrap_or_else(|| vm_span.clone());
+        match field {
+            Field::Name => span(raw.name.as_ref().map(|n| n.span())),
+            Field::Vm => vm_span.clone(),
+            Field::Arg(i) => span(rv.args.get(*i).map(|a| a.span())),
+            Field::Env(k) => span(rv.env.get(k).map(|v| v.span())),
+            Field::Kernel => span(rv.kernel.as_ref().map(|v| v.span())),
+            Field::Initrd => span(rv.initrd.as_ref().map(|v| v.span())),
+            Field::Append => span(rv.append.as_ref().map(|v| v.span())),
+            Field::Network => span(rv.network.as_ref().map(|v| v.span())),
+            Field::Cpus => span(r.cpus.as_ref().map(|v| v.span())),
+            Field::MemoryMb => span(r.memory_mb.as_ref().map(|v| v.span())),
+            Field::TimeoutS => span(r.timeout_s.as_ref().map(|v| v.span())),
+            Field::DiskMb => span(r.disk_mb.as_ref().map(|v| v.span())),
+            Field::Input(i) => span(f.inputs.get(*i).map(|v| v.span())),
+            Field::Output(i) => span(f.outputs.get(*i).map(|v| v.span())),
+            Field::Requirements => span(p.requirements.as_ref().map(|v| v.span())),
+            Field::Rank => span(p.rank.as_ref().map(|v| v.span())),
+            Field::MaxRetries => span(p.max_retries.as_ref().map(|v| v.span())),
         }
-        Ok(Files { inputs, outputs })
     }
 }
 

@@ -1,20 +1,20 @@
 //! What this node is: the ad it registers with, found by looking at the host.
 
-use vmgrid_proto::NodeAd;
+use vmgrid_proto::{NodeAd, VmType};
 
 use crate::NodeConfig;
 
 pub fn fingerprint(config: &NodeConfig) -> NodeAd {
     let cpus = config.cpus.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
     let memory_mb = config.memory_mb.unwrap_or_else(host_memory_mb);
-    let mut vm_types = vec!["wasm".to_string()];
+    let mut vm_types = vec![VmType::Wasm];
     let mut accelerators = Vec::new();
     match vmgrid_runtime::qemu::usable() {
-        Ok((qemu, caps)) => {
-            tracing::info!(qemu = %qemu.display(), version = %caps.version, "QEMU jobs run here");
-            vm_types.push("qemu".into());
+        Ok(qemu) => {
+            tracing::info!(qemu = %qemu.qemu.display(), version = %qemu.caps.version, "QEMU jobs run here");
+            vm_types.push(VmType::Qemu);
             let cache = config.cache_dir.join("runtime");
-            if vmgrid_runtime::qemu::accel::choose(&qemu, &cache) == vmgrid_runtime::qemu::Accel::Kvm {
+            if vmgrid_runtime::qemu::accel::choose(&qemu.qemu, &cache) == vmgrid_runtime::qemu::Accel::Kvm {
                 accelerators.push("kvm".into());
             }
             accelerators.push("tcg".into());
@@ -22,7 +22,7 @@ pub fn fingerprint(config: &NodeConfig) -> NodeAd {
         Err(e) => tracing::info!("this node takes no QEMU jobs: {e}"),
     }
     if vmgrid_runtime::jvm::find_java().is_some() {
-        vm_types.push("jvm".into());
+        vm_types.push(VmType::Jvm);
     }
     NodeAd {
         name: config.name.clone(),

@@ -7,10 +7,11 @@
 
 mod cache;
 mod fingerprint;
+mod job;
 mod ssi;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
@@ -18,9 +19,15 @@ use std::time::{Duration, Instant};
 
 use vmgrid_client::{Client, ClientError};
 use vmgrid_proto::*;
-use vmgrid_runtime::{Outcome, RunError, RunRequest, Runtime, RuntimeConfig, jobdir};
+use vmgrid_runtime::{Runtime, RuntimeConfig};
 
 pub use fingerprint::fingerprint;
+
+/// A lock that a panicked holder left poisoned is still the agent's to use: what it guards
+/// (running jobs, the client) stays consistent at every await-free step.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -112,13 +119,13 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     tracing::info!(node = %agent.ad.name, "draining");
     agent.send_heartbeat(true);
     let deadline = Instant::now() + agent.config.drain_timeout;
-    while !agent.running.lock().unwrap().is_empty() && Instant::now() < deadline {
+    while !lock(&agent.running).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    for r in agent.running.lock().unwrap().values() {
+    for r in lock(&agent.running).values() {
         r.cancel.store(true, Ordering::Relaxed);
     }
-    while !agent.running.lock().unwrap().is_empty() && Instant::now() < deadline + Duration::from_secs(10) {
+    while !lock(&agent.running).is_empty() && Instant::now() < deadline + Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(20));
     }
     hb_stop.store(true, Ordering::Relaxed);
@@ -170,18 +177,19 @@ fn register(
 
 impl Agent {
     fn client(&self) -> Client {
-        self.client.lock().unwrap().clone()
+        lock(&self.client).clone()
     }
 
     /// Waits (briefly) until some cpus are free; returns how many.
     fn wait_for_free_cpus(&self) -> u32 {
-        let mut running = self.running.lock().unwrap();
+        let mut running = lock(&self.running);
         for _ in 0..10 {
             let used: u32 = running.values().map(|r| r.cpus).sum();
             if used < self.ad.cpus {
                 return self.ad.cpus - used;
             }
-            running = self.slot_freed.wait_timeout(running, Duration::from_millis(10)).unwrap().0;
+            running =
+                self.slot_freed.wait_timeout(running, Duration::from_millis(10)).unwrap_or_else(|p| p.into_inner()).0;
         }
         0
     }
@@ -189,11 +197,11 @@ impl Agent {
     /// A refused call from a node that was declared lost or replaced: it registers again.
     fn rejoin(&self, stop: &AtomicBool) {
         tracing::warn!(node = %self.ad.name, "the pool no longer knows this node; stopping its jobs and registering again");
-        for r in self.running.lock().unwrap().values() {
+        for r in lock(&self.running).values() {
             r.cancel.store(true, Ordering::Relaxed);
         }
         match register(&self.config, &self.ad, stop) {
-            Ok((c, Some(_))) => *self.client.lock().unwrap() = c,
+            Ok((c, Some(_))) => *lock(&self.client) = c,
             Ok((_, None)) => {}
             Err(e) => {
                 tracing::error!("{e}; trying again in 2 s");
@@ -233,121 +241,17 @@ impl Agent {
     fn start_job(self: &Arc<Self>, lease: Lease) {
         let id = LeaseId { job_id: lease.job_id, epoch: lease.epoch };
         let cancel = Arc::new(AtomicBool::new(false));
-        self.running.lock().unwrap().insert(id, Running { cancel: cancel.clone(), cpus: lease.spec.cpus });
+        lock(&self.running).insert(id, Running { cancel: cancel.clone(), cpus: lease.spec.cpus });
         let agent = self.clone();
         let spawned = std::thread::Builder::new().name(format!("vmgrid-job-{}", lease.job_id)).spawn(move || {
             let report = agent.run_job(&lease, cancel);
             let _ = agent.reports.send(report);
-            agent.running.lock().unwrap().remove(&id);
+            lock(&agent.running).remove(&id);
             agent.slot_freed.notify_all();
         });
         if let Err(e) = spawned {
             tracing::error!("cannot start a job thread: {e}");
-            self.running.lock().unwrap().remove(&id);
-        }
-    }
-
-    /// Runs one leased job and builds its report.
-    fn run_job(&self, lease: &Lease, cancel: Arc<AtomicBool>) -> Report {
-        let id = LeaseId { job_id: lease.job_id, epoch: lease.epoch };
-        let dir = self.work_dir.join(format!("job-{}-{}", lease.job_id, lease.epoch));
-        let report = |run: RunReport| Report {
-            lease: id,
-            run,
-            stdout: None,
-            stderr: None,
-            stdout_dropped: 0,
-            stderr_dropped: 0,
-            outputs: Vec::new(),
-        };
-        let mut home_gone = false;
-        let result = (|| -> Result<Report, RunError> {
-            let client = self.client();
-            let files =
-                lease.spec.image.iter().chain(&lease.spec.kernel).chain(&lease.spec.initrd).chain(&lease.spec.inputs);
-            let mut located = HashMap::new();
-            for f in files {
-                let p = self
-                    .cache
-                    .get(&client, &f.blob)
-                    .map_err(|e| RunError::Host(format!("cannot fetch `{}`: {e}", f.path)))?;
-                located.insert(f.blob.clone(), p);
-            }
-            let job = lease
-                .spec
-                .to_job(Path::new(&format!("job-{}", lease.job_id)), |f| located[&f.blob].clone())
-                .map_err(RunError::BadJob)?;
-            let job_dir = dir.join("job");
-            std::fs::create_dir_all(&job_dir).map_err(|e| RunError::host("cannot create the job directory", e))?;
-            jobdir::stage_inputs(&job, &job_dir)?;
-            // An SSI process runs against its home: its job directory is the mirror of the
-            // home's files, and the home hears of its start, output and end first.
-            let home = lease.spec.ssi.clone().map(|spec| ssi::HomeLink::start(spec, cancel.clone()));
-            if let Some(h) = &home {
-                h.started(&self.ad.name);
-            }
-            let host = home.clone().map(|h| h as Arc<dyn vmgrid_runtime::ssi::SsiHost>);
-            let run =
-                self.runtime.run(&RunRequest { job: &job, job_dir: &job_dir, cancel: Some(cancel.clone()), ssi: host });
-            if let Some(h) = &home {
-                match &run {
-                    Ok(r) => h.finish(Some(&r.outcome), None),
-                    Err(e) => h.finish(None, Some(&e.to_string())),
-                }
-            }
-            home_gone = home.as_ref().is_some_and(|h| h.home_gone());
-            let result = run?;
-            let out_dir = dir.join("out");
-            let collected = jobdir::collect_outputs(&job, &job_dir, &out_dir)?;
-            let upload = |bytes: &[u8], name: &str| {
-                client.upload_bytes(bytes, name).map_err(|e| RunError::Host(format!("cannot upload {name}: {e}")))
-            };
-            let mut r = report(match &result.outcome {
-                Outcome::Exited(code) => RunReport::Exited { code: *code },
-                Outcome::Failed(f) => {
-                    RunReport::GuestFailed { failure: f.kind.as_str().into(), reason: f.reason.clone() }
-                }
-            });
-            if !result.stdout.bytes.is_empty() {
-                r.stdout = Some(upload(&result.stdout.bytes, "stdout")?);
-            }
-            if !result.stderr.bytes.is_empty() {
-                r.stderr = Some(upload(&result.stderr.bytes, "stderr")?);
-            }
-            r.stdout_dropped = result.stdout.dropped;
-            r.stderr_dropped = result.stderr.dropped;
-            for rel in &collected.files {
-                let name = rel.to_string_lossy().into_owned();
-                let f = client
-                    .upload_file(&out_dir.join(rel), &name)
-                    .map_err(|e| RunError::Host(format!("cannot upload output {name}: {e}")))?;
-                r.outputs.push(f);
-            }
-            Ok(r)
-        })();
-        let _ = std::fs::remove_dir_all(&dir);
-        if cancel.load(Ordering::Relaxed) {
-            // Still reported: the coordinator, not the node, decides what a result is worth, and
-            // it refuses one whose lease is gone.
-            tracing::info!(job = lease.job_id, epoch = lease.epoch, "stopped: the lease was revoked");
-        }
-        match result {
-            // An SSI process whose console went away is over: nothing would take its output.
-            Ok(r) if home_gone => Report {
-                run: RunReport::GuestFailed {
-                    failure: "cancelled".into(),
-                    reason: "the process's home (its `vmgrid ssi` console) is gone".into(),
-                },
-                ..r
-            },
-            // A run this node stopped (drain timeout, revoked lease) says nothing about the job:
-            // it goes back to the pool, which refuses it anyway if the lease is gone.
-            Ok(r) if cancel.load(Ordering::Relaxed) => {
-                Report { run: RunReport::HostFailed { reason: "stopped by its node".into() }, ..r }
-            }
-            Ok(r) => r,
-            Err(RunError::BadJob(reason)) => report(RunReport::BadJob { reason }),
-            Err(RunError::Host(reason)) => report(RunReport::HostFailed { reason }),
+            lock(&self.running).remove(&id);
         }
     }
 
@@ -396,10 +300,10 @@ impl Agent {
     }
 
     fn send_heartbeat(&self, draining: bool) {
-        let leases: Vec<LeaseId> = self.running.lock().unwrap().keys().copied().collect();
+        let leases: Vec<LeaseId> = lock(&self.running).keys().copied().collect();
         match self.client().heartbeat(&HeartbeatRequest { leases, draining }) {
             Ok(resp) => {
-                let running = self.running.lock().unwrap();
+                let running = lock(&self.running);
                 for l in resp.revoked {
                     if let Some(r) = running.get(&l) {
                         tracing::info!(job = l.job_id, "lease revoked; stopping the job");
@@ -408,7 +312,7 @@ impl Agent {
                 }
             }
             Err(ClientError::Refused { status: 409 | 401, .. }) => {
-                for r in self.running.lock().unwrap().values() {
+                for r in lock(&self.running).values() {
                     r.cancel.store(true, Ordering::Relaxed);
                 }
             }

@@ -23,7 +23,6 @@ const FLUSH_EVERY: Duration = Duration::from_millis(20);
 /// A home unreachable this long is gone: its processes stop.
 const HOME_GONE_AFTER: Duration = Duration::from_secs(20);
 
-
 pub struct HomeLink {
     spec: SsiSpec,
     auth: String,

@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+pub use vmgrid_job::check::is_confined_path;
+pub use vmgrid_job::{FailureKind, Network, VmType};
 
 /// The blake3 hash of a blob, as 64 lowercase hex digits.
 pub type BlobRef = String;
@@ -20,7 +22,7 @@ pub fn is_blob_ref(s: &str) -> bool {
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     pub name: String,
-    pub vm_type: String,
+    pub vm_type: VmType,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<FileRef>,
     #[serde(default)]
@@ -33,8 +35,8 @@ pub struct JobSpec {
     pub initrd: Option<FileRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub append: Option<String>,
-    #[serde(default = "default_network")]
-    pub network: String,
+    #[serde(default)]
+    pub network: Network,
     pub cpus: u32,
     pub memory_mb: u64,
     pub timeout_s: u64,
@@ -68,10 +70,6 @@ pub struct SsiSpec {
     pub token: String,
     /// The global PID.
     pub pid: u64,
-}
-
-fn default_network() -> String {
-    "none".into()
 }
 
 /// A file by name and content.
@@ -155,7 +153,7 @@ pub struct JobView {
     pub exit_code: Option<i32>,
     pub attempts: u32,
     pub reason: Option<String>,
-    pub vm_type: String,
+    pub vm_type: VmType,
     pub index: u64,
     pub submitted_ms: u64,
     pub finished_ms: Option<u64>,
@@ -204,7 +202,7 @@ pub struct NodeAd {
     pub cpus: u32,
     pub memory_mb: u64,
     pub disk_mb: u64,
-    pub vm_types: Vec<String>,
+    pub vm_types: Vec<VmType>,
     pub accelerators: Vec<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -315,7 +313,7 @@ pub enum RunReport {
     /// The guest exited with this code.
     Exited { code: i32 },
     /// The guest ran and did not finish (time or memory limit, trap, panic, no exit status).
-    GuestFailed { failure: String, reason: String },
+    GuestFailed { failure: FailureKind, reason: String },
     /// The job cannot run anywhere: a bad image or input.
     BadJob { reason: String },
     /// This node could not run it; another may.
@@ -376,13 +374,6 @@ pub struct ApiError {
     pub error: String,
 }
 
-/// Whether a relative path from a job is safe to create under a directory: relative, with only
-/// normal components.
-pub fn is_confined_path(p: &str) -> bool {
-    let path = std::path::Path::new(p);
-    !p.is_empty() && !path.is_absolute() && path.components().all(|c| matches!(c, std::path::Component::Normal(_)))
-}
-
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -406,6 +397,60 @@ impl JobSpec {
         spec
     }
 
+    /// Checks the spec with the rules every job obeys ([`vmgrid_job::check`]), then what only a
+    /// spec has: its files are blob references with confined paths, and an SSI process's home.
+    pub fn check(&self) -> Result<(), String> {
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let inputs: Vec<&str> = self.inputs.iter().map(|f| f.path.as_str()).collect();
+        let shape = vmgrid_job::check::Shape {
+            name: &self.name,
+            vm_type: self.vm_type,
+            image: self.image.is_some(),
+            args: &self.args,
+            env: &self.env,
+            kernel: self.kernel.is_some(),
+            initrd: self.initrd.is_some(),
+            append: self.append.as_deref(),
+            network: (self.network != Network::None).then_some(self.network),
+            cpus: self.cpus.into(),
+            // An SSI process shares its node's cpus by time slicing, as a process on one machine
+            // does, so it may ask for none; the matchmaker spreads such jobs over the least loaded.
+            min_cpus: if self.ssi.is_some() { 0 } else { 1 },
+            memory_mb: clamp(self.memory_mb),
+            timeout_s: clamp(self.timeout_s),
+            disk_mb: clamp(self.disk_mb),
+            inputs,
+            outputs: &self.outputs,
+            requirements: self.requirements.as_deref(),
+            rank: self.rank.as_deref(),
+            max_retries: self.max_retries.into(),
+        };
+        vmgrid_job::check::check(&shape).map_err(|inv| inv.message)?;
+        for f in self.image.iter().chain(&self.kernel).chain(&self.initrd) {
+            if !is_blob_ref(&f.blob) {
+                return Err(format!("`{}` is not a blob reference (64 hex digits of blake3)", f.blob));
+            }
+            if !is_confined_path(&f.path) {
+                return Err(format!("file name `{}` must be relative, without `..`", f.path));
+            }
+        }
+        if let Some(f) = self.inputs.iter().find(|f| !is_blob_ref(&f.blob)) {
+            return Err(format!("`{}` is not a blob reference (64 hex digits of blake3)", f.blob));
+        }
+        if let Some(ssi) = &self.ssi {
+            if self.vm_type != VmType::Wasm {
+                return Err("an SSI process must be a wasm job".into());
+            }
+            if !(ssi.home.starts_with("http://") || ssi.home.starts_with("https://")) || ssi.home.len() > 2048 {
+                return Err(format!("the SSI home `{}` is not an http(s) URL", ssi.home));
+            }
+            if ssi.token.is_empty() || ssi.token.len() > 256 {
+                return Err("the SSI process token must be 1 to 256 characters".into());
+            }
+        }
+        Ok(())
+    }
+
     /// Turns the spec back into a runnable job whose files live where `locate` says.
     pub fn to_job(
         &self,
@@ -413,17 +458,6 @@ impl JobSpec {
         locate: impl Fn(&FileRef) -> std::path::PathBuf,
     ) -> Result<vmgrid_job::Job, String> {
         use vmgrid_job::*;
-        let vm_type = match self.vm_type.as_str() {
-            "wasm" => VmType::Wasm,
-            "qemu" => VmType::Qemu,
-            "jvm" => VmType::Jvm,
-            other => return Err(format!("unknown vm type `{other}`")),
-        };
-        let network = match self.network.as_str() {
-            "none" => Network::None,
-            "user" => Network::User,
-            other => return Err(format!("unknown network `{other}`")),
-        };
         let mut inputs = Vec::new();
         for i in &self.inputs {
             if !is_confined_path(&i.path) {
@@ -435,14 +469,14 @@ impl JobSpec {
             source: source.to_path_buf(),
             name: self.name.clone(),
             vm: Vm {
-                vm_type,
+                vm_type: self.vm_type,
                 image: self.image.as_ref().map(&locate),
                 args: self.args.clone(),
                 env: self.env.clone(),
                 kernel: self.kernel.as_ref().map(&locate),
                 initrd: self.initrd.as_ref().map(&locate),
                 append: self.append.clone(),
-                network,
+                network: self.network,
             },
             resources: Resources {
                 cpus: self.cpus,
@@ -463,16 +497,6 @@ impl JobSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn confined_paths_stay_inside() {
-        for ok in ["a", "a/b.txt", "out/x/y"] {
-            assert!(is_confined_path(ok), "{ok}");
-        }
-        for bad in ["", "/etc/passwd", "../x", "a/../../b", "./a", "a/./b/.."] {
-            assert!(!is_confined_path(bad), "{bad}");
-        }
-    }
 
     #[test]
     fn blob_refs_are_64_lowercase_hex_digits() {

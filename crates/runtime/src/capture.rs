@@ -47,6 +47,16 @@ impl CaptureSink {
         CaptureSink(Arc::new(Mutex::new(Inner { cap, captured: Captured::default(), echo })))
     }
 
+    /// A sink that keeps the first `cap` bytes and echoes nothing.
+    pub fn bounded(cap: usize) -> CaptureSink {
+        CaptureSink::new(cap, Echo::None)
+    }
+
+    /// A copy of what was captured so far, leaving it in place.
+    pub fn snapshot(&self) -> Captured {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).captured.clone()
+    }
+
     pub fn write(&self, buf: &[u8]) {
         let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let room = inner.cap - inner.captured.bytes.len();

@@ -14,7 +14,7 @@ use crate::{Failure, FailureKind, Outcome, RunError, RunRequest, RunResult, Runt
 
 /// The JVM on this host, if there is one.
 pub fn find_java() -> Option<std::path::PathBuf> {
-    crate::qemu::find_tool("VMGRID_JAVA", "java")
+    crate::tools::find(Some("VMGRID_JAVA"), "java")
 }
 
 pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, RunError> {

@@ -8,9 +8,10 @@
 pub mod capture;
 pub mod jobdir;
 pub mod jvm;
-mod process;
+pub mod process;
 pub mod qemu;
 pub mod ssi;
+pub mod tools;
 pub mod wasm;
 
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 pub use capture::Captured;
+pub use vmgrid_job::FailureKind;
 use vmgrid_job::{Job, VmType};
 
 /// How a runtime is set up on this host.
@@ -96,29 +98,6 @@ pub struct Failure {
     pub kind: FailureKind,
     /// A sentence a person can act on.
     pub reason: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    TimeLimit,
-    MemoryLimit,
-    DiskLimit,
-    /// A trap, a kernel panic, a guest that powered off without an exit status.
-    GuestError,
-    /// Stopped by the host through [`RunRequest::cancel`].
-    Cancelled,
-}
-
-impl FailureKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::TimeLimit => "time limit exceeded",
-            FailureKind::MemoryLimit => "memory limit exceeded",
-            FailureKind::DiskLimit => "disk limit exceeded",
-            FailureKind::GuestError => "guest failed",
-            FailureKind::Cancelled => "cancelled",
-        }
-    }
 }
 
 pub(crate) fn cancelled_failure() -> Failure {

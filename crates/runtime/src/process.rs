@@ -1,5 +1,5 @@
 //! A child process under a deadline: its stdout and stderr go to bounded captures, it dies with
-//! us, and it is always reaped. Used by the qemu and jvm runtimes.
+//! us, and it is always reaped. Used by the qemu and jvm runtimes and the grid appliance.
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::capture::CaptureSink;
 
-pub(crate) struct Supervised {
+pub struct Supervised {
     pid: libc::pid_t,
     exited: mpsc::Receiver<std::io::Result<ExitStatus>>,
     readers: Vec<JoinHandle<()>>,
@@ -19,7 +19,8 @@ pub(crate) struct Supervised {
 }
 
 /// How a wait ended.
-pub(crate) enum Waited {
+#[derive(Debug)]
+pub enum Waited {
     Exited(ExitStatus),
     TimedOut,
 }
@@ -28,18 +29,32 @@ impl Supervised {
     /// Starts `cmd` with stdin closed and stdout/stderr drained into the sinks. The child gets
     /// SIGKILL if the thread that started it dies, so a killed vmgrid leaves no stray VM: callers
     /// must start and wait for the child on the same thread.
-    pub(crate) fn spawn(cmd: &mut Command, stdout: CaptureSink, stderr: CaptureSink) -> std::io::Result<Supervised> {
+    pub fn spawn(cmd: &mut Command, stdout: CaptureSink, stderr: CaptureSink) -> std::io::Result<Supervised> {
+        Self::spawn_with(cmd, stdout, stderr, false)
+    }
+
+    /// Like [`Supervised::spawn`]; with `new_session`, the child also leads a session of its own,
+    /// so a terminal's Ctrl-C reaches us and not it.
+    pub fn spawn_with(
+        cmd: &mut Command,
+        stdout: CaptureSink,
+        stderr: CaptureSink,
+        new_session: bool,
+    ) -> std::io::Result<Supervised> {
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        // SAFETY: the closure runs in the forked child before exec and calls only prctl and
-        // getppid, both async-signal-safe; it touches no memory shared with the parent.
+        // SAFETY: the closure runs in the forked child before exec and calls only prctl, getppid
+        // and setsid, all async-signal-safe; it touches no memory shared with the parent.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 if libc::getppid() == 1 {
                     // The parent died before prctl took effect.
                     return Err(std::io::Error::other("parent exited"));
+                }
+                if new_session {
+                    libc::setsid();
                 }
                 Ok(())
             });
@@ -60,16 +75,12 @@ impl Supervised {
         Ok(Supervised { pid, exited, readers, status: None })
     }
 
-    pub(crate) fn pid(&self) -> libc::pid_t {
+    pub fn pid(&self) -> libc::pid_t {
         self.pid
     }
 
     /// Waits until the child exits, `deadline` passes, or `cancel` is set.
-    pub(crate) fn wait_cancellable(
-        &mut self,
-        deadline: Instant,
-        cancel: Option<&AtomicBool>,
-    ) -> std::io::Result<Waited> {
+    pub fn wait_cancellable(&mut self, deadline: Instant, cancel: Option<&AtomicBool>) -> std::io::Result<Waited> {
         loop {
             let slice = deadline.min(Instant::now() + Duration::from_millis(50));
             match self.wait_until(slice)? {
@@ -81,8 +92,16 @@ impl Supervised {
         }
     }
 
+    /// Whether the child has exited, without waiting.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        match self.wait_until(Instant::now())? {
+            Waited::Exited(st) => Ok(Some(st)),
+            Waited::TimedOut => Ok(None),
+        }
+    }
+
     /// Waits until the child exits or `deadline` passes.
-    pub(crate) fn wait_until(&mut self, deadline: Instant) -> std::io::Result<Waited> {
+    pub fn wait_until(&mut self, deadline: Instant) -> std::io::Result<Waited> {
         if self.status.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.exited.recv_timeout(left) {
@@ -100,22 +119,20 @@ impl Supervised {
     }
 
     /// SIGKILLs the child (if it has not been reaped) and waits for it and its output.
-    pub(crate) fn kill_and_reap(&mut self) {
-        if self.status.is_none() {
+    pub fn kill_and_reap(&mut self) {
+        if self.status.is_none() && self.exited.try_recv().map(|st| self.status = Some(st)).is_err() {
             // SAFETY: kill(2) with a pid we spawned and have not yet seen reaped: the reaper
             // thread sends right after wait() returns, and we checked for that message.
-            if self.exited.try_recv().map(|st| self.status = Some(st)).is_err() {
-                unsafe {
-                    libc::kill(self.pid, libc::SIGKILL);
-                }
-                let _ = self.wait_until(Instant::now() + Duration::from_secs(30));
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
             }
+            let _ = self.wait_until(Instant::now() + Duration::from_secs(30));
         }
         self.join_readers();
     }
 
     /// Waits for the output readers to reach end of file (after the child has exited).
-    pub(crate) fn join_readers(&mut self) {
+    pub fn join_readers(&mut self) {
         for r in self.readers.drain(..) {
             let _ = r.join();
         }

@@ -108,10 +108,10 @@ impl WasmRuntime {
         let key = std::fs::metadata(image)
             .ok()
             .and_then(|m| Some((image.to_path_buf(), m.len(), m.modified().ok()?, for_ssi)));
-        if let Some(k) = &key {
-            if let Some(pre) = self.ready.lock().unwrap_or_else(|p| p.into_inner()).get(k) {
-                return Ok(pre.clone());
-            }
+        if let Some(k) = &key
+            && let Some(pre) = self.ready.lock().unwrap_or_else(|p| p.into_inner()).get(k)
+        {
+            return Ok(pre.clone());
         }
         let pre = self.prepare(image, for_ssi)?;
         if let Some(k) = key {
@@ -260,10 +260,10 @@ impl WasmRuntime {
 
 fn classify(e: wasmtime::Error, store: &Store<GuestState>, memory_mb: u64, timeout_s: u64) -> Outcome {
     if let Some(exit) = e.downcast_ref::<I32Exit>() {
-        if exit.0 != 0 {
-            if let Some(desired) = store.data().limits.denied {
-                return Outcome::Failed(memory_failure(memory_mb, desired));
-            }
+        if exit.0 != 0
+            && let Some(desired) = store.data().limits.denied
+        {
+            return Outcome::Failed(memory_failure(memory_mb, desired));
         }
         return Outcome::Exited(exit.0);
     }

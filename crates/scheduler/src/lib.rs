@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cel::{Context, Program, Value};
-use vmgrid_proto::NodeAd;
+use vmgrid_proto::{NodeAd, VmType};
 
 /// A ready node with the resources it has free right now.
 #[derive(Debug, Clone)]
@@ -103,7 +103,7 @@ fn reads_of(src: &str) -> Option<Vec<usize>> {
 /// What a set of identical jobs asks for. Compile it once with [`Cluster::compile`].
 #[derive(Clone)]
 pub struct Cluster {
-    pub vm_type: String,
+    pub vm_type: VmType,
     pub cpus: u32,
     pub memory_mb: u64,
     requirements: Option<Expr>,
@@ -135,7 +135,7 @@ impl std::fmt::Display for ExprError {
 
 impl Cluster {
     pub fn compile(
-        vm_type: &str,
+        vm_type: VmType,
         cpus: u32,
         memory_mb: u64,
         requirements: Option<&str>,
@@ -150,7 +150,7 @@ impl Cluster {
             }
         };
         Ok(Cluster {
-            vm_type: vm_type.to_string(),
+            vm_type,
             cpus,
             memory_mb,
             requirements: compile("requirements", requirements)?,
@@ -232,31 +232,7 @@ pub fn place<'c, C: Clusters<'c>, J: std::borrow::Borrow<IdleJob>>(
             (list, 0)
         });
         if cluster.cpus == 0 {
-            // Time-shared jobs (SSI processes) use no cpu slot, so no node ever fills up for
-            // them: spread them instead, least loaded first, rank breaking ties.
-            let best = list
-                .iter()
-                .copied()
-                .filter(|&i| nodes[i].free_memory_mb >= cluster.memory_mb)
-                .min_by_key(|&i| nodes[i].running_jobs);
-            match best {
-                Some(idx) => {
-                    let n = &mut nodes[idx];
-                    n.free_memory_mb -= cluster.memory_mb;
-                    n.running_jobs += 1;
-                    decision.placements.push(Placement { job: job.id, node: idx });
-                }
-                None if !list.is_empty() => {
-                    decision.waiting.entry(job.cluster).or_insert_with(|| {
-                        format!(
-                            "waiting for {} MiB free on one of the {} matching node(s)",
-                            cluster.memory_mb,
-                            list.len()
-                        )
-                    });
-                }
-                None => {}
-            }
+            place_shared(nodes, list, cluster, job, &mut decision);
             continue;
         }
         while *cursor < list.len() {
@@ -290,7 +266,30 @@ pub fn place<'c, C: Clusters<'c>, J: std::borrow::Borrow<IdleJob>>(
     decision
 }
 
-/// The nodes a cluster may run on, best rank first; if none, why not.
+/// Time-shared jobs (SSI processes) use no cpu slot, so no node ever fills up for them: they are
+/// spread instead, least loaded first, rank breaking ties.
+fn place_shared(nodes: &mut [NodeSlot], list: &[usize], cluster: &Cluster, job: &IdleJob, decision: &mut Decision) {
+    let best = list
+        .iter()
+        .copied()
+        .filter(|&i| nodes[i].free_memory_mb >= cluster.memory_mb)
+        .min_by_key(|&i| nodes[i].running_jobs);
+    match best {
+        Some(idx) => {
+            let n = &mut nodes[idx];
+            n.free_memory_mb -= cluster.memory_mb;
+            n.running_jobs += 1;
+            decision.placements.push(Placement { job: job.id, node: idx });
+        }
+        None if !list.is_empty() => {
+            decision.waiting.entry(job.cluster).or_insert_with(|| {
+                format!("waiting for {} MiB free on one of the {} matching node(s)", cluster.memory_mb, list.len())
+            });
+        }
+        None => {}
+    }
+}
+
 /// A hash of each attribute's value, so that nodes alike in what an expression reads share one
 /// evaluation of it.
 fn attr_hashes(n: &NodeSlot) -> [u64; ATTRS.len()] {
@@ -354,7 +353,7 @@ fn match_nodes(
     let mut eval_error: Option<String> = None;
     let (mut req_memo, mut rank_memo) = (HashMap::new(), HashMap::new());
     for (i, n) in nodes.iter().enumerate() {
-        if !n.ad.vm_types.iter().any(|t| *t == cluster.vm_type) {
+        if !n.ad.vm_types.contains(&cluster.vm_type) {
             no_vm += 1;
             continue;
         }
@@ -425,7 +424,8 @@ pub fn node_value(n: &NodeSlot) -> Value {
     m.insert("cpus".into(), Value::Int(ad.cpus as i64));
     m.insert("memory_mb".into(), Value::Int(ad.memory_mb as i64));
     m.insert("disk_mb".into(), Value::Int(ad.disk_mb as i64));
-    m.insert("vm_types".into(), ad.vm_types.clone().into());
+    let vm_types: Vec<Value> = ad.vm_types.iter().map(|t| Value::from(t.as_str())).collect();
+    m.insert("vm_types".into(), vm_types.into());
     m.insert("accelerators".into(), ad.accelerators.clone().into());
     let labels: HashMap<String, Value> = ad.labels.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
     m.insert("labels".into(), labels.into());

@@ -11,7 +11,7 @@ fn node(name: &str, cpus: u32, memory_mb: u64, vm_types: &[&str]) -> NodeSlot {
             cpus,
             memory_mb,
             disk_mb: 10_000,
-            vm_types: vm_types.iter().map(|s| s.to_string()).collect(),
+            vm_types: vm_types.iter().map(|s| s.parse().unwrap()).collect(),
             accelerators: vec!["tcg".into()],
             labels: BTreeMap::from([("site".to_string(), name.chars().next().unwrap().to_string())]),
             appliance: name.starts_with("app"),
@@ -33,15 +33,15 @@ fn jobs(cluster: u64, ids: std::ops::Range<u64>) -> Vec<IdleJob> {
 #[test]
 fn fills_nodes_by_cpus_oldest_job_first() {
     let mut nodes = vec![node("a", 2, 1024, &["wasm"]), node("b", 1, 1024, &["wasm"])];
-    let c = clusters(&[(1, Cluster::compile("wasm", 1, 64, None, None).unwrap())]);
-    let d = place(&mut nodes, &c, &jobs(1, 10..15));
+    let c = clusters(&[(1, Cluster::compile(VmType::Wasm, 1, 64, None, None).unwrap())]);
+    let d = place(&mut nodes, &c, jobs(1, 10..15));
     let placed: Vec<(u64, usize)> = d.placements.iter().map(|p| (p.job, p.node)).collect();
     assert_eq!(placed, vec![(10, 0), (11, 0), (12, 1)]);
     // The pool is full: the pass stopped; the jobs left wait.
-    let d = place(&mut nodes, &c, &jobs(1, 13..15));
+    let d = place(&mut nodes, &c, jobs(1, 13..15));
     assert!(d.placements.is_empty());
     let mut big = vec![node("a", 2, 100, &["wasm"])];
-    let d = place(&mut big, &c, &jobs(1, 0..3));
+    let d = place(&mut big, &c, jobs(1, 0..3));
     assert_eq!(d.placements.len(), 1);
     assert!(d.waiting[&1].contains("waiting for 1 cpu(s) and 64 MiB"), "{:?}", d.waiting);
     assert_eq!(nodes[0].free_cpus, 0);
@@ -54,10 +54,16 @@ fn requirements_filter_and_rank_orders() {
         vec![node("a", 2, 512, &["wasm"]), node("b", 8, 4096, &["wasm", "qemu"]), node("c", 4, 4096, &["wasm"])];
     let c = clusters(&[(
         1,
-        Cluster::compile("wasm", 1, 64, Some("node.memory_mb >= 1024 && \"wasm\" in node.vm_types"), Some("node.cpus"))
-            .unwrap(),
+        Cluster::compile(
+            VmType::Wasm,
+            1,
+            64,
+            Some("node.memory_mb >= 1024 && \"wasm\" in node.vm_types"),
+            Some("node.cpus"),
+        )
+        .unwrap(),
     )]);
-    let d = place(&mut nodes, &c, &jobs(1, 0..1));
+    let d = place(&mut nodes, &c, jobs(1, 0..1));
     assert_eq!(d.placements, vec![Placement { job: 0, node: 1 }]);
 }
 
@@ -65,10 +71,10 @@ fn requirements_filter_and_rank_orders() {
 fn labels_and_appliance_are_visible() {
     let mut nodes = vec![node("a1", 2, 512, &["wasm"]), node("appliance1", 2, 512, &["wasm"])];
     let c = clusters(&[
-        (1, Cluster::compile("wasm", 1, 64, Some("node.appliance"), None).unwrap()),
-        (2, Cluster::compile("wasm", 1, 64, Some("node.labels.site == 'a' && !node.appliance"), None).unwrap()),
+        (1, Cluster::compile(VmType::Wasm, 1, 64, Some("node.appliance"), None).unwrap()),
+        (2, Cluster::compile(VmType::Wasm, 1, 64, Some("node.labels.site == 'a' && !node.appliance"), None).unwrap()),
     ]);
-    let d = place(&mut nodes, &c, &[IdleJob { id: 1, cluster: 1 }, IdleJob { id: 2, cluster: 2 }]);
+    let d = place(&mut nodes, &c, [IdleJob { id: 1, cluster: 1 }, IdleJob { id: 2, cluster: 2 }]);
     assert_eq!(d.placements, vec![Placement { job: 1, node: 1 }, Placement { job: 2, node: 0 }]);
 }
 
@@ -76,10 +82,10 @@ fn labels_and_appliance_are_visible() {
 fn unmatchable_jobs_stay_idle_with_a_reason() {
     let mut nodes = vec![node("a", 2, 512, &["wasm"]), node("b", 2, 512, &["wasm"])];
     let c = clusters(&[
-        (1, Cluster::compile("qemu", 1, 64, None, None).unwrap()),
-        (2, Cluster::compile("wasm", 4, 64, None, None).unwrap()),
-        (3, Cluster::compile("wasm", 1, 64, Some("node.cpus > 100"), None).unwrap()),
-        (4, Cluster::compile("wasm", 1, 64, Some("node.nonexistent == 1"), None).unwrap()),
+        (1, Cluster::compile(VmType::Qemu, 1, 64, None, None).unwrap()),
+        (2, Cluster::compile(VmType::Wasm, 4, 64, None, None).unwrap()),
+        (3, Cluster::compile(VmType::Wasm, 1, 64, Some("node.cpus > 100"), None).unwrap()),
+        (4, Cluster::compile(VmType::Wasm, 1, 64, Some("node.nonexistent == 1"), None).unwrap()),
     ]);
     let js = [
         IdleJob { id: 1, cluster: 1 },
@@ -87,21 +93,21 @@ fn unmatchable_jobs_stay_idle_with_a_reason() {
         IdleJob { id: 3, cluster: 3 },
         IdleJob { id: 4, cluster: 4 },
     ];
-    let d = place(&mut nodes, &c, &js);
+    let d = place(&mut nodes, &c, js);
     assert!(d.placements.is_empty());
     assert!(d.waiting[&1].contains("2 do not run qemu jobs"), "{}", d.waiting[&1]);
     assert!(d.waiting[&2].contains("fewer than 4 cpu(s)"), "{}", d.waiting[&2]);
     assert!(d.waiting[&3].contains("2 fail the requirements"), "{}", d.waiting[&3]);
     assert!(d.waiting[&4].contains("requirements failed"), "{}", d.waiting[&4]);
-    let d = place(&mut [], &c, &js);
+    let d = place(&mut [], &c, js);
     assert_eq!(d.waiting[&1], "no ready nodes in the pool");
 }
 
 #[test]
 fn bad_expressions_are_refused_at_compile_time() {
-    let e = Cluster::compile("wasm", 1, 64, Some("node.cpus >>> 2"), None).unwrap_err();
+    let e = Cluster::compile(VmType::Wasm, 1, 64, Some("node.cpus >>> 2"), None).unwrap_err();
     assert_eq!(e.which, "requirements");
-    assert!(Cluster::compile("wasm", 1, 64, None, Some("(")).is_err());
+    assert!(Cluster::compile(VmType::Wasm, 1, 64, None, Some("(")).is_err());
 }
 
 #[test]
@@ -112,7 +118,7 @@ fn many_cases_per_second() {
         .map(|k| {
             (
                 k,
-                Cluster::compile("wasm", 1, 16, Some(&format!("node.cpus >= {}", k % 8)), Some("node.free_cpus"))
+                Cluster::compile(VmType::Wasm, 1, 16, Some(&format!("node.cpus >= {}", k % 8)), Some("node.free_cpus"))
                     .unwrap(),
             )
         })
@@ -143,12 +149,14 @@ fn alike_nodes_share_evaluations_but_rank_still_tells_them_apart() {
     let mut nodes: Vec<NodeSlot> = (0..50).map(|i| node(&format!("a{i}"), 4, 1024, &["wasm"])).collect();
     nodes[37].free_cpus = 4;
     nodes[37].ad.cpus = 8;
-    let c =
-        clusters(&[(1, Cluster::compile("wasm", 1, 64, Some("node.memory_mb >= 1024"), Some("node.cpus")).unwrap())]);
-    let d = place(&mut nodes, &c, &jobs(1, 0..1));
+    let c = clusters(&[(
+        1,
+        Cluster::compile(VmType::Wasm, 1, 64, Some("node.memory_mb >= 1024"), Some("node.cpus")).unwrap(),
+    )]);
+    let d = place(&mut nodes, &c, jobs(1, 0..1));
     assert_eq!(d.placements, vec![Placement { job: 0, node: 37 }]);
-    let c = clusters(&[(2, Cluster::compile("wasm", 1, 64, Some("node.name == 'a12'"), None).unwrap())]);
-    let d = place(&mut nodes, &c, &[IdleJob { id: 5, cluster: 2 }]);
+    let c = clusters(&[(2, Cluster::compile(VmType::Wasm, 1, 64, Some("node.name == 'a12'"), None).unwrap())]);
+    let d = place(&mut nodes, &c, [IdleJob { id: 5, cluster: 2 }]);
     assert_eq!(d.placements, vec![Placement { job: 5, node: 12 }]);
 }
 
@@ -156,8 +164,8 @@ fn alike_nodes_share_evaluations_but_rank_still_tells_them_apart() {
 fn time_shared_jobs_spread_over_the_least_loaded_nodes() {
     let mut nodes = vec![node("a", 1, 1024, &["wasm"]), node("b", 1, 1024, &["wasm"]), node("c", 1, 200, &["wasm"])];
     nodes[0].running_jobs = 1;
-    let c = clusters(&[(1, Cluster::compile("wasm", 0, 256, None, None).unwrap())]);
-    let d = place(&mut nodes, &c, &jobs(1, 0..6));
+    let c = clusters(&[(1, Cluster::compile(VmType::Wasm, 0, 256, None, None).unwrap())]);
+    let d = place(&mut nodes, &c, jobs(1, 0..6));
     let placed: Vec<usize> = d.placements.iter().map(|p| p.node).collect();
     // c has too little memory for any; b is emptiest first, then a and b alternate.
     assert_eq!(placed, vec![1, 0, 1, 0, 1, 0]);
@@ -165,8 +173,8 @@ fn time_shared_jobs_spread_over_the_least_loaded_nodes() {
     assert_eq!(nodes[1].free_memory_mb, 1024 - 3 * 256);
     // They used no cpu slots; memory bounds them: two more fit, then the next waits, with a reason.
     assert_eq!(nodes[0].free_cpus, 1);
-    assert_eq!(place(&mut nodes, &c, &jobs(1, 6..8)).placements.len(), 2);
-    let d = place(&mut nodes, &c, &jobs(1, 8..9));
+    assert_eq!(place(&mut nodes, &c, jobs(1, 6..8)).placements.len(), 2);
+    let d = place(&mut nodes, &c, jobs(1, 8..9));
     assert!(d.placements.is_empty());
     assert!(d.waiting[&1].contains("256 MiB"), "{:?}", d.waiting);
 }

@@ -124,7 +124,8 @@ impl Root {
             return Err(errno::NOENT);
         }
         let name = p.file_name().ok_or(errno::INVAL)?.to_string_lossy().into_owned();
-        let tmp = parent.join(format!(".{name}.vmgrid-{:016x}", getrandom::u64().expect("the kernel's random source is readable")));
+        let tmp = parent
+            .join(format!(".{name}.vmgrid-{:016x}", getrandom::u64().expect("the kernel's random source is readable")));
         std::fs::write(&tmp, bytes).map_err(|e| errno_of(&e))?;
         if let Err(e) = std::fs::rename(&tmp, &p) {
             let _ = std::fs::remove_file(&tmp);

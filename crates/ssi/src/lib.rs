@@ -17,11 +17,23 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use vmgrid_client::Client;
-use vmgrid_proto::{JobAction, JobSpec, JobState, JobView, SsiSpec, SubmitRequest};
+use vmgrid_proto::{JobAction, JobSpec, JobState, JobView, Network, SsiSpec, SubmitRequest, VmType};
 
 pub use fs::{Errno, Root, errno};
 
 pub use vmgrid_proto::ssi::{STATUS_FAILED, STATUS_KILLED};
+
+/// The pool job's name for process `pid` of program `prog`: `ssi-PID-PROG`, with whatever a job
+/// name may not hold (the pool's rules: letters, digits, `-`, `_`, `.`) made `_`.
+fn job_name(pid: u64, prog: &str) -> String {
+    let prog: String = prog
+        .trim_end_matches(".wasm")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+        .take(100)
+        .collect();
+    format!("ssi-{pid}-{prog}")
+}
 
 /// How long a process may run, at most (a pool job's `timeout_s`).
 pub const PROCESS_TIMEOUT_S: u64 = 7 * 24 * 3600;
@@ -203,75 +215,12 @@ impl Home {
     pub fn spawn(self: &Arc<Self>, ppid: u64, argv: Vec<String>) -> Result<u64, SpawnError> {
         let err = |errno: Errno, message: String| SpawnError { errno, message };
         let prog = argv.first().cloned().unwrap_or_default();
-        let path = Root::normalize(&prog).map_err(|e| err(e, format!("{prog}: {}", fs::describe(e))))?;
-        let bytes = match self.root.fetch(&path, None) {
-            Ok(fs::Fetch::File { bytes, .. }) => bytes,
-            Ok(_) => return Err(err(errno::ISDIR, format!("{prog}: is a directory"))),
-            Err(e) => return Err(err(e, format!("{prog}: {}", fs::describe(e)))),
-        };
-        fs::check_module(&bytes).map_err(|why| err(errno::NOEXEC, format!("{prog}: {why}")))?;
-        let name = path.rsplit('/').next().unwrap_or("main.wasm").to_string();
-        let hash = blake3_hex(&bytes);
-        let image = if self.lock().uploaded.contains(&hash) {
-            vmgrid_proto::FileRef { path: name.clone(), blob: hash, size: bytes.len() as u64 }
-        } else {
-            let f = self
-                .pool
-                .upload_bytes(&bytes, &name)
-                .map_err(|e| err(errno::IO, format!("cannot send {prog} to the pool: {e}")))?;
-            self.lock().uploaded.insert(f.blob.clone());
-            f
-        };
+        let (name, image) = self.program(&prog)?;
         let mut secret = [0u8; 24];
         getrandom::fill(&mut secret).expect("the kernel's random source is readable");
         let token = hex::encode(secret);
-        let pid = {
-            let mut t = self.lock();
-            if t.closing {
-                return Err(err(errno::INTR, "the console is closing".into()));
-            }
-            let pid = t.next_pid;
-            t.next_pid += 1;
-            t.by_token.insert(token.clone(), pid);
-            t.procs.insert(
-                pid,
-                Proc {
-                    pid,
-                    ppid,
-                    argv: argv.clone(),
-                    job: None,
-                    node: None,
-                    state: ProcState::Placing,
-                    spawned: Instant::now(),
-                    started: None,
-                    ended: None,
-                    reaped: false,
-                    kill: false,
-                },
-            );
-            pid
-        };
-        let spec = JobSpec {
-            name: format!("ssi-{pid}-{}", name.trim_end_matches(".wasm")),
-            vm_type: "wasm".into(),
-            image: Some(image),
-            args: argv.clone(),
-            env: Default::default(),
-            kernel: None,
-            initrd: None,
-            append: None,
-            network: "none".into(),
-            cpus: 0,
-            memory_mb: self.memory_mb,
-            timeout_s: PROCESS_TIMEOUT_S,
-            disk_mb: 1 << 20,
-            inputs: vec![],
-            outputs: vec![],
-            requirements: None,
-            rank: None,
-            max_retries: 0,
-            ssi: Some(SsiSpec { home: self.url.clone(), token, pid }),
-        };
+        let pid = self.enter(ppid, &argv, &token)?;
+        let spec = self.process_spec(pid, &name, image, argv, token);
         let job = match self.pool.submit(&SubmitRequest { spec, count: 1 }) {
             Ok(r) if r.ids.len() == 1 => r.ids[0],
             Ok(_) => {
@@ -299,6 +248,94 @@ impl Home {
             tracing::error!("cannot watch process {pid}: {e}");
         }
         Ok(pid)
+    }
+
+    /// The program at SSI path `prog`, checked to be a preview-1 module and in the pool (uploaded
+    /// once per hash): its file name and blob.
+    fn program(&self, prog: &str) -> Result<(String, vmgrid_proto::FileRef), SpawnError> {
+        let err = |errno: Errno, message: String| SpawnError { errno, message };
+        let path = Root::normalize(prog).map_err(|e| err(e, format!("{prog}: {}", fs::describe(e))))?;
+        let bytes = match self.root.fetch(&path, None) {
+            Ok(fs::Fetch::File { bytes, .. }) => bytes,
+            Ok(_) => return Err(err(errno::ISDIR, format!("{prog}: is a directory"))),
+            Err(e) => return Err(err(e, format!("{prog}: {}", fs::describe(e)))),
+        };
+        fs::check_module(&bytes).map_err(|why| err(errno::NOEXEC, format!("{prog}: {why}")))?;
+        let name = path.rsplit('/').next().unwrap_or("main.wasm").to_string();
+        let hash = blake3_hex(&bytes);
+        let image = if self.lock().uploaded.contains(&hash) {
+            vmgrid_proto::FileRef { path: name.clone(), blob: hash, size: bytes.len() as u64 }
+        } else {
+            let f = self
+                .pool
+                .upload_bytes(&bytes, &name)
+                .map_err(|e| err(errno::IO, format!("cannot send {prog} to the pool: {e}")))?;
+            self.lock().uploaded.insert(f.blob.clone());
+            f
+        };
+        Ok((name, image))
+    }
+
+    /// A new entry in the process table, holding `token`; its PID.
+    fn enter(&self, ppid: u64, argv: &[String], token: &str) -> Result<u64, SpawnError> {
+        {
+            let mut t = self.lock();
+            if t.closing {
+                return Err(SpawnError { errno: errno::INTR, message: "the console is closing".into() });
+            }
+            let pid = t.next_pid;
+            t.next_pid += 1;
+            t.by_token.insert(token.to_string(), pid);
+            t.procs.insert(
+                pid,
+                Proc {
+                    pid,
+                    ppid,
+                    argv: argv.to_vec(),
+                    job: None,
+                    node: None,
+                    state: ProcState::Placing,
+                    spawned: Instant::now(),
+                    started: None,
+                    ended: None,
+                    reaped: false,
+                    kill: false,
+                },
+            );
+            Ok(pid)
+        }
+    }
+
+    /// The pool job of process `pid`: time-shared (no cpu slot), never rerun, with its home.
+    fn process_spec(
+        &self,
+        pid: u64,
+        name: &str,
+        image: vmgrid_proto::FileRef,
+        argv: Vec<String>,
+        token: String,
+    ) -> JobSpec {
+        JobSpec {
+            name: job_name(pid, name),
+            vm_type: VmType::Wasm,
+            image: Some(image),
+            args: argv,
+            env: Default::default(),
+            kernel: None,
+            initrd: None,
+            append: None,
+            network: Network::None,
+            cpus: 0,
+            memory_mb: self.memory_mb,
+            timeout_s: PROCESS_TIMEOUT_S,
+            disk_mb: 1 << 20,
+            inputs: vec![],
+            outputs: vec![],
+            requirements: None,
+            rank: None,
+            max_retries: 0,
+            ssi: Some(SsiSpec { home: self.url.clone(), token, pid }),
+        }
     }
 
     /// Follows the process's job in the pool until it ends there; tells the table what only the

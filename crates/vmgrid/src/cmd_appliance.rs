@@ -1,14 +1,25 @@
 //! `vmgrid appliance build | config | start`: the grid appliance, a VM image that joins the pool
-//! when it boots (see the `appliance` module), and the hidden `agent` it runs inside.
+//! when it boots (the `vmgrid-appliance` crate does the work), and the hidden `agent` it runs
+//! inside.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use vmgrid_appliance::config::{self, ApplianceConfig};
+use vmgrid_appliance::image::{self, Format};
+use vmgrid_appliance::{agent, tools, vm};
+
 use crate::CliError;
-use crate::appliance::config::{self, ApplianceConfig};
-use crate::appliance::image::{self, Format};
-use crate::appliance::{agent, tools, vm};
 use crate::pool_config::{default_data_dir, read_token_file};
+
+impl From<vmgrid_appliance::Error> for CliError {
+    fn from(e: vmgrid_appliance::Error) -> Self {
+        match e {
+            vmgrid_appliance::Error::BadInput(m) => CliError::BadInput(m),
+            vmgrid_appliance::Error::Failed(m) => CliError::Failed(m),
+        }
+    }
+}
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -33,7 +44,20 @@ enum ApplianceCommand {
     Start(StartArgs),
     /// Inside the appliance: run the node agent from the config disk's settings.
     #[command(hide = true)]
-    Agent(agent::AgentArgs),
+    Agent(AgentArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct AgentArgs {
+    /// The configuration (the config disk's vmgrid.toml, copied by the init).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Where the node keeps its cache and credential (in the appliance's memory).
+    #[arg(long, value_name = "DIR")]
+    state_dir: PathBuf,
+    /// Where to write the console CLI's client.toml (default: next to --config).
+    #[arg(long, value_name = "FILE")]
+    client_config: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -108,7 +132,11 @@ pub fn run(args: ApplianceArgs) -> Result<i32, CliError> {
         ApplianceCommand::Build(a) => build(a),
         ApplianceCommand::Config(a) => write_config(a),
         ApplianceCommand::Start(a) => start(a),
-        ApplianceCommand::Agent(a) => agent::run(a),
+        ApplianceCommand::Agent(a) => Ok(agent::run(agent::AgentOptions {
+            config: a.config,
+            state_dir: a.state_dir,
+            client_config: a.client_config,
+        })?),
     }
 }
 
@@ -196,14 +224,14 @@ fn start(args: StartArgs) -> Result<i32, CliError> {
         None => default_image()?,
     };
     let state_dir = args.state_dir.unwrap_or_else(|| default_data_dir().join("appliance").join(&name));
-    vm::start(vm::StartOptions {
+    Ok(vm::start(vm::StartOptions {
         config: c,
         image,
         memory_mb: args.memory_mb,
         cpus: args.cpus,
         state_dir,
         console: args.console,
-    })
+    })?)
 }
 
 /// The image in the data dir, built on first use and again when this vmgrid binary changes.

@@ -71,17 +71,14 @@ fn to_spec(client: &Client, job: &vmgrid_job::Job) -> Result<JobSpec, CliError> 
     }
     Ok(JobSpec {
         name: job.name.clone(),
-        vm_type: job.vm.vm_type.as_str().into(),
+        vm_type: job.vm.vm_type,
         image,
         args: job.vm.args.clone(),
         env: job.vm.env.clone(),
         kernel,
         initrd,
         append: job.vm.append.clone(),
-        network: match job.vm.network {
-            vmgrid_job::Network::None => "none".into(),
-            vmgrid_job::Network::User => "user".into(),
-        },
+        network: job.vm.network,
         cpus: job.resources.cpus,
         memory_mb: job.resources.memory_mb,
         timeout_s: job.resources.timeout_s,
@@ -284,7 +281,7 @@ pub fn status(args: ListArgs) -> Result<i32, CliError> {
             n.free_cpus,
             n.ad.memory_mb,
             n.running_jobs,
-            n.ad.vm_types.join(","),
+            n.ad.vm_types.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(","),
             n.ad.accelerators.join(","),
             n.ad.appliance
         );

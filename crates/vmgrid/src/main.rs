@@ -1,7 +1,6 @@
 //! The `vmgrid` command: argument parsing and the sentences people read. The work is done by the
 //! library crates; this binary turns their typed errors into messages and exit codes.
 
-mod appliance;
 mod cli_error;
 mod cmd_appliance;
 mod cmd_jobs;

@@ -44,12 +44,11 @@ pub fn choose(qemu: &Path, cache_dir: &Path) -> Accel {
     }
     let key = cache_key(qemu);
     let file = cache_dir.join("accel-probe");
-    if let Ok(text) = std::fs::read_to_string(&file) {
-        if let Some((k, v)) = text.trim().split_once('=') {
-            if k == key {
-                return if v == "kvm" { Accel::Kvm } else { Accel::Tcg };
-            }
-        }
+    if let Ok(text) = std::fs::read_to_string(&file)
+        && let Some((k, v)) = text.trim().split_once('=')
+        && k == key
+    {
+        return if v == "kvm" { Accel::Kvm } else { Accel::Tcg };
     }
     let accel = probe(qemu);
     let _ = std::fs::create_dir_all(cache_dir);

@@ -81,6 +81,8 @@ fn memory_limit_is_enforced() {
 }
 
 /// Runs a command and returns its output and its peak resident memory in KiB (from wait4).
+// The child is reaped by wait4 below, which clippy's zombie check does not see.
+#[allow(clippy::zombie_processes)]
 fn run_measuring_rss(cmd: &mut std::process::Command) -> (std::process::Output, i64) {
     use std::io::Read;
     let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();

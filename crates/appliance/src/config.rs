@@ -8,8 +8,8 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
-use super::tools::{self, io};
-use crate::CliError;
+use crate::Error;
+use crate::tools::{self, io};
 
 /// The file on the config disk.
 pub const FILE_NAME: &str = "vmgrid.toml";
@@ -110,7 +110,7 @@ pub fn rewrite_loopback(url: &str, host: &str) -> (String, bool) {
 
 /// Writes the config disk: a 1.44 MB FAT12 floppy image with `vmgrid.toml`, readable by the
 /// owner only (it holds the tokens).
-pub fn write_disk(config: &ApplianceConfig, out: &Path) -> Result<(), CliError> {
+pub fn write_disk(config: &ApplianceConfig, out: &Path) -> Result<(), Error> {
     let mkfs = tools::find("mkfs.fat", "dosfstools")?;
     let mcopy = tools::find("mcopy", "mtools")?;
     let dir = tempfile::tempdir().map_err(io("cannot create a temporary directory"))?;
@@ -137,7 +137,7 @@ pub fn write_disk(config: &ApplianceConfig, out: &Path) -> Result<(), CliError> 
     write_private(out, &bytes)
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     use std::os::unix::fs::OpenOptionsExt;
     let _ = std::fs::remove_file(path);
     let mut f = std::fs::OpenOptions::new()

@@ -2,25 +2,30 @@
 //! (no `-kernel`), with its config disk, user-mode networking, and the serial console on a socket
 //! that vmgrid logs (and, with `--console`, joins to stdin and stdout).
 //!
-//! QEMU runs in its own session (a terminal's Ctrl-C reaches vmgrid, not QEMU) and dies with
-//! vmgrid (PR_SET_PDEATHSIG). SIGTERM, SIGINT or SIGHUP to vmgrid become an ACPI power-button
-//! press (QMP `system_powerdown`): the appliance drains, deregisters and powers off. If it has not
-//! within the drain time and a margin, QEMU is told to quit, then killed.
+//! QEMU is started as job VMs are (`vmgrid_runtime::qemu::Launcher`: under its seccomp sandbox,
+//! dropping root when vmgrid is root, in a PID namespace that dies with vmgrid) and supervised by
+//! the runtime's `Supervised`, in its own session (a terminal's Ctrl-C reaches vmgrid, not QEMU).
+//! SIGTERM, SIGINT or SIGHUP to vmgrid become an ACPI power-button press (QMP
+//! `system_powerdown`): the appliance drains, deregisters and powers off. If it has not within the
+//! drain time and a margin, QEMU is told to quit, then killed.
 
+use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use vmgrid_runtime::qemu::{Accel, qmp::Qmp};
+use vmgrid_runtime::capture::CaptureSink;
+use vmgrid_runtime::process::{Supervised, Waited};
+use vmgrid_runtime::qemu::launch::opt_path;
+use vmgrid_runtime::qemu::{Accel, Launcher, qmp::Qmp};
 
-use super::config::{self, ApplianceConfig};
-use super::{MARKER, tools};
-use crate::CliError;
+use crate::Error;
+use crate::config::{self, ApplianceConfig};
+use crate::{MARKER, tools};
 
 pub struct StartOptions {
     pub config: ApplianceConfig,
@@ -37,9 +42,9 @@ const PRESS_AGAIN: Duration = Duration::from_secs(5);
 /// Beyond the drain time, how long the appliance gets to deregister and power off.
 const POWER_OFF_MARGIN: Duration = Duration::from_secs(30);
 
-pub fn start(opts: StartOptions) -> Result<i32, CliError> {
+pub fn start(opts: StartOptions) -> Result<i32, Error> {
     let name = opts.config.name.clone().expect("start always names the appliance");
-    let qemu = vmgrid_runtime::qemu::find_qemu()?;
+    let launcher = Launcher::new()?;
     std::fs::create_dir_all(&opts.state_dir)
         .map_err(tools::io(format!("cannot create {}", opts.state_dir.display())))?;
     // Sockets need short paths (108 bytes), so the scratch directory is in /tmp.
@@ -47,64 +52,26 @@ pub fn start(opts: StartOptions) -> Result<i32, CliError> {
         .prefix("vmgrid-appliance-")
         .tempdir()
         .map_err(tools::io("cannot create a scratch directory"))?;
-    let image = std::fs::canonicalize(&opts.image).map_err(|e| {
-        CliError::BadInput(format!("the appliance image `{}` cannot be read: {e}", opts.image.display()))
-    })?;
-    let format = tools::image_format(&image)?;
-    let overlay = scratch.path().join("overlay.qcow2");
-    tools::run(
-        Command::new(tools::find("qemu-img", "qemu-utils")?)
-            .args(["create", "-q", "-f", "qcow2", "-F", &format, "-b"])
-            .arg(&image)
-            .arg(&overlay),
-    )?;
+    let image = std::fs::canonicalize(&opts.image)
+        .map_err(|e| Error::BadInput(format!("the appliance image `{}` cannot be read: {e}", opts.image.display())))?;
+    let overlay = vmgrid_runtime::qemu::image::overlay(&image, scratch.path())?;
     let config_disk = opts.state_dir.join("config.img");
     config::write_disk(&opts.config, &config_disk)?;
-    let accel = vmgrid_runtime::qemu::accel::choose(&qemu, &vmgrid_runtime::RuntimeConfig::default_cache_dir());
-    let console_sock = scratch.path().join("console.sock");
-    let qmp_sock = scratch.path().join("qmp.sock");
-    let log_path = opts.state_dir.join("console.log");
-
-    let mut cmd = Command::new(&qemu);
-    cmd.args(["-name", &format!("vmgrid-appliance-{name}")])
-        .args(["-machine", "pc", "-accel", accel.as_str()])
-        .args(["-cpu", if accel == Accel::Kvm { "host" } else { "max" }])
-        .args(["-m", &opts.memory_mb.to_string(), "-smp", &opts.cpus.to_string()])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-        .args(["-chardev", &format!("socket,id=console,path={},server=on,wait=off", opt_path(&console_sock))])
-        .args(["-serial", "chardev:console"])
-        .args(["-qmp", &format!("unix:{},server=on,wait=off", opt_path(&qmp_sock))])
-        .args(["-drive", &format!("file={},format=qcow2,if=none,id=boot", opt_path(&overlay))])
-        .args(["-device", "virtio-blk-pci,drive=boot,bootindex=0"])
-        .args(["-drive", &format!("file={},format=raw,if=none,id=config,readonly=on", opt_path(&config_disk))])
-        .args(["-device", "virtio-blk-pci,drive=config"])
-        .args(["-netdev", "user,id=net0"])
-        .args(["-device", &format!("virtio-net-pci,netdev=net0,mac={}", random_mac())]);
-    // QEMU runs under its seccomp sandbox as the user who started it. It does not drop to
-    // `nobody` with -runas as job VMs do: a uid change clears PR_SET_PDEATHSIG, and then a killed
-    // vmgrid would leave the appliance running in the pool.
-    cmd.args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-    // SAFETY: the closure runs in the forked child before exec and calls only prctl, getppid and
-    // setsid, all async-signal-safe; it touches no memory shared with the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() == 1 {
-                return Err(std::io::Error::other("vmgrid exited before QEMU started"));
-            }
-            libc::setsid();
-            Ok(())
-        });
-    }
+    let accel =
+        vmgrid_runtime::qemu::accel::choose(&launcher.qemu, &vmgrid_runtime::RuntimeConfig::default_cache_dir());
+    let paths = Paths {
+        overlay,
+        config_disk,
+        console: scratch.path().join("console.sock"),
+        qmp: scratch.path().join("qmp.sock"),
+        log: opts.state_dir.join("console.log"),
+    };
+    let args = qemu_args(&launcher, &name, &opts, accel, &paths, &random_mac());
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP] {
         signal_hook::flag::register(sig, stop.clone())
-            .map_err(|e| CliError::Failed(format!("cannot handle signals: {e}")))?;
+            .map_err(|e| Error::Failed(format!("cannot handle signals: {e}")))?;
     }
-
     eprintln!(
         "vmgrid: booting appliance {name} ({} MiB, {} cpu(s), {}) from {} for the pool at {}",
         opts.memory_mb,
@@ -113,59 +80,32 @@ pub fn start(opts: StartOptions) -> Result<i32, CliError> {
         image.display(),
         opts.config.pool
     );
-    let log = std::fs::File::create(&log_path).map_err(tools::io(format!("cannot create {}", log_path.display())))?;
+    let log = std::fs::File::create(&paths.log).map_err(tools::io(format!("cannot create {}", paths.log.display())))?;
     let started = Instant::now();
-    let mut child = cmd.spawn().map_err(|e| CliError::Failed(format!("cannot start {}: {e}", qemu.display())))?;
-    let stderr = collect(child.stderr.take().expect("stderr was piped"));
+    let stderr = CaptureSink::bounded(64 << 10);
+    // QEMU runs in its own session (a terminal's Ctrl-C reaches vmgrid, not QEMU) and dies with
+    // vmgrid; as root it drops to an unprivileged user in a PID namespace of its own.
+    let mut vm =
+        Supervised::spawn_with(&mut launcher.command(&args), CaptureSink::bounded(64 << 10), stderr.clone(), true)
+            .map_err(|e| Error::Failed(format!("cannot start {}: {e}", launcher.qemu.display())))?;
     let (tx, markers) = mpsc::channel();
-    let console = match connect_console(&console_sock, &mut child) {
+    let console = match connect_console(&paths.console, &mut vm) {
         Ok(c) => c,
         Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
+            vm.kill_and_reap();
             return Err(qemu_failed(&stderr, &e));
         }
     };
     let _terminal = if opts.console { Some(attach_stdin(&console)?) } else { None };
     pump_console(console, log, opts.console, tx);
     if !opts.console {
-        eprintln!("vmgrid: the console is logged to {} (`--console` shows it here)", log_path.display());
+        eprintln!("vmgrid: the console is logged to {} (`--console` shows it here)", paths.log.display());
     }
-
     let drain = Duration::from_secs(opts.config.drain_timeout_s.unwrap_or(30));
-    let mut powering_off: Option<(Instant, Instant)> = None; // (deadline, last press)
-    let status: ExitStatus = loop {
-        if let Some(st) = child.try_wait().map_err(tools::io("waiting for QEMU"))? {
-            break st;
-        }
-        while let Ok(m) = markers.try_recv() {
-            report(&name, &m, started);
-        }
-        let now = Instant::now();
-        match powering_off {
-            None if stop.load(Ordering::Relaxed) => {
-                eprintln!("vmgrid: powering appliance {name} off: it drains, leaves the pool, then stops");
-                press_power_button(&qmp_sock);
-                powering_off = Some((now + drain + POWER_OFF_MARGIN, now));
-            }
-            Some((deadline, _)) if now >= deadline => {
-                eprintln!(
-                    "vmgrid: appliance {name} did not power off within {} s; stopping it (its jobs go back to the pool when their leases expire)",
-                    (drain + POWER_OFF_MARGIN).as_secs()
-                );
-                quit(&qmp_sock, &mut child);
-                return Ok(1);
-            }
-            Some((deadline, last)) if now - last >= PRESS_AGAIN => {
-                press_power_button(&qmp_sock);
-                powering_off = Some((deadline, now));
-            }
-            _ => {}
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let Some(status) = supervise(&mut vm, &name, &paths.qmp, &stop, &markers, started, drain)? else {
+        return Ok(1);
     };
-    // The console's last words.
-    std::thread::sleep(Duration::from_millis(100));
+    vm.join_readers();
     while let Ok(m) = markers.try_recv() {
         report(&name, &m, started);
     }
@@ -176,9 +116,89 @@ pub fn start(opts: StartOptions) -> Result<i32, CliError> {
     Ok(0)
 }
 
-/// QEMU's option syntax doubles commas inside values.
-fn opt_path(p: &Path) -> String {
-    p.to_string_lossy().replace(',', ",,")
+/// The files and sockets of one appliance VM.
+struct Paths {
+    overlay: PathBuf,
+    config_disk: PathBuf,
+    console: PathBuf,
+    qmp: PathBuf,
+    log: PathBuf,
+}
+
+/// QEMU's arguments for the appliance: BIOS boot from the overlay, the config disk read-only,
+/// user networking with a random MAC, the console and QMP on sockets, the seccomp sandbox.
+fn qemu_args(
+    launcher: &Launcher,
+    name: &str,
+    opts: &StartOptions,
+    accel: Accel,
+    p: &Paths,
+    mac: &str,
+) -> Vec<OsString> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|x| x.to_string()));
+    push(&["-name", &format!("vmgrid-appliance-{}", name.replace(',', ",,"))]);
+    push(&["-machine", "pc", "-accel", accel.as_str()]);
+    push(&["-cpu", if accel == Accel::Kvm { "host" } else { "max" }]);
+    push(&["-m", &opts.memory_mb.to_string(), "-smp", &opts.cpus.to_string()]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+    push(&["-chardev", &format!("socket,id=console,path={},server=on,wait=off", opt_path(&p.console))]);
+    push(&["-serial", "chardev:console"]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", opt_path(&p.qmp))]);
+    push(&["-drive", &format!("file={},format=qcow2,if=none,id=boot", opt_path(&p.overlay))]);
+    push(&["-device", "virtio-blk-pci,drive=boot,bootindex=0"]);
+    push(&["-drive", &format!("file={},format=raw,if=none,id=config,readonly=on", opt_path(&p.config_disk))]);
+    push(&["-device", "virtio-blk-pci,drive=config"]);
+    push(&["-netdev", "user,id=net0"]);
+    push(&["-device", &format!("virtio-net-pci,netdev=net0,mac={mac}")]);
+    a.extend(launcher.sandbox_args());
+    a.extend(launcher.drop_root_args());
+    a.into_iter().map(OsString::from).collect()
+}
+
+/// Waits for QEMU to end, reporting the console's markers; a stop signal presses the power button
+/// (again every few seconds), and an appliance that does not power off in time is stopped.
+/// `None` when it had to be stopped.
+fn supervise(
+    vm: &mut Supervised,
+    name: &str,
+    qmp: &Path,
+    stop: &AtomicBool,
+    markers: &mpsc::Receiver<String>,
+    started: Instant,
+    drain: Duration,
+) -> Result<Option<ExitStatus>, Error> {
+    let mut powering_off: Option<(Instant, Instant)> = None; // (deadline, last press)
+    loop {
+        if let Some(st) = vm.try_wait().map_err(tools::io("waiting for QEMU"))? {
+            return Ok(Some(st));
+        }
+        while let Ok(m) = markers.try_recv() {
+            report(name, &m, started);
+        }
+        let now = Instant::now();
+        match powering_off {
+            None if stop.load(Ordering::Relaxed) => {
+                eprintln!("vmgrid: powering appliance {name} off: it drains, leaves the pool, then stops");
+                press_power_button(qmp);
+                powering_off = Some((now + drain + POWER_OFF_MARGIN, now));
+            }
+            Some((deadline, _)) if now >= deadline => {
+                eprintln!(
+                    "vmgrid: appliance {name} did not power off within {} s; stopping it (its jobs go back to the pool when their leases expire)",
+                    (drain + POWER_OFF_MARGIN).as_secs()
+                );
+                quit(qmp, vm);
+                return Ok(None);
+            }
+            Some((deadline, last)) if now - last >= PRESS_AGAIN => {
+                press_power_button(qmp);
+                powering_off = Some((deadline, now));
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A locally administered unicast MAC in QEMU's 52:54:00 range, random so that appliances on one
@@ -196,37 +216,20 @@ fn report(name: &str, marker: &str, started: Instant) {
     }
 }
 
-fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let b = buf.clone();
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = from.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            let mut b = b.lock().unwrap();
-            if b.len() < 64 << 10 {
-                b.extend_from_slice(&chunk[..n]);
-            }
-        }
-    });
-    buf
+/// QEMU's own words on stderr, once it has ended (its stderr then closes), or `fallback`.
+fn qemu_failed(stderr: &CaptureSink, fallback: &str) -> Error {
+    let msg = String::from_utf8_lossy(&stderr.snapshot().bytes).trim().to_string();
+    Error::Failed(format!("QEMU failed: {}", if msg.is_empty() { fallback } else { &msg }))
 }
 
-fn qemu_failed(stderr: &Mutex<Vec<u8>>, fallback: &str) -> CliError {
-    std::thread::sleep(Duration::from_millis(100));
-    let msg = String::from_utf8_lossy(&stderr.lock().unwrap()).trim().to_string();
-    CliError::Failed(format!("QEMU failed: {}", if msg.is_empty() { fallback } else { &msg }))
-}
-
-fn connect_console(path: &Path, child: &mut Child) -> Result<UnixStream, String> {
+fn connect_console(path: &Path, vm: &mut Supervised) -> Result<UnixStream, String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match UnixStream::connect(path) {
             Ok(s) => return Ok(s),
             Err(e) => {
-                if let Ok(Some(st)) = child.try_wait() {
+                if let Ok(Some(st)) = vm.try_wait() {
+                    vm.join_readers();
                     return Err(format!("QEMU exited with {st} before it opened the console"));
                 }
                 if Instant::now() >= deadline {
@@ -272,7 +275,7 @@ fn pump_console(mut from: UnixStream, mut log: std::fs::File, echo: bool, marker
 
 /// Forwards stdin to the console. On a terminal, keystrokes go through one by one and the
 /// appliance echoes them; Ctrl-C still signals vmgrid (and so powers the appliance off).
-fn attach_stdin(console: &UnixStream) -> Result<Terminal, CliError> {
+fn attach_stdin(console: &UnixStream) -> Result<Terminal, Error> {
     let mut to = console.try_clone().map_err(tools::io("cannot share the console"))?;
     let terminal = Terminal::raw();
     std::thread::spawn(move || {
@@ -332,15 +335,10 @@ fn press_power_button(qmp: &Path) {
 }
 
 /// Asks QEMU to quit, then kills it if it has not within a few seconds.
-fn quit(qmp: &Path, child: &mut Child) {
+fn quit(qmp: &Path, vm: &mut Supervised) {
     let asked = Qmp::connect(qmp, Duration::from_secs(1)).and_then(|mut q| q.execute("quit", serde_json::json!({})));
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while asked.is_ok() && Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if asked.is_ok() && matches!(vm.wait_until(Instant::now() + Duration::from_secs(3)), Ok(Waited::Exited(_))) {
+        return;
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    vm.kill_and_reap();
 }

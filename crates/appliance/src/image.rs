@@ -21,13 +21,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::UNIX_EPOCH;
 
-use super::cpio::Tree;
-use super::tools::{self, io};
-use crate::CliError;
+use crate::Error;
+use crate::cpio::Tree;
+use crate::tools::{self, io};
 
-const INIT: &str = include_str!("../../../../appliance/init");
-const UDHCPC_SCRIPT: &str = include_str!("../../../../appliance/udhcpc.script");
-const POWER_BUTTON: &str = include_str!("../../../../appliance/power-button");
+const INIT: &str = include_str!("../../../appliance/init");
+const UDHCPC_SCRIPT: &str = include_str!("../../../appliance/udhcpc.script");
+const POWER_BUTTON: &str = include_str!("../../../appliance/power-button");
 
 /// The file name of the image, without its extension.
 pub const IMAGE_NAME: &str = "vmgrid-appliance";
@@ -87,16 +87,16 @@ impl Format {
     }
 
     /// Parses `raw,qcow2,vmdk,vdi` (any subset, any order).
-    pub fn parse_list(list: &str) -> Result<Vec<Format>, CliError> {
+    pub fn parse_list(list: &str) -> Result<Vec<Format>, Error> {
         let mut out = BTreeSet::new();
         for f in list.split(',').map(str::trim).filter(|f| !f.is_empty()) {
             let format = Format::ALL.into_iter().find(|x| x.name() == f).ok_or_else(|| {
-                CliError::BadInput(format!("unknown image format `{f}`: choose from raw, qcow2, vmdk, vdi"))
+                Error::BadInput(format!("unknown image format `{f}`: choose from raw, qcow2, vmdk, vdi"))
             })?;
             out.insert(format);
         }
         if out.is_empty() {
-            return Err(CliError::BadInput("--format needs at least one of raw, qcow2, vmdk, vdi".into()));
+            return Err(Error::BadInput("--format needs at least one of raw, qcow2, vmdk, vdi".into()));
         }
         Ok(out.into_iter().collect())
     }
@@ -114,7 +114,7 @@ fn step(quiet: bool, msg: impl std::fmt::Display) {
 }
 
 /// Builds the image in `out` in each of `formats`; returns the files written.
-pub fn build(out: &Path, formats: &[Format], quiet: bool) -> Result<Vec<(Format, PathBuf)>, CliError> {
+pub fn build(out: &Path, formats: &[Format], quiet: bool) -> Result<Vec<(Format, PathBuf)>, Error> {
     // Every tool is looked up first, so a missing one is reported before any work is done.
     let mkfs = tools::find("mkfs.fat", "dosfstools")?;
     let mcopy = tools::find("mcopy", "mtools")?;
@@ -145,6 +145,25 @@ pub fn build(out: &Path, formats: &[Format], quiet: bool) -> Result<Vec<(Format,
     step(quiet, "boot partition: FAT16 with syslinux, the kernel and the initramfs");
     let vmlinuz = work.join("vmlinuz");
     std::fs::copy(&kernel.image, &vmlinuz).map_err(io(format!("cannot copy {}", kernel.image.display())))?;
+    let (fat, part_mib) = boot_partition(work, &mkfs, &syslinux, &mcopy, &vmlinuz, &initrd)?;
+
+    step(quiet, "disk: MBR, syslinux boot code, one active partition");
+    let raw = work.join("disk.img");
+    write_disk(&raw, &mbr, &fat, part_mib << 20)?;
+    let _ = std::fs::remove_file(&fat);
+    convert(quiet, out, work, &raw, formats, qemu_img.as_deref())
+}
+
+/// The FAT16 boot partition as an image file: syslinux's boot code, its config, the kernel and
+/// the initramfs, with fixed file times. Returns the file and its size in MiB.
+fn boot_partition(
+    work: &Path,
+    mkfs: &Path,
+    syslinux: &Path,
+    mcopy: &Path,
+    vmlinuz: &Path,
+    initrd: &Path,
+) -> Result<(PathBuf, u64), Error> {
     let cfg = work.join("syslinux.cfg");
     std::fs::write(&cfg, SYSLINUX_CFG).map_err(io("cannot write syslinux.cfg"))?;
     let payload: u64 = [&vmlinuz, &initrd]
@@ -157,35 +176,41 @@ pub fn build(out: &Path, formats: &[Format], quiet: bool) -> Result<Vec<(Format,
     let part_mib = part_mib.max(16);
     let fat = work.join("boot.fat");
     tools::run(
-        Command::new(&mkfs)
+        Command::new(mkfs)
             .args(["-C", "-F", "16", "-n", "VMGRID", "-i", "766d6772", "--invariant", "-h"])
             .arg(PART_START.to_string())
             .arg(&fat)
             .arg((part_mib * 1024).to_string()),
     )?;
     // syslinux installs through mtools, which dates the files SOURCE_DATE_EPOCH when it is set.
-    tools::run(Command::new(&syslinux).env("SOURCE_DATE_EPOCH", FIXED_MTIME.to_string()).arg("--install").arg(&fat))?;
-    for p in [&vmlinuz, &initrd, &cfg] {
+    tools::run(Command::new(syslinux).env("SOURCE_DATE_EPOCH", FIXED_MTIME.to_string()).arg("--install").arg(&fat))?;
+    for p in [vmlinuz, initrd, &cfg] {
         let f = std::fs::File::options().write(true).open(p).map_err(io(format!("cannot open {}", p.display())))?;
         f.set_modified(UNIX_EPOCH + std::time::Duration::from_secs(FIXED_MTIME))
             .map_err(io(format!("cannot set the time of {}", p.display())))?;
     }
     tools::run(
-        Command::new(&mcopy)
+        Command::new(mcopy)
             .env("MTOOLS_SKIP_CHECK", "1")
             .env("SOURCE_DATE_EPOCH", FIXED_MTIME.to_string())
             .arg("-i")
             .arg(&fat)
             .args(["-m", "-o"])
-            .args([&vmlinuz, &initrd, &cfg])
+            .args([vmlinuz, initrd, cfg.as_path()])
             .arg("::/"),
     )?;
+    Ok((fat, part_mib))
+}
 
-    step(quiet, "disk: MBR, syslinux boot code, one active partition");
-    let raw = work.join("disk.img");
-    write_disk(&raw, &mbr, &fat, part_mib << 20)?;
-    let _ = std::fs::remove_file(&fat);
-
+/// The raw disk converted to each format asked for, moved into `out`.
+fn convert(
+    quiet: bool,
+    out: &Path,
+    work: &Path,
+    raw: &Path,
+    formats: &[Format],
+    qemu_img: Option<&Path>,
+) -> Result<Vec<(Format, PathBuf)>, Error> {
     let mut written = Vec::new();
     for &format in formats {
         let dest = image_path(out, format);
@@ -194,19 +219,19 @@ pub fn build(out: &Path, formats: &[Format], quiet: bool) -> Result<Vec<(Format,
         }
         step(quiet, format!("converting to {} -> {}", format.name(), dest.display()));
         let tmp = work.join(format!("disk.{}", format.extension()));
-        let mut cmd = Command::new(qemu_img.as_ref().expect("found when a format needs it"));
+        let mut cmd = Command::new(qemu_img.expect("found when a format needs it"));
         cmd.args(["convert", "-q", "-f", "raw", "-O", format.name()]);
         if format == Format::Vmdk {
             // One sparse file, which VMware Workstation and VirtualBox both open.
             cmd.args(["-o", "subformat=monolithicSparse"]);
         }
-        tools::run(cmd.arg(&raw).arg(&tmp))?;
+        tools::run(cmd.arg(raw).arg(&tmp))?;
         std::fs::rename(&tmp, &dest).map_err(io(format!("cannot write {}", dest.display())))?;
         written.push((format, dest));
     }
     if formats.contains(&Format::Raw) {
         let dest = image_path(out, Format::Raw);
-        std::fs::rename(&raw, &dest).map_err(io(format!("cannot write {}", dest.display())))?;
+        std::fs::rename(raw, &dest).map_err(io(format!("cannot write {}", dest.display())))?;
         written.insert(0, (Format::Raw, dest));
     }
     Ok(written)
@@ -224,13 +249,13 @@ LABEL vmgrid
   APPEND console=tty0 console=ttyS0,115200 quiet loglevel=3 panic=10
 ";
 
-fn mbr_bin() -> Result<PathBuf, CliError> {
+fn mbr_bin() -> Result<PathBuf, Error> {
     ["/usr/lib/syslinux/mbr/mbr.bin", "/usr/share/syslinux/mbr.bin", "/usr/lib/syslinux/bios/mbr.bin"]
         .into_iter()
         .map(PathBuf::from)
         .find(|p| p.is_file())
         .ok_or_else(|| {
-            CliError::Failed(
+            Error::Failed(
                 "syslinux's mbr.bin was not found; install it (Debian: `apt-get install syslinux-common`)".into(),
             )
         })
@@ -244,7 +269,7 @@ struct Kernel {
 
 impl Kernel {
     /// The newest kernel in /boot whose modules are installed, as guest-kit/build.sh picks it.
-    fn find() -> Result<Kernel, CliError> {
+    fn find() -> Result<Kernel, Error> {
         let mut versions: Vec<String> = std::fs::read_dir("/boot")
             .map(|d| {
                 d.filter_map(|e| e.ok())
@@ -262,7 +287,7 @@ impl Kernel {
             })
             .find(|k| k.modules.join("modules.dep").is_file())
             .ok_or_else(|| {
-                CliError::Failed(
+                Error::Failed(
                     "no Linux kernel with its modules in /boot; install one (Debian: `apt-get install linux-image-amd64`)"
                         .into(),
                 )
@@ -280,11 +305,11 @@ fn version_key(v: &str) -> Vec<(u64, String)> {
         .collect()
 }
 
-fn find_busybox() -> Result<PathBuf, CliError> {
+fn find_busybox() -> Result<PathBuf, Error> {
     let bb = tools::find("busybox", "busybox-static")?;
     let bytes = std::fs::read(&bb).map_err(io(format!("cannot read {}", bb.display())))?;
     if has_interpreter(&bytes) {
-        return Err(CliError::Failed(format!(
+        return Err(Error::Failed(format!(
             "{} is linked dynamically; the appliance needs a static busybox (Debian: `apt-get install busybox-static`)",
             bb.display()
         )));
@@ -307,7 +332,7 @@ fn has_interpreter(elf: &[u8]) -> bool {
 }
 
 /// busybox and its applets, the init, and the few files under /etc a small Linux wants.
-fn add_base(tree: &mut Tree, busybox: &Path) -> Result<(), CliError> {
+fn add_base(tree: &mut Tree, busybox: &Path) -> Result<(), Error> {
     for d in ["dev", "proc", "sys", "tmp", "run", "root", "mnt/config", "var/lib/vmgrid", "var/log", "etc/vmgrid"] {
         tree.dir(d);
     }
@@ -336,7 +361,7 @@ fn add_base(tree: &mut Tree, busybox: &Path) -> Result<(), CliError> {
 }
 
 /// The wanted modules and their dependencies, uncompressed, with a matching modules.dep.
-fn add_modules(tree: &mut Tree, kernel: &Kernel) -> Result<(), CliError> {
+fn add_modules(tree: &mut Tree, kernel: &Kernel) -> Result<(), Error> {
     let dep_path = kernel.modules.join("modules.dep");
     let dep_text = std::fs::read_to_string(&dep_path).map_err(io(format!("cannot read {}", dep_path.display())))?;
     let builtin = std::fs::read_to_string(kernel.modules.join("modules.builtin")).unwrap_or_default();
@@ -359,7 +384,7 @@ fn add_modules(tree: &mut Tree, kernel: &Kernel) -> Result<(), CliError> {
             continue;
         }
         let (path, d) = deps.get(&m).cloned().ok_or_else(|| {
-            CliError::Failed(format!(
+            Error::Failed(format!(
                 "the kernel {} has no module `{m}`; the appliance needs it (is linux-image-amd64 installed?)",
                 kernel.version
             ))
@@ -391,7 +416,7 @@ fn add_modules(tree: &mut Tree, kernel: &Kernel) -> Result<(), CliError> {
 }
 
 /// This vmgrid binary, stripped, and the shared libraries `ldd` says it needs.
-fn add_vmgrid(tree: &mut Tree, exe: &Path, work: &Path) -> Result<(), CliError> {
+fn add_vmgrid(tree: &mut Tree, exe: &Path, work: &Path) -> Result<(), Error> {
     let stripped = work.join("vmgrid");
     match tools::find("strip", "binutils") {
         Ok(strip) => {
@@ -411,7 +436,7 @@ fn add_vmgrid(tree: &mut Tree, exe: &Path, work: &Path) -> Result<(), CliError> 
 }
 
 /// The absolute paths of the libraries and loader that `ldd` lists for `exe`.
-fn shared_libraries(exe: &Path) -> Result<Vec<PathBuf>, CliError> {
+fn shared_libraries(exe: &Path) -> Result<Vec<PathBuf>, Error> {
     let ldd = tools::find("ldd", "libc-bin")?;
     let out = Command::new(&ldd).arg(exe).output().map_err(io("cannot run ldd"))?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -419,7 +444,7 @@ fn shared_libraries(exe: &Path) -> Result<Vec<PathBuf>, CliError> {
         if text.contains("not a dynamic executable") || String::from_utf8_lossy(&out.stderr).contains("not a dynamic") {
             return Ok(Vec::new());
         }
-        return Err(CliError::Failed(format!(
+        return Err(Error::Failed(format!(
             "ldd {} failed: {}",
             exe.display(),
             String::from_utf8_lossy(&out.stderr).trim()
@@ -443,7 +468,7 @@ fn parse_ldd(text: &str) -> Vec<PathBuf> {
     libs
 }
 
-fn write_initrd(tree: &Tree, gzip: &Path, dest: &Path) -> Result<(), CliError> {
+fn write_initrd(tree: &Tree, gzip: &Path, dest: &Path) -> Result<(), Error> {
     let file = std::fs::File::create(dest).map_err(io(format!("cannot create {}", dest.display())))?;
     let mut child = Command::new(gzip)
         .arg("-9n")
@@ -457,7 +482,7 @@ fn write_initrd(tree: &Tree, gzip: &Path, dest: &Path) -> Result<(), CliError> {
     let out = child.wait_with_output().map_err(io("waiting for gzip"))?;
     written.map_err(io("cannot write the initramfs"))?;
     if !out.status.success() {
-        return Err(CliError::Failed(format!("gzip failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(Error::Failed(format!("gzip failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
     }
     Ok(())
 }
@@ -493,7 +518,7 @@ fn chs(lba: u64) -> [u8; 3] {
     [h as u8, (s as u8) | (((c >> 2) & 0xc0) as u8), (c & 0xff) as u8]
 }
 
-fn write_disk(dest: &Path, mbr: &Path, fat: &Path, part_bytes: u64) -> Result<(), CliError> {
+fn write_disk(dest: &Path, mbr: &Path, fat: &Path, part_bytes: u64) -> Result<(), Error> {
     let code = std::fs::read(mbr).map_err(io(format!("cannot read {}", mbr.display())))?;
     let mut out = BufWriter::new(std::fs::File::create(dest).map_err(io(format!("cannot create {}", dest.display())))?);
     let header = {
@@ -505,7 +530,7 @@ fn write_disk(dest: &Path, mbr: &Path, fat: &Path, part_bytes: u64) -> Result<()
     let mut f = std::fs::File::open(fat).map_err(io("cannot read the boot partition"))?;
     let copied = std::io::copy(&mut f, &mut out).map_err(io("cannot write the disk"))?;
     if copied != part_bytes {
-        return Err(CliError::Failed(format!(
+        return Err(Error::Failed(format!(
             "mkfs.fat made a {copied}-byte partition, not the {part_bytes} bytes asked for"
         )));
     }
@@ -520,9 +545,7 @@ mod tests {
     #[test]
     fn formats_parse_and_reject_unknown_names() {
         assert_eq!(Format::parse_list("vdi,raw").unwrap(), vec![Format::Raw, Format::Vdi]);
-        assert!(
-            matches!(Format::parse_list("qcow3"), Err(CliError::BadInput(m)) if m.contains("raw, qcow2, vmdk, vdi"))
-        );
+        assert!(matches!(Format::parse_list("qcow3"), Err(Error::BadInput(m)) if m.contains("raw, qcow2, vmdk, vdi")));
         assert!(Format::parse_list(",").is_err());
     }
 

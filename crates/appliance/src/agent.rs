@@ -9,21 +9,18 @@ use std::time::Duration;
 
 use vmgrid_node::NodeConfig;
 
-use super::config::ApplianceConfig;
-use super::{MARKER, tools};
-use crate::CliError;
+use crate::Error;
+use crate::config::ApplianceConfig;
+use crate::{MARKER, tools};
 
-#[derive(clap::Args, Debug, Clone)]
-pub struct AgentArgs {
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
     /// The configuration (the config disk's vmgrid.toml, copied by the init).
-    #[arg(long, value_name = "FILE")]
-    config: PathBuf,
+    pub config: PathBuf,
     /// Where the node keeps its cache and credential (in the appliance's memory).
-    #[arg(long, value_name = "DIR")]
-    state_dir: PathBuf,
-    /// Where to write the console CLI's client.toml (default: next to --config).
-    #[arg(long, value_name = "FILE")]
-    client_config: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    /// Where to write the console CLI's client.toml (default: next to `config`).
+    pub client_config: Option<PathBuf>,
 }
 
 fn say(msg: impl std::fmt::Display) {
@@ -31,7 +28,7 @@ fn say(msg: impl std::fmt::Display) {
 }
 
 /// Runs the agent; a failure is also said on the console in the form `appliance start` reports.
-pub fn run(args: AgentArgs) -> Result<i32, CliError> {
+pub fn run(args: AgentOptions) -> Result<i32, Error> {
     match serve(args) {
         Ok(code) => Ok(code),
         Err(e) => {
@@ -41,11 +38,11 @@ pub fn run(args: AgentArgs) -> Result<i32, CliError> {
     }
 }
 
-fn serve(args: AgentArgs) -> Result<i32, CliError> {
+fn serve(args: AgentOptions) -> Result<i32, Error> {
     let text = std::fs::read_to_string(&args.config)
-        .map_err(|e| CliError::BadInput(format!("cannot read {}: {e}", args.config.display())))?;
+        .map_err(|e| Error::BadInput(format!("cannot read {}: {e}", args.config.display())))?;
     let config = ApplianceConfig::parse(&text).map_err(|e| {
-        CliError::BadInput(format!(
+        Error::BadInput(format!(
             "the appliance configuration is invalid: {e}; write a new config disk with `vmgrid appliance config`"
         ))
     })?;
@@ -79,7 +76,7 @@ fn serve(args: AgentArgs) -> Result<i32, CliError> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone())
-            .map_err(|e| CliError::Failed(format!("cannot handle signals: {e}")))?;
+            .map_err(|e| Error::Failed(format!("cannot handle signals: {e}")))?;
     }
     say(format!("joining {} as {name}", config.pool));
     let agent = {
@@ -107,8 +104,8 @@ fn serve(args: AgentArgs) -> Result<i32, CliError> {
             say(format!("left the pool as {name}"));
             Ok(0)
         }
-        Ok(Err(e)) => Err(CliError::Failed(format!("the node agent failed: {e}"))),
-        Err(_) => Err(CliError::Failed("the node agent crashed".into())),
+        Ok(Err(e)) => Err(Error::Failed(format!("the node agent failed: {e}"))),
+        Err(_) => Err(Error::Failed("the node agent crashed".into())),
     }
 }
 
@@ -127,7 +124,7 @@ fn memory_mb() -> u64 {
 
 /// The console's CLI finds the pool here (the init points VMGRID_CONFIG at it); with no user
 /// token it knows the pool but says a token is missing.
-fn write_client_config(path: &Path, config: &ApplianceConfig) -> Result<(), CliError> {
+fn write_client_config(path: &Path, config: &ApplianceConfig) -> Result<(), Error> {
     #[derive(serde::Serialize)]
     struct ClientToml<'a> {
         pool: &'a str,

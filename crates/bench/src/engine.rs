@@ -1,0 +1,83 @@
+//! The coordinator's engine figures: the pure matchmaker with 1M jobs and 10k nodes, and the
+//! coordinator's memory with 1M jobs queued.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use vmgrid_client::Client;
+use vmgrid_proto::*;
+
+use crate::pool::{client_of, trivial_spec, vmgrid_bin};
+
+pub fn scheduler_engine() -> (f64, usize) {
+    use vmgrid_scheduler::*;
+    let nodes: Vec<NodeSlot> = (0..10_000)
+        .map(|i| NodeSlot {
+            ad: NodeAd {
+                name: format!("n{i:05}"),
+                arch: "x86_64".into(),
+                os: "linux".into(),
+                cpus: 128,
+                memory_mb: 1 << 20,
+                disk_mb: 1 << 20,
+                vm_types: vec![VmType::Wasm, VmType::Qemu],
+                accelerators: vec!["tcg".into()],
+                labels: BTreeMap::from([("rack".to_string(), (i % 40).to_string())]),
+                appliance: i % 10 == 0,
+            },
+            free_cpus: 128,
+            free_memory_mb: 1 << 20,
+            running_jobs: 0,
+        })
+        .collect();
+    let clusters: std::collections::HashMap<u64, Cluster> = (0..100)
+        .map(|k| {
+            let req = format!(
+                "node.memory_mb >= {} && \"wasm\" in node.vm_types && node.labels.rack != \"{}\"",
+                512 * (k % 4 + 1),
+                k % 40
+            );
+            (k, Cluster::compile(VmType::Wasm, 1, 64, Some(&req), Some("node.free_cpus")).unwrap())
+        })
+        .collect();
+    let jobs: Vec<IdleJob> = (0..1_000_000u64).map(|id| IdleJob { id, cluster: id % 100 }).collect();
+    let mut slots = nodes.clone();
+    let start = Instant::now();
+    let d = place(&mut slots, &clusters, &jobs);
+    let secs = start.elapsed().as_secs_f64();
+    (d.placements.len() as f64 / secs, d.placements.len())
+}
+
+/// A `vmgrid coordinator` on a free loopback port with its data in `dir`, and an admin client.
+pub fn coordinator(root: &Path, dir: &Path) -> Result<(Child, Client), String> {
+    let child = Command::new(vmgrid_bin(root))
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the coordinator: {e}"))?;
+    Ok((child, client_of(dir)))
+}
+
+pub fn coordinator_rss(root: &Path) -> Result<(f64, f64), String> {
+    let dir = std::env::temp_dir().join(format!("vmgrid-bench-rss-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (mut child, client) = coordinator(root, &dir)?;
+    let spec = trivial_spec(&client, root);
+    let start = Instant::now();
+    let r = client.submit(&SubmitRequest { spec, count: 1_000_000 });
+    let submit_s = start.elapsed().as_secs_f64();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let rss_kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    r.map_err(|e| e.to_string())?;
+    Ok((rss_kb / 1024.0, submit_s))
+}

@@ -1,0 +1,164 @@
+//! The pool figures: a `vmgrid up` pool, trivial-job throughput and latency through it, and the
+//! same sweep as a Slurm job array on the single-node Slurm of `../shared/peers`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmgrid_client::Client;
+use vmgrid_proto::*;
+
+pub fn vmgrid_bin(root: &Path) -> PathBuf {
+    root.join("target/release/vmgrid")
+}
+
+pub fn guest(root: &Path, name: &str) -> PathBuf {
+    root.join(format!("guests/target/wasm32-wasip1/release/{name}.wasm"))
+}
+
+/// A `vmgrid up` pool in a temporary directory, stopped on drop.
+pub struct Pool {
+    child: Child,
+    pub client: Client,
+    _dir: PathBuf,
+}
+
+impl Pool {
+    pub fn up(root: &Path, nodes: u32) -> Pool {
+        let dir = std::env::temp_dir().join(format!("vmgrid-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let child = Command::new(vmgrid_bin(root))
+            .args(["up", "--nodes", &nodes.to_string(), "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&dir)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start vmgrid up");
+        let client = client_of(&dir);
+        while client.nodes().map(|n| n.len() as u32).unwrap_or(0) < nodes {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Pool { child, client, _dir: dir }
+    }
+
+    fn completed(&self) -> u64 {
+        let m = self.client.metrics().unwrap_or_default();
+        m.lines()
+            .find_map(|l| l.strip_prefix("vmgrid_jobs{state=\"completed\"} "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// A client for the pool whose data dir is `dir`, once its client.toml appears.
+pub fn client_of(dir: &Path) -> Client {
+    let config = dir.join("client.toml");
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&config) {
+            let get = |k: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{k} = \"")))
+                    .map(|v| v.trim_end_matches('"').to_string())
+            };
+            if let (Some(p), Some(t)) = (get("pool"), get("token")) {
+                return Client::new(&p, &t);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child, which we have not reaped yet.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+pub fn trivial_spec(client: &Client, root: &Path) -> JobSpec {
+    let image = client.upload_file(&guest(root, "probe"), "probe.wasm").expect("upload the probe guest");
+    JobSpec {
+        name: "trivial".into(),
+        vm_type: VmType::Wasm,
+        image: Some(image),
+        args: vec!["exit:0".into()],
+        env: BTreeMap::new(),
+        kernel: None,
+        initrd: None,
+        append: None,
+        network: Network::None,
+        cpus: 1,
+        memory_mb: 16,
+        timeout_s: 60,
+        disk_mb: 1,
+        inputs: vec![],
+        outputs: vec![],
+        requirements: Some("\"wasm\" in node.vm_types".into()),
+        rank: Some("node.free_cpus".into()),
+        max_retries: 0,
+        ssi: None,
+    }
+}
+
+/// Jobs per second from submit to the last durable result.
+pub fn vmgrid_throughput(pool: &Pool, spec: &JobSpec, n: u64) -> f64 {
+    let before = pool.completed();
+    let start = Instant::now();
+    pool.client.submit(&SubmitRequest { spec: spec.clone(), count: n }).expect("submit the sweep");
+    while pool.completed() < before + n {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+pub fn slurm(root: &Path, sizes: &[u64]) -> Result<BTreeMap<u64, f64>, String> {
+    let peers = root.join("../shared/peers");
+    if !peers.join("slurm-up").exists() {
+        return Err(format!("{} not found", peers.display()));
+    }
+    let up = Command::new("bash").arg(peers.join("slurm-up")).output().map_err(|e| e.to_string())?;
+    if !up.status.success() {
+        return Err(format!("slurm-up failed: {}", String::from_utf8_lossy(&up.stderr).trim()));
+    }
+    let mut out = BTreeMap::new();
+    for &n in sizes {
+        let r = Command::new("bash")
+            .arg(peers.join("slurm-throughput"))
+            .arg(n.to_string())
+            .output()
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&r.stdout);
+        // "slurm: N jobs in X s = Y jobs/s"
+        let rate = text.split('=').nth(1).and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse::<f64>().ok());
+        match rate {
+            Some(r) => {
+                out.insert(n, r);
+            }
+            None => return Err(format!("slurm-throughput printed {text:?} {}", String::from_utf8_lossy(&r.stderr))),
+        }
+    }
+    let _ = Command::new("bash").arg(peers.join("slurm-down")).status();
+    Ok(out)
+}
+
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub fn latency(pool: &Pool, spec: &JobSpec, runs: usize) -> (f64, f64) {
+    let mut ms = Vec::with_capacity(runs);
+    for i in 0..runs + 10 {
+        let start = Instant::now();
+        let ids = pool.client.submit(&SubmitRequest { spec: spec.clone(), count: 1 }).expect("submit").ids;
+        let v = pool.client.wait(ids[0], Duration::from_secs(30)).expect("wait");
+        assert_eq!(v.state, JobState::Completed);
+        if i >= 10 {
+            ms.push(start.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (percentile(&ms, 0.5), percentile(&ms, 0.99))
+}

@@ -1,0 +1,85 @@
+//! `/v1/jobs`: submit, list, one job's results, wait, and rm/hold/release.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State as AxState};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use vmgrid_proto::*;
+
+use super::{Auth, Body, Error, Result, S, user};
+
+pub async fn submit(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Body(req): Body<SubmitRequest>,
+) -> Result<Json<SubmitResponse>> {
+    user(&p, "submit jobs")?;
+    for f in req.spec.image.iter().chain(&req.spec.kernel).chain(&req.spec.initrd).chain(&req.spec.inputs) {
+        if !shared.blobs.has(&f.blob) {
+            return Err(Error(
+                StatusCode::BAD_REQUEST,
+                format!("file `{}` (blob {}) has not been uploaded", f.path, f.blob),
+            ));
+        }
+    }
+    let (ids, pending) = shared.call(|e| e.submit(p.owner(), req.spec, req.count, now_ms()));
+    shared.finish(pending).await;
+    Ok(Json(SubmitResponse { ids: ids? }))
+}
+
+pub async fn list(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<Json<Vec<JobView>>> {
+    user(&p, "list jobs")?;
+    let (jobs, pending) = shared.call(|e| e.job_views(&p));
+    shared.finish(pending).await;
+    Ok(Json(jobs))
+}
+
+pub async fn result(AxState(shared): AxState<S>, Auth(p): Auth, Path(id): Path<u64>) -> Result<Json<JobResult>> {
+    user(&p, "read jobs")?;
+    let (r, pending) = shared.call(|e| e.job_result(&p, id));
+    // Show only what is on disk: wait for any change not yet committed.
+    shared.finish(pending).await;
+    Ok(Json(r?))
+}
+
+#[derive(Deserialize)]
+pub struct WaitQuery {
+    #[serde(default)]
+    timeout_ms: u64,
+}
+
+/// Answers when the job is completed, removed or held, or when the timeout passes.
+pub async fn wait(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Path(id): Path<u64>,
+    Query(q): Query<WaitQuery>,
+) -> Result<Json<JobView>> {
+    user(&p, "wait for jobs")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(q.timeout_ms.min(600_000));
+    loop {
+        let notified = shared.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let (r, pending) = shared.call(|e| e.job_result(&p, id));
+        let job = r?.job;
+        if job.state.is_final() || job.state == JobState::Held || tokio::time::Instant::now() >= deadline {
+            shared.finish(pending).await;
+            return Ok(Json(job));
+        }
+        let _ = tokio::time::timeout_at(deadline, notified).await;
+    }
+}
+
+pub async fn actions(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Body(req): Body<ActionRequest>,
+) -> Result<Json<ActionResponse>> {
+    user(&p, "manage jobs")?;
+    let (resp, pending) = shared.call(|e| e.action(&p, req.action, &req.ids, now_ms()));
+    shared.finish(pending).await;
+    Ok(Json(resp))
+}

@@ -1,0 +1,149 @@
+//! The HTTP API, one module per resource (`jobs`, `nodes`, `blobs`, `tokens`): each handler checks
+//! its caller's role first, makes its change through the engine ([`Shared::call`]), and answers
+//! only once that change is durable ([`Shared::finish`]).
+
+mod blobs;
+mod jobs;
+mod nodes;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, FromRequestParts, State as AxState};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use vmgrid_proto::{Role, TokenRequest, TokenResponse};
+
+use crate::core::Shared;
+use crate::engine::{ApiError, Principal, hash_token};
+use crate::metrics;
+
+type S = Arc<Shared>;
+
+pub fn router(shared: S) -> Router {
+    Router::new()
+        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
+        .route("/v1/jobs/actions", post(jobs::actions))
+        .route("/v1/jobs/{id}", get(jobs::result))
+        .route("/v1/jobs/{id}/wait", get(jobs::wait))
+        .route("/v1/nodes", get(nodes::list))
+        .route("/v1/nodes/register", post(nodes::register))
+        .route("/v1/nodes/lease", post(nodes::lease))
+        .route("/v1/nodes/heartbeat", post(nodes::heartbeat))
+        .route("/v1/nodes/report", post(nodes::report))
+        .route("/v1/nodes/deregister", post(nodes::deregister))
+        .route("/v1/blobs/{hash}", get(blobs::get).head(blobs::head).put(blobs::put))
+        .route("/v1/tokens", post(add_token))
+        .route("/metrics", get(get_metrics))
+        .fallback(|| async { Error(StatusCode::NOT_FOUND, "no such API call; see `vmgrid --help`".into()) })
+        .layer(DefaultBodyLimit::max(64 << 20))
+        .with_state(shared)
+}
+
+/// An error reply: a status and a sentence, as JSON.
+pub struct Error(StatusCode, String);
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        (self.0, Json(vmgrid_proto::ApiError { error: self.1 })).into_response()
+    }
+}
+
+impl From<ApiError> for Error {
+    fn from(e: ApiError) -> Self {
+        let code = match &e {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+        };
+        Error(code, e.to_string())
+    }
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// The caller, from its bearer token. Every call but the fallback needs one.
+pub struct Auth(Principal);
+
+impl FromRequestParts<S> for Auth {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, shared: &S) -> Result<Self> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Error(StatusCode::UNAUTHORIZED, "missing `Authorization: Bearer <token>`".into()))?;
+        let p = shared.peek(|e| e.authenticate(token.trim()).cloned());
+        p.map(Auth).ok_or_else(|| Error(StatusCode::UNAUTHORIZED, "the token is not valid for this pool".into()))
+    }
+}
+
+fn forbidden(p: &Principal, what: &str) -> Error {
+    Error(StatusCode::FORBIDDEN, format!("a {} token cannot {what}", p.role().as_str()))
+}
+
+/// Users and admins.
+fn user(p: &Principal, what: &str) -> Result<()> {
+    match p {
+        Principal::User(_) | Principal::Admin(_) => Ok(()),
+        _ => Err(forbidden(p, what)),
+    }
+}
+
+/// A node's own credential: the node's name.
+fn node(p: &Principal) -> Result<&str> {
+    match p {
+        Principal::Node(n) => Ok(n),
+        _ => Err(forbidden(p, "act as a node; nodes register with the pool token first")),
+    }
+}
+
+/// JSON bodies whose errors are 400s with a sentence.
+pub struct Body<T>(T);
+
+impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = Error;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(e) => Err(Error(StatusCode::BAD_REQUEST, format!("bad request body: {}", e.body_text()))),
+        }
+    }
+}
+
+async fn add_token(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Body(req): Body<TokenRequest>,
+) -> Result<Json<TokenResponse>> {
+    if !matches!(p, Principal::Admin(_)) {
+        return Err(forbidden(&p, "create tokens"));
+    }
+    let owner = req.owner.trim();
+    if owner.is_empty() || owner.len() > 64 || !owner.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)) {
+        return Err(Error(StatusCode::BAD_REQUEST, "an owner is 1 to 64 letters, digits, `-`, `_`, `.` or `@`".into()));
+    }
+    let principal = match req.role {
+        Role::User => Principal::User(owner.into()),
+        Role::Admin => Principal::Admin(owner.into()),
+        Role::Node => Principal::Pool,
+    };
+    let token = crate::new_token();
+    let ((), pending) = shared.call(|e| e.add_token(hash_token(&token), principal));
+    shared.finish(pending).await;
+    Ok(Json(TokenResponse { token }))
+}
+
+async fn get_metrics(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<Response> {
+    if matches!(p, Principal::Pool) {
+        return Err(forbidden(&p, "read metrics"));
+    }
+    let text = shared.peek(metrics::render);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}

@@ -1,0 +1,135 @@
+//! `/v1/nodes`: the node registry and the calls node agents make (register, lease, heartbeat,
+//! report, deregister).
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State as AxState;
+use axum::http::StatusCode;
+use vmgrid_proto::*;
+
+use super::{Auth, Body, Error, Result, S, forbidden, node, user};
+use crate::engine::{Principal, hash_token};
+
+pub async fn list(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<Json<Vec<NodeView>>> {
+    user(&p, "list nodes")?;
+    Ok(Json(shared.peek(|e| e.node_views())))
+}
+
+pub async fn register(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Body(req): Body<RegisterRequest>,
+) -> Result<Json<RegisterResponse>> {
+    if !matches!(p, Principal::Pool | Principal::Admin(_)) {
+        return Err(forbidden(&p, "register nodes; use the pool token"));
+    }
+    let ad = req.ad;
+    if ad.name.is_empty()
+        || ad.name.len() > 128
+        || !ad.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(Error(StatusCode::BAD_REQUEST, "a node name is 1 to 128 letters, digits, `-`, `_` or `.`".into()));
+    }
+    if ad.cpus == 0 || ad.memory_mb == 0 {
+        return Err(Error(StatusCode::BAD_REQUEST, "a node needs at least one cpu and some memory".into()));
+    }
+    let credential = crate::new_token();
+    let admin = matches!(p, Principal::Admin(_));
+    let (r, pending) = shared.call(|e| {
+        e.register(ad, req.previous_credential.as_deref(), admin, hash_token(&credential), now_ms())?;
+        Ok::<_, crate::engine::ApiError>(e.timing())
+    });
+    shared.finish(pending).await;
+    let timing = r?;
+    Ok(Json(RegisterResponse { credential, lease_ttl_ms: timing.lease_ttl_ms, heartbeat_ms: timing.heartbeat_ms }))
+}
+
+pub async fn lease(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Body(req): Body<LeaseRequest>,
+) -> Result<Json<LeaseResponse>> {
+    let name = node(&p)?.to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms.min(60_000));
+    loop {
+        let notified = shared.work.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let (r, pending) = shared.call(|e| {
+            let now = now_ms();
+            e.live_node(&name, now)?;
+            let placed = e.schedule(now) > 0;
+            let leases = e.take_leases(&name, req.max_jobs.max(1), req.max_cpus, now);
+            // Wake the other nodes only when this pass placed work that they may collect.
+            Ok::<_, crate::engine::ApiError>((leases, placed && e.others_have_pending(&name)))
+        });
+        let (leases, placed_elsewhere) = match r {
+            Ok(v) => v,
+            Err(e) => {
+                shared.finish(pending).await;
+                return Err(e.into());
+            }
+        };
+        if placed_elsewhere {
+            shared.work.notify_waiters();
+        }
+        if !leases.is_empty() || tokio::time::Instant::now() >= deadline {
+            shared.finish(pending).await;
+            return Ok(Json(LeaseResponse { leases }));
+        }
+        let _ = tokio::time::timeout_at(deadline, notified).await;
+    }
+}
+
+pub async fn heartbeat(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Body(req): Body<HeartbeatRequest>,
+) -> Result<Json<HeartbeatResponse>> {
+    let name = node(&p)?;
+    let (revoked, pending) = shared.call(|e| e.heartbeat(name, &req.leases, req.draining, now_ms()));
+    shared.finish(pending).await;
+    Ok(Json(HeartbeatResponse { revoked: revoked? }))
+}
+
+pub async fn report(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Body(req): Body<ReportRequest>,
+) -> Result<Json<ReportResponse>> {
+    let name = node(&p)?;
+    // A report with a bad file is refused alone; the rest of the batch stands.
+    let mut bad = Vec::new();
+    let mut good = Vec::new();
+    for r in req.reports {
+        let wrong = r
+            .stdout
+            .iter()
+            .chain(&r.stderr)
+            .chain(&r.outputs)
+            .find(|f| !is_confined_path(&f.path) || !shared.blobs.has(&f.blob));
+        match wrong {
+            Some(f) => {
+                bad.push((r.lease, format!("result file `{}` is not confined or its blob is not uploaded", f.path)))
+            }
+            None => good.push(r),
+        }
+    }
+    let (resp, pending) = shared.call(|e| {
+        e.count_refused(bad.len() as u64);
+        e.report(name, good, now_ms())
+    });
+    // Even a fully refused batch waits: an earlier copy of it may still be committing.
+    shared.finish(pending).await;
+    let mut resp = resp?;
+    resp.refused.extend(bad);
+    Ok(Json(resp))
+}
+
+pub async fn deregister(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<StatusCode> {
+    let name = node(&p)?;
+    let ((), pending) = shared.call(|e| e.deregister(name, now_ms()));
+    shared.finish(pending).await;
+    Ok(StatusCode::NO_CONTENT)
+}

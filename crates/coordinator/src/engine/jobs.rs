@@ -1,0 +1,305 @@
+//! The job calls: submit, rm/hold/release, and the results nodes report, with the retry and hold
+//! rules and the requeue of a job whose node failed it.
+
+use std::sync::Arc;
+
+use vmgrid_proto::*;
+
+use super::{ApiError, Engine, Event, Job, MAX_NODE_LOSSES, Principal, SpecEntry, cluster_of};
+use crate::store::{JobRow, Op, StoredResult};
+
+/// The most jobs one submit may create.
+pub const MAX_COUNT: u64 = 1_000_000;
+
+impl Engine {
+    /// Queues `count` instances of `spec` for `owner`; returns their ids.
+    pub fn submit(&mut self, owner: &str, spec: JobSpec, count: u64, now: u64) -> Result<Vec<u64>, ApiError> {
+        spec.check().map_err(ApiError::BadRequest)?;
+        if count == 0 || count > MAX_COUNT {
+            return Err(ApiError::BadRequest(format!("count is {count}; it must be between 1 and {MAX_COUNT}")));
+        }
+        let cluster = cluster_of(&spec).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let spec_id = self.next_spec;
+        self.next_spec += 1;
+        let json = serde_json::to_string(&spec).expect("a spec serializes");
+        self.store(Op::Spec { id: spec_id, owner: owner.into(), json });
+        self.specs.insert(spec_id, Arc::new(SpecEntry { spec, cluster }));
+        let first = self.next_job;
+        self.next_job += count;
+        self.store(Op::Jobs { spec_id, first_id: first, count, owner: owner.into(), submitted_ms: now });
+        let owner: Arc<str> = Arc::from(owner);
+        for i in 0..count {
+            let id = first + i;
+            self.jobs.insert(id, Job::new(id, spec_id, i, owner.clone(), now));
+            self.set_idle(id);
+        }
+        self.dirty = true;
+        self.wake_nodes();
+        Ok((first..first + count).collect())
+    }
+
+    pub(super) fn set_idle(&mut self, id: u64) {
+        self.idle.insert(id);
+        let shared = self.jobs.get(&id).and_then(|j| self.specs.get(&j.spec_id)).is_some_and(|s| s.spec.cpus == 0);
+        if shared {
+            self.shared_idle.insert(id);
+        }
+    }
+
+    pub(super) fn unset_idle(&mut self, id: u64) {
+        self.idle.remove(&id);
+        self.shared_idle.remove(&id);
+    }
+
+    /// The job's row as the store keeps it; the result column only when `with_result`.
+    pub(super) fn persist(&mut self, id: u64, with_result: bool) {
+        let j = &self.jobs[&id];
+        let row = JobRow {
+            id,
+            state: j.state,
+            node: j.node.as_deref().map(str::to_string),
+            epoch: j.epoch,
+            attempts: j.attempts,
+            retries: j.retries,
+            losses: j.losses,
+            exit_code: j.exit_code,
+            reason: j.reason.clone(),
+            finished_ms: j.finished_ms,
+            result: if with_result { j.result.as_deref().cloned() } else { None },
+            set_result: with_result,
+        };
+        self.store(Op::Job(row));
+        self.wake_waiters();
+    }
+
+    /// rm, hold or release of the jobs `ids`, each only by its owner or an admin.
+    pub fn action(&mut self, p: &Principal, action: JobAction, ids: &[u64], now: u64) -> ActionResponse {
+        let mut resp = ActionResponse { changed: Vec::new(), refused: Vec::new() };
+        for &id in ids {
+            match self.act(p, action, id, now) {
+                Ok(view) => resp.changed.push(view),
+                Err(why) => resp.refused.push((id, why)),
+            }
+        }
+        resp
+    }
+
+    fn act(&mut self, p: &Principal, action: JobAction, id: u64, now: u64) -> Result<JobView, String> {
+        let j = self.jobs.get(&id).ok_or("no such job")?;
+        if !p.may_see(&j.owner) {
+            return Err(format!("job {id} belongs to {}, not {}", j.owner, p.owner()));
+        }
+        let state = j.state;
+        let allowed = match (action, state) {
+            (JobAction::Rm, s) => !s.is_final(),
+            (JobAction::Hold, s) => matches!(s, JobState::Idle | JobState::Running),
+            (JobAction::Release, s) => s == JobState::Held,
+        };
+        if !allowed {
+            return Err(format!("job {id} is {}", state.as_str()));
+        }
+        if state == JobState::Running {
+            self.release_resources(id);
+        }
+        self.unset_idle(id);
+        let j = self.jobs.get_mut(&id).expect("checked above");
+        j.node = None;
+        match action {
+            JobAction::Rm => {
+                j.state = JobState::Removed;
+                j.reason = Some(format!("removed by {}", p.owner()));
+                j.finished_ms = Some(now);
+            }
+            JobAction::Hold => {
+                j.state = JobState::Held;
+                j.reason = Some(format!("held by {}", p.owner()));
+            }
+            JobAction::Release => {
+                j.state = JobState::Idle;
+                j.reason = None;
+                j.result = None;
+                j.losses = 0;
+                j.retries = 0;
+                j.finished_ms = None;
+                self.set_idle(id);
+                self.dirty = true;
+                self.wake_nodes();
+            }
+        }
+        self.persist(id, action == JobAction::Release);
+        Ok(self.view(&self.jobs[&id]))
+    }
+
+    /// Back to idle after a node failed the job, without consuming the job's retries; held after
+    /// [`MAX_NODE_LOSSES`]. A process of a single-system image that reached its node is held
+    /// instead: a rerun would repeat what it did.
+    pub(super) fn requeue(&mut self, id: u64, now: u64, why: String) {
+        // A job placed but never handed to its node has not been lost by anyone.
+        let delivered = match self.jobs.get(&id).and_then(|j| j.node.clone()) {
+            Some(node) => !self.nodes.get(&*node).is_some_and(|n| n.pending.contains(&id)),
+            None => false,
+        };
+        self.release_resources(id);
+        let Some(j) = self.jobs.get_mut(&id) else { return };
+        if j.state != JobState::Running {
+            return;
+        }
+        if delivered {
+            j.losses += 1;
+        } else {
+            // A placement its node never collected was not an attempt.
+            j.attempts = j.attempts.saturating_sub(1);
+        }
+        let lost_node = j.node.take();
+        let ssi = self.specs.get(&j.spec_id).is_some_and(|s| s.spec.ssi.is_some());
+        if delivered && ssi {
+            j.state = JobState::Held;
+            j.reason = Some(format!(
+                "{why}: the process was lost with its node {}",
+                lost_node.as_deref().unwrap_or("(unknown)")
+            ));
+            j.finished_ms = Some(now);
+        } else if j.losses > MAX_NODE_LOSSES {
+            j.state = JobState::Held;
+            j.reason = Some(format!(
+                "{why}; the job lost its node {} times, so it is held: `vmgrid release {id}` to try again",
+                j.losses
+            ));
+            j.finished_ms = Some(now);
+        } else {
+            j.state = JobState::Idle;
+            j.reason = Some(format!("requeued: {why}"));
+            self.set_idle(id);
+            self.dirty = true;
+            self.wake_nodes();
+        }
+        self.persist(id, false);
+    }
+
+    /// Frees what a job held on its node (its cpus and memory, its place in the node's queue).
+    pub(super) fn release_resources(&mut self, id: u64) {
+        let Some(j) = self.jobs.get(&id) else { return };
+        let (Some(node), Some(spec)) = (j.node.clone(), self.specs.get(&j.spec_id)) else { return };
+        let (cpus, mem) = (spec.spec.cpus, spec.spec.memory_mb);
+        if let Some(n) = self.nodes.get_mut(&*node) {
+            if n.jobs.remove(&id) {
+                n.used_cpus = n.used_cpus.saturating_sub(cpus);
+                n.used_memory_mb = n.used_memory_mb.saturating_sub(mem);
+            }
+            n.pending.retain(|p| *p != id);
+        }
+        self.dirty = true;
+        self.wake_nodes();
+    }
+
+    /// Applies a node's reports; each is accepted only under the job's current lease.
+    pub fn report(&mut self, name: &str, reports: Vec<Report>, now: u64) -> Result<ReportResponse, ApiError> {
+        if let Err(e) = self.live_node(name, now) {
+            self.metrics.results_refused += reports.len() as u64;
+            return Err(e);
+        }
+        let mut resp = ReportResponse { accepted: Vec::new(), refused: Vec::new() };
+        for r in reports {
+            let l = r.lease;
+            match self.stale_lease(name, l) {
+                Some(why) => {
+                    self.metrics.results_refused += 1;
+                    self.event(Event::ResultRefused {
+                        job: l.job_id,
+                        epoch: l.epoch,
+                        node: name.into(),
+                        why: why.clone(),
+                    });
+                    resp.refused.push((l, why));
+                }
+                None => {
+                    self.metrics.results_accepted += 1;
+                    self.finish_run(l.job_id, r, now);
+                    resp.accepted.push(l);
+                }
+            }
+        }
+        Ok(resp)
+    }
+
+    /// Why `l` is not the current lease of a job running on node `name`, if it is not.
+    pub(super) fn stale_lease(&self, name: &str, l: LeaseId) -> Option<String> {
+        match self.jobs.get(&l.job_id) {
+            None => Some("no such job".to_string()),
+            Some(j) if j.state == JobState::Running && j.epoch == l.epoch && j.node.as_deref() == Some(name) => None,
+            Some(j) if j.epoch != l.epoch => {
+                Some(format!("lease epoch {} is stale; the job is at epoch {}", l.epoch, j.epoch))
+            }
+            Some(j) => Some(format!("the job is {} on {}", j.state.as_str(), j.node.as_deref().unwrap_or("no node"))),
+        }
+    }
+
+    fn finish_run(&mut self, id: u64, r: Report, now: u64) {
+        let max_retries = self.specs.get(&self.jobs[&id].spec_id).map_or(0, |s| s.spec.max_retries);
+        let node_name = self.jobs[&id].node.as_deref().unwrap_or("").to_string();
+        if let RunReport::HostFailed { reason } = &r.run {
+            return self.requeue(id, now, format!("node {node_name} could not run it: {reason}"));
+        }
+        self.release_resources(id);
+        let j = self.jobs.get_mut(&id).expect("reported jobs exist");
+        j.result = Some(Box::new(StoredResult {
+            stdout: r.stdout,
+            stderr: r.stderr,
+            stdout_dropped: r.stdout_dropped,
+            stderr_dropped: r.stderr_dropped,
+            outputs: r.outputs,
+        }));
+        let (retry, end) = match r.run {
+            RunReport::Exited { code: 0 } => (None, (JobState::Completed, Some(0), None)),
+            RunReport::Exited { code } => {
+                (Some(format!("exited with {code}")), (JobState::Completed, Some(code), None))
+            }
+            RunReport::GuestFailed { failure, reason } => {
+                (Some(reason.clone()), (JobState::Held, None, Some(format!("{failure}: {reason}"))))
+            }
+            RunReport::BadJob { reason } => (None, (JobState::Held, None, Some(format!("bad job: {reason}")))),
+            RunReport::HostFailed { .. } => unreachable!("handled above"),
+        };
+        match retry {
+            Some(why) if j.retries < max_retries => {
+                j.retries += 1;
+                j.state = JobState::Idle;
+                j.reason = Some(format!("{why}; retry {} of {max_retries}", j.retries));
+                j.node = None;
+                self.set_idle(id);
+                self.wake_nodes();
+            }
+            _ => {
+                let (state, exit_code, reason) = end;
+                j.state = state;
+                j.exit_code = exit_code;
+                j.reason = reason;
+                j.finished_ms = Some(now);
+            }
+        }
+        self.persist(id, true);
+    }
+}
+
+impl Job {
+    fn new(id: u64, spec_id: u64, index: u64, owner: Arc<str>, now: u64) -> Job {
+        Job {
+            id,
+            spec_id,
+            index,
+            owner,
+            state: JobState::Idle,
+            node: None,
+            epoch: 0,
+            attempts: 0,
+            retries: 0,
+            losses: 0,
+            exit_code: None,
+            reason: None,
+            submitted_ms: now,
+            finished_ms: None,
+            lease_deadline_ms: 0,
+            result: None,
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! The engine rebuilt from what the store held at start: tokens, specs, jobs and nodes, with
+//! running jobs given back to their nodes (and a fresh lease to be heard from), and anything that
+//! cannot be read back held with the reason instead of taking the coordinator down.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use vmgrid_proto::*;
+use vmgrid_scheduler::Cluster;
+
+use super::{Engine, Event, Job, Node, Principal, SpecEntry, Timing, cluster_of};
+use crate::store::{Loaded, StoredJob, StoredNode};
+
+impl Engine {
+    /// The engine for a store's contents at `now`.
+    pub fn load(loaded: Loaded, timing: Timing, now: u64) -> Engine {
+        let mut e = Engine::new(timing);
+        for (hash, role, owner) in loaded.tokens {
+            e.tokens.insert(hash, Principal::from_role(role, owner));
+        }
+        for (id, _owner, json) in loaded.specs {
+            e.load_spec(id, &json);
+        }
+        let mut owners: HashMap<String, Arc<str>> = HashMap::new();
+        for stored in loaded.jobs {
+            let owner = owners.entry(stored.owner.clone()).or_insert_with(|| Arc::from(stored.owner.as_str())).clone();
+            e.load_job(stored, owner, now);
+        }
+        for StoredNode { name, ad_json, cred_hash, state } in loaded.nodes {
+            let Ok(ad) = serde_json::from_str::<NodeAd>(&ad_json) else { continue };
+            e.nodes.insert(name, Node::new(ad, state, cred_hash, now));
+        }
+        e.give_running_jobs_back();
+        e
+    }
+
+    /// A spec that no longer parses or compiles matches no node: its jobs stay with the reason.
+    fn load_spec(&mut self, id: u64, json: &str) {
+        self.next_spec = self.next_spec.max(id + 1);
+        let spec = match serde_json::from_str::<JobSpec>(json) {
+            Ok(spec) => spec,
+            Err(e) => {
+                self.event(Event::UnreadableSpec { spec: id, why: e.to_string() });
+                return;
+            }
+        };
+        let cluster = cluster_of(&spec).unwrap_or_else(|e| {
+            self.waiting.insert(id, format!("the stored spec cannot be matched: {e}"));
+            Cluster::compile(spec.vm_type, spec.cpus, spec.memory_mb, Some("false"), None).expect("`false` compiles")
+        });
+        self.specs.insert(id, Arc::new(SpecEntry { spec, cluster }));
+    }
+
+    fn load_job(&mut self, s: StoredJob, owner: Arc<str>, now: u64) {
+        let row = s.row;
+        let mut state = row.state;
+        let mut reason = row.reason;
+        if !self.specs.contains_key(&s.spec_id) && !state.is_final() {
+            state = JobState::Held;
+            reason = Some(format!("its spec {} could not be read back from the store", s.spec_id));
+        }
+        let job = Job {
+            id: row.id,
+            spec_id: s.spec_id,
+            index: s.index,
+            owner,
+            state,
+            node: row.node.map(|n| Arc::from(n.as_str())),
+            epoch: row.epoch,
+            attempts: row.attempts,
+            retries: row.retries,
+            losses: row.losses,
+            exit_code: row.exit_code,
+            reason,
+            submitted_ms: s.submitted_ms,
+            finished_ms: row.finished_ms,
+            // A restarted coordinator gives running jobs a full lease to be heard from again.
+            lease_deadline_ms: now + self.timing.lease_ttl_ms,
+            result: row.result.map(Box::new),
+        };
+        self.next_job = self.next_job.max(job.id + 1);
+        let id = job.id;
+        self.jobs.insert(id, job);
+        if state == JobState::Idle {
+            self.set_idle(id);
+        }
+    }
+
+    /// Running jobs belong to their nodes again, with their resources; a job whose node is no
+    /// longer registered runs again.
+    fn give_running_jobs_back(&mut self) {
+        let running: Vec<(u64, String, u32, u64)> = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Running)
+            .map(|j| {
+                let spec = &self.specs[&j.spec_id].spec;
+                (j.id, j.node.as_deref().unwrap_or("").to_string(), spec.cpus, spec.memory_mb)
+            })
+            .collect();
+        for (id, node, cpus, mem) in running {
+            match self.nodes.get_mut(&node) {
+                Some(n) => {
+                    n.jobs.insert(id);
+                    n.used_cpus += cpus;
+                    n.used_memory_mb += mem;
+                }
+                None => {
+                    let j = self.jobs.get_mut(&id).expect("listed above");
+                    j.state = JobState::Idle;
+                    j.node = None;
+                    j.reason = Some(format!("requeued at restart: its node {node:?} is no longer registered"));
+                    j.finished_ms = None;
+                    self.set_idle(id);
+                    self.persist(id, false);
+                }
+            }
+        }
+    }
+}

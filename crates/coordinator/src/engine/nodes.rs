@@ -1,0 +1,216 @@
+//! The node calls: register, lease, heartbeat, deregister, and the clock's tick that expires
+//! leases and declares silent nodes lost. Fencing lives here: a node that registers again, or is
+//! lost, loses its credential and its jobs.
+
+use vmgrid_proto::*;
+
+use super::{ApiError, DISPATCH_BUCKETS, Engine, Event, Node, Principal, hash_token};
+use crate::store::Op;
+
+impl Engine {
+    /// Registers a node under the hash of the credential the runtime made for it. A name already
+    /// held by a registration that is not lost is refused, unless the caller proves it is that
+    /// node (its previous credential) or is an admin.
+    pub fn register(
+        &mut self,
+        ad: NodeAd,
+        previous: Option<&str>,
+        admin: bool,
+        cred_hash: String,
+        now: u64,
+    ) -> Result<(), ApiError> {
+        let name = ad.name.clone();
+        if let Some(old) = self.nodes.get(&name) {
+            let same_node = previous.is_some_and(|c| hash_token(c) == old.cred_hash);
+            if old.state != NodeState::Lost && !same_node && !admin {
+                return Err(ApiError::Conflict(format!(
+                    "a node named {name} is already in the pool (heard from {} ms ago); use another --name, or wait until it is declared lost",
+                    now.saturating_sub(old.last_seen_ms)
+                )));
+            }
+            // A node that registers again is a new incarnation: whatever the old one ran is
+            // fenced off and runs again.
+            let old_hash = old.cred_hash.clone();
+            let jobs: Vec<u64> = old.jobs.iter().copied().collect();
+            for id in jobs {
+                self.requeue(id, now, format!("node {name} restarted"));
+            }
+            self.tokens.remove(&old_hash);
+            self.store(Op::RevokeToken { hash: old_hash });
+        }
+        self.tokens.insert(cred_hash.clone(), Principal::Node(name.clone()));
+        self.store(Op::Token { hash: cred_hash.clone(), role: crate::store::TokenRole::Node, owner: name.clone() });
+        let node = Node::new(ad, NodeState::Ready, cred_hash, now);
+        self.store(node.store_op(&name));
+        self.nodes.insert(name, node);
+        self.dirty = true;
+        self.wake_nodes();
+        self.wake_waiters();
+        Ok(())
+    }
+
+    /// The node `name`, if it is still part of the pool; it counts as heard from.
+    pub fn live_node(&mut self, name: &str, now: u64) -> Result<(), ApiError> {
+        match self.nodes.get_mut(name) {
+            None => Err(ApiError::Conflict(format!("node {name} is not registered; register again"))),
+            Some(n) if n.state == NodeState::Lost => Err(ApiError::Conflict(format!(
+                "node {name} was declared lost and its jobs given to others; register again"
+            ))),
+            Some(n) => {
+                n.last_seen_ms = now;
+                Ok(())
+            }
+        }
+    }
+
+    /// Hands a node up to `max` of the jobs placed on it, needing at most `max_cpus` in all, in
+    /// the order they were placed. A node with no cpu free asks with `max_cpus = 0`: it then gets
+    /// only time-shared jobs (cpus = 0), wherever they are in its queue.
+    pub fn take_leases(&mut self, name: &str, max: u32, max_cpus: u32, now: u64) -> Vec<Lease> {
+        let mut out = Vec::new();
+        let mut cpus = 0u32;
+        let queued: Vec<u64> = match self.nodes.get(name) {
+            Some(n) => n.pending.iter().copied().collect(),
+            None => return out,
+        };
+        for id in queued {
+            if out.len() >= max as usize {
+                break;
+            }
+            let need = self.jobs.get(&id).and_then(|j| self.specs.get(&j.spec_id)).map_or(0, |s| s.spec.cpus);
+            if need > 0 {
+                if max_cpus == 0 {
+                    continue;
+                }
+                if !out.is_empty() && cpus.saturating_add(need) > max_cpus {
+                    break;
+                }
+            }
+            self.nodes.get_mut(name).expect("checked above").pending.retain(|p| *p != id);
+            let Some(j) = self.jobs.get_mut(&id) else { continue };
+            if j.state != JobState::Running || j.node.as_deref() != Some(name) {
+                continue;
+            }
+            cpus = cpus.saturating_add(need);
+            j.lease_deadline_ms = now + self.timing.lease_ttl_ms;
+            let latency = now.saturating_sub(j.submitted_ms);
+            let spec = &self.specs[&j.spec_id].spec;
+            out.push(Lease { job_id: id, epoch: j.epoch, index: j.index, spec: spec.with_index(j.index) });
+            self.count_dispatch(latency);
+        }
+        out
+    }
+
+    fn count_dispatch(&mut self, latency: u64) {
+        let m = &mut self.metrics;
+        m.leases_granted += 1;
+        m.dispatch_count += 1;
+        m.dispatch_sum_ms += latency;
+        for (i, b) in DISPATCH_BUCKETS.iter().enumerate() {
+            if latency <= *b {
+                m.dispatch_buckets[i] += 1;
+            }
+        }
+    }
+
+    /// Whether jobs are placed on `name` and waiting to be collected.
+    pub fn has_pending(&self, name: &str) -> bool {
+        self.nodes.get(name).is_some_and(|n| !n.pending.is_empty())
+    }
+
+    /// Whether any node other than `name` has jobs waiting to be collected.
+    pub fn others_have_pending(&self, name: &str) -> bool {
+        self.nodes.iter().any(|(n, node)| n != name && !node.pending.is_empty())
+    }
+
+    /// Renews the leases a node still holds and lists those it must drop. A draining node takes
+    /// no new work and hands back what it has not collected.
+    pub fn heartbeat(
+        &mut self,
+        name: &str,
+        leases: &[LeaseId],
+        draining: bool,
+        now: u64,
+    ) -> Result<Vec<LeaseId>, ApiError> {
+        self.live_node(name, now)?;
+        let node = self.nodes.get_mut(name).expect("live");
+        if node.silent {
+            node.silent = false;
+            self.dirty = true;
+        }
+        if draining && node.state == NodeState::Ready {
+            node.state = NodeState::Draining;
+            let pending: Vec<u64> = node.pending.iter().copied().collect();
+            let op = node.store_op(name);
+            self.store(op);
+            for id in pending {
+                self.requeue(id, now, format!("node {name} is draining"));
+            }
+        }
+        let ttl = self.timing.lease_ttl_ms;
+        let mut revoked = Vec::new();
+        for l in leases {
+            match self.jobs.get_mut(&l.job_id) {
+                Some(j) if j.state == JobState::Running && j.epoch == l.epoch && j.node.as_deref() == Some(name) => {
+                    j.lease_deadline_ms = now + ttl;
+                }
+                _ => revoked.push(*l),
+            }
+        }
+        Ok(revoked)
+    }
+
+    /// Expires leases that were not renewed and nodes that went silent.
+    pub fn tick(&mut self, now: u64) {
+        let silent: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.state != NodeState::Lost && now.saturating_sub(n.last_seen_ms) > self.timing.node_ttl_ms)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for name in silent {
+            self.event(Event::NodeLost { node: name.clone() });
+            let n = self.nodes.get_mut(&name).expect("listed above");
+            n.state = NodeState::Lost;
+            let jobs: Vec<u64> = n.jobs.iter().copied().collect();
+            let op = n.store_op(&name);
+            self.store(op);
+            for id in jobs {
+                self.requeue(id, now, format!("node {name} was lost"));
+            }
+            self.wake_waiters();
+        }
+        let expired: Vec<u64> = self
+            .nodes
+            .values()
+            .flat_map(|n| n.jobs.iter().copied())
+            .filter(|id| self.jobs.get(id).is_some_and(|j| j.state == JobState::Running && j.lease_deadline_ms < now))
+            .collect();
+        for id in expired {
+            let node = self.jobs[&id].node.as_deref().unwrap_or("?").to_string();
+            // The node has not heartbeated for a lease's lifetime: until it does, it gets no new
+            // work (its jobs would only expire again), even before it is declared lost.
+            if let Some(n) = self.nodes.get_mut(&node) {
+                n.silent = true;
+            }
+            self.requeue(id, now, format!("its lease on node {node} expired"));
+        }
+    }
+
+    /// A node leaving the pool: its jobs go back at once and its credential is revoked.
+    pub fn deregister(&mut self, name: &str, now: u64) {
+        let Some(n) = self.nodes.get(name) else { return };
+        let jobs: Vec<u64> = n.jobs.iter().copied().collect();
+        let hash = n.cred_hash.clone();
+        for id in jobs {
+            self.requeue(id, now, format!("node {name} left the pool"));
+        }
+        self.nodes.remove(name);
+        self.tokens.remove(&hash);
+        self.store(Op::RevokeToken { hash });
+        self.store(Op::DeleteNode { name: name.into() });
+        self.dirty = true;
+        self.wake_nodes();
+        self.wake_waiters();
+    }
+}

@@ -1,0 +1,423 @@
+//! The state machine driven by plain calls, without IO: each test compares replies, views and the
+//! [`Effects`] the calls produced (store operations, wake-ups, events).
+
+use super::*;
+use crate::store::{JobRow, Loaded, StoredJob, StoredNode};
+
+const TIMING: Timing = Timing { lease_ttl_ms: 1000, node_ttl_ms: 1000, heartbeat_ms: 200 };
+
+fn engine() -> Engine {
+    Engine::new(TIMING)
+}
+
+pub(crate) fn spec(max_retries: u32) -> JobSpec {
+    JobSpec {
+        name: "t".into(),
+        vm_type: VmType::Wasm,
+        image: Some(FileRef { path: "a.wasm".into(), blob: "ab".repeat(32), size: 1 }),
+        args: vec!["{index}".into()],
+        env: Default::default(),
+        kernel: None,
+        initrd: None,
+        append: None,
+        network: Network::None,
+        cpus: 1,
+        memory_mb: 16,
+        timeout_s: 10,
+        disk_mb: 1,
+        inputs: vec![],
+        outputs: vec![],
+        requirements: None,
+        rank: None,
+        max_retries,
+        ssi: None,
+    }
+}
+
+fn ssi_spec(pid: u64) -> JobSpec {
+    let mut p = spec(0);
+    p.cpus = 0;
+    p.ssi = Some(SsiSpec { home: "http://127.0.0.1:1".into(), token: "t".into(), pid });
+    p
+}
+
+pub(crate) fn ad(name: &str, cpus: u32) -> NodeAd {
+    NodeAd {
+        name: name.into(),
+        arch: "x86_64".into(),
+        os: "linux".into(),
+        cpus,
+        memory_mb: 1024,
+        disk_mb: 1024,
+        vm_types: vec![VmType::Wasm],
+        accelerators: vec![],
+        labels: Default::default(),
+        appliance: false,
+    }
+}
+
+pub(crate) fn exited(l: &Lease, code: i32) -> Report {
+    Report {
+        lease: LeaseId { job_id: l.job_id, epoch: l.epoch },
+        run: RunReport::Exited { code },
+        stdout: None,
+        stderr: None,
+        stdout_dropped: 0,
+        stderr_dropped: 0,
+        outputs: vec![],
+    }
+}
+
+fn admin() -> Principal {
+    Principal::Admin("root".into())
+}
+
+fn job(e: &Engine, id: u64) -> JobView {
+    e.job_result(&admin(), id).unwrap().job
+}
+
+fn node_state(e: &Engine, name: &str) -> NodeState {
+    e.node_views().into_iter().find(|n| n.ad.name == name).unwrap().state
+}
+
+fn register(e: &mut Engine, name: &str, cpus: u32, now: u64) {
+    e.register(ad(name, cpus), None, false, hash_token(name), now).unwrap();
+}
+
+fn lease_all(e: &mut Engine, node: &str, now: u64) -> Vec<Lease> {
+    e.schedule(now);
+    e.take_leases(node, 100, 100, now)
+}
+
+/// The job rows among `ops`, as (id, state, node, epoch).
+fn job_rows(ops: &[Op]) -> Vec<(u64, JobState, Option<String>, u64)> {
+    ops.iter()
+        .filter_map(|op| match op {
+            Op::Job(r) => Some((r.id, r.state, r.node.clone(), r.epoch)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn registering_stores_the_credential_and_the_node_and_wakes_everyone() {
+    let mut e = engine();
+    e.register(ad("n1", 2), None, false, "h1".into(), 5).unwrap();
+    assert_eq!(
+        e.take_effects(),
+        Effects {
+            ops: vec![
+                Op::Token { hash: "h1".into(), role: TokenRole::Node, owner: "n1".into() },
+                Op::Node {
+                    name: "n1".into(),
+                    ad_json: serde_json::to_string(&ad("n1", 2)).unwrap(),
+                    cred_hash: "h1".into(),
+                    state: NodeState::Ready
+                },
+            ],
+            wake_nodes: true,
+            wake_waiters: true,
+            events: vec![],
+        }
+    );
+    assert!(e.take_effects().is_empty(), "effects are taken once");
+}
+
+#[test]
+fn submit_place_lease_report_complete() {
+    let mut e = engine();
+    register(&mut e, "n1", 2, 0);
+    e.take_effects();
+    let ids = e.submit("alice", spec(0), 3, 0).unwrap();
+    assert_eq!(ids, vec![1, 2, 3]);
+    let fx = e.take_effects();
+    assert!(matches!(&fx.ops[..], [Op::Spec { id: 1, .. }, Op::Jobs { spec_id: 1, first_id: 1, count: 3, .. }]));
+    assert!(fx.wake_nodes);
+    assert_eq!(e.schedule(1), 2, "two cpus, two placements");
+    assert_eq!(
+        job_rows(&e.take_effects().ops),
+        vec![(1, JobState::Running, Some("n1".into()), 1), (2, JobState::Running, Some("n1".into()), 1)]
+    );
+    let leases = e.take_leases("n1", 100, 100, 1);
+    assert_eq!(leases.len(), 2);
+    assert_eq!(leases[1].spec.args, vec!["1"], "{{index}} substituted");
+    assert!(e.take_effects().ops.is_empty(), "handing over placed jobs stores nothing");
+    assert_eq!(job(&e, 3).state, JobState::Idle);
+    let resp = e.report("n1", vec![exited(&leases[0], 0), exited(&leases[1], 3)], 2).unwrap();
+    assert_eq!(resp.accepted.len(), 2);
+    let fx = e.take_effects();
+    assert_eq!(
+        job_rows(&fx.ops),
+        vec![(1, JobState::Completed, Some("n1".into()), 1), (2, JobState::Completed, Some("n1".into()), 1)]
+    );
+    assert!(fx.wake_nodes && fx.wake_waiters);
+    assert_eq!((job(&e, 1).exit_code, job(&e, 2).exit_code), (Some(0), Some(3)));
+    // The freed cpus take the last job.
+    assert_eq!(lease_all(&mut e, "n1", 3).len(), 1);
+}
+
+#[test]
+fn a_result_under_a_stale_epoch_is_refused_and_changes_nothing() {
+    let mut e = engine();
+    register(&mut e, "n1", 1, 0);
+    register(&mut e, "n2", 1, 0);
+    e.submit("alice", spec(0), 1, 0).unwrap();
+    let first = lease_all(&mut e, "n1", 0);
+    let first = if first.is_empty() { lease_all(&mut e, "n2", 0) } else { first };
+    let holder = job(&e, 1).node.unwrap();
+    let other = if holder == "n1" { "n2" } else { "n1" };
+    // The holder goes silent; the other node keeps heartbeating.
+    e.heartbeat(other, &[], false, 1500).unwrap();
+    e.take_effects();
+    e.tick(1500);
+    let fx = e.take_effects();
+    assert_eq!(fx.events, vec![Event::NodeLost { node: holder.clone() }]);
+    assert_eq!(job_rows(&fx.ops), vec![(1, JobState::Idle, None, 1)]);
+    assert_eq!(node_state(&e, &holder), NodeState::Lost);
+    let second = lease_all(&mut e, other, 1600);
+    assert_eq!(second[0].epoch, first[0].epoch + 1);
+    e.take_effects();
+    // The lost node's late result: refused, because the node is lost.
+    assert!(matches!(e.report(&holder, vec![exited(&first[0], 9)], 1700), Err(ApiError::Conflict(_))));
+    // A stale epoch from a live node: refused too, and nothing is stored.
+    let resp = e.report(other, vec![exited(&first[0], 9)], 1700).unwrap();
+    assert_eq!(resp.refused.len(), 1);
+    let fx = e.take_effects();
+    assert!(fx.ops.is_empty());
+    assert!(matches!(&fx.events[..], [Event::ResultRefused { job: 1, epoch: 1, .. }]));
+    assert_eq!(job(&e, 1).state, JobState::Running);
+    let resp = e.report(other, vec![exited(&second[0], 0)], 1800).unwrap();
+    assert_eq!(resp.accepted.len(), 1);
+    let v = job(&e, 1);
+    assert_eq!((v.state, v.exit_code, v.attempts), (JobState::Completed, Some(0), 2));
+    assert_eq!(e.metrics().results_refused, 2);
+}
+
+#[test]
+fn a_node_whose_lease_expired_gets_no_new_work_before_it_is_declared_lost() {
+    // The node's last call was later than its last heartbeat, so its lease expires before the
+    // node does: the job must not be placed back on the silent node meanwhile.
+    let mut e = engine();
+    register(&mut e, "n1", 1, 0);
+    e.submit("alice", spec(0), 1, 0).unwrap();
+    lease_all(&mut e, "n1", 0);
+    e.live_node("n1", 900).unwrap();
+    register(&mut e, "n2", 1, 900);
+    e.tick(1001);
+    assert_eq!(job(&e, 1).state, JobState::Idle, "the lease expired");
+    assert_eq!(node_state(&e, "n1"), NodeState::Ready, "the node is not lost yet");
+    e.live_node("n2", 1001).unwrap();
+    e.schedule(1001);
+    assert_eq!(job(&e, 1).node.as_deref(), Some("n2"), "placed on the node that is heard from");
+    // Once the silent node heartbeats again it takes work again.
+    e.heartbeat("n1", &[], false, 1100).unwrap();
+    e.submit("alice", spec(0), 1, 1100).unwrap();
+    e.schedule(1100);
+    assert_eq!(job(&e, 2).node.as_deref(), Some("n1"));
+}
+
+#[test]
+fn retries_then_completion_or_hold() {
+    let mut e = engine();
+    register(&mut e, "n1", 1, 0);
+    e.submit("alice", spec(1), 1, 0).unwrap();
+    let l = lease_all(&mut e, "n1", 0);
+    e.report("n1", vec![exited(&l[0], 2)], 1).unwrap();
+    assert_eq!(job(&e, 1).state, JobState::Idle);
+    assert!(job(&e, 1).reason.unwrap().contains("retry 1 of 1"));
+    let l = lease_all(&mut e, "n1", 2);
+    e.report("n1", vec![exited(&l[0], 2)], 3).unwrap();
+    assert_eq!((job(&e, 1).state, job(&e, 1).exit_code), (JobState::Completed, Some(2)));
+
+    e.submit("alice", spec(0), 1, 4).unwrap();
+    let l = lease_all(&mut e, "n1", 4);
+    let mut r = exited(&l[0], 0);
+    r.run = RunReport::GuestFailed {
+        failure: FailureKind::TimeLimit,
+        reason: "the time limit of 10 s was exceeded".into(),
+    };
+    e.report("n1", vec![r], 5).unwrap();
+    assert_eq!(job(&e, 2).state, JobState::Held);
+    assert_eq!(job(&e, 2).reason.unwrap(), "time limit exceeded: the time limit of 10 s was exceeded");
+}
+
+#[test]
+fn owners_manage_only_their_jobs() {
+    let mut e = engine();
+    e.submit("alice", spec(0), 1, 0).unwrap();
+    e.take_effects();
+    let resp = e.action(&Principal::User("bob".into()), JobAction::Rm, &[1], 1);
+    assert!(resp.changed.is_empty() && resp.refused[0].1.contains("belongs to alice"));
+    assert!(e.take_effects().is_empty(), "a refused action changes nothing");
+    assert!(e.job_views(&Principal::User("bob".into())).is_empty());
+    let resp = e.action(&admin(), JobAction::Hold, &[1], 1);
+    assert_eq!(resp.changed[0].state, JobState::Held);
+    let resp = e.action(&Principal::User("alice".into()), JobAction::Release, &[1, 99], 1);
+    assert_eq!((resp.changed.len(), resp.refused.len()), (1, 1));
+}
+
+#[test]
+fn a_draining_node_hands_back_unclaimed_placements_without_touching_other_nodes() {
+    let mut e = engine();
+    register(&mut e, "n1", 2, 0);
+    e.submit("alice", spec(0), 2, 0).unwrap();
+    e.schedule(0);
+    assert!(e.has_pending("n1"));
+    e.heartbeat("n1", &[], true, 1).unwrap();
+    assert_eq!(node_state(&e, "n1"), NodeState::Draining);
+    let n1 = &e.node_views()[0];
+    assert_eq!((n1.running_jobs, n1.free_cpus), (0, 2));
+    assert_eq!(job(&e, 1).state, JobState::Idle);
+    assert_eq!(job(&e, 1).attempts, 0, "a placement never collected is not an attempt");
+    register(&mut e, "n2", 2, 2);
+    let l = e.take_leases("n2", 100, 100, 3);
+    assert!(l.is_empty(), "nothing is placed on n2 until a scheduling pass");
+    assert_eq!(lease_all(&mut e, "n2", 3).len(), 2);
+    e.deregister("n1", 4);
+    let n2 = &e.node_views()[0];
+    assert_eq!((n2.ad.name.as_str(), n2.running_jobs, n2.free_cpus), ("n2", 2, 0), "n2's accounting is intact");
+    assert!(e.job_views(&admin()).iter().all(|j| j.state == JobState::Running && j.node.as_deref() == Some("n2")));
+}
+
+#[test]
+fn a_live_nodes_name_cannot_be_taken_over() {
+    let mut e = engine();
+    e.register(ad("n1", 1), None, false, hash_token("c1"), 0).unwrap();
+    assert!(matches!(e.register(ad("n1", 1), None, false, hash_token("x"), 1), Err(ApiError::Conflict(_))));
+    assert!(matches!(e.register(ad("n1", 1), Some("wrong"), false, hash_token("x"), 1), Err(ApiError::Conflict(_))));
+    // The node itself, restarting, proves who it is; an admin may replace it.
+    e.take_effects();
+    e.register(ad("n1", 1), Some("c1"), false, hash_token("c2"), 2).unwrap();
+    assert!(e.take_effects().ops.contains(&Op::RevokeToken { hash: hash_token("c1") }));
+    assert!(e.authenticate("c1").is_none(), "the old credential is revoked");
+    e.register(ad("n1", 1), None, true, hash_token("c3"), 3).unwrap();
+    assert!(e.authenticate("c2").is_none());
+    // Once lost, anyone with the pool token may take the name.
+    e.tick(10_000);
+    assert_eq!(node_state(&e, "n1"), NodeState::Lost);
+    e.register(ad("n1", 1), None, false, hash_token("c4"), 10_001).unwrap();
+}
+
+#[test]
+fn jobs_never_handed_to_a_node_are_not_counted_as_lost() {
+    let mut e = engine();
+    register(&mut e, "n1", 1, 0);
+    e.submit("alice", spec(0), 1, 0).unwrap();
+    e.schedule(0);
+    e.tick(5_000);
+    let v = job(&e, 1);
+    assert_eq!((v.state, v.attempts), (JobState::Idle, 0));
+}
+
+#[test]
+fn an_ssi_process_on_a_lost_node_ends_held_with_the_reason_and_is_not_rerun() {
+    let mut e = engine();
+    register(&mut e, "n1", 1, 0);
+    e.submit("alice", ssi_spec(7), 2, 0).unwrap();
+    // Time-shared: both placed on a one-cpu node; only the first is handed over.
+    e.schedule(0);
+    let leases = e.take_leases("n1", 1, 1, 0);
+    assert_eq!(leases.len(), 1);
+    e.tick(10_000);
+    let lost = job(&e, leases[0].job_id);
+    assert_eq!(lost.state, JobState::Held);
+    assert!(lost.reason.as_deref().unwrap().contains("lost with its node n1"), "{:?}", lost.reason);
+    // The one never delivered had no effects yet: it waits for another node.
+    let other = if leases[0].job_id == 1 { 2 } else { 1 };
+    assert_eq!(job(&e, other).state, JobState::Idle);
+}
+
+#[test]
+fn time_shared_jobs_run_on_a_full_pool_and_a_full_node_still_collects_them() {
+    let mut e = engine();
+    register(&mut e, "n1", 1, 0);
+    // A batch job takes the only cpu; more wait behind it.
+    e.submit("alice", spec(0), 3, 0).unwrap();
+    assert_eq!(lease_all(&mut e, "n1", 0).len(), 1);
+    let ids = e.submit("alice", ssi_spec(1), 1, 1).unwrap();
+    e.schedule(1);
+    assert_eq!(job(&e, ids[0]).state, JobState::Running, "placed although no cpu is free");
+    // The node, with no cpu free, asks with max_cpus = 0 and gets only the time-shared job.
+    let shared = e.take_leases("n1", 64, 0, 2);
+    assert_eq!(shared.iter().map(|l| l.job_id).collect::<Vec<_>>(), ids);
+    assert_eq!(job(&e, 2).state, JobState::Idle, "batch jobs still wait for the cpu");
+}
+
+#[test]
+fn a_spec_the_api_refuses_stores_nothing() {
+    let mut e = engine();
+    let mut bad = spec(0);
+    bad.name = "x,process=evil".into();
+    assert!(matches!(e.submit("alice", bad, 1, 0), Err(ApiError::BadRequest(m)) if m.contains("name")));
+    let mut bad = spec(0);
+    bad.env.insert("A B".into(), "x".into());
+    assert!(matches!(e.submit("alice", bad, 1, 0), Err(ApiError::BadRequest(m)) if m.contains("A B")));
+    assert!(matches!(e.submit("alice", spec(0), 0, 0), Err(ApiError::BadRequest(_))));
+    assert!(e.take_effects().is_empty());
+}
+
+fn stored_job(id: u64, spec_id: u64, state: JobState, node: Option<&str>) -> StoredJob {
+    StoredJob {
+        spec_id,
+        index: 0,
+        owner: "alice".into(),
+        submitted_ms: 0,
+        row: JobRow {
+            id,
+            state,
+            node: node.map(str::to_string),
+            epoch: 1,
+            attempts: 1,
+            retries: 0,
+            losses: 0,
+            exit_code: None,
+            reason: None,
+            finished_ms: None,
+            result: None,
+            set_result: false,
+        },
+    }
+}
+
+#[test]
+fn loading_gives_running_jobs_back_and_requeues_those_whose_node_is_gone() {
+    let loaded = Loaded {
+        tokens: vec![(hash_token("c1"), TokenRole::Node, "n1".into())],
+        specs: vec![(1, "alice".into(), serde_json::to_string(&spec(0)).unwrap())],
+        jobs: vec![
+            stored_job(1, 1, JobState::Running, Some("n1")),
+            stored_job(2, 1, JobState::Running, Some("gone")),
+            stored_job(3, 1, JobState::Completed, Some("n1")),
+        ],
+        nodes: vec![StoredNode {
+            name: "n1".into(),
+            ad_json: serde_json::to_string(&ad("n1", 2)).unwrap(),
+            cred_hash: hash_token("c1"),
+            state: NodeState::Ready,
+        }],
+    };
+    let mut e = Engine::load(loaded, TIMING, 100);
+    assert_eq!(e.authenticate("c1"), Some(&Principal::Node("n1".into())));
+    assert_eq!(job(&e, 1).state, JobState::Running);
+    assert_eq!(e.node_views()[0].free_cpus, 1, "the running job holds its cpu again");
+    assert_eq!(job_rows(&e.take_effects().ops), vec![(2, JobState::Idle, None, 1)]);
+    assert!(job(&e, 2).reason.unwrap().contains("no longer registered"));
+    assert_eq!(e.submit("alice", spec(0), 1, 200).unwrap(), vec![4], "ids continue after the stored ones");
+}
+
+#[test]
+fn a_stored_spec_that_cannot_be_read_holds_its_jobs_instead_of_failing_the_start() {
+    let loaded = Loaded {
+        specs: vec![(1, "alice".into(), "{ not json".into())],
+        jobs: vec![stored_job(1, 1, JobState::Idle, None)],
+        ..Loaded::default()
+    };
+    let mut e = Engine::load(loaded, TIMING, 0);
+    let fx = e.take_effects();
+    assert!(matches!(&fx.events[..], [Event::UnreadableSpec { spec: 1, .. }]));
+    let v = job(&e, 1);
+    assert_eq!(v.state, JobState::Held);
+    assert!(v.reason.unwrap().contains("could not be read back"));
+    register(&mut e, "n1", 1, 0);
+    assert_eq!(e.schedule(0), 0);
+}

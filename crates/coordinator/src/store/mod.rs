@@ -1,0 +1,182 @@
+//! Durable state behind a [`Store`] trait, with SQLite ([`sqlite::SqliteStore`]) as the embedded
+//! implementation. One writer thread applies operations in order and commits them in groups:
+//! every operation queued while a commit runs goes into the next transaction, so a burst of
+//! submits or reports costs one fsync, not one each. Callers wait for the commit of their ticket
+//! before they acknowledge anything.
+
+pub mod sqlite;
+
+use std::sync::mpsc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use vmgrid_proto::{FileRef, JobState, NodeState};
+
+/// The role a token grants, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRole {
+    Pool,
+    Node,
+    User,
+    Admin,
+}
+
+impl TokenRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenRole::Pool => "pool",
+            TokenRole::Node => "node",
+            TokenRole::User => "user",
+            TokenRole::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TokenRole> {
+        [TokenRole::Pool, TokenRole::Node, TokenRole::User, TokenRole::Admin].into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// A finished run's files: what `logs` and `fetch` read.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoredResult {
+    pub stdout: Option<FileRef>,
+    pub stderr: Option<FileRef>,
+    pub stdout_dropped: u64,
+    pub stderr_dropped: u64,
+    pub outputs: Vec<FileRef>,
+}
+
+/// One durable change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    Token { hash: String, role: TokenRole, owner: String },
+    RevokeToken { hash: String },
+    Spec { id: u64, owner: String, json: String },
+    Jobs { spec_id: u64, first_id: u64, count: u64, owner: String, submitted_ms: u64 },
+    Job(JobRow),
+    Node { name: String, ad_json: String, cred_hash: String, state: NodeState },
+    DeleteNode { name: String },
+}
+
+/// A job's mutable columns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    pub id: u64,
+    pub state: JobState,
+    pub node: Option<String>,
+    pub epoch: u64,
+    pub attempts: u32,
+    pub retries: u32,
+    pub losses: u32,
+    pub exit_code: Option<i32>,
+    pub reason: Option<String>,
+    pub finished_ms: Option<u64>,
+    pub result: Option<StoredResult>,
+    /// Write `result` as it is (clearing it when None); otherwise leave the column alone.
+    pub set_result: bool,
+}
+
+/// A job as loaded at start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredJob {
+    pub spec_id: u64,
+    pub index: u64,
+    pub owner: String,
+    pub submitted_ms: u64,
+    pub row: JobRow,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredNode {
+    pub name: String,
+    pub ad_json: String,
+    pub cred_hash: String,
+    pub state: NodeState,
+}
+
+/// Everything loaded at start.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// (hash, role, owner)
+    pub tokens: Vec<(String, TokenRole, String)>,
+    /// (id, owner, JSON of the spec)
+    pub specs: Vec<(u64, String, String)>,
+    pub jobs: Vec<StoredJob>,
+    pub nodes: Vec<StoredNode>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(pub String);
+
+/// Where the pool's state is kept. `commit` applies the operations in one transaction: all of
+/// them are durable when it returns `Ok`, or none.
+pub trait Store: Send + 'static {
+    fn load(&mut self) -> Result<Loaded, StoreError>;
+    fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError>;
+}
+
+/// The queue into the writer thread and the sequence number of the last durable operation.
+pub struct Writer {
+    tx: mpsc::Sender<(u64, Op)>,
+    next: u64,
+    committed: watch::Receiver<u64>,
+}
+
+impl Writer {
+    /// Starts the writer thread on `store`. A failed commit is fatal: the process exits rather
+    /// than acknowledge changes that are not on disk.
+    pub fn start(mut store: Box<dyn Store>) -> Writer {
+        let (tx, rx) = mpsc::channel::<(u64, Op)>();
+        let (done_tx, committed) = watch::channel(0u64);
+        std::thread::Builder::new()
+            .name("vmgrid-store".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < 50_000 {
+                        match rx.try_recv() {
+                            Ok(op) => batch.push(op),
+                            Err(_) => break,
+                        }
+                    }
+                    let last = batch.last().map(|(s, _)| *s).unwrap_or(0);
+                    let ops: Vec<Op> = batch.into_iter().map(|(_, op)| op).collect();
+                    if let Err(e) = store.commit(&ops) {
+                        tracing::error!(
+                            "the job store cannot commit: {e}; stopping so nothing unsaved is acknowledged"
+                        );
+                        eprintln!("vmgrid coordinator: the job store cannot commit: {e}");
+                        std::process::exit(1);
+                    }
+                    let _ = done_tx.send(last);
+                }
+            })
+            .expect("spawn the store thread");
+        Writer { tx, next: 0, committed }
+    }
+
+    /// Queues an operation; returns its ticket. Call under the engine's lock so tickets follow
+    /// the order of the state changes.
+    pub fn push(&mut self, op: Op) -> u64 {
+        self.next += 1;
+        let _ = self.tx.send((self.next, op));
+        self.next
+    }
+
+    pub fn last_ticket(&self) -> u64 {
+        self.next
+    }
+
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
+    }
+}
+
+/// Waits until the operation with `ticket` (and every one before it) is on disk.
+pub async fn durable(mut committed: watch::Receiver<u64>, ticket: u64) {
+    if ticket == 0 {
+        return;
+    }
+    let _ = committed.wait_for(|c| *c >= ticket).await;
+}

@@ -1,0 +1,231 @@
+//! The embedded store: the pool's state in one SQLite file (WAL, `synchronous = FULL`), the
+//! schema, and the translation of [`Op`]s into statements.
+
+use std::path::Path;
+
+use rusqlite::{Connection, params};
+use vmgrid_proto::{JobState, NodeState};
+
+use super::{JobRow, Loaded, Op, Store, StoreError, StoredJob, StoredNode, StoredResult, TokenRole};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, role TEXT NOT NULL, owner TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS specs (id INTEGER PRIMARY KEY, owner TEXT NOT NULL, json TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+  id INTEGER PRIMARY KEY, spec_id INTEGER NOT NULL, idx INTEGER NOT NULL, owner TEXT NOT NULL,
+  state TEXT NOT NULL, node TEXT, epoch INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
+  retries INTEGER NOT NULL DEFAULT 0, losses INTEGER NOT NULL DEFAULT 0, exit_code INTEGER, reason TEXT,
+  submitted_ms INTEGER NOT NULL, finished_ms INTEGER, result TEXT);
+CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, ad TEXT NOT NULL, cred_hash TEXT NOT NULL, state TEXT NOT NULL);
+";
+
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+fn err(e: rusqlite::Error) -> StoreError {
+    StoreError(e.to_string())
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open(path).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        // FULL: a commit is on disk when it returns, so an acknowledged change survives a crash.
+        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        Ok(SqliteStore { conn })
+    }
+}
+
+impl Store for SqliteStore {
+    fn load(&mut self) -> Result<Loaded, StoreError> {
+        load(&self.conn).map_err(err)
+    }
+
+    fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError> {
+        let t = self.conn.transaction().map_err(err)?;
+        for op in ops {
+            apply(&t, op).map_err(err)?;
+        }
+        t.commit().map_err(err)
+    }
+}
+
+/// A node in a state this version does not know must register again.
+fn node_state(s: &str) -> NodeState {
+    match s {
+        "ready" => NodeState::Ready,
+        "draining" => NodeState::Draining,
+        _ => NodeState::Lost,
+    }
+}
+
+fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
+    let mut l = Loaded::default();
+    let mut st = conn.prepare("SELECT hash, role, owner FROM tokens")?;
+    for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))? {
+        let (hash, role, owner) = row?;
+        // A token of a role this version does not know grants nothing.
+        if let Some(role) = TokenRole::parse(&role) {
+            l.tokens.push((hash, role, owner));
+        }
+    }
+    let mut st = conn.prepare("SELECT id, owner, json FROM specs")?;
+    l.specs =
+        st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+    let mut st = conn.prepare(
+        "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result FROM jobs ORDER BY id",
+    )?;
+    l.jobs = st.query_map([], stored_job)?.collect::<Result<_, _>>()?;
+    let mut st = conn.prepare("SELECT name, ad, cred_hash, state FROM nodes")?;
+    l.nodes = st
+        .query_map([], |r| {
+            Ok(StoredNode {
+                name: r.get(0)?,
+                ad_json: r.get(1)?,
+                cred_hash: r.get(2)?,
+                state: node_state(&r.get::<_, String>(3)?),
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(l)
+}
+
+fn stored_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredJob> {
+    // A result that does not parse is dropped, not fatal: the job keeps its state. A state this
+    // version does not know holds the job, with the reason.
+    let result: Option<String> = r.get(14)?;
+    let state: String = r.get(4)?;
+    let (state, reason) = match JobState::parse(&state) {
+        Some(s) => (s, r.get(11)?),
+        None => (JobState::Held, Some(format!("the store held an unknown state {state:?} for this job"))),
+    };
+    Ok(StoredJob {
+        spec_id: r.get::<_, i64>(1)? as u64,
+        index: r.get::<_, i64>(2)? as u64,
+        owner: r.get(3)?,
+        submitted_ms: r.get::<_, i64>(12)? as u64,
+        row: JobRow {
+            id: r.get::<_, i64>(0)? as u64,
+            state,
+            node: r.get(5)?,
+            epoch: r.get::<_, i64>(6)? as u64,
+            attempts: r.get(7)?,
+            retries: r.get(8)?,
+            losses: r.get(9)?,
+            exit_code: r.get(10)?,
+            reason,
+            finished_ms: r.get::<_, Option<i64>>(13)?.map(|x| x as u64),
+            result: result.and_then(|j| serde_json::from_str::<StoredResult>(&j).ok()),
+            set_result: false,
+        },
+    })
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
+    match op {
+        Op::Token { hash, role, owner } => {
+            tx.execute(
+                "INSERT OR REPLACE INTO tokens (hash, role, owner) VALUES (?1, ?2, ?3)",
+                params![hash, role.as_str(), owner],
+            )?;
+        }
+        Op::RevokeToken { hash } => {
+            tx.execute("DELETE FROM tokens WHERE hash = ?1", params![hash])?;
+        }
+        Op::Spec { id, owner, json } => {
+            tx.execute("INSERT INTO specs (id, owner, json) VALUES (?1, ?2, ?3)", params![*id as i64, owner, json])?;
+        }
+        Op::Jobs { spec_id, first_id, count, owner, submitted_ms } => {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO jobs (id, spec_id, idx, owner, state, submitted_ms) VALUES (?1, ?2, ?3, ?4, 'idle', ?5)",
+            )?;
+            for i in 0..*count {
+                st.execute(params![(first_id + i) as i64, *spec_id as i64, i as i64, owner, *submitted_ms as i64])?;
+            }
+        }
+        Op::Job(j) => {
+            let mut st = tx.prepare_cached(
+                "UPDATE jobs SET state = ?2, node = ?3, epoch = ?4, attempts = ?5, retries = ?6, losses = ?7, exit_code = ?8, reason = ?9, finished_ms = ?10, result = CASE WHEN ?12 THEN ?11 ELSE result END WHERE id = ?1",
+            )?;
+            let result = j.result.as_ref().map(|r| serde_json::to_string(r).expect("a result serializes"));
+            st.execute(params![
+                j.id as i64,
+                j.state.as_str(),
+                j.node,
+                j.epoch as i64,
+                j.attempts,
+                j.retries,
+                j.losses,
+                j.exit_code,
+                j.reason,
+                j.finished_ms.map(|x| x as i64),
+                result,
+                j.set_result
+            ])?;
+        }
+        Op::Node { name, ad_json, cred_hash, state } => {
+            tx.execute(
+                "INSERT OR REPLACE INTO nodes (name, ad, cred_hash, state) VALUES (?1, ?2, ?3, ?4)",
+                params![name, ad_json, cred_hash, state.as_str()],
+            )?;
+        }
+        Op::DeleteNode { name } => {
+            tx.execute("DELETE FROM nodes WHERE name = ?1", params![name])?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Engine, Principal, Timing, hash_token};
+
+    /// What the engine put in the store comes back as the same pool after a restart.
+    #[test]
+    fn acknowledged_state_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.sqlite");
+        let timing = Timing { lease_ttl_ms: 1000, node_ttl_ms: 1000, heartbeat_ms: 200 };
+        let mut e = Engine::new(timing);
+        e.add_token(hash_token("admin-secret"), Principal::Admin("admin".into()));
+        e.register(crate::engine::tests::ad("n1", 1), None, false, hash_token("cred"), 0).unwrap();
+        e.submit("alice", crate::engine::tests::spec(0), 2, 0).unwrap();
+        e.schedule(0);
+        let l = e.take_leases("n1", 10, 10, 0);
+        e.report("n1", vec![crate::engine::tests::exited(&l[0], 5)], 1).unwrap();
+        e.schedule(2);
+        let before = e.job_views(&Principal::Admin("admin".into()));
+        let mut store = SqliteStore::open(&path).unwrap();
+        store.commit(&e.take_effects().ops).unwrap();
+        drop(store);
+
+        let mut store = SqliteStore::open(&path).unwrap();
+        let e = Engine::load(store.load().unwrap(), timing, 10);
+        let admin = Principal::Admin("admin".into());
+        assert_eq!(e.job_views(&admin), before);
+        assert_eq!(e.job_views(&admin)[0].exit_code, Some(5));
+        assert_eq!(e.job_views(&admin)[1].state, JobState::Running, "a running job keeps its lease across a restart");
+        assert_eq!(e.node_views()[0].running_jobs, 1);
+        assert_eq!(e.authenticate("admin-secret"), Some(&admin));
+        assert_eq!(e.authenticate("cred"), Some(&Principal::Node("n1".into())));
+    }
+
+    #[test]
+    fn a_job_in_an_unknown_state_is_held_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("pool.sqlite")).unwrap();
+        store
+            .conn
+            .execute(
+                "INSERT INTO jobs (id, spec_id, idx, owner, state, submitted_ms) VALUES (1, 1, 0, 'a', 'weird', 0)",
+                [],
+            )
+            .unwrap();
+        let row = store.load().unwrap().jobs.remove(0).row;
+        assert_eq!(row.state, JobState::Held);
+        assert!(row.reason.unwrap().contains("\"weird\""));
+    }
+}

@@ -1,0 +1,393 @@
+//! The one set of rules a job obeys, wherever it comes from: a job file ([`crate::parse_job`]) or a
+//! spec sent to a pool's API (`vmgrid-proto`'s `JobSpec::check`, which the coordinator runs). Both
+//! describe the job as a [`Shape`] and call [`check`], so a spec cannot pass at the coordinator
+//! what a job file would fail. Each refusal names the [`Field`] at fault; the job-file parser turns
+//! it into a line and column.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path};
+
+use crate::{Network, VmType, limits};
+
+/// The part of a job a rule refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Field {
+    Name,
+    /// The `[vm]` table as a whole (a key it lacks).
+    Vm,
+    Arg(usize),
+    /// The value of this environment variable.
+    Env(String),
+    Kernel,
+    Initrd,
+    Append,
+    Network,
+    Cpus,
+    MemoryMb,
+    TimeoutS,
+    DiskMb,
+    Input(usize),
+    Output(usize),
+    Requirements,
+    Rank,
+    MaxRetries,
+}
+
+/// Why a job is refused, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: Field,
+    pub message: String,
+}
+
+fn invalid(field: Field, message: impl Into<String>) -> Invalid {
+    Invalid { field, message: message.into() }
+}
+
+/// A job as the rules see it. Numbers are `i64` so that a job file's negative or huge values
+/// reach the range checks instead of failing to convert.
+#[derive(Debug, Clone)]
+pub struct Shape<'a> {
+    pub name: &'a str,
+    pub vm_type: VmType,
+    pub image: bool,
+    pub args: &'a [String],
+    pub env: &'a BTreeMap<String, String>,
+    pub kernel: bool,
+    pub initrd: bool,
+    pub append: Option<&'a str>,
+    /// `None` when the job does not say (the default, no network).
+    pub network: Option<Network>,
+    pub cpus: i64,
+    /// 1, or 0 for a time-shared process of a single-system image (it takes no cpu slot).
+    pub min_cpus: i64,
+    pub memory_mb: i64,
+    pub timeout_s: i64,
+    pub disk_mb: i64,
+    /// Where each input lands in the job directory.
+    pub inputs: Vec<&'a str>,
+    pub outputs: &'a [String],
+    pub requirements: Option<&'a str>,
+    pub rank: Option<&'a str>,
+    pub max_retries: i64,
+}
+
+/// Applies every rule; the first one broken is the answer.
+pub fn check(s: &Shape<'_>) -> Result<(), Invalid> {
+    name(s.name)?;
+    vm(s)?;
+    resources(s)?;
+    for (i, dest) in s.inputs.iter().enumerate() {
+        if !is_confined_path(dest) {
+            return Err(invalid(Field::Input(i), format!("input `{dest}` must land inside the job directory")));
+        }
+    }
+    for (i, pat) in s.outputs.iter().enumerate() {
+        output_pattern(pat).map_err(|m| invalid(Field::Output(i), m))?;
+    }
+    for (field, which, src) in [(Field::Requirements, "requirements", s.requirements), (Field::Rank, "rank", s.rank)] {
+        if let Some(src) = src {
+            expression(which, src).map_err(|m| invalid(field, m))?;
+        }
+    }
+    int_in(Field::MaxRetries, "max_retries", s.max_retries, 0, limits::MAX_RETRIES as i64)
+}
+
+fn name(n: &str) -> Result<(), Invalid> {
+    if n.is_empty() || n.len() > limits::MAX_NAME_LEN {
+        return Err(invalid(Field::Name, format!("`name` must be 1 to {} characters", limits::MAX_NAME_LEN)));
+    }
+    if !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        return Err(invalid(Field::Name, "`name` may use only letters, digits, `-`, `_` and `.`"));
+    }
+    Ok(())
+}
+
+fn vm(s: &Shape<'_>) -> Result<(), Invalid> {
+    if s.vm_type == VmType::Qemu {
+        qemu_files(s)?;
+    } else {
+        let qemu_only = [
+            (Field::Kernel, "kernel", s.kernel),
+            (Field::Initrd, "initrd", s.initrd),
+            (Field::Append, "append", s.append.is_some()),
+            (Field::Network, "network", s.network.is_some()),
+        ];
+        if let Some((field, key, _)) = qemu_only.into_iter().find(|(_, _, set)| *set) {
+            return Err(invalid(
+                field,
+                format!("`{key}` applies only to qemu jobs, and this job's vm type is `{}`", s.vm_type),
+            ));
+        }
+        if !s.image {
+            return Err(invalid(Field::Vm, format!("a {} job needs `image` in [vm]", s.vm_type)));
+        }
+    }
+    if s.args.len() > limits::MAX_ARGS {
+        return Err(invalid(Field::Arg(limits::MAX_ARGS), format!("at most {} args", limits::MAX_ARGS)));
+    }
+    if let Some(i) = s.args.iter().position(|a| a.contains('\0')) {
+        return Err(invalid(Field::Arg(i), "an argument may not contain a NUL byte"));
+    }
+    if s.env.len() > limits::MAX_ENV {
+        let key = s.env.keys().nth(limits::MAX_ENV).cloned().unwrap_or_default();
+        return Err(invalid(Field::Env(key), format!("at most {} environment variables", limits::MAX_ENV)));
+    }
+    for (k, v) in s.env {
+        if !is_env_name(k) {
+            return Err(invalid(
+                Field::Env(k.clone()),
+                format!("environment variable name `{k}` must be letters, digits and `_`, not starting with a digit"),
+            ));
+        }
+        if v.contains('\0') {
+            return Err(invalid(Field::Env(k.clone()), "an environment value may not contain a NUL byte"));
+        }
+    }
+    let arg_bytes: usize = s.args.iter().map(|a| a.len() + 1).sum::<usize>()
+        + s.env.iter().map(|(k, v)| k.len() + v.len() + 2).sum::<usize>();
+    if arg_bytes > limits::MAX_ARGV_ENV_BYTES {
+        return Err(invalid(
+            Field::Vm,
+            format!("args and env take {arg_bytes} bytes; the limit is {}", limits::MAX_ARGV_ENV_BYTES),
+        ));
+    }
+    if s.vm_type == VmType::Qemu && s.kernel {
+        kernel_cmdline(s)?;
+    }
+    Ok(())
+}
+
+fn qemu_files(s: &Shape<'_>) -> Result<(), Invalid> {
+    if !s.image && !s.kernel {
+        return Err(invalid(
+            Field::Vm,
+            "a qemu job needs `image` (a disk image), `kernel` (direct kernel boot), or both",
+        ));
+    }
+    if s.kernel {
+        return Ok(());
+    }
+    for (field, key, set) in [(Field::Initrd, "initrd", s.initrd), (Field::Append, "append", s.append.is_some())] {
+        if set {
+            return Err(invalid(field, format!("`{key}` needs `kernel`: it is used only for direct kernel boot")));
+        }
+    }
+    if !s.args.is_empty() {
+        return Err(invalid(
+            Field::Arg(0),
+            "qemu `args` need `kernel`: they are passed to the guest's init on the kernel command line",
+        ));
+    }
+    if let Some(k) = s.env.keys().next() {
+        return Err(invalid(
+            Field::Env(k.clone()),
+            "qemu `env` needs `kernel`: it is passed to the guest's init on the kernel command line",
+        ));
+    }
+    Ok(())
+}
+
+/// Direct-kernel-boot jobs carry args and env on the kernel command line, whose syntax allows
+/// double quotes around spaces but no quote inside a value, and whose length is bounded.
+fn kernel_cmdline(s: &Shape<'_>) -> Result<(), Invalid> {
+    // Linux gives init at most 32 argv and 32 envp entries, and uses some of each itself.
+    if s.args.len() > limits::MAX_KERNEL_INIT_ARGS {
+        return Err(invalid(
+            Field::Arg(limits::MAX_KERNEL_INIT_ARGS),
+            format!("a qemu job passes at most {} args to the guest's init", limits::MAX_KERNEL_INIT_ARGS),
+        ));
+    }
+    if let Some(k) = s.env.keys().nth(limits::MAX_KERNEL_INIT_ENV) {
+        return Err(invalid(
+            Field::Env(k.clone()),
+            format!("a qemu job passes at most {} env variables to the guest's init", limits::MAX_KERNEL_INIT_ENV),
+        ));
+    }
+    if let Some(a) = s.append
+        && a.contains(['\n', '\0'])
+    {
+        return Err(invalid(Field::Append, "`append` is one kernel command line: no newline or NUL byte"));
+    }
+    let mut len = s.append.map_or(0, str::len);
+    for (i, a) in s.args.iter().enumerate() {
+        if a.contains(['"', '\n']) {
+            return Err(invalid(
+                Field::Arg(i),
+                "qemu args travel on the kernel command line and may not contain `\"` or a newline",
+            ));
+        }
+        len += a.len() + 3;
+    }
+    for (k, v) in s.env {
+        if v.contains(['"', '\n']) {
+            return Err(invalid(
+                Field::Env(k.clone()),
+                "qemu env values travel on the kernel command line and may not contain `\"` or a newline",
+            ));
+        }
+        len += k.len() + v.len() + 4;
+    }
+    if len > limits::MAX_KERNEL_CMDLINE {
+        return Err(invalid(
+            Field::Append,
+            format!(
+                "append, args and env make a kernel command line of {len} bytes; the limit is {}",
+                limits::MAX_KERNEL_CMDLINE
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn resources(s: &Shape<'_>) -> Result<(), Invalid> {
+    let max_mem = if s.vm_type == VmType::Wasm { limits::MAX_WASM_MEMORY_MB } else { limits::MAX_MEMORY_MB };
+    int_in(Field::Cpus, "cpus", s.cpus, s.min_cpus, limits::MAX_CPUS as i64)?;
+    int_in(Field::MemoryMb, "memory_mb", s.memory_mb, 1, max_mem as i64)?;
+    int_in(Field::TimeoutS, "timeout_s", s.timeout_s, 1, limits::MAX_TIMEOUT_S as i64)?;
+    int_in(Field::DiskMb, "disk_mb", s.disk_mb, 1, limits::MAX_DISK_MB as i64)
+}
+
+fn int_in(field: Field, key: &str, x: i64, min: i64, max: i64) -> Result<(), Invalid> {
+    if x < min || x > max {
+        return Err(invalid(field, format!("`{key}` is {x}, but must be between {min} and {max}")));
+    }
+    Ok(())
+}
+
+/// Letters, digits and `_`, not starting with a digit.
+pub fn is_env_name(k: &str) -> bool {
+    !k.is_empty()
+        && !k.starts_with(|c: char| c.is_ascii_digit())
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// An output glob: relative to the job directory, without `..`, and a valid glob.
+pub fn output_pattern(pat: &str) -> Result<(), String> {
+    let p = Path::new(pat);
+    if pat.is_empty()
+        || pat.contains('\0')
+        || p.is_absolute()
+        || p.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(format!("output pattern `{pat}` must be relative to the job directory, without `..`"));
+    }
+    if let Err(e) = globset::Glob::new(pat) {
+        return Err(format!("output pattern `{pat}` is not a valid glob: {}", e.kind()));
+    }
+    Ok(())
+}
+
+/// A CEL expression's text: bounded in size, so that what the matchmaker compiles stays small.
+fn expression(which: &str, src: &str) -> Result<(), String> {
+    if src.len() > limits::MAX_EXPRESSION_LEN {
+        return Err(format!("`{which}` is {} bytes long; the limit is {}", src.len(), limits::MAX_EXPRESSION_LEN));
+    }
+    if src.contains('\0') {
+        return Err(format!("`{which}` may not contain a NUL byte"));
+    }
+    Ok(())
+}
+
+/// Whether a relative path from a job is safe to create under a directory: relative, with only
+/// normal components, no NUL byte.
+pub fn is_confined_path(p: &str) -> bool {
+    let path = Path::new(p);
+    !p.is_empty()
+        && !p.contains('\0')
+        && !path.is_absolute()
+        && path.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wasm<'a>(args: &'a [String], env: &'a BTreeMap<String, String>) -> Shape<'a> {
+        Shape {
+            name: "j",
+            vm_type: VmType::Wasm,
+            image: true,
+            args,
+            env,
+            kernel: false,
+            initrd: false,
+            append: None,
+            network: None,
+            cpus: 1,
+            min_cpus: 1,
+            memory_mb: 64,
+            timeout_s: 10,
+            disk_mb: 10,
+            inputs: vec!["in.txt"],
+            outputs: &[],
+            requirements: None,
+            rank: None,
+            max_retries: 0,
+        }
+    }
+
+    #[test]
+    fn a_plain_wasm_job_passes() {
+        let env = BTreeMap::from([("MODE".to_string(), "fast".to_string())]);
+        assert_eq!(check(&wasm(&["a".into()], &env)), Ok(()));
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let none = BTreeMap::new();
+        let args: Vec<String> = vec!["ok".into(), "nul\0".into()];
+        assert_eq!(check(&wasm(&args, &none)).unwrap_err().field, Field::Arg(1));
+        let bad_key = BTreeMap::from([("A B".to_string(), "x".to_string())]);
+        assert_eq!(check(&wasm(&[], &bad_key)).unwrap_err().field, Field::Env("A B".into()));
+        let mut s = wasm(&[], &none);
+        s.name = "x,process=evil";
+        assert_eq!(check(&s).unwrap_err().field, Field::Name);
+        let mut s = wasm(&[], &none);
+        s.cpus = 0;
+        assert_eq!(check(&s).unwrap_err().message, "`cpus` is 0, but must be between 1 and 256");
+        s.min_cpus = 0;
+        assert_eq!(check(&s), Ok(()), "time-shared jobs may ask for no cpu");
+        let mut s = wasm(&[], &none);
+        s.inputs = vec!["../escape"];
+        assert_eq!(check(&s).unwrap_err().field, Field::Input(0));
+        let outs = vec!["out/[".to_string()];
+        let mut s = wasm(&[], &none);
+        s.outputs = &outs;
+        assert!(check(&s).unwrap_err().message.contains("not a valid glob"));
+        let big = "1+".repeat(limits::MAX_EXPRESSION_LEN) + "1";
+        let mut s = wasm(&[], &none);
+        s.requirements = Some(&big);
+        assert_eq!(check(&s).unwrap_err().field, Field::Requirements);
+    }
+
+    #[test]
+    fn qemu_rules_hold_for_the_kernel_command_line() {
+        let none = BTreeMap::new();
+        let args: Vec<String> = vec!["sh".into(), "say \"hi\"".into()];
+        let mut s = wasm(&args, &none);
+        s.vm_type = VmType::Qemu;
+        s.image = false;
+        s.kernel = true;
+        assert_eq!(check(&s).unwrap_err().field, Field::Arg(1));
+        let long = "x".repeat(3000);
+        let mut s = wasm(&[], &none);
+        s.vm_type = VmType::Qemu;
+        s.kernel = true;
+        s.append = Some(&long);
+        assert!(check(&s).unwrap_err().message.contains("kernel command line of 3000 bytes"));
+        let mut s = wasm(&[], &none);
+        s.network = Some(Network::User);
+        assert_eq!(check(&s).unwrap_err().field, Field::Network, "network is for qemu jobs only");
+    }
+
+    #[test]
+    fn confined_paths_stay_inside() {
+        for ok in ["a", "a/b.txt", "out/x/y"] {
+            assert!(is_confined_path(ok), "{ok}");
+        }
+        for bad in ["", "/etc/passwd", "../x", "a/../../b", "./a", "a/./b/..", "a\0b"] {
+            assert!(!is_confined_path(bad), "{bad}");
+        }
+    }
+}

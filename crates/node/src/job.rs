@@ -1,0 +1,136 @@
+//! One leased job on this node: its files fetched through the cache, its inputs staged, the run
+//! (against its home, for an SSI process), its outputs collected and uploaded, and the report
+//! that says what happened. The coordinator, not the node, decides what the report means.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use vmgrid_client::Client;
+use vmgrid_proto::*;
+use vmgrid_runtime::jobdir::{self, Collected};
+use vmgrid_runtime::{FailureKind, Outcome, RunError, RunRequest, RunResult};
+
+use crate::{Agent, ssi};
+
+fn report(id: LeaseId, run: RunReport) -> Report {
+    Report { lease: id, run, stdout: None, stderr: None, stdout_dropped: 0, stderr_dropped: 0, outputs: Vec::new() }
+}
+
+impl Agent {
+    /// Runs one leased job and builds its report.
+    pub(crate) fn run_job(&self, lease: &Lease, cancel: Arc<AtomicBool>) -> Report {
+        let id = LeaseId { job_id: lease.job_id, epoch: lease.epoch };
+        let dir = self.work_dir.join(format!("job-{}-{}", lease.job_id, lease.epoch));
+        let mut home_gone = false;
+        let result = self.attempt(lease, &cancel, &dir, &mut home_gone);
+        let _ = std::fs::remove_dir_all(&dir);
+        let stopped = cancel.load(Ordering::Relaxed);
+        if stopped {
+            // Still reported: the coordinator, not the node, decides what a result is worth, and
+            // it refuses one whose lease is gone.
+            tracing::info!(job = lease.job_id, epoch = lease.epoch, "stopped: the lease was revoked");
+        }
+        match result {
+            // An SSI process whose console went away is over: nothing would take its output.
+            Ok(r) if home_gone => Report {
+                run: RunReport::GuestFailed {
+                    failure: FailureKind::Cancelled,
+                    reason: "the process's home (its `vmgrid ssi` console) is gone".into(),
+                },
+                ..r
+            },
+            // A run this node stopped (drain timeout, revoked lease) says nothing about the job:
+            // it goes back to the pool, which refuses it anyway if the lease is gone.
+            Ok(r) if stopped => Report { run: RunReport::HostFailed { reason: "stopped by its node".into() }, ..r },
+            Ok(r) => r,
+            Err(RunError::BadJob(reason)) => report(id, RunReport::BadJob { reason }),
+            Err(RunError::Host(reason)) => report(id, RunReport::HostFailed { reason }),
+        }
+    }
+
+    fn attempt(
+        &self,
+        lease: &Lease,
+        cancel: &Arc<AtomicBool>,
+        dir: &Path,
+        home_gone: &mut bool,
+    ) -> Result<Report, RunError> {
+        let client = self.client();
+        let job = self.localize(&client, lease)?;
+        let job_dir = dir.join("job");
+        std::fs::create_dir_all(&job_dir).map_err(|e| RunError::host("cannot create the job directory", e))?;
+        jobdir::stage_inputs(&job, &job_dir)?;
+        // An SSI process runs against its home: its job directory is the mirror of the home's
+        // files, and the home hears of its start, output and end first.
+        let home = lease.spec.ssi.clone().map(|spec| ssi::HomeLink::start(spec, cancel.clone()));
+        if let Some(h) = &home {
+            h.started(&self.ad.name);
+        }
+        let host = home.clone().map(|h| h as Arc<dyn vmgrid_runtime::ssi::SsiHost>);
+        let run =
+            self.runtime.run(&RunRequest { job: &job, job_dir: &job_dir, cancel: Some(cancel.clone()), ssi: host });
+        if let Some(h) = &home {
+            match &run {
+                Ok(r) => h.finish(Some(&r.outcome), None),
+                Err(e) => h.finish(None, Some(&e.to_string())),
+            }
+        }
+        *home_gone = home.as_ref().is_some_and(|h| h.home_gone());
+        let result = run?;
+        let out_dir = dir.join("out");
+        let collected = jobdir::collect_outputs(&job, &job_dir, &out_dir)?;
+        upload(&client, LeaseId { job_id: lease.job_id, epoch: lease.epoch }, &result, &collected, &out_dir)
+    }
+
+    /// The lease's job, with its files fetched into the cache (once per hash).
+    fn localize(&self, client: &Client, lease: &Lease) -> Result<vmgrid_job::Job, RunError> {
+        let spec = &lease.spec;
+        let mut located: HashMap<BlobRef, PathBuf> = HashMap::new();
+        for f in spec.image.iter().chain(&spec.kernel).chain(&spec.initrd).chain(&spec.inputs) {
+            let p = self
+                .cache
+                .get(client, &f.blob)
+                .map_err(|e| RunError::Host(format!("cannot fetch `{}`: {e}", f.path)))?;
+            located.insert(f.blob.clone(), p);
+        }
+        spec.to_job(Path::new(&format!("job-{}", lease.job_id)), |f| located[&f.blob].clone()).map_err(RunError::BadJob)
+    }
+}
+
+/// The report of a run that ended: its outcome, its stdout and stderr and its outputs uploaded.
+fn upload(
+    client: &Client,
+    id: LeaseId,
+    result: &RunResult,
+    collected: &Collected,
+    out_dir: &Path,
+) -> Result<Report, RunError> {
+    let upload = |bytes: &[u8], name: &str| {
+        client.upload_bytes(bytes, name).map_err(|e| RunError::Host(format!("cannot upload {name}: {e}")))
+    };
+    let mut r = report(
+        id,
+        match &result.outcome {
+            Outcome::Exited(code) => RunReport::Exited { code: *code },
+            Outcome::Failed(f) => RunReport::GuestFailed { failure: f.kind, reason: f.reason.clone() },
+        },
+    );
+    if !result.stdout.bytes.is_empty() {
+        r.stdout = Some(upload(&result.stdout.bytes, "stdout")?);
+    }
+    if !result.stderr.bytes.is_empty() {
+        r.stderr = Some(upload(&result.stderr.bytes, "stderr")?);
+    }
+    r.stdout_dropped = result.stdout.dropped;
+    r.stderr_dropped = result.stderr.dropped;
+    for rel in &collected.files {
+        let name = rel.to_string_lossy().into_owned();
+        let f = client
+            .upload_file(&out_dir.join(rel), &name)
+            .map_err(|e| RunError::Host(format!("cannot upload output {name}: {e}")))?;
+        r.outputs.push(f);
+    }
+    Ok(r)
+}
