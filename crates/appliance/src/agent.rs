@@ -60,8 +60,13 @@ fn serve(args: AgentOptions) -> Result<i32, Error> {
     let credential = args.state_dir.join("credential");
     let _ = std::fs::remove_file(&credential);
     let memory_mb = memory_mb();
+    let trust = match &config.ca {
+        Some(pem) => vmgrid_client::Trust::pool_ca(pem).map_err(|e| Error::BadInput(e.to_string()))?,
+        None => vmgrid_client::Trust::default(),
+    };
     let node = NodeConfig {
         pool: config.pool.clone(),
+        trust,
         token: config.token.trim().to_string(),
         name: name.clone(),
         cpus: None,
@@ -130,9 +135,12 @@ fn write_client_config(path: &Path, config: &ApplianceConfig) -> Result<(), Erro
         pool: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         token: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ca: Option<&'a str>,
     }
-    let text = toml::to_string(&ClientToml { pool: &config.pool, token: config.user_token.as_deref().map(str::trim) })
-        .expect("a client.toml serializes");
+    let toml =
+        ClientToml { pool: &config.pool, token: config.user_token.as_deref().map(str::trim), ca: config.ca.as_deref() };
+    let text = toml::to_string(&toml).expect("a client.toml serializes");
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(tools::io(format!("cannot create {}", parent.display())))?;
     }

@@ -35,6 +35,9 @@ pub struct ApplianceConfig {
     /// On power-off, how long running jobs get to finish before they are handed back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_timeout_s: Option<u64>,
+    /// The pool's CA certificate (PEM), which the appliance trusts for the pool's TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
 }
 
 impl ApplianceConfig {
@@ -45,8 +48,15 @@ impl ApplianceConfig {
     }
 
     pub fn check(&self) -> Result<(), String> {
-        if !self.pool.starts_with("http://") {
-            return Err(format!("the pool URL `{}` must start with http:// (the pool's API is plain HTTP)", self.pool));
+        let https = self.pool.starts_with("https://");
+        if !https && !self.pool.starts_with("http://") {
+            return Err(format!(
+                "the pool URL `{}` must start with https:// (or http:// for a plain-HTTP pool)",
+                self.pool
+            ));
+        }
+        if let Some(ca) = &self.ca {
+            vmgrid_tls::certs(ca, "the pool's CA certificate").map_err(|e| e.to_string())?;
         }
         if self.token.trim().is_empty() {
             return Err("the pool token is empty".into());
@@ -171,18 +181,21 @@ mod tests {
     #[test]
     fn the_config_round_trips_and_refuses_unknown_keys() {
         let c = ApplianceConfig {
-            pool: "http://10.0.2.2:7800".into(),
+            pool: "https://10.0.2.2:7800".into(),
             token: "t".into(),
             user_token: Some("u".into()),
             name: Some("a-1".into()),
             labels: BTreeMap::from([("site".into(), "lab".into())]),
             drain_timeout_s: Some(5),
+            ca: Some(vmgrid_tls::Ca::generate().unwrap().cert_pem().to_string()),
         };
         assert_eq!(ApplianceConfig::parse(&c.to_toml()).unwrap(), c);
         let err = ApplianceConfig::parse("pool = \"http://x\"\ntoken = \"t\"\ncolour = 1\n").unwrap_err();
         assert!(err.contains("colour"), "{err}");
         let err = ApplianceConfig::parse("pool = \"ftp://x\"\ntoken = \"t\"\n").unwrap_err();
-        assert!(err.contains("http://"), "{err}");
+        assert!(err.contains("https://"), "{err}");
+        let err = ApplianceConfig::parse("pool = \"https://x\"\ntoken = \"t\"\nca = \"not a pem\"\n").unwrap_err();
+        assert!(err.contains("CA certificate"), "{err}");
         let err = ApplianceConfig::parse("pool = \"http://x\"\ntoken = \"t\"\nname = \"a b\"\n").unwrap_err();
         assert!(err.contains("host name"), "{err}");
     }

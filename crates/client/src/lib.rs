@@ -39,20 +39,100 @@ pub struct Client {
     base: String,
     auth: String,
     agent: ureq::Agent,
+    trust: Trust,
 }
 
 const JSON_LIMIT: u64 = 1 << 30;
 
-impl Client {
-    pub fn new(pool: &str, token: &str) -> Client {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+/// Which certificates a client accepts from the servers it talks to.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Trust {
+    /// The pool's CA (PEM): only certificates it signed. `None`: the public web PKI's roots, for
+    /// a pool serving a certificate from a public CA.
+    pub ca_pem: Option<String>,
+}
+
+impl std::fmt::Debug for Trust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.ca_pem {
+            Some(pem) => write!(f, "Trust(pool CA {})", vmgrid_tls::fingerprint(pem).unwrap_or_else(|_| "?".into())),
+            None => f.write_str("Trust(web PKI)"),
+        }
+    }
+}
+
+impl Trust {
+    pub fn pool_ca(ca_pem: &str) -> Result<Trust> {
+        vmgrid_tls::certs(ca_pem, "the pool's CA certificate").map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(Trust { ca_pem: Some(ca_pem.to_string()) })
+    }
+
+    fn tls_config(&self) -> ureq::tls::TlsConfig {
+        let mut b = ureq::tls::TlsConfig::builder()
+            .provider(ureq::tls::TlsProvider::Rustls)
+            .unversioned_rustls_crypto_provider(vmgrid_tls::client_provider());
+        if let Some(pem) = &self.ca_pem {
+            let roots: Vec<ureq::tls::Certificate<'static>> = vmgrid_tls::certs(pem, "the pool's CA")
+                .unwrap_or_default()
+                .iter()
+                .map(|c| ureq::tls::Certificate::from_der(c).to_owned())
+                .collect();
+            b = b.root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(roots)));
+        }
+        b.build()
+    }
+
+    /// An HTTP agent that checks servers against this trust, with vmgrid's timeouts: a connect
+    /// gives up after 5 s, and an answer after `recv` (long polls wait at most a minute).
+    pub fn agent(&self, recv: Duration) -> ureq::Agent {
+        ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(5)))
-            // Long polls wait at most a minute; a pool that accepts and never answers is dead.
-            .timeout_recv_response(Some(Duration::from_secs(90)))
+            .timeout_recv_response(Some(recv))
+            .tls_config(self.tls_config())
             .build()
-            .into();
-        Client { base: pool.trim_end_matches('/').to_string(), auth: format!("Bearer {}", token.trim()), agent }
+            .into()
+    }
+}
+
+/// A transport error in words a person can act on: a certificate the client does not trust says
+/// so, and what to check.
+pub fn describe(url: &str, e: &ureq::Error) -> String {
+    let text = e.to_string();
+    let tls = ["UnknownIssuer", "certificate", "NotValidForName", "BadSignature", "invalid peer"];
+    if tls.iter().any(|t| text.contains(t)) {
+        return format!(
+            "{text}: the server's TLS certificate is not one this client trusts; check that `ca` (client.toml), --ca-file or the node's ca.pem is this pool's CA, and that {url} is an address the certificate names"
+        );
+    }
+    text
+}
+
+impl Client {
+    /// A client of the pool at `pool` (https with the public web PKI, or plain http).
+    pub fn new(pool: &str, token: &str) -> Client {
+        Client::with_trust(pool, token, Trust::default())
+    }
+
+    /// A client that trusts what `trust` says.
+    pub fn with_trust(pool: &str, token: &str, trust: Trust) -> Client {
+        // Long polls wait at most a minute; a pool that accepts and never answers is dead.
+        let agent = trust.agent(Duration::from_secs(90));
+        Client { base: pool.trim_end_matches('/').to_string(), auth: format!("Bearer {}", token.trim()), agent, trust }
+    }
+
+    /// The same pool and trust with another token (a node's credential after it registers).
+    pub fn with_token(&self, token: &str) -> Client {
+        Client {
+            base: self.base.clone(),
+            auth: format!("Bearer {}", token.trim()),
+            agent: self.agent.clone(),
+            trust: self.trust.clone(),
+        }
+    }
+
+    pub fn trust(&self) -> &Trust {
+        &self.trust
     }
 
     pub fn url(&self) -> &str {
@@ -60,7 +140,7 @@ impl Client {
     }
 
     fn unreachable(&self, e: ureq::Error) -> ClientError {
-        ClientError::Unreachable { url: self.base.clone(), message: e.to_string() }
+        ClientError::Unreachable { url: self.base.clone(), message: describe(&self.base, &e) }
     }
 
     fn check(&self, mut resp: ureq::http::Response<ureq::Body>) -> Result<ureq::http::Response<ureq::Body>> {
@@ -102,8 +182,24 @@ impl Client {
         self.post("/v1/jobs", req)
     }
 
+    /// Every job the token may see, page by page.
     pub fn jobs(&self) -> Result<Vec<JobView>> {
-        self.get("/v1/jobs")
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.jobs_page(after, MAX_PAGE, None)?;
+            all.extend(page.jobs);
+            match page.next_after {
+                Some(n) => after = n,
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// One page of jobs after id `after`, in `state` if given.
+    pub fn jobs_page(&self, after: u64, limit: usize, state: Option<JobState>) -> Result<JobPage> {
+        let state = state.map(|s| format!("&state={}", s.as_str())).unwrap_or_default();
+        self.get(&format!("/v1/jobs?after={after}&limit={limit}{state}"))
     }
 
     pub fn job(&self, id: u64) -> Result<JobResult> {
@@ -148,9 +244,27 @@ impl Client {
         self.check(resp).map(|_| ())
     }
 
-    pub fn add_token(&self, role: Role, owner: &str) -> Result<String> {
-        let r: TokenResponse = self.post("/v1/tokens", &TokenRequest { role, owner: owner.into() })?;
-        Ok(r.token)
+    pub fn add_token(&self, role: Role, owner: &str, ttl_s: Option<u64>) -> Result<TokenResponse> {
+        self.post("/v1/tokens", &TokenRequest { role, owner: owner.into(), ttl_s })
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenView>> {
+        self.get("/v1/tokens")
+    }
+
+    pub fn revoke_token(&self, id: &str) -> Result<()> {
+        let resp = self
+            .agent
+            .post(format!("{}/v1/tokens/revoke", self.base))
+            .header("Authorization", &self.auth)
+            .send_json(RevokeRequest { id: id.into() })
+            .map_err(|e| self.unreachable(e))?;
+        self.check(resp).map(|_| ())
+    }
+
+    /// Opens a `vmgrid ssi` console listening on `port`: its credential, URL and certificate.
+    pub fn open_console(&self, port: u16) -> Result<ConsoleResponse> {
+        self.post("/v1/consoles", &ConsoleRequest { port })
     }
 
     pub fn metrics(&self) -> Result<String> {

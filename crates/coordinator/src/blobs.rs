@@ -13,8 +13,12 @@ pub struct Blobs {
 
 impl Blobs {
     pub fn new(dir: PathBuf) -> std::io::Result<Blobs> {
-        std::fs::create_dir_all(&dir)?;
+        crate::files::private_dir(&dir)?;
         Ok(Blobs { dir })
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     pub fn path(&self, hash: &str) -> Option<PathBuf> {
@@ -29,7 +33,7 @@ impl Blobs {
     pub fn begin(&self, hash: &str) -> std::io::Result<Upload> {
         let dest = self.path(hash).ok_or_else(|| std::io::Error::other("not a blob hash"))?;
         let tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
-        Ok(Upload { dest, tmp, hasher: blake3::Hasher::new(), expected: hash.to_string() })
+        Ok(Upload { dest, tmp, hasher: blake3::Hasher::new(), expected: hash.to_string(), size: 0 })
     }
 }
 
@@ -38,12 +42,19 @@ pub struct Upload {
     tmp: tempfile::NamedTempFile,
     hasher: blake3::Hasher,
     expected: String,
+    size: u64,
 }
 
 impl Upload {
     pub fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
         self.hasher.update(chunk);
+        self.size += chunk.len() as u64;
         self.tmp.write_all(chunk)
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
     }
 
     /// Keeps the blob if its bytes hash to its name.
@@ -54,9 +65,10 @@ impl Upload {
         }
         self.tmp.as_file().sync_all()?;
         if let Some(parent) = self.dest.parent() {
-            std::fs::create_dir_all(parent)?;
+            crate::files::private_dir(parent)?;
         }
         self.tmp.persist(&self.dest).map_err(|e| e.error)?;
+        crate::files::sync_dir(self.dest.parent().unwrap_or(&self.dest))?;
         Ok(())
     }
 }
@@ -68,4 +80,72 @@ pub enum CommitError {
     Mismatch(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Bytes free on the filesystem holding `dir`, for an unprivileged writer.
+pub fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: a zeroed statvfs is a valid out-parameter; `c` is a NUL-terminated path that
+    // outlives the call.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above: valid pointers for the duration of the call.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(s.f_bavail as u64 * s.f_frsize as u64)
+}
+
+/// Room the coordinator keeps free on its disk for the job store: uploads that would eat into it
+/// are refused (507), so blobs cannot fill the disk under the store.
+pub fn reserve(dir: &std::path::Path) -> u64 {
+    let total = {
+        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok();
+        c.and_then(|c| {
+            // SAFETY: as in `free_bytes`.
+            let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+            // SAFETY: as in `free_bytes`.
+            (unsafe { libc::statvfs(c.as_ptr(), &mut s) } == 0).then(|| s.f_blocks as u64 * s.f_frsize as u64)
+        })
+        .unwrap_or(0)
+    };
+    (total / 50).clamp(64 << 20, 1 << 30)
+}
+
+/// How long an uploaded blob waits for a job to refer to it before it may be collected.
+const GRACE_MS: u64 = 3600 * 1000;
+/// How often unreferenced blobs are collected.
+const COLLECT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Deletes the blobs no spec and no result refers to any more (after a grace period), and stops
+/// charging their owners for them.
+pub async fn collect_loop(shared: std::sync::Arc<crate::core::Shared>) {
+    let mut every = tokio::time::interval(COLLECT_EVERY);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        collect(&shared).await;
+    }
+}
+
+pub async fn collect(shared: &crate::core::Shared) -> usize {
+    let now = vmgrid_proto::now_ms();
+    let (garbage, pending) = shared.call(|e| e.unreferenced_blobs(now.saturating_sub(GRACE_MS)));
+    shared.finish(pending).await;
+    let mut gone = Vec::new();
+    for hash in garbage {
+        if let Some(p) = shared.blobs.path(&hash) {
+            match std::fs::remove_file(&p) {
+                Ok(()) => gone.push(hash),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => gone.push(hash),
+                Err(e) => tracing::warn!(blob = %hash, "cannot delete an unreferenced blob: {e}"),
+            }
+        }
+    }
+    let n = gone.len();
+    if n > 0 {
+        let ((), pending) = shared.call(|e| gone.iter().for_each(|h| e.drop_blob(h)));
+        shared.finish(pending).await;
+        tracing::info!(blobs = n, "collected unreferenced blobs");
+    }
+    n
 }

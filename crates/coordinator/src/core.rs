@@ -7,8 +7,11 @@ use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::{Notify, watch};
 
+use std::sync::Arc;
+
 use crate::blobs::Blobs;
 use crate::engine::{Engine, Event};
+use crate::serve::Transport;
 use crate::store::{self, Writer};
 
 struct Core {
@@ -24,6 +27,9 @@ pub(crate) struct Shared {
     /// Wakes `wait` calls: some job changed state.
     pub changed: Notify,
     pub blobs: Blobs,
+    transport: Transport,
+    /// The largest blob one upload may be.
+    pub max_blob_bytes: u64,
 }
 
 /// What a call leaves to do once the lock is released: wait for its commit, then wake.
@@ -35,7 +41,7 @@ pub(crate) struct Pending {
 }
 
 impl Shared {
-    pub fn new(engine: Engine, writer: Writer, blobs: Blobs) -> Shared {
+    pub fn new(engine: Engine, writer: Writer, blobs: Blobs, transport: Transport, max_blob_bytes: u64) -> Shared {
         let committed = writer.committed();
         Shared {
             core: Mutex::new(Core { engine, writer }),
@@ -43,7 +49,23 @@ impl Shared {
             work: Notify::new(),
             changed: Notify::new(),
             blobs,
+            transport,
+            max_blob_bytes,
         }
+    }
+
+    /// The server's TLS configuration; `None` when it serves plain HTTP.
+    pub fn server_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.transport.server.clone()
+    }
+
+    /// The pool's own CA, if it has one (it then signs the consoles' certificates).
+    pub fn ca(&self) -> Option<&vmgrid_tls::Ca> {
+        self.transport.ca.as_deref()
+    }
+
+    pub fn scheme(&self) -> &'static str {
+        self.transport.scheme()
     }
 
     fn lock(&self) -> MutexGuard<'_, Core> {

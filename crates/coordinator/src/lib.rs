@@ -8,7 +8,9 @@ mod api;
 mod blobs;
 mod core;
 pub mod engine;
+mod files;
 mod metrics;
+mod serve;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -16,8 +18,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use engine::Timing;
 use engine::{Engine, Principal, hash_token};
+pub use engine::{Limits, Timing};
+pub use serve::{CA_CERT_FILE, Tls};
 use store::Store;
 
 #[derive(Debug, Clone)]
@@ -25,6 +28,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub timing: Timing,
+    pub limits: Limits,
+    pub tls: Tls,
+    /// The largest blob one upload may be.
+    pub max_blob_bytes: u64,
 }
 
 pub const POOL_TOKEN_FILE: &str = "pool.token";
@@ -46,6 +53,8 @@ pub struct Running {
     pub addr: SocketAddr,
     pub url: String,
     pub data_dir: PathBuf,
+    /// The pool's CA certificate (PEM), when the pool has its own.
+    pub ca_pem: Option<String>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -81,27 +90,18 @@ impl Drop for Running {
 
 fn read_or_create_token(dir: &Path, file: &str) -> Result<String, StartError> {
     let path = dir.join(file);
-    match std::fs::read_to_string(&path) {
-        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
-        _ => {
-            let t = new_token();
-            write_private(&path, &format!("{t}\n")).map_err(|e| StartError::DataDir(path.clone(), e.to_string()))?;
-            Ok(t)
+    if path.exists() {
+        let t = files::read_private(&path).map_err(|e| StartError::DataDir(path.clone(), e.to_string()))?;
+        if !t.trim().is_empty() {
+            return Ok(t.trim().to_string());
         }
     }
+    let t = new_token();
+    files::write_private(&path, &format!("{t}\n")).map_err(|e| StartError::DataDir(path.clone(), e.to_string()))?;
+    Ok(t)
 }
 
-/// Writes a file only its owner can read.
-pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        std::io::Write::write_all(&mut f, contents.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(tmp, path)
-}
+pub use files::write_private;
 
 /// A new secret: 24 random bytes from the kernel, in hex.
 pub fn new_token() -> String {
@@ -113,19 +113,31 @@ pub fn new_token() -> String {
 /// Starts the coordinator on its own thread and runtime; returns once it is listening.
 pub fn start(config: Config, handle_signals: bool) -> Result<Running, StartError> {
     let dir = config.data_dir.clone();
-    std::fs::create_dir_all(&dir).map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
+    let data_err = |e: &dyn std::fmt::Display| StartError::DataDir(dir.clone(), e.to_string());
+    files::private_dir(&dir).map_err(|e| data_err(&e))?;
+    let transport = serve::transport(&config.tls, &dir, config.listen).map_err(|e| data_err(&e))?;
     let db_path = dir.join("pool.sqlite");
     let mut db =
         store::sqlite::SqliteStore::open(&db_path).map_err(|e| StartError::Store(db_path.clone(), e.to_string()))?;
     let loaded = db.load().map_err(|e| StartError::Store(db_path.clone(), e.to_string()))?;
     let pool_token = read_or_create_token(&dir, POOL_TOKEN_FILE)?;
     let admin_token = read_or_create_token(&dir, ADMIN_TOKEN_FILE)?;
-    let blobs = blobs::Blobs::new(dir.join("blobs")).map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
-    let mut engine = Engine::load(loaded, config.timing, vmgrid_proto::now_ms());
+    let blobs = blobs::Blobs::new(dir.join("blobs")).map_err(|e| data_err(&e))?;
+    let now = vmgrid_proto::now_ms();
+    let mut engine = Engine::load(loaded, config.timing, now);
+    engine.set_limits(config.limits);
     // The token files are the source of truth for the two built-in tokens.
-    engine.ensure_token(hash_token(&pool_token), Principal::Pool);
-    engine.ensure_token(hash_token(&admin_token), Principal::Admin("admin".into()));
-    let shared = Arc::new(core::Shared::new(engine, store::Writer::start(Box::new(db)), blobs));
+    engine.ensure_token(hash_token(&pool_token), Principal::Pool, now);
+    engine.ensure_token(hash_token(&admin_token), Principal::Admin("admin".into()), now);
+    let ca_pem = transport.ca.as_ref().map(|c| c.cert_pem().to_string());
+    let scheme = transport.scheme();
+    let shared = Arc::new(core::Shared::new(
+        engine,
+        store::Writer::start(Box::new(db)),
+        blobs,
+        transport,
+        config.max_blob_bytes,
+    ));
     // What loading changed (jobs requeued because their node is gone) is queued like any call's.
     let ((), loaded) = shared.call(|_| ());
 
@@ -139,44 +151,80 @@ pub fn start(config: Config, handle_signals: bool) -> Result<Running, StartError
         .block_on(tokio::net::TcpListener::bind(config.listen))
         .map_err(|e| StartError::Listen(config.listen, e.to_string()))?;
     let addr = listener.local_addr().map_err(|e| StartError::Listen(config.listen, e.to_string()))?;
-    let url = format!("http://{addr}");
-    write_private(
-        &dir.join(CLIENT_CONFIG_FILE),
-        &format!("# Written by the vmgrid coordinator: the pool's URL and its admin token.\npool = \"{url}\"\ntoken = \"{admin_token}\"\n"),
-    )
-    .map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
-
+    let url = format!("{scheme}://{}", client_addr(addr));
+    write_client_config(&dir, &url, &admin_token, ca_pem.as_deref()).map_err(|e| data_err(&e))?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let app = api::router(shared.clone());
     let thread = std::thread::Builder::new()
         .name("vmgrid-coordinator-main".into())
         .spawn(move || {
             runtime.block_on(async move {
                 shared.finish(loaded).await;
                 let ticker = tokio::spawn(tick_loop(shared.clone()));
-                let shutdown = async move {
-                    if handle_signals {
-                        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                            .expect("SIGTERM handler");
-                        tokio::select! {
-                            _ = rx => {}
-                            _ = tokio::signal::ctrl_c() => {}
-                            _ = term.recv() => {}
-                        }
-                    } else {
-                        let _ = rx.await;
-                    }
-                };
-                if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-                    tracing::error!("the API server failed: {e}");
-                }
+                let collector = tokio::spawn(blobs::collect_loop(shared.clone()));
+                serve_until_stopped(shared, listener, rx, handle_signals).await;
                 ticker.abort();
+                collector.abort();
             });
             runtime.shutdown_timeout(Duration::from_secs(1));
         })
         .map_err(|e| StartError::Listen(config.listen, e.to_string()))?;
     tracing::info!(%url, data_dir = %dir.display(), "coordinator listening");
-    Ok(Running { addr, url, data_dir: dir, shutdown: Some(tx), thread: Some(thread) })
+    Ok(Running { addr, url, data_dir: dir, ca_pem, shutdown: Some(tx), thread: Some(thread) })
+}
+
+/// The address clients are told: a wildcard listen address is reached on loopback from here.
+fn client_addr(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], addr.port())),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    }
+}
+
+/// `client.toml`: the pool's URL, the admin token and the CA that clients trust.
+fn write_client_config(dir: &Path, url: &str, token: &str, ca_pem: Option<&str>) -> std::io::Result<()> {
+    let mut text = format!(
+        "# Written by the vmgrid coordinator: the pool's URL, its admin token and CA.\npool = \"{url}\"\ntoken = \"{token}\"\n"
+    );
+    if let Some(ca) = ca_pem {
+        text.push_str(&format!("ca = \"\"\"\n{}\"\"\"\n", ca.trim_end_matches('\n').to_string() + "\n"));
+    }
+    files::write_private(&dir.join(CLIENT_CONFIG_FILE), &text)
+}
+
+/// Serves the API on `listener` (TLS or plain) until told to stop, or on a signal.
+async fn serve_until_stopped(
+    shared: Arc<core::Shared>,
+    listener: tokio::net::TcpListener,
+    rx: tokio::sync::oneshot::Receiver<()>,
+    handle_signals: bool,
+) {
+    let app = api::router(shared.clone()).into_make_service_with_connect_info::<serve::Peer>();
+    let shutdown = async move {
+        if handle_signals {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = rx => {}
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        } else {
+            let _ = rx.await;
+        }
+    };
+    let served = match shared.server_tls() {
+        Some(config) => match vmgrid_tls::Incoming::new(listener, config) {
+            Ok(incoming) => axum::serve(serve::TlsListener(incoming), app).with_graceful_shutdown(shutdown).await,
+            Err(e) => Err(e),
+        },
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+    };
+    if let Err(e) = served {
+        tracing::error!("the API server failed: {e}");
+    }
 }
 
 /// Expires leases and nodes, and wakes whoever may care.

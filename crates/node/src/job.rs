@@ -64,7 +64,7 @@ impl Agent {
         jobdir::stage_inputs(&job, &job_dir)?;
         // An SSI process runs against its home: its job directory is the mirror of the home's
         // files, and the home hears of its start, output and end first.
-        let home = lease.spec.ssi.clone().map(|spec| ssi::HomeLink::start(spec, cancel.clone()));
+        let home = lease.spec.ssi.clone().map(|spec| ssi::HomeLink::start(spec, cancel.clone(), &self.config.trust));
         if let Some(h) = &home {
             h.started(&self.ad.name);
         }

@@ -32,6 +32,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub pool: String,
+    /// Which certificates the pool's (and SSI homes') may be: the pool's CA.
+    pub trust: vmgrid_client::Trust,
     /// The pool token (node role): it only registers; the node then uses its own credential.
     pub token: String,
     pub name: String,
@@ -146,14 +148,14 @@ fn register(
     ad: &NodeAd,
     stop: &AtomicBool,
 ) -> Result<(Client, Option<RegisterResponse>), NodeError> {
-    let joiner = Client::new(&config.pool, &config.token);
+    let joiner = Client::with_trust(&config.pool, &config.token, config.trust.clone());
     let saved = config.cache_dir.join("credential");
     let mut wait = Duration::from_millis(50);
     loop {
         let previous = std::fs::read_to_string(&saved).ok().map(|c| c.trim().to_string());
         match joiner.register(ad, previous) {
             Ok(reg) => {
-                let client = Client::new(&config.pool, &reg.credential);
+                let client = joiner.with_token(&reg.credential);
                 let _ = std::fs::write(config.cache_dir.join("credential"), &reg.credential);
                 return Ok((client, Some(reg)));
             }

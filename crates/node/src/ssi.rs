@@ -54,13 +54,9 @@ enum Call {
 
 impl HomeLink {
     /// Connects a process to its home; `cancel` is the process's stop flag.
-    pub fn start(spec: SsiSpec, cancel: Arc<AtomicBool>) -> Arc<HomeLink> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(5)))
-            .timeout_recv_response(Some(Duration::from_secs(60)))
-            .build()
-            .into();
+    /// A link to the home in `spec`, whose certificate `trust` (the pool's CA) must have signed.
+    pub fn start(spec: SsiSpec, cancel: Arc<AtomicBool>, trust: &vmgrid_client::Trust) -> Arc<HomeLink> {
+        let agent = trust.agent(Duration::from_secs(60));
         let link = Arc::new(HomeLink {
             auth: format!("Bearer {}", spec.token),
             spec,

@@ -159,6 +159,17 @@ pub struct JobView {
     pub finished_ms: Option<u64>,
 }
 
+/// One page of the job list, in id order: `GET /v1/jobs?after=ID&limit=N&state=S`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobPage {
+    pub jobs: Vec<JobView>,
+    /// Pass as `after` for the next page; `None` on the last one.
+    pub next_after: Option<u64>,
+}
+
+/// The most jobs one page holds.
+pub const MAX_PAGE: usize = 10_000;
+
 /// A finished job's results: what `logs` and `fetch` read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobResult {
@@ -361,11 +372,57 @@ pub enum Role {
 pub struct TokenRequest {
     pub role: Role,
     pub owner: String,
+    /// The token stops working this many seconds after it is made; `None`: until revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenResponse {
+    /// The secret, shown this once; the pool keeps only its hash.
     pub token: String,
+    /// What names the token for `vmgrid token --revoke`.
+    pub id: String,
+    pub expires_ms: Option<u64>,
+}
+
+/// A token as an admin lists it: never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenView {
+    pub id: String,
+    /// `pool`, `node`, `user`, `admin` or `console`.
+    pub role: String,
+    pub owner: String,
+    pub created_ms: u64,
+    pub expires_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    pub id: String,
+}
+
+/// A `vmgrid ssi` console asks to be the home of processes; the pool decides its URL (the
+/// address it connected from, and the port it listens on) and issues its credential and TLS
+/// certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleRequest {
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConsoleResponse {
+    pub id: String,
+    /// The console's own credential: it submits its processes with it.
+    pub credential: String,
+    /// The URL nodes reach the console at.
+    pub home: String,
+    /// The console's certificate chain and key (PEM), signed by the pool's CA, which nodes trust;
+    /// absent on a plain-HTTP loopback pool.
+    pub cert_pem: Option<String>,
+    pub key_pem: Option<String>,
 }
 
 /// Every error reply: a sentence for a person.

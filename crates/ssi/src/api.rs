@@ -204,3 +204,22 @@ async fn fsop(State(home): State<S>, _c: Caller, Json(req): Json<FsOpRequest>) -
         Err(_) => errno(crate::errno::IO),
     }
 }
+
+/// TLS connections for axum.
+pub(crate) struct TlsListener(pub vmgrid_tls::Incoming);
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.0.next().await {
+            Some(c) => c,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.0.local_addr())
+    }
+}

@@ -142,6 +142,10 @@ pub struct Home {
 pub enum HomeError {
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("the pool would not open a console: {0}")]
+    Pool(vmgrid_client::ClientError),
+    #[error("cannot serve TLS: {0}")]
+    Tls(String),
     #[error("cannot start the home's runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -154,7 +158,10 @@ pub struct SpawnError {
 }
 
 impl Home {
-    /// Starts the home's API on `config.listen`; processes are submitted to `pool`.
+    /// Starts the home's API on `config.listen` and opens a console with the pool: the pool gives
+    /// the home its URL (the address it connected from, with the port it listens on), its
+    /// credential, with which it submits its processes, and its TLS certificate (signed by the
+    /// pool's CA, which the nodes trust).
     pub fn start(config: HomeConfig, pool: Client) -> Result<Arc<Home>, HomeError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -166,9 +173,18 @@ impl Home {
             .block_on(tokio::net::TcpListener::bind(config.listen))
             .map_err(|source| HomeError::Listen { addr: config.listen, source })?;
         let addr = listener.local_addr().map_err(|source| HomeError::Listen { addr: config.listen, source })?;
+        let console = pool.open_console(addr.port()).map_err(HomeError::Pool)?;
+        let tls = match (&console.cert_pem, &console.key_pem) {
+            (Some(cert_pem), Some(key_pem)) => {
+                let identity = vmgrid_tls::Identity { cert_pem: cert_pem.clone(), key_pem: key_pem.clone() };
+                Some(vmgrid_tls::server_config(&identity).map_err(|e| HomeError::Tls(e.to_string()))?)
+            }
+            _ => None,
+        };
+        let pool = pool.with_token(&console.credential);
         let home = Arc::new(Home {
             root: config.root,
-            url: format!("http://{addr}"),
+            url: console.home.clone(),
             pool,
             memory_mb: config.process_memory_mb,
             output: config.output,
@@ -179,7 +195,14 @@ impl Home {
         });
         let app = api::router(home.clone());
         home.runtime.spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
+            let served = match tls {
+                Some(config) => match vmgrid_tls::Incoming::new(listener, config) {
+                    Ok(incoming) => axum::serve(api::TlsListener(incoming), app).await,
+                    Err(e) => Err(e),
+                },
+                None => axum::serve(listener, app).await,
+            };
+            if let Err(e) = served {
                 tracing::error!("the SSI home's API stopped: {e}");
             }
         });

@@ -9,6 +9,7 @@ use crate::{Crate, SourceFile, Workspace};
 pub const LAYERS: &[(&str, u8)] = &[
     ("vmgrid-job", 0),
     ("vmgrid-proto", 1),
+    ("vmgrid-tls", 1),
     ("vmgrid-scheduler", 2),
     ("vmgrid-runtime", 2),
     ("vmgrid-client", 2),

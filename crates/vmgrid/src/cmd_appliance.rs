@@ -10,7 +10,7 @@ use vmgrid_appliance::image::{self, Format};
 use vmgrid_appliance::{agent, tools, vm};
 
 use crate::CliError;
-use crate::pool_config::{default_data_dir, read_token_file};
+use crate::pool_config::{ca_beside, default_data_dir, read_ca_file, read_token_file};
 
 impl From<vmgrid_appliance::Error> for CliError {
     fn from(e: vmgrid_appliance::Error) -> Self {
@@ -79,6 +79,9 @@ struct PoolSettings {
     /// The pool token (the coordinator's pool.token): the appliance's node agent joins with it.
     #[arg(long, value_name = "FILE")]
     token_file: PathBuf,
+    /// The pool's CA certificate (the coordinator's ca.pem) [default: ca.pem beside --token-file].
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
     /// A user token (from `vmgrid token USER`) for the vmgrid CLI at the appliance's console.
     #[arg(long, value_name = "FILE")]
     user_token_file: Option<PathBuf>,
@@ -166,6 +169,10 @@ fn appliance_config(settings: &PoolSettings, name: Option<String>) -> Result<App
     let token = read_token_file(&settings.token_file)?;
     let user_token = settings.user_token_file.as_deref().map(read_token_file).transpose()?;
     let labels: BTreeMap<String, String> = crate::cmd_pool::parse_labels(&settings.labels)?;
+    let ca = match &settings.ca_file {
+        Some(f) => Some(read_ca_file(f)?),
+        None => ca_beside(&settings.token_file)?,
+    };
     let c = ApplianceConfig {
         pool: settings.pool.trim_end_matches('/').to_string(),
         token,
@@ -173,6 +180,7 @@ fn appliance_config(settings: &PoolSettings, name: Option<String>) -> Result<App
         name,
         labels,
         drain_timeout_s: Some(settings.drain_timeout_s),
+        ca,
     };
     c.check().map_err(CliError::BadInput)?;
     Ok(c)

@@ -11,6 +11,7 @@ use vmgrid_proto::*;
 
 use crate::CliError;
 use crate::pool_config::PoolArgs;
+use crate::term::field;
 
 impl From<ClientError> for CliError {
     fn from(e: ClientError) -> Self {
@@ -239,13 +240,13 @@ pub fn q(args: ListArgs) -> Result<i32, CliError> {
         println!(
             "{:>8}  {:<16} {:<10} {:<9} {:<12} {:>4} {:>3}  {}",
             j.id,
-            j.name,
-            j.owner,
+            field(&j.name),
+            field(&j.owner),
             j.state.as_str(),
-            j.node.as_deref().unwrap_or("-"),
+            field(j.node.as_deref().unwrap_or("-")),
             j.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
             j.attempts,
-            j.reason.as_deref().unwrap_or("")
+            field(j.reason.as_deref().unwrap_or(""))
         );
     }
     let count = |s: JobState| jobs.iter().filter(|j| j.state == s).count();
@@ -275,7 +276,7 @@ pub fn status(args: ListArgs) -> Result<i32, CliError> {
     for n in &nodes {
         println!(
             "{:<16} {:<9} {:>4} {:>4} {:>8} {:>4}  {:<16} {:<8} {}",
-            n.ad.name,
+            field(&n.ad.name),
             n.state.as_str(),
             n.ad.cpus,
             n.free_cpus,
@@ -329,6 +330,8 @@ pub fn logs(args: LogsArgs) -> Result<i32, CliError> {
         let tmp = tempfile::NamedTempFile::new().map_err(|e| CliError::Failed(e.to_string()))?;
         client.download(&f.blob, tmp.path())?;
         let bytes = std::fs::read(tmp.path()).map_err(|e| CliError::Failed(e.to_string()))?;
+        // On a terminal the output's control characters are shown, not obeyed.
+        let bytes = if crate::term::stdout_is_terminal() { crate::term::output(&bytes) } else { bytes };
         std::io::Write::write_all(&mut std::io::stdout(), &bytes).map_err(|e| CliError::Failed(e.to_string()))?;
     } else if !r.job.state.is_final() && r.job.state != JobState::Held {
         eprintln!("vmgrid: job {} is {}; its output arrives when it finishes", args.id, r.job.state.as_str());
@@ -364,24 +367,5 @@ pub fn fetch(args: FetchArgs) -> Result<i32, CliError> {
         client.download(&f.blob, &dest)?;
         println!("{}", dest.display());
     }
-    Ok(0)
-}
-
-#[derive(clap::Args, Debug)]
-pub struct TokenArgs {
-    /// The user the token acts for.
-    user: String,
-    /// Make an admin token instead of a user token.
-    #[arg(long)]
-    admin: bool,
-    #[command(flatten)]
-    pool: PoolArgs,
-}
-
-/// `vmgrid token USER`: an admin creates a user's token (printed once; stored hashed).
-pub fn token(args: TokenArgs) -> Result<i32, CliError> {
-    let role = if args.admin { Role::Admin } else { Role::User };
-    let t = args.pool.client()?.add_token(role, &args.user)?;
-    println!("{t}");
     Ok(0)
 }

@@ -7,11 +7,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use vmgrid_coordinator::{Config, Timing};
+use vmgrid_coordinator::{Config, Limits, Timing, Tls};
 use vmgrid_node::NodeConfig;
 
 use crate::CliError;
-use crate::pool_config::{default_data_dir, read_token_file};
+use crate::pool_config::{ca_beside, default_data_dir, read_ca_file, read_token_file};
+
+/// What a node or client trusts: the pool's CA when there is one, else the public web PKI.
+pub(crate) fn trust_of(ca_pem: Option<String>) -> Result<vmgrid_client::Trust, CliError> {
+    match ca_pem {
+        Some(pem) => vmgrid_client::Trust::pool_ca(&pem).map_err(|e| CliError::BadInput(e.to_string())),
+        None => Ok(vmgrid_client::Trust::default()),
+    }
+}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CoordinatorArgs {
@@ -27,15 +35,52 @@ pub struct CoordinatorArgs {
     /// A node not heard from for this long is lost.
     #[arg(long, default_value_t = 15_000, value_name = "MS")]
     node_ttl_ms: u64,
+    /// Serve plain HTTP instead of HTTPS (only on a loopback address).
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_name"])]
+    insecure_http: bool,
+    /// Serve this certificate chain (PEM) instead of one from the pool's own CA; with --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Another name or address clients reach the coordinator by, for its certificate; repeatable
+    /// (this host's name and addresses are always in it).
+    #[arg(long = "tls-name", value_name = "NAME")]
+    tls_name: Vec<String>,
+    /// Jobs a user may have queued (idle, running or held) at once.
+    #[arg(long, default_value_t = 1_000_000, value_name = "N")]
+    max_queued_per_user: u64,
+    /// The largest file (image, input, output) one upload may be, in MiB.
+    #[arg(long, default_value_t = 8192, value_name = "MIB")]
+    max_blob_mb: u64,
+    /// The files a user may hold in the pool, in MiB.
+    #[arg(long, default_value_t = 65_536, value_name = "MIB")]
+    max_blob_mb_per_user: u64,
+    /// Completed and removed jobs (and their files) are forgotten this many days after they end.
+    #[arg(long, default_value_t = 7, value_name = "DAYS")]
+    retain_days: u64,
 }
 
 impl CoordinatorArgs {
     fn config(&self) -> Config {
         let heartbeat_ms = (self.lease_ttl_ms.min(self.node_ttl_ms) / 5).clamp(50, 2_000);
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            _ if self.insecure_http => Tls::InsecureHttp,
+            (Some(cert), Some(key)) => Tls::Files { cert: cert.clone(), key: key.clone() },
+            _ => Tls::PoolCa { names: self.tls_name.clone() },
+        };
         Config {
             data_dir: self.data_dir.clone().unwrap_or_else(default_data_dir),
             listen: self.listen,
             timing: Timing { lease_ttl_ms: self.lease_ttl_ms, node_ttl_ms: self.node_ttl_ms, heartbeat_ms },
+            limits: Limits {
+                max_queued_per_user: self.max_queued_per_user,
+                max_blob_bytes_per_user: self.max_blob_mb_per_user << 20,
+                retain_finished_ms: self.retain_days.saturating_mul(86_400_000),
+            },
+            tls,
+            max_blob_bytes: self.max_blob_mb << 20,
         }
     }
 }
@@ -49,10 +94,14 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<i32, CliError> {
     let running = start(args.config(), true)?;
     eprintln!("vmgrid: coordinator listening on {}", running.url);
     eprintln!(
-        "vmgrid: data in {}; nodes join with --token-file {}",
+        "vmgrid: data in {}; nodes join with --token-file {} (and trust {} beside it)",
         running.data_dir.display(),
-        running.data_dir.join(vmgrid_coordinator::POOL_TOKEN_FILE).display()
+        running.data_dir.join(vmgrid_coordinator::POOL_TOKEN_FILE).display(),
+        vmgrid_coordinator::CA_CERT_FILE
     );
+    if let Some(ca) = &running.ca_pem {
+        eprintln!("vmgrid: the pool's CA fingerprint is {}", vmgrid_tls::fingerprint(ca).unwrap_or_default());
+    }
     eprintln!(
         "vmgrid: clients: export VMGRID_CONFIG={}",
         running.data_dir.join(vmgrid_coordinator::CLIENT_CONFIG_FILE).display()
@@ -69,6 +118,9 @@ pub struct NodeArgs {
     /// The pool token (the coordinator's pool.token).
     #[arg(long, value_name = "FILE")]
     token_file: PathBuf,
+    /// The pool's CA certificate (the coordinator's ca.pem) [default: ca.pem beside --token-file].
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
     /// This node's name in the pool (default: the host name).
     #[arg(long)]
     name: Option<String>,
@@ -126,6 +178,16 @@ fn stop_on_signals() -> Result<Arc<AtomicBool>, CliError> {
 /// `vmgrid node`: runs a node agent until SIGINT or SIGTERM, then drains and leaves.
 pub fn node(args: NodeArgs) -> Result<i32, CliError> {
     let token = read_token_file(&args.token_file)?;
+    let ca = match &args.ca_file {
+        Some(f) => Some(read_ca_file(f)?),
+        None => ca_beside(&args.token_file)?,
+    };
+    if ca.is_none() && args.pool.starts_with("https://") {
+        eprintln!(
+            "vmgrid: no CA given (--ca-file, or ca.pem beside the token file): the pool's certificate must come from a public CA"
+        );
+    }
+    let trust = trust_of(ca)?;
     let name = args.name.clone().unwrap_or_else(host_name);
     let cache_dir = args
         .cache_dir
@@ -133,6 +195,7 @@ pub fn node(args: NodeArgs) -> Result<i32, CliError> {
         .unwrap_or_else(|| vmgrid_runtime::RuntimeConfig::default_cache_dir().join(format!("node-{name}")));
     let config = NodeConfig {
         pool: args.pool.clone(),
+        trust,
         token,
         name,
         cpus: args.cpus,
@@ -168,10 +231,12 @@ pub fn up(args: UpArgs) -> Result<i32, CliError> {
     let data_dir = running.data_dir.clone();
     let token = read_token_file(&data_dir.join(vmgrid_coordinator::POOL_TOKEN_FILE))?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let trust = trust_of(running.ca_pem.clone())?;
     let mut agents = Vec::new();
     for i in 1..=args.nodes {
         let config = NodeConfig {
             pool: running.url.clone(),
+            trust: trust.clone(),
             token: token.clone(),
             name: format!("local-{i}"),
             cpus: Some(cpus),

@@ -7,7 +7,9 @@ mod cmd_jobs;
 mod cmd_pool;
 mod cmd_run;
 mod cmd_ssi;
+mod cmd_token;
 mod pool_config;
+mod term;
 
 use clap::{Parser, Subcommand};
 
@@ -62,8 +64,8 @@ enum Command {
     Logs(cmd_jobs::LogsArgs),
     /// Download a job's output files.
     Fetch(cmd_jobs::FetchArgs),
-    /// Create a token for a user (admin only); prints it once.
-    Token(cmd_jobs::TokenArgs),
+    /// Make a token for a user (printed once), list the pool's tokens, or revoke one (admin only).
+    Token(cmd_token::TokenArgs),
     /// The single-system image: one console, process table and filesystem over the whole pool.
     Ssi(cmd_ssi::SsiArgs),
     Appliance(cmd_appliance::ApplianceArgs),
@@ -100,7 +102,7 @@ fn main() {
         Command::Wait(args) => cmd_jobs::wait(args),
         Command::Logs(args) => cmd_jobs::logs(args),
         Command::Fetch(args) => cmd_jobs::fetch(args),
-        Command::Token(args) => cmd_jobs::token(args),
+        Command::Token(args) => cmd_token::token(args),
         Command::Ssi(args) => cmd_ssi::ssi(args),
         Command::Appliance(args) => cmd_appliance::run(args),
     };

@@ -65,6 +65,7 @@ pub async fn put(
     AxState(shared): AxState<S>,
     Auth(p): Auth,
     Path(hash): Path<String>,
+    headers: axum::http::HeaderMap,
     body: HttpBody,
 ) -> Result<StatusCode> {
     blob_caller(&p)?;
@@ -74,17 +75,56 @@ pub async fn put(
     if shared.blobs.has(&hash) {
         return Ok(StatusCode::OK);
     }
+    // Nodes upload results (bounded by each job's disk_mb); users are charged for what they send.
+    let charged = !matches!(p, Principal::Node(_));
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    let limit = shared.max_blob_bytes;
+    let too_big =
+        || Error(StatusCode::PAYLOAD_TOO_LARGE, format!("a file sent to the pool may be at most {} MiB", limit >> 20));
+    if let Some(n) = declared {
+        if n > limit {
+            return Err(too_big());
+        }
+        if charged {
+            shared.peek(|e| e.check_blob_quota(p.owner(), n))?;
+        }
+    }
+    let dir = shared.blobs.dir();
+    let free = crate::blobs::free_bytes(dir).map_err(|e| storage("cannot tell the free disk space", &e))?;
+    let reserve = crate::blobs::reserve(dir);
+    if free < reserve + declared.unwrap_or(0) {
+        return Err(Error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!(
+                "the coordinator's disk has {} MiB free, and keeps {} MiB for its job store",
+                free >> 20,
+                reserve >> 20
+            ),
+        ));
+    }
     let mut up = shared.blobs.begin(&hash).map_err(|e| storage("cannot start storing a blob", &e))?;
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| Error(StatusCode::BAD_REQUEST, format!("upload interrupted: {e}")))?;
+        if up.size() + chunk.len() as u64 > limit {
+            return Err(too_big());
+        }
         up.write(&chunk).map_err(|e| storage("cannot store a blob", &e))?;
+    }
+    let size = up.size();
+    if charged {
+        shared.peek(|e| e.check_blob_quota(p.owner(), size))?;
     }
     let committed = tokio::task::spawn_blocking(move || up.commit())
         .await
         .map_err(|e| Error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     match committed {
-        Ok(()) => Ok(StatusCode::CREATED),
+        Ok(()) => {
+            let owner = if charged { p.owner().to_string() } else { format!("node:{}", p.owner()) };
+            let ((), pending) = shared.call(|e| e.add_blob(&hash, &owner, size, vmgrid_proto::now_ms()));
+            shared.finish(pending).await;
+            Ok(StatusCode::CREATED)
+        }
         Err(CommitError::Mismatch(why)) => Err(Error(StatusCode::BAD_REQUEST, why)),
         Err(CommitError::Io(e)) => Err(storage("cannot store a blob", &e)),
     }

@@ -24,16 +24,36 @@ pub async fn submit(
             ));
         }
     }
-    let (ids, pending) = shared.call(|e| e.submit(p.owner(), req.spec, req.count, now_ms()));
+    let (ids, pending) = shared.call(|e| e.submit(&p, req.spec, req.count, now_ms()));
     shared.finish(pending).await;
     Ok(Json(SubmitResponse { ids: ids? }))
 }
 
-pub async fn list(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<Json<Vec<JobView>>> {
+#[derive(Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    after: u64,
+    #[serde(default = "default_page")]
+    limit: usize,
+    state: Option<String>,
+}
+
+fn default_page() -> usize {
+    1000
+}
+
+/// One page of the jobs the caller may see: `?after=ID&limit=N&state=idle`.
+pub async fn list(AxState(shared): AxState<S>, Auth(p): Auth, Query(q): Query<ListQuery>) -> Result<Json<JobPage>> {
     user(&p, "list jobs")?;
-    let (jobs, pending) = shared.call(|e| e.job_views(&p));
+    let state = match q.state.as_deref() {
+        None => None,
+        Some(s) => Some(JobState::parse(s).ok_or_else(|| {
+            Error(StatusCode::BAD_REQUEST, format!("unknown state `{s}`: idle, running, completed, held or removed"))
+        })?),
+    };
+    let (page, pending) = shared.call(|e| e.job_page(&p, q.after, q.limit, state));
     shared.finish(pending).await;
-    Ok(Json(jobs))
+    Ok(Json(page))
 }
 
 pub async fn result(AxState(shared): AxState<S>, Auth(p): Auth, Path(id): Path<u64>) -> Result<Json<JobResult>> {

@@ -5,6 +5,7 @@
 mod blobs;
 mod jobs;
 mod nodes;
+mod tokens;
 
 use std::sync::Arc;
 
@@ -14,10 +15,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use vmgrid_proto::{Role, TokenRequest, TokenResponse};
 
 use crate::core::Shared;
-use crate::engine::{ApiError, Principal, hash_token};
+use crate::engine::{ApiError, Principal};
 use crate::metrics;
 
 type S = Arc<Shared>;
@@ -35,10 +35,12 @@ pub fn router(shared: S) -> Router {
         .route("/v1/nodes/report", post(nodes::report))
         .route("/v1/nodes/deregister", post(nodes::deregister))
         .route("/v1/blobs/{hash}", get(blobs::get).head(blobs::head).put(blobs::put))
-        .route("/v1/tokens", post(add_token))
+        .route("/v1/tokens", post(tokens::add).get(tokens::list))
+        .route("/v1/tokens/revoke", post(tokens::revoke))
+        .route("/v1/consoles", post(tokens::console))
         .route("/metrics", get(get_metrics))
         .fallback(|| async { Error(StatusCode::NOT_FOUND, "no such API call; see `vmgrid --help`".into()) })
-        .layer(DefaultBodyLimit::max(64 << 20))
+        .layer(DefaultBodyLimit::max(16 << 20))
         .with_state(shared)
 }
 
@@ -78,8 +80,11 @@ impl FromRequestParts<S> for Auth {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| Error(StatusCode::UNAUTHORIZED, "missing `Authorization: Bearer <token>`".into()))?;
-        let p = shared.peek(|e| e.authenticate(token.trim()).cloned());
-        p.map(Auth).ok_or_else(|| Error(StatusCode::UNAUTHORIZED, "the token is not valid for this pool".into()))
+        let now = vmgrid_proto::now_ms();
+        let p = shared.peek(|e| e.authenticate(token.trim(), now).cloned());
+        p.map(Auth).ok_or_else(|| {
+            Error(StatusCode::UNAUTHORIZED, "the token is not valid for this pool (unknown, revoked or expired)".into())
+        })
     }
 }
 
@@ -87,10 +92,17 @@ fn forbidden(p: &Principal, what: &str) -> Error {
     Error(StatusCode::FORBIDDEN, format!("a {} token cannot {what}", p.role().as_str()))
 }
 
-/// Users and admins.
+/// Users, admins, and the consoles users open.
 fn user(p: &Principal, what: &str) -> Result<()> {
     match p {
-        Principal::User(_) | Principal::Admin(_) => Ok(()),
+        Principal::User(_) | Principal::Admin(_) | Principal::Console { .. } => Ok(()),
+        _ => Err(forbidden(p, what)),
+    }
+}
+
+fn admin(p: &Principal, what: &str) -> Result<()> {
+    match p {
+        Principal::Admin(_) => Ok(()),
         _ => Err(forbidden(p, what)),
     }
 }
@@ -115,29 +127,6 @@ impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
             Err(e) => Err(Error(StatusCode::BAD_REQUEST, format!("bad request body: {}", e.body_text()))),
         }
     }
-}
-
-async fn add_token(
-    AxState(shared): AxState<S>,
-    Auth(p): Auth,
-    Body(req): Body<TokenRequest>,
-) -> Result<Json<TokenResponse>> {
-    if !matches!(p, Principal::Admin(_)) {
-        return Err(forbidden(&p, "create tokens"));
-    }
-    let owner = req.owner.trim();
-    if owner.is_empty() || owner.len() > 64 || !owner.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)) {
-        return Err(Error(StatusCode::BAD_REQUEST, "an owner is 1 to 64 letters, digits, `-`, `_`, `.` or `@`".into()));
-    }
-    let principal = match req.role {
-        Role::User => Principal::User(owner.into()),
-        Role::Admin => Principal::Admin(owner.into()),
-        Role::Node => Principal::Pool,
-    };
-    let token = crate::new_token();
-    let ((), pending) = shared.call(|e| e.add_token(hash_token(&token), principal));
-    shared.finish(pending).await;
-    Ok(Json(TokenResponse { token }))
 }
 
 async fn get_metrics(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<Response> {

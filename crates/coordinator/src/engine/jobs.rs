@@ -12,11 +12,32 @@ use crate::store::{JobRow, Op, StoredResult};
 pub const MAX_COUNT: u64 = 1_000_000;
 
 impl Engine {
-    /// Queues `count` instances of `spec` for `owner`; returns their ids.
-    pub fn submit(&mut self, owner: &str, spec: JobSpec, count: u64, now: u64) -> Result<Vec<u64>, ApiError> {
+    /// Queues `count` instances of `spec` for the caller; returns their ids. Only a console
+    /// submits SSI processes, and their home is the one the pool gave that console.
+    pub fn submit(&mut self, p: &Principal, mut spec: JobSpec, count: u64, now: u64) -> Result<Vec<u64>, ApiError> {
+        match (p, spec.ssi.as_mut()) {
+            (Principal::Console { home, .. }, Some(ssi)) => ssi.home = home.clone(),
+            (Principal::Console { .. }, None) => {
+                return Err(ApiError::BadRequest("a console's credential submits only its SSI processes".into()));
+            }
+            (_, Some(_)) => {
+                return Err(ApiError::BadRequest(
+                    "`ssi` is set by the pool, for the processes of a `vmgrid ssi` console; a job cannot set it".into(),
+                ));
+            }
+            (_, None) => {}
+        }
         spec.check().map_err(ApiError::BadRequest)?;
         if count == 0 || count > MAX_COUNT {
             return Err(ApiError::BadRequest(format!("count is {count}; it must be between 1 and {MAX_COUNT}")));
+        }
+        let owner = p.owner();
+        let queued = self.queued.get(owner).copied().unwrap_or(0);
+        if queued + count > self.limits.max_queued_per_user {
+            return Err(ApiError::Forbidden(format!(
+                "{owner} has {queued} jobs queued and may have at most {}: wait for some to finish, or `vmgrid rm` some",
+                self.limits.max_queued_per_user
+            )));
         }
         let cluster = cluster_of(&spec).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let spec_id = self.next_spec;
@@ -28,6 +49,8 @@ impl Engine {
         self.next_job += count;
         self.store(Op::Jobs { spec_id, first_id: first, count, owner: owner.into(), submitted_ms: now });
         let owner: Arc<str> = Arc::from(owner);
+        *self.queued.entry(owner.clone()).or_default() += count;
+        *self.spec_jobs.entry(spec_id).or_default() += count;
         for i in 0..count {
             let id = first + i;
             self.jobs.insert(id, Job::new(id, spec_id, i, owner.clone(), now));
@@ -109,6 +132,7 @@ impl Engine {
                 j.state = JobState::Removed;
                 j.reason = Some(format!("removed by {}", p.owner()));
                 j.finished_ms = Some(now);
+                self.finished(id);
             }
             JobAction::Hold => {
                 j.state = JobState::Held;
@@ -275,6 +299,9 @@ impl Engine {
                 j.exit_code = exit_code;
                 j.reason = reason;
                 j.finished_ms = Some(now);
+                if state == JobState::Completed {
+                    self.finished(id);
+                }
             }
         }
         self.persist(id, true);

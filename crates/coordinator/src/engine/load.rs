@@ -8,15 +8,18 @@ use std::sync::Arc;
 use vmgrid_proto::*;
 use vmgrid_scheduler::Cluster;
 
-use super::{Engine, Event, Job, Node, Principal, SpecEntry, Timing, cluster_of};
+use super::{Engine, Event, Job, Node, Principal, SpecEntry, Timing, TokenEntry, cluster_of};
 use crate::store::{Loaded, StoredJob, StoredNode};
 
 impl Engine {
     /// The engine for a store's contents at `now`.
     pub fn load(loaded: Loaded, timing: Timing, now: u64) -> Engine {
         let mut e = Engine::new(timing);
-        for (hash, role, owner) in loaded.tokens {
-            e.tokens.insert(hash, Principal::from_role(role, owner));
+        for t in loaded.tokens {
+            if let Some(principal) = Principal::from_row(t.role, t.owner, t.detail) {
+                let entry = TokenEntry { id: t.id, principal, created_ms: t.created_ms, expires_ms: t.expires_ms };
+                e.tokens.insert(t.hash, entry);
+            }
         }
         for (id, _owner, json) in loaded.specs {
             e.load_spec(id, &json);
@@ -25,6 +28,9 @@ impl Engine {
         for stored in loaded.jobs {
             let owner = owners.entry(stored.owner.clone()).or_insert_with(|| Arc::from(stored.owner.as_str())).clone();
             e.load_job(stored, owner, now);
+        }
+        for b in loaded.blobs {
+            e.load_blob(b.hash, b.owner, b.size, b.created_ms);
         }
         for StoredNode { name, ad_json, cred_hash, state } in loaded.nodes {
             let Ok(ad) = serde_json::from_str::<NodeAd>(&ad_json) else { continue };
@@ -79,6 +85,12 @@ impl Engine {
             result: row.result.map(Box::new),
         };
         self.next_job = self.next_job.max(job.id + 1);
+        if job.state.is_final() {
+            self.final_by_time.insert((job.finished_ms.unwrap_or(0), job.id));
+        } else {
+            *self.queued.entry(job.owner.clone()).or_default() += 1;
+        }
+        *self.spec_jobs.entry(job.spec_id).or_default() += 1;
         let id = job.id;
         self.jobs.insert(id, job);
         if state == JobState::Idle {

@@ -10,6 +10,7 @@
 mod jobs;
 mod load;
 mod nodes;
+mod retention;
 mod schedule;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use vmgrid_proto::*;
 use vmgrid_scheduler::Cluster;
 
-use crate::store::{Op, StoredResult, TokenRole};
+use crate::store::{Op, StoredResult, TokenRole, TokenRow};
 
 /// How often a job may lose its node (or have its node fail to run it) before it is held.
 pub const MAX_NODE_LOSSES: u32 = 5;
@@ -48,6 +49,11 @@ pub enum Principal {
     Node(String),
     User(String),
     Admin(String),
+    /// A `vmgrid ssi` console of user `owner`, at the home URL the pool gave it.
+    Console {
+        owner: String,
+        home: String,
+    },
 }
 
 impl Principal {
@@ -55,6 +61,7 @@ impl Principal {
         match self {
             Principal::Pool => "pool",
             Principal::Node(n) | Principal::User(n) | Principal::Admin(n) => n,
+            Principal::Console { owner, .. } => owner,
         }
     }
 
@@ -64,26 +71,46 @@ impl Principal {
             Principal::Node(_) => TokenRole::Node,
             Principal::User(_) => TokenRole::User,
             Principal::Admin(_) => TokenRole::Admin,
+            Principal::Console { .. } => TokenRole::Console,
         }
     }
 
-    pub fn from_role(role: TokenRole, owner: String) -> Principal {
-        match role {
+    /// The principal of a stored token; `None` for a console token without its home.
+    pub fn from_row(role: TokenRole, owner: String, detail: Option<String>) -> Option<Principal> {
+        Some(match role {
             TokenRole::Pool => Principal::Pool,
             TokenRole::Node => Principal::Node(owner),
             TokenRole::User => Principal::User(owner),
             TokenRole::Admin => Principal::Admin(owner),
+            TokenRole::Console => Principal::Console { owner, home: detail? },
+        })
+    }
+
+    fn detail(&self) -> Option<String> {
+        match self {
+            Principal::Console { home, .. } => Some(home.clone()),
+            _ => None,
         }
     }
 
-    /// Whether this caller may see and manage job `j`: its owner or an admin.
+    /// Whether this caller may see and manage a job of `owner`: its owner (or the owner's
+    /// console) or an admin.
     fn may_see(&self, owner: &str) -> bool {
         match self {
             Principal::Admin(_) => true,
-            Principal::User(u) => owner == u,
+            Principal::User(u) | Principal::Console { owner: u, .. } => owner == u,
             _ => false,
         }
     }
+}
+
+/// A token the pool knows, by the hash of its secret.
+#[derive(Debug, Clone)]
+struct TokenEntry {
+    id: String,
+    principal: Principal,
+    created_ms: u64,
+    expires_ms: Option<u64>,
 }
 
 /// The hash under which a token is stored and looked up; the token itself is never kept.
@@ -223,7 +250,7 @@ pub struct Engine {
     shared_idle: BTreeSet<u64>,
     specs: HashMap<u64, Arc<SpecEntry>>,
     nodes: BTreeMap<String, Node>,
-    tokens: HashMap<String, Principal>,
+    tokens: HashMap<String, TokenEntry>,
     /// Why the idle jobs of a spec are waiting, from the last scheduling pass.
     waiting: HashMap<u64, String>,
     next_job: u64,
@@ -231,8 +258,39 @@ pub struct Engine {
     /// Something changed that may allow new placements.
     dirty: bool,
     timing: Timing,
+    limits: Limits,
+    /// Jobs not yet completed or removed, by owner (what `Limits::max_queued_per_user` bounds).
+    queued: HashMap<Arc<str>, u64>,
+    /// Completed and removed jobs by the time they finished, for retention.
+    final_by_time: BTreeSet<(u64, u64)>,
+    /// How many jobs each spec has (a spec goes when its last job does).
+    spec_jobs: HashMap<u64, u64>,
+    blobs: HashMap<String, retention::BlobEntry>,
+    /// Blob bytes each user is charged for.
+    blob_bytes: HashMap<Arc<str>, u64>,
     metrics: Metrics,
     out: Effects,
+}
+
+/// What one user may hold in the pool, and how long it keeps what is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Jobs not yet completed or removed (idle, running or held).
+    pub max_queued_per_user: u64,
+    /// Bytes of blobs (images, inputs, outputs) a user is charged for.
+    pub max_blob_bytes_per_user: u64,
+    /// Completed and removed jobs are dropped (with their results) this long after they ended.
+    pub retain_finished_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_queued_per_user: 1_000_000,
+            max_blob_bytes_per_user: 64 << 30,
+            retain_finished_ms: 7 * 24 * 3600 * 1000,
+        }
+    }
 }
 
 /// Counts for `/metrics`, read from the engine.
@@ -258,6 +316,12 @@ impl Engine {
             next_spec: 1,
             dirty: true,
             timing,
+            limits: Limits::default(),
+            queued: HashMap::new(),
+            final_by_time: BTreeSet::new(),
+            spec_jobs: HashMap::new(),
+            blobs: HashMap::new(),
+            blob_bytes: HashMap::new(),
             metrics: Metrics::default(),
             out: Effects::default(),
         }
@@ -288,6 +352,10 @@ impl Engine {
         self.timing
     }
 
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
@@ -297,21 +365,66 @@ impl Engine {
         self.metrics.results_refused += n;
     }
 
-    pub fn authenticate(&self, token: &str) -> Option<&Principal> {
-        self.tokens.get(&hash_token(token))
+    /// Who a token is, if it is known and has not expired at `now`.
+    pub fn authenticate(&self, token: &str, now: u64) -> Option<&Principal> {
+        let t = self.tokens.get(&hash_token(token))?;
+        t.expires_ms.is_none_or(|e| now < e).then_some(&t.principal)
     }
 
-    /// Adds a token (by its hash), durably.
-    pub fn add_token(&mut self, hash: String, p: Principal) {
-        self.store(Op::Token { hash: hash.clone(), role: p.role(), owner: p.owner().into() });
-        self.tokens.insert(hash, p);
+    /// Adds a token (by the hash of its secret), durably; `id` names it for listing and revoking.
+    pub fn add_token(&mut self, hash: String, id: String, p: Principal, now: u64, expires_ms: Option<u64>) {
+        let row = TokenRow {
+            hash: hash.clone(),
+            id: id.clone(),
+            role: p.role(),
+            owner: p.owner().into(),
+            created_ms: now,
+            expires_ms,
+            detail: p.detail(),
+        };
+        self.store(Op::Token(row));
+        self.tokens.insert(hash, TokenEntry { id, principal: p, created_ms: now, expires_ms });
     }
 
     /// Adds a token unless it is known already (the built-in pool and admin tokens at start).
-    pub fn ensure_token(&mut self, hash: String, p: Principal) {
+    pub fn ensure_token(&mut self, hash: String, p: Principal, now: u64) {
         if !self.tokens.contains_key(&hash) {
-            self.add_token(hash, p);
+            let id = hash[..12].to_string();
+            self.add_token(hash, id, p, now, None);
         }
+    }
+
+    /// Every token, by id (never a secret), for an admin.
+    pub fn token_views(&self) -> Vec<TokenView> {
+        let mut v: Vec<TokenView> = self
+            .tokens
+            .values()
+            .map(|t| TokenView {
+                id: t.id.clone(),
+                role: t.principal.role().as_str().into(),
+                owner: t.principal.owner().into(),
+                created_ms: t.created_ms,
+                expires_ms: t.expires_ms,
+            })
+            .collect();
+        v.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+        v
+    }
+
+    /// Revokes the token named `id`; a node's credential takes its node out of the pool.
+    pub fn revoke(&mut self, id: &str, now: u64) -> Result<(), ApiError> {
+        let hash = self
+            .tokens
+            .iter()
+            .find(|(_, t)| t.id == id)
+            .map(|(h, _)| h.clone())
+            .ok_or_else(|| ApiError::NotFound(format!("no token {id}; `vmgrid token --list` shows them")))?;
+        if let Some(TokenEntry { principal: Principal::Node(name), .. }) = self.tokens.get(&hash).cloned() {
+            self.deregister(&name, now);
+        }
+        self.tokens.remove(&hash);
+        self.store(Op::RevokeToken { hash });
+        Ok(())
     }
 
     pub fn counts(&self) -> Counts {
@@ -351,6 +464,49 @@ impl Engine {
     /// The jobs `p` may see, in id order.
     pub fn job_views(&self, p: &Principal) -> Vec<JobView> {
         self.jobs.values().filter(|j| p.may_see(&j.owner)).map(|j| self.view(j)).collect()
+    }
+
+    /// Up to `limit` jobs after id `after` that `p` may see (in `state`, if given), in id order.
+    pub fn job_page(&self, p: &Principal, after: u64, limit: usize, state: Option<JobState>) -> JobPage {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let mut jobs = Vec::new();
+        let mut next_after = None;
+        let visible = self
+            .jobs
+            .range(after.saturating_add(1)..)
+            .map(|(_, j)| j)
+            .filter(|j| p.may_see(&j.owner) && state.is_none_or(|s| j.state == s));
+        for j in visible {
+            if jobs.len() == limit {
+                next_after = jobs.last().map(|v: &JobView| v.id);
+                break;
+            }
+            jobs.push(self.view(j));
+        }
+        JobPage { jobs, next_after }
+    }
+
+    /// Registers a `vmgrid ssi` console of user `p` at `home` (the URL the pool chose for it)
+    /// under the hash of the credential the runtime made.
+    pub fn register_console(
+        &mut self,
+        p: &Principal,
+        hash: String,
+        id: String,
+        home: String,
+        now: u64,
+    ) -> Result<(), ApiError> {
+        let owner = match p {
+            Principal::User(o) | Principal::Admin(o) => o.clone(),
+            other => {
+                return Err(ApiError::Forbidden(format!(
+                    "a {} token cannot open a console; use a user token",
+                    other.role().as_str()
+                )));
+            }
+        };
+        self.add_token(hash, id, Principal::Console { owner, home }, now, None);
+        Ok(())
     }
 
     /// One job with its results, if `p` may see it.

@@ -38,8 +38,8 @@ impl Engine {
             self.tokens.remove(&old_hash);
             self.store(Op::RevokeToken { hash: old_hash });
         }
-        self.tokens.insert(cred_hash.clone(), Principal::Node(name.clone()));
-        self.store(Op::Token { hash: cred_hash.clone(), role: crate::store::TokenRole::Node, owner: name.clone() });
+        let id = format!("node-{}", &cred_hash[..8]);
+        self.add_token(cred_hash.clone(), id, Principal::Node(name.clone()), now, None);
         let node = Node::new(ad, NodeState::Ready, cred_hash, now);
         self.store(node.store_op(&name));
         self.nodes.insert(name, node);
@@ -160,8 +160,10 @@ impl Engine {
         Ok(revoked)
     }
 
-    /// Expires leases that were not renewed and nodes that went silent.
+    /// Expires leases that were not renewed and nodes that went silent, and drops finished jobs
+    /// past their retention.
     pub fn tick(&mut self, now: u64) {
+        self.expire_finished(now);
         let silent: Vec<String> = self
             .nodes
             .iter()

@@ -2,7 +2,7 @@
 //! [`Effects`] the calls produced (store operations, wake-ups, events).
 
 use super::*;
-use crate::store::{JobRow, Loaded, StoredJob, StoredNode};
+use crate::store::{JobRow, Loaded, StoredJob, StoredNode, TokenRow};
 
 const TIMING: Timing = Timing { lease_ttl_ms: 1000, node_ttl_ms: 1000, heartbeat_ms: 200 };
 
@@ -68,6 +68,10 @@ pub(crate) fn exited(l: &Lease, code: i32) -> Report {
     }
 }
 
+fn alice() -> Principal {
+    Principal::User("alice".into())
+}
+
 fn admin() -> Principal {
     Principal::Admin("root".into())
 }
@@ -107,7 +111,15 @@ fn registering_stores_the_credential_and_the_node_and_wakes_everyone() {
         e.take_effects(),
         Effects {
             ops: vec![
-                Op::Token { hash: "h1".into(), role: TokenRole::Node, owner: "n1".into() },
+                Op::Token(TokenRow {
+                    hash: "h1".into(),
+                    id: "node-h1".into(),
+                    role: TokenRole::Node,
+                    owner: "n1".into(),
+                    created_ms: 5,
+                    expires_ms: None,
+                    detail: None
+                }),
                 Op::Node {
                     name: "n1".into(),
                     ad_json: serde_json::to_string(&ad("n1", 2)).unwrap(),
@@ -128,7 +140,7 @@ fn submit_place_lease_report_complete() {
     let mut e = engine();
     register(&mut e, "n1", 2, 0);
     e.take_effects();
-    let ids = e.submit("alice", spec(0), 3, 0).unwrap();
+    let ids = e.submit(&alice(), spec(0), 3, 0).unwrap();
     assert_eq!(ids, vec![1, 2, 3]);
     let fx = e.take_effects();
     assert!(matches!(&fx.ops[..], [Op::Spec { id: 1, .. }, Op::Jobs { spec_id: 1, first_id: 1, count: 3, .. }]));
@@ -161,7 +173,7 @@ fn a_result_under_a_stale_epoch_is_refused_and_changes_nothing() {
     let mut e = engine();
     register(&mut e, "n1", 1, 0);
     register(&mut e, "n2", 1, 0);
-    e.submit("alice", spec(0), 1, 0).unwrap();
+    e.submit(&alice(), spec(0), 1, 0).unwrap();
     let first = lease_all(&mut e, "n1", 0);
     let first = if first.is_empty() { lease_all(&mut e, "n2", 0) } else { first };
     let holder = job(&e, 1).node.unwrap();
@@ -199,7 +211,7 @@ fn a_node_whose_lease_expired_gets_no_new_work_before_it_is_declared_lost() {
     // node does: the job must not be placed back on the silent node meanwhile.
     let mut e = engine();
     register(&mut e, "n1", 1, 0);
-    e.submit("alice", spec(0), 1, 0).unwrap();
+    e.submit(&alice(), spec(0), 1, 0).unwrap();
     lease_all(&mut e, "n1", 0);
     e.live_node("n1", 900).unwrap();
     register(&mut e, "n2", 1, 900);
@@ -211,7 +223,7 @@ fn a_node_whose_lease_expired_gets_no_new_work_before_it_is_declared_lost() {
     assert_eq!(job(&e, 1).node.as_deref(), Some("n2"), "placed on the node that is heard from");
     // Once the silent node heartbeats again it takes work again.
     e.heartbeat("n1", &[], false, 1100).unwrap();
-    e.submit("alice", spec(0), 1, 1100).unwrap();
+    e.submit(&alice(), spec(0), 1, 1100).unwrap();
     e.schedule(1100);
     assert_eq!(job(&e, 2).node.as_deref(), Some("n1"));
 }
@@ -220,7 +232,7 @@ fn a_node_whose_lease_expired_gets_no_new_work_before_it_is_declared_lost() {
 fn retries_then_completion_or_hold() {
     let mut e = engine();
     register(&mut e, "n1", 1, 0);
-    e.submit("alice", spec(1), 1, 0).unwrap();
+    e.submit(&alice(), spec(1), 1, 0).unwrap();
     let l = lease_all(&mut e, "n1", 0);
     e.report("n1", vec![exited(&l[0], 2)], 1).unwrap();
     assert_eq!(job(&e, 1).state, JobState::Idle);
@@ -229,7 +241,7 @@ fn retries_then_completion_or_hold() {
     e.report("n1", vec![exited(&l[0], 2)], 3).unwrap();
     assert_eq!((job(&e, 1).state, job(&e, 1).exit_code), (JobState::Completed, Some(2)));
 
-    e.submit("alice", spec(0), 1, 4).unwrap();
+    e.submit(&alice(), spec(0), 1, 4).unwrap();
     let l = lease_all(&mut e, "n1", 4);
     let mut r = exited(&l[0], 0);
     r.run = RunReport::GuestFailed {
@@ -244,7 +256,7 @@ fn retries_then_completion_or_hold() {
 #[test]
 fn owners_manage_only_their_jobs() {
     let mut e = engine();
-    e.submit("alice", spec(0), 1, 0).unwrap();
+    e.submit(&alice(), spec(0), 1, 0).unwrap();
     e.take_effects();
     let resp = e.action(&Principal::User("bob".into()), JobAction::Rm, &[1], 1);
     assert!(resp.changed.is_empty() && resp.refused[0].1.contains("belongs to alice"));
@@ -260,7 +272,7 @@ fn owners_manage_only_their_jobs() {
 fn a_draining_node_hands_back_unclaimed_placements_without_touching_other_nodes() {
     let mut e = engine();
     register(&mut e, "n1", 2, 0);
-    e.submit("alice", spec(0), 2, 0).unwrap();
+    e.submit(&alice(), spec(0), 2, 0).unwrap();
     e.schedule(0);
     assert!(e.has_pending("n1"));
     e.heartbeat("n1", &[], true, 1).unwrap();
@@ -289,9 +301,9 @@ fn a_live_nodes_name_cannot_be_taken_over() {
     e.take_effects();
     e.register(ad("n1", 1), Some("c1"), false, hash_token("c2"), 2).unwrap();
     assert!(e.take_effects().ops.contains(&Op::RevokeToken { hash: hash_token("c1") }));
-    assert!(e.authenticate("c1").is_none(), "the old credential is revoked");
+    assert!(e.authenticate("c1", 2).is_none(), "the old credential is revoked");
     e.register(ad("n1", 1), None, true, hash_token("c3"), 3).unwrap();
-    assert!(e.authenticate("c2").is_none());
+    assert!(e.authenticate("c2", 3).is_none());
     // Once lost, anyone with the pool token may take the name.
     e.tick(10_000);
     assert_eq!(node_state(&e, "n1"), NodeState::Lost);
@@ -302,7 +314,7 @@ fn a_live_nodes_name_cannot_be_taken_over() {
 fn jobs_never_handed_to_a_node_are_not_counted_as_lost() {
     let mut e = engine();
     register(&mut e, "n1", 1, 0);
-    e.submit("alice", spec(0), 1, 0).unwrap();
+    e.submit(&alice(), spec(0), 1, 0).unwrap();
     e.schedule(0);
     e.tick(5_000);
     let v = job(&e, 1);
@@ -313,7 +325,7 @@ fn jobs_never_handed_to_a_node_are_not_counted_as_lost() {
 fn an_ssi_process_on_a_lost_node_ends_held_with_the_reason_and_is_not_rerun() {
     let mut e = engine();
     register(&mut e, "n1", 1, 0);
-    e.submit("alice", ssi_spec(7), 2, 0).unwrap();
+    e.submit(&alice(), ssi_spec(7), 2, 0).unwrap();
     // Time-shared: both placed on a one-cpu node; only the first is handed over.
     e.schedule(0);
     let leases = e.take_leases("n1", 1, 1, 0);
@@ -332,9 +344,9 @@ fn time_shared_jobs_run_on_a_full_pool_and_a_full_node_still_collects_them() {
     let mut e = engine();
     register(&mut e, "n1", 1, 0);
     // A batch job takes the only cpu; more wait behind it.
-    e.submit("alice", spec(0), 3, 0).unwrap();
+    e.submit(&alice(), spec(0), 3, 0).unwrap();
     assert_eq!(lease_all(&mut e, "n1", 0).len(), 1);
-    let ids = e.submit("alice", ssi_spec(1), 1, 1).unwrap();
+    let ids = e.submit(&alice(), ssi_spec(1), 1, 1).unwrap();
     e.schedule(1);
     assert_eq!(job(&e, ids[0]).state, JobState::Running, "placed although no cpu is free");
     // The node, with no cpu free, asks with max_cpus = 0 and gets only the time-shared job.
@@ -348,11 +360,11 @@ fn a_spec_the_api_refuses_stores_nothing() {
     let mut e = engine();
     let mut bad = spec(0);
     bad.name = "x,process=evil".into();
-    assert!(matches!(e.submit("alice", bad, 1, 0), Err(ApiError::BadRequest(m)) if m.contains("name")));
+    assert!(matches!(e.submit(&alice(), bad, 1, 0), Err(ApiError::BadRequest(m)) if m.contains("name")));
     let mut bad = spec(0);
     bad.env.insert("A B".into(), "x".into());
-    assert!(matches!(e.submit("alice", bad, 1, 0), Err(ApiError::BadRequest(m)) if m.contains("A B")));
-    assert!(matches!(e.submit("alice", spec(0), 0, 0), Err(ApiError::BadRequest(_))));
+    assert!(matches!(e.submit(&alice(), bad, 1, 0), Err(ApiError::BadRequest(m)) if m.contains("A B")));
+    assert!(matches!(e.submit(&alice(), spec(0), 0, 0), Err(ApiError::BadRequest(_))));
     assert!(e.take_effects().is_empty());
 }
 
@@ -382,7 +394,15 @@ fn stored_job(id: u64, spec_id: u64, state: JobState, node: Option<&str>) -> Sto
 #[test]
 fn loading_gives_running_jobs_back_and_requeues_those_whose_node_is_gone() {
     let loaded = Loaded {
-        tokens: vec![(hash_token("c1"), TokenRole::Node, "n1".into())],
+        tokens: vec![TokenRow {
+            hash: hash_token("c1"),
+            id: "c1".into(),
+            role: TokenRole::Node,
+            owner: "n1".into(),
+            created_ms: 0,
+            expires_ms: None,
+            detail: None,
+        }],
         specs: vec![(1, "alice".into(), serde_json::to_string(&spec(0)).unwrap())],
         jobs: vec![
             stored_job(1, 1, JobState::Running, Some("n1")),
@@ -395,14 +415,15 @@ fn loading_gives_running_jobs_back_and_requeues_those_whose_node_is_gone() {
             cred_hash: hash_token("c1"),
             state: NodeState::Ready,
         }],
+        blobs: vec![],
     };
     let mut e = Engine::load(loaded, TIMING, 100);
-    assert_eq!(e.authenticate("c1"), Some(&Principal::Node("n1".into())));
+    assert_eq!(e.authenticate("c1", 0), Some(&Principal::Node("n1".into())));
     assert_eq!(job(&e, 1).state, JobState::Running);
     assert_eq!(e.node_views()[0].free_cpus, 1, "the running job holds its cpu again");
     assert_eq!(job_rows(&e.take_effects().ops), vec![(2, JobState::Idle, None, 1)]);
     assert!(job(&e, 2).reason.unwrap().contains("no longer registered"));
-    assert_eq!(e.submit("alice", spec(0), 1, 200).unwrap(), vec![4], "ids continue after the stored ones");
+    assert_eq!(e.submit(&alice(), spec(0), 1, 200).unwrap(), vec![4], "ids continue after the stored ones");
 }
 
 #[test]

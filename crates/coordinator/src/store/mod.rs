@@ -19,21 +19,41 @@ pub enum TokenRole {
     Node,
     User,
     Admin,
+    /// A `vmgrid ssi` console: the home of the processes it submits.
+    Console,
 }
 
 impl TokenRole {
+    pub const ALL: [TokenRole; 5] =
+        [TokenRole::Pool, TokenRole::Node, TokenRole::User, TokenRole::Admin, TokenRole::Console];
+
     pub fn as_str(self) -> &'static str {
         match self {
             TokenRole::Pool => "pool",
             TokenRole::Node => "node",
             TokenRole::User => "user",
             TokenRole::Admin => "admin",
+            TokenRole::Console => "console",
         }
     }
 
     pub fn parse(s: &str) -> Option<TokenRole> {
-        [TokenRole::Pool, TokenRole::Node, TokenRole::User, TokenRole::Admin].into_iter().find(|r| r.as_str() == s)
+        TokenRole::ALL.into_iter().find(|r| r.as_str() == s)
     }
+}
+
+/// A token as stored: its hash (never the token), what it grants and for how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    pub hash: String,
+    /// A short name for listing and revoking.
+    pub id: String,
+    pub role: TokenRole,
+    pub owner: String,
+    pub created_ms: u64,
+    pub expires_ms: Option<u64>,
+    /// For a console: the home URL the pool gave it.
+    pub detail: Option<String>,
 }
 
 /// A finished run's files: what `logs` and `fetch` read.
@@ -49,13 +69,57 @@ pub struct StoredResult {
 /// One durable change.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    Token { hash: String, role: TokenRole, owner: String },
-    RevokeToken { hash: String },
-    Spec { id: u64, owner: String, json: String },
-    Jobs { spec_id: u64, first_id: u64, count: u64, owner: String, submitted_ms: u64 },
+    Token(TokenRow),
+    RevokeToken {
+        hash: String,
+    },
+    Spec {
+        id: u64,
+        owner: String,
+        json: String,
+    },
+    Jobs {
+        spec_id: u64,
+        first_id: u64,
+        count: u64,
+        owner: String,
+        submitted_ms: u64,
+    },
     Job(JobRow),
-    Node { name: String, ad_json: String, cred_hash: String, state: NodeState },
-    DeleteNode { name: String },
+    Node {
+        name: String,
+        ad_json: String,
+        cred_hash: String,
+        state: NodeState,
+    },
+    DeleteNode {
+        name: String,
+    },
+    /// A finished job past its retention, and a spec no job uses any more.
+    DeleteJob {
+        id: u64,
+    },
+    DeleteSpec {
+        id: u64,
+    },
+    /// A blob and the user charged for it.
+    Blob {
+        hash: String,
+        owner: String,
+        size: u64,
+        created_ms: u64,
+    },
+    DeleteBlob {
+        hash: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlob {
+    pub hash: String,
+    pub owner: String,
+    pub size: u64,
+    pub created_ms: u64,
 }
 
 /// A job's mutable columns.
@@ -97,12 +161,12 @@ pub struct StoredNode {
 /// Everything loaded at start.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    /// (hash, role, owner)
-    pub tokens: Vec<(String, TokenRole, String)>,
+    pub tokens: Vec<TokenRow>,
     /// (id, owner, JSON of the spec)
     pub specs: Vec<(u64, String, String)>,
     pub jobs: Vec<StoredJob>,
     pub nodes: Vec<StoredNode>,
+    pub blobs: Vec<StoredBlob>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -6,9 +6,12 @@ use std::path::Path;
 use rusqlite::{Connection, params};
 use vmgrid_proto::{JobState, NodeState};
 
-use super::{JobRow, Loaded, Op, Store, StoreError, StoredJob, StoredNode, StoredResult, TokenRole};
+use super::{
+    JobRow, Loaded, Op, Store, StoreError, StoredBlob, StoredJob, StoredNode, StoredResult, TokenRole, TokenRow,
+};
 
-const SCHEMA: &str = "
+/// The schema as it was first released (version 1); [`MIGRATIONS`] take it to the current one.
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, role TEXT NOT NULL, owner TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS specs (id INTEGER PRIMARY KEY, owner TEXT NOT NULL, json TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -18,6 +21,43 @@ CREATE TABLE IF NOT EXISTS jobs (
   submitted_ms INTEGER NOT NULL, finished_ms INTEGER, result TEXT);
 CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, ad TEXT NOT NULL, cred_hash TEXT NOT NULL, state TEXT NOT NULL);
 ";
+
+/// Each migration takes the schema from version N (its index + 1) to N + 1, in one transaction.
+const MIGRATIONS: &[&str] = &[
+    // 2: tokens get a short id (to list and revoke them), a creation time, an expiry, and detail.
+    "ALTER TABLE tokens ADD COLUMN id TEXT;
+     ALTER TABLE tokens ADD COLUMN created_ms INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE tokens ADD COLUMN expires_ms INTEGER;
+     ALTER TABLE tokens ADD COLUMN detail TEXT;
+     UPDATE tokens SET id = substr(hash, 1, 12) WHERE id IS NULL;",
+    // 3: who each blob is charged to.
+    "CREATE TABLE blobs (hash TEXT PRIMARY KEY, owner TEXT NOT NULL, size INTEGER NOT NULL, created_ms INTEGER NOT NULL);",
+];
+
+/// The schema version this coordinator writes.
+pub const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
+
+/// Brings the database to [`SCHEMA_VERSION`]; a database from a newer vmgrid is refused.
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let mut version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version == 0 {
+        conn.execute_batch(SCHEMA_V1)?;
+        version = 1;
+    }
+    if version > SCHEMA_VERSION {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "the job store has schema version {version}, newer than this vmgrid's {SCHEMA_VERSION}: upgrade vmgrid"
+        )));
+    }
+    while version < SCHEMA_VERSION {
+        let tx = conn.transaction()?;
+        tx.execute_batch(MIGRATIONS[(version - 1) as usize])?;
+        version += 1;
+        tx.pragma_update(None, "user_version", version)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
 
 pub struct SqliteStore {
     conn: Connection,
@@ -29,13 +69,29 @@ fn err(e: rusqlite::Error) -> StoreError {
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
-        let conn = Connection::open(path).map_err(err)?;
+        create_private(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+        let mut conn = Connection::open(path).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         // FULL: a commit is on disk when it returns, so an acknowledged change survives a crash.
         conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
+        migrate(&mut conn).map_err(err)?;
         Ok(SqliteStore { conn })
     }
+}
+
+/// The database (and so its WAL and shared-memory files, which SQLite creates with the
+/// database's mode) is readable by its owner only: it holds every spec and the SSI processes'
+/// tokens.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let p = format!("{}{suffix}", path.display());
+        if Path::new(&p).exists() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
 }
 
 impl Store for SqliteStore {
@@ -63,12 +119,27 @@ fn node_state(s: &str) -> NodeState {
 
 fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
     let mut l = Loaded::default();
-    let mut st = conn.prepare("SELECT hash, role, owner FROM tokens")?;
-    for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))? {
-        let (hash, role, owner) = row?;
+    let mut st = conn.prepare("SELECT hash, role, owner, id, created_ms, expires_ms, detail FROM tokens")?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(1)?,
+            TokenRow {
+                hash: r.get(0)?,
+                role: TokenRole::Pool,
+                owner: r.get(2)?,
+                id: r.get(3)?,
+                created_ms: r.get::<_, i64>(4)? as u64,
+                expires_ms: r.get::<_, Option<i64>>(5)?.map(|x| x as u64),
+                detail: r.get(6)?,
+            },
+        ))
+    })?;
+    for row in rows {
+        let (role, mut t) = row?;
         // A token of a role this version does not know grants nothing.
         if let Some(role) = TokenRole::parse(&role) {
-            l.tokens.push((hash, role, owner));
+            t.role = role;
+            l.tokens.push(t);
         }
     }
     let mut st = conn.prepare("SELECT id, owner, json FROM specs")?;
@@ -78,6 +149,17 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
         "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result FROM jobs ORDER BY id",
     )?;
     l.jobs = st.query_map([], stored_job)?.collect::<Result<_, _>>()?;
+    let mut st = conn.prepare("SELECT hash, owner, size, created_ms FROM blobs")?;
+    l.blobs = st
+        .query_map([], |r| {
+            Ok(StoredBlob {
+                hash: r.get(0)?,
+                owner: r.get(1)?,
+                size: r.get::<_, i64>(2)? as u64,
+                created_ms: r.get::<_, i64>(3)? as u64,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
     let mut st = conn.prepare("SELECT name, ad, cred_hash, state FROM nodes")?;
     l.nodes = st
         .query_map([], |r| {
@@ -125,10 +207,18 @@ fn stored_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredJob> {
 
 fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
     match op {
-        Op::Token { hash, role, owner } => {
+        Op::Token(t) => {
             tx.execute(
-                "INSERT OR REPLACE INTO tokens (hash, role, owner) VALUES (?1, ?2, ?3)",
-                params![hash, role.as_str(), owner],
+                "INSERT OR REPLACE INTO tokens (hash, role, owner, id, created_ms, expires_ms, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    t.hash,
+                    t.role.as_str(),
+                    t.owner,
+                    t.id,
+                    t.created_ms as i64,
+                    t.expires_ms.map(|x| x as i64),
+                    t.detail
+                ],
             )?;
         }
         Op::RevokeToken { hash } => {
@@ -174,6 +264,21 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         Op::DeleteNode { name } => {
             tx.execute("DELETE FROM nodes WHERE name = ?1", params![name])?;
         }
+        Op::DeleteJob { id } => {
+            tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?.execute(params![*id as i64])?;
+        }
+        Op::DeleteSpec { id } => {
+            tx.execute("DELETE FROM specs WHERE id = ?1", params![*id as i64])?;
+        }
+        Op::Blob { hash, owner, size, created_ms } => {
+            tx.execute(
+                "INSERT OR IGNORE INTO blobs (hash, owner, size, created_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![hash, owner, *size as i64, *created_ms as i64],
+            )?;
+        }
+        Op::DeleteBlob { hash } => {
+            tx.execute("DELETE FROM blobs WHERE hash = ?1", params![hash])?;
+        }
     }
     Ok(())
 }
@@ -190,9 +295,9 @@ mod tests {
         let path = dir.path().join("pool.sqlite");
         let timing = Timing { lease_ttl_ms: 1000, node_ttl_ms: 1000, heartbeat_ms: 200 };
         let mut e = Engine::new(timing);
-        e.add_token(hash_token("admin-secret"), Principal::Admin("admin".into()));
+        e.add_token(hash_token("admin-secret"), "a1".into(), Principal::Admin("admin".into()), 0, None);
         e.register(crate::engine::tests::ad("n1", 1), None, false, hash_token("cred"), 0).unwrap();
-        e.submit("alice", crate::engine::tests::spec(0), 2, 0).unwrap();
+        e.submit(&Principal::User("alice".into()), crate::engine::tests::spec(0), 2, 0).unwrap();
         e.schedule(0);
         let l = e.take_leases("n1", 10, 10, 0);
         e.report("n1", vec![crate::engine::tests::exited(&l[0], 5)], 1).unwrap();
@@ -209,8 +314,8 @@ mod tests {
         assert_eq!(e.job_views(&admin)[0].exit_code, Some(5));
         assert_eq!(e.job_views(&admin)[1].state, JobState::Running, "a running job keeps its lease across a restart");
         assert_eq!(e.node_views()[0].running_jobs, 1);
-        assert_eq!(e.authenticate("admin-secret"), Some(&admin));
-        assert_eq!(e.authenticate("cred"), Some(&Principal::Node("n1".into())));
+        assert_eq!(e.authenticate("admin-secret", 10), Some(&admin));
+        assert_eq!(e.authenticate("cred", 10), Some(&Principal::Node("n1".into())));
     }
 
     #[test]

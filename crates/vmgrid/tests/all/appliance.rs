@@ -297,7 +297,7 @@ fn two_appliances_join_run_jobs_take_a_console_job_and_leave() {
         eprintln!("appliance: {} boot-to-joined {:.1} s", app.name, t.as_secs_f64());
         assert!(t <= JOIN_BOUND, "{} took {:.1} s to join (bound: 60 s)", app.name, t.as_secs_f64());
     }
-    assert!(a.stderr.lock().unwrap().contains("the appliance reaches it as http://10.0.2.2:"));
+    assert!(a.stderr.lock().unwrap().contains("the appliance reaches it as https://10.0.2.2:"));
     assert!(
         poll_until(Duration::from_secs(10), || b.stderr.lock().unwrap().contains("app-b joined")),
         "{}",

@@ -77,7 +77,13 @@ fn bad_tokens_and_wrong_roles_are_refused() {
     let pool = Pool::start();
     let d = JobDir::new();
     let bad = d.write("bad.token", "not-a-token");
-    let out = vmgrid().args(["q", "--pool", &pool.url, "--token-file"]).arg(&bad).output().unwrap();
+    let out = vmgrid()
+        .args(["q", "--pool", &pool.url, "--token-file"])
+        .arg(&bad)
+        .arg("--ca-file")
+        .arg(pool.data_dir().join("ca.pem"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_of(&out).contains("not valid for this pool"), "{}", stderr_of(&out));
     // The pool token only registers nodes.
@@ -89,44 +95,45 @@ fn bad_tokens_and_wrong_roles_are_refused() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_of(&out).contains("a pool token cannot list jobs"), "{}", stderr_of(&out));
     // Garbage bodies get a 4xx with a sentence.
-    let err =
-        vmgrid_client::Client::new(&pool.url, &std::fs::read_to_string(pool.data_dir().join("pool.token")).unwrap())
-            .register(
-                &vmgrid_proto::NodeAd {
-                    name: "bad name!".into(),
-                    arch: "x".into(),
-                    os: "y".into(),
-                    cpus: 1,
-                    memory_mb: 1,
-                    disk_mb: 1,
-                    vm_types: vec![],
-                    accelerators: vec![],
-                    labels: Default::default(),
-                    appliance: false,
-                },
-                None,
-            )
-            .unwrap_err();
+    let err = pool
+        .client_with(&std::fs::read_to_string(pool.data_dir().join("pool.token")).unwrap())
+        .register(
+            &vmgrid_proto::NodeAd {
+                name: "bad name!".into(),
+                arch: "x".into(),
+                os: "y".into(),
+                cpus: 1,
+                memory_mb: 1,
+                disk_mb: 1,
+                vm_types: vec![],
+                accelerators: vec![],
+                labels: Default::default(),
+                appliance: false,
+            },
+            None,
+        )
+        .unwrap_err();
     assert_eq!(err.status(), Some(400), "{err}");
 }
 
 #[test]
 fn a_user_cannot_remove_another_users_job() {
     let pool = Pool::start();
-    let alice = pool.admin().add_token(vmgrid_proto::Role::User, "alice").unwrap();
-    let bob = pool.admin().add_token(vmgrid_proto::Role::User, "bob").unwrap();
+    let alice = pool.admin().add_token(vmgrid_proto::Role::User, "alice", None).unwrap().token;
+    let bob = pool.admin().add_token(vmgrid_proto::Role::User, "bob", None).unwrap().token;
     let d = JobDir::new();
     let a_tok = d.write("alice.token", &alice);
     let b_tok = d.write("bob.token", &bob);
     let job = probe_job_file(d.path(), "mine", &["exit:0"], "");
     let mut c = vmgrid();
-    c.env("VMGRID_POOL", &pool.url).env("VMGRID_TOKEN", &alice);
+    c.env("VMGRID_POOL", &pool.url).env("VMGRID_TOKEN", &alice).env("VMGRID_CA_FILE", pool.data_dir().join("ca.pem"));
     let out = c.arg("submit").arg(&job).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
     let id = ids_of(&out)[0];
 
     let out = vmgrid()
         .env("VMGRID_POOL", &pool.url)
+        .env("VMGRID_CA_FILE", pool.data_dir().join("ca.pem"))
         .arg("rm")
         .arg(id.to_string())
         .arg("--token-file")
@@ -136,13 +143,20 @@ fn a_user_cannot_remove_another_users_job() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_of(&out).contains("belongs to alice, not bob"), "{}", stderr_of(&out));
     // Bob does not even see it.
-    let out =
-        vmgrid().env("VMGRID_POOL", &pool.url).args(["q", "--json"]).arg("--token-file").arg(&b_tok).output().unwrap();
+    let out = vmgrid()
+        .env("VMGRID_POOL", &pool.url)
+        .env("VMGRID_CA_FILE", pool.data_dir().join("ca.pem"))
+        .args(["q", "--json"])
+        .arg("--token-file")
+        .arg(&b_tok)
+        .output()
+        .unwrap();
     assert_eq!(stdout_of(&out).trim(), "[]");
     assert_eq!(pool.job(id).state, JobState::Idle);
     // Alice can, and the admin can see it removed.
     let out = vmgrid()
         .env("VMGRID_POOL", &pool.url)
+        .env("VMGRID_CA_FILE", pool.data_dir().join("ca.pem"))
         .arg("rm")
         .arg(id.to_string())
         .arg("--token-file")
@@ -209,7 +223,7 @@ fn a_killed_node_loses_its_job_to_the_other_and_its_late_result_is_refused() {
     assert_eq!(v.exit_code, Some(0));
     assert_eq!(v.attempts, 2);
     // The dead node's result arrives late, under its expired lease: refused.
-    let late = vmgrid_client::Client::new(&pool.url, &first_epoch_cred);
+    let late = pool.client_with(&first_epoch_cred);
     let r = late.report(&ReportRequest {
         reports: vec![Report {
             lease: LeaseId { job_id: id, epoch: 1 },

@@ -141,7 +141,7 @@ impl Pool {
             url.is_some()
         });
         self.url = url.expect("set when the wait ended");
-        self.listen = self.url.trim_start_matches("http://").to_string();
+        self.listen = self.url.trim_start_matches("https://").trim_start_matches("http://").to_string();
     }
 
     pub fn kill_coordinator(&mut self) {
@@ -183,9 +183,18 @@ impl Pool {
         std::fs::read_to_string(self.dir.path().join(format!("node-{name}/credential"))).unwrap()
     }
 
+    /// A client of this pool with `token`, trusting the pool's CA.
+    pub fn client_with(&self, token: &str) -> vmgrid_client::Client {
+        let trust = match std::fs::read_to_string(self.data_dir().join("ca.pem")) {
+            Ok(pem) => vmgrid_client::Trust::pool_ca(&pem).unwrap(),
+            Err(_) => vmgrid_client::Trust::default(),
+        };
+        vmgrid_client::Client::with_trust(&self.url, token, trust)
+    }
+
     pub fn admin(&self) -> vmgrid_client::Client {
         let token = std::fs::read_to_string(self.data_dir().join("admin.token")).unwrap();
-        vmgrid_client::Client::new(&self.url, &token)
+        self.client_with(&token)
     }
 
     /// The CLI, pointed at this pool as the admin (through the client.toml it wrote).

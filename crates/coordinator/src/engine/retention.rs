@@ -1,0 +1,125 @@
+//! What the pool keeps, and for how long: finished jobs are dropped (with their specs, once no
+//! job uses them) after the retention period, as HTCondor's history; every blob has the user
+//! who uploaded it first, who is charged for its size against a quota; and the blobs no spec or
+//! result refers to any more can be collected.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use super::{ApiError, Engine};
+use crate::store::Op;
+
+/// A blob the pool holds: who uploaded it first (and pays for it), its size, when.
+#[derive(Debug, Clone)]
+pub(super) struct BlobEntry {
+    owner: Arc<str>,
+    size: u64,
+    created_ms: u64,
+}
+
+impl Engine {
+    /// Job `id` reached a final state (completed or removed): it no longer counts against its
+    /// owner's queue, and it is dropped once the retention period has passed.
+    pub(super) fn finished(&mut self, id: u64) {
+        let Some(j) = self.jobs.get(&id) else { return };
+        let (owner, at) = (j.owner.clone(), j.finished_ms.unwrap_or(0));
+        if let Some(n) = self.queued.get_mut(&*owner) {
+            *n = n.saturating_sub(1);
+        }
+        self.final_by_time.insert((at, id));
+    }
+
+    /// Drops finished jobs older than the retention period, and specs no job uses any more.
+    pub(super) fn expire_finished(&mut self, now: u64) {
+        let keep_from = now.saturating_sub(self.limits.retain_finished_ms);
+        while let Some(&(at, id)) = self.final_by_time.first() {
+            if at >= keep_from {
+                break;
+            }
+            self.final_by_time.pop_first();
+            let Some(j) = self.jobs.remove(&id) else { continue };
+            self.store(Op::DeleteJob { id });
+            let left = self.spec_jobs.entry(j.spec_id).or_default();
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                self.spec_jobs.remove(&j.spec_id);
+                self.specs.remove(&j.spec_id);
+                self.waiting.remove(&j.spec_id);
+                self.store(Op::DeleteSpec { id: j.spec_id });
+            }
+        }
+    }
+
+    /// How many more blob bytes `owner` may upload.
+    pub fn blob_allowance(&self, owner: &str) -> u64 {
+        let used = self.blob_bytes.get(owner).copied().unwrap_or(0);
+        self.limits.max_blob_bytes_per_user.saturating_sub(used)
+    }
+
+    /// Checks that `owner` may store `size` more bytes of blobs.
+    pub fn check_blob_quota(&self, owner: &str, size: u64) -> Result<(), ApiError> {
+        if size > self.blob_allowance(owner) {
+            return Err(ApiError::Forbidden(format!(
+                "{owner} would hold more than {} MiB of files in the pool: remove old jobs (their files go with them)",
+                self.limits.max_blob_bytes_per_user >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    /// A blob stored for `owner`, who is charged for it unless someone uploaded it before.
+    pub fn add_blob(&mut self, hash: &str, owner: &str, size: u64, now: u64) {
+        if self.blobs.contains_key(hash) {
+            return;
+        }
+        let owner: Arc<str> = Arc::from(owner);
+        *self.blob_bytes.entry(owner.clone()).or_default() += size;
+        self.blobs.insert(hash.to_string(), BlobEntry { owner: owner.clone(), size, created_ms: now });
+        self.store(Op::Blob { hash: hash.to_string(), owner: owner.to_string(), size, created_ms: now });
+    }
+
+    pub(super) fn load_blob(&mut self, hash: String, owner: String, size: u64, created_ms: u64) {
+        let owner: Arc<str> = Arc::from(owner.as_str());
+        *self.blob_bytes.entry(owner.clone()).or_default() += size;
+        self.blobs.insert(hash, BlobEntry { owner, size, created_ms });
+    }
+
+    /// The blobs that no spec and no job's result refers to, uploaded before `before` (so an
+    /// upload whose job is still being submitted is not taken).
+    pub fn unreferenced_blobs(&self, before: u64) -> Vec<String> {
+        let mut used: HashSet<&str> = HashSet::new();
+        for s in self.specs.values() {
+            let spec = &s.spec;
+            for f in spec.image.iter().chain(&spec.kernel).chain(&spec.initrd).chain(&spec.inputs) {
+                used.insert(&f.blob);
+            }
+        }
+        for j in self.jobs.values() {
+            if let Some(r) = &j.result {
+                for f in r.stdout.iter().chain(&r.stderr).chain(&r.outputs) {
+                    used.insert(&f.blob);
+                }
+            }
+        }
+        self.blobs
+            .iter()
+            .filter(|(h, b)| b.created_ms < before && !used.contains(h.as_str()))
+            .map(|(h, _)| h.clone())
+            .collect()
+    }
+
+    /// A blob was deleted from disk: nobody pays for it any more.
+    pub fn drop_blob(&mut self, hash: &str) {
+        if let Some(b) = self.blobs.remove(hash) {
+            if let Some(n) = self.blob_bytes.get_mut(&*b.owner) {
+                *n = n.saturating_sub(b.size);
+            }
+            self.store(Op::DeleteBlob { hash: hash.to_string() });
+        }
+    }
+
+    /// Whether the pool knows this blob (uploaded through it, and not collected).
+    pub fn knows_blob(&self, hash: &str) -> bool {
+        self.blobs.contains_key(hash)
+    }
+}
