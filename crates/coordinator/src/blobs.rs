@@ -130,7 +130,9 @@ pub async fn collect_loop(shared: std::sync::Arc<crate::core::Shared>) {
 pub async fn collect(shared: &crate::core::Shared) -> usize {
     let now = vmgrid_proto::now_ms();
     let (garbage, pending) = shared.call(|e| e.unreferenced_blobs(now.saturating_sub(GRACE_MS)));
-    shared.finish(pending).await;
+    if shared.finish(pending).await.is_err() {
+        return 0;
+    }
     let mut gone = Vec::new();
     for hash in garbage {
         if let Some(p) = shared.blobs.path(&hash) {
@@ -144,7 +146,7 @@ pub async fn collect(shared: &crate::core::Shared) -> usize {
     let n = gone.len();
     if n > 0 {
         let ((), pending) = shared.call(|e| gone.iter().for_each(|h| e.drop_blob(h)));
-        shared.finish(pending).await;
+        let _ = shared.finish(pending).await;
         tracing::info!(blobs = n, "collected unreferenced blobs");
     }
     n

@@ -3,6 +3,7 @@
 //! happens after the lock is released: waiting for the commit of what a call queued (a reply is
 //! sent only once its changes are on disk), waking callers that wait, and logging.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::{Notify, watch};
@@ -30,6 +31,8 @@ pub(crate) struct Shared {
     transport: Transport,
     /// The largest blob one upload may be.
     pub max_blob_bytes: u64,
+    /// A scheduling pass is running (one at a time).
+    scheduling: AtomicBool,
 }
 
 /// What a call leaves to do once the lock is released: wait for its commit, then wake.
@@ -51,7 +54,34 @@ impl Shared {
             blobs,
             transport,
             max_blob_bytes,
+            scheduling: AtomicBool::new(false),
         }
+    }
+
+    /// Runs scheduling passes while the engine says something changed: the snapshot and the
+    /// placements under the lock, the matchmaking (user CEL) without it, on a thread that may
+    /// block. One pass runs at a time; a caller that finds one running leaves it to that one.
+    /// Returns how many jobs were placed, and what the last pass left to make durable.
+    pub fn schedule(&self) -> (usize, Option<Pending>) {
+        if self.scheduling.swap(true, Ordering::AcqRel) {
+            return (0, None);
+        }
+        let mut placed = 0;
+        let mut last = None;
+        for _ in 0..8 {
+            let (snap, pending) = self.call(|e| e.snapshot());
+            last = Some(pending);
+            let Some(mut snap) = snap else { break };
+            if snap.is_empty() {
+                continue;
+            }
+            let decision = tokio::task::block_in_place(|| snap.decide());
+            let (n, pending) = self.call(|e| e.apply(&snap, decision, vmgrid_proto::now_ms()));
+            placed += n;
+            last = Some(pending);
+        }
+        self.scheduling.store(false, Ordering::Release);
+        (placed, last)
     }
 
     /// The server's TLS configuration; `None` when it serves plain HTTP.
@@ -95,17 +125,27 @@ impl Shared {
         f(&self.lock().engine)
     }
 
-    /// Waits until what the call queued is durable, then wakes whoever it concerns.
-    pub async fn finish(&self, p: Pending) {
-        store::durable(self.committed.clone(), p.ticket).await;
+    /// Waits until what the call queued is durable, then wakes whoever it concerns. While the
+    /// store cannot commit (a full disk), the wait ends after [`STORE_PATIENCE`] with why: the
+    /// change is then not acknowledged (it is saved once the store can), and the caller says so.
+    pub async fn finish(&self, p: Pending) -> Result<(), store::Failing> {
+        let durable = store::durable(self.committed.clone(), p.ticket);
+        if tokio::time::timeout(STORE_PATIENCE, durable).await.is_err() {
+            let why = self.lock().writer.failing().unwrap_or(store::Failing("the job store is slow".into()));
+            return Err(why);
+        }
         if p.wake_nodes {
             self.work.notify_waiters();
         }
         if p.wake_waiters {
             self.changed.notify_waiters();
         }
+        Ok(())
     }
 }
+
+/// How long a reply waits for its changes to be durable before it answers that they are not.
+pub const STORE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn log(e: &Event) {
     match e {

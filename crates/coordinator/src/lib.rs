@@ -158,7 +158,7 @@ pub fn start(config: Config, handle_signals: bool) -> Result<Running, StartError
         .name("vmgrid-coordinator-main".into())
         .spawn(move || {
             runtime.block_on(async move {
-                shared.finish(loaded).await;
+                let _ = shared.finish(loaded).await;
                 let ticker = tokio::spawn(tick_loop(shared.clone()));
                 let collector = tokio::spawn(blobs::collect_loop(shared.clone()));
                 serve_until_stopped(shared, listener, rx, handle_signals).await;
@@ -233,6 +233,6 @@ async fn tick_loop(shared: Arc<core::Shared>) {
     loop {
         every.tick().await;
         let ((), pending) = shared.call(|e| e.tick(vmgrid_proto::now_ms()));
-        shared.finish(pending).await;
+        let _ = shared.finish(pending).await;
     }
 }

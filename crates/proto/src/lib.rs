@@ -221,6 +221,39 @@ pub struct NodeAd {
     pub appliance: bool,
 }
 
+impl NodeAd {
+    /// Bounds on what a node may say of itself: the coordinator evaluates every job's expressions
+    /// over ads, and shows them to users.
+    pub fn check(&self) -> Result<(), String> {
+        let word = |s: &str, max: usize| {
+            !s.is_empty() && s.len() <= max && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        if !word(&self.name, 128) {
+            return Err("a node name is 1 to 128 letters, digits, `-`, `_` or `.`".into());
+        }
+        if self.cpus == 0 || self.memory_mb == 0 {
+            return Err("a node needs at least one cpu and some memory".into());
+        }
+        if !word(&self.arch, 32) || !word(&self.os, 32) {
+            return Err("arch and os are 1 to 32 letters, digits, `-`, `_` or `.`".into());
+        }
+        if self.vm_types.len() > 8 || self.accelerators.len() > 8 || !self.accelerators.iter().all(|a| word(a, 32)) {
+            return Err("a node lists at most 8 vm types and 8 accelerators (names of up to 32 characters)".into());
+        }
+        if self.labels.len() > 64 {
+            return Err(format!("a node has at most 64 labels, not {}", self.labels.len()));
+        }
+        for (k, v) in &self.labels {
+            if !word(k, 64) || v.len() > 256 || v.chars().any(char::is_control) {
+                return Err(format!(
+                    "label `{k}`: keys are 1 to 64 letters, digits, `-`, `_` or `.`; values up to 256 printable characters"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeState {

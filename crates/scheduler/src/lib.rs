@@ -7,6 +7,8 @@
 //! HTCondor's autoclusters): its expressions are compiled once and evaluated once per node, so a
 //! sweep of a million jobs costs one evaluation per node, not a million.
 
+pub mod limits;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -144,9 +146,12 @@ impl Cluster {
         let compile = |which: &'static str, src: Option<&str>| -> Result<Option<Expr>, ExprError> {
             match src.map(str::trim).filter(|s| !s.is_empty()) {
                 None => Ok(None),
-                Some(s) => Program::compile(s)
-                    .map(|p| Some(Expr { program: Arc::new(p), reads: reads_of(s) }))
-                    .map_err(|e| ExprError { which, message: e.to_string().trim().to_string() }),
+                Some(s) => {
+                    limits::check(which, s)?;
+                    let program = Program::compile(s)
+                        .map_err(|e| ExprError { which, message: e.to_string().trim().to_string() })?;
+                    Ok(Some(Expr { program: Arc::new(program), reads: reads_of(s) }))
+                }
             }
         };
         Ok(Cluster {

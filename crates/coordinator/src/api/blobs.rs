@@ -122,7 +122,7 @@ pub async fn put(
         Ok(()) => {
             let owner = if charged { p.owner().to_string() } else { format!("node:{}", p.owner()) };
             let ((), pending) = shared.call(|e| e.add_blob(&hash, &owner, size, vmgrid_proto::now_ms()));
-            shared.finish(pending).await;
+            shared.finish(pending).await?;
             Ok(StatusCode::CREATED)
         }
         Err(CommitError::Mismatch(why)) => Err(Error(StatusCode::BAD_REQUEST, why)),

@@ -25,7 +25,7 @@ pub async fn submit(
         }
     }
     let (ids, pending) = shared.call(|e| e.submit(&p, req.spec, req.count, now_ms()));
-    shared.finish(pending).await;
+    shared.finish(pending).await?;
     Ok(Json(SubmitResponse { ids: ids? }))
 }
 
@@ -52,7 +52,7 @@ pub async fn list(AxState(shared): AxState<S>, Auth(p): Auth, Query(q): Query<Li
         })?),
     };
     let (page, pending) = shared.call(|e| e.job_page(&p, q.after, q.limit, state));
-    shared.finish(pending).await;
+    shared.finish(pending).await?;
     Ok(Json(page))
 }
 
@@ -60,7 +60,7 @@ pub async fn result(AxState(shared): AxState<S>, Auth(p): Auth, Path(id): Path<u
     user(&p, "read jobs")?;
     let (r, pending) = shared.call(|e| e.job_result(&p, id));
     // Show only what is on disk: wait for any change not yet committed.
-    shared.finish(pending).await;
+    shared.finish(pending).await?;
     Ok(Json(r?))
 }
 
@@ -86,7 +86,7 @@ pub async fn wait(
         let (r, pending) = shared.call(|e| e.job_result(&p, id));
         let job = r?.job;
         if job.state.is_final() || job.state == JobState::Held || tokio::time::Instant::now() >= deadline {
-            shared.finish(pending).await;
+            shared.finish(pending).await?;
             return Ok(Json(job));
         }
         let _ = tokio::time::timeout_at(deadline, notified).await;
@@ -100,6 +100,6 @@ pub async fn actions(
 ) -> Result<Json<ActionResponse>> {
     user(&p, "manage jobs")?;
     let (resp, pending) = shared.call(|e| e.action(&p, req.action, &req.ids, now_ms()));
-    shared.finish(pending).await;
+    shared.finish(pending).await?;
     Ok(Json(resp))
 }

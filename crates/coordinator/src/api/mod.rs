@@ -65,6 +65,18 @@ impl From<ApiError> for Error {
     }
 }
 
+impl From<crate::store::Failing> for Error {
+    fn from(f: crate::store::Failing) -> Self {
+        Error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the pool cannot save changes right now ({}); this change is not acknowledged: it is saved when the store can, so look (`vmgrid q`) before you retry",
+                f.0
+            ),
+        )
+    }
+}
+
 type Result<T> = std::result::Result<T, Error>;
 
 /// The caller, from its bearer token. Every call but the fallback needs one.

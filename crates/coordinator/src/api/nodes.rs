@@ -25,22 +25,14 @@ pub async fn register(
         return Err(forbidden(&p, "register nodes; use the pool token"));
     }
     let ad = req.ad;
-    if ad.name.is_empty()
-        || ad.name.len() > 128
-        || !ad.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
-        return Err(Error(StatusCode::BAD_REQUEST, "a node name is 1 to 128 letters, digits, `-`, `_` or `.`".into()));
-    }
-    if ad.cpus == 0 || ad.memory_mb == 0 {
-        return Err(Error(StatusCode::BAD_REQUEST, "a node needs at least one cpu and some memory".into()));
-    }
+    ad.check().map_err(|e| Error(StatusCode::BAD_REQUEST, e))?;
     let credential = crate::new_token();
     let admin = matches!(p, Principal::Admin(_));
     let (r, pending) = shared.call(|e| {
         e.register(ad, req.previous_credential.as_deref(), admin, hash_token(&credential), now_ms())?;
         Ok::<_, crate::engine::ApiError>(e.timing())
     });
-    shared.finish(pending).await;
+    shared.finish(pending).await?;
     let timing = r?;
     Ok(Json(RegisterResponse { credential, lease_ttl_ms: timing.lease_ttl_ms, heartbeat_ms: timing.heartbeat_ms }))
 }
@@ -56,18 +48,18 @@ pub async fn lease(
         let notified = shared.work.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        let (placed, _) = shared.schedule();
         let (r, pending) = shared.call(|e| {
             let now = now_ms();
             e.live_node(&name, now)?;
-            let placed = e.schedule(now) > 0;
             let leases = e.take_leases(&name, req.max_jobs.max(1), req.max_cpus, now);
             // Wake the other nodes only when this pass placed work that they may collect.
-            Ok::<_, crate::engine::ApiError>((leases, placed && e.others_have_pending(&name)))
+            Ok::<_, crate::engine::ApiError>((leases, placed > 0 && e.others_have_pending(&name)))
         });
         let (leases, placed_elsewhere) = match r {
             Ok(v) => v,
             Err(e) => {
-                shared.finish(pending).await;
+                shared.finish(pending).await?;
                 return Err(e.into());
             }
         };
@@ -75,7 +67,7 @@ pub async fn lease(
             shared.work.notify_waiters();
         }
         if !leases.is_empty() || tokio::time::Instant::now() >= deadline {
-            shared.finish(pending).await;
+            shared.finish(pending).await?;
             return Ok(Json(LeaseResponse { leases }));
         }
         let _ = tokio::time::timeout_at(deadline, notified).await;
@@ -89,7 +81,7 @@ pub async fn heartbeat(
 ) -> Result<Json<HeartbeatResponse>> {
     let name = node(&p)?;
     let (revoked, pending) = shared.call(|e| e.heartbeat(name, &req.leases, req.draining, now_ms()));
-    shared.finish(pending).await;
+    shared.finish(pending).await?;
     Ok(Json(HeartbeatResponse { revoked: revoked? }))
 }
 
@@ -121,7 +113,7 @@ pub async fn report(
         e.report(name, good, now_ms())
     });
     // Even a fully refused batch waits: an earlier copy of it may still be committing.
-    shared.finish(pending).await;
+    shared.finish(pending).await?;
     let mut resp = resp?;
     resp.refused.extend(bad);
     Ok(Json(resp))
@@ -130,6 +122,6 @@ pub async fn report(
 pub async fn deregister(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<StatusCode> {
     let name = node(&p)?;
     let ((), pending) = shared.call(|e| e.deregister(name, now_ms()));
-    shared.finish(pending).await;
+    shared.finish(pending).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -44,7 +44,7 @@ pub async fn add(
     let (token, id, now) = (crate::new_token(), token_id(), now_ms());
     let expires_ms = req.ttl_s.map(|t| now + t * 1000);
     let ((), pending) = shared.call(|e| e.add_token(hash_token(&token), id.clone(), principal, now, expires_ms));
-    shared.finish(pending).await;
+    shared.finish(pending).await?;
     Ok(Json(TokenResponse { token, id, expires_ms }))
 }
 
@@ -56,7 +56,7 @@ pub async fn list(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<Json<Vec
 pub async fn revoke(AxState(shared): AxState<S>, Auth(p): Auth, Body(req): Body<RevokeRequest>) -> Result<StatusCode> {
     admin(&p, "revoke tokens")?;
     let (r, pending) = shared.call(|e| e.revoke(req.id.trim(), now_ms()));
-    shared.finish(pending).await;
+    shared.finish(pending).await?;
     r?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -88,7 +88,7 @@ pub async fn console(
     let (credential, id) = (crate::new_token(), format!("console-{}", token_id()));
     let (r, pending) =
         shared.call(|e| e.register_console(&p, hash_token(&credential), id.clone(), home.clone(), now_ms()));
-    shared.finish(pending).await;
+    shared.finish(pending).await?;
     r?;
     let (cert_pem, key_pem) = identity.map(|i| (i.cert_pem, i.key_pem)).unzip();
     Ok(Json(ConsoleResponse { id, credential, home, cert_pem, key_pem }))

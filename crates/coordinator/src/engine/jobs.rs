@@ -62,16 +62,19 @@ impl Engine {
     }
 
     pub(super) fn set_idle(&mut self, id: u64) {
-        self.idle.insert(id);
-        let shared = self.jobs.get(&id).and_then(|j| self.specs.get(&j.spec_id)).is_some_and(|s| s.spec.cpus == 0);
-        if shared {
-            self.shared_idle.insert(id);
+        if let Some(j) = self.jobs.get(&id) {
+            self.idle_by_spec.entry(j.spec_id).or_default().insert(id);
         }
     }
 
     pub(super) fn unset_idle(&mut self, id: u64) {
-        self.idle.remove(&id);
-        self.shared_idle.remove(&id);
+        let Some(spec_id) = self.jobs.get(&id).map(|j| j.spec_id) else { return };
+        if let Some(ids) = self.idle_by_spec.get_mut(&spec_id) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.idle_by_spec.remove(&spec_id);
+            }
+        }
     }
 
     /// The job's row as the store keeps it; the result column only when `with_result`.

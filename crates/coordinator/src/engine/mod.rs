@@ -12,6 +12,8 @@ mod load;
 mod nodes;
 mod retention;
 mod schedule;
+
+pub use schedule::Snapshot;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -245,9 +247,9 @@ pub enum ApiError {
 /// did in its [`Effects`].
 pub struct Engine {
     jobs: BTreeMap<u64, Job>,
-    idle: BTreeSet<u64>,
-    /// The idle jobs that ask for no cpus (SSI processes): placed even when the pool is full.
-    shared_idle: BTreeSet<u64>,
+    /// Idle jobs by spec, oldest first within each: a pass takes from each spec only as many
+    /// as could fit.
+    idle_by_spec: BTreeMap<u64, BTreeSet<u64>>,
     specs: HashMap<u64, Arc<SpecEntry>>,
     nodes: BTreeMap<String, Node>,
     tokens: HashMap<String, TokenEntry>,
@@ -306,8 +308,7 @@ impl Engine {
     pub fn new(timing: Timing) -> Engine {
         Engine {
             jobs: BTreeMap::new(),
-            idle: BTreeSet::new(),
-            shared_idle: BTreeSet::new(),
+            idle_by_spec: BTreeMap::new(),
             specs: HashMap::new(),
             nodes: BTreeMap::new(),
             tokens: HashMap::new(),
@@ -389,7 +390,7 @@ impl Engine {
     /// Adds a token unless it is known already (the built-in pool and admin tokens at start).
     pub fn ensure_token(&mut self, hash: String, p: Principal, now: u64) {
         if !self.tokens.contains_key(&hash) {
-            let id = hash[..12].to_string();
+            let id = hash.get(..12).unwrap_or(&hash).to_string();
             self.add_token(hash, id, p, now, None);
         }
     }

@@ -38,7 +38,7 @@ impl Engine {
             self.tokens.remove(&old_hash);
             self.store(Op::RevokeToken { hash: old_hash });
         }
-        let id = format!("node-{}", &cred_hash[..8]);
+        let id = format!("node-{}", cred_hash.get(..8).unwrap_or(&cred_hash));
         self.add_token(cred_hash.clone(), id, Principal::Node(name.clone()), now, None);
         let node = Node::new(ad, NodeState::Ready, cred_hash, now);
         self.store(node.store_op(&name));

@@ -1,20 +1,70 @@
-//! One scheduling pass: the ready nodes' free resources and the idle jobs go into the pure
-//! matchmaker (`vmgrid-scheduler`), and its placements become running jobs queued on their nodes.
+//! A scheduling pass, in three steps so that no user expression is evaluated while the engine is
+//! locked: [`Engine::snapshot`] copies what the pass needs (the ready nodes' free resources, and
+//! per spec the oldest idle jobs that could possibly fit), [`Snapshot::decide`] runs the pure
+//! matchmaker (`vmgrid-scheduler`, which evaluates the CEL) on that copy, and [`Engine::apply`]
+//! makes each placement that still holds — job still idle, node still ready with room — a running
+//! job queued on its node. Anything that changed meanwhile is left for the next pass.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use vmgrid_proto::*;
 use vmgrid_scheduler::{Decision, IdleJob, NodeSlot};
 
-use super::Engine;
+use super::{Engine, SpecEntry};
+
+/// Time-shared jobs (SSI processes, cpus = 0) taken per spec into one pass.
+const SHARED_PER_PASS: usize = 256;
+
+/// What one pass decides on: a copy, so deciding needs no lock.
+pub struct Snapshot {
+    names: Vec<String>,
+    slots: Vec<NodeSlot>,
+    /// Idle jobs asking for cpus, oldest first, and time-shared ones.
+    batch: Vec<IdleJob>,
+    shared: Vec<IdleJob>,
+    clusters: HashMap<u64, Arc<SpecEntry>>,
+}
+
+impl Snapshot {
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty() && self.shared.is_empty()
+    }
+
+    /// The matchmaker's decision (this is where requirements and rank are evaluated). Batch jobs
+    /// first, oldest first, until the pool is full; time-shared jobs need no cpu, so they get a
+    /// pass of their own over what is left.
+    pub fn decide(&mut self) -> Decision {
+        let clusters = &self.clusters;
+        let lookup = |c: u64| clusters.get(&c).map(|s| &s.cluster);
+        let mut d = vmgrid_scheduler::place(&mut self.slots, lookup, self.batch.iter());
+        if !self.shared.is_empty() {
+            let more = vmgrid_scheduler::place(&mut self.slots, lookup, self.shared.iter());
+            d.placements.extend(more.placements);
+            d.evaluated.extend(more.evaluated);
+            d.waiting.extend(more.waiting);
+        }
+        d
+    }
+}
 
 impl Engine {
-    /// Runs the matchmaker over ready nodes and idle jobs, if anything changed since last time.
-    /// Returns how many jobs it placed.
+    /// Runs a whole pass at once (snapshot, decide, apply), if anything changed since the last;
+    /// returns how many jobs it placed.
     pub fn schedule(&mut self, now: u64) -> usize {
+        match self.snapshot() {
+            Some(mut s) => {
+                let d = s.decide();
+                self.apply(&s, d, now)
+            }
+            None => 0,
+        }
+    }
+
+    /// What a pass needs, if anything changed since the last one (and then it counts as done).
+    pub fn snapshot(&mut self) -> Option<Snapshot> {
         if !self.dirty {
-            return 0;
+            return None;
         }
         self.dirty = false;
         // A node whose leases just expired is not given new work until it heartbeats again.
@@ -24,7 +74,7 @@ impl Engine {
             .filter(|(_, n)| n.state == NodeState::Ready && !n.silent)
             .map(|(k, _)| k.clone())
             .collect();
-        let mut slots: Vec<NodeSlot> = names
+        let slots: Vec<NodeSlot> = names
             .iter()
             .map(|name| {
                 let n = &self.nodes[name];
@@ -36,39 +86,58 @@ impl Engine {
                 }
             })
             .collect();
-        let decision = self.decide(&mut slots);
+        let free_cpus: u64 = slots.iter().map(|s| s.free_cpus as u64).sum();
+        let mut snap = Snapshot { names, slots, batch: Vec::new(), shared: Vec::new(), clusters: HashMap::new() };
+        for (&spec_id, ids) in &self.idle_by_spec {
+            let Some(entry) = self.specs.get(&spec_id) else { continue };
+            let cpus = entry.spec.cpus as u64;
+            // More jobs of a spec than could fit in the whole pool's free cpus cannot be placed;
+            // with no node at all, one job of each spec still goes in, to say why it waits.
+            let take = match cpus {
+                0 => SHARED_PER_PASS,
+                _ if snap.slots.is_empty() => 1,
+                c => (free_cpus / c) as usize,
+            };
+            if take == 0 {
+                continue;
+            }
+            let into = if cpus == 0 { &mut snap.shared } else { &mut snap.batch };
+            into.extend(ids.iter().take(take).map(|&id| IdleJob { id, cluster: spec_id }));
+            snap.clusters.insert(spec_id, entry.clone());
+        }
+        snap.batch.sort_unstable_by_key(|j| j.id);
+        snap.shared.sort_unstable_by_key(|j| j.id);
+        Some(snap)
+    }
+
+    /// Makes the decision's placements that still hold; returns how many. A placement that no
+    /// longer holds (the job was removed, the node lost or filled meanwhile) is dropped, and the
+    /// next pass looks again.
+    pub fn apply(&mut self, snap: &Snapshot, decision: Decision, now: u64) -> usize {
         for c in &decision.evaluated {
             self.waiting.remove(c);
         }
         self.waiting.extend(decision.waiting);
-        let placed = decision.placements.len();
+        let mut placed = 0;
         for p in decision.placements {
-            self.place(p.job, &names[p.node], now);
+            let name = &snap.names[p.node];
+            if self.still_fits(p.job, name) {
+                self.place(p.job, name, now);
+                placed += 1;
+            } else {
+                self.dirty = true;
+            }
         }
         placed
     }
 
-    /// The matchmaker's decision. Idle jobs are read lazily, oldest first, and the pass stops when
-    /// the pool is full; time-shared jobs need no cpu, so they get a pass of their own over what
-    /// is left.
-    fn decide(&self, slots: &mut [NodeSlot]) -> Decision {
-        let (jobs, specs) = (&self.jobs, &self.specs);
-        let clusters = |c: u64| specs.get(&c).map(|s| &s.cluster);
-        let idle = self.idle.iter().map(|id| IdleJob { id: *id, cluster: jobs[id].spec_id });
-        let mut d = vmgrid_scheduler::place(slots, clusters, idle);
-        if !self.shared_idle.is_empty() {
-            let placed: HashSet<u64> = d.placements.iter().map(|p| p.job).collect();
-            let shared = self
-                .shared_idle
-                .iter()
-                .filter(|id| !placed.contains(id))
-                .map(|id| IdleJob { id: *id, cluster: jobs[id].spec_id });
-            let more = vmgrid_scheduler::place(slots, clusters, shared);
-            d.placements.extend(more.placements);
-            d.evaluated.extend(more.evaluated);
-            d.waiting.extend(more.waiting);
-        }
-        d
+    /// Whether job `id` is still idle and node `name` still ready, heard from, and with room.
+    fn still_fits(&self, id: u64, name: &str) -> bool {
+        let Some(j) = self.jobs.get(&id).filter(|j| j.state == JobState::Idle) else { return false };
+        let Some(spec) = self.specs.get(&j.spec_id) else { return false };
+        let Some(n) = self.nodes.get(name).filter(|n| n.state == NodeState::Ready && !n.silent) else { return false };
+        let cpus_ok = spec.spec.cpus == 0 || n.ad.cpus.saturating_sub(n.used_cpus) >= spec.spec.cpus;
+        cpus_ok && n.ad.memory_mb.saturating_sub(n.used_memory_mb) >= spec.spec.memory_mb
     }
 
     /// Job `id` runs on node `name` under a new epoch, queued there until the node collects it.

@@ -72,6 +72,10 @@ fn alice() -> Principal {
     Principal::User("alice".into())
 }
 
+fn console() -> Principal {
+    Principal::Console { owner: "alice".into(), home: "https://127.0.0.1:7900".into() }
+}
+
 fn admin() -> Principal {
     Principal::Admin("root".into())
 }
@@ -325,7 +329,7 @@ fn jobs_never_handed_to_a_node_are_not_counted_as_lost() {
 fn an_ssi_process_on_a_lost_node_ends_held_with_the_reason_and_is_not_rerun() {
     let mut e = engine();
     register(&mut e, "n1", 1, 0);
-    e.submit(&alice(), ssi_spec(7), 2, 0).unwrap();
+    e.submit(&console(), ssi_spec(7), 2, 0).unwrap();
     // Time-shared: both placed on a one-cpu node; only the first is handed over.
     e.schedule(0);
     let leases = e.take_leases("n1", 1, 1, 0);
@@ -346,13 +350,106 @@ fn time_shared_jobs_run_on_a_full_pool_and_a_full_node_still_collects_them() {
     // A batch job takes the only cpu; more wait behind it.
     e.submit(&alice(), spec(0), 3, 0).unwrap();
     assert_eq!(lease_all(&mut e, "n1", 0).len(), 1);
-    let ids = e.submit(&alice(), ssi_spec(1), 1, 1).unwrap();
+    let ids = e.submit(&console(), ssi_spec(1), 1, 1).unwrap();
     e.schedule(1);
     assert_eq!(job(&e, ids[0]).state, JobState::Running, "placed although no cpu is free");
     // The node, with no cpu free, asks with max_cpus = 0 and gets only the time-shared job.
     let shared = e.take_leases("n1", 64, 0, 2);
     assert_eq!(shared.iter().map(|l| l.job_id).collect::<Vec<_>>(), ids);
     assert_eq!(job(&e, 2).state, JobState::Idle, "batch jobs still wait for the cpu");
+}
+
+#[test]
+fn only_a_console_submits_ssi_processes_and_the_pool_sets_their_home() {
+    let mut e = engine();
+    // A user (or admin) cannot set `ssi`: a node would call whatever URL it names.
+    let mut evil = ssi_spec(1);
+    evil.ssi.as_mut().unwrap().home = "https://attacker.example:443".into();
+    assert!(
+        matches!(e.submit(&alice(), evil.clone(), 1, 0), Err(ApiError::BadRequest(m)) if m.contains("set by the pool"))
+    );
+    assert!(matches!(e.submit(&admin(), evil.clone(), 1, 0), Err(ApiError::BadRequest(_))));
+    // Without ssi, no job may ask for no cpu (it would escape cpu accounting).
+    let mut free = spec(0);
+    free.cpus = 0;
+    assert!(matches!(e.submit(&alice(), free, 1, 0), Err(ApiError::BadRequest(m)) if m.contains("cpus")));
+    // A console's home is the one the pool gave it, whatever the spec says.
+    let ids = e.submit(&console(), evil, 1, 0).unwrap();
+    register(&mut e, "n1", 1, 0);
+    e.schedule(0);
+    let l = e.take_leases("n1", 1, 1, 0);
+    assert_eq!(l[0].job_id, ids[0]);
+    assert_eq!(l[0].spec.ssi.as_ref().unwrap().home, "https://127.0.0.1:7900");
+    // And a console submits nothing else.
+    assert!(matches!(e.submit(&console(), spec(0), 1, 0), Err(ApiError::BadRequest(_))));
+}
+
+#[test]
+fn a_user_at_their_queue_limit_is_refused_until_jobs_finish() {
+    let mut e = engine();
+    e.set_limits(Limits { max_queued_per_user: 3, ..Limits::default() });
+    e.submit(&alice(), spec(0), 3, 0).unwrap();
+    assert!(matches!(e.submit(&alice(), spec(0), 1, 0), Err(ApiError::Forbidden(m)) if m.contains("at most 3")));
+    e.submit(&Principal::User("bob".into()), spec(0), 1, 0).unwrap();
+    e.action(&alice(), JobAction::Rm, &[1], 1);
+    e.submit(&alice(), spec(0), 1, 2).unwrap();
+}
+
+#[test]
+fn finished_jobs_are_dropped_after_the_retention_with_their_specs() {
+    let mut e = engine();
+    e.set_limits(Limits { retain_finished_ms: 1000, ..Limits::default() });
+    register(&mut e, "n1", 1, 0);
+    e.submit(&alice(), spec(0), 1, 0).unwrap();
+    let l = lease_all(&mut e, "n1", 0);
+    e.report("n1", vec![exited(&l[0], 0)], 10).unwrap();
+    e.heartbeat("n1", &[], false, 500).unwrap();
+    e.tick(500);
+    assert_eq!(job(&e, 1).state, JobState::Completed, "kept for the retention period");
+    e.heartbeat("n1", &[], false, 1011).unwrap();
+    e.take_effects();
+    e.tick(1011);
+    let fx = e.take_effects();
+    assert!(fx.ops.contains(&Op::DeleteJob { id: 1 }) && fx.ops.contains(&Op::DeleteSpec { id: 1 }), "{fx:?}");
+    assert!(e.job_result(&admin(), 1).is_err());
+}
+
+#[test]
+fn tokens_expire_and_are_revoked_by_id() {
+    let mut e = engine();
+    e.add_token(hash_token("t1"), "id1".into(), alice(), 0, Some(1000));
+    assert_eq!(e.authenticate("t1", 999), Some(&alice()));
+    assert_eq!(e.authenticate("t1", 1000), None, "expired");
+    e.add_token(hash_token("t2"), "id2".into(), alice(), 0, None);
+    assert_eq!(e.token_views().len(), 2);
+    e.take_effects();
+    e.revoke("id2", 5).unwrap();
+    assert_eq!(e.take_effects().ops, vec![Op::RevokeToken { hash: hash_token("t2") }]);
+    assert_eq!(e.authenticate("t2", 6), None);
+    assert!(matches!(e.revoke("nope", 7), Err(ApiError::NotFound(_))));
+    // Revoking a node's credential takes the node out.
+    register(&mut e, "n1", 1, 0);
+    let id = e.token_views().into_iter().find(|t| t.role == "node").unwrap().id;
+    e.revoke(&id, 8).unwrap();
+    assert!(e.node_views().is_empty());
+}
+
+#[test]
+fn blobs_are_charged_to_their_first_uploader_and_collected_when_unreferenced() {
+    let mut e = engine();
+    e.set_limits(Limits { max_blob_bytes_per_user: 100, ..Limits::default() });
+    e.add_blob(&"ab".repeat(32), "alice", 60, 0);
+    e.add_blob(&"ab".repeat(32), "bob", 60, 0);
+    assert_eq!(e.blob_allowance("alice"), 40);
+    assert_eq!(e.blob_allowance("bob"), 100, "bob sent what was there already: alice pays");
+    assert!(e.check_blob_quota("alice", 41).is_err());
+    e.add_blob(&"cd".repeat(32), "alice", 10, 0);
+    // The spec refers to ab…; cd… is garbage once old enough.
+    e.submit(&alice(), spec(0), 1, 0).unwrap();
+    assert_eq!(e.unreferenced_blobs(1), vec!["cd".repeat(32)]);
+    assert!(e.unreferenced_blobs(0).is_empty(), "too young to collect");
+    e.drop_blob(&"cd".repeat(32));
+    assert_eq!(e.blob_allowance("alice"), 40);
 }
 
 #[test]

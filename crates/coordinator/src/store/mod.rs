@@ -6,7 +6,7 @@
 
 pub mod sqlite;
 
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -185,14 +185,22 @@ pub struct Writer {
     tx: mpsc::Sender<(u64, Op)>,
     next: u64,
     committed: watch::Receiver<u64>,
+    failing: Arc<Mutex<Option<String>>>,
 }
 
+/// The store cannot commit right now; why, in its own words.
+#[derive(Debug, Clone)]
+pub struct Failing(pub String);
+
 impl Writer {
-    /// Starts the writer thread on `store`. A failed commit is fatal: the process exits rather
-    /// than acknowledge changes that are not on disk.
+    /// Starts the writer thread on `store`. A commit that fails (a full disk) is retried, the same
+    /// batch, until it succeeds: nothing waiting on it is acknowledged meanwhile, and
+    /// [`Writer::failing`] says why.
     pub fn start(mut store: Box<dyn Store>) -> Writer {
         let (tx, rx) = mpsc::channel::<(u64, Op)>();
         let (done_tx, committed) = watch::channel(0u64);
+        let failing: Arc<Mutex<Option<String>>> = Arc::default();
+        let flag = failing.clone();
         std::thread::Builder::new()
             .name("vmgrid-store".into())
             .spawn(move || {
@@ -206,18 +214,17 @@ impl Writer {
                     }
                     let last = batch.last().map(|(s, _)| *s).unwrap_or(0);
                     let ops: Vec<Op> = batch.into_iter().map(|(_, op)| op).collect();
-                    if let Err(e) = store.commit(&ops) {
-                        tracing::error!(
-                            "the job store cannot commit: {e}; stopping so nothing unsaved is acknowledged"
-                        );
-                        eprintln!("vmgrid coordinator: the job store cannot commit: {e}");
-                        std::process::exit(1);
-                    }
+                    commit_until_done(store.as_mut(), &ops, &flag);
                     let _ = done_tx.send(last);
                 }
             })
             .expect("spawn the store thread");
-        Writer { tx, next: 0, committed }
+        Writer { tx, next: 0, committed, failing }
+    }
+
+    /// Why the store cannot commit, while it cannot.
+    pub fn failing(&self) -> Option<Failing> {
+        self.failing.lock().unwrap_or_else(|p| p.into_inner()).clone().map(Failing)
     }
 
     /// Queues an operation; returns its ticket. Call under the engine's lock so tickets follow
@@ -234,6 +241,25 @@ impl Writer {
 
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.committed.clone()
+    }
+}
+
+/// Commits `ops`, retrying (every second, then every ten) while the store refuses.
+fn commit_until_done(store: &mut dyn Store, ops: &[Op], failing: &Mutex<Option<String>>) {
+    let mut wait = std::time::Duration::from_secs(1);
+    loop {
+        match store.commit(ops) {
+            Ok(()) => {
+                *failing.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                return;
+            }
+            Err(e) => {
+                tracing::error!("the job store cannot commit: {e}; nothing waiting on it is acknowledged; retrying");
+                *failing.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(std::time::Duration::from_secs(10));
+            }
+        }
     }
 }
 

@@ -1,0 +1,126 @@
+//! Bounds on a CEL expression, checked on its text before it is parsed. Expressions are user
+//! input evaluated by the coordinator for every node, so they must stay small and cheap: the
+//! parser and the evaluator recurse once per operator (2,000 chained `+` overflow a thread's
+//! stack), and nested comprehension macros multiply their lists' lengths (seven nested `exists`
+//! over eleven elements are 19 million steps).
+
+use crate::ExprError;
+
+/// Operators, commas, member accesses and brackets, in all.
+pub const MAX_NODES: usize = 256;
+/// Brackets inside brackets.
+pub const MAX_DEPTH: usize = 32;
+/// Comprehension macros (`all`, `exists`, `exists_one`, `map`, `filter`) in one expression; none
+/// may be inside another.
+pub const MAX_COMPREHENSIONS: usize = 8;
+
+const MACROS: [&str; 5] = ["all", "exists", "exists_one", "map", "filter"];
+
+/// Checks `src` against the bounds; `which` names it in the error (`requirements`, `rank`).
+pub fn check(which: &'static str, src: &str) -> Result<(), ExprError> {
+    let err = |message: String| Err(ExprError { which, message });
+    let c: Vec<char> = src.chars().collect();
+    let (mut nodes, mut depth, mut comprehensions) = (0usize, 0usize, 0usize);
+    // The bracket depth at which each open comprehension's argument list began.
+    let mut open: Vec<usize> = Vec::new();
+    let mut i = 0;
+    while i < c.len() {
+        let ch = c[i];
+        if ch == '"' || ch == '\'' {
+            i = skip_string(&c, i);
+            continue;
+        }
+        if ch.is_alphabetic() || ch == '_' {
+            let start = i;
+            while i < c.len() && (c[i].is_alphanumeric() || c[i] == '_') {
+                i += 1;
+            }
+            let word: String = c[start..i].iter().collect();
+            let after_dot = c[..start].iter().rev().find(|x| !x.is_whitespace()) == Some(&'.');
+            let call = c[i..].iter().find(|x| !x.is_whitespace()) == Some(&'(');
+            if after_dot && call && MACROS.contains(&word.as_str()) {
+                if !open.is_empty() {
+                    return err(format!(
+                        "`{word}` inside another comprehension is too costly to evaluate on every node"
+                    ));
+                }
+                comprehensions += 1;
+                open.push(depth);
+            }
+            continue;
+        }
+        match ch {
+            '(' | '[' | '{' => {
+                depth += 1;
+                nodes += 1;
+                if depth > MAX_DEPTH {
+                    return err(format!("brackets nest more than {MAX_DEPTH} deep"));
+                }
+            }
+            ')' | ']' | '}' => {
+                depth = depth.saturating_sub(1);
+                if open.last() == Some(&depth) {
+                    open.pop();
+                }
+            }
+            c if "+-*/%!<>=&|?:.,".contains(c) => nodes += 1,
+            _ => {}
+        }
+        i += 1;
+    }
+    if nodes > MAX_NODES {
+        return err(format!("it has {nodes} operators and brackets; the limit is {MAX_NODES}"));
+    }
+    if comprehensions > MAX_COMPREHENSIONS {
+        return err(format!("it has {comprehensions} comprehensions; the limit is {MAX_COMPREHENSIONS}"));
+    }
+    Ok(())
+}
+
+/// The index after the string literal that starts at `i` (with its escapes; triple quotes too).
+fn skip_string(c: &[char], i: usize) -> usize {
+    let q = c[i];
+    let triple = c.get(i + 1) == Some(&q) && c.get(i + 2) == Some(&q);
+    let mut j = i + if triple { 3 } else { 1 };
+    while j < c.len() {
+        if c[j] == '\\' {
+            j += 2;
+            continue;
+        }
+        if c[j] == q && (!triple || (c.get(j + 1) == Some(&q) && c.get(j + 2) == Some(&q))) {
+            return j + if triple { 3 } else { 1 };
+        }
+        j += 1;
+    }
+    j
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordinary_expressions_pass() {
+        for ok in [
+            "node.memory_mb >= 512 && \"wasm\" in node.vm_types",
+            "node.labels.site == \"a\" || node.labels.site == \"b\"",
+            "node.vm_types.exists(t, t == \"qemu\") && node.cpus > 2",
+            "\"a(((((((((((((((((((((((((((((((((((b\" == node.name",
+        ] {
+            assert!(check("requirements", ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn deep_long_and_costly_expressions_are_refused() {
+        let chain = format!("{} == 0", vec!["1"; 2000].join("+"));
+        assert!(check("requirements", &chain).unwrap_err().message.contains("limit is 256"));
+        let deep = format!("{}1{}", "(".repeat(40), ")".repeat(40));
+        assert!(check("rank", &deep).unwrap_err().message.contains("32 deep"));
+        let list = "[0,1,2,3,4,5,6,7,8,9,10]";
+        let nested = format!("{list}.exists(a, {list}.exists(b, a == b))");
+        assert!(check("requirements", &nested).unwrap_err().message.contains("inside another comprehension"));
+        let many = vec!["node.vm_types.exists(t, t == \"x\")"; 9].join(" || ");
+        assert!(check("requirements", &many).unwrap_err().message.contains("9 comprehensions"));
+    }
+}
