@@ -43,8 +43,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result
 }
 
 /// What an open names, the mirror made ready for it: the home creates the file first for
-/// `O_CREAT|O_EXCL`; a file replaced whole (`O_CREAT|O_TRUNC`) whose place the mirror knows is
-/// not fetched.
+/// `O_CREAT|O_EXCL`.
 fn prepare_open(s: &mut SsiFs, at: At, follow: bool, oflags: i32) -> Result<Found, Errno> {
     let (creat, excl, trunc) = (oflags & O_CREAT != 0, oflags & O_EXCL != 0, oflags & O_TRUNC != 0);
     if creat && at.path.ends_with('/') {
@@ -57,14 +56,8 @@ fn prepare_open(s: &mut SsiFs, at: At, follow: bool, oflags: i32) -> Result<Foun
         s.apply(&found)?;
         return Ok(found);
     }
-    if creat
-        && trunc
-        && let Some(lex) = super::lexical(&at)
-        && !s.link_on(&lex)
-        && s.local(super::parent_of(&lex)).is_ok_and(|p| p.is_dir())
-    {
-        return Ok(Found { path: lex, kind: Kind::File, payload: Payload::None });
-    }
+    // A file replaced whole (`O_CREAT|O_TRUNC`) is resolved, not fetched: a directory on its
+    // way may have become a link since this mirror last looked.
     s.lookup(at, follow, !(creat && trunc))
 }
 
