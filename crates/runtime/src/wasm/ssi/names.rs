@@ -12,7 +12,7 @@ use super::SsiFs;
 use super::calls::{base, ssi};
 use crate::ssi::{At, Errno, FsOp, Moved, errno};
 use crate::wasm::GuestState;
-use crate::wasm::abi::{LOOKUP_FOLLOW, R, W, fail, read_str, real};
+use crate::wasm::abi::{LOOKUP_FOLLOW, R, W, fail, read_bytes, read_str, real, scratch, wasi};
 
 pub(super) fn add(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
     linker.func_wrap(W, "path_create_directory", |mut c: Caller<'_, GuestState>, fd: i32, p: i32, n: i32| -> R {
@@ -80,6 +80,24 @@ fn unlink(s: &mut SsiFs, at: At) -> R {
     change(s, &FsOp::Unlink { at }, gone)
 }
 
+/// The errno for a call vmgrid does not hand to wasmtime-wasi: a string out of bounds (`EFAULT`)
+/// or not UTF-8 (`EILSEQ`), or a descriptor that is not one of our directories (`EBADF` if it is
+/// not open, else `ENOTDIR`: every directory descriptor of an SSI process is ours).
+fn refused(c: &mut Caller<'_, GuestState>, fd: i32, strs: &[(i32, i32)]) -> R {
+    for &(ptr, len) in strs {
+        match read_bytes(c, ptr, len)? {
+            None => return fail(errno::FAULT),
+            Some(b) if std::str::from_utf8(&b).is_err() => return fail(errno::ILSEQ),
+            Some(_) => {}
+        }
+    }
+    let (r, _) = scratch(wasi(c), &[], 24, |w, m, _, out| in_tokio(abi::fd_fdstat_get(w, m, fd, out)));
+    match r? {
+        0 => fail(errno::NOTDIR),
+        e => Ok(e),
+    }
+}
+
 /// Files being written at or under what `at` names go home before the home moves or links it.
 fn flush(s: &mut SsiFs, at: &At) -> Result<(), Errno> {
     if s.written.is_empty() {
@@ -91,7 +109,8 @@ fn flush(s: &mut SsiFs, at: &At) -> Result<(), Errno> {
 
 fn path_symlink(mut c: Caller<'_, GuestState>, old: i32, old_len: i32, fd: i32, new: i32, new_len: i32) -> R {
     let (Some(target), Some(at)) = (read_str(&mut c, old, old_len)?, target(&mut c, fd, new, new_len)?) else {
-        return real(&mut c, |w, m| in_tokio(abi::path_symlink(w, m, old, old_len, fd, new, new_len)))?;
+        // Never wasmtime-wasi's own: it would make a host symlink in the mirror.
+        return refused(&mut c, fd, &[(old, old_len), (new, new_len)]);
     };
     let op = FsOp::Symlink { at, target: target.clone() };
     change(ssi(&mut c), &op, |s, m| s.placeholder(&m.path, &target))
