@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use vmgrid_proto::SsiSpec;
 use vmgrid_proto::ssi::*;
-use vmgrid_runtime::ssi::{DirEntry, Errno, Fetched, FsOp, SsiHost, errno};
+use vmgrid_runtime::ssi::{DirEntry, Errno, Found, FsOp, Kind, Lookup, Moved, Payload, SsiHost, errno};
 use vmgrid_runtime::{FailureKind, Outcome};
 
 /// Output held for the home at most; past it, output is dropped and counted.
@@ -73,6 +73,12 @@ impl HomeLink {
         let l = link.clone();
         let _ = std::thread::Builder::new().name("vmgrid-ssi-ctl".into()).spawn(move || l.control_loop());
         link
+    }
+
+    /// The output waiting to be sent. A poisoned lock still holds good bytes: a panic elsewhere
+    /// must not take the node's other processes down with it.
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.out.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn url(&self, path: &str) -> String {
@@ -167,9 +173,9 @@ impl HomeLink {
     fn send_loop(&self) {
         loop {
             let (out, err) = {
-                let mut p = self.out.lock().unwrap();
+                let mut p = self.pending();
                 while p.stdout.is_empty() && p.stderr.is_empty() && !self.done.load(Ordering::Relaxed) {
-                    p = self.out_ready.wait_timeout(p, Duration::from_millis(200)).unwrap().0;
+                    p = self.out_ready.wait_timeout(p, Duration::from_millis(200)).unwrap_or_else(|e| e.into_inner()).0;
                 }
                 if self.done.load(Ordering::Relaxed) && p.stdout.is_empty() && p.stderr.is_empty() {
                     return;
@@ -179,7 +185,7 @@ impl HomeLink {
             };
             self.send_output(1, out);
             self.send_output(2, err);
-            self.out.lock().unwrap().sending = false;
+            self.pending().sending = false;
             self.out_ready.notify_all();
             std::thread::sleep(FLUSH_EVERY);
         }
@@ -203,10 +209,10 @@ impl HomeLink {
     /// Waits until everything written so far has been sent (or dropped).
     fn flush(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut p = self.out.lock().unwrap();
+        let mut p = self.pending();
         while (p.sending || !p.stdout.is_empty() || !p.stderr.is_empty()) && Instant::now() < deadline {
             self.out_ready.notify_all();
-            p = self.out_ready.wait_timeout(p, Duration::from_millis(50)).unwrap().0;
+            p = self.out_ready.wait_timeout(p, Duration::from_millis(50)).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 
@@ -262,7 +268,7 @@ impl SsiHost for HomeLink {
     }
 
     fn output(&self, fd: u32, bytes: &[u8]) {
-        let mut p = self.out.lock().unwrap();
+        let mut p = self.pending();
         let buf = if fd == 2 { &mut p.stderr } else { &mut p.stdout };
         let room = MAX_BUFFERED.saturating_sub(buf.len());
         let take = bytes.len().min(room);
@@ -274,28 +280,47 @@ impl SsiHost for HomeLink {
         self.out_ready.notify_all();
     }
 
-    fn fetch(&self, path: &str, have: Option<&str>) -> Result<Fetched, Errno> {
-        let mut req = self.agent.get(self.url("fs")).query("path", path).header("Authorization", &self.auth);
+    fn fetch(&self, lookup: &Lookup, have: Option<&str>) -> Result<Found, Errno> {
+        let flag = |b: bool| if b { "true" } else { "false" };
+        let mut req = self
+            .agent
+            .get(self.url("fs"))
+            .query("path", &lookup.at.path)
+            .query("base", &lookup.at.base)
+            .query("follow", flag(lookup.follow))
+            .query("content", flag(lookup.content))
+            .header("Authorization", &self.auth);
         if let Some(v) = have {
             req = req.header("If-None-Match", v);
         }
-        match self.classify(req.call()) {
-            Call::Ok(mut resp) if resp.status().as_u16() == 304 => {
-                let _ = resp.body_mut().read_to_vec();
-                Ok(Fetched::Unchanged)
+        let mut resp = match self.classify(req.call()) {
+            Call::Ok(resp) => resp,
+            other => return Err(self.failed(other)),
+        };
+        let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let path = header(PATH_HEADER).as_deref().and_then(decode_path).ok_or(errno::IO)?;
+        let kind = header(KIND_HEADER).unwrap_or_default();
+        let version = header("etag").unwrap_or_default();
+        let unchanged = resp.status().as_u16() == 304;
+        let body = resp.body_mut();
+        let (kind, payload) = match (kind.as_str(), unchanged) {
+            ("none", _) => (Kind::Missing, Payload::None),
+            ("link", _) => {
+                let target = body.read_to_string().map_err(|_| errno::IO)?;
+                (Kind::Link(target), Payload::None)
             }
-            Call::Ok(mut resp) => {
-                let kind = resp.headers().get(KIND_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("file").to_string();
-                let version = resp.headers().get("etag").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-                if kind == "dir" {
-                    let entries: Vec<DirEntry> = resp.body_mut().read_json().map_err(|_| errno::IO)?;
-                    return Ok(Fetched::Dir { entries });
-                }
-                let bytes = resp.body_mut().with_config().limit(1 << 30).read_to_vec().map_err(|_| errno::IO)?;
-                Ok(Fetched::File { bytes, version })
+            ("dir", _) => match body.read_json::<Vec<DirEntry>>() {
+                Ok(entries) => (Kind::Dir, Payload::Dir(entries)),
+                Err(_) => (Kind::Dir, Payload::None),
+            },
+            ("file", true) => (Kind::File, Payload::None),
+            ("file", false) => {
+                let bytes = body.with_config().limit(1 << 30).read_to_vec().map_err(|_| errno::IO)?;
+                (Kind::File, Payload::File { bytes, version })
             }
-            other => Err(self.failed(other)),
-        }
+            _ => return Err(errno::IO),
+        };
+        Ok(Found { path, kind, payload })
     }
 
     fn store(&self, path: &str, bytes: Vec<u8>) -> Result<String, Errno> {
@@ -308,17 +333,7 @@ impl SsiHost for HomeLink {
         }
     }
 
-    fn fs_op(&self, op: &FsOp) -> Result<(), Errno> {
-        let req = match op.clone() {
-            FsOp::Create(path) => FsOpRequest::Create { path },
-            FsOp::Mkdir(path) => FsOpRequest::Mkdir { path },
-            FsOp::Rmdir(path) => FsOpRequest::Rmdir { path },
-            FsOp::Unlink(path) => FsOpRequest::Unlink { path },
-            FsOp::Rename(path, to) => FsOpRequest::Rename { path, to },
-        };
-        match self.post("fsop", &req) {
-            Call::Ok(_) => Ok(()),
-            other => Err(self.failed(other)),
-        }
+    fn fs_op(&self, op: &FsOp) -> Result<Moved, Errno> {
+        self.post_json("fsop", op)
     }
 }

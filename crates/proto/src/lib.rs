@@ -629,35 +629,59 @@ pub mod ssi {
         use super::Errno;
         pub const ACCES: Errno = 2;
         pub const AGAIN: Errno = 6;
+        pub const BADF: Errno = 8;
         pub const CHILD: Errno = 12;
         pub const EXIST: Errno = 20;
         pub const FAULT: Errno = 21;
+        pub const FBIG: Errno = 22;
+        pub const ILSEQ: Errno = 25;
         pub const INTR: Errno = 27;
         pub const INVAL: Errno = 28;
         pub const IO: Errno = 29;
         pub const ISDIR: Errno = 31;
+        pub const LOOP: Errno = 32;
+        pub const MLINK: Errno = 34;
+        pub const NAMETOOLONG: Errno = 37;
         pub const NOENT: Errno = 44;
         pub const NOEXEC: Errno = 45;
+        pub const NOSPC: Errno = 51;
         pub const NOTDIR: Errno = 54;
         pub const NOTEMPTY: Errno = 55;
+        pub const NOTSOCK: Errno = 57;
+        pub const NOTSUP: Errno = 58;
         pub const PERM: Errno = 63;
+        pub const ROFS: Errno = 69;
+        pub const XDEV: Errno = 75;
+        pub const NOTCAPABLE: Errno = 76;
 
         /// Text for an errno, for the console.
         pub fn describe(e: Errno) -> &'static str {
             match e {
                 ACCES => "permission denied",
                 AGAIN => "resource temporarily unavailable",
+                BADF => "bad file descriptor",
                 CHILD => "no such child process",
                 EXIST => "file exists",
                 FAULT => "bad address",
+                FBIG => "file too large",
+                ILSEQ => "illegal byte sequence",
                 INTR => "interrupted",
                 INVAL => "invalid argument",
                 ISDIR => "is a directory",
+                LOOP => "too many levels of symbolic links",
+                MLINK => "too many links",
+                NAMETOOLONG => "file name too long",
                 NOENT => "no such file or directory",
                 NOEXEC => "not a WASI preview-1 module",
+                NOSPC => "no space left on device",
                 NOTDIR => "not a directory",
                 NOTEMPTY => "directory not empty",
+                NOTSOCK => "not a socket",
+                NOTSUP => "not supported",
                 PERM => "operation not permitted",
+                ROFS => "read-only file system",
+                XDEV => "cross-device link",
+                NOTCAPABLE => "capabilities insufficient",
                 _ => "input/output error",
             }
         }
@@ -669,8 +693,42 @@ pub mod ssi {
     pub const STATUS_FAILED: i32 = 134;
 
     pub const ERRNO_HEADER: &str = "x-vmgrid-errno";
-    /// `file` or `dir`, on answers to a fetch.
+    /// What a fetched path names, on answers to a fetch: `file`, `dir`, `link` (the body is the
+    /// link's target) or `none` (nothing there, but its directory exists).
     pub const KIND_HEADER: &str = "x-vmgrid-kind";
+    /// The path a fetch resolved to (its links followed, `..` applied), [`encode_path`]d.
+    pub const PATH_HEADER: &str = "x-vmgrid-path";
+
+    /// An SSI path as a header value: bytes other than ASCII letters, digits and `/._-` as `%XX`.
+    pub fn encode_path(path: &str) -> String {
+        let mut out = String::with_capacity(path.len());
+        for b in path.bytes() {
+            if b.is_ascii_alphanumeric() || b"/._-".contains(&b) {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        out
+    }
+
+    /// The inverse of [`encode_path`]; `None` for a value it cannot have made.
+    pub fn decode_path(value: &str) -> Option<String> {
+        let bytes = value.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).ok()
+    }
 
     #[derive(Debug, Clone, Serialize, Deserialize)]
     pub struct SpawnRequest {
@@ -717,27 +775,68 @@ pub mod ssi {
     pub struct DirEntry {
         pub name: String,
         pub dir: bool,
+        /// A symbolic link's target (then `dir` is false): the entry is the link itself.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub link: Option<String>,
     }
 
-    #[derive(Debug, Clone, Serialize, Deserialize)]
+    /// A path as a process names it: `path` (which may hold `..` and pass through links) relative
+    /// to the directory `base`, an SSI path. The home resolves it beneath `base`, as a WASI
+    /// runtime resolves a path beneath the descriptor it is relative to.
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct At {
+        #[serde(default)]
+        pub base: String,
+        pub path: String,
+    }
+
+    /// A change to the namespace. The last component of a path is never followed (a link there
+    /// is what is removed, renamed or linked), as in POSIX.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
     #[serde(tag = "op", rename_all = "lowercase")]
     pub enum FsOpRequest {
-        /// Creates an empty file; `EEXIST` if there is one.
+        /// Creates an empty file; `EEXIST` if anything is there (`O_CREAT|O_EXCL`).
         Create {
-            path: String,
+            #[serde(flatten)]
+            at: At,
         },
         Mkdir {
-            path: String,
+            #[serde(flatten)]
+            at: At,
         },
         Rmdir {
-            path: String,
+            #[serde(flatten)]
+            at: At,
         },
         Unlink {
-            path: String,
+            #[serde(flatten)]
+            at: At,
         },
         Rename {
-            path: String,
-            to: String,
+            #[serde(flatten)]
+            at: At,
+            to: At,
         },
+        /// A symbolic link at `at` whose target is `target`.
+        Symlink {
+            #[serde(flatten)]
+            at: At,
+            target: String,
+        },
+        /// A hard link at `to` to what `at` names.
+        Link {
+            #[serde(flatten)]
+            at: At,
+            to: At,
+        },
+    }
+
+    /// What a namespace change touched, resolved: the path it acted on (and the second one of a
+    /// rename or a link).
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct FsOpResponse {
+        pub path: String,
+        #[serde(default)]
+        pub to: Option<String>,
     }
 }

@@ -5,32 +5,53 @@
 //! of HTTP. Files follow close-to-open consistency with whole-file caching, as AFS does: a file is
 //! validated against the home (and fetched whole if it changed) when it is opened, and written
 //! back whole when a descriptor that wrote it is closed. Reads and writes in between are local.
+//! Paths are resolved at the home, which alone knows the links; what comes back names only real
+//! directories and files.
 
-pub use vmgrid_proto::ssi::{DirEntry, Errno, errno};
+pub use vmgrid_proto::ssi::{At, DirEntry, Errno, FsOpRequest as FsOp, FsOpResponse as Moved, errno};
 
-/// What the home answered when a file was opened.
+/// A path to look up at the home.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fetched {
-    /// The copy held here (whose version was given) is current.
-    Unchanged,
+pub struct Lookup {
+    pub at: At,
+    /// Follow a link in the last component.
+    pub follow: bool,
+    /// Send a file's bytes (a directory's entries are always sent).
+    pub content: bool,
+}
+
+/// What a looked-up path names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    /// A symbolic link (not followed), and its target.
+    Link(String),
+    /// Nothing, but its directory exists: where a file would be created.
+    Missing,
+}
+
+/// What the home sent along.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// Nothing: not asked for, or the copy held here (whose version was given) is current.
+    None,
     /// The whole file, and its version.
     File { bytes: Vec<u8>, version: String },
-    /// A directory, with its entries.
-    Dir { entries: Vec<DirEntry> },
+    /// A directory's entries.
+    Dir(Vec<DirEntry>),
 }
 
-/// A change to the namespace, done at the home first.
+/// The answer to a [`Lookup`]: the resolved path (an SSI path: no links, no `..`), what is there
+/// and what came with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FsOp {
-    /// Creates an empty file, failing with `EXIST` if there is one (`O_CREAT|O_EXCL`).
-    Create(String),
-    Mkdir(String),
-    Rmdir(String),
-    Unlink(String),
-    Rename(String, String),
+pub struct Found {
+    pub path: String,
+    pub kind: Kind,
+    pub payload: Payload,
 }
 
-/// The home of one SSI process, as its node reaches it. Paths are relative to the SSI root,
+/// The home of one SSI process, as its node reaches it. SSI paths are relative to the SSI root,
 /// `/`-separated, without `.` or `..`.
 pub trait SsiHost: Send + Sync {
     /// This process's global PID.
@@ -41,9 +62,11 @@ pub trait SsiHost: Send + Sync {
     fn wait(&self, pid: i64) -> Result<i32, Errno>;
     /// Bytes the process wrote to stdout (1) or stderr (2). Never blocks on the network.
     fn output(&self, fd: u32, bytes: &[u8]);
-    /// Opens `path` at the home: `have` is the version of the copy held here, if any.
-    fn fetch(&self, path: &str, have: Option<&str>) -> Result<Fetched, Errno>;
-    /// Writes the whole file back; returns its new version.
+    /// Looks a path up at the home: `have` is the version of the copy held here at the path's
+    /// lexical place (`base/path` with `..` applied), if any.
+    fn fetch(&self, lookup: &Lookup, have: Option<&str>) -> Result<Found, Errno>;
+    /// Writes the whole file back (an SSI path); returns its new version.
     fn store(&self, path: &str, bytes: Vec<u8>) -> Result<String, Errno>;
-    fn fs_op(&self, op: &FsOp) -> Result<(), Errno>;
+    /// Changes the namespace at the home; what it touched, resolved.
+    fn fs_op(&self, op: &FsOp) -> Result<Moved, Errno>;
 }

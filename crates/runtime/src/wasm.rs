@@ -1,7 +1,8 @@
 //! The WebAssembly runtime: a WASI preview-1 command module in wasmtime, in this process.
 //!
-//! The guest gets the job directory (preopened as `/job` and `.`), its args and env, and bounded
-//! stdout/stderr; nothing else. Memory is bounded by a store limiter, time by epoch interruption.
+//! The guest gets the job directory (preopened as `/job`, `.` and `/`), its args and env, and
+//! bounded stdout/stderr; nothing else. Where wasmtime-wasi's answers differ from Linux's
+//! (trailing slashes, `O_NOFOLLOW`), `posix` gives Linux's. Memory is bounded by a store limiter, time by epoch interruption.
 //! Compiled modules are cached on disk, keyed by the module's blake3 and the engine's
 //! compatibility hash; this module holds vmgrid's only `unsafe` wasm code, the cache load.
 
@@ -19,6 +20,8 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 use crate::capture::CaptureSink;
 use crate::{Failure, FailureKind, Outcome, RunError, RunRequest, RunResult, RuntimeConfig};
 
+mod abi;
+mod posix;
 mod ssi;
 mod stream;
 
@@ -83,6 +86,7 @@ impl WasmRuntime {
         let engine = Engine::new(&cfg)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut GuestState| &mut s.wasi)?;
+        posix::add_to_linker(&mut linker)?;
         let mut ssi_linker = linker.clone();
         ssi::add_to_linker(&mut ssi_linker)?;
         // The ticker only holds a weak handle, so it ends when the engine does.
@@ -209,8 +213,9 @@ impl WasmRuntime {
         for (k, v) in &job.vm.env {
             wasi.env(k, v);
         }
-        // An SSI process sees the one filesystem as `/`; a job sees its job directory.
-        let guest_paths: &[&str] = if req.ssi.is_some() { &["/"] } else { &["/job", "."] };
+        // An SSI process sees the one filesystem as `/`; a job sees its job directory as `/job`,
+        // `.` and `/` (descriptors 3, 4 and 5), as `wasmtime --dir DIR::/` would give it.
+        let guest_paths: &[&str] = if req.ssi.is_some() { &["/"] } else { &["/job", ".", "/"] };
         for guest_path in guest_paths {
             wasi.preopened_dir(req.job_dir, guest_path, FsPerms::ReadWrite)
                 .map_err(|e| RunError::host(format!("cannot open the job directory {}", req.job_dir.display()), e))?;

@@ -120,7 +120,7 @@ mod tests {
         let list = "[0,1,2,3,4,5,6,7,8,9,10]";
         let nested = format!("{list}.exists(a, {list}.exists(b, a == b))");
         assert!(check("requirements", &nested).unwrap_err().message.contains("inside another comprehension"));
-        let many = vec!["node.vm_types.exists(t, t == \"x\")"; 9].join(" || ");
+        let many = ["node.vm_types.exists(t, t == \"x\")"; 9].join(" || ");
         assert!(check("requirements", &many).unwrap_err().message.contains("9 comprehensions"));
     }
 }

@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use vmgrid_proto::ssi::*;
 
-use crate::fs::{Errno, Fetch};
+use crate::fs::{Errno, Node, Payload};
 use crate::{Home, ProcState};
 
 type S = Arc<Home>;
@@ -149,28 +149,52 @@ struct PathQuery {
     path: String,
 }
 
-async fn fetch(State(home): State<S>, _c: Caller, Query(q): Query<PathQuery>, headers: HeaderMap) -> Response {
+#[derive(Deserialize)]
+struct LookupQuery {
+    path: String,
+    #[serde(default)]
+    base: String,
+    #[serde(default = "yes")]
+    follow: bool,
+    #[serde(default = "yes")]
+    content: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A lookup: what the path resolves to in [`PATH_HEADER`] and [`KIND_HEADER`]; the body is the
+/// file (unless unchanged, 304), the directory's entries, or the link's target.
+async fn fetch(State(home): State<S>, _c: Caller, Query(q): Query<LookupQuery>, headers: HeaderMap) -> Response {
     let have = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).map(str::to_string);
     let h = home.clone();
-    let r = tokio::task::spawn_blocking(move || h.root.fetch(&q.path, have.as_deref())).await;
-    match r {
-        Ok(Ok(Fetch::Unchanged)) => StatusCode::NOT_MODIFIED.into_response(),
-        Ok(Ok(Fetch::File { bytes, version })) => {
+    let at = At { base: q.base, path: q.path };
+    let r = tokio::task::spawn_blocking(move || h.root.lookup(&at, q.follow, q.content, have.as_deref())).await;
+    let found = match r {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => return errno(e),
+        Err(_) => return errno(crate::errno::IO),
+    };
+    let (kind, mut r) = match (found.resolved.node, found.payload) {
+        (Node::Missing, _) => ("none", StatusCode::NO_CONTENT.into_response()),
+        (Node::Link(target), _) => ("link", target.into_response()),
+        (_, Payload::Dir(entries)) => ("dir", Json(entries).into_response()),
+        (_, Payload::File { bytes, version }) => {
             let mut r = bytes.into_response();
-            r.headers_mut().insert(KIND_HEADER, HeaderValue::from_static("file"));
             if let Ok(v) = HeaderValue::from_str(&version) {
                 r.headers_mut().insert(header::ETAG, v);
             }
-            r
+            ("file", r)
         }
-        Ok(Ok(Fetch::Dir(entries))) => {
-            let mut r = Json(entries).into_response();
-            r.headers_mut().insert(KIND_HEADER, HeaderValue::from_static("dir"));
-            r
-        }
-        Ok(Err(e)) => errno(e),
-        Err(_) => errno(crate::errno::IO),
+        (Node::Dir, Payload::None) => ("dir", StatusCode::NO_CONTENT.into_response()),
+        (_, Payload::None) => ("file", StatusCode::NOT_MODIFIED.into_response()),
+    };
+    r.headers_mut().insert(KIND_HEADER, HeaderValue::from_static(kind));
+    if let Ok(v) = HeaderValue::from_str(&encode_path(&found.resolved.path)) {
+        r.headers_mut().insert(PATH_HEADER, v);
     }
+    r
 }
 
 async fn store(State(home): State<S>, _c: Caller, Query(q): Query<PathQuery>, body: Bytes) -> Response {
@@ -188,18 +212,23 @@ async fn store(State(home): State<S>, _c: Caller, Query(q): Query<PathQuery>, bo
     }
 }
 
+/// A namespace change; the answer names what it touched, resolved.
 async fn fsop(State(home): State<S>, _c: Caller, Json(req): Json<FsOpRequest>) -> Response {
     let h = home.clone();
+    let one = |r: Result<String, Errno>| r.map(|path| FsOpResponse { path, to: None });
+    let two = |r: Result<(String, String), Errno>| r.map(|(path, to)| FsOpResponse { path, to: Some(to) });
     let r = tokio::task::spawn_blocking(move || match &req {
-        FsOpRequest::Create { path } => h.root.create_new(path),
-        FsOpRequest::Mkdir { path } => h.root.mkdir(path),
-        FsOpRequest::Rmdir { path } => h.root.rmdir(path),
-        FsOpRequest::Unlink { path } => h.root.unlink(path),
-        FsOpRequest::Rename { path, to } => h.root.rename(path, to),
+        FsOpRequest::Create { at } => one(h.root.create_new(at)),
+        FsOpRequest::Mkdir { at } => one(h.root.mkdir(at)),
+        FsOpRequest::Rmdir { at } => one(h.root.rmdir(at)),
+        FsOpRequest::Unlink { at } => one(h.root.unlink(at)),
+        FsOpRequest::Symlink { at, target } => one(h.root.symlink(target, at)),
+        FsOpRequest::Rename { at, to } => two(h.root.rename(at, to)),
+        FsOpRequest::Link { at, to } => two(h.root.link(at, to)),
     })
     .await;
     match r {
-        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Ok(moved)) => Json(moved).into_response(),
         Ok(Err(e)) => errno(e),
         Err(_) => errno(crate::errno::IO),
     }

@@ -11,7 +11,7 @@
 pub mod api;
 pub mod fs;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -80,6 +80,8 @@ pub struct Proc {
     /// 0 for processes the console started.
     pub ppid: u64,
     pub argv: Vec<String>,
+    /// Its environment: given by the console's `run KEY=VALUE …`, inherited by its children.
+    pub env: BTreeMap<String, String>,
     pub job: Option<u64>,
     pub node: Option<String>,
     pub state: ProcState,
@@ -234,16 +236,28 @@ impl Home {
     }
 
     /// Starts a process from `argv` (its first element is the module's path in the SSI
-    /// filesystem) as a child of `ppid` (0: the console). Returns its PID.
+    /// filesystem) as a child of `ppid` (0: the console), with its parent's environment.
+    /// Returns its PID.
     pub fn spawn(self: &Arc<Self>, ppid: u64, argv: Vec<String>) -> Result<u64, SpawnError> {
+        let env = self.lock().procs.get(&ppid).map(|p| p.env.clone()).unwrap_or_default();
+        self.spawn_with_env(ppid, argv, env)
+    }
+
+    /// Starts a process as [`Home::spawn`] does, with the environment `env`.
+    pub fn spawn_with_env(
+        self: &Arc<Self>,
+        ppid: u64,
+        argv: Vec<String>,
+        env: BTreeMap<String, String>,
+    ) -> Result<u64, SpawnError> {
         let err = |errno: Errno, message: String| SpawnError { errno, message };
         let prog = argv.first().cloned().unwrap_or_default();
         let (name, image) = self.program(&prog)?;
         let mut secret = [0u8; 24];
         getrandom::fill(&mut secret).expect("the kernel's random source is readable");
         let token = hex::encode(secret);
-        let pid = self.enter(ppid, &argv, &token)?;
-        let spec = self.process_spec(pid, &name, image, argv, token);
+        let pid = self.enter(ppid, &argv, &env, &token)?;
+        let spec = self.process_spec(pid, &name, image, (argv, env), token);
         let job = match self.pool.submit(&SubmitRequest { spec, count: 1 }) {
             Ok(r) if r.ids.len() == 1 => r.ids[0],
             Ok(_) => {
@@ -300,7 +314,13 @@ impl Home {
     }
 
     /// A new entry in the process table, holding `token`; its PID.
-    fn enter(&self, ppid: u64, argv: &[String], token: &str) -> Result<u64, SpawnError> {
+    fn enter(
+        &self,
+        ppid: u64,
+        argv: &[String],
+        env: &BTreeMap<String, String>,
+        token: &str,
+    ) -> Result<u64, SpawnError> {
         {
             let mut t = self.lock();
             if t.closing {
@@ -315,6 +335,7 @@ impl Home {
                     pid,
                     ppid,
                     argv: argv.to_vec(),
+                    env: env.clone(),
                     job: None,
                     node: None,
                     state: ProcState::Placing,
@@ -335,7 +356,7 @@ impl Home {
         pid: u64,
         name: &str,
         image: vmgrid_proto::FileRef,
-        argv: Vec<String>,
+        (argv, env): (Vec<String>, BTreeMap<String, String>),
         token: String,
     ) -> JobSpec {
         JobSpec {
@@ -343,7 +364,7 @@ impl Home {
             vm_type: VmType::Wasm,
             image: Some(image),
             args: argv,
-            env: Default::default(),
+            env,
             kernel: None,
             initrd: None,
             append: None,

@@ -3,6 +3,7 @@
 //! (`--root`) and this console's stdout and stderr. The console is the processes' home (see
 //! vmgrid-ssi); nodes call it, so it must be reachable from them (`--listen`).
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use vmgrid_job::check::is_env_name;
 use vmgrid_proto::NodeState;
 use vmgrid_ssi::{Home, HomeConfig, ProcState, Root};
 
@@ -18,11 +20,13 @@ use crate::pool_config::{PoolArgs, default_data_dir};
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Commands at the prompt (or one per line from a pipe):
-  run PROG.wasm [ARGS…] [&]   start a process; the pool places it on a node; & runs it in the background
+  run [KEY=VALUE…] PROG.wasm [ARGS…] [&]
+                              start a process, with those environment variables (its children
+                              inherit them); the pool places it on a node; & runs it in the background
   ps [-a]                     the process table: PID, PPID, NODE, STATE, TIME, COMMAND (-a: ended ones too)
   kill PID…                   stop processes, wherever they run
   wait [PID…]                 wait for background processes (default: all of them)
-  ls [PATH] | cat PATH        the single filesystem (the --root directory)
+  ls [PATH] | cat PATH        the single filesystem (the --root directory); links show as NAME -> TARGET
   put LOCAL PATH | get PATH LOCAL
                               copy a file into it / out of it
   info                        the pool as one machine: nodes, total cpus, total memory
@@ -206,7 +210,7 @@ impl Console {
         let Some((cmd, rest)) = words.split_first() else { return Flow::Continue };
         let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
         match (cmd.as_str(), rest.as_slice()) {
-            ("run", []) => self.fail("usage: run PROG.wasm [ARGS…] [&]".into()),
+            ("run", []) => self.fail("usage: run [KEY=VALUE…] PROG.wasm [ARGS…] [&]".into()),
             ("run", argv) => self.run(argv),
             ("ps", []) => self.ps(false),
             ("ps", ["-a"]) => self.ps(true),
@@ -219,7 +223,7 @@ impl Console {
             ("get", [p, local]) => self.get(p, local),
             ("info", []) => self.info(),
             ("help", []) => {
-                self.print("commands: run PROG.wasm [ARGS…] [&] | ps [-a] | kill PID… | wait [PID…] | ls [PATH] | cat PATH | put LOCAL PATH | get PATH LOCAL | info | exit\n");
+                self.print("commands: run [KEY=VALUE…] PROG.wasm [ARGS…] [&] | ps [-a] | kill PID… | wait [PID…] | ls [PATH] | cat PATH | put LOCAL PATH | get PATH LOCAL | info | exit\n");
                 self.ok()
             }
             ("exit" | "quit", []) => Flow::Exit,
@@ -254,8 +258,15 @@ impl Console {
             Some((&"&", rest)) if !rest.is_empty() => (rest, true),
             _ => (argv, false),
         };
-        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
-        let pid = match self.home.spawn(0, argv) {
+        let (env, argv) = split_env(argv);
+        if argv.is_empty() {
+            return self
+                .fail("run: no program after the environment; usage: run [KEY=VALUE…] PROG.wasm [ARGS…] [&]".into());
+        }
+        if let Some((k, v)) = env.iter().find(|(_, v)| v.contains('\0')) {
+            return self.fail(format!("run: the value of {k} ({v:?}) may not contain a NUL byte"));
+        }
+        let pid = match self.home.spawn_with_env(0, argv, env) {
             Ok(pid) => pid,
             Err(e) => return self.fail(e.message),
         };
@@ -362,7 +373,10 @@ impl Console {
                 let mut text = String::new();
                 for e in entries {
                     text.push_str(&e.name);
-                    text.push_str(if e.dir { "/\n" } else { "\n" });
+                    match &e.link {
+                        Some(target) => text.push_str(&format!(" -> {target}\n")),
+                        None => text.push_str(if e.dir { "/\n" } else { "\n" }),
+                    }
                 }
                 self.print(&text);
                 self.ok()
@@ -445,6 +459,14 @@ fn describe_end(state: &ProcState) -> String {
     }
 }
 
+/// The leading `NAME=VALUE` words of a command (its environment, as a shell takes them) and the
+/// rest. A word whose part before `=` is not a variable name starts the command.
+fn split_env(words: &[&str]) -> (BTreeMap<String, String>, Vec<String>) {
+    let n = words.iter().take_while(|w| w.split_once('=').is_some_and(|(k, _)| is_env_name(k))).count();
+    let env = words[..n].iter().filter_map(|w| w.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
+    (env, words[n..].iter().map(|w| w.to_string()).collect())
+}
+
 /// Splits a command line into words: whitespace separates, '…' and "…" quote, \ escapes.
 fn split_words(line: &str) -> Result<Vec<String>, String> {
     let mut words = Vec::new();
@@ -488,7 +510,18 @@ fn split_words(line: &str) -> Result<Vec<String>, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_words;
+    use super::{split_env, split_words};
+
+    #[test]
+    fn leading_assignments_are_the_environment() {
+        let (env, argv) = split_env(&["MODE=fast", "EMPTY=", "/p.wasm", "X=1"]);
+        assert_eq!(env.into_iter().collect::<Vec<_>>(), [("EMPTY".into(), "".into()), ("MODE".into(), "fast".into())]);
+        assert_eq!(argv, ["/p.wasm", "X=1"]);
+        let (env, argv) = split_env(&["1X=y", "/p.wasm"]);
+        assert!(env.is_empty());
+        assert_eq!(argv, ["1X=y", "/p.wasm"]);
+        assert!(split_env(&["A=b"]).1.is_empty());
+    }
 
     #[test]
     fn words_split_like_a_shell() {

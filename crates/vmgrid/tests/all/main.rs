@@ -9,3 +9,4 @@ mod pool;
 mod run_qemu;
 mod run_wasm;
 mod ssi;
+mod wasi;

@@ -1,6 +1,6 @@
 //! `vmgrid ssi`: the single-system image over a 3-node pool on loopback, driven through piped
-//! console sessions. Processes are real wasm guests (guests/fanout, guests/ssi-probe, guests/probe)
-//! on real node agents.
+//! console sessions. Processes are real wasm guests (guests/fanout, guests/ssi-probe, guests/probe,
+//! guests/wasi-probe) on real node agents. (tests/all/wasi.rs runs one WASI script in both modes.)
 
 use std::io::Write;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -19,14 +19,14 @@ fn pool_of_three() -> Pool {
 /// An SSI root holding the test programs.
 fn root_with_programs() -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
-    for g in ["fanout", "ssi-probe", "probe"] {
+    for g in ["fanout", "ssi-probe", "probe", "wasi-probe"] {
         std::fs::copy(guest_wasm(g), root.path().join(format!("{g}.wasm"))).unwrap();
     }
     root
 }
 
 /// A console whose stdin is a pipe; its stdout and stderr are collected as they come.
-struct Session {
+pub(crate) struct Session {
     root: std::path::PathBuf,
     marks: u64,
     child: Child,
@@ -36,7 +36,7 @@ struct Session {
 }
 
 impl Session {
-    fn start(pool: &Pool, root: &std::path::Path) -> Session {
+    pub(crate) fn start(pool: &Pool, root: &std::path::Path) -> Session {
         let mut child = Command::new(assert_cmd::cargo::cargo_bin("vmgrid"))
             .arg("ssi")
             .arg("--root")
@@ -68,28 +68,28 @@ impl Session {
         Session { root: root.to_path_buf(), marks: 0, stdin: child.stdin.take(), child, stdout, stderr }
     }
 
-    fn send(&mut self, line: &str) {
+    pub(crate) fn send(&mut self, line: &str) {
         writeln!(self.stdin.as_mut().unwrap(), "{line}").unwrap();
     }
 
-    fn out(&self) -> String {
+    pub(crate) fn out(&self) -> String {
         self.stdout.lock().unwrap().clone()
     }
 
-    fn err(&self) -> String {
+    pub(crate) fn err(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
 
-    fn wait_out(&self, what: &str, cond: impl Fn(&str) -> bool) {
+    pub(crate) fn wait_out(&self, what: &str, cond: impl Fn(&str) -> bool) {
         wait_until(what, || cond(&self.out()));
     }
 
-    fn wait_err(&self, what: &str, cond: impl Fn(&str) -> bool) {
+    pub(crate) fn wait_err(&self, what: &str, cond: impl Fn(&str) -> bool) {
         wait_until(what, || cond(&self.err()));
     }
 
     /// Rows of a fresh `ps -a`: (pid, ppid, node, state).
-    fn ps(&mut self) -> Vec<(u64, u64, String, String)> {
+    pub(crate) fn ps(&mut self) -> Vec<(u64, u64, String, String)> {
         // Commands run in order: a `cat` of a marker file after `ps` marks the end of its output
         // on the same stream.
         self.marks += 1;
@@ -114,7 +114,7 @@ impl Session {
             .collect()
     }
 
-    fn finish(mut self) -> (i32, String, String) {
+    pub(crate) fn finish(mut self) -> (i32, String, String) {
         drop(self.stdin.take());
         let status = self.child.wait().unwrap();
         // The readers end with the pipes.
@@ -300,7 +300,7 @@ fn spawn_errors_are_errnos_and_crashing_children_report_a_status() {
 }
 
 #[test]
-fn files_keep_unix_semantics_across_processes_and_links_are_refused() {
+fn files_keep_unix_semantics_across_processes_and_links_out_of_the_root_are_refused() {
     let pool = pool_of_three();
     let root = root_with_programs();
     let mut s = Session::start(&pool, root.path());
@@ -318,7 +318,7 @@ fn files_keep_unix_semantics_across_processes_and_links_are_refused() {
     // O_EXCL holds across the machine: once here, then refused here and in a child elsewhere.
     assert_eq!(lines[2], "created", "{out}");
     assert!(lines[3].starts_with("error:") && lines[3].contains("exists"), "{out}");
-    assert!(lines[4].contains("errno 58"), "symlinks are refused: {out}");
+    assert!(lines[4].contains("errno 63"), "a link to an absolute path would leave the root: {out}");
     assert!(lines.iter().filter(|l| l.contains("exists")).count() >= 2, "the child's excl failed too: {out}");
     assert!(lines.contains(&"first second"), "a file renamed while open keeps what was written after: {out}");
     assert!(lines.contains(&"no"), "{out}");
@@ -330,5 +330,153 @@ fn files_keep_unix_semantics_across_processes_and_links_are_refused() {
             && !root.path().join("tmp1").exists()
     );
     assert_eq!(std::fs::read_to_string(root.path().join("final.txt")).unwrap(), "first second");
+    assert_eq!(code, 0, "{err}");
+}
+
+/// Every symbolic link under `dir`, and every regular file named `name`.
+fn walk(dir: &std::path::Path, name: &str, links: &mut Vec<std::path::PathBuf>, named: &mut Vec<std::path::PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        let Ok(m) = std::fs::symlink_metadata(&p) else { continue };
+        if m.file_type().is_symlink() {
+            links.push(p);
+        } else if m.is_dir() {
+            walk(&p, name, links, named);
+        } else if e.file_name() == name {
+            named.push(p);
+        }
+    }
+}
+
+#[test]
+fn a_link_made_on_one_node_works_on_another_and_no_mirror_holds_a_symlink() {
+    let pool = pool_of_three();
+    let root = root_with_programs();
+    let mut s = Session::start(&pool, root.path());
+    // The parent makes a link and reads through it; its child, on another node, reads through
+    // it, makes a link, a hard link and a link to a directory, and writes through them; the
+    // parent reads all of that back through the child's links.
+    s.send(concat!(
+        "run /ssi-probe.wasm write:/f.txt:from-parent symlink:f.txt:/l read:/l ",
+        "spawn:/wasi-probe.wasm,readlink:l,read:l,lstat:l,symlink:f.txt:l2,link:f.txt:h,write:h:via-hard,",
+        "symlink:sub:ls,mkdir:sub,write:ls/in:deep ",
+        "wait read:/l2 read:/h read:/f.txt read:/ls/in spin &"
+    ));
+    s.wait_out("the parent to read the child's links", |o| o.contains("deep"));
+    let rows = s.ps();
+    let parent = rows.iter().find(|r| r.0 == 1).expect("the parent").clone();
+    let child = rows.iter().find(|r| r.1 == 1).expect("the child").clone();
+    assert_ne!(parent.2, child.2, "parent and child on different nodes: {rows:?}");
+    // While the parent still runs, its mirror holds the link it made as a placeholder file;
+    // no node's directories hold a single symbolic link.
+    let (mut links, mut named) = (Vec::new(), Vec::new());
+    walk(pool.dir.path(), "l", &mut links, &mut named);
+    assert!(links.is_empty(), "symlinks on the nodes: {links:?}");
+    assert!(named.iter().any(|p| std::fs::metadata(p).unwrap().len() == 0), "a placeholder for /l: {named:?}");
+    s.send("kill 1");
+    s.send("ls /");
+    let (_, out, err) = s.finish();
+    let lines: Vec<&str> = out.lines().collect();
+    for want in [
+        "from-parent",
+        "readlink:l => f.txt",
+        "read:l => from-parent",
+        "lstat:l => link 5",
+        "symlink:f.txt:l2 => ok",
+        "link:f.txt:h => ok",
+        "write:h:via-hard => ok",
+        "write:ls/in:deep => ok",
+        "child 2 status 0",
+        "l -> f.txt",
+        "l2 -> f.txt",
+        "ls -> sub",
+    ] {
+        assert!(lines.contains(&want), "{want:?} in:\n{out}\n{err}");
+    }
+    // The parent read the child's writes through the links and the hard link.
+    assert_eq!(lines.iter().filter(|l| **l == "via-hard").count(), 3, "{out}");
+    // At the home they are real links, and a hard link shares the file.
+    assert_eq!(std::fs::read_link(root.path().join("l2")).unwrap(), std::path::Path::new("f.txt"));
+    assert_eq!(std::os::unix::fs::MetadataExt::nlink(&std::fs::metadata(root.path().join("h")).unwrap()), 2);
+    assert_eq!(std::fs::read_to_string(root.path().join("sub/in")).unwrap(), "deep");
+}
+
+#[test]
+fn a_link_swapped_to_leave_the_root_is_refused_on_every_node() {
+    let pool = pool_of_three();
+    let top = tempfile::tempdir().unwrap();
+    let root = top.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    for g in ["ssi-probe", "wasi-probe"] {
+        std::fs::copy(guest_wasm(g), root.join(format!("{g}.wasm"))).unwrap();
+    }
+    std::fs::write(top.path().join("outside.txt"), "secret-file").unwrap();
+    std::fs::create_dir(top.path().join("outside")).unwrap();
+    std::fs::write(top.path().join("outside/x"), "secret-dir").unwrap();
+    let mut s = Session::start(&pool, &root);
+    // The parent reads a link and a directory that are inside; children on other nodes swap
+    // each for one that leaves the root; the parent, which holds both in its mirror, and
+    // another child are refused.
+    s.send(concat!(
+        "run /ssi-probe.wasm write:/f.txt:inside symlink:f.txt:/l read:/l ",
+        "spawn:/wasi-probe.wasm,mkdir:d,write:d/x:inside-dir wait read:/d/x ",
+        "spawn:/wasi-probe.wasm,read:l,unlink:l,symlink:../outside.txt:l,read:l,write:l:pwned,",
+        "rename:d:d0,symlink:../outside:d,read:d/x,write:d/y:pwned wait ",
+        "read:/l read:/d/x write:/d/z:pwned ",
+        "spawn:/wasi-probe.wasm,read:l,stat:l,readlink:l,read:d/x,lstat:d wait"
+    ));
+    s.wait_out("the last child", |o| o.contains("child 4 status"));
+    let local = top.path().join("local.txt");
+    std::fs::write(&local, "pwned").unwrap();
+    s.send("cat /d/x");
+    s.send(&format!("put {} /l", local.display()));
+    let (_, out, err) = s.finish();
+    let lines: Vec<&str> = out.lines().collect();
+    for want in [
+        "inside",
+        "inside-dir",
+        "read:l => inside",
+        "symlink:../outside.txt:l => ok",
+        "read:l => EPERM",
+        "write:l:pwned => EPERM",
+        "symlink:../outside:d => ok",
+        "read:d/x => EPERM",
+        "write:d/y:pwned => EPERM",
+        "stat:l => EPERM",
+        "readlink:l => ../outside.txt",
+        "lstat:d => link 10",
+    ] {
+        assert!(lines.contains(&want), "{want:?} in:\n{out}\n{err}");
+    }
+    // The parent's std calls: refused with EPERM (os error 63), for reads and the write.
+    assert_eq!(lines.iter().filter(|l| l.starts_with("error:") && l.contains("os error 63")).count(), 3, "{out}");
+    assert!(!out.contains("secret"), "nothing outside was read: {out}");
+    assert!(err.contains("cat: /d/x: operation not permitted"), "{err}");
+    assert!(err.contains("put: /l: operation not permitted"), "{err}");
+    // Nothing outside the root was written or created.
+    assert_eq!(std::fs::read_to_string(top.path().join("outside.txt")).unwrap(), "secret-file");
+    let outside: Vec<_> =
+        std::fs::read_dir(top.path().join("outside")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(outside, ["x"]);
+    assert_eq!(std::fs::read_to_string(root.join("d0/x")).unwrap(), "inside-dir");
+}
+
+#[test]
+fn run_gives_a_process_its_environment_and_its_children_inherit_it() {
+    let pool = pool_of_three();
+    let root = root_with_programs();
+    let mut s = Session::start(&pool, root.path());
+    s.send("run MODE=fast 'GREETING=hello world' EMPTY= /probe.wasm env:MODE env:GREETING env:EMPTY env:HOME");
+    s.send("run MODE=inherited /ssi-probe.wasm spawn:/probe.wasm,env:MODE wait");
+    s.send("run MODE=alone");
+    s.send("run 1X=y /probe.wasm");
+    s.send("run /probe.wasm env:MODE");
+    let (code, out, err) = s.finish();
+    assert!(out.starts_with("fast\nhello world\n\n<unset>\n"), "{out}\n{err}");
+    assert!(out.contains("inherited\n") && out.contains("child 3 status 0"), "{out}\n{err}");
+    assert!(err.contains("run: no program after the environment"), "{err}");
+    assert!(err.contains("1X=y: no such file or directory"), "a word that is not an assignment is the program: {err}");
+    assert!(out.ends_with("<unset>\n"), "a process without them has none: {out}");
     assert_eq!(code, 0, "{err}");
 }

@@ -1,72 +1,29 @@
-//! The shadowed `wasi_snapshot_preview1` calls of an SSI process: each does its part at the home
-//! (validate or fetch on open, the namespace change itself), then runs wasmtime-wasi's own call
-//! on the mirror. Nothing here follows a path out of the mirror: paths resolve against the
-//! process's own directory descriptors, and the mirror's host paths refuse links.
+//! The shadowed `wasi_snapshot_preview1` calls of an SSI process that open, stat or hold
+//! descriptors: each has the home resolve its path and brings the mirror up to date (validate or
+//! fetch on open), then runs wasmtime-wasi's own call on the mirror with the resolved path. A
+//! link that is not followed is answered from the mirror's record of it. Nothing here follows a
+//! path out of the mirror: the home resolves beneath the descriptor's directory, and what comes
+//! back names no link.
 
 use wasmtime::{Caller, Linker};
 use wasmtime_wasi::p1::wasi_snapshot_preview1 as abi;
 use wasmtime_wasi::runtime::in_tokio;
 
-use super::{ROOT_FD, SsiFs, Writer, imports, stamp};
-use crate::ssi::{Errno, FsOp, errno};
+use super::{SsiFs, Writer, imports, join, names, rel, stamp};
+use crate::ssi::{At, Errno, Found, FsOp, Kind, Payload, errno};
 use crate::wasm::GuestState;
-
-const OFLAGS_CREAT: i32 = 1;
-const OFLAGS_EXCL: i32 = 4;
-const OFLAGS_TRUNC: i32 = 8;
-const RIGHT_FD_WRITE: i64 = 1 << 6;
-const ERRNO_NOTSUP: Errno = 58;
-const ERRNO_NOTCAPABLE: Errno = 76;
-const W: &str = "wasi_snapshot_preview1";
-
-pub(super) type R = wasmtime::Result<i32>;
-
-fn memory(caller: &mut Caller<'_, GuestState>) -> wasmtime::Result<wasmtime::Memory> {
-    caller
-        .get_export("memory")
-        .and_then(|e| e.into_memory())
-        .ok_or_else(|| wasmtime::Error::msg("the module exports no memory"))
-}
-
-pub(super) fn read_bytes(caller: &mut Caller<'_, GuestState>, ptr: i32, len: i32) -> wasmtime::Result<Option<Vec<u8>>> {
-    let mem = memory(caller)?;
-    let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
-    Ok(mem.data(&caller).get(ptr..ptr.saturating_add(len)).map(|b| b.to_vec()))
-}
-
-fn read_str(caller: &mut Caller<'_, GuestState>, ptr: i32, len: i32) -> wasmtime::Result<Option<String>> {
-    Ok(read_bytes(caller, ptr, len)?.and_then(|b| String::from_utf8(b).ok()))
-}
-
-pub(super) fn write_bytes(caller: &mut Caller<'_, GuestState>, ptr: i32, bytes: &[u8]) -> wasmtime::Result<bool> {
-    let mem = memory(caller)?;
-    let ptr = ptr as u32 as usize;
-    match mem.data_mut(caller).get_mut(ptr..ptr.saturating_add(bytes.len())) {
-        Some(dst) => {
-            dst.copy_from_slice(bytes);
-            Ok(true)
-        }
-        None => Ok(false),
-    }
-}
-
-/// Runs wasmtime-wasi's own implementation of a call.
-fn real<T>(
-    caller: &mut Caller<'_, GuestState>,
-    f: impl FnOnce(&mut wasmtime_wasi::p1::WasiP1Ctx, &mut wiggle::GuestMemory<'_>) -> T,
-) -> wasmtime::Result<T> {
-    let mem = memory(caller)?;
-    let (data, state) = mem.data_and_store_mut(caller);
-    let mut gm = wiggle::GuestMemory::Unshared(data);
-    Ok(f(&mut state.wasi, &mut gm))
-}
+use crate::wasm::abi::{
+    FILESTAT_LEN, FILESTAT_SIZE, FILESTAT_TYPE, FILETYPE_SYMBOLIC_LINK, LOOKUP_FOLLOW, O_CREAT, O_DIRECTORY, O_EXCL,
+    O_TRUNC, R, RIGHT_FD_WRITE, W, fail, read_bytes, read_str, real, scratch, wasi, write_bytes,
+};
 
 pub(super) fn ssi<'a>(caller: &'a mut Caller<'_, GuestState>) -> &'a mut SsiFs {
     caller.data_mut().ssi.as_mut().expect("the SSI linker only runs SSI processes")
 }
 
-pub(super) fn fail(e: Errno) -> R {
-    Ok(e as i32)
+/// The SSI path of directory descriptor `fd`, if it is one of ours.
+pub(super) fn base(caller: &mut Caller<'_, GuestState>, fd: i32) -> Option<String> {
+    ssi(caller).dirs.get(&(fd as u32)).cloned()
 }
 
 /// Adds the SSI calls to a linker that already has WASI preview 1.
@@ -75,51 +32,37 @@ pub(crate) fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result
     linker.func_wrap(W, "path_open", path_open)?;
     linker.func_wrap(W, "fd_close", fd_close)?;
     linker.func_wrap(W, "fd_renumber", fd_renumber)?;
-    // Links would make the mirror differ from the home (which has none) and could point out of it.
-    linker.func_wrap(
-        W,
-        "path_symlink",
-        |_c: Caller<'_, GuestState>, _a: i32, _b: i32, _fd: i32, _d: i32, _e: i32| -> R { fail(ERRNO_NOTSUP) },
-    )?;
-    linker.func_wrap(
-        W,
-        "path_link",
-        |_c: Caller<'_, GuestState>, _fd: i32, _fl: i32, _a: i32, _b: i32, _fd2: i32, _d: i32, _e: i32| -> R {
-            fail(ERRNO_NOTSUP)
-        },
-    )?;
+    linker.func_wrap(W, "fd_readdir", fd_readdir)?;
     linker.func_wrap(W, "path_filestat_get", path_filestat_get)?;
-    linker.func_wrap(W, "path_unlink_file", |mut c: Caller<'_, GuestState>, fd: i32, ptr: i32, len: i32| -> R {
-        namespace_op(&mut c, fd, ptr, len, FsOp::Unlink, |c| {
-            real(c, |w, m| in_tokio(abi::path_unlink_file(w, m, fd, ptr, len)))?
-        })
-    })?;
-    linker.func_wrap(
-        W,
-        "path_remove_directory",
-        |mut c: Caller<'_, GuestState>, fd: i32, ptr: i32, len: i32| -> R {
-            namespace_op(&mut c, fd, ptr, len, FsOp::Rmdir, |c| {
-                real(c, |w, m| in_tokio(abi::path_remove_directory(w, m, fd, ptr, len)))?
-            })
-        },
-    )?;
-    linker.func_wrap(
-        W,
-        "path_create_directory",
-        |mut c: Caller<'_, GuestState>, fd: i32, ptr: i32, len: i32| -> R {
-            namespace_op(&mut c, fd, ptr, len, FsOp::Mkdir, |c| {
-                real(c, |w, m| in_tokio(abi::path_create_directory(w, m, fd, ptr, len)))?
-            })
-        },
-    )?;
-    linker.func_wrap(W, "path_rename", path_rename)?;
+    linker.func_wrap(W, "path_filestat_set_times", path_filestat_set_times)?;
+    linker.func_wrap(W, "path_readlink", path_readlink)?;
+    names::add(linker)?;
     imports::add(linker)?;
     linker.allow_shadowing(false);
     Ok(())
 }
 
-/// `path_open`: the mirror's copy is brought up to date first (or, for `O_CREAT|O_EXCL`, the
-/// home creates the file), then wasmtime-wasi opens it; a descriptor that may write is tracked.
+/// What an open names, the mirror made ready for it: the home creates the file first for
+/// `O_CREAT|O_EXCL`.
+fn prepare_open(s: &mut SsiFs, at: At, follow: bool, oflags: i32) -> Result<Found, Errno> {
+    let (creat, excl, trunc) = (oflags & O_CREAT != 0, oflags & O_EXCL != 0, oflags & O_TRUNC != 0);
+    if creat && at.path.ends_with('/') {
+        return Err(errno::ISDIR);
+    }
+    if creat && excl {
+        // Exclusive across the machine: the home creates it, or says it exists.
+        let moved = s.host.fs_op(&FsOp::Create { at })?;
+        let found = Found { path: moved.path, kind: Kind::Missing, payload: Payload::None };
+        s.apply(&found)?;
+        return Ok(found);
+    }
+    // A file replaced whole (`O_CREAT|O_TRUNC`) is resolved, not fetched: a directory on its
+    // way may have become a link since this mirror last looked.
+    s.lookup(at, follow, !(creat && trunc))
+}
+
+/// `path_open`: the path resolved at the home and the mirror brought up to date, then
+/// wasmtime-wasi opens the resolved path; a descriptor that may write is tracked.
 #[allow(clippy::too_many_arguments)]
 fn path_open(
     mut c: Caller<'_, GuestState>,
@@ -133,8 +76,8 @@ fn path_open(
     fdflags: i32,
     fd_out: i32,
 ) -> R {
-    let open = |c: &mut Caller<'_, GuestState>| {
-        real(c, |w, m| {
+    let (Some(path), Some(base)) = (read_str(&mut c, path_ptr, path_len)?, base(&mut c, dirfd)) else {
+        return real(&mut c, |w, m| {
             in_tokio(abi::path_open(
                 w,
                 m,
@@ -148,49 +91,50 @@ fn path_open(
                 fdflags,
                 fd_out,
             ))
-        })
+        })?;
     };
-    let Some(path) = read_str(&mut c, path_ptr, path_len)? else { return open(&mut c)? };
-    let Some(p) = ssi(&mut c).resolve(dirfd as u32, &path) else { return fail(ERRNO_NOTCAPABLE) };
-    let (creat, excl, trunc) = (oflags & OFLAGS_CREAT != 0, oflags & OFLAGS_EXCL != 0, oflags & OFLAGS_TRUNC != 0);
-    if let Err(e) = prepare_open(ssi(&mut c), &p, creat, excl, trunc) {
-        return fail(e);
+    let follow = dirflags & LOOKUP_FOLLOW != 0;
+    let s = ssi(&mut c);
+    let found = match prepare_open(s, At { base: base.clone(), path }, follow, oflags) {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
+    match found.kind {
+        // A link that is not to be followed, as Linux answers for one.
+        Kind::Link(_) => return fail(if oflags & O_DIRECTORY != 0 { errno::NOTDIR } else { errno::LOOP }),
+        Kind::Missing if oflags & O_CREAT == 0 => return fail(errno::NOENT),
+        _ => {}
     }
-    let before = if creat && excl {
-        // Created empty at the home just now.
+    let p = found.path;
+    let Ok(rel) = rel(&base, &p) else { return fail(errno::IO) };
+    let before = if oflags & (O_CREAT | O_EXCL) == O_CREAT | O_EXCL {
         None
     } else {
-        let s = ssi(&mut c);
         s.versions.get(&p).and(s.local(&p).ok()).and_then(|l| stamp(&l))
     };
-    let r = open(&mut c)??;
+    let (r, out) = scratch(wasi(&mut c), &[&rel], 4, |w, m, ptrs, out| {
+        let (ptr, len) = ptrs[0];
+        in_tokio(abi::path_open(w, m, dirfd, dirflags, ptr, len, oflags, rights_base, rights_inheriting, fdflags, out))
+    });
+    let r = r?;
     if r != 0 {
         return Ok(r);
     }
-    let fd = read_bytes(&mut c, fd_out, 4)?.map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-    if let Some(fd) = fd {
-        let s = ssi(&mut c);
-        if s.local(&p).is_ok_and(|l| l.is_dir()) {
-            s.dirs.insert(fd, p);
-        } else if rights_base & RIGHT_FD_WRITE != 0 || creat || trunc {
-            // After an exclusive create the home has the empty file already.
-            let before = if creat && excl { s.local(&p).ok().and_then(|l| stamp(&l)) } else { before };
-            s.written.insert(fd, Writer { path: p, before });
-        }
+    let fd = u32::from_le_bytes([out[0], out[1], out[2], out[3]]);
+    if !write_bytes(&mut c, fd_out, &out)? {
+        let _ = real(&mut c, |w, m| in_tokio(abi::fd_close(w, m, fd as i32)))?;
+        return fail(errno::FAULT);
+    }
+    let s = ssi(&mut c);
+    if s.local(&p).is_ok_and(|l| l.is_dir()) {
+        s.dirs.insert(fd, p);
+    } else if rights_base & RIGHT_FD_WRITE != 0 || oflags & (O_CREAT | O_TRUNC) != 0 {
+        // After an exclusive create the home has the empty file already.
+        let before =
+            if before.is_none() && oflags & O_EXCL != 0 { s.local(&p).ok().and_then(|l| stamp(&l)) } else { before };
+        s.written.insert(fd, Writer { path: p, before });
     }
     Ok(r)
-}
-
-fn prepare_open(s: &mut SsiFs, p: &str, creat: bool, excl: bool, trunc: bool) -> Result<(), Errno> {
-    if creat && excl {
-        // Exclusive across the machine: the home creates it, or says it exists.
-        s.sync(p).and_then(|()| s.ensure_parent(p)).and_then(|()| s.host.fs_op(&FsOp::Create(p.to_string())))
-    } else if creat && trunc {
-        // Replaced whole: no need to fetch what is there.
-        s.ensure_parent(p)
-    } else {
-        s.sync(p).and_then(|()| s.ensure_parent(p))
-    }
 }
 
 fn fd_close(mut c: Caller<'_, GuestState>, fd: i32) -> R {
@@ -205,10 +149,6 @@ fn fd_close(mut c: Caller<'_, GuestState>, fd: i32) -> R {
 }
 
 fn fd_renumber(mut c: Caller<'_, GuestState>, from: i32, to: i32) -> R {
-    if to as u32 == ROOT_FD || from as u32 == ROOT_FD {
-        // The root stays where it is: everything resolves against it.
-        return fail(ERRNO_NOTSUP);
-    }
     let r = real(&mut c, |w, m| in_tokio(abi::fd_renumber(w, m, from, to)))??;
     if r != 0 {
         return Ok(r);
@@ -219,6 +159,39 @@ fn fd_renumber(mut c: Caller<'_, GuestState>, from: i32, to: i32) -> R {
     }
 }
 
+/// `fd_readdir` of the mirror, with the entries that are the home's links typed as links.
+fn fd_readdir(mut c: Caller<'_, GuestState>, fd: i32, buf: i32, buf_len: i32, cookie: i64, used_out: i32) -> R {
+    let r = real(&mut c, |w, m| in_tokio(abi::fd_readdir(w, m, fd, buf, buf_len, cookie, used_out)))??;
+    let Some(dir) = base(&mut c, fd).filter(|d| r == 0 && ssi(&mut c).links.keys().any(|l| super::parent_of(l) == d))
+    else {
+        return Ok(r);
+    };
+    let Some(used) = read_bytes(&mut c, used_out, 4)? else { return Ok(r) };
+    let used = u32::from_le_bytes([used[0], used[1], used[2], used[3]]) as usize;
+    let Some(bytes) = read_bytes(&mut c, buf, used as i32)? else { return Ok(r) };
+    // Each entry: next (8), ino (8), name length (4), type (1), padding (3), then the name.
+    let mut at = 0;
+    while at + 24 <= bytes.len() {
+        let len = u32::from_le_bytes([bytes[at + 16], bytes[at + 17], bytes[at + 18], bytes[at + 19]]) as usize;
+        let Some(name) = bytes.get(at + 24..at + 24 + len).and_then(|n| std::str::from_utf8(n).ok()) else { break };
+        if ssi(&mut c).links.contains_key(&join(&dir, name)) {
+            write_bytes(&mut c, buf.wrapping_add((at + 20) as i32), &[FILETYPE_SYMBOLIC_LINK])?;
+        }
+        at += 24 + len;
+    }
+    Ok(r)
+}
+
+/// The lookup for a call on an existing path, and its resolved path relative to `base`.
+fn existing(c: &mut Caller<'_, GuestState>, base: &str, path: String, follow: bool) -> Result<(Found, String), Errno> {
+    let found = ssi(c).lookup(At { base: base.to_string(), path }, follow, true)?;
+    if found.kind == Kind::Missing {
+        return Err(errno::NOENT);
+    }
+    let rel = rel(base, &found.path)?;
+    Ok((found, rel))
+}
+
 fn path_filestat_get(
     mut c: Caller<'_, GuestState>,
     dirfd: i32,
@@ -227,82 +200,86 @@ fn path_filestat_get(
     path_len: i32,
     out: i32,
 ) -> R {
-    if let Some(path) = read_str(&mut c, path_ptr, path_len)? {
-        let Some(p) = ssi(&mut c).resolve(dirfd as u32, &path) else { return fail(ERRNO_NOTCAPABLE) };
-        if let Err(e) = ssi(&mut c).sync(&p) {
-            return fail(e);
-        }
+    let (Some(path), Some(base)) = (read_str(&mut c, path_ptr, path_len)?, base(&mut c, dirfd)) else {
+        return real(&mut c, |w, m| in_tokio(abi::path_filestat_get(w, m, dirfd, flags, path_ptr, path_len, out)))?;
+    };
+    // A trailing slash asks for what a link names, as `stat` does.
+    let follow = flags & LOOKUP_FOLLOW != 0 || path.ends_with('/');
+    let (found, rel) = match existing(&mut c, &base, path, follow) {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
+    let (r, mut st) = scratch(wasi(&mut c), &[&rel], FILESTAT_LEN, |w, m, p, o| {
+        in_tokio(abi::path_filestat_get(w, m, dirfd, 0, p[0].0, p[0].1, o))
+    });
+    let r = r?;
+    if r != 0 {
+        return Ok(r);
     }
-    real(&mut c, |w, m| in_tokio(abi::path_filestat_get(w, m, dirfd, flags, path_ptr, path_len, out)))?
-}
-
-/// Namespace changes: at the home first (it decides), then in the mirror.
-fn namespace_op(
-    c: &mut Caller<'_, GuestState>,
-    dirfd: i32,
-    path_ptr: i32,
-    path_len: i32,
-    op: fn(String) -> FsOp,
-    local: impl FnOnce(&mut Caller<'_, GuestState>) -> R,
-) -> R {
-    let Some(path) = read_str(c, path_ptr, path_len)? else { return local(c) };
-    let Some(p) = ssi(c).resolve(dirfd as u32, &path) else { return fail(ERRNO_NOTCAPABLE) };
-    if p.is_empty() {
-        return fail(errno::PERM);
+    if let Kind::Link(target) = &found.kind {
+        // The placeholder's times, the link's type and size.
+        st[FILESTAT_TYPE] = FILETYPE_SYMBOLIC_LINK;
+        st[FILESTAT_SIZE..FILESTAT_SIZE + 8].copy_from_slice(&(target.len() as u64).to_le_bytes());
     }
-    let s = ssi(c);
-    let op = op(p.clone());
-    if matches!(op, FsOp::Unlink(_)) && s.open_for_writing(&p) && !s.versions.contains_key(&p) {
-        // Created here and not yet sent: the home has nothing to remove.
-        s.forget(&p);
-    } else if let Err(e) = s.host.fs_op(&op) {
-        return fail(e);
+    if !write_bytes(&mut c, out, &st)? {
+        return fail(errno::FAULT);
     }
-    let s = ssi(c);
-    if let FsOp::Unlink(_) | FsOp::Rmdir(_) = op {
-        s.forget(&p);
-    }
-    if let Err(e) = s.ensure_parent(&p) {
-        return fail(e);
-    }
-    let _ = local(c)?;
-    // The home's answer is the one that counts; the mirror may simply not have held it.
     Ok(0)
 }
 
-/// `path_rename`: what is being written under the old name goes home first, so the home can move
-/// it; the mirror needs the source (and the target's directory) to move it locally.
-fn path_rename(
+/// Times are the mirror's own (they do not go home), set on what the path resolves to.
+#[allow(clippy::too_many_arguments)]
+fn path_filestat_set_times(
     mut c: Caller<'_, GuestState>,
-    fd: i32,
-    old_ptr: i32,
-    old_len: i32,
-    new_fd: i32,
-    new_ptr: i32,
-    new_len: i32,
+    dirfd: i32,
+    flags: i32,
+    path_ptr: i32,
+    path_len: i32,
+    atim: i64,
+    mtim: i64,
+    fst: i32,
 ) -> R {
-    let call_local = |c: &mut Caller<'_, GuestState>| {
-        real(c, |w, m| in_tokio(abi::path_rename(w, m, fd, old_ptr, old_len, new_fd, new_ptr, new_len)))?
+    let (Some(path), Some(base)) = (read_str(&mut c, path_ptr, path_len)?, base(&mut c, dirfd)) else {
+        return real(&mut c, |w, m| {
+            in_tokio(abi::path_filestat_set_times(w, m, dirfd, flags, path_ptr, path_len, atim, mtim, fst))
+        })?;
     };
-    let (Some(old), Some(new)) = (read_str(&mut c, old_ptr, old_len)?, read_str(&mut c, new_ptr, new_len)?) else {
-        return call_local(&mut c);
+    let follow = flags & LOOKUP_FOLLOW != 0 || path.ends_with('/');
+    let rel = match existing(&mut c, &base, path, follow) {
+        Ok((_, rel)) => rel,
+        Err(e) => return fail(e),
     };
-    let s = ssi(&mut c);
-    let (Some(old), Some(new)) = (s.resolve(fd as u32, &old), s.resolve(new_fd as u32, &new)) else {
-        return fail(ERRNO_NOTCAPABLE);
+    let (r, _) = scratch(wasi(&mut c), &[&rel], 0, |w, m, p, _| {
+        in_tokio(abi::path_filestat_set_times(w, m, dirfd, 0, p[0].0, p[0].1, atim, mtim, fst))
+    });
+    r
+}
+
+/// `path_readlink`, answered by the home: the target, cut to the buffer as POSIX does.
+fn path_readlink(
+    mut c: Caller<'_, GuestState>,
+    dirfd: i32,
+    path_ptr: i32,
+    path_len: i32,
+    buf: i32,
+    buf_len: i32,
+    used_out: i32,
+) -> R {
+    let (Some(path), Some(base)) = (read_str(&mut c, path_ptr, path_len)?, base(&mut c, dirfd)) else {
+        return real(&mut c, |w, m| {
+            in_tokio(abi::path_readlink(w, m, dirfd, path_ptr, path_len, buf, buf_len, used_out))
+        })?;
     };
-    if old.is_empty() || new.is_empty() {
-        return fail(errno::PERM);
+    let target = match ssi(&mut c).lookup(At { base, path }, false, false) {
+        Ok(Found { kind: Kind::Link(t), .. }) => t,
+        Ok(Found { kind: Kind::Missing, .. }) => return fail(errno::NOENT),
+        Ok(_) => return fail(errno::INVAL),
+        Err(e) => return fail(e),
+    };
+    let n = target.len().min(buf_len as u32 as usize);
+    if !write_bytes(&mut c, buf, &target.as_bytes()[..n])? || !write_bytes(&mut c, used_out, &(n as u32).to_le_bytes())?
+    {
+        return fail(errno::FAULT);
     }
-    let prepared = s
-        .flush_under(&old)
-        .and_then(|()| s.sync(&old))
-        .and_then(|()| s.ensure_parent(&new))
-        .and_then(|()| s.host.fs_op(&FsOp::Rename(old.clone(), new.clone())));
-    if let Err(e) = prepared {
-        return fail(e);
-    }
-    s.moved(&old, &new);
-    let _ = call_local(&mut c)?;
     Ok(0)
 }

@@ -1,12 +1,13 @@
 //! The `vmgrid` import module of an SSI process, as DESIGN.md gives it: `spawn`, `wait` and
 //! `getpid`, each answered by the process's home. Guest memory is read and written through the
-//! bounds-checked helpers of `calls`; a bad pointer is `EFAULT`, never a trap of ours.
+//! bounds-checked helpers of `wasm::abi`; a bad pointer is `EFAULT`, never a trap of ours.
 
 use wasmtime::{Caller, Linker};
 
-use super::calls::{R, fail, read_bytes, ssi, write_bytes};
+use super::calls::ssi;
 use crate::ssi::errno;
 use crate::wasm::GuestState;
+use crate::wasm::abi::{R, fail, read_bytes, write_bytes};
 
 /// The longest argv a process may pass to `spawn`.
 const MAX_ARGV_BYTES: usize = 64 * 1024;

@@ -2,19 +2,28 @@
 //! whole-file caching with close-to-open consistency (see [`crate::ssi`]), and the `vmgrid`
 //! import module gives it `spawn`, `wait` and `getpid`.
 //!
-//! The namespace calls of `wasi_snapshot_preview1` that open, stat or change paths are shadowed:
-//! each first does its part at the home, then calls wasmtime-wasi's own implementation on the
-//! mirror, so everything else (reads, writes, seeks, directory listings) stays local and exact.
-//! This module is the mirror's state; `calls` shadows the WASI calls, `imports` is `vmgrid`.
+//! The calls of `wasi_snapshot_preview1` that take a path are shadowed: the home resolves the
+//! path (it alone knows the links, and never follows one out of the root) and does its part, and
+//! then wasmtime-wasi's own implementation runs on the mirror with the resolved path, so
+//! everything else (reads, writes, seeks, directory listings) stays local and exact.
+//!
+//! The mirror never holds a symbolic link. A link the home has is an empty placeholder file at
+//! the link's place, recorded here with its target: the calls that do not follow a link (`lstat`,
+//! `readlink`, `fd_readdir`'s types) answer from that record, and every other call is given the
+//! resolved path, which names no link. Hard links made by this process are hard links in its
+//! mirror too; a file reached by two names elsewhere is two cached copies of the one file.
+//! This module is the mirror's state; `calls` shadows the open, stat and descriptor calls,
+//! `names` the namespace changes, `imports` is `vmgrid`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::ssi::{Errno, Fetched, SsiHost, errno};
+use crate::ssi::{At, DirEntry, Errno, Found, Kind, Lookup, Payload, SsiHost, errno};
 
 mod calls;
 mod imports;
+mod names;
 
 pub(crate) use calls::add_to_linker;
 
@@ -38,11 +47,55 @@ pub(crate) struct SsiFs {
     /// Files held in the mirror, with the version the home gave them.
     pub(super) versions: HashMap<String, String>,
     pub(super) written: HashMap<u32, Writer>,
+    /// The home's links as this mirror knows them, by SSI path: their targets.
+    pub(super) links: HashMap<String, String>,
 }
 
 pub(super) fn stamp(p: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
     let m = std::fs::symlink_metadata(p).ok()?;
     Some((m.modified().ok()?, m.len()))
+}
+
+pub(super) fn join(dir: &str, name: &str) -> String {
+    if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") }
+}
+
+fn parent_of(path: &str) -> &str {
+    path.rsplit_once('/').map_or("", |(d, _)| d)
+}
+
+fn under(path: &str, dir: &str) -> bool {
+    path == dir || dir.is_empty() || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// `base/path` with `.` and `..` applied as text (`None` if that climbs above `base`): where the
+/// path is if no link is on its way, as the home computes it too.
+pub(super) fn lexical(at: &At) -> Option<String> {
+    let mut parts: Vec<&str> = at.base.split('/').filter(|c| !c.is_empty()).collect();
+    let floor = parts.len();
+    for c in at.path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." if parts.len() == floor => return None,
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    Some(parts.join("/"))
+}
+
+/// A resolved SSI path relative to the directory `base` it was resolved beneath.
+pub(super) fn rel(base: &str, path: &str) -> Result<String, Errno> {
+    let r = if base.is_empty() {
+        path
+    } else if path == base {
+        ""
+    } else {
+        path.strip_prefix(base).and_then(|r| r.strip_prefix('/')).ok_or(errno::IO)?
+    };
+    Ok(if r.is_empty() { ".".into() } else { r.into() })
 }
 
 impl SsiFs {
@@ -53,32 +106,12 @@ impl SsiFs {
             dirs: HashMap::from([(ROOT_FD, String::new())]),
             versions: HashMap::new(),
             written: HashMap::new(),
+            links: HashMap::new(),
         }
     }
 
-    /// The SSI path that `path`, relative to descriptor `dirfd`, names; `None` if `dirfd` is not
-    /// a directory of ours or the path leaves the root.
-    pub(super) fn resolve(&self, dirfd: u32, path: &str) -> Option<String> {
-        let base = self.dirs.get(&dirfd)?.as_str();
-        if path.starts_with('/') {
-            return None;
-        }
-        let mut parts: Vec<&str> = base.split('/').filter(|p| !p.is_empty()).collect();
-        for c in path.split('/') {
-            match c {
-                "" | "." => {}
-                ".." => {
-                    parts.pop()?;
-                }
-                c => parts.push(c),
-            }
-        }
-        Some(parts.join("/"))
-    }
-
-    /// The mirror's host path for an SSI path. The guest cannot make links (`path_symlink` and
-    /// `path_link` are refused) and the home serves none, but the host-side code here uses plain
-    /// `std::fs`, so it checks anyway: a link anywhere on the path is refused.
+    /// The mirror's host path for an SSI path. The mirror holds no links, and host-side code
+    /// here uses plain `std::fs`, so it checks anyway: a link anywhere on the path is refused.
     pub(super) fn local(&self, path: &str) -> Result<PathBuf, Errno> {
         let mut p = self.root.clone();
         for c in path.split('/').filter(|c| !c.is_empty()) {
@@ -94,82 +127,156 @@ impl SsiFs {
         self.written.values().any(|w| w.path == path)
     }
 
-    /// Brings the mirror's copy of `path` up to date with the home (open of close-to-open).
-    pub(super) fn sync(&mut self, path: &str) -> Result<(), Errno> {
-        if self.open_for_writing(path) {
-            // This process is writing it: its own copy is the newest.
-            return Ok(());
+    fn writing_under(&self, dir: &str) -> bool {
+        self.written.values().any(|w| under(&w.path, dir))
+    }
+
+    /// Whether a link the mirror knows of is on `path` (or is `path`).
+    pub(super) fn link_on(&self, path: &str) -> bool {
+        let mut at = String::new();
+        path.split('/').filter(|c| !c.is_empty()).any(|c| {
+            at = join(&at, c);
+            self.links.contains_key(&at)
+        })
+    }
+
+    /// Looks `at` up at the home (the open of close-to-open) and brings the mirror up to date
+    /// with what it names.
+    pub(super) fn lookup(&mut self, at: At, follow: bool, content: bool) -> Result<Found, Errno> {
+        let lex = lexical(&at);
+        // This process is writing it: its own copy is the newest, and is not replaced.
+        let writing = lex.as_deref().is_some_and(|p| self.open_for_writing(p));
+        let have = match &lex {
+            Some(p) if content && !self.link_on(p) => {
+                self.versions.get(p).filter(|_| self.local(p).is_ok_and(|l| l.is_file())).cloned()
+            }
+            _ => None,
+        };
+        let found = self.host.fetch(&Lookup { at, follow, content: content && !writing }, have.as_deref())?;
+        self.apply(&found)?;
+        Ok(found)
+    }
+
+    /// Makes the mirror hold what the home said is at `found.path`.
+    pub(super) fn apply(&mut self, found: &Found) -> Result<(), Errno> {
+        let path = found.path.as_str();
+        if !matches!(found.kind, Kind::Link(_)) {
+            self.links.remove(path);
         }
-        let local = self.local(path)?;
-        let have = self.versions.get(path).filter(|_| local.is_file()).cloned();
-        match self.host.fetch(path, have.as_deref()) {
-            Ok(Fetched::Unchanged) => Ok(()),
-            Ok(Fetched::File { bytes, version }) => {
-                if local.is_dir() {
+        match (&found.kind, &found.payload) {
+            (Kind::Link(target), _) => self.placeholder(path, target),
+            (Kind::File, Payload::File { bytes, version }) if !self.open_for_writing(path) => {
+                self.mirror_dirs(parent_of(path))?;
+                let local = self.local(path)?;
+                if local.is_dir() && !self.writing_under(path) {
                     let _ = std::fs::remove_dir_all(&local);
                 }
-                if let Some(parent) = local.parent() {
-                    std::fs::create_dir_all(parent).map_err(|_| errno::IO)?;
-                }
+                // A new file, not a rewrite: a hard link in the mirror keeps the other name's copy.
+                let _ = std::fs::remove_file(&local);
                 std::fs::write(&local, bytes).map_err(|_| errno::IO)?;
-                self.versions.insert(path.to_string(), version);
+                self.versions.insert(path.to_string(), version.clone());
                 Ok(())
             }
-            Ok(Fetched::Dir { entries }) => {
-                if local.is_file() {
-                    let _ = std::fs::remove_file(&local);
-                    self.versions.remove(path);
-                }
-                std::fs::create_dir_all(&local).map_err(|_| errno::IO)?;
-                let names: std::collections::HashSet<&str> = entries.iter().map(|e| e.name.as_str()).collect();
-                // Entries the home no longer has go; new ones appear (files as empty stand-ins
-                // until opened, which fetches them).
-                if let Ok(rd) = std::fs::read_dir(&local) {
-                    for e in rd.flatten() {
-                        let name = e.file_name().to_string_lossy().into_owned();
-                        let child = if path.is_empty() { name.clone() } else { format!("{path}/{name}") };
-                        if names.contains(name.as_str()) || self.open_for_writing(&child) {
-                            continue;
-                        }
-                        let p = e.path();
-                        let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-                        self.versions.remove(&child);
-                    }
-                }
-                for e in &entries {
-                    let p = local.join(&e.name);
-                    if e.dir {
-                        if p.is_file() {
-                            let _ = std::fs::remove_file(&p);
-                        }
-                        let _ = std::fs::create_dir_all(&p);
-                    } else if !p.exists() {
-                        let _ = std::fs::File::create(&p);
-                    }
-                }
-                Ok(())
+            (Kind::File, _) => Ok(()),
+            (Kind::Dir, Payload::Dir(entries)) => {
+                self.mirror_dirs(path)?;
+                self.reconcile(path, entries)
             }
-            Err(errno::NOENT) => {
-                if local.is_file() {
-                    let _ = std::fs::remove_file(&local);
-                } else if local.is_dir() && !path.is_empty() {
-                    let _ = std::fs::remove_dir_all(&local);
-                }
-                self.versions.remove(path);
-                Ok(())
+            (Kind::Dir, _) => self.mirror_dirs(path),
+            (Kind::Missing, _) => {
+                self.remove_local(path);
+                self.mirror_dirs(parent_of(path))
             }
-            Err(e) => Err(e),
         }
     }
 
-    /// Makes sure the directory holding `path` is in the mirror, as the home has it.
-    pub(super) fn ensure_parent(&mut self, path: &str) -> Result<(), Errno> {
-        let Some((parent, _)) = path.rsplit_once('/') else { return Ok(()) };
-        if self.local(parent)?.is_dir() {
+    /// Makes every component of `path` a real directory in the mirror (the home said they are).
+    pub(super) fn mirror_dirs(&mut self, path: &str) -> Result<(), Errno> {
+        let mut p = self.root.clone();
+        let mut at = String::new();
+        for c in path.split('/').filter(|c| !c.is_empty()) {
+            p.push(c);
+            at = join(&at, c);
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => continue,
+                Ok(m) if m.file_type().is_symlink() => return Err(errno::ACCES),
+                Ok(_) if self.open_for_writing(&at) => return Err(errno::IO),
+                Ok(_) => {
+                    let _ = std::fs::remove_file(&p);
+                    self.versions.remove(&at);
+                    self.links.remove(&at);
+                }
+                Err(_) => {}
+            }
+            std::fs::create_dir(&p).map_err(|_| errno::IO)?;
+        }
+        Ok(())
+    }
+
+    /// The mirror's copy of a directory, to the home's entries: entries the home no longer has
+    /// go; new ones appear (files as empty stand-ins until opened, which fetches them; links as
+    /// placeholders).
+    fn reconcile(&mut self, path: &str, entries: &[DirEntry]) -> Result<(), Errno> {
+        let local = self.local(path)?;
+        let names: std::collections::HashSet<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        if let Ok(rd) = std::fs::read_dir(&local) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let child = join(path, &name);
+                if !names.contains(name.as_str()) && !self.writing_under(&child) {
+                    self.remove_local(&child);
+                }
+            }
+        }
+        for e in entries {
+            let child = join(path, &e.name);
+            let p = local.join(&e.name);
+            let is_dir = std::fs::symlink_metadata(&p).map(|m| m.is_dir());
+            if let Some(target) = &e.link {
+                let _ = self.placeholder(&child, target);
+                continue;
+            }
+            self.links.remove(&child);
+            if e.dir {
+                if is_dir.is_ok_and(|d| !d) && !self.open_for_writing(&child) {
+                    self.remove_local(&child);
+                }
+                let _ = std::fs::create_dir(&p);
+            } else if is_dir.is_err() {
+                let _ = std::fs::File::create(&p);
+            } else if is_dir.is_ok_and(|d| d) && !self.writing_under(&child) {
+                self.remove_local(&child);
+                let _ = std::fs::File::create(&p);
+            }
+        }
+        Ok(())
+    }
+
+    /// A link at `path`: an empty placeholder file in the mirror, and its target recorded.
+    pub(super) fn placeholder(&mut self, path: &str, target: &str) -> Result<(), Errno> {
+        if self.writing_under(path) {
             return Ok(());
         }
-        self.ensure_parent(parent)?;
-        self.sync(parent)
+        self.mirror_dirs(parent_of(path))?;
+        let local = self.local(path)?;
+        if self.links.get(path).is_none_or(|t| t != target) || !local.is_file() {
+            self.remove_local(path);
+            std::fs::File::create(&local).map_err(|_| errno::IO)?;
+        }
+        self.versions.remove(path);
+        self.links.insert(path.to_string(), target.to_string());
+        Ok(())
+    }
+
+    /// Takes `path` (and what is under it) out of the mirror, unless this process is writing there.
+    pub(super) fn remove_local(&mut self, path: &str) {
+        if path.is_empty() || self.writing_under(path) {
+            return;
+        }
+        if let Ok(p) = self.local(path) {
+            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
+        self.forget_under(path);
     }
 
     /// Writes `path` back to the home (close of close-to-open).
@@ -221,11 +328,21 @@ impl SsiFs {
     /// `path` was unlinked: nothing of it goes home any more.
     pub(super) fn forget(&mut self, path: &str) {
         self.versions.remove(path);
+        self.links.remove(path);
         self.written.retain(|_, w| w.path != path);
+    }
+
+    /// What the mirror knows of `path` and everything under it goes.
+    fn forget_under(&mut self, path: &str) {
+        self.versions.retain(|k, _| !under(k, path));
+        self.links.retain(|k, _| !under(k, path));
     }
 
     /// `old` was renamed to `new`: what the mirror knows of it (and under it) moves along.
     pub(super) fn moved(&mut self, old: &str, new: &str) {
+        if old == new {
+            return;
+        }
         let re = |p: &str| -> Option<String> {
             if p == old {
                 Some(new.to_string())
@@ -243,17 +360,15 @@ impl SsiFs {
                 *d = p;
             }
         }
+        self.forget_under(new);
         self.versions = self.versions.drain().map(|(k, v)| (re(&k).unwrap_or(k), v)).collect();
+        self.links = self.links.drain().map(|(k, v)| (re(&k).unwrap_or(k), v)).collect();
     }
 
     /// Files being written at or under `path`, written back now (before a rename moves them).
     pub(super) fn flush_under(&mut self, path: &str) -> Result<(), Errno> {
-        let mut paths: Vec<String> = self
-            .written
-            .values()
-            .filter(|w| w.path == path || w.path.starts_with(&format!("{path}/")))
-            .map(|w| w.path.clone())
-            .collect();
+        let mut paths: Vec<String> =
+            self.written.values().filter(|w| under(&w.path, path)).map(|w| w.path.clone()).collect();
         paths.sort();
         paths.dedup();
         for p in paths {
