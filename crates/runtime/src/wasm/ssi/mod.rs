@@ -217,6 +217,12 @@ impl SsiFs {
     /// go; new ones appear (files as empty stand-ins until opened, which fetches them; links as
     /// placeholders).
     fn reconcile(&mut self, path: &str, entries: &[DirEntry]) -> Result<(), Errno> {
+        // The home is another machine: a listing whose names are not each one plain path
+        // component (`/etc/x`, `..`, `a/b`) is refused whole, before anything touches the mirror.
+        if let Some(bad) = entries.iter().find(|e| !is_plain_name(&e.name)) {
+            tracing::warn!(name = ?bad.name, "the home listed an entry that is not one plain name; refusing the listing");
+            return Err(errno::IO);
+        }
         let local = self.local(path)?;
         let names: std::collections::HashSet<&str> = entries.iter().map(|e| e.name.as_str()).collect();
         if let Ok(rd) = std::fs::read_dir(&local) {
@@ -392,5 +398,23 @@ impl SsiFs {
             }
         }
         result
+    }
+}
+
+/// One plain path component: not empty, not `.` or `..`, no `/` and no NUL.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0'])
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::is_plain_name;
+
+    #[test]
+    fn only_plain_names_enter_the_mirror() {
+        assert!(is_plain_name("data.txt") && is_plain_name(".hidden") && is_plain_name("a b"));
+        for bad in ["", ".", "..", "/etc/passwd", "../../planted", "a/b", "x\0y"] {
+            assert!(!is_plain_name(bad), "{bad:?}");
+        }
     }
 }
