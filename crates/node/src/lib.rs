@@ -11,7 +11,7 @@ mod job;
 mod ssi;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
@@ -22,6 +22,17 @@ use vmgrid_proto::*;
 use vmgrid_runtime::{Runtime, RuntimeConfig};
 
 pub use fingerprint::fingerprint;
+
+/// Writes a secret only its owner can read, whole (a crash leaves the old one or the new one).
+fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(secret.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
 
 /// A lock that a panicked holder left poisoned is still the agent's to use: what it guards
 /// (running jobs, the client) stays consistent at every await-free step.
@@ -80,7 +91,9 @@ struct Agent {
 /// Runs the agent until `stop` is set; then it drains and leaves the pool.
 pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     let ad = fingerprint(&config);
+    // The cache holds the node's credential and its jobs' files: its owner's alone.
     std::fs::create_dir_all(&config.cache_dir)?;
+    std::fs::set_permissions(&config.cache_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     let work_dir = config.cache_dir.join("jobs");
     let _ = std::fs::remove_dir_all(&work_dir);
     std::fs::create_dir_all(&work_dir)?;
@@ -156,7 +169,9 @@ fn register(
         match joiner.register(ad, previous) {
             Ok(reg) => {
                 let client = joiner.with_token(&reg.credential);
-                let _ = std::fs::write(config.cache_dir.join("credential"), &reg.credential);
+                if let Err(e) = write_secret(&saved, &reg.credential) {
+                    tracing::warn!("cannot keep the node's credential in {}: {e}", saved.display());
+                }
                 return Ok((client, Some(reg)));
             }
             Err(ClientError::Refused { status: 409, message }) if !stop.load(Ordering::Relaxed) => {

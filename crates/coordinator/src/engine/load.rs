@@ -21,13 +21,18 @@ impl Engine {
                 e.tokens.insert(t.hash, entry);
             }
         }
+        // Specs that no longer read back, or whose expressions this version refuses, hold their
+        // jobs with the reason instead of failing the start.
+        let mut unusable = HashMap::new();
         for (id, _owner, json) in loaded.specs {
-            e.load_spec(id, &json);
+            if let Err(why) = e.load_spec(id, &json) {
+                unusable.insert(id, why);
+            }
         }
         let mut owners: HashMap<String, Arc<str>> = HashMap::new();
         for stored in loaded.jobs {
             let owner = owners.entry(stored.owner.clone()).or_insert_with(|| Arc::from(stored.owner.as_str())).clone();
-            e.load_job(stored, owner, now);
+            e.load_job(stored, owner, now, &unusable);
         }
         for b in loaded.blobs {
             e.load_blob(b.hash, b.owner, b.size, b.created_ms);
@@ -40,30 +45,39 @@ impl Engine {
         e
     }
 
-    /// A spec that no longer parses or compiles matches no node: its jobs stay with the reason.
-    fn load_spec(&mut self, id: u64, json: &str) {
+    /// Loads spec `id`; a spec that no longer parses, or whose expressions do not compile
+    /// under this version's rules, is kept (matching no node) and the reason returned.
+    fn load_spec(&mut self, id: u64, json: &str) -> Result<(), String> {
         self.next_spec = self.next_spec.max(id + 1);
         let spec = match serde_json::from_str::<JobSpec>(json) {
             Ok(spec) => spec,
             Err(e) => {
                 self.event(Event::UnreadableSpec { spec: id, why: e.to_string() });
-                return;
+                return Err(format!("its spec {id} could not be read back from the store"));
             }
         };
-        let cluster = cluster_of(&spec).unwrap_or_else(|e| {
-            self.waiting.insert(id, format!("the stored spec cannot be matched: {e}"));
-            Cluster::compile(spec.vm_type, spec.cpus, spec.memory_mb, Some("false"), None).expect("`false` compiles")
-        });
+        let (cluster, result) = match cluster_of(&spec) {
+            Ok(c) => (c, Ok(())),
+            Err(e) => {
+                self.event(Event::UnreadableSpec { spec: id, why: e.to_string() });
+                let never = Cluster::compile(spec.vm_type, spec.cpus, spec.memory_mb, Some("false"), None)
+                    .expect("`false` compiles");
+                (never, Err(format!("held at the coordinator's start: {e}")))
+            }
+        };
         self.specs.insert(id, Arc::new(SpecEntry { spec, cluster }));
+        result
     }
 
-    fn load_job(&mut self, s: StoredJob, owner: Arc<str>, now: u64) {
+    fn load_job(&mut self, s: StoredJob, owner: Arc<str>, now: u64, unusable: &HashMap<u64, String>) {
         let row = s.row;
         let mut state = row.state;
         let mut reason = row.reason;
-        if !self.specs.contains_key(&s.spec_id) && !state.is_final() {
-            state = JobState::Held;
-            reason = Some(format!("its spec {} could not be read back from the store", s.spec_id));
+        if !state.is_final() && (state != JobState::Held || reason.is_none()) {
+            if let Some(why) = unusable.get(&s.spec_id) {
+                state = JobState::Held;
+                reason = Some(why.clone());
+            }
         }
         let job = Job {
             id: row.id,

@@ -539,3 +539,25 @@ fn a_stored_spec_that_cannot_be_read_holds_its_jobs_instead_of_failing_the_start
     register(&mut e, "n1", 1, 0);
     assert_eq!(e.schedule(0), 0);
 }
+
+#[test]
+fn a_stored_spec_with_an_expression_too_deep_to_compile_is_held_and_the_start_survives() {
+    // A 4 KB job file of `1+1+…+1 == 0` once overflowed the stack at every start.
+    let mut deep = spec(0);
+    deep.requirements = Some(format!("{} == 0", vec!["1"; 2000].join("+")));
+    let loaded = Loaded {
+        specs: vec![(1, "alice".into(), serde_json::to_string(&deep).unwrap())],
+        jobs: vec![stored_job(1, 1, JobState::Idle, None), stored_job(2, 1, JobState::Running, Some("n1"))],
+        ..Loaded::default()
+    };
+    let mut e = Engine::load(loaded, TIMING, 0);
+    for id in [1, 2] {
+        let v = job(&e, id);
+        assert_eq!(v.state, JobState::Held, "job {id}");
+        assert!(v.reason.unwrap().contains("limit is 256"));
+    }
+    register(&mut e, "n1", 1, 0);
+    assert_eq!(e.schedule(0), 0);
+    // And the same spec is refused at submit.
+    assert!(matches!(e.submit(&alice(), deep, 1, 0), Err(ApiError::BadRequest(m)) if m.contains("limit is 256")));
+}
