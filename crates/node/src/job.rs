@@ -80,7 +80,10 @@ impl Agent {
         *home_gone = home.as_ref().is_some_and(|h| h.home_gone());
         let result = run?;
         let out_dir = dir.join("out");
-        let collected = jobdir::collect_outputs(&job, &job_dir, &out_dir)?;
+        let collected = match result.keeps_outputs() {
+            true => jobdir::collect_outputs(&job, &job_dir, &out_dir)?,
+            false => jobdir::Collected::default(),
+        };
         upload(&client, LeaseId { job_id: lease.job_id, epoch: lease.epoch }, &result, &collected, &out_dir)
     }
 

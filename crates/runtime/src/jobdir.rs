@@ -102,17 +102,6 @@ pub fn collect_outputs(job: &Job, job_dir: &Path, out_dir: &Path) -> Result<Coll
     Ok(collected)
 }
 
-/// Bytes held by regular files under `dir` (symlinks are not followed).
-pub fn disk_usage(dir: &Path) -> u64 {
-    walkdir::WalkDir::new(dir)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file())
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@
 //! One module per VM type: [`wasm`] (wasmtime, in process), [`qemu`] (a system VM) and [`jvm`].
 
 pub mod capture;
+pub mod disk;
 pub mod jobdir;
 pub mod jvm;
 pub mod process;
@@ -113,6 +114,12 @@ pub struct RunResult {
 }
 
 impl RunResult {
+    /// Whether the job's outputs may be collected: not after it overran its disk limit (copying
+    /// them out would move the overrun to the host's other disk, or to the coordinator).
+    pub fn keeps_outputs(&self) -> bool {
+        !matches!(&self.outcome, Outcome::Failed(f) if f.kind == FailureKind::DiskLimit)
+    }
+
     /// The exit code a shell should see: the guest's own, or 1 when it did not finish.
     pub fn exit_code(&self) -> i32 {
         match &self.outcome {
@@ -161,29 +168,34 @@ impl Runtime {
             .map_err(|e| RunError::Host(format!("cannot start the wasm engine: {e}")))
     }
 
-    /// Runs the job in its VM and waits for it. Outputs stay in the job directory.
+    /// Runs the job in its VM and waits for it. Outputs stay in the job directory. A job whose
+    /// directory grows past its `disk_mb` is stopped as soon as the watchdog sees it, and fails
+    /// with [`FailureKind::DiskLimit`].
     pub fn run(&self, req: &RunRequest<'_>) -> Result<RunResult, RunError> {
         if req.ssi.is_some() && req.job.vm.vm_type != VmType::Wasm {
             return Err(RunError::BadJob("an SSI process must be a WASI preview-1 module (vm = \"wasm\")".into()));
         }
-        let mut result = match req.job.vm.vm_type {
-            VmType::Wasm => self.wasm()?.run(req, &self.config)?,
-            VmType::Qemu => qemu::run(req, &self.config)?,
-            VmType::Jvm => jvm::run(req, &self.config)?,
-        };
-        if let Outcome::Exited(_) = result.outcome {
-            let used = jobdir::disk_usage(req.job_dir);
-            let cap = req.job.resources.disk_mb << 20;
-            if used > cap {
-                result.outcome = Outcome::Failed(Failure {
-                    kind: FailureKind::DiskLimit,
-                    reason: format!(
-                        "the job directory holds {} MiB, over the disk_mb limit of {} MiB",
-                        used.div_ceil(1 << 20),
-                        req.job.resources.disk_mb
-                    ),
-                });
-            }
+        let (result, stopped_at) = disk::watched(req, |req| match req.job.vm.vm_type {
+            VmType::Wasm => self.wasm()?.run(req, &self.config),
+            VmType::Qemu => qemu::run(req, &self.config),
+            VmType::Jvm => jvm::run(req, &self.config),
+        });
+        let mut result = result?;
+        let cap = req.job.resources.disk_mb.saturating_mul(1 << 20);
+        // The watchdog measures between ticks: a job that ended in between is measured once more.
+        let over = stopped_at.map(|u| (u, "the VM was stopped")).or_else(|| {
+            let ended = matches!(result.outcome, Outcome::Exited(_)).then(|| disk::usage(req.job_dir));
+            ended.filter(|&u| u > cap).map(|u| (u, "the VM had ended"))
+        });
+        if let Some((used, what)) = over {
+            result.outcome = Outcome::Failed(Failure {
+                kind: FailureKind::DiskLimit,
+                reason: format!(
+                    "the job directory held {} MiB, over the disk_mb limit of {} MiB; {what} and no outputs were kept",
+                    used.div_ceil(1 << 20),
+                    req.job.resources.disk_mb
+                ),
+            });
         }
         Ok(result)
     }

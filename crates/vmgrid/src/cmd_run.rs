@@ -42,8 +42,12 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
     let config = RuntimeConfig { output_cap: args.output_cap, echo: true, ..RuntimeConfig::default() };
     let runtime = Runtime::new(config);
     let result = runtime.run(&RunRequest { job: &job, job_dir: job_dir.path(), cancel: None, ssi: None });
-    // Outputs are collected whatever happened, so a failed job's partial results are kept.
-    let collected = jobdir::collect_outputs(&job, job_dir.path(), &args.out);
+    // Outputs are collected whatever happened, so a failed job's partial results are kept, but
+    // not past the disk limit.
+    let collected = match &result {
+        Ok(r) if !r.keeps_outputs() => Ok(jobdir::Collected::default()),
+        _ => jobdir::collect_outputs(&job, job_dir.path(), &args.out),
+    };
     if args.keep {
         let kept = job_dir.keep();
         eprintln!("vmgrid: the job directory is kept at {}", kept.display());

@@ -61,6 +61,13 @@ fn main() {
                     out.write_all(&chunk).unwrap();
                 }
             }
+            "fill" => {
+                // Writes to the file until the VM is stopped or the write fails.
+                let chunk = vec![b'f'; 1 << 20];
+                let mut f = std::fs::File::create(rest).unwrap();
+                while f.write_all(&chunk).and_then(|_| f.flush()).is_ok() {}
+                eprintln!("fill: a write failed");
+            }
             "spin" => {
                 let mut x: u64 = 0;
                 loop {

@@ -62,6 +62,22 @@ fn time_limit_stops_the_vm_and_reaps_qemu() {
 }
 
 #[test]
+fn a_guest_filling_its_directory_is_stopped_at_its_disk_limit() {
+    let d = JobDir::new();
+    let job = kit_job(
+        &d,
+        "qemu-filler",
+        &["sh", "-c", "dd if=/dev/zero of=big.bin bs=1M count=4000; sleep 600"],
+        "[resources]\ndisk_mb = 8\ntimeout_s = 300\n[files]\noutputs = [\"big.bin\"]\n",
+    );
+    let out = vmgrid().arg("run").arg(&job).arg("--out").arg(d.out()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("over the disk_mb limit of 8 MiB; the VM was stopped"), "{}", stderr_of(&out));
+    assert!(!d.out().join("big.bin").exists(), "an output past the disk limit was collected");
+    assert!(!qemu_running("qemu-filler"), "qemu is still running");
+}
+
+#[test]
 fn a_hung_guest_is_stopped_and_reaped() {
     // The guest's init spins forever and never powers off.
     let d = JobDir::new();

@@ -65,6 +65,21 @@ fn time_limit_stops_a_spinning_guest() {
 }
 
 #[test]
+fn a_guest_filling_its_directory_is_stopped_at_its_disk_limit_and_keeps_no_outputs() {
+    let d = JobDir::new();
+    let job = probe_job(
+        &d,
+        &["fill:big.bin"],
+        "[resources]\ndisk_mb = 4\ntimeout_s = 300\n[files]\noutputs = [\"big.bin\"]\n",
+    );
+    let out = vmgrid().arg("run").arg(&job).arg("--out").arg(d.out()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(err.contains("over the disk_mb limit of 4 MiB; the VM was stopped and no outputs were kept"), "{err}");
+    assert!(!d.out().join("big.bin").exists(), "an output past the disk limit was collected");
+}
+
+#[test]
 fn memory_limit_is_enforced() {
     let d = JobDir::new();
     let job = probe_job(&d, &["alloc:8"], "[resources]\nmemory_mb = 32\n");
