@@ -73,11 +73,12 @@ impl Engine {
         let row = s.row;
         let mut state = row.state;
         let mut reason = row.reason;
-        if !state.is_final() && (state != JobState::Held || reason.is_none()) {
-            if let Some(why) = unusable.get(&s.spec_id) {
-                state = JobState::Held;
-                reason = Some(why.clone());
-            }
+        if !state.is_final()
+            && (state != JobState::Held || reason.is_none())
+            && let Some(why) = unusable.get(&s.spec_id)
+        {
+            state = JobState::Held;
+            reason = Some(why.clone());
         }
         let job = Job {
             id: row.id,
