@@ -278,24 +278,30 @@ impl Client {
         resp.body_mut().read_to_string().map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
-    pub fn has_blob(&self, hash: &str) -> Result<bool> {
+    /// Whether the pool has a blob, asking too whether an upload of `size` bytes would be taken:
+    /// a refusal (too big, over quota, the pool's disk full) comes back before a byte is sent.
+    fn needs_upload(&self, hash: &str, size: u64) -> Result<bool> {
         let resp = self
             .agent
-            .head(format!("{}/v1/blobs/{hash}", self.base))
+            .head(format!("{}/v1/blobs/{hash}?size={size}", self.base))
             .header("Authorization", &self.auth)
             .call()
             .map_err(|e| self.unreachable(e))?;
         match resp.status().as_u16() {
-            200 => Ok(true),
-            404 => Ok(false),
-            _ => self.check(resp).map(|_| false),
+            200 => Ok(false),
+            404 => Ok(true),
+            status => {
+                let message = resp.headers().get(vmgrid_proto::ERROR_HEADER).and_then(|v| v.to_str().ok());
+                let message = message.map_or_else(|| format!("the pool answered {status}"), str::to_string);
+                Err(ClientError::Refused { status, message })
+            }
         }
     }
 
     /// Uploads a file as a blob unless the pool has it already; returns its reference.
     pub fn upload_file(&self, path: &Path, name: &str) -> Result<FileRef> {
         let (blob, size) = hash_file(path)?;
-        if !self.has_blob(&blob)? {
+        if self.needs_upload(&blob, size)? {
             self.put_blob(&blob, std::fs::File::open(path)?)?;
         }
         Ok(FileRef { path: name.to_string(), blob, size })
@@ -304,7 +310,7 @@ impl Client {
     /// Uploads bytes as a blob unless the pool has them already.
     pub fn upload_bytes(&self, bytes: &[u8], name: &str) -> Result<FileRef> {
         let blob = blake3::hash(bytes).to_hex().to_string();
-        if !self.has_blob(&blob)? {
+        if self.needs_upload(&blob, bytes.len() as u64)? {
             self.put_blob(&blob, bytes)?;
         }
         Ok(FileRef { path: name.to_string(), blob, size: bytes.len() as u64 })

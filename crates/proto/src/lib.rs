@@ -458,6 +458,10 @@ pub struct ConsoleResponse {
     pub key_pem: Option<String>,
 }
 
+/// The header that repeats an error reply's sentence (printable ASCII), for replies without a
+/// body such as HEAD's.
+pub const ERROR_HEADER: &str = "x-vmgrid-error";
+
 /// Every error reply: a sentence for a person.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiError {

@@ -13,14 +13,17 @@ pub fn field(s: &str) -> Cow<'_, str> {
     Cow::Owned(s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect())
 }
 
-/// A job's output for a terminal: lines, tabs and carriage returns kept, every other control
-/// byte (ESC above all) shown as `^[`-style caret notation, and bytes that are not UTF-8 as `\xNN`.
+/// A job's output for a terminal: lines, tabs and CRLF kept, every other control byte (ESC above
+/// all, and a carriage return that would let the rest of a line overwrite its start) shown as
+/// `^[`-style caret notation, and bytes that are not UTF-8 as `\xNN`.
 pub fn output(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
+        let mut chars = chunk.valid().chars().peekable();
+        while let Some(c) = chars.next() {
             match c {
-                '\n' | '\t' | '\r' => out.push(c as u8),
+                '\r' if chars.peek() == Some(&'\n') => out.push(b'\r'),
+                '\n' | '\t' => out.push(c as u8),
                 c if (c as u32) < 0x20 => out.extend_from_slice(&[b'^', (c as u8) + 0x40]),
                 '\u{7f}' => out.extend_from_slice(b"^?"),
                 c if c.is_control() => out.extend_from_slice(c.escape_unicode().to_string().as_bytes()),
@@ -51,6 +54,7 @@ mod tests {
         assert_eq!(field("plain"), "plain");
         assert_eq!(field("evil\u{1b}]0;pwned\u{7}"), "evil\\u{1b}]0;pwned\\u{7}");
         assert_eq!(output(b"ok\n\x1b[2Jgone\tx\r\n"), b"ok\n^[[2Jgone\tx\r\n");
+        assert_eq!(output(b"rm -rf ~\rls"), b"rm -rf ~^Mls");
         assert_eq!(output(b"\xff\x7f"), b"\\xff^?");
         assert_eq!(output("\u{9b}31m".as_bytes()), b"\\u{9b}31m");
     }

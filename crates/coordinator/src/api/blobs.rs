@@ -2,7 +2,7 @@
 //! is the coordinator's (500, or 507 when its disk is full), never the caller's bad input.
 
 use axum::body::Body as HttpBody;
-use axum::extract::{Path, State as AxState};
+use axum::extract::{Path, Query, State as AxState};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
@@ -26,9 +26,70 @@ fn storage(what: &str, e: &std::io::Error) -> Error {
     Error(StatusCode::INTERNAL_SERVER_ERROR, format!("{what}: {e}"))
 }
 
-pub async fn head(AxState(shared): AxState<S>, Auth(p): Auth, Path(hash): Path<String>) -> Result<StatusCode> {
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadQuery {
+    /// The size of an upload the caller means to make: the answer is then the refusal that upload
+    /// would get (413, 403, 507), before any byte of it is sent.
+    size: Option<u64>,
+}
+
+/// 200 when the pool has the blob; else 404, or with `?size=N` the refusal an upload would get.
+pub async fn head(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Path(hash): Path<String>,
+    Query(q): Query<HeadQuery>,
+) -> Result<StatusCode> {
     blob_caller(&p)?;
-    Ok(if shared.blobs.has(&hash) { StatusCode::OK } else { StatusCode::NOT_FOUND })
+    if shared.blobs.has(&hash) {
+        return Ok(StatusCode::OK);
+    }
+    if let Some(n) = q.size {
+        admit(&shared, &p, Some(n))?;
+    }
+    Ok(StatusCode::NOT_FOUND)
+}
+
+/// Whether an upload of `declared` bytes (unknown: `None`) may start: the size limit, the
+/// caller's quota and the coordinator's free space.
+fn admit(shared: &S, p: &Principal, declared: Option<u64>) -> Result<()> {
+    let limit = shared.max_blob_bytes;
+    if let Some(n) = declared {
+        if n > limit {
+            return Err(too_big(limit));
+        }
+        // Nodes upload results (bounded by each job's disk_mb); users are charged for what they send.
+        if !matches!(p, Principal::Node(_)) {
+            shared.peek(|e| e.check_blob_quota(p.owner(), n))?;
+        }
+    }
+    let dir = shared.blobs.dir();
+    let free = crate::blobs::free_bytes(dir).map_err(|e| storage("cannot tell the free disk space", &e))?;
+    let reserve = crate::blobs::reserve(dir);
+    if free < reserve + declared.unwrap_or(0) {
+        return Err(Error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!(
+                "the coordinator's disk has {} MiB free, and keeps {} MiB for its job store",
+                free >> 20,
+                reserve >> 20
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn too_big(limit: u64) -> Error {
+    Error(StatusCode::PAYLOAD_TOO_LARGE, format!("a file sent to the pool may be at most {} MiB", limit >> 20))
+}
+
+/// A refusal sent before the body was read: the connection is closed after it, so that no client
+/// sends its next request on a connection the server will not read further.
+fn refused_early(e: Error) -> Response {
+    let mut resp = e.into_response();
+    resp.headers_mut().insert(header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+    resp
 }
 
 pub async fn get(AxState(shared): AxState<S>, Auth(p): Auth, Path(hash): Path<String>) -> Result<Response> {
@@ -67,47 +128,32 @@ pub async fn put(
     Path(hash): Path<String>,
     headers: axum::http::HeaderMap,
     body: HttpBody,
-) -> Result<StatusCode> {
-    blob_caller(&p)?;
+) -> std::result::Result<StatusCode, Response> {
+    blob_caller(&p).map_err(refused_early)?;
     if !vmgrid_proto::is_blob_ref(&hash) {
-        return Err(Error(StatusCode::BAD_REQUEST, format!("`{hash}` is not a blob hash (64 hex digits of blake3)")));
+        return Err(refused_early(Error(
+            StatusCode::BAD_REQUEST,
+            format!("`{hash}` is not a blob hash (64 hex digits of blake3)"),
+        )));
     }
     if shared.blobs.has(&hash) {
         return Ok(StatusCode::OK);
     }
-    // Nodes upload results (bounded by each job's disk_mb); users are charged for what they send.
-    let charged = !matches!(p, Principal::Node(_));
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    admit(&shared, &p, declared).map_err(refused_early)?;
+    store(&shared, &p, &hash, body).await.map_err(refused_early)
+}
+
+/// Streams an admitted upload into the store, checking its size, the quota and its hash.
+async fn store(shared: &S, p: &Principal, hash: &str, body: HttpBody) -> Result<StatusCode> {
+    let charged = !matches!(p, Principal::Node(_));
     let limit = shared.max_blob_bytes;
-    let too_big =
-        || Error(StatusCode::PAYLOAD_TOO_LARGE, format!("a file sent to the pool may be at most {} MiB", limit >> 20));
-    if let Some(n) = declared {
-        if n > limit {
-            return Err(too_big());
-        }
-        if charged {
-            shared.peek(|e| e.check_blob_quota(p.owner(), n))?;
-        }
-    }
-    let dir = shared.blobs.dir();
-    let free = crate::blobs::free_bytes(dir).map_err(|e| storage("cannot tell the free disk space", &e))?;
-    let reserve = crate::blobs::reserve(dir);
-    if free < reserve + declared.unwrap_or(0) {
-        return Err(Error(
-            StatusCode::INSUFFICIENT_STORAGE,
-            format!(
-                "the coordinator's disk has {} MiB free, and keeps {} MiB for its job store",
-                free >> 20,
-                reserve >> 20
-            ),
-        ));
-    }
-    let mut up = shared.blobs.begin(&hash).map_err(|e| storage("cannot start storing a blob", &e))?;
+    let mut up = shared.blobs.begin(hash).map_err(|e| storage("cannot start storing a blob", &e))?;
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| Error(StatusCode::BAD_REQUEST, format!("upload interrupted: {e}")))?;
         if up.size() + chunk.len() as u64 > limit {
-            return Err(too_big());
+            return Err(too_big(limit));
         }
         up.write(&chunk).map_err(|e| storage("cannot store a blob", &e))?;
     }
@@ -121,7 +167,7 @@ pub async fn put(
     match committed {
         Ok(()) => {
             let owner = if charged { p.owner().to_string() } else { format!("node:{}", p.owner()) };
-            let ((), pending) = shared.call(|e| e.add_blob(&hash, &owner, size, vmgrid_proto::now_ms()));
+            let ((), pending) = shared.call(|e| e.add_blob(hash, &owner, size, vmgrid_proto::now_ms()));
             shared.finish(pending).await?;
             Ok(StatusCode::CREATED)
         }

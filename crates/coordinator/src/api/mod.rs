@@ -49,7 +49,13 @@ pub struct Error(StatusCode, String);
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        (self.0, Json(vmgrid_proto::ApiError { error: self.1 })).into_response()
+        // The reason also goes in a header, for answers without a body (HEAD).
+        let visible: String = self.1.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).collect();
+        let mut resp = (self.0, Json(vmgrid_proto::ApiError { error: self.1 })).into_response();
+        if let Ok(v) = axum::http::HeaderValue::from_str(&visible) {
+            resp.headers_mut().insert(vmgrid_proto::ERROR_HEADER, v);
+        }
+        resp
     }
 }
 

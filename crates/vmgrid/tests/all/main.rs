@@ -8,5 +8,6 @@ mod job_file;
 mod pool;
 mod run_qemu;
 mod run_wasm;
+mod security;
 mod ssi;
 mod wasi;

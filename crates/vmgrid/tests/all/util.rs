@@ -103,15 +103,33 @@ pub struct Pool {
     pub coordinator: Option<std::process::Child>,
     pub nodes: Vec<(String, std::process::Child)>,
     listen: String,
+    /// More `vmgrid coordinator` flags, passed at every (re)start.
+    extra: Vec<String>,
 }
 
 pub const LEASE_TTL_MS: u64 = 1500;
 
 impl Pool {
     pub fn start() -> Pool {
+        Pool::start_with(&[])
+    }
+
+    /// A pool whose coordinator also gets `extra` flags.
+    pub fn start_with(extra: &[&str]) -> Pool {
         let dir = tempfile::tempdir().unwrap();
-        let mut pool =
-            Pool { dir, url: String::new(), coordinator: None, nodes: Vec::new(), listen: "127.0.0.1:0".into() };
+        Pool::start_in(dir, extra)
+    }
+
+    /// A pool kept in `dir` (its data directory is `dir/data`).
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Pool {
+        let mut pool = Pool {
+            dir,
+            url: String::new(),
+            coordinator: None,
+            nodes: Vec::new(),
+            listen: "127.0.0.1:0".into(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
         pool.start_coordinator();
         pool
     }
@@ -129,6 +147,7 @@ impl Pool {
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(["--lease-ttl-ms", &LEASE_TTL_MS.to_string(), "--node-ttl-ms", &LEASE_TTL_MS.to_string()])
+            .args(&self.extra)
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
