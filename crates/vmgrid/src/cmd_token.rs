@@ -11,6 +11,7 @@ use crate::term::field;
 #[command(after_help = "Examples:\n  \
 vmgrid token alice                 a token for user alice (printed once; keep it private)\n  \
 vmgrid token alice --ttl 30d       one that stops working after 30 days\n  \
+vmgrid token alice --out alice.token   written to a new file only you can read (0600)\n  \
 vmgrid token --list                every token: id, role, owner, created, expires\n  \
 vmgrid token --revoke 3f9a1c0b2e47 that token stops working at once")]
 pub struct TokenArgs {
@@ -23,6 +24,10 @@ pub struct TokenArgs {
     /// The token stops working after this long: 90s, 45m, 12h, 30d, 1y (default: until revoked).
     #[arg(long, value_name = "DURATION")]
     ttl: Option<String>,
+    /// Write the new token to this file (created, mode 0600; an existing file is not replaced)
+    /// instead of printing it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["revoke", "list"])]
+    out: Option<std::path::PathBuf>,
     /// Revoke the token with this id (from `--list` or from when it was made).
     #[arg(long, value_name = "ID", conflicts_with_all = ["user", "list", "ttl", "admin"])]
     revoke: Option<String>,
@@ -92,11 +97,42 @@ pub fn token(args: TokenArgs) -> Result<i32, CliError> {
     let user = args.user.expect("clap requires a user without --revoke or --list");
     let ttl = args.ttl.as_deref().map(parse_duration).transpose().map_err(CliError::BadInput)?;
     let role = if args.admin { Role::Admin } else { Role::User };
-    let t = client.add_token(role, &user, ttl)?;
-    println!("{}", t.token);
+    // The file is made before the token, so a path that cannot be written costs no token.
+    let file = args.out.as_deref().map(new_private_file).transpose()?;
+    let t = match client.add_token(role, &user, ttl) {
+        Ok(t) => t,
+        Err(e) => {
+            if let Some(path) = &args.out {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e.into());
+        }
+    };
+    match (file, &args.out) {
+        (Some(mut f), Some(path)) => {
+            use std::io::Write;
+            f.write_all(format!("{}\n", t.token).as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(|e| CliError::Failed(format!("cannot write {}: {e}", path.display())))?;
+        }
+        _ => println!("{}", t.token),
+    }
     let expires = t.expires_ms.map(|e| format!(", expires {}", when(e))).unwrap_or_default();
     eprintln!("vmgrid: token {} for {user}{expires}; revoke it with `vmgrid token --revoke {}`", t.id, t.id);
     Ok(0)
+}
+
+/// A new file only its owner can read or write.
+fn new_private_file(path: &std::path::Path) -> Result<std::fs::File, CliError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AlreadyExists {
+            ": it exists; remove it or pick another name"
+        } else {
+            ""
+        };
+        CliError::BadInput(format!("cannot create {}: {e}{hint}", path.display()))
+    })
 }
 
 #[cfg(test)]

@@ -78,7 +78,23 @@ pub fn read_token_file(path: &Path) -> Result<String, CliError> {
     if t.is_empty() {
         return Err(CliError::BadInput(format!("the token file {} is empty", path.display())));
     }
+    warn_if_shared(path);
     Ok(t)
+}
+
+/// A secret others can read is one others can use: say so, as ssh does of a key.
+fn warn_if_shared(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path)
+        && m.permissions().mode() & 0o077 != 0
+    {
+        eprintln!(
+            "vmgrid: warning: {} can be read by other accounts (mode {:04o}); anyone who reads it can act as you: chmod 600 {}",
+            path.display(),
+            m.permissions().mode() & 0o7777,
+            path.display()
+        );
+    }
 }
 
 /// The pool, token and CA a client.toml names.
@@ -89,7 +105,10 @@ fn read_client_toml(path: &Path) -> Result<(String, Option<String>, Option<Strin
         toml::from_str(&text).map_err(|e| CliError::BadInput(format!("{}: {}", path.display(), e.message())))?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let token = match (c.token, c.token_file) {
-        (Some(t), _) => Some(t),
+        (Some(t), _) => {
+            warn_if_shared(path);
+            Some(t)
+        }
         (None, Some(f)) => Some(read_token_file(&dir.join(f))?),
         (None, None) => None,
     };

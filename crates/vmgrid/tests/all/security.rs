@@ -116,6 +116,30 @@ fn secrets_and_the_store_are_private_and_a_readable_key_is_refused() {
     assert_eq!(mode(&node), 0o700, "the node's cache");
     assert_eq!(mode(&node.join("credential")), 0o600, "the node's credential");
 
+    // A user's token file that others can read still works, with a warning that says what to do.
+    let shared = d.path().join("alice.token");
+    std::fs::write(&shared, user_token(&pool, "alice")).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = vmgrid()
+        .args(["q", "--pool", &pool.url, "--ca-file"])
+        .arg(data.join("ca.pem"))
+        .arg("--token-file")
+        .arg(&shared)
+        .env_remove("VMGRID_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("can be read by other accounts (mode 0644)"), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("chmod 600"), "{}", stderr_of(&out));
+
+    // `vmgrid token --out` writes a new file of mode 0600, and will not replace one.
+    let made = d.path().join("bob.token");
+    pool.cli().args(["token", "bob", "--out"]).arg(&made).assert().success();
+    assert_eq!(mode(&made), 0o600);
+    let out = pool.cli().args(["token", "bob", "--out"]).arg(&made).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr_of(&out).contains("it exists"), "{}", stderr_of(&out));
+
     // Another account able to read the CA's key could mint any identity: the coordinator
     // refuses to start on it, and says how to fix it.
     pool.kill_coordinator();
