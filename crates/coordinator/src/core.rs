@@ -125,6 +125,11 @@ impl Shared {
         f(&self.lock().engine)
     }
 
+    /// Why the store cannot commit, while it cannot (new work is then refused at once).
+    pub fn store_failing(&self) -> Option<store::Failing> {
+        self.lock().writer.failing()
+    }
+
     /// Waits until what the call queued is durable, then wakes whoever it concerns. While the
     /// store cannot commit (a full disk), the wait ends after [`STORE_PATIENCE`] with why: the
     /// change is then not acknowledged (it is saved once the store can), and the caller says so.

@@ -16,6 +16,14 @@ pub async fn submit(
     Body(req): Body<SubmitRequest>,
 ) -> Result<Json<SubmitResponse>> {
     user(&p, "submit jobs")?;
+    // While the store cannot commit, new work is refused before anything is queued: unlike a
+    // change already waiting on the store, it will not be saved later.
+    if let Some(f) = shared.store_failing() {
+        return Err(Error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the pool cannot save changes right now ({}); nothing was submitted: retry later", f.0),
+        ));
+    }
     for f in req.spec.image.iter().chain(&req.spec.kernel).chain(&req.spec.initrd).chain(&req.spec.inputs) {
         if !shared.blobs.has(&f.blob) {
             return Err(Error(

@@ -49,7 +49,17 @@ fn api_bodies_are_checked_by_the_one_validator_and_refusals_queue_nothing() {
     let spec = probe_spec(&pool.client_with(&token));
     let deep = format!("{}true{}", "(".repeat(40), ")".repeat(40));
     let wide = format!("{} > 0", vec!["node.cpus"; 300].join(" + "));
+    // The review's own expressions: 2,000 terms in 4 KB (overflowed the parser's stack), and
+    // seven nested comprehensions in 285 bytes (froze the API for minutes).
+    let terms = format!("{}1 == 0", "1+".repeat(1999));
+    let nested7 =
+        (0..7).fold("v0 > 100".to_string(), |inner, i| format!("[0,1,2,3,4,5,6,7,8,9,10].exists(v{i}, {inner})"));
     let cases: Vec<(&str, Value, &str)> = vec![
+        ("2000 terms", json!({"requirements": terms}), "operators"),
+        ("7 nested", json!({"requirements": nested7}), "inside another"),
+        ("name injection", json!({"name": "x,process=evil"}), "name"),
+        ("env key", json!({"env": {"A B": "x"}}), "env"),
+        ("append", json!({"append": "x".repeat(3000)}), "append"),
         ("ssi", json!({"ssi": {"home": "https://evil:1", "token": "t", "pid": 1}}), "`ssi` is set by the pool"),
         ("cpus", json!({"cpus": 0}), "cpus"),
         ("name", json!({"name": "a\u{1b}[2Jb"}), "name"),
@@ -200,6 +210,52 @@ fn a_coordinator_whose_disk_is_nearly_full_refuses_uploads_with_507_and_keeps_wo
     client.submit(&vmgrid_proto::SubmitRequest { spec, count: 1 }).unwrap();
     drop(pool);
     drop(mount);
+}
+
+#[test]
+fn a_full_disk_under_the_store_stops_no_coordinator_and_loses_or_doubles_no_job() {
+    assert!(unsafe_is_root(), "this test mounts a small file system for the data directory and must run as root");
+    let mount = Mount::tmpfs(96);
+    let mut pool = Pool::start_in(tempfile::tempdir_in(mount.path()).unwrap(), &[]);
+    let client = pool.admin();
+    let spec: vmgrid_proto::JobSpec = serde_json::from_value(probe_spec(&client)).unwrap();
+    // Another process fills the disk.
+    let filler = mount.path().join("filler");
+    fill(&filler);
+    // A submission already queued when the store failed waits, then is told it is not yet
+    // acknowledged; one that comes while the store is failing is refused at once.
+    let first = std::thread::spawn({
+        let (client, spec) = (client.clone(), spec.clone());
+        move || client.submit(&vmgrid_proto::SubmitRequest { spec, count: 1 })
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let e = client.submit(&vmgrid_proto::SubmitRequest { spec, count: 1 }).unwrap_err();
+    assert_eq!(e.status(), Some(503), "{e}");
+    assert!(e.to_string().contains("nothing was submitted"), "{e}");
+    let e = first.join().unwrap().unwrap_err();
+    assert_eq!(e.status(), Some(503), "{e}");
+    assert!(e.to_string().contains("not acknowledged"), "{e}");
+    assert!(pool.coordinator.as_mut().unwrap().try_wait().unwrap().is_none(), "the coordinator exited");
+    // Room again: the first submission is saved, the second never was, and the job runs once.
+    std::fs::remove_file(&filler).unwrap();
+    let jobs = pool.admin().jobs().unwrap();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    pool.start_node("n1", 1);
+    pool.wait_for("the job to complete", |p| p.job(jobs[0].id).state == vmgrid_proto::JobState::Completed);
+    assert_eq!(pool.job(jobs[0].id).attempts, 1);
+    drop(pool);
+    drop(mount);
+}
+
+/// Writes to `path` until the file system is full.
+fn fill(path: &std::path::Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    for size in [1 << 20, 4096, 1] {
+        let chunk = vec![0u8; size];
+        while f.write_all(&chunk).is_ok() {}
+    }
+    let _ = f.sync_all();
 }
 
 #[test]
