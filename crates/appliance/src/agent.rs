@@ -73,6 +73,8 @@ fn serve(args: AgentOptions) -> Result<i32, Error> {
         memory_mb: None,
         labels: config.labels.clone(),
         appliance: true,
+        // The appliance image carries no JVM.
+        allow_jvm: false,
         cache_dir: args.state_dir.clone(),
         // The cache lives in RAM: a quarter of it at most.
         cache_max_mb: (memory_mb / 4).clamp(64, 4096),

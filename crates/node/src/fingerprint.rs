@@ -21,8 +21,14 @@ pub fn fingerprint(config: &NodeConfig) -> NodeAd {
         }
         Err(e) => tracing::info!("this node takes no QEMU jobs: {e}"),
     }
-    if vmgrid_runtime::jvm::find_java().is_some() {
-        vm_types.push(VmType::Jvm);
+    if config.allow_jvm {
+        match vmgrid_runtime::jvm::usable() {
+            Ok(jvm) => {
+                tracing::info!(java = %jvm.java.display(), "JVM jobs run here, confined by bubblewrap");
+                vm_types.push(VmType::Jvm);
+            }
+            Err(e) => tracing::warn!("this node takes no JVM jobs: {e}"),
+        }
     }
     NodeAd {
         name: config.name.clone(),

@@ -52,6 +52,8 @@ pub struct NodeConfig {
     pub memory_mb: Option<u64>,
     pub labels: std::collections::BTreeMap<String, String>,
     pub appliance: bool,
+    /// Offer `jvm` jobs (the operator opted in with `--jvm`); they run confined by bubblewrap.
+    pub allow_jvm: bool,
     /// Images and inputs by hash, shared across jobs, bounded by `cache_max_mb`.
     pub cache_dir: PathBuf,
     pub cache_max_mb: u64,

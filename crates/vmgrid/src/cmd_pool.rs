@@ -142,6 +142,11 @@ pub struct NodeArgs {
     /// Advertise `appliance = true` (set by the grid appliance).
     #[arg(long)]
     appliance: bool,
+    /// Take `jvm` jobs. A JVM has no sandbox of its own: each job runs confined by bubblewrap
+    /// (no host files beyond its directory, no network, as `nobody` when the node is root). Off
+    /// by default; the node refuses to start with it when java or bwrap is missing.
+    #[arg(long)]
+    jvm: bool,
     /// On SIGTERM, wait this long for running jobs before handing them back.
     #[arg(long, default_value_t = 30)]
     drain_timeout_s: u64,
@@ -202,6 +207,7 @@ pub fn node(args: NodeArgs) -> Result<i32, CliError> {
         memory_mb: args.memory_mb,
         labels: parse_labels(&args.labels)?,
         appliance: args.appliance,
+        allow_jvm: jvm_opt_in(args.jvm)?,
         cache_dir,
         cache_max_mb: args.cache_max_mb,
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
@@ -217,8 +223,19 @@ pub struct UpArgs {
     /// How many node agents to run in this process.
     #[arg(long, default_value_t = 2)]
     nodes: u32,
+    /// Let the local nodes take `jvm` jobs, confined by bubblewrap (see `vmgrid node --help`).
+    #[arg(long)]
+    jvm: bool,
     #[command(flatten)]
     coordinator: CoordinatorArgs,
+}
+
+/// `--jvm`: refused at once, with what to install, when JVM jobs cannot run confined here.
+fn jvm_opt_in(asked: bool) -> Result<bool, CliError> {
+    if asked {
+        vmgrid_runtime::jvm::usable().map_err(|e| CliError::Failed(format!("--jvm: {e}")))?;
+    }
+    Ok(asked)
 }
 
 /// `vmgrid up`: the embedded pool, a coordinator and N node agents in one process.
@@ -226,6 +243,7 @@ pub fn up(args: UpArgs) -> Result<i32, CliError> {
     if args.nodes == 0 || args.nodes > 64 {
         return Err(CliError::BadInput("--nodes must be between 1 and 64".into()));
     }
+    let allow_jvm = jvm_opt_in(args.jvm)?;
     let stop = stop_on_signals()?;
     let running = start(args.coordinator.config(), false)?;
     let data_dir = running.data_dir.clone();
@@ -243,6 +261,7 @@ pub fn up(args: UpArgs) -> Result<i32, CliError> {
             memory_mb: None,
             labels: BTreeMap::from([("pool".to_string(), "local".to_string())]),
             appliance: false,
+            allow_jvm,
             cache_dir: data_dir.join(format!("node-{i}")),
             cache_max_mb: 4096,
             drain_timeout: Duration::from_secs(30),

@@ -151,7 +151,7 @@ pub(crate) fn args(l: &Launch<'_>) -> Vec<OsString> {
     a
 }
 
-fn effective_uid() -> u32 {
+pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }
@@ -171,7 +171,7 @@ pub(crate) fn hand_over(job_dir: &Path, user: &str) -> Result<(), RunError> {
 }
 
 /// The uid and gid of a user, from the system's user database (thread-safe `getpwnam_r`).
-fn user_ids(name: &str) -> Result<Option<(u32, u32)>, RunError> {
+pub(crate) fn user_ids(name: &str) -> Result<Option<(u32, u32)>, RunError> {
     let cname = std::ffi::CString::new(name).map_err(|_| RunError::Host(format!("bad user name {name:?}")))?;
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     // SAFETY: a zeroed passwd is a valid out-parameter (plain integers and null pointers).

@@ -5,6 +5,7 @@ mod util;
 
 mod appliance;
 mod job_file;
+mod jvm;
 mod netns;
 mod pool;
 mod run_qemu;

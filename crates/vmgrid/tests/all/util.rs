@@ -171,8 +171,14 @@ impl Pool {
     }
 
     pub fn start_node(&mut self, name: &str, cpus: u32) {
+        self.start_node_with(name, cpus, &[]);
+    }
+
+    /// Like [`Pool::start_node`], with more `vmgrid node` flags.
+    pub fn start_node_with(&mut self, name: &str, cpus: u32, extra: &[&str]) {
         let child = Command::new(assert_cmd::cargo::cargo_bin("vmgrid"))
             .args(["node", "--pool", &self.url, "--name", name, "--cpus", &cpus.to_string(), "--drain-timeout-s", "10"])
+            .args(extra)
             .arg("--token-file")
             .arg(self.data_dir().join("pool.token"))
             .arg("--cache-dir")
