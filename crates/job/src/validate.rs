@@ -112,6 +112,8 @@ impl Cx<'_> {
         let resolve = |s: &Option<Spanned<String>>| -> Result<Option<PathBuf>, JobFileError> {
             match s {
                 Some(s) if s.get_ref().is_empty() => Err(self.err(s.span(), "path is empty")),
+                // No file has such a name, and the API refuses the spec it would make.
+                Some(s) if s.get_ref().contains('\0') => Err(self.err(s.span(), "a path may not contain a NUL byte")),
                 Some(s) => Ok(Some(base.join(s.get_ref()))),
                 None => Ok(None),
             }

@@ -165,3 +165,14 @@ fn line_col_counts_characters() {
     assert_eq!(line_col("ab\ncd", 4), (2, 2));
     assert_eq!(line_col("é\nx", 3), (2, 1));
 }
+
+#[test]
+fn a_nul_byte_in_an_image_kernel_or_initrd_path_is_refused() {
+    // The job_file fuzz target's agreement check caught it: the parser took it, the API refused the spec.
+    for key in ["image", "kernel", "initrd"] {
+        let text = format!("[vm]\ntype = \"qemu\"\nkernel = \"k\"\n{key} = \"a\\u0000b\"\n");
+        let text = if key == "kernel" { text.replacen("kernel = \"k\"\n", "", 1) } else { text };
+        let (line, _, message) = invalid(&text);
+        assert_eq!((line, message.as_str()), (text.lines().count(), "a path may not contain a NUL byte"), "{key}");
+    }
+}
