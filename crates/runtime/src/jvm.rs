@@ -120,8 +120,13 @@ fn sandbox_args(jvm: &Jvm, job_dir: &Path, as_root: bool) -> Vec<String> {
     for dir in ["/etc", "/etc/ssl", "/vmgrid"] {
         a.extend(["--perms".into(), "0755".into(), "--dir".into(), dir.into()]);
     }
-    for dir in ["/etc/alternatives", "/etc/java-17-openjdk", "/etc/java-21-openjdk", "/etc/ssl/certs"] {
-        a.extend(["--ro-bind-try".into(), dir.into(), dir.into()]);
+    // Debian keeps each JDK's conf/ under /etc/java-N-openjdk.
+    let java_etc = std::fs::read_dir("/etc").into_iter().flatten().flatten().filter_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        name.starts_with("java-").then(|| format!("/etc/{name}"))
+    });
+    for dir in ["/etc/alternatives".to_string(), "/etc/ssl/certs".to_string()].into_iter().chain(java_etc) {
+        a.extend(["--ro-bind-try".into(), dir.clone(), dir]);
     }
     if let Some(home) = java_home(&jvm.java) {
         let h = home.display().to_string();
