@@ -1,11 +1,13 @@
 //! The vmgrid job file: TOML in, a validated [`Job`] out.
 //!
-//! This crate reads the job file and nothing else: it does not check that images exist, it does not
+//! This crate reads the job file (and a workflow file, [`flow`], with the job files it names) and
+//! nothing else: it does not check that images exist, it does not
 //! touch the job directory and it starts no process. Its rules ([`check`]) are the one validator of
 //! jobs: the coordinator applies them to submitted specs too. Every error in a job file names the
 //! file, the line and the column.
 
 pub mod check;
+pub mod flow;
 mod raw;
 mod validate;
 
@@ -13,6 +15,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use flow::{Flow, FlowNode, load_flow, parse_flow};
 pub use validate::parse_job;
 
 /// A validated job, with every path resolved against the job file's directory.
@@ -173,6 +176,9 @@ pub mod limits {
     pub const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
     pub const MAX_DISK_MB: u64 = 1 << 20;
     pub const MAX_RETRIES: u32 = 100;
+    /// Jobs (nodes) in one workflow, and instances of one node's sweep.
+    pub const MAX_DAG_NODES: usize = 10_000;
+    pub const MAX_DAG_COUNT: u64 = 100_000;
     pub const MAX_ARGS: usize = 4096;
     pub const MAX_ENV: usize = 4096;
     /// Args and env together, in bytes (each with its separator), as an exec would count them.

@@ -1,4 +1,4 @@
-//! The engine rebuilt from what the store held at start: tokens, specs, jobs and nodes, with
+//! The engine rebuilt from what the store held at start: tokens, specs, jobs, nodes and workflows, with
 //! running jobs given back to their nodes (and a fresh lease to be heard from), and anything that
 //! cannot be read back held with the reason instead of taking the coordinator down.
 
@@ -42,6 +42,7 @@ impl Engine {
             e.nodes.insert(name, Node::new(ad, state, cred_hash, now));
         }
         e.give_running_jobs_back();
+        e.load_dags(loaded.dags, now);
         e
     }
 

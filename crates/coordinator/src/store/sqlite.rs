@@ -4,10 +4,11 @@
 use std::path::Path;
 
 use rusqlite::{Connection, params};
-use vmgrid_proto::{JobState, NodeState};
+use vmgrid_proto::{DagState, JobState, NodeState};
 
 use super::{
-    JobRow, Loaded, Op, Store, StoreError, StoredBlob, StoredJob, StoredNode, StoredResult, TokenRole, TokenRow,
+    DagNodeRow, DagRow, JobRow, Loaded, NodeRun, Op, Store, StoreError, StoredBlob, StoredJob, StoredNode,
+    StoredResult, TokenRole, TokenRow,
 };
 
 /// The schema as it was first released (version 1); [`MIGRATIONS`] take it to the current one.
@@ -32,6 +33,12 @@ const MIGRATIONS: &[&str] = &[
      UPDATE tokens SET id = substr(hash, 1, 12) WHERE id IS NULL;",
     // 3: who each blob is charged to.
     "CREATE TABLE blobs (hash TEXT PRIMARY KEY, owner TEXT NOT NULL, size INTEGER NOT NULL, created_ms INTEGER NOT NULL);",
+    // workflows (`vmgrid dag`): each DAG with its spec, and each of its nodes' runs and latest jobs.
+    "CREATE TABLE dags (id INTEGER PRIMARY KEY, owner TEXT NOT NULL, json TEXT NOT NULL, state TEXT NOT NULL,
+       reason TEXT, submitted_ms INTEGER NOT NULL, finished_ms INTEGER, rescue_of INTEGER);
+     CREATE TABLE dag_nodes (dag_id INTEGER NOT NULL, idx INTEGER NOT NULL, state TEXT NOT NULL,
+       tries INTEGER NOT NULL DEFAULT 0, spec_id INTEGER, first_job INTEGER, reason TEXT,
+       PRIMARY KEY (dag_id, idx));",
 ];
 
 /// The schema version this coordinator writes.
@@ -171,7 +178,63 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
             })
         })?
         .collect::<Result<_, _>>()?;
+    l.dags = load_dags(conn)?;
     Ok(l)
+}
+
+/// Workflows with their nodes. A state this version does not know reads as failed (a workflow)
+/// or failed (a node), with the reason.
+fn load_dags(conn: &Connection) -> rusqlite::Result<Vec<(DagRow, Vec<DagNodeRow>)>> {
+    let mut st = conn.prepare(
+        "SELECT id, owner, json, state, reason, submitted_ms, finished_ms, rescue_of FROM dags ORDER BY id",
+    )?;
+    let mut dags: Vec<(DagRow, Vec<DagNodeRow>)> = st
+        .query_map([], |r| {
+            let state: String = r.get(3)?;
+            let (state, reason) = match DagState::parse(&state) {
+                Some(s) => (s, r.get(4)?),
+                None => (DagState::Failed, Some(format!("the store held an unknown state {state:?} for this workflow"))),
+            };
+            Ok(DagRow {
+                id: r.get::<_, i64>(0)? as u64,
+                owner: r.get(1)?,
+                json: r.get(2)?,
+                state,
+                reason,
+                submitted_ms: r.get::<_, i64>(5)? as u64,
+                finished_ms: r.get::<_, Option<i64>>(6)?.map(|x| x as u64),
+                rescue_of: r.get::<_, Option<i64>>(7)?.map(|x| x as u64),
+            })
+        })?
+        .map(|row| row.map(|d| (d, Vec::new())))
+        .collect::<Result<_, _>>()?;
+    let at: std::collections::HashMap<u64, usize> = dags.iter().enumerate().map(|(i, (d, _))| (d.id, i)).collect();
+    let mut st = conn.prepare(
+        "SELECT dag_id, idx, state, tries, spec_id, first_job, reason FROM dag_nodes ORDER BY dag_id, idx",
+    )?;
+    let rows = st.query_map([], |r| {
+        let state: String = r.get(2)?;
+        let (state, reason) = match NodeRun::parse(&state) {
+            Some(s) => (s, r.get(6)?),
+            None => (NodeRun::Failed, Some(format!("the store held an unknown state {state:?} for this node"))),
+        };
+        Ok(DagNodeRow {
+            dag_id: r.get::<_, i64>(0)? as u64,
+            idx: r.get(1)?,
+            state,
+            tries: r.get(3)?,
+            spec_id: r.get::<_, Option<i64>>(4)?.map(|x| x as u64),
+            first_job: r.get::<_, Option<i64>>(5)?.map(|x| x as u64),
+            reason,
+        })
+    })?;
+    for row in rows {
+        let row = row?;
+        if let Some(&i) = at.get(&row.dag_id) {
+            dags[i].1.push(row);
+        }
+    }
+    Ok(dags)
 }
 
 fn stored_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredJob> {
@@ -224,16 +287,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         Op::RevokeToken { hash } => {
             tx.execute("DELETE FROM tokens WHERE hash = ?1", params![hash])?;
         }
-        Op::Spec { id, owner, json } => {
-            tx.execute("INSERT INTO specs (id, owner, json) VALUES (?1, ?2, ?3)", params![*id as i64, owner, json])?;
-        }
+        Op::Spec { id, owner, json } => insert_spec(tx, *id, owner, json)?,
         Op::Jobs { spec_id, first_id, count, owner, submitted_ms } => {
-            let mut st = tx.prepare_cached(
-                "INSERT INTO jobs (id, spec_id, idx, owner, state, submitted_ms) VALUES (?1, ?2, ?3, ?4, 'idle', ?5)",
-            )?;
-            for i in 0..*count {
-                st.execute(params![(first_id + i) as i64, *spec_id as i64, i as i64, owner, *submitted_ms as i64])?;
-            }
+            insert_jobs(tx, *spec_id, *first_id, *count, owner, *submitted_ms)?
         }
         Op::Job(j) => {
             let mut st = tx.prepare_cached(
@@ -279,7 +335,76 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         Op::DeleteBlob { hash } => {
             tx.execute("DELETE FROM blobs WHERE hash = ?1", params![hash])?;
         }
+        Op::Dag { row, nodes } => {
+            tx.execute(
+                "INSERT INTO dags (id, owner, json, state, reason, submitted_ms, finished_ms, rescue_of) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    row.id as i64,
+                    row.owner,
+                    row.json,
+                    row.state.as_str(),
+                    row.reason,
+                    row.submitted_ms as i64,
+                    row.finished_ms.map(|x| x as i64),
+                    row.rescue_of.map(|x| x as i64)
+                ],
+            )?;
+            for n in nodes {
+                put_dag_node(tx, n)?;
+            }
+        }
+        Op::DagState { id, state, reason, finished_ms } => {
+            tx.execute(
+                "UPDATE dags SET state = ?2, reason = ?3, finished_ms = ?4 WHERE id = ?1",
+                params![*id as i64, state.as_str(), reason, finished_ms.map(|x| x as i64)],
+            )?;
+        }
+        Op::DagNode(n) => put_dag_node(tx, n)?,
+        Op::DagRelease { node, spec_id, owner, json, count, submitted_ms } => {
+            insert_spec(tx, *spec_id, owner, json)?;
+            let first = node.first_job.expect("a released node has its jobs");
+            insert_jobs(tx, *spec_id, first, *count, owner, *submitted_ms)?;
+            put_dag_node(tx, node)?;
+        }
     }
+    Ok(())
+}
+
+fn insert_spec(tx: &rusqlite::Transaction<'_>, id: u64, owner: &str, json: &str) -> rusqlite::Result<()> {
+    tx.execute("INSERT INTO specs (id, owner, json) VALUES (?1, ?2, ?3)", params![id as i64, owner, json])?;
+    Ok(())
+}
+
+fn insert_jobs(
+    tx: &rusqlite::Transaction<'_>,
+    spec_id: u64,
+    first_id: u64,
+    count: u64,
+    owner: &str,
+    submitted_ms: u64,
+) -> rusqlite::Result<()> {
+    let mut st = tx.prepare_cached(
+        "INSERT INTO jobs (id, spec_id, idx, owner, state, submitted_ms) VALUES (?1, ?2, ?3, ?4, 'idle', ?5)",
+    )?;
+    for i in 0..count {
+        st.execute(params![(first_id + i) as i64, spec_id as i64, i as i64, owner, submitted_ms as i64])?;
+    }
+    Ok(())
+}
+
+fn put_dag_node(tx: &rusqlite::Transaction<'_>, n: &DagNodeRow) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO dag_nodes (dag_id, idx, state, tries, spec_id, first_job, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        n.dag_id as i64,
+        n.idx,
+        n.state.as_str(),
+        n.tries,
+        n.spec_id.map(|x| x as i64),
+        n.first_job.map(|x| x as i64),
+        n.reason
+    ])?;
     Ok(())
 }
 
