@@ -513,6 +513,7 @@ fn loading_gives_running_jobs_back_and_requeues_those_whose_node_is_gone() {
             state: NodeState::Ready,
         }],
         blobs: vec![],
+        dags: vec![],
     };
     let mut e = Engine::load(loaded, TIMING, 100);
     assert_eq!(e.authenticate("c1", 0), Some(&Principal::Node("n1".into())));

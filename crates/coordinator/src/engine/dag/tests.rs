@@ -93,6 +93,7 @@ fn names(leases: &[Lease]) -> Vec<String> {
 #[test]
 fn a_diamond_runs_in_dependency_order_with_the_parents_outputs_as_inputs() {
     let mut e = pool();
+    e.take_effects();
     let id = e.submit_dag(&alice(), diamond(), None, 1).unwrap();
     let ops = e.take_effects().ops;
     assert!(matches!(&ops[0], Op::Dag { nodes, .. } if nodes.len() == 4));
@@ -185,6 +186,7 @@ fn a_running_workflow_cannot_be_rescued_and_rm_removes_its_jobs_for_its_owner_on
 #[test]
 fn a_cycle_or_a_job_the_rules_refuse_stores_nothing() {
     let mut e = pool();
+    e.take_effects();
     let mut flow = diamond();
     flow.nodes[0].after = vec!["d".into()];
     let Err(ApiError::BadRequest(m)) = e.submit_dag(&alice(), flow, None, 1) else { panic!("accepted a cycle") };
@@ -203,6 +205,7 @@ fn a_restart_at_any_point_goes_on_from_the_store_and_releases_no_node_twice() {
     let mut store = SqliteStore::open(&path).unwrap();
     let mut e = pool();
     let id = e.submit_dag(&alice(), diamond(), None, 1).unwrap();
+    store.commit(&e.take_effects().ops).unwrap();
     run_all(&mut e, 2, |_| 0);
     // The store saw a's result but not what it caused (b and c released): a crash between two
     // group commits.
