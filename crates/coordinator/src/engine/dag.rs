@@ -88,7 +88,7 @@ impl Dag {
 impl Engine {
     /// Queues a workflow for the caller; returns its id. With `rescue`, the nodes (by name, with
     /// the same `count`) that were done in that ended workflow of the caller's are done here
-    /// too, with their jobs and outputs, and are not run again.
+    /// too, with their jobs and outputs, and are not run again; the final node runs again.
     pub fn submit_dag(&mut self, p: &Principal, spec: DagSpec, rescue: Option<u64>, now: u64) -> Result<u64, ApiError> {
         if matches!(p, Principal::Console { .. }) {
             return Err(ApiError::BadRequest("a console's credential submits only its SSI processes".into()));
@@ -143,7 +143,8 @@ impl Engine {
         }
         for (i, n) in spec.nodes.iter().enumerate() {
             let Some(&j) = old.index.get(&n.name) else { continue };
-            if old.nodes[j].run == NodeRun::Done && old.spec.nodes[j].count == n.count {
+            // The final node runs at the end of every workflow, a rescue included.
+            if old.nodes[j].run == NodeRun::Done && old.spec.nodes[j].count == n.count && !n.final_node {
                 nodes[i] = DagNode { reason: Some(format!("done in workflow {old_id}")), ..old.nodes[j].clone() };
             }
         }
