@@ -360,7 +360,8 @@ pub fn check_dag(nodes: &[DagNode<'_>]) -> Result<(), DagInvalid> {
             return Err(dag_invalid(i, DagField::Name, format!("two jobs are named `{}`", n.name)));
         }
         let node_int = |field, key: &str, x: i64, min: i64, max: i64| {
-            int_in(Field::Name, key, x, min, max).map_err(|inv| dag_invalid(i, field, format!("job `{}`: {}", n.name, inv.message)))
+            int_in(Field::Name, key, x, min, max)
+                .map_err(|inv| dag_invalid(i, field, format!("job `{}`: {}", n.name, inv.message)))
         };
         node_int(DagField::Count, "count", n.count, 1, limits::MAX_DAG_COUNT as i64)?;
         node_int(DagField::Retries, "retries", n.retries, 0, limits::MAX_RETRIES as i64)?;
@@ -384,13 +385,18 @@ pub fn check_dag(nodes: &[DagNode<'_>]) -> Result<(), DagInvalid> {
                 return Err(dag_invalid(i, at, format!("job `{}`: inputs_from `{parent}` names no pattern", n.name)));
             }
             for g in globs {
-                output_pattern(g).map_err(|m| dag_invalid(i, at.clone(), format!("job `{}`: inputs_from {m}", n.name)))?;
+                output_pattern(g)
+                    .map_err(|m| dag_invalid(i, at.clone(), format!("job `{}`: inputs_from {m}", n.name)))?;
             }
         }
         if n.final_node {
             finals += 1;
             if finals > 1 {
-                return Err(dag_invalid(i, DagField::Final, format!("job `{}`: a flow has at most one final job", n.name)));
+                return Err(dag_invalid(
+                    i,
+                    DagField::Final,
+                    format!("job `{}`: a flow has at most one final job", n.name),
+                ));
             }
             if !n.after.is_empty() {
                 let m = format!("job `{}` is final: it runs after all the others, so it takes no `after`", n.name);

@@ -162,7 +162,14 @@ fn node_spans(n: &RawNode) -> KeySpans {
 }
 
 /// The node's job: its job file, or the job written inline.
-fn node_job(path: &Path, text: &str, base: &Path, name: &str, at: Range<usize>, n: &RawNode) -> Result<Job, JobFileError> {
+fn node_job(
+    path: &Path,
+    text: &str,
+    base: &Path,
+    name: &str,
+    at: Range<usize>,
+    n: &RawNode,
+) -> Result<Job, JobFileError> {
     let inline = n.vm.is_some() || n.name.is_some() || n.resources.is_some() || n.files.is_some() || n.policy.is_some();
     match (&n.file, inline) {
         (Some(f), false) => match crate::load_job(&base.join(f.get_ref())) {
@@ -180,7 +187,8 @@ fn node_job(path: &Path, text: &str, base: &Path, name: &str, at: Range<usize>, 
         )),
         (None, _) => {
             let Some(vm) = &n.vm else {
-                let m = format!("job `{name}` needs `file = \"job.toml\"` or an inline job with a [jobs.{name}.vm] table");
+                let m =
+                    format!("job `{name}` needs `file = \"job.toml\"` or an inline job with a [jobs.{name}.vm] table");
                 return Err(error_at(path, text, at, m));
             };
             let raw = RawJob {

@@ -100,7 +100,9 @@ impl DagState {
     }
 
     pub fn parse(s: &str) -> Option<DagState> {
-        [DagState::Running, DagState::Completed, DagState::Failed, DagState::Removed].into_iter().find(|d| d.as_str() == s)
+        [DagState::Running, DagState::Completed, DagState::Failed, DagState::Removed]
+            .into_iter()
+            .find(|d| d.as_str() == s)
     }
 }
 

@@ -117,8 +117,10 @@ fn submit(args: SubmitArgs) -> Result<i32, CliError> {
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new(view.total);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} nodes done {msg}")
-                .expect("a valid template"),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} nodes done {msg}",
+            )
+            .expect("a valid template"),
         );
         b.enable_steady_tick(Duration::from_millis(200));
         b
@@ -143,7 +145,12 @@ fn submit(args: SubmitArgs) -> Result<i32, CliError> {
     if v.state == DagState::Completed {
         return Ok(0);
     }
-    eprintln!("vmgrid: workflow {} {}: {}", v.id, v.state.as_str(), field(v.reason.as_deref().unwrap_or("no reason given")));
+    eprintln!(
+        "vmgrid: workflow {} {}: {}",
+        v.id,
+        v.state.as_str(),
+        field(v.reason.as_deref().unwrap_or("no reason given"))
+    );
     Ok(1)
 }
 

@@ -191,11 +191,8 @@ impl Engine {
                     Some(Err(why)) => steps.push(Step::Failed(i, why)),
                     None => {}
                 },
-                NodeRun::Waiting if s.final_node => {
-                    if others_ended {
-                        steps.push(Step::Release(i));
-                    }
-                }
+                NodeRun::Waiting if s.final_node && others_ended => steps.push(Step::Release(i)),
+                NodeRun::Waiting if s.final_node => {}
                 NodeRun::Waiting => {
                     let parents = s.after.iter().map(|a| (a, d.nodes[d.index[a]].run));
                     let mut all_done = true;
@@ -232,7 +229,9 @@ impl Engine {
                     JobState::Idle | JobState::Running => return None,
                     JobState::Completed if j.exit_code == Some(0) => continue,
                     JobState::Completed => format!("job {job} exited with {}", j.exit_code.unwrap_or(-1)),
-                    JobState::Held => format!("job {job} is held: {}", j.reason.as_deref().unwrap_or("no reason given")),
+                    JobState::Held => {
+                        format!("job {job} is held: {}", j.reason.as_deref().unwrap_or("no reason given"))
+                    }
                     JobState::Removed => format!("job {job} was removed"),
                 },
             };
@@ -298,7 +297,8 @@ impl Engine {
                     None => return Err(format!("the outputs of `{parent}` are gone: its job {job} was forgotten")),
                 };
                 for f in outputs.iter().filter(|f| matches_output(globs, &f.path)) {
-                    let path = if from_sweep { format!("{parent}/{k}/{}", f.path) } else { format!("{parent}/{}", f.path) };
+                    let path =
+                        if from_sweep { format!("{parent}/{k}/{}", f.path) } else { format!("{parent}/{}", f.path) };
                     spec.inputs.push(FileRef { path, blob: f.blob.clone(), size: f.size });
                     matched += 1;
                 }
@@ -338,7 +338,8 @@ impl Engine {
             None => d.state = DagState::Completed,
             Some((n, s)) => {
                 d.state = DagState::Failed;
-                d.reason = Some(format!("job `{}` failed: {}", s.name, n.reason.as_deref().unwrap_or("no reason given")));
+                d.reason =
+                    Some(format!("job `{}` failed: {}", s.name, n.reason.as_deref().unwrap_or("no reason given")));
             }
         }
         d.finished_ms = Some(now);
@@ -401,6 +402,31 @@ impl Engine {
         self.persist(id, false);
     }
 
+    /// The files of running workflows' jobs (their nodes not yet released need them later).
+    pub(super) fn dag_blobs(&self) -> impl Iterator<Item = &str> {
+        self.dags.values().filter(|d| d.state == DagState::Running).flat_map(|d| {
+            d.spec.nodes.iter().flat_map(|n| {
+                let s = &n.job;
+                s.image.iter().chain(&s.kernel).chain(&s.initrd).chain(&s.inputs).map(|f| f.blob.as_str())
+            })
+        })
+    }
+
+    /// Drops workflows that ended before `keep_from` (their jobs go by their own retention).
+    pub(super) fn expire_dags(&mut self, keep_from: u64) {
+        let old: Vec<u64> = self
+            .dags
+            .iter()
+            .filter(|(_, d)| d.state != DagState::Running && d.finished_ms.is_some_and(|f| f < keep_from))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in old {
+            self.dags.remove(&id);
+            self.dag_specs.retain(|_, (dag, _)| *dag != id);
+            self.store(Op::DeleteDag { id });
+        }
+    }
+
     /// Workflow `id` as `vmgrid dag status` shows it, if `p` may see it.
     pub fn dag_view(&self, p: &Principal, id: u64) -> Result<DagView, ApiError> {
         let d = self.dags.get(&id).ok_or_else(|| ApiError::NotFound(format!("no workflow {id}")))?;
@@ -441,7 +467,8 @@ impl Engine {
             tries: n.tries,
             retries: s.retries,
             count: s.count,
-            jobs_done: states.iter().filter(|j| j.state == JobState::Completed && j.exit_code == Some(0)).count() as u64,
+            jobs_done: states.iter().filter(|j| j.state == JobState::Completed && j.exit_code == Some(0)).count()
+                as u64,
             jobs,
             after: s.after.clone(),
             final_node: s.final_node,
@@ -465,7 +492,13 @@ impl Engine {
             let mut nodes = vec![WAITING; spec.nodes.len()];
             for r in rows {
                 if let Some(n) = nodes.get_mut(r.idx as usize) {
-                    *n = DagNode { run: r.state, tries: r.tries, spec_id: r.spec_id, first_job: r.first_job, reason: r.reason };
+                    *n = DagNode {
+                        run: r.state,
+                        tries: r.tries,
+                        spec_id: r.spec_id,
+                        first_job: r.first_job,
+                        reason: r.reason,
+                    };
                     if r.state == NodeRun::Released
                         && let Some(spec_id) = r.spec_id
                     {

@@ -1,7 +1,8 @@
 //! What the pool keeps, and for how long: finished jobs are dropped (with their specs, once no
 //! job uses them) after the retention period, as HTCondor's history; every blob has the user
 //! who uploaded it first, who is charged for its size against a quota; and the blobs no spec or
-//! result refers to any more can be collected.
+//! result (or running workflow) refers to any more can be collected. Ended workflows go after
+//! the retention period too.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -48,6 +49,7 @@ impl Engine {
                 self.store(Op::DeleteSpec { id: j.spec_id });
             }
         }
+        self.expire_dags(keep_from);
     }
 
     /// How many more blob bytes `owner` may upload.
@@ -94,6 +96,8 @@ impl Engine {
                 used.insert(&f.blob);
             }
         }
+        // A running workflow's nodes not yet released hold their files too.
+        used.extend(self.dag_blobs());
         for j in self.jobs.values() {
             if let Some(r) = &j.result {
                 for f in r.stdout.iter().chain(&r.stderr).chain(&r.outputs) {

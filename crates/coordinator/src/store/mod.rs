@@ -124,6 +124,10 @@ pub enum Op {
         finished_ms: Option<u64>,
     },
     DagNode(DagNodeRow),
+    /// An ended workflow past its retention, with its nodes.
+    DeleteDag {
+        id: u64,
+    },
     /// A workflow node released: its spec, its jobs (`node.first_job`, `count` of them) and the
     /// node's row, in one operation so that no commit holds the jobs without the node knowing
     /// them (a node is never released twice, even across a crash).
@@ -161,7 +165,8 @@ pub enum NodeRun {
 }
 
 impl NodeRun {
-    pub const ALL: [NodeRun; 5] = [NodeRun::Waiting, NodeRun::Released, NodeRun::Done, NodeRun::Failed, NodeRun::Skipped];
+    pub const ALL: [NodeRun; 5] =
+        [NodeRun::Waiting, NodeRun::Released, NodeRun::Done, NodeRun::Failed, NodeRun::Skipped];
 
     pub fn as_str(self) -> &'static str {
         match self {

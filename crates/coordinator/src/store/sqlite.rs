@@ -185,15 +185,16 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
 /// Workflows with their nodes. A state this version does not know reads as failed (a workflow)
 /// or failed (a node), with the reason.
 fn load_dags(conn: &Connection) -> rusqlite::Result<Vec<(DagRow, Vec<DagNodeRow>)>> {
-    let mut st = conn.prepare(
-        "SELECT id, owner, json, state, reason, submitted_ms, finished_ms, rescue_of FROM dags ORDER BY id",
-    )?;
+    let mut st = conn
+        .prepare("SELECT id, owner, json, state, reason, submitted_ms, finished_ms, rescue_of FROM dags ORDER BY id")?;
     let mut dags: Vec<(DagRow, Vec<DagNodeRow>)> = st
         .query_map([], |r| {
             let state: String = r.get(3)?;
             let (state, reason) = match DagState::parse(&state) {
                 Some(s) => (s, r.get(4)?),
-                None => (DagState::Failed, Some(format!("the store held an unknown state {state:?} for this workflow"))),
+                None => {
+                    (DagState::Failed, Some(format!("the store held an unknown state {state:?} for this workflow")))
+                }
             };
             Ok(DagRow {
                 id: r.get::<_, i64>(0)? as u64,
@@ -209,9 +210,8 @@ fn load_dags(conn: &Connection) -> rusqlite::Result<Vec<(DagRow, Vec<DagNodeRow>
         .map(|row| row.map(|d| (d, Vec::new())))
         .collect::<Result<_, _>>()?;
     let at: std::collections::HashMap<u64, usize> = dags.iter().enumerate().map(|(i, (d, _))| (d.id, i)).collect();
-    let mut st = conn.prepare(
-        "SELECT dag_id, idx, state, tries, spec_id, first_job, reason FROM dag_nodes ORDER BY dag_id, idx",
-    )?;
+    let mut st = conn
+        .prepare("SELECT dag_id, idx, state, tries, spec_id, first_job, reason FROM dag_nodes ORDER BY dag_id, idx")?;
     let rows = st.query_map([], |r| {
         let state: String = r.get(2)?;
         let (state, reason) = match NodeRun::parse(&state) {
@@ -360,6 +360,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
             )?;
         }
         Op::DagNode(n) => put_dag_node(tx, n)?,
+        Op::DeleteDag { id } => {
+            tx.execute("DELETE FROM dag_nodes WHERE dag_id = ?1", params![*id as i64])?;
+            tx.execute("DELETE FROM dags WHERE id = ?1", params![*id as i64])?;
+        }
         Op::DagRelease { node, spec_id, owner, json, count, submitted_ms } => {
             insert_spec(tx, *spec_id, owner, json)?;
             let first = node.first_job.expect("a released node has its jobs");

@@ -85,15 +85,39 @@ file = \"job.toml\"
 fn each_refusal_names_the_job_and_the_place() {
     let d = dir_with(&[("job.toml", JOB)]);
     let cases = [
-        ("[jobs.a]\nfile = \"job.toml\"\nafter = [\"nope\"]\n", "3:10", "job `a` runs after `nope`, which is not a job of this flow"),
+        (
+            "[jobs.a]\nfile = \"job.toml\"\nafter = [\"nope\"]\n",
+            "3:10",
+            "job `a` runs after `nope`, which is not a job of this flow",
+        ),
         ("[jobs.a]\nfile = \"missing.toml\"\n", "2:8", "job `a`: cannot read its job file"),
-        ("[jobs.a]\nfile = \"job.toml\"\n[jobs.b]\nfile = \"job.toml\"\ninputs_from = { a = [\"*\"] }\n", "5:21", "job `b` takes inputs from `a`, which is not in its `after`"),
-        ("[jobs.a]\nfile = \"job.toml\"\n[jobs.b]\nfile = \"job.toml\"\nafter = [\"a\"]\ninputs_from = { a = [\"../x\"] }\n", "6:21", "job `b`: inputs_from output pattern `../x`"),
-        ("[jobs.a]\nfile = \"job.toml\"\n[jobs.b]\nfile = \"job.toml\"\nafter = [\"a\"]\ninputs_from = { a = [\"out/[\"] }\n", "6:21", "not a valid glob"),
+        (
+            "[jobs.a]\nfile = \"job.toml\"\n[jobs.b]\nfile = \"job.toml\"\ninputs_from = { a = [\"*\"] }\n",
+            "5:21",
+            "job `b` takes inputs from `a`, which is not in its `after`",
+        ),
+        (
+            "[jobs.a]\nfile = \"job.toml\"\n[jobs.b]\nfile = \"job.toml\"\nafter = [\"a\"]\ninputs_from = { a = [\"../x\"] }\n",
+            "6:21",
+            "job `b`: inputs_from output pattern `../x`",
+        ),
+        (
+            "[jobs.a]\nfile = \"job.toml\"\n[jobs.b]\nfile = \"job.toml\"\nafter = [\"a\"]\ninputs_from = { a = [\"out/[\"] }\n",
+            "6:21",
+            "not a valid glob",
+        ),
         ("[jobs.a]\nfile = \"job.toml\"\ncount = 0\n", "3:9", "job `a`: `count` is 0"),
-        ("[jobs.a]\nfile = \"job.toml\"\nafter = [\"f\"]\n[jobs.f]\nfile = \"job.toml\"\nfinal = true\n", "3:10", "the final job"),
+        (
+            "[jobs.a]\nfile = \"job.toml\"\nafter = [\"f\"]\n[jobs.f]\nfile = \"job.toml\"\nfinal = true\n",
+            "3:10",
+            "the final job",
+        ),
         ("[jobs.a]\n", "1:1", "job `a` needs `file = \"job.toml\"` or an inline job"),
-        ("[jobs.a]\nfile = \"job.toml\"\nvm = { type = \"wasm\", image = \"x.wasm\" }\n", "2:8", "has both `file` and an inline job"),
+        (
+            "[jobs.a]\nfile = \"job.toml\"\nvm = { type = \"wasm\", image = \"x.wasm\" }\n",
+            "2:8",
+            "has both `file` and an inline job",
+        ),
         ("[jobs.a]\nfile = \"job.toml\"\nbogus = 1\n", "3:1", "unknown field `bogus`"),
         ("[jobs.a]\nvm = { type = \"wasm\" }\n", "2:6", "a wasm job needs `image`"),
         ("[jobs.\"a b\"]\nfile = \"job.toml\"\n", "1:1", "job `a b`: `name` may use only"),
@@ -119,4 +143,15 @@ fn outputs_match_as_output_collection_matches_them() {
     assert!(crate::check::matches_output(&pats, "top.csv"));
     assert!(!crate::check::matches_output(&pats, "out/sub/a.txt"), "`*` does not cross `/`");
     assert!(!crate::check::matches_output(&pats, "a.txt"));
+}
+
+#[test]
+fn the_example_flow_parses() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/wordcount/flow.toml");
+    let f = load_flow(&path).unwrap();
+    let names: Vec<&str> = f.nodes.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["recount", "summary", "sweep"]);
+    assert_eq!((f.nodes[2].count, f.nodes[2].retries), (4, 1));
+    assert!(f.nodes[1].final_node);
+    assert_eq!(f.nodes[0].inputs_from["sweep"], ["out/report-3.txt"]);
 }

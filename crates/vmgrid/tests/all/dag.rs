@@ -109,7 +109,10 @@ fn a_failed_middle_node_fails_the_flow_and_its_rescue_runs_only_what_did_not_com
     assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
     let id: u64 = stdout_of(&out).trim().parse().unwrap();
     let err = stderr_of(&out);
-    assert!(err.contains(&format!("workflow {id} failed: job `b` failed: job ")) && err.contains("exited with 3"), "{err}");
+    assert!(
+        err.contains(&format!("workflow {id} failed: job `b` failed: job ")) && err.contains("exited with 3"),
+        "{err}"
+    );
     let v = status(&pool, id);
     assert_eq!(v.state, DagState::Failed);
     let states: Vec<(DagNodeState, u32)> = v.nodes.iter().map(|n| (n.state, n.tries)).collect();
@@ -121,7 +124,8 @@ fn a_failed_middle_node_fails_the_flow_and_its_rescue_runs_only_what_did_not_com
 
     // Fixed, the flow is rescued: a is not run again, and its output still reaches b.
     std::fs::write(&flow, flow_with(&["read:a/out/a.txt", "write:out/b.txt:b saw a"])).unwrap();
-    let out = pool.cli().args(["dag", "submit"]).arg(&flow).args(["--rescue", &id.to_string(), "--wait"]).output().unwrap();
+    let out =
+        pool.cli().args(["dag", "submit"]).arg(&flow).args(["--rescue", &id.to_string(), "--wait"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
     let rescue: u64 = stdout_of(&out).trim().parse().unwrap();
     let r = status(&pool, rescue);
@@ -164,7 +168,10 @@ fn a_coordinator_killed_mid_flow_restarts_and_the_flow_completes_with_no_node_ru
     assert!(v.nodes.iter().all(|n| n.tries == 1), "no node was released twice: {v:#?}");
     let jobs = pool.admin().jobs().unwrap();
     assert_eq!(jobs.len(), 6, "one job per instance: {jobs:#?}");
-    assert!(jobs.iter().all(|j| j.state == JobState::Completed && j.exit_code == Some(0) && j.attempts == 1), "{jobs:#?}");
+    assert!(
+        jobs.iter().all(|j| j.state == JobState::Completed && j.exit_code == Some(0) && j.attempts == 1),
+        "{jobs:#?}"
+    );
     assert_eq!(stdout_of_job(&pool, v.nodes[2].jobs[0]), "b0\nb3\n");
 }
 

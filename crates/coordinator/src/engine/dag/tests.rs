@@ -229,3 +229,25 @@ fn a_restart_at_any_point_goes_on_from_the_store_and_releases_no_node_twice() {
     assert_eq!(v.state, DagState::Completed);
     assert_eq!(e.job_views(&alice()).len(), 4, "one job per node");
 }
+
+#[test]
+fn the_files_of_nodes_not_yet_released_are_kept_and_an_ended_workflow_goes_after_its_retention() {
+    let mut e = pool();
+    let mut flow = diamond();
+    let d_image = FileRef { path: "d.wasm".into(), blob: blob('9'), size: 1 };
+    flow.nodes[3].job.image = Some(d_image);
+    e.add_blob(&blob('9'), "alice", 1, 0);
+    let id = e.submit_dag(&alice(), flow, None, 1).unwrap();
+    assert!(e.unreferenced_blobs(100).is_empty(), "d's image is kept while d waits");
+    for now in 2..5 {
+        run_all(&mut e, now, |_| 0);
+    }
+    assert_eq!(e.dag_view(&alice(), id).unwrap().state, DagState::Completed);
+    e.set_limits(crate::engine::Limits { retain_finished_ms: 10, ..Default::default() });
+    e.take_effects();
+    e.tick(5);
+    assert!(e.dag_view(&alice(), id).is_ok(), "kept within its retention");
+    e.tick(100);
+    assert!(matches!(e.dag_view(&alice(), id), Err(ApiError::NotFound(_))));
+    assert!(e.take_effects().ops.contains(&Op::DeleteDag { id }));
+}
