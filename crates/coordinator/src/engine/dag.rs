@@ -7,6 +7,7 @@
 //! store left it, and a node's release is one store operation ([`Op::DagRelease`]): no node is
 //! released twice.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -36,9 +37,14 @@ struct DagNode {
     spec_id: Option<u64>,
     first_job: Option<u64>,
     reason: Option<String>,
+    /// How many of the latest run's jobs, from the first, are known to have completed with exit
+    /// code 0 (final, so never looked at again): a sweep's settling costs each job once.
+    settled: Cell<u64>,
 }
 
-const WAITING: DagNode = DagNode { run: NodeRun::Waiting, tries: 0, spec_id: None, first_job: None, reason: None };
+fn waiting() -> DagNode {
+    DagNode { run: NodeRun::Waiting, tries: 0, spec_id: None, first_job: None, reason: None, settled: Cell::new(0) }
+}
 
 /// What a scan found to do for one node.
 enum Step {
@@ -106,7 +112,7 @@ impl Engine {
                 self.limits.max_queued_per_user
             )));
         }
-        let mut nodes = vec![WAITING; spec.nodes.len()];
+        let mut nodes = vec![waiting(); spec.nodes.len()];
         if let Some(old_id) = rescue {
             self.rescued_nodes(p, old_id, &spec, &mut nodes)?;
         }
@@ -145,7 +151,11 @@ impl Engine {
             let Some(&j) = old.index.get(&n.name) else { continue };
             // The final node runs at the end of every workflow, a rescue included.
             if old.nodes[j].run == NodeRun::Done && old.spec.nodes[j].count == n.count && !n.final_node {
-                nodes[i] = DagNode { reason: Some(format!("done in workflow {old_id}")), ..old.nodes[j].clone() };
+                nodes[i] = DagNode {
+                    reason: Some(format!("done in workflow {old_id}")),
+                    settled: Cell::new(0),
+                    ..old.nodes[j].clone()
+                };
             }
         }
         Ok(())
@@ -222,12 +232,19 @@ impl Engine {
     /// whether every job completed with exit code 0 (and, if not, the first that did not).
     fn settle(&self, d: &Dag, i: usize) -> Option<Result<(), String>> {
         let mut failure = None;
-        for job in d.jobs_of(i) {
+        let settled = &d.nodes[i].settled;
+        let jobs = d.jobs_of(i);
+        for job in jobs.start + settled.get()..jobs.end {
             let why = match self.jobs.get(&job) {
                 None => format!("job {job} is no longer in the pool"),
                 Some(j) => match j.state {
                     JobState::Idle | JobState::Running => return None,
-                    JobState::Completed if j.exit_code == Some(0) => continue,
+                    JobState::Completed if j.exit_code == Some(0) => {
+                        if failure.is_none() && job == jobs.start + settled.get() {
+                            settled.set(settled.get() + 1);
+                        }
+                        continue;
+                    }
                     JobState::Completed => format!("job {job} exited with {}", j.exit_code.unwrap_or(-1)),
                     JobState::Held => {
                         format!("job {job} is held: {}", j.reason.as_deref().unwrap_or("no reason given"))
@@ -319,6 +336,7 @@ impl Engine {
         node.tries += 1;
         node.spec_id = Some(spec_id);
         node.first_job = Some(first);
+        node.settled.set(0);
         node.reason = note;
         let row = d.node_row(id, i);
         self.store(Op::DagRelease { node: row, spec_id, owner: owner.to_string(), json, count, submitted_ms: now });
@@ -489,7 +507,7 @@ impl Engine {
                     continue;
                 }
             };
-            let mut nodes = vec![WAITING; spec.nodes.len()];
+            let mut nodes = vec![waiting(); spec.nodes.len()];
             for r in rows {
                 if let Some(n) = nodes.get_mut(r.idx as usize) {
                     *n = DagNode {
@@ -498,6 +516,7 @@ impl Engine {
                         spec_id: r.spec_id,
                         first_job: r.first_job,
                         reason: r.reason,
+                        settled: Cell::new(0),
                     };
                     if r.state == NodeRun::Released
                         && let Some(spec_id) = r.spec_id

@@ -335,6 +335,16 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         Op::DeleteBlob { hash } => {
             tx.execute("DELETE FROM blobs WHERE hash = ?1", params![hash])?;
         }
+        Op::Dag { .. } | Op::DagState { .. } | Op::DagNode(_) | Op::DeleteDag { .. } | Op::DagRelease { .. } => {
+            apply_dag(tx, op)?
+        }
+    }
+    Ok(())
+}
+
+/// The workflow operations.
+fn apply_dag(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
+    match op {
         Op::Dag { row, nodes } => {
             tx.execute(
                 "INSERT INTO dags (id, owner, json, state, reason, submitted_ms, finished_ms, rescue_of) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -370,6 +380,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
             insert_jobs(tx, *spec_id, first, *count, owner, *submitted_ms)?;
             put_dag_node(tx, node)?;
         }
+        _ => unreachable!("only workflow operations come here"),
     }
     Ok(())
 }

@@ -251,3 +251,37 @@ fn the_files_of_nodes_not_yet_released_are_kept_and_an_ended_workflow_goes_after
     assert!(matches!(e.dag_view(&alice(), id), Err(ApiError::NotFound(_))));
     assert!(e.take_effects().ops.contains(&Op::DeleteDag { id }));
 }
+
+#[test]
+fn a_sweep_node_is_done_only_when_its_last_instance_completes_in_whatever_order() {
+    let mut e = pool();
+    let mut flow = diamond();
+    flow.nodes[0].count = 4;
+    let id = e.submit_dag(&alice(), flow, None, 1).unwrap();
+    e.schedule(2);
+    let leases = e.take_leases("n1", 100, 100, 2);
+    assert_eq!(leases.len(), 4);
+    for (k, at) in [3, 0, 2, 1].into_iter().enumerate() {
+        let l = &leases[at];
+        let report = Report {
+            lease: LeaseId { job_id: l.job_id, epoch: l.epoch },
+            run: RunReport::Exited { code: 0 },
+            stdout: None,
+            stderr: None,
+            stdout_dropped: 0,
+            stderr_dropped: 0,
+            outputs: vec![FileRef { path: format!("out/{at}.txt"), blob: blob('a'), size: 1 }],
+        };
+        e.report("n1", vec![report], 3 + k as u64).unwrap();
+        let a = &e.dag_view(&alice(), id).unwrap().nodes[0];
+        let want = if k == 3 { DagNodeState::Done } else { DagNodeState::Running };
+        assert_eq!((a.state, a.jobs_done), (want, k as u64 + 1));
+    }
+    let b = run_all(&mut e, 10, |_| 0).into_iter().find(|l| l.spec.name == "b").unwrap();
+    let paths: Vec<&str> = b.spec.inputs.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["a/0/out/0.txt", "a/1/out/1.txt", "a/2/out/2.txt", "a/3/out/3.txt"],
+        "a sweep's outputs by index"
+    );
+}
