@@ -200,3 +200,39 @@ fn a_cyclic_flow_or_an_unknown_dependency_is_refused_with_the_names_and_nothing_
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr_of(&out).contains("no workflow 1"), "{}", stderr_of(&out));
 }
+
+#[test]
+fn only_its_owner_or_an_admin_removes_a_workflow_and_rm_removes_its_queued_jobs() {
+    let pool = Pool::start();
+    let d = JobDir::new();
+    let user = |name: &str| {
+        let token = pool.admin().add_token(vmgrid_proto::Role::User, name, None).unwrap().token;
+        let mut c = vmgrid();
+        c.env("VMGRID_POOL", &pool.url)
+            .env("VMGRID_TOKEN", token)
+            .env("VMGRID_CA_FILE", pool.data_dir().join("ca.pem"));
+        c
+    };
+    let job = probe(&["args", "x"]);
+    let flow = write_flow(d.path(), &format!("[jobs.a]\n{job}[jobs.b]\nafter = [\"a\"]\n{job}"));
+    // No node yet: a stays idle.
+    let out = user("alice").args(["dag", "submit"]).arg(&flow).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    let id = stdout_of(&out).trim().to_string();
+    for args in [["dag", "rm", &id], ["dag", "status", &id]] {
+        let out = user("bob").args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(stderr_of(&out).contains(&format!("workflow {id} belongs to alice")), "{}", stderr_of(&out));
+    }
+    let out = user("alice").args(["dag", "rm", &id]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    assert_eq!(stdout_of(&out), format!("workflow {id}: removed\n"));
+    let v = status(&pool, id.parse().unwrap());
+    assert_eq!(v.state, DagState::Removed);
+    assert_eq!(v.reason.as_deref(), Some("removed by alice"));
+    assert_eq!(v.nodes.iter().map(|n| n.state).collect::<Vec<_>>(), [DagNodeState::Failed, DagNodeState::Skipped]);
+    assert_eq!(pool.job(v.nodes[0].jobs[0]).state, JobState::Removed);
+    let out = user("alice").args(["dag", "rm", &id]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).contains("is removed already"), "{}", stderr_of(&out));
+}
