@@ -93,6 +93,11 @@ pub fn check(s: &Shape<'_>) -> Result<(), Invalid> {
     int_in(Field::MaxRetries, "max_retries", s.max_retries, 0, limits::MAX_RETRIES as i64)
 }
 
+/// The rules for names (a job's, a workflow's): 1 to 128 letters, digits, `-`, `_` and `.`.
+pub fn check_name(n: &str) -> Result<(), String> {
+    name(n).map_err(|inv| inv.message)
+}
+
 fn name(n: &str) -> Result<(), Invalid> {
     if n.is_empty() || n.len() > limits::MAX_NAME_LEN {
         return Err(invalid(Field::Name, format!("`name` must be 1 to {} characters", limits::MAX_NAME_LEN)));

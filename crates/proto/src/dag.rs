@@ -45,6 +45,7 @@ impl DagSpec {
     /// Every job passes the rules of jobs, and the workflow the rules of workflows; each refusal
     /// names its node.
     pub fn check(&self) -> Result<(), String> {
+        vmgrid_job::check::check_name(&self.name).map_err(|m| format!("the workflow's {m}"))?;
         vmgrid_job::check::check_dag(&self.shapes()).map_err(|inv| inv.message)?;
         for n in &self.nodes {
             if n.job.ssi.is_some() {

@@ -147,6 +147,12 @@ impl Engine {
                 "workflow {old_id} is still running: wait for it to end, or `vmgrid dag rm {old_id}`, before rescuing it"
             )));
         }
+        // Two rescues of one workflow would run its unfinished nodes twice.
+        if let Some((by, _)) = self.dags.iter().find(|(_, d)| d.rescue_of == Some(old_id)) {
+            return Err(ApiError::Conflict(format!(
+                "workflow {old_id} was rescued already, by workflow {by}: rescue {by} if it did not complete"
+            )));
+        }
         for (i, n) in spec.nodes.iter().enumerate() {
             let Some(&j) = old.index.get(&n.name) else { continue };
             // The final node runs at the end of every workflow, a rescue included.

@@ -164,6 +164,11 @@ fn a_rescue_runs_only_what_did_not_complete_and_reuses_the_done_nodes_outputs() 
     let d = run_all(&mut e, 6, |_| 0);
     assert_eq!(d[0].spec.inputs.iter().map(|f| f.blob.clone()).collect::<Vec<_>>(), [blob('b'), blob('c')]);
     assert_eq!(e.dag_view(&alice(), rescue).unwrap().state, DagState::Completed);
+    let Err(ApiError::Conflict(m)) = e.submit_dag(&alice(), diamond(), Some(id), 7) else { panic!("rescued twice") };
+    assert_eq!(
+        m,
+        format!("workflow {id} was rescued already, by workflow {rescue}: rescue {rescue} if it did not complete")
+    );
     assert!(matches!(e.submit_dag(&alice(), diamond(), Some(rescue + 1), 7), Err(ApiError::NotFound(_))));
 }
 
@@ -195,6 +200,10 @@ fn a_cycle_or_a_job_the_rules_refuse_stores_nothing() {
     flow.nodes[2].job.cpus = 0;
     let Err(ApiError::BadRequest(m)) = e.submit_dag(&alice(), flow, None, 1) else { panic!("accepted cpus = 0") };
     assert!(m.starts_with("job `c`: `cpus` is 0"), "{m}");
+    let mut flow = diamond();
+    flow.name = "a b".into();
+    let Err(ApiError::BadRequest(m)) = e.submit_dag(&alice(), flow, None, 1) else { panic!("accepted the name") };
+    assert!(m.starts_with("the workflow's `name` may use only"), "{m}");
     assert!(e.take_effects().ops.is_empty());
 }
 
