@@ -324,6 +324,8 @@ pub struct DagNode<'a> {
     pub inputs_from: &'a BTreeMap<String, Vec<String>>,
     pub retries: i64,
     pub final_node: bool,
+    /// Where the job's own inputs land in its directory.
+    pub inputs: Vec<&'a str>,
 }
 
 /// The part of a workflow a rule refused: which key of node `node` (an index into the nodes).
@@ -392,6 +394,14 @@ pub fn check_dag(nodes: &[DagNode<'_>]) -> Result<(), DagInvalid> {
             for g in globs {
                 output_pattern(g)
                     .map_err(|m| dag_invalid(i, at.clone(), format!("job `{}`: inputs_from {m}", n.name)))?;
+            }
+            let prefix = format!("{parent}/");
+            if let Some(own) = n.inputs.iter().find(|d| **d == parent || d.starts_with(&prefix)) {
+                let m = format!(
+                    "job `{}`: its input `{own}` would land where the inputs from `{parent}` go ({parent}/…)",
+                    n.name
+                );
+                return Err(dag_invalid(i, at, m));
             }
         }
         if n.final_node {

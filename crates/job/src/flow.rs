@@ -102,6 +102,10 @@ pub fn parse_flow(path: &Path, text: &str) -> Result<Flow, JobFileError> {
         .iter()
         .map(|(_, _, n, _, _)| n.inputs_from.iter().map(|(k, v)| (k.clone(), v.get_ref().clone())).collect())
         .collect();
+    let dests: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|(_, job, _, _, _)| job.files.inputs.iter().map(|i| i.dest.to_string_lossy().into_owned()).collect())
+        .collect();
     let shapes: Vec<check::DagNode<'_>> = nodes
         .iter()
         .enumerate()
@@ -112,6 +116,7 @@ pub fn parse_flow(path: &Path, text: &str) -> Result<Flow, JobFileError> {
             inputs_from: &inputs[i],
             retries: *retries,
             final_node: n.final_node.as_ref().is_some_and(|f| *f.get_ref()),
+            inputs: dests[i].iter().map(String::as_str).collect(),
         })
         .collect();
     if let Err(inv) = check::check_dag(&shapes) {

@@ -66,6 +66,7 @@ impl DagSpec {
                 inputs_from: &n.inputs_from,
                 retries: n.retries.into(),
                 final_node: n.final_node,
+                inputs: n.job.inputs.iter().map(|f| f.path.as_str()).collect(),
             })
             .collect()
     }

@@ -108,6 +108,11 @@ fn each_refusal_names_the_job_and_the_place() {
         ),
         ("[jobs.a]\nfile = \"job.toml\"\ncount = 0\n", "3:9", "job `a`: `count` is 0"),
         (
+            "[jobs.a]\nfile = \"job.toml\"\n[jobs.b]\nafter = [\"a\"]\ninputs_from = { a = [\"*\"] }\nvm = { type = \"wasm\", image = \"x.wasm\" }\nfiles = { inputs = [\"a/x.txt\"] }\n",
+            "5:21",
+            "job `b`: its input `a/x.txt` would land where the inputs from `a` go",
+        ),
+        (
             "[jobs.a]\nfile = \"job.toml\"\nafter = [\"f\"]\n[jobs.f]\nfile = \"job.toml\"\nfinal = true\n",
             "3:10",
             "the final job",

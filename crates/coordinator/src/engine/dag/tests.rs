@@ -173,6 +173,19 @@ fn a_rescue_runs_only_what_did_not_complete_and_reuses_the_done_nodes_outputs() 
 }
 
 #[test]
+fn a_glob_that_matches_no_output_fails_the_node_with_the_reason() {
+    let mut e = pool();
+    let mut flow = diamond();
+    flow.nodes[1].inputs_from.insert("a".into(), vec!["nothing/*".into()]);
+    let id = e.submit_dag(&alice(), flow, None, 1).unwrap();
+    run_all(&mut e, 2, |_| 0);
+    let v = e.dag_view(&alice(), id).unwrap();
+    assert_eq!(v.nodes[1].state, DagNodeState::Failed);
+    assert_eq!(v.nodes[1].reason.as_deref(), Some("no output of `a` matches nothing/*"));
+    assert_eq!(v.nodes[1].tries, 0, "nothing of it ran");
+}
+
+#[test]
 fn a_running_workflow_cannot_be_rescued_and_rm_removes_its_jobs_for_its_owner_only() {
     let mut e = pool();
     let id = e.submit_dag(&alice(), diamond(), None, 1).unwrap();
