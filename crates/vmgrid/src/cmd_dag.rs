@@ -17,13 +17,17 @@ use crate::term::field;
 #[command(
     about = "Workflows: DAGs of jobs that the pool runs in dependency order",
     after_help = "A flow file names jobs and how they depend on each other:\n\n  \
-[jobs.prepare]\n  file = \"prepare.toml\"                 # a job file, relative to the flow file\n\n  \
-[jobs.count]\n  file = \"count.toml\"\n  after = [\"prepare\"]                    # runs once `prepare` completed with exit 0\n  \
-count = 10                              # a sweep: instances 0..9, `{index}` in args and env\n  \
-retries = 2                             # the node as a whole runs again after a failure\n  \
-inputs_from = { prepare = [\"out/*.txt\"] } # prepare's matching outputs, as inputs at prepare/PATH\n\n  \
-[jobs.report]\n  final = true                            # runs last, whether the others succeeded or not\n  \
-vm = { type = \"wasm\", image = \"report.wasm\" }   # a job written inline: the keys of a job file\n\n\
+[jobs.prepare]\n  \
+file = \"prepare.toml\"                      # a job file, relative to the flow file\n\n  \
+[jobs.count]\n  \
+file = \"count.toml\"\n  \
+after = [\"prepare\"]                        # runs once `prepare` completed with exit 0\n  \
+count = 10                                 # a sweep: instances 0..9, `{index}` in args and env\n  \
+retries = 2                                # the node as a whole runs again after a failure\n  \
+inputs_from = { prepare = [\"out/*.txt\"] }  # its matching outputs, as inputs at prepare/PATH\n\n  \
+[jobs.report]\n  \
+final = true                               # runs last, whether the others succeeded or not\n  \
+vm = { type = \"wasm\", image = \"r.wasm\" }   # a job written inline: the keys of a job file\n\n\
 Examples:\n  \
 vmgrid dag submit flow.toml --wait      submit and follow it; exit 0 when it completed\n  \
 vmgrid dag status 3                     each node: state, runs, jobs, reason\n  \
