@@ -459,6 +459,45 @@ mod tests {
     }
 
     #[test]
+    fn a_workflow_reads_back_with_its_nodes_and_goes_with_its_delete() {
+        use crate::store::{DagNodeRow, DagRow, NodeRun};
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("pool.sqlite")).unwrap();
+        let row = DagRow {
+            id: 7,
+            owner: "alice".into(),
+            json: "{}".into(),
+            state: DagState::Running,
+            reason: None,
+            submitted_ms: 1,
+            finished_ms: None,
+            rescue_of: Some(3),
+        };
+        let node =
+            |idx, state| DagNodeRow { dag_id: 7, idx, state, tries: 0, spec_id: None, first_job: None, reason: None };
+        store
+            .commit(&[Op::Dag { row: row.clone(), nodes: vec![node(0, NodeRun::Waiting), node(1, NodeRun::Waiting)] }])
+            .unwrap();
+        let released = DagNodeRow { tries: 1, spec_id: Some(4), first_job: Some(10), ..node(0, NodeRun::Released) };
+        let release = Op::DagRelease {
+            node: released.clone(),
+            spec_id: 4,
+            owner: "alice".into(),
+            json: "{}".into(),
+            count: 2,
+            submitted_ms: 2,
+        };
+        let end = Op::DagState { id: 7, state: DagState::Failed, reason: Some("why".into()), finished_ms: Some(3) };
+        store.commit(&[release, Op::DagNode(node(1, NodeRun::Skipped)), end]).unwrap();
+        let l = store.load().unwrap();
+        assert_eq!(l.jobs.iter().map(|j| (j.row.id, j.spec_id, j.index)).collect::<Vec<_>>(), [(10, 4, 0), (11, 4, 1)]);
+        let ended = DagRow { state: DagState::Failed, reason: Some("why".into()), finished_ms: Some(3), ..row };
+        assert_eq!(l.dags, [(ended, vec![released, node(1, NodeRun::Skipped)])]);
+        store.commit(&[Op::DeleteDag { id: 7 }]).unwrap();
+        assert!(store.load().unwrap().dags.is_empty());
+    }
+
+    #[test]
     fn a_job_in_an_unknown_state_is_held_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = SqliteStore::open(&dir.path().join("pool.sqlite")).unwrap();
