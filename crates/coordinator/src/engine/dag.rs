@@ -436,6 +436,12 @@ impl Engine {
         })
     }
 
+    /// The specs of the runs (latest, or done) of running workflows' nodes.
+    pub(super) fn running_dag_specs(&self) -> std::collections::HashSet<u64> {
+        let running = self.dags.values().filter(|d| d.state == DagState::Running);
+        running.flat_map(|d| d.nodes.iter().filter_map(|n| n.spec_id)).collect()
+    }
+
     /// Drops workflows that ended before `keep_from` (their jobs go by their own retention).
     pub(super) fn expire_dags(&mut self, keep_from: u64) {
         let old: Vec<u64> = self

@@ -30,14 +30,22 @@ impl Engine {
         self.final_by_time.insert((at, id));
     }
 
-    /// Drops finished jobs older than the retention period, and specs no job uses any more.
+    /// Drops finished jobs older than the retention period, and specs no job uses any more. The
+    /// jobs of a running workflow stay (their results are its progress and its nodes' inputs).
     pub(super) fn expire_finished(&mut self, now: u64) {
         let keep_from = now.saturating_sub(self.limits.retain_finished_ms);
+        let due = self.final_by_time.first().is_some_and(|&(at, _)| at < keep_from);
+        let in_use = if due { self.running_dag_specs() } else { HashSet::new() };
+        let mut kept = Vec::new();
         while let Some(&(at, id)) = self.final_by_time.first() {
             if at >= keep_from {
                 break;
             }
             self.final_by_time.pop_first();
+            if self.jobs.get(&id).is_some_and(|j| in_use.contains(&j.spec_id)) {
+                kept.push((at, id));
+                continue;
+            }
             let Some(j) = self.jobs.remove(&id) else { continue };
             self.store(Op::DeleteJob { id });
             let left = self.spec_jobs.entry(j.spec_id).or_default();
@@ -49,6 +57,7 @@ impl Engine {
                 self.store(Op::DeleteSpec { id: j.spec_id });
             }
         }
+        self.final_by_time.extend(kept);
         self.expire_dags(keep_from);
     }
 

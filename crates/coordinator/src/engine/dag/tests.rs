@@ -253,7 +253,7 @@ fn a_restart_at_any_point_goes_on_from_the_store_and_releases_no_node_twice() {
 }
 
 #[test]
-fn the_files_of_nodes_not_yet_released_are_kept_and_an_ended_workflow_goes_after_its_retention() {
+fn a_running_workflow_keeps_its_files_and_jobs_and_an_ended_one_goes_after_its_retention() {
     let mut e = pool();
     let mut flow = diamond();
     let d_image = FileRef { path: "d.wasm".into(), blob: blob('9'), size: 1 };
@@ -266,12 +266,24 @@ fn the_files_of_nodes_not_yet_released_are_kept_and_an_ended_workflow_goes_after
     }
     assert_eq!(e.dag_view(&alice(), id).unwrap().state, DagState::Completed);
     e.set_limits(crate::engine::Limits { retain_finished_ms: 10, ..Default::default() });
-    e.take_effects();
-    e.tick(5);
-    assert!(e.dag_view(&alice(), id).is_ok(), "kept within its retention");
-    e.tick(100);
-    assert!(matches!(e.dag_view(&alice(), id), Err(ApiError::NotFound(_))));
+    // A running workflow keeps its jobs past their retention: a's outputs are c's inputs later.
+    let other = e.submit_dag(&alice(), diamond(), None, 5).unwrap();
+    run_all(&mut e, 5, |_| 0);
+    e.tick(50);
+    assert!(matches!(e.dag_view(&alice(), id), Err(ApiError::NotFound(_))), "the ended one went");
     assert!(e.take_effects().ops.contains(&Op::DeleteDag { id }));
+    let a = e.dag_view(&alice(), other).unwrap().nodes[0].jobs[0];
+    assert!(e.job_result(&alice(), a).is_ok(), "kept while its workflow runs");
+    for now in 51..53 {
+        run_all(&mut e, now, |_| 0);
+    }
+    assert_eq!(e.dag_view(&alice(), other).unwrap().state, DagState::Completed);
+    e.take_effects();
+    e.tick(53);
+    assert!(e.dag_view(&alice(), other).is_ok(), "kept within its retention");
+    e.tick(100);
+    assert!(matches!(e.dag_view(&alice(), other), Err(ApiError::NotFound(_))));
+    assert!(matches!(e.job_result(&alice(), a), Err(ApiError::NotFound(_))), "its jobs go by their own retention");
 }
 
 #[test]
