@@ -22,7 +22,7 @@ pub struct Flow {
     pub source: PathBuf,
     /// The flow file's name, made to fit the rules for names.
     pub name: String,
-    /// In name order.
+    /// In the order the file lists them.
     pub nodes: Vec<FlowNode>,
 }
 
@@ -87,7 +87,10 @@ pub fn parse_flow(path: &Path, text: &str) -> Result<Flow, JobFileError> {
     };
     let mut nodes = Vec::new();
     let mut spans = Vec::new();
-    for (name, node) in raw.jobs {
+    // In the order the file lists them.
+    let mut listed: Vec<(String, Spanned<RawNode>)> = raw.jobs.into_iter().collect();
+    listed.sort_by_key(|(_, n)| n.span().start);
+    for (name, node) in listed {
         let at = node.span();
         let node = node.into_inner();
         let job = node_job(path, text, &base, &name, at.clone(), &node)?;

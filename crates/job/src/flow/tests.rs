@@ -155,8 +155,8 @@ fn the_example_flow_parses() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/wordcount/flow.toml");
     let f = load_flow(&path).unwrap();
     let names: Vec<&str> = f.nodes.iter().map(|n| n.name.as_str()).collect();
-    assert_eq!(names, ["recount", "summary", "sweep"]);
-    assert_eq!((f.nodes[2].count, f.nodes[2].retries), (4, 1));
-    assert!(f.nodes[1].final_node);
-    assert_eq!(f.nodes[0].inputs_from["sweep"], ["out/report-3.txt"]);
+    assert_eq!(names, ["sweep", "recount", "summary"], "in the file's order");
+    assert_eq!((f.nodes[0].count, f.nodes[0].retries), (4, 1));
+    assert!(f.nodes[2].final_node);
+    assert_eq!(f.nodes[1].inputs_from["sweep"], ["out/report-3.txt"]);
 }
