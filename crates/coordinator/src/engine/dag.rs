@@ -167,13 +167,17 @@ impl Engine {
         Ok(())
     }
 
-    /// Called when job `id` changed state: its workflow, if it has one, moves on.
+    /// Called when job `id` changed state: its workflow, if it has one, moves on. Only the end
+    /// of its node's run can change anything, so until then this costs one look at that node.
     pub(super) fn job_changed(&mut self, id: u64, now: u64) {
         let Some(j) = self.jobs.get(&id) else { return };
         if !matches!(j.state, JobState::Completed | JobState::Held | JobState::Removed) {
             return;
         }
-        if let Some(&(dag, _)) = self.dag_specs.get(&j.spec_id) {
+        let Some(&(dag, i)) = self.dag_specs.get(&j.spec_id) else { return };
+        let Some(d) = self.dags.get(&dag) else { return };
+        let current = d.nodes[i].run == NodeRun::Released && d.nodes[i].spec_id == Some(j.spec_id);
+        if d.state == DagState::Running && current && self.settle(d, i).is_some() {
             self.advance_dag(dag, now);
         }
     }
