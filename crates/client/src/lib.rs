@@ -218,6 +218,10 @@ impl Client {
         self.post("/v1/dags", req)
     }
 
+    pub fn dags(&self) -> Result<Vec<DagSummary>> {
+        self.get("/v1/dags")
+    }
+
     pub fn dag(&self, id: u64) -> Result<DagView> {
         self.get(&format!("/v1/dags/{id}"))
     }

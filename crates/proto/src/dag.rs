@@ -154,7 +154,22 @@ pub struct DagNodeView {
     pub reason: Option<String>,
 }
 
-/// A workflow as `vmgrid dag status --json` prints it.
+/// A workflow in the list `vmgrid dag status` (without an id) prints: `GET /v1/dags`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DagSummary {
+    pub id: u64,
+    pub name: String,
+    pub owner: String,
+    pub state: DagState,
+    pub reason: Option<String>,
+    pub done: u64,
+    pub total: u64,
+    pub rescue_of: Option<u64>,
+    pub submitted_ms: u64,
+    pub finished_ms: Option<u64>,
+}
+
+/// A workflow as `vmgrid dag status ID --json` prints it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DagView {
     pub id: u64,

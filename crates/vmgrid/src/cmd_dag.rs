@@ -31,6 +31,7 @@ vm = { type = \"wasm\", image = \"r.wasm\" }   # a job written inline: the keys 
 Examples:\n  \
 vmgrid dag submit flow.toml --wait      submit and follow it; exit 0 when it completed\n  \
 vmgrid dag status 3                     each node: state, runs, jobs, reason\n  \
+vmgrid dag status                       every workflow: id, name, owner, state, nodes done\n  \
 vmgrid dag submit flow.toml --rescue 3  run again only what did not complete in workflow 3\n  \
 vmgrid dag rm 3                         remove its queued and running jobs"
 )]
@@ -43,7 +44,8 @@ pub struct DagArgs {
 enum DagCommand {
     /// Check a flow file, upload its jobs' files and submit it; prints the workflow's id.
     Submit(SubmitArgs),
-    /// A workflow's state, progress and each node's state (waiting, idle, running, done, failed, skipped).
+    /// A workflow's state, progress and each node's state (waiting, idle, running, done, failed,
+    /// skipped); without an id, every workflow this token may see.
     Status(StatusArgs),
     /// Remove a running workflow: its queued and running jobs are removed, the rest not run.
     Rm(IdArgs),
@@ -66,7 +68,8 @@ struct SubmitArgs {
 
 #[derive(clap::Args, Debug)]
 struct StatusArgs {
-    id: u64,
+    /// The workflow; without it, the list of workflows.
+    id: Option<u64>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -158,8 +161,30 @@ fn submit(args: SubmitArgs) -> Result<i32, CliError> {
     Ok(1)
 }
 
+fn list(args: StatusArgs) -> Result<i32, CliError> {
+    let dags = args.pool.client()?.dags()?;
+    if args.json {
+        print_json(&dags)?;
+        return Ok(0);
+    }
+    println!("{:>6}  {:<16} {:<10} {:<9} {:>9}  REASON", "ID", "NAME", "OWNER", "STATE", "DONE");
+    for d in &dags {
+        println!(
+            "{:>6}  {:<16} {:<10} {:<9} {:>9}  {}",
+            d.id,
+            field(&d.name),
+            field(&d.owner),
+            d.state.as_str(),
+            format!("{}/{}", d.done, d.total),
+            field(d.reason.as_deref().unwrap_or(""))
+        );
+    }
+    Ok(0)
+}
+
 fn status(args: StatusArgs) -> Result<i32, CliError> {
-    let v = args.pool.client()?.dag(args.id)?;
+    let Some(id) = args.id else { return list(args) };
+    let v = args.pool.client()?.dag(id)?;
     if args.json {
         print_json(&v)?;
         return Ok(0);

@@ -1,4 +1,4 @@
-//! `/v1/dags`: submit a workflow (or its rescue), read its state, remove it. Owners and admins
+//! `/v1/dags`: submit a workflow (or its rescue), list them, read one's state, remove it. Owners and admins
 //! only, as for jobs.
 
 use axum::Json;
@@ -37,6 +37,13 @@ pub async fn submit(
     });
     shared.finish(pending).await?;
     Ok(Json(view?))
+}
+
+pub async fn list(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<Json<Vec<DagSummary>>> {
+    user(&p, "list workflows")?;
+    let (list, pending) = shared.call(|e| e.dag_list(&p));
+    shared.finish(pending).await?;
+    Ok(Json(list))
 }
 
 pub async fn get(AxState(shared): AxState<S>, Auth(p): Auth, Path(id): Path<u64>) -> Result<Json<DagView>> {

@@ -29,7 +29,7 @@ pub fn router(shared: S) -> Router {
         .route("/v1/jobs/actions", post(jobs::actions))
         .route("/v1/jobs/{id}", get(jobs::result))
         .route("/v1/jobs/{id}/wait", get(jobs::wait))
-        .route("/v1/dags", post(dags::submit))
+        .route("/v1/dags", post(dags::submit).get(dags::list))
         .route("/v1/dags/{id}", get(dags::get))
         .route("/v1/dags/{id}/rm", post(dags::rm))
         .route("/v1/nodes", get(nodes::list))

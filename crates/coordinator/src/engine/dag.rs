@@ -461,6 +461,25 @@ impl Engine {
         }
     }
 
+    /// The workflows `p` may see, in id order.
+    pub fn dag_list(&self, p: &Principal) -> Vec<DagSummary> {
+        let visible = self.dags.iter().filter(|(_, d)| p.may_see(&d.owner));
+        visible
+            .map(|(&id, d)| DagSummary {
+                id,
+                name: d.spec.name.clone(),
+                owner: d.owner.to_string(),
+                state: d.state,
+                reason: d.reason.clone(),
+                done: d.nodes.iter().filter(|n| n.run == NodeRun::Done).count() as u64,
+                total: d.nodes.len() as u64,
+                rescue_of: d.rescue_of,
+                submitted_ms: d.submitted_ms,
+                finished_ms: d.finished_ms,
+            })
+            .collect()
+    }
+
     /// Workflow `id` as `vmgrid dag status` shows it, if `p` may see it.
     pub fn dag_view(&self, p: &Principal, id: u64) -> Result<DagView, ApiError> {
         let d = self.dags.get(&id).ok_or_else(|| ApiError::NotFound(format!("no workflow {id}")))?;

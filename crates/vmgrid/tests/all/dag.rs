@@ -85,6 +85,12 @@ fn a_diamond_flows_outputs_from_node_to_node_by_their_blobs() {
     let text = stdout_of(&out);
     assert!(text.contains(&format!("workflow {id} (flow) of admin: completed, 4/4 nodes done")), "{text}");
     assert!(text.lines().any(|l| l.starts_with("c ") && l.contains("done") && l.contains("2/2")), "{text}");
+    let out = pool.cli().args(["dag", "status", "--json"]).output().unwrap();
+    let list: Vec<vmgrid_proto::DagSummary> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        list.iter().map(|s| (s.id, s.state, s.done, s.total)).collect::<Vec<_>>(),
+        [(id, DagState::Completed, 4, 4)]
+    );
 }
 
 #[test]
@@ -224,6 +230,8 @@ fn only_its_owner_or_an_admin_removes_a_workflow_and_rm_removes_its_queued_jobs(
         assert_eq!(out.status.code(), Some(1));
         assert!(stderr_of(&out).contains(&format!("workflow {id} belongs to alice")), "{}", stderr_of(&out));
     }
+    let out = user("bob").args(["dag", "status", "--json"]).output().unwrap();
+    assert_eq!(stdout_of(&out).trim(), "[]", "bob does not see alice's workflow");
     let out = user("alice").args(["dag", "rm", &id]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
     assert_eq!(stdout_of(&out), format!("workflow {id}: removed\n"));
