@@ -55,7 +55,8 @@ enum DagCommand {
 struct SubmitArgs {
     /// The flow file (TOML).
     flow: PathBuf,
-    /// Wait for the workflow to end; exit 0 if it completed, 1 if it failed or was removed.
+    /// Wait for the workflow to end; exit 0 if it completed, 1 if it failed or was removed (a
+    /// coordinator that restarts meanwhile is waited for, up to two minutes).
     #[arg(long)]
     wait: bool,
     /// Rescue workflow ID (ended): the nodes that were done in it are not run again; their jobs
@@ -133,8 +134,22 @@ fn submit(args: SubmitArgs) -> Result<i32, CliError> {
         b
     });
     let mut pause = Duration::from_millis(20);
+    let mut unreachable_since = None;
     let v = loop {
-        let v = client.dag(view.id)?;
+        // The workflow goes on in the pool while its coordinator restarts: keep asking a while.
+        let v = match client.dag(view.id) {
+            Ok(v) => v,
+            Err(e @ vmgrid_client::ClientError::Unreachable { .. }) => {
+                let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > Duration::from_secs(120) {
+                    return Err(e.into());
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        unreachable_since = None;
         if let Some(b) = &bar {
             b.set_position(v.done);
             let running = v.nodes.iter().filter(|n| n.state == DagNodeState::Running).count();
