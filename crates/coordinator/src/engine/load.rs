@@ -42,6 +42,7 @@ impl Engine {
             e.nodes.insert(name, Node::new(ad, state, cred_hash, now));
         }
         e.give_running_jobs_back();
+        e.next_dag = e.next_dag.max(loaded.last_dag_id + 1);
         e.load_dags(loaded.dags, now);
         e
     }

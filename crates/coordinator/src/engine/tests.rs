@@ -514,6 +514,7 @@ fn loading_gives_running_jobs_back_and_requeues_those_whose_node_is_gone() {
         }],
         blobs: vec![],
         dags: vec![],
+        last_dag_id: 0,
     };
     let mut e = Engine::load(loaded, TIMING, 100);
     assert_eq!(e.authenticate("c1", 0), Some(&Principal::Node("n1".into())));

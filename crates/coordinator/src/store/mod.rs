@@ -255,6 +255,8 @@ pub struct Loaded {
     pub blobs: Vec<StoredBlob>,
     /// Workflows, each with its node rows.
     pub dags: Vec<(DagRow, Vec<DagNodeRow>)>,
+    /// The highest workflow id ever stored (those forgotten included): ids are never reused.
+    pub last_dag_id: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use vmgrid_proto::{DagState, JobState, NodeState};
 
 use super::{
@@ -34,7 +34,9 @@ const MIGRATIONS: &[&str] = &[
     // 3: who each blob is charged to.
     "CREATE TABLE blobs (hash TEXT PRIMARY KEY, owner TEXT NOT NULL, size INTEGER NOT NULL, created_ms INTEGER NOT NULL);",
     // workflows (`vmgrid dag`): each DAG with its spec, and each of its nodes' runs and latest jobs.
-    "CREATE TABLE dags (id INTEGER PRIMARY KEY, owner TEXT NOT NULL, json TEXT NOT NULL, state TEXT NOT NULL,
+    // (AUTOINCREMENT: sqlite_sequence keeps the highest id ever stored, so an id is never reused
+    // after its workflow was forgotten.)
+    "CREATE TABLE dags (id INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL, json TEXT NOT NULL, state TEXT NOT NULL,
        reason TEXT, submitted_ms INTEGER NOT NULL, finished_ms INTEGER, rescue_of INTEGER);
      CREATE TABLE dag_nodes (dag_id INTEGER NOT NULL, idx INTEGER NOT NULL, state TEXT NOT NULL,
        tries INTEGER NOT NULL DEFAULT 0, spec_id INTEGER, first_job INTEGER, reason TEXT,
@@ -178,15 +180,20 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
             })
         })?
         .collect::<Result<_, _>>()?;
-    l.dags = load_dags(conn)?;
+    (l.dags, l.last_dag_id) = load_dags(conn)?;
     Ok(l)
 }
 
+/// Workflows with their nodes, and the highest workflow id ever stored.
+type LoadedDags = (Vec<(DagRow, Vec<DagNodeRow>)>, u64);
+
 /// Workflows with their nodes. A state this version does not know reads as failed (a workflow)
 /// or failed (a node), with the reason.
-fn load_dags(conn: &Connection) -> rusqlite::Result<Vec<(DagRow, Vec<DagNodeRow>)>> {
+fn load_dags(conn: &Connection) -> rusqlite::Result<LoadedDags> {
     let mut st = conn
         .prepare("SELECT id, owner, json, state, reason, submitted_ms, finished_ms, rescue_of FROM dags ORDER BY id")?;
+    let seq: Option<i64> =
+        conn.query_row("SELECT seq FROM sqlite_sequence WHERE name = 'dags'", [], |r| r.get(0)).optional()?;
     let mut dags: Vec<(DagRow, Vec<DagNodeRow>)> = st
         .query_map([], |r| {
             let state: String = r.get(3)?;
@@ -234,7 +241,7 @@ fn load_dags(conn: &Connection) -> rusqlite::Result<Vec<(DagRow, Vec<DagNodeRow>
             dags[i].1.push(row);
         }
     }
-    Ok(dags)
+    Ok((dags, seq.unwrap_or(0) as u64))
 }
 
 fn stored_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredJob> {
@@ -494,7 +501,9 @@ mod tests {
         let ended = DagRow { state: DagState::Failed, reason: Some("why".into()), finished_ms: Some(3), ..row };
         assert_eq!(l.dags, [(ended, vec![released, node(1, NodeRun::Skipped)])]);
         store.commit(&[Op::DeleteDag { id: 7 }]).unwrap();
-        assert!(store.load().unwrap().dags.is_empty());
+        let l = store.load().unwrap();
+        assert!(l.dags.is_empty());
+        assert_eq!(l.last_dag_id, 7, "a forgotten workflow's id is not given again");
     }
 
     #[test]
