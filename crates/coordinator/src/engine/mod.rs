@@ -7,6 +7,7 @@
 //!
 //! idle → running → completed | held | removed; a failed run goes back to idle while retries last.
 
+mod invariants;
 mod jobs;
 mod load;
 mod nodes;
@@ -14,6 +15,8 @@ mod retention;
 mod schedule;
 
 pub use schedule::Snapshot;
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 pub(crate) mod tests;
 
