@@ -6,6 +6,7 @@
 //! file, the line and the column.
 
 pub mod check;
+pub mod expr;
 mod raw;
 mod validate;
 
