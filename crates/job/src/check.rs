@@ -293,15 +293,17 @@ pub fn matches_output(patterns: &[String], path: &str) -> bool {
     })
 }
 
-/// A CEL expression's text: bounded in size, so that what the matchmaker compiles stays small.
-fn expression(which: &str, src: &str) -> Result<(), String> {
+/// A CEL expression: bounded in size, in cost and in nesting, and one that parses, so that what
+/// the matchmaker compiles is small and a job file is refused at its line for what the pool
+/// would refuse.
+fn expression(which: &'static str, src: &str) -> Result<(), String> {
     if src.len() > limits::MAX_EXPRESSION_LEN {
         return Err(format!("`{which}` is {} bytes long; the limit is {}", src.len(), limits::MAX_EXPRESSION_LEN));
     }
     if src.contains('\0') {
         return Err(format!("`{which}` may not contain a NUL byte"));
     }
-    Ok(())
+    crate::expr::parses(which, src).map_err(|e| e.to_string())
 }
 
 /// Whether a relative path from a job is safe to create under a directory: relative, with only

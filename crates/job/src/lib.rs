@@ -7,6 +7,7 @@
 //! file, the line and the column.
 
 pub mod check;
+pub mod expr;
 pub mod flow;
 mod raw;
 mod validate;

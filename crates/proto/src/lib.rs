@@ -85,6 +85,17 @@ pub struct FileRef {
     pub size: u64,
 }
 
+/// A job file's files as blobs in the pool: what [`JobSpec::from_job`] puts in the spec.
+#[derive(Debug, Clone, Default)]
+pub struct SpecFiles {
+    pub image: Option<FileRef>,
+    pub kernel: Option<FileRef>,
+    pub initrd: Option<FileRef>,
+    /// Each input file with its destination in the job directory (a directory input is one
+    /// entry per file in it).
+    pub inputs: Vec<FileRef>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
@@ -413,6 +424,33 @@ pub struct TokenRequest {
     pub ttl_s: Option<u64>,
 }
 
+/// The longest a token may be made to last: ten years.
+pub const MAX_TOKEN_TTL_S: u64 = 10 * 365 * 24 * 3600;
+
+impl TokenRequest {
+    /// The owner a token is made for, as the pool records it (surrounding blanks dropped).
+    pub fn owner(&self) -> &str {
+        self.owner.trim()
+    }
+
+    /// An owner is a plain name, and a lifetime a sane one.
+    pub fn check(&self) -> Result<(), String> {
+        let owner = self.owner();
+        if owner.is_empty()
+            || owner.len() > 64
+            || !owner.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        {
+            return Err("an owner is 1 to 64 letters, digits, `-`, `_`, `.` or `@`".into());
+        }
+        if let Some(ttl) = self.ttl_s
+            && (ttl == 0 || ttl > MAX_TOKEN_TTL_S)
+        {
+            return Err(format!("ttl is {ttl} s; it must be between 1 s and {MAX_TOKEN_TTL_S} s"));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenResponse {
     /// The secret, shown this once; the pool keeps only its hash.
@@ -546,6 +584,32 @@ impl JobSpec {
             }
         }
         Ok(())
+    }
+
+    /// The wire spec of a job file's job, given the pool's references for its files (as the
+    /// client uploaded them): the one mapping from a job file to what a pool receives.
+    pub fn from_job(job: &vmgrid_job::Job, files: SpecFiles) -> JobSpec {
+        JobSpec {
+            name: job.name.clone(),
+            vm_type: job.vm.vm_type,
+            image: files.image,
+            args: job.vm.args.clone(),
+            env: job.vm.env.clone(),
+            kernel: files.kernel,
+            initrd: files.initrd,
+            append: job.vm.append.clone(),
+            network: job.vm.network,
+            cpus: job.resources.cpus,
+            memory_mb: job.resources.memory_mb,
+            timeout_s: job.resources.timeout_s,
+            disk_mb: job.resources.disk_mb,
+            inputs: files.inputs,
+            outputs: job.files.outputs.clone(),
+            requirements: job.policy.requirements.clone(),
+            rank: job.policy.rank.clone(),
+            max_retries: job.policy.max_retries,
+            ssi: None,
+        }
     }
 
     /// Turns the spec back into a runnable job whose files live where `locate` says.

@@ -7,7 +7,9 @@
 //! HTCondor's autoclusters): its expressions are compiled once and evaluated once per node, so a
 //! sweep of a million jobs costs one evaluation per node, not a million.
 
-pub mod limits;
+/// The bounds on an expression, checked before it is parsed (kept with the job's other rules).
+pub use vmgrid_job::expr as limits;
+pub use vmgrid_job::expr::ExprError;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -119,19 +121,6 @@ impl std::fmt::Debug for Cluster {
             .field("cpus", &self.cpus)
             .field("memory_mb", &self.memory_mb)
             .finish()
-    }
-}
-
-/// A CEL expression that does not parse.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExprError {
-    pub which: &'static str,
-    pub message: String,
-}
-
-impl std::fmt::Display for ExprError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} is not a valid CEL expression: {}", self.which, self.message)
     }
 }
 

@@ -70,27 +70,7 @@ pub(crate) fn to_spec(client: &Client, job: &vmgrid_job::Job) -> Result<JobSpec,
             inputs.push(upload(&i.source, &i.dest.to_string_lossy())?);
         }
     }
-    Ok(JobSpec {
-        name: job.name.clone(),
-        vm_type: job.vm.vm_type,
-        image,
-        args: job.vm.args.clone(),
-        env: job.vm.env.clone(),
-        kernel,
-        initrd,
-        append: job.vm.append.clone(),
-        network: job.vm.network,
-        cpus: job.resources.cpus,
-        memory_mb: job.resources.memory_mb,
-        timeout_s: job.resources.timeout_s,
-        disk_mb: job.resources.disk_mb,
-        inputs,
-        outputs: job.files.outputs.clone(),
-        requirements: job.policy.requirements.clone(),
-        rank: job.policy.rank.clone(),
-        max_retries: job.policy.max_retries,
-        ssi: None,
-    })
+    Ok(JobSpec::from_job(job, SpecFiles { image, kernel, initrd, inputs }))
 }
 
 pub fn submit(args: SubmitArgs) -> Result<i32, CliError> {

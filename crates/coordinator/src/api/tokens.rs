@@ -11,9 +11,6 @@ use super::{Auth, Body, Error, Result, S, admin};
 use crate::engine::{Principal, hash_token};
 use crate::serve::{Peer, home_url, peer_ip};
 
-/// The longest a token may be made to last: ten years.
-const MAX_TTL_S: u64 = 10 * 365 * 24 * 3600;
-
 fn token_id() -> String {
     crate::new_token()[..12].to_string()
 }
@@ -24,18 +21,8 @@ pub async fn add(
     Body(req): Body<TokenRequest>,
 ) -> Result<Json<TokenResponse>> {
     admin(&p, "create tokens")?;
-    let owner = req.owner.trim();
-    if owner.is_empty() || owner.len() > 64 || !owner.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)) {
-        return Err(Error(StatusCode::BAD_REQUEST, "an owner is 1 to 64 letters, digits, `-`, `_`, `.` or `@`".into()));
-    }
-    if let Some(ttl) = req.ttl_s
-        && (ttl == 0 || ttl > MAX_TTL_S)
-    {
-        return Err(Error(
-            StatusCode::BAD_REQUEST,
-            format!("ttl is {ttl} s; it must be between 1 s and {MAX_TTL_S} s"),
-        ));
-    }
+    req.check().map_err(|e| Error(StatusCode::BAD_REQUEST, e))?;
+    let owner = req.owner();
     let principal = match req.role {
         Role::User => Principal::User(owner.into()),
         Role::Admin => Principal::Admin(owner.into()),

@@ -15,6 +15,8 @@ impl Engine {
     /// The engine for a store's contents at `now`.
     pub fn load(loaded: Loaded, timing: Timing, now: u64) -> Engine {
         let mut e = Engine::new(timing);
+        e.next_job = e.next_job.max(loaded.next_job);
+        e.next_spec = e.next_spec.max(loaded.next_spec);
         for t in loaded.tokens {
             if let Some(principal) = Principal::from_row(t.role, t.owner, t.detail) {
                 let entry = TokenEntry { id: t.id, principal, created_ms: t.created_ms, expires_ms: t.expires_ms };
@@ -116,7 +118,7 @@ impl Engine {
     }
 
     /// Running jobs belong to their nodes again, with their resources; a job whose node is no
-    /// longer registered runs again.
+    /// longer registered, or was lost (a crash between two commits of one change), runs again.
     fn give_running_jobs_back(&mut self) {
         let running: Vec<(u64, String, u32, u64)> = self
             .jobs
@@ -128,7 +130,7 @@ impl Engine {
             })
             .collect();
         for (id, node, cpus, mem) in running {
-            match self.nodes.get_mut(&node) {
+            match self.nodes.get_mut(&node).filter(|n| n.state != NodeState::Lost) {
                 Some(n) => {
                     n.jobs.insert(id);
                     n.used_cpus += cpus;
@@ -138,7 +140,7 @@ impl Engine {
                     let j = self.jobs.get_mut(&id).expect("listed above");
                     j.state = JobState::Idle;
                     j.node = None;
-                    j.reason = Some(format!("requeued at restart: its node {node:?} is no longer registered"));
+                    j.reason = Some(format!("requeued at restart: its node {node:?} is lost or no longer registered"));
                     j.finished_ms = None;
                     self.set_idle(id);
                     self.persist(id, false);

@@ -8,6 +8,7 @@
 //! idle → running → completed | held | removed; a failed run goes back to idle while retries last.
 
 mod dag;
+mod invariants;
 mod jobs;
 mod load;
 mod nodes;
@@ -15,6 +16,8 @@ mod retention;
 mod schedule;
 
 pub use schedule::Snapshot;
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 pub(crate) mod tests;
 

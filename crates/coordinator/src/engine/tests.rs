@@ -489,7 +489,7 @@ fn stored_job(id: u64, spec_id: u64, state: JobState, node: Option<&str>) -> Sto
 }
 
 #[test]
-fn loading_gives_running_jobs_back_and_requeues_those_whose_node_is_gone() {
+fn loading_gives_running_jobs_back_and_requeues_those_whose_node_is_gone_or_lost() {
     let loaded = Loaded {
         tokens: vec![TokenRow {
             hash: hash_token("c1"),
@@ -505,24 +505,34 @@ fn loading_gives_running_jobs_back_and_requeues_those_whose_node_is_gone() {
             stored_job(1, 1, JobState::Running, Some("n1")),
             stored_job(2, 1, JobState::Running, Some("gone")),
             stored_job(3, 1, JobState::Completed, Some("n1")),
+            // Its node's loss was committed, and the coordinator died before its requeue was.
+            stored_job(4, 1, JobState::Running, Some("n2")),
         ],
-        nodes: vec![StoredNode {
-            name: "n1".into(),
-            ad_json: serde_json::to_string(&ad("n1", 2)).unwrap(),
-            cred_hash: hash_token("c1"),
-            state: NodeState::Ready,
-        }],
-        blobs: vec![],
-        dags: vec![],
-        last_dag_id: 0,
+        nodes: vec![
+            StoredNode {
+                name: "n1".into(),
+                ad_json: serde_json::to_string(&ad("n1", 2)).unwrap(),
+                cred_hash: hash_token("c1"),
+                state: NodeState::Ready,
+            },
+            StoredNode {
+                name: "n2".into(),
+                ad_json: serde_json::to_string(&ad("n2", 2)).unwrap(),
+                cred_hash: hash_token("c2"),
+                state: NodeState::Lost,
+            },
+        ],
+        ..Loaded::default()
     };
     let mut e = Engine::load(loaded, TIMING, 100);
     assert_eq!(e.authenticate("c1", 0), Some(&Principal::Node("n1".into())));
     assert_eq!(job(&e, 1).state, JobState::Running);
     assert_eq!(e.node_views()[0].free_cpus, 1, "the running job holds its cpu again");
-    assert_eq!(job_rows(&e.take_effects().ops), vec![(2, JobState::Idle, None, 1)]);
+    assert_eq!(job_rows(&e.take_effects().ops), vec![(2, JobState::Idle, None, 1), (4, JobState::Idle, None, 1)]);
     assert!(job(&e, 2).reason.unwrap().contains("no longer registered"));
-    assert_eq!(e.submit(&alice(), spec(0), 1, 200).unwrap(), vec![4], "ids continue after the stored ones");
+    assert!(job(&e, 4).reason.unwrap().contains("lost"));
+    e.check_invariants().unwrap();
+    assert_eq!(e.submit(&alice(), spec(0), 1, 200).unwrap(), vec![5], "ids continue after the stored ones");
 }
 
 #[test]

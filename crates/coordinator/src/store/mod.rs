@@ -253,6 +253,10 @@ pub struct Loaded {
     pub jobs: Vec<StoredJob>,
     pub nodes: Vec<StoredNode>,
     pub blobs: Vec<StoredBlob>,
+    /// The least job and spec ids never given (0 where the store does not say): ids of jobs
+    /// dropped by retention are not given again.
+    pub next_job: u64,
+    pub next_spec: u64,
     /// Workflows, each with its node rows.
     pub dags: Vec<(DagRow, Vec<DagNodeRow>)>,
     /// The highest workflow id ever stored (those forgotten included): ids are never reused.

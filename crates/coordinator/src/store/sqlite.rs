@@ -33,7 +33,12 @@ const MIGRATIONS: &[&str] = &[
      UPDATE tokens SET id = substr(hash, 1, 12) WHERE id IS NULL;",
     // 3: who each blob is charged to.
     "CREATE TABLE blobs (hash TEXT PRIMARY KEY, owner TEXT NOT NULL, size INTEGER NOT NULL, created_ms INTEGER NOT NULL);",
-    // workflows (`vmgrid dag`): each DAG with its spec, and each of its nodes' runs and latest jobs.
+    // 4: the next job and spec ids, so that the ids of jobs dropped by retention are never given
+    // again after a restart.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+     INSERT INTO meta (key, value) SELECT 'next_job', COALESCE(MAX(id), 0) + 1 FROM jobs;
+     INSERT INTO meta (key, value) SELECT 'next_spec', COALESCE(MAX(id), 0) + 1 FROM specs;",
+    // 5: workflows (`vmgrid dag`): each DAG with its spec, and each of its nodes' runs and latest jobs.
     // (AUTOINCREMENT: sqlite_sequence keeps the highest id ever stored, so an id is never reused
     // after its workflow was forgotten.)
     "CREATE TABLE dags (id INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL, json TEXT NOT NULL, state TEXT NOT NULL,
@@ -42,6 +47,10 @@ const MIGRATIONS: &[&str] = &[
        tries INTEGER NOT NULL DEFAULT 0, spec_id INTEGER, first_job INTEGER, reason TEXT,
        PRIMARY KEY (dag_id, idx));",
 ];
+
+/// Raises a counter of the `meta` table to at least `value`.
+const RAISE: &str =
+    "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)";
 
 /// The schema version this coordinator writes.
 pub const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
@@ -169,6 +178,13 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
             })
         })?
         .collect::<Result<_, _>>()?;
+    let counter = |key: &str| -> rusqlite::Result<u64> {
+        let v: Option<i64> =
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0)).optional()?;
+        Ok(v.unwrap_or(0).max(0) as u64)
+    };
+    l.next_job = counter("next_job")?;
+    l.next_spec = counter("next_spec")?;
     let mut st = conn.prepare("SELECT name, ad, cred_hash, state FROM nodes")?;
     l.nodes = st
         .query_map([], |r| {
@@ -394,6 +410,7 @@ fn apply_dag(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
 
 fn insert_spec(tx: &rusqlite::Transaction<'_>, id: u64, owner: &str, json: &str) -> rusqlite::Result<()> {
     tx.execute("INSERT INTO specs (id, owner, json) VALUES (?1, ?2, ?3)", params![id as i64, owner, json])?;
+    tx.prepare_cached(RAISE)?.execute(params!["next_spec", (id + 1) as i64])?;
     Ok(())
 }
 
@@ -411,6 +428,7 @@ fn insert_jobs(
     for i in 0..count {
         st.execute(params![(first_id + i) as i64, spec_id as i64, i as i64, owner, submitted_ms as i64])?;
     }
+    tx.prepare_cached(RAISE)?.execute(params!["next_job", (first_id + count) as i64])?;
     Ok(())
 }
 
@@ -463,6 +481,35 @@ mod tests {
         assert_eq!(e.node_views()[0].running_jobs, 1);
         assert_eq!(e.authenticate("admin-secret", 10), Some(&admin));
         assert_eq!(e.authenticate("cred", 10), Some(&Principal::Node("n1".into())));
+    }
+
+    /// A job id names one job for good: the newest jobs dropped by retention, then a restart, do
+    /// not hand their ids to the next submit (a client holding the old id would see another job).
+    #[test]
+    fn ids_of_jobs_dropped_by_retention_are_not_reused_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.sqlite");
+        let timing = Timing { lease_ttl_ms: 1000, node_ttl_ms: 100_000, heartbeat_ms: 200 };
+        let limits = crate::engine::Limits { retain_finished_ms: 1000, ..Default::default() };
+        let (alice, admin) = (Principal::User("alice".into()), Principal::Admin("admin".into()));
+        let mut e = Engine::new(timing);
+        e.set_limits(limits);
+        e.register(crate::engine::tests::ad("n1", 4), None, false, hash_token("cred"), 0).unwrap();
+        let first = e.submit(&alice, crate::engine::tests::spec(0), 2, 0).unwrap();
+        e.schedule(0);
+        for l in e.take_leases("n1", 10, 10, 0) {
+            e.report("n1", vec![crate::engine::tests::exited(&l, 0)], 1).unwrap();
+        }
+        e.tick(5000);
+        assert!(e.job_views(&admin).is_empty(), "retention dropped both jobs");
+        let mut store = SqliteStore::open(&path).unwrap();
+        store.commit(&e.take_effects().ops).unwrap();
+
+        let mut e = Engine::load(store.load().unwrap(), timing, 5000);
+        let next = e.submit(&alice, crate::engine::tests::spec(0), 1, 5000).unwrap();
+        assert!(next[0] > first[1], "job id {} was given again after a restart", next[0]);
+        store.commit(&e.take_effects().ops).unwrap();
+        assert!(store.load().unwrap().specs.iter().all(|(id, _, _)| *id > 1), "a spec id was given again");
     }
 
     #[test]

@@ -176,3 +176,14 @@ fn a_nul_byte_in_an_image_kernel_or_initrd_path_is_refused() {
         assert_eq!((line, message.as_str()), (text.lines().count(), "a path may not contain a NUL byte"), "{key}");
     }
 }
+
+#[test]
+fn an_expression_that_does_not_parse_is_refused_at_its_line() {
+    // The job_file fuzz target's agreement check caught it: the parser took a rank the pool
+    // refused, after the client had uploaded the job's files.
+    let text = "[vm]\ntype = \"wasm\"\nimage = \"a.wasm\"\n[policy]\nrequirements = 'node.cpus > 1'\nrank = 'node.f)ree_cpus'\n";
+    let (line, _, message) = invalid(text);
+    assert_eq!(line, 6);
+    assert!(message.starts_with("rank is not a valid CEL expression"), "{message}");
+    assert!(parse("[vm]\ntype = \"wasm\"\nimage = \"a.wasm\"\n[policy]\nrank = ''\n").is_ok(), "empty means none");
+}

@@ -1,10 +1,34 @@
-//! Bounds on a CEL expression, checked on its text before it is parsed. Expressions are user
+//! A job's CEL expressions (`requirements`, `rank`): bounds checked on the text before it is
+//! parsed ([`check`]), then the parse itself ([`parses`]), so that a job file with an expression
+//! the pool would refuse is refused at its line, before anything is uploaded. Expressions are user
 //! input evaluated by the coordinator for every node, so they must stay small and cheap: the
 //! parser and the evaluator recurse once per operator (2,000 chained `+` overflow a thread's
 //! stack), and nested comprehension macros multiply their lists' lengths (seven nested `exists`
 //! over eleven elements are 19 million steps).
 
-use crate::ExprError;
+/// An expression that is too large or costly, or does not parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExprError {
+    pub which: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for ExprError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} is not a valid CEL expression: {}", self.which, self.message)
+    }
+}
+
+/// Whether `src` is within the bounds and parses as CEL; an empty (or blank) one means no
+/// expression and passes.
+pub fn parses(which: &'static str, src: &str) -> Result<(), ExprError> {
+    let src = src.trim();
+    if src.is_empty() {
+        return Ok(());
+    }
+    check(which, src)?;
+    cel::Program::compile(src).map(drop).map_err(|e| ExprError { which, message: e.to_string().trim().to_string() })
+}
 
 /// Operators, commas, member accesses and brackets, in all.
 pub const MAX_NODES: usize = 256;
@@ -109,6 +133,15 @@ mod tests {
         ] {
             assert!(check("requirements", ok).is_ok(), "{ok}");
         }
+    }
+
+    #[test]
+    fn an_expression_that_does_not_parse_is_refused_with_where() {
+        let e = parses("rank", "node.f)ree_cpus").unwrap_err();
+        assert!(e.to_string().starts_with("rank is not a valid CEL expression"), "{e}");
+        assert!(e.message.contains("1:7"), "{e}");
+        assert!(parses("rank", "  ").is_ok());
+        assert!(parses("requirements", "node.cpus >= 2").is_ok());
     }
 
     #[test]

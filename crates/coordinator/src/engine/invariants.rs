@@ -1,0 +1,135 @@
+//! The engine's internal consistency, stated once and checked by [`Engine::check_invariants`]:
+//! the indexes agree with the jobs (idle sets, node queues, per-user and per-spec counts, the
+//! retention index), and no node holds more than it offers. The state-machine property test
+//! (engine/proptests.rs) and the fuzz targets (fuzz/) call it after every step.
+
+use std::collections::{HashMap, HashSet};
+
+use vmgrid_proto::*;
+
+use super::Engine;
+
+impl Engine {
+    /// Every internal invariant, or the first one broken, in words. It walks the whole state
+    /// (O(jobs + nodes)): for tests and fuzzing, not for the request path.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.check_jobs()?;
+        self.check_nodes()?;
+        self.check_counts()
+    }
+
+    fn check_jobs(&self) -> Result<(), String> {
+        for (&id, j) in &self.jobs {
+            if j.id != id {
+                return Err(format!("job {id} is filed under id {}", j.id));
+            }
+            if id >= self.next_job || j.spec_id >= self.next_spec {
+                return Err(format!("job {id} (spec {}) is beyond the next ids", j.spec_id));
+            }
+            if !self.specs.contains_key(&j.spec_id) {
+                return Err(format!("job {id} refers to spec {}, which is gone", j.spec_id));
+            }
+            let idle = self.idle_by_spec.get(&j.spec_id).is_some_and(|s| s.contains(&id));
+            if idle != (j.state == JobState::Idle) {
+                return Err(format!(
+                    "job {id} is {} but {}in the idle index",
+                    j.state.as_str(),
+                    if idle { "" } else { "not " }
+                ));
+            }
+            let on: Vec<&str> =
+                self.nodes.iter().filter(|(_, n)| n.jobs.contains(&id)).map(|(k, _)| k.as_str()).collect();
+            match (j.state, j.node.as_deref()) {
+                (JobState::Running, Some(node)) if on == [node] => {}
+                (JobState::Running, node) => {
+                    return Err(format!("running job {id} names node {node:?} but is held by {on:?}"));
+                }
+                (_, _) if !on.is_empty() => {
+                    return Err(format!("job {id} is {} but still held by {on:?}", j.state.as_str()));
+                }
+                _ => {}
+            }
+            let retained = self.final_by_time.contains(&(j.finished_ms.unwrap_or(0), id));
+            if retained != j.state.is_final() {
+                return Err(format!(
+                    "job {id} is {} and {}in the retention index",
+                    j.state.as_str(),
+                    if retained { "" } else { "not " }
+                ));
+            }
+        }
+        for (spec, ids) in &self.idle_by_spec {
+            if ids.is_empty() {
+                return Err(format!("spec {spec} has an empty idle set"));
+            }
+            if let Some(id) = ids.iter().find(|id| !self.jobs.contains_key(id)) {
+                return Err(format!("the idle set of spec {spec} holds job {id}, which is gone"));
+            }
+        }
+        if self.final_by_time.len() != self.jobs.values().filter(|j| j.state.is_final()).count() {
+            return Err("the retention index holds jobs that are gone".into());
+        }
+        Ok(())
+    }
+
+    fn check_nodes(&self) -> Result<(), String> {
+        for (name, n) in &self.nodes {
+            if n.ad.name != *name {
+                return Err(format!("node {name} is filed under its ad's name {}", n.ad.name));
+            }
+            if n.state == NodeState::Lost && !n.jobs.is_empty() {
+                return Err(format!("lost node {name} still holds jobs {:?}", n.jobs));
+            }
+            let pending: HashSet<u64> = n.pending.iter().copied().collect();
+            if pending.len() != n.pending.len() || !pending.is_subset(&n.jobs.iter().copied().collect()) {
+                return Err(format!("node {name}: queue {:?} is not a set of its jobs {:?}", n.pending, n.jobs));
+            }
+            let (mut cpus, mut mem) = (0u64, 0u64);
+            for id in &n.jobs {
+                let spec = &self.specs[&self.jobs[id].spec_id].spec;
+                cpus += u64::from(spec.cpus);
+                mem += spec.memory_mb;
+            }
+            if (cpus, mem) != (u64::from(n.used_cpus), n.used_memory_mb) {
+                return Err(format!(
+                    "node {name} counts {} cpus and {} MiB in use; its jobs hold {cpus} and {mem}",
+                    n.used_cpus, n.used_memory_mb
+                ));
+            }
+            if n.used_cpus > n.ad.cpus || n.used_memory_mb > n.ad.memory_mb {
+                return Err(format!(
+                    "node {name} runs {} cpus and {} MiB, more than its {} and {}",
+                    n.used_cpus, n.used_memory_mb, n.ad.cpus, n.ad.memory_mb
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_counts(&self) -> Result<(), String> {
+        let mut queued: HashMap<&str, u64> = HashMap::new();
+        let mut per_spec: HashMap<u64, u64> = HashMap::new();
+        for j in self.jobs.values() {
+            if !j.state.is_final() {
+                *queued.entry(&j.owner).or_default() += 1;
+            }
+            *per_spec.entry(j.spec_id).or_default() += 1;
+        }
+        for (owner, n) in &self.queued {
+            if queued.get(&**owner).copied().unwrap_or(0) != *n {
+                return Err(format!("{owner} is counted with {n} queued jobs, and has {:?}", queued.get(&**owner)));
+            }
+        }
+        if let Some((owner, _)) = queued.iter().find(|(o, _)| !self.queued.contains_key(**o)) {
+            return Err(format!("{owner}'s queued jobs are not counted"));
+        }
+        let counted: HashMap<u64, u64> = self.spec_jobs.iter().map(|(k, v)| (*k, *v)).collect();
+        if counted != per_spec {
+            return Err(format!("jobs per spec are counted as {counted:?}, and are {per_spec:?}"));
+        }
+        if let Some(spec) = self.specs.keys().find(|s| !per_spec.contains_key(s)) {
+            return Err(format!("spec {spec} is kept with no job"));
+        }
+        Ok(())
+    }
+}

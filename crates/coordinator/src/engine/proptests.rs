@@ -1,0 +1,328 @@
+//! The state machine under random sequences of calls (proptest): nodes register, drain, leave and
+//! go silent; users submit, hold, release and remove; nodes take leases and report under current
+//! and stale leases; the clock moves; and the coordinator restarts from its real SQLite store at
+//! any step. After every step the engine's invariants hold ([`Engine::check_invariants`]), and:
+//! - a lease is accepted at most once, and only while it is the job's current lease (fencing);
+//! - a completed job stays completed with the same result until retention drops it, and a job
+//!   that is gone never comes back (no lost, doubled or changed result);
+//! - a restart from the store gives back exactly the acknowledged state (durability).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use proptest::prelude::*;
+
+use super::tests::{ad, spec};
+use super::*;
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+
+const TIMING: Timing = Timing { lease_ttl_ms: 1000, node_ttl_ms: 3000, heartbeat_ms: 200 };
+const LIMITS: Limits = Limits { max_queued_per_user: 12, max_blob_bytes_per_user: 1 << 20, retain_finished_ms: 2000 };
+const NODES: [&str; 3] = ["n0", "n1", "n2"];
+const USERS: [&str; 2] = ["alice", "bob"];
+
+#[derive(Debug, Clone)]
+enum Outcome {
+    Exit(i32),
+    HostFailed,
+    GuestFailed,
+    BadJob,
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Register {
+        node: usize,
+        cpus: u32,
+    },
+    Submit {
+        user: usize,
+        cpus: u32,
+        count: u64,
+        retries: u32,
+    },
+    Schedule,
+    Take {
+        node: usize,
+        max: u32,
+        max_cpus: u32,
+    },
+    /// A report under a lease granted (`pick` < 48: one of the last three; else any, current or
+    /// long stale), from the node that holds it or from `from`.
+    Report {
+        pick: usize,
+        outcome: Outcome,
+        from: Option<usize>,
+    },
+    Heartbeat {
+        node: usize,
+        draining: bool,
+    },
+    Tick {
+        ms: u64,
+    },
+    Deregister {
+        node: usize,
+    },
+    Act {
+        admin: bool,
+        user: usize,
+        action: JobAction,
+        job: u64,
+    },
+    Restart,
+}
+
+fn outcome() -> impl Strategy<Value = Outcome> {
+    prop_oneof![
+        4 => (0..3i32).prop_map(Outcome::Exit),
+        1 => Just(Outcome::HostFailed),
+        1 => Just(Outcome::GuestFailed),
+        1 => Just(Outcome::BadJob),
+    ]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let action = prop_oneof![Just(JobAction::Rm), Just(JobAction::Hold), Just(JobAction::Release)];
+    prop_oneof![
+        3 => (0..3usize, 1..4u32).prop_map(|(node, cpus)| Step::Register { node, cpus }),
+        3 => (0..2usize, 0..3u32, 1..4u64, 0..2u32)
+            .prop_map(|(user, cpus, count, retries)| Step::Submit { user, cpus, count, retries }),
+        3 => Just(Step::Schedule),
+        4 => (0..3usize, 1..4u32, prop_oneof![1 => Just(0u32), 4 => 1..4u32])
+            .prop_map(|(node, max, max_cpus)| Step::Take { node, max, max_cpus }),
+        5 => (0..64usize, outcome(), proptest::option::weighted(0.2, 0..3usize))
+            .prop_map(|(pick, outcome, from)| Step::Report { pick, outcome, from }),
+        2 => (0..3usize, proptest::bool::weighted(0.1)).prop_map(|(node, draining)| Step::Heartbeat { node, draining }),
+        // Mostly a heartbeat's worth of time; sometimes enough for leases, nodes and retention to
+        // run out.
+        2 => prop_oneof![4 => 0..300u64, 1 => 300..3000u64].prop_map(|ms| Step::Tick { ms }),
+        1 => (0..3usize).prop_map(|node| Step::Deregister { node }),
+        2 => (any::<bool>(), 0..2usize, action, 1..16u64)
+            .prop_map(|(admin, user, action, job)| Step::Act { admin, user, action, job }),
+        1 => Just(Step::Restart),
+    ]
+}
+
+/// The engine with its store: every step's changes are committed before the next, as the
+/// runtime acknowledges nothing before its commit.
+struct Pool {
+    engine: Engine,
+    store: SqliteStore,
+    now: u64,
+    /// Every lease granted, with the node it went to.
+    leases: Vec<(String, LeaseId)>,
+    accepted: HashSet<LeaseId>,
+    completed: HashMap<u64, (Option<i32>, Vec<FileRef>)>,
+    gone: HashSet<u64>,
+}
+
+fn report(l: LeaseId, outcome: &Outcome) -> Report {
+    let run = match outcome {
+        Outcome::Exit(code) => RunReport::Exited { code: *code },
+        Outcome::HostFailed => RunReport::HostFailed { reason: "no room".into() },
+        Outcome::GuestFailed => RunReport::GuestFailed { failure: FailureKind::GuestError, reason: "panic".into() },
+        Outcome::BadJob => RunReport::BadJob { reason: "not a module".into() },
+    };
+    // Each run's output names its lease, so a changed result would show.
+    let out = FileRef { path: format!("out-{}-{}", l.job_id, l.epoch), blob: "cd".repeat(32), size: 1 };
+    Report { lease: l, run, stdout: None, stderr: None, stdout_dropped: 0, stderr_dropped: 0, outputs: vec![out] }
+}
+
+impl Pool {
+    fn new(path: &std::path::Path) -> Pool {
+        let mut engine = Engine::new(TIMING);
+        engine.set_limits(LIMITS);
+        let store = SqliteStore::open(path).expect("open the store");
+        let mut pool = Pool {
+            engine,
+            store,
+            now: 1_000,
+            leases: Vec::new(),
+            accepted: HashSet::new(),
+            completed: HashMap::new(),
+            gone: HashSet::new(),
+        };
+        pool.commit();
+        pool
+    }
+
+    fn commit(&mut self) {
+        let ops = self.engine.take_effects().ops;
+        self.store.commit(&ops).expect("commit");
+    }
+
+    fn principal(admin: bool, user: usize) -> Principal {
+        if admin { Principal::Admin("root".into()) } else { Principal::User(USERS[user].into()) }
+    }
+
+    fn apply(&mut self, s: &Step) {
+        let now = self.now;
+        let e = &mut self.engine;
+        match s {
+            Step::Register { node, cpus } => {
+                let name = NODES[*node];
+                let _ = e.register(ad(name, *cpus), Some(name), false, hash_token(name), now);
+            }
+            Step::Submit { user, cpus, count, retries } => {
+                let mut sp = spec(*retries);
+                sp.cpus = *cpus;
+                sp.memory_mb = 300;
+                let p = Principal::User(USERS[*user].into());
+                if *cpus == 0 {
+                    // Only a console's processes may ask for no cpu: the API's refusal stands.
+                    assert!(e.submit(&p, sp, *count, now).is_err());
+                } else {
+                    let _ = e.submit(&p, sp, *count, now);
+                }
+            }
+            Step::Schedule => {
+                e.schedule(now);
+            }
+            Step::Take { node, max, max_cpus } => {
+                // As the lease call does: a scheduling pass, then what is placed on the node.
+                let name = NODES[*node];
+                e.schedule(now);
+                if e.live_node(name, now).is_ok() {
+                    for l in e.take_leases(name, *max, *max_cpus, now) {
+                        self.leases.push((name.into(), LeaseId { job_id: l.job_id, epoch: l.epoch }));
+                    }
+                }
+            }
+            Step::Report { pick, outcome, from } => self.report(*pick, outcome, *from),
+            Step::Heartbeat { node, draining } => {
+                let name = NODES[*node];
+                let held: Vec<LeaseId> = self.leases.iter().filter(|(n, _)| n == name).map(|(_, l)| *l).collect();
+                if let Ok(revoked) = e.heartbeat(name, &held, *draining, now) {
+                    for l in revoked {
+                        assert!(e.stale_lease(name, l).is_some(), "heartbeat revoked the current lease {l:?}");
+                    }
+                }
+            }
+            Step::Tick { ms } => {
+                self.now += ms;
+                self.engine.tick(self.now);
+            }
+            Step::Deregister { node } => e.deregister(NODES[*node], now),
+            Step::Act { admin, user, action, job } => {
+                e.action(&Pool::principal(*admin, *user), *action, &[*job], now);
+            }
+            Step::Restart => self.restart(),
+        }
+        self.commit();
+    }
+
+    fn report(&mut self, pick: usize, outcome: &Outcome, from: Option<usize>) {
+        // Mostly one of the last few leases granted (likely current); else any (likely stale).
+        let n = self.leases.len();
+        let at = if pick < 48 { n.saturating_sub(1 + pick % 3) } else { pick % n.max(1) };
+        let Some((holder, l)) = self.leases.get(at).cloned() else { return };
+        let node = from.map_or(holder, |n| NODES[n].to_string());
+        let current = self.engine.stale_lease(&node, l).is_none();
+        let live = self.engine.nodes.get(&node).is_some_and(|n| n.state != NodeState::Lost);
+        match self.engine.report(&node, vec![report(l, outcome)], self.now) {
+            Ok(r) => {
+                assert_eq!(r.accepted.len() + r.refused.len(), 1);
+                if r.accepted.contains(&l) {
+                    assert!(current && live, "accepted a report under {l:?} from {node}, not its current lease");
+                    assert!(self.accepted.insert(l), "accepted the report under {l:?} twice");
+                } else {
+                    assert!(!current, "refused the current lease {l:?} of {node}");
+                }
+            }
+            Err(_) => assert!(!live, "a live node's report was refused whole"),
+        }
+    }
+
+    fn restart(&mut self) {
+        let before = self.snapshot();
+        let loaded = self.store.load().expect("load");
+        let mut engine = Engine::load(loaded, TIMING, self.now);
+        engine.set_limits(LIMITS);
+        self.engine = engine;
+        assert_eq!(self.snapshot(), before, "the store gave back another state than was acknowledged");
+    }
+
+    /// What a restart must keep: each job's durable fields, and each node's state and load.
+    #[allow(clippy::type_complexity)]
+    fn snapshot(&self) -> (BTreeMap<u64, String>, BTreeMap<String, (NodeState, u32, u64, u32)>) {
+        let admin = Principal::Admin("root".into());
+        let jobs = self
+            .engine
+            .job_views(&admin)
+            .into_iter()
+            .map(|v| {
+                let r = self.engine.job_result(&admin, v.id).expect("visible");
+                // An idle job's reason is the last pass's, which a restart recomputes.
+                let reason = if v.state == JobState::Idle { None } else { v.reason.clone() };
+                let node = if v.state == JobState::Running { v.node.clone() } else { None };
+                let durable = (v.state, node, v.exit_code, v.attempts, reason, v.owner.clone(), v.index, r.outputs);
+                (v.id, format!("{durable:?} epoch {}", self.engine.jobs[&v.id].epoch))
+            })
+            .collect();
+        let nodes = self
+            .engine
+            .node_views()
+            .into_iter()
+            .map(|n| (n.ad.name.clone(), (n.state, n.free_cpus, n.free_memory_mb, n.running_jobs)))
+            .collect();
+        (jobs, nodes)
+    }
+
+    /// The properties that span steps: completed jobs keep their result, gone jobs stay gone.
+    fn check_history(&mut self) {
+        let admin = Principal::Admin("root".into());
+        for (&id, kept) in &self.completed {
+            if self.gone.contains(&id) {
+                continue;
+            }
+            match self.engine.job_result(&admin, id) {
+                Ok(r) => {
+                    assert_eq!(r.job.state, JobState::Completed, "completed job {id} became {:?}", r.job.state);
+                    assert_eq!((r.job.exit_code, r.outputs.clone()), *kept, "job {id}'s result changed");
+                }
+                Err(_) => {
+                    self.gone.insert(id);
+                }
+            }
+        }
+        for v in self.engine.job_views(&admin) {
+            assert!(!self.gone.contains(&v.id), "job {} came back after retention dropped it", v.id);
+            if v.state == JobState::Completed && !self.completed.contains_key(&v.id) {
+                let r = self.engine.job_result(&admin, v.id).expect("visible");
+                self.completed.insert(v.id, (v.exit_code, r.outputs));
+            }
+        }
+    }
+}
+
+fn dir() -> tempfile::TempDir {
+    // Commits fsync: on a RAM disk where there is one, so that many cases run quickly.
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.expect("temp dir")
+}
+
+proptest! {
+    // 1,000 cases by default (about 6 s); PROPTEST_CASES=N for a longer hunt.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(1000),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn any_sequence_of_calls_keeps_the_invariants_fencing_and_durability(
+        steps in proptest::collection::vec(step(), 1..100)
+    ) {
+        let d = dir();
+        let mut pool = Pool::new(&d.path().join("jobs.db"));
+        for (i, s) in steps.iter().enumerate() {
+            pool.apply(s);
+            if let Err(why) = pool.engine.check_invariants() {
+                panic!("after step {i} ({s:?}): {why}");
+            }
+            pool.check_history();
+        }
+        pool.restart();
+        prop_assert!(pool.engine.check_invariants().is_ok());
+    }
+}
