@@ -529,6 +529,44 @@ impl Engine {
         }
     }
 
+    /// A workflow's invariants (part of [`Engine::check_invariants`]): a released node's run is
+    /// filed under its spec and all its jobs exist with that spec; a waiting node has no run; a
+    /// running workflow has a node that has not ended, an ended one has none.
+    pub(super) fn check_dags(&self) -> Result<(), String> {
+        for (&id, d) in &self.dags {
+            if d.nodes.len() != d.spec.nodes.len() || id >= self.next_dag {
+                return Err(format!("workflow {id} has {} node rows for {} nodes", d.nodes.len(), d.spec.nodes.len()));
+            }
+            for (i, n) in d.nodes.iter().enumerate() {
+                let name = &d.spec.nodes[i].name;
+                match (n.run, n.spec_id, n.first_job) {
+                    (NodeRun::Released, Some(spec), Some(_)) => {
+                        if self.dag_specs.get(&spec) != Some(&(id, i)) {
+                            return Err(format!("workflow {id} node {name}: its spec {spec} is not filed under it"));
+                        }
+                        if let Some(job) = d.jobs_of(i).find(|j| self.jobs.get(j).is_none_or(|j| j.spec_id != spec)) {
+                            return Err(format!(
+                                "workflow {id} node {name}: job {job} is missing or not of spec {spec}"
+                            ));
+                        }
+                    }
+                    (NodeRun::Released, _, _) => {
+                        return Err(format!("workflow {id} node {name} is released without jobs"));
+                    }
+                    (NodeRun::Waiting, Some(_), _) => {
+                        return Err(format!("workflow {id} node {name} waits with a run"));
+                    }
+                    _ => {}
+                }
+            }
+            let all_ended = d.nodes.iter().all(|n| n.run.ended());
+            if (d.state == DagState::Running) == all_ended {
+                return Err(format!("workflow {id} is {} with all its nodes ended: {all_ended}", d.state.as_str()));
+            }
+        }
+        Ok(())
+    }
+
     /// Workflows from the store; each running one then takes the steps it can (what happened
     /// to its jobs while the coordinator was down, or between two of its commits).
     pub(super) fn load_dags(&mut self, dags: Vec<(DagRow, Vec<crate::store::DagNodeRow>)>, now: u64) {

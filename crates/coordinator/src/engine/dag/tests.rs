@@ -77,10 +77,12 @@ fn run_all(e: &mut Engine, now: u64, code: impl Fn(&str) -> i32) -> Vec<Lease> {
         })
         .collect();
     e.report("n1", reports, now).unwrap();
+    e.check_invariants().unwrap();
     leases
 }
 
 fn states(e: &Engine, id: u64) -> Vec<(String, DagNodeState)> {
+    e.check_invariants().unwrap();
     e.dag_view(&alice(), id).unwrap().nodes.into_iter().map(|n| (n.name, n.state)).collect()
 }
 
