@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 pub use vmgrid_job::check::is_confined_path;
 pub use vmgrid_job::{FailureKind, Network, VmType};
 
+mod users;
+pub use users::{UserSettingsRequest, UserView};
+
 /// The blake3 hash of a blob, as 64 lowercase hex digits.
 pub type BlobRef = String;
 
@@ -52,6 +55,9 @@ pub struct JobSpec {
     pub rank: Option<String>,
     #[serde(default)]
     pub max_retries: u32,
+    /// Orders this user's idle jobs: higher first, then oldest first (fair share orders users).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
     /// Set when the job is a process of a single-system image (`vmgrid ssi`): the node runs it
     /// against its home instead of a job directory of its own, and `args` is the whole argv
     /// (argv[0] is the module's path in the SSI filesystem).
@@ -89,6 +95,10 @@ pub struct SubmitRequest {
     /// Instances 0..count-1; `{index}` in args and env becomes the instance number.
     #[serde(default = "one")]
     pub count: u64,
+}
+
+fn is_zero(x: &i32) -> bool {
+    *x == 0
 }
 
 fn one() -> u64 {
@@ -156,6 +166,9 @@ pub struct JobView {
     pub vm_type: VmType,
     pub index: u64,
     pub submitted_ms: u64,
+    /// When it last started: placed on its node (its cpus are held from then).
+    #[serde(default)]
+    pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
 }
 
@@ -518,6 +531,7 @@ impl JobSpec {
             requirements: self.requirements.as_deref(),
             rank: self.rank.as_deref(),
             max_retries: self.max_retries.into(),
+            priority: self.priority.into(),
         };
         vmgrid_job::check::check(&shape).map_err(|inv| inv.message)?;
         for f in self.image.iter().chain(&self.kernel).chain(&self.initrd) {
@@ -583,6 +597,7 @@ impl JobSpec {
                 requirements: self.requirements.clone(),
                 rank: self.rank.clone(),
                 max_retries: self.max_retries,
+                priority: self.priority,
             },
         })
     }

@@ -89,6 +89,7 @@ fn to_spec(client: &Client, job: &vmgrid_job::Job) -> Result<JobSpec, CliError> 
         requirements: job.policy.requirements.clone(),
         rank: job.policy.rank.clone(),
         max_retries: job.policy.max_retries,
+        priority: job.policy.priority,
         ssi: None,
     })
 }

@@ -30,6 +30,7 @@ pub(crate) fn spec(max_retries: u32) -> JobSpec {
         requirements: None,
         rank: None,
         max_retries,
+        priority: 0,
         ssi: None,
     }
 }
@@ -481,6 +482,7 @@ fn stored_job(id: u64, spec_id: u64, state: JobState, node: Option<&str>) -> Sto
             losses: 0,
             exit_code: None,
             reason: None,
+            started_ms: None,
             finished_ms: None,
             result: None,
             set_result: false,
@@ -513,6 +515,7 @@ fn loading_gives_running_jobs_back_and_requeues_those_whose_node_is_gone() {
             state: NodeState::Ready,
         }],
         blobs: vec![],
+        users: vec![],
     };
     let mut e = Engine::load(loaded, TIMING, 100);
     assert_eq!(e.authenticate("c1", 0), Some(&Principal::Node("n1".into())));

@@ -7,7 +7,8 @@ use rusqlite::{Connection, params};
 use vmgrid_proto::{JobState, NodeState};
 
 use super::{
-    JobRow, Loaded, Op, Store, StoreError, StoredBlob, StoredJob, StoredNode, StoredResult, TokenRole, TokenRow,
+    JobRow, Loaded, Op, Store, StoreError, StoredBlob, StoredJob, StoredNode, StoredResult, StoredUser, TokenRole,
+    TokenRow,
 };
 
 /// The schema as it was first released (version 1); [`MIGRATIONS`] take it to the current one.
@@ -32,6 +33,11 @@ const MIGRATIONS: &[&str] = &[
      UPDATE tokens SET id = substr(hash, 1, 12) WHERE id IS NULL;",
     // 3: who each blob is charged to.
     "CREATE TABLE blobs (hash TEXT PRIMARY KEY, owner TEXT NOT NULL, size INTEGER NOT NULL, created_ms INTEGER NOT NULL);",
+    // 4: fair share: each user's decayed usage and what an admin set (factor, quota); when each
+    // job last started.
+    "CREATE TABLE users (name TEXT PRIMARY KEY, usage_cpu_s REAL NOT NULL DEFAULT 0, usage_at_ms INTEGER NOT NULL DEFAULT 0,
+       factor REAL NOT NULL DEFAULT 1, max_cpus INTEGER);
+     ALTER TABLE jobs ADD COLUMN started_ms INTEGER;",
 ];
 
 /// The schema version this coordinator writes.
@@ -146,7 +152,7 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
     l.specs =
         st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
     let mut st = conn.prepare(
-        "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result FROM jobs ORDER BY id",
+        "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result, started_ms FROM jobs ORDER BY id",
     )?;
     l.jobs = st.query_map([], stored_job)?.collect::<Result<_, _>>()?;
     let mut st = conn.prepare("SELECT hash, owner, size, created_ms FROM blobs")?;
@@ -157,6 +163,18 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
                 owner: r.get(1)?,
                 size: r.get::<_, i64>(2)? as u64,
                 created_ms: r.get::<_, i64>(3)? as u64,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut st = conn.prepare("SELECT name, usage_cpu_s, usage_at_ms, factor, max_cpus FROM users")?;
+    l.users = st
+        .query_map([], |r| {
+            Ok(StoredUser {
+                user: r.get(0)?,
+                usage_cpu_s: r.get(1)?,
+                usage_at_ms: r.get::<_, i64>(2)? as u64,
+                factor: r.get(3)?,
+                max_cpus: r.get::<_, Option<i64>>(4)?.map(|x| x as u64),
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -198,6 +216,7 @@ fn stored_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredJob> {
             losses: r.get(9)?,
             exit_code: r.get(10)?,
             reason,
+            started_ms: r.get::<_, Option<i64>>(15)?.map(|x| x as u64),
             finished_ms: r.get::<_, Option<i64>>(13)?.map(|x| x as u64),
             result: result.and_then(|j| serde_json::from_str::<StoredResult>(&j).ok()),
             set_result: false,
@@ -237,7 +256,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         }
         Op::Job(j) => {
             let mut st = tx.prepare_cached(
-                "UPDATE jobs SET state = ?2, node = ?3, epoch = ?4, attempts = ?5, retries = ?6, losses = ?7, exit_code = ?8, reason = ?9, finished_ms = ?10, result = CASE WHEN ?12 THEN ?11 ELSE result END WHERE id = ?1",
+                "UPDATE jobs SET state = ?2, node = ?3, epoch = ?4, attempts = ?5, retries = ?6, losses = ?7, exit_code = ?8, reason = ?9, finished_ms = ?10, result = CASE WHEN ?12 THEN ?11 ELSE result END, started_ms = ?13 WHERE id = ?1",
             )?;
             let result = j.result.as_ref().map(|r| serde_json::to_string(r).expect("a result serializes"));
             st.execute(params![
@@ -252,7 +271,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
                 j.reason,
                 j.finished_ms.map(|x| x as i64),
                 result,
-                j.set_result
+                j.set_result,
+                j.started_ms.map(|x| x as i64)
             ])?;
         }
         Op::Node { name, ad_json, cred_hash, state } => {
@@ -278,6 +298,20 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         }
         Op::DeleteBlob { hash } => {
             tx.execute("DELETE FROM blobs WHERE hash = ?1", params![hash])?;
+        }
+        Op::UserUsage { user, usage_cpu_s, at_ms } => {
+            tx.prepare_cached(
+                "INSERT INTO users (name, usage_cpu_s, usage_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET usage_cpu_s = ?2, usage_at_ms = ?3",
+            )?
+            .execute(params![user, usage_cpu_s, *at_ms as i64])?;
+        }
+        Op::UserSettings { user, factor, max_cpus } => {
+            tx.execute(
+                "INSERT INTO users (name, factor, max_cpus) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET factor = ?2, max_cpus = ?3",
+                params![user, factor, max_cpus.map(|x| x as i64)],
+            )?;
         }
     }
     Ok(())
