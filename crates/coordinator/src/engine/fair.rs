@@ -135,6 +135,13 @@ impl Engine {
         u.max_cpus = s.max_cpus;
     }
 
+    /// A user whose usage was never saved starts being charged now, not since the epoch.
+    pub(super) fn users_loaded(&mut self, now: u64) {
+        for u in self.users.values_mut().filter(|u| u.usage_at_ms == 0) {
+            u.usage_at_ms = now;
+        }
+    }
+
     /// Saves the usage of the users whose usage grew, every [`USAGE_SAVE_MS`].
     pub(super) fn save_usage(&mut self, now: u64) {
         if now < self.usage_saved_ms + USAGE_SAVE_MS {

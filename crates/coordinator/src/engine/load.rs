@@ -45,6 +45,7 @@ impl Engine {
             e.nodes.insert(name, Node::new(ad, state, cred_hash, now));
         }
         e.give_running_jobs_back();
+        e.users_loaded(now);
         e
     }
 
