@@ -181,3 +181,21 @@ fn usage_is_saved_every_minute_and_survives_a_restart_with_the_settings() {
     assert!((a.usage_cpu_s - b.usage_cpu_s).abs() < 1e-6, "{a:?} {b:?}");
     assert_eq!(loaded.job_result(&admin(), 1).unwrap().job.started_ms, Some(0));
 }
+
+#[test]
+fn a_running_job_of_a_user_never_saved_is_charged_from_the_start_not_the_epoch() {
+    let mut e = engine(2);
+    e.submit(&user("alice"), spec(0), 1, 0).unwrap();
+    pass(&mut e, 0);
+    let mut ops = e.take_effects().ops;
+    assert!(!ops.iter().any(|op| matches!(op, Op::UserUsage { .. })), "nothing saved yet");
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = crate::store::sqlite::SqliteStore::open(&dir.path().join("pool.sqlite")).unwrap();
+    store.commit(&std::mem::take(&mut ops)).unwrap();
+    let start = 1_000_000_000;
+    let mut loaded = Engine::load(store.load().unwrap(), TIMING, start);
+    loaded.set_usage_half_life(HALF_LIFE_MS);
+    let v = view(&loaded, "alice", start + 10_000);
+    assert_eq!(v.running_cpus, 1);
+    assert!((v.usage_cpu_s - 10.0).abs() < 0.05, "ten seconds of one cpu, barely decayed: {v:?}");
+}
