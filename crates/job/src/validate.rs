@@ -73,8 +73,7 @@ impl Cx<'_> {
         let outputs: Vec<String> = raw.files.outputs.iter().map(|o| o.get_ref().clone()).collect();
         let d = Resources::default();
         let int = |v: &Option<Spanned<i64>>, default: u64| v.as_ref().map_or(default as i64, |v| *v.get_ref());
-        let r = &raw.resources;
-        let p = &raw.policy;
+        let (r, p) = (&raw.resources, &raw.policy);
         let shape = Shape {
             name: &name,
             vm_type,

@@ -11,7 +11,7 @@ pub use vmgrid_job::check::is_confined_path;
 pub use vmgrid_job::{FailureKind, Network, VmType};
 
 mod users;
-pub use users::{UserSettingsRequest, UserView};
+pub use users::{RevokeRequest, Role, TokenRequest, TokenResponse, TokenView, UserSettingsRequest, UserView};
 
 /// The blake3 hash of a blob, as 64 lowercase hex digits.
 pub type BlobRef = String;
@@ -56,7 +56,7 @@ pub struct JobSpec {
     #[serde(default)]
     pub max_retries: u32,
     /// Orders this user's idle jobs: higher first, then oldest first (fair share orders users).
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "users::is_zero")]
     pub priority: i32,
     /// Set when the job is a process of a single-system image (`vmgrid ssi`): the node runs it
     /// against its home instead of a job directory of its own, and `args` is the whole argv
@@ -95,10 +95,6 @@ pub struct SubmitRequest {
     /// Instances 0..count-1; `{index}` in args and env becomes the instance number.
     #[serde(default = "one")]
     pub count: u64,
-}
-
-fn is_zero(x: &i32) -> bool {
-    *x == 0
 }
 
 fn one() -> u64 {
@@ -167,7 +163,6 @@ pub struct JobView {
     pub index: u64,
     pub submitted_ms: u64,
     /// When it last started: placed on its node (its cpus are held from then).
-    #[serde(default)]
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
 }
@@ -403,50 +398,6 @@ pub struct ReportResponse {
     pub accepted: Vec<LeaseId>,
     /// Reports refused because their lease expired or was given to another node.
     pub refused: Vec<(LeaseId, String)>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Node,
-    User,
-    Admin,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenRequest {
-    pub role: Role,
-    pub owner: String,
-    /// The token stops working this many seconds after it is made; `None`: until revoked.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ttl_s: Option<u64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TokenResponse {
-    /// The secret, shown this once; the pool keeps only its hash.
-    pub token: String,
-    /// What names the token for `vmgrid token --revoke`.
-    pub id: String,
-    pub expires_ms: Option<u64>,
-}
-
-/// A token as an admin lists it: never the secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenView {
-    pub id: String,
-    /// `pool`, `node`, `user`, `admin` or `console`.
-    pub role: String,
-    pub owner: String,
-    pub created_ms: u64,
-    pub expires_ms: Option<u64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RevokeRequest {
-    pub id: String,
 }
 
 /// A `vmgrid ssi` console asks to be the home of processes; the pool decides its URL (the

@@ -1,5 +1,6 @@
-//! `vmgrid users`: each user's share of the pool (usage, running and idle jobs, priority factor,
-//! quota, effective priority) and what an admin sets for a user.
+//! Users and their tokens: the tokens an admin makes, lists and revokes (`vmgrid token`), each
+//! user's share of the pool (`vmgrid users`: usage, running and idle jobs, priority factor, quota,
+//! effective priority) and what an admin sets for a user.
 
 use serde::{Deserialize, Serialize};
 
@@ -41,4 +42,52 @@ impl UserSettingsRequest {
     pub fn check(&self) -> Result<(), String> {
         vmgrid_job::check::user_settings(&self.user, self.factor, self.max_cpus, self.no_max_cpus)
     }
+}
+
+pub(crate) fn is_zero(x: &i32) -> bool {
+    *x == 0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Node,
+    User,
+    Admin,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    pub role: Role,
+    pub owner: String,
+    /// The token stops working this many seconds after it is made; `None`: until revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenResponse {
+    /// The secret, shown this once; the pool keeps only its hash.
+    pub token: String,
+    /// What names the token for `vmgrid token --revoke`.
+    pub id: String,
+    pub expires_ms: Option<u64>,
+}
+
+/// A token as an admin lists it: never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenView {
+    pub id: String,
+    /// `pool`, `node`, `user`, `admin` or `console`.
+    pub role: String,
+    pub owner: String,
+    pub created_ms: u64,
+    pub expires_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    pub id: String,
 }

@@ -299,6 +299,14 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         Op::DeleteBlob { hash } => {
             tx.execute("DELETE FROM blobs WHERE hash = ?1", params![hash])?;
         }
+        Op::UserUsage { .. } | Op::UserSettings { .. } => apply_user(tx, op)?,
+    }
+    Ok(())
+}
+
+/// A user's usage or settings: each updates its own columns of the user's row.
+fn apply_user(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
+    match op {
         Op::UserUsage { user, usage_cpu_s, at_ms } => {
             tx.prepare_cached(
                 "INSERT INTO users (name, usage_cpu_s, usage_at_ms) VALUES (?1, ?2, ?3)
@@ -313,6 +321,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
                 params![user, factor, max_cpus.map(|x| x as i64)],
             )?;
         }
+        _ => {}
     }
     Ok(())
 }
