@@ -38,16 +38,20 @@ impl UserShare {
         self.factor * (self.recent_cpus + (self.running_cpus + given) as f64)
     }
 
-    /// Why a job asking for `cpus` more must wait, if the user's quota forbids it.
-    pub fn over_quota(&self, given: u64, cpus: u32) -> Option<String> {
-        let max = self.max_cpus?;
-        let runs = self.running_cpus + given;
-        (cpus > 0 && runs + cpus as u64 > max).then(|| {
-            format!(
-                "{} runs {runs} cpu(s), and {max} is the user's quota (`vmgrid users`): waiting until some of {}'s jobs end",
-                self.name, self.name
-            )
-        })
+    /// Whether the user's quota forbids a job asking for `cpus` more, with `given` more running.
+    pub fn over_quota(&self, given: u64, cpus: u32) -> bool {
+        self.max_cpus.is_some_and(|max| cpus > 0 && self.running_cpus + given + cpus as u64 > max)
+    }
+
+    /// Why the user's jobs wait at their quota, with `given` more running.
+    pub fn quota_reason(&self, given: u64) -> String {
+        format!(
+            "{} runs {} cpu(s), and {} is the user's quota (`vmgrid users`): waiting until some of {}'s jobs end",
+            self.name,
+            self.running_cpus + given,
+            self.max_cpus.unwrap_or(0),
+            self.name
+        )
     }
 }
 

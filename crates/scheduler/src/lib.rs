@@ -247,8 +247,9 @@ pub fn place<'c, C: Clusters<'c>, J: std::borrow::Borrow<IdleJob>>(
         if pass.free_cpus == 0 && !pass.nodes.is_empty() && cluster.cpus > 0 {
             break;
         }
-        let quota = queues.users[u].over_quota(queues.given[u], cluster.cpus);
-        let placed = pass.try_place(&job, cluster, quota);
+        let (user, given) = (&queues.users[u], queues.given[u]);
+        let over_quota = user.over_quota(given, cluster.cpus).then_some((user, given));
+        let placed = pass.try_place(&job, cluster, over_quota);
         queues.done(u, if placed { cluster.cpus } else { 0 });
     }
     pass.decision
@@ -277,8 +278,8 @@ impl<'n> Pass<'n> {
         }
     }
 
-    /// Places `job` if a matching node has room and `over_quota` says nothing; whether it did.
-    fn try_place(&mut self, job: &IdleJob, cluster: &Cluster, over_quota: Option<String>) -> bool {
+    /// Places `job` if a matching node has room and its user is not `over_quota`; whether it did.
+    fn try_place(&mut self, job: &IdleJob, cluster: &Cluster, over_quota: Option<(&UserShare, u64)>) -> bool {
         let (nodes, decision) = (&mut *self.nodes, &mut self.decision);
         let (list, cursor) = self.candidates.entry(job.cluster).or_insert_with(|| {
             decision.evaluated.push(job.cluster);
@@ -291,8 +292,8 @@ impl<'n> Pass<'n> {
         if list.is_empty() {
             return false;
         }
-        if let Some(why) = over_quota {
-            decision.waiting.entry(job.cluster).or_insert(why);
+        if let Some((user, given)) = over_quota {
+            decision.waiting.entry(job.cluster).or_insert_with(|| user.quota_reason(given));
             return false;
         }
         if cluster.cpus == 0 {
