@@ -361,6 +361,39 @@ mod tests {
         assert_eq!(e.authenticate("cred", 10), Some(&Principal::Node("n1".into())));
     }
 
+    /// A store written by the previous version (schema 3) is migrated: its jobs keep their rows
+    /// (with no start time yet) and users start with no usage, factor 1 and no quota.
+    #[test]
+    fn a_version_3_store_gains_users_and_start_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.sqlite");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(SCHEMA_V1).unwrap();
+        for m in &MIGRATIONS[..2] {
+            conn.execute_batch(m).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 3).unwrap();
+        conn.execute(
+            "INSERT INTO jobs (id, spec_id, idx, owner, state, submitted_ms) VALUES (7, 1, 0, 'a', 'idle', 5)",
+            [],
+        )
+        .unwrap();
+        drop(conn);
+        let mut store = SqliteStore::open(&path).unwrap();
+        let version: i64 = store.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let loaded = store.load().unwrap();
+        assert_eq!((loaded.jobs[0].row.id, loaded.jobs[0].row.started_ms), (7, None));
+        assert!(loaded.users.is_empty());
+        store.commit(&[Op::UserSettings { user: "a".into(), factor: 2.0, max_cpus: Some(3) }]).unwrap();
+        store.commit(&[Op::UserUsage { user: "a".into(), usage_cpu_s: 12.5, at_ms: 9 }]).unwrap();
+        let users = store.load().unwrap().users;
+        assert_eq!(
+            users,
+            vec![StoredUser { user: "a".into(), usage_cpu_s: 12.5, usage_at_ms: 9, factor: 2.0, max_cpus: Some(3) }]
+        );
+    }
+
     #[test]
     fn a_job_in_an_unknown_state_is_held_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
