@@ -7,6 +7,7 @@
 //!
 //! idle → running → completed | held | removed; a failed run goes back to idle while retries last.
 
+mod fair;
 mod invariants;
 mod jobs;
 mod load;
@@ -14,6 +15,7 @@ mod nodes;
 mod retention;
 mod schedule;
 
+pub use fair::{DEFAULT_HALF_LIFE_MS, USAGE_SAVE_MS};
 pub use schedule::Snapshot;
 #[cfg(test)]
 mod proptests;
@@ -167,6 +169,7 @@ struct Job {
     exit_code: Option<i32>,
     reason: Option<String>,
     submitted_ms: u64,
+    started_ms: Option<u64>,
     finished_ms: Option<u64>,
     lease_deadline_ms: u64,
     result: Option<Box<StoredResult>>,
@@ -273,6 +276,11 @@ pub struct Engine {
     blobs: HashMap<String, retention::BlobEntry>,
     /// Blob bytes each user is charged for.
     blob_bytes: HashMap<Arc<str>, u64>,
+    /// Fair share: each user's usage, running cpus, factor and quota.
+    users: HashMap<Arc<str>, fair::UserEntry>,
+    half_life_ms: u64,
+    /// When users' usage was last saved.
+    usage_saved_ms: u64,
     metrics: Metrics,
     out: Effects,
 }
@@ -326,6 +334,9 @@ impl Engine {
             spec_jobs: HashMap::new(),
             blobs: HashMap::new(),
             blob_bytes: HashMap::new(),
+            users: HashMap::new(),
+            half_life_ms: DEFAULT_HALF_LIFE_MS,
+            usage_saved_ms: 0,
             metrics: Metrics::default(),
             out: Effects::default(),
         }
@@ -461,6 +472,7 @@ impl Engine {
             vm_type: spec.map_or(VmType::Wasm, |s| s.spec.vm_type),
             index: j.index,
             submitted_ms: j.submitted_ms,
+            started_ms: j.started_ms,
             finished_ms: j.finished_ms,
         }
     }
