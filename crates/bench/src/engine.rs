@@ -1,5 +1,6 @@
-//! The coordinator's engine figures: the pure matchmaker with 1M jobs and 10k nodes, and the
-//! coordinator's memory with 1M jobs queued.
+//! The coordinator's engine figures: the pure matchmaker with 1M jobs of 100 users (fair share on:
+//! users take turns by effective priority, some at a quota) and 10k nodes, and the coordinator's
+//! memory with 1M jobs queued.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -42,10 +43,23 @@ pub fn scheduler_engine() -> (f64, usize) {
             (k, Cluster::compile(VmType::Wasm, 1, 64, Some(&req), Some("node.free_cpus")).unwrap())
         })
         .collect();
-    let jobs: Vec<IdleJob> = (0..1_000_000u64).map(|id| IdleJob { id, cluster: id % 100 }).collect();
+    // 100 users with different usage, factors and running cpus; every tenth has a quota.
+    let users: Vec<UserShare> = (0..100u64)
+        .map(|u| UserShare {
+            name: format!("user{u}").into(),
+            running_cpus: u * 10,
+            recent_cpus: (u % 7) as f64 * 3.5,
+            factor: 1.0 + (u % 3) as f64,
+            max_cpus: (u % 10 == 0).then_some(5_000),
+        })
+        .collect();
+    // Each user's jobs span the clusters, with a few job priorities.
+    let jobs: Vec<IdleJob> = (0..1_000_000u64)
+        .map(|id| IdleJob { id, cluster: (id / 100) % 100, user: (id % 100) as u32, priority: (id % 3) as i32 })
+        .collect();
     let mut slots = nodes.clone();
     let start = Instant::now();
-    let d = place(&mut slots, &clusters, &jobs);
+    let d = place(&mut slots, &clusters, &users, &jobs);
     let secs = start.elapsed().as_secs_f64();
     (d.placements.len() as f64 / secs, d.placements.len())
 }

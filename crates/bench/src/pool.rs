@@ -98,6 +98,7 @@ pub fn trivial_spec(client: &Client, root: &Path) -> JobSpec {
         requirements: Some("\"wasm\" in node.vm_types".into()),
         rank: Some("node.free_cpus".into()),
         max_retries: 0,
+        priority: 0,
         ssi: None,
     }
 }

@@ -264,6 +264,16 @@ impl Client {
         self.post("/v1/tokens", &TokenRequest { role, owner: owner.into(), ttl_s })
     }
 
+    /// Each user's fair share: every user for an admin, the caller alone for a user.
+    pub fn users(&self) -> Result<Vec<UserView>> {
+        self.get("/v1/users")
+    }
+
+    /// Sets a user's priority factor and quota (admin only).
+    pub fn set_user(&self, req: &UserSettingsRequest) -> Result<UserView> {
+        self.post("/v1/users/settings", req)
+    }
+
     pub fn tokens(&self) -> Result<Vec<TokenView>> {
         self.get("/v1/tokens")
     }

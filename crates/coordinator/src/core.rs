@@ -69,7 +69,7 @@ impl Shared {
         let mut placed = 0;
         let mut last = None;
         for _ in 0..8 {
-            let (snap, pending) = self.call(|e| e.snapshot());
+            let (snap, pending) = self.call(|e| e.snapshot(vmgrid_proto::now_ms()));
             last = Some(pending);
             let Some(mut snap) = snap else { break };
             if snap.is_empty() {

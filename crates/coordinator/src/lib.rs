@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use engine::{DEFAULT_HALF_LIFE_MS, Limits, Timing};
 use engine::{Engine, Principal, hash_token};
-pub use engine::{Limits, Timing};
 pub use serve::{CA_CERT_FILE, Tls};
 use store::Store;
 
@@ -32,6 +32,8 @@ pub struct Config {
     pub tls: Tls,
     /// The largest blob one upload may be.
     pub max_blob_bytes: u64,
+    /// Fair share: users' usage decays by half in this long.
+    pub usage_half_life_ms: u64,
 }
 
 pub const POOL_TOKEN_FILE: &str = "pool.token";
@@ -126,6 +128,7 @@ pub fn start(config: Config, handle_signals: bool) -> Result<Running, StartError
     let now = vmgrid_proto::now_ms();
     let mut engine = Engine::load(loaded, config.timing, now);
     engine.set_limits(config.limits);
+    engine.set_usage_half_life(config.usage_half_life_ms);
     // The token files are the source of truth for the two built-in tokens.
     engine.ensure_token(hash_token(&pool_token), Principal::Pool, now);
     engine.ensure_token(hash_token(&admin_token), Principal::Admin("admin".into()), now);

@@ -31,6 +31,7 @@ pub enum Field {
     Requirements,
     Rank,
     MaxRetries,
+    Priority,
 }
 
 /// Why a job is refused, and where.
@@ -70,6 +71,8 @@ pub struct Shape<'a> {
     pub requirements: Option<&'a str>,
     pub rank: Option<&'a str>,
     pub max_retries: i64,
+    /// `[policy] priority`: orders one user's jobs (higher first); fair share orders users.
+    pub priority: i64,
 }
 
 /// Applies every rule; the first one broken is the answer.
@@ -90,7 +93,47 @@ pub fn check(s: &Shape<'_>) -> Result<(), Invalid> {
             expression(which, src).map_err(|m| invalid(field, m))?;
         }
     }
-    int_in(Field::MaxRetries, "max_retries", s.max_retries, 0, limits::MAX_RETRIES as i64)
+    int_in(Field::MaxRetries, "max_retries", s.max_retries, 0, limits::MAX_RETRIES as i64)?;
+    int_in(Field::Priority, "priority", s.priority, -limits::MAX_PRIORITY, limits::MAX_PRIORITY)
+}
+
+/// A user's name as the pool keys it (token owners, `vmgrid users set`): 1 to 64 letters,
+/// digits, `-`, `_`, `.` or `@`.
+pub fn user_name(u: &str) -> Result<(), String> {
+    if u.is_empty() || u.len() > 64 || !u.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)) {
+        return Err(format!(
+            "a user name is 1 to 64 letters, digits, `-`, `_`, `.` or `@`; {:?} is not",
+            u.chars().take(80).collect::<String>()
+        ));
+    }
+    Ok(())
+}
+
+/// What an admin sets for a user (`vmgrid users set`): a priority factor, a quota of running
+/// cpus, or the quota's removal; at least one, and the quota either set or removed.
+pub fn user_settings(user: &str, factor: Option<f64>, max_cpus: Option<u64>, no_max_cpus: bool) -> Result<(), String> {
+    user_name(user)?;
+    if factor.is_none() && max_cpus.is_none() && !no_max_cpus {
+        return Err("nothing to set: give a priority factor, a quota of cpus, or remove the quota".into());
+    }
+    if max_cpus.is_some() && no_max_cpus {
+        return Err("a quota cannot be set and removed at once".into());
+    }
+    if let Some(f) = factor
+        && !(f.is_finite() && (limits::MIN_FACTOR..=limits::MAX_FACTOR).contains(&f))
+    {
+        return Err(format!(
+            "the priority factor is {f}, but must be between {} and {} (1 is the default; larger gets a smaller share)",
+            limits::MIN_FACTOR,
+            limits::MAX_FACTOR
+        ));
+    }
+    if let Some(m) = max_cpus
+        && m > limits::MAX_QUOTA_CPUS
+    {
+        return Err(format!("the quota is {m} cpus, but must be at most {}", limits::MAX_QUOTA_CPUS));
+    }
+    Ok(())
 }
 
 /// The rules for names (a job's, a workflow's): 1 to 128 letters, digits, `-`, `_` and `.`.
@@ -495,6 +538,7 @@ mod tests {
             requirements: None,
             rank: None,
             max_retries: 0,
+            priority: 0,
         }
     }
 
@@ -530,6 +574,26 @@ mod tests {
         let mut s = wasm(&[], &none);
         s.requirements = Some(&big);
         assert_eq!(check(&s).unwrap_err().field, Field::Requirements);
+        let mut s = wasm(&[], &none);
+        s.priority = 1001;
+        assert_eq!(check(&s).unwrap_err().message, "`priority` is 1001, but must be between -1000 and 1000");
+        s.priority = -1000;
+        assert_eq!(check(&s), Ok(()));
+    }
+
+    #[test]
+    fn user_settings_are_bounded() {
+        assert_eq!(user_settings("alice", Some(2.0), Some(8), false), Ok(()));
+        assert_eq!(user_settings("alice", None, None, true), Ok(()));
+        assert!(user_settings("alice", None, None, false).unwrap_err().starts_with("nothing to set"));
+        assert!(user_settings("alice", None, Some(8), true).unwrap_err().contains("set and removed"));
+        assert!(user_settings("al ice", Some(1.0), None, false).unwrap_err().starts_with("a user name"));
+        assert!(user_settings("", Some(1.0), None, false).is_err());
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e7] {
+            let e = user_settings("alice", Some(bad), None, false).unwrap_err();
+            assert!(e.contains("must be between 0.01 and 1000000"), "{e}");
+        }
+        assert!(user_settings("alice", None, Some(u64::MAX), false).unwrap_err().contains("at most 1000000"));
     }
 
     #[test]

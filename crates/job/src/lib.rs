@@ -166,6 +166,8 @@ pub struct Policy {
     pub requirements: Option<String>,
     pub rank: Option<String>,
     pub max_retries: u32,
+    /// Orders this user's jobs: higher first, then oldest first.
+    pub priority: i32,
 }
 
 /// Upper bounds checked before anything runs.
@@ -177,6 +179,13 @@ pub mod limits {
     pub const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
     pub const MAX_DISK_MB: u64 = 1 << 20;
     pub const MAX_RETRIES: u32 = 100;
+    /// `[policy] priority` is between -MAX_PRIORITY and MAX_PRIORITY.
+    pub const MAX_PRIORITY: i64 = 1000;
+    /// A user's priority factor (`vmgrid users set --factor`).
+    pub const MIN_FACTOR: f64 = 0.01;
+    pub const MAX_FACTOR: f64 = 1_000_000.0;
+    /// A user's quota of running cpus (`vmgrid users set --max-cpus`).
+    pub const MAX_QUOTA_CPUS: u64 = 1_000_000;
     /// Jobs (nodes) in one workflow, and instances of one node's sweep.
     pub const MAX_DAG_NODES: usize = 10_000;
     pub const MAX_DAG_COUNT: u64 = 100_000;

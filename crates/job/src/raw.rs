@@ -58,4 +58,5 @@ pub(crate) struct RawPolicy {
     pub requirements: Option<Spanned<String>>,
     pub rank: Option<Spanned<String>>,
     pub max_retries: Option<Spanned<i64>>,
+    pub priority: Option<Spanned<i64>>,
 }

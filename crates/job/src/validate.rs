@@ -84,8 +84,7 @@ impl Cx<'_> {
         let outputs: Vec<String> = raw.files.outputs.iter().map(|o| o.get_ref().clone()).collect();
         let d = Resources::default();
         let int = |v: &Option<Spanned<i64>>, default: u64| v.as_ref().map_or(default as i64, |v| *v.get_ref());
-        let r = &raw.resources;
-        let p = &raw.policy;
+        let (r, p) = (&raw.resources, &raw.policy);
         let shape = Shape {
             name: &name,
             vm_type,
@@ -106,6 +105,7 @@ impl Cx<'_> {
             requirements: p.requirements.as_ref().map(|s| s.get_ref().as_str()),
             rank: p.rank.as_ref().map(|s| s.get_ref().as_str()),
             max_retries: int(&p.max_retries, 0),
+            priority: p.priority.as_ref().map_or(0, |v| *v.get_ref()),
         };
         check::check(&shape).map_err(|inv| self.err(self.span_of(&raw, &inv.field, vm_span.clone()), inv.message))?;
         let resources = Resources {
@@ -118,6 +118,7 @@ impl Cx<'_> {
             requirements: p.requirements.as_ref().map(|s| s.get_ref().clone()),
             rank: p.rank.as_ref().map(|s| s.get_ref().clone()),
             max_retries: shape.max_retries as u32,
+            priority: shape.priority as i32,
         };
         let base = self.base_dir();
         let resolve = |s: &Option<Spanned<String>>| -> Result<Option<PathBuf>, JobFileError> {
@@ -165,6 +166,7 @@ impl Cx<'_> {
             Field::Requirements => span(p.requirements.as_ref().map(|v| v.span())),
             Field::Rank => span(p.rank.as_ref().map(|v| v.span())),
             Field::MaxRetries => span(p.max_retries.as_ref().map(|v| v.span())),
+            Field::Priority => span(p.priority.as_ref().map(|v| v.span())),
         }
     }
 }

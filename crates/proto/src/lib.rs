@@ -13,6 +13,11 @@ pub use dag::*;
 pub use vmgrid_job::check::{is_confined_path, matches_output};
 pub use vmgrid_job::{FailureKind, Network, VmType};
 
+mod users;
+pub use users::{
+    MAX_TOKEN_TTL_S, RevokeRequest, Role, TokenRequest, TokenResponse, TokenView, UserSettingsRequest, UserView,
+};
+
 /// The blake3 hash of a blob, as 64 lowercase hex digits.
 pub type BlobRef = String;
 
@@ -55,6 +60,9 @@ pub struct JobSpec {
     pub rank: Option<String>,
     #[serde(default)]
     pub max_retries: u32,
+    /// Orders this user's idle jobs: higher first, then oldest first (fair share orders users).
+    #[serde(default, skip_serializing_if = "users::is_zero")]
+    pub priority: i32,
     /// Set when the job is a process of a single-system image (`vmgrid ssi`): the node runs it
     /// against its home instead of a job directory of its own, and `args` is the whole argv
     /// (argv[0] is the module's path in the SSI filesystem).
@@ -170,6 +178,8 @@ pub struct JobView {
     pub vm_type: VmType,
     pub index: u64,
     pub submitted_ms: u64,
+    /// When it last started: placed on its node (its cpus are held from then).
+    pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
 }
 
@@ -406,77 +416,6 @@ pub struct ReportResponse {
     pub refused: Vec<(LeaseId, String)>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Node,
-    User,
-    Admin,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenRequest {
-    pub role: Role,
-    pub owner: String,
-    /// The token stops working this many seconds after it is made; `None`: until revoked.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ttl_s: Option<u64>,
-}
-
-/// The longest a token may be made to last: ten years.
-pub const MAX_TOKEN_TTL_S: u64 = 10 * 365 * 24 * 3600;
-
-impl TokenRequest {
-    /// The owner a token is made for, as the pool records it (surrounding blanks dropped).
-    pub fn owner(&self) -> &str {
-        self.owner.trim()
-    }
-
-    /// An owner is a plain name, and a lifetime a sane one.
-    pub fn check(&self) -> Result<(), String> {
-        let owner = self.owner();
-        if owner.is_empty()
-            || owner.len() > 64
-            || !owner.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
-        {
-            return Err("an owner is 1 to 64 letters, digits, `-`, `_`, `.` or `@`".into());
-        }
-        if let Some(ttl) = self.ttl_s
-            && (ttl == 0 || ttl > MAX_TOKEN_TTL_S)
-        {
-            return Err(format!("ttl is {ttl} s; it must be between 1 s and {MAX_TOKEN_TTL_S} s"));
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TokenResponse {
-    /// The secret, shown this once; the pool keeps only its hash.
-    pub token: String,
-    /// What names the token for `vmgrid token --revoke`.
-    pub id: String,
-    pub expires_ms: Option<u64>,
-}
-
-/// A token as an admin lists it: never the secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenView {
-    pub id: String,
-    /// `pool`, `node`, `user`, `admin` or `console`.
-    pub role: String,
-    pub owner: String,
-    pub created_ms: u64,
-    pub expires_ms: Option<u64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RevokeRequest {
-    pub id: String,
-}
-
 /// A `vmgrid ssi` console asks to be the home of processes; the pool decides its URL (the
 /// address it connected from, and the port it listens on) and issues its credential and TLS
 /// certificate.
@@ -559,6 +498,7 @@ impl JobSpec {
             requirements: self.requirements.as_deref(),
             rank: self.rank.as_deref(),
             max_retries: self.max_retries.into(),
+            priority: self.priority.into(),
         };
         vmgrid_job::check::check(&shape).map_err(|inv| inv.message)?;
         for f in self.image.iter().chain(&self.kernel).chain(&self.initrd) {
@@ -608,6 +548,7 @@ impl JobSpec {
             requirements: job.policy.requirements.clone(),
             rank: job.policy.rank.clone(),
             max_retries: job.policy.max_retries,
+            priority: job.policy.priority,
             ssi: None,
         }
     }
@@ -650,6 +591,7 @@ impl JobSpec {
                 requirements: self.requirements.clone(),
                 rank: self.rank.clone(),
                 max_retries: self.max_retries,
+                priority: self.priority,
             },
         })
     }

@@ -1,5 +1,6 @@
-//! The matchmaker: a pure engine. A snapshot of the pool's ready nodes and the idle jobs go in;
-//! placements, and for each job left idle a reason, come out. No IO, no async, no clock, no
+//! The matchmaker: a pure engine. A snapshot of the pool's ready nodes, its users' shares and the
+//! idle jobs go in; placements, and for each job left idle a reason, come out. Users take turns by
+//! fair share ([`fair`]). No IO, no async, no clock, no
 //! locks: the coordinator is the runtime around it, and tests call it directly.
 //!
 //! Requirements and rank are CEL expressions over the node ad (`node.cpus`, `"wasm" in
@@ -7,9 +8,12 @@
 //! HTCondor's autoclusters): its expressions are compiled once and evaluated once per node, so a
 //! sweep of a million jobs costs one evaluation per node, not a million.
 
+pub mod fair;
 /// The bounds on an expression, checked before it is parsed (kept with the job's other rules).
 pub use vmgrid_job::expr as limits;
 pub use vmgrid_job::expr::ExprError;
+
+pub use fair::UserShare;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -153,11 +157,21 @@ impl Cluster {
     }
 }
 
-/// One idle job: its id and the cluster it belongs to.
+/// One idle job: its id, the cluster it belongs to, its user (an index into the `users` given to
+/// [`place`]) and its own priority, which orders it among its user's jobs (higher first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdleJob {
     pub id: u64,
     pub cluster: u64,
+    pub user: u32,
+    pub priority: i32,
+}
+
+impl IdleJob {
+    /// A job of user 0 with priority 0.
+    pub fn new(id: u64, cluster: u64) -> IdleJob {
+        IdleJob { id, cluster, user: 0, priority: 0 }
+    }
 }
 
 /// Where [`place`] finds a job's cluster: a map, or any lookup the caller keeps.
@@ -193,41 +207,86 @@ pub struct Decision {
     pub evaluated: Vec<u64>,
 }
 
-/// Places idle jobs, oldest first, each on the matching node of highest rank that has room.
-/// `nodes` is updated with the resources the placements take. Jobs are read lazily and the pass
-/// stops as soon as no node has a free cpu, so a long queue costs nothing when the pool is full.
+/// Places idle jobs, each on the matching node of highest rank that has room. Users take turns
+/// by fair share ([`fair`]): the next slot goes to the user with the lowest effective priority,
+/// counting what this pass already gave them, and a user at their quota gets no more; within a
+/// user, jobs go by their own priority, then oldest first. `nodes` is updated with the resources
+/// the placements take. The pass stops as soon as no node has a free cpu.
 pub fn place<'c, C: Clusters<'c>, J: std::borrow::Borrow<IdleJob>>(
     nodes: &mut [NodeSlot],
     clusters: C,
+    users: &[UserShare],
     jobs: impl IntoIterator<Item = J>,
 ) -> Decision {
-    let mut decision = Decision::default();
-    let node_values: Vec<Value> = nodes.iter().map(node_value).collect();
-    let node_hashes: Vec<[u64; ATTRS.len()]> = nodes.iter().map(attr_hashes).collect();
-    let mut free_cpus: u64 = nodes.iter().map(|n| n.free_cpus as u64).sum();
-    // Per cluster: matching nodes, best first, and a cursor past the ones that are full for it.
-    let mut candidates: HashMap<u64, (Vec<usize>, usize)> = HashMap::new();
-    for job in jobs {
-        let job = job.borrow();
+    let mut pass = Pass::new(nodes);
+    let (mut queues, unknown) = fair::Queues::new(users, jobs);
+    for j in unknown {
+        pass.decision.waiting.entry(j.cluster).or_insert_with(|| "the job's user is unknown to the matchmaker".into());
+    }
+    while let Some((u, job)) = queues.pop() {
         let Some(cluster) = clusters.cluster(job.cluster) else {
-            decision.waiting.entry(job.cluster).or_insert_with(|| "the job's spec is unknown to the matchmaker".into());
+            pass.decision
+                .waiting
+                .entry(job.cluster)
+                .or_insert_with(|| "the job's spec is unknown to the matchmaker".into());
+            queues.done(u, 0);
             continue;
         };
         // A full pool ends the pass, except for time-shared jobs (cpus = 0), which need no slot.
-        if free_cpus == 0 && !nodes.is_empty() && cluster.cpus > 0 {
+        if pass.free_cpus == 0 && !pass.nodes.is_empty() && cluster.cpus > 0 {
             break;
         }
-        let (list, cursor) = candidates.entry(job.cluster).or_insert_with(|| {
+        let (user, given) = (&queues.users[u], queues.given[u]);
+        let over_quota = user.over_quota(given, cluster.cpus).then_some((user, given));
+        let placed = pass.try_place(&job, cluster, over_quota);
+        queues.done(u, if placed { cluster.cpus } else { 0 });
+    }
+    pass.decision
+}
+
+/// One pass's view of the nodes and what it decided so far.
+struct Pass<'n> {
+    nodes: &'n mut [NodeSlot],
+    values: Vec<Value>,
+    hashes: Vec<[u64; ATTRS.len()]>,
+    free_cpus: u64,
+    /// Per cluster: matching nodes, best first, and a cursor past the ones that are full for it.
+    candidates: HashMap<u64, (Vec<usize>, usize)>,
+    decision: Decision,
+}
+
+impl<'n> Pass<'n> {
+    fn new(nodes: &'n mut [NodeSlot]) -> Pass<'n> {
+        Pass {
+            values: nodes.iter().map(node_value).collect(),
+            hashes: nodes.iter().map(attr_hashes).collect(),
+            free_cpus: nodes.iter().map(|n| n.free_cpus as u64).sum(),
+            nodes,
+            candidates: HashMap::new(),
+            decision: Decision::default(),
+        }
+    }
+
+    /// Places `job` if a matching node has room and its user is not `over_quota`; whether it did.
+    fn try_place(&mut self, job: &IdleJob, cluster: &Cluster, over_quota: Option<(&UserShare, u64)>) -> bool {
+        let (nodes, decision) = (&mut *self.nodes, &mut self.decision);
+        let (list, cursor) = self.candidates.entry(job.cluster).or_insert_with(|| {
             decision.evaluated.push(job.cluster);
-            let (list, why) = match_nodes(nodes, &node_values, &node_hashes, cluster);
+            let (list, why) = match_nodes(nodes, &self.values, &self.hashes, cluster);
             if let Some(why) = why {
                 decision.waiting.insert(job.cluster, why);
             }
             (list, 0)
         });
+        if list.is_empty() {
+            return false;
+        }
+        if let Some((user, given)) = over_quota {
+            decision.waiting.entry(job.cluster).or_insert_with(|| user.quota_reason(given));
+            return false;
+        }
         if cluster.cpus == 0 {
-            place_shared(nodes, list, cluster, job, &mut decision);
-            continue;
+            return place_shared(nodes, list, cluster, job, decision);
         }
         while *cursor < list.len() {
             let n = &nodes[list[*cursor]];
@@ -237,32 +296,36 @@ pub fn place<'c, C: Clusters<'c>, J: std::borrow::Borrow<IdleJob>>(
             *cursor += 1;
         }
         if *cursor == list.len() {
-            if !list.is_empty() {
-                decision.waiting.entry(job.cluster).or_insert_with(|| {
-                    format!(
-                        "waiting for {} cpu(s) and {} MiB free on one of the {} matching node(s)",
-                        cluster.cpus,
-                        cluster.memory_mb,
-                        list.len()
-                    )
-                });
-            }
-            continue;
+            decision.waiting.entry(job.cluster).or_insert_with(|| {
+                format!(
+                    "waiting for {} cpu(s) and {} MiB free on one of the {} matching node(s)",
+                    cluster.cpus,
+                    cluster.memory_mb,
+                    list.len()
+                )
+            });
+            return false;
         }
         let idx = list[*cursor];
         let n = &mut nodes[idx];
         n.free_cpus -= cluster.cpus;
         n.free_memory_mb -= cluster.memory_mb;
         n.running_jobs += 1;
-        free_cpus -= cluster.cpus as u64;
+        self.free_cpus -= cluster.cpus as u64;
         decision.placements.push(Placement { job: job.id, node: idx });
+        true
     }
-    decision
 }
 
 /// Time-shared jobs (SSI processes) use no cpu slot, so no node ever fills up for them: they are
 /// spread instead, least loaded first, rank breaking ties.
-fn place_shared(nodes: &mut [NodeSlot], list: &[usize], cluster: &Cluster, job: &IdleJob, decision: &mut Decision) {
+fn place_shared(
+    nodes: &mut [NodeSlot],
+    list: &[usize],
+    cluster: &Cluster,
+    job: &IdleJob,
+    decision: &mut Decision,
+) -> bool {
     let best = list
         .iter()
         .copied()
@@ -274,13 +337,14 @@ fn place_shared(nodes: &mut [NodeSlot], list: &[usize], cluster: &Cluster, job: 
             n.free_memory_mb -= cluster.memory_mb;
             n.running_jobs += 1;
             decision.placements.push(Placement { job: job.id, node: idx });
+            true
         }
-        None if !list.is_empty() => {
+        None => {
             decision.waiting.entry(job.cluster).or_insert_with(|| {
                 format!("waiting for {} MiB free on one of the {} matching node(s)", cluster.memory_mb, list.len())
             });
+            false
         }
-        None => {}
     }
 }
 

@@ -378,6 +378,7 @@ impl Home {
             requirements: None,
             rank: None,
             max_retries: 0,
+            priority: 0,
             ssi: Some(SsiSpec { home: self.url.clone(), token, pid }),
         }
     }

@@ -60,6 +60,19 @@ pub struct CoordinatorArgs {
     /// Completed and removed jobs (and their files) are forgotten this many days after they end.
     #[arg(long, default_value_t = 7, value_name = "DAYS")]
     retain_days: u64,
+    /// Fair share: users' usage (cpu-seconds of their running jobs) decays by half in this long,
+    /// as HTCondor's PRIORITY_HALFLIFE: 90s, 45m, 12h, 1d, 1w. Shorter forgets past use sooner.
+    #[arg(long, default_value = "1d", value_name = "DURATION", value_parser = half_life)]
+    usage_half_life: u64,
+}
+
+/// A half-life in seconds: at least a second, at most ten years.
+fn half_life(s: &str) -> Result<u64, String> {
+    let secs = crate::cmd_token::parse_duration(s)?;
+    if secs > 10 * 365 * 86_400 {
+        return Err(format!("`{s}` is longer than ten years"));
+    }
+    Ok(secs)
 }
 
 impl CoordinatorArgs {
@@ -81,6 +94,7 @@ impl CoordinatorArgs {
             },
             tls,
             max_blob_bytes: self.max_blob_mb << 20,
+            usage_half_life_ms: self.usage_half_life * 1000,
         }
     }
 }

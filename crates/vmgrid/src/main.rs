@@ -9,6 +9,7 @@ mod cmd_pool;
 mod cmd_run;
 mod cmd_ssi;
 mod cmd_token;
+mod cmd_users;
 mod pool_config;
 mod term;
 
@@ -27,7 +28,7 @@ examples/ in the source tree and `vmgrid run --help`.",
     after_help = "Examples:\n  vmgrid run examples/wordcount/job.toml --out results/     one job here, no pool\n  \
 vmgrid up --nodes 2                                        a local pool (foreground)\n  \
 vmgrid submit examples/wordcount/job.toml --count 10 --wait\n  \
-vmgrid q; vmgrid status; vmgrid fetch 3 --out results/\n  \
+vmgrid q; vmgrid status; vmgrid users; vmgrid fetch 3 --out results/\n  \
 vmgrid dag submit flow.toml --wait                         a workflow: jobs in dependency order\n\n\
 Client commands find the pool with --pool and --token-file, VMGRID_POOL and VMGRID_TOKEN, \
 VMGRID_CONFIG (a client.toml), ~/.config/vmgrid/client.toml, or the one `vmgrid up` writes.\n\n\
@@ -69,6 +70,9 @@ enum Command {
     Dag(cmd_dag::DagArgs),
     /// Make a token for a user (printed once), list the pool's tokens, or revoke one (admin only).
     Token(cmd_token::TokenArgs),
+    /// Fair share: each user's usage, running and idle jobs, factor, quota and effective priority;
+    /// `users set` changes a user's factor or quota (admin only).
+    Users(cmd_users::UsersArgs),
     /// The single-system image: one console, process table and filesystem over the whole pool.
     Ssi(cmd_ssi::SsiArgs),
     Appliance(cmd_appliance::ApplianceArgs),
@@ -107,6 +111,7 @@ fn main() {
         Command::Fetch(args) => cmd_jobs::fetch(args),
         Command::Dag(args) => cmd_dag::run(args),
         Command::Token(args) => cmd_token::token(args),
+        Command::Users(args) => cmd_users::users(args),
         Command::Ssi(args) => cmd_ssi::ssi(args),
         Command::Appliance(args) => cmd_appliance::run(args),
     };

@@ -1,4 +1,4 @@
-//! The HTTP API, one module per resource (`jobs`, `dags`, `nodes`, `blobs`, `tokens`): each handler checks
+//! The HTTP API, one module per resource (`jobs`, `dags`, `nodes`, `blobs`, `tokens`, `users`): each handler checks
 //! its caller's role first, makes its change through the engine ([`Shared::call`]), and answers
 //! only once that change is durable ([`Shared::finish`]).
 
@@ -7,6 +7,7 @@ mod dags;
 mod jobs;
 mod nodes;
 mod tokens;
+mod users;
 
 use std::sync::Arc;
 
@@ -42,6 +43,8 @@ pub fn router(shared: S) -> Router {
         .route("/v1/tokens", post(tokens::add).get(tokens::list))
         .route("/v1/tokens/revoke", post(tokens::revoke))
         .route("/v1/consoles", post(tokens::console))
+        .route("/v1/users", get(users::list))
+        .route("/v1/users/settings", post(users::settings))
         .route("/metrics", get(get_metrics))
         .fallback(|| async { Error(StatusCode::NOT_FOUND, "no such API call; see `vmgrid --help`".into()) })
         .layer(DefaultBodyLimit::max(16 << 20))

@@ -418,7 +418,7 @@ impl Engine {
             return;
         }
         if state == JobState::Running {
-            self.release_resources(id);
+            self.release_resources(id, now);
         }
         self.unset_idle(id);
         let j = self.jobs.get_mut(&id).expect("checked above");

@@ -1,7 +1,7 @@
 //! The engine's internal consistency, stated once and checked by [`Engine::check_invariants`]:
 //! the indexes agree with the jobs (idle sets, node queues, per-user and per-spec counts, the
-//! retention index), no node holds more than it offers, and workflows agree with their jobs
-//! (`dag.rs`'s `check_dags`). The state-machine property test
+//! retention index, each user's running jobs and cpus for fair share), no node holds more
+//! than it offers, and workflows agree with their jobs (`dag.rs`'s `check_dags`). The state-machine property test
 //! (engine/proptests.rs) and the fuzz targets (fuzz/) call it after every step.
 
 use std::collections::{HashMap, HashSet};
@@ -17,6 +17,7 @@ impl Engine {
         self.check_jobs()?;
         self.check_nodes()?;
         self.check_counts()?;
+        self.check_users()?;
         self.check_dags()
     }
 
@@ -133,5 +134,32 @@ impl Engine {
             return Err(format!("spec {spec} is kept with no job"));
         }
         Ok(())
+    }
+
+    /// Each user's running jobs and cpus, which fair share orders users by, are those of the
+    /// jobs that nodes hold for them.
+    fn check_users(&self) -> Result<(), String> {
+        let mut held: HashMap<&str, (u64, u64)> = HashMap::new();
+        for n in self.nodes.values() {
+            for id in &n.jobs {
+                let j = &self.jobs[id];
+                let e = held.entry(&j.owner).or_default();
+                e.0 += 1;
+                e.1 += u64::from(self.specs[&j.spec_id].spec.cpus);
+            }
+        }
+        for (user, u) in &self.users {
+            let (jobs, cpus) = held.remove(&**user).unwrap_or_default();
+            if (u.running_jobs, u.running_cpus) != (jobs, cpus) {
+                return Err(format!(
+                    "{user} is counted running {} jobs on {} cpus; nodes hold {jobs} on {cpus}",
+                    u.running_jobs, u.running_cpus
+                ));
+            }
+        }
+        match held.into_iter().next() {
+            Some((user, _)) => Err(format!("{user} runs jobs and is not counted")),
+            None => Ok(()),
+        }
     }
 }

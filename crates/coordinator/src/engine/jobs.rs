@@ -103,6 +103,7 @@ impl Engine {
             losses: j.losses,
             exit_code: j.exit_code,
             reason: j.reason.clone(),
+            started_ms: j.started_ms,
             finished_ms: j.finished_ms,
             result: if with_result { j.result.as_deref().cloned() } else { None },
             set_result: with_result,
@@ -138,7 +139,7 @@ impl Engine {
             return Err(format!("job {id} is {}", state.as_str()));
         }
         if state == JobState::Running {
-            self.release_resources(id);
+            self.release_resources(id, now);
         }
         self.unset_idle(id);
         let j = self.jobs.get_mut(&id).expect("checked above");
@@ -180,7 +181,7 @@ impl Engine {
             Some(node) => !self.nodes.get(&*node).is_some_and(|n| n.pending.contains(&id)),
             None => false,
         };
-        self.release_resources(id);
+        self.release_resources(id, now);
         let Some(j) = self.jobs.get_mut(&id) else { return };
         if j.state != JobState::Running {
             return;
@@ -218,17 +219,22 @@ impl Engine {
         self.job_changed(id, now);
     }
 
-    /// Frees what a job held on its node (its cpus and memory, its place in the node's queue).
-    pub(super) fn release_resources(&mut self, id: u64) {
+    /// Frees what a job held on its node (its cpus and memory, its place in the node's queue) and
+    /// in its user's running cpus.
+    pub(super) fn release_resources(&mut self, id: u64, now: u64) {
         let Some(j) = self.jobs.get(&id) else { return };
         let (Some(node), Some(spec)) = (j.node.clone(), self.specs.get(&j.spec_id)) else { return };
-        let (cpus, mem) = (spec.spec.cpus, spec.spec.memory_mb);
+        let (cpus, mem, owner) = (spec.spec.cpus, spec.spec.memory_mb, j.owner.clone());
         if let Some(n) = self.nodes.get_mut(&*node) {
-            if n.jobs.remove(&id) {
+            let held = n.jobs.remove(&id);
+            if held {
                 n.used_cpus = n.used_cpus.saturating_sub(cpus);
                 n.used_memory_mb = n.used_memory_mb.saturating_sub(mem);
             }
             n.pending.retain(|p| *p != id);
+            if held {
+                self.user_stopped(&owner, cpus, now);
+            }
         }
         self.dirty = true;
         self.wake_nodes();
@@ -282,7 +288,7 @@ impl Engine {
         if let RunReport::HostFailed { reason } = &r.run {
             return self.requeue(id, now, format!("node {node_name} could not run it: {reason}"));
         }
-        self.release_resources(id);
+        self.release_resources(id, now);
         let j = self.jobs.get_mut(&id).expect("reported jobs exist");
         j.result = Some(Box::new(StoredResult {
             stdout: r.stdout,
@@ -343,6 +349,7 @@ impl Job {
             exit_code: None,
             reason: None,
             submitted_ms: now,
+            started_ms: None,
             finished_ms: None,
             lease_deadline_ms: 0,
             result: None,

@@ -36,6 +36,9 @@ impl Engine {
             let owner = owners.entry(stored.owner.clone()).or_insert_with(|| Arc::from(stored.owner.as_str())).clone();
             e.load_job(stored, owner, now, &unusable);
         }
+        for u in loaded.users {
+            e.load_user(u);
+        }
         for b in loaded.blobs {
             e.load_blob(b.hash, b.owner, b.size, b.created_ms);
         }
@@ -44,6 +47,7 @@ impl Engine {
             e.nodes.insert(name, Node::new(ad, state, cred_hash, now));
         }
         e.give_running_jobs_back();
+        e.users_loaded(now);
         e.next_dag = e.next_dag.max(loaded.last_dag_id + 1);
         e.load_dags(loaded.dags, now);
         e
@@ -98,6 +102,7 @@ impl Engine {
             exit_code: row.exit_code,
             reason,
             submitted_ms: s.submitted_ms,
+            started_ms: row.started_ms,
             finished_ms: row.finished_ms,
             // A restarted coordinator gives running jobs a full lease to be heard from again.
             lease_deadline_ms: now + self.timing.lease_ttl_ms,
@@ -120,21 +125,22 @@ impl Engine {
     /// Running jobs belong to their nodes again, with their resources; a job whose node is no
     /// longer registered, or was lost (a crash between two commits of one change), runs again.
     fn give_running_jobs_back(&mut self) {
-        let running: Vec<(u64, String, u32, u64)> = self
+        let running: Vec<(u64, String, u32, u64, Arc<str>)> = self
             .jobs
             .values()
             .filter(|j| j.state == JobState::Running)
             .map(|j| {
                 let spec = &self.specs[&j.spec_id].spec;
-                (j.id, j.node.as_deref().unwrap_or("").to_string(), spec.cpus, spec.memory_mb)
+                (j.id, j.node.as_deref().unwrap_or("").to_string(), spec.cpus, spec.memory_mb, j.owner.clone())
             })
             .collect();
-        for (id, node, cpus, mem) in running {
+        for (id, node, cpus, mem, owner) in running {
             match self.nodes.get_mut(&node).filter(|n| n.state != NodeState::Lost) {
                 Some(n) => {
                     n.jobs.insert(id);
                     n.used_cpus += cpus;
                     n.used_memory_mb += mem;
+                    self.user_runs_at_load(&owner, cpus);
                 }
                 None => {
                     let j = self.jobs.get_mut(&id).expect("listed above");

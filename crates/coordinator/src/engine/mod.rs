@@ -8,6 +8,7 @@
 //! idle → running → completed | held | removed; a failed run goes back to idle while retries last.
 
 mod dag;
+mod fair;
 mod invariants;
 mod jobs;
 mod load;
@@ -15,6 +16,7 @@ mod nodes;
 mod retention;
 mod schedule;
 
+pub use fair::{DEFAULT_HALF_LIFE_MS, USAGE_SAVE_MS};
 pub use schedule::Snapshot;
 #[cfg(test)]
 mod proptests;
@@ -170,6 +172,7 @@ struct Job {
     exit_code: Option<i32>,
     reason: Option<String>,
     submitted_ms: u64,
+    started_ms: Option<u64>,
     finished_ms: Option<u64>,
     lease_deadline_ms: u64,
     result: Option<Box<StoredResult>>,
@@ -276,6 +279,11 @@ pub struct Engine {
     blobs: HashMap<String, retention::BlobEntry>,
     /// Blob bytes each user is charged for.
     blob_bytes: HashMap<Arc<str>, u64>,
+    /// Fair share: each user's usage, running cpus, factor and quota.
+    users: HashMap<Arc<str>, fair::UserEntry>,
+    half_life_ms: u64,
+    /// When users' usage was last saved.
+    usage_saved_ms: u64,
     metrics: Metrics,
     /// Workflows, and the spec of each released workflow node's latest run → (workflow, node).
     dags: BTreeMap<u64, dag::Dag>,
@@ -333,6 +341,9 @@ impl Engine {
             spec_jobs: HashMap::new(),
             blobs: HashMap::new(),
             blob_bytes: HashMap::new(),
+            users: HashMap::new(),
+            half_life_ms: DEFAULT_HALF_LIFE_MS,
+            usage_saved_ms: 0,
             metrics: Metrics::default(),
             dags: BTreeMap::new(),
             dag_specs: HashMap::new(),
@@ -471,6 +482,7 @@ impl Engine {
             vm_type: spec.map_or(VmType::Wasm, |s| s.spec.vm_type),
             index: j.index,
             submitted_ms: j.submitted_ms,
+            started_ms: j.started_ms,
             finished_ms: j.finished_ms,
         }
     }

@@ -160,10 +160,11 @@ impl Engine {
         Ok(revoked)
     }
 
-    /// Expires leases that were not renewed and nodes that went silent, and drops finished jobs
-    /// past their retention.
+    /// Expires leases that were not renewed and nodes that went silent, drops finished jobs past
+    /// their retention, and saves users' usage every [`super::USAGE_SAVE_MS`].
     pub fn tick(&mut self, now: u64) {
         self.expire_finished(now);
+        self.save_usage(now);
         let silent: Vec<String> = self
             .nodes
             .iter()

@@ -1,15 +1,16 @@
 //! A scheduling pass, in three steps so that no user expression is evaluated while the engine is
-//! locked: [`Engine::snapshot`] copies what the pass needs (the ready nodes' free resources, and
-//! per spec the oldest idle jobs that could possibly fit), [`Snapshot::decide`] runs the pure
-//! matchmaker (`vmgrid-scheduler`, which evaluates the CEL) on that copy, and [`Engine::apply`]
-//! makes each placement that still holds — job still idle, node still ready with room — a running
-//! job queued on its node. Anything that changed meanwhile is left for the next pass.
+//! locked: [`Engine::snapshot`] copies what the pass needs (the ready nodes' free resources, the
+//! fair share of each user with idle work, and per spec the oldest idle jobs that could possibly
+//! fit), [`Snapshot::decide`] runs the pure matchmaker (`vmgrid-scheduler`, which evaluates the
+//! CEL and takes users in turn by fair share) on that copy, and [`Engine::apply`] makes each
+//! placement that still holds — job still idle, node still ready with room, user within quota — a
+//! running job queued on its node. Anything that changed meanwhile is left for the next pass.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use vmgrid_proto::*;
-use vmgrid_scheduler::{Decision, IdleJob, NodeSlot};
+use vmgrid_scheduler::{Decision, IdleJob, NodeSlot, UserShare};
 
 use super::{Engine, SpecEntry};
 
@@ -24,6 +25,8 @@ pub struct Snapshot {
     batch: Vec<IdleJob>,
     shared: Vec<IdleJob>,
     clusters: HashMap<u64, Arc<SpecEntry>>,
+    /// The users of those jobs (`IdleJob::user` indexes this).
+    users: Vec<UserShare>,
 }
 
 impl Snapshot {
@@ -32,14 +35,14 @@ impl Snapshot {
     }
 
     /// The matchmaker's decision (this is where requirements and rank are evaluated). Batch jobs
-    /// first, oldest first, until the pool is full; time-shared jobs need no cpu, so they get a
-    /// pass of their own over what is left.
+    /// first, users in turn by fair share, until the pool is full; time-shared jobs need no cpu,
+    /// so they get a pass of their own over what is left.
     pub fn decide(&mut self) -> Decision {
         let clusters = &self.clusters;
         let lookup = |c: u64| clusters.get(&c).map(|s| &s.cluster);
-        let mut d = vmgrid_scheduler::place(&mut self.slots, lookup, self.batch.iter());
+        let mut d = vmgrid_scheduler::place(&mut self.slots, lookup, &self.users, self.batch.iter());
         if !self.shared.is_empty() {
-            let more = vmgrid_scheduler::place(&mut self.slots, lookup, self.shared.iter());
+            let more = vmgrid_scheduler::place(&mut self.slots, lookup, &self.users, self.shared.iter());
             d.placements.extend(more.placements);
             d.evaluated.extend(more.evaluated);
             d.waiting.extend(more.waiting);
@@ -52,7 +55,7 @@ impl Engine {
     /// Runs a whole pass at once (snapshot, decide, apply), if anything changed since the last;
     /// returns how many jobs it placed.
     pub fn schedule(&mut self, now: u64) -> usize {
-        match self.snapshot() {
+        match self.snapshot(now) {
             Some(mut s) => {
                 let d = s.decide();
                 self.apply(&s, d, now)
@@ -61,8 +64,9 @@ impl Engine {
         }
     }
 
-    /// What a pass needs, if anything changed since the last one (and then it counts as done).
-    pub fn snapshot(&mut self) -> Option<Snapshot> {
+    /// What a pass needs at `now`, if anything changed since the last one (and then it counts as
+    /// done).
+    pub fn snapshot(&mut self, now: u64) -> Option<Snapshot> {
         if !self.dirty {
             return None;
         }
@@ -87,27 +91,51 @@ impl Engine {
             })
             .collect();
         let free_cpus: u64 = slots.iter().map(|s| s.free_cpus as u64).sum();
-        let mut snap = Snapshot { names, slots, batch: Vec::new(), shared: Vec::new(), clusters: HashMap::new() };
+        let mut snap = Snapshot {
+            names,
+            slots,
+            batch: Vec::new(),
+            shared: Vec::new(),
+            clusters: HashMap::new(),
+            users: Vec::new(),
+        };
+        let mut owners: HashMap<Arc<str>, u32> = HashMap::new();
         for (&spec_id, ids) in &self.idle_by_spec {
             let Some(entry) = self.specs.get(&spec_id) else { continue };
-            let cpus = entry.spec.cpus as u64;
-            // More jobs of a spec than could fit in the whole pool's free cpus cannot be placed;
-            // with no node at all, one job of each spec still goes in, to say why it waits.
-            let take = match cpus {
-                0 => SHARED_PER_PASS,
-                _ if snap.slots.is_empty() => 1,
-                c => (free_cpus / c) as usize,
-            };
+            let Some(owner) = ids.first().and_then(|id| self.jobs.get(id)).map(|j| &j.owner) else { continue };
+            let take = self.take_per_pass(entry, owner, free_cpus, snap.slots.is_empty());
             if take == 0 {
                 continue;
             }
-            let into = if cpus == 0 { &mut snap.shared } else { &mut snap.batch };
-            into.extend(ids.iter().take(take).map(|&id| IdleJob { id, cluster: spec_id }));
+            let next = owners.len() as u32;
+            let user = *owners.entry(owner.clone()).or_insert(next);
+            let priority = entry.spec.priority;
+            let into = if entry.spec.cpus == 0 { &mut snap.shared } else { &mut snap.batch };
+            into.extend(ids.iter().take(take).map(|&id| IdleJob { id, cluster: spec_id, user, priority }));
             snap.clusters.insert(spec_id, entry.clone());
         }
-        snap.batch.sort_unstable_by_key(|j| j.id);
-        snap.shared.sort_unstable_by_key(|j| j.id);
+        let mut by_index: Vec<(&Arc<str>, u32)> = owners.iter().map(|(k, &v)| (k, v)).collect();
+        by_index.sort_unstable_by_key(|&(_, v)| v);
+        snap.users = self.shares(by_index.into_iter().map(|(k, _)| k), now);
         Some(snap)
+    }
+
+    /// How many idle jobs of a spec one pass may place: no more than could fit in the whole pool's
+    /// free cpus, nor than the owner's quota leaves room for (plus one, to say why the rest wait);
+    /// with no node at all, one, to say why it waits.
+    fn take_per_pass(&self, entry: &SpecEntry, owner: &str, free_cpus: u64, no_nodes: bool) -> usize {
+        let c = entry.spec.cpus as u64;
+        if c == 0 {
+            return SHARED_PER_PASS;
+        }
+        if no_nodes {
+            return 1;
+        }
+        let mut take = free_cpus / c;
+        if let Some((running, max)) = self.users.get(owner).and_then(|u| Some((u.running_cpus, u.max_cpus?))) {
+            take = take.min(max.saturating_sub(running) / c + 1);
+        }
+        take as usize
     }
 
     /// Makes the decision's placements that still hold; returns how many. A placement that no
@@ -137,17 +165,22 @@ impl Engine {
         let Some(spec) = self.specs.get(&j.spec_id) else { return false };
         let Some(n) = self.nodes.get(name).filter(|n| n.state == NodeState::Ready && !n.silent) else { return false };
         let cpus_ok = spec.spec.cpus == 0 || n.ad.cpus.saturating_sub(n.used_cpus) >= spec.spec.cpus;
-        cpus_ok && n.ad.memory_mb.saturating_sub(n.used_memory_mb) >= spec.spec.memory_mb
+        cpus_ok
+            && n.ad.memory_mb.saturating_sub(n.used_memory_mb) >= spec.spec.memory_mb
+            && self.within_quota(&j.owner, spec.spec.cpus)
     }
 
     /// Job `id` runs on node `name` under a new epoch, queued there until the node collects it.
     fn place(&mut self, id: u64, name: &str, now: u64) {
-        let (cpus, mem) = {
-            let spec = &self.specs[&self.jobs[&id].spec_id].spec;
-            (spec.cpus, spec.memory_mb)
+        let (cpus, mem, owner) = {
+            let j = &self.jobs[&id];
+            let spec = &self.specs[&j.spec_id].spec;
+            (spec.cpus, spec.memory_mb, j.owner.clone())
         };
+        self.user_started(&owner, cpus, now);
         let j = self.jobs.get_mut(&id).expect("placed jobs exist");
         j.state = JobState::Running;
+        j.started_ms = Some(now);
         j.node = Some(Arc::from(name));
         j.epoch += 1;
         j.attempts += 1;

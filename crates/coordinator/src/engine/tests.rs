@@ -30,6 +30,7 @@ pub(crate) fn spec(max_retries: u32) -> JobSpec {
         requirements: None,
         rank: None,
         max_retries,
+        priority: 0,
         ssi: None,
     }
 }
@@ -481,6 +482,7 @@ fn stored_job(id: u64, spec_id: u64, state: JobState, node: Option<&str>) -> Sto
             losses: 0,
             exit_code: None,
             reason: None,
+            started_ms: None,
             finished_ms: None,
             result: None,
             set_result: false,

@@ -139,6 +139,18 @@ pub enum Op {
         count: u64,
         submitted_ms: u64,
     },
+    /// A user's decayed usage (cpu-seconds) as of `at_ms`.
+    UserUsage {
+        user: String,
+        usage_cpu_s: f64,
+        at_ms: u64,
+    },
+    /// What an admin set for a user.
+    UserSettings {
+        user: String,
+        factor: f64,
+        max_cpus: Option<u64>,
+    },
 }
 
 /// A workflow's row: its spec (JSON of a `DagSpec`) and where it is.
@@ -200,6 +212,16 @@ pub struct DagNodeRow {
     pub reason: Option<String>,
 }
 
+/// A user's fair-share state as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredUser {
+    pub user: String,
+    pub usage_cpu_s: f64,
+    pub usage_at_ms: u64,
+    pub factor: f64,
+    pub max_cpus: Option<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredBlob {
     pub hash: String,
@@ -220,6 +242,7 @@ pub struct JobRow {
     pub losses: u32,
     pub exit_code: Option<i32>,
     pub reason: Option<String>,
+    pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
     pub result: Option<StoredResult>,
     /// Write `result` as it is (clearing it when None); otherwise leave the column alone.
@@ -253,6 +276,7 @@ pub struct Loaded {
     pub jobs: Vec<StoredJob>,
     pub nodes: Vec<StoredNode>,
     pub blobs: Vec<StoredBlob>,
+    pub users: Vec<StoredUser>,
     /// The least job and spec ids never given (0 where the store does not say): ids of jobs
     /// dropped by retention are not given again.
     pub next_job: u64,

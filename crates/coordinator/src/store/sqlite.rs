@@ -8,7 +8,7 @@ use vmgrid_proto::{DagState, JobState, NodeState};
 
 use super::{
     DagNodeRow, DagRow, JobRow, Loaded, NodeRun, Op, Store, StoreError, StoredBlob, StoredJob, StoredNode,
-    StoredResult, TokenRole, TokenRow,
+    StoredResult, StoredUser, TokenRole, TokenRow,
 };
 
 /// The schema as it was first released (version 1); [`MIGRATIONS`] take it to the current one.
@@ -38,7 +38,12 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
      INSERT INTO meta (key, value) SELECT 'next_job', COALESCE(MAX(id), 0) + 1 FROM jobs;
      INSERT INTO meta (key, value) SELECT 'next_spec', COALESCE(MAX(id), 0) + 1 FROM specs;",
-    // 5: workflows (`vmgrid dag`): each DAG with its spec, and each of its nodes' runs and latest jobs.
+    // 5: fair share: each user's decayed usage and what an admin set (factor, quota); when each
+    // job last started.
+    "CREATE TABLE users (name TEXT PRIMARY KEY, usage_cpu_s REAL NOT NULL DEFAULT 0, usage_at_ms INTEGER NOT NULL DEFAULT 0,
+       factor REAL NOT NULL DEFAULT 1, max_cpus INTEGER);
+     ALTER TABLE jobs ADD COLUMN started_ms INTEGER;",
+    // 6: workflows (`vmgrid dag`): each DAG with its spec, and each of its nodes' runs and latest jobs.
     // (AUTOINCREMENT: sqlite_sequence keeps the highest id ever stored, so an id is never reused
     // after its workflow was forgotten.)
     "CREATE TABLE dags (id INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL, json TEXT NOT NULL, state TEXT NOT NULL,
@@ -164,7 +169,7 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
     l.specs =
         st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
     let mut st = conn.prepare(
-        "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result FROM jobs ORDER BY id",
+        "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result, started_ms FROM jobs ORDER BY id",
     )?;
     l.jobs = st.query_map([], stored_job)?.collect::<Result<_, _>>()?;
     let mut st = conn.prepare("SELECT hash, owner, size, created_ms FROM blobs")?;
@@ -185,6 +190,18 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
     };
     l.next_job = counter("next_job")?;
     l.next_spec = counter("next_spec")?;
+    let mut st = conn.prepare("SELECT name, usage_cpu_s, usage_at_ms, factor, max_cpus FROM users")?;
+    l.users = st
+        .query_map([], |r| {
+            Ok(StoredUser {
+                user: r.get(0)?,
+                usage_cpu_s: r.get(1)?,
+                usage_at_ms: r.get::<_, i64>(2)? as u64,
+                factor: r.get(3)?,
+                max_cpus: r.get::<_, Option<i64>>(4)?.map(|x| x as u64),
+            })
+        })?
+        .collect::<Result<_, _>>()?;
     let mut st = conn.prepare("SELECT name, ad, cred_hash, state FROM nodes")?;
     l.nodes = st
         .query_map([], |r| {
@@ -284,6 +301,7 @@ fn stored_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredJob> {
             losses: r.get(9)?,
             exit_code: r.get(10)?,
             reason,
+            started_ms: r.get::<_, Option<i64>>(15)?.map(|x| x as u64),
             finished_ms: r.get::<_, Option<i64>>(13)?.map(|x| x as u64),
             result: result.and_then(|j| serde_json::from_str::<StoredResult>(&j).ok()),
             set_result: false,
@@ -316,7 +334,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         }
         Op::Job(j) => {
             let mut st = tx.prepare_cached(
-                "UPDATE jobs SET state = ?2, node = ?3, epoch = ?4, attempts = ?5, retries = ?6, losses = ?7, exit_code = ?8, reason = ?9, finished_ms = ?10, result = CASE WHEN ?12 THEN ?11 ELSE result END WHERE id = ?1",
+                "UPDATE jobs SET state = ?2, node = ?3, epoch = ?4, attempts = ?5, retries = ?6, losses = ?7, exit_code = ?8, reason = ?9, finished_ms = ?10, result = CASE WHEN ?12 THEN ?11 ELSE result END, started_ms = ?13 WHERE id = ?1",
             )?;
             let result = j.result.as_ref().map(|r| serde_json::to_string(r).expect("a result serializes"));
             st.execute(params![
@@ -331,7 +349,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
                 j.reason,
                 j.finished_ms.map(|x| x as i64),
                 result,
-                j.set_result
+                j.set_result,
+                j.started_ms.map(|x| x as i64)
             ])?;
         }
         Op::Node { name, ad_json, cred_hash, state } => {
@@ -361,6 +380,29 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         Op::Dag { .. } | Op::DagState { .. } | Op::DagNode(_) | Op::DeleteDag { .. } | Op::DagRelease { .. } => {
             apply_dag(tx, op)?
         }
+        Op::UserUsage { .. } | Op::UserSettings { .. } => apply_user(tx, op)?,
+    }
+    Ok(())
+}
+
+/// A user's usage or settings: each updates its own columns of the user's row.
+fn apply_user(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
+    match op {
+        Op::UserUsage { user, usage_cpu_s, at_ms } => {
+            tx.prepare_cached(
+                "INSERT INTO users (name, usage_cpu_s, usage_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET usage_cpu_s = ?2, usage_at_ms = ?3",
+            )?
+            .execute(params![user, usage_cpu_s, *at_ms as i64])?;
+        }
+        Op::UserSettings { user, factor, max_cpus } => {
+            tx.execute(
+                "INSERT INTO users (name, factor, max_cpus) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET factor = ?2, max_cpus = ?3",
+                params![user, factor, max_cpus.map(|x| x as i64)],
+            )?;
+        }
+        _ => {}
     }
     Ok(())
 }
@@ -510,6 +552,39 @@ mod tests {
         assert!(next[0] > first[1], "job id {} was given again after a restart", next[0]);
         store.commit(&e.take_effects().ops).unwrap();
         assert!(store.load().unwrap().specs.iter().all(|(id, _, _)| *id > 1), "a spec id was given again");
+    }
+
+    /// A store written by the previous version (schema 3) is migrated: its jobs keep their rows
+    /// (with no start time yet) and users start with no usage, factor 1 and no quota.
+    #[test]
+    fn a_version_3_store_gains_users_and_start_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.sqlite");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(SCHEMA_V1).unwrap();
+        for m in &MIGRATIONS[..2] {
+            conn.execute_batch(m).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 3).unwrap();
+        conn.execute(
+            "INSERT INTO jobs (id, spec_id, idx, owner, state, submitted_ms) VALUES (7, 1, 0, 'a', 'idle', 5)",
+            [],
+        )
+        .unwrap();
+        drop(conn);
+        let mut store = SqliteStore::open(&path).unwrap();
+        let version: i64 = store.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let loaded = store.load().unwrap();
+        assert_eq!((loaded.jobs[0].row.id, loaded.jobs[0].row.started_ms), (7, None));
+        assert!(loaded.users.is_empty());
+        store.commit(&[Op::UserSettings { user: "a".into(), factor: 2.0, max_cpus: Some(3) }]).unwrap();
+        store.commit(&[Op::UserUsage { user: "a".into(), usage_cpu_s: 12.5, at_ms: 9 }]).unwrap();
+        let users = store.load().unwrap().users;
+        assert_eq!(
+            users,
+            vec![StoredUser { user: "a".into(), usage_cpu_s: 12.5, usage_at_ms: 9, factor: 2.0, max_cpus: Some(3) }]
+        );
     }
 
     #[test]

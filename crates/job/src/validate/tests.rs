@@ -37,6 +37,7 @@ outputs = ["result.txt", "out/*.csv"]
 requirements = 'node.memory_mb >= 512'
 rank = 'node.cpus'
 max_retries = 2
+priority = -3
 "#;
 
 #[test]
@@ -51,6 +52,7 @@ fn full_job_file_parses_with_paths_resolved() {
     assert_eq!(job.files.inputs[1], Input { source: "dir/../shared/table.csv".into(), dest: "table.csv".into() });
     assert_eq!(job.files.outputs, vec!["result.txt", "out/*.csv"]);
     assert_eq!(job.policy.max_retries, 2);
+    assert_eq!(job.policy.priority, -3);
     assert_eq!(job.with_index(7).vm.args, vec!["1000000", "7"]);
 }
 
@@ -186,4 +188,12 @@ fn an_expression_that_does_not_parse_is_refused_at_its_line() {
     assert_eq!(line, 6);
     assert!(message.starts_with("rank is not a valid CEL expression"), "{message}");
     assert!(parse("[vm]\ntype = \"wasm\"\nimage = \"a.wasm\"\n[policy]\nrank = ''\n").is_ok(), "empty means none");
+}
+
+#[test]
+fn a_priority_out_of_range_names_its_line() {
+    let (line, col, msg) = invalid("[vm]\ntype = \"wasm\"\nimage = \"a.wasm\"\n[policy]\npriority = 5000\n");
+    assert_eq!((line, col), (5, 12));
+    assert_eq!(msg, "`priority` is 5000, but must be between -1000 and 1000");
+    assert_eq!(parse("[vm]\ntype = \"wasm\"\nimage = \"a.wasm\"\n").unwrap().policy.priority, 0);
 }
