@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use vmgrid_proto::*;
 
-use super::{ApiError, Engine, Event, Principal, cluster_of};
+use super::{ApiError, Engine, Principal, cluster_of};
 use crate::store::{DagNodeRow, DagRow, NodeRun, Op};
 
 /// A workflow in memory.
@@ -460,156 +460,10 @@ impl Engine {
             self.store(Op::DeleteDag { id });
         }
     }
-
-    /// The workflows `p` may see, in id order.
-    pub fn dag_list(&self, p: &Principal) -> Vec<DagSummary> {
-        let visible = self.dags.iter().filter(|(_, d)| p.may_see(&d.owner));
-        visible
-            .map(|(&id, d)| DagSummary {
-                id,
-                name: d.spec.name.clone(),
-                owner: d.owner.to_string(),
-                state: d.state,
-                reason: d.reason.clone(),
-                done: d.nodes.iter().filter(|n| n.run == NodeRun::Done).count() as u64,
-                total: d.nodes.len() as u64,
-                rescue_of: d.rescue_of,
-                submitted_ms: d.submitted_ms,
-                finished_ms: d.finished_ms,
-            })
-            .collect()
-    }
-
-    /// Workflow `id` as `vmgrid dag status` shows it, if `p` may see it.
-    pub fn dag_view(&self, p: &Principal, id: u64) -> Result<DagView, ApiError> {
-        let d = self.dags.get(&id).ok_or_else(|| ApiError::NotFound(format!("no workflow {id}")))?;
-        if !p.may_see(&d.owner) {
-            return Err(ApiError::Forbidden(format!("workflow {id} belongs to {}", d.owner)));
-        }
-        let nodes: Vec<DagNodeView> = (0..d.nodes.len()).map(|i| self.node_view(d, i)).collect();
-        Ok(DagView {
-            id,
-            name: d.spec.name.clone(),
-            owner: d.owner.to_string(),
-            state: d.state,
-            reason: d.reason.clone(),
-            done: nodes.iter().filter(|n| n.state == DagNodeState::Done).count() as u64,
-            total: nodes.len() as u64,
-            nodes,
-            rescue_of: d.rescue_of,
-            submitted_ms: d.submitted_ms,
-            finished_ms: d.finished_ms,
-        })
-    }
-
-    fn node_view(&self, d: &Dag, i: usize) -> DagNodeView {
-        let (n, s) = (&d.nodes[i], &d.spec.nodes[i]);
-        let jobs: Vec<u64> = d.jobs_of(i).collect();
-        let states: Vec<&super::Job> = jobs.iter().filter_map(|j| self.jobs.get(j)).collect();
-        let state = match n.run {
-            NodeRun::Waiting => DagNodeState::Waiting,
-            NodeRun::Released if states.iter().any(|j| j.state == JobState::Running) => DagNodeState::Running,
-            NodeRun::Released => DagNodeState::Idle,
-            NodeRun::Done => DagNodeState::Done,
-            NodeRun::Failed => DagNodeState::Failed,
-            NodeRun::Skipped => DagNodeState::Skipped,
-        };
-        DagNodeView {
-            name: s.name.clone(),
-            state,
-            tries: n.tries,
-            retries: s.retries,
-            count: s.count,
-            jobs_done: states.iter().filter(|j| j.state == JobState::Completed && j.exit_code == Some(0)).count()
-                as u64,
-            jobs,
-            after: s.after.clone(),
-            final_node: s.final_node,
-            reason: n.reason.clone(),
-        }
-    }
-
-    /// A workflow's invariants (part of [`Engine::check_invariants`]): a released node's run is
-    /// filed under its spec and all its jobs exist with that spec; a waiting node has no run; a
-    /// running workflow has a node that has not ended, an ended one has none.
-    pub(super) fn check_dags(&self) -> Result<(), String> {
-        for (&id, d) in &self.dags {
-            if d.nodes.len() != d.spec.nodes.len() || id >= self.next_dag {
-                return Err(format!("workflow {id} has {} node rows for {} nodes", d.nodes.len(), d.spec.nodes.len()));
-            }
-            for (i, n) in d.nodes.iter().enumerate() {
-                let name = &d.spec.nodes[i].name;
-                match (n.run, n.spec_id, n.first_job) {
-                    (NodeRun::Released, Some(spec), Some(_)) => {
-                        if self.dag_specs.get(&spec) != Some(&(id, i)) {
-                            return Err(format!("workflow {id} node {name}: its spec {spec} is not filed under it"));
-                        }
-                        if let Some(job) = d.jobs_of(i).find(|j| self.jobs.get(j).is_none_or(|j| j.spec_id != spec)) {
-                            return Err(format!(
-                                "workflow {id} node {name}: job {job} is missing or not of spec {spec}"
-                            ));
-                        }
-                    }
-                    (NodeRun::Released, _, _) => {
-                        return Err(format!("workflow {id} node {name} is released without jobs"));
-                    }
-                    (NodeRun::Waiting, Some(_), _) => {
-                        return Err(format!("workflow {id} node {name} waits with a run"));
-                    }
-                    _ => {}
-                }
-            }
-            let all_ended = d.nodes.iter().all(|n| n.run.ended());
-            if (d.state == DagState::Running) == all_ended {
-                return Err(format!("workflow {id} is {} with all its nodes ended: {all_ended}", d.state.as_str()));
-            }
-        }
-        Ok(())
-    }
-
-    /// Workflows from the store; each running one then takes the steps it can (what happened
-    /// to its jobs while the coordinator was down, or between two of its commits).
-    pub(super) fn load_dags(&mut self, dags: Vec<(DagRow, Vec<crate::store::DagNodeRow>)>, now: u64) {
-        let mut running = Vec::new();
-        for (row, rows) in dags {
-            self.next_dag = self.next_dag.max(row.id + 1);
-            let spec = match serde_json::from_str::<DagSpec>(&row.json) {
-                Ok(s) => s,
-                Err(e) => {
-                    self.event(Event::UnreadableDag { dag: row.id, why: e.to_string() });
-                    continue;
-                }
-            };
-            let mut nodes = vec![waiting(); spec.nodes.len()];
-            for r in rows {
-                if let Some(n) = nodes.get_mut(r.idx as usize) {
-                    *n = DagNode {
-                        run: r.state,
-                        tries: r.tries,
-                        spec_id: r.spec_id,
-                        first_job: r.first_job,
-                        reason: r.reason,
-                        settled: Cell::new(0),
-                    };
-                    if r.state == NodeRun::Released
-                        && let Some(spec_id) = r.spec_id
-                    {
-                        self.dag_specs.insert(spec_id, (row.id, r.idx as usize));
-                    }
-                }
-            }
-            let mut d = Dag::new(Arc::from(row.owner.as_str()), spec, nodes, row.submitted_ms, row.rescue_of);
-            (d.state, d.reason, d.finished_ms) = (row.state, row.reason, row.finished_ms);
-            if d.state == DagState::Running {
-                running.push(row.id);
-            }
-            self.dags.insert(row.id, d);
-        }
-        for id in running {
-            self.advance_dag(id, now);
-        }
-    }
 }
+
+mod load;
+mod views;
 
 #[cfg(test)]
 mod tests;
