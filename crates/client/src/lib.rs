@@ -214,6 +214,22 @@ impl Client {
         self.post("/v1/jobs/actions", &ActionRequest { action, ids: ids.to_vec() })
     }
 
+    pub fn submit_dag(&self, req: &DagSubmitRequest) -> Result<DagView> {
+        self.post("/v1/dags", req)
+    }
+
+    pub fn dags(&self) -> Result<Vec<DagSummary>> {
+        self.get("/v1/dags")
+    }
+
+    pub fn dag(&self, id: u64) -> Result<DagView> {
+        self.get(&format!("/v1/dags/{id}"))
+    }
+
+    pub fn dag_rm(&self, id: u64) -> Result<DagView> {
+        self.post(&format!("/v1/dags/{id}/rm"), &())
+    }
+
     pub fn nodes(&self) -> Result<Vec<NodeView>> {
         self.get("/v1/nodes")
     }

@@ -159,5 +159,6 @@ fn log(e: &Event) {
             tracing::info!(job, epoch, %node, "refused a result: {why}")
         }
         Event::UnreadableSpec { spec, why } => tracing::error!(spec, "unreadable spec in the store: {why}"),
+        Event::UnreadableDag { dag, why } => tracing::error!(dag, "unreadable workflow in the store, left out: {why}"),
     }
 }

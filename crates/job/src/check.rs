@@ -136,6 +136,11 @@ pub fn user_settings(user: &str, factor: Option<f64>, max_cpus: Option<u64>, no_
     Ok(())
 }
 
+/// The rules for names (a job's, a workflow's): 1 to 128 letters, digits, `-`, `_` and `.`.
+pub fn check_name(n: &str) -> Result<(), String> {
+    name(n).map_err(|inv| inv.message)
+}
+
 fn name(n: &str) -> Result<(), Invalid> {
     if n.is_empty() || n.len() > limits::MAX_NAME_LEN {
         return Err(invalid(Field::Name, format!("`name` must be 1 to {} characters", limits::MAX_NAME_LEN)));
@@ -321,6 +326,16 @@ pub fn output_pattern(pat: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether an output's relative `path` matches one of `patterns`, as output collection matches
+/// them: `*` does not cross `/`, `**` does, and a leading `./` is ignored. Patterns that do not
+/// pass [`output_pattern`] match nothing.
+pub fn matches_output(patterns: &[String], path: &str) -> bool {
+    patterns.iter().any(|pat| {
+        let pat = pat.strip_prefix("./").unwrap_or(pat);
+        globset::GlobBuilder::new(pat).literal_separator(true).build().is_ok_and(|g| g.compile_matcher().is_match(path))
+    })
+}
+
 /// A CEL expression: bounded in size, in cost and in nesting, and one that parses, so that what
 /// the matchmaker compiles is small and a job file is refused at its line for what the pool
 /// would refuse.
@@ -342,6 +357,160 @@ pub fn is_confined_path(p: &str) -> bool {
         && !p.contains('\0')
         && !path.is_absolute()
         && path.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// A node of a workflow (a DAG of jobs) as the rules see it; its job is checked by [`check`].
+#[derive(Debug, Clone)]
+pub struct DagNode<'a> {
+    pub name: &'a str,
+    pub after: &'a [String],
+    pub count: i64,
+    /// Parent name → globs over that parent's outputs.
+    pub inputs_from: &'a BTreeMap<String, Vec<String>>,
+    pub retries: i64,
+    pub final_node: bool,
+    /// Where the job's own inputs land in its directory.
+    pub inputs: Vec<&'a str>,
+}
+
+/// The part of a workflow a rule refused: which key of node `node` (an index into the nodes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DagField {
+    Name,
+    After(usize),
+    Count,
+    /// The entry for this parent in `inputs_from`.
+    InputsFrom(String),
+    Retries,
+    Final,
+}
+
+/// Why a workflow is refused, and where; the message names the nodes concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DagInvalid {
+    pub node: usize,
+    pub field: DagField,
+    pub message: String,
+}
+
+fn dag_invalid(node: usize, field: DagField, message: impl Into<String>) -> DagInvalid {
+    DagInvalid { node, field, message: message.into() }
+}
+
+/// The rules of a workflow's shape: node names, known dependencies, `inputs_from` only from a
+/// node in `after` with valid globs, bounds on `count` and `retries`, at most one final node
+/// (with no dependencies either way), and no cycle (refused with the nodes on it, in order).
+pub fn check_dag(nodes: &[DagNode<'_>]) -> Result<(), DagInvalid> {
+    if nodes.is_empty() || nodes.len() > limits::MAX_DAG_NODES {
+        return Err(dag_invalid(0, DagField::Name, format!("a flow has 1 to {} jobs", limits::MAX_DAG_NODES)));
+    }
+    let index: BTreeMap<&str, usize> = nodes.iter().enumerate().map(|(i, n)| (n.name, i)).collect();
+    let mut finals = 0;
+    for (i, n) in nodes.iter().enumerate() {
+        name(n.name).map_err(|inv| dag_invalid(i, DagField::Name, format!("job `{}`: {}", n.name, inv.message)))?;
+        if index[n.name] != i {
+            return Err(dag_invalid(i, DagField::Name, format!("two jobs are named `{}`", n.name)));
+        }
+        let node_int = |field, key: &str, x: i64, min: i64, max: i64| {
+            int_in(Field::Name, key, x, min, max)
+                .map_err(|inv| dag_invalid(i, field, format!("job `{}`: {}", n.name, inv.message)))
+        };
+        node_int(DagField::Count, "count", n.count, 1, limits::MAX_DAG_COUNT as i64)?;
+        node_int(DagField::Retries, "retries", n.retries, 0, limits::MAX_RETRIES as i64)?;
+        for (k, dep) in n.after.iter().enumerate() {
+            if !index.contains_key(dep.as_str()) {
+                let m = format!("job `{}` runs after `{dep}`, which is not a job of this flow", n.name);
+                return Err(dag_invalid(i, DagField::After(k), m));
+            }
+            if nodes[index[dep.as_str()]].final_node {
+                let m = format!("job `{}` runs after `{dep}`, the final job, which runs last", n.name);
+                return Err(dag_invalid(i, DagField::After(k), m));
+            }
+        }
+        for (parent, globs) in n.inputs_from {
+            let at = DagField::InputsFrom(parent.clone());
+            if !n.after.contains(parent) {
+                let m = format!("job `{}` takes inputs from `{parent}`, which is not in its `after`", n.name);
+                return Err(dag_invalid(i, at, m));
+            }
+            if globs.is_empty() {
+                return Err(dag_invalid(i, at, format!("job `{}`: inputs_from `{parent}` names no pattern", n.name)));
+            }
+            for g in globs {
+                output_pattern(g)
+                    .map_err(|m| dag_invalid(i, at.clone(), format!("job `{}`: inputs_from {m}", n.name)))?;
+            }
+            let prefix = format!("{parent}/");
+            if let Some(own) = n.inputs.iter().find(|d| **d == parent || d.starts_with(&prefix)) {
+                let m = format!(
+                    "job `{}`: its input `{own}` would land where the inputs from `{parent}` go ({parent}/…)",
+                    n.name
+                );
+                return Err(dag_invalid(i, at, m));
+            }
+        }
+        if n.final_node {
+            finals += 1;
+            if finals > 1 {
+                return Err(dag_invalid(
+                    i,
+                    DagField::Final,
+                    format!("job `{}`: a flow has at most one final job", n.name),
+                ));
+            }
+            if !n.after.is_empty() {
+                let m = format!("job `{}` is final: it runs after all the others, so it takes no `after`", n.name);
+                return Err(dag_invalid(i, DagField::After(0), m));
+            }
+        }
+    }
+    match find_cycle(nodes, &index) {
+        Some(cycle) => {
+            let names: Vec<&str> = cycle.iter().map(|&i| nodes[i].name).collect();
+            let first = cycle[0];
+            let m = format!("the flow has a cycle: {} -> {}", names.join(" -> "), names[0]);
+            Err(dag_invalid(first, DagField::After(0), m))
+        }
+        None => Ok(()),
+    }
+}
+
+/// One cycle of the `after` graph, as the nodes on it in dependency order, if there is one.
+fn find_cycle(nodes: &[DagNode<'_>], index: &BTreeMap<&str, usize>) -> Option<Vec<usize>> {
+    // 0: unseen, 1: on the current path, 2: done. Iterative, so a long chain cannot overflow.
+    let mut mark = vec![0u8; nodes.len()];
+    for start in 0..nodes.len() {
+        if mark[start] != 0 {
+            continue;
+        }
+        let mut path: Vec<(usize, usize)> = vec![(start, 0)];
+        mark[start] = 1;
+        while let Some(&mut (n, ref mut next)) = path.last_mut() {
+            let Some(dep) = nodes[n].after.get(*next) else {
+                mark[n] = 2;
+                path.pop();
+                continue;
+            };
+            *next += 1;
+            let d = index[dep.as_str()];
+            match mark[d] {
+                0 => {
+                    mark[d] = 1;
+                    path.push((d, 0));
+                }
+                1 => {
+                    let at = path.iter().position(|&(p, _)| p == d).expect("on the path");
+                    // The path runs child → parent; a cycle reads parent → child, from its first node.
+                    let mut cycle: Vec<usize> = path[at..].iter().rev().map(|&(p, _)| p).collect();
+                    let first = cycle.iter().enumerate().min_by_key(|&(_, n)| *n).map_or(0, |(i, _)| i);
+                    cycle.rotate_left(first);
+                    return Some(cycle);
+                }
+                _ => {}
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -1,12 +1,14 @@
 //! The vmgrid job file: TOML in, a validated [`Job`] out.
 //!
-//! This crate reads the job file and nothing else: it does not check that images exist, it does not
+//! This crate reads the job file (and a workflow file, [`flow`], with the job files it names) and
+//! nothing else: it does not check that images exist, it does not
 //! touch the job directory and it starts no process. Its rules ([`check`]) are the one validator of
 //! jobs: the coordinator applies them to submitted specs too. Every error in a job file names the
 //! file, the line and the column.
 
 pub mod check;
 pub mod expr;
+pub mod flow;
 mod raw;
 mod validate;
 
@@ -14,6 +16,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use flow::{Flow, FlowNode, load_flow, parse_flow};
 pub use validate::parse_job;
 
 /// A validated job, with every path resolved against the job file's directory.
@@ -183,6 +186,9 @@ pub mod limits {
     pub const MAX_FACTOR: f64 = 1_000_000.0;
     /// A user's quota of running cpus (`vmgrid users set --max-cpus`).
     pub const MAX_QUOTA_CPUS: u64 = 1_000_000;
+    /// Jobs (nodes) in one workflow, and instances of one node's sweep.
+    pub const MAX_DAG_NODES: usize = 10_000;
+    pub const MAX_DAG_COUNT: u64 = 100_000;
     pub const MAX_ARGS: usize = 4096;
     pub const MAX_ENV: usize = 4096;
     /// Args and env together, in bytes (each with its separator), as an exec would count them.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use toml::Spanned;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawJob {
     pub name: Option<Spanned<String>>,
@@ -18,7 +18,7 @@ pub(crate) struct RawJob {
     pub policy: RawPolicy,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawVm {
     #[serde(rename = "type")]
@@ -34,7 +34,7 @@ pub(crate) struct RawVm {
     pub network: Option<Spanned<String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawResources {
     pub cpus: Option<Spanned<i64>>,
@@ -43,7 +43,7 @@ pub(crate) struct RawResources {
     pub disk_mb: Option<Spanned<i64>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawFiles {
     #[serde(default)]
@@ -52,7 +52,7 @@ pub(crate) struct RawFiles {
     pub outputs: Vec<Spanned<String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawPolicy {
     pub requirements: Option<Spanned<String>>,

@@ -22,6 +22,17 @@ pub fn parse_job(path: &Path, text: &str) -> Result<Job, JobFileError> {
     cx.job(raw)
 }
 
+/// A job written inline in another file (a workflow's `[jobs.NAME]` table): errors point into
+/// that file and relative paths resolve against its directory.
+pub(crate) fn job_from_raw(path: &Path, text: &str, raw: RawJob) -> Result<Job, JobFileError> {
+    Cx { path, text }.job(raw)
+}
+
+/// An error at byte offset `at` of `text`, the contents of `path`.
+pub(crate) fn error_at(path: &Path, text: &str, at: Range<usize>, message: impl Into<String>) -> JobFileError {
+    Cx { path, text }.err(at, message)
+}
+
 struct Cx<'a> {
     path: &'a Path,
     text: &'a str,

@@ -7,7 +7,10 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-pub use vmgrid_job::check::is_confined_path;
+
+mod dag;
+pub use dag::*;
+pub use vmgrid_job::check::{is_confined_path, matches_output};
 pub use vmgrid_job::{FailureKind, Network, VmType};
 
 mod users;

@@ -40,7 +40,7 @@ pub struct SubmitArgs {
 }
 
 /// Uploads the job's files (only those the pool lacks) and turns the job into a wire spec.
-fn to_spec(client: &Client, job: &vmgrid_job::Job) -> Result<JobSpec, CliError> {
+pub(crate) fn to_spec(client: &Client, job: &vmgrid_job::Job) -> Result<JobSpec, CliError> {
     let upload = |path: &Path, name: &str| -> Result<FileRef, CliError> {
         client.upload_file(path, name).map_err(|e| match e {
             ClientError::Io(io) => CliError::BadInput(format!("cannot read {}: {io}", path.display())),
@@ -199,7 +199,7 @@ pub struct ListArgs {
     pool: PoolArgs,
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> Result<(), CliError> {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> Result<(), CliError> {
     let s = serde_json::to_string_pretty(v).map_err(|e| CliError::Failed(e.to_string()))?;
     println!("{s}");
     Ok(())

@@ -3,6 +3,7 @@
 
 mod cli_error;
 mod cmd_appliance;
+mod cmd_dag;
 mod cmd_jobs;
 mod cmd_pool;
 mod cmd_run;
@@ -27,7 +28,8 @@ examples/ in the source tree and `vmgrid run --help`.",
     after_help = "Examples:\n  vmgrid run examples/wordcount/job.toml --out results/     one job here, no pool\n  \
 vmgrid up --nodes 2                                        a local pool (foreground)\n  \
 vmgrid submit examples/wordcount/job.toml --count 10 --wait\n  \
-vmgrid q; vmgrid status; vmgrid users; vmgrid fetch 3 --out results/\n\n\
+vmgrid q; vmgrid status; vmgrid users; vmgrid fetch 3 --out results/\n  \
+vmgrid dag submit flow.toml --wait                         a workflow: jobs in dependency order\n\n\
 Client commands find the pool with --pool and --token-file, VMGRID_POOL and VMGRID_TOKEN, \
 VMGRID_CONFIG (a client.toml), ~/.config/vmgrid/client.toml, or the one `vmgrid up` writes.\n\n\
 Exit codes: 0 success; the job's own code for `run` and `wait`; 2 bad input; 1 other failures.\n\
@@ -65,6 +67,7 @@ enum Command {
     Logs(cmd_jobs::LogsArgs),
     /// Download a job's output files.
     Fetch(cmd_jobs::FetchArgs),
+    Dag(cmd_dag::DagArgs),
     /// Make a token for a user (printed once), list the pool's tokens, or revoke one (admin only).
     Token(cmd_token::TokenArgs),
     /// Fair share: each user's usage, running and idle jobs, factor, quota and effective priority;
@@ -106,6 +109,7 @@ fn main() {
         Command::Wait(args) => cmd_jobs::wait(args),
         Command::Logs(args) => cmd_jobs::logs(args),
         Command::Fetch(args) => cmd_jobs::fetch(args),
+        Command::Dag(args) => cmd_dag::run(args),
         Command::Token(args) => cmd_token::token(args),
         Command::Users(args) => cmd_users::users(args),
         Command::Ssi(args) => cmd_ssi::ssi(args),

@@ -1,8 +1,9 @@
-//! The HTTP API, one module per resource (`jobs`, `nodes`, `blobs`, `tokens`, `users`): each handler checks
+//! The HTTP API, one module per resource (`jobs`, `dags`, `nodes`, `blobs`, `tokens`, `users`): each handler checks
 //! its caller's role first, makes its change through the engine ([`Shared::call`]), and answers
 //! only once that change is durable ([`Shared::finish`]).
 
 mod blobs;
+mod dags;
 mod jobs;
 mod nodes;
 mod tokens;
@@ -29,6 +30,9 @@ pub fn router(shared: S) -> Router {
         .route("/v1/jobs/actions", post(jobs::actions))
         .route("/v1/jobs/{id}", get(jobs::result))
         .route("/v1/jobs/{id}/wait", get(jobs::wait))
+        .route("/v1/dags", post(dags::submit).get(dags::list))
+        .route("/v1/dags/{id}", get(dags::get))
+        .route("/v1/dags/{id}/rm", post(dags::rm))
         .route("/v1/nodes", get(nodes::list))
         .route("/v1/nodes/register", post(nodes::register))
         .route("/v1/nodes/lease", post(nodes::lease))

@@ -1,7 +1,7 @@
 //! The engine's internal consistency, stated once and checked by [`Engine::check_invariants`]:
 //! the indexes agree with the jobs (idle sets, node queues, per-user and per-spec counts, the
-//! retention index, each user's running jobs and cpus for fair share), and no node holds more
-//! than it offers. The state-machine property test
+//! retention index, each user's running jobs and cpus for fair share), no node holds more
+//! than it offers, and workflows agree with their jobs (`dag.rs`'s `check_dags`). The state-machine property test
 //! (engine/proptests.rs) and the fuzz targets (fuzz/) call it after every step.
 
 use std::collections::{HashMap, HashSet};
@@ -17,7 +17,8 @@ impl Engine {
         self.check_jobs()?;
         self.check_nodes()?;
         self.check_counts()?;
-        self.check_users()
+        self.check_users()?;
+        self.check_dags()
     }
 
     fn check_jobs(&self) -> Result<(), String> {

@@ -40,15 +40,28 @@ impl Engine {
             )));
         }
         let cluster = cluster_of(&spec).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let json = serde_json::to_string(&spec).expect("a spec serializes");
+        let (spec_id, first) = self.add_jobs(&Arc::from(owner), spec, cluster, count, now);
+        self.store(Op::Spec { id: spec_id, owner: owner.into(), json });
+        self.store(Op::Jobs { spec_id, first_id: first, count, owner: owner.into(), submitted_ms: now });
+        Ok((first..first + count).collect())
+    }
+
+    /// Queues `count` idle jobs of a new spec in memory; returns (spec id, first job id). The
+    /// caller stores them.
+    pub(super) fn add_jobs(
+        &mut self,
+        owner: &Arc<str>,
+        spec: JobSpec,
+        cluster: vmgrid_scheduler::Cluster,
+        count: u64,
+        now: u64,
+    ) -> (u64, u64) {
         let spec_id = self.next_spec;
         self.next_spec += 1;
-        let json = serde_json::to_string(&spec).expect("a spec serializes");
-        self.store(Op::Spec { id: spec_id, owner: owner.into(), json });
         self.specs.insert(spec_id, Arc::new(SpecEntry { spec, cluster }));
         let first = self.next_job;
         self.next_job += count;
-        self.store(Op::Jobs { spec_id, first_id: first, count, owner: owner.into(), submitted_ms: now });
-        let owner: Arc<str> = Arc::from(owner);
         *self.queued.entry(owner.clone()).or_default() += count;
         *self.spec_jobs.entry(spec_id).or_default() += count;
         for i in 0..count {
@@ -58,7 +71,7 @@ impl Engine {
         }
         self.dirty = true;
         self.wake_nodes();
-        Ok((first..first + count).collect())
+        (spec_id, first)
     }
 
     pub(super) fn set_idle(&mut self, id: u64) {
@@ -155,6 +168,7 @@ impl Engine {
             }
         }
         self.persist(id, action == JobAction::Release);
+        self.job_changed(id, now);
         Ok(self.view(&self.jobs[&id]))
     }
 
@@ -202,6 +216,7 @@ impl Engine {
             self.wake_nodes();
         }
         self.persist(id, false);
+        self.job_changed(id, now);
     }
 
     /// Frees what a job held on its node (its cpus and memory, its place in the node's queue) and
@@ -314,6 +329,7 @@ impl Engine {
             }
         }
         self.persist(id, true);
+        self.job_changed(id, now);
     }
 }
 

@@ -1,4 +1,4 @@
-//! The engine rebuilt from what the store held at start: tokens, specs, jobs and nodes, with
+//! The engine rebuilt from what the store held at start: tokens, specs, jobs, nodes and workflows, with
 //! running jobs given back to their nodes (and a fresh lease to be heard from), and anything that
 //! cannot be read back held with the reason instead of taking the coordinator down.
 
@@ -48,6 +48,8 @@ impl Engine {
         }
         e.give_running_jobs_back();
         e.users_loaded(now);
+        e.next_dag = e.next_dag.max(loaded.last_dag_id + 1);
+        e.load_dags(loaded.dags, now);
         e
     }
 

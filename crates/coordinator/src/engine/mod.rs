@@ -7,6 +7,7 @@
 //!
 //! idle → running → completed | held | removed; a failed run goes back to idle while retries last.
 
+mod dag;
 mod fair;
 mod invariants;
 mod jobs;
@@ -152,6 +153,8 @@ pub enum Event {
     ResultRefused { job: u64, epoch: u64, node: String, why: String },
     /// A stored spec could not be read back at start; its jobs are held.
     UnreadableSpec { spec: u64, why: String },
+    /// A stored workflow could not be read back at start; it is left out (its jobs stay).
+    UnreadableDag { dag: u64, why: String },
 }
 
 #[derive(Debug)]
@@ -282,6 +285,10 @@ pub struct Engine {
     /// When users' usage was last saved.
     usage_saved_ms: u64,
     metrics: Metrics,
+    /// Workflows, and the spec of each released workflow node's latest run → (workflow, node).
+    dags: BTreeMap<u64, dag::Dag>,
+    dag_specs: HashMap<u64, (u64, usize)>,
+    next_dag: u64,
     out: Effects,
 }
 
@@ -338,6 +345,9 @@ impl Engine {
             half_life_ms: DEFAULT_HALF_LIFE_MS,
             usage_saved_ms: 0,
             metrics: Metrics::default(),
+            dags: BTreeMap::new(),
+            dag_specs: HashMap::new(),
+            next_dag: 1,
             out: Effects::default(),
         }
     }

@@ -1,7 +1,8 @@
 //! What the pool keeps, and for how long: finished jobs are dropped (with their specs, once no
 //! job uses them) after the retention period, as HTCondor's history; every blob has the user
 //! who uploaded it first, who is charged for its size against a quota; and the blobs no spec or
-//! result refers to any more can be collected.
+//! result (or running workflow) refers to any more can be collected. Ended workflows go after
+//! the retention period too.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -29,14 +30,22 @@ impl Engine {
         self.final_by_time.insert((at, id));
     }
 
-    /// Drops finished jobs older than the retention period, and specs no job uses any more.
+    /// Drops finished jobs older than the retention period, and specs no job uses any more. The
+    /// jobs of a running workflow stay (their results are its progress and its nodes' inputs).
     pub(super) fn expire_finished(&mut self, now: u64) {
         let keep_from = now.saturating_sub(self.limits.retain_finished_ms);
+        let due = self.final_by_time.first().is_some_and(|&(at, _)| at < keep_from);
+        let in_use = if due { self.running_dag_specs() } else { HashSet::new() };
+        let mut kept = Vec::new();
         while let Some(&(at, id)) = self.final_by_time.first() {
             if at >= keep_from {
                 break;
             }
             self.final_by_time.pop_first();
+            if self.jobs.get(&id).is_some_and(|j| in_use.contains(&j.spec_id)) {
+                kept.push((at, id));
+                continue;
+            }
             let Some(j) = self.jobs.remove(&id) else { continue };
             self.store(Op::DeleteJob { id });
             let left = self.spec_jobs.entry(j.spec_id).or_default();
@@ -48,6 +57,8 @@ impl Engine {
                 self.store(Op::DeleteSpec { id: j.spec_id });
             }
         }
+        self.final_by_time.extend(kept);
+        self.expire_dags(keep_from);
     }
 
     /// How many more blob bytes `owner` may upload.
@@ -94,6 +105,8 @@ impl Engine {
                 used.insert(&f.blob);
             }
         }
+        // A running workflow's nodes not yet released hold their files too.
+        used.extend(self.dag_blobs());
         for j in self.jobs.values() {
             if let Some(r) = &j.result {
                 for f in r.stdout.iter().chain(&r.stderr).chain(&r.outputs) {

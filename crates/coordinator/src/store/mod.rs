@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, mpsc};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use vmgrid_proto::{FileRef, JobState, NodeState};
+use vmgrid_proto::{DagState, FileRef, JobState, NodeState};
 
 /// The role a token grants, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +112,33 @@ pub enum Op {
     DeleteBlob {
         hash: String,
     },
+    /// A workflow and its nodes, as submitted.
+    Dag {
+        row: DagRow,
+        nodes: Vec<DagNodeRow>,
+    },
+    DagState {
+        id: u64,
+        state: DagState,
+        reason: Option<String>,
+        finished_ms: Option<u64>,
+    },
+    DagNode(DagNodeRow),
+    /// An ended workflow past its retention, with its nodes.
+    DeleteDag {
+        id: u64,
+    },
+    /// A workflow node released: its spec, its jobs (`node.first_job`, `count` of them) and the
+    /// node's row, in one operation so that no commit holds the jobs without the node knowing
+    /// them (a node is never released twice, even across a crash).
+    DagRelease {
+        node: DagNodeRow,
+        spec_id: u64,
+        owner: String,
+        json: String,
+        count: u64,
+        submitted_ms: u64,
+    },
     /// A user's decayed usage (cpu-seconds) as of `at_ms`.
     UserUsage {
         user: String,
@@ -124,6 +151,65 @@ pub enum Op {
         factor: f64,
         max_cpus: Option<u64>,
     },
+}
+
+/// A workflow's row: its spec (JSON of a `DagSpec`) and where it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DagRow {
+    pub id: u64,
+    pub owner: String,
+    pub json: String,
+    pub state: DagState,
+    pub reason: Option<String>,
+    pub submitted_ms: u64,
+    pub finished_ms: Option<u64>,
+    pub rescue_of: Option<u64>,
+}
+
+/// Where a workflow node is, as stored; idle and running are read from its jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeRun {
+    Waiting,
+    Released,
+    Done,
+    Failed,
+    Skipped,
+}
+
+impl NodeRun {
+    pub const ALL: [NodeRun; 5] =
+        [NodeRun::Waiting, NodeRun::Released, NodeRun::Done, NodeRun::Failed, NodeRun::Skipped];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeRun::Waiting => "waiting",
+            NodeRun::Released => "released",
+            NodeRun::Done => "done",
+            NodeRun::Failed => "failed",
+            NodeRun::Skipped => "skipped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<NodeRun> {
+        NodeRun::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// Done, failed or skipped: it will not run (again) in this workflow.
+    pub fn ended(self) -> bool {
+        matches!(self, NodeRun::Done | NodeRun::Failed | NodeRun::Skipped)
+    }
+}
+
+/// One node of a workflow (`idx` in its spec's order), its runs so far and its latest jobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DagNodeRow {
+    pub dag_id: u64,
+    pub idx: u32,
+    pub state: NodeRun,
+    pub tries: u32,
+    pub spec_id: Option<u64>,
+    pub first_job: Option<u64>,
+    pub reason: Option<String>,
 }
 
 /// A user's fair-share state as stored.
@@ -195,6 +281,10 @@ pub struct Loaded {
     /// dropped by retention are not given again.
     pub next_job: u64,
     pub next_spec: u64,
+    /// Workflows, each with its node rows.
+    pub dags: Vec<(DagRow, Vec<DagNodeRow>)>,
+    /// The highest workflow id ever stored (those forgotten included): ids are never reused.
+    pub last_dag_id: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

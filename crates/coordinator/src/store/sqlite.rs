@@ -4,11 +4,11 @@
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use vmgrid_proto::{JobState, NodeState};
+use vmgrid_proto::{DagState, JobState, NodeState};
 
 use super::{
-    JobRow, Loaded, Op, Store, StoreError, StoredBlob, StoredJob, StoredNode, StoredResult, StoredUser, TokenRole,
-    TokenRow,
+    DagNodeRow, DagRow, JobRow, Loaded, NodeRun, Op, Store, StoreError, StoredBlob, StoredJob, StoredNode,
+    StoredResult, StoredUser, TokenRole, TokenRow,
 };
 
 /// The schema as it was first released (version 1); [`MIGRATIONS`] take it to the current one.
@@ -43,6 +43,14 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE users (name TEXT PRIMARY KEY, usage_cpu_s REAL NOT NULL DEFAULT 0, usage_at_ms INTEGER NOT NULL DEFAULT 0,
        factor REAL NOT NULL DEFAULT 1, max_cpus INTEGER);
      ALTER TABLE jobs ADD COLUMN started_ms INTEGER;",
+    // 6: workflows (`vmgrid dag`): each DAG with its spec, and each of its nodes' runs and latest jobs.
+    // (AUTOINCREMENT: sqlite_sequence keeps the highest id ever stored, so an id is never reused
+    // after its workflow was forgotten.)
+    "CREATE TABLE dags (id INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL, json TEXT NOT NULL, state TEXT NOT NULL,
+       reason TEXT, submitted_ms INTEGER NOT NULL, finished_ms INTEGER, rescue_of INTEGER);
+     CREATE TABLE dag_nodes (dag_id INTEGER NOT NULL, idx INTEGER NOT NULL, state TEXT NOT NULL,
+       tries INTEGER NOT NULL DEFAULT 0, spec_id INTEGER, first_job INTEGER, reason TEXT,
+       PRIMARY KEY (dag_id, idx));",
 ];
 
 /// Raises a counter of the `meta` table to at least `value`.
@@ -205,7 +213,68 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
             })
         })?
         .collect::<Result<_, _>>()?;
+    (l.dags, l.last_dag_id) = load_dags(conn)?;
     Ok(l)
+}
+
+/// Workflows with their nodes, and the highest workflow id ever stored.
+type LoadedDags = (Vec<(DagRow, Vec<DagNodeRow>)>, u64);
+
+/// Workflows with their nodes. A state this version does not know reads as failed (a workflow)
+/// or failed (a node), with the reason.
+fn load_dags(conn: &Connection) -> rusqlite::Result<LoadedDags> {
+    let mut st = conn
+        .prepare("SELECT id, owner, json, state, reason, submitted_ms, finished_ms, rescue_of FROM dags ORDER BY id")?;
+    let seq: Option<i64> =
+        conn.query_row("SELECT seq FROM sqlite_sequence WHERE name = 'dags'", [], |r| r.get(0)).optional()?;
+    let mut dags: Vec<(DagRow, Vec<DagNodeRow>)> = st
+        .query_map([], |r| {
+            let state: String = r.get(3)?;
+            let (state, reason) = match DagState::parse(&state) {
+                Some(s) => (s, r.get(4)?),
+                None => {
+                    (DagState::Failed, Some(format!("the store held an unknown state {state:?} for this workflow")))
+                }
+            };
+            Ok(DagRow {
+                id: r.get::<_, i64>(0)? as u64,
+                owner: r.get(1)?,
+                json: r.get(2)?,
+                state,
+                reason,
+                submitted_ms: r.get::<_, i64>(5)? as u64,
+                finished_ms: r.get::<_, Option<i64>>(6)?.map(|x| x as u64),
+                rescue_of: r.get::<_, Option<i64>>(7)?.map(|x| x as u64),
+            })
+        })?
+        .map(|row| row.map(|d| (d, Vec::new())))
+        .collect::<Result<_, _>>()?;
+    let at: std::collections::HashMap<u64, usize> = dags.iter().enumerate().map(|(i, (d, _))| (d.id, i)).collect();
+    let mut st = conn
+        .prepare("SELECT dag_id, idx, state, tries, spec_id, first_job, reason FROM dag_nodes ORDER BY dag_id, idx")?;
+    let rows = st.query_map([], |r| {
+        let state: String = r.get(2)?;
+        let (state, reason) = match NodeRun::parse(&state) {
+            Some(s) => (s, r.get(6)?),
+            None => (NodeRun::Failed, Some(format!("the store held an unknown state {state:?} for this node"))),
+        };
+        Ok(DagNodeRow {
+            dag_id: r.get::<_, i64>(0)? as u64,
+            idx: r.get(1)?,
+            state,
+            tries: r.get(3)?,
+            spec_id: r.get::<_, Option<i64>>(4)?.map(|x| x as u64),
+            first_job: r.get::<_, Option<i64>>(5)?.map(|x| x as u64),
+            reason,
+        })
+    })?;
+    for row in rows {
+        let row = row?;
+        if let Some(&i) = at.get(&row.dag_id) {
+            dags[i].1.push(row);
+        }
+    }
+    Ok((dags, seq.unwrap_or(0) as u64))
 }
 
 fn stored_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredJob> {
@@ -259,18 +328,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         Op::RevokeToken { hash } => {
             tx.execute("DELETE FROM tokens WHERE hash = ?1", params![hash])?;
         }
-        Op::Spec { id, owner, json } => {
-            tx.execute("INSERT INTO specs (id, owner, json) VALUES (?1, ?2, ?3)", params![*id as i64, owner, json])?;
-            tx.prepare_cached(RAISE)?.execute(params!["next_spec", (*id + 1) as i64])?;
-        }
+        Op::Spec { id, owner, json } => insert_spec(tx, *id, owner, json)?,
         Op::Jobs { spec_id, first_id, count, owner, submitted_ms } => {
-            let mut st = tx.prepare_cached(
-                "INSERT INTO jobs (id, spec_id, idx, owner, state, submitted_ms) VALUES (?1, ?2, ?3, ?4, 'idle', ?5)",
-            )?;
-            for i in 0..*count {
-                st.execute(params![(first_id + i) as i64, *spec_id as i64, i as i64, owner, *submitted_ms as i64])?;
-            }
-            tx.prepare_cached(RAISE)?.execute(params!["next_job", (first_id + count) as i64])?;
+            insert_jobs(tx, *spec_id, *first_id, *count, owner, *submitted_ms)?
         }
         Op::Job(j) => {
             let mut st = tx.prepare_cached(
@@ -317,6 +377,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         Op::DeleteBlob { hash } => {
             tx.execute("DELETE FROM blobs WHERE hash = ?1", params![hash])?;
         }
+        Op::Dag { .. } | Op::DagState { .. } | Op::DagNode(_) | Op::DeleteDag { .. } | Op::DagRelease { .. } => {
+            apply_dag(tx, op)?
+        }
         Op::UserUsage { .. } | Op::UserSettings { .. } => apply_user(tx, op)?,
     }
     Ok(())
@@ -341,6 +404,89 @@ fn apply_user(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         }
         _ => {}
     }
+    Ok(())
+}
+
+/// The workflow operations.
+fn apply_dag(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
+    match op {
+        Op::Dag { row, nodes } => {
+            tx.execute(
+                "INSERT INTO dags (id, owner, json, state, reason, submitted_ms, finished_ms, rescue_of) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    row.id as i64,
+                    row.owner,
+                    row.json,
+                    row.state.as_str(),
+                    row.reason,
+                    row.submitted_ms as i64,
+                    row.finished_ms.map(|x| x as i64),
+                    row.rescue_of.map(|x| x as i64)
+                ],
+            )?;
+            for n in nodes {
+                put_dag_node(tx, n)?;
+            }
+        }
+        Op::DagState { id, state, reason, finished_ms } => {
+            tx.execute(
+                "UPDATE dags SET state = ?2, reason = ?3, finished_ms = ?4 WHERE id = ?1",
+                params![*id as i64, state.as_str(), reason, finished_ms.map(|x| x as i64)],
+            )?;
+        }
+        Op::DagNode(n) => put_dag_node(tx, n)?,
+        Op::DeleteDag { id } => {
+            tx.execute("DELETE FROM dag_nodes WHERE dag_id = ?1", params![*id as i64])?;
+            tx.execute("DELETE FROM dags WHERE id = ?1", params![*id as i64])?;
+        }
+        Op::DagRelease { node, spec_id, owner, json, count, submitted_ms } => {
+            insert_spec(tx, *spec_id, owner, json)?;
+            let first = node.first_job.expect("a released node has its jobs");
+            insert_jobs(tx, *spec_id, first, *count, owner, *submitted_ms)?;
+            put_dag_node(tx, node)?;
+        }
+        _ => unreachable!("only workflow operations come here"),
+    }
+    Ok(())
+}
+
+fn insert_spec(tx: &rusqlite::Transaction<'_>, id: u64, owner: &str, json: &str) -> rusqlite::Result<()> {
+    tx.execute("INSERT INTO specs (id, owner, json) VALUES (?1, ?2, ?3)", params![id as i64, owner, json])?;
+    tx.prepare_cached(RAISE)?.execute(params!["next_spec", (id + 1) as i64])?;
+    Ok(())
+}
+
+fn insert_jobs(
+    tx: &rusqlite::Transaction<'_>,
+    spec_id: u64,
+    first_id: u64,
+    count: u64,
+    owner: &str,
+    submitted_ms: u64,
+) -> rusqlite::Result<()> {
+    let mut st = tx.prepare_cached(
+        "INSERT INTO jobs (id, spec_id, idx, owner, state, submitted_ms) VALUES (?1, ?2, ?3, ?4, 'idle', ?5)",
+    )?;
+    for i in 0..count {
+        st.execute(params![(first_id + i) as i64, spec_id as i64, i as i64, owner, submitted_ms as i64])?;
+    }
+    tx.prepare_cached(RAISE)?.execute(params!["next_job", (first_id + count) as i64])?;
+    Ok(())
+}
+
+fn put_dag_node(tx: &rusqlite::Transaction<'_>, n: &DagNodeRow) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO dag_nodes (dag_id, idx, state, tries, spec_id, first_job, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        n.dag_id as i64,
+        n.idx,
+        n.state.as_str(),
+        n.tries,
+        n.spec_id.map(|x| x as i64),
+        n.first_job.map(|x| x as i64),
+        n.reason
+    ])?;
     Ok(())
 }
 
@@ -439,6 +585,47 @@ mod tests {
             users,
             vec![StoredUser { user: "a".into(), usage_cpu_s: 12.5, usage_at_ms: 9, factor: 2.0, max_cpus: Some(3) }]
         );
+    }
+
+    #[test]
+    fn a_workflow_reads_back_with_its_nodes_and_goes_with_its_delete() {
+        use crate::store::{DagNodeRow, DagRow, NodeRun};
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("pool.sqlite")).unwrap();
+        let row = DagRow {
+            id: 7,
+            owner: "alice".into(),
+            json: "{}".into(),
+            state: DagState::Running,
+            reason: None,
+            submitted_ms: 1,
+            finished_ms: None,
+            rescue_of: Some(3),
+        };
+        let node =
+            |idx, state| DagNodeRow { dag_id: 7, idx, state, tries: 0, spec_id: None, first_job: None, reason: None };
+        store
+            .commit(&[Op::Dag { row: row.clone(), nodes: vec![node(0, NodeRun::Waiting), node(1, NodeRun::Waiting)] }])
+            .unwrap();
+        let released = DagNodeRow { tries: 1, spec_id: Some(4), first_job: Some(10), ..node(0, NodeRun::Released) };
+        let release = Op::DagRelease {
+            node: released.clone(),
+            spec_id: 4,
+            owner: "alice".into(),
+            json: "{}".into(),
+            count: 2,
+            submitted_ms: 2,
+        };
+        let end = Op::DagState { id: 7, state: DagState::Failed, reason: Some("why".into()), finished_ms: Some(3) };
+        store.commit(&[release, Op::DagNode(node(1, NodeRun::Skipped)), end]).unwrap();
+        let l = store.load().unwrap();
+        assert_eq!(l.jobs.iter().map(|j| (j.row.id, j.spec_id, j.index)).collect::<Vec<_>>(), [(10, 4, 0), (11, 4, 1)]);
+        let ended = DagRow { state: DagState::Failed, reason: Some("why".into()), finished_ms: Some(3), ..row };
+        assert_eq!(l.dags, [(ended, vec![released, node(1, NodeRun::Skipped)])]);
+        store.commit(&[Op::DeleteDag { id: 7 }]).unwrap();
+        let l = store.load().unwrap();
+        assert!(l.dags.is_empty());
+        assert_eq!(l.last_dag_id, 7, "a forgotten workflow's id is not given again");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod util;
 
 mod appliance;
+mod dag;
 mod fair;
 mod job_file;
 mod jvm;
