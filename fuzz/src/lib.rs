@@ -2,7 +2,8 @@
 //! - [`job_file`]: any text given to the job-file parser ends in a job or a clear error, and a job
 //!   the parser accepts is one the pool's API accepts too (the parser and the one validator agree);
 //! - [`api_bodies`]: any body sent to an API call is refused with a reason or applied, as the
-//!   handler does it (its validator, then the engine), and the engine's invariants hold after;
+//!   handler does it (its validator, then the engine), and the engine's invariants hold after; a
+//!   workflow is run by the pool (and rescued when it fails), a user's settings only by an admin;
 //! - [`engine_submit`]: any submitted spec, its requirements and rank evaluated against varied
 //!   nodes, runs through the job lifecycle (leases, reports, losses, ticks) with the invariants
 //!   holding at every step, and no job held without a reason.
@@ -102,7 +103,7 @@ pub fn api_bodies(data: &[u8]) {
     let Some((&which, body)) = data.split_first() else { return };
     let mut e = pool();
     let alice = Principal::User("alice".into());
-    let what = match which % 9 {
+    let what = match which % 11 {
         0 => serde_json::from_slice::<SubmitRequest>(body).ok().map(|r| {
             let count = r.count.min(1000);
             if let Ok(ids) = e.submit(&alice, r.spec, count, NOW) {
@@ -153,11 +154,66 @@ pub fn api_bodies(data: &[u8]) {
             let _ = e.revoke(&r.id, NOW);
             "revoke"
         }),
-        _ => serde_json::from_slice::<ConsoleRequest>(body).ok().map(|_| "console"),
+        8 => serde_json::from_slice::<ConsoleRequest>(body).ok().map(|_| "console"),
+        9 => serde_json::from_slice::<DagSubmitRequest>(body).ok().map(|r| {
+            workflow(&mut e, r);
+            "workflow"
+        }),
+        _ => serde_json::from_slice::<UserSettingsRequest>(body).ok().map(|r| {
+            let admin = Principal::Admin("root".into());
+            if e.set_user(&admin, &r, NOW).is_ok() {
+                assert!(r.check().is_ok(), "the engine took settings its validator refuses: {r:?}");
+            }
+            assert!(e.set_user(&alice, &r, NOW).is_err(), "a user set a quota or factor");
+            e.schedule(NOW);
+            "user settings"
+        }),
     };
     if let Some(what) = what {
         e.tick(NOW + 1);
         invariants(&e, what);
+    }
+}
+
+/// A workflow as submitted, run by the pool: its jobs succeed or fail by their ids, each writes
+/// `out/a.txt`; if it fails, its rescue runs too. The invariants hold after every round.
+fn workflow(e: &mut Engine, r: DagSubmitRequest) {
+    let alice = Principal::User("alice".into());
+    let Ok(id) = e.submit_dag(&alice, r.dag.clone(), r.rescue, NOW) else { return };
+    let mut now = NOW;
+    rounds(e, &mut now, true);
+    let view = e.dag_view(&alice, id).expect("the owner sees the workflow");
+    if view.state == DagState::Failed {
+        if let Ok(again) = e.submit_dag(&alice, r.dag, Some(id), now) {
+            rounds(e, &mut now, false);
+            let _ = e.dag_view(&alice, again).expect("the owner sees the rescue");
+        }
+    }
+    let bob = Principal::User("bob".into());
+    assert!(e.dag_view(&bob, id).is_err(), "another user saw the workflow");
+}
+
+/// Eight rounds of the pool on node `n1`: a pass, its leases, their reports (odd job ids exit 1
+/// when `fail_odd`), a tick.
+fn rounds(e: &mut Engine, now: &mut u64, fail_odd: bool) {
+    for _ in 0..8 {
+        *now += 300;
+        e.schedule(*now);
+        let _ = e.live_node("n1", *now);
+        let leases = e.take_leases("n1", 8, 8, *now);
+        let reports = leases
+            .iter()
+            .map(|l| {
+                let code = i32::from(fail_odd && l.job_id % 2 == 1);
+                let lease = LeaseId { job_id: l.job_id, epoch: l.epoch };
+                let run = RunReport::Exited { code };
+                let outputs = vec![blob("out/a.txt".into())];
+                Report { lease, run, stdout: None, stderr: None, stdout_dropped: 0, stderr_dropped: 0, outputs }
+            })
+            .collect();
+        let _ = e.report("n1", reports, *now);
+        e.tick(*now);
+        invariants(e, "a workflow round");
     }
 }
 
