@@ -71,7 +71,7 @@ fn the_dashboard_is_served_with_a_strict_policy_and_no_inline_script() {
 fn a_user_token_reads_only_its_own_jobs_through_the_api_the_dashboard_uses() {
     let pool = Pool::start();
     let dir = JobDir::new();
-    let job = probe_job_file(dir.path(), "mine", &["exit", "0"], "");
+    let job = probe_job_file(dir.path(), "mine", &["exit:0"], "");
     let made = |user: &str| {
         let out = pool.cli().args(["token", user]).output().unwrap();
         assert!(out.status.success(), "{}", stderr_of(&out));
@@ -97,4 +97,59 @@ fn a_user_token_reads_only_its_own_jobs_through_the_api_the_dashboard_uses() {
 
 fn pool_admin(pool: &Pool) -> String {
     std::fs::read_to_string(pool.data_dir().join("admin.token")).unwrap()
+}
+
+/// The browser test (`tests/dashboard/e2e.mjs`) in headless Chromium against a real pool: sign in,
+/// a sweep moving from idle to completed, hold and release, a killed node seen lost, one user's
+/// jobs hidden from another. It saves its screenshots in `docs/`.
+#[test]
+fn the_dashboard_in_a_browser_signs_in_shows_jobs_and_nodes_and_acts() {
+    use std::io::{BufRead, BufReader, Write};
+    let root = repo_root();
+    let dir = root.join("crates/vmgrid/tests/dashboard");
+    assert!(
+        dir.join("node_modules/playwright-core").is_dir() && std::path::Path::new("/usr/bin/chromium").exists(),
+        "the browser test needs chromium and playwright-core: run scripts/setup-web"
+    );
+    let mut pool = Pool::start();
+    let made = |user: &str| {
+        let out = pool.cli().args(["token", user]).output().unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        stdout_of(&out).trim().to_string()
+    };
+    let (alice, bob) = (made("alice"), made("bob"));
+    let jobs = JobDir::new();
+    let job = probe_job_file(jobs.path(), "sweep", &["exit:0"], "");
+    for (token, count) in [(&alice, "3"), (&bob, "1")] {
+        let out = pool.cli().env("VMGRID_TOKEN", token).args(["submit", "--count", count]).arg(&job).output().unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+    }
+    let shots = root.join("docs");
+    std::fs::create_dir_all(&shots).unwrap();
+    let mut child = Command::new("node")
+        .arg(dir.join("e2e.mjs"))
+        .env("VMGRID_URL", &pool.url)
+        .env("ALICE", &alice)
+        .env("BOB", &bob)
+        .env("ADMIN", pool_admin(&pool).trim())
+        .env("SHOTS", &shots)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run node (scripts/setup-web installs it)");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut passed = false;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        match line.unwrap().as_str() {
+            "start-node" => pool.start_node("n1", 2),
+            "kill-node" => pool.kill_node("n1"),
+            "passed" => passed = true,
+            other => panic!("the browser test said {other:?}"),
+        }
+        if !passed {
+            writeln!(stdin, "done").unwrap();
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success() && passed, "the browser test failed ({status}); its steps are on stderr above");
 }
