@@ -1,9 +1,11 @@
-//! The HTTP API, one module per resource (`jobs`, `dags`, `nodes`, `blobs`, `tokens`, `users`): each handler checks
+//! The HTTP API, one module per resource (`jobs`, `dags`, `nodes`, `blobs`, `tokens`, `users`), and
+//! the web dashboard that reads it (`dashboard`): each handler checks
 //! its caller's role first, makes its change through the engine ([`Shared::call`]), and answers
 //! only once that change is durable ([`Shared::finish`]).
 
 mod blobs;
 mod dags;
+mod dashboard;
 mod jobs;
 mod nodes;
 mod tokens;
@@ -46,6 +48,9 @@ pub fn router(shared: S) -> Router {
         .route("/v1/users", get(users::list))
         .route("/v1/users/settings", post(users::settings))
         .route("/metrics", get(get_metrics))
+        .route("/", get(dashboard::index))
+        .route("/dashboard/app.js", get(dashboard::script))
+        .route("/dashboard/app.css", get(dashboard::style))
         .fallback(|| async { Error(StatusCode::NOT_FOUND, "no such API call; see `vmgrid --help`".into()) })
         .layer(DefaultBodyLimit::max(16 << 20))
         .with_state(shared)

@@ -5,6 +5,7 @@ mod util;
 
 mod appliance;
 mod dag;
+mod dashboard;
 mod fair;
 mod job_file;
 mod jvm;

@@ -1,0 +1,123 @@
+// The dashboard end to end, in headless Chromium (Debian's package) driven by playwright-core.
+// Run by crates/vmgrid/tests/all/dashboard.rs, which starts the pool and answers this script's
+// requests on stdout ("start-node", "kill-node") by doing them and writing "done" on stdin.
+// Environment: VMGRID_URL, ALICE, BOB (user tokens), ADMIN, SHOTS (the directory for screenshots).
+import { chromium } from "playwright-core";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createInterface } from "node:readline";
+
+const { VMGRID_URL: url, ALICE: alice, BOB: bob, ADMIN: admin, SHOTS: shots } = process.env;
+const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+
+async function ask(what) {
+  console.log(what);
+  const { value } = await lines.next();
+  if (value !== "done") throw new Error(`the test did not do ${what}: ${value}`);
+}
+
+function check(cond, what) {
+  if (!cond) throw new Error(`failed: ${what}`);
+  console.error(`ok: ${what}`);
+}
+
+// Clicks Refresh until `cond` holds (the dashboard refreshes on demand, not in a polling loop).
+async function until(page, what, cond, ms = 60000) {
+  const end = Date.now() + ms;
+  for (;;) {
+    if (await cond()) return check(true, what);
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}; the jobs: ${JSON.stringify(await states(page))}`);
+    await page.click("#refresh");
+    await page.waitForTimeout(250);
+  }
+}
+
+const states = (page) => page.$$eval("#jobs tbody tr", (rows) => rows.map((r) => [Number(r.dataset.id), r.dataset.state]));
+
+async function signIn(page, token) {
+  await page.goto(url);
+  await page.fill("#token", token);
+  await page.click("#signin-form button");
+  await page.waitForSelector("#app:not([hidden])");
+}
+
+// The pool's own CA signs its certificate; this loopback test does not install it in Chromium.
+const context = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), "vmgrid-chromium-")), {
+  executablePath: "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"],
+  ignoreHTTPSErrors: true,
+  viewport: { width: 1280, height: 720 },
+});
+try {
+  const page = await context.newPage();
+  const errors = [];
+  page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
+  page.on("dialog", (d) => d.accept());
+  const urls = [];
+  page.on("request", (r) => urls.push(r.url()));
+
+  // A wrong token is refused with the API's reason, and nothing is kept.
+  await page.goto(url);
+  await page.fill("#token", "not-a-token");
+  await page.click("#signin-form button");
+  await page.waitForFunction(() => document.getElementById("signin-error").textContent.length > 0);
+  check((await page.textContent("#signin-error")).includes("not valid"), "a wrong token is refused");
+  check(await page.evaluate(() => sessionStorage.length === 0), "a refused token is not kept");
+  errors.length = 0; // the browser logs the refused call itself; from here on, none is expected
+
+  // Alice sees her sweep (idle: no node yet), not Bob's job.
+  await signIn(page, alice);
+  let seen = await states(page);
+  check(seen.length === 3 && seen.every(([, s]) => s === "idle"), `alice sees her 3 idle jobs: ${JSON.stringify(seen)}`);
+  const owners = await page.$$eval("#jobs tbody tr td:nth-child(3)", (tds) => tds.map((t) => t.textContent));
+  check(owners.every((o) => o === "alice"), "alice sees no other user's job");
+
+  // Hold one (confirmed), then release it.
+  const first = seen[0][0];
+  await page.click(`#jobs tr[data-id="${first}"] .act-hold`);
+  await page.waitForSelector(`#jobs tr[data-id="${first}"][data-state="held"]`);
+  check(true, `job ${first} held`);
+  await page.click(`#jobs tr[data-id="${first}"] .act-release`);
+  await page.waitForSelector(`#jobs tr[data-id="${first}"][data-state="idle"]`);
+  check(true, `job ${first} released`);
+
+  // A node joins: the sweep moves from idle to completed.
+  await ask("start-node");
+  await until(page, "the sweep completed", async () => (await states(page)).every(([, s]) => s === "completed"));
+  await page.screenshot({ path: join(shots, "dashboard-jobs.png"), fullPage: true });
+
+  // Sorting and filters work on what is shown.
+  await page.click('#jobs th[data-key="id"]');
+  seen = await states(page);
+  check(seen[0][0] > seen[seen.length - 1][0], "a second click on id sorts newest first");
+  await page.fill("#f-name", "no-such-name");
+  check((await states(page)).length === 0, "the name filter hides what does not match");
+  await page.fill("#f-name", "");
+
+  // The token was never in a URL, and the session keeps it across a reload.
+  check(urls.every((u) => !u.includes(alice)), "the token is in no URL the page asked for");
+  await page.reload();
+  await page.waitForSelector("#app:not([hidden])");
+  check(true, "a reload stays signed in (sessionStorage)");
+  await page.click("#signout");
+  check(await page.evaluate(() => sessionStorage.length === 0), "signing out forgets the token");
+
+  // Bob sees only his own job; the admin sees everyone's and the nodes.
+  await signIn(page, bob);
+  seen = await states(page);
+  check(seen.length === 1, `bob sees only his job: ${JSON.stringify(seen)}`);
+  await page.click("#signout");
+  await signIn(page, admin);
+  check((await states(page)).length === 4, "the admin sees every job");
+  await page.click('button[data-tab="nodes"]');
+  await page.waitForSelector('#nodes tbody tr[data-state="ready"]');
+  await ask("kill-node");
+  await until(page, "the killed node shows as lost", async () => (await page.$('#nodes tbody tr[data-state="lost"]')) !== null);
+  await page.screenshot({ path: join(shots, "dashboard-nodes.png"), fullPage: true });
+  check(errors.length === 0, `no console errors (a CSP violation is one): ${errors.join("; ")}`);
+  console.log("passed");
+} finally {
+  await context.close();
+}
+process.exit(0); // stdin (the test's answers) stays open
