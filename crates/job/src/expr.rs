@@ -50,8 +50,15 @@ pub fn check(which: &'static str, src: &str) -> Result<(), ExprError> {
     let mut i = 0;
     while i < c.len() {
         let ch = c[i];
+        if ch == '/' && c.get(i + 1) == Some(&'/') {
+            // A comment runs to the end of its line: nothing in it counts, or hides what follows.
+            while i < c.len() && c[i] != '\n' {
+                i += 1;
+            }
+            continue;
+        }
         if ch == '"' || ch == '\'' {
-            i = skip_string(&c, i);
+            i = skip_string(&c, i, false);
             continue;
         }
         if ch.is_alphabetic() || ch == '_' {
@@ -60,6 +67,12 @@ pub fn check(which: &'static str, src: &str) -> Result<(), ExprError> {
                 i += 1;
             }
             let word: String = c[start..i].iter().collect();
+            // A string's prefix: `r` (raw: a backslash is no escape), `b` (bytes), or both.
+            let prefix = ["r", "b", "rb", "br"].contains(&word.to_ascii_lowercase().as_str());
+            if prefix && matches!(c.get(i), Some('"' | '\'')) {
+                i = skip_string(&c, i, word.to_ascii_lowercase().contains('r'));
+                continue;
+            }
             let after_dot = c[..start].iter().rev().find(|x| !x.is_whitespace()) == Some(&'.');
             let call = c[i..].iter().find(|x| !x.is_whitespace()) == Some(&'(');
             if after_dot && call && MACROS.contains(&word.as_str()) {
@@ -101,13 +114,14 @@ pub fn check(which: &'static str, src: &str) -> Result<(), ExprError> {
     Ok(())
 }
 
-/// The index after the string literal that starts at `i` (with its escapes; triple quotes too).
-fn skip_string(c: &[char], i: usize) -> usize {
+/// The index after the string literal that starts at `i` (with its escapes, unless `raw`; triple
+/// quotes too), as CEL's lexer reads it.
+fn skip_string(c: &[char], i: usize, raw: bool) -> usize {
     let q = c[i];
     let triple = c.get(i + 1) == Some(&q) && c.get(i + 2) == Some(&q);
     let mut j = i + if triple { 3 } else { 1 };
     while j < c.len() {
-        if c[j] == '\\' {
+        if c[j] == '\\' && !raw {
             j += 2;
             continue;
         }
@@ -142,6 +156,21 @@ mod tests {
         assert!(e.message.contains("1:7"), "{e}");
         assert!(parses("rank", "  ").is_ok());
         assert!(parses("requirements", "node.cpus >= 2").is_ok());
+    }
+
+    /// Found in review: CEL's raw strings (a backslash is no escape there) and `//` comments
+    /// were read as a string that never ended, hiding what followed from the bounds.
+    #[test]
+    fn raw_strings_and_comments_do_not_hide_an_expression_from_the_bounds() {
+        let chain = vec!["1"; 1500].join("+");
+        let src = format!("r\"\\\" == \"x\" || {chain} == 0 || \"x\" == \"x\"");
+        assert!(check("requirements", &src).unwrap_err().message.contains("limit is 256"), "{src}");
+        let l = "[1,2,3,4,5,6,7,8,9,10,11]";
+        let nested = format!("{l}.exists(a, {l}.exists(b, a + b < 0))");
+        let src = format!("// \"\n{nested}\n// \"");
+        assert!(parses("requirements", &src).unwrap_err().message.contains("inside another comprehension"));
+        assert!(parses("requirements", "r'a\\' == node.name || R\"x\" == node.name || b'y' == b'y'").is_ok());
+        assert!(parses("requirements", "node.cpus > 1 // a comment with \" and (((\n").is_ok());
     }
 
     #[test]

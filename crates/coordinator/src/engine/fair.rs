@@ -69,6 +69,12 @@ impl UserEntry {
     /// Brings the usage up to `now`, before the running cpus change.
     fn accrue(&mut self, now: u64, half_life_ms: u64) {
         if now <= self.usage_at_ms {
+            // A clock stepped back: charge nothing for the negative interval, and go on from
+            // now (found in review: a future timestamp froze the accounting until time caught up).
+            if now < self.usage_at_ms {
+                self.usage_at_ms = now;
+                self.unsaved = true;
+            }
             return;
         }
         self.usage_cpu_s = self.usage_at(now, half_life_ms);
@@ -107,8 +113,16 @@ impl Engine {
         let h = self.half_life_ms;
         let u = self.user_mut(owner);
         u.accrue(now, h);
+        let was_idle = u.running_cpus == 0;
         u.running_cpus += cpus as u64;
         u.running_jobs += 1;
+        // From idle to running, the stored time the usage was brought up to may be old: it is
+        // saved with the placement, so a restart does not charge the running cpus for the whole
+        // idle gap (found in review).
+        if was_idle {
+            let op = Op::UserUsage { user: owner.to_string(), usage_cpu_s: u.usage_cpu_s, at_ms: u.usage_at_ms };
+            self.store(op);
+        }
     }
 
     /// A job of `owner` holding `cpus` stopped running at `now`.
@@ -144,7 +158,7 @@ impl Engine {
 
     /// Saves the usage of the users whose usage grew, every [`USAGE_SAVE_MS`].
     pub(super) fn save_usage(&mut self, now: u64) {
-        if now < self.usage_saved_ms + USAGE_SAVE_MS {
+        if now.abs_diff(self.usage_saved_ms) < USAGE_SAVE_MS {
             return;
         }
         self.usage_saved_ms = now;
@@ -174,8 +188,12 @@ impl Engine {
     }
 
     /// Whether `owner` may run `cpus` more under their quota.
+    /// A time-shared job (an SSI process, `cpus = 0`) takes no cpu and is never held back, as
+    /// the matchmaker does not count it (found in review: a quota lowered below what a user
+    /// runs stopped their processes and made every pass repeat).
     pub(super) fn within_quota(&self, owner: &str, cpus: u32) -> bool {
-        self.users.get(owner).and_then(|u| u.max_cpus.map(|m| u.running_cpus + cpus as u64 <= m)).unwrap_or(true)
+        cpus == 0
+            || self.users.get(owner).and_then(|u| u.max_cpus.map(|m| u.running_cpus + cpus as u64 <= m)).unwrap_or(true)
     }
 
     /// Every user an admin may see (or the caller alone), lowest effective priority first.

@@ -188,7 +188,8 @@ fn a_running_job_of_a_user_never_saved_is_charged_from_the_start_not_the_epoch()
     e.submit(&user("alice"), spec(0), 1, 0).unwrap();
     pass(&mut e, 0);
     let mut ops = e.take_effects().ops;
-    assert!(!ops.iter().any(|op| matches!(op, Op::UserUsage { .. })), "nothing saved yet");
+    // Going from idle to running saves where the usage stands (here: never charged, at 0).
+    assert!(ops.iter().any(|op| matches!(op, Op::UserUsage { at_ms: 0, .. })), "{ops:?}");
     let dir = tempfile::tempdir().unwrap();
     let mut store = crate::store::sqlite::SqliteStore::open(&dir.path().join("pool.sqlite")).unwrap();
     store.commit(&std::mem::take(&mut ops)).unwrap();
@@ -198,4 +199,38 @@ fn a_running_job_of_a_user_never_saved_is_charged_from_the_start_not_the_epoch()
     let v = view(&loaded, "alice", start + 10_000);
     assert_eq!(v.running_cpus, 1);
     assert!((v.usage_cpu_s - 10.0).abs() < 0.05, "ten seconds of one cpu, barely decayed: {v:?}");
+}
+
+/// Found in review: a user idle for a week starts a job, and the coordinator restarts before the
+/// minutely save; the time the usage was saved at was a week old, so the restart charged the job's
+/// cpu for the whole week. Going from idle to running now saves with the placement.
+#[test]
+fn a_restart_soon_after_an_idle_user_starts_charges_only_the_time_since() {
+    let week = 7 * 24 * 3600 * 1000;
+    let mut e = engine(8);
+    e.set_user(&admin(), &settings("alice", Some(1.0), None), 0).unwrap();
+    e.tick(USAGE_SAVE_MS);
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = crate::store::sqlite::SqliteStore::open(&dir.path().join("pool.sqlite")).unwrap();
+    store.commit(&e.take_effects().ops).unwrap();
+    e.submit(&user("alice"), spec(0), 1, week).unwrap();
+    pass(&mut e, week);
+    store.commit(&e.take_effects().ops).unwrap();
+    let mut loaded = Engine::load(store.load().unwrap(), TIMING, week + 30_000);
+    loaded.set_usage_half_life(HALF_LIFE_MS);
+    loaded.tick(week + 31_000);
+    let v = view(&loaded, "alice", week + 31_000);
+    assert!(v.usage_cpu_s < 40.0, "charged {} cpu-s for 31 s of one cpu", v.usage_cpu_s);
+}
+
+/// Found in review: a quota lowered below what a user runs held back their SSI processes (which
+/// take no cpu) and made every pass repeat.
+#[test]
+fn a_user_over_a_lowered_quota_still_gets_time_shared_processes() {
+    let mut e = engine(4);
+    e.submit(&user("alice"), spec(0), 2, 0).unwrap();
+    pass(&mut e, 0);
+    e.set_user(&admin(), &settings("alice", None, Some(1)), 1).unwrap();
+    assert!(e.within_quota("alice", 0), "a time-shared process takes no cpu");
+    assert!(!e.within_quota("alice", 1));
 }
