@@ -50,7 +50,8 @@ impl Pool {
     }
 }
 
-/// A client for the pool whose data dir is `dir`, once its client.toml appears.
+/// A client for the pool whose data dir is `dir`, once its client.toml appears, trusting the
+/// pool's CA (`ca.pem` beside it) when the pool speaks TLS.
 pub fn client_of(dir: &Path) -> Client {
     let config = dir.join("client.toml");
     loop {
@@ -61,7 +62,16 @@ pub fn client_of(dir: &Path) -> Client {
                     .map(|v| v.trim_end_matches('"').to_string())
             };
             if let (Some(p), Some(t)) = (get("pool"), get("token")) {
-                return Client::new(&p, &t);
+                if !p.starts_with("https://") {
+                    return Client::new(&p, &t);
+                }
+                // The coordinator writes its CA (ca.pem) beside client.toml.
+                if let Ok(pem) = std::fs::read_to_string(dir.join("ca.pem")) {
+                    match vmgrid_client::Trust::pool_ca(&pem) {
+                        Ok(trust) => return Client::with_trust(&p, &t, trust),
+                        Err(e) => panic!("the pool's CA in {} is unusable: {e}", dir.display()),
+                    }
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(20));
