@@ -78,6 +78,8 @@ struct Agent {
     config: NodeConfig,
     ad: NodeAd,
     client: Mutex<Client>,
+    /// How many times this node registered again (each time under a new credential).
+    rejoins: std::sync::atomic::AtomicU64,
     runtime: Runtime,
     cache: cache::BlobCache,
     running: Mutex<HashMap<LeaseId, Running>>,
@@ -113,6 +115,7 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
         config,
         ad,
         client: Mutex::new(client),
+        rejoins: Default::default(),
         running: Mutex::new(HashMap::new()),
         slot_freed: Condvar::new(),
         reports: tx,
@@ -220,7 +223,10 @@ impl Agent {
             r.cancel.store(true, Ordering::Relaxed);
         }
         match register(&self.config, &self.ad, stop) {
-            Ok((c, Some(_))) => *lock(&self.client) = c,
+            Ok((c, Some(_))) => {
+                *lock(&self.client) = c;
+                self.rejoins.fetch_add(1, Ordering::SeqCst);
+            }
             Ok((_, None)) => {}
             Err(e) => {
                 tracing::error!("{e}; trying again in 2 s");
@@ -291,13 +297,21 @@ impl Agent {
             }
             let req = ReportRequest { reports: batch };
             let mut wait = Duration::from_millis(50);
+            let mut resent = false;
             loop {
+                let rejoins = self.rejoins.load(Ordering::SeqCst);
                 match self.client().report(&req) {
                     Ok(resp) => {
                         for (l, why) in resp.refused {
                             tracing::warn!(job = l.job_id, epoch = l.epoch, "the pool refused a result: {why}");
                         }
                         break;
+                    }
+                    // The credential it went under was replaced: the node registered again
+                    // (another thread saw the pool no longer knew it). Sent again, once, under
+                    // the new one, so that the pool judges the results, not the credential.
+                    Err(ClientError::Refused { status: 401, .. }) if !resent && self.rejoined_since(rejoins) => {
+                        resent = true;
                     }
                     Err(ClientError::Refused { status, message }) => {
                         tracing::warn!("the pool refused {} result(s) (HTTP {status}): {message}", req.reports.len());
@@ -316,6 +330,19 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Whether the node registered again since `rejoins`, waiting up to 5 s for a registration
+    /// under way to finish.
+    fn rejoined_since(&self, rejoins: u64) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.rejoins.load(Ordering::SeqCst) == rejoins {
+            if Instant::now() >= deadline || self.closing.load(Ordering::Relaxed) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
     }
 
     fn send_heartbeat(&self, draining: bool) {
