@@ -404,10 +404,20 @@ pub fn check_dag(nodes: &[DagNode<'_>]) -> Result<(), DagInvalid> {
     if nodes.is_empty() || nodes.len() > limits::MAX_DAG_NODES {
         return Err(dag_invalid(0, DagField::Name, format!("a flow has 1 to {} jobs", limits::MAX_DAG_NODES)));
     }
+    let edges: usize = nodes.iter().map(|n| n.after.len()).sum();
+    if edges > limits::MAX_DAG_EDGES {
+        let m = format!("the flow's jobs name {edges} jobs in `after` in all; at most {}", limits::MAX_DAG_EDGES);
+        return Err(dag_invalid(0, DagField::After(0), m));
+    }
     let index: BTreeMap<&str, usize> = nodes.iter().enumerate().map(|(i, n)| (n.name, i)).collect();
     let mut finals = 0;
     for (i, n) in nodes.iter().enumerate() {
         name(n.name).map_err(|inv| dag_invalid(i, DagField::Name, format!("job `{}`: {}", n.name, inv.message)))?;
+        // A job's name is the directory its children find its outputs in.
+        if n.name == "." || n.name == ".." {
+            let m = format!("job `{}`: a job's name names the directory its outputs go to in its children", n.name);
+            return Err(dag_invalid(i, DagField::Name, m));
+        }
         if index[n.name] != i {
             return Err(dag_invalid(i, DagField::Name, format!("two jobs are named `{}`", n.name)));
         }
@@ -540,6 +550,30 @@ mod tests {
             max_retries: 0,
             priority: 0,
         }
+    }
+
+    #[test]
+    fn a_flow_names_at_most_max_dag_edges_dependencies_in_all() {
+        let names: Vec<String> = (0..1001).map(|i| format!("n{i}")).collect();
+        let from = BTreeMap::new();
+        // 200 roots; each of the 801 others runs after the first `k` roots.
+        let flow = |k: usize| -> Result<(), DagInvalid> {
+            let nodes: Vec<DagNode<'_>> = (0..1001)
+                .map(|i| DagNode {
+                    name: &names[i],
+                    after: if i < 200 { &[] } else { &names[..k] },
+                    count: 1,
+                    inputs_from: &from,
+                    retries: 0,
+                    final_node: false,
+                    inputs: vec![],
+                })
+                .collect();
+            check_dag(&nodes)
+        };
+        assert_eq!(flow(124), Ok(()), "801 × 124 = 99,324 dependencies");
+        let err = flow(125).unwrap_err();
+        assert_eq!(err.message, "the flow's jobs name 100125 jobs in `after` in all; at most 100000");
     }
 
     #[test]

@@ -189,6 +189,8 @@ pub mod limits {
     /// Jobs (nodes) in one workflow, and instances of one node's sweep.
     pub const MAX_DAG_NODES: usize = 10_000;
     pub const MAX_DAG_COUNT: u64 = 100_000;
+    /// Dependencies (`after` entries) of all the jobs of a workflow together.
+    pub const MAX_DAG_EDGES: usize = 100_000;
     pub const MAX_ARGS: usize = 4096;
     pub const MAX_ENV: usize = 4096;
     /// Args and env together, in bytes (each with its separator), as an exec would count them.

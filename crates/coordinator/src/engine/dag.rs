@@ -7,14 +7,15 @@
 //! store left it, and a node's release is one store operation ([`Op::DagRelease`]): no node is
 //! released twice.
 
-use std::cell::Cell;
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use vmgrid_proto::*;
 
 use super::{ApiError, Engine, Principal, cluster_of};
 use crate::store::{DagNodeRow, DagRow, NodeRun, Op};
+use settle::Progress;
 
 /// A workflow in memory.
 pub(super) struct Dag {
@@ -27,6 +28,17 @@ pub(super) struct Dag {
     submitted_ms: u64,
     finished_ms: Option<u64>,
     rescue_of: Option<u64>,
+    // Derived from the spec and the nodes' runs (rebuilt, never stored), so that a node's end
+    // costs its children, not a look at every node:
+    /// Each node's children (the nodes with it in `after`), each once.
+    children: Vec<Vec<usize>>,
+    /// How many of each node's distinct parents are not done.
+    pending: Vec<usize>,
+    final_idx: Option<usize>,
+    /// How many nodes other than the final one have not ended.
+    open: usize,
+    /// Looks at nodes and jobs taken so far: what moving it on cost (its bounds are tested).
+    work: std::cell::Cell<u64>,
 }
 
 /// Where one node is: its runs so far and the jobs of the latest.
@@ -37,13 +49,19 @@ struct DagNode {
     spec_id: Option<u64>,
     first_job: Option<u64>,
     reason: Option<String>,
-    /// How many of the latest run's jobs, from the first, are known to have completed with exit
-    /// code 0 (final, so never looked at again): a sweep's settling costs each job once.
-    settled: Cell<u64>,
+    /// How far the latest run's jobs were looked at (not stored: a restart looks again).
+    progress: RefCell<Progress>,
 }
 
 fn waiting() -> DagNode {
-    DagNode { run: NodeRun::Waiting, tries: 0, spec_id: None, first_job: None, reason: None, settled: Cell::new(0) }
+    DagNode {
+        run: NodeRun::Waiting,
+        tries: 0,
+        spec_id: None,
+        first_job: None,
+        reason: None,
+        progress: RefCell::default(),
+    }
 }
 
 /// What a scan found to do for one node.
@@ -56,7 +74,20 @@ enum Step {
 
 impl Dag {
     fn new(owner: Arc<str>, spec: DagSpec, nodes: Vec<DagNode>, now: u64, rescue_of: Option<u64>) -> Dag {
-        let index = spec.nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect();
+        let index: HashMap<String, usize> = spec.nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect();
+        let mut children = vec![Vec::new(); nodes.len()];
+        let mut pending = vec![0; nodes.len()];
+        for (i, s) in spec.nodes.iter().enumerate() {
+            let mut parents: Vec<usize> = s.after.iter().filter_map(|a| index.get(a).copied()).collect();
+            parents.sort_unstable();
+            parents.dedup();
+            for p in parents {
+                children[p].push(i);
+                pending[i] += usize::from(nodes[p].run != NodeRun::Done);
+            }
+        }
+        let final_idx = spec.nodes.iter().position(|s| s.final_node);
+        let open = nodes.iter().zip(&spec.nodes).filter(|(n, s)| !s.final_node && !n.run.ended()).count();
         Dag {
             owner,
             spec,
@@ -67,7 +98,31 @@ impl Dag {
             submitted_ms: now,
             finished_ms: None,
             rescue_of,
+            children,
+            pending,
+            final_idx,
+            open,
+            work: Default::default(),
         }
+    }
+
+    /// Node `i`'s run went from `was` to what it is now: its children and the final node learn.
+    fn moved(&mut self, i: usize, was: NodeRun) {
+        let run = self.nodes[i].run;
+        if run == NodeRun::Done && was != NodeRun::Done {
+            for &c in &self.children[i] {
+                self.pending[c] = self.pending[c].saturating_sub(1);
+            }
+        }
+        if run.ended() && !was.ended() && !self.spec.nodes[i].final_node {
+            self.open = self.open.saturating_sub(1);
+        }
+    }
+
+    /// The jobs of the nodes still waiting: what the workflow will queue (its owner's reserve).
+    fn reserved(&self) -> u64 {
+        let waiting = self.nodes.iter().zip(&self.spec.nodes).filter(|(n, _)| n.run == NodeRun::Waiting);
+        waiting.map(|(_, s)| s.count).sum()
     }
 
     fn node_row(&self, dag_id: u64, i: usize) -> DagNodeRow {
@@ -104,21 +159,23 @@ impl Engine {
             cluster_of(&n.job).map_err(|e| ApiError::BadRequest(format!("job `{}`: {e}", n.name)))?;
         }
         let owner = p.owner();
-        let total: u64 = spec.nodes.iter().map(|n| n.count).sum();
-        let queued = self.queued.get(owner).copied().unwrap_or(0);
-        if queued + total > self.limits.max_queued_per_user {
-            return Err(ApiError::Forbidden(format!(
-                "{owner} has {queued} jobs queued and may have at most {}; this workflow has {total}",
-                self.limits.max_queued_per_user
-            )));
-        }
         let mut nodes = vec![waiting(); spec.nodes.len()];
         if let Some(old_id) = rescue {
             self.rescued_nodes(p, old_id, &spec, &mut nodes)?;
         }
+        let dag = Dag::new(Arc::from(owner), spec, nodes, now, rescue);
+        // The jobs a workflow will queue count against its owner's queue from the start (its
+        // nodes' jobs are queued later, unchecked), as the jobs of running workflows do.
+        let (total, queued) = (dag.reserved(), self.queued_and_reserved(owner));
+        if queued + total > self.limits.max_queued_per_user {
+            return Err(ApiError::Forbidden(format!(
+                "{owner} has {queued} jobs queued (counting those of running workflows) and may have at most {}; this workflow has {total}",
+                self.limits.max_queued_per_user
+            )));
+        }
+        self.reserve(&dag.owner, total, true);
         let id = self.next_dag;
         self.next_dag += 1;
-        let dag = Dag::new(Arc::from(owner), spec, nodes, now, rescue);
         let row = DagRow {
             id,
             owner: owner.into(),
@@ -142,6 +199,14 @@ impl Engine {
         if !p.may_see(&old.owner) {
             return Err(ApiError::Forbidden(format!("workflow {old_id} belongs to {}", old.owner)));
         }
+        // The rescue runs as the one who submits it: another's (an admin's) would take the
+        // workflow's only rescue from its owner, and run its jobs as someone else.
+        if p.owner() != &*old.owner {
+            return Err(ApiError::Forbidden(format!(
+                "workflow {old_id} belongs to {}: only its owner rescues it",
+                old.owner
+            )));
+        }
         if old.state == DagState::Running {
             return Err(ApiError::Conflict(format!(
                 "workflow {old_id} is still running: wait for it to end, or `vmgrid dag rm {old_id}`, before rescuing it"
@@ -155,11 +220,17 @@ impl Engine {
         }
         for (i, n) in spec.nodes.iter().enumerate() {
             let Some(&j) = old.index.get(&n.name) else { continue };
-            // The final node runs at the end of every workflow, a rescue included.
-            if old.nodes[j].run == NodeRun::Done && old.spec.nodes[j].count == n.count && !n.final_node {
+            // The final node runs at the end of every workflow, a rescue included. A done node
+            // whose jobs (its outputs) the pool has forgotten since runs again.
+            let intact = || {
+                old.jobs_of(j).all(|job| {
+                    self.jobs.get(&job).is_some_and(|x| x.state == JobState::Completed && x.exit_code == Some(0))
+                })
+            };
+            if old.nodes[j].run == NodeRun::Done && old.spec.nodes[j].count == n.count && !n.final_node && intact() {
                 nodes[i] = DagNode {
                     reason: Some(format!("done in workflow {old_id}")),
-                    settled: Cell::new(0),
+                    progress: RefCell::default(),
                     ..old.nodes[j].clone()
                 };
             }
@@ -178,7 +249,7 @@ impl Engine {
         let Some(d) = self.dags.get(&dag) else { return };
         let current = d.nodes[i].run == NodeRun::Released && d.nodes[i].spec_id == Some(j.spec_id);
         if d.state == DagState::Running && current && self.settle(d, i).is_some() {
-            self.advance_dag(dag, now);
+            self.advance(dag, VecDeque::from([(i, None)]), now);
         }
     }
 
@@ -186,85 +257,60 @@ impl Engine {
     /// failed; nodes whose parents are done are released, those after a failure skipped; the
     /// final node is released once all others ended; and the workflow ends when every node has.
     pub(super) fn advance_dag(&mut self, id: u64, now: u64) {
-        loop {
-            let steps = match self.dags.get(&id) {
-                Some(d) if d.state == DagState::Running => self.steps(d),
+        let Some(d) = self.dags.get(&id) else { return };
+        let all = (0..d.nodes.len()).map(|i| (i, None)).collect();
+        self.advance(id, all, now);
+    }
+
+    /// Looks at the nodes of `work` (each with the parent whose end put it there), in order;
+    /// a node that ends puts its children there, and the final node once all others ended. So
+    /// a failure skips a whole chain in one call, and each node and edge costs about once.
+    fn advance(&mut self, id: u64, mut work: VecDeque<(usize, Option<usize>)>, now: u64) {
+        while let Some((i, cause)) = work.pop_front() {
+            let step = match self.dags.get(&id) {
+                Some(d) if d.state == DagState::Running => self.step(d, i, cause),
                 _ => return,
             };
-            if steps.is_empty() {
-                break;
-            }
-            for s in steps {
-                self.take_step(id, s, now);
+            let Some(step) = step else { continue };
+            self.take_step(id, step, now);
+            let d = &self.dags[&id];
+            if d.nodes[i].run.ended() {
+                work.extend(d.children[i].iter().map(|&c| (c, Some(i))));
+                if let Some(f) = d.final_idx.filter(|&f| f != i && d.open == 0) {
+                    work.push_back((f, None));
+                }
             }
         }
         self.end_if_over(id, now);
     }
 
-    fn steps(&self, d: &Dag) -> Vec<Step> {
-        let others_ended = d.nodes.iter().zip(&d.spec.nodes).all(|(n, s)| s.final_node || n.run.ended());
-        let mut steps = Vec::new();
-        for (i, (n, s)) in d.nodes.iter().zip(&d.spec.nodes).enumerate() {
-            match n.run {
-                NodeRun::Released => match self.settle(d, i) {
-                    Some(Ok(())) => steps.push(Step::Done(i)),
-                    Some(Err(why)) => steps.push(Step::Failed(i, why)),
-                    None => {}
-                },
-                NodeRun::Waiting if s.final_node && others_ended => steps.push(Step::Release(i)),
-                NodeRun::Waiting if s.final_node => {}
-                NodeRun::Waiting => {
-                    let parents = s.after.iter().map(|a| (a, d.nodes[d.index[a]].run));
-                    let mut all_done = true;
-                    for (name, run) in parents {
-                        match run {
-                            NodeRun::Failed | NodeRun::Skipped => {
-                                let was = if run == NodeRun::Failed { "failed" } else { "was skipped" };
-                                steps.push(Step::Skip(i, format!("`{name}` {was}")));
-                                all_done = false;
-                                break;
-                            }
-                            NodeRun::Done => {}
-                            _ => all_done = false,
-                        }
+    /// What node `i` can do now, if anything. `cause` is the parent whose end asked; without
+    /// one, every parent is looked at.
+    fn step(&self, d: &Dag, i: usize, cause: Option<usize>) -> Option<Step> {
+        d.work.set(d.work.get() + 1);
+        let (n, s) = (&d.nodes[i], &d.spec.nodes[i]);
+        match n.run {
+            NodeRun::Released => match self.settle(d, i)? {
+                Ok(()) => Some(Step::Done(i)),
+                Err(why) => Some(Step::Failed(i, why)),
+            },
+            NodeRun::Waiting if s.final_node => (d.open == 0).then_some(Step::Release(i)),
+            NodeRun::Waiting => {
+                let blocks = |p: &usize| matches!(d.nodes[*p].run, NodeRun::Failed | NodeRun::Skipped);
+                let blocked = match cause {
+                    Some(p) => Some(p).filter(blocks),
+                    None => s.after.iter().map(|a| d.index[a]).find(blocks),
+                };
+                match blocked {
+                    Some(p) => {
+                        let was = if d.nodes[p].run == NodeRun::Failed { "failed" } else { "was skipped" };
+                        Some(Step::Skip(i, format!("`{}` {was}", d.spec.nodes[p].name)))
                     }
-                    if all_done {
-                        steps.push(Step::Release(i));
-                    }
+                    None => (d.pending[i] == 0).then_some(Step::Release(i)),
                 }
-                _ => {}
             }
+            _ => None,
         }
-        steps
-    }
-
-    /// Whether node `i`'s latest run is over: `None` while a job is idle or running, else
-    /// whether every job completed with exit code 0 (and, if not, the first that did not).
-    fn settle(&self, d: &Dag, i: usize) -> Option<Result<(), String>> {
-        let mut failure = None;
-        let settled = &d.nodes[i].settled;
-        let jobs = d.jobs_of(i);
-        for job in jobs.start + settled.get()..jobs.end {
-            let why = match self.jobs.get(&job) {
-                None => format!("job {job} is no longer in the pool"),
-                Some(j) => match j.state {
-                    JobState::Idle | JobState::Running => return None,
-                    JobState::Completed if j.exit_code == Some(0) => {
-                        if failure.is_none() && job == jobs.start + settled.get() {
-                            settled.set(settled.get() + 1);
-                        }
-                        continue;
-                    }
-                    JobState::Completed => format!("job {job} exited with {}", j.exit_code.unwrap_or(-1)),
-                    JobState::Held => {
-                        format!("job {job} is held: {}", j.reason.as_deref().unwrap_or("no reason given"))
-                    }
-                    JobState::Removed => format!("job {job} was removed"),
-                },
-            };
-            failure.get_or_insert(why);
-        }
-        Some(failure.map_or(Ok(()), Err))
     }
 
     fn take_step(&mut self, id: u64, step: Step, now: u64) {
@@ -301,9 +347,15 @@ impl Engine {
 
     fn set_node(&mut self, id: u64, i: usize, run: NodeRun, reason: Option<String>) {
         let d = self.dags.get_mut(&id).expect("a known workflow");
+        let was = d.nodes[i].run;
         d.nodes[i].run = run;
         d.nodes[i].reason = reason;
+        d.moved(i, was);
         let row = d.node_row(id, i);
+        if was == NodeRun::Waiting {
+            let (owner, count) = (d.owner.clone(), d.spec.nodes[i].count);
+            self.reserve(&owner, count, false);
+        }
         self.store(Op::DagNode(row));
         self.wake_waiters();
     }
@@ -337,6 +389,9 @@ impl Engine {
         spec.check().map_err(|e| format!("its job with the inputs of its parents: {e}"))?;
         let cluster = cluster_of(&spec).map_err(|e| e.to_string())?;
         let (count, owner) = (n.count, d.owner.clone());
+        if d.nodes[i].run == NodeRun::Waiting {
+            self.reserve(&owner, count, false);
+        }
         let json = serde_json::to_string(&spec).expect("a spec serializes");
         let (spec_id, first) = self.add_jobs(&owner, spec, cluster, count, now);
         self.dag_specs.insert(spec_id, (id, i));
@@ -346,7 +401,7 @@ impl Engine {
         node.tries += 1;
         node.spec_id = Some(spec_id);
         node.first_job = Some(first);
-        node.settled.set(0);
+        *node.progress.get_mut() = Progress::default();
         node.reason = note;
         let row = d.node_row(id, i);
         self.store(Op::DagRelease { node: row, spec_id, owner: owner.to_string(), json, count, submitted_ms: now });
@@ -358,7 +413,8 @@ impl Engine {
     /// first failure's reason.
     fn end_if_over(&mut self, id: u64, now: u64) {
         let Some(d) = self.dags.get_mut(&id) else { return };
-        if d.state != DagState::Running || !d.nodes.iter().all(|n| n.run.ended()) {
+        let final_open = d.final_idx.is_some_and(|f| !d.nodes[f].run.ended());
+        if d.state != DagState::Running || d.open > 0 || final_open {
             return;
         }
         let failed = d.nodes.iter().zip(&d.spec.nodes).find(|(n, _)| n.run == NodeRun::Failed);
@@ -373,6 +429,7 @@ impl Engine {
         d.finished_ms = Some(now);
         let op = Op::DagState { id, state: d.state, reason: d.reason.clone(), finished_ms: d.finished_ms };
         self.store(op);
+        self.dag_ended(id);
         self.wake_waiters();
     }
 
@@ -407,6 +464,7 @@ impl Engine {
         d.finished_ms = Some(now);
         let op = Op::DagState { id, state: d.state, reason: d.reason.clone(), finished_ms: d.finished_ms };
         self.store(op);
+        self.dag_ended(id);
         self.wake_waiters();
         self.dag_view(p, id)
     }
@@ -440,10 +498,31 @@ impl Engine {
         })
     }
 
-    /// The specs of the runs (latest, or done) of running workflows' nodes.
-    pub(super) fn running_dag_specs(&self) -> std::collections::HashSet<u64> {
-        let running = self.dags.values().filter(|d| d.state == DagState::Running);
-        running.flat_map(|d| d.nodes.iter().filter_map(|n| n.spec_id)).collect()
+    /// The specs of the runs (latest, or done) of running workflows' nodes → the workflow.
+    pub(super) fn running_dag_specs(&self) -> HashMap<u64, u64> {
+        let running = self.dags.iter().filter(|(_, d)| d.state == DagState::Running);
+        running.flat_map(|(&id, d)| d.nodes.iter().filter_map(move |n| n.spec_id.map(|s| (s, id)))).collect()
+    }
+
+    /// How many jobs `owner` has queued, and will queue for the nodes of their running workflows.
+    pub(super) fn queued_and_reserved(&self, owner: &str) -> u64 {
+        self.queued.get(owner).copied().unwrap_or(0) + self.dag_reserved.get(owner).copied().unwrap_or(0)
+    }
+
+    /// Adds (`more`) or takes back `count` jobs of `owner`'s workflows' reserve.
+    pub(super) fn reserve(&mut self, owner: &Arc<str>, count: u64, more: bool) {
+        let r = self.dag_reserved.entry(owner.clone()).or_default();
+        *r = if more { *r + count } else { r.saturating_sub(count) };
+        if *r == 0 {
+            self.dag_reserved.remove(owner);
+        }
+    }
+
+    /// Workflow `id` ended: the finished jobs kept for it go back to the retention index.
+    fn dag_ended(&mut self, id: u64) {
+        if let Some(kept) = self.kept_for_dags.remove(&id) {
+            self.final_by_time.extend(kept);
+        }
     }
 
     /// Drops workflows that ended before `keep_from` (their jobs go by their own retention).
@@ -463,7 +542,10 @@ impl Engine {
 }
 
 mod load;
+mod settle;
 mod views;
 
+#[cfg(test)]
+mod bounds_tests;
 #[cfg(test)]
 mod tests;

@@ -52,7 +52,9 @@ impl Engine {
                 }
                 _ => {}
             }
-            let retained = self.final_by_time.contains(&(j.finished_ms.unwrap_or(0), id));
+            let key = (j.finished_ms.unwrap_or(0), id);
+            let retained =
+                self.final_by_time.contains(&key) || self.kept_for_dags.values().any(|kept| kept.contains(&key));
             if retained != j.state.is_final() {
                 return Err(format!(
                     "job {id} is {} and {}in the retention index",
@@ -69,7 +71,8 @@ impl Engine {
                 return Err(format!("the idle set of spec {spec} holds job {id}, which is gone"));
             }
         }
-        if self.final_by_time.len() != self.jobs.values().filter(|j| j.state.is_final()).count() {
+        let kept: usize = self.kept_for_dags.values().map(Vec::len).sum();
+        if self.final_by_time.len() + kept != self.jobs.values().filter(|j| j.state.is_final()).count() {
             return Err("the retention index holds jobs that are gone".into());
         }
         Ok(())

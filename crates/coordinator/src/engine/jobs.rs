@@ -32,10 +32,10 @@ impl Engine {
             return Err(ApiError::BadRequest(format!("count is {count}; it must be between 1 and {MAX_COUNT}")));
         }
         let owner = p.owner();
-        let queued = self.queued.get(owner).copied().unwrap_or(0);
+        let queued = self.queued_and_reserved(owner);
         if queued + count > self.limits.max_queued_per_user {
             return Err(ApiError::Forbidden(format!(
-                "{owner} has {queued} jobs queued and may have at most {}: wait for some to finish, or `vmgrid rm` some",
+                "{owner} has {queued} jobs queued (counting those of running workflows) and may have at most {}: wait for some to finish, or `vmgrid rm` some",
                 self.limits.max_queued_per_user
             )));
         }

@@ -289,6 +289,12 @@ pub struct Engine {
     dags: BTreeMap<u64, dag::Dag>,
     dag_specs: HashMap<u64, (u64, usize)>,
     next_dag: u64,
+    /// The jobs each user's running workflows will queue (their waiting nodes'), which count
+    /// against `Limits::max_queued_per_user` as queued jobs do.
+    dag_reserved: HashMap<Arc<str>, u64>,
+    /// Finished jobs past retention that a running workflow still needs, out of
+    /// `final_by_time` (so they are not looked at every tick) until the workflow ends.
+    kept_for_dags: HashMap<u64, Vec<(u64, u64)>>,
     out: Effects,
 }
 
@@ -348,6 +354,8 @@ impl Engine {
             dags: BTreeMap::new(),
             dag_specs: HashMap::new(),
             next_dag: 1,
+            dag_reserved: HashMap::new(),
+            kept_for_dags: HashMap::new(),
             out: Effects::default(),
         }
     }

@@ -31,19 +31,19 @@ impl Engine {
     }
 
     /// Drops finished jobs older than the retention period, and specs no job uses any more. The
-    /// jobs of a running workflow stay (their results are its progress and its nodes' inputs).
+    /// jobs of a running workflow stay (their results are its progress and its nodes' inputs),
+    /// set aside until it ends.
     pub(super) fn expire_finished(&mut self, now: u64) {
         let keep_from = now.saturating_sub(self.limits.retain_finished_ms);
         let due = self.final_by_time.first().is_some_and(|&(at, _)| at < keep_from);
-        let in_use = if due { self.running_dag_specs() } else { HashSet::new() };
-        let mut kept = Vec::new();
+        let in_use = if due { self.running_dag_specs() } else { Default::default() };
         while let Some(&(at, id)) = self.final_by_time.first() {
             if at >= keep_from {
                 break;
             }
             self.final_by_time.pop_first();
-            if self.jobs.get(&id).is_some_and(|j| in_use.contains(&j.spec_id)) {
-                kept.push((at, id));
+            if let Some(&dag) = self.jobs.get(&id).and_then(|j| in_use.get(&j.spec_id)) {
+                self.kept_for_dags.entry(dag).or_default().push((at, id));
                 continue;
             }
             let Some(j) = self.jobs.remove(&id) else { continue };
@@ -57,7 +57,6 @@ impl Engine {
                 self.store(Op::DeleteSpec { id: j.spec_id });
             }
         }
-        self.final_by_time.extend(kept);
         self.expire_dags(keep_from);
     }
 

@@ -126,6 +126,8 @@ fn each_refusal_names_the_job_and_the_place() {
         ("[jobs.a]\nfile = \"job.toml\"\nbogus = 1\n", "3:1", "unknown field `bogus`"),
         ("[jobs.a]\nvm = { type = \"wasm\" }\n", "2:6", "a wasm job needs `image`"),
         ("[jobs.\"a b\"]\nfile = \"job.toml\"\n", "1:1", "job `a b`: `name` may use only"),
+        ("[jobs.\"..\"]\nfile = \"job.toml\"\n", "1:1", "job `..`: a job's name names the directory"),
+        ("[jobs.\".\"]\nfile = \"job.toml\"\n", "1:1", "job `.`: a job's name names the directory"),
     ];
     for (flow, at, want) in cases {
         let m = message(parse(&d, flow));

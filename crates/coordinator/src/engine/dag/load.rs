@@ -1,7 +1,8 @@
 //! Workflows rebuilt from the store at start (each running one then takes the steps it can),
 //! and their invariants, part of [`Engine::check_invariants`].
 
-use std::cell::Cell;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use vmgrid_proto::*;
@@ -45,6 +46,23 @@ impl Engine {
             if (d.state == DagState::Running) == all_ended {
                 return Err(format!("workflow {id} is {} with all its nodes ended: {all_ended}", d.state.as_str()));
             }
+            // What is derived from the runs agrees with them.
+            let fresh = Dag::new(d.owner.clone(), d.spec.clone(), d.nodes.clone(), 0, None);
+            if (&fresh.children, &fresh.pending, fresh.open) != (&d.children, &d.pending, d.open) {
+                return Err(format!("workflow {id}: its parents' counts or open nodes disagree with its nodes"));
+            }
+            if d.state != DagState::Running && self.kept_for_dags.contains_key(&id) {
+                return Err(format!("workflow {id} ended but holds finished jobs out of retention"));
+            }
+        }
+        let mut reserved: HashMap<&str, u64> = HashMap::new();
+        for d in self.dags.values().filter(|d| d.state == DagState::Running) {
+            *reserved.entry(&d.owner).or_default() += d.reserved();
+        }
+        reserved.retain(|_, r| *r > 0);
+        let held: HashMap<&str, u64> = self.dag_reserved.iter().map(|(o, r)| (&**o, *r)).collect();
+        if reserved != held {
+            return Err(format!("workflows reserve {reserved:?} of their owners' queues, the engine counts {held:?}"));
         }
         Ok(())
     }
@@ -71,7 +89,7 @@ impl Engine {
                         spec_id: r.spec_id,
                         first_job: r.first_job,
                         reason: r.reason,
-                        settled: Cell::new(0),
+                        progress: RefCell::default(),
                     };
                     if r.state == NodeRun::Released
                         && let Some(spec_id) = r.spec_id
@@ -84,6 +102,8 @@ impl Engine {
             (d.state, d.reason, d.finished_ms) = (row.state, row.reason, row.finished_ms);
             if d.state == DagState::Running {
                 running.push(row.id);
+                let reserve = d.reserved();
+                self.reserve(&d.owner.clone(), reserve, true);
             }
             self.dags.insert(row.id, d);
         }

@@ -9,17 +9,17 @@ use crate::engine::tests::{ad, spec};
 use crate::engine::{Timing, hash_token};
 use crate::store::{Op, Store, sqlite::SqliteStore};
 
-const TIMING: Timing = Timing { lease_ttl_ms: 1000, node_ttl_ms: 1000, heartbeat_ms: 200 };
+pub(super) const TIMING: Timing = Timing { lease_ttl_ms: 1000, node_ttl_ms: 1000, heartbeat_ms: 200 };
 
-fn alice() -> Principal {
+pub(super) fn alice() -> Principal {
     Principal::User("alice".into())
 }
 
-fn blob(c: char) -> String {
+pub(super) fn blob(c: char) -> String {
     c.to_string().repeat(64)
 }
 
-fn node(name: &str, after: &[&str], inputs_from: &[(&str, &str)]) -> DagNodeSpec {
+pub(super) fn node(name: &str, after: &[&str], inputs_from: &[(&str, &str)]) -> DagNodeSpec {
     let mut job = spec(0);
     job.name = name.into();
     job.outputs = vec!["out/*.txt".into()];
@@ -38,7 +38,7 @@ fn node(name: &str, after: &[&str], inputs_from: &[(&str, &str)]) -> DagNodeSpec
     }
 }
 
-fn diamond() -> DagSpec {
+pub(super) fn diamond() -> DagSpec {
     DagSpec {
         name: "diamond".into(),
         nodes: vec![
@@ -50,14 +50,14 @@ fn diamond() -> DagSpec {
     }
 }
 
-fn pool() -> Engine {
+pub(super) fn pool() -> Engine {
     let mut e = Engine::new(TIMING);
     e.register(ad("n1", 8), None, false, hash_token("n1"), 0).unwrap();
     e
 }
 
 /// Runs every job that can run now; each reports `code(job name)` and one output named after it.
-fn run_all(e: &mut Engine, now: u64, code: impl Fn(&str) -> i32) -> Vec<Lease> {
+pub(super) fn run_all(e: &mut Engine, now: u64, code: impl Fn(&str) -> i32) -> Vec<Lease> {
     e.schedule(now);
     let leases = e.take_leases("n1", 100, 100, now);
     let reports = leases
@@ -81,12 +81,12 @@ fn run_all(e: &mut Engine, now: u64, code: impl Fn(&str) -> i32) -> Vec<Lease> {
     leases
 }
 
-fn states(e: &Engine, id: u64) -> Vec<(String, DagNodeState)> {
+pub(super) fn states(e: &Engine, id: u64) -> Vec<(String, DagNodeState)> {
     e.check_invariants().unwrap();
     e.dag_view(&alice(), id).unwrap().nodes.into_iter().map(|n| (n.name, n.state)).collect()
 }
 
-fn names(leases: &[Lease]) -> Vec<String> {
+pub(super) fn names(leases: &[Lease]) -> Vec<String> {
     let mut v: Vec<String> = leases.iter().map(|l| l.spec.name.clone()).collect();
     v.sort();
     v
