@@ -437,28 +437,7 @@ pub fn check_dag(nodes: &[DagNode<'_>]) -> Result<(), DagInvalid> {
                 return Err(dag_invalid(i, DagField::After(k), m));
             }
         }
-        for (parent, globs) in n.inputs_from {
-            let at = DagField::InputsFrom(parent.clone());
-            if !n.after.contains(parent) {
-                let m = format!("job `{}` takes inputs from `{parent}`, which is not in its `after`", n.name);
-                return Err(dag_invalid(i, at, m));
-            }
-            if globs.is_empty() {
-                return Err(dag_invalid(i, at, format!("job `{}`: inputs_from `{parent}` names no pattern", n.name)));
-            }
-            for g in globs {
-                output_pattern(g)
-                    .map_err(|m| dag_invalid(i, at.clone(), format!("job `{}`: inputs_from {m}", n.name)))?;
-            }
-            let prefix = format!("{parent}/");
-            if let Some(own) = n.inputs.iter().find(|d| **d == parent || d.starts_with(&prefix)) {
-                let m = format!(
-                    "job `{}`: its input `{own}` would land where the inputs from `{parent}` go ({parent}/…)",
-                    n.name
-                );
-                return Err(dag_invalid(i, at, m));
-            }
-        }
+        dag_inputs_from(i, n)?;
         if n.final_node {
             finals += 1;
             if finals > 1 {
@@ -483,6 +462,33 @@ pub fn check_dag(nodes: &[DagNode<'_>]) -> Result<(), DagInvalid> {
         }
         None => Ok(()),
     }
+}
+
+/// Node `i`'s `inputs_from`: only from a parent in its `after`, with valid globs, landing where
+/// none of its own inputs does.
+fn dag_inputs_from(i: usize, n: &DagNode<'_>) -> Result<(), DagInvalid> {
+    for (parent, globs) in n.inputs_from {
+        let at = DagField::InputsFrom(parent.clone());
+        if !n.after.contains(parent) {
+            let m = format!("job `{}` takes inputs from `{parent}`, which is not in its `after`", n.name);
+            return Err(dag_invalid(i, at, m));
+        }
+        if globs.is_empty() {
+            return Err(dag_invalid(i, at, format!("job `{}`: inputs_from `{parent}` names no pattern", n.name)));
+        }
+        for g in globs {
+            output_pattern(g).map_err(|m| dag_invalid(i, at.clone(), format!("job `{}`: inputs_from {m}", n.name)))?;
+        }
+        let prefix = format!("{parent}/");
+        if let Some(own) = n.inputs.iter().find(|d| **d == parent || d.starts_with(&prefix)) {
+            let m = format!(
+                "job `{}`: its input `{own}` would land where the inputs from `{parent}` go ({parent}/…)",
+                n.name
+            );
+            return Err(dag_invalid(i, at, m));
+        }
+    }
+    Ok(())
 }
 
 /// One cycle of the `after` graph, as the nodes on it in dependency order, if there is one.
