@@ -193,6 +193,24 @@ fn a_file_written_on_one_node_is_read_on_another() {
     assert_eq!(code, 0, "{err}");
 }
 
+#[test]
+fn a_file_in_a_home_directory_is_rewritten_from_a_node_whose_mirror_never_saw_it() {
+    let pool = pool_of_three();
+    let root = root_with_programs();
+    std::fs::create_dir(root.path().join("out")).unwrap();
+    std::fs::write(root.path().join("out/part-0"), "old").unwrap();
+    let mut s = Session::start(&pool, root.path());
+    // A truncating open (std::fs::write) of a file the home has, in a directory the node's mirror
+    // has not looked at: the fan-out's second run failed so (ENOENT).
+    s.send("run /ssi-probe.wasm write:/out/part-0:new write:/out/part-1:more read:/out/part-0 ls:/out");
+    s.send("wait");
+    let (code, out, err) = s.finish();
+    assert!(!out.contains("error"), "{out}\n{err}");
+    assert_eq!(std::fs::read_to_string(root.path().join("out/part-0")).unwrap(), "new", "{out}\n{err}");
+    assert_eq!(std::fs::read_to_string(root.path().join("out/part-1")).unwrap(), "more");
+    assert_eq!(code, 0, "{err}");
+}
+
 /// CPU seconds a process has used (user + system).
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

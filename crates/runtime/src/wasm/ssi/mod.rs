@@ -177,7 +177,9 @@ impl SsiFs {
                 self.versions.insert(path.to_string(), version.clone());
                 Ok(())
             }
-            (Kind::File, _) => Ok(()),
+            // Looked up without its content (an open that truncates it, or one this process is
+            // writing): its directories are the home's all the same, so the open finds them.
+            (Kind::File, _) => self.mirror_dirs(parent_of(path)),
             (Kind::Dir, Payload::Dir(entries)) => {
                 self.mirror_dirs(path)?;
                 self.reconcile(path, entries)
