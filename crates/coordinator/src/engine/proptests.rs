@@ -1,7 +1,7 @@
 //! The state machine under random sequences of calls (proptest): nodes register, drain, leave and
-//! go silent; users submit, hold, release and remove; nodes take leases and report under current
-//! and stale leases; the clock moves; and the coordinator restarts from its real SQLite store at
-//! any step. After every step the engine's invariants hold ([`Engine::check_invariants`]), and:
+//! go silent; users submit jobs and workflows, hold, release and remove; an admin sets users'
+//! factors and quotas; nodes take leases and report under current and stale leases; the clock
+//! moves; and the coordinator restarts from its real SQLite store at any step. After every step the engine's invariants hold ([`Engine::check_invariants`]), and:
 //! - a lease is accepted at most once, and only while it is the job's current lease (fencing);
 //! - a completed job stays completed with the same result until retention drops it, and a job
 //!   that is gone never comes back (no lost, doubled or changed result);
@@ -71,6 +71,24 @@ enum Step {
         job: u64,
     },
     Restart,
+    SetUser {
+        admin: bool,
+        user: usize,
+        factor: Option<u8>,
+        max_cpus: Option<u64>,
+        no_max_cpus: bool,
+    },
+    /// A workflow: `a` (a sweep of `count`), then `b` with `a`'s outputs, and a final node.
+    Dag {
+        user: usize,
+        count: u64,
+        retries: u32,
+    },
+    DagRm {
+        admin: bool,
+        user: usize,
+        dag: u64,
+    },
 }
 
 fn outcome() -> impl Strategy<Value = Outcome> {
@@ -101,7 +119,38 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (any::<bool>(), 0..2usize, action, 1..16u64)
             .prop_map(|(admin, user, action, job)| Step::Act { admin, user, action, job }),
         1 => Just(Step::Restart),
+        1 => (any::<bool>(), 0..2usize, proptest::option::of(1..4u8), proptest::option::of(0..4u64), any::<bool>())
+            .prop_map(|(admin, user, factor, max_cpus, no_max_cpus)| Step::SetUser { admin, user, factor, max_cpus, no_max_cpus }),
+        2 => (0..2usize, 1..3u64, 0..2u32).prop_map(|(user, count, retries)| Step::Dag { user, count, retries }),
+        1 => (any::<bool>(), 0..2usize, 1..4u64).prop_map(|(admin, user, dag)| Step::DagRm { admin, user, dag }),
     ]
+}
+
+/// The workflow of [`Step::Dag`].
+fn flow(count: u64, retries: u32) -> DagSpec {
+    let node = |name: &str, after: &[&str], count: u64, final_node: bool| {
+        let mut job = spec(0);
+        job.name = name.into();
+        job.memory_mb = 300;
+        let inputs_from = if after.is_empty() {
+            Default::default()
+        } else {
+            BTreeMap::from([("a".to_string(), vec!["out-*".to_string()])])
+        };
+        DagNodeSpec {
+            name: name.into(),
+            job,
+            count,
+            after: after.iter().map(|a| a.to_string()).collect(),
+            inputs_from,
+            retries,
+            final_node,
+        }
+    };
+    DagSpec {
+        name: "flow".into(),
+        nodes: vec![node("a", &[], count, false), node("b", &["a"], 1, false), node("z", &[], 1, true)],
+    }
 }
 
 /// The engine with its store: every step's changes are committed before the next, as the
@@ -208,6 +257,22 @@ impl Pool {
                 e.action(&Pool::principal(*admin, *user), *action, &[*job], now);
             }
             Step::Restart => self.restart(),
+            Step::SetUser { admin, user, factor, max_cpus, no_max_cpus } => {
+                let req = UserSettingsRequest {
+                    user: USERS[*user].into(),
+                    factor: factor.map(f64::from),
+                    max_cpus: *max_cpus,
+                    no_max_cpus: *no_max_cpus,
+                };
+                let r = e.set_user(&Pool::principal(*admin, *user), &req, now);
+                assert_eq!(r.is_ok(), *admin && req.check().is_ok(), "{req:?} by admin {admin}: {r:?}");
+            }
+            Step::Dag { user, count, retries } => {
+                let _ = e.submit_dag(&Principal::User(USERS[*user].into()), flow(*count, *retries), None, now);
+            }
+            Step::DagRm { admin, user, dag } => {
+                let _ = e.dag_rm(&Pool::principal(*admin, *user), *dag, now);
+            }
         }
         self.commit();
     }
@@ -243,9 +308,10 @@ impl Pool {
         assert_eq!(self.snapshot(), before, "the store gave back another state than was acknowledged");
     }
 
-    /// What a restart must keep: each job's durable fields, and each node's state and load.
+    /// What a restart must keep: each job's durable fields, each node's state and load, users'
+    /// settings, and workflows with their nodes.
     #[allow(clippy::type_complexity)]
-    fn snapshot(&self) -> (BTreeMap<u64, String>, BTreeMap<String, (NodeState, u32, u64, u32)>) {
+    fn snapshot(&self) -> (BTreeMap<u64, String>, BTreeMap<String, (NodeState, u32, u64, u32)>, Vec<String>) {
         let admin = Principal::Admin("root".into());
         let jobs = self
             .engine
@@ -257,7 +323,8 @@ impl Pool {
                 let reason = if v.state == JobState::Idle { None } else { v.reason.clone() };
                 let node = if v.state == JobState::Running { v.node.clone() } else { None };
                 let durable = (v.state, node, v.exit_code, v.attempts, reason, v.owner.clone(), v.index, r.outputs);
-                (v.id, format!("{durable:?} epoch {}", self.engine.jobs[&v.id].epoch))
+                let times = (v.submitted_ms, v.started_ms, v.finished_ms);
+                (v.id, format!("{durable:?} {times:?} epoch {}", self.engine.jobs[&v.id].epoch))
             })
             .collect();
         let nodes = self
@@ -266,7 +333,20 @@ impl Pool {
             .into_iter()
             .map(|n| (n.ad.name.clone(), (n.state, n.free_cpus, n.free_memory_mb, n.running_jobs)))
             .collect();
-        (jobs, nodes)
+        let mut rest: Vec<String> = self
+            .engine
+            .user_views(&admin, self.now)
+            .into_iter()
+            .filter(|u| u.factor != 1.0 || u.max_cpus.is_some())
+            .map(|u| format!("{} {} {:?}", u.user, u.factor, u.max_cpus))
+            .collect();
+        rest.sort();
+        for d in self.engine.dag_list(&admin) {
+            let v = self.engine.dag_view(&admin, d.id).expect("visible");
+            let nodes: Vec<_> = v.nodes.iter().map(|n| (n.state, n.tries, n.jobs.clone(), n.reason.clone())).collect();
+            rest.push(format!("dag {} {:?} {:?} {:?} {nodes:?}", v.id, v.state, v.reason, v.finished_ms));
+        }
+        (jobs, nodes, rest)
     }
 
     /// The properties that span steps: completed jobs keep their result, gone jobs stay gone.
