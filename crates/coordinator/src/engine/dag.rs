@@ -548,4 +548,6 @@ mod views;
 #[cfg(test)]
 mod bounds_tests;
 #[cfg(test)]
+mod review3_tests;
+#[cfg(test)]
 mod tests;

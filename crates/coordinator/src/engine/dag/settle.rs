@@ -62,6 +62,20 @@ impl Engine {
                 *failure = Some((job, why));
             }
         };
+        while jobs.start + p.next < jobs.end {
+            let job = jobs.start + p.next;
+            match look(job) {
+                Look::Open => return None,
+                Look::Ok => {}
+                Look::Failed(why) => note(&mut p.failure, job, why),
+                Look::Held(_) => {
+                    p.held.insert(job);
+                }
+            }
+            p.next += 1;
+        }
+        // The held jobs only once the scan is through: until then an open job answers, and
+        // looking at every held job on each end would cost the held jobs times the others.
         let held: Vec<u64> = p.held.iter().copied().collect();
         for job in held {
             match look(job) {
@@ -75,18 +89,6 @@ impl Engine {
                     note(&mut p.failure, job, why);
                 }
             }
-        }
-        while jobs.start + p.next < jobs.end {
-            let job = jobs.start + p.next;
-            match look(job) {
-                Look::Open => return None,
-                Look::Ok => {}
-                Look::Failed(why) => note(&mut p.failure, job, why),
-                Look::Held(_) => {
-                    p.held.insert(job);
-                }
-            }
-            p.next += 1;
         }
         let held = p.held.first().and_then(|&job| match look(job) {
             Look::Held(why) => Some((job, why)),
