@@ -7,7 +7,7 @@ use super::tests::{TIMING, alice, diamond, node, pool, run_all, states};
 use super::*;
 use crate::engine::{Limits, hash_token, tests::ad};
 
-fn report(l: &Lease, run: RunReport) -> Report {
+pub(super) fn report(l: &Lease, run: RunReport) -> Report {
     Report {
         lease: LeaseId { job_id: l.job_id, epoch: l.epoch },
         run,
@@ -19,22 +19,28 @@ fn report(l: &Lease, run: RunReport) -> Report {
     }
 }
 
+/// A diamond whose first node is a sweep of `n`, all of it running on one big node "big".
+pub(super) fn sweep_running(n: u64) -> (Engine, u64, Vec<Lease>) {
+    let mut e = Engine::new(TIMING);
+    let big = NodeAd { memory_mb: 1 << 20, disk_mb: 1 << 20, ..ad("big", n as u32) };
+    e.register(big, None, false, hash_token("big"), 0).unwrap();
+    let mut flow = diamond();
+    flow.nodes[0].count = n;
+    let id = e.submit_dag(&alice(), flow, None, 1).unwrap();
+    let mut leases = Vec::new();
+    while (leases.len() as u64) < n {
+        e.schedule(2);
+        let more = e.take_leases("big", n as u32, n as u32, 2);
+        assert!(!more.is_empty(), "all {n} run at once");
+        leases.extend(more);
+    }
+    (e, id, leases)
+}
+
 #[test]
 fn a_sweep_settles_in_time_linear_in_its_jobs_with_an_early_failure_and_a_held_job() {
     const N: u64 = 4000;
-    let mut e = Engine::new(TIMING);
-    let big = NodeAd { memory_mb: 1 << 20, disk_mb: 1 << 20, ..ad("big", N as u32) };
-    e.register(big, None, false, hash_token("big"), 0).unwrap();
-    let mut flow = diamond();
-    flow.nodes[0].count = N;
-    let id = e.submit_dag(&alice(), flow, None, 1).unwrap();
-    let mut leases = Vec::new();
-    while (leases.len() as u64) < N {
-        e.schedule(2);
-        let more = e.take_leases("big", N as u32, N as u32, 2);
-        assert!(!more.is_empty(), "all {N} run at once");
-        leases.extend(more);
-    }
+    let (mut e, id, leases) = sweep_running(N);
     let before = e.dags[&id].work.get();
     // The first job fails and the second is held before any other ends; then the rest complete,
     // one report each, in order.
