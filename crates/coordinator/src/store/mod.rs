@@ -4,6 +4,7 @@
 //! submits or reports costs one fsync, not one each. Callers wait for the commit of their ticket
 //! before they acknowledge anything.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::{Arc, Mutex, mpsc};

@@ -1,0 +1,181 @@
+//! The translation of [`Op`]s into statements, as the SQLite store applies them.
+
+use postgres::Transaction;
+
+use crate::store::{DagNodeRow, Op};
+
+type R = Result<(), postgres::Error>;
+
+/// Raises a counter of the `meta` table to at least `value`.
+const RAISE: &str = "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = GREATEST(meta.value, excluded.value)";
+
+fn opt(x: Option<u64>) -> Option<i64> {
+    x.map(|x| x as i64)
+}
+
+pub fn apply(tx: &mut Transaction<'_>, op: &Op) -> R {
+    match op {
+        Op::Token(t) => {
+            tx.execute(
+                "INSERT INTO tokens (hash, role, owner, id, created_ms, expires_ms, detail) VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (hash) DO UPDATE SET role = $2, owner = $3, id = $4, created_ms = $5, expires_ms = $6, detail = $7",
+                &[&t.hash, &t.role.as_str(), &t.owner, &t.id, &(t.created_ms as i64), &opt(t.expires_ms), &t.detail],
+            )?;
+        }
+        Op::RevokeToken { hash } => {
+            tx.execute("DELETE FROM tokens WHERE hash = $1", &[hash])?;
+        }
+        Op::Spec { id, owner, json } => insert_spec(tx, *id, owner, json)?,
+        Op::Jobs { spec_id, first_id, count, owner, submitted_ms } => {
+            insert_jobs(tx, *spec_id, *first_id, *count, owner, *submitted_ms)?
+        }
+        Op::Job(j) => {
+            let result = j.result.as_ref().map(|r| serde_json::to_string(r).expect("a result serializes"));
+            let st = tx.prepare(
+                "UPDATE jobs SET state = $2, node = $3, epoch = $4, attempts = $5, retries = $6, losses = $7, exit_code = $8, reason = $9, finished_ms = $10, result = CASE WHEN $12 THEN $11 ELSE result END, started_ms = $13 WHERE id = $1",
+            )?;
+            tx.execute(
+                &st,
+                &[
+                    &(j.id as i64),
+                    &j.state.as_str(),
+                    &j.node,
+                    &(j.epoch as i64),
+                    &(j.attempts as i64),
+                    &(j.retries as i64),
+                    &(j.losses as i64),
+                    &j.exit_code,
+                    &j.reason,
+                    &opt(j.finished_ms),
+                    &result,
+                    &j.set_result,
+                    &opt(j.started_ms),
+                ],
+            )?;
+        }
+        Op::Node { name, ad_json, cred_hash, state } => {
+            tx.execute(
+                "INSERT INTO nodes (name, ad, cred_hash, state) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (name) DO UPDATE SET ad = $2, cred_hash = $3, state = $4",
+                &[name, ad_json, cred_hash, &state.as_str()],
+            )?;
+        }
+        Op::DeleteNode { name } => {
+            tx.execute("DELETE FROM nodes WHERE name = $1", &[name])?;
+        }
+        Op::DeleteJob { id } => {
+            tx.execute("DELETE FROM jobs WHERE id = $1", &[&(*id as i64)])?;
+        }
+        Op::DeleteSpec { id } => {
+            tx.execute("DELETE FROM specs WHERE id = $1", &[&(*id as i64)])?;
+        }
+        Op::Blob { hash, owner, size, created_ms } => {
+            tx.execute(
+                "INSERT INTO blobs (hash, owner, size, created_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (hash) DO NOTHING",
+                &[hash, owner, &(*size as i64), &(*created_ms as i64)],
+            )?;
+        }
+        Op::DeleteBlob { hash } => {
+            tx.execute("DELETE FROM blobs WHERE hash = $1", &[hash])?;
+        }
+        Op::UserUsage { user, usage_cpu_s, at_ms } => {
+            tx.execute(
+                "INSERT INTO users (name, usage_cpu_s, usage_at_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO UPDATE SET usage_cpu_s = $2, usage_at_ms = $3",
+                &[user, usage_cpu_s, &(*at_ms as i64)],
+            )?;
+        }
+        Op::UserSettings { user, factor, max_cpus } => {
+            tx.execute(
+                "INSERT INTO users (name, factor, max_cpus) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO UPDATE SET factor = $2, max_cpus = $3",
+                &[user, factor, &opt(*max_cpus)],
+            )?;
+        }
+        Op::Dag { .. } | Op::DagState { .. } | Op::DagNode(_) | Op::DeleteDag { .. } | Op::DagRelease { .. } => {
+            apply_dag(tx, op)?
+        }
+    }
+    Ok(())
+}
+
+/// The workflow operations.
+fn apply_dag(tx: &mut Transaction<'_>, op: &Op) -> R {
+    match op {
+        Op::Dag { row, nodes } => {
+            tx.execute(
+                "INSERT INTO dags (id, owner, json, state, reason, submitted_ms, finished_ms, rescue_of) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    &(row.id as i64),
+                    &row.owner,
+                    &row.json,
+                    &row.state.as_str(),
+                    &row.reason,
+                    &(row.submitted_ms as i64),
+                    &opt(row.finished_ms),
+                    &opt(row.rescue_of),
+                ],
+            )?;
+            // The highest workflow id ever stored (SQLite's AUTOINCREMENT sequence).
+            tx.execute(RAISE, &[&"last_dag", &(row.id as i64)])?;
+            for n in nodes {
+                put_dag_node(tx, n)?;
+            }
+        }
+        Op::DagState { id, state, reason, finished_ms } => {
+            tx.execute(
+                "UPDATE dags SET state = $2, reason = $3, finished_ms = $4 WHERE id = $1",
+                &[&(*id as i64), &state.as_str(), reason, &opt(*finished_ms)],
+            )?;
+        }
+        Op::DagNode(n) => put_dag_node(tx, n)?,
+        Op::DeleteDag { id } => {
+            tx.execute("DELETE FROM dag_nodes WHERE dag_id = $1", &[&(*id as i64)])?;
+            tx.execute("DELETE FROM dags WHERE id = $1", &[&(*id as i64)])?;
+        }
+        Op::DagRelease { node, spec_id, owner, json, count, submitted_ms } => {
+            insert_spec(tx, *spec_id, owner, json)?;
+            let first = node.first_job.expect("a released node has its jobs");
+            insert_jobs(tx, *spec_id, first, *count, owner, *submitted_ms)?;
+            put_dag_node(tx, node)?;
+        }
+        _ => unreachable!("only workflow operations come here"),
+    }
+    Ok(())
+}
+
+fn insert_spec(tx: &mut Transaction<'_>, id: u64, owner: &str, json: &str) -> R {
+    tx.execute("INSERT INTO specs (id, owner, json) VALUES ($1, $2, $3)", &[&(id as i64), &owner, &json])?;
+    tx.execute(RAISE, &[&"next_spec", &((id + 1) as i64)])?;
+    Ok(())
+}
+
+/// A batch of jobs in one statement (a sweep of 10,000 is one round trip, not 10,000).
+fn insert_jobs(tx: &mut Transaction<'_>, spec_id: u64, first_id: u64, count: u64, owner: &str, submitted_ms: u64) -> R {
+    if count > 0 {
+        tx.execute(
+            "INSERT INTO jobs (id, spec_id, idx, owner, state, submitted_ms)
+             SELECT $1::BIGINT + i, $2::BIGINT, i, $3::TEXT, 'idle', $4::BIGINT FROM generate_series(0::BIGINT, $5::BIGINT - 1) AS i",
+            &[&(first_id as i64), &(spec_id as i64), &owner, &(submitted_ms as i64), &(count as i64)],
+        )?;
+    }
+    tx.execute(RAISE, &[&"next_job", &((first_id + count) as i64)])?;
+    Ok(())
+}
+
+fn put_dag_node(tx: &mut Transaction<'_>, n: &DagNodeRow) -> R {
+    tx.execute(
+        "INSERT INTO dag_nodes (dag_id, idx, state, tries, spec_id, first_job, reason) VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (dag_id, idx) DO UPDATE SET state = $3, tries = $4, spec_id = $5, first_job = $6, reason = $7",
+        &[
+            &(n.dag_id as i64),
+            &(n.idx as i64),
+            &n.state.as_str(),
+            &(n.tries as i64),
+            &opt(n.spec_id),
+            &opt(n.first_job),
+            &n.reason,
+        ],
+    )?;
+    Ok(())
+}

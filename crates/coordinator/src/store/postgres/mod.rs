@@ -1,0 +1,172 @@
+//! The pool's state in PostgreSQL: the same tables and the same translation of [`Op`]s as the
+//! embedded SQLite store, versioned migrations in a `schema_version` table, one transaction per
+//! commit. Several coordinators may share one database; [`ActiveLock`] makes one of them active.
+
+mod apply;
+mod load;
+
+use postgres::config::Host;
+use postgres::{Client, Config, NoTls};
+
+use super::{Loaded, Op, Store, StoreError};
+
+/// Each migration takes the schema from version N (its index) to N + 1, in one transaction.
+/// Version 1 holds what SQLite's schema version 6 holds.
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE tokens (hash TEXT PRIMARY KEY, role TEXT NOT NULL, owner TEXT NOT NULL, id TEXT,
+  created_ms BIGINT NOT NULL DEFAULT 0, expires_ms BIGINT, detail TEXT);
+CREATE TABLE specs (id BIGINT PRIMARY KEY, owner TEXT NOT NULL, json TEXT NOT NULL);
+CREATE TABLE jobs (
+  id BIGINT PRIMARY KEY, spec_id BIGINT NOT NULL, idx BIGINT NOT NULL, owner TEXT NOT NULL,
+  state TEXT NOT NULL, node TEXT, epoch BIGINT NOT NULL DEFAULT 0, attempts BIGINT NOT NULL DEFAULT 0,
+  retries BIGINT NOT NULL DEFAULT 0, losses BIGINT NOT NULL DEFAULT 0, exit_code INTEGER, reason TEXT,
+  submitted_ms BIGINT NOT NULL, finished_ms BIGINT, result TEXT, started_ms BIGINT);
+CREATE TABLE nodes (name TEXT PRIMARY KEY, ad TEXT NOT NULL, cred_hash TEXT NOT NULL, state TEXT NOT NULL);
+CREATE TABLE blobs (hash TEXT PRIMARY KEY, owner TEXT NOT NULL, size BIGINT NOT NULL, created_ms BIGINT NOT NULL);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+CREATE TABLE users (name TEXT PRIMARY KEY, usage_cpu_s DOUBLE PRECISION NOT NULL DEFAULT 0,
+  usage_at_ms BIGINT NOT NULL DEFAULT 0, factor DOUBLE PRECISION NOT NULL DEFAULT 1, max_cpus BIGINT);
+CREATE TABLE dags (id BIGINT PRIMARY KEY, owner TEXT NOT NULL, json TEXT NOT NULL, state TEXT NOT NULL,
+  reason TEXT, submitted_ms BIGINT NOT NULL, finished_ms BIGINT, rescue_of BIGINT);
+CREATE TABLE dag_nodes (dag_id BIGINT NOT NULL, idx BIGINT NOT NULL, state TEXT NOT NULL,
+  tries BIGINT NOT NULL DEFAULT 0, spec_id BIGINT, first_job BIGINT, reason TEXT, PRIMARY KEY (dag_id, idx));
+"];
+
+/// The schema version this coordinator writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// The advisory lock key the active coordinator holds ("vmgrid" in ASCII).
+pub const ACTIVE_LOCK_KEY: i64 = 0x766d_6772_6964;
+
+/// A `postgres://` URL (or `key=value` string) with its password replaced, for logs and errors.
+pub fn redact(url: &str) -> String {
+    let hide = |part: &str, sep: char| -> String {
+        part.split(sep)
+            .map(|kv| if kv.starts_with("password=") { "password=***".to_string() } else { kv.to_string() })
+            .collect::<Vec<_>>()
+            .join(&sep.to_string())
+    };
+    let Some((scheme, rest)) = url.split_once("://") else { return hide(url, ' ') };
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(hide(q, '&'))),
+        None => (rest, None),
+    };
+    let rest = match rest.rfind('@') {
+        Some(at) if rest[..at].contains(':') => {
+            format!("{}:***@{}", rest[..at].split(':').next().unwrap_or(""), &rest[at + 1..])
+        }
+        _ => rest.to_string(),
+    };
+    match query {
+        Some(q) => format!("{scheme}://{rest}?{q}"),
+        None => format!("{scheme}://{rest}"),
+    }
+}
+
+/// Parses the URL and refuses a host that is not this machine: the connection is not TLS, so a
+/// remote PostgreSQL would see the password and the pool's state in clear.
+pub fn config(url: &str) -> Result<Config, StoreError> {
+    let shown = redact(url);
+    let cfg: Config = url.parse().map_err(|e| StoreError(format!("{shown}: not a PostgreSQL URL: {e}")))?;
+    if cfg.get_hosts().is_empty() {
+        return Err(StoreError(format!("{shown}: no host (give host= or a host in the URL)")));
+    }
+    for h in cfg.get_hosts() {
+        if let Host::Tcp(name) = h
+            && !matches!(name.as_str(), "localhost" | "127.0.0.1" | "::1" | "[::1]")
+        {
+            return Err(StoreError(format!(
+                "{shown}: host {name} is not this machine, and this vmgrid reaches PostgreSQL without TLS; \
+                 use a unix socket or loopback address (a tunnel such as stunnel or ssh -L to a remote server)"
+            )));
+        }
+    }
+    Ok(cfg)
+}
+
+fn connect(url: &str) -> Result<Client, StoreError> {
+    let cfg = config(url)?;
+    cfg.connect(NoTls).map_err(|e| StoreError(format!("{}: {e}", redact(url))))
+}
+
+pub(crate) fn err(e: postgres::Error) -> StoreError {
+    StoreError(format!("postgresql: {e}"))
+}
+
+pub struct PgStore {
+    client: Client,
+}
+
+impl PgStore {
+    /// Connects and brings the schema to [`SCHEMA_VERSION`]; a database from a newer vmgrid is
+    /// refused. Concurrent starts migrate one at a time (a transaction-scoped advisory lock).
+    pub fn open(url: &str) -> Result<PgStore, StoreError> {
+        let mut client = connect(url)?;
+        migrate(&mut client)?;
+        Ok(PgStore { client })
+    }
+}
+
+fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    let mut tx = client.transaction().map_err(err)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&(ACTIVE_LOCK_KEY + 1)]).map_err(err)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)").map_err(err)?;
+    let v: Option<i64> = tx.query_opt("SELECT version FROM schema_version", &[]).map_err(err)?.map(|r| r.get(0));
+    let mut version = v.unwrap_or(0);
+    if v.is_none() {
+        tx.execute("INSERT INTO schema_version (version) VALUES (0)", &[]).map_err(err)?;
+    }
+    if version > SCHEMA_VERSION {
+        return Err(StoreError(format!(
+            "the job store has schema version {version}, newer than this vmgrid's {SCHEMA_VERSION}: upgrade vmgrid"
+        )));
+    }
+    while version < SCHEMA_VERSION {
+        tx.batch_execute(MIGRATIONS[version as usize]).map_err(err)?;
+        version += 1;
+        tx.execute("UPDATE schema_version SET version = $1", &[&version]).map_err(err)?;
+    }
+    tx.commit().map_err(err)
+}
+
+impl Store for PgStore {
+    fn load(&mut self) -> Result<Loaded, StoreError> {
+        let mut tx = self.client.build_transaction().read_only(true).start().map_err(err)?;
+        let l = load::load(&mut tx).map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(l)
+    }
+
+    fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError> {
+        let mut tx = self.client.transaction().map_err(err)?;
+        for op in ops {
+            apply::apply(&mut tx, op).map_err(err)?;
+        }
+        tx.commit().map_err(err)
+    }
+}
+
+/// The active coordinator's session advisory lock, on a connection of its own: held while the
+/// connection lives.
+pub struct ActiveLock {
+    client: Client,
+}
+
+impl ActiveLock {
+    /// Takes the lock if no other session holds it.
+    pub fn try_take(url: &str) -> Result<Option<ActiveLock>, StoreError> {
+        let mut client = connect(url)?;
+        let got: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&ACTIVE_LOCK_KEY]).map_err(err)?.get(0);
+        Ok(got.then_some(ActiveLock { client }))
+    }
+
+    /// Whether the connection (and so the lock) is still alive.
+    pub fn check(&mut self) -> Result<(), StoreError> {
+        self.client.simple_query("SELECT 1").map(|_| ()).map_err(err)
+    }
+}
+
+#[cfg(test)]
+pub mod testdb;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,184 @@
+//! The SQLite store's tests, against a private PostgreSQL cluster each, and the active lock.
+
+use postgres::NoTls;
+use vmgrid_proto::{DagState, JobState};
+
+use super::testdb::TestDb;
+use super::*;
+use crate::engine::{Engine, Principal, Timing, hash_token};
+use crate::store::{DagNodeRow, DagRow, NodeRun, StoredUser};
+
+/// What the engine put in the store comes back as the same pool after a restart.
+#[test]
+fn acknowledged_state_survives_a_restart() {
+    let db = TestDb::start();
+    let timing = Timing { lease_ttl_ms: 1000, node_ttl_ms: 1000, heartbeat_ms: 200 };
+    let mut e = Engine::new(timing);
+    e.add_token(hash_token("admin-secret"), "a1".into(), Principal::Admin("admin".into()), 0, None);
+    e.register(crate::engine::tests::ad("n1", 1), None, false, hash_token("cred"), 0).unwrap();
+    e.submit(&Principal::User("alice".into()), crate::engine::tests::spec(0), 2, 0).unwrap();
+    e.schedule(0);
+    let l = e.take_leases("n1", 10, 10, 0);
+    e.report("n1", vec![crate::engine::tests::exited(&l[0], 5)], 1).unwrap();
+    e.schedule(2);
+    let before = e.job_views(&Principal::Admin("admin".into()));
+    let mut store = PgStore::open(&db.url()).unwrap();
+    store.commit(&e.take_effects().ops).unwrap();
+    drop(store);
+
+    let mut store = PgStore::open(&db.url()).unwrap();
+    let e = Engine::load(store.load().unwrap(), timing, 10);
+    let admin = Principal::Admin("admin".into());
+    assert_eq!(e.job_views(&admin), before);
+    assert_eq!(e.job_views(&admin)[0].exit_code, Some(5));
+    assert_eq!(e.job_views(&admin)[1].state, JobState::Running, "a running job keeps its lease across a restart");
+    assert_eq!(e.node_views()[0].running_jobs, 1);
+    assert_eq!(e.authenticate("admin-secret", 10), Some(&admin));
+    assert_eq!(e.authenticate("cred", 10), Some(&Principal::Node("n1".into())));
+}
+
+/// A job id names one job for good, across retention and a restart.
+#[test]
+fn ids_of_jobs_dropped_by_retention_are_not_reused_after_a_restart() {
+    let db = TestDb::start();
+    let timing = Timing { lease_ttl_ms: 1000, node_ttl_ms: 100_000, heartbeat_ms: 200 };
+    let limits = crate::engine::Limits { retain_finished_ms: 1000, ..Default::default() };
+    let (alice, admin) = (Principal::User("alice".into()), Principal::Admin("admin".into()));
+    let mut e = Engine::new(timing);
+    e.set_limits(limits);
+    e.register(crate::engine::tests::ad("n1", 4), None, false, hash_token("cred"), 0).unwrap();
+    let first = e.submit(&alice, crate::engine::tests::spec(0), 2, 0).unwrap();
+    e.schedule(0);
+    for l in e.take_leases("n1", 10, 10, 0) {
+        e.report("n1", vec![crate::engine::tests::exited(&l, 0)], 1).unwrap();
+    }
+    e.tick(5000);
+    assert!(e.job_views(&admin).is_empty(), "retention dropped both jobs");
+    let mut store = PgStore::open(&db.url()).unwrap();
+    store.commit(&e.take_effects().ops).unwrap();
+
+    let mut e = Engine::load(store.load().unwrap(), timing, 5000);
+    let next = e.submit(&alice, crate::engine::tests::spec(0), 1, 5000).unwrap();
+    assert!(next[0] > first[1], "job id {} was given again after a restart", next[0]);
+    store.commit(&e.take_effects().ops).unwrap();
+    assert!(store.load().unwrap().specs.iter().all(|(id, _, _)| *id > 1), "a spec id was given again");
+}
+
+#[test]
+fn users_read_back_with_usage_and_settings() {
+    let db = TestDb::start();
+    let mut store = PgStore::open(&db.url()).unwrap();
+    assert!(store.load().unwrap().users.is_empty());
+    store.commit(&[Op::UserSettings { user: "a".into(), factor: 2.0, max_cpus: Some(3) }]).unwrap();
+    store.commit(&[Op::UserUsage { user: "a".into(), usage_cpu_s: 12.5, at_ms: 9 }]).unwrap();
+    let users = store.load().unwrap().users;
+    assert_eq!(
+        users,
+        vec![StoredUser { user: "a".into(), usage_cpu_s: 12.5, usage_at_ms: 9, factor: 2.0, max_cpus: Some(3) }]
+    );
+}
+
+#[test]
+fn a_workflow_reads_back_with_its_nodes_and_goes_with_its_delete() {
+    let db = TestDb::start();
+    let mut store = PgStore::open(&db.url()).unwrap();
+    let row = DagRow {
+        id: 7,
+        owner: "alice".into(),
+        json: "{}".into(),
+        state: DagState::Running,
+        reason: None,
+        submitted_ms: 1,
+        finished_ms: None,
+        rescue_of: Some(3),
+    };
+    let node =
+        |idx, state| DagNodeRow { dag_id: 7, idx, state, tries: 0, spec_id: None, first_job: None, reason: None };
+    store
+        .commit(&[Op::Dag { row: row.clone(), nodes: vec![node(0, NodeRun::Waiting), node(1, NodeRun::Waiting)] }])
+        .unwrap();
+    let released = DagNodeRow { tries: 1, spec_id: Some(4), first_job: Some(10), ..node(0, NodeRun::Released) };
+    let release = Op::DagRelease {
+        node: released.clone(),
+        spec_id: 4,
+        owner: "alice".into(),
+        json: "{}".into(),
+        count: 2,
+        submitted_ms: 2,
+    };
+    let end = Op::DagState { id: 7, state: DagState::Failed, reason: Some("why".into()), finished_ms: Some(3) };
+    store.commit(&[release, Op::DagNode(node(1, NodeRun::Skipped)), end]).unwrap();
+    let l = store.load().unwrap();
+    assert_eq!(l.jobs.iter().map(|j| (j.row.id, j.spec_id, j.index)).collect::<Vec<_>>(), [(10, 4, 0), (11, 4, 1)]);
+    assert_eq!((l.next_job, l.next_spec), (12, 5));
+    let ended = DagRow { state: DagState::Failed, reason: Some("why".into()), finished_ms: Some(3), ..row };
+    assert_eq!(l.dags, [(ended, vec![released, node(1, NodeRun::Skipped)])]);
+    store.commit(&[Op::DeleteDag { id: 7 }]).unwrap();
+    let l = store.load().unwrap();
+    assert!(l.dags.is_empty());
+    assert_eq!(l.last_dag_id, 7, "a forgotten workflow's id is not given again");
+}
+
+#[test]
+fn a_job_in_an_unknown_state_is_held_with_the_reason() {
+    let db = TestDb::start();
+    let mut store = PgStore::open(&db.url()).unwrap();
+    store
+        .client
+        .execute(
+            "INSERT INTO jobs (id, spec_id, idx, owner, state, submitted_ms) VALUES (1, 1, 0, 'a', 'weird', 0)",
+            &[],
+        )
+        .unwrap();
+    let row = store.load().unwrap().jobs.remove(0).row;
+    assert_eq!(row.state, JobState::Held);
+    assert!(row.reason.unwrap().contains("\"weird\""));
+}
+
+/// A failing commit leaves nothing of its operations: one transaction each.
+#[test]
+fn a_commit_is_all_or_nothing() {
+    let db = TestDb::start();
+    let mut store = PgStore::open(&db.url()).unwrap();
+    let spec = Op::Spec { id: 1, owner: "a".into(), json: "{}".into() };
+    store.commit(std::slice::from_ref(&spec)).unwrap();
+    let jobs = Op::Jobs { spec_id: 1, first_id: 1, count: 3, owner: "a".into(), submitted_ms: 0 };
+    assert!(store.commit(&[jobs, spec]).is_err(), "a second spec 1 is refused");
+    assert!(store.load().unwrap().jobs.is_empty(), "the jobs of a failed commit were kept");
+}
+
+#[test]
+fn schema_is_versioned_and_a_newer_one_is_refused() {
+    let db = TestDb::start();
+    drop(PgStore::open(&db.url()).unwrap());
+    drop(PgStore::open(&db.url()).unwrap());
+    let mut c = postgres::Client::connect(&db.url(), NoTls).unwrap();
+    let v: i64 = c.query_one("SELECT version FROM schema_version", &[]).unwrap().get(0);
+    assert_eq!(v, SCHEMA_VERSION);
+    c.execute("UPDATE schema_version SET version = $1", &[&(SCHEMA_VERSION + 1)]).unwrap();
+    let e = PgStore::open(&db.url()).err().expect("a newer schema is refused");
+    assert!(e.0.contains("newer than this vmgrid"), "{}", e.0);
+}
+
+/// One active coordinator per database: the lock is taken by one session only, and passes on
+/// when its holder's connection ends.
+#[test]
+fn the_active_lock_is_held_by_one_session_at_a_time() {
+    let db = TestDb::start();
+    let mut a = ActiveLock::try_take(&db.url()).unwrap().expect("the first takes the lock");
+    assert!(ActiveLock::try_take(&db.url()).unwrap().is_none(), "a second coordinator took the lock too");
+    a.check().unwrap();
+    drop(a);
+    assert!(ActiveLock::try_take(&db.url()).unwrap().is_some(), "the lock did not pass on");
+}
+
+#[test]
+fn passwords_are_not_shown_and_remote_hosts_without_tls_are_refused() {
+    assert_eq!(redact("postgres://vm:s3cret@localhost/pool"), "postgres://vm:***@localhost/pool");
+    assert_eq!(redact("postgres://localhost/pool?password=s3cret&x=1"), "postgres://localhost/pool?password=***&x=1");
+    let e = config("postgres://vm:s3cret@db.example.org/pool").err().unwrap();
+    assert!(e.0.contains("not this machine") && !e.0.contains("s3cret"), "{}", e.0);
+    assert!(config("postgres://vm:s3cret@127.0.0.1:5432/pool").is_ok());
+    let e = config("postgres://vm:s3cret@localhost:notaport/pool").err().unwrap();
+    assert!(!e.0.contains("s3cret"), "{}", e.0);
+}
