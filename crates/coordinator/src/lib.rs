@@ -21,7 +21,6 @@ use std::time::Duration;
 pub use engine::{DEFAULT_HALF_LIFE_MS, Limits, Timing};
 use engine::{Engine, Principal, hash_token};
 pub use serve::{CA_CERT_FILE, Tls};
-use store::Store;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -34,6 +33,9 @@ pub struct Config {
     pub max_blob_bytes: u64,
     /// Fair share: users' usage decays by half in this long.
     pub usage_half_life_ms: u64,
+    /// `None`: the embedded SQLite store in the data dir; `Some(url)`: PostgreSQL at `url`, as
+    /// the active coordinator of that database (it waits, as a standby, until it is).
+    pub store_url: Option<String>,
 }
 
 pub const POOL_TOKEN_FILE: &str = "pool.token";
@@ -112,15 +114,54 @@ pub fn new_token() -> String {
     hex::encode(b)
 }
 
+/// The SQLite store in the data dir, or PostgreSQL once this coordinator holds the database's
+/// active lock: a standby waits here, trying every 500 ms. The lock's connection is then watched:
+/// if it ends, another coordinator may become active, so this process exits at once (two never
+/// write at once).
+fn open_store(config: &Config, dir: &Path) -> Result<(Box<dyn store::Store>, PathBuf), StartError> {
+    let Some(url) = &config.store_url else {
+        let db_path = dir.join("pool.sqlite");
+        let db = store::sqlite::SqliteStore::open(&db_path)
+            .map_err(|e| StartError::Store(db_path.clone(), e.to_string()))?;
+        return Ok((Box::new(db), db_path));
+    };
+    let shown = PathBuf::from(store::postgres::redact(url));
+    let serr = |e: store::StoreError| StartError::Store(shown.clone(), e.0);
+    let mut said = false;
+    let mut lock = loop {
+        if let Some(lock) = store::postgres::ActiveLock::try_take(url).map_err(serr)? {
+            break lock;
+        }
+        if !said {
+            eprintln!("vmgrid: another coordinator is active on {}; standing by", shown.display());
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let db = store::postgres::PgStore::open(url).map_err(serr)?;
+    std::thread::Builder::new()
+        .name("vmgrid-active-lock".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_millis(250));
+                if let Err(e) = lock.check() {
+                    eprintln!("vmgrid: lost the active lock on the PostgreSQL store ({}): stopping at once", e.0);
+                    std::process::exit(3);
+                }
+            }
+        })
+        .map_err(|e| StartError::Store(shown.clone(), e.to_string()))?;
+    tracing::info!(store = %shown.display(), "active coordinator on PostgreSQL");
+    Ok((Box::new(db), shown))
+}
+
 /// Starts the coordinator on its own thread and runtime; returns once it is listening.
 pub fn start(config: Config, handle_signals: bool) -> Result<Running, StartError> {
     let dir = config.data_dir.clone();
     let data_err = |e: &dyn std::fmt::Display| StartError::DataDir(dir.clone(), e.to_string());
     files::private_dir(&dir).map_err(|e| data_err(&e))?;
     let transport = serve::transport(&config.tls, &dir, config.listen).map_err(|e| data_err(&e))?;
-    let db_path = dir.join("pool.sqlite");
-    let mut db =
-        store::sqlite::SqliteStore::open(&db_path).map_err(|e| StartError::Store(db_path.clone(), e.to_string()))?;
+    let (mut db, db_path) = open_store(&config, &dir)?;
     let loaded = db.load().map_err(|e| StartError::Store(db_path.clone(), e.to_string()))?;
     let pool_token = read_or_create_token(&dir, POOL_TOKEN_FILE)?;
     let admin_token = read_or_create_token(&dir, ADMIN_TOKEN_FILE)?;
@@ -134,13 +175,7 @@ pub fn start(config: Config, handle_signals: bool) -> Result<Running, StartError
     engine.ensure_token(hash_token(&admin_token), Principal::Admin("admin".into()), now);
     let ca_pem = transport.ca.as_ref().map(|c| c.cert_pem().to_string());
     let scheme = transport.scheme();
-    let shared = Arc::new(core::Shared::new(
-        engine,
-        store::Writer::start(Box::new(db)),
-        blobs,
-        transport,
-        config.max_blob_bytes,
-    ));
+    let shared = Arc::new(core::Shared::new(engine, store::Writer::start(db), blobs, transport, config.max_blob_bytes));
     // What loading changed (jobs requeued because their node is gone) is queued like any call's.
     let ((), loaded) = shared.call(|_| ());
 

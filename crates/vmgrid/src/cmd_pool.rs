@@ -64,6 +64,11 @@ pub struct CoordinatorArgs {
     /// as HTCondor's PRIORITY_HALFLIFE: 90s, 45m, 12h, 1d, 1w. Shorter forgets past use sooner.
     #[arg(long, default_value = "1d", value_name = "DURATION", value_parser = half_life)]
     usage_half_life: u64,
+    /// Where the pool's state lives: `sqlite` (the default: pool.sqlite in the data dir) or a
+    /// `postgres://` URL (also read from VMGRID_STORE). Several coordinators may share one
+    /// PostgreSQL database: one is active, the others wait to take over.
+    #[arg(long, env = "VMGRID_STORE", hide_env_values = true, value_name = "sqlite|postgres://…")]
+    store: Option<String>,
 }
 
 /// A half-life in seconds: at least a second, at most ten years.
@@ -95,6 +100,7 @@ impl CoordinatorArgs {
             tls,
             max_blob_bytes: self.max_blob_mb << 20,
             usage_half_life_ms: self.usage_half_life * 1000,
+            store_url: self.store.clone().filter(|s| s != "sqlite"),
         }
     }
 }
