@@ -5,6 +5,10 @@ use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
+mod failover;
+
+use failover::Coordinators;
+pub use failover::FAILOVER_WINDOW;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use vmgrid_proto::*;
@@ -34,9 +38,13 @@ impl ClientError {
 
 pub type Result<T> = std::result::Result<T, ClientError>;
 
+type Response = ureq::http::Response<ureq::Body>;
+
 #[derive(Clone)]
 pub struct Client {
-    base: String,
+    /// The pool's coordinators (one, or an active one and its standbys), shared by the clients
+    /// made from this one so that they all go on to the one that answers.
+    pool: std::sync::Arc<Coordinators>,
     auth: String,
     agent: ureq::Agent,
     trust: Trust,
@@ -109,7 +117,8 @@ pub fn describe(url: &str, e: &ureq::Error) -> String {
 }
 
 impl Client {
-    /// A client of the pool at `pool` (https with the public web PKI, or plain http).
+    /// A client of the pool at `pool` (https with the public web PKI, or plain http): one URL, or
+    /// several coordinators' comma-separated (see [`FAILOVER_WINDOW`]).
     pub fn new(pool: &str, token: &str) -> Client {
         Client::with_trust(pool, token, Trust::default())
     }
@@ -118,13 +127,14 @@ impl Client {
     pub fn with_trust(pool: &str, token: &str, trust: Trust) -> Client {
         // Long polls wait at most a minute; a pool that accepts and never answers is dead.
         let agent = trust.agent(Duration::from_secs(90));
-        Client { base: pool.trim_end_matches('/').to_string(), auth: format!("Bearer {}", token.trim()), agent, trust }
+        let pool = std::sync::Arc::new(Coordinators::parse(pool));
+        Client { pool, auth: format!("Bearer {}", token.trim()), agent, trust }
     }
 
     /// The same pool and trust with another token (a node's credential after it registers).
     pub fn with_token(&self, token: &str) -> Client {
         Client {
-            base: self.base.clone(),
+            pool: self.pool.clone(),
             auth: format!("Bearer {}", token.trim()),
             agent: self.agent.clone(),
             trust: self.trust.clone(),
@@ -135,15 +145,52 @@ impl Client {
         &self.trust
     }
 
+    /// The URL of the coordinator that answered last.
     pub fn url(&self) -> &str {
-        &self.base
+        self.pool.current().1
     }
 
-    fn unreachable(&self, e: ureq::Error) -> ClientError {
-        ClientError::Unreachable { url: self.base.clone(), message: describe(&self.base, &e) }
+    /// Every coordinator's URL, comma-separated, as given.
+    pub fn urls(&self) -> String {
+        self.pool.spec()
     }
 
-    fn check(&self, mut resp: ureq::http::Response<ureq::Body>) -> Result<ureq::http::Response<ureq::Body>> {
+    /// Makes a call with `call(base URL)`. With several coordinators, a standby's answer or an
+    /// unreachable coordinator sends it to the next one, for up to [`FAILOVER_WINDOW`]; a call
+    /// that is not `repeatable` moves on only if it never reached a server.
+    fn exchange(
+        &self,
+        repeatable: bool,
+        call: impl Fn(&str) -> std::result::Result<Response, ureq::Error>,
+    ) -> Result<Response> {
+        let n = self.pool.len();
+        let deadline = std::time::Instant::now() + FAILOVER_WINDOW;
+        let mut tries = 0usize;
+        loop {
+            let (i, base) = self.pool.current();
+            let outcome = call(base);
+            let move_on = n > 1
+                && match &outcome {
+                    Ok(resp) => failover::is_standby(resp),
+                    Err(e) => repeatable || failover::never_sent(e),
+                };
+            if !move_on || std::time::Instant::now() >= deadline {
+                return outcome
+                    .map_err(|e| ClientError::Unreachable { url: base.to_string(), message: describe(base, &e) });
+            }
+            self.pool.next_after(i);
+            tries += 1;
+            if tries % n == 0 {
+                std::thread::sleep(failover::ROUND_PAUSE);
+            }
+        }
+    }
+
+    fn call_get(&self, path: &str) -> Result<Response> {
+        self.exchange(true, |base| self.agent.get(format!("{base}{path}")).header("Authorization", &self.auth).call())
+    }
+
+    fn check(&self, mut resp: Response) -> Result<Response> {
         let status = resp.status().as_u16();
         if status < 400 {
             return Ok(resp);
@@ -153,28 +200,20 @@ impl Client {
         Err(ClientError::Refused { status, message })
     }
 
-    fn json<T: DeserializeOwned>(&self, resp: ureq::http::Response<ureq::Body>) -> Result<T> {
+    fn json<T: DeserializeOwned>(&self, resp: Response) -> Result<T> {
         let mut resp = self.check(resp)?;
         resp.body_mut().with_config().limit(JSON_LIMIT).read_json().map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
-        let resp = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .header("Authorization", &self.auth)
-            .send_json(body)
-            .map_err(|e| self.unreachable(e))?;
+        let resp = self.exchange(false, |base| {
+            self.agent.post(format!("{base}{path}")).header("Authorization", &self.auth).send_json(body)
+        })?;
         self.json(resp)
     }
 
     fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let resp = self
-            .agent
-            .get(format!("{}{path}", self.base))
-            .header("Authorization", &self.auth)
-            .call()
-            .map_err(|e| self.unreachable(e))?;
+        let resp = self.call_get(path)?;
         self.json(resp)
     }
 
@@ -251,12 +290,9 @@ impl Client {
     }
 
     pub fn deregister(&self) -> Result<()> {
-        let resp = self
-            .agent
-            .post(format!("{}/v1/nodes/deregister", self.base))
-            .header("Authorization", &self.auth)
-            .send_empty()
-            .map_err(|e| self.unreachable(e))?;
+        let resp = self.exchange(false, |base| {
+            self.agent.post(format!("{base}/v1/nodes/deregister")).header("Authorization", &self.auth).send_empty()
+        })?;
         self.check(resp).map(|_| ())
     }
 
@@ -279,12 +315,12 @@ impl Client {
     }
 
     pub fn revoke_token(&self, id: &str) -> Result<()> {
-        let resp = self
-            .agent
-            .post(format!("{}/v1/tokens/revoke", self.base))
-            .header("Authorization", &self.auth)
-            .send_json(RevokeRequest { id: id.into() })
-            .map_err(|e| self.unreachable(e))?;
+        let resp = self.exchange(false, |base| {
+            self.agent
+                .post(format!("{base}/v1/tokens/revoke"))
+                .header("Authorization", &self.auth)
+                .send_json(RevokeRequest { id: id.into() })
+        })?;
         self.check(resp).map(|_| ())
     }
 
@@ -294,12 +330,7 @@ impl Client {
     }
 
     pub fn metrics(&self) -> Result<String> {
-        let resp = self
-            .agent
-            .get(format!("{}/metrics", self.base))
-            .header("Authorization", &self.auth)
-            .call()
-            .map_err(|e| self.unreachable(e))?;
+        let resp = self.call_get("/metrics")?;
         let mut resp = self.check(resp)?;
         resp.body_mut().read_to_string().map_err(|e| ClientError::Protocol(e.to_string()))
     }
@@ -307,12 +338,9 @@ impl Client {
     /// Whether the pool has a blob, asking too whether an upload of `size` bytes would be taken:
     /// a refusal (too big, over quota, the pool's disk full) comes back before a byte is sent.
     fn needs_upload(&self, hash: &str, size: u64) -> Result<bool> {
-        let resp = self
-            .agent
-            .head(format!("{}/v1/blobs/{hash}?size={size}", self.base))
-            .header("Authorization", &self.auth)
-            .call()
-            .map_err(|e| self.unreachable(e))?;
+        let resp = self.exchange(true, |base| {
+            self.agent.head(format!("{base}/v1/blobs/{hash}?size={size}")).header("Authorization", &self.auth).call()
+        })?;
         match resp.status().as_u16() {
             200 => Ok(false),
             404 => Ok(true),
@@ -342,24 +370,22 @@ impl Client {
         Ok(FileRef { path: name.to_string(), blob, size: bytes.len() as u64 })
     }
 
+    /// One try, at the coordinator that answered last (a body read from a file is not sent twice;
+    /// a blob is content-addressed, so the caller may simply upload again).
     fn put_blob(&self, blob: &str, body: impl ureq::AsSendBody) -> Result<()> {
+        let (_, base) = self.pool.current();
         let resp = self
             .agent
-            .put(format!("{}/v1/blobs/{blob}", self.base))
+            .put(format!("{base}/v1/blobs/{blob}"))
             .header("Authorization", &self.auth)
             .send(body)
-            .map_err(|e| self.unreachable(e))?;
+            .map_err(|e| ClientError::Unreachable { url: base.to_string(), message: describe(base, &e) })?;
         self.check(resp).map(|_| ())
     }
 
     /// Downloads a blob to `dest`, checking its hash; the file appears only when complete.
     pub fn download(&self, hash: &str, dest: &Path) -> Result<u64> {
-        let resp = self
-            .agent
-            .get(format!("{}/v1/blobs/{hash}", self.base))
-            .header("Authorization", &self.auth)
-            .call()
-            .map_err(|e| self.unreachable(e))?;
+        let resp = self.call_get(&format!("/v1/blobs/{hash}"))?;
         let resp = self.check(resp)?;
         let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)?;

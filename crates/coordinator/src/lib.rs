@@ -1,7 +1,8 @@
 //! The coordinator: the pool's durable job queue, its node registry, its blob store and its
 //! HTTP API (`/v1/…`, `/metrics`). The job state machine is a pure [`engine`]; `core` is the
 //! runtime around it (the lock, the store's writer, durability and wake-ups), `store` keeps the
-//! state (SQLite), and `api` is the HTTP glue. Matching is delegated to the pure
+//! state (SQLite, or PostgreSQL shared by an active coordinator and its standbys: `standby`),
+//! and `api` is the HTTP glue. Matching is delegated to the pure
 //! `vmgrid-scheduler`.
 
 mod api;
@@ -11,6 +12,7 @@ pub mod engine;
 mod files;
 mod metrics;
 mod serve;
+mod standby;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -36,6 +38,9 @@ pub struct Config {
     /// `None`: the embedded SQLite store in the data dir; `Some(url)`: PostgreSQL at `url`, as
     /// the active coordinator of that database (it waits, as a standby, until it is).
     pub store_url: Option<String>,
+    /// The URL other machines reach this coordinator at, which standbys on the same PostgreSQL
+    /// store tell their callers (default: the URL it listens on).
+    pub advertise_url: Option<String>,
 }
 
 pub const POOL_TOKEN_FILE: &str = "pool.token";
@@ -114,54 +119,59 @@ pub fn new_token() -> String {
     hex::encode(b)
 }
 
-/// The SQLite store in the data dir, or PostgreSQL once this coordinator holds the database's
-/// active lock: a standby waits here, trying every 500 ms. The lock's connection is then watched:
-/// if it ends, another coordinator may become active, so this process exits at once (two never
-/// write at once).
-fn open_store(config: &Config, dir: &Path) -> Result<(Box<dyn store::Store>, PathBuf), StartError> {
-    let Some(url) = &config.store_url else {
-        let db_path = dir.join("pool.sqlite");
+/// The SQLite store in the data dir, or PostgreSQL once this coordinator's store holds the
+/// database's active lock: a standby answers calls on `listener` with where the active one is
+/// until then ([`standby`]). A watchdog then stops this process at once if the store's session
+/// might have lost the lock (two coordinators never write one pool). Returns the listener to serve
+/// on (a standby listens again on the same address).
+fn open_store(
+    config: &Config,
+    runtime: &tokio::runtime::Runtime,
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    url: &str,
+) -> Result<(Box<dyn store::Store>, PathBuf, tokio::net::TcpListener), StartError> {
+    let Some(store_url) = &config.store_url else {
+        let db_path = config.data_dir.join("pool.sqlite");
         let db = store::sqlite::SqliteStore::open(&db_path)
             .map_err(|e| StartError::Store(db_path.clone(), e.to_string()))?;
-        return Ok((Box::new(db), db_path));
+        return Ok((Box::new(db), db_path, listener));
     };
-    let shown = PathBuf::from(store::postgres::redact(url));
+    let shown = PathBuf::from(store::postgres::redact(store_url));
     let serr = |e: store::StoreError| StartError::Store(shown.clone(), e.0);
-    let mut said = false;
-    let mut lock = loop {
-        if let Some(lock) = store::postgres::ActiveLock::try_take(url).map_err(serr)? {
-            break lock;
-        }
-        if !said {
-            eprintln!("vmgrid: another coordinator is active on {}; standing by", shown.display());
-            said = true;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    let db = store::postgres::PgStore::open(url).map_err(serr)?;
-    std::thread::Builder::new()
-        .name("vmgrid-active-lock".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(Duration::from_millis(250));
-                if let Err(e) = lock.check() {
-                    eprintln!("vmgrid: lost the active lock on the PostgreSQL store ({}): stopping at once", e.0);
-                    std::process::exit(3);
-                }
-            }
-        })
-        .map_err(|e| StartError::Store(shown.clone(), e.to_string()))?;
+    let (mut db, listener) = standby::wait_until_active(runtime, store_url, listener, tls).map_err(serr)?;
+    let pid = db.backend_pid().map_err(serr)?;
+    store::postgres::watch_lock(store_url, pid, standby::WATCH_EVERY, |why| {
+        eprintln!(
+            "vmgrid: this coordinator may no longer be the active one on its PostgreSQL store ({why}): stopping at once"
+        );
+        std::process::exit(3);
+    })
+    .map_err(serr)?;
+    db.set_active_url(config.advertise_url.as_deref().unwrap_or(url)).map_err(serr)?;
     tracing::info!(store = %shown.display(), "active coordinator on PostgreSQL");
-    Ok((Box::new(db), shown))
+    Ok((Box::new(db), shown, listener))
 }
 
-/// Starts the coordinator on its own thread and runtime; returns once it is listening.
+/// Starts the coordinator on its own thread and runtime; returns once it is listening. On a
+/// PostgreSQL store another coordinator is active on, it returns once this one has taken over.
 pub fn start(config: Config, handle_signals: bool) -> Result<Running, StartError> {
     let dir = config.data_dir.clone();
     let data_err = |e: &dyn std::fmt::Display| StartError::DataDir(dir.clone(), e.to_string());
     files::private_dir(&dir).map_err(|e| data_err(&e))?;
     let transport = serve::transport(&config.tls, &dir, config.listen).map_err(|e| data_err(&e))?;
-    let (mut db, db_path) = open_store(&config, &dir)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("vmgrid-coordinator")
+        .enable_all()
+        .build()
+        .map_err(|e| StartError::Listen(config.listen, e.to_string()))?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(config.listen))
+        .map_err(|e| StartError::Listen(config.listen, e.to_string()))?;
+    let addr = listener.local_addr().map_err(|e| StartError::Listen(config.listen, e.to_string()))?;
+    let url = format!("{}://{}", transport.scheme(), client_addr(addr));
+    let (mut db, db_path, listener) = open_store(&config, &runtime, listener, transport.server.clone(), &url)?;
     let loaded = db.load().map_err(|e| StartError::Store(db_path.clone(), e.to_string()))?;
     let pool_token = read_or_create_token(&dir, POOL_TOKEN_FILE)?;
     let admin_token = read_or_create_token(&dir, ADMIN_TOKEN_FILE)?;
@@ -174,22 +184,9 @@ pub fn start(config: Config, handle_signals: bool) -> Result<Running, StartError
     engine.ensure_token(hash_token(&pool_token), Principal::Pool, now);
     engine.ensure_token(hash_token(&admin_token), Principal::Admin("admin".into()), now);
     let ca_pem = transport.ca.as_ref().map(|c| c.cert_pem().to_string());
-    let scheme = transport.scheme();
     let shared = Arc::new(core::Shared::new(engine, store::Writer::start(db), blobs, transport, config.max_blob_bytes));
     // What loading changed (jobs requeued because their node is gone) is queued like any call's.
     let ((), loaded) = shared.call(|_| ());
-
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("vmgrid-coordinator")
-        .enable_all()
-        .build()
-        .map_err(|e| StartError::Listen(config.listen, e.to_string()))?;
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(config.listen))
-        .map_err(|e| StartError::Listen(config.listen, e.to_string()))?;
-    let addr = listener.local_addr().map_err(|e| StartError::Listen(config.listen, e.to_string()))?;
-    let url = format!("{scheme}://{}", client_addr(addr));
     write_client_config(&dir, &url, &admin_token, ca_pem.as_deref()).map_err(|e| data_err(&e))?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
@@ -239,7 +236,6 @@ async fn serve_until_stopped(
     rx: tokio::sync::oneshot::Receiver<()>,
     handle_signals: bool,
 ) {
-    let app = api::router(shared.clone()).into_make_service_with_connect_info::<serve::Peer>();
     let shutdown = async move {
         if handle_signals {
             let mut term =
@@ -253,7 +249,19 @@ async fn serve_until_stopped(
             let _ = rx.await;
         }
     };
-    let served = match shared.server_tls() {
+    let tls = shared.server_tls();
+    serve_app(api::router(shared), listener, tls, shutdown).await;
+}
+
+/// Serves `app` on `listener`, over TLS when given a configuration, until `shutdown` resolves.
+async fn serve_app(
+    app: axum::Router,
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let app = app.into_make_service_with_connect_info::<serve::Peer>();
+    let served = match tls {
         Some(config) => match vmgrid_tls::Incoming::new(listener, config) {
             Ok(incoming) => axum::serve(serve::TlsListener(incoming), app).with_graceful_shutdown(shutdown).await,
             Err(e) => Err(e),

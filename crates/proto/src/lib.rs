@@ -442,6 +442,10 @@ pub struct ConsoleResponse {
 /// body such as HEAD's.
 pub const ERROR_HEADER: &str = "x-vmgrid-error";
 
+/// On a standby coordinator's `503` answers: the URL of the pool's active coordinator (empty when
+/// it is not known yet). Clients given several coordinators' URLs move on to the next.
+pub const STANDBY_HEADER: &str = "x-vmgrid-standby";
+
 /// Every error reply: a sentence for a person.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiError {

@@ -8,6 +8,7 @@ use crate::{Crate, SourceFile, Workspace};
 /// Each crate's layer: a crate may depend only on crates of a lower layer.
 pub const LAYERS: &[(&str, u8)] = &[
     ("vmgrid-job", 0),
+    ("vmgrid-testkit", 0),
     ("vmgrid-proto", 1),
     ("vmgrid-tls", 1),
     ("vmgrid-scheduler", 2),
@@ -31,8 +32,9 @@ pub const DATABASE_USERS: &[&str] = &["vmgrid-coordinator"];
 const DATABASE_DEPS: &[&str] = &["rusqlite", "libsqlite3-sys", "postgres", "tokio-postgres", "sqlx"];
 
 /// Crates whose shipped code starts processes: the runtime (VMs and their tools), the appliance
-/// (its image tools, through the runtime's lookup) and the benchmark driver.
-pub const PROCESS_STARTERS: &[&str] = &["vmgrid-runtime", "vmgrid-appliance", "vmgrid-bench"];
+/// (its image tools, through the runtime's lookup), the benchmark driver, and the testkit (the
+/// private services tests start; only tests depend on it).
+pub const PROCESS_STARTERS: &[&str] = &["vmgrid-runtime", "vmgrid-appliance", "vmgrid-bench", "vmgrid-testkit"];
 
 /// Crates that do no IO at all: no async runtime, network, database or process.
 pub const NO_IO: &[&str] = &["vmgrid-job", "vmgrid-proto", "vmgrid-scheduler"];

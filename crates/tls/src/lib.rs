@@ -193,7 +193,13 @@ impl Incoming {
         let acceptor = TlsAcceptor::from(config);
         tokio::spawn(async move {
             loop {
-                let (tcp, peer) = match listener.accept().await {
+                // Once the server drops its end, the listening socket closes with this task (a
+                // standby coordinator listens again on the same address when it becomes active).
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    () = tx.closed() => return,
+                };
+                let (tcp, peer) = match accepted {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!("accept: {e}");
@@ -201,9 +207,6 @@ impl Incoming {
                         continue;
                     }
                 };
-                if tx.is_closed() {
-                    return;
-                }
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

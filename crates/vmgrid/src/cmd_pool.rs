@@ -66,9 +66,16 @@ pub struct CoordinatorArgs {
     usage_half_life: u64,
     /// Where the pool's state lives: `sqlite` (the default: pool.sqlite in the data dir) or a
     /// `postgres://` URL (also read from VMGRID_STORE). Several coordinators may share one
-    /// PostgreSQL database: one is active, the others wait to take over.
+    /// PostgreSQL database: one is active, the others stand by (answering 503 with the active
+    /// one's URL) and take over within a second or two of its end. They must share the data dir
+    /// too (its tokens, CA and blobs: shared storage), and clients and nodes are given every
+    /// coordinator's URL: --pool URL1,URL2.
     #[arg(long, env = "VMGRID_STORE", hide_env_values = true, value_name = "sqlite|postgres://…")]
     store: Option<String>,
+    /// The URL other machines reach this coordinator at, which standbys tell their callers when
+    /// this one is active [default: the URL it listens on].
+    #[arg(long, value_name = "URL")]
+    advertise: Option<String>,
 }
 
 /// A half-life in seconds: at least a second, at most ten years.
@@ -101,6 +108,7 @@ impl CoordinatorArgs {
             max_blob_bytes: self.max_blob_mb << 20,
             usage_half_life_ms: self.usage_half_life * 1000,
             store_url: self.store.clone().filter(|s| s != "sqlite"),
+            advertise_url: self.advertise.clone(),
         }
     }
 }
@@ -132,8 +140,9 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<i32, CliError> {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct NodeArgs {
-    /// The pool's URL.
-    #[arg(long, value_name = "URL", env = "VMGRID_POOL")]
+    /// The pool's URL, or every coordinator's, comma-separated (an active coordinator and its
+    /// standbys on a shared PostgreSQL store: the node moves on to the one that answers).
+    #[arg(long, value_name = "URL[,URL…]", env = "VMGRID_POOL")]
     pool: String,
     /// The pool token (the coordinator's pool.token).
     #[arg(long, value_name = "FILE")]

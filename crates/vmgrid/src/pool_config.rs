@@ -13,7 +13,8 @@ use crate::CliError;
 
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct PoolArgs {
-    /// The pool's URL, e.g. https://grid.example.org:7800 (default: from VMGRID_POOL or client.toml).
+    /// The pool's URL, e.g. https://grid.example.org:7800, or every coordinator's, comma-separated,
+    /// for a pool with standbys (default: from VMGRID_POOL or client.toml).
     #[arg(long, value_name = "URL")]
     pub pool: Option<String>,
     /// A file holding the token to use (default: VMGRID_TOKEN or client.toml).

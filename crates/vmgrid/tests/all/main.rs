@@ -6,6 +6,7 @@ mod util;
 mod appliance;
 mod dag;
 mod dashboard;
+mod failover;
 mod fair;
 mod job_file;
 mod jvm;

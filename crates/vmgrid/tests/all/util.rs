@@ -96,7 +96,9 @@ pub fn stderr_of(output: &std::process::Output) -> String {
 }
 
 /// A pool of real processes on loopback: one `vmgrid coordinator` and any number of
-/// `vmgrid node`s, all killed when the pool is dropped.
+/// `vmgrid node`s, all killed when the pool is dropped. Its store is SQLite, or a private
+/// PostgreSQL cluster when `VMGRID_TEST_STORE=postgres` (scripts/test runs the pool's tests with
+/// both) or when made by [`Pool::start_on_postgres`].
 pub struct Pool {
     pub dir: tempfile::TempDir,
     pub url: String,
@@ -105,6 +107,13 @@ pub struct Pool {
     listen: String,
     /// More `vmgrid coordinator` flags, passed at every (re)start.
     extra: Vec<String>,
+    /// The PostgreSQL cluster holding the pool's state (dropped after the processes).
+    _pg: Option<vmgrid_testkit::TestDb>,
+}
+
+/// Whether pools in this test run keep their state in PostgreSQL.
+pub fn on_postgres() -> bool {
+    std::env::var("VMGRID_TEST_STORE").is_ok_and(|s| s == "postgres")
 }
 
 pub const LEASE_TTL_MS: u64 = 1500;
@@ -122,16 +131,36 @@ impl Pool {
 
     /// A pool kept in `dir` (its data directory is `dir/data`).
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Pool {
+        Pool::start_store(dir, extra, on_postgres())
+    }
+
+    /// A pool whose state is in a private PostgreSQL cluster, whatever `VMGRID_TEST_STORE` says.
+    pub fn start_on_postgres(extra: &[&str]) -> Pool {
+        Pool::start_store(tempfile::tempdir().unwrap(), extra, true)
+    }
+
+    fn start_store(dir: tempfile::TempDir, extra: &[&str], postgres: bool) -> Pool {
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let pg = postgres.then(vmgrid_testkit::TestDb::start);
+        if let Some(db) = &pg {
+            extra.extend(["--store".to_string(), db.url()]);
+        }
         let mut pool = Pool {
             dir,
             url: String::new(),
             coordinator: None,
             nodes: Vec::new(),
             listen: "127.0.0.1:0".into(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra,
+            _pg: pg,
         };
         pool.start_coordinator();
         pool
+    }
+
+    /// The `vmgrid coordinator` flags of this pool's coordinator (its store among them).
+    pub fn coordinator_flags(&self) -> &[String] {
+        &self.extra
     }
 
     pub fn data_dir(&self) -> PathBuf {

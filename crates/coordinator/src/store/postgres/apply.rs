@@ -2,7 +2,7 @@
 
 use postgres::Transaction;
 
-use crate::store::{DagNodeRow, Op};
+use crate::store::{DagNodeRow, JobRow, Op};
 
 type R = Result<(), postgres::Error>;
 
@@ -29,30 +29,7 @@ pub fn apply(tx: &mut Transaction<'_>, op: &Op) -> R {
         Op::Jobs { spec_id, first_id, count, owner, submitted_ms } => {
             insert_jobs(tx, *spec_id, *first_id, *count, owner, *submitted_ms)?
         }
-        Op::Job(j) => {
-            let result = j.result.as_ref().map(|r| serde_json::to_string(r).expect("a result serializes"));
-            let st = tx.prepare(
-                "UPDATE jobs SET state = $2, node = $3, epoch = $4, attempts = $5, retries = $6, losses = $7, exit_code = $8, reason = $9, finished_ms = $10, result = CASE WHEN $12 THEN $11 ELSE result END, started_ms = $13 WHERE id = $1",
-            )?;
-            tx.execute(
-                &st,
-                &[
-                    &(j.id as i64),
-                    &j.state.as_str(),
-                    &j.node,
-                    &(j.epoch as i64),
-                    &(j.attempts as i64),
-                    &(j.retries as i64),
-                    &(j.losses as i64),
-                    &j.exit_code,
-                    &j.reason,
-                    &opt(j.finished_ms),
-                    &result,
-                    &j.set_result,
-                    &opt(j.started_ms),
-                ],
-            )?;
-        }
+        Op::Job(j) => update_job(tx, j)?,
         Op::Node { name, ad_json, cred_hash, state } => {
             tx.execute(
                 "INSERT INTO nodes (name, ad, cred_hash, state) VALUES ($1, $2, $3, $4)
@@ -96,6 +73,29 @@ pub fn apply(tx: &mut Transaction<'_>, op: &Op) -> R {
             apply_dag(tx, op)?
         }
     }
+    Ok(())
+}
+
+fn update_job(tx: &mut Transaction<'_>, j: &JobRow) -> R {
+    let result = j.result.as_ref().map(|r| serde_json::to_string(r).expect("a result serializes"));
+    tx.execute(
+        "UPDATE jobs SET state = $2, node = $3, epoch = $4, attempts = $5, retries = $6, losses = $7, exit_code = $8, reason = $9, finished_ms = $10, result = CASE WHEN $12 THEN $11 ELSE result END, started_ms = $13 WHERE id = $1",
+        &[
+            &(j.id as i64),
+            &j.state.as_str(),
+            &j.node,
+            &(j.epoch as i64),
+            &(j.attempts as i64),
+            &(j.retries as i64),
+            &(j.losses as i64),
+            &j.exit_code,
+            &j.reason,
+            &opt(j.finished_ms),
+            &result,
+            &j.set_result,
+            &opt(j.started_ms),
+        ],
+    )?;
     Ok(())
 }
 

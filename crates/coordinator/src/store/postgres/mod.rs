@@ -1,9 +1,12 @@
 //! The pool's state in PostgreSQL: the same tables and the same translation of [`Op`]s as the
 //! embedded SQLite store, versioned migrations in a `schema_version` table, one transaction per
-//! commit. Several coordinators may share one database; [`ActiveLock`] makes one of them active.
+//! commit. Several coordinators may share one database: the one whose store holds the advisory
+//! lock ([`PgStore::try_lock`]) is active, and [`watch_lock`] stops it the moment it may not be.
 
 mod apply;
 mod load;
+
+use std::time::Duration;
 
 use postgres::config::Host;
 use postgres::{Client, Config, NoTls};
@@ -11,8 +14,10 @@ use postgres::{Client, Config, NoTls};
 use super::{Loaded, Op, Store, StoreError};
 
 /// Each migration takes the schema from version N (its index) to N + 1, in one transaction.
-/// Version 1 holds what SQLite's schema version 6 holds.
-const MIGRATIONS: &[&str] = &["
+/// Version 1 holds what SQLite's schema version 6 holds; version 2 adds where the active
+/// coordinator serves (`active`), which standbys tell their callers.
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE tokens (hash TEXT PRIMARY KEY, role TEXT NOT NULL, owner TEXT NOT NULL, id TEXT,
   created_ms BIGINT NOT NULL DEFAULT 0, expires_ms BIGINT, detail TEXT);
 CREATE TABLE specs (id BIGINT PRIMARY KEY, owner TEXT NOT NULL, json TEXT NOT NULL);
@@ -30,7 +35,11 @@ CREATE TABLE dags (id BIGINT PRIMARY KEY, owner TEXT NOT NULL, json TEXT NOT NUL
   reason TEXT, submitted_ms BIGINT NOT NULL, finished_ms BIGINT, rescue_of BIGINT);
 CREATE TABLE dag_nodes (dag_id BIGINT NOT NULL, idx BIGINT NOT NULL, state TEXT NOT NULL,
   tries BIGINT NOT NULL DEFAULT 0, spec_id BIGINT, first_job BIGINT, reason TEXT, PRIMARY KEY (dag_id, idx));
-"];
+",
+    "
+CREATE TABLE active (id INTEGER PRIMARY KEY CHECK (id = 1), url TEXT NOT NULL, since_ms BIGINT NOT NULL);
+",
+];
 
 /// The schema version this coordinator writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -146,27 +155,82 @@ impl Store for PgStore {
     }
 }
 
-/// The active coordinator's session advisory lock, on a connection of its own: held while the
-/// connection lives.
-pub struct ActiveLock {
-    client: Client,
-}
-
-impl ActiveLock {
-    /// Takes the lock if no other session holds it.
-    pub fn try_take(url: &str) -> Result<Option<ActiveLock>, StoreError> {
-        let mut client = connect(url)?;
-        let got: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&ACTIVE_LOCK_KEY]).map_err(err)?.get(0);
-        Ok(got.then_some(ActiveLock { client }))
+impl PgStore {
+    /// Takes the active coordinator's lock on this store's own connection, if no other session
+    /// holds it. It is held while this connection lives, and this store never reconnects, so
+    /// every commit it makes is a commit of the lock's holder: a coordinator whose connection
+    /// ended cannot write after another one became active.
+    pub fn try_lock(&mut self) -> Result<bool, StoreError> {
+        let got: bool =
+            self.client.query_one("SELECT pg_try_advisory_lock($1)", &[&ACTIVE_LOCK_KEY]).map_err(err)?.get(0);
+        Ok(got)
     }
 
-    /// Whether the connection (and so the lock) is still alive.
-    pub fn check(&mut self) -> Result<(), StoreError> {
-        self.client.simple_query("SELECT 1").map(|_| ()).map_err(err)
+    /// This connection's server process, by which [`watch_lock`] finds the lock's holder.
+    pub fn backend_pid(&mut self) -> Result<i32, StoreError> {
+        Ok(self.client.query_one("SELECT pg_backend_pid()", &[]).map_err(err)?.get(0))
+    }
+
+    /// Records where the active coordinator serves (its URL), for the standbys to tell callers.
+    pub fn set_active_url(&mut self, url: &str) -> Result<(), StoreError> {
+        self.client
+            .execute(
+                "INSERT INTO active (id, url, since_ms) VALUES (1, $1, $2)
+                 ON CONFLICT (id) DO UPDATE SET url = $1, since_ms = $2",
+                &[&url, &(vmgrid_proto::now_ms() as i64)],
+            )
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// The URL the active coordinator recorded, if any.
+    pub fn active_url(&mut self) -> Result<Option<String>, StoreError> {
+        let row = self.client.query_opt("SELECT url FROM active WHERE id = 1", &[]).map_err(err)?;
+        Ok(row.map(|r| r.get(0)))
     }
 }
 
-#[cfg(test)]
-pub mod testdb;
+/// Whether the session `pid` holds the active lock, asked on `client`.
+fn holds_lock(client: &mut Client, pid: i32) -> Result<bool, StoreError> {
+    // A bigint advisory key shows in pg_locks as its high and low 32 bits.
+    let (high, low) = ((ACTIVE_LOCK_KEY >> 32) as i64, (ACTIVE_LOCK_KEY & 0xffff_ffff) as i64);
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $1
+             AND classid::bigint = $2 AND objid::bigint = $3 AND objsubid = 1",
+            &[&pid, &high, &low],
+        )
+        .map_err(err)?;
+    Ok(row.get::<_, i64>(0) == 1)
+}
+
+/// Watches, on a connection of its own, that the session `pid` still holds the active lock;
+/// calls `lost` (which should stop the process) the first time it does not or cannot be asked.
+pub fn watch_lock(
+    url: &str,
+    pid: i32,
+    every: Duration,
+    lost: impl FnOnce(String) + Send + 'static,
+) -> Result<(), StoreError> {
+    let mut client = connect(url)?;
+    if !holds_lock(&mut client, pid)? {
+        return Err(StoreError(format!("session {pid} does not hold the active lock")));
+    }
+    std::thread::Builder::new()
+        .name("vmgrid-active-lock".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                match holds_lock(&mut client, pid) {
+                    Ok(true) => {}
+                    Ok(false) => return lost("the store's connection no longer holds the lock".into()),
+                    Err(e) => return lost(e.0),
+                }
+            }
+        })
+        .map_err(|e| StoreError(e.to_string()))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests;

@@ -3,10 +3,10 @@
 use postgres::NoTls;
 use vmgrid_proto::{DagState, JobState};
 
-use super::testdb::TestDb;
 use super::*;
 use crate::engine::{Engine, Principal, Timing, hash_token};
 use crate::store::{DagNodeRow, DagRow, NodeRun, StoredUser};
+use vmgrid_testkit::TestDb;
 
 /// What the engine put in the store comes back as the same pool after a restart.
 #[test]
@@ -160,16 +160,29 @@ fn schema_is_versioned_and_a_newer_one_is_refused() {
     assert!(e.0.contains("newer than this vmgrid"), "{}", e.0);
 }
 
-/// One active coordinator per database: the lock is taken by one session only, and passes on
-/// when its holder's connection ends.
+/// One active coordinator per database: the lock is taken by one store's session only, and
+/// passes on when that session ends; the watchdog of the first then says it lost it.
 #[test]
 fn the_active_lock_is_held_by_one_session_at_a_time() {
     let db = TestDb::start();
-    let mut a = ActiveLock::try_take(&db.url()).unwrap().expect("the first takes the lock");
-    assert!(ActiveLock::try_take(&db.url()).unwrap().is_none(), "a second coordinator took the lock too");
-    a.check().unwrap();
+    let mut a = PgStore::open(&db.url()).unwrap();
+    assert!(a.try_lock().unwrap(), "the first takes the lock");
+    assert!(a.try_lock().unwrap(), "taking it again on the same session is harmless");
+    let mut b = PgStore::open(&db.url()).unwrap();
+    assert!(!b.try_lock().unwrap(), "a second coordinator took the lock too");
+    a.set_active_url("https://a.example:7800").unwrap();
+    assert_eq!(b.active_url().unwrap().as_deref(), Some("https://a.example:7800"));
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pid = a.backend_pid().unwrap();
+    watch_lock(&db.url(), pid, std::time::Duration::from_millis(50), move |why| tx.send(why).unwrap()).unwrap();
+    assert!(rx.recv_timeout(std::time::Duration::from_millis(300)).is_err(), "the holder was told it lost the lock");
     drop(a);
-    assert!(ActiveLock::try_take(&db.url()).unwrap().is_some(), "the lock did not pass on");
+    let why = rx.recv_timeout(std::time::Duration::from_secs(5)).expect("the watchdog saw the session end");
+    assert!(why.contains("no longer holds the lock"), "{why}");
+    assert!(b.try_lock().unwrap(), "the lock did not pass on");
+    let e = watch_lock(&db.url(), pid, std::time::Duration::from_millis(50), |_| {}).err().unwrap();
+    assert!(e.0.contains("does not hold"), "{}", e.0);
 }
 
 #[test]

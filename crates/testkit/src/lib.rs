@@ -1,6 +1,7 @@
-//! A private PostgreSQL cluster for a test: `initdb` in a temporary directory, listening only on a
-//! unix socket under it (no TCP port), stopped and removed on drop. As root, the server runs as the
-//! `postgres` user (initdb refuses root).
+//! Services the tests need, each private to one test: [`TestDb`], a PostgreSQL cluster made by
+//! `initdb` in a temporary directory, listening only on a unix socket under it (no TCP port),
+//! stopped and removed on drop. As root, the server runs as the `postgres` user (initdb refuses
+//! root). Only tests depend on this crate (tidy lets it start processes for that reason).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,6 +24,7 @@ fn bin(name: &str) -> PathBuf {
 impl TestDb {
     pub fn start() -> TestDb {
         let dir = tempfile::Builder::new().prefix("vmgrid-pg").tempdir_in("/tmp").expect("a temp dir");
+        // SAFETY: geteuid has no preconditions and cannot fail.
         let as_root = unsafe { libc::geteuid() } == 0;
         std::fs::create_dir(dir.path().join("sock")).unwrap();
         if as_root {
@@ -66,7 +68,19 @@ impl TestDb {
 
     /// A URL for the cluster's `postgres` database, over the unix socket.
     pub fn url(&self) -> String {
-        format!("postgres:///postgres?host={}&user=postgres", self.sock().display())
+        self.url_of("postgres")
+    }
+
+    /// A URL for the database `name` of the cluster (see [`TestDb::create`]).
+    pub fn url_of(&self, name: &str) -> String {
+        format!("postgres:///{name}?host={}&user=postgres", self.sock().display())
+    }
+
+    /// Makes a new, empty database `name` (letters, digits and `_`) and returns its URL.
+    pub fn create(&self, name: &str) -> String {
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "a plain database name: {name}");
+        self.run(Command::new(bin("createdb")).args(["-h"]).arg(self.sock()).args(["-U", "postgres", name]));
+        self.url_of(name)
     }
 }
 
