@@ -3,7 +3,7 @@
 //!
 //! It measures: trivial-job throughput through `vmgrid up` (2 nodes) against a single-node Slurm
 //! started by `../shared/peers/slurm-up`; single-job latency on a warm pool; wasm against native
-//! compute; a QEMU job against plain qemu-system; the scheduler engine with 1M jobs (100 users, fair
+//! compute; the pool on PostgreSQL against SQLite; a QEMU job against plain qemu-system; the scheduler engine with 1M jobs (100 users, fair
 //! share on) and 10k nodes;
 //! the coordinator's memory with 1M jobs queued; the single-system image's fan-out; the appliance.
 //! Benchmarks print figures, each with its typed target and whether it is met; they assert nothing.
@@ -28,7 +28,7 @@ struct Args {
     out: PathBuf,
     latency_runs: usize,
     quick: bool,
-    /// Run only these parts (pool, slurm, wasm, qemu, scheduler, rss, ssi, appliance); all when empty.
+    /// Run only these parts (pool, postgres, slurm, wasm, qemu, scheduler, rss, ssi, appliance); all when empty.
     only: Vec<String>,
 }
 
@@ -65,7 +65,7 @@ fn parse_args() -> Args {
             "--only" => a.only = it.next().expect("--only PART,PART").split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
                 println!(
-                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,slurm,wasm,qemu,scheduler,rss,ssi,appliance] [--out BENCHMARKS.md]\nRun from the repository root after scripts/bench has built everything."
+                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,postgres,slurm,wasm,qemu,scheduler,rss,ssi,appliance] [--out BENCHMARKS.md]\nRun from the repository root after scripts/bench has built everything."
                 );
                 std::process::exit(0);
             }
@@ -89,7 +89,7 @@ pub fn sh(cmd: &str) -> String {
 fn main() {
     let args = parse_args();
     // Only the scheduler engine runs without the release binary.
-    let needs_bin = ["pool", "slurm", "wasm", "qemu", "rss", "ssi", "appliance"].iter().any(|p| args.wants(p));
+    let needs_bin = ["pool", "postgres", "slurm", "wasm", "qemu", "rss", "ssi", "appliance"].iter().any(|p| args.wants(p));
     if needs_bin && !pool::vmgrid_bin(&args.root).exists() {
         eprintln!("vmgrid-bench: {} is missing; run scripts/bench", pool::vmgrid_bin(&args.root).display());
         std::process::exit(1);
@@ -105,6 +105,9 @@ fn main() {
     let date = sh("date -u +%Y-%m-%dT%H:%MZ");
     println!("vmgrid benchmarks, {date}\nmachine: {machine}\n");
     let ours = if args.wants("pool") { pool_figures(&args, &mut rep) } else { BTreeMap::new() };
+    if args.wants("postgres") {
+        postgres_figures(&args, &ours, &mut rep);
+    }
     if args.slurm && args.wants("slurm") {
         slurm_figures(&args, &ours, &mut rep);
     }
@@ -139,6 +142,32 @@ fn pool_figures(args: &Args, rep: &mut Report) -> BTreeMap<u64, f64> {
     rep.figure(&format!("{what}, p50"), format!("{p50:.2} ms"), p50, " ms", Target::AtMost(2.0));
     rep.figure(&format!("{what}, p99"), format!("{p99:.2} ms"), p99, " ms", Target::AtMost(10.0));
     ours
+}
+
+/// The same throughput and latency with the pool's state in PostgreSQL (a private cluster on
+/// this machine, over its unix socket), against SQLite's of the same run.
+fn postgres_figures(args: &Args, ours: &BTreeMap<u64, f64>, rep: &mut Report) {
+    let n = args.sizes[0];
+    let pool = pool::Pool::up_on(&args.root, 2, true);
+    let spec = pool::trivial_spec(&pool.client, &args.root);
+    pool::vmgrid_throughput(&pool, &spec, 200);
+    let rate = pool::vmgrid_throughput(&pool, &spec, n);
+    rep.figure(
+        &format!("throughput, {n} trivial wasm jobs, vmgrid up on PostgreSQL"),
+        format!("{rate:.0} jobs/s"),
+        rate,
+        " jobs/s",
+        Target::None,
+    );
+    if let Some(sqlite) = ours.get(&n) {
+        let ratio = rate / sqlite;
+        let what = format!("PostgreSQL / SQLite throughput, {n} jobs, same run");
+        rep.figure(&what, format!("{ratio:.2}x"), ratio, "x", Target::AtLeast(0.5));
+    }
+    let (p50, p99) = pool::latency(&pool, &spec, args.latency_runs);
+    let what = format!("one trivial job on PostgreSQL, submit to result (n={})", args.latency_runs);
+    rep.figure(&format!("{what}, p50"), format!("{p50:.2} ms"), p50, " ms", Target::None);
+    rep.figure(&format!("{what}, p99"), format!("{p99:.2} ms"), p99, " ms", Target::None);
 }
 
 /// Slurm gets the smallest size only: at its rate the larger sweeps would take hours.

@@ -17,19 +17,28 @@ pub fn guest(root: &Path, name: &str) -> PathBuf {
     root.join(format!("guests/target/wasm32-wasip1/release/{name}.wasm"))
 }
 
-/// A `vmgrid up` pool in a temporary directory, stopped on drop.
+/// A `vmgrid up` pool in a temporary directory, stopped on drop; its state in SQLite, or in a
+/// private PostgreSQL cluster of its own.
 pub struct Pool {
     child: Child,
     pub client: Client,
     _dir: PathBuf,
+    _db: Option<vmgrid_testkit::TestDb>,
 }
 
 impl Pool {
     pub fn up(root: &Path, nodes: u32) -> Pool {
+        Pool::up_on(root, nodes, false)
+    }
+
+    /// The same pool, its state in PostgreSQL when `postgres`.
+    pub fn up_on(root: &Path, nodes: u32, postgres: bool) -> Pool {
         let dir = std::env::temp_dir().join(format!("vmgrid-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        let db = postgres.then(vmgrid_testkit::TestDb::start);
+        let store = db.as_ref().map_or_else(|| "sqlite".to_string(), |d| d.url());
         let child = Command::new(vmgrid_bin(root))
-            .args(["up", "--nodes", &nodes.to_string(), "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["up", "--nodes", &nodes.to_string(), "--listen", "127.0.0.1:0", "--store", &store, "--data-dir"])
             .arg(&dir)
             .stderr(Stdio::null())
             .spawn()
@@ -38,7 +47,7 @@ impl Pool {
         while client.nodes().map(|n| n.len() as u32).unwrap_or(0) < nodes {
             std::thread::sleep(Duration::from_millis(20));
         }
-        Pool { child, client, _dir: dir }
+        Pool { child, client, _dir: dir, _db: db }
     }
 
     fn completed(&self) -> u64 {

@@ -1,7 +1,8 @@
 //! Services the tests need, each private to one test: [`TestDb`], a PostgreSQL cluster made by
 //! `initdb` in a temporary directory, listening only on a unix socket under it (no TCP port),
 //! stopped and removed on drop. As root, the server runs as the `postgres` user (initdb refuses
-//! root). Only tests depend on this crate (tidy lets it start processes for that reason).
+//! root). Only tests and the benchmark suite depend on this crate (tidy lets it start processes for
+//! that reason).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

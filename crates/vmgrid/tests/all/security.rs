@@ -107,7 +107,7 @@ fn the_cli_refuses_an_expression_too_big_to_evaluate_before_sending_it() {
 
 #[test]
 fn secrets_and_the_store_are_private_and_a_readable_key_is_refused() {
-    let mut pool = Pool::start();
+    let mut pool = Pool::start_on_sqlite_in(tempfile::tempdir().unwrap(), &[]);
     pool.start_node("n1", 1);
     let d = JobDir::new();
     let job = probe_job_file(d.path(), "one", &["write:r.txt:x"], "[files]\noutputs = [\"r.txt\"]\n");
@@ -216,7 +216,7 @@ fn a_coordinator_whose_disk_is_nearly_full_refuses_uploads_with_507_and_keeps_wo
 fn a_full_disk_under_the_store_stops_no_coordinator_and_loses_or_doubles_no_job() {
     assert!(unsafe_is_root(), "this test mounts a small file system for the data directory and must run as root");
     let mount = Mount::tmpfs(96);
-    let mut pool = Pool::start_in(tempfile::tempdir_in(mount.path()).unwrap(), &[]);
+    let mut pool = Pool::start_on_sqlite_in(tempfile::tempdir_in(mount.path()).unwrap(), &[]);
     let client = pool.admin();
     let spec: vmgrid_proto::JobSpec = serde_json::from_value(probe_spec(&client)).unwrap();
     // Another process fills the disk.

@@ -134,6 +134,12 @@ impl Pool {
         Pool::start_store(dir, extra, on_postgres())
     }
 
+    /// A pool kept in `dir` whose state is in SQLite (`dir/data/pool.sqlite`), whatever
+    /// `VMGRID_TEST_STORE` says: for tests of that file.
+    pub fn start_on_sqlite_in(dir: tempfile::TempDir, extra: &[&str]) -> Pool {
+        Pool::start_store(dir, extra, false)
+    }
+
     /// A pool whose state is in a private PostgreSQL cluster, whatever `VMGRID_TEST_STORE` says.
     pub fn start_on_postgres(extra: &[&str]) -> Pool {
         Pool::start_store(tempfile::tempdir().unwrap(), extra, true)
