@@ -89,7 +89,8 @@ pub fn sh(cmd: &str) -> String {
 fn main() {
     let args = parse_args();
     // Only the scheduler engine runs without the release binary.
-    let needs_bin = ["pool", "postgres", "slurm", "wasm", "qemu", "rss", "ssi", "appliance"].iter().any(|p| args.wants(p));
+    let needs_bin =
+        ["pool", "postgres", "slurm", "wasm", "qemu", "rss", "ssi", "appliance"].iter().any(|p| args.wants(p));
     if needs_bin && !pool::vmgrid_bin(&args.root).exists() {
         eprintln!("vmgrid-bench: {} is missing; run scripts/bench", pool::vmgrid_bin(&args.root).display());
         std::process::exit(1);

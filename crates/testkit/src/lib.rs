@@ -10,6 +10,7 @@ use std::process::Command;
 pub struct TestDb {
     dir: tempfile::TempDir,
     as_root: bool,
+    port: Option<u16>,
 }
 
 fn bin(name: &str) -> PathBuf {
@@ -23,19 +24,47 @@ fn bin(name: &str) -> PathBuf {
 }
 
 impl TestDb {
+    /// A cluster on a unix socket only.
     pub fn start() -> TestDb {
+        TestDb::start_with(None)
+    }
+
+    /// A cluster that also listens on 127.0.0.1 (port [`TestDb::port`]) with TLS, serving the
+    /// certificate chain `cert_pem` with `key_pem`.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> TestDb {
+        TestDb::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> TestDb {
         let dir = tempfile::Builder::new().prefix("vmgrid-pg").tempdir_in("/tmp").expect("a temp dir");
         // SAFETY: geteuid has no preconditions and cannot fail.
         let as_root = unsafe { libc::geteuid() } == 0;
         std::fs::create_dir(dir.path().join("sock")).unwrap();
+        let mut opts = "-c fsync=on".to_string();
+        let mut port = None;
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(dir.path().join("server.crt"), cert).unwrap();
+            std::fs::write(dir.path().join("server.key"), key).unwrap();
+            let perms = std::fs::Permissions::from_mode(0o600);
+            std::fs::set_permissions(dir.path().join("server.key"), perms).unwrap();
+            let p = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let d = dir.path().display();
+            opts += &format!(
+                " -c listen_addresses='127.0.0.1' -c port={p} -c ssl=on -c ssl_cert_file='{d}/server.crt' -c ssl_key_file='{d}/server.key'"
+            );
+            port = Some(p);
+        } else {
+            opts += " -c listen_addresses=''";
+        }
+        opts += &format!(" -c unix_socket_directories='{}'", dir.path().join("sock").display());
         if as_root {
             let st = Command::new("chown").arg("-R").arg("postgres:postgres").arg(dir.path()).status().unwrap();
             assert!(st.success(), "chown of the test cluster's directory failed");
         }
         let data = dir.path().join("data");
-        let db = TestDb { dir, as_root };
+        let db = TestDb { dir, as_root, port };
         db.run(Command::new(bin("initdb")).args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"]).arg(&data));
-        let opts = format!("-c listen_addresses='' -c unix_socket_directories='{}' -c fsync=on", db.sock().display());
         db.run(
             Command::new(bin("pg_ctl"))
                 .args(["-w", "-s", "-D"])
@@ -45,6 +74,11 @@ impl TestDb {
                 .args(["-o", &opts, "start"]),
         );
         db
+    }
+
+    /// The TCP port of a cluster started with TLS.
+    pub fn port(&self) -> Option<u16> {
+        self.port
     }
 
     fn run(&self, cmd: &mut Command) {

@@ -72,30 +72,102 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// Parses the URL and refuses a host that is not this machine: the connection is not TLS, so a
-/// remote PostgreSQL would see the password and the pool's state in clear.
-pub fn config(url: &str) -> Result<Config, StoreError> {
+/// The TLS parameters of a connection string, as libpq names them: `sslmode` and `sslrootcert`.
+/// They are taken out of the string (the driver knows neither `verify-full` nor `sslrootcert`).
+struct TlsParams {
+    rest: String,
+    mode: Option<String>,
+    root_cert: Option<String>,
+}
+
+fn tls_params(url: &str) -> TlsParams {
+    let (mut mode, mut root_cert) = (None, None);
+    let mut keep = |kv: &str| match kv.split_once('=') {
+        Some(("sslmode", v)) => {
+            mode = Some(v.to_string());
+            false
+        }
+        Some(("sslrootcert", v)) => {
+            root_cert = Some(v.to_string());
+            false
+        }
+        _ => true,
+    };
+    let rest = match url.split_once('?') {
+        Some((base, query)) if url.contains("://") => {
+            let kept: Vec<&str> = query.split('&').filter(|kv| keep(kv)).collect();
+            if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) }
+        }
+        None if url.contains("://") => url.to_string(),
+        _ => url.split_whitespace().filter(|kv| keep(kv)).collect::<Vec<_>>().join(" "),
+    };
+    TlsParams { rest, mode, root_cert }
+}
+
+/// A connection to a server on another machine is TLS, verified against the CA that signed the
+/// server's certificate (`sslmode=verify-full&sslrootcert=FILE`), or refused. A unix socket or a
+/// loopback host needs no TLS, but gets it verified the same way when the string asks.
+pub fn config(url: &str) -> Result<(Config, Option<rustls::ClientConfig>), StoreError> {
     let shown = redact(url);
-    let cfg: Config = url.parse().map_err(|e| StoreError(format!("{shown}: not a PostgreSQL URL: {e}")))?;
+    let p = tls_params(url);
+    let mut cfg: Config = p.rest.parse().map_err(|e| StoreError(format!("{shown}: not a PostgreSQL URL: {e}")))?;
     if cfg.get_hosts().is_empty() {
         return Err(StoreError(format!("{shown}: no host (give host= or a host in the URL)")));
     }
-    for h in cfg.get_hosts() {
-        if let Host::Tcp(name) = h
-            && !matches!(name.as_str(), "localhost" | "127.0.0.1" | "::1" | "[::1]")
-        {
-            return Err(StoreError(format!(
-                "{shown}: host {name} is not this machine, and this vmgrid reaches PostgreSQL without TLS; \
-                 use a unix socket or loopback address (a tunnel such as stunnel or ssh -L to a remote server)"
-            )));
+    let remote = cfg.get_hosts().iter().find_map(|h| match h {
+        Host::Tcp(name) if !matches!(name.as_str(), "localhost" | "127.0.0.1" | "::1" | "[::1]") => Some(name.clone()),
+        _ => None,
+    });
+    match (p.mode.as_deref(), p.root_cert, remote) {
+        (Some("verify-full"), Some(file), _) => {
+            let pem = std::fs::read_to_string(&file)
+                .map_err(|e| StoreError(format!("{shown}: cannot read sslrootcert {file}: {e}")))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in vmgrid_tls::certs(&pem, "sslrootcert").map_err(|e| StoreError(format!("{shown}: {e}")))? {
+                roots.add(c).map_err(|e| StoreError(format!("{shown}: sslrootcert {file}: {e}")))?;
+            }
+            let tls = rustls::ClientConfig::builder_with_provider(vmgrid_tls::client_provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| StoreError(e.to_string()))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            cfg.ssl_mode(postgres::config::SslMode::Require);
+            Ok((cfg, Some(tls)))
         }
+        (Some("verify-full"), None, _) => Err(StoreError(format!(
+            "{shown}: sslmode=verify-full needs sslrootcert=FILE (the CA of the server's certificate)"
+        ))),
+        (None | Some("disable"), _, None) => {
+            cfg.ssl_mode(postgres::config::SslMode::Disable);
+            Ok((cfg, None))
+        }
+        (Some(mode), _, None) => Err(StoreError(format!(
+            "{shown}: sslmode={mode} is not offered: use sslmode=verify-full with sslrootcert=FILE, or no sslmode on this machine"
+        ))),
+        (_, _, Some(name)) => Err(StoreError(format!(
+            "{shown}: host {name} is another machine, so the connection must be TLS with the server verified: add sslmode=verify-full&sslrootcert=FILE (the CA that signed the server's certificate)"
+        ))),
     }
-    Ok(cfg)
 }
 
 fn connect(url: &str) -> Result<Client, StoreError> {
-    let cfg = config(url)?;
-    cfg.connect(NoTls).map_err(|e| StoreError(format!("{}: {e}", redact(url))))
+    let (cfg, tls) = config(url)?;
+    let conn = match tls {
+        Some(tls) => cfg.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls)),
+        None => cfg.connect(NoTls),
+    };
+    conn.map_err(|e| StoreError(format!("{}: {}", redact(url), with_causes(&e))))
+}
+
+/// An error with its causes ("error performing TLS handshake: invalid peer certificate: …").
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text
 }
 
 pub(crate) fn err(e: postgres::Error) -> StoreError {

@@ -186,12 +186,47 @@ fn the_active_lock_is_held_by_one_session_at_a_time() {
 }
 
 #[test]
-fn passwords_are_not_shown_and_remote_hosts_without_tls_are_refused() {
+fn passwords_are_not_shown_and_remote_hosts_without_verified_tls_are_refused() {
     assert_eq!(redact("postgres://vm:s3cret@localhost/pool"), "postgres://vm:***@localhost/pool");
     assert_eq!(redact("postgres://localhost/pool?password=s3cret&x=1"), "postgres://localhost/pool?password=***&x=1");
     let e = config("postgres://vm:s3cret@db.example.org/pool").err().unwrap();
-    assert!(e.0.contains("not this machine") && !e.0.contains("s3cret"), "{}", e.0);
-    assert!(config("postgres://vm:s3cret@127.0.0.1:5432/pool").is_ok());
+    assert!(e.0.contains("another machine") && e.0.contains("verify-full") && !e.0.contains("s3cret"), "{}", e.0);
+    let e = config("postgres://vm:s3cret@db.example.org/pool?sslmode=require").err().unwrap();
+    assert!(e.0.contains("another machine"), "sslmode=require does not verify the server: {}", e.0);
+    let e = config("postgres://db.example.org/pool?sslmode=verify-full").err().unwrap();
+    assert!(e.0.contains("needs sslrootcert"), "{}", e.0);
+    let e = config("postgres://db.example.org/pool?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem").err().unwrap();
+    assert!(e.0.contains("cannot read sslrootcert /nonexistent/ca.pem"), "{}", e.0);
+    let (_, tls) = config("postgres://vm:s3cret@127.0.0.1:5432/pool").unwrap();
+    assert!(tls.is_none(), "loopback needs no TLS");
+    let (_, tls) = config("host=/run/postgresql dbname=pool").unwrap();
+    assert!(tls.is_none());
     let e = config("postgres://vm:s3cret@localhost:notaport/pool").err().unwrap();
     assert!(!e.0.contains("s3cret"), "{}", e.0);
+}
+
+/// A TLS connection is verified against the CA given, and refused with another CA.
+#[test]
+fn a_tls_connection_is_verified_against_the_ca_given() {
+    let ca = vmgrid_tls::Ca::generate().unwrap();
+    let id = ca.issue(&["127.0.0.1".to_string()]).unwrap();
+    let db = TestDb::start_tls(&id.cert_pem, &id.key_pem);
+    let dir = tempfile::tempdir().unwrap();
+    let (good, bad) = (dir.path().join("ca.pem"), dir.path().join("other.pem"));
+    std::fs::write(&good, ca.cert_pem()).unwrap();
+    std::fs::write(&bad, vmgrid_tls::Ca::generate().unwrap().cert_pem()).unwrap();
+    let url = |ca: &std::path::Path| {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}",
+            db.port().unwrap(),
+            ca.display()
+        )
+    };
+    let mut store = PgStore::open(&url(&good)).unwrap();
+    let ssl: bool =
+        store.client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).unwrap().get(0);
+    assert!(ssl, "the session is TLS");
+    assert!(store.try_lock().unwrap());
+    let e = PgStore::open(&url(&bad)).err().expect("a server the CA did not sign is refused");
+    assert!(e.0.contains("TLS handshake") && e.0.contains("invalid peer certificate"), "{}", e.0);
 }
