@@ -180,7 +180,7 @@ impl Client {
             }
             self.pool.next_after(i);
             tries += 1;
-            if tries % n == 0 {
+            if tries.is_multiple_of(n) {
                 std::thread::sleep(failover::ROUND_PAUSE);
             }
         }

@@ -441,9 +441,7 @@ pub struct ConsoleResponse {
 /// The header that repeats an error reply's sentence (printable ASCII), for replies without a
 /// body such as HEAD's.
 pub const ERROR_HEADER: &str = "x-vmgrid-error";
-
-/// On a standby coordinator's `503` answers: the URL of the pool's active coordinator (empty when
-/// it is not known yet). Clients given several coordinators' URLs move on to the next.
+/// On a standby coordinator's `503`s: the active coordinator's URL (empty while not known).
 pub const STANDBY_HEADER: &str = "x-vmgrid-standby";
 
 /// Every error reply: a sentence for a person.

@@ -265,7 +265,7 @@ impl PgStore {
 /// Whether the session `pid` holds the active lock, asked on `client`.
 fn holds_lock(client: &mut Client, pid: i32) -> Result<bool, StoreError> {
     // A bigint advisory key shows in pg_locks as its high and low 32 bits.
-    let (high, low) = ((ACTIVE_LOCK_KEY >> 32) as i64, (ACTIVE_LOCK_KEY & 0xffff_ffff) as i64);
+    let (high, low) = (ACTIVE_LOCK_KEY >> 32, ACTIVE_LOCK_KEY & 0xffff_ffff);
     let row = client
         .query_one(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $1
