@@ -438,8 +438,7 @@ pub struct ConsoleResponse {
     pub key_pem: Option<String>,
 }
 
-/// The header that repeats an error reply's sentence (printable ASCII), for replies without a
-/// body such as HEAD's.
+/// The header that repeats an error reply's sentence (printable ASCII), for bodiless replies.
 pub const ERROR_HEADER: &str = "x-vmgrid-error";
 /// On a standby coordinator's `503`s: the active coordinator's URL (empty while not known).
 pub const STANDBY_HEADER: &str = "x-vmgrid-standby";

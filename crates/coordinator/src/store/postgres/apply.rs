@@ -1,10 +1,34 @@
 //! The translation of [`Op`]s into statements, as the SQLite store applies them.
 
-use postgres::Transaction;
+use std::collections::HashMap;
+
+use postgres::types::ToSql;
+use postgres::{Statement, Transaction};
 
 use crate::store::{DagNodeRow, JobRow, Op};
 
 type R = Result<(), postgres::Error>;
+
+/// A commit's transaction, with the connection's prepared statements: each statement is parsed
+/// once per connection, and each operation is then one round trip, not two.
+pub struct Tx<'a, 'b> {
+    pub tx: &'a mut Transaction<'b>,
+    pub prepared: &'a mut HashMap<&'static str, Statement>,
+}
+
+impl Tx<'_, '_> {
+    fn exec(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, postgres::Error> {
+        let st = match self.prepared.get(sql) {
+            Some(st) => st.clone(),
+            None => {
+                let st = self.tx.prepare(sql)?;
+                self.prepared.insert(sql, st.clone());
+                st
+            }
+        };
+        self.tx.execute(&st, params)
+    }
+}
 
 /// Raises a counter of the `meta` table to at least `value`.
 const RAISE: &str = "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = GREATEST(meta.value, excluded.value)";
@@ -13,17 +37,17 @@ fn opt(x: Option<u64>) -> Option<i64> {
     x.map(|x| x as i64)
 }
 
-pub fn apply(tx: &mut Transaction<'_>, op: &Op) -> R {
+pub fn apply(tx: &mut Tx<'_, '_>, op: &Op) -> R {
     match op {
         Op::Token(t) => {
-            tx.execute(
+            tx.exec(
                 "INSERT INTO tokens (hash, role, owner, id, created_ms, expires_ms, detail) VALUES ($1, $2, $3, $4, $5, $6, $7)
                  ON CONFLICT (hash) DO UPDATE SET role = $2, owner = $3, id = $4, created_ms = $5, expires_ms = $6, detail = $7",
                 &[&t.hash, &t.role.as_str(), &t.owner, &t.id, &(t.created_ms as i64), &opt(t.expires_ms), &t.detail],
             )?;
         }
         Op::RevokeToken { hash } => {
-            tx.execute("DELETE FROM tokens WHERE hash = $1", &[hash])?;
+            tx.exec("DELETE FROM tokens WHERE hash = $1", &[hash])?;
         }
         Op::Spec { id, owner, json } => insert_spec(tx, *id, owner, json)?,
         Op::Jobs { spec_id, first_id, count, owner, submitted_ms } => {
@@ -31,39 +55,39 @@ pub fn apply(tx: &mut Transaction<'_>, op: &Op) -> R {
         }
         Op::Job(j) => update_job(tx, j)?,
         Op::Node { name, ad_json, cred_hash, state } => {
-            tx.execute(
+            tx.exec(
                 "INSERT INTO nodes (name, ad, cred_hash, state) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (name) DO UPDATE SET ad = $2, cred_hash = $3, state = $4",
                 &[name, ad_json, cred_hash, &state.as_str()],
             )?;
         }
         Op::DeleteNode { name } => {
-            tx.execute("DELETE FROM nodes WHERE name = $1", &[name])?;
+            tx.exec("DELETE FROM nodes WHERE name = $1", &[name])?;
         }
         Op::DeleteJob { id } => {
-            tx.execute("DELETE FROM jobs WHERE id = $1", &[&(*id as i64)])?;
+            tx.exec("DELETE FROM jobs WHERE id = $1", &[&(*id as i64)])?;
         }
         Op::DeleteSpec { id } => {
-            tx.execute("DELETE FROM specs WHERE id = $1", &[&(*id as i64)])?;
+            tx.exec("DELETE FROM specs WHERE id = $1", &[&(*id as i64)])?;
         }
         Op::Blob { hash, owner, size, created_ms } => {
-            tx.execute(
+            tx.exec(
                 "INSERT INTO blobs (hash, owner, size, created_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (hash) DO NOTHING",
                 &[hash, owner, &(*size as i64), &(*created_ms as i64)],
             )?;
         }
         Op::DeleteBlob { hash } => {
-            tx.execute("DELETE FROM blobs WHERE hash = $1", &[hash])?;
+            tx.exec("DELETE FROM blobs WHERE hash = $1", &[hash])?;
         }
         Op::UserUsage { user, usage_cpu_s, at_ms } => {
-            tx.execute(
+            tx.exec(
                 "INSERT INTO users (name, usage_cpu_s, usage_at_ms) VALUES ($1, $2, $3)
                  ON CONFLICT (name) DO UPDATE SET usage_cpu_s = $2, usage_at_ms = $3",
                 &[user, usage_cpu_s, &(*at_ms as i64)],
             )?;
         }
         Op::UserSettings { user, factor, max_cpus } => {
-            tx.execute(
+            tx.exec(
                 "INSERT INTO users (name, factor, max_cpus) VALUES ($1, $2, $3)
                  ON CONFLICT (name) DO UPDATE SET factor = $2, max_cpus = $3",
                 &[user, factor, &opt(*max_cpus)],
@@ -76,9 +100,9 @@ pub fn apply(tx: &mut Transaction<'_>, op: &Op) -> R {
     Ok(())
 }
 
-fn update_job(tx: &mut Transaction<'_>, j: &JobRow) -> R {
+fn update_job(tx: &mut Tx<'_, '_>, j: &JobRow) -> R {
     let result = j.result.as_ref().map(|r| serde_json::to_string(r).expect("a result serializes"));
-    tx.execute(
+    tx.exec(
         "UPDATE jobs SET state = $2, node = $3, epoch = $4, attempts = $5, retries = $6, losses = $7, exit_code = $8, reason = $9, finished_ms = $10, result = CASE WHEN $12 THEN $11 ELSE result END, started_ms = $13 WHERE id = $1",
         &[
             &(j.id as i64),
@@ -100,10 +124,10 @@ fn update_job(tx: &mut Transaction<'_>, j: &JobRow) -> R {
 }
 
 /// The workflow operations.
-fn apply_dag(tx: &mut Transaction<'_>, op: &Op) -> R {
+fn apply_dag(tx: &mut Tx<'_, '_>, op: &Op) -> R {
     match op {
         Op::Dag { row, nodes } => {
-            tx.execute(
+            tx.exec(
                 "INSERT INTO dags (id, owner, json, state, reason, submitted_ms, finished_ms, rescue_of) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 &[
                     &(row.id as i64),
@@ -117,21 +141,21 @@ fn apply_dag(tx: &mut Transaction<'_>, op: &Op) -> R {
                 ],
             )?;
             // The highest workflow id ever stored (SQLite's AUTOINCREMENT sequence).
-            tx.execute(RAISE, &[&"last_dag", &(row.id as i64)])?;
+            tx.exec(RAISE, &[&"last_dag", &(row.id as i64)])?;
             for n in nodes {
                 put_dag_node(tx, n)?;
             }
         }
         Op::DagState { id, state, reason, finished_ms } => {
-            tx.execute(
+            tx.exec(
                 "UPDATE dags SET state = $2, reason = $3, finished_ms = $4 WHERE id = $1",
                 &[&(*id as i64), &state.as_str(), reason, &opt(*finished_ms)],
             )?;
         }
         Op::DagNode(n) => put_dag_node(tx, n)?,
         Op::DeleteDag { id } => {
-            tx.execute("DELETE FROM dag_nodes WHERE dag_id = $1", &[&(*id as i64)])?;
-            tx.execute("DELETE FROM dags WHERE id = $1", &[&(*id as i64)])?;
+            tx.exec("DELETE FROM dag_nodes WHERE dag_id = $1", &[&(*id as i64)])?;
+            tx.exec("DELETE FROM dags WHERE id = $1", &[&(*id as i64)])?;
         }
         Op::DagRelease { node, spec_id, owner, json, count, submitted_ms } => {
             insert_spec(tx, *spec_id, owner, json)?;
@@ -144,27 +168,27 @@ fn apply_dag(tx: &mut Transaction<'_>, op: &Op) -> R {
     Ok(())
 }
 
-fn insert_spec(tx: &mut Transaction<'_>, id: u64, owner: &str, json: &str) -> R {
-    tx.execute("INSERT INTO specs (id, owner, json) VALUES ($1, $2, $3)", &[&(id as i64), &owner, &json])?;
-    tx.execute(RAISE, &[&"next_spec", &((id + 1) as i64)])?;
+fn insert_spec(tx: &mut Tx<'_, '_>, id: u64, owner: &str, json: &str) -> R {
+    tx.exec("INSERT INTO specs (id, owner, json) VALUES ($1, $2, $3)", &[&(id as i64), &owner, &json])?;
+    tx.exec(RAISE, &[&"next_spec", &((id + 1) as i64)])?;
     Ok(())
 }
 
 /// A batch of jobs in one statement (a sweep of 10,000 is one round trip, not 10,000).
-fn insert_jobs(tx: &mut Transaction<'_>, spec_id: u64, first_id: u64, count: u64, owner: &str, submitted_ms: u64) -> R {
+fn insert_jobs(tx: &mut Tx<'_, '_>, spec_id: u64, first_id: u64, count: u64, owner: &str, submitted_ms: u64) -> R {
     if count > 0 {
-        tx.execute(
+        tx.exec(
             "INSERT INTO jobs (id, spec_id, idx, owner, state, submitted_ms)
              SELECT $1::BIGINT + i, $2::BIGINT, i, $3::TEXT, 'idle', $4::BIGINT FROM generate_series(0::BIGINT, $5::BIGINT - 1) AS i",
             &[&(first_id as i64), &(spec_id as i64), &owner, &(submitted_ms as i64), &(count as i64)],
         )?;
     }
-    tx.execute(RAISE, &[&"next_job", &((first_id + count) as i64)])?;
+    tx.exec(RAISE, &[&"next_job", &((first_id + count) as i64)])?;
     Ok(())
 }
 
-fn put_dag_node(tx: &mut Transaction<'_>, n: &DagNodeRow) -> R {
-    tx.execute(
+fn put_dag_node(tx: &mut Tx<'_, '_>, n: &DagNodeRow) -> R {
+    tx.exec(
         "INSERT INTO dag_nodes (dag_id, idx, state, tries, spec_id, first_job, reason) VALUES ($1, $2, $3, $4, $5, $6, $7)
          ON CONFLICT (dag_id, idx) DO UPDATE SET state = $3, tries = $4, spec_id = $5, first_job = $6, reason = $7",
         &[

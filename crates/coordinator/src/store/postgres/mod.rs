@@ -176,6 +176,8 @@ pub(crate) fn err(e: postgres::Error) -> StoreError {
 
 pub struct PgStore {
     client: Client,
+    /// Statements prepared on this connection, by their text.
+    prepared: std::collections::HashMap<&'static str, postgres::Statement>,
 }
 
 impl PgStore {
@@ -184,7 +186,7 @@ impl PgStore {
     pub fn open(url: &str) -> Result<PgStore, StoreError> {
         let mut client = connect(url)?;
         migrate(&mut client)?;
-        Ok(PgStore { client })
+        Ok(PgStore { client, prepared: Default::default() })
     }
 }
 
@@ -220,8 +222,9 @@ impl Store for PgStore {
 
     fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError> {
         let mut tx = self.client.transaction().map_err(err)?;
+        let mut t = apply::Tx { tx: &mut tx, prepared: &mut self.prepared };
         for op in ops {
-            apply::apply(&mut tx, op).map_err(err)?;
+            apply::apply(&mut t, op).map_err(err)?;
         }
         tx.commit().map_err(err)
     }
