@@ -46,6 +46,9 @@ pub struct Config {
 pub const POOL_TOKEN_FILE: &str = "pool.token";
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub const CLIENT_CONFIG_FILE: &str = "client.toml";
+/// A random id of the data dir, by which the coordinators of one PostgreSQL store check that
+/// they share it.
+pub const POOL_ID_FILE: &str = "pool.id";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -139,7 +142,8 @@ fn open_store(
     };
     let shown = PathBuf::from(store::postgres::redact(store_url));
     let serr = |e: store::StoreError| StartError::Store(shown.clone(), e.0);
-    let (mut db, listener) = standby::wait_until_active(runtime, store_url, listener, tls).map_err(serr)?;
+    let data_id = read_or_create_token(&config.data_dir, POOL_ID_FILE)?;
+    let (mut db, listener) = standby::wait_until_active(runtime, store_url, &data_id, listener, tls).map_err(serr)?;
     let pid = db.backend_pid().map_err(serr)?;
     store::postgres::watch_lock(store_url, pid, standby::WATCH_EVERY, |why| {
         eprintln!(
@@ -148,7 +152,7 @@ fn open_store(
         std::process::exit(3);
     })
     .map_err(serr)?;
-    db.set_active_url(config.advertise_url.as_deref().unwrap_or(url)).map_err(serr)?;
+    db.set_active(config.advertise_url.as_deref().unwrap_or(url), &data_id).map_err(serr)?;
     tracing::info!(store = %shown.display(), "active coordinator on PostgreSQL");
     Ok((Box::new(db), shown, listener))
 }

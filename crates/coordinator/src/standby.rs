@@ -28,11 +28,15 @@ type Active = Arc<Mutex<Option<String>>>;
 pub(crate) fn wait_until_active(
     runtime: &tokio::runtime::Runtime,
     url: &str,
+    data_id: &str,
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<(PgStore, TcpListener), StoreError> {
     let mut store = PgStore::open(url)?;
+    // A standby on another data dir is refused now, not when it would take over.
+    store.check_data_id(data_id)?;
     if store.try_lock()? {
+        store.check_data_id(data_id)?;
         return Ok((store, listener));
     }
     let addr = listener.local_addr().map_err(|e| StoreError(e.to_string()))?;
@@ -61,6 +65,7 @@ pub(crate) fn wait_until_active(
         abort.abort();
     }
     got?;
+    store.check_data_id(data_id)?;
     // The standby server's accept task lets the socket go on its next turn: try for a while.
     let listener = runtime.block_on(async {
         let mut tries = 0;

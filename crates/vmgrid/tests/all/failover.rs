@@ -53,6 +53,17 @@ fn a_standby_takes_over_from_a_killed_coordinator_and_every_job_completes_once()
     let e = only_b.nodes().unwrap_err().to_string();
     assert!(e.contains("standby") && e.contains(&url_a), "{e}");
 
+    // A third coordinator on another data dir (its blobs, CA and tokens not the pool's) is refused.
+    let other = tempfile::tempdir().unwrap();
+    let out = Command::new(assert_cmd::cargo::cargo_bin("vmgrid"))
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(other.path())
+        .args(pool.coordinator_flags())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).contains("not the one the pool's coordinators use"), "{}", stderr_of(&out));
+
     // Nodes and clients are given both URLs, the standby's first.
     let both = format!("{url_b},{url_a}");
     pool.url = both.clone();

@@ -15,7 +15,8 @@ use super::{Loaded, Op, Store, StoreError};
 
 /// Each migration takes the schema from version N (its index) to N + 1, in one transaction.
 /// Version 1 holds what SQLite's schema version 6 holds; version 2 adds where the active
-/// coordinator serves (`active`), which standbys tell their callers.
+/// coordinator serves (`active`), which standbys tell their callers, and the id of the data dir
+/// the coordinators share.
 const MIGRATIONS: &[&str] = &[
     "
 CREATE TABLE tokens (hash TEXT PRIMARY KEY, role TEXT NOT NULL, owner TEXT NOT NULL, id TEXT,
@@ -37,7 +38,8 @@ CREATE TABLE dag_nodes (dag_id BIGINT NOT NULL, idx BIGINT NOT NULL, state TEXT 
   tries BIGINT NOT NULL DEFAULT 0, spec_id BIGINT, first_job BIGINT, reason TEXT, PRIMARY KEY (dag_id, idx));
 ",
     "
-CREATE TABLE active (id INTEGER PRIMARY KEY CHECK (id = 1), url TEXT NOT NULL, since_ms BIGINT NOT NULL);
+CREATE TABLE active (id INTEGER PRIMARY KEY CHECK (id = 1), url TEXT NOT NULL, since_ms BIGINT NOT NULL,
+  data_id TEXT NOT NULL);
 ",
 ];
 
@@ -246,13 +248,14 @@ impl PgStore {
         Ok(self.client.query_one("SELECT pg_backend_pid()", &[]).map_err(err)?.get(0))
     }
 
-    /// Records where the active coordinator serves (its URL), for the standbys to tell callers.
-    pub fn set_active_url(&mut self, url: &str) -> Result<(), StoreError> {
+    /// Records where the active coordinator serves (its URL), for the standbys to tell callers,
+    /// and the id of its data dir.
+    pub fn set_active(&mut self, url: &str, data_id: &str) -> Result<(), StoreError> {
         self.client
             .execute(
-                "INSERT INTO active (id, url, since_ms) VALUES (1, $1, $2)
-                 ON CONFLICT (id) DO UPDATE SET url = $1, since_ms = $2",
-                &[&url, &(vmgrid_proto::now_ms() as i64)],
+                "INSERT INTO active (id, url, since_ms, data_id) VALUES (1, $1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET url = $1, since_ms = $2, data_id = $3",
+                &[&url, &(vmgrid_proto::now_ms() as i64), &data_id],
             )
             .map_err(err)?;
         Ok(())
@@ -262,6 +265,18 @@ impl PgStore {
     pub fn active_url(&mut self) -> Result<Option<String>, StoreError> {
         let row = self.client.query_opt("SELECT url FROM active WHERE id = 1", &[]).map_err(err)?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Refuses a data dir other than the one the pool's coordinators have used: its blobs (job
+    /// files and results), CA and tokens would not be the pool's.
+    pub fn check_data_id(&mut self, data_id: &str) -> Result<(), StoreError> {
+        let row = self.client.query_opt("SELECT data_id FROM active WHERE id = 1", &[]).map_err(err)?;
+        match row.map(|r| r.get::<_, String>(0)) {
+            Some(theirs) if theirs != data_id => Err(StoreError(format!(
+                "this coordinator's data dir (pool.id {data_id}) is not the one the pool's coordinators use (pool.id {theirs}): the coordinators of one PostgreSQL store share one data dir, which holds the pool's blobs, CA and tokens (mount it here; if the pool's data dir was moved on purpose, copy its pool.id file too)"
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 
