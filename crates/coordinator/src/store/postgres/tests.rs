@@ -173,7 +173,7 @@ fn the_active_lock_is_held_by_one_session_at_a_time() {
     a.set_active("https://a.example:7800", "dir-1").unwrap();
     assert_eq!(b.active_url().unwrap().as_deref(), Some("https://a.example:7800"));
     b.check_data_id("dir-1").unwrap();
-    let e = b.check_data_id("dir-2").err().expect("another data dir is refused");
+    let e = b.check_data_id("dir-2").expect_err("another data dir is refused");
     assert!(e.0.contains("not the one the pool's coordinators use"), "{}", e.0);
 
     let (tx, rx) = std::sync::mpsc::channel();
