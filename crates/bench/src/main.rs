@@ -14,6 +14,7 @@ mod engine;
 mod pool;
 mod report;
 mod ssi;
+mod wasm_factors;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -171,6 +172,26 @@ fn postgres_figures(args: &Args, ours: &BTreeMap<u64, f64>, rep: &mut Report) {
     rep.figure(&format!("{what}, p99"), format!("{p99:.2} ms"), p99, " ms", Target::None);
 }
 
+/// The wasm slowdown taken apart: the same guest in this process under wasmtime configurations
+/// that each change one setting, against native.
+fn wasm_factor_figures(root: &std::path::Path, rep: &mut Report) {
+    match wasm_factors::measure(root) {
+        Ok((native, variants)) => {
+            for (what, s) in variants {
+                let ratio = s / native;
+                rep.figure(
+                    &format!("wasm factor, in-process: {what} / native"),
+                    format!("{s:.2} s / {native:.2} s = {ratio:.2}x"),
+                    ratio,
+                    "x",
+                    Target::None,
+                );
+            }
+        }
+        Err(e) => rep.note(format!("wasm factors not measured: {e}")),
+    }
+}
+
 /// Slurm gets the smallest size only: at its rate the larger sweeps would take hours.
 fn slurm_figures(args: &Args, ours: &BTreeMap<u64, f64>, rep: &mut Report) {
     let n = args.sizes[0];
@@ -204,6 +225,9 @@ fn compute_figures(args: &Args, rep: &mut Report) {
             Target::AtMost(1.10),
         ),
         Err(e) => rep.note(format!("wasm compute not measured: {e}")),
+    }
+    if args.wants("wasm") {
+        wasm_factor_figures(&args.root, rep);
     }
     match if args.wants("qemu") { compute::qemu_vs_plain(&args.root) } else { skipped() } {
         Ok((p, v)) => rep.figure(
