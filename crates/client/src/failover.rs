@@ -50,16 +50,16 @@ impl Coordinators {
     }
 }
 
-/// Whether a call failed before it reached any server (refused, unreachable, no such host, the
-/// connection or TLS handshake failed): sending it elsewhere cannot do it twice.
+/// Whether a call failed before it reached any server (connection refused, no such host, the
+/// connection or TLS handshake failed): sending it elsewhere cannot do it twice. "Host
+/// unreachable" is not among them: Linux also reports it for a connection that was established
+/// (and may have carried the call) when it times out after an ICMP error. Refused is only ever
+/// the answer to a connection attempt.
 pub(crate) fn never_sent(e: &ureq::Error) -> bool {
-    use std::io::ErrorKind::*;
     match e {
         ureq::Error::ConnectionFailed | ureq::Error::HostNotFound | ureq::Error::Tls(_) => true,
         ureq::Error::Timeout(t) => matches!(t, ureq::Timeout::Connect | ureq::Timeout::Resolve),
-        ureq::Error::Io(io) => {
-            matches!(io.kind(), ConnectionRefused | HostUnreachable | NetworkUnreachable | AddrNotAvailable)
-        }
+        ureq::Error::Io(io) => io.kind() == std::io::ErrorKind::ConnectionRefused,
         _ => false,
     }
 }
@@ -94,5 +94,6 @@ mod tests {
         assert!(never_sent(&ureq::Error::ConnectionFailed));
         assert!(!never_sent(&ureq::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset))));
         assert!(!never_sent(&ureq::Error::Timeout(ureq::Timeout::RecvResponse)));
+        assert!(!never_sent(&ureq::Error::Io(std::io::Error::from(std::io::ErrorKind::HostUnreachable))));
     }
 }

@@ -262,7 +262,7 @@ impl Engine {
                 }
                 None => {
                     self.metrics.results_accepted += 1;
-                    self.finish_run(l.job_id, r, now);
+                    self.finish_run(l.job_id, plain_reason(r), now);
                     resp.accepted.push(l);
                 }
             }
@@ -355,4 +355,25 @@ impl Job {
             result: None,
         }
     }
+}
+
+/// The longest reason a node's report may give; the rest is cut.
+pub const MAX_REASON_CHARS: usize = 2000;
+
+/// A node's reason as the pool keeps it: control characters but newlines and tabs (NUL among
+/// them, which PostgreSQL's text refuses) as U+FFFD, and at most [`MAX_REASON_CHARS`].
+fn plain_reason(mut r: Report) -> Report {
+    let odd = |c: char| c.is_control() && c != '\n' && c != '\t';
+    let clean = |s: &mut String| {
+        if s.chars().count() > MAX_REASON_CHARS || s.chars().any(odd) {
+            *s = s.chars().take(MAX_REASON_CHARS).map(|c| if odd(c) { '\u{fffd}' } else { c }).collect();
+        }
+    };
+    match &mut r.run {
+        RunReport::GuestFailed { reason, .. } | RunReport::BadJob { reason } | RunReport::HostFailed { reason } => {
+            clean(reason)
+        }
+        RunReport::Exited { .. } => {}
+    }
+    r
 }

@@ -10,7 +10,7 @@
 mod dag;
 mod fair;
 mod invariants;
-mod jobs;
+pub(crate) mod jobs;
 mod load;
 mod nodes;
 mod retention;

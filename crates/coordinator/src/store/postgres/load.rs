@@ -10,12 +10,14 @@ use crate::store::{
     TokenRole, TokenRow,
 };
 
+/// A u64 stored as BIGINT, read back bit for bit (as the SQLite store does): values past
+/// `i64::MAX` were stored negative.
 fn u(r: &Row, i: usize) -> u64 {
-    r.get::<_, i64>(i).max(0) as u64
+    r.get::<_, i64>(i) as u64
 }
 
 fn ou(r: &Row, i: usize) -> Option<u64> {
-    r.get::<_, Option<i64>>(i).map(|x| x.max(0) as u64)
+    r.get::<_, Option<i64>>(i).map(|x| x as u64)
 }
 
 /// A node in a state this version does not know must register again.

@@ -57,7 +57,10 @@ pub fn redact(url: &str) -> String {
             .collect::<Vec<_>>()
             .join(&sep.to_string())
     };
-    let Some((scheme, rest)) = url.split_once("://") else { return hide(url, ' ') };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        // A quoted value may hold spaces: show none of such a string.
+        return if url.contains(['\'', '\\']) { "(a key=value connection string)".into() } else { hide(url, ' ') };
+    };
     let (rest, query) = match rest.split_once('?') {
         Some((r, q)) => (r, Some(hide(q, '&'))),
         None => (rest, None),
@@ -95,12 +98,13 @@ fn tls_params(url: &str) -> TlsParams {
         }
         _ => true,
     };
+    let url_form = url.starts_with("postgres://") || url.starts_with("postgresql://");
     let rest = match url.split_once('?') {
-        Some((base, query)) if url.contains("://") => {
+        Some((base, query)) if url_form => {
             let kept: Vec<&str> = query.split('&').filter(|kv| keep(kv)).collect();
             if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) }
         }
-        None if url.contains("://") => url.to_string(),
+        None if url_form => url.to_string(),
         _ => url.split_whitespace().filter(|kv| keep(kv)).collect::<Vec<_>>().join(" "),
     };
     TlsParams { rest, mode, root_cert }
@@ -111,15 +115,41 @@ fn tls_params(url: &str) -> TlsParams {
 /// loopback host needs no TLS, but gets it verified the same way when the string asks.
 pub fn config(url: &str) -> Result<(Config, Option<rustls::ClientConfig>), StoreError> {
     let shown = redact(url);
+    let url_form = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    if !url_form && (url.contains('\'') || url.contains('\\')) {
+        return Err(StoreError(
+            "a key=value connection string with quotes or backslashes is not read here: give a postgres:// URL (percent-encode special characters)".into(),
+        ));
+    }
     let p = tls_params(url);
     let mut cfg: Config = p.rest.parse().map_err(|e| StoreError(format!("{shown}: not a PostgreSQL URL: {e}")))?;
     if cfg.get_hosts().is_empty() {
         return Err(StoreError(format!("{shown}: no host (give host= or a host in the URL)")));
     }
-    let remote = cfg.get_hosts().iter().find_map(|h| match h {
-        Host::Tcp(name) if !matches!(name.as_str(), "localhost" | "127.0.0.1" | "::1" | "[::1]") => Some(name.clone()),
-        _ => None,
-    });
+    if cfg.get_hosts().len() > 1 || cfg.get_hostaddrs().len() > 1 {
+        return Err(StoreError(format!(
+            "{shown}: several hosts: give the one address of the database's primary (the active lock and its watchdog must reach the same server)"
+        )));
+    }
+    let local_name = |n: &str| {
+        n == "localhost" || n.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    };
+    let remote = cfg
+        .get_hosts()
+        .iter()
+        .find_map(|h| match h {
+            Host::Tcp(name) if !local_name(name) => Some(name.clone()),
+            _ => None,
+        })
+        .or_else(|| cfg.get_hostaddrs().iter().find(|a| !a.is_loopback()).map(|a| a.to_string()));
+    // A dead peer or a cut network ends the connection (and so the watchdog's query) in seconds,
+    // not after the kernel's two hours.
+    cfg.connect_timeout(Duration::from_secs(10))
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(5))
+        .keepalives_interval(Duration::from_secs(2))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(15));
     match (p.mode.as_deref(), p.root_cert, remote) {
         (Some("verify-full"), Some(file), _) => {
             let pem = std::fs::read_to_string(&file)
@@ -170,6 +200,12 @@ fn with_causes(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     text
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> StoreError {
+        err(e)
+    }
 }
 
 pub(crate) fn err(e: postgres::Error) -> StoreError {

@@ -233,3 +233,40 @@ fn a_tls_connection_is_verified_against_the_ca_given() {
     let e = PgStore::open(&url(&bad)).err().expect("a server the CA did not sign is refused");
     assert!(e.0.contains("TLS handshake") && e.0.contains("invalid peer certificate"), "{}", e.0);
 }
+
+/// A node's reason holding NUL (which PostgreSQL's text refuses) is kept plain, so the batch
+/// commits instead of being retried for ever; a user's quota past i64::MAX reads back unchanged.
+#[test]
+fn a_hostile_reason_and_huge_values_commit_and_read_back() {
+    let db = TestDb::start();
+    let timing = Timing { lease_ttl_ms: 1000, node_ttl_ms: 1000, heartbeat_ms: 200 };
+    let mut e = Engine::new(timing);
+    e.register(crate::engine::tests::ad("n1", 1), None, false, hash_token("cred"), 0).unwrap();
+    e.submit(&Principal::User("alice".into()), crate::engine::tests::spec(0), 1, 0).unwrap();
+    e.schedule(0);
+    let l = e.take_leases("n1", 10, 10, 0);
+    let mut r = crate::engine::tests::exited(&l[0], 0);
+    let long = "x".repeat(crate::engine::jobs::MAX_REASON_CHARS * 2);
+    r.run = vmgrid_proto::RunReport::BadJob { reason: format!("bad\0image\u{1b}[31m\n{long}") };
+    e.report("n1", vec![r], 1).unwrap();
+    let mut store = PgStore::open(&db.url()).unwrap();
+    store.commit(&e.take_effects().ops).unwrap();
+    store.commit(&[Op::UserSettings { user: "alice".into(), factor: 1.0, max_cpus: Some(u64::MAX) }]).unwrap();
+    let loaded = store.load().unwrap();
+    let reason = loaded.jobs[0].row.reason.clone().unwrap();
+    assert!(reason.starts_with("bad job: bad\u{fffd}image\u{fffd}[31m\n"), "{reason:?}");
+    assert!(reason.chars().count() <= crate::engine::jobs::MAX_REASON_CHARS + 10, "the reason is bounded");
+    assert_eq!(loaded.users.iter().find(|u| u.user == "alice").unwrap().max_cpus, Some(u64::MAX));
+}
+
+#[test]
+fn several_hosts_or_a_remote_hostaddr_are_refused() {
+    let e = config("postgres://localhost/pool?hostaddr=10.0.0.5").err().unwrap();
+    assert!(e.0.contains("another machine"), "a remote hostaddr needs TLS too: {}", e.0);
+    let e = config("host=a,b dbname=pool").err().unwrap();
+    assert!(e.0.contains("several hosts"), "{}", e.0);
+    assert!(config("postgres://127.0.0.2/pool").unwrap().1.is_none(), "all of 127/8 is this machine");
+    let e = config("host=/run/postgresql password='a b'").err().unwrap();
+    assert!(e.0.contains("quotes") && !e.0.contains("a b"), "{}", e.0);
+    assert_eq!(redact("host=x password='a b'"), "(a key=value connection string)");
+}
