@@ -84,8 +84,11 @@ fn run_once(engine: &Engine, module: &Module, epoch: bool) -> Result<f64, String
     Ok(start.elapsed().as_secs_f64())
 }
 
-/// Each variant's best of three runs, with the native build's: (what, seconds).
-pub fn measure(root: &Path) -> Result<(f64, Vec<(&'static str, f64)>), String> {
+/// The native build's seconds, and each variant's: (what, seconds).
+type Timings = (f64, Vec<(&'static str, f64)>);
+
+/// Each variant's best of three runs, with the native build's.
+pub fn measure(root: &Path) -> Result<Timings, String> {
     let native = root.join("guests/target/release/compute");
     let wasm = crate::pool::guest(root, "compute");
     if !native.exists() || !wasm.exists() {
