@@ -4,6 +4,7 @@
 mod cli_error;
 mod cmd_appliance;
 mod cmd_dag;
+mod cmd_glidein;
 mod cmd_jobs;
 mod cmd_pool;
 mod cmd_run;
@@ -76,6 +77,8 @@ enum Command {
     /// The single-system image: one console, process table and filesystem over the whole pool.
     Ssi(cmd_ssi::SsiArgs),
     Appliance(cmd_appliance::ApplianceArgs),
+    /// Lend a Slurm cluster to the pool: pilot jobs that run node agents (`glidein slurm`, `glidein status`).
+    Glidein(cmd_glidein::GlideinArgs),
 }
 
 fn main() {
@@ -114,6 +117,7 @@ fn main() {
         Command::Users(args) => cmd_users::users(args),
         Command::Ssi(args) => cmd_ssi::ssi(args),
         Command::Appliance(args) => cmd_appliance::run(args),
+        Command::Glidein(args) => cmd_glidein::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -8,6 +8,7 @@ mod dag;
 mod dashboard;
 mod failover;
 mod fair;
+mod glidein;
 mod job_file;
 mod jvm;
 mod netns;
