@@ -246,7 +246,8 @@ fn slurm(a: SlurmArgs) -> Result<i32, CliError> {
         cmd.arg("--parsable")
             .arg(format!("--job-name={}", a.job_name))
             .arg(format!("--time={}", a.time))
-            .arg("--signal=B:TERM@120")
+            // A second warning, after the pilot's own timer: the script drains on SIGTERM.
+            .arg(format!("--signal=B:TERM@{}", (a.margin_s / 2).min(120)))
             .arg("--nodes=1")
             .arg(format!("--output={}/pilot-%j.out", dir.display()));
         if let Some(p) = &a.partition {
@@ -281,12 +282,12 @@ fn preflight(a: PreflightArgs) -> Result<i32, CliError> {
             // The pool answered over TLS: it is reachable; what the pool token may list is not
             // the pilot's business, but a refused token is.
             Err(e) if e.status() == Some(401) => {
-                return Err(CliError::Failed(format!("vmgrid pilot: the pool at {} refused the token: {e}", a.pool)));
+                return Err(CliError::Failed(format!("the pool at {} refused the token: {e}", a.pool)));
             }
             Err(e) if e.status().is_some() => return Ok(0),
             Err(e) if Instant::now() >= deadline => {
                 return Err(CliError::Failed(format!(
-                    "vmgrid pilot: cannot reach the pool at {} for {} s: {e}",
+                    "pilot: the pool at {} did not answer for {} s: {e}",
                     a.pool, a.timeout_s
                 )));
             }

@@ -40,6 +40,7 @@ impl Drop for Slurm {
 
 fn pilots_in_squeue() -> Vec<String> {
     let out = Command::new("squeue").args(["--noheader", "--name", "vmgrid-pilot", "--format", "%i"]).output().unwrap();
+    assert!(out.status.success(), "squeue: {}", stderr_of(&out));
     String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()
 }
 
@@ -48,6 +49,7 @@ fn slurm_pilots_join_run_a_sweep_and_leave_when_cancelled_or_out_of_time() {
     let pool = Pool::start();
     let _slurm = Slurm::start();
     let glidein_dir = pool.dir.path().join("glidein");
+    let submitted = std::time::Instant::now();
     // 3 minutes of Slurm time: 2 of them taking jobs, then up to 20 s of draining.
     let out = pool
         .cli()
@@ -130,6 +132,8 @@ fn slurm_pilots_join_run_a_sweep_and_leave_when_cancelled_or_out_of_time() {
         !pool.admin().nodes().unwrap().iter().any(|n| n.ad.labels.get("slurm.job_id") == Some(timed)),
         "it left the pool"
     );
+    // It drained before Slurm's limit (3 min) would have killed it.
+    assert!(submitted.elapsed() < Duration::from_secs(180), "the timed pilot ended at {:?}", submitted.elapsed());
     let log = std::fs::read_to_string(glidein_dir.join(format!("pilot-{timed}.out"))).unwrap();
     assert!(log.contains("node agent exited (0)"), "the pilot drained and exited 0 before its limit:\n{log}");
 }
