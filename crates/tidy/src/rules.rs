@@ -14,6 +14,7 @@ pub const LAYERS: &[(&str, u8)] = &[
     ("vmgrid-scheduler", 2),
     ("vmgrid-runtime", 2),
     ("vmgrid-client", 2),
+    ("vmgrid-slurm", 2),
     ("vmgrid-coordinator", 3),
     ("vmgrid-node", 3),
     ("vmgrid-ssi", 3),
@@ -32,9 +33,11 @@ pub const DATABASE_USERS: &[&str] = &["vmgrid-coordinator"];
 const DATABASE_DEPS: &[&str] = &["rusqlite", "libsqlite3-sys", "postgres", "tokio-postgres", "sqlx"];
 
 /// Crates whose shipped code starts processes: the runtime (VMs and their tools), the appliance
-/// (its image tools, through the runtime's lookup), the benchmark driver, and the testkit (the
-/// private services tests start; only tests depend on it).
-pub const PROCESS_STARTERS: &[&str] = &["vmgrid-runtime", "vmgrid-appliance", "vmgrid-bench", "vmgrid-testkit"];
+/// (its image tools, through the runtime's lookup), the benchmark driver, the testkit (the
+/// private services tests start; only tests depend on it), and the Slurm glide-in's `sbatch` and
+/// `squeue`.
+pub const PROCESS_STARTERS: &[&str] =
+    &["vmgrid-runtime", "vmgrid-appliance", "vmgrid-bench", "vmgrid-testkit", "vmgrid-slurm"];
 
 /// Crates that do no IO at all: no async runtime, network, database or process.
 pub const NO_IO: &[&str] = &["vmgrid-job", "vmgrid-proto", "vmgrid-scheduler"];

@@ -6,7 +6,6 @@
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::CliError;
@@ -117,35 +116,6 @@ pub fn run(args: GlideinArgs) -> Result<i32, CliError> {
     }
 }
 
-/// Slurm's time formats, in seconds: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
-pub(crate) fn parse_slurm_time(s: &str) -> Result<u64, String> {
-    let bad = || format!("--time `{s}` is not a Slurm time (MM, MM:SS, HH:MM:SS or D-HH:MM:SS)");
-    let num = |p: &str| p.parse::<u64>().map_err(|_| bad());
-    let (days, rest) = match s.split_once('-') {
-        Some((d, r)) => (Some(num(d)?), r),
-        None => (None, s),
-    };
-    let parts: Vec<u64> = rest.split(':').map(num).collect::<Result<_, _>>()?;
-    let secs = match (days, parts.as_slice()) {
-        (None, [m]) => m * 60,
-        (None, [m, s]) => m * 60 + s,
-        (None, [h, m, s]) => h * 3600 + m * 60 + s,
-        (Some(d), [h]) => d * 86400 + h * 3600,
-        (Some(d), [h, m]) => d * 86400 + h * 3600 + m * 60,
-        (Some(d), [h, m, s]) => d * 86400 + h * 3600 + m * 60 + s,
-        _ => return Err(bad()),
-    };
-    if secs == 0 {
-        return Err(format!("--time `{s}` is zero"));
-    }
-    Ok(secs)
-}
-
-/// Single-quotes a string for sh.
-fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
 /// Writes a file only the user may read.
 fn write_private(path: &Path, content: &str, mode: u32) -> Result<(), CliError> {
     let fail = |e: std::io::Error| CliError::Failed(format!("cannot write {}: {e}", path.display()));
@@ -155,46 +125,11 @@ fn write_private(path: &Path, content: &str, mode: u32) -> Result<(), CliError> 
     Ok(())
 }
 
-pub(crate) struct Pilot<'a> {
-    pub vmgrid: &'a str,
-    pub pool: &'a str,
-    pub token_file: &'a str,
-    pub ca_file: &'a str,
-    pub lifetime_s: u64,
-    pub drain_timeout_s: u64,
-}
-
-/// The pilot's batch script (sbatch options are given on sbatch's command line).
-pub(crate) fn pilot_script(p: &Pilot) -> String {
-    let (vm, pool, tok, ca) = (sh_quote(p.vmgrid), sh_quote(p.pool), sh_quote(p.token_file), sh_quote(p.ca_file));
-    format!(
-        r#"#!/bin/sh
-# A vmgrid pilot, written by `vmgrid glidein slurm`: a node agent that joins the pool, takes jobs
-# for {life} s, then drains and exits. SIGTERM (scancel, or sbatch --signal) drains at once.
-echo "vmgrid pilot: Slurm job $SLURM_JOB_ID on $(hostname), partition $SLURM_JOB_PARTITION"
-{vm} glidein preflight --pool {pool} --token-file {tok} --ca-file {ca} || exit 1
-timeout --signal=TERM --kill-after={kill} {life} {vm} node --pool {pool} --token-file {tok} --ca-file {ca} \
-  --name "slurm-$SLURM_JOB_ID" --label "slurm.job_id=$SLURM_JOB_ID" \
-  --label "slurm.partition=$SLURM_JOB_PARTITION" --drain-timeout-s {drain} &
-pid=$!
-trap 'kill -TERM $pid 2>/dev/null' TERM INT
-wait $pid; rc=$?
-while kill -0 $pid 2>/dev/null; do wait $pid; rc=$?; done
-[ "$rc" = 124 ] && rc=0
-echo "vmgrid pilot: node agent exited ($rc)"
-exit $rc
-"#,
-        life = p.lifetime_s,
-        drain = p.drain_timeout_s,
-        kill = p.drain_timeout_s + 30,
-    )
-}
-
 fn slurm(a: SlurmArgs) -> Result<i32, CliError> {
     if a.nodes == 0 {
         return Err(CliError::BadInput("--nodes must be at least 1".into()));
     }
-    let time_s = parse_slurm_time(&a.time).map_err(CliError::BadInput)?;
+    let time_s = vmgrid_slurm::parse_slurm_time(&a.time).map_err(CliError::BadInput)?;
     if a.margin_s + 30 > time_s {
         return Err(CliError::BadInput(format!(
             "--time {} ({time_s} s) leaves no time to run jobs before the --margin-s {} (and 30 s to start)",
@@ -232,7 +167,7 @@ fn slurm(a: SlurmArgs) -> Result<i32, CliError> {
     let (tok_file, ca_file, script_file) = (dir.join("pool.token"), dir.join("ca.pem"), dir.join("pilot.sh"));
     write_private(&tok_file, &format!("{token}\n"), 0o600)?;
     write_private(&ca_file, &ca, 0o600)?;
-    let script = pilot_script(&Pilot {
+    let script = vmgrid_slurm::pilot_script(&vmgrid_slurm::Pilot {
         vmgrid: &vmgrid.to_string_lossy(),
         pool: &a.pool,
         token_file: &tok_file.to_string_lossy(),
@@ -242,29 +177,18 @@ fn slurm(a: SlurmArgs) -> Result<i32, CliError> {
     });
     write_private(&script_file, &script, 0o700)?;
     for _ in 0..a.nodes {
-        let mut cmd = Command::new("sbatch");
-        cmd.arg("--parsable")
-            .arg(format!("--job-name={}", a.job_name))
-            .arg(format!("--time={}", a.time))
+        let id = vmgrid_slurm::sbatch(&vmgrid_slurm::Submit {
+            job_name: &a.job_name,
+            time: &a.time,
             // A second warning, after the pilot's own timer: the script drains on SIGTERM.
-            .arg(format!("--signal=B:TERM@{}", (a.margin_s / 2).min(120)))
-            .arg("--nodes=1")
-            .arg(format!("--output={}/pilot-%j.out", dir.display()));
-        if let Some(p) = &a.partition {
-            cmd.arg(format!("--partition={p}"));
-        }
-        cmd.args(&a.sbatch).arg(&script_file);
-        let out =
-            cmd.output().map_err(|e| CliError::Failed(format!("cannot run sbatch: {e} (is Slurm installed here?)")))?;
-        if !out.status.success() {
-            return Err(CliError::Failed(format!(
-                "sbatch failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        let id = String::from_utf8_lossy(&out.stdout);
-        println!("{}", id.trim().split(';').next().unwrap_or(""));
+            signal_s: (a.margin_s / 2).min(120),
+            output_dir: &dir,
+            partition: a.partition.as_deref(),
+            extra: &a.sbatch,
+            script: &script_file,
+        })
+        .map_err(CliError::Failed)?;
+        println!("{id}");
     }
     eprintln!("vmgrid: pilots' output in {}/pilot-JOBID.out; see `vmgrid glidein status`", dir.display());
     Ok(0)
@@ -296,39 +220,8 @@ fn preflight(a: PreflightArgs) -> Result<i32, CliError> {
     }
 }
 
-struct SlurmJob {
-    id: String,
-    state: String,
-    partition: String,
-    host: String,
-    time_left: String,
-}
-
-fn squeue(job_name: &str) -> Result<Vec<SlurmJob>, CliError> {
-    let out = Command::new("squeue")
-        .args(["--noheader", "--name", job_name, "--format", "%i|%T|%P|%N|%L"])
-        .output()
-        .map_err(|e| CliError::Failed(format!("cannot run squeue: {e} (is Slurm installed here?)")))?;
-    if !out.status.success() {
-        return Err(CliError::Failed(format!("squeue failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.trim().split('|').collect();
-            (f.len() == 5).then(|| SlurmJob {
-                id: f[0].into(),
-                state: f[1].into(),
-                partition: f[2].into(),
-                host: f[3].into(),
-                time_left: f[4].into(),
-            })
-        })
-        .collect())
-}
-
 fn status(a: StatusArgs) -> Result<i32, CliError> {
-    let jobs = squeue(&a.job_name)?;
+    let jobs = vmgrid_slurm::squeue(&a.job_name).map_err(CliError::Failed)?;
     let nodes = a.pool.client()?.nodes()?;
     println!(
         "{:<10} {:<11} {:<10} {:<14} {:<10} {:<18} {:<10} {:>7}",
