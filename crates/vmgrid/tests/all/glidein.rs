@@ -49,6 +49,21 @@ fn slurm_pilots_join_run_a_sweep_and_leave_when_cancelled_or_out_of_time() {
     let pool = Pool::start();
     let _slurm = Slurm::start();
     let glidein_dir = pool.dir.path().join("glidein");
+    // A pilot told of a pool that does not answer fails fast, saying why in its Slurm output.
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let bad_dir = pool.dir.path().join("glidein-bad");
+    let out = pool
+        .cli()
+        .args(["glidein", "slurm", "--nodes", "1", "--time", "0:03:00", "--margin-s", "60"])
+        .args(["--job-name", "vmgrid-badpilot", "--pool", &format!("https://127.0.0.1:{dead_port}")])
+        .arg("--token-file")
+        .arg(pool.data_dir().join("pool.token"))
+        .arg("--dir")
+        .arg(&bad_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    let bad_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let submitted = std::time::Instant::now();
     // 3 minutes of Slurm time: 2 of them taking jobs, then up to 20 s of draining.
     let out = pool
@@ -136,4 +151,10 @@ fn slurm_pilots_join_run_a_sweep_and_leave_when_cancelled_or_out_of_time() {
     assert!(submitted.elapsed() < Duration::from_secs(180), "the timed pilot ended at {:?}", submitted.elapsed());
     let log = std::fs::read_to_string(glidein_dir.join(format!("pilot-{timed}.out"))).unwrap();
     assert!(log.contains("node agent exited (0)"), "the pilot drained and exited 0 before its limit:\n{log}");
+    let bad_log = bad_dir.join(format!("pilot-{bad_id}.out"));
+    let log = std::fs::read_to_string(&bad_log).unwrap_or_default();
+    assert!(log.contains("did not answer") && log.contains(&dead_port.to_string()), "the bad pilot's output:\n{log}");
+    assert!(!log.contains("node agent exited"), "the bad pilot never started a node agent:\n{log}");
+    let listed = Command::new("squeue").args(["-h", "-j", &bad_id]).output().unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).trim().is_empty(), "the bad pilot ended and left Slurm");
 }
