@@ -3,11 +3,18 @@
 // from the API under the token's own role checks. Text from the pool is set with textContent
 // only (never as HTML).
 
+import { loadOverview, loadJob, openJobWith } from "./app-pages.js";
+
 const KEY = "vmgrid-token";
 const $ = (id) => document.getElementById(id);
 
+const SVG = "http://www.w3.org/2000/svg";
 const view = {
-  tab: "jobs",
+  tab: "overview",
+  job: null, // the id on the job page
+  stream: null, // the AbortController of the event stream
+  busy: false, // a refresh is running
+  again: false, // a change came in while it ran
   cursors: [0], // `after` of each page seen; the last is the current page's
   next: null,
   jobs: [],
@@ -55,11 +62,14 @@ async function signIn(token) {
   $("signin").hidden = true;
   $("app").hidden = false;
   $("signout").hidden = false;
-  await refresh();
+  follow();
+  showTab(view.tab);
 }
 
 function signOut() {
   sessionStorage.removeItem(KEY);
+  if (view.stream) view.stream.abort();
+  view.stream = null;
   $("app").hidden = true;
   $("signout").hidden = true;
   $("signin").hidden = false;
@@ -91,7 +101,7 @@ function actionButton(td, job, action) {
     } catch (e) {
       showError(e);
     }
-    await loadJobs();
+    await refresh();
   });
   td.appendChild(b);
 }
@@ -103,7 +113,12 @@ function renderJobs() {
     const tr = document.createElement("tr");
     tr.dataset.id = j.id;
     tr.dataset.state = j.state;
-    for (const k of ["id", "name", "owner", "state", "node", "exit_code", "attempts", "reason"]) cell(tr, j[k]);
+    const link = document.createElement("button");
+    link.textContent = j.id;
+    link.className = "job-link";
+    link.addEventListener("click", () => openJob(j.id));
+    cell(tr, "").appendChild(link);
+    for (const k of ["name", "owner", "state", "node", "exit_code", "attempts", "reason"]) cell(tr, j[k]);
     const td = cell(tr, "");
     if (j.state === "idle" || j.state === "running") actionButton(td, j, "hold");
     if (j.state === "held") actionButton(td, j, "release");
@@ -177,14 +192,75 @@ async function loadUsers() {
 }
 
 async function refresh() {
-  if (view.tab === "jobs") await loadJobs();
-  if (view.tab === "nodes") await loadNodes();
-  if (view.tab === "users") await loadUsers();
+  // One refresh at a time; changes that come in meanwhile cause one more.
+  if (view.busy) { view.again = true; return; }
+  view.busy = true;
+  try {
+    do {
+      view.again = false;
+      if (view.tab === "overview") await loadOverview();
+      if (view.tab === "jobs") await loadJobs();
+      if (view.tab === "nodes") await loadNodes();
+      if (view.tab === "users") await loadUsers();
+      if (view.tab === "job") await loadJob();
+    } while (view.again);
+  } finally {
+    view.busy = false;
+  }
+}
+
+// Live updates: the pool's event stream (`GET /v1/events`, text/event-stream), read with fetch()
+// so the token travels in the Authorization header, never in a URL (EventSource cannot send
+// it). Each `changed` event is a tick: the page reloads what it shows. No polling loop.
+async function follow() {
+  if (view.stream) view.stream.abort();
+  const ctl = new AbortController();
+  view.stream = ctl;
+  let wait = 1000;
+  while (view.stream === ctl) {
+    try {
+      const resp = await fetch("/v1/events", {
+        headers: { Authorization: `Bearer ${sessionStorage.getItem(KEY)}`, Accept: "text/event-stream" },
+        cache: "no-store",
+        signal: ctl.signal,
+      });
+      if (resp.status === 401) return signOut();
+      if (!resp.ok) throw new Error(`event stream: ${resp.status}`);
+      wait = 1000;
+      $("live").textContent = "live";
+      await readEvents(resp.body, (type) => { if (type === "changed") refresh(); });
+    } catch (e) {
+      if (ctl.signal.aborted) return;
+    }
+    $("live").textContent = "reconnecting";
+    await new Promise((r) => setTimeout(r, wait)); // a reconnect with backoff, not a poll
+    wait = Math.min(wait * 2, 30000);
+  }
+}
+
+// Parses a text/event-stream body: events are separated by a blank line; `event:` names one.
+async function readEvents(body, onEvent) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += value.replace(/\r\n?/g, "\n");
+    let at;
+    while ((at = buf.indexOf("\n\n")) >= 0) {
+      const block = buf.slice(0, at);
+      buf = buf.slice(at + 2);
+      let type = "message";
+      for (const line of block.split("\n")) if (line.startsWith("event:")) type = line.slice(6).trim();
+      if (block.split("\n").some((l) => l && !l.startsWith(":"))) onEvent(type);
+    }
+  }
 }
 
 function showTab(tab) {
   view.tab = tab;
   for (const p of document.querySelectorAll(".pane")) p.hidden = p.id !== `tab-${tab}`;
+  if (tab !== "job") view.job = null;
   for (const b of document.querySelectorAll(".tab")) b.classList.toggle("active", b.dataset.tab === tab);
   refresh();
 }
@@ -220,5 +296,8 @@ for (const th of document.querySelectorAll("#jobs th[data-key]")) {
     renderJobs();
   });
 }
+
+function openJob(id) { openJobWith(view, id, showTab); }
+export { api, showError, actionButton, view, $, SVG };
 
 if (sessionStorage.getItem(KEY)) signIn(sessionStorage.getItem(KEY));

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 
 use std::sync::Arc;
 
@@ -33,7 +33,17 @@ pub(crate) struct Shared {
     pub max_blob_bytes: u64,
     /// A scheduling pass is running (one at a time).
     scheduling: AtomicBool,
+    /// Counts durable changes (jobs, nodes): the dashboard's event streams wait on it. A watch
+    /// keeps only the latest count, so a slow stream skips ticks instead of queueing them.
+    pub ticks: watch::Sender<u64>,
+    /// Permits for open event streams ([`MAX_STREAMS`]).
+    pub streams: Arc<Semaphore>,
+    /// Throughput and queue length, one sample a minute, for the dashboard's chart.
+    pub history: Mutex<crate::history::History>,
 }
+
+/// How many event streams may be open at once; more are refused (503).
+pub const MAX_STREAMS: usize = 64;
 
 /// What a call leaves to do once the lock is released: wait for its commit, then wake.
 #[must_use = "a reply must wait for the changes it reports to be durable"]
@@ -41,6 +51,7 @@ pub(crate) struct Pending {
     ticket: u64,
     wake_nodes: bool,
     wake_waiters: bool,
+    changed: bool,
 }
 
 impl Shared {
@@ -55,6 +66,9 @@ impl Shared {
             transport,
             max_blob_bytes,
             scheduling: AtomicBool::new(false),
+            ticks: watch::Sender::new(0),
+            streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            history: Mutex::new(crate::history::History::default()),
         }
     }
 
@@ -109,6 +123,7 @@ impl Shared {
         let mut core = self.lock();
         let out = f(&mut core.engine);
         let fx = core.engine.take_effects();
+        let changed = !fx.ops.is_empty() || fx.wake_waiters || !fx.events.is_empty();
         let mut ticket = core.writer.last_ticket();
         for op in fx.ops {
             ticket = core.writer.push(op);
@@ -117,7 +132,7 @@ impl Shared {
         for e in fx.events {
             log(&e);
         }
-        (out, Pending { ticket, wake_nodes: fx.wake_nodes, wake_waiters: fx.wake_waiters })
+        (out, Pending { ticket, wake_nodes: fx.wake_nodes, wake_waiters: fx.wake_waiters, changed })
     }
 
     /// Reads the engine without waiting for anything (authentication, metrics).
@@ -144,6 +159,9 @@ impl Shared {
         }
         if p.wake_waiters {
             self.changed.notify_waiters();
+        }
+        if p.changed {
+            self.ticks.send_modify(|n| *n += 1);
         }
         Ok(())
     }

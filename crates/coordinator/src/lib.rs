@@ -10,6 +10,7 @@ mod blobs;
 mod core;
 pub mod engine;
 mod files;
+mod history;
 mod metrics;
 mod serve;
 mod standby;
@@ -282,7 +283,11 @@ async fn tick_loop(shared: Arc<core::Shared>) {
     let mut every = tokio::time::interval(Duration::from_millis(200));
     loop {
         every.tick().await;
-        let ((), pending) = shared.call(|e| e.tick(vmgrid_proto::now_ms()));
+        let now = vmgrid_proto::now_ms();
+        let ((), pending) = shared.call(|e| {
+            e.tick(now);
+            history::offer(&shared.history, e, now);
+        });
         let _ = shared.finish(pending).await;
     }
 }

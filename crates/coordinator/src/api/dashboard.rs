@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 
 const INDEX: &str = include_str!("../../dashboard/index.html");
 const SCRIPT: &str = include_str!("../../dashboard/app.js");
+const PAGES: &str = include_str!("../../dashboard/app-pages.js");
 const STYLE: &str = include_str!("../../dashboard/app.css");
 
 /// The policy of every dashboard answer.
@@ -33,6 +34,10 @@ pub async fn index() -> Response {
 
 pub async fn script() -> Response {
     asset("text/javascript; charset=utf-8", SCRIPT)
+}
+
+pub async fn pages() -> Response {
+    asset("text/javascript; charset=utf-8", PAGES)
 }
 
 pub async fn style() -> Response {

@@ -6,8 +6,10 @@
 mod blobs;
 mod dags;
 mod dashboard;
+mod events;
 mod jobs;
 mod nodes;
+mod overview;
 mod tokens;
 mod users;
 
@@ -47,9 +49,12 @@ pub fn router(shared: S) -> Router {
         .route("/v1/consoles", post(tokens::console))
         .route("/v1/users", get(users::list))
         .route("/v1/users/settings", post(users::settings))
+        .route("/v1/events", get(events::stream))
+        .route("/v1/overview", get(overview::get))
         .route("/metrics", get(get_metrics))
         .route("/", get(dashboard::index))
         .route("/dashboard/app.js", get(dashboard::script))
+        .route("/dashboard/app-pages.js", get(dashboard::pages))
         .route("/dashboard/app.css", get(dashboard::style))
         .fallback(|| async { Error(StatusCode::NOT_FOUND, "no such API call; see `vmgrid --help`".into()) })
         .layer(DefaultBodyLimit::max(16 << 20))

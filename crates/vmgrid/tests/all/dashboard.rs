@@ -100,8 +100,9 @@ fn pool_admin(pool: &Pool) -> String {
 }
 
 /// The browser test (`tests/dashboard/e2e.mjs`) in headless Chromium against a real pool: sign in,
-/// a sweep moving from idle to completed, hold and release, a killed node seen lost, one user's
-/// jobs hidden from another. Its screenshots go to the directory in `VMGRID_SCREENSHOTS` (the
+/// a sweep moving from idle to completed live (streamed events, no reload, no polling requests),
+/// a job's page with its output, hold and release, a killed node seen lost, one user's jobs
+/// hidden from another. Its screenshots go to the directory in `VMGRID_SCREENSHOTS` (the
 /// ones in `docs/` were made with `VMGRID_SCREENSHOTS=docs`), else to a scratch directory.
 #[test]
 fn the_dashboard_in_a_browser_signs_in_shows_jobs_and_nodes_and_acts() {
@@ -120,7 +121,12 @@ fn the_dashboard_in_a_browser_signs_in_shows_jobs_and_nodes_and_acts() {
     };
     let (alice, bob) = (made("alice"), made("bob"));
     let jobs = JobDir::new();
-    let job = probe_job_file(jobs.path(), "sweep", &["exit:0"], "");
+    let job = probe_job_file(
+        jobs.path(),
+        "sweep",
+        &["write:out/result.txt:forty-two", "stderr:a warning", "sleep:1500", "args", "hello from the sweep"],
+        "[files]\noutputs = [\"out/*.txt\"]\n",
+    );
     for (token, count) in [(&alice, "3"), (&bob, "1")] {
         let out = pool.cli().env("VMGRID_TOKEN", token).args(["submit", "--count", count]).arg(&job).output().unwrap();
         assert!(out.status.success(), "{}", stderr_of(&out));

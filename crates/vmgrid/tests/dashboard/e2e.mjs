@@ -3,7 +3,7 @@
 // requests on stdout ("start-node", "kill-node") by doing them and writing "done" on stdin.
 // Environment: VMGRID_URL, ALICE, BOB (user tokens), ADMIN, SHOTS (the directory for screenshots).
 import { chromium } from "playwright-core";
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
@@ -22,15 +22,29 @@ function check(cond, what) {
   console.error(`ok: ${what}`);
 }
 
-// Clicks Refresh until `cond` holds (the dashboard refreshes on demand, not in a polling loop).
+// Waits until `cond` holds without touching the page: the page must update itself, from the
+// pool's event stream (there is no polling loop, and this does not click Refresh).
 async function until(page, what, cond, ms = 60000) {
   const end = Date.now() + ms;
   for (;;) {
     if (await cond()) return check(true, what);
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}; the jobs: ${JSON.stringify(await states(page))}`);
-    await page.click("#refresh");
-    await page.waitForTimeout(250);
+    await page.waitForTimeout(200);
   }
+}
+
+// Waits until `fn` holds in the page (page.waitForFunction evaluates a string: the CSP forbids it).
+async function holds(page, fn, arg, ms = 30000) {
+  const end = Date.now() + ms;
+  while (!(await page.evaluate(fn, arg))) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${fn}`);
+    await page.waitForTimeout(100);
+  }
+}
+
+async function tab(page, name) {
+  await page.click(`button[data-tab="${name}"]`);
+  await page.waitForSelector(`#tab-${name}:not([hidden])`);
 }
 
 const states = (page) => page.$$eval("#jobs tbody tr", (rows) => rows.map((r) => [Number(r.dataset.id), r.dataset.state]));
@@ -40,6 +54,9 @@ async function signIn(page, token) {
   await page.fill("#token", token);
   await page.click("#signin-form button");
   await page.waitForSelector("#app:not([hidden])");
+  await page.waitForSelector("#ov-jobs dd"); // the overview opens first
+  await tab(page, "jobs");
+  await holds(page, () => document.querySelectorAll("#jobs tbody tr").length > 0);
 }
 
 // The pool's own CA signs its certificate; this loopback test does not install it in Chromium.
@@ -56,12 +73,13 @@ try {
   page.on("dialog", (d) => d.accept());
   const urls = [];
   page.on("request", (r) => urls.push(r.url()));
+  const since = (n, part) => urls.slice(n).filter((u) => new URL(u).pathname.startsWith(part)).length;
 
   // A wrong token is refused with the API's reason, and nothing is kept.
   await page.goto(url);
   await page.fill("#token", "not-a-token");
   await page.click("#signin-form button");
-  await page.waitForFunction(() => document.getElementById("signin-error").textContent.length > 0);
+  await holds(page, () => document.getElementById("signin-error").textContent.length > 0);
   check((await page.textContent("#signin-error")).includes("not valid"), "a wrong token is refused");
   check(await page.evaluate(() => sessionStorage.length === 0), "a refused token is not kept");
   errors.length = 0; // the browser logs the refused call itself; from here on, none is expected
@@ -82,10 +100,42 @@ try {
   await page.waitForSelector(`#jobs tr[data-id="${first}"][data-state="idle"]`);
   check(true, `job ${first} released`);
 
-  // A node joins: the sweep moves from idle to completed.
+  // A node joins: the sweep moves from idle to completed on the page by itself: no reload, no
+  // click, one event stream and no polling.
+  await page.evaluate(() => { window.stillHere = true; });
+  const before = urls.length;
   await ask("start-node");
-  await until(page, "the sweep completed", async () => (await states(page)).every(([, s]) => s === "completed"));
+  await until(page, "the sweep completed, live", async () => (await states(page)).every(([, s]) => s === "completed"));
+  check(await page.evaluate(() => window.stillHere === true), "the page was not reloaded");
+  check(since(before, "/v1/events") === 0, "the page kept its one event stream (no new one)");
+  const reloads = since(before, "/v1/jobs");
+  check(reloads >= 1, `the page reloaded the jobs on events (${reloads} times)`);
+  await page.waitForTimeout(1500); // the last results of the pool settle
+  const quiet = urls.length;
+  await page.waitForTimeout(3000);
+  check(urls.length === quiet, `no request while the pool is quiet (no polling): ${urls.slice(quiet).join(", ")}`);
   await page.screenshot({ path: join(shots, "dashboard-jobs.png"), fullPage: true });
+
+  // A job's page: its fields, stdout and stderr tails, and an output to download.
+  await page.click(`#jobs tr[data-id="${first}"] .job-link`);
+  await holds(page, () => document.getElementById("job-stdout").textContent.includes("hello from the sweep"));
+  check(true, "the job page shows the job's stdout");
+  check((await page.textContent("#job-stderr")).includes("a warning"), "the job page shows its stderr");
+  check((await page.textContent('#job-spec dd[data-key="state"]')) === "completed", "the job page shows its state");
+  const [download] = await Promise.all([page.waitForEvent("download"), page.click("#job-outputs .download")]);
+  const got = readFileSync(await download.path(), "utf8");
+  check(got === "forty-two", `the output downloads through a blob: URL (${JSON.stringify(got)})`);
+  check(download.url().startsWith("blob:"), "the download URL is a blob: URL, without the token");
+  await page.screenshot({ path: join(shots, "dashboard-job.png"), fullPage: true });
+
+  // The overview: nodes, cpus, jobs by state, and the last hour's chart.
+  await tab(page, "overview");
+  await holds(page, () => Number(document.querySelector('#ov-jobs dd[data-key="completed"]')?.textContent) >= 3);
+  check((await page.textContent('#ov-nodes dd[data-key="ready"]')) === "1", "the overview counts one ready node");
+  check((await page.textContent('#ov-cpus dd[data-key="total"]')) === "2", "the overview counts the node's 2 cpus");
+  check((await page.$$("#ov-chart rect")).length >= 1 && (await page.$("#ov-chart polyline")) !== null, "the chart is drawn");
+  await page.screenshot({ path: join(shots, "dashboard-overview.png"), fullPage: true });
+  await tab(page, "jobs");
 
   // Sorting and filters work on what is shown.
   await page.click('#jobs th[data-key="id"]');
@@ -107,6 +157,11 @@ try {
   await signIn(page, bob);
   seen = await states(page);
   check(seen.length === 1, `bob sees only his job: ${JSON.stringify(seen)}`);
+  const status = await page.evaluate(async (id) => (await fetch(`/v1/jobs/${id}`, {
+    headers: { Authorization: `Bearer ${sessionStorage.getItem("vmgrid-token")}` },
+  })).status, first);
+  check(status === 403, `bob cannot read alice's job ${first} (${status})`);
+  errors.length = 0; // the browser logs that refused call itself
   await page.click("#signout");
   await signIn(page, admin);
   check((await states(page)).length === 4, "the admin sees every job");

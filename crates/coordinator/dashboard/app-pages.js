@@ -1,0 +1,141 @@
+// The dashboard's overview (with its chart, drawn as inline SVG) and job page. Text from the
+// pool is set with textContent only; files are fetched with the Bearer header and handed to the
+// browser as blob: URLs (the token is never in a URL).
+import { api, showError, actionButton, view, $, SVG } from "./app.js";
+
+function dl(parent, pairs) {
+  parent.replaceChildren();
+  for (const [k, v] of pairs) {
+    const dt = document.createElement("dt");
+    dt.textContent = k;
+    const dd = document.createElement("dd");
+    dd.textContent = v === null || v === undefined ? "" : String(v);
+    dd.dataset.key = k;
+    parent.append(dt, dd);
+  }
+}
+
+export async function loadOverview() {
+  try {
+    const o = await api("/v1/overview");
+    dl($("ov-nodes"), Object.entries(o.nodes));
+    dl($("ov-cpus"), [["used", o.cpus_used], ["total", o.cpus_total]]);
+    dl($("ov-jobs"), Object.entries(o.jobs));
+    chart($("ov-chart"), o.history);
+    showError(null);
+  } catch (e) {
+    showError(e);
+  }
+}
+
+function el(name, attrs, text) {
+  const e = document.createElementNS(SVG, name);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, String(v));
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+// Throughput (bars: results accepted per minute) and queue length (line: idle jobs) over the
+// last hour, one sample a minute, the current minute last.
+function chart(svg, samples) {
+  const W = 720, H = 220, L = 40, R = 40, T = 20, B = 30;
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.replaceChildren();
+  const end = samples.length ? samples[samples.length - 1].minute_ms : 0;
+  const x = (m) => L + ((W - L - R) * (59 - (end - m) / 60000)) / 60;
+  const bw = (W - L - R) / 60 - 1;
+  const maxDone = Math.max(1, ...samples.map((s) => s.completed));
+  const maxQ = Math.max(1, ...samples.map((s) => s.queued));
+  const y = (v, max) => H - B - ((H - T - B) * v) / max;
+  svg.append(el("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, class: "axis" }));
+  for (const s of samples) {
+    svg.append(el("rect", { x: x(s.minute_ms), y: y(s.completed, maxDone), width: bw, height: H - B - y(s.completed, maxDone), class: "done" }));
+  }
+  const pts = samples.map((s) => `${x(s.minute_ms) + bw / 2},${y(s.queued, maxQ)}`).join(" ");
+  if (samples.length) svg.append(el("polyline", { points: pts, class: "queue" }));
+  svg.append(el("text", { x: 4, y: T, class: "label done-label" }, `${maxDone}/min`));
+  svg.append(el("text", { x: W - R + 4, y: T, class: "label queue-label" }, `${maxQ} idle`));
+  svg.append(el("text", { x: L, y: H - 8, class: "label" }, "60 min ago"));
+  svg.append(el("text", { x: W - R - 30, y: H - 8, class: "label" }, "now"));
+  const last = samples[samples.length - 1] || { completed: 0, queued: 0 };
+  $("ov-legend").textContent = `bars: jobs finished per minute (this minute: ${last.completed}); line: idle jobs (now: ${last.queued})`;
+}
+
+export function openJobWith(v, id, showTab) {
+  v.job = id;
+  showTab("job");
+}
+
+function fmtTime(ms) {
+  return ms ? new Date(ms).toISOString().replace("T", " ").replace(/\.\d+Z$/, " UTC") : "";
+}
+
+async function blob(hash) {
+  const resp = await fetch(`/v1/blobs/${hash}`, {
+    headers: { Authorization: `Bearer ${sessionStorage.getItem("vmgrid-token")}` },
+    cache: "no-store",
+  });
+  if (!resp.ok) throw new Error(`blob ${hash}: ${resp.status}`);
+  return resp.blob();
+}
+
+async function tail(pre, file, dropped) {
+  if (!file) { pre.textContent = "(none)"; return; }
+  const text = await (await blob(file.blob)).text();
+  const cut = text.length > 8192 ? text.slice(-8192) : text;
+  pre.textContent = (dropped || cut !== text ? "…\n" : "") + cut;
+}
+
+function download(li, f) {
+  const b = document.createElement("button");
+  b.textContent = `${f.path} (${f.size} bytes)`;
+  b.className = "download";
+  b.addEventListener("click", async () => {
+    try {
+      const url = URL.createObjectURL(await blob(f.blob));
+      const a = document.createElement("a");
+      a.href = url;
+      a.download = f.path.split("/").pop();
+      a.click();
+      setTimeout(() => URL.revokeObjectURL(url), 60000);
+    } catch (e) {
+      showError(e);
+    }
+  });
+  li.appendChild(b);
+}
+
+export async function loadJob() {
+  if (view.job === null) return;
+  try {
+    const r = await api(`/v1/jobs/${view.job}`);
+    const j = r.job;
+    $("job-title").textContent = `Job ${j.id}: ${j.name}`;
+    $("job-title").dataset.state = j.state;
+    dl($("job-spec"), [["owner", j.owner], ["state", j.state], ["vm type", j.vm_type], ["index", j.index],
+      ["node", j.node], ["attempts", j.attempts], ["reason", j.reason], ["exit code", j.exit_code],
+      ["submitted", fmtTime(j.submitted_ms)], ["started", fmtTime(j.started_ms)], ["finished", fmtTime(j.finished_ms)]]);
+    const acts = $("job-actions");
+    acts.replaceChildren();
+    if (j.state === "idle" || j.state === "running") actionButton(acts, j, "hold");
+    if (j.state === "held") actionButton(acts, j, "release");
+    if (!["completed", "removed"].includes(j.state)) actionButton(acts, j, "rm");
+    await tail($("job-stdout"), r.stdout, r.stdout_dropped);
+    await tail($("job-stderr"), r.stderr, r.stderr_dropped);
+    const outs = $("job-outputs");
+    outs.replaceChildren();
+    for (const f of r.outputs) {
+      const li = document.createElement("li");
+      download(li, f);
+      outs.appendChild(li);
+    }
+    if (!r.outputs.length) {
+      const li = document.createElement("li");
+      li.textContent = "none";
+      outs.appendChild(li);
+    }
+    showError(null);
+  } catch (e) {
+    showError(e);
+  }
+}
