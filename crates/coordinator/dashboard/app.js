@@ -76,12 +76,11 @@ function signOut() {
   $("who").textContent = "";
 }
 
+// The pool filters by state, owner and name (every page, not only the one shown); the page sorts.
 function sortedJobs() {
-  const owner = $("f-owner").value.trim().toLowerCase();
-  const name = $("f-name").value.trim().toLowerCase();
   const { key, dir } = view.sort;
   return view.jobs
-    .filter((j) => (!owner || j.owner.toLowerCase().includes(owner)) && (!name || j.name.toLowerCase().includes(name)))
+    .slice()
     .sort((a, b) => {
       const x = a[key] ?? "", y = b[key] ?? "";
       return (x < y ? -1 : x > y ? 1 : 0) * dir;
@@ -134,6 +133,8 @@ async function loadJobs() {
   const after = view.cursors[view.cursors.length - 1];
   const q = new URLSearchParams({ after: String(after), limit: $("f-limit").value });
   if ($("f-state").value) q.set("state", $("f-state").value);
+  if ($("f-owner").value.trim()) q.set("owner", $("f-owner").value.trim());
+  if ($("f-name").value.trim()) q.set("name", $("f-name").value.trim());
   try {
     const page = await api(`/v1/jobs?${q}`);
     view.jobs = page.jobs;
@@ -281,8 +282,14 @@ $("refresh").addEventListener("click", refresh);
 for (const b of document.querySelectorAll(".tab")) b.addEventListener("click", () => showTab(b.dataset.tab));
 $("f-state").addEventListener("change", restart);
 $("f-limit").addEventListener("change", restart);
-$("f-owner").addEventListener("input", renderJobs);
-$("f-name").addEventListener("input", renderJobs);
+// Typing in a filter asks the pool once the typing pauses.
+let typing = null;
+const filterTyped = () => {
+  clearTimeout(typing);
+  typing = setTimeout(restart, 250);
+};
+$("f-owner").addEventListener("input", filterTyped);
+$("f-name").addEventListener("input", filterTyped);
 $("first").addEventListener("click", restart);
 $("next").addEventListener("click", () => {
   if (view.next === null) return;

@@ -44,13 +44,20 @@ pub struct ListQuery {
     #[serde(default = "default_page")]
     limit: usize,
     state: Option<String>,
+    /// Only this owner's jobs.
+    owner: Option<String>,
+    /// Only jobs whose name contains this (case folded).
+    name: Option<String>,
 }
+
+/// The longest `owner` or `name` a job list may filter by.
+const MAX_FILTER_CHARS: usize = 256;
 
 fn default_page() -> usize {
     1000
 }
 
-/// One page of the jobs the caller may see: `?after=ID&limit=N&state=idle`.
+/// One page of the jobs the caller may see: `?after=ID&limit=N&state=idle&owner=alice&name=sweep`.
 pub async fn list(AxState(shared): AxState<S>, Auth(p): Auth, Query(q): Query<ListQuery>) -> Result<Json<JobPage>> {
     user(&p, "list jobs")?;
     let state = match q.state.as_deref() {
@@ -59,7 +66,20 @@ pub async fn list(AxState(shared): AxState<S>, Auth(p): Auth, Query(q): Query<Li
             Error(StatusCode::BAD_REQUEST, format!("unknown state `{s}`: idle, running, completed, held or removed"))
         })?),
     };
-    let (page, pending) = shared.call(|e| e.job_page(&p, q.after, q.limit, state));
+    for (what, v) in [("owner", &q.owner), ("name", &q.name)] {
+        if v.as_ref().is_some_and(|v| v.chars().count() > MAX_FILTER_CHARS) {
+            return Err(Error(
+                StatusCode::BAD_REQUEST,
+                format!("`{what}` is longer than {MAX_FILTER_CHARS} characters"),
+            ));
+        }
+    }
+    let filter = crate::engine::JobFilter {
+        state,
+        owner: q.owner.filter(|o| !o.is_empty()),
+        name: q.name.filter(|n| !n.is_empty()),
+    };
+    let (page, pending) = shared.call(|e| e.job_page(&p, q.after, q.limit, &filter));
     shared.finish(pending).await?;
     Ok(Json(page))
 }

@@ -19,6 +19,8 @@ mod schedule;
 pub use fair::{DEFAULT_HALF_LIFE_MS, USAGE_SAVE_MS};
 pub use schedule::Snapshot;
 #[cfg(test)]
+mod page_tests;
+#[cfg(test)]
 mod proptests;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -501,15 +503,17 @@ impl Engine {
     }
 
     /// Up to `limit` jobs after id `after` that `p` may see (in `state`, if given), in id order.
-    pub fn job_page(&self, p: &Principal, after: u64, limit: usize, state: Option<JobState>) -> JobPage {
+    pub fn job_page(&self, p: &Principal, after: u64, limit: usize, filter: &JobFilter) -> JobPage {
         let limit = limit.clamp(1, MAX_PAGE);
         let mut jobs = Vec::new();
         let mut next_after = None;
-        let visible = self
-            .jobs
-            .range(after.saturating_add(1)..)
-            .map(|(_, j)| j)
-            .filter(|j| p.may_see(&j.owner) && state.is_none_or(|s| j.state == s));
+        let name_of = |j: &Job| self.specs.get(&j.spec_id).map_or("", |s| s.spec.name.as_str());
+        let visible = self.jobs.range(after.saturating_add(1)..).map(|(_, j)| j).filter(|j| {
+            p.may_see(&j.owner)
+                && filter.state.is_none_or(|s| j.state == s)
+                && filter.owner.as_deref().is_none_or(|o| *j.owner == *o)
+                && filter.name.as_deref().is_none_or(|n| contains_folded(name_of(j), n))
+        });
         for j in visible {
             if jobs.len() == limit {
                 next_after = jobs.last().map(|v: &JobView| v.id);
@@ -577,4 +581,18 @@ impl Engine {
 
 fn cluster_of(spec: &JobSpec) -> Result<Cluster, vmgrid_scheduler::ExprError> {
     Cluster::compile(spec.vm_type, spec.cpus, spec.memory_mb, spec.requirements.as_deref(), spec.rank.as_deref())
+}
+
+/// Which jobs a page lists: in a state, of an owner (exactly), whose name contains a text (case
+/// folded). Unset fields match every job.
+#[derive(Debug, Default, Clone)]
+pub struct JobFilter {
+    pub state: Option<JobState>,
+    pub owner: Option<String>,
+    pub name: Option<String>,
+}
+
+/// Whether `hay` contains `needle`, ignoring case.
+fn contains_folded(hay: &str, needle: &str) -> bool {
+    hay.to_lowercase().contains(&needle.to_lowercase())
 }

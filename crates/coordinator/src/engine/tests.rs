@@ -4,7 +4,7 @@
 use super::*;
 use crate::store::{JobRow, Loaded, StoredJob, StoredNode, TokenRow};
 
-const TIMING: Timing = Timing { lease_ttl_ms: 1000, node_ttl_ms: 1000, heartbeat_ms: 200 };
+pub(crate) const TIMING: Timing = Timing { lease_ttl_ms: 1000, node_ttl_ms: 1000, heartbeat_ms: 200 };
 
 fn engine() -> Engine {
     Engine::new(TIMING)

@@ -142,8 +142,9 @@ try {
   seen = await states(page);
   check(seen[0][0] > seen[seen.length - 1][0], "a second click on id sorts newest first");
   await page.fill("#f-name", "no-such-name");
-  check((await states(page)).length === 0, "the name filter hides what does not match");
+  await until(page, "the name filter, applied by the pool, hides what does not match", async () => (await states(page)).length === 0);
   await page.fill("#f-name", "");
+  await until(page, "without the filter the jobs are back", async () => (await states(page)).length > 0);
 
   // The token was never in a URL, and the session keeps it across a reload.
   check(urls.every((u) => !u.includes(alice)), "the token is in no URL the page asked for");

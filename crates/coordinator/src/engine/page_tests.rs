@@ -1,0 +1,34 @@
+//! Job pages: the filters a list asks the pool for.
+
+use super::tests::{TIMING, spec};
+use super::*;
+
+/// A page lists only the jobs of the owner and name asked for, across the whole queue, and never
+/// another user's.
+#[test]
+fn a_job_page_filters_by_owner_and_name_on_every_page() {
+    let mut e = Engine::new(TIMING);
+    let (alice, bob) = (Principal::User("alice".into()), Principal::User("bob".into()));
+    let mut sweep = spec(0);
+    sweep.name = "Sweep-A".into();
+    e.submit(&alice, spec(0), 3, 0).unwrap();
+    e.submit(&bob, sweep.clone(), 2, 0).unwrap();
+    e.submit(&alice, sweep, 2, 0).unwrap();
+    let admin = Principal::Admin("admin".into());
+    let f = |owner: Option<&str>, name: Option<&str>| JobFilter {
+        state: None,
+        owner: owner.map(str::to_string),
+        name: name.map(str::to_string),
+    };
+    let ids = |p: &Principal, f: &JobFilter| e.job_page(p, 0, 1000, f).jobs.iter().map(|j| j.id).collect::<Vec<_>>();
+    assert_eq!(ids(&admin, &f(Some("alice"), Some("sweep"))).len(), 2);
+    assert_eq!(ids(&admin, &f(None, Some("SWEEP-a"))).len(), 4, "the name matches case folded");
+    assert_eq!(ids(&admin, &f(Some("bob"), None)).len(), 2);
+    assert!(ids(&alice, &f(Some("bob"), None)).is_empty(), "a user never sees another user's jobs");
+    // A small page still finds matches past the first jobs.
+    let page = e.job_page(&admin, 0, 1, &f(Some("alice"), Some("sweep")));
+    assert_eq!(page.jobs.len(), 1);
+    let next = e.job_page(&admin, page.next_after.unwrap(), 1, &f(Some("alice"), Some("sweep")));
+    assert_eq!(next.jobs.len(), 1);
+    assert!(next.jobs[0].id > page.jobs[0].id && next.jobs[0].owner == "alice");
+}
