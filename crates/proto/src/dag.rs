@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::JobSpec;
 
 /// One node of a workflow: a job (a sweep of `count` instances) and how it joins the others.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DagNodeSpec {
     pub name: String,
@@ -34,7 +34,7 @@ fn one() -> u64 {
     1
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DagSpec {
     pub name: String,
@@ -74,7 +74,7 @@ impl DagSpec {
 
 /// `POST /v1/dags`. With `rescue`, the nodes that completed in that (ended) workflow are not
 /// run again: they count as done, with their jobs and outputs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DagSubmitRequest {
     pub dag: DagSpec,
@@ -82,7 +82,7 @@ pub struct DagSubmitRequest {
     pub rescue: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DagState {
     Running,
@@ -108,7 +108,7 @@ impl DagState {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DagNodeState {
     /// Its parents have not all completed yet.
@@ -136,7 +136,7 @@ impl DagNodeState {
 }
 
 /// One node as `vmgrid dag status` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DagNodeView {
     pub name: String,
     pub state: DagNodeState,
@@ -155,7 +155,7 @@ pub struct DagNodeView {
 }
 
 /// A workflow in the list `vmgrid dag status` (without an id) prints: `GET /v1/dags`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DagSummary {
     pub id: u64,
     pub name: String,
@@ -170,7 +170,7 @@ pub struct DagSummary {
 }
 
 /// A workflow as `vmgrid dag status ID --json` prints it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DagView {
     pub id: u64,
     pub name: String,

@@ -26,7 +26,7 @@ pub fn is_blob_ref(s: &str) -> bool {
 }
 
 /// A job as submitted to a pool: the job file with its files replaced by blob references.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     pub name: String,
@@ -72,7 +72,7 @@ pub struct JobSpec {
 
 /// Where an SSI process's home (the console that owns its files and process table) is, and the
 /// capability that lets this one process talk to it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SsiSpec {
     /// The home's URL, which nodes connect to (outward, as they connect to the pool).
@@ -84,7 +84,7 @@ pub struct SsiSpec {
 }
 
 /// A file by name and content.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileRef {
     /// For inputs, the relative destination in the job directory; for images, the file name.
@@ -104,7 +104,7 @@ pub struct SpecFiles {
     pub inputs: Vec<FileRef>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
     pub spec: JobSpec,
@@ -121,12 +121,12 @@ fn unbounded() -> u32 {
     u32::MAX
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SubmitResponse {
     pub ids: Vec<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     Idle,
@@ -165,7 +165,7 @@ impl JobState {
 }
 
 /// One job as `q` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobView {
     pub id: u64,
     pub name: String,
@@ -184,7 +184,7 @@ pub struct JobView {
 }
 
 /// One page of the job list, in id order: `GET /v1/jobs?after=ID&limit=N&state=S`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobPage {
     pub jobs: Vec<JobView>,
     /// Pass as `after` for the next page; `None` on the last one.
@@ -195,7 +195,7 @@ pub struct JobPage {
 pub const MAX_PAGE: usize = 10_000;
 
 /// A finished job's results: what `logs` and `fetch` read.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobResult {
     pub job: JobView,
     pub stdout: Option<FileRef>,
@@ -205,7 +205,7 @@ pub struct JobResult {
     pub outputs: Vec<FileRef>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobAction {
     Rm,
@@ -213,14 +213,14 @@ pub enum JobAction {
     Release,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ActionRequest {
     pub action: JobAction,
     pub ids: Vec<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ActionResponse {
     pub changed: Vec<JobView>,
     /// Ids that could not be changed, with why.
@@ -228,7 +228,7 @@ pub struct ActionResponse {
 }
 
 /// What a node says about itself; CEL sees it as `node`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeAd {
     pub name: String,
@@ -278,7 +278,7 @@ impl NodeAd {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeState {
     Ready,
@@ -297,7 +297,7 @@ impl NodeState {
 }
 
 /// One node as `status` shows it: its ad, flattened, and the pool's view of it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeView {
     #[serde(flatten)]
     pub ad: NodeAd,
@@ -308,7 +308,7 @@ pub struct NodeView {
     pub last_seen_ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     pub ad: NodeAd,
@@ -318,7 +318,7 @@ pub struct RegisterRequest {
     pub previous_credential: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RegisterResponse {
     /// The node's own credential for every later call; the pool token only registers.
     pub credential: String,
@@ -326,7 +326,7 @@ pub struct RegisterResponse {
     pub heartbeat_ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseRequest {
     /// At most this many jobs in the reply.
@@ -340,7 +340,7 @@ pub struct LeaseRequest {
 
 /// A job handed to a node under a lease. The epoch fences results: only a report carrying the
 /// current epoch of a running job is accepted.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Lease {
     pub job_id: u64,
     pub epoch: u64,
@@ -349,18 +349,18 @@ pub struct Lease {
     pub spec: JobSpec,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseResponse {
     pub leases: Vec<Lease>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseId {
     pub job_id: u64,
     pub epoch: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatRequest {
     pub leases: Vec<LeaseId>,
@@ -368,14 +368,14 @@ pub struct HeartbeatRequest {
     pub draining: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HeartbeatResponse {
     /// Leases the node must stop: the job was removed, held or given to another node.
     pub revoked: Vec<LeaseId>,
 }
 
 /// How a run ended, as a node reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum RunReport {
     /// The guest exited with this code.
@@ -388,7 +388,7 @@ pub enum RunReport {
     HostFailed { reason: String },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Report {
     pub lease: LeaseId,
@@ -403,13 +403,13 @@ pub struct Report {
     pub outputs: Vec<FileRef>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReportRequest {
     pub reports: Vec<Report>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReportResponse {
     pub accepted: Vec<LeaseId>,
     /// Reports refused because their lease expired or was given to another node.
@@ -419,13 +419,13 @@ pub struct ReportResponse {
 /// A `vmgrid ssi` console asks to be the home of processes; the pool decides its URL (the
 /// address it connected from, and the port it listens on) and issues its credential and TLS
 /// certificate.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConsoleRequest {
     pub port: u16,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConsoleResponse {
     pub id: String,
     /// The console's own credential: it submits its processes with it.
@@ -444,7 +444,7 @@ pub const ERROR_HEADER: &str = "x-vmgrid-error";
 pub const STANDBY_HEADER: &str = "x-vmgrid-standby";
 
 /// Every error reply: a sentence for a person.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApiError {
     pub error: String,
 }

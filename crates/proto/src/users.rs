@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One user's standing, as `GET /v1/users` lists it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UserView {
     pub user: String,
     /// Cpu-seconds of the user's running jobs, decayed with the pool's half-life.
@@ -24,7 +24,7 @@ pub struct UserView {
 }
 
 /// `POST /v1/users/settings` (admin only): what to change for `user`; fields left out stay.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserSettingsRequest {
     pub user: String,
@@ -48,7 +48,7 @@ pub(crate) fn is_zero(x: &i32) -> bool {
     *x == 0
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Node,
@@ -56,7 +56,7 @@ pub enum Role {
     Admin,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
     pub role: Role,
@@ -87,7 +87,7 @@ impl TokenRequest {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenResponse {
     /// The secret, shown this once; the pool keeps only its hash.
     pub token: String,
@@ -97,7 +97,7 @@ pub struct TokenResponse {
 }
 
 /// A token as an admin lists it: never the secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenView {
     pub id: String,
     /// `pool`, `node`, `user`, `admin` or `console`.
@@ -107,7 +107,7 @@ pub struct TokenView {
     pub expires_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeRequest {
     pub id: String,

@@ -9,6 +9,7 @@ mod dashboard;
 mod events;
 mod jobs;
 mod nodes;
+mod openapi;
 mod overview;
 mod tokens;
 mod users;
@@ -19,7 +20,7 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts, State as AxState};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 
 use crate::core::Shared;
@@ -28,34 +29,44 @@ use crate::metrics;
 
 type S = Arc<Shared>;
 
+/// Every route: a path and its handlers. The OpenAPI document (`openapi.rs`) describes each; a
+/// test checks that the two list the same paths and methods.
+pub(crate) fn routes() -> Vec<(&'static str, MethodRouter<S>)> {
+    vec![
+        ("/v1/jobs", post(jobs::submit).get(jobs::list)),
+        ("/v1/jobs/actions", post(jobs::actions)),
+        ("/v1/jobs/{id}", get(jobs::result)),
+        ("/v1/jobs/{id}/wait", get(jobs::wait)),
+        ("/v1/dags", post(dags::submit).get(dags::list)),
+        ("/v1/dags/{id}", get(dags::get)),
+        ("/v1/dags/{id}/rm", post(dags::rm)),
+        ("/v1/nodes", get(nodes::list)),
+        ("/v1/nodes/register", post(nodes::register)),
+        ("/v1/nodes/lease", post(nodes::lease)),
+        ("/v1/nodes/heartbeat", post(nodes::heartbeat)),
+        ("/v1/nodes/report", post(nodes::report)),
+        ("/v1/nodes/deregister", post(nodes::deregister)),
+        ("/v1/blobs/{hash}", get(blobs::get).head(blobs::head).put(blobs::put)),
+        ("/v1/tokens", post(tokens::add).get(tokens::list)),
+        ("/v1/tokens/revoke", post(tokens::revoke)),
+        ("/v1/consoles", post(tokens::console)),
+        ("/v1/users", get(users::list)),
+        ("/v1/users/settings", post(users::settings)),
+        ("/v1/events", get(events::stream)),
+        ("/v1/overview", get(overview::get)),
+        ("/metrics", get(get_metrics)),
+        ("/openapi.json", get(openapi::serve)),
+        ("/", get(dashboard::index)),
+        ("/dashboard/app.js", get(dashboard::script)),
+        ("/dashboard/app-pages.js", get(dashboard::pages)),
+        ("/dashboard/app.css", get(dashboard::style)),
+    ]
+}
+
 pub fn router(shared: S) -> Router {
-    Router::new()
-        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
-        .route("/v1/jobs/actions", post(jobs::actions))
-        .route("/v1/jobs/{id}", get(jobs::result))
-        .route("/v1/jobs/{id}/wait", get(jobs::wait))
-        .route("/v1/dags", post(dags::submit).get(dags::list))
-        .route("/v1/dags/{id}", get(dags::get))
-        .route("/v1/dags/{id}/rm", post(dags::rm))
-        .route("/v1/nodes", get(nodes::list))
-        .route("/v1/nodes/register", post(nodes::register))
-        .route("/v1/nodes/lease", post(nodes::lease))
-        .route("/v1/nodes/heartbeat", post(nodes::heartbeat))
-        .route("/v1/nodes/report", post(nodes::report))
-        .route("/v1/nodes/deregister", post(nodes::deregister))
-        .route("/v1/blobs/{hash}", get(blobs::get).head(blobs::head).put(blobs::put))
-        .route("/v1/tokens", post(tokens::add).get(tokens::list))
-        .route("/v1/tokens/revoke", post(tokens::revoke))
-        .route("/v1/consoles", post(tokens::console))
-        .route("/v1/users", get(users::list))
-        .route("/v1/users/settings", post(users::settings))
-        .route("/v1/events", get(events::stream))
-        .route("/v1/overview", get(overview::get))
-        .route("/metrics", get(get_metrics))
-        .route("/", get(dashboard::index))
-        .route("/dashboard/app.js", get(dashboard::script))
-        .route("/dashboard/app-pages.js", get(dashboard::pages))
-        .route("/dashboard/app.css", get(dashboard::style))
+    routes()
+        .into_iter()
+        .fold(Router::new(), |r, (path, handlers)| r.route(path, handlers))
         .fallback(|| async { Error(StatusCode::NOT_FOUND, "no such API call; see `vmgrid --help`".into()) })
         .layer(DefaultBodyLimit::max(16 << 20))
         .with_state(shared)

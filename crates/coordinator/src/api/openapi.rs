@@ -1,0 +1,284 @@
+//! The OpenAPI 3.1 document of the whole API, served at `GET /openapi.json` (no token needed: it
+//! describes the calls, never the pool's data). Its schemas are derived from the wire types in
+//! `vmgrid-proto` (`utoipa::ToSchema`); the operations are described here, one stub per route of
+//! [`super::routes`], and a test checks that both list the same paths and methods.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{Content, Ref, RefOr, ResponseBuilder, response::Response};
+use utoipa::{IntoResponses, Modify, OpenApi};
+use vmgrid_proto::*;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "vmgrid coordinator API", description = "The HTTP API of a vmgrid pool's coordinator. Every call but the dashboard's files and this document needs `Authorization: Bearer <token>`; errors are JSON `{\"error\": \"...\"}`."),
+    paths(
+        jobs_submit, jobs_list, jobs_actions, jobs_result, jobs_wait,
+        dags_submit, dags_list, dags_get, dags_rm,
+        nodes_list, nodes_register, nodes_lease, nodes_heartbeat, nodes_report, nodes_deregister,
+        blobs_get, blobs_head, blobs_put,
+        tokens_add, tokens_list, tokens_revoke, consoles_open,
+        users_list, users_settings,
+        metrics, openapi_json, dashboard_index, dashboard_script, dashboard_style,
+    ),
+    components(schemas(ApiError)),
+    modifiers(&Bearer),
+    security(("bearer" = [])),
+)]
+pub struct ApiDoc;
+
+struct Bearer;
+
+impl Modify for Bearer {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let scheme = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .description(Some("a pool, admin, user, node or console token, as the CLI uses"))
+            .build();
+        doc.components.get_or_insert_with(Default::default).add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
+
+/// The errors every authenticated call can answer with, each a JSON [`ApiError`].
+struct Errors;
+
+fn error(description: &str) -> RefOr<Response> {
+    let body = Content::new(Some(Ref::from_schema_name("ApiError")));
+    ResponseBuilder::new().description(description).content("application/json", body).build().into()
+}
+
+impl IntoResponses for Errors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        [
+            ("400", "bad input: the request, its body or a parameter"),
+            ("401", "no token, or one this pool does not know"),
+            ("403", "the token's role may not make this call"),
+            ("404", "no such job, workflow, token, user or blob"),
+            ("409", "the call conflicts with the state of what it names"),
+            ("503", "the pool cannot save changes right now, or this coordinator is a standby"),
+        ]
+        .into_iter()
+        .map(|(code, d)| (code.to_string(), error(d)))
+        .collect()
+    }
+}
+
+/// Blob calls can also fail on the coordinator's side, or for the size of an upload.
+struct BlobErrors;
+
+impl IntoResponses for BlobErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        let mut r = Errors::responses();
+        r.insert("413".into(), error("the upload is larger than one blob may be"));
+        r.insert("500".into(), error("the coordinator could not read or store the blob"));
+        r.insert("507".into(), error("the coordinator's disk, or the caller's blob quota, is full"));
+        r
+    }
+}
+
+pub async fn serve() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+// One stub per operation: utoipa reads the attributes; the handlers are in the sibling modules.
+macro_rules! op {
+    ($name:ident, $($attr:tt)*) => {
+        #[utoipa::path($($attr)*)]
+        #[allow(dead_code)]
+        fn $name() {}
+    };
+}
+
+op!(
+    jobs_submit,
+    post,
+    path = "/v1/jobs",
+    tag = "jobs",
+    request_body = SubmitRequest,
+    responses((status = 200, description = "the jobs queued", body = SubmitResponse), Errors)
+);
+op!(jobs_list, get, path = "/v1/jobs", tag = "jobs",
+    params(("after" = Option<u64>, Query, description = "only jobs with a larger id"),
+           ("limit" = Option<u64>, Query, description = "at most this many (default 1000)"),
+           ("state" = Option<String>, Query, description = "only jobs in this state (idle, running, held, completed, removed)")),
+    responses((status = 200, description = "one page of the jobs the caller may see", body = JobPage), Errors));
+op!(
+    jobs_actions,
+    post,
+    path = "/v1/jobs/actions",
+    tag = "jobs",
+    request_body = ActionRequest,
+    responses((status = 200, description = "what the action did to each job", body = ActionResponse), Errors)
+);
+op!(
+    jobs_result,
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    params(("id" = u64, Path, description = "the job's id")),
+    responses((status = 200, description = "the job, its attempts and its outputs", body = JobResult), Errors)
+);
+op!(jobs_wait, get, path = "/v1/jobs/{id}/wait", tag = "jobs",
+    params(("id" = u64, Path, description = "the job's id"),
+           ("timeout_ms" = Option<u64>, Query, description = "answer after this long at the latest (at most 600000)")),
+    responses((status = 200, description = "the job once completed, removed or held, or at the timeout", body = JobView), Errors));
+op!(
+    dags_submit,
+    post,
+    path = "/v1/dags",
+    tag = "dags",
+    request_body = DagSubmitRequest,
+    responses((status = 200, description = "the workflow submitted", body = DagView), Errors)
+);
+op!(dags_list, get, path = "/v1/dags", tag = "dags",
+    responses((status = 200, description = "the workflows the caller may see", body = Vec<DagSummary>), Errors));
+op!(
+    dags_get,
+    get,
+    path = "/v1/dags/{id}",
+    tag = "dags",
+    params(("id" = u64, Path, description = "the workflow's id")),
+    responses((status = 200, description = "the workflow", body = DagView), Errors)
+);
+op!(
+    dags_rm,
+    post,
+    path = "/v1/dags/{id}/rm",
+    tag = "dags",
+    params(("id" = u64, Path, description = "the workflow's id")),
+    responses((status = 200, description = "the workflow, its jobs removed", body = DagView), Errors)
+);
+op!(nodes_list, get, path = "/v1/nodes", tag = "nodes",
+    responses((status = 200, description = "every node", body = Vec<NodeView>), Errors));
+op!(
+    nodes_register,
+    post,
+    path = "/v1/nodes/register",
+    tag = "nodes",
+    request_body = RegisterRequest,
+    responses((status = 200, description = "the node's own token (pool token only)", body = RegisterResponse), Errors)
+);
+op!(
+    nodes_lease,
+    post,
+    path = "/v1/nodes/lease",
+    tag = "nodes",
+    request_body = LeaseRequest,
+    responses((status = 200, description = "jobs for the node (node token only)", body = LeaseResponse), Errors)
+);
+op!(
+    nodes_heartbeat,
+    post,
+    path = "/v1/nodes/heartbeat",
+    tag = "nodes",
+    request_body = HeartbeatRequest,
+    responses((status = 200, description = "the node is alive (node token only)", body = HeartbeatResponse), Errors)
+);
+op!(
+    nodes_report,
+    post,
+    path = "/v1/nodes/report",
+    tag = "nodes",
+    request_body = ReportRequest,
+    responses(
+        (status = 200, description = "an attempt's end recorded (node token only)", body = ReportResponse),
+        Errors
+    )
+);
+op!(
+    nodes_deregister,
+    post,
+    path = "/v1/nodes/deregister",
+    tag = "nodes",
+    responses((status = 204, description = "the node left the pool (node token only)"), Errors)
+);
+op!(blobs_get, get, path = "/v1/blobs/{hash}", tag = "blobs", params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits")),
+    responses((status = 200, description = "the blob's bytes", content_type = "application/octet-stream", body = Vec<u8>), BlobErrors));
+op!(blobs_head, head, path = "/v1/blobs/{hash}", tag = "blobs",
+    params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits"),
+           ("size" = Option<u64>, Query, description = "the size of an upload the caller means to make: the answer is the refusal it would get")),
+    responses((status = 200, description = "the pool has the blob"), BlobErrors));
+op!(blobs_put, put, path = "/v1/blobs/{hash}", tag = "blobs", params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, description = "the pool had the blob already"), (status = 201, description = "the blob stored"), BlobErrors));
+op!(
+    tokens_add,
+    post,
+    path = "/v1/tokens",
+    tag = "tokens",
+    request_body = TokenRequest,
+    responses((status = 200, description = "the new token (admin only)", body = TokenResponse), Errors)
+);
+op!(tokens_list, get, path = "/v1/tokens", tag = "tokens",
+    responses((status = 200, description = "every token, without its secret (admin only)", body = Vec<TokenView>), Errors));
+op!(
+    tokens_revoke,
+    post,
+    path = "/v1/tokens/revoke",
+    tag = "tokens",
+    request_body = RevokeRequest,
+    responses((status = 204, description = "the token revoked (admin only)"), Errors)
+);
+op!(
+    consoles_open,
+    post,
+    path = "/v1/consoles",
+    tag = "tokens",
+    request_body = ConsoleRequest,
+    responses((status = 200, description = "a console token for the caller's job", body = ConsoleResponse), Errors)
+);
+op!(users_list, get, path = "/v1/users", tag = "users",
+    responses((status = 200, description = "every user (admin), or the caller", body = Vec<UserView>), Errors));
+op!(
+    users_settings,
+    post,
+    path = "/v1/users/settings",
+    tag = "users",
+    request_body = UserSettingsRequest,
+    responses((status = 200, description = "the user's settings changed (admin only)", body = UserView), Errors)
+);
+op!(
+    metrics,
+    get,
+    path = "/metrics",
+    tag = "pool",
+    responses((status = 200, description = "Prometheus metrics", content_type = "text/plain", body = String), Errors)
+);
+op!(
+    openapi_json,
+    get,
+    path = "/openapi.json",
+    tag = "pool",
+    security(()),
+    responses((status = 200, description = "this document", content_type = "application/json", body = Object))
+);
+op!(
+    dashboard_index,
+    get,
+    path = "/",
+    tag = "dashboard",
+    security(()),
+    responses((status = 200, description = "the dashboard's page", content_type = "text/html", body = String))
+);
+op!(
+    dashboard_script,
+    get,
+    path = "/dashboard/app.js",
+    tag = "dashboard",
+    security(()),
+    responses((status = 200, description = "the dashboard's script", content_type = "text/javascript", body = String))
+);
+op!(
+    dashboard_style,
+    get,
+    path = "/dashboard/app.css",
+    tag = "dashboard",
+    security(()),
+    responses((status = 200, description = "the dashboard's style sheet", content_type = "text/css", body = String))
+);
+
+#[cfg(test)]
+#[path = "openapi_tests.rs"]
+mod tests;

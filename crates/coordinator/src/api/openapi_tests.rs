@@ -1,0 +1,97 @@
+//! The document against the router: a real coordinator answers a method no route has (`PATCH`)
+//! with `405` and the methods the route does have, which must be the document's.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+
+use utoipa::OpenApi;
+
+use super::ApiDoc;
+use crate::{Config, Limits, Timing, Tls};
+
+fn coordinator() -> (tempfile::TempDir, crate::Running) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        data_dir: dir.path().join("data"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        timing: Timing::default(),
+        limits: Limits::default(),
+        tls: Tls::InsecureHttp,
+        max_blob_bytes: 1 << 20,
+        usage_half_life_ms: 3_600_000,
+        store_url: None,
+        advertise_url: None,
+    };
+    let running = crate::start(config, false).unwrap();
+    (dir, running)
+}
+
+/// One HTTP/1.1 exchange: the status and the headers (names in lower case) and the body.
+fn call(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, BTreeMap<String, String>, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: vmgrid\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+/// The document's paths, each with its methods in upper case.
+fn documented() -> BTreeMap<String, BTreeSet<String>> {
+    let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    paths
+        .iter()
+        .map(|(p, ops)| (p.clone(), ops.as_object().unwrap().keys().map(|m| m.to_uppercase()).collect()))
+        .collect()
+}
+
+#[test]
+fn every_route_is_documented_with_its_methods_and_every_documented_path_is_served() {
+    let doc = documented();
+    let routes: BTreeSet<String> = super::super::routes().into_iter().map(|(p, _)| p.to_string()).collect();
+    let doc_paths: BTreeSet<String> = doc.keys().cloned().collect();
+    assert_eq!(routes, doc_paths, "the router's paths and the document's differ");
+
+    let (_dir, running) = coordinator();
+    for (path, methods) in &doc {
+        let concrete = path.replace("{id}", "1").replace("{hash}", &"0".repeat(64));
+        let (status, headers, _) = call(running.addr, "PATCH", &concrete);
+        assert_eq!(status, 405, "PATCH {concrete}: no route takes PATCH, so its answer names the methods");
+        let allowed: BTreeSet<String> =
+            headers.get("allow").unwrap().split(',').map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect();
+        // axum answers HEAD wherever there is GET; the document lists HEAD only where it is its own call.
+        let mut expected = methods.clone();
+        if expected.contains("GET") {
+            expected.insert("HEAD".into());
+        }
+        assert_eq!(allowed, expected, "{path}: the router's methods and the document's differ");
+    }
+    running.stop();
+}
+
+#[test]
+fn the_document_is_served_without_a_token_and_is_openapi_3_1() {
+    let (_dir, running) = coordinator();
+    let (status, headers, body) = call(running.addr, "GET", "/openapi.json");
+    assert_eq!(status, 200);
+    assert_eq!(headers.get("content-type").map(String::as_str), Some("application/json"));
+    let served: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(served, serde_json::to_value(ApiDoc::openapi()).unwrap());
+    assert_eq!(served["openapi"], "3.1.0");
+    assert_eq!(served["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    // Every response with a schema reference names a schema the document has.
+    let schemas = served["components"]["schemas"].as_object().unwrap();
+    let text = body.replace("\\/", "/");
+    for r in text.split("\"#/components/schemas/").skip(1) {
+        let name = &r[..r.find('"').unwrap()];
+        assert!(schemas.contains_key(name), "{name} is referenced but not in the document");
+    }
+    running.stop();
+}
