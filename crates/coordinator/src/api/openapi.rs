@@ -42,39 +42,56 @@ impl Modify for Bearer {
 }
 
 /// The errors every authenticated call can answer with, each a JSON [`ApiError`].
-struct Errors;
+const ERRORS: [(&str, &str); 6] = [
+    ("400", "bad input: the request, its body or a parameter"),
+    ("401", "no token, or one this pool does not know"),
+    ("403", "the token's role may not make this call"),
+    ("404", "no such job, workflow, token, user or blob"),
+    ("409", "the call conflicts with the state of what it names"),
+    ("503", "the pool cannot save changes right now, or this coordinator is a standby"),
+];
+/// Blob calls can also fail on the coordinator's side, or for the size of an upload.
+const BLOB_ERRORS: [(&str, &str); 3] = [
+    ("413", "the upload is larger than one blob may be"),
+    ("500", "the coordinator could not read or store the blob"),
+    ("507", "the coordinator's disk, or the caller's blob quota, is full"),
+];
 
-fn error(description: &str) -> RefOr<Response> {
+fn error((code, description): &(&str, &str)) -> (String, RefOr<Response>) {
     let body = Content::new(Some(Ref::from_schema_name("ApiError")));
-    ResponseBuilder::new().description(description).content("application/json", body).build().into()
+    (
+        code.to_string(),
+        ResponseBuilder::new().description(*description).content("application/json", body).build().into(),
+    )
 }
 
+/// A HEAD answer has no body: its errors are the status and the sentence in `x-vmgrid-error`.
+fn bare_error((code, description): &(&str, &str)) -> (String, RefOr<Response>) {
+    let header = utoipa::openapi::HeaderBuilder::new()
+        .schema(utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::String))
+        .description(Some("why, as one line of printable ASCII"))
+        .build();
+    (code.to_string(), ResponseBuilder::new().description(*description).header(ERROR_HEADER, header).build().into())
+}
+
+struct Errors;
 impl IntoResponses for Errors {
     fn responses() -> BTreeMap<String, RefOr<Response>> {
-        [
-            ("400", "bad input: the request, its body or a parameter"),
-            ("401", "no token, or one this pool does not know"),
-            ("403", "the token's role may not make this call"),
-            ("404", "no such job, workflow, token, user or blob"),
-            ("409", "the call conflicts with the state of what it names"),
-            ("503", "the pool cannot save changes right now, or this coordinator is a standby"),
-        ]
-        .into_iter()
-        .map(|(code, d)| (code.to_string(), error(d)))
-        .collect()
+        ERRORS.iter().map(error).collect()
     }
 }
 
-/// Blob calls can also fail on the coordinator's side, or for the size of an upload.
 struct BlobErrors;
-
 impl IntoResponses for BlobErrors {
     fn responses() -> BTreeMap<String, RefOr<Response>> {
-        let mut r = Errors::responses();
-        r.insert("413".into(), error("the upload is larger than one blob may be"));
-        r.insert("500".into(), error("the coordinator could not read or store the blob"));
-        r.insert("507".into(), error("the coordinator's disk, or the caller's blob quota, is full"));
-        r
+        ERRORS.iter().chain(&BLOB_ERRORS).map(error).collect()
+    }
+}
+
+struct HeadErrors;
+impl IntoResponses for HeadErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        ERRORS.iter().chain(&BLOB_ERRORS).map(bare_error).collect()
     }
 }
 
@@ -199,7 +216,7 @@ op!(blobs_get, get, path = "/v1/blobs/{hash}", tag = "blobs", params(("hash" = S
 op!(blobs_head, head, path = "/v1/blobs/{hash}", tag = "blobs",
     params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits"),
            ("size" = Option<u64>, Query, description = "the size of an upload the caller means to make: the answer is the refusal it would get")),
-    responses((status = 200, description = "the pool has the blob"), BlobErrors));
+    responses((status = 200, description = "the pool has the blob"), HeadErrors));
 op!(blobs_put, put, path = "/v1/blobs/{hash}", tag = "blobs", params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, description = "the pool had the blob already"), (status = 201, description = "the blob stored"), BlobErrors));
