@@ -11,7 +11,7 @@ use crate::engine::Engine;
 /// How many minutes are kept.
 pub const MINUTES: usize = 60;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Sample {
     /// The minute's start, in ms since the epoch.
     pub minute_ms: u64,

@@ -20,6 +20,16 @@ use super::{Auth, Error, Result, S, user};
 /// Ticks closer together than this are sent as one.
 pub const COALESCE: Duration = Duration::from_millis(300);
 
+/// One event of the stream, as the OpenAPI document describes it (the event's fields).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ChangedEvent {
+    /// Always `changed`.
+    event: String,
+    /// JSON `{"seq":N}`: the pool's change count.
+    data: String,
+}
+
 struct Open {
     ticks: watch::Receiver<u64>,
     first: bool,

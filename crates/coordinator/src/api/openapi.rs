@@ -11,6 +11,9 @@ use utoipa::openapi::{Content, Ref, RefOr, ResponseBuilder, response::Response};
 use utoipa::{IntoResponses, Modify, OpenApi};
 use vmgrid_proto::*;
 
+use super::events::ChangedEvent;
+use super::overview::Overview;
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "vmgrid coordinator API", description = "The HTTP API of a vmgrid pool's coordinator. Every call but the dashboard's files and this document needs `Authorization: Bearer <token>`; errors are JSON `{\"error\": \"...\"}`."),
@@ -20,8 +23,8 @@ use vmgrid_proto::*;
         nodes_list, nodes_register, nodes_lease, nodes_heartbeat, nodes_report, nodes_deregister,
         blobs_get, blobs_head, blobs_put,
         tokens_add, tokens_list, tokens_revoke, consoles_open,
-        users_list, users_settings,
-        metrics, openapi_json, dashboard_index, dashboard_script, dashboard_style,
+        users_list, users_settings, events_stream, overview_get,
+        metrics, openapi_json, dashboard_index, dashboard_script, dashboard_pages, dashboard_style,
     ),
     components(schemas(ApiError)),
     modifiers(&Bearer),
@@ -119,7 +122,9 @@ op!(
 op!(jobs_list, get, path = "/v1/jobs", tag = "jobs",
     params(("after" = Option<u64>, Query, description = "only jobs with a larger id"),
            ("limit" = Option<u64>, Query, description = "at most this many (default 1000)"),
-           ("state" = Option<String>, Query, description = "only jobs in this state (idle, running, held, completed, removed)")),
+           ("state" = Option<String>, Query, description = "only jobs in this state (idle, running, held, completed, removed)"),
+           ("owner" = Option<String>, Query, description = "only this owner's jobs (at most 256 characters)"),
+           ("name" = Option<String>, Query, description = "only jobs whose name contains this, case folded (at most 256 characters)")),
     responses((status = 200, description = "one page of the jobs the caller may see", body = JobPage), Errors));
 op!(
     jobs_actions,
@@ -257,6 +262,35 @@ op!(
     responses((status = 200, description = "the user's settings changed (admin only)", body = UserView), Errors)
 );
 op!(
+    events_stream,
+    get,
+    path = "/v1/events",
+    tag = "pool",
+    responses(
+        (
+            status = 200,
+            description = "a server-sent event stream: an event `changed` (data: `{\"seq\":N}`, the pool's change count) at once and then once a change is durable, coalesced to one each 300 ms, and a keep-alive comment every 15 s; no job's data: the page asks the other calls",
+            content_type = "text/event-stream",
+            body = ChangedEvent
+        ),
+        Errors
+    )
+);
+op!(
+    overview_get,
+    get,
+    path = "/v1/overview",
+    tag = "pool",
+    responses(
+        (
+            status = 200,
+            description = "the pool's totals and the last hour's throughput and queue length",
+            body = Overview
+        ),
+        Errors
+    )
+);
+op!(
     metrics,
     get,
     path = "/metrics",
@@ -286,6 +320,19 @@ op!(
     tag = "dashboard",
     security(()),
     responses((status = 200, description = "the dashboard's script", content_type = "text/javascript", body = String))
+);
+op!(
+    dashboard_pages,
+    get,
+    path = "/dashboard/app-pages.js",
+    tag = "dashboard",
+    security(()),
+    responses((
+        status = 200,
+        description = "the dashboard's page views",
+        content_type = "text/javascript",
+        body = String
+    ))
 );
 op!(
     dashboard_style,

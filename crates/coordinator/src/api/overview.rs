@@ -12,11 +12,14 @@ use vmgrid_proto::{NodeState, now_ms};
 use super::{Auth, Result, S, user};
 use crate::history::Sample;
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Overview {
+    /// Nodes by state (ready, draining, lost).
     pub nodes: BTreeMap<&'static str, u64>,
+    /// Cpus of the nodes not lost.
     pub cpus_total: u64,
     pub cpus_used: u64,
+    /// Jobs by state (idle, running, held, completed, removed).
     pub jobs: BTreeMap<&'static str, u64>,
     /// One sample a minute, oldest first; the last is the current minute so far.
     pub history: Vec<Sample>,
