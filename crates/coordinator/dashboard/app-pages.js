@@ -105,6 +105,20 @@ function download(li, f) {
   li.appendChild(b);
 }
 
+// Each attempt of the job: where it ran and how it ended (the pool keeps the latest ones).
+function attempts(history) {
+  const body = $("job-attempts").tBodies[0];
+  body.replaceChildren();
+  for (const a of history) {
+    const tr = body.insertRow();
+    for (const v of [a.attempt, a.node, fmtTime(a.started_ms), a.ended_ms == null ? "" : fmtTime(a.ended_ms), a.outcome]) {
+      tr.insertCell().textContent = v == null ? "" : String(v);
+    }
+    tr.dataset.outcome = a.outcome;
+  }
+  if (!history.length) body.insertRow().insertCell().textContent = "not run yet";
+}
+
 export async function loadJob() {
   if (view.job === null) return;
   try {
@@ -115,6 +129,7 @@ export async function loadJob() {
     dl($("job-spec"), [["owner", j.owner], ["state", j.state], ["vm type", j.vm_type], ["index", j.index],
       ["node", j.node], ["attempts", j.attempts], ["reason", j.reason], ["exit code", j.exit_code],
       ["submitted", fmtTime(j.submitted_ms)], ["started", fmtTime(j.started_ms)], ["finished", fmtTime(j.finished_ms)]]);
+    attempts(r.history || []);
     const acts = $("job-actions");
     acts.replaceChildren();
     if (j.state === "idle" || j.state === "running") actionButton(acts, j, "hold");

@@ -37,6 +37,16 @@ async function api(path, init = {}) {
   return body;
 }
 
+function size(bytes) {
+  const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (bytes >= 1024 && i < units.length - 1) {
+    bytes /= 1024;
+    i++;
+  }
+  return `${i === 0 ? bytes : bytes.toFixed(1)} ${units[i]}`;
+}
+
 function cell(tr, text) {
   const td = document.createElement("td");
   td.textContent = text === null || text === undefined ? "" : String(text);
@@ -161,6 +171,8 @@ async function loadNodes() {
       cell(tr, n.vm_types.join(", "));
       cell(tr, Object.entries(n.labels || {}).map(([k, v]) => `${k}=${v}`).join(", "));
       cell(tr, n.running_jobs);
+      const c = n.cache;
+      cell(tr, c ? `${c.blobs} blob${c.blobs === 1 ? "" : "s"}, ${size(c.bytes)} of ${size(c.max_bytes)}` : "");
       body.appendChild(tr);
     }
     showError(null);

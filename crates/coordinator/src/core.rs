@@ -38,8 +38,6 @@ pub(crate) struct Shared {
     pub ticks: watch::Sender<u64>,
     /// Permits for open event streams ([`MAX_STREAMS`]).
     pub streams: Arc<Semaphore>,
-    /// Throughput and queue length, one sample a minute, for the dashboard's chart.
-    pub history: Mutex<crate::history::History>,
 }
 
 /// How many event streams may be open at once; more are refused (503).
@@ -68,7 +66,6 @@ impl Shared {
             scheduling: AtomicBool::new(false),
             ticks: watch::Sender::new(0),
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
-            history: Mutex::new(crate::history::History::default()),
         }
     }
 

@@ -286,7 +286,7 @@ async fn tick_loop(shared: Arc<core::Shared>) {
         let now = vmgrid_proto::now_ms();
         let ((), pending) = shared.call(|e| {
             e.tick(now);
-            history::offer(&shared.history, e, now);
+            e.sample_history(now);
         });
         let _ = shared.finish(pending).await;
     }

@@ -7,18 +7,27 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use vmgrid_client::Client;
-use vmgrid_proto::is_blob_ref;
+use vmgrid_proto::{CacheStats, is_blob_ref};
 
 pub struct BlobCache {
     dir: PathBuf,
     max_bytes: u64,
     fetching: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// What it holds, as of its last change (heartbeats report it).
+    stats: Mutex<CacheStats>,
 }
 
 impl BlobCache {
     pub fn new(dir: PathBuf, max_bytes: u64) -> std::io::Result<BlobCache> {
         std::fs::create_dir_all(&dir)?;
-        Ok(BlobCache { dir, max_bytes, fetching: Mutex::new(HashMap::new()) })
+        let cache = BlobCache { dir, max_bytes, fetching: Mutex::new(HashMap::new()), stats: Mutex::default() };
+        cache.evict(None);
+        Ok(cache)
+    }
+
+    /// How many blobs it holds, their bytes, and its bound.
+    pub fn stats(&self) -> CacheStats {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The local path of a blob, fetched from the pool if it is not here yet.
@@ -36,11 +45,12 @@ impl BlobCache {
         }
         client.download(hash, &path).map_err(|e| e.to_string())?;
         tracing::debug!(blob = hash, "fetched into the cache");
-        self.evict(&path);
+        self.evict(Some(&path));
         Ok(path)
     }
 
-    fn evict(&self, keep: &PathBuf) {
+    /// Evicts the least recently used blobs (never `keep`) past the bound, and counts the rest.
+    fn evict(&self, keep: Option<&PathBuf>) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
         let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
             .filter_map(Result::ok)
@@ -55,9 +65,12 @@ impl BlobCache {
             if total <= self.max_bytes {
                 break;
             }
-            if &p != keep && std::fs::remove_file(&p).is_ok() {
+            if Some(&p) != keep && std::fs::remove_file(&p).is_ok() {
                 total -= len;
             }
         }
+        let blobs = std::fs::read_dir(&self.dir).map_or(0, |d| d.filter_map(Result::ok).count() as u64);
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) =
+            CacheStats { blobs, bytes: total, max_bytes: self.max_bytes };
     }
 }

@@ -347,7 +347,7 @@ impl Agent {
 
     fn send_heartbeat(&self, draining: bool) {
         let leases: Vec<LeaseId> = lock(&self.running).keys().copied().collect();
-        match self.client().heartbeat(&HeartbeatRequest { leases, draining }) {
+        match self.client().heartbeat(&HeartbeatRequest { leases, draining, cache: Some(self.cache.stats()) }) {
             Ok(resp) => {
                 let running = lock(&self.running);
                 for l in resp.revoked {

@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 mod dag;
+mod jobs;
 pub use dag::*;
+pub use jobs::*;
 pub use vmgrid_job::check::{is_confined_path, matches_output};
 pub use vmgrid_job::{FailureKind, Network, VmType};
 
@@ -164,69 +166,6 @@ impl JobState {
     }
 }
 
-/// One job as `q` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct JobView {
-    pub id: u64,
-    pub name: String,
-    pub owner: String,
-    pub state: JobState,
-    pub node: Option<String>,
-    pub exit_code: Option<i32>,
-    pub attempts: u32,
-    pub reason: Option<String>,
-    pub vm_type: VmType,
-    pub index: u64,
-    pub submitted_ms: u64,
-    /// When it last started: placed on its node (its cpus are held from then).
-    pub started_ms: Option<u64>,
-    pub finished_ms: Option<u64>,
-}
-
-/// One page of the job list, in id order: `GET /v1/jobs?after=ID&limit=N&state=S`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct JobPage {
-    pub jobs: Vec<JobView>,
-    /// Pass as `after` for the next page; `None` on the last one.
-    pub next_after: Option<u64>,
-}
-
-/// The most jobs one page holds.
-pub const MAX_PAGE: usize = 10_000;
-
-/// A finished job's results: what `logs` and `fetch` read.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct JobResult {
-    pub job: JobView,
-    pub stdout: Option<FileRef>,
-    pub stderr: Option<FileRef>,
-    pub stdout_dropped: u64,
-    pub stderr_dropped: u64,
-    pub outputs: Vec<FileRef>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum JobAction {
-    Rm,
-    Hold,
-    Release,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ActionRequest {
-    pub action: JobAction,
-    pub ids: Vec<u64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ActionResponse {
-    pub changed: Vec<JobView>,
-    /// Ids that could not be changed, with why.
-    pub refused: Vec<(u64, String)>,
-}
-
 /// What a node says about itself; CEL sees it as `node`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -306,6 +245,9 @@ pub struct NodeView {
     pub free_cpus: u32,
     pub free_memory_mb: u64,
     pub last_seen_ms: u64,
+    /// The node's blob cache, as its last heartbeat said; none before one did.
+    #[serde(default)]
+    pub cache: Option<CacheStats>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -366,6 +308,19 @@ pub struct HeartbeatRequest {
     pub leases: Vec<LeaseId>,
     #[serde(default)]
     pub draining: bool,
+    /// The node's blob cache, as it says (shown on the dashboard's nodes table).
+    #[serde(default)]
+    pub cache: Option<CacheStats>,
+}
+
+/// A node's blob cache: images and inputs kept by hash.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CacheStats {
+    pub blobs: u64,
+    pub bytes: u64,
+    /// The bound it is kept under (least recently used blobs are evicted past it).
+    pub max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]

@@ -80,7 +80,13 @@ pub async fn heartbeat(
     Body(req): Body<HeartbeatRequest>,
 ) -> Result<Json<HeartbeatResponse>> {
     let name = node(&p)?;
-    let (revoked, pending) = shared.call(|e| e.heartbeat(name, &req.leases, req.draining, now_ms()));
+    let (revoked, pending) = shared.call(|e| {
+        let revoked = e.heartbeat(name, &req.leases, req.draining, now_ms());
+        if revoked.is_ok() {
+            e.set_cache(name, req.cache);
+        }
+        revoked
+    });
     shared.finish(pending).await?;
     Ok(Json(HeartbeatResponse { revoked: revoked? }))
 }

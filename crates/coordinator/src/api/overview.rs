@@ -28,12 +28,10 @@ pub struct Overview {
 
 pub async fn get(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<Json<Overview>> {
     user(&p, "read the pool's overview")?;
-    let (counts, accepted, nodes) = shared.peek(|e| (e.counts(), e.metrics().results_accepted, e.node_views()));
+    let (counts, history, nodes) = shared.peek(|e| (e.counts(), e.history_samples(), e.node_views()));
     let live = nodes.iter().filter(|n| n.state != NodeState::Lost);
     let (total, free) = live.fold((0u64, 0u64), |(t, f), n| (t + u64::from(n.ad.cpus), f + u64::from(n.free_cpus)));
     let jobs: BTreeMap<_, _> = counts.jobs.iter().map(|(s, n)| (s.as_str(), *n)).collect();
-    let queued = jobs.get("idle").copied().unwrap_or(0);
-    let history = shared.history.lock().unwrap_or_else(|p| p.into_inner()).samples(accepted, queued);
     Ok(Json(Overview {
         nodes: counts.nodes.iter().map(|(s, n)| (s.as_str(), *n)).collect(),
         cpus_total: total,

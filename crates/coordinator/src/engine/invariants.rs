@@ -1,7 +1,7 @@
 //! The engine's internal consistency, stated once and checked by [`Engine::check_invariants`]:
 //! the indexes agree with the jobs (idle sets, node queues, per-user and per-spec counts, the
 //! retention index, each user's running jobs and cpus for fair share), no node holds more
-//! than it offers, and workflows agree with their jobs (`dag.rs`'s `check_dags`). The state-machine property test
+//! than it offers, each job's past attempts are bounded and in order, and workflows agree with their jobs (`dag.rs`'s `check_dags`). The state-machine property test
 //! (engine/proptests.rs) and the fuzz targets (fuzz/) call it after every step.
 
 use std::collections::{HashMap, HashSet};
@@ -17,6 +17,7 @@ impl Engine {
         self.check_jobs()?;
         self.check_nodes()?;
         self.check_counts()?;
+        self.check_state_counts()?;
         self.check_users()?;
         self.check_dags()
     }
@@ -31,6 +32,13 @@ impl Engine {
             }
             if !self.specs.contains_key(&j.spec_id) {
                 return Err(format!("job {id} refers to spec {}, which is gone", j.spec_id));
+            }
+            let numbers: Vec<u32> = j.history.iter().map(|a| a.attempt).collect();
+            if numbers.len() > MAX_PAST_ATTEMPTS
+                || numbers.windows(2).any(|w| w[0] >= w[1])
+                || numbers.last().is_some_and(|&n| n > j.attempts)
+            {
+                return Err(format!("job {id} ({} attempts) has the history {numbers:?}", j.attempts));
             }
             let idle = self.idle_by_spec.get(&j.spec_id).is_some_and(|s| s.contains(&id));
             if idle != (j.state == JobState::Idle) {

@@ -64,6 +64,7 @@ impl Engine {
         self.next_job += count;
         *self.queued.entry(owner.clone()).or_default() += count;
         *self.spec_jobs.entry(spec_id).or_default() += count;
+        self.by_state[JobState::Idle as usize] += count;
         for i in 0..count {
             let id = first + i;
             self.jobs.insert(id, Job::new(id, spec_id, i, owner.clone(), now));
@@ -92,6 +93,7 @@ impl Engine {
 
     /// The job's row as the store keeps it; the result column only when `with_result`.
     pub(super) fn persist(&mut self, id: u64, with_result: bool) {
+        self.recount(id);
         let j = &self.jobs[&id];
         let row = JobRow {
             id,
@@ -107,6 +109,7 @@ impl Engine {
             finished_ms: j.finished_ms,
             result: if with_result { j.result.as_deref().cloned() } else { None },
             set_result: with_result,
+            history: j.history.clone(),
         };
         self.store(Op::Job(row));
         self.wake_waiters();
@@ -143,6 +146,12 @@ impl Engine {
         }
         self.unset_idle(id);
         let j = self.jobs.get_mut(&id).expect("checked above");
+        let outcome = match (state, action) {
+            (JobState::Running, JobAction::Rm) => format!("removed by {} while it ran", p.owner()),
+            (JobState::Running, _) => format!("held by {} while it ran", p.owner()),
+            _ => j.reason.clone().unwrap_or_else(|| state.as_str().to_string()),
+        };
+        j.end_attempt(now, outcome);
         j.node = None;
         match action {
             JobAction::Rm => {
@@ -191,6 +200,9 @@ impl Engine {
         } else {
             // A placement its node never collected was not an attempt.
             j.attempts = j.attempts.saturating_sub(1);
+        }
+        if delivered {
+            j.end_attempt(now, why.clone());
         }
         let lost_node = j.node.take();
         let ssi = self.specs.get(&j.spec_id).is_some_and(|s| s.spec.ssi.is_some());
@@ -313,6 +325,7 @@ impl Engine {
                 j.retries += 1;
                 j.state = JobState::Idle;
                 j.reason = Some(format!("{why}; retry {} of {max_retries}", j.retries));
+                j.end_attempt(now, format!("{why}; retried"));
                 j.node = None;
                 self.set_idle(id);
                 self.wake_nodes();
@@ -353,6 +366,8 @@ impl Job {
             finished_ms: None,
             lease_deadline_ms: 0,
             result: None,
+            history: Vec::new(),
+            counted: JobState::Idle,
         }
     }
 }

@@ -49,6 +49,7 @@ impl Engine {
         e.give_running_jobs_back();
         e.users_loaded(now);
         e.next_dag = e.next_dag.max(loaded.last_dag_id + 1);
+        e.history = crate::history::History::from_stored(loaded.samples);
         e.load_dags(loaded.dags, now);
         e
     }
@@ -107,7 +108,10 @@ impl Engine {
             // A restarted coordinator gives running jobs a full lease to be heard from again.
             lease_deadline_ms: now + self.timing.lease_ttl_ms,
             result: row.result.map(Box::new),
+            history: row.history,
+            counted: state,
         };
+        self.by_state[state as usize] += 1;
         self.next_job = self.next_job.max(job.id + 1);
         if job.state.is_final() {
             self.final_by_time.insert((job.finished_ms.unwrap_or(0), job.id));

@@ -7,6 +7,9 @@
 //!
 //! idle → running → completed | held | removed; a failed run goes back to idle while retries last.
 
+pub(crate) mod attempts;
+mod counts;
+pub use counts::Counts;
 mod dag;
 mod fair;
 mod invariants;
@@ -178,6 +181,10 @@ struct Job {
     finished_ms: Option<u64>,
     lease_deadline_ms: u64,
     result: Option<Box<StoredResult>>,
+    /// Attempts that ended before the latest one (`attempts.rs`), at most [`MAX_PAST_ATTEMPTS`].
+    history: Vec<AttemptView>,
+    /// The state `Engine::by_state` counts this job in (brought up to `state` on each persist).
+    counted: JobState,
 }
 
 struct SpecEntry {
@@ -199,6 +206,8 @@ struct Node {
     pending: VecDeque<u64>,
     used_cpus: u32,
     used_memory_mb: u64,
+    /// Its blob cache, as its last heartbeat said.
+    cache: Option<CacheStats>,
 }
 
 impl Node {
@@ -213,6 +222,7 @@ impl Node {
             pending: VecDeque::new(),
             used_cpus: 0,
             used_memory_mb: 0,
+            cache: None,
         }
     }
 
@@ -297,6 +307,10 @@ pub struct Engine {
     /// Finished jobs past retention that a running workflow still needs, out of
     /// `final_by_time` (so they are not looked at every tick) until the workflow ends.
     kept_for_dags: HashMap<u64, Vec<(u64, u64)>>,
+    /// Jobs in each state, indexed by `JobState as usize` (`counts.rs`).
+    by_state: [u64; 5],
+    /// The last hour, a sample a minute (`crate::history`).
+    history: crate::history::History,
     out: Effects,
 }
 
@@ -319,14 +333,6 @@ impl Default for Limits {
             retain_finished_ms: 7 * 24 * 3600 * 1000,
         }
     }
-}
-
-/// Counts for `/metrics`, read from the engine.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Counts {
-    pub jobs: [(JobState, u64); 5],
-    pub nodes: [(NodeState, u64); 3],
-    pub leases: u64,
 }
 
 impl Engine {
@@ -358,6 +364,8 @@ impl Engine {
             next_dag: 1,
             dag_reserved: HashMap::new(),
             kept_for_dags: HashMap::new(),
+            by_state: [0; 5],
+            history: crate::history::History::default(),
             out: Effects::default(),
         }
     }
@@ -461,19 +469,6 @@ impl Engine {
         self.store(Op::RevokeToken { hash });
         Ok(())
     }
-
-    pub fn counts(&self) -> Counts {
-        let mut jobs = [JobState::Idle, JobState::Running, JobState::Completed, JobState::Held, JobState::Removed]
-            .map(|s| (s, 0u64));
-        for j in self.jobs.values() {
-            jobs[j.state as usize].1 += 1;
-        }
-        let nodes = [NodeState::Ready, NodeState::Draining, NodeState::Lost]
-            .map(|st| (st, self.nodes.values().filter(|n| n.state == st).count() as u64));
-        let leases = self.nodes.values().map(|n| n.jobs.len() as u64).sum();
-        Counts { jobs, nodes, leases }
-    }
-
     fn view(&self, j: &Job) -> JobView {
         let spec = self.specs.get(&j.spec_id);
         let reason = match j.state {
@@ -561,6 +556,7 @@ impl Engine {
             stdout_dropped: r.stdout_dropped,
             stderr_dropped: r.stderr_dropped,
             outputs: r.outputs,
+            history: self.attempt_views(j),
         })
     }
 
@@ -574,6 +570,7 @@ impl Engine {
                 free_cpus: n.ad.cpus.saturating_sub(n.used_cpus),
                 free_memory_mb: n.ad.memory_mb.saturating_sub(n.used_memory_mb),
                 last_seen_ms: n.last_seen_ms,
+                cache: n.cache,
             })
             .collect()
     }

@@ -160,6 +160,13 @@ impl Engine {
         Ok(revoked)
     }
 
+    /// What node `name` says of its blob cache (kept in memory: each heartbeat says it again).
+    pub fn set_cache(&mut self, name: &str, cache: Option<CacheStats>) {
+        if let Some(n) = self.nodes.get_mut(name) {
+            n.cache = cache;
+        }
+    }
+
     /// Expires leases that were not renewed and nodes that went silent, drops finished jobs past
     /// their retention, and saves users' usage every [`super::USAGE_SAVE_MS`].
     pub fn tick(&mut self, now: u64) {

@@ -308,7 +308,7 @@ impl Pool {
         assert_eq!(self.snapshot(), before, "the store gave back another state than was acknowledged");
     }
 
-    /// What a restart must keep: each job's durable fields, each node's state and load, users'
+    /// What a restart must keep: each job's durable fields and past attempts, each node's state and load, users'
     /// settings, and workflows with their nodes.
     #[allow(clippy::type_complexity)]
     fn snapshot(&self) -> (BTreeMap<u64, String>, BTreeMap<String, (NodeState, u32, u64, u32)>, Vec<String>) {
@@ -324,7 +324,8 @@ impl Pool {
                 let node = if v.state == JobState::Running { v.node.clone() } else { None };
                 let durable = (v.state, node, v.exit_code, v.attempts, reason, v.owner.clone(), v.index, r.outputs);
                 let times = (v.submitted_ms, v.started_ms, v.finished_ms);
-                (v.id, format!("{durable:?} {times:?} epoch {}", self.engine.jobs[&v.id].epoch))
+                let j = &self.engine.jobs[&v.id];
+                (v.id, format!("{durable:?} {times:?} epoch {} past attempts {:?}", j.epoch, j.history))
             })
             .collect();
         let nodes = self

@@ -47,6 +47,7 @@ impl Engine {
                 continue;
             }
             let Some(j) = self.jobs.remove(&id) else { continue };
+            self.by_state[j.counted as usize] -= 1;
             self.store(Op::DeleteJob { id });
             let left = self.spec_jobs.entry(j.spec_id).or_default();
             *left = left.saturating_sub(1);

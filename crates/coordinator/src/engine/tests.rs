@@ -486,6 +486,7 @@ fn stored_job(id: u64, spec_id: u64, state: JobState, node: Option<&str>) -> Sto
             finished_ms: None,
             result: None,
             set_result: false,
+            history: Vec::new(),
         },
     }
 }

@@ -152,6 +152,12 @@ pub enum Op {
         factor: f64,
         max_cpus: Option<u64>,
     },
+    /// A closed minute of the pool's last hour (the dashboard's chart), replacing any stored one.
+    Sample(crate::history::Sample),
+    /// Forgets the minutes before this one.
+    PruneSamples {
+        before_ms: u64,
+    },
 }
 
 /// A workflow's row: its spec (JSON of a `DagSpec`) and where it is.
@@ -248,6 +254,18 @@ pub struct JobRow {
     pub result: Option<StoredResult>,
     /// Write `result` as it is (clearing it when None); otherwise leave the column alone.
     pub set_result: bool,
+    /// The attempts that ended before the latest one, oldest first (stored as JSON, NULL when none).
+    pub history: Vec<vmgrid_proto::AttemptView>,
+}
+
+/// A job's past attempts as the stores keep them: JSON, or NULL when there are none.
+pub fn history_column(h: &[vmgrid_proto::AttemptView]) -> Option<String> {
+    (!h.is_empty()).then(|| serde_json::to_string(h).expect("attempts serialize"))
+}
+
+/// A stored history read back; one that does not parse is dropped (it only describes the past).
+pub fn history_from_column(c: Option<String>) -> Vec<vmgrid_proto::AttemptView> {
+    c.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default()
 }
 
 /// A job as loaded at start.
@@ -286,6 +304,8 @@ pub struct Loaded {
     pub dags: Vec<(DagRow, Vec<DagNodeRow>)>,
     /// The highest workflow id ever stored (those forgotten included): ids are never reused.
     pub last_dag_id: u64,
+    /// The closed minutes of the last hour, oldest first.
+    pub samples: Vec<crate::history::Sample>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -8,7 +8,7 @@ use vmgrid_proto::{DagState, JobState, NodeState};
 
 use super::{
     DagNodeRow, DagRow, JobRow, Loaded, NodeRun, Op, Store, StoreError, StoredBlob, StoredJob, StoredNode,
-    StoredResult, StoredUser, TokenRole, TokenRow,
+    StoredResult, StoredUser, TokenRole, TokenRow, history_column, history_from_column,
 };
 
 /// The schema as it was first released (version 1); [`MIGRATIONS`] take it to the current one.
@@ -51,6 +51,10 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE dag_nodes (dag_id INTEGER NOT NULL, idx INTEGER NOT NULL, state TEXT NOT NULL,
        tries INTEGER NOT NULL DEFAULT 0, spec_id INTEGER, first_job INTEGER, reason TEXT,
        PRIMARY KEY (dag_id, idx));",
+    // 7: each job's attempts that ended before its latest one (JSON; NULL when there are none).
+    "ALTER TABLE jobs ADD COLUMN history TEXT;",
+    // 8: the last hour of the pool, a row a minute (the dashboard's chart).
+    "CREATE TABLE samples (minute_ms INTEGER PRIMARY KEY, completed INTEGER NOT NULL, queued INTEGER NOT NULL);",
 ];
 
 /// Raises a counter of the `meta` table to at least `value`.
@@ -169,7 +173,7 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
     l.specs =
         st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
     let mut st = conn.prepare(
-        "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result, started_ms FROM jobs ORDER BY id",
+        "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result, started_ms, history FROM jobs ORDER BY id",
     )?;
     l.jobs = st.query_map([], stored_job)?.collect::<Result<_, _>>()?;
     let mut st = conn.prepare("SELECT hash, owner, size, created_ms FROM blobs")?;
@@ -202,6 +206,7 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
             })
         })?
         .collect::<Result<_, _>>()?;
+    l.samples = load_samples(conn)?;
     let mut st = conn.prepare("SELECT name, ad, cred_hash, state FROM nodes")?;
     l.nodes = st
         .query_map([], |r| {
@@ -305,6 +310,7 @@ fn stored_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredJob> {
             finished_ms: r.get::<_, Option<i64>>(13)?.map(|x| x as u64),
             result: result.and_then(|j| serde_json::from_str::<StoredResult>(&j).ok()),
             set_result: false,
+            history: history_from_column(r.get(16)?),
         },
     })
 }
@@ -334,7 +340,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         }
         Op::Job(j) => {
             let mut st = tx.prepare_cached(
-                "UPDATE jobs SET state = ?2, node = ?3, epoch = ?4, attempts = ?5, retries = ?6, losses = ?7, exit_code = ?8, reason = ?9, finished_ms = ?10, result = CASE WHEN ?12 THEN ?11 ELSE result END, started_ms = ?13 WHERE id = ?1",
+                "UPDATE jobs SET state = ?2, node = ?3, epoch = ?4, attempts = ?5, retries = ?6, losses = ?7, exit_code = ?8, reason = ?9, finished_ms = ?10, result = CASE WHEN ?12 THEN ?11 ELSE result END, started_ms = ?13, history = ?14 WHERE id = ?1",
             )?;
             let result = j.result.as_ref().map(|r| serde_json::to_string(r).expect("a result serializes"));
             st.execute(params![
@@ -350,7 +356,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
                 j.finished_ms.map(|x| x as i64),
                 result,
                 j.set_result,
-                j.started_ms.map(|x| x as i64)
+                j.started_ms.map(|x| x as i64),
+                history_column(&j.history)
             ])?;
         }
         Op::Node { name, ad_json, cred_hash, state } => {
@@ -381,8 +388,34 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
             apply_dag(tx, op)?
         }
         Op::UserUsage { .. } | Op::UserSettings { .. } => apply_user(tx, op)?,
+        Op::Sample(_) | Op::PruneSamples { .. } => apply_sample(tx, op)?,
     }
     Ok(())
+}
+
+/// A minute of the last hour stored, or the older ones forgotten.
+fn apply_sample(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
+    match op {
+        Op::Sample(s) => {
+            tx.prepare_cached("INSERT OR REPLACE INTO samples (minute_ms, completed, queued) VALUES (?1, ?2, ?3)")?
+                .execute(params![s.minute_ms as i64, s.completed as i64, s.queued as i64])?;
+        }
+        Op::PruneSamples { before_ms } => {
+            tx.prepare_cached("DELETE FROM samples WHERE minute_ms < ?1")?.execute(params![*before_ms as i64])?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The last hour's minutes, oldest first.
+fn load_samples(conn: &Connection) -> rusqlite::Result<Vec<crate::history::Sample>> {
+    let mut st = conn.prepare("SELECT minute_ms, completed, queued FROM samples ORDER BY minute_ms")?;
+    let rows = st.query_map([], |r| {
+        let u = |i| r.get::<_, i64>(i).map(|x| x.max(0) as u64);
+        Ok(crate::history::Sample { minute_ms: u(0)?, completed: u(1)?, queued: u(2)? })
+    })?;
+    rows.collect()
 }
 
 /// A user's usage or settings: each updates its own columns of the user's row.
@@ -509,6 +542,15 @@ mod tests {
         let l = e.take_leases("n1", 10, 10, 0);
         e.report("n1", vec![crate::engine::tests::exited(&l[0], 5)], 1).unwrap();
         e.schedule(2);
+        // Job 2 held while it runs and released: its first attempt goes into its history.
+        crate::engine::attempts::tests::hold_and_release(&mut e, 2, 3);
+        let attempts = crate::engine::attempts::tests::histories(&e);
+        // A minute of the last hour closed: its sample is kept.
+        e.sample_history(300_000);
+        e.sample_history(360_000);
+        let hour = e.history_samples();
+        assert_eq!(hour.len(), 2, "minute 5 closed, minute 6 being counted");
+        assert_eq!(attempts[1].len(), 2);
         let before = e.job_views(&Principal::Admin("admin".into()));
         let mut store = SqliteStore::open(&path).unwrap();
         store.commit(&e.take_effects().ops).unwrap();
@@ -521,6 +563,8 @@ mod tests {
         assert_eq!(e.job_views(&admin)[0].exit_code, Some(5));
         assert_eq!(e.job_views(&admin)[1].state, JobState::Running, "a running job keeps its lease across a restart");
         assert_eq!(e.node_views()[0].running_jobs, 1);
+        assert_eq!(crate::engine::attempts::tests::histories(&e), attempts, "each job's attempts read back");
+        assert_eq!(e.history_samples(), hour[..1], "the closed minute read back");
         assert_eq!(e.authenticate("admin-secret", 10), Some(&admin));
         assert_eq!(e.authenticate("cred", 10), Some(&Principal::Node("n1".into())));
     }

@@ -110,9 +110,14 @@ try {
   check(since(before, "/v1/events") === 0, "the page kept its one event stream (no new one)");
   const reloads = since(before, "/v1/jobs");
   check(reloads >= 1, `the page reloaded the jobs on events (${reloads} times)`);
-  await page.waitForTimeout(1500); // the last results of the pool settle
-  const quiet = urls.length;
-  await page.waitForTimeout(3000);
+  // Once the pool's last changes have settled (on a loaded machine they may take a while), a
+  // 3-second window with no request at all: a polling page would ask in every one.
+  let quiet = urls.length;
+  for (let tries = 0; tries < 5; tries++) {
+    quiet = urls.length;
+    await page.waitForTimeout(3000);
+    if (urls.length === quiet) break;
+  }
   check(urls.length === quiet, `no request while the pool is quiet (no polling): ${urls.slice(quiet).join(", ")}`);
   await page.screenshot({ path: join(shots, "dashboard-jobs.png"), fullPage: true });
 
@@ -122,6 +127,9 @@ try {
   check(true, "the job page shows the job's stdout");
   check((await page.textContent("#job-stderr")).includes("a warning"), "the job page shows its stderr");
   check((await page.textContent('#job-spec dd[data-key="state"]')) === "completed", "the job page shows its state");
+  const tries = await page.$$eval("#job-attempts tbody tr", (trs) => trs.map((tr) => [...tr.cells].map((c) => c.textContent)));
+  check(tries.length === 1 && tries[0][0] === "1" && tries[0][1].length > 0 && tries[0][4] === "exited with 0",
+    `the job page lists its one attempt with its node and outcome: ${JSON.stringify(tries)}`);
   const [download] = await Promise.all([page.waitForEvent("download"), page.click("#job-outputs .download")]);
   const got = readFileSync(await download.path(), "utf8");
   check(got === "forty-two", `the output downloads through a blob: URL (${JSON.stringify(got)})`);
@@ -168,6 +176,8 @@ try {
   check((await states(page)).length === 4, "the admin sees every job");
   await page.click('button[data-tab="nodes"]');
   await page.waitForSelector('#nodes tbody tr[data-state="ready"]');
+  const cache = await page.textContent('#nodes tbody tr[data-state="ready"] td:last-child');
+  check(/^[1-9]\d* blobs?, [\d.]+ (bytes|KiB|MiB) of 4.0 GiB$/.test(cache), `the node's cache, as its heartbeat says: ${JSON.stringify(cache)}`);
   await ask("kill-node");
   await until(page, "the killed node shows as lost", async () => (await page.$('#nodes tbody tr[data-state="lost"]')) !== null);
   await page.screenshot({ path: join(shots, "dashboard-nodes.png"), fullPage: true });

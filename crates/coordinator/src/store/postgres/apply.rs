@@ -86,6 +86,16 @@ pub fn apply(tx: &mut Tx<'_, '_>, op: &Op) -> R {
                 &[user, usage_cpu_s, &(*at_ms as i64)],
             )?;
         }
+        Op::Sample(s) => {
+            tx.exec(
+                "INSERT INTO samples (minute_ms, completed, queued) VALUES ($1, $2, $3)
+                 ON CONFLICT (minute_ms) DO UPDATE SET completed = $2, queued = $3",
+                &[&(s.minute_ms as i64), &(s.completed as i64), &(s.queued as i64)],
+            )?;
+        }
+        Op::PruneSamples { before_ms } => {
+            tx.exec("DELETE FROM samples WHERE minute_ms < $1", &[&(*before_ms as i64)])?;
+        }
         Op::UserSettings { user, factor, max_cpus } => {
             tx.exec(
                 "INSERT INTO users (name, factor, max_cpus) VALUES ($1, $2, $3)
@@ -103,7 +113,7 @@ pub fn apply(tx: &mut Tx<'_, '_>, op: &Op) -> R {
 fn update_job(tx: &mut Tx<'_, '_>, j: &JobRow) -> R {
     let result = j.result.as_ref().map(|r| serde_json::to_string(r).expect("a result serializes"));
     tx.exec(
-        "UPDATE jobs SET state = $2, node = $3, epoch = $4, attempts = $5, retries = $6, losses = $7, exit_code = $8, reason = $9, finished_ms = $10, result = CASE WHEN $12 THEN $11 ELSE result END, started_ms = $13 WHERE id = $1",
+        "UPDATE jobs SET state = $2, node = $3, epoch = $4, attempts = $5, retries = $6, losses = $7, exit_code = $8, reason = $9, finished_ms = $10, result = CASE WHEN $12 THEN $11 ELSE result END, started_ms = $13, history = $14 WHERE id = $1",
         &[
             &(j.id as i64),
             &j.state.as_str(),
@@ -118,6 +128,7 @@ fn update_job(tx: &mut Tx<'_, '_>, j: &JobRow) -> R {
             &result,
             &j.set_result,
             &opt(j.started_ms),
+            &crate::store::history_column(&j.history),
         ],
     )?;
     Ok(())

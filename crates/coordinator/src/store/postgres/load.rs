@@ -49,7 +49,7 @@ pub fn load(tx: &mut Transaction<'_>) -> Result<Loaded, postgres::Error> {
         tx.query("SELECT id, owner, json FROM specs", &[])?.iter().map(|r| (u(r, 0), r.get(1), r.get(2))).collect();
     l.jobs = tx
         .query(
-            "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result, started_ms FROM jobs ORDER BY id",
+            "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result, started_ms, history FROM jobs ORDER BY id",
             &[],
         )?
         .iter()
@@ -77,6 +77,11 @@ pub fn load(tx: &mut Transaction<'_>) -> Result<Loaded, postgres::Error> {
             factor: r.get(3),
             max_cpus: ou(r, 4),
         })
+        .collect();
+    l.samples = tx
+        .query("SELECT minute_ms, completed, queued FROM samples ORDER BY minute_ms", &[])?
+        .iter()
+        .map(|r| crate::history::Sample { minute_ms: u(r, 0), completed: u(r, 1), queued: u(r, 2) })
         .collect();
     l.nodes = tx
         .query("SELECT name, ad, cred_hash, state FROM nodes", &[])?
@@ -170,6 +175,7 @@ fn stored_job(r: &Row) -> StoredJob {
             finished_ms: ou(r, 13),
             result: result.and_then(|j| serde_json::from_str::<StoredResult>(&j).ok()),
             set_result: false,
+            history: crate::store::history_from_column(r.get(16)),
         },
     }
 }

@@ -16,7 +16,8 @@ use super::{Loaded, Op, Store, StoreError};
 /// Each migration takes the schema from version N (its index) to N + 1, in one transaction.
 /// Version 1 holds what SQLite's schema version 6 holds; version 2 adds where the active
 /// coordinator serves (`active`), which standbys tell their callers, and the id of the data dir
-/// the coordinators share.
+/// the coordinators share; version 3 each job's past attempts (SQLite's version 7); version 4 the
+/// last hour's samples (SQLite's version 8).
 const MIGRATIONS: &[&str] = &[
     "
 CREATE TABLE tokens (hash TEXT PRIMARY KEY, role TEXT NOT NULL, owner TEXT NOT NULL, id TEXT,
@@ -41,6 +42,8 @@ CREATE TABLE dag_nodes (dag_id BIGINT NOT NULL, idx BIGINT NOT NULL, state TEXT 
 CREATE TABLE active (id INTEGER PRIMARY KEY CHECK (id = 1), url TEXT NOT NULL, since_ms BIGINT NOT NULL,
   data_id TEXT NOT NULL);
 ",
+    "ALTER TABLE jobs ADD COLUMN history TEXT;",
+    "CREATE TABLE samples (minute_ms BIGINT PRIMARY KEY, completed BIGINT NOT NULL, queued BIGINT NOT NULL);",
 ];
 
 /// The schema version this coordinator writes.

@@ -21,6 +21,15 @@ fn acknowledged_state_survives_a_restart() {
     let l = e.take_leases("n1", 10, 10, 0);
     e.report("n1", vec![crate::engine::tests::exited(&l[0], 5)], 1).unwrap();
     e.schedule(2);
+    // Job 2 held while it runs and released: its first attempt goes into its history.
+    crate::engine::attempts::tests::hold_and_release(&mut e, 2, 3);
+    let attempts = crate::engine::attempts::tests::histories(&e);
+    // A minute of the last hour closed: its sample is kept.
+    e.sample_history(300_000);
+    e.sample_history(360_000);
+    let hour = e.history_samples();
+    assert_eq!(hour.len(), 2, "minute 5 closed, minute 6 being counted");
+    assert_eq!(attempts[1].len(), 2);
     let before = e.job_views(&Principal::Admin("admin".into()));
     let mut store = PgStore::open(&db.url()).unwrap();
     store.commit(&e.take_effects().ops).unwrap();
@@ -33,6 +42,8 @@ fn acknowledged_state_survives_a_restart() {
     assert_eq!(e.job_views(&admin)[0].exit_code, Some(5));
     assert_eq!(e.job_views(&admin)[1].state, JobState::Running, "a running job keeps its lease across a restart");
     assert_eq!(e.node_views()[0].running_jobs, 1);
+    assert_eq!(crate::engine::attempts::tests::histories(&e), attempts, "each job's attempts read back");
+    assert_eq!(e.history_samples(), hour[..1], "the closed minute read back");
     assert_eq!(e.authenticate("admin-secret", 10), Some(&admin));
     assert_eq!(e.authenticate("cred", 10), Some(&Principal::Node("n1".into())));
 }
