@@ -105,6 +105,23 @@ function download(li, f) {
   li.appendChild(b);
 }
 
+// The job as submitted: what its job file said, its files by path and size.
+function jobFile(s) {
+  if (!s) {
+    dl($("job-file"), [["spec", "could not be read back"]]);
+    return;
+  }
+  const file = (f) => (f ? `${f.path} (${f.size} bytes)` : null);
+  const list = (xs) => (xs && xs.length ? xs.join(" ") : null);
+  const pairs = [["image", file(s.image)], ["args", list(s.args)],
+    ["env", list(Object.entries(s.env || {}).map(([k, v]) => `${k}=${v}`))],
+    ["kernel", file(s.kernel)], ["initrd", file(s.initrd)], ["append", s.append], ["network", s.network],
+    ["cpus", s.cpus], ["memory", `${s.memory_mb} MiB`], ["disk", `${s.disk_mb} MiB`], ["time limit", `${s.timeout_s} s`],
+    ["inputs", list((s.inputs || []).map(file))], ["outputs", list(s.outputs)], ["requirements", s.requirements],
+    ["rank", s.rank], ["retries", s.max_retries], ["priority", s.priority]];
+  dl($("job-file"), pairs.filter(([, v]) => v !== null && v !== undefined && v !== ""));
+}
+
 // Each attempt of the job: where it ran and how it ended (the pool keeps the latest ones).
 function attempts(history) {
   const body = $("job-attempts").tBodies[0];
@@ -130,6 +147,7 @@ export async function loadJob() {
       ["node", j.node], ["attempts", j.attempts], ["reason", j.reason], ["exit code", j.exit_code],
       ["submitted", fmtTime(j.submitted_ms)], ["started", fmtTime(j.started_ms)], ["finished", fmtTime(j.finished_ms)]]);
     attempts(r.history || []);
+    jobFile(r.spec);
     const acts = $("job-actions");
     acts.replaceChildren();
     if (j.state === "idle" || j.state === "running") actionButton(acts, j, "hold");

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use vmgrid_job::VmType;
 
-use crate::{FileRef, JobState};
+use crate::{FileRef, JobSpec, JobState};
 
 /// One job as `q` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -49,6 +49,10 @@ pub struct JobResult {
     /// latest one. At most [`MAX_PAST_ATTEMPTS`] ended attempts before it are kept.
     #[serde(default)]
     pub history: Vec<AttemptView>,
+    /// The job as submitted (an SSI process's capability token left out); none if its spec
+    /// could not be read back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<JobSpec>,
 }
 
 /// One attempt of a job: the node it ran on and how it ended.

@@ -557,6 +557,13 @@ impl Engine {
             stderr_dropped: r.stderr_dropped,
             outputs: r.outputs,
             history: self.attempt_views(j),
+            spec: self.specs.get(&j.spec_id).map(|s| {
+                let mut spec = s.spec.clone();
+                if let Some(ssi) = &mut spec.ssi {
+                    ssi.token = "(not shown)".into();
+                }
+                spec
+            }),
         })
     }
 

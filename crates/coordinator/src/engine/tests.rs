@@ -381,6 +381,10 @@ fn only_a_console_submits_ssi_processes_and_the_pool_sets_their_home() {
     let l = e.take_leases("n1", 1, 1, 0);
     assert_eq!(l[0].job_id, ids[0]);
     assert_eq!(l[0].spec.ssi.as_ref().unwrap().home, "https://127.0.0.1:7900");
+    // The job's page shows its spec, but not the process's capability token.
+    let shown = e.job_result(&admin(), ids[0]).unwrap().spec.unwrap();
+    assert_eq!((shown.ssi.unwrap().token.as_str(), shown.cpus), ("(not shown)", 0));
+    assert_ne!(l[0].spec.ssi.as_ref().unwrap().token, "(not shown)", "the node gets the real one");
     // And a console submits nothing else.
     assert!(matches!(e.submit(&console(), spec(0), 1, 0), Err(ApiError::BadRequest(_))));
 }

@@ -127,6 +127,8 @@ try {
   check(true, "the job page shows the job's stdout");
   check((await page.textContent("#job-stderr")).includes("a warning"), "the job page shows its stderr");
   check((await page.textContent('#job-spec dd[data-key="state"]')) === "completed", "the job page shows its state");
+  const image = await page.textContent('#job-file dd[data-key="image"]');
+  check(/\.wasm \(\d+ bytes\)$/.test(image), `the job page shows the job file: image ${JSON.stringify(image)}`);
   const tries = await page.$$eval("#job-attempts tbody tr", (trs) => trs.map((tr) => [...tr.cells].map((c) => c.textContent)));
   check(tries.length === 1 && tries[0][0] === "1" && tries[0][1].length > 0 && tries[0][4] === "exited with 0",
     `the job page lists its one attempt with its node and outcome: ${JSON.stringify(tries)}`);
