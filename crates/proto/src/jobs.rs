@@ -29,7 +29,9 @@ pub struct JobView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobPage {
     pub jobs: Vec<JobView>,
-    /// Pass as `after` for the next page; `None` on the last one.
+    /// Pass as `after` for the next page; `None` on the last one. A page looks at a bounded
+    /// number of jobs, so under a filter it may hold fewer than asked (even none) and still have
+    /// a next one.
     pub next_after: Option<u64>,
 }
 

@@ -125,7 +125,7 @@ op!(jobs_list, get, path = "/v1/jobs", tag = "jobs",
            ("state" = Option<String>, Query, description = "only jobs in this state (idle, running, held, completed, removed)"),
            ("owner" = Option<String>, Query, description = "only this owner's jobs (at most 256 characters)"),
            ("name" = Option<String>, Query, description = "only jobs whose name contains this, case folded (at most 256 characters)")),
-    responses((status = 200, description = "one page of the jobs the caller may see", body = JobPage), Errors));
+    responses((status = 200, description = "one page of the jobs the caller may see (it looks at 100,000 jobs at most: a filtered page may be short, even empty, and still have a `next_after`)", body = JobPage), Errors));
 op!(
     jobs_actions,
     post,

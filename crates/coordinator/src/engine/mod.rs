@@ -503,18 +503,27 @@ impl Engine {
         let mut jobs = Vec::new();
         let mut next_after = None;
         let name_of = |j: &Job| self.specs.get(&j.spec_id).map_or("", |s| s.spec.name.as_str());
-        let visible = self.jobs.range(after.saturating_add(1)..).map(|(_, j)| j).filter(|j| {
+        let needle = filter.name.as_deref().map(str::to_lowercase);
+        let matches = |j: &Job| {
             p.may_see(&j.owner)
                 && filter.state.is_none_or(|s| j.state == s)
                 && filter.owner.as_deref().is_none_or(|o| *j.owner == *o)
-                && filter.name.as_deref().is_none_or(|n| contains_folded(name_of(j), n))
-        });
-        for j in visible {
+                && needle.as_deref().is_none_or(|n| name_of(j).to_lowercase().contains(n))
+        };
+        // A page looks at no more than MAX_PAGE_SCAN jobs (the engine's lock is held meanwhile):
+        // a filter that matches few of a million jobs gives short pages, each with where to go on.
+        for (looked, (&id, j)) in self.jobs.range(after.saturating_add(1)..).enumerate() {
             if jobs.len() == limit {
                 next_after = jobs.last().map(|v: &JobView| v.id);
                 break;
             }
-            jobs.push(self.view(j));
+            if looked == MAX_PAGE_SCAN {
+                next_after = Some(id - 1);
+                break;
+            }
+            if matches(j) {
+                jobs.push(self.view(j));
+            }
         }
         JobPage { jobs, next_after }
     }
@@ -596,7 +605,5 @@ pub struct JobFilter {
     pub name: Option<String>,
 }
 
-/// Whether `hay` contains `needle`, ignoring case.
-fn contains_folded(hay: &str, needle: &str) -> bool {
-    hay.to_lowercase().contains(&needle.to_lowercase())
-}
+/// The most jobs one page of the job list looks at, matching or not.
+pub const MAX_PAGE_SCAN: usize = 100_000;

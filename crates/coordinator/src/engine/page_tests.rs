@@ -32,3 +32,28 @@ fn a_job_page_filters_by_owner_and_name_on_every_page() {
     assert_eq!(next.jobs.len(), 1);
     assert!(next.jobs[0].id > page.jobs[0].id && next.jobs[0].owner == "alice");
 }
+
+/// A filter that matches few jobs of many gives short pages, each bounded in the jobs it looks
+/// at, and the pages together list every match once.
+#[test]
+fn a_page_looks_at_a_bounded_number_of_jobs_and_says_where_to_go_on() {
+    let mut e = Engine::new(TIMING);
+    e.set_limits(Limits { max_queued_per_user: 10_000_000, ..Limits::default() });
+    let (alice, bob) = (Principal::User("alice".into()), Principal::User("bob".into()));
+    e.submit(&alice, spec(0), 2, 0).unwrap();
+    e.submit(&bob, spec(0), (MAX_PAGE_SCAN * 2) as u64, 0).unwrap();
+    e.submit(&alice, spec(0), 3, 0).unwrap();
+    let (mut after, mut seen, mut pages) = (0, Vec::new(), 0);
+    loop {
+        let page = e.job_page(&alice, after, 1000, &JobFilter::default());
+        pages += 1;
+        seen.extend(page.jobs.iter().map(|j| j.id));
+        match page.next_after {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    let last = (MAX_PAGE_SCAN * 2) as u64 + 2;
+    assert_eq!(seen, vec![1, 2, last + 1, last + 2, last + 3], "alice's five jobs, each once");
+    assert_eq!(pages, 3, "two full scans and the last page");
+}
