@@ -358,7 +358,7 @@ impl Client {
         if self.needs_upload(&blob, size)? {
             self.put_blob(&blob, std::fs::File::open(path)?)?;
         }
-        Ok(FileRef { path: name.to_string(), blob, size })
+        Ok(FileRef { path: name.to_string(), blob, size, inline: None })
     }
 
     /// Uploads bytes as a blob unless the pool has them already.
@@ -367,7 +367,7 @@ impl Client {
         if self.needs_upload(&blob, bytes.len() as u64)? {
             self.put_blob(&blob, bytes)?;
         }
-        Ok(FileRef { path: name.to_string(), blob, size: bytes.len() as u64 })
+        Ok(FileRef { path: name.to_string(), blob, size: bytes.len() as u64, inline: None })
     }
 
     /// One try, at the coordinator that answered last (a body read from a file is not sent twice;
@@ -381,6 +381,17 @@ impl Client {
             .send(body)
             .map_err(|e| ClientError::Unreachable { url: base.to_string(), message: describe(base, &e) })?;
         self.check(resp).map(|_| ())
+    }
+
+    /// Writes a result file to `dest`: its inline text, or its blob downloaded.
+    pub fn fetch_file(&self, f: &FileRef, dest: &Path) -> Result<u64> {
+        match &f.inline {
+            Some(text) => {
+                std::fs::write(dest, text)?;
+                Ok(text.len() as u64)
+            }
+            None => self.download(&f.blob, dest),
+        }
     }
 
     /// Downloads a blob to `dest`, checking its hash; the file appears only when complete.

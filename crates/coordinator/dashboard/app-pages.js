@@ -81,7 +81,8 @@ async function blob(hash) {
 
 async function tail(pre, file, dropped) {
   if (!file) { pre.textContent = "(none)"; return; }
-  const text = await (await blob(file.blob)).text();
+  // Short output comes inline with the job; longer output is a blob.
+  const text = file.inline ?? (await (await blob(file.blob)).text());
   const cut = text.length > 8192 ? text.slice(-8192) : text;
   pre.textContent = (dropped || cut !== text ? "…\n" : "") + cut;
 }

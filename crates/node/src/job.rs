@@ -110,8 +110,10 @@ fn upload(
     collected: &Collected,
     out_dir: &Path,
 ) -> Result<Report, RunError> {
-    let upload = |bytes: &[u8], name: &str| {
-        client.upload_bytes(bytes, name).map_err(|e| RunError::Host(format!("cannot upload {name}: {e}")))
+    // Short text goes inline in the report: no upload, no blob file, durable with the result.
+    let upload = |bytes: &[u8], name: &str| match std::str::from_utf8(bytes) {
+        Ok(text) if bytes.len() <= MAX_INLINE_BYTES => Ok(FileRef::inline_text(name, text)),
+        _ => client.upload_bytes(bytes, name).map_err(|e| RunError::Host(format!("cannot upload {name}: {e}"))),
     };
     let mut r = report(
         id,

@@ -93,6 +93,33 @@ pub struct FileRef {
     pub path: String,
     pub blob: BlobRef,
     pub size: u64,
+    /// A job's short stdout or stderr, kept in its result instead of as a blob (no upload, no
+    /// file): UTF-8 text of at most [`MAX_INLINE_BYTES`] whose blake3 is `blob`. Never in a spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline: Option<String>,
+}
+
+/// The longest stdout or stderr a node may send inline in its report.
+pub const MAX_INLINE_BYTES: usize = 8192;
+
+impl FileRef {
+    /// `text` kept inline under the name `path`, with its hash and size.
+    pub fn inline_text(path: &str, text: &str) -> FileRef {
+        let blob = blake3::hash(text.as_bytes()).to_hex().to_string();
+        FileRef { path: path.to_string(), blob, size: text.len() as u64, inline: Some(text.to_string()) }
+    }
+
+    /// Why an inline file is not what it says (too long, another hash or size), if it is not.
+    pub fn check_inline(&self) -> Result<(), String> {
+        let Some(text) = &self.inline else { return Ok(()) };
+        if text.len() > MAX_INLINE_BYTES {
+            return Err(format!("`{}` is {} bytes inline; at most {MAX_INLINE_BYTES} may be", self.path, text.len()));
+        }
+        if text.len() as u64 != self.size || blake3::hash(text.as_bytes()).to_hex().as_str() != self.blob {
+            return Err(format!("`{}`'s inline text does not match its size and hash", self.path));
+        }
+        Ok(())
+    }
 }
 
 /// A job file's files as blobs in the pool: what [`JobSpec::from_job`] puts in the spec.
@@ -468,6 +495,14 @@ impl JobSpec {
         if let Some(f) = self.inputs.iter().find(|f| !is_blob_ref(&f.blob)) {
             return Err(format!("`{}` is not a blob reference (64 hex digits of blake3)", f.blob));
         }
+        if let Some(f) =
+            self.image.iter().chain(&self.kernel).chain(&self.initrd).chain(&self.inputs).find(|f| f.inline.is_some())
+        {
+            return Err(format!(
+                "`{}`: a job's files are blobs; only a result's stdout and stderr may be inline",
+                f.path
+            ));
+        }
         if let Some(ssi) = &self.ssi {
             if self.vm_type != VmType::Wasm {
                 return Err("an SSI process must be a wasm job".into());
@@ -556,6 +591,24 @@ impl JobSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inline_text_must_match_its_hash_and_size_and_never_be_a_jobs_file() {
+        let f = FileRef::inline_text("stdout", "hello\n");
+        assert_eq!((f.size, f.check_inline()), (6, Ok(())));
+        let mut wrong = f.clone();
+        wrong.inline = Some("hullo\n".into());
+        assert!(wrong.check_inline().unwrap_err().contains("does not match"));
+        let long = FileRef::inline_text("stdout", &"x".repeat(MAX_INLINE_BYTES + 1));
+        assert!(long.check_inline().unwrap_err().contains("at most 8192"));
+        let mut spec: JobSpec = serde_json::from_value(serde_json::json!({
+            "name": "j", "vm_type": "wasm", "image": f, "cpus": 1, "memory_mb": 16, "timeout_s": 1, "disk_mb": 1
+        }))
+        .unwrap();
+        assert!(spec.check().unwrap_err().contains("only a result's stdout and stderr may be inline"));
+        spec.image.as_mut().unwrap().inline = None;
+        spec.check().unwrap();
+    }
 
     #[test]
     fn blob_refs_are_64_lowercase_hex_digits() {

@@ -301,7 +301,7 @@ impl Home {
         let name = path.rsplit('/').next().unwrap_or("main.wasm").to_string();
         let hash = blake3_hex(&bytes);
         let image = if self.lock().uploaded.contains(&hash) {
-            vmgrid_proto::FileRef { path: name.clone(), blob: hash, size: bytes.len() as u64 }
+            vmgrid_proto::FileRef { path: name.clone(), blob: hash, size: bytes.len() as u64, inline: None }
         } else {
             let f = self
                 .pool

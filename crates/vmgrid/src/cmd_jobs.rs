@@ -308,7 +308,7 @@ pub fn logs(args: LogsArgs) -> Result<i32, CliError> {
     let (file, dropped) = if args.stderr { (r.stderr, r.stderr_dropped) } else { (r.stdout, r.stdout_dropped) };
     if let Some(f) = file {
         let tmp = tempfile::NamedTempFile::new().map_err(|e| CliError::Failed(e.to_string()))?;
-        client.download(&f.blob, tmp.path())?;
+        client.fetch_file(&f, tmp.path())?;
         let bytes = std::fs::read(tmp.path()).map_err(|e| CliError::Failed(e.to_string()))?;
         // On a terminal the output's control characters are shown, not obeyed.
         let bytes = if crate::term::stdout_is_terminal() { crate::term::output(&bytes) } else { bytes };

@@ -101,17 +101,9 @@ pub async fn report(
     let mut bad = Vec::new();
     let mut good = Vec::new();
     for r in req.reports {
-        let wrong = r
-            .stdout
-            .iter()
-            .chain(&r.stderr)
-            .chain(&r.outputs)
-            .find(|f| !is_confined_path(&f.path) || !shared.blobs.has(&f.blob));
-        match wrong {
-            Some(f) => {
-                bad.push((r.lease, format!("result file `{}` is not confined or its blob is not uploaded", f.path)))
-            }
-            None => good.push(r),
+        match check_files(&shared, &r) {
+            Err(why) => bad.push((r.lease, why)),
+            Ok(()) => good.push(r),
         }
     }
     let (resp, pending) = shared.call(|e| {
@@ -123,6 +115,25 @@ pub async fn report(
     let mut resp = resp?;
     resp.refused.extend(bad);
     Ok(Json(resp))
+}
+
+/// A report's files: confined paths whose blobs are uploaded, or short stdout and stderr inline
+/// (checked against their hash); outputs are always blobs (workflows hand them on as inputs).
+fn check_files(shared: &S, r: &Report) -> std::result::Result<(), String> {
+    for f in r.stdout.iter().chain(&r.stderr) {
+        f.check_inline().map_err(|why| format!("result file {why}"))?;
+    }
+    let wrong = r.stdout.iter().chain(&r.stderr).chain(&r.outputs).find(|f| {
+        let stored = if f.inline.is_some() { is_blob_ref(&f.blob) } else { shared.blobs.has(&f.blob) };
+        !is_confined_path(&f.path) || !stored
+    });
+    if let Some(f) = wrong {
+        return Err(format!("result file `{}` is not confined or its blob is not uploaded", f.path));
+    }
+    if let Some(f) = r.outputs.iter().find(|f| f.inline.is_some()) {
+        return Err(format!("output `{}` is inline; outputs are uploaded as blobs", f.path));
+    }
+    Ok(())
 }
 
 pub async fn deregister(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<StatusCode> {

@@ -378,7 +378,7 @@ impl Engine {
                 for f in outputs.iter().filter(|f| matches_output(globs, &f.path)) {
                     let path =
                         if from_sweep { format!("{parent}/{k}/{}", f.path) } else { format!("{parent}/{}", f.path) };
-                    spec.inputs.push(FileRef { path, blob: f.blob.clone(), size: f.size });
+                    spec.inputs.push(FileRef { path, blob: f.blob.clone(), size: f.size, inline: None });
                     matched += 1;
                 }
             }

@@ -174,7 +174,7 @@ fn report(l: LeaseId, outcome: &Outcome) -> Report {
         Outcome::BadJob => RunReport::BadJob { reason: "not a module".into() },
     };
     // Each run's output names its lease, so a changed result would show.
-    let out = FileRef { path: format!("out-{}-{}", l.job_id, l.epoch), blob: "cd".repeat(32), size: 1 };
+    let out = FileRef { path: format!("out-{}-{}", l.job_id, l.epoch), blob: "cd".repeat(32), size: 1, inline: None };
     Report { lease: l, run, stdout: None, stderr: None, stdout_dropped: 0, stderr_dropped: 0, outputs: vec![out] }
 }
 

@@ -14,7 +14,7 @@ pub(crate) fn spec(max_retries: u32) -> JobSpec {
     JobSpec {
         name: "t".into(),
         vm_type: VmType::Wasm,
-        image: Some(FileRef { path: "a.wasm".into(), blob: "ab".repeat(32), size: 1 }),
+        image: Some(FileRef { path: "a.wasm".into(), blob: "ab".repeat(32), size: 1, inline: None }),
         args: vec!["{index}".into()],
         env: Default::default(),
         kernel: None,

@@ -122,7 +122,7 @@ fn a_standby_takes_over_from_a_killed_coordinator_and_every_job_completes_once()
         assert_eq!((j.state, j.exit_code), (JobState::Completed, Some(0)), "job {}", j.id);
         let r = admin.job(j.id).unwrap();
         let tmp = d.path().join(format!("stdout-{}", j.id));
-        admin.download(&r.stdout.expect("a completed job has its stdout").blob, &tmp).unwrap();
+        admin.fetch_file(&r.stdout.expect("a completed job has its stdout"), &tmp).unwrap();
         assert_eq!(std::fs::read_to_string(&tmp).unwrap(), format!("{i}\n"), "job {} has its own result", j.id);
     }
     // The nodes were not restarted: the same processes, ready under the new coordinator.

@@ -133,7 +133,7 @@ fn slurm_pilots_join_run_a_sweep_and_leave_when_cancelled_or_out_of_time() {
         let r = admin.job(*id).unwrap();
         assert_eq!((r.job.state, r.job.exit_code), (JobState::Completed, Some(0)));
         let tmp = d.path().join(format!("stdout-{id}"));
-        admin.download(&r.stdout.expect("stdout").blob, &tmp).unwrap();
+        admin.fetch_file(&r.stdout.expect("stdout"), &tmp).unwrap();
         assert_eq!(std::fs::read_to_string(&tmp).unwrap(), format!("{i}\n"), "job {id} ran to completion once");
     }
 

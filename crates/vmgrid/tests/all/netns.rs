@@ -268,7 +268,7 @@ fn a_pool_across_namespaces_speaks_tls_and_a_node_or_client_with_another_ca_is_r
     let stdout = pool.admin_on(3).run(|c| {
         let r = c.job(id).unwrap();
         let dest = tempfile::NamedTempFile::new().unwrap();
-        c.download(&r.stdout.unwrap().blob, dest.path()).unwrap();
+        c.fetch_file(&r.stdout.unwrap(), dest.path()).unwrap();
         std::fs::read_to_string(dest.path()).unwrap()
     });
     assert_eq!(stdout, "across the LAN\n");

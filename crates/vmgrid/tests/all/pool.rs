@@ -307,7 +307,7 @@ fn a_killed_coordinator_restarts_and_every_acknowledged_job_completes_once() {
         let r = admin.job(j.id).unwrap();
         let stdout = r.stdout.expect("a completed job has its stdout");
         let tmp = d.path().join(format!("stdout-{}", j.id));
-        admin.download(&stdout.blob, &tmp).unwrap();
+        admin.fetch_file(&stdout, &tmp).unwrap();
         assert_eq!(std::fs::read_to_string(&tmp).unwrap(), format!("{i}\n"), "job {} has its own result", j.id);
     }
 }

@@ -387,3 +387,61 @@ impl Drop for Mount {
         drop(self.0.take());
     }
 }
+
+/// A node's short stdout comes inline in its report; a hostile node cannot make the pool keep
+/// inline text that is not what its hash says, nor send an output inline (workflows hand outputs
+/// on as blobs), and an honest report's inline stdout is what `vmgrid logs` prints.
+#[test]
+fn a_nodes_inline_output_is_checked_against_its_hash_and_outputs_are_never_inline() {
+    use vmgrid_proto::{FileRef, LeaseId, LeaseRequest, NodeAd, Report, ReportRequest, RunReport};
+    let pool = Pool::start();
+    let d = JobDir::new();
+    let job = probe_job_file(d.path(), "inline", &["exit:0"], "");
+    let id = ids_of(&pool.cli().arg("submit").arg(&job).output().unwrap())[0];
+    // A hand-made node (real HTTP, the pool token) takes the job.
+    let pool_token = std::fs::read_to_string(pool.data_dir().join("pool.token")).unwrap();
+    let ad = NodeAd {
+        name: "hostile".into(),
+        arch: std::env::consts::ARCH.into(),
+        os: "linux".into(),
+        cpus: 1,
+        memory_mb: 1024,
+        disk_mb: 1024,
+        vm_types: vec![vmgrid_proto::VmType::Wasm],
+        accelerators: vec![],
+        labels: Default::default(),
+        appliance: false,
+    };
+    let cred = pool.client_with(pool_token.trim()).register(&ad, None).unwrap().credential;
+    let node = pool.client_with(&cred);
+    let leases = node.lease(&LeaseRequest { max_jobs: 1, max_cpus: 1, wait_ms: 5000 }).unwrap().leases;
+    assert_eq!(leases[0].job_id, id);
+    let lease = LeaseId { job_id: id, epoch: leases[0].epoch };
+    let report = |stdout: FileRef, outputs: Vec<FileRef>| {
+        let r = Report {
+            lease,
+            run: RunReport::Exited { code: 0 },
+            stdout: Some(stdout),
+            stderr: None,
+            stdout_dropped: 0,
+            stderr_dropped: 0,
+            outputs,
+        };
+        node.report(&ReportRequest { reports: vec![r] }).unwrap()
+    };
+    let mut forged = FileRef::inline_text("stdout", "the honest text\n");
+    forged.inline = Some("something else\n".into());
+    let r = report(forged, vec![]);
+    assert!(r.accepted.is_empty() && r.refused[0].1.contains("does not match"), "{r:?}");
+    let long = FileRef::inline_text("stdout", &"x".repeat(vmgrid_proto::MAX_INLINE_BYTES + 1));
+    let r = report(long, vec![]);
+    assert!(r.accepted.is_empty() && r.refused[0].1.contains("at most"), "{r:?}");
+    let honest = FileRef::inline_text("stdout", "the honest text\n");
+    let r = report(honest.clone(), vec![FileRef::inline_text("out/a.txt", "a")]);
+    assert!(r.accepted.is_empty() && r.refused[0].1.contains("outputs are uploaded"), "{r:?}");
+    assert_eq!(pool.job(id).state, vmgrid_proto::JobState::Running, "every refusal changed nothing");
+    let r = report(honest, vec![]);
+    assert_eq!(r.accepted, vec![lease], "{r:?}");
+    let out = pool.cli().args(["logs", &id.to_string()]).output().unwrap();
+    assert_eq!(stdout_of(&out), "the honest text\n");
+}

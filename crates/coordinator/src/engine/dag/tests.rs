@@ -73,6 +73,7 @@ pub(super) fn run_all(e: &mut Engine, now: u64, code: impl Fn(&str) -> i32) -> V
                 path: format!("out/{}.txt", l.spec.name),
                 blob: blob(l.spec.name.chars().next().unwrap()),
                 size: 1,
+                inline: None,
             }],
         })
         .collect();
@@ -107,7 +108,7 @@ fn a_diamond_runs_in_dependency_order_with_the_parents_outputs_as_inputs() {
     let second = run_all(&mut e, 3, |_| 0);
     assert_eq!(names(&second), ["b", "c"]);
     let b = second.iter().find(|l| l.spec.name == "b").unwrap();
-    assert_eq!(b.spec.inputs, [FileRef { path: "a/out/a.txt".into(), blob: blob('a'), size: 1 }]);
+    assert_eq!(b.spec.inputs, [FileRef { path: "a/out/a.txt".into(), blob: blob('a'), size: 1, inline: None }]);
     assert!(second.iter().find(|l| l.spec.name == "c").unwrap().spec.inputs.is_empty(), "c takes no inputs");
     let third = run_all(&mut e, 4, |_| 0);
     assert_eq!(names(&third), ["d"]);
@@ -258,7 +259,7 @@ fn a_restart_at_any_point_goes_on_from_the_store_and_releases_no_node_twice() {
 fn a_running_workflow_keeps_its_files_and_jobs_and_an_ended_one_goes_after_its_retention() {
     let mut e = pool();
     let mut flow = diamond();
-    let d_image = FileRef { path: "d.wasm".into(), blob: blob('9'), size: 1 };
+    let d_image = FileRef { path: "d.wasm".into(), blob: blob('9'), size: 1, inline: None };
     flow.nodes[3].job.image = Some(d_image);
     e.add_blob(&blob('9'), "alice", 1, 0);
     let id = e.submit_dag(&alice(), flow, None, 1).unwrap();
@@ -306,7 +307,7 @@ fn a_sweep_node_is_done_only_when_its_last_instance_completes_in_whatever_order(
             stderr: None,
             stdout_dropped: 0,
             stderr_dropped: 0,
-            outputs: vec![FileRef { path: format!("out/{at}.txt"), blob: blob('a'), size: 1 }],
+            outputs: vec![FileRef { path: format!("out/{at}.txt"), blob: blob('a'), size: 1, inline: None }],
         };
         e.report("n1", vec![report], 3 + k as u64).unwrap();
         let a = &e.dag_view(&alice(), id).unwrap().nodes[0];
