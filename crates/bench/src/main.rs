@@ -143,7 +143,26 @@ fn pool_figures(args: &Args, rep: &mut Report) -> BTreeMap<u64, f64> {
     let what = format!("one trivial job, submit to result, warm pool (n={})", args.latency_runs);
     rep.figure(&format!("{what}, p50"), format!("{p50:.2} ms"), p50, " ms", Target::AtMost(2.0));
     rep.figure(&format!("{what}, p99"), format!("{p99:.2} ms"), p99, " ms", Target::AtMost(10.0));
+    drop(pool);
+    separate_figures(args, rep);
     ours
+}
+
+/// The same sweeps through a coordinator process and two node processes over TCP (TLS).
+fn separate_figures(args: &Args, rep: &mut Report) {
+    let pool = pool::Pool::separate(&args.root, 2);
+    let spec = pool::trivial_spec(&pool.client, &args.root);
+    pool::vmgrid_throughput(&pool, &spec, 200);
+    for &n in &args.sizes {
+        let rate = pool::vmgrid_throughput(&pool, &spec, n);
+        rep.figure(
+            &format!("throughput, {n} trivial wasm jobs, coordinator + 2 node processes over TCP"),
+            format!("{rate:.0} jobs/s"),
+            rate,
+            " jobs/s",
+            Target::AtLeast(10_000.0),
+        );
+    }
 }
 
 /// The same throughput and latency with the pool's state in PostgreSQL (a private cluster on

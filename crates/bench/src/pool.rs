@@ -18,9 +18,12 @@ pub fn guest(root: &Path, name: &str) -> PathBuf {
 }
 
 /// A `vmgrid up` pool in a temporary directory, stopped on drop; its state in SQLite, or in a
-/// private PostgreSQL cluster of its own.
+/// private PostgreSQL cluster of its own. Or a pool as it runs across machines: a `vmgrid
+/// coordinator` process and `vmgrid node` processes talking to it over TCP (`Pool::separate`).
 pub struct Pool {
     child: Child,
+    /// The node processes of a separate pool (stopped first).
+    nodes: Vec<Child>,
     pub client: Client,
     _dir: PathBuf,
     _db: Option<vmgrid_testkit::TestDb>,
@@ -47,7 +50,38 @@ impl Pool {
         while client.nodes().map(|n| n.len() as u32).unwrap_or(0) < nodes {
             std::thread::sleep(Duration::from_millis(20));
         }
-        Pool { child, client, _dir: dir, _db: db }
+        Pool { child, nodes: Vec::new(), client, _dir: dir, _db: db }
+    }
+
+    /// A coordinator process and `nodes` node processes, each offering its share of the host's
+    /// cpus, over TCP on loopback (TLS, the pool's CA), as a real pool runs.
+    pub fn separate(root: &Path, nodes: u32) -> Pool {
+        let dir = std::env::temp_dir().join(format!("vmgrid-bench-sep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let child = Command::new(vmgrid_bin(root))
+            .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&dir)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start vmgrid coordinator");
+        let client = client_of(&dir);
+        let cpus = (std::thread::available_parallelism().map_or(1, |n| n.get() as u32) / nodes).max(1);
+        let node = |i: u32| {
+            Command::new(vmgrid_bin(root))
+                .args(["node", "--pool", client.url(), "--name", &format!("sep-{i}"), "--cpus", &cpus.to_string()])
+                .arg("--token-file")
+                .arg(dir.join("pool.token"))
+                .arg("--cache-dir")
+                .arg(dir.join(format!("node-{i}")))
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start vmgrid node")
+        };
+        let children = (1..=nodes).map(node).collect();
+        while client.nodes().map(|n| n.len() as u32).unwrap_or(0) < nodes {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Pool { child, nodes: children, client, _dir: dir, _db: None }
     }
 
     fn completed(&self) -> u64 {
@@ -89,7 +123,12 @@ pub fn client_of(dir: &Path) -> Client {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child, which we have not reaped yet.
+        for n in &mut self.nodes {
+            // SAFETY: signalling our own child, which we have not reaped yet.
+            unsafe { libc::kill(n.id() as i32, libc::SIGTERM) };
+            let _ = n.wait();
+        }
+        // SAFETY: as above.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self._dir);
