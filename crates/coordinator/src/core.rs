@@ -52,6 +52,25 @@ pub(crate) struct Pending {
     changed: bool,
 }
 
+impl Pending {
+    /// Whether the call changed the pool (its commit bumps the dashboards' tick).
+    pub fn changed(&self) -> bool {
+        self.changed
+    }
+
+    /// This and what an earlier `Pending` owed (its wake-ups and event tick), waited for at once:
+    /// tickets only grow, so waiting for this one waits for the earlier one too.
+    pub fn after(mut self, earlier: Option<Pending>) -> Pending {
+        if let Some(e) = earlier {
+            self.ticket = self.ticket.max(e.ticket);
+            self.wake_nodes |= e.wake_nodes;
+            self.wake_waiters |= e.wake_waiters;
+            self.changed |= e.changed;
+        }
+        self
+    }
+}
+
 impl Shared {
     pub fn new(engine: Engine, writer: Writer, blobs: Blobs, transport: Transport, max_blob_bytes: u64) -> Shared {
         let committed = writer.committed();
@@ -81,7 +100,7 @@ impl Shared {
         let mut last = None;
         for _ in 0..8 {
             let (snap, pending) = self.call(|e| e.snapshot(vmgrid_proto::now_ms()));
-            last = Some(pending);
+            last = Some(pending.after(last));
             let Some(mut snap) = snap else { break };
             if snap.is_empty() {
                 continue;
@@ -89,7 +108,7 @@ impl Shared {
             let decision = tokio::task::block_in_place(|| snap.decide());
             let (n, pending) = self.call(|e| e.apply(&snap, decision, vmgrid_proto::now_ms()));
             placed += n;
-            last = Some(pending);
+            last = Some(pending.after(last));
         }
         self.scheduling.store(false, Ordering::Release);
         (placed, last)

@@ -1,4 +1,4 @@
-//! The last hour of the pool, one sample a minute: how many results were accepted in the minute
+//! The last hour of the pool, one sample a minute: how many jobs completed in the minute
 //! (throughput) and how many jobs were idle at its end (queue length). The engine offers its
 //! counters every tick; a sample is taken only when the minute turns, and stored (`Op::Sample`),
 //! so a restarted coordinator, or a standby taking over, shows the hour that went before. The
@@ -15,7 +15,7 @@ pub const MINUTES: usize = 60;
 pub struct Sample {
     /// The minute's start, in ms since the epoch.
     pub minute_ms: u64,
-    /// Results accepted in the minute.
+    /// Jobs completed in the minute.
     pub completed: u64,
     /// Idle jobs when the minute ended (for the current minute: now).
     pub queued: u64,
@@ -24,7 +24,7 @@ pub struct Sample {
 #[derive(Debug, Default)]
 pub struct History {
     samples: VecDeque<Sample>,
-    /// The minute being counted, and the accepted-results counter when it began.
+    /// The minute being counted, and the completed-jobs counter when it began.
     current: Option<(u64, u64)>,
 }
 
@@ -39,12 +39,13 @@ impl History {
     }
 
     /// Closes the current minute if `now_ms` is past it, and gives the minutes it closed, to be
-    /// stored. `accepted` is the engine's counter of accepted results; `queued` the idle jobs now.
+    /// stored. `accepted` is the engine's counter of completed jobs; `queued` the idle jobs now.
     pub fn offer(&mut self, now_ms: u64, accepted: u64, queued: u64) -> Vec<Sample> {
         let minute = now_ms / 60_000;
         let mut closed = Vec::new();
         match self.current {
-            Some((m, _)) if m == minute => return closed,
+            // The same minute, or a clock that stepped back: nothing closes.
+            Some((m, _)) if minute <= m => return closed,
             Some((m, base)) => {
                 closed.push(Sample { minute_ms: m * 60_000, completed: accepted.saturating_sub(base), queued });
                 self.fill_gap(m, minute, queued, &mut closed);
@@ -133,6 +134,9 @@ mod tests {
         assert_eq!(&s[..2], &stored[..]);
         assert_eq!(s.iter().map(|s| s.minute_ms / 60_000).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
         assert_eq!(s[4].completed, 1, "the current minute counts from the restart");
+        // A clock that steps back closes nothing and overwrites nothing.
+        assert!(h.offer(3 * 60_000, 5, 0).is_empty());
+        assert_eq!(h.samples(1, 6).len(), 5);
         // Down for a day: only the last hour of empty minutes is recorded.
         let mut h = History::from_stored(stored);
         assert_eq!(h.offer(24 * 3_600_000, 0, 0).len(), MINUTES);

@@ -340,9 +340,9 @@ pub struct HeartbeatRequest {
     pub cache: Option<CacheStats>,
 }
 
-/// A node's blob cache: images and inputs kept by hash.
+/// A node's blob cache: images and inputs kept by hash. Fields it does not know are ignored, so
+/// later versions may add some (it only informs the dashboard).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct CacheStats {
     pub blobs: u64,
     pub bytes: u64,

@@ -48,7 +48,9 @@ pub async fn lease(
         let notified = shared.work.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let (placed, _) = shared.schedule();
+        // The pass's placements are durable with this call's reply, and their tick tells the
+        // dashboards that jobs started to run.
+        let (placed, scheduled) = shared.schedule();
         let (r, pending) = shared.call(|e| {
             let now = now_ms();
             e.live_node(&name, now)?;
@@ -56,6 +58,7 @@ pub async fn lease(
             // Wake the other nodes only when this pass placed work that they may collect.
             Ok::<_, crate::engine::ApiError>((leases, placed > 0 && e.others_have_pending(&name)))
         });
+        let pending = pending.after(scheduled);
         let (leases, placed_elsewhere) = match r {
             Ok(v) => v,
             Err(e) => {
@@ -69,6 +72,10 @@ pub async fn lease(
         if !leases.is_empty() || tokio::time::Instant::now() >= deadline {
             shared.finish(pending).await?;
             return Ok(Json(LeaseResponse { leases }));
+        }
+        if pending.changed() {
+            // Placements for other nodes: durable, and told to the dashboards, before waiting.
+            shared.finish(pending).await?;
         }
         let _ = tokio::time::timeout_at(deadline, notified).await;
     }

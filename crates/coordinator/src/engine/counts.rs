@@ -33,8 +33,8 @@ impl Engine {
     /// Offers the pool's counters to the last hour's history (from the tick loop); the minutes
     /// it closes are stored, and those older than the hour forgotten.
     pub fn sample_history(&mut self, now: u64) {
-        let (accepted, idle) = (self.metrics.results_accepted, self.by_state[JobState::Idle as usize]);
-        let closed = self.history.offer(now, accepted, idle);
+        let (completed, idle) = (self.metrics.jobs_completed, self.by_state[JobState::Idle as usize]);
+        let closed = self.history.offer(now, completed, idle);
         if let Some(last) = closed.last() {
             let before_ms = last.minute_ms.saturating_sub(MINUTES as u64 * 60_000);
             for s in closed {
@@ -46,7 +46,7 @@ impl Engine {
 
     /// The last hour, a sample a minute, oldest first; the last is the current minute so far.
     pub fn history_samples(&self) -> Vec<Sample> {
-        self.history.samples(self.metrics.results_accepted, self.by_state[JobState::Idle as usize])
+        self.history.samples(self.metrics.jobs_completed, self.by_state[JobState::Idle as usize])
     }
 
     /// Counts job `id` in its current state (after a change of it).

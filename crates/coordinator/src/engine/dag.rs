@@ -480,6 +480,11 @@ impl Engine {
         }
         self.unset_idle(id);
         let j = self.jobs.get_mut(&id).expect("checked above");
+        let outcome = match state {
+            JobState::Running => format!("{reason} while it ran"),
+            _ => j.reason.clone().unwrap_or_else(|| state.as_str().to_string()),
+        };
+        j.end_attempt(now, outcome);
         j.node = None;
         j.state = JobState::Removed;
         j.reason = Some(reason);

@@ -337,6 +337,7 @@ impl Engine {
                 j.reason = reason;
                 j.finished_ms = Some(now);
                 if state == JobState::Completed {
+                    self.metrics.jobs_completed += 1;
                     self.finished(id);
                 }
             }

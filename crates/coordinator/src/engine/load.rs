@@ -46,7 +46,7 @@ impl Engine {
             let Ok(ad) = serde_json::from_str::<NodeAd>(&ad_json) else { continue };
             e.nodes.insert(name, Node::new(ad, state, cred_hash, now));
         }
-        e.give_running_jobs_back();
+        e.give_running_jobs_back(now);
         e.users_loaded(now);
         e.next_dag = e.next_dag.max(loaded.last_dag_id + 1);
         e.history = crate::history::History::from_stored(loaded.samples);
@@ -128,7 +128,7 @@ impl Engine {
 
     /// Running jobs belong to their nodes again, with their resources; a job whose node is no
     /// longer registered, or was lost (a crash between two commits of one change), runs again.
-    fn give_running_jobs_back(&mut self) {
+    fn give_running_jobs_back(&mut self, now: u64) {
         let running: Vec<(u64, String, u32, u64, Arc<str>)> = self
             .jobs
             .values()
@@ -148,9 +148,11 @@ impl Engine {
                 }
                 None => {
                     let j = self.jobs.get_mut(&id).expect("listed above");
+                    let why = format!("requeued at restart: its node {node:?} is lost or no longer registered");
+                    j.end_attempt(now, why.clone());
                     j.state = JobState::Idle;
                     j.node = None;
-                    j.reason = Some(format!("requeued at restart: its node {node:?} is lost or no longer registered"));
+                    j.reason = Some(why);
                     j.finished_ms = None;
                     self.set_idle(id);
                     self.persist(id, false);

@@ -241,6 +241,8 @@ impl Node {
 pub struct Metrics {
     pub results_refused: u64,
     pub results_accepted: u64,
+    /// Jobs completed (the overview's throughput; retries and requeues are not counted).
+    pub jobs_completed: u64,
     pub leases_granted: u64,
     /// Submit-to-lease latency histogram (ms buckets) and sum.
     pub dispatch_buckets: [u64; DISPATCH_BUCKETS.len()],

@@ -537,6 +537,11 @@ fn loading_gives_running_jobs_back_and_requeues_those_whose_node_is_gone_or_lost
     assert_eq!(e.node_views()[0].free_cpus, 1, "the running job holds its cpu again");
     assert_eq!(job_rows(&e.take_effects().ops), vec![(2, JobState::Idle, None, 1), (4, JobState::Idle, None, 1)]);
     assert!(job(&e, 2).reason.unwrap().contains("no longer registered"));
+    let tried = e.job_result(&admin(), 2).unwrap().history;
+    assert!(
+        tried.len() == 1 && tried[0].node == "gone" && tried[0].outcome.contains("requeued at restart"),
+        "{tried:?}"
+    );
     assert!(job(&e, 4).reason.unwrap().contains("lost"));
     e.check_invariants().unwrap();
     assert_eq!(e.submit(&alice(), spec(0), 1, 200).unwrap(), vec![5], "ids continue after the stored ones");

@@ -51,7 +51,11 @@ fn the_dashboard_is_served_with_a_strict_policy_and_no_inline_script() {
     }
     assert!(!html.contains("style=\"") && !html.contains("<style"), "inline style in the page");
     assert!(!html.contains("http://") && !html.contains("https://"), "the page names another site");
-    for (path, kind) in [("/dashboard/app.js", "text/javascript"), ("/dashboard/app.css", "text/css")] {
+    for (path, kind) in [
+        ("/dashboard/app.js", "text/javascript"),
+        ("/dashboard/app-pages.js", "text/javascript"),
+        ("/dashboard/app.css", "text/css"),
+    ] {
         let (head, body) = get(&pool, path, &[]);
         assert!(head.contains(&format!("content-type: {kind}")), "{path}: {head}");
         assert_strict(path, &head);
@@ -61,7 +65,10 @@ fn the_dashboard_is_served_with_a_strict_policy_and_no_inline_script() {
     // it never builds a URL from it.
     let (_, js) = get(&pool, "/dashboard/app.js", &[]);
     assert!(js.contains("Authorization: `Bearer ${token}`") && js.contains("sessionStorage"), "{js}");
-    assert!(!js.contains("localStorage") && !js.contains("innerHTML") && !js.contains("eval("), "{js}");
+    let (_, pages) = get(&pool, "/dashboard/app-pages.js", &[]);
+    for js in [&js, &pages] {
+        assert!(!js.contains("localStorage") && !js.contains("innerHTML") && !js.contains("eval("), "{js}");
+    }
     // The page holds no data: the API it reads answers nothing without a token.
     let (head, body) = get(&pool, "/v1/jobs", &[]);
     assert!(head.starts_with("http/1.1 401"), "{head}{body}");

@@ -105,6 +105,7 @@ try {
   await page.evaluate(() => { window.stillHere = true; });
   const before = urls.length;
   await ask("start-node");
+  await until(page, "a job shows running, live", async () => (await states(page)).some(([, s]) => s === "running"));
   await until(page, "the sweep completed, live", async () => (await states(page)).every(([, s]) => s === "completed"));
   check(await page.evaluate(() => window.stillHere === true), "the page was not reloaded");
   check(since(before, "/v1/events") === 0, "the page kept its one event stream (no new one)");
@@ -168,6 +169,7 @@ try {
   await signIn(page, bob);
   seen = await states(page);
   check(seen.length === 1, `bob sees only his job: ${JSON.stringify(seen)}`);
+  check(errors.length === 0, `no console errors while alice used the page (a CSP violation is one): ${errors.join("; ")}`);
   const status = await page.evaluate(async (id) => (await fetch(`/v1/jobs/${id}`, {
     headers: { Authorization: `Bearer ${sessionStorage.getItem("vmgrid-token")}` },
   })).status, first);

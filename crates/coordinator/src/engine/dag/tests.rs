@@ -195,7 +195,12 @@ fn a_running_workflow_cannot_be_rescued_and_rm_removes_its_jobs_for_its_owner_on
     assert!(matches!(e.submit_dag(&alice(), diamond(), Some(id), 2), Err(ApiError::Conflict(_))));
     let job = e.dag_view(&alice(), id).unwrap().nodes[0].jobs[0];
     assert!(matches!(e.dag_rm(&Principal::User("bob".into()), id, 2), Err(ApiError::Forbidden(_))));
+    // Its first job runs on n1 when the workflow is removed: the run is kept in its attempts.
+    e.schedule(2);
+    assert_eq!(e.take_leases("n1", 8, 8, 2).len(), 1);
     let v = e.dag_rm(&alice(), id, 3).unwrap();
+    let tried = e.job_result(&alice(), job).unwrap().history;
+    assert!(tried.len() == 1 && tried[0].node == "n1" && tried[0].outcome.ends_with("while it ran"), "{tried:?}");
     assert_eq!(v.state, DagState::Removed);
     use DagNodeState::*;
     assert_eq!(v.nodes.iter().map(|n| n.state).collect::<Vec<_>>(), [Failed, Skipped, Skipped, Skipped]);
