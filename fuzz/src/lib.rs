@@ -16,7 +16,7 @@ use vmgrid_proto::*;
 const BLOB: &str = "ab";
 
 fn blob(path: String) -> FileRef {
-    FileRef { path, blob: BLOB.repeat(32), size: 1 }
+    FileRef { path, blob: BLOB.repeat(32), size: 1, inline: None }
 }
 
 fn invariants(e: &Engine, what: &str) {
