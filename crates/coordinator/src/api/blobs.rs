@@ -2,12 +2,12 @@
 //! is the coordinator's (500, or 507 when its disk is full), never the caller's bad input.
 
 use axum::body::Body as HttpBody;
-use axum::extract::{Path, Query, State as AxState};
+use axum::extract::State as AxState;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 
-use super::{Auth, Error, Result, S, forbidden};
+use super::{Auth, Error, Path, Query, Result, S, forbidden};
 use crate::blobs::CommitError;
 use crate::engine::Principal;
 

@@ -2,11 +2,11 @@
 //! only, as for jobs.
 
 use axum::Json;
-use axum::extract::{Path, State as AxState};
+use axum::extract::State as AxState;
 use axum::http::StatusCode;
 use vmgrid_proto::*;
 
-use super::{Auth, Body, Error, Result, S, user};
+use super::{Auth, Body, Error, Path, Result, S, user};
 
 pub async fn submit(
     AxState(shared): AxState<S>,

@@ -3,12 +3,12 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, Query, State as AxState};
+use axum::extract::State as AxState;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use vmgrid_proto::*;
 
-use super::{Auth, Body, Error, Result, S, user};
+use super::{Auth, Body, Error, Path, Query, Result, S, user};
 
 pub async fn submit(
     AxState(shared): AxState<S>,

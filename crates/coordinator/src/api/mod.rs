@@ -67,6 +67,12 @@ pub fn router(shared: S) -> Router {
     routes()
         .into_iter()
         .fold(Router::new(), |r, (path, handlers)| r.route(path, handlers))
+        .method_not_allowed_fallback(|| async {
+            Error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this path does not take that method; the `Allow` header lists the ones it takes".into(),
+            )
+        })
         .fallback(|| async { Error(StatusCode::NOT_FOUND, "no such API call; see `vmgrid --help`".into()) })
         .layer(DefaultBodyLimit::max(16 << 20))
         .with_state(shared)
@@ -171,6 +177,34 @@ impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Body(v)),
             Err(e) => Err(Error(StatusCode::BAD_REQUEST, format!("bad request body: {}", e.body_text()))),
+        }
+    }
+}
+
+/// Path parameters whose errors are 400s with a sentence, as JSON like every other error.
+pub struct Path<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Path(v)),
+            Err(e) => Err(Error(StatusCode::BAD_REQUEST, format!("bad path: {}", e.body_text()))),
+        }
+    }
+}
+
+/// Query strings whose errors are 400s with a sentence, as JSON like every other error.
+pub struct Query<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Query(v)),
+            Err(e) => Err(Error(StatusCode::BAD_REQUEST, format!("bad query string: {}", e.body_text()))),
         }
     }
 }

@@ -28,8 +28,20 @@ fn coordinator() -> (tempfile::TempDir, crate::Running) {
 
 /// One HTTP/1.1 exchange: the status and the headers (names in lower case) and the body.
 fn call(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, BTreeMap<String, String>, String) {
+    call_as(addr, "", method, path)
+}
+
+/// The same, with `Authorization: Bearer <token>` unless the token is empty.
+fn call_as(
+    addr: std::net::SocketAddr,
+    token: &str,
+    method: &str,
+    path: &str,
+) -> (u16, BTreeMap<String, String>, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: vmgrid\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").unwrap();
+    let auth = if token.is_empty() { String::new() } else { format!("Authorization: Bearer {token}\r\n") };
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: vmgrid\r\n{auth}Connection: close\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap();
@@ -92,6 +104,30 @@ fn the_document_is_served_without_a_token_and_is_openapi_3_1() {
     for r in text.split("\"#/components/schemas/").skip(1) {
         let name = &r[..r.find('"').unwrap()];
         assert!(schemas.contains_key(name), "{name} is referenced but not in the document");
+    }
+    running.stop();
+}
+
+#[test]
+fn bad_path_and_query_parameters_and_wrong_methods_get_the_documented_json_error() {
+    let (dir, running) = coordinator();
+    let token = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap();
+    let cases = [
+        ("GET", "/v1/jobs/abc", 400, "bad path"),
+        ("GET", "/v1/jobs/18446744073709551616/wait", 400, "bad path"),
+        ("GET", "/v1/jobs?limit=abc", 400, "bad query string"),
+        ("GET", "/v1/jobs?state=sleeping", 400, "unknown state"),
+        ("GET", "/v1/jobs/1/wait?timeout_ms=-1", 400, "bad query string"),
+        ("GET", "/v1/dags/x", 400, "bad path"),
+        ("PATCH", "/v1/jobs", 405, "does not take that method"),
+        ("GET", "/v1/nowhere", 404, "no such API call"),
+    ];
+    for (method, path, status, says) in cases {
+        let (got, headers, body) = call_as(running.addr, token.trim(), method, path);
+        assert_eq!(got, status, "{method} {path}: {body}");
+        assert_eq!(headers.get("content-type").map(String::as_str), Some("application/json"), "{method} {path}");
+        let err: vmgrid_proto::ApiError = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
+        assert!(err.error.contains(says), "{method} {path}: {}", err.error);
     }
     running.stop();
 }
