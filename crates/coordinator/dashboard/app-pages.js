@@ -70,21 +70,33 @@ function fmtTime(ms) {
   return ms ? new Date(ms).toISOString().replace("T", " ").replace(/\.\d+Z$/, " UTC") : "";
 }
 
-async function blob(hash) {
-  const resp = await fetch(`/v1/blobs/${hash}`, {
-    headers: { Authorization: `Bearer ${sessionStorage.getItem("vmgrid-token")}` },
-    cache: "no-store",
-  });
+// A blob, or with `range` (a Range header's value) the part of it asked for.
+async function blob(hash, range) {
+  const headers = { Authorization: `Bearer ${sessionStorage.getItem("vmgrid-token")}` };
+  if (range) headers.Range = range;
+  const resp = await fetch(`/v1/blobs/${hash}`, { headers, cache: "no-store" });
   if (!resp.ok) throw new Error(`blob ${hash}: ${resp.status}`);
   return resp.blob();
 }
 
+const TAIL = 8192;
+// Blobs never change: the tails read, by hash (a few), so an update of the page reads none again.
+const tails = new Map();
+
 async function tail(pre, file, dropped) {
   if (!file) { pre.textContent = "(none)"; return; }
-  // Short output comes inline with the job; longer output is a blob.
-  const text = file.inline ?? (await (await blob(file.blob)).text());
-  const cut = text.length > 8192 ? text.slice(-8192) : text;
-  pre.textContent = (dropped || cut !== text ? "…\n" : "") + cut;
+  // Short output comes inline with the job; of longer output, only the last 8 KiB are read.
+  let text = file.inline;
+  if (text == null) {
+    if (!tails.has(file.blob)) {
+      const part = await (await blob(file.blob, `bytes=-${TAIL}`)).text();
+      if (tails.size >= 8) tails.delete(tails.keys().next().value);
+      tails.set(file.blob, part);
+    }
+    text = tails.get(file.blob);
+  }
+  const cut = file.size > TAIL || text.length > TAIL;
+  pre.textContent = (dropped || cut ? "…\n" : "") + (text.length > TAIL ? text.slice(-TAIL) : text);
 }
 
 function download(li, f) {

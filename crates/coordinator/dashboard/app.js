@@ -18,7 +18,7 @@ const view = {
   cursors: [0], // `after` of each page seen; the last is the current page's
   next: null,
   jobs: [],
-  sort: { key: "id", dir: 1 },
+  sort: { key: "id", dir: 1 }, // the id order is the pool's (across pages); other columns sort the page
 };
 
 async function api(path, init = {}) {
@@ -86,9 +86,11 @@ function signOut() {
   $("who").textContent = "";
 }
 
-// The pool filters by state, owner and name (every page, not only the one shown); the page sorts.
+// The pool filters by state, owner and name and orders by id (across every page, not only the one
+// shown); another column sorts the page shown.
 function sortedJobs() {
   const { key, dir } = view.sort;
+  if (key === "id") return view.jobs;
   return view.jobs
     .slice()
     .sort((a, b) => {
@@ -137,11 +139,16 @@ function renderJobs() {
   const page = view.cursors.length;
   $("page-info").textContent = `page ${page}, ${view.jobs.length} jobs${view.next === null ? " (last page)" : ""}`;
   $("next").disabled = view.next === null;
+  $("prev").disabled = view.cursors.length === 1;
+  for (const th of document.querySelectorAll("#jobs th[data-key]")) {
+    th.dataset.sorted = th.dataset.key === view.sort.key ? (view.sort.dir > 0 ? "up" : "down") : "";
+  }
 }
 
 async function loadJobs() {
   const after = view.cursors[view.cursors.length - 1];
   const q = new URLSearchParams({ after: String(after), limit: $("f-limit").value });
+  if (view.sort.key === "id" && view.sort.dir < 0) q.set("order", "newest");
   if ($("f-state").value) q.set("state", $("f-state").value);
   if ($("f-owner").value.trim()) q.set("owner", $("f-owner").value.trim());
   if ($("f-name").value.trim()) q.set("name", $("f-name").value.trim());
@@ -308,11 +315,19 @@ $("next").addEventListener("click", () => {
   view.cursors.push(view.next);
   loadJobs();
 });
+$("prev").addEventListener("click", () => {
+  if (view.cursors.length === 1) return;
+  view.cursors.pop();
+  loadJobs();
+});
 for (const th of document.querySelectorAll("#jobs th[data-key]")) {
   th.addEventListener("click", () => {
     const key = th.dataset.key;
+    const byId = key === "id" || view.sort.key === "id";
     view.sort = { key, dir: view.sort.key === key ? -view.sort.dir : 1 };
-    renderJobs();
+    // The id order is the pool's: a new order starts again at the first page.
+    if (byId) restart();
+    else renderJobs();
   });
 }
 

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, watch};
 
 use std::sync::Arc;
 
@@ -36,12 +36,9 @@ pub(crate) struct Shared {
     /// Counts durable changes (jobs, nodes): the dashboard's event streams wait on it. A watch
     /// keeps only the latest count, so a slow stream skips ticks instead of queueing them.
     pub ticks: watch::Sender<u64>,
-    /// Permits for open event streams ([`MAX_STREAMS`]).
-    pub streams: Arc<Semaphore>,
+    /// The open event streams, counted per owner ([`crate::api::Streams`]).
+    pub streams: Arc<crate::api::Streams>,
 }
-
-/// How many event streams may be open at once; more are refused (503).
-pub const MAX_STREAMS: usize = 64;
 
 /// What a call leaves to do once the lock is released: wait for its commit, then wake.
 #[must_use = "a reply must wait for the changes it reports to be durable"]
@@ -84,7 +81,7 @@ impl Shared {
             max_blob_bytes,
             scheduling: AtomicBool::new(false),
             ticks: watch::Sender::new(0),
-            streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            streams: Arc::default(),
         }
     }
 

@@ -241,6 +241,7 @@ async fn serve_until_stopped(
     rx: tokio::sync::oneshot::Receiver<()>,
     handle_signals: bool,
 ) {
+    let streams = shared.streams.clone();
     let shutdown = async move {
         if handle_signals {
             let mut term =
@@ -253,6 +254,9 @@ async fn serve_until_stopped(
         } else {
             let _ = rx.await;
         }
+        // The dashboards' event streams never end by themselves: end them, or the graceful
+        // shutdown waits for them.
+        streams.close();
     };
     let tls = shared.server_tls();
     serve_app(api::router(shared), listener, tls, shutdown).await;

@@ -92,7 +92,40 @@ fn refused_early(e: Error) -> Response {
     resp
 }
 
-pub async fn get(AxState(shared): AxState<S>, Auth(p): Auth, Path(hash): Path<String>) -> Result<Response> {
+/// A single byte range of a `Range` header (`bytes=A-B`, `bytes=A-`, `bytes=-N`) in a blob of
+/// `len` bytes: the first and last byte, or `Err` when no byte of it is in the blob (416).
+/// `Ok(None)`: no range asked for, or a form this server does not serve (several ranges): the
+/// whole blob, as RFC 9110 allows.
+fn range(headers: &axum::http::HeaderMap, len: u64) -> std::result::Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else { return Ok(None) };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((first, last)) = spec.trim().strip_prefix("bytes=").and_then(|r| r.split_once('-')) else {
+        return Ok(None);
+    };
+    let (first, last) = (first.trim(), last.trim());
+    if first.is_empty() {
+        // The last N bytes.
+        let n: u64 = last.parse().map_err(|_| ())?;
+        return if n == 0 || len == 0 { Err(()) } else { Ok(Some((len.saturating_sub(n), len - 1))) };
+    }
+    let first: u64 = first.parse().map_err(|_| ())?;
+    let last: u64 = if last.is_empty() { u64::MAX } else { last.parse().map_err(|_| ())? };
+    if first >= len || last < first {
+        return Err(());
+    }
+    Ok(Some((first, last.min(len - 1))))
+}
+
+/// A blob, whole or one byte range of it (`Range`: a dashboard reads an output's tail, a node
+/// resumes a cut download).
+pub async fn get(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Path(hash): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response> {
     blob_caller(&p)?;
     let path = shared.blobs.path(&hash).ok_or_else(|| Error(StatusCode::BAD_REQUEST, "not a blob hash".into()))?;
     let file = match tokio::fs::File::open(&path).await {
@@ -103,11 +136,38 @@ pub async fn get(AxState(shared): AxState<S>, Auth(p): Auth, Path(hash): Path<St
         Err(e) => return Err(storage(&format!("cannot read blob {hash}"), &e)),
     };
     let len = file.metadata().await.map(|m| m.len()).map_err(|e| storage("cannot read a blob", &e))?;
-    Ok(([(header::CONTENT_LENGTH, len.to_string())], HttpBody::from_stream(chunks(file))).into_response())
+    let Ok(part) = range(&headers, len) else {
+        let mut resp =
+            Error(StatusCode::RANGE_NOT_SATISFIABLE, format!("the range is outside blob {hash} of {len} bytes"))
+                .into_response();
+        resp.headers_mut().insert(header::CONTENT_RANGE, format!("bytes */{len}").parse().expect("ascii"));
+        return Ok(resp);
+    };
+    let Some((first, last)) = part else {
+        let headers = [(header::CONTENT_LENGTH, len.to_string()), (header::ACCEPT_RANGES, "bytes".into())];
+        return Ok((headers, HttpBody::from_stream(chunks(file))).into_response());
+    };
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut file = file;
+    file.seek(std::io::SeekFrom::Start(first)).await.map_err(|e| storage("cannot read a blob", &e))?;
+    let body = HttpBody::from_stream(chunks_of(file.take(last - first + 1)));
+    let headers = [
+        (header::CONTENT_LENGTH, (last - first + 1).to_string()),
+        (header::CONTENT_RANGE, format!("bytes {first}-{last}/{len}")),
+        (header::ACCEPT_RANGES, "bytes".into()),
+    ];
+    Ok((StatusCode::PARTIAL_CONTENT, headers, body).into_response())
 }
 
 /// Streams a file in 256 KiB chunks.
 fn chunks(file: tokio::fs::File) -> impl futures_util::Stream<Item = std::io::Result<Vec<u8>>> {
+    chunks_of(file)
+}
+
+/// Streams a reader in 256 KiB chunks.
+fn chunks_of<R: tokio::io::AsyncRead + Unpin + Send>(
+    file: R,
+) -> impl futures_util::Stream<Item = std::io::Result<Vec<u8>>> {
     futures_util::stream::unfold(file, |mut f| async move {
         use tokio::io::AsyncReadExt;
         let mut buf = vec![0u8; 256 * 1024];
@@ -175,3 +235,7 @@ async fn store(shared: &S, p: &Principal, hash: &str, body: HttpBody) -> Result<
         Err(CommitError::Io(e)) => Err(storage("cannot store a blob", &e)),
     }
 }
+
+#[cfg(test)]
+#[path = "blobs_tests.rs"]
+mod tests;

@@ -48,6 +48,17 @@ pub struct ListQuery {
     owner: Option<String>,
     /// Only jobs whose name contains this (case folded).
     name: Option<String>,
+    #[serde(default)]
+    order: Order,
+}
+
+/// The order of a job list: by id, oldest or newest first.
+#[derive(Deserialize, Default, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum Order {
+    #[default]
+    Oldest,
+    Newest,
 }
 
 /// The longest `owner` or `name` a job list may filter by.
@@ -78,6 +89,7 @@ pub async fn list(AxState(shared): AxState<S>, Auth(p): Auth, Query(q): Query<Li
         state,
         owner: q.owner.filter(|o| !o.is_empty()),
         name: q.name.filter(|n| !n.is_empty()),
+        newest_first: q.order == Order::Newest,
     };
     let (page, pending) = shared.call(|e| e.job_page(&p, q.after, q.limit, &filter));
     shared.finish(pending).await?;

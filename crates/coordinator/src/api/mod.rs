@@ -16,6 +16,8 @@ mod users;
 
 use std::sync::Arc;
 
+pub(crate) use events::Streams;
+
 use axum::extract::{DefaultBodyLimit, FromRequestParts, State as AxState};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
@@ -126,18 +128,23 @@ impl FromRequestParts<S> for Auth {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, shared: &S) -> Result<Self> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Error(StatusCode::UNAUTHORIZED, "missing `Authorization: Bearer <token>`".into()))?;
+        let token = bearer(&parts.headers)?;
         let now = vmgrid_proto::now_ms();
-        let p = shared.peek(|e| e.authenticate(token.trim(), now).cloned());
+        let p = shared.peek(|e| e.authenticate(token, now).cloned());
         p.map(Auth).ok_or_else(|| {
             Error(StatusCode::UNAUTHORIZED, "the token is not valid for this pool (unknown, revoked or expired)".into())
         })
     }
+}
+
+/// The request's bearer token.
+fn bearer(headers: &axum::http::HeaderMap) -> Result<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| Error(StatusCode::UNAUTHORIZED, "missing `Authorization: Bearer <token>`".into()))
 }
 
 fn forbidden(p: &Principal, what: &str) -> Error {

@@ -120,7 +120,8 @@ op!(
     responses((status = 200, description = "the jobs queued", body = SubmitResponse), Errors)
 );
 op!(jobs_list, get, path = "/v1/jobs", tag = "jobs",
-    params(("after" = Option<u64>, Query, description = "only jobs with a larger id"),
+    params(("after" = Option<u64>, Query, description = "where the previous page ended (its `next_after`): only jobs past this id in the list's order; 0 or none: from the start"),
+           ("order" = Option<String>, Query, description = "`oldest` (the default: by id, smallest first) or `newest` (largest id first)"),
            ("limit" = Option<u64>, Query, description = "at most this many (default 1000)"),
            ("state" = Option<String>, Query, description = "only jobs in this state (idle, running, held, completed, removed)"),
            ("owner" = Option<String>, Query, description = "only this owner's jobs (at most 256 characters)"),
@@ -216,8 +217,13 @@ op!(
     tag = "nodes",
     responses((status = 204, description = "the node left the pool (node token only)"), Errors)
 );
-op!(blobs_get, get, path = "/v1/blobs/{hash}", tag = "blobs", params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits")),
-    responses((status = 200, description = "the blob's bytes", content_type = "application/octet-stream", body = Vec<u8>), BlobErrors));
+op!(blobs_get, get, path = "/v1/blobs/{hash}", tag = "blobs",
+    params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits"),
+           ("Range" = Option<String>, Header, description = "one byte range: `bytes=A-B`, `bytes=A-` (to resume) or `bytes=-N` (the last N bytes); other forms get the whole blob")),
+    responses((status = 200, description = "the blob's bytes", content_type = "application/octet-stream", body = Vec<u8>),
+              (status = 206, description = "the range asked for, named in `Content-Range`", content_type = "application/octet-stream", body = Vec<u8>),
+              (status = 416, description = "no byte of the range is in the blob; `Content-Range: bytes */LEN` says its size", body = ApiError),
+              BlobErrors));
 op!(blobs_head, head, path = "/v1/blobs/{hash}", tag = "blobs",
     params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits"),
            ("size" = Option<u64>, Query, description = "the size of an upload the caller means to make: the answer is the refusal it would get")),
@@ -269,10 +275,11 @@ op!(
     responses(
         (
             status = 200,
-            description = "a server-sent event stream: an event `changed` (data: `{\"seq\":N}`, the pool's change count) at once and then once a change is durable, coalesced to one each 300 ms, and a keep-alive comment every 15 s; no job's data: the page asks the other calls",
+            description = "a server-sent event stream: an event `changed` (data: `{\"seq\":N}`, the pool's change count) at once and then once a change is durable, coalesced to one each 300 ms, and a keep-alive comment every 15 s; no job's data: the page asks the other calls. The stream ends when its token is revoked or expires",
             content_type = "text/event-stream",
             body = ChangedEvent
         ),
+        (status = 429, description = "the caller's owner has 8 streams open, the most one owner may", body = ApiError),
         Errors
     )
 );
@@ -345,4 +352,4 @@ op!(
 
 #[cfg(test)]
 #[path = "openapi_tests.rs"]
-mod tests;
+pub(crate) mod tests;

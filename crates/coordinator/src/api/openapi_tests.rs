@@ -9,7 +9,7 @@ use utoipa::OpenApi;
 use super::ApiDoc;
 use crate::{Config, Limits, Timing, Tls};
 
-fn coordinator() -> (tempfile::TempDir, crate::Running) {
+pub(crate) fn coordinator() -> (tempfile::TempDir, crate::Running) {
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
         data_dir: dir.path().join("data"),

@@ -499,7 +499,8 @@ impl Engine {
         self.jobs.values().filter(|j| p.may_see(&j.owner)).map(|j| self.view(j)).collect()
     }
 
-    /// Up to `limit` jobs after id `after` that `p` may see (in `state`, if given), in id order.
+    /// Up to `limit` jobs after id `after` that `p` may see (in `state`, if given), in id order
+    /// (or newest first, where `after` is the id the previous page ended at going down).
     pub fn job_page(&self, p: &Principal, after: u64, limit: usize, filter: &JobFilter) -> JobPage {
         let limit = limit.clamp(1, MAX_PAGE);
         let mut jobs = Vec::new();
@@ -514,13 +515,19 @@ impl Engine {
         };
         // A page looks at no more than MAX_PAGE_SCAN jobs (the engine's lock is held meanwhile):
         // a filter that matches few of a million jobs gives short pages, each with where to go on.
-        for (looked, (&id, j)) in self.jobs.range(after.saturating_add(1)..).enumerate() {
+        let order: Box<dyn Iterator<Item = (&u64, &Job)>> = match (filter.newest_first, after) {
+            (false, _) => Box::new(self.jobs.range(after.saturating_add(1)..)),
+            (true, 0) => Box::new(self.jobs.iter().rev()),
+            (true, _) => Box::new(self.jobs.range(..after).rev()),
+        };
+        for (looked, (&id, j)) in order.enumerate() {
             if jobs.len() == limit {
                 next_after = jobs.last().map(|v: &JobView| v.id);
                 break;
             }
             if looked == MAX_PAGE_SCAN {
-                next_after = Some(id - 1);
+                // Where this page stopped looking: the next one starts at `id`.
+                next_after = Some(if filter.newest_first { id + 1 } else { id - 1 });
                 break;
             }
             if matches(j) {
@@ -605,6 +612,8 @@ pub struct JobFilter {
     pub state: Option<JobState>,
     pub owner: Option<String>,
     pub name: Option<String>,
+    /// Largest id first; `after` is then where the previous page ended going down (0: the top).
+    pub newest_first: bool,
 }
 
 /// The most jobs one page of the job list looks at, matching or not.

@@ -19,6 +19,7 @@ fn a_job_page_filters_by_owner_and_name_on_every_page() {
         state: None,
         owner: owner.map(str::to_string),
         name: name.map(str::to_string),
+        newest_first: false,
     };
     let ids = |p: &Principal, f: &JobFilter| e.job_page(p, 0, 1000, f).jobs.iter().map(|j| j.id).collect::<Vec<_>>();
     assert_eq!(ids(&admin, &f(Some("alice"), Some("sweep"))).len(), 2);
@@ -43,17 +44,41 @@ fn a_page_looks_at_a_bounded_number_of_jobs_and_says_where_to_go_on() {
     e.submit(&alice, spec(0), 2, 0).unwrap();
     e.submit(&bob, spec(0), (MAX_PAGE_SCAN * 2) as u64, 0).unwrap();
     e.submit(&alice, spec(0), 3, 0).unwrap();
-    let (mut after, mut seen, mut pages) = (0, Vec::new(), 0);
-    loop {
-        let page = e.job_page(&alice, after, 1000, &JobFilter::default());
-        pages += 1;
-        seen.extend(page.jobs.iter().map(|j| j.id));
-        match page.next_after {
-            Some(next) => after = next,
-            None => break,
+    let walk = |newest_first| {
+        let filter = JobFilter { newest_first, ..JobFilter::default() };
+        let (mut after, mut seen, mut pages) = (0, Vec::new(), 0);
+        loop {
+            let page = e.job_page(&alice, after, 1000, &filter);
+            pages += 1;
+            seen.extend(page.jobs.iter().map(|j| j.id));
+            match page.next_after {
+                Some(next) => after = next,
+                None => break,
+            }
         }
-    }
+        (seen, pages)
+    };
     let last = (MAX_PAGE_SCAN * 2) as u64 + 2;
+    let (seen, pages) = walk(false);
     assert_eq!(seen, vec![1, 2, last + 1, last + 2, last + 3], "alice's five jobs, each once");
     assert_eq!(pages, 3, "two full scans and the last page");
+    let (seen, pages) = walk(true);
+    assert_eq!(seen, vec![last + 3, last + 2, last + 1, 2, 1], "newest first: the same five, largest id first");
+    assert_eq!(pages, 3);
+}
+
+/// Newest first, pages of two: each page goes on below where the last one ended.
+#[test]
+fn newest_first_pages_go_down_from_the_largest_id() {
+    let mut e = Engine::new(TIMING);
+    let alice = Principal::User("alice".into());
+    e.submit(&alice, spec(0), 5, 0).unwrap();
+    let filter = JobFilter { newest_first: true, ..JobFilter::default() };
+    let first = e.job_page(&alice, 0, 2, &filter);
+    assert_eq!(first.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![5, 4]);
+    let second = e.job_page(&alice, first.next_after.unwrap(), 2, &filter);
+    assert_eq!(second.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![3, 2]);
+    let third = e.job_page(&alice, second.next_after.unwrap(), 2, &filter);
+    assert_eq!(third.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(third.next_after, None);
 }

@@ -524,6 +524,10 @@ fn put_dag_node(tx: &rusqlite::Transaction<'_>, n: &DagNodeRow) -> rusqlite::Res
 }
 
 #[cfg(test)]
+#[path = "sqlite_migrate_tests.rs"]
+mod migrate_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::engine::{Engine, Principal, Timing, hash_token};

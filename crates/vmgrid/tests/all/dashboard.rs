@@ -131,7 +131,15 @@ fn the_dashboard_in_a_browser_signs_in_shows_jobs_and_nodes_and_acts() {
     let job = probe_job_file(
         jobs.path(),
         "sweep",
-        &["write:out/result.txt:forty-two", "stderr:a warning", "sleep:1500", "args", "hello from the sweep"],
+        // 1 MiB of stdout before its last line: the job page reads only the tail (a Range request).
+        &[
+            "write:out/result.txt:forty-two",
+            "stderr:a warning",
+            "sleep:1500",
+            "flood:1",
+            "args",
+            "hello from the sweep",
+        ],
         "[files]\noutputs = [\"out/*.txt\"]\n",
     );
     for (token, count) in [(&alice, "3"), (&bob, "1")] {

@@ -125,7 +125,8 @@ try {
   // A job's page: its fields, stdout and stderr tails, and an output to download.
   await page.click(`#jobs tr[data-id="${first}"] .job-link`);
   await holds(page, () => document.getElementById("job-stdout").textContent.includes("hello from the sweep"));
-  check(true, "the job page shows the job's stdout");
+  const shown = await page.textContent("#job-stdout");
+  check(shown.startsWith("…") && shown.length <= 8194, `the job page shows the job's stdout, its last 8 KiB of 1 MiB (${shown.length} characters)`);
   check((await page.textContent("#job-stderr")).includes("a warning"), "the job page shows its stderr");
   check((await page.textContent('#job-spec dd[data-key="state"]')) === "completed", "the job page shows its state");
   const image = await page.textContent('#job-file dd[data-key="image"]');
@@ -148,10 +149,32 @@ try {
   await page.screenshot({ path: join(shots, "dashboard-overview.png"), fullPage: true });
   await tab(page, "jobs");
 
-  // Sorting and filters work on what is shown.
+  // Sorting and filters: the pool orders by id and filters across every page.
+  const ordered = urls.length;
   await page.click('#jobs th[data-key="id"]');
-  seen = await states(page);
-  check(seen[0][0] > seen[seen.length - 1][0], "a second click on id sorts newest first");
+  await until(page, "a second click on id lists newest first", async () => {
+    const s = await states(page);
+    return s.length > 1 && s[0][0] > s[s.length - 1][0];
+  });
+  check(urls.slice(ordered).some((u) => u.includes("order=newest")), "the newest-first order is asked of the pool");
+  // Pages of two (an option the test adds to the select): next, then previous.
+  await page.evaluate(() => {
+    const o = document.createElement("option");
+    o.textContent = "2";
+    document.getElementById("f-limit").appendChild(o);
+  });
+  await page.selectOption("#f-limit", "2");
+  await until(page, "a page of two jobs", async () => (await states(page)).length === 2);
+  const page1 = (await states(page)).map(([id]) => id);
+  await page.click("#next");
+  await until(page, "the next page goes on below the first", async () => {
+    const s = await states(page);
+    return s.length >= 1 && s.every(([id]) => id < Math.min(...page1));
+  });
+  await page.click("#prev");
+  await until(page, "the previous page is the first again",
+    async () => JSON.stringify((await states(page)).map(([id]) => id)) === JSON.stringify(page1));
+  await page.selectOption("#f-limit", "50");
   await page.fill("#f-name", "no-such-name");
   await until(page, "the name filter, applied by the pool, hides what does not match", async () => (await states(page)).length === 0);
   await page.fill("#f-name", "");
