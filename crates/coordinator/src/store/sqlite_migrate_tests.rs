@@ -7,6 +7,7 @@ use rusqlite::Connection;
 use super::{MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION, SqliteStore};
 use crate::engine::{Engine, Principal, Timing};
 use crate::store::{Op, Store};
+use vmgrid_proto::JobState;
 
 #[test]
 fn a_version_6_store_with_jobs_opens_with_empty_histories_and_no_samples() {
@@ -40,7 +41,7 @@ fn a_version_6_store_with_jobs_opens_with_empty_histories_and_no_samples() {
     let timing = Timing { lease_ttl_ms: 1000, node_ttl_ms: 100_000, heartbeat_ms: 200 };
     let e = Engine::load(loaded, timing, 10);
     let views = e.job_views(&Principal::Admin("admin".into()));
-    assert_eq!(views.iter().map(|j| (j.id, j.state.as_str())).collect::<Vec<_>>(), [(1, "idle"), (2, "held")]);
+    assert_eq!(views.iter().map(|j| (j.id, j.state)).collect::<Vec<_>>(), [(1, JobState::Idle), (2, JobState::Held)]);
     assert_eq!(views[1].reason.as_deref(), Some("held by alice"));
 
     let minute = crate::history::Sample { minute_ms: 60_000, completed: 4, queued: 1 };

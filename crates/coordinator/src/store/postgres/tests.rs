@@ -281,3 +281,43 @@ fn several_hosts_or_a_remote_hostaddr_are_refused() {
     assert!(e.0.contains("quotes") && !e.0.contains("a b"), "{}", e.0);
     assert_eq!(redact("host=x password='a b'"), "(a key=value connection string)");
 }
+
+/// A database written by the release before the dashboard (version 2, with jobs in it) opens
+/// under this one: its jobs read back with no past attempts, the chart starts empty, and the
+/// new column and table take writes.
+#[test]
+fn a_version_2_database_with_jobs_opens_with_empty_histories_and_no_samples() {
+    let db = TestDb::start();
+    let mut c = postgres::Client::connect(&db.url(), NoTls).unwrap();
+    c.batch_execute("CREATE TABLE schema_version (version BIGINT NOT NULL); INSERT INTO schema_version VALUES (2);")
+        .unwrap();
+    for m in &MIGRATIONS[..2] {
+        c.batch_execute(m).unwrap();
+    }
+    let spec = serde_json::to_string(&crate::engine::tests::spec(0)).unwrap();
+    c.execute("INSERT INTO specs (id, owner, json) VALUES (1, 'alice', $1)", &[&spec]).unwrap();
+    c.batch_execute(
+        "INSERT INTO jobs (id, spec_id, idx, owner, state, submitted_ms) VALUES (1, 1, 0, 'alice', 'idle', 5);
+         INSERT INTO jobs (id, spec_id, idx, owner, state, submitted_ms, attempts, reason)
+           VALUES (2, 1, 1, 'alice', 'held', 5, 2, 'held by alice');
+         INSERT INTO meta (key, value) VALUES ('next_job', 3), ('next_spec', 2);",
+    )
+    .unwrap();
+    drop(c);
+
+    let mut store = PgStore::open(&db.url()).unwrap();
+    let loaded = store.load().unwrap();
+    assert_eq!(loaded.jobs.len(), 2);
+    assert!(loaded.jobs.iter().all(|j| j.row.history.is_empty()), "no attempts were recorded before");
+    assert!(loaded.samples.is_empty(), "the chart starts empty");
+    let timing = Timing { lease_ttl_ms: 1000, node_ttl_ms: 100_000, heartbeat_ms: 200 };
+    let e = Engine::load(loaded, timing, 10);
+    let views = e.job_views(&Principal::Admin("admin".into()));
+    assert_eq!(views.iter().map(|j| (j.id, j.state)).collect::<Vec<_>>(), [(1, JobState::Idle), (2, JobState::Held)]);
+    let minute = crate::history::Sample { minute_ms: 60_000, completed: 4, queued: 1 };
+    store.commit(&[Op::Sample(minute)]).unwrap();
+    assert_eq!(store.load().unwrap().samples, vec![minute]);
+    let mut c = postgres::Client::connect(&db.url(), NoTls).unwrap();
+    let v: i64 = c.query_one("SELECT version FROM schema_version", &[]).unwrap().get(0);
+    assert_eq!(v, SCHEMA_VERSION);
+}
