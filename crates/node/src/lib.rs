@@ -9,6 +9,7 @@ mod cache;
 mod fingerprint;
 mod job;
 mod ssi;
+mod workers;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -85,6 +86,8 @@ struct Agent {
     running: Mutex<HashMap<LeaseId, Running>>,
     /// Signalled when a job ends and its cpus are free again.
     slot_freed: Condvar,
+    /// The threads jobs run on, reused from job to job.
+    workers: Arc<workers::Workers>,
     reports: mpsc::Sender<Report>,
     work_dir: PathBuf,
     heartbeat: Duration,
@@ -118,6 +121,7 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
         rejoins: Default::default(),
         running: Mutex::new(HashMap::new()),
         slot_freed: Condvar::new(),
+        workers: Arc::default(),
         reports: tx,
         work_dir,
         heartbeat: Duration::from_millis(reg.heartbeat_ms.max(100)),
@@ -268,7 +272,7 @@ impl Agent {
         let cancel = Arc::new(AtomicBool::new(false));
         lock(&self.running).insert(id, Running { cancel: cancel.clone(), cpus: lease.spec.cpus });
         let agent = self.clone();
-        let spawned = std::thread::Builder::new().name(format!("vmgrid-job-{}", lease.job_id)).spawn(move || {
+        let spawned = self.workers.run(move || {
             let report = agent.run_job(&lease, cancel);
             let _ = agent.reports.send(report);
             lock(&agent.running).remove(&id);
