@@ -5,12 +5,14 @@
 //! started by `../shared/peers/slurm-up`; single-job latency on a warm pool; wasm against native
 //! compute; the pool on PostgreSQL against SQLite; a QEMU job against plain qemu-system; the scheduler engine with 1M jobs (100 users, fair
 //! share on) and 10k nodes;
-//! the coordinator's memory with 1M jobs queued; the single-system image's fan-out; the appliance.
+//! the coordinator's memory with 1M jobs queued; the single-system image's fan-out; the appliance;
+//! the pool's scale with 100, 1,000 and 10,000 simulated node agents (`--fleet` runs it alone).
 //! Benchmarks print figures, each with its typed target and whether it is met; they assert nothing.
 
 mod appliance;
 mod compute;
 mod engine;
+mod fleet;
 mod pool;
 mod report;
 mod ssi;
@@ -29,7 +31,11 @@ struct Args {
     out: PathBuf,
     latency_runs: usize,
     quick: bool,
-    /// Run only these parts (pool, postgres, slurm, wasm, qemu, scheduler, rss, ssi, appliance); all when empty.
+    /// Simulated node agents per pool size of the scale test (fleet.rs), and its sweep's jobs.
+    fleet_sizes: Vec<usize>,
+    fleet_jobs: u64,
+    /// Run only these parts (pool, postgres, slurm, wasm, qemu, scheduler, rss, ssi, appliance,
+    /// fleet); all when empty.
     only: Vec<String>,
 }
 
@@ -48,6 +54,8 @@ fn parse_args() -> Args {
         slurm: true,
         latency_runs: 300,
         quick: false,
+        fleet_sizes: vec![100, 1_000, 10_000],
+        fleet_jobs: 10_000,
         only: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -57,16 +65,24 @@ fn parse_args() -> Args {
                 a.sizes = vec![2_000];
                 a.latency_runs = 50;
                 a.quick = true;
+                a.fleet_sizes = vec![100];
+                a.fleet_jobs = 2_000;
             }
             "--no-slurm" => a.slurm = false,
             "--sizes" => {
                 a.sizes = it.next().expect("--sizes N,M").split(',').map(|s| s.parse().expect("a number")).collect()
             }
+            "--fleet" => a.only = vec!["fleet".into()],
+            "--fleet-nodes" => {
+                a.fleet_sizes =
+                    it.next().expect("--fleet-nodes N,M").split(',').map(|s| s.parse().expect("a number")).collect()
+            }
+            "--fleet-jobs" => a.fleet_jobs = it.next().expect("--fleet-jobs N").parse().expect("a number"),
             "--out" => a.out = PathBuf::from(it.next().expect("--out FILE")),
             "--only" => a.only = it.next().expect("--only PART,PART").split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
                 println!(
-                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,postgres,slurm,wasm,qemu,scheduler,rss,ssi,appliance] [--out BENCHMARKS.md]\nRun from the repository root after scripts/bench has built everything."
+                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,postgres,slurm,wasm,qemu,scheduler,rss,ssi,appliance,fleet] [--fleet] [--fleet-nodes 100,1000,10000] [--fleet-jobs 10000] [--out BENCHMARKS.md]\n--fleet: only the pool's scale, simulated node agents against a real coordinator.\nRun from the repository root after scripts/bench has built everything."
                 );
                 std::process::exit(0);
             }
@@ -91,7 +107,7 @@ fn main() {
     let args = parse_args();
     // Only the scheduler engine runs without the release binary.
     let needs_bin =
-        ["pool", "postgres", "slurm", "wasm", "qemu", "rss", "ssi", "appliance"].iter().any(|p| args.wants(p));
+        ["pool", "postgres", "slurm", "wasm", "qemu", "rss", "ssi", "appliance", "fleet"].iter().any(|p| args.wants(p));
     if needs_bin && !pool::vmgrid_bin(&args.root).exists() {
         eprintln!("vmgrid-bench: {} is missing; run scripts/bench", pool::vmgrid_bin(&args.root).display());
         std::process::exit(1);
@@ -116,6 +132,9 @@ fn main() {
     compute_figures(&args, &mut rep);
     ssi_figures(&args, &mut rep);
     appliance_figures(&args, &mut rep);
+    if args.wants("fleet") {
+        fleet::figures(&args.root, &args.fleet_sizes, args.fleet_jobs, &mut rep);
+    }
     let analysis = std::fs::read_to_string(args.root.join("crates/bench/ANALYSIS.md")).ok();
     let md = rep.markdown(&date, &machine, &sh("git rev-parse --short HEAD"), analysis.as_deref());
     std::fs::write(&args.out, md).expect("write BENCHMARKS.md");
