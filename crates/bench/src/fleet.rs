@@ -373,11 +373,6 @@ impl Drop for Fleet {
     }
 }
 
-/// This process's utime + stime, in seconds.
-fn own_cpu_s() -> f64 {
-    cpu_s_of("/proc/self/stat")
-}
-
 /// Submits `jobs` in one batch and waits for every result to be accepted (durable): jobs/s,
 /// the coordinator's CPU and this process's over it.
 fn sweep(
@@ -387,7 +382,7 @@ fn sweep(
     jobs: u64,
     s: &Shared,
 ) -> Result<(f64, f64, f64), String> {
-    let (cpu0, own0, before) = (coord.cpu_s(), own_cpu_s(), s.accepted.load(Ordering::Relaxed));
+    let (cpu0, own0, before) = (coord.cpu_s(), cpu_s_of("/proc/self/stat"), s.accepted.load(Ordering::Relaxed));
     let start = Instant::now();
     admin.submit(&SubmitRequest { spec: spec.clone(), count: jobs }).map_err(|e| format!("submit: {e}"))?;
     let deadline = start + Duration::from_secs(900);
@@ -398,7 +393,7 @@ fn sweep(
         std::thread::sleep(Duration::from_millis(5));
     }
     let rate = jobs as f64 / start.elapsed().as_secs_f64();
-    Ok((rate, coord.cpu_s() - cpu0, own_cpu_s() - own0))
+    Ok((rate, coord.cpu_s() - cpu0, cpu_s_of("/proc/self/stat") - own0))
 }
 
 /// Submit to lease of single jobs, one at a time, on the idle pool: p50 and p99 in ms.
