@@ -12,7 +12,8 @@
 //!
 //! Measured at each pool size: the coordinator's CPU (utime + stime from /proc) while the pool is
 //! idle and over a sweep of trivial jobs, jobs/s, the round trips of leases (calls that got work,
-//! their long-poll wait included), reports and heartbeats, and submit-to-lease of single jobs on the idle pool.
+//! their long-poll wait included), reports and heartbeats, and submit-to-lease of single jobs on
+//! the idle pool with the coordinator's CPU per such job. `rows.rs` makes them rows with targets.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,7 +26,9 @@ use vmgrid_client::{Client, Trust};
 use vmgrid_proto::*;
 
 use crate::pool::{percentile, vmgrid_bin};
-use crate::report::{Report as Table, Target};
+
+mod rows;
+pub use rows::figures;
 
 /// Cpus each simulated node offers (this machine's size): the most jobs it takes in one lease.
 const NODE_CPUS: u32 = 2;
@@ -57,6 +60,8 @@ pub struct FleetFigures {
     /// Heartbeats sent against those due at the pool's interval, over the idle phase and sweep.
     pub heartbeats_kept: f64,
     pub submit_to_lease_ms: (f64, f64),
+    /// The coordinator's CPU per single job on the idle pool, above what the idle pool takes.
+    pub probe_cpu_ms: f64,
     /// Failed calls by kind (register, lease, report, heartbeat; retried), and the first one.
     pub errors: std::collections::BTreeMap<&'static str, u64>,
     pub first_error: Option<String>,
@@ -396,9 +401,18 @@ fn sweep(
     Ok((rate, coord.cpu_s() - cpu0, cpu_s_of("/proc/self/stat") - own0))
 }
 
-/// Submit to lease of single jobs, one at a time, on the idle pool: p50 and p99 in ms.
-fn probe(admin: &Client, spec: &JobSpec, s: &Shared) -> Result<(f64, f64), String> {
+/// Submit to lease of single jobs, one at a time, on the idle pool: p50 and p99 in ms, and the
+/// coordinator's CPU per job above `idle_cpu_pct` (how much a placement costs with all the pool's
+/// long polls parked).
+fn probe(
+    coord: &Coordinator,
+    admin: &Client,
+    spec: &JobSpec,
+    s: &Shared,
+    idle_cpu_pct: f64,
+) -> Result<((f64, f64), f64), String> {
     let mut samples = Vec::with_capacity(PROBES);
+    let (cpu0, began) = (coord.cpu_s(), Instant::now());
     for _ in 0..PROBES {
         let start = Instant::now();
         let ids =
@@ -418,8 +432,10 @@ fn probe(admin: &Client, spec: &JobSpec, s: &Shared) -> Result<(f64, f64), Strin
         // Let its result land before the next one, so that each job meets an idle pool.
         std::thread::sleep(Duration::from_millis(10));
     }
+    let idle_s = began.elapsed().as_secs_f64() * idle_cpu_pct / 100.0;
+    let cpu_ms = (coord.cpu_s() - cpu0 - idle_s).max(0.0) * 1000.0 / PROBES as f64;
     samples.sort_by(f64::total_cmp);
-    Ok((percentile(&samples, 0.5), percentile(&samples, 0.99)))
+    Ok(((percentile(&samples, 0.5), percentile(&samples, 0.99)), cpu_ms))
 }
 
 /// Raises this process's open-file limit to its hard limit (the coordinator inherits it): each
@@ -461,7 +477,7 @@ pub fn measure(root: &Path, nodes: usize, jobs: u64) -> Result<FleetFigures, Str
     let heartbeat_rtt_ms = take_percentiles(&s.heartbeat_ms);
     let due = nodes as f64 * hb_start.elapsed().as_secs_f64() / interval.as_secs_f64();
     let heartbeats_kept = s.heartbeats.load(Ordering::Relaxed) as f64 / due.max(1.0);
-    let submit_to_lease_ms = probe(&admin, &spec, &s)?;
+    let (submit_to_lease_ms, probe_cpu_ms) = probe(&coord, &admin, &spec, &s, idle_cpu_pct)?;
     drop(fleet);
     let first_error = s.first_error.lock().unwrap().clone();
     Ok(FleetFigures {
@@ -479,112 +495,10 @@ pub fn measure(root: &Path, nodes: usize, jobs: u64) -> Result<FleetFigures, Str
         heartbeat_rtt_ms,
         heartbeats_kept,
         submit_to_lease_ms,
+        probe_cpu_ms,
         errors: s.errors.lock().unwrap().clone(),
         first_error,
     })
-}
-
-/// A row per pool size, then how the figures grow with it and how far one coordinator goes.
-pub fn figures(root: &Path, sizes: &[usize], jobs: u64, rep: &mut Table) {
-    let mut measured = Vec::new();
-    for &n in sizes {
-        match measure(root, n, jobs) {
-            Ok(f) => {
-                row(&f, rep);
-                if !f.errors.is_empty() {
-                    let first = f.first_error.as_deref().unwrap_or("");
-                    let kinds: Vec<String> = f.errors.iter().map(|(k, n)| format!("{n} {k}")).collect();
-                    rep.note(format!(
-                        "pool scale at {n} nodes: failed calls (retried): {}; the first: {first}",
-                        kinds.join(", ")
-                    ));
-                }
-                measured.push(f);
-            }
-            Err(e) => rep.note(format!("pool scale at {n} simulated nodes not measured: {e}")),
-        }
-    }
-    if let Some(note) = growth(&measured) {
-        rep.note(note);
-    }
-}
-
-fn row(f: &FleetFigures, rep: &mut Table) {
-    let (l, r, h, p) = (f.lease_ms, f.report_ms, f.heartbeat_rtt_ms, f.submit_to_lease_ms);
-    let shown = format!(
-        "{:.0} jobs/s; coordinator {:.1}% of a core idle, {:.2} ms CPU/job; lease call that got work {:.1}/{:.1} ms, report {:.1}/{:.1} ms, heartbeat {:.1}/{:.1} ms, submit to lease {:.1}/{:.1} ms (p50/p99); {:.0}% of heartbeats on time; joined in {:.1} s",
-        f.jobs_per_s,
-        f.idle_cpu_pct,
-        f.cpu_ms_per_job,
-        l.0,
-        l.1,
-        r.0,
-        r.1,
-        h.0,
-        h.1,
-        p.0,
-        p.1,
-        f.heartbeats_kept * 100.0,
-        f.register_s
-    );
-    let what = format!("pool scale: {} simulated node agents (1 process, HTTPS), {} trivial jobs", f.nodes, f.jobs);
-    rep.figure(&what, shown, f.jobs_per_s, " jobs/s", Target::None);
-    let (n, hb, c, a) = (f.nodes, f.heartbeat_ms, f.sweep_cpu_s, f.agents_cpu_s);
-    println!(
-        "  {n} nodes, a heartbeat every {hb} ms: over the sweep the coordinator took {c:.1} CPU-s, the agents {a:.1}"
-    );
-}
-
-/// How the figures grow from the smallest pool to the largest, then how far one coordinator goes.
-fn growth(measured: &[FleetFigures]) -> Option<String> {
-    let (small, big) = (measured.first()?, measured.last()?);
-    let mut note = String::new();
-    if big.nodes > small.nodes {
-        let x = |a: f64, b: f64| if a > 0.0 { b / a } else { f64::NAN };
-        note = format!(
-            "Pool scale from {} to {} simulated nodes (x{:.0}): idle coordinator CPU x{:.1}, CPU per job x{:.1}, lease p99 x{:.1}, heartbeat p99 x{:.1}, submit-to-lease p50 x{:.1}, jobs/s x{:.2}. ",
-            small.nodes,
-            big.nodes,
-            x(small.nodes as f64, big.nodes as f64),
-            x(small.idle_cpu_pct, big.idle_cpu_pct),
-            x(small.cpu_ms_per_job, big.cpu_ms_per_job),
-            x(small.lease_ms.1, big.lease_ms.1),
-            x(small.heartbeat_rtt_ms.1, big.heartbeat_rtt_ms.1),
-            x(small.submit_to_lease_ms.0, big.submit_to_lease_ms.0),
-            x(small.jobs_per_s, big.jobs_per_s),
-        );
-    }
-    note += &reach(measured)?;
-    Some(note)
-}
-
-/// How far one coordinator goes: from the largest pool whose heartbeats all went on time, the
-/// size at which an idle pool alone would take a core (linear in the nodes); and the first pool
-/// size at which this machine could not keep up, if one was measured.
-fn reach(measured: &[FleetFigures]) -> Option<String> {
-    let healthy = measured.iter().filter(|f| f.heartbeats_kept >= 0.95).max_by_key(|f| f.nodes)?;
-    let per_node_pct = healthy.idle_cpu_pct / healthy.nodes as f64;
-    let one_core = if per_node_pct > 0.0 { 100.0 / per_node_pct } else { f64::INFINITY };
-    let mut note = format!(
-        "How far one coordinator goes: at {} nodes an idle pool (a heartbeat every {} ms and a 1 s long poll per node) takes {:.1}% of one core, {:.4}% per node; linearly, heartbeats and idle polls alone would fill one core at about {:.0} nodes ({:.0} slots of {NODE_CPUS} cpus; HTCondor pools run 200,000), before any job is placed.",
-        healthy.nodes,
-        healthy.heartbeat_ms,
-        healthy.idle_cpu_pct,
-        per_node_pct,
-        one_core,
-        one_core * NODE_CPUS as f64
-    );
-    if let Some(over) = measured.iter().filter(|f| f.heartbeats_kept < 0.95).min_by_key(|f| f.nodes) {
-        note += &format!(
-            " At {} nodes this machine (the coordinator and the simulated agents on the same cores) does not keep up: {:.0}% of heartbeats went on time, heartbeat p99 {:.0} ms, submit to lease p50 {:.0} ms, {:.0} jobs/s.",
-            over.nodes,
-            over.heartbeats_kept * 100.0,
-            over.heartbeat_rtt_ms.1,
-            over.submit_to_lease_ms.0,
-            over.jobs_per_s
-        );
-    }
-    Some(note)
 }
 
 #[cfg(test)]
