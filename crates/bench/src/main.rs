@@ -1,16 +1,20 @@
 //! vmgrid's benchmark suite (`scripts/bench`). Each comparison runs side by side in the same run,
-//! so the ratio holds on a noisy machine. It prints a table and writes BENCHMARKS.md.
+//! so the ratio holds on a noisy machine. It prints a table; the whole suite writes it as
+//! BENCHMARKS.md, a part of it (`--only`, `--fleet`) only to a file given with `--out`.
 //!
 //! It measures: trivial-job throughput through `vmgrid up` (2 nodes) against a single-node Slurm
 //! started by `../shared/peers/slurm-up`; single-job latency on a warm pool; wasm against native
 //! compute; the pool on PostgreSQL against SQLite; a QEMU job against plain qemu-system; the scheduler engine with 1M jobs (100 users, fair
 //! share on) and 10k nodes;
-//! the coordinator's memory with 1M jobs queued; the single-system image's fan-out; the appliance.
+//! the coordinator's memory with 1M jobs queued; the single-system image's fan-out; the appliance;
+//! the pool's scale with 100 and 1,000 simulated node agents (`--fleet-large` adds 10,000, about
+//! a minute more; `--fleet` runs it alone).
 //! Benchmarks print figures, each with its typed target and whether it is met; they assert nothing.
 
 mod appliance;
 mod compute;
 mod engine;
+mod fleet;
 mod pool;
 mod report;
 mod ssi;
@@ -26,10 +30,16 @@ struct Args {
     root: PathBuf,
     sizes: Vec<u64>,
     slurm: bool,
-    out: PathBuf,
+    /// Where the table goes: BENCHMARKS.md by default for the whole suite; a partial run writes
+    /// only to a file given explicitly (it would drop the other rows).
+    out: Option<PathBuf>,
     latency_runs: usize,
     quick: bool,
-    /// Run only these parts (pool, postgres, slurm, wasm, qemu, scheduler, rss, ssi, appliance); all when empty.
+    /// Simulated node agents per pool size of the scale test (fleet.rs), and its sweep's jobs.
+    fleet_sizes: Vec<usize>,
+    fleet_jobs: u64,
+    /// Run only these parts (pool, postgres, slurm, wasm, qemu, scheduler, rss, ssi, appliance,
+    /// fleet); all when empty.
     only: Vec<String>,
 }
 
@@ -42,12 +52,14 @@ impl Args {
 fn parse_args() -> Args {
     let root = std::env::current_dir().expect("a working directory");
     let mut a = Args {
-        out: root.join("BENCHMARKS.md"),
+        out: None,
         root,
         sizes: vec![10_000, 100_000],
         slurm: true,
         latency_runs: 300,
         quick: false,
+        fleet_sizes: vec![100, 1_000],
+        fleet_jobs: 10_000,
         only: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -57,26 +69,44 @@ fn parse_args() -> Args {
                 a.sizes = vec![2_000];
                 a.latency_runs = 50;
                 a.quick = true;
+                a.fleet_sizes = vec![100];
+                a.fleet_jobs = 2_000;
             }
             "--no-slurm" => a.slurm = false,
-            "--sizes" => {
-                a.sizes = it.next().expect("--sizes N,M").split(',').map(|s| s.parse().expect("a number")).collect()
-            }
-            "--out" => a.out = PathBuf::from(it.next().expect("--out FILE")),
+            "--sizes" => a.sizes = numbers("--sizes", it.next()),
+            "--fleet" => a.only = vec!["fleet".into()],
+            "--fleet-nodes" => a.fleet_sizes = numbers("--fleet-nodes", it.next()),
+            "--fleet-large" => a.fleet_sizes.push(10_000),
+            "--fleet-jobs" => a.fleet_jobs = numbers("--fleet-jobs", it.next()).into_iter().next().unwrap_or(0),
+            "--out" => a.out = Some(PathBuf::from(it.next().unwrap_or_else(|| usage_error("--out needs a file")))),
             "--only" => a.only = it.next().expect("--only PART,PART").split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
                 println!(
-                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,postgres,slurm,wasm,qemu,scheduler,rss,ssi,appliance] [--out BENCHMARKS.md]\nRun from the repository root after scripts/bench has built everything."
+                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,postgres,slurm,wasm,qemu,scheduler,rss,ssi,appliance,fleet] [--fleet] [--fleet-nodes 100,1000] [--fleet-large] [--fleet-jobs 10000] [--out FILE]\n--fleet: only the pool's scale, simulated node agents against a real coordinator.\n--fleet-large: the pool's scale at 10,000 nodes too (about a minute on 2 cores).\n--out: where the table is written; the whole suite writes BENCHMARKS.md by default, a part of it (--only, --fleet) nothing.\nRun from the repository root after scripts/bench has built everything."
                 );
                 std::process::exit(0);
             }
-            other => {
-                eprintln!("vmgrid-bench: unknown argument {other}; see --help");
-                std::process::exit(2);
-            }
+            other => usage_error(&format!("unknown argument {other}")),
         }
     }
+    if a.fleet_jobs == 0 || a.fleet_sizes.contains(&0) || a.sizes.contains(&0) {
+        usage_error("--sizes, --fleet-nodes and --fleet-jobs take numbers above 0");
+    }
     a
+}
+
+fn usage_error(why: &str) -> ! {
+    eprintln!("vmgrid-bench: {why}; see --help");
+    std::process::exit(2);
+}
+
+/// `N,M,...` after `flag`, or a usage error that says what is wrong.
+fn numbers<T: std::str::FromStr>(flag: &str, value: Option<String>) -> Vec<T> {
+    let value = value.unwrap_or_else(|| usage_error(&format!("{flag} needs N or N,M")));
+    value
+        .split(',')
+        .map(|s| s.trim().parse().unwrap_or_else(|_| usage_error(&format!("{flag}: `{s}` is not a number"))))
+        .collect()
 }
 
 pub fn sh(cmd: &str) -> String {
@@ -91,7 +121,7 @@ fn main() {
     let args = parse_args();
     // Only the scheduler engine runs without the release binary.
     let needs_bin =
-        ["pool", "postgres", "slurm", "wasm", "qemu", "rss", "ssi", "appliance"].iter().any(|p| args.wants(p));
+        ["pool", "postgres", "slurm", "wasm", "qemu", "rss", "ssi", "appliance", "fleet"].iter().any(|p| args.wants(p));
     if needs_bin && !pool::vmgrid_bin(&args.root).exists() {
         eprintln!("vmgrid-bench: {} is missing; run scripts/bench", pool::vmgrid_bin(&args.root).display());
         std::process::exit(1);
@@ -116,10 +146,22 @@ fn main() {
     compute_figures(&args, &mut rep);
     ssi_figures(&args, &mut rep);
     appliance_figures(&args, &mut rep);
+    if args.wants("fleet") {
+        fleet::figures(&args.root, &args.fleet_sizes, args.fleet_jobs, &mut rep);
+    }
     let analysis = std::fs::read_to_string(args.root.join("crates/bench/ANALYSIS.md")).ok();
     let md = rep.markdown(&date, &machine, &sh("git rev-parse --short HEAD"), analysis.as_deref());
-    std::fs::write(&args.out, md).expect("write BENCHMARKS.md");
-    println!("\nwrote {}", args.out.display());
+    let out = args.out.clone().or_else(|| args.only.is_empty().then(|| args.root.join("BENCHMARKS.md")));
+    match out {
+        Some(out) => match std::fs::write(&out, md) {
+            Ok(()) => println!("\nwrote {}", out.display()),
+            Err(e) => {
+                eprintln!("vmgrid-bench: cannot write {}: {e}", out.display());
+                std::process::exit(1);
+            }
+        },
+        None => println!("\na part of the suite: BENCHMARKS.md is left as it is (--out FILE writes this table)"),
+    }
 }
 
 /// Throughput and latency, on one warm pool; returns the throughput by sweep size.

@@ -3,6 +3,7 @@
 //! happens after the lock is released: waiting for the commit of what a call queued (a reply is
 //! sent only once its changes are on disk), waking callers that wait, and logging.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -12,6 +13,7 @@ use std::sync::Arc;
 
 use crate::blobs::Blobs;
 use crate::engine::{Engine, Event};
+use crate::parked::ParkedNodes;
 use crate::serve::Transport;
 use crate::store::{self, Writer};
 
@@ -23,8 +25,12 @@ struct Core {
 pub(crate) struct Shared {
     core: Mutex<Core>,
     committed: watch::Receiver<u64>,
-    /// Wakes long-polling lease calls: there may be work.
+    /// Wakes one long-polling lease call (`notify_one`) to run a scheduling pass: something
+    /// changed that may allow placements. After it, only the nodes the pass placed work on are
+    /// woken (`parked`), not every parked call.
     pub work: Notify,
+    /// The parked lease calls, by node.
+    pub parked: ParkedNodes,
     /// Wakes `wait` calls: some job changed state.
     pub changed: Notify,
     pub blobs: Blobs,
@@ -75,6 +81,7 @@ impl Shared {
             core: Mutex::new(Core { engine, writer }),
             committed,
             work: Notify::new(),
+            parked: ParkedNodes::default(),
             changed: Notify::new(),
             blobs,
             transport,
@@ -88,26 +95,38 @@ impl Shared {
     /// Runs scheduling passes while the engine says something changed: the snapshot and the
     /// placements under the lock, the matchmaking (user CEL) without it, on a thread that may
     /// block. One pass runs at a time; a caller that finds one running leaves it to that one.
-    /// Returns how many jobs were placed, and what the last pass left to make durable.
-    pub fn schedule(&self) -> (usize, Option<Pending>) {
+    /// Returns the nodes it placed jobs on, and what the last pass left to make durable.
+    pub fn schedule(&self) -> (BTreeSet<String>, Option<Pending>) {
+        let mut placed = BTreeSet::new();
         if self.scheduling.swap(true, Ordering::AcqRel) {
-            return (0, None);
+            return (placed, None);
         }
-        let mut placed = 0;
         let mut last = None;
+        let mut settled = false;
         for _ in 0..8 {
             let (snap, pending) = self.call(|e| e.snapshot(vmgrid_proto::now_ms()));
             last = Some(pending.after(last));
-            let Some(mut snap) = snap else { break };
+            let Some(mut snap) = snap else {
+                settled = true;
+                break;
+            };
             if snap.is_empty() {
                 continue;
             }
             let decision = tokio::task::block_in_place(|| snap.decide());
-            let (n, pending) = self.call(|e| e.apply(&snap, decision, vmgrid_proto::now_ms()));
-            placed += n;
+            let (on, pending) = self.call(|e| {
+                let on = e.apply(&snap, decision, vmgrid_proto::now_ms());
+                on.into_iter().map(str::to_string).collect::<Vec<_>>()
+            });
+            placed.extend(on);
             last = Some(pending.after(last));
         }
         self.scheduling.store(false, Ordering::Release);
+        // A change that came after the last snapshot, while this pass still ran, found the pass
+        // busy and was left to it: another parked call takes it.
+        if settled && self.peek(|e| e.needs_pass()) {
+            self.work.notify_one();
+        }
         (placed, last)
     }
 
@@ -168,7 +187,7 @@ impl Shared {
             return Err(why);
         }
         if p.wake_nodes {
-            self.work.notify_waiters();
+            self.work.notify_one();
         }
         if p.wake_waiters {
             self.changed.notify_waiters();

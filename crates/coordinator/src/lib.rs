@@ -12,6 +12,7 @@ pub mod engine;
 mod files;
 mod history;
 mod metrics;
+mod parked;
 mod serve;
 mod standby;
 pub mod store;

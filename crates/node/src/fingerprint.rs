@@ -5,7 +5,7 @@ use vmgrid_proto::{NodeAd, VmType};
 use crate::NodeConfig;
 
 pub fn fingerprint(config: &NodeConfig) -> NodeAd {
-    let cpus = config.cpus.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+    let cpus = config.cpus.unwrap_or_else(host_cpus);
     let memory_mb = config.memory_mb.unwrap_or_else(host_memory_mb);
     let mut vm_types = vec![VmType::Wasm];
     let mut accelerators = Vec::new();
@@ -44,7 +44,13 @@ pub fn fingerprint(config: &NodeConfig) -> NodeAd {
     }
 }
 
-fn host_memory_mb() -> u64 {
+/// The cpus this process may use (its affinity mask and cgroup quota), at least 1.
+pub fn host_cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+}
+
+/// The host's memory in MiB (MemTotal), or 1024 when /proc/meminfo cannot be read.
+pub fn host_memory_mb() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {

@@ -22,7 +22,7 @@ use vmgrid_client::{Client, ClientError};
 use vmgrid_proto::*;
 use vmgrid_runtime::{Runtime, RuntimeConfig};
 
-pub use fingerprint::fingerprint;
+pub use fingerprint::{fingerprint, host_cpus, host_memory_mb};
 
 /// Writes a secret only its owner can read, whole (a crash leaves the old one or the new one).
 fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {

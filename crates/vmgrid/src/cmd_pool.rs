@@ -249,9 +249,17 @@ pub fn node(args: NodeArgs) -> Result<i32, CliError> {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct UpArgs {
-    /// How many node agents to run in this process.
+    /// How many node agents to run in this process. They share the host: its cpus and memory
+    /// are split among them (the remainder to the first ones; each gets at least 1 cpu, so with
+    /// more nodes than cpus the pool offers more cpus than the host has).
     #[arg(long, default_value_t = 2)]
     nodes: u32,
+    /// CPUs each local node offers, instead of its share of the host's.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    cpus: Option<u32>,
+    /// Memory each local node offers in MiB, instead of its share of the host's.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    memory_mb: Option<u64>,
     /// Let the local nodes take `jvm` jobs, confined by bubblewrap (see `vmgrid node --help`).
     #[arg(long)]
     jvm: bool,
@@ -267,6 +275,13 @@ fn jvm_opt_in(asked: bool) -> Result<bool, CliError> {
     Ok(asked)
 }
 
+/// What each of `nodes` local nodes offers: `each` when given, else its share of the host's
+/// `total`, the remainder going to the first nodes (the shares add up to `total`); at least 1.
+fn share(each: Option<u64>, total: u64, nodes: u32) -> Vec<u64> {
+    let n = u64::from(nodes.max(1));
+    (0..n).map(|i| each.unwrap_or(total / n + u64::from(i < total % n)).max(1)).collect()
+}
+
 /// `vmgrid up`: the embedded pool, a coordinator and N node agents in one process.
 pub fn up(args: UpArgs) -> Result<i32, CliError> {
     if args.nodes == 0 || args.nodes > 64 {
@@ -277,7 +292,8 @@ pub fn up(args: UpArgs) -> Result<i32, CliError> {
     let running = start(args.coordinator.config(), false)?;
     let data_dir = running.data_dir.clone();
     let token = read_token_file(&data_dir.join(vmgrid_coordinator::POOL_TOKEN_FILE))?;
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let cpus = share(args.cpus.map(u64::from), u64::from(vmgrid_node::host_cpus()), args.nodes);
+    let memory = share(args.memory_mb, vmgrid_node::host_memory_mb(), args.nodes);
     let trust = trust_of(running.ca_pem.clone())?;
     let mut agents = Vec::new();
     for i in 1..=args.nodes {
@@ -286,8 +302,8 @@ pub fn up(args: UpArgs) -> Result<i32, CliError> {
             trust: trust.clone(),
             token: token.clone(),
             name: format!("local-{i}"),
-            cpus: Some(cpus),
-            memory_mb: None,
+            cpus: Some(cpus[i as usize - 1] as u32),
+            memory_mb: Some(memory[i as usize - 1]),
             labels: BTreeMap::from([("pool".to_string(), "local".to_string())]),
             appliance: false,
             allow_jvm,
@@ -303,7 +319,13 @@ pub fn up(args: UpArgs) -> Result<i32, CliError> {
         }));
     }
     let config_path = data_dir.join(vmgrid_coordinator::CLIENT_CONFIG_FILE);
-    eprintln!("vmgrid: pool up at {} with {} local node(s); Ctrl-C stops it", running.url, args.nodes);
+    eprintln!(
+        "vmgrid: pool up at {} with {} local node(s) offering {} cpus and {} MiB in all; Ctrl-C stops it",
+        running.url,
+        args.nodes,
+        cpus.iter().sum::<u64>(),
+        memory.iter().sum::<u64>()
+    );
     eprintln!("vmgrid: client config {}", config_path.display());
     eprintln!("vmgrid: try `vmgrid submit examples/wordcount/job.toml --count 10 --wait` from another terminal");
     while !stop.load(Ordering::Relaxed) {
@@ -315,4 +337,18 @@ pub fn up(args: UpArgs) -> Result<i32, CliError> {
     }
     running.stop();
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::share;
+
+    #[test]
+    fn local_nodes_split_the_host_unless_told_their_size() {
+        assert_eq!(share(None, 2, 2), [1, 1]);
+        assert_eq!(share(None, 7, 3), [3, 2, 2]);
+        assert_eq!(share(None, 2, 3), [1, 1, 1], "each node gets at least 1 cpu");
+        assert_eq!(share(None, 16_001, 2).iter().sum::<u64>(), 16_001);
+        assert_eq!(share(Some(4), 2, 2), [4, 4], "an explicit size overrides the split");
+    }
 }

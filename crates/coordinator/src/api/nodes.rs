@@ -44,31 +44,33 @@ pub async fn lease(
 ) -> Result<Json<LeaseResponse>> {
     let name = node(&p)?.to_string();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms.min(60_000));
+    let parked = shared.parked.park(&name);
     loop {
-        let notified = shared.work.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
+        // Woken to run a pass (one parked call for the pool), or because a pass placed work here.
+        let (pass, mine) = (shared.work.notified(), parked.notify.notified());
+        tokio::pin!(pass, mine);
+        pass.as_mut().enable();
+        mine.as_mut().enable();
         // The pass's placements are durable with this call's reply, and their tick tells the
         // dashboards that jobs started to run.
         let (placed, scheduled) = shared.schedule();
         let (r, pending) = shared.call(|e| {
             let now = now_ms();
             e.live_node(&name, now)?;
-            let leases = e.take_leases(&name, req.max_jobs.max(1), req.max_cpus, now);
-            // Wake the other nodes only when this pass placed work that they may collect.
-            Ok::<_, crate::engine::ApiError>((leases, placed > 0 && e.others_have_pending(&name)))
+            Ok::<_, crate::engine::ApiError>(e.take_leases(&name, req.max_jobs.max(1), req.max_cpus, now))
         });
         let pending = pending.after(scheduled);
-        let (leases, placed_elsewhere) = match r {
+        // Only the nodes this pass placed work on (their replies wait for it to be durable).
+        for other in placed.iter().filter(|n| **n != name) {
+            shared.parked.wake(other);
+        }
+        let leases = match r {
             Ok(v) => v,
             Err(e) => {
                 shared.finish(pending).await?;
                 return Err(e.into());
             }
         };
-        if placed_elsewhere {
-            shared.work.notify_waiters();
-        }
         if !leases.is_empty() || tokio::time::Instant::now() >= deadline {
             shared.finish(pending).await?;
             return Ok(Json(LeaseResponse { leases }));
@@ -77,7 +79,13 @@ pub async fn lease(
             // Placements for other nodes: durable, and told to the dashboards, before waiting.
             shared.finish(pending).await?;
         }
-        let _ = tokio::time::timeout_at(deadline, notified).await;
+        let _ = tokio::time::timeout_at(deadline, async {
+            tokio::select! {
+                _ = pass => {}
+                _ = mine => {}
+            }
+        })
+        .await;
     }
 }
 

@@ -118,11 +118,6 @@ impl Engine {
         self.nodes.get(name).is_some_and(|n| !n.pending.is_empty())
     }
 
-    /// Whether any node other than `name` has jobs waiting to be collected.
-    pub fn others_have_pending(&self, name: &str) -> bool {
-        self.nodes.iter().any(|(n, node)| n != name && !node.pending.is_empty())
-    }
-
     /// Renews the leases a node still holds and lists those it must drop. A draining node takes
     /// no new work and hands back what it has not collected.
     pub fn heartbeat(

@@ -18,6 +18,7 @@ use super::{Engine, SpecEntry};
 const SHARED_PER_PASS: usize = 256;
 
 /// What one pass decides on: a copy, so deciding needs no lock.
+#[derive(Default)]
 pub struct Snapshot {
     names: Vec<String>,
     slots: Vec<NodeSlot>,
@@ -58,10 +59,15 @@ impl Engine {
         match self.snapshot(now) {
             Some(mut s) => {
                 let d = s.decide();
-                self.apply(&s, d, now)
+                self.apply(&s, d, now).len()
             }
             None => 0,
         }
+    }
+
+    /// Whether something changed since the last pass that may allow new placements.
+    pub fn needs_pass(&self) -> bool {
+        self.dirty
     }
 
     /// What a pass needs at `now`, if anything changed since the last one (and then it counts as
@@ -71,6 +77,10 @@ impl Engine {
             return None;
         }
         self.dirty = false;
+        if self.idle_by_spec.is_empty() {
+            // Nothing to place (a result came in, a node joined): no copy of every node.
+            return Some(Snapshot::default());
+        }
         // A node whose leases just expired is not given new work until it heartbeats again.
         let names: Vec<String> = self
             .nodes
@@ -138,20 +148,20 @@ impl Engine {
         take as usize
     }
 
-    /// Makes the decision's placements that still hold; returns how many. A placement that no
-    /// longer holds (the job was removed, the node lost or filled meanwhile) is dropped, and the
-    /// next pass looks again.
-    pub fn apply(&mut self, snap: &Snapshot, decision: Decision, now: u64) -> usize {
+    /// Makes the decision's placements that still hold; returns the node of each (the nodes to
+    /// wake). A placement that no longer holds (the job was removed, the node lost or filled
+    /// meanwhile) is dropped, and the next pass looks again.
+    pub fn apply<'s>(&mut self, snap: &'s Snapshot, decision: Decision, now: u64) -> Vec<&'s str> {
         for c in &decision.evaluated {
             self.waiting.remove(c);
         }
         self.waiting.extend(decision.waiting);
-        let mut placed = 0;
+        let mut placed = Vec::new();
         for p in decision.placements {
             let name = &snap.names[p.node];
             if self.still_fits(p.job, name) {
                 self.place(p.job, name, now);
-                placed += 1;
+                placed.push(name.as_str());
             } else {
                 self.dirty = true;
             }

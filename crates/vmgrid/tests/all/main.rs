@@ -17,4 +17,5 @@ mod run_qemu;
 mod run_wasm;
 mod security;
 mod ssi;
+mod up;
 mod wasi;
