@@ -70,13 +70,23 @@ function fmtTime(ms) {
   return ms ? new Date(ms).toISOString().replace("T", " ").replace(/\.\d+Z$/, " UTC") : "";
 }
 
-// A blob, or with `range` (a Range header's value) the part of it asked for.
+// A blob, or with `range` (a Range header's value) the part of it asked for (none: 416).
 async function blob(hash, range) {
   const headers = { Authorization: `Bearer ${sessionStorage.getItem("vmgrid-token")}` };
   if (range) headers.Range = range;
   const resp = await fetch(`/v1/blobs/${hash}`, { headers, cache: "no-store" });
+  if (range && resp.status === 416) return new Blob([]);
   if (!resp.ok) throw new Error(`blob ${hash}: ${resp.status}`);
   return resp.blob();
+}
+
+// Text from the end of a longer text: a cut may fall inside a character, so the bytes that
+// continue one (0b10xxxxxx) at the start are dropped before decoding.
+async function tailText(part) {
+  const bytes = new Uint8Array(await part.arrayBuffer());
+  let from = 0;
+  while (from < 3 && from < bytes.length && (bytes[from] & 0xc0) === 0x80) from++;
+  return new TextDecoder().decode(bytes.subarray(from));
 }
 
 const TAIL = 8192;
@@ -89,7 +99,7 @@ async function tail(pre, file, dropped) {
   let text = file.inline;
   if (text == null) {
     if (!tails.has(file.blob)) {
-      const part = await (await blob(file.blob, `bytes=-${TAIL}`)).text();
+      const part = await tailText(await blob(file.blob, `bytes=-${TAIL}`));
       if (tails.size >= 8) tails.delete(tails.keys().next().value);
       tails.set(file.blob, part);
     }
@@ -97,6 +107,8 @@ async function tail(pre, file, dropped) {
   }
   const cut = file.size > TAIL || text.length > TAIL;
   pre.textContent = (dropped || cut ? "…\n" : "") + (text.length > TAIL ? text.slice(-TAIL) : text);
+  pre.scrollTop = pre.scrollHeight; // the end of the output in view
+
 }
 
 function download(li, f) {

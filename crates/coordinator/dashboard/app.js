@@ -18,7 +18,8 @@ const view = {
   cursors: [0], // `after` of each page seen; the last is the current page's
   next: null,
   jobs: [],
-  sort: { key: "id", dir: 1 }, // the id order is the pool's (across pages); other columns sort the page
+  newest: false, // the pool's order of the list, across pages: by id, newest first or oldest first
+  sort: null, // { key, dir }: a column that sorts the page shown; null: the pool's order
 };
 
 async function api(path, init = {}) {
@@ -89,8 +90,8 @@ function signOut() {
 // The pool filters by state, owner and name and orders by id (across every page, not only the one
 // shown); another column sorts the page shown.
 function sortedJobs() {
+  if (view.sort === null) return view.jobs;
   const { key, dir } = view.sort;
-  if (key === "id") return view.jobs;
   return view.jobs
     .slice()
     .sort((a, b) => {
@@ -141,14 +142,16 @@ function renderJobs() {
   $("next").disabled = view.next === null;
   $("prev").disabled = view.cursors.length === 1;
   for (const th of document.querySelectorAll("#jobs th[data-key]")) {
-    th.dataset.sorted = th.dataset.key === view.sort.key ? (view.sort.dir > 0 ? "up" : "down") : "";
+    const key = th.dataset.key;
+    if (view.sort === null) th.dataset.sorted = key === "id" ? (view.newest ? "down" : "up") : "";
+    else th.dataset.sorted = key === view.sort.key ? (view.sort.dir > 0 ? "up" : "down") : "";
   }
 }
 
 async function loadJobs() {
   const after = view.cursors[view.cursors.length - 1];
   const q = new URLSearchParams({ after: String(after), limit: $("f-limit").value });
-  if (view.sort.key === "id" && view.sort.dir < 0) q.set("order", "newest");
+  if (view.newest) q.set("order", "newest");
   if ($("f-state").value) q.set("state", $("f-state").value);
   if ($("f-owner").value.trim()) q.set("owner", $("f-owner").value.trim());
   if ($("f-name").value.trim()) q.set("name", $("f-name").value.trim());
@@ -323,11 +326,18 @@ $("prev").addEventListener("click", () => {
 for (const th of document.querySelectorAll("#jobs th[data-key]")) {
   th.addEventListener("click", () => {
     const key = th.dataset.key;
-    const byId = key === "id" || view.sort.key === "id";
-    view.sort = { key, dir: view.sort.key === key ? -view.sort.dir : 1 };
-    // The id order is the pool's: a new order starts again at the first page.
-    if (byId) restart();
-    else renderJobs();
+    if (key === "id" && view.sort === null) {
+      // The id order is the pool's, across pages: reversing it starts again at the first page.
+      view.newest = !view.newest;
+      restart();
+    } else if (key === "id") {
+      // Back to the pool's order on the page shown.
+      view.sort = null;
+      renderJobs();
+    } else {
+      view.sort = { key, dir: view.sort && view.sort.key === key ? -view.sort.dir : 1 };
+      renderJobs();
+    }
   });
 }
 

@@ -72,6 +72,7 @@ impl Workers {
     }
 
     /// Threads alive (running a job or waiting for one).
+    #[cfg(test)]
     pub fn threads(&self) -> usize {
         self.lock().threads
     }

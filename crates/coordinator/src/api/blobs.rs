@@ -40,15 +40,22 @@ pub async fn head(
     Auth(p): Auth,
     Path(hash): Path<String>,
     Query(q): Query<HeadQuery>,
-) -> Result<StatusCode> {
+) -> Result<Response> {
     blob_caller(&p)?;
     if shared.blobs.has(&hash) {
-        return Ok(StatusCode::OK);
+        // Its size, as a GET would send it, and that a GET takes a range.
+        let len = shared.blobs.path(&hash).and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len());
+        let mut resp = StatusCode::OK.into_response();
+        if let Some(len) = len {
+            resp.headers_mut().insert(header::CONTENT_LENGTH, len.into());
+        }
+        resp.headers_mut().insert(header::ACCEPT_RANGES, axum::http::HeaderValue::from_static("bytes"));
+        return Ok(resp);
     }
     if let Some(n) = q.size {
         admit(&shared, &p, Some(n))?;
     }
-    Ok(StatusCode::NOT_FOUND)
+    Ok(StatusCode::NOT_FOUND.into_response())
 }
 
 /// Whether an upload of `declared` bytes (unknown: `None`) may start: the size limit, the
@@ -93,33 +100,42 @@ fn refused_early(e: Error) -> Response {
 }
 
 /// A single byte range of a `Range` header (`bytes=A-B`, `bytes=A-`, `bytes=-N`) in a blob of
-/// `len` bytes: the first and last byte, or `Err` when no byte of it is in the blob (416).
-/// `Ok(None)`: no range asked for, or a form this server does not serve (several ranges): the
-/// whole blob, as RFC 9110 allows.
+/// `len` bytes: the first and last byte, or `Err` when it is valid but no byte of it is in the
+/// blob (416: it starts past the end, or asks for the last 0 bytes). `Ok(None)`: the whole blob,
+/// as RFC 9110 says for no range, a malformed one, several, or a tail of an empty blob.
 fn range(headers: &axum::http::HeaderMap, len: u64) -> std::result::Result<Option<(u64, u64)>, ()> {
     let Some(spec) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else { return Ok(None) };
-    if spec.contains(',') {
-        return Ok(None);
-    }
-    let Some((first, last)) = spec.trim().strip_prefix("bytes=").and_then(|r| r.split_once('-')) else {
-        return Ok(None);
+    let spec = spec.trim();
+    let Some((unit, set)) = spec.split_once('=') else { return Ok(None) };
+    let Some((first, last)) = set.split_once('-') else { return Ok(None) };
+    let number = |t: &str| -> Option<u64> {
+        let t = t.trim();
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) { None } else { t.parse().ok() }
     };
-    let (first, last) = (first.trim(), last.trim());
-    if first.is_empty() {
+    if !unit.trim().eq_ignore_ascii_case("bytes") || set.contains(',') {
+        return Ok(None);
+    }
+    if first.trim().is_empty() {
         // The last N bytes.
-        let n: u64 = last.parse().map_err(|_| ())?;
-        return if n == 0 || len == 0 { Err(()) } else { Ok(Some((len.saturating_sub(n), len - 1))) };
+        return match number(last) {
+            None => Ok(None),
+            Some(0) => Err(()),
+            Some(_) if len == 0 => Ok(None),
+            Some(n) => Ok(Some((len.saturating_sub(n), len - 1))),
+        };
     }
-    let first: u64 = first.parse().map_err(|_| ())?;
-    let last: u64 = if last.is_empty() { u64::MAX } else { last.parse().map_err(|_| ())? };
-    if first >= len || last < first {
-        return Err(());
+    let Some(first) = number(first) else { return Ok(None) };
+    let last = if last.trim().is_empty() { Some(u64::MAX) } else { number(last) };
+    match last {
+        None => Ok(None),
+        Some(last) if last < first => Ok(None),
+        Some(_) if first >= len => Err(()),
+        Some(last) => Ok(Some((first, last.min(len - 1)))),
     }
-    Ok(Some((first, last.min(len - 1))))
 }
 
-/// A blob, whole or one byte range of it (`Range`: a dashboard reads an output's tail, a node
-/// resumes a cut download).
+/// A blob, whole or one byte range of it (`Range`: a dashboard reads an output's tail, a client
+/// can resume a cut download).
 pub async fn get(
     AxState(shared): AxState<S>,
     Auth(p): Auth,

@@ -40,7 +40,7 @@ pub const MAX_STREAMS: usize = 64;
 /// tabs or scripts cannot take every stream of the pool.
 pub const MAX_STREAMS_PER_OWNER: usize = 8;
 /// How often an open stream checks its token again when nothing changed (an expiry is no change).
-pub const RECHECK: Duration = Duration::from_secs(30);
+pub const RECHECK: Duration = if cfg!(test) { Duration::from_millis(300) } else { Duration::from_secs(30) };
 
 /// The open event streams, counted per owner.
 pub struct Streams {
@@ -121,7 +121,8 @@ impl Open {
         } else {
             loop {
                 let changed = tokio::select! {
-                    // The sender lives as long as the server: an error means it is shutting down.
+                    // `shared` holds the sender, so this never fails; the server's stop comes
+                    // through `closing`.
                     r = self.ticks.changed() => { r.ok()?; true }
                     _ = self.closing.wait_for(|c| *c) => return None,
                     _ = tokio::time::sleep(RECHECK) => false,

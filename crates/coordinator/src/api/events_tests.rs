@@ -26,7 +26,12 @@ fn post(addr: SocketAddr, token: &str, path: &str, body: &str) -> (u16, String) 
 
 /// A new token of `role` for `owner`: its secret and id.
 fn token(addr: SocketAddr, admin: &str, role: &str, owner: &str) -> (String, String) {
-    let (status, body) = post(addr, admin, "/v1/tokens", &format!(r#"{{"role":"{role}","owner":"{owner}"}}"#));
+    token_for(addr, admin, &format!(r#"{{"role":"{role}","owner":"{owner}"}}"#))
+}
+
+/// A new token as the JSON request asks: its secret and id.
+fn token_for(addr: SocketAddr, admin: &str, request: &str) -> (String, String) {
+    let (status, body) = post(addr, admin, "/v1/tokens", request);
     assert_eq!(status, 200, "{body}");
     let t: vmgrid_proto::TokenResponse = serde_json::from_str(&body).unwrap();
     (t.token, t.id)
@@ -59,6 +64,7 @@ fn ends_within(s: &mut TcpStream, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
+    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     while Instant::now() < deadline {
         match s.read(&mut buf) {
             Ok(0) => return true,
@@ -121,7 +127,43 @@ fn a_stream_ends_when_its_token_is_revoked() {
     assert_eq!(status, 204, "{body}");
     assert!(ends_within(&mut revoked, Duration::from_secs(5)), "the revoked token's stream is still open");
     // The same user's other token keeps its stream.
-    kept.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     assert!(!ends_within(&mut kept, Duration::from_secs(1)), "a stream of a valid token ended");
     running.stop();
+}
+
+/// An expiry is no change of the pool: the stream sees it at its next check all the same.
+#[test]
+fn a_stream_ends_when_its_token_expires() {
+    let (dir, running) = coordinator();
+    let addr = running.addr;
+    let admin = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap();
+    let (brief, _) = token_for(addr, admin.trim(), r#"{"role":"user","owner":"alice","ttl_s":1}"#);
+    let mut s = open(addr, &brief).unwrap();
+    assert!(ends_within(&mut s, Duration::from_secs(10)), "the expired token's stream is still open");
+    running.stop();
+}
+
+/// The pool's bound: 64 streams in all, whoever holds them; and every open stream ends when the
+/// coordinator stops (the stop does not wait for the dashboards to close them).
+#[test]
+fn the_pool_holds_at_most_64_streams_and_ends_them_all_when_it_stops() {
+    let (dir, running) = coordinator();
+    let addr = running.addr;
+    let admin = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap();
+    let mut held = Vec::new();
+    for u in 0..super::MAX_STREAMS / MAX_STREAMS_PER_OWNER {
+        let (t, _) = token(addr, admin.trim(), "user", &format!("user{u}"));
+        held.extend((0..MAX_STREAMS_PER_OWNER).map(|_| open(addr, &t).unwrap()));
+    }
+    let (late, _) = token(addr, admin.trim(), "user", "late");
+    let (status, body) = open(addr, &late).map(|_| ()).unwrap_err();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("too many event streams"), "{body}");
+
+    let stopped = Instant::now();
+    running.stop();
+    assert!(stopped.elapsed() < Duration::from_secs(10), "the stop waited {:?}", stopped.elapsed());
+    for s in &mut held {
+        assert!(ends_within(s, Duration::from_secs(2)), "a stream outlived the coordinator");
+    }
 }

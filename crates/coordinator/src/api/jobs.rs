@@ -52,10 +52,10 @@ pub struct ListQuery {
     order: Order,
 }
 
-/// The order of a job list: by id, oldest or newest first.
-#[derive(Deserialize, Default, PartialEq)]
+/// The order of a job list: by id, oldest (smallest id) or newest first.
+#[derive(Deserialize, Default, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
-enum Order {
+pub enum Order {
     #[default]
     Oldest,
     Newest,

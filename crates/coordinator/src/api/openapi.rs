@@ -26,7 +26,7 @@ use super::overview::Overview;
         users_list, users_settings, events_stream, overview_get,
         metrics, openapi_json, dashboard_index, dashboard_script, dashboard_pages, dashboard_style,
     ),
-    components(schemas(ApiError)),
+    components(schemas(ApiError, super::jobs::Order)),
     modifiers(&Bearer),
     security(("bearer" = [])),
 )]
@@ -121,7 +121,7 @@ op!(
 );
 op!(jobs_list, get, path = "/v1/jobs", tag = "jobs",
     params(("after" = Option<u64>, Query, description = "where the previous page ended (its `next_after`): only jobs past this id in the list's order; 0 or none: from the start"),
-           ("order" = Option<String>, Query, description = "`oldest` (the default: by id, smallest first) or `newest` (largest id first)"),
+           ("order" = Option<super::jobs::Order>, Query, description = "`oldest` (the default: by id, smallest first) or `newest` (largest id first)"),
            ("limit" = Option<u64>, Query, description = "at most this many (default 1000)"),
            ("state" = Option<String>, Query, description = "only jobs in this state (idle, running, held, completed, removed)"),
            ("owner" = Option<String>, Query, description = "only this owner's jobs (at most 256 characters)"),
