@@ -16,7 +16,7 @@ pub fn scheduler_engine() -> (f64, usize) {
     use vmgrid_scheduler::*;
     let nodes: Vec<NodeSlot> = (0..10_000)
         .map(|i| NodeSlot {
-            ad: NodeAd {
+            ad: MatchAd::new(NodeAd {
                 name: format!("n{i:05}"),
                 arch: "x86_64".into(),
                 os: "linux".into(),
@@ -27,7 +27,8 @@ pub fn scheduler_engine() -> (f64, usize) {
                 accelerators: vec!["tcg".into()],
                 labels: BTreeMap::from([("rack".to_string(), (i % 40).to_string())]),
                 appliance: i % 10 == 0,
-            },
+            })
+            .into(),
             free_cpus: 128,
             free_memory_mb: 1 << 20,
             running_jobs: 0,

@@ -9,22 +9,26 @@
 //! sweep of a million jobs costs one evaluation per node, not a million.
 
 pub mod fair;
+mod node;
 /// The bounds on an expression, checked before it is parsed (kept with the job's other rules).
 pub use vmgrid_job::expr as limits;
 pub use vmgrid_job::expr::ExprError;
 
 pub use fair::UserShare;
+pub use node::{MatchAd, node_value};
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use cel::{Context, Program, Value};
-use vmgrid_proto::{NodeAd, VmType};
+use cel::{Context, Env, Program, Value};
+use node::{ATTRS, attr_hash};
+use vmgrid_proto::VmType;
 
-/// A ready node with the resources it has free right now.
+/// A ready node with the resources it has free right now. Its ad is shared, not copied, by each
+/// pass.
 #[derive(Debug, Clone)]
 pub struct NodeSlot {
-    pub ad: NodeAd,
+    pub ad: Arc<MatchAd>,
     pub free_cpus: u32,
     pub free_memory_mb: u64,
     pub running_jobs: u32,
@@ -38,23 +42,6 @@ struct Expr {
     /// in which case it is evaluated for every node.
     reads: Option<Vec<usize>>,
 }
-
-/// The node attributes CEL sees, in a fixed order.
-const ATTRS: [&str; 13] = [
-    "name",
-    "arch",
-    "os",
-    "cpus",
-    "memory_mb",
-    "disk_mb",
-    "vm_types",
-    "accelerators",
-    "labels",
-    "appliance",
-    "running_jobs",
-    "free_cpus",
-    "free_memory_mb",
-];
 
 /// Which `node.NAME` attributes an expression reads; `None` if it uses `node` any other way (or
 /// is written in a way this small lexer does not follow, such as triple-quoted strings).
@@ -247,8 +234,10 @@ pub fn place<'c, C: Clusters<'c>, J: std::borrow::Borrow<IdleJob>>(
 /// One pass's view of the nodes and what it decided so far.
 struct Pass<'n> {
     nodes: &'n mut [NodeSlot],
-    values: Vec<Value>,
-    hashes: Vec<[u64; ATTRS.len()]>,
+    /// The nodes as the pass found them: expressions see these, not what the pass placed since.
+    start: Vec<NodeSlot>,
+    /// Each of those as CEL sees it, built the first time an expression is evaluated on it.
+    values: Vec<Option<Value>>,
     free_cpus: u64,
     /// Per cluster: matching nodes, best first, and a cursor past the ones that are full for it.
     candidates: HashMap<u64, (Vec<usize>, usize)>,
@@ -258,8 +247,8 @@ struct Pass<'n> {
 impl<'n> Pass<'n> {
     fn new(nodes: &'n mut [NodeSlot]) -> Pass<'n> {
         Pass {
-            values: nodes.iter().map(node_value).collect(),
-            hashes: nodes.iter().map(attr_hashes).collect(),
+            start: nodes.to_vec(),
+            values: vec![None; nodes.len()],
             free_cpus: nodes.iter().map(|n| n.free_cpus as u64).sum(),
             nodes,
             candidates: HashMap::new(),
@@ -272,7 +261,7 @@ impl<'n> Pass<'n> {
         let (nodes, decision) = (&mut *self.nodes, &mut self.decision);
         let (list, cursor) = self.candidates.entry(job.cluster).or_insert_with(|| {
             decision.evaluated.push(job.cluster);
-            let (list, why) = match_nodes(nodes, &self.values, &self.hashes, cluster);
+            let (list, why) = match_nodes(&self.start, &mut self.values, cluster);
             if let Some(why) = why {
                 decision.waiting.insert(job.cluster, why);
             }
@@ -348,59 +337,34 @@ fn place_shared(
     }
 }
 
-/// A hash of each attribute's value, so that nodes alike in what an expression reads share one
-/// evaluation of it.
-fn attr_hashes(n: &NodeSlot) -> [u64; ATTRS.len()] {
-    use std::hash::{Hash, Hasher};
-    let ad = &n.ad;
-    let h = |f: &dyn Fn(&mut std::collections::hash_map::DefaultHasher)| {
-        let mut s = std::collections::hash_map::DefaultHasher::new();
-        f(&mut s);
-        s.finish()
-    };
-    [
-        h(&|s| ad.name.hash(s)),
-        h(&|s| ad.arch.hash(s)),
-        h(&|s| ad.os.hash(s)),
-        h(&|s| ad.cpus.hash(s)),
-        h(&|s| ad.memory_mb.hash(s)),
-        h(&|s| ad.disk_mb.hash(s)),
-        h(&|s| ad.vm_types.hash(s)),
-        h(&|s| ad.accelerators.hash(s)),
-        h(&|s| ad.labels.hash(s)),
-        h(&|s| ad.appliance.hash(s)),
-        h(&|s| n.running_jobs.hash(s)),
-        h(&|s| n.free_cpus.hash(s)),
-        h(&|s| n.free_memory_mb.hash(s)),
-    ]
+/// CEL's standard library, registered once (a `Context::default()` registers it anew each time).
+fn stdlib() -> Arc<Env> {
+    static STDLIB: OnceLock<Arc<Env>> = OnceLock::new();
+    STDLIB.get_or_init(|| Arc::new(Env::stdlib())).clone()
 }
 
 /// Evaluates `e` for node `i`, once per distinct value of what it reads.
 fn eval(
     e: &Expr,
     i: usize,
-    values: &[Value],
-    hashes: &[[u64; ATTRS.len()]],
+    nodes: &[NodeSlot],
+    values: &mut [Option<Value>],
     memo: &mut HashMap<u64, Result<Value, String>>,
 ) -> Result<Value, String> {
-    let run = || {
-        let mut ctx = Context::default();
-        ctx.add_variable_from_value("node", values[i].clone());
+    let mut run = || {
+        let node = values[i].get_or_insert_with(|| node_value(&nodes[i])).clone();
+        let mut ctx = Context::with_env(stdlib());
+        ctx.add_variable_from_value("node", node);
         e.program.execute(&ctx).map_err(|err| err.to_string())
     };
     let Some(reads) = &e.reads else { return run() };
-    let key = reads
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |k, &a| (k ^ hashes[i][a]).wrapping_mul(0x100_0000_01b3).rotate_left(17));
+    let key = reads.iter().fold(0xcbf2_9ce4_8422_2325u64, |k, &a| {
+        (k ^ attr_hash(&nodes[i], a)).wrapping_mul(0x100_0000_01b3).rotate_left(17)
+    });
     memo.entry(key).or_insert_with(run).clone()
 }
 
-fn match_nodes(
-    nodes: &[NodeSlot],
-    values: &[Value],
-    hashes: &[[u64; ATTRS.len()]],
-    cluster: &Cluster,
-) -> (Vec<usize>, Option<String>) {
+fn match_nodes(nodes: &[NodeSlot], values: &mut [Option<Value>], cluster: &Cluster) -> (Vec<usize>, Option<String>) {
     if nodes.is_empty() {
         return (Vec::new(), Some("no ready nodes in the pool".into()));
     }
@@ -420,7 +384,7 @@ fn match_nodes(
             continue;
         }
         if let Some(req) = &cluster.requirements {
-            match eval(req, i, values, hashes, &mut req_memo) {
+            match eval(req, i, nodes, values, &mut req_memo) {
                 Ok(Value::Bool(true)) => {}
                 Ok(Value::Bool(false)) => {
                     rejected += 1;
@@ -438,7 +402,7 @@ fn match_nodes(
         }
         let rank = match &cluster.rank {
             None => 0.0,
-            Some(r) => match eval(r, i, values, hashes, &mut rank_memo) {
+            Some(r) => match eval(r, i, nodes, values, &mut rank_memo) {
                 Ok(Value::Int(x)) => x as f64,
                 Ok(Value::UInt(x)) => x as f64,
                 Ok(Value::Float(x)) => x,
@@ -470,28 +434,6 @@ fn match_nodes(
     }
     why.pop();
     (list, Some(why))
-}
-
-/// The node as CEL sees it: its ad plus the pool's view.
-pub fn node_value(n: &NodeSlot) -> Value {
-    let mut m: HashMap<String, Value> = HashMap::new();
-    let ad = &n.ad;
-    m.insert("name".into(), ad.name.clone().into());
-    m.insert("arch".into(), ad.arch.clone().into());
-    m.insert("os".into(), ad.os.clone().into());
-    m.insert("cpus".into(), Value::Int(ad.cpus as i64));
-    m.insert("memory_mb".into(), Value::Int(ad.memory_mb as i64));
-    m.insert("disk_mb".into(), Value::Int(ad.disk_mb as i64));
-    let vm_types: Vec<Value> = ad.vm_types.iter().map(|t| Value::from(t.as_str())).collect();
-    m.insert("vm_types".into(), vm_types.into());
-    m.insert("accelerators".into(), ad.accelerators.clone().into());
-    let labels: HashMap<String, Value> = ad.labels.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
-    m.insert("labels".into(), labels.into());
-    m.insert("appliance".into(), Value::Bool(ad.appliance));
-    m.insert("running_jobs".into(), Value::Int(n.running_jobs as i64));
-    m.insert("free_cpus".into(), Value::Int(n.free_cpus as i64));
-    m.insert("free_memory_mb".into(), Value::Int(n.free_memory_mb as i64));
-    m.into()
 }
 
 #[cfg(test)]

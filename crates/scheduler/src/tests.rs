@@ -1,10 +1,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::*;
+use vmgrid_proto::NodeAd;
 
 fn node(name: &str, cpus: u32, memory_mb: u64, vm_types: &[&str]) -> NodeSlot {
     NodeSlot {
-        ad: NodeAd {
+        ad: MatchAd::new(NodeAd {
             name: name.into(),
             arch: "x86_64".into(),
             os: "linux".into(),
@@ -15,7 +16,8 @@ fn node(name: &str, cpus: u32, memory_mb: u64, vm_types: &[&str]) -> NodeSlot {
             accelerators: vec!["tcg".into()],
             labels: BTreeMap::from([("site".to_string(), name.chars().next().unwrap().to_string())]),
             appliance: name.starts_with("app"),
-        },
+        })
+        .into(),
         free_cpus: cpus,
         free_memory_mb: memory_mb,
         running_jobs: 0,
@@ -144,10 +146,24 @@ fn expressions_know_which_attributes_they_read() {
 }
 
 #[test]
+fn expressions_see_the_nodes_as_the_pass_found_them() {
+    // Job 0 takes 2 of a's 4 cpus; job 1's rank still sees a with 4 free (b has 3), so it goes to a.
+    let mut nodes = vec![node("a", 4, 1024, &["wasm"]), node("b", 3, 1024, &["wasm"])];
+    let c = clusters(&[
+        (1, Cluster::compile(VmType::Wasm, 2, 64, None, None).unwrap()),
+        (2, Cluster::compile(VmType::Wasm, 1, 64, None, Some("node.free_cpus")).unwrap()),
+    ]);
+    let d = place(&mut nodes, &c, &one(), [IdleJob::new(0, 1), IdleJob::new(1, 2)]);
+    assert_eq!(d.placements, vec![Placement { job: 0, node: 0 }, Placement { job: 1, node: 0 }]);
+    assert_eq!((nodes[0].free_cpus, nodes[1].free_cpus), (1, 3));
+}
+
+#[test]
 fn alike_nodes_share_evaluations_but_rank_still_tells_them_apart() {
     let mut nodes: Vec<NodeSlot> = (0..50).map(|i| node(&format!("a{i}"), 4, 1024, &["wasm"])).collect();
     nodes[37].free_cpus = 4;
-    nodes[37].ad.cpus = 8;
+    // An ad changes only as a whole (a node registers again), and its CEL with it.
+    nodes[37].ad = MatchAd::new(NodeAd { cpus: 8, ..nodes[37].ad.ad().clone() }).into();
     let c = clusters(&[(
         1,
         Cluster::compile(VmType::Wasm, 1, 64, Some("node.memory_mb >= 1024"), Some("node.cpus")).unwrap(),

@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use vmgrid_proto::*;
-use vmgrid_scheduler::Cluster;
+use vmgrid_scheduler::{Cluster, MatchAd};
 
 use crate::store::{Op, StoredResult, TokenRole, TokenRow};
 
@@ -193,7 +193,8 @@ struct SpecEntry {
 }
 
 struct Node {
-    ad: NodeAd,
+    /// Shared with each scheduling pass, which reads it as CEL built once, at registration.
+    ad: Arc<MatchAd>,
     state: NodeState,
     cred_hash: String,
     last_seen_ms: u64,
@@ -213,7 +214,7 @@ struct Node {
 impl Node {
     fn new(ad: NodeAd, state: NodeState, cred_hash: String, now: u64) -> Node {
         Node {
-            ad,
+            ad: Arc::new(MatchAd::new(ad)),
             state,
             cred_hash,
             last_seen_ms: now,
@@ -229,7 +230,7 @@ impl Node {
     fn store_op(&self, name: &str) -> Op {
         Op::Node {
             name: name.into(),
-            ad_json: serde_json::to_string(&self.ad).expect("an ad serializes"),
+            ad_json: serde_json::to_string(self.ad.ad()).expect("an ad serializes"),
             cred_hash: self.cred_hash.clone(),
             state: self.state,
         }
@@ -589,7 +590,7 @@ impl Engine {
         self.nodes
             .values()
             .map(|n| NodeView {
-                ad: n.ad.clone(),
+                ad: n.ad.ad().clone(),
                 state: n.state,
                 running_jobs: n.jobs.len() as u32,
                 free_cpus: n.ad.cpus.saturating_sub(n.used_cpus),

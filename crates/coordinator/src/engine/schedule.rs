@@ -20,7 +20,7 @@ const SHARED_PER_PASS: usize = 256;
 /// What one pass decides on: a copy, so deciding needs no lock.
 #[derive(Default)]
 pub struct Snapshot {
-    names: Vec<String>,
+    /// The ready nodes; each shares its node's ad (an `Arc`), not a copy of it.
     slots: Vec<NodeSlot>,
     /// Idle jobs asking for cpus, oldest first, and time-shared ones.
     batch: Vec<IdleJob>,
@@ -82,33 +82,20 @@ impl Engine {
             return Some(Snapshot::default());
         }
         // A node whose leases just expired is not given new work until it heartbeats again.
-        let names: Vec<String> = self
+        let slots: Vec<NodeSlot> = self
             .nodes
-            .iter()
-            .filter(|(_, n)| n.state == NodeState::Ready && !n.silent)
-            .map(|(k, _)| k.clone())
-            .collect();
-        let slots: Vec<NodeSlot> = names
-            .iter()
-            .map(|name| {
-                let n = &self.nodes[name];
-                NodeSlot {
-                    ad: n.ad.clone(),
-                    free_cpus: n.ad.cpus.saturating_sub(n.used_cpus),
-                    free_memory_mb: n.ad.memory_mb.saturating_sub(n.used_memory_mb),
-                    running_jobs: n.jobs.len() as u32,
-                }
+            .values()
+            .filter(|n| n.state == NodeState::Ready && !n.silent)
+            .map(|n| NodeSlot {
+                ad: n.ad.clone(),
+                free_cpus: n.ad.cpus.saturating_sub(n.used_cpus),
+                free_memory_mb: n.ad.memory_mb.saturating_sub(n.used_memory_mb),
+                running_jobs: n.jobs.len() as u32,
             })
             .collect();
         let free_cpus: u64 = slots.iter().map(|s| s.free_cpus as u64).sum();
-        let mut snap = Snapshot {
-            names,
-            slots,
-            batch: Vec::new(),
-            shared: Vec::new(),
-            clusters: HashMap::new(),
-            users: Vec::new(),
-        };
+        let mut snap =
+            Snapshot { slots, batch: Vec::new(), shared: Vec::new(), clusters: HashMap::new(), users: Vec::new() };
         let mut owners: HashMap<Arc<str>, u32> = HashMap::new();
         for (&spec_id, ids) in &self.idle_by_spec {
             let Some(entry) = self.specs.get(&spec_id) else { continue };
@@ -158,7 +145,8 @@ impl Engine {
         self.waiting.extend(decision.waiting);
         let mut placed = Vec::new();
         for p in decision.placements {
-            let name = &snap.names[p.node];
+            // A node is filed under its ad's name.
+            let name = &snap.slots[p.node].ad.name;
             if self.still_fits(p.job, name) {
                 self.place(p.job, name, now);
                 placed.push(name.as_str());
