@@ -525,7 +525,7 @@ fn put_dag_node(tx: &rusqlite::Transaction<'_>, n: &DagNodeRow) -> rusqlite::Res
 
 #[cfg(test)]
 #[path = "sqlite_migrate_tests.rs"]
-mod migrate_tests;
+pub(crate) mod migrate_tests;
 
 #[cfg(test)]
 mod tests {
@@ -608,12 +608,7 @@ mod tests {
     fn a_version_3_store_gains_users_and_start_times() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pool.sqlite");
-        let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(SCHEMA_V1).unwrap();
-        for m in &MIGRATIONS[..2] {
-            conn.execute_batch(m).unwrap();
-        }
-        conn.pragma_update(None, "user_version", 3).unwrap();
+        let conn = super::migrate_tests::at_version(&path, 3);
         conn.execute(
             "INSERT INTO jobs (id, spec_id, idx, owner, state, submitted_ms) VALUES (7, 1, 0, 'a', 'idle', 5)",
             [],

@@ -296,27 +296,12 @@ fn a_version_2_database_with_jobs_opens_with_empty_histories_and_no_samples() {
     }
     let spec = serde_json::to_string(&crate::engine::tests::spec(0)).unwrap();
     c.execute("INSERT INTO specs (id, owner, json) VALUES (1, 'alice', $1)", &[&spec]).unwrap();
-    c.batch_execute(
-        "INSERT INTO jobs (id, spec_id, idx, owner, state, submitted_ms) VALUES (1, 1, 0, 'alice', 'idle', 5);
-         INSERT INTO jobs (id, spec_id, idx, owner, state, submitted_ms, attempts, reason)
-           VALUES (2, 1, 1, 'alice', 'held', 5, 2, 'held by alice');
-         INSERT INTO meta (key, value) VALUES ('next_job', 3), ('next_spec', 2);",
-    )
-    .unwrap();
+    c.batch_execute(crate::store::sqlite::migrate_tests::PRE_DASHBOARD_JOBS).unwrap();
+    c.batch_execute("INSERT INTO meta (key, value) VALUES ('next_job', 3), ('next_spec', 2);").unwrap();
     drop(c);
 
     let mut store = PgStore::open(&db.url()).unwrap();
-    let loaded = store.load().unwrap();
-    assert_eq!(loaded.jobs.len(), 2);
-    assert!(loaded.jobs.iter().all(|j| j.row.history.is_empty()), "no attempts were recorded before");
-    assert!(loaded.samples.is_empty(), "the chart starts empty");
-    let timing = Timing { lease_ttl_ms: 1000, node_ttl_ms: 100_000, heartbeat_ms: 200 };
-    let e = Engine::load(loaded, timing, 10);
-    let views = e.job_views(&Principal::Admin("admin".into()));
-    assert_eq!(views.iter().map(|j| (j.id, j.state)).collect::<Vec<_>>(), [(1, JobState::Idle), (2, JobState::Held)]);
-    let minute = crate::history::Sample { minute_ms: 60_000, completed: 4, queued: 1 };
-    store.commit(&[Op::Sample(minute)]).unwrap();
-    assert_eq!(store.load().unwrap().samples, vec![minute]);
+    crate::store::sqlite::migrate_tests::reads_back_as_before_the_dashboard(&mut store);
     let mut c = postgres::Client::connect(&db.url(), NoTls).unwrap();
     let v: i64 = c.query_one("SELECT version FROM schema_version", &[]).unwrap().get(0);
     assert_eq!(v, SCHEMA_VERSION);
