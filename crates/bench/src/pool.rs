@@ -137,6 +137,11 @@ impl Drop for Pool {
 
 pub fn trivial_spec(client: &Client, root: &Path) -> JobSpec {
     let image = client.upload_file(&guest(root, "probe"), "probe.wasm").expect("upload the probe guest");
+    trivial_spec_of(image)
+}
+
+/// A trivial wasm job of `image`: 1 cpu, 16 MiB, placed on a wasm node with most cpus free.
+pub fn trivial_spec_of(image: FileRef) -> JobSpec {
     JobSpec {
         name: "trivial".into(),
         vm_type: VmType::Wasm,

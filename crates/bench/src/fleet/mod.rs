@@ -292,27 +292,13 @@ fn heartbeats(base: Client, nodes: &[Arc<SimNode>], interval: Duration, shared: 
 /// A spec for trivial jobs: the simulated nodes never fetch its image (a minimal wasm module).
 fn trivial_spec(client: &Client) -> Result<JobSpec, String> {
     let image = client.upload_bytes(b"\0asm\x01\0\0\0", "empty.wasm").map_err(|e| format!("upload: {e}"))?;
+    // No requirement or rank: the pass measured is the pool's, not CEL's.
     Ok(JobSpec {
         name: "fleet".into(),
-        vm_type: VmType::Wasm,
-        image: Some(image),
         args: vec![],
-        env: Default::default(),
-        kernel: None,
-        initrd: None,
-        append: None,
-        network: Network::None,
-        cpus: 1,
-        memory_mb: 16,
-        timeout_s: 60,
-        disk_mb: 1,
-        inputs: vec![],
-        outputs: vec![],
         requirements: None,
         rank: None,
-        max_retries: 0,
-        priority: 0,
-        ssi: None,
+        ..crate::pool::trivial_spec_of(image)
     })
 }
 
