@@ -355,19 +355,33 @@ impl Client {
     /// Uploads a file as a blob unless the pool has it already; returns its reference.
     pub fn upload_file(&self, path: &Path, name: &str) -> Result<FileRef> {
         let (blob, size) = hash_file(path)?;
-        if self.needs_upload(&blob, size)? {
-            self.put_blob(&blob, std::fs::File::open(path)?)?;
-        }
+        self.upload(&blob, size, || Ok(std::fs::File::open(path)?))?;
         Ok(FileRef { path: name.to_string(), blob, size, inline: None })
     }
 
     /// Uploads bytes as a blob unless the pool has them already.
     pub fn upload_bytes(&self, bytes: &[u8], name: &str) -> Result<FileRef> {
         let blob = blake3::hash(bytes).to_hex().to_string();
-        if self.needs_upload(&blob, bytes.len() as u64)? {
-            self.put_blob(&blob, bytes)?;
-        }
+        self.upload(&blob, bytes.len() as u64, || Ok(bytes))?;
         Ok(FileRef { path: name.to_string(), blob, size: bytes.len() as u64, inline: None })
+    }
+
+    /// Uploads a blob unless the pool has it. A transport error mid-body is retried after asking
+    /// again: the pool answers early and closes the connection when another client stored the same
+    /// blob between our question and our upload (the client then sees a broken pipe), and a
+    /// content-addressed upload may simply be sent again.
+    fn upload<B: ureq::AsSendBody>(&self, blob: &str, size: u64, body: impl Fn() -> Result<B>) -> Result<()> {
+        const TRIES: usize = 3;
+        let mut attempt = 1;
+        loop {
+            if !self.needs_upload(blob, size)? {
+                return Ok(());
+            }
+            match self.put_blob(blob, body()?) {
+                Err(ClientError::Unreachable { .. }) if attempt < TRIES => attempt += 1,
+                other => return other,
+            }
+        }
     }
 
     /// One try, at the coordinator that answered last (a body read from a file is not sent twice;

@@ -429,3 +429,28 @@ fn a_node_killed_mid_qemu_job_leaves_no_qemu_behind() {
     // which clears a parent-death signal; it must die with its node all the same.
     wait_until("QEMU to die with its node", || processes_with(&marker).is_empty());
 }
+
+#[test]
+fn clients_uploading_the_same_blob_at_once_all_succeed() {
+    // The pool answers an upload of a blob it already has at once, without reading the body, and
+    // closes the connection: a client that asked before another stored it then sees its upload
+    // cut mid-body. It asks again and finds the blob there (a node once failed a job so).
+    let pool = Pool::start();
+    for round in 0..4u8 {
+        let body: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8 ^ round).collect();
+        let barrier = std::sync::Barrier::new(6);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6)
+                .map(|_| {
+                    let (client, body, barrier) = (pool.admin(), &body, &barrier);
+                    s.spawn(move || {
+                        barrier.wait();
+                        client.upload_bytes(body, "same").map(|f| f.blob)
+                    })
+                })
+                .collect();
+            let hashes: Vec<_> = handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect();
+            assert!(hashes.iter().all(|h| *h == hashes[0]));
+        });
+    }
+}
