@@ -120,21 +120,20 @@ pub fn api_bodies(data: &[u8]) {
             "register"
         }),
         2 => serde_json::from_slice::<LeaseRequest>(body).ok().map(|r| {
+            e.set_ahead("n1", r.ahead);
+            let _ = e.report("n1", confined(r.reports), NOW).expect("n1 is live");
+            e.schedule(NOW);
             e.take_leases("n1", r.max_jobs.max(1), r.max_cpus, NOW);
             "lease"
         }),
         3 => serde_json::from_slice::<HeartbeatRequest>(body).ok().map(|r| {
             e.heartbeat("n1", &r.leases, r.draining, NOW).expect("n1 is live");
+            e.hand_back("n1", &r.returned, NOW);
             "heartbeat"
         }),
         4 => serde_json::from_slice::<ReportRequest>(body).ok().map(|r| {
             let n = r.reports.len();
-            // The handler refuses alone each report with a file outside the job directory.
-            let good: Vec<Report> = r
-                .reports
-                .into_iter()
-                .filter(|r| r.stdout.iter().chain(&r.stderr).chain(&r.outputs).all(|f| is_confined_path(&f.path)))
-                .collect();
+            let good = confined(r.reports);
             let resp = e.report("n1", good, NOW).expect("n1 is live");
             assert!(resp.accepted.len() + resp.refused.len() <= n);
             "report"
@@ -274,4 +273,13 @@ fn run(l: &Lease, c: u8, round: u32, k: usize) -> Report {
     let lease = LeaseId { job_id: l.job_id, epoch: l.epoch };
     let out = blob(format!("out/{}.txt", l.index));
     Report { lease, run, stdout: None, stderr: None, stdout_dropped: 0, stderr_dropped: 0, outputs: vec![out] }
+}
+
+/// The reports the API's handler passes on: it refuses alone each one with a file outside the
+/// job directory.
+fn confined(reports: Vec<Report>) -> Vec<Report> {
+    reports
+        .into_iter()
+        .filter(|r| r.stdout.iter().chain(&r.stderr).chain(&r.outputs).all(|f| is_confined_path(&f.path)))
+        .collect()
 }

@@ -8,13 +8,13 @@
 mod cache;
 mod fingerprint;
 mod job;
+mod queue;
 mod ssi;
 mod workers;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,6 +73,7 @@ pub enum NodeError {
 struct Running {
     cancel: Arc<AtomicBool>,
     cpus: u32,
+    started: Instant,
 }
 
 struct Agent {
@@ -86,9 +87,19 @@ struct Agent {
     running: Mutex<HashMap<LeaseId, Running>>,
     /// Signalled when a job ends and its cpus are free again.
     slot_freed: Condvar,
+    /// Leased ahead and not started yet, in order ([`queue`]); locked after `running`.
+    queue: Mutex<VecDeque<queue::Queued>>,
+    recent: Mutex<queue::Recent>,
+    /// Queued jobs to hand back with the next heartbeat.
+    returning: Mutex<Vec<LeaseId>>,
     /// The threads jobs run on, reused from job to job.
     workers: Arc<workers::Workers>,
-    reports: mpsc::Sender<Report>,
+    /// Results not yet sent: the lease loop carries them in its next call, or the reporter
+    /// sends them.
+    outbox: Mutex<Vec<Report>>,
+    outbox_ready: Condvar,
+    /// The lease loop is waiting for cpus to free up (and will carry the results).
+    lease_idle: AtomicBool,
     work_dir: PathBuf,
     heartbeat: Duration,
     /// Set when leaving: the reporter sends what is queued and ends.
@@ -106,7 +117,6 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     std::fs::create_dir_all(&work_dir)?;
     let (client, reg) = register(&config, &ad, &stop)?;
     let Some(reg) = reg else { return Ok(()) };
-    let (tx, rx) = mpsc::channel();
     let agent = Arc::new(Agent {
         cache: cache::BlobCache::new(config.cache_dir.join("blobs"), config.cache_max_mb << 20)?,
         runtime: Runtime::new(RuntimeConfig {
@@ -121,8 +131,13 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
         rejoins: Default::default(),
         running: Mutex::new(HashMap::new()),
         slot_freed: Condvar::new(),
+        queue: Mutex::default(),
+        recent: Mutex::default(),
+        returning: Mutex::default(),
         workers: Arc::default(),
-        reports: tx,
+        outbox: Mutex::default(),
+        outbox_ready: Condvar::new(),
+        lease_idle: AtomicBool::new(false),
         work_dir,
         heartbeat: Duration::from_millis(reg.heartbeat_ms.max(100)),
         closing: AtomicBool::new(false),
@@ -130,7 +145,7 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     tracing::info!(node = %agent.ad.name, pool = %agent.config.pool, "joined the pool");
     let reporter = {
         let a = agent.clone();
-        std::thread::Builder::new().name("vmgrid-report".into()).spawn(move || a.report_loop(rx))?
+        std::thread::Builder::new().name("vmgrid-report".into()).spawn(move || a.report_loop())?
     };
     let hb_stop = Arc::new(AtomicBool::new(false));
     let heartbeater = {
@@ -139,8 +154,11 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     };
     agent.lease_loop(&stop);
 
-    // Drain: tell the pool, let running jobs finish (or hand them back), then leave.
+    // Drain: tell the pool, hand back the jobs queued ahead, let running jobs finish (or hand
+    // them back), then leave.
     tracing::info!(node = %agent.ad.name, "draining");
+    let queued = agent.take_queued(true);
+    lock(&agent.returning).extend(queued);
     agent.send_heartbeat(true);
     let deadline = Instant::now() + agent.config.drain_timeout;
     while !lock(&agent.running).is_empty() && Instant::now() < deadline {
@@ -206,26 +224,10 @@ impl Agent {
         lock(&self.client).clone()
     }
 
-    /// Waits (briefly) until some cpus are free; returns how many.
-    fn wait_for_free_cpus(&self) -> u32 {
-        let mut running = lock(&self.running);
-        for _ in 0..10 {
-            let used: u32 = running.values().map(|r| r.cpus).sum();
-            if used < self.ad.cpus {
-                return self.ad.cpus - used;
-            }
-            running =
-                self.slot_freed.wait_timeout(running, Duration::from_millis(10)).unwrap_or_else(|p| p.into_inner()).0;
-        }
-        0
-    }
-
     /// A refused call from a node that was declared lost or replaced: it registers again.
     fn rejoin(&self, stop: &AtomicBool) {
         tracing::warn!(node = %self.ad.name, "the pool no longer knows this node; stopping its jobs and registering again");
-        for r in lock(&self.running).values() {
-            r.cancel.store(true, Ordering::Relaxed);
-        }
+        self.fence();
         match register(&self.config, &self.ad, stop) {
             Ok((c, Some(_))) => {
                 *lock(&self.client) = c;
@@ -239,26 +241,41 @@ impl Agent {
         }
     }
 
+    /// The pool no longer knows this lease holder: its running jobs are stopped, its queued ones
+    /// dropped (they run elsewhere).
+    fn fence(&self) {
+        for r in lock(&self.running).values() {
+            r.cancel.store(true, Ordering::Relaxed);
+        }
+        lock(&self.queue).clear();
+        lock(&self.returning).clear();
+    }
+
+    /// Asks for work as cpus free up (and lease-ahead allows), carrying the results that are
+    /// ready in the same call.
     fn lease_loop(self: &Arc<Self>, stop: &AtomicBool) {
         let mut backoff = Duration::from_millis(50);
         while !stop.load(Ordering::Relaxed) {
-            let free = self.wait_for_free_cpus();
+            let (room, ahead) = self.wait_for_room();
+            let reports = self.take_outbox();
             // With every cpu busy, the node still collects time-shared jobs (SSI processes need
             // no cpu slot), without waiting, so that a freed cpu is put to work at once.
-            let req = if free == 0 {
-                LeaseRequest { max_jobs: 64, max_cpus: 0, wait_ms: 0 }
-            } else {
-                LeaseRequest { max_jobs: free, max_cpus: free, wait_ms: 1000 }
-            };
+            let (max_jobs, wait_ms) = if room == 0 { (64, 0) } else { (room, 1000) };
+            let req = LeaseRequest { max_jobs, max_cpus: room, wait_ms, ahead, reports };
             match self.client().lease(&req) {
                 Ok(resp) => {
                     backoff = Duration::from_millis(50);
-                    for lease in resp.leases {
-                        self.start_job(lease);
+                    for (l, why) in resp.report.map(|r| r.refused).unwrap_or_default() {
+                        tracing::warn!(job = l.job_id, epoch = l.epoch, "the pool refused a result: {why}");
                     }
+                    self.enqueue(resp.leases);
                 }
-                Err(ClientError::Refused { status: 409 | 401, .. }) => self.rejoin(stop),
                 Err(e) => {
+                    self.put_back(req.reports);
+                    if let ClientError::Refused { status: 409 | 401, .. } = e {
+                        self.rejoin(stop);
+                        continue;
+                    }
                     tracing::warn!("lease: {e}");
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -270,13 +287,16 @@ impl Agent {
     fn start_job(self: &Arc<Self>, lease: Lease) {
         let id = LeaseId { job_id: lease.job_id, epoch: lease.epoch };
         let cancel = Arc::new(AtomicBool::new(false));
-        lock(&self.running).insert(id, Running { cancel: cancel.clone(), cpus: lease.spec.cpus });
+        let started = Instant::now();
+        lock(&self.running).insert(id, Running { cancel: cancel.clone(), cpus: lease.spec.cpus, started });
         let agent = self.clone();
         let spawned = self.workers.run(move || {
             let report = agent.run_job(&lease, cancel);
-            let _ = agent.reports.send(report);
+            lock(&agent.recent).add(started.elapsed());
+            agent.post(report);
             lock(&agent.running).remove(&id);
             agent.slot_freed.notify_all();
+            agent.start_queued();
         });
         if let Err(e) = spawned {
             tracing::error!("cannot start a job thread: {e}");
@@ -284,21 +304,56 @@ impl Agent {
         }
     }
 
-    /// Sends reports in batches: whatever is queued goes in one call.
-    fn report_loop(&self, rx: mpsc::Receiver<Report>) {
+    fn post(&self, report: Report) {
+        lock(&self.outbox).push(report);
+        self.outbox_ready.notify_one();
+    }
+
+    /// The results ready to send (at most 1000).
+    fn take_outbox(&self) -> Vec<Report> {
+        let mut out = lock(&self.outbox);
+        let n = out.len().min(1000);
+        out.drain(..n).collect()
+    }
+
+    /// Results a call did not deliver, to send first next time.
+    fn put_back(&self, reports: Vec<Report>) {
+        if !reports.is_empty() {
+            lock(&self.outbox).splice(0..0, reports);
+            self.outbox_ready.notify_one();
+        }
+    }
+
+    /// The next batch of results for the reporter: left a moment to the lease loop when it is
+    /// about to call anyway; `None` once the node is closing and all are sent.
+    fn next_batch(&self) -> Option<Vec<Report>> {
+        let mut out = lock(&self.outbox);
+        let mut deferred = false;
         loop {
-            let first = match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(r) => r,
-                Err(mpsc::RecvTimeoutError::Timeout) if !self.closing.load(Ordering::Relaxed) => continue,
-                Err(_) => break,
-            };
-            let mut batch = vec![first];
-            while let Ok(r) = rx.try_recv() {
-                batch.push(r);
-                if batch.len() >= 1000 {
-                    break;
+            if !out.is_empty() {
+                if !deferred && self.lease_idle.load(Ordering::Relaxed) {
+                    deferred = true;
+                    out = self
+                        .outbox_ready
+                        .wait_timeout(out, Duration::from_millis(5))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                    continue;
                 }
+                let n = out.len().min(1000);
+                return Some(out.drain(..n).collect());
             }
+            if self.closing.load(Ordering::Relaxed) {
+                return None;
+            }
+            deferred = false;
+            out = self.outbox_ready.wait_timeout(out, Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Sends results in batches: whatever is ready goes in one call.
+    fn report_loop(&self) {
+        while let Some(batch) = self.next_batch() {
             let req = ReportRequest { reports: batch };
             let mut wait = Duration::from_millis(50);
             let mut resent = false;
@@ -349,10 +404,16 @@ impl Agent {
         true
     }
 
+    /// Renews the leases of the running and queued jobs, and hands back those queued too long.
     fn send_heartbeat(&self, draining: bool) {
-        let leases: Vec<LeaseId> = lock(&self.running).keys().copied().collect();
-        match self.client().heartbeat(&HeartbeatRequest { leases, draining, cache: Some(self.cache.stats()) }) {
+        let mut leases: Vec<LeaseId> = lock(&self.running).keys().copied().collect();
+        leases.extend(self.queued_ids());
+        let mut returned = std::mem::take(&mut *lock(&self.returning));
+        returned.extend(self.take_queued(false));
+        let req = HeartbeatRequest { leases, draining, cache: Some(self.cache.stats()), returned };
+        match self.client().heartbeat(&req) {
             Ok(resp) => {
+                self.drop_queued(&resp.revoked);
                 let running = lock(&self.running);
                 for l in resp.revoked {
                     if let Some(r) = running.get(&l) {
@@ -361,12 +422,11 @@ impl Agent {
                     }
                 }
             }
-            Err(ClientError::Refused { status: 409 | 401, .. }) => {
-                for r in lock(&self.running).values() {
-                    r.cancel.store(true, Ordering::Relaxed);
-                }
+            Err(ClientError::Refused { status: 409 | 401, .. }) => self.fence(),
+            Err(e) => {
+                tracing::warn!("heartbeat: {e}");
+                lock(&self.returning).extend(req.returned);
             }
-            Err(e) => tracing::warn!("heartbeat: {e}"),
         }
     }
 

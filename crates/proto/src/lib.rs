@@ -15,6 +15,8 @@ pub use jobs::*;
 pub use vmgrid_job::check::{is_confined_path, matches_output};
 pub use vmgrid_job::{FailureKind, Network, VmType};
 
+mod node;
+pub use node::*;
 mod users;
 pub use users::{
     MAX_TOKEN_TTL_S, RevokeRequest, Role, TokenRequest, TokenResponse, TokenView, UserSettingsRequest, UserView,
@@ -146,7 +148,7 @@ fn one() -> u64 {
     1
 }
 
-fn unbounded() -> u32 {
+pub(crate) fn unbounded() -> u32 {
     u32::MAX
 }
 
@@ -268,6 +270,7 @@ pub struct NodeView {
     #[serde(flatten)]
     pub ad: NodeAd,
     pub state: NodeState,
+    /// The jobs it holds under a lease: running, or queued ahead of its cpus (lease-ahead).
     pub running_jobs: u32,
     pub free_cpus: u32,
     pub free_memory_mb: u64,
@@ -293,109 +296,6 @@ pub struct RegisterResponse {
     pub credential: String,
     pub lease_ttl_ms: u64,
     pub heartbeat_ms: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LeaseRequest {
-    /// At most this many jobs in the reply.
-    pub max_jobs: u32,
-    /// And at most this many cpus among them (the node's free cpus).
-    #[serde(default = "unbounded")]
-    pub max_cpus: u32,
-    /// Wait up to this long for work before replying with none.
-    pub wait_ms: u64,
-}
-
-/// A job handed to a node under a lease. The epoch fences results: only a report carrying the
-/// current epoch of a running job is accepted.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Lease {
-    pub job_id: u64,
-    pub epoch: u64,
-    pub index: u64,
-    /// The spec with `{index}` already substituted.
-    pub spec: JobSpec,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct LeaseResponse {
-    pub leases: Vec<Lease>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct LeaseId {
-    pub job_id: u64,
-    pub epoch: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct HeartbeatRequest {
-    pub leases: Vec<LeaseId>,
-    #[serde(default)]
-    pub draining: bool,
-    /// The node's blob cache, as it says (shown on the dashboard's nodes table).
-    #[serde(default)]
-    pub cache: Option<CacheStats>,
-}
-
-/// A node's blob cache: images and inputs kept by hash. Fields it does not know are ignored, so
-/// later versions may add some (it only informs the dashboard).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct CacheStats {
-    pub blobs: u64,
-    pub bytes: u64,
-    /// The bound it is kept under (least recently used blobs are evicted past it).
-    pub max_bytes: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct HeartbeatResponse {
-    /// Leases the node must stop: the job was removed, held or given to another node.
-    pub revoked: Vec<LeaseId>,
-}
-
-/// How a run ended, as a node reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum RunReport {
-    /// The guest exited with this code.
-    Exited { code: i32 },
-    /// The guest ran and did not finish (time or memory limit, trap, panic, no exit status).
-    GuestFailed { failure: FailureKind, reason: String },
-    /// The job cannot run anywhere: a bad image or input.
-    BadJob { reason: String },
-    /// This node could not run it; another may.
-    HostFailed { reason: String },
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Report {
-    pub lease: LeaseId,
-    pub run: RunReport,
-    pub stdout: Option<FileRef>,
-    pub stderr: Option<FileRef>,
-    #[serde(default)]
-    pub stdout_dropped: u64,
-    #[serde(default)]
-    pub stderr_dropped: u64,
-    #[serde(default)]
-    pub outputs: Vec<FileRef>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ReportRequest {
-    pub reports: Vec<Report>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ReportResponse {
-    pub accepted: Vec<LeaseId>,
-    /// Reports refused because their lease expired or was given to another node.
-    pub refused: Vec<(LeaseId, String)>,
 }
 
 /// A `vmgrid ssi` console asks to be the home of processes; the pool decides its URL (the

@@ -209,7 +209,7 @@ fn agent(pool: &str, token: &str, trust: Trust, name: String, node: &SimNode, sh
         }
     };
     shared.registered.fetch_add(1, Ordering::Relaxed);
-    let req = LeaseRequest { max_jobs: NODE_CPUS, max_cpus: NODE_CPUS, wait_ms: 1000 };
+    let req = LeaseRequest { max_jobs: NODE_CPUS, max_cpus: NODE_CPUS, wait_ms: 1000, ahead: 0, reports: vec![] };
     while !shared.stopping() {
         let asked = Instant::now();
         let leases = match client.lease(&req) {
@@ -277,7 +277,7 @@ fn heartbeats(base: Client, nodes: &[Arc<SimNode>], interval: Duration, shared: 
         }
         let leases = nodes[i].held.lock().unwrap().clone();
         let sent = Instant::now();
-        match clients[i].heartbeat(&HeartbeatRequest { leases, draining: false, cache: None }) {
+        match clients[i].heartbeat(&HeartbeatRequest { leases, draining: false, cache: None, returned: vec![] }) {
             Ok(_) => {
                 shared.heartbeat_ms.lock().unwrap().push(ms(sent));
                 shared.heartbeats.fetch_add(1, Ordering::Relaxed);

@@ -40,10 +40,33 @@ pub async fn register(
 pub async fn lease(
     AxState(shared): AxState<S>,
     Auth(p): Auth,
-    Body(req): Body<LeaseRequest>,
+    Body(mut req): Body<LeaseRequest>,
 ) -> Result<Json<LeaseResponse>> {
     let name = node(&p)?.to_string();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms.min(60_000));
+    // The results the call carries are applied first; they are committed with the placements
+    // the call makes, or before it waits for work.
+    let (bad, good) = split_reports(&shared, std::mem::take(&mut req.reports));
+    let carried = !bad.is_empty() || !good.is_empty();
+    let (judged, first) = shared.call(|e| {
+        e.set_ahead(&name, req.ahead);
+        if !carried {
+            return Ok(None);
+        }
+        e.count_refused(bad.len() as u64);
+        e.report(&name, good, now_ms()).map(Some)
+    });
+    let mut report = match judged {
+        Ok(r) => r,
+        Err(e) => {
+            shared.finish(first).await?;
+            return Err(e.into());
+        }
+    };
+    if let Some(r) = &mut report {
+        r.refused.extend(bad);
+    }
+    let mut first = Some(first);
     let parked = shared.parked.park(&name);
     loop {
         // Woken to run a pass (one parked call for the pool), or because a pass placed work here.
@@ -59,7 +82,7 @@ pub async fn lease(
             e.live_node(&name, now)?;
             Ok::<_, crate::engine::ApiError>(e.take_leases(&name, req.max_jobs.max(1), req.max_cpus, now))
         });
-        let pending = pending.after(scheduled);
+        let pending = pending.after(scheduled).after(first.take());
         // Only the nodes this pass placed work on (their replies wait for it to be durable).
         for other in placed.iter().filter(|n| **n != name) {
             shared.parked.wake(other);
@@ -73,7 +96,7 @@ pub async fn lease(
         };
         if !leases.is_empty() || tokio::time::Instant::now() >= deadline {
             shared.finish(pending).await?;
-            return Ok(Json(LeaseResponse { leases }));
+            return Ok(Json(LeaseResponse { leases, report: report.take() }));
         }
         if pending.changed() {
             // Placements for other nodes: durable, and told to the dashboards, before waiting.
@@ -96,8 +119,10 @@ pub async fn heartbeat(
 ) -> Result<Json<HeartbeatResponse>> {
     let name = node(&p)?;
     let (revoked, pending) = shared.call(|e| {
-        let revoked = e.heartbeat(name, &req.leases, req.draining, now_ms());
+        let now = now_ms();
+        let revoked = e.heartbeat(name, &req.leases, req.draining, now);
         if revoked.is_ok() {
+            e.hand_back(name, &req.returned, now);
             e.set_cache(name, req.cache);
         }
         revoked
@@ -112,15 +137,7 @@ pub async fn report(
     Body(req): Body<ReportRequest>,
 ) -> Result<Json<ReportResponse>> {
     let name = node(&p)?;
-    // A report with a bad file is refused alone; the rest of the batch stands.
-    let mut bad = Vec::new();
-    let mut good = Vec::new();
-    for r in req.reports {
-        match check_files(&shared, &r) {
-            Err(why) => bad.push((r.lease, why)),
-            Ok(()) => good.push(r),
-        }
-    }
+    let (bad, good) = split_reports(&shared, req.reports);
     let (resp, pending) = shared.call(|e| {
         e.count_refused(bad.len() as u64);
         e.report(name, good, now_ms())
@@ -130,6 +147,20 @@ pub async fn report(
     let mut resp = resp?;
     resp.refused.extend(bad);
     Ok(Json(resp))
+}
+
+/// A node's reports, those with a bad file (refused alone, with why) apart from the rest (which
+/// stand).
+fn split_reports(shared: &S, reports: Vec<Report>) -> (Vec<(LeaseId, String)>, Vec<Report>) {
+    let mut bad = Vec::new();
+    let mut good = Vec::new();
+    for r in reports {
+        match check_files(shared, &r) {
+            Err(why) => bad.push((r.lease, why)),
+            Ok(()) => good.push(r),
+        }
+    }
+    (bad, good)
 }
 
 /// A report's files: confined paths whose blobs are uploaded, or short stdout and stderr inline

@@ -110,9 +110,12 @@ impl Engine {
                     n.used_cpus, n.used_memory_mb
                 ));
             }
-            if n.used_cpus > n.ad.cpus || n.used_memory_mb > n.ad.memory_mb {
+            // Its cpus and memory, and at most its lease-ahead's bound beyond them (a node that
+            // asks for less lease-ahead keeps what was already placed).
+            let most = 1 + u64::from(MAX_AHEAD_PER_CPU);
+            if u64::from(n.used_cpus) > u64::from(n.ad.cpus) * most || n.used_memory_mb > n.ad.memory_mb * most {
                 return Err(format!(
-                    "node {name} runs {} cpus and {} MiB, more than its {} and {}",
+                    "node {name} holds {} cpus and {} MiB, more than {most} times its {} and {}",
                     n.used_cpus, n.used_memory_mb, n.ad.cpus, n.ad.memory_mb
                 ));
             }

@@ -22,6 +22,8 @@ mod schedule;
 pub use fair::{DEFAULT_HALF_LIFE_MS, USAGE_SAVE_MS};
 pub use schedule::Snapshot;
 #[cfg(test)]
+mod ahead_tests;
+#[cfg(test)]
 mod page_tests;
 #[cfg(test)]
 mod proptests;
@@ -207,6 +209,9 @@ struct Node {
     pending: VecDeque<u64>,
     used_cpus: u32,
     used_memory_mb: u64,
+    /// Lease-ahead: cpus' worth of jobs it may hold beyond its cpus, queued on the node until a
+    /// cpu frees up (as its last lease call asked, bounded; kept in memory, each call says it).
+    ahead: u32,
     /// Its blob cache, as its last heartbeat said.
     cache: Option<CacheStats>,
 }
@@ -223,8 +228,25 @@ impl Node {
             pending: VecDeque::new(),
             used_cpus: 0,
             used_memory_mb: 0,
+            ahead: 0,
             cache: None,
         }
+    }
+
+    /// Free cpus and memory now: what its cpus can run at once.
+    fn free(&self) -> (u32, u64) {
+        (self.ad.cpus.saturating_sub(self.used_cpus), self.ad.memory_mb.saturating_sub(self.used_memory_mb))
+    }
+
+    /// What its lease-ahead can still take beyond its cpus: `ahead` cpus, and memory in
+    /// proportion (a queued job holds none of the node's memory until it starts).
+    fn ahead_room(&self) -> (u32, u64) {
+        let cpus = self.ad.cpus.max(1);
+        let memory = self.ad.memory_mb + self.ad.memory_mb / u64::from(cpus) * u64::from(self.ahead);
+        (
+            (self.ad.cpus + self.ahead).saturating_sub(self.used_cpus.max(self.ad.cpus)),
+            memory.saturating_sub(self.used_memory_mb.max(self.ad.memory_mb)),
+        )
     }
 
     fn store_op(&self, name: &str) -> Op {
@@ -593,8 +615,8 @@ impl Engine {
                 ad: n.ad.ad().clone(),
                 state: n.state,
                 running_jobs: n.jobs.len() as u32,
-                free_cpus: n.ad.cpus.saturating_sub(n.used_cpus),
-                free_memory_mb: n.ad.memory_mb.saturating_sub(n.used_memory_mb),
+                free_cpus: n.free().0,
+                free_memory_mb: n.free().1,
                 last_seen_ms: n.last_seen_ms,
                 cache: n.cache,
             })

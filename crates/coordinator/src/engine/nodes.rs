@@ -113,6 +113,32 @@ impl Engine {
         }
     }
 
+    /// How far ahead node `name` will queue (its lease call says, each time), bounded by
+    /// [`MAX_AHEAD_PER_CPU`] per cpu. More room may allow placements: a pass runs.
+    pub fn set_ahead(&mut self, name: &str, ahead: u32) {
+        let Some(n) = self.nodes.get_mut(name) else { return };
+        let ahead = ahead.min(n.ad.cpus.saturating_mul(MAX_AHEAD_PER_CPU));
+        if ahead > n.ahead {
+            self.dirty = true;
+        }
+        n.ahead = ahead;
+    }
+
+    /// Jobs a node queued and hands back unstarted: each returns to the pool as a placement never
+    /// handed over would (no attempt counted, no loss). A lease that is no longer this node's is
+    /// ignored: the job moved on already.
+    pub fn hand_back(&mut self, name: &str, leases: &[LeaseId], now: u64) {
+        for l in leases {
+            if self.stale_lease(name, *l).is_some() {
+                continue;
+            }
+            if let Some(n) = self.nodes.get_mut(name) {
+                n.pending.push_back(l.job_id);
+            }
+            self.requeue(l.job_id, now, format!("node {name} handed it back unstarted"));
+        }
+    }
+
     /// Whether jobs are placed on `name` and waiting to be collected.
     pub fn has_pending(&self, name: &str) -> bool {
         self.nodes.get(name).is_some_and(|n| !n.pending.is_empty())

@@ -42,10 +42,16 @@ enum Step {
         retries: u32,
     },
     Schedule,
+    /// A lease call, asking for lease-ahead `ahead`.
     Take {
         node: usize,
         max: u32,
         max_cpus: u32,
+        ahead: u32,
+    },
+    /// A node hands back a lease it holds (or held: `pick` as for [`Step::Report`]) unstarted.
+    HandBack {
+        pick: usize,
     },
     /// A report under a lease granted (`pick` < 48: one of the last three; else any, current or
     /// long stale), from the node that holds it or from `from`.
@@ -107,8 +113,9 @@ fn step() -> impl Strategy<Value = Step> {
         3 => (0..2usize, 0..3u32, 1..4u64, 0..2u32)
             .prop_map(|(user, cpus, count, retries)| Step::Submit { user, cpus, count, retries }),
         3 => Just(Step::Schedule),
-        4 => (0..3usize, 1..4u32, prop_oneof![1 => Just(0u32), 4 => 1..4u32])
-            .prop_map(|(node, max, max_cpus)| Step::Take { node, max, max_cpus }),
+        4 => (0..3usize, 1..8u32, prop_oneof![1 => Just(0u32), 4 => 1..8u32], prop_oneof![2 => Just(0u32), 1 => 1..6u32])
+            .prop_map(|(node, max, max_cpus, ahead)| Step::Take { node, max, max_cpus, ahead }),
+        1 => (0..64usize).prop_map(|pick| Step::HandBack { pick }),
         5 => (0..64usize, outcome(), proptest::option::weighted(0.2, 0..3usize))
             .prop_map(|(pick, outcome, from)| Step::Report { pick, outcome, from }),
         2 => (0..3usize, proptest::bool::weighted(0.1)).prop_map(|(node, draining)| Step::Heartbeat { node, draining }),
@@ -228,9 +235,10 @@ impl Pool {
             Step::Schedule => {
                 e.schedule(now);
             }
-            Step::Take { node, max, max_cpus } => {
+            Step::Take { node, max, max_cpus, ahead } => {
                 // As the lease call does: a scheduling pass, then what is placed on the node.
                 let name = NODES[*node];
+                e.set_ahead(name, *ahead);
                 e.schedule(now);
                 if e.live_node(name, now).is_ok() {
                     for l in e.take_leases(name, *max, *max_cpus, now) {
@@ -239,6 +247,7 @@ impl Pool {
                 }
             }
             Step::Report { pick, outcome, from } => self.report(*pick, outcome, *from),
+            Step::HandBack { pick } => self.hand_back(*pick),
             Step::Heartbeat { node, draining } => {
                 let name = NODES[*node];
                 let held: Vec<LeaseId> = self.leases.iter().filter(|(n, _)| n == name).map(|(_, l)| *l).collect();
@@ -277,11 +286,25 @@ impl Pool {
         self.commit();
     }
 
-    fn report(&mut self, pick: usize, outcome: &Outcome, from: Option<usize>) {
-        // Mostly one of the last few leases granted (likely current); else any (likely stale).
+    /// Mostly one of the last few leases granted (likely current); else any (likely stale).
+    fn pick(&self, pick: usize) -> Option<(String, LeaseId)> {
         let n = self.leases.len();
         let at = if pick < 48 { n.saturating_sub(1 + pick % 3) } else { pick % n.max(1) };
-        let Some((holder, l)) = self.leases.get(at).cloned() else { return };
+        self.leases.get(at).cloned()
+    }
+
+    fn hand_back(&mut self, pick: usize) {
+        let Some((holder, l)) = self.pick(pick) else { return };
+        let current = self.engine.stale_lease(&holder, l).is_none();
+        self.engine.hand_back(&holder, &[l], self.now);
+        if current {
+            let j = self.engine.job_result(&Principal::Admin("root".into()), l.job_id).expect("a current lease's job");
+            assert_eq!(j.job.state, JobState::Idle, "a job handed back is idle again");
+        }
+    }
+
+    fn report(&mut self, pick: usize, outcome: &Outcome, from: Option<usize>) {
+        let Some((holder, l)) = self.pick(pick) else { return };
         let node = from.map_or(holder, |n| NODES[n].to_string());
         let current = self.engine.stale_lease(&node, l).is_none();
         let live = self.engine.nodes.get(&node).is_some_and(|n| n.state != NodeState::Lost);

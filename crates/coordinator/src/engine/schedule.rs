@@ -28,6 +28,8 @@ pub struct Snapshot {
     clusters: HashMap<u64, Arc<SpecEntry>>,
     /// The users of those jobs (`IdleJob::user` indexes this).
     users: Vec<UserShare>,
+    /// Per slot, the cpus and memory its lease-ahead can still take beyond its free cpus.
+    ahead: Vec<(u32, u64)>,
 }
 
 impl Snapshot {
@@ -42,6 +44,20 @@ impl Snapshot {
         let clusters = &self.clusters;
         let lookup = |c: u64| clusters.get(&c).map(|s| &s.cluster);
         let mut d = vmgrid_scheduler::place(&mut self.slots, lookup, &self.users, self.batch.iter());
+        // Lease-ahead, only for what no free cpu took: a job is queued behind a busy node's
+        // running jobs only when no node that matches it has a cpu free now.
+        if self.ahead.iter().any(|&(c, _)| c > 0) && d.placements.len() < self.batch.len() {
+            let placed: std::collections::HashSet<u64> = d.placements.iter().map(|p| p.job).collect();
+            for (slot, &(cpus, memory)) in self.slots.iter_mut().zip(&self.ahead) {
+                slot.free_cpus += cpus;
+                slot.free_memory_mb += memory;
+            }
+            let rest = self.batch.iter().filter(|j| !placed.contains(&j.id));
+            let more = vmgrid_scheduler::place(&mut self.slots, lookup, &self.users, rest);
+            d.placements.extend(more.placements);
+            d.evaluated.extend(more.evaluated);
+            d.waiting.extend(more.waiting);
+        }
         if !self.shared.is_empty() {
             let more = vmgrid_scheduler::place(&mut self.slots, lookup, &self.users, self.shared.iter());
             d.placements.extend(more.placements);
@@ -82,20 +98,19 @@ impl Engine {
             return Some(Snapshot::default());
         }
         // A node whose leases just expired is not given new work until it heartbeats again.
-        let slots: Vec<NodeSlot> = self
+        let (slots, ahead): (Vec<NodeSlot>, Vec<(u32, u64)>) = self
             .nodes
             .values()
             .filter(|n| n.state == NodeState::Ready && !n.silent)
-            .map(|n| NodeSlot {
-                ad: n.ad.clone(),
-                free_cpus: n.ad.cpus.saturating_sub(n.used_cpus),
-                free_memory_mb: n.ad.memory_mb.saturating_sub(n.used_memory_mb),
-                running_jobs: n.jobs.len() as u32,
+            .map(|n| {
+                let (free_cpus, free_memory_mb) = n.free();
+                let slot = NodeSlot { ad: n.ad.clone(), free_cpus, free_memory_mb, running_jobs: n.jobs.len() as u32 };
+                (slot, n.ahead_room())
             })
-            .collect();
-        let free_cpus: u64 = slots.iter().map(|s| s.free_cpus as u64).sum();
-        let mut snap =
-            Snapshot { slots, batch: Vec::new(), shared: Vec::new(), clusters: HashMap::new(), users: Vec::new() };
+            .unzip();
+        let free_cpus: u64 =
+            slots.iter().map(|s| s.free_cpus as u64).sum::<u64>() + ahead.iter().map(|a| a.0 as u64).sum::<u64>();
+        let mut snap = Snapshot { slots, ahead, ..Snapshot::default() };
         let mut owners: HashMap<Arc<str>, u32> = HashMap::new();
         for (&spec_id, ids) in &self.idle_by_spec {
             let Some(entry) = self.specs.get(&spec_id) else { continue };
@@ -157,15 +172,16 @@ impl Engine {
         placed
     }
 
-    /// Whether job `id` is still idle and node `name` still ready, heard from, and with room.
+    /// Whether job `id` is still idle and node `name` still ready, heard from, and with room (free
+    /// or lease-ahead).
     fn still_fits(&self, id: u64, name: &str) -> bool {
         let Some(j) = self.jobs.get(&id).filter(|j| j.state == JobState::Idle) else { return false };
         let Some(spec) = self.specs.get(&j.spec_id) else { return false };
         let Some(n) = self.nodes.get(name).filter(|n| n.state == NodeState::Ready && !n.silent) else { return false };
-        let cpus_ok = spec.spec.cpus == 0 || n.ad.cpus.saturating_sub(n.used_cpus) >= spec.spec.cpus;
-        cpus_ok
-            && n.ad.memory_mb.saturating_sub(n.used_memory_mb) >= spec.spec.memory_mb
-            && self.within_quota(&j.owner, spec.spec.cpus)
+        // Its free cpus, or its lease-ahead (the pass used that only for what no free cpu took).
+        let ((cpus, memory), (ahead_cpus, ahead_memory)) = (n.free(), n.ahead_room());
+        let cpus_ok = spec.spec.cpus == 0 || cpus + ahead_cpus >= spec.spec.cpus;
+        cpus_ok && memory + ahead_memory >= spec.spec.memory_mb && self.within_quota(&j.owner, spec.spec.cpus)
     }
 
     /// Job `id` runs on node `name` under a new epoch, queued there until the node collects it.

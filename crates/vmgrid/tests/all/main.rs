@@ -3,6 +3,7 @@
 
 mod util;
 
+mod ahead;
 mod appliance;
 mod dag;
 mod dashboard;

@@ -290,8 +290,11 @@ fn a_killed_coordinator_restarts_and_every_acknowledged_job_completes_once() {
     assert_eq!(ids.len(), 300);
     pool.start_node("n1", 2);
     pool.start_node("n2", 2);
-    pool.wait_for("some jobs to complete", |p| {
-        p.admin().jobs().unwrap().iter().filter(|j| j.state == JobState::Completed).count() >= 20
+    // Killed while the nodes hold jobs queued ahead of their cpus (their 10 ms jobs are short).
+    pool.wait_for("some jobs to complete, and a node to hold jobs ahead", |p| {
+        let admin = p.admin();
+        admin.jobs().unwrap().iter().filter(|j| j.state == JobState::Completed).count() >= 20
+            && admin.nodes().unwrap().iter().any(|n| n.running_jobs > n.ad.cpus)
     });
     pool.kill_coordinator();
     pool.start_coordinator();

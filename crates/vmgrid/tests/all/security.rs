@@ -414,7 +414,10 @@ fn a_nodes_inline_output_is_checked_against_its_hash_and_outputs_are_never_inlin
     };
     let cred = pool.client_with(pool_token.trim()).register(&ad, None).unwrap().credential;
     let node = pool.client_with(&cred);
-    let leases = node.lease(&LeaseRequest { max_jobs: 1, max_cpus: 1, wait_ms: 5000 }).unwrap().leases;
+    let leases = node
+        .lease(&LeaseRequest { max_jobs: 1, max_cpus: 1, wait_ms: 5000, ahead: 0, reports: vec![] })
+        .unwrap()
+        .leases;
     assert_eq!(leases[0].job_id, id);
     let lease = LeaseId { job_id: id, epoch: leases[0].epoch };
     let report = |stdout: FileRef, outputs: Vec<FileRef>| {

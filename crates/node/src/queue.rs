@@ -1,0 +1,178 @@
+//! Lease-ahead on the node: jobs it leased beyond its free cpus wait here, in order, and start as
+//! cpus free up, without a call to the pool per job. How far ahead the node asks is sized by how
+//! short its recent jobs were: about [`BUDGET`] of work queued per cpu, at most
+//! [`MAX_AHEAD_PER_CPU`] cpus' worth per cpu, and none until it has seen a few jobs or while one
+//! of its jobs runs longer than the budget. A queued job that waited longer than [`STALE`] (a
+//! longer job got ahead of it) is handed back to the pool with the next heartbeat, to be placed
+//! again where a cpu is free.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use vmgrid_proto::{Lease, LeaseId, MAX_AHEAD_PER_CPU};
+
+use super::{Agent, lock};
+
+/// How much work, by its recent jobs' mean duration, a node queues per cpu.
+pub const BUDGET: Duration = Duration::from_millis(100);
+/// How long a queued job may wait before the node hands it back.
+pub const STALE: Duration = Duration::from_secs(1);
+/// How many recent durations the mean is taken over, and how many it needs first.
+const SAMPLES: usize = 32;
+const MIN_SAMPLES: usize = 4;
+
+pub struct Queued {
+    pub lease: Lease,
+    pub since: Instant,
+}
+
+impl Queued {
+    pub fn id(&self) -> LeaseId {
+        LeaseId { job_id: self.lease.job_id, epoch: self.lease.epoch }
+    }
+}
+
+/// The node's recent job durations.
+#[derive(Default)]
+pub struct Recent {
+    durations: VecDeque<Duration>,
+}
+
+impl Recent {
+    pub fn add(&mut self, d: Duration) {
+        if self.durations.len() == SAMPLES {
+            self.durations.pop_front();
+        }
+        self.durations.push_back(d);
+    }
+
+    /// Cpus' worth of jobs to queue beyond `cpus`, while its longest running job has run
+    /// `longest` so far.
+    pub fn ahead(&self, cpus: u32, longest: Duration) -> u32 {
+        if self.durations.len() < MIN_SAMPLES || longest > BUDGET {
+            return 0;
+        }
+        let mean = self.durations.iter().sum::<Duration>() / self.durations.len() as u32;
+        let per_cpu = BUDGET.as_micros() / mean.as_micros().max(100);
+        (per_cpu.min(u128::from(MAX_AHEAD_PER_CPU)) as u32).saturating_mul(cpus)
+    }
+}
+
+impl Agent {
+    /// How far ahead to lease now.
+    pub(crate) fn ahead(&self) -> u32 {
+        let longest = lock(&self.running).values().map(|r| r.started.elapsed()).max().unwrap_or_default();
+        lock(&self.recent).ahead(self.ad.cpus, longest)
+    }
+
+    /// The cpus a lease call may ask for: the node's cpus and lease-ahead, less what its running
+    /// and queued jobs hold.
+    fn room(&self, ahead: u32) -> u32 {
+        let running: u32 = lock(&self.running).values().map(|r| r.cpus).sum();
+        let queued: u32 = lock(&self.queue).iter().map(|q| q.lease.spec.cpus).sum();
+        (self.ad.cpus + ahead).saturating_sub(running + queued)
+    }
+
+    /// Waits (at most 100 ms) until there is room for a lease call worth making: any cpu without
+    /// lease-ahead, half the queue with it (so that a node asks for its jobs in batches). Returns
+    /// the room and the lease-ahead it was counted with.
+    pub(crate) fn wait_for_room(&self) -> (u32, u32) {
+        self.lease_idle.store(true, Ordering::Relaxed);
+        let mut seen = (0, 0);
+        for _ in 0..10 {
+            let ahead = self.ahead();
+            let room = self.room(ahead);
+            seen = (room, ahead);
+            let worth = if ahead == 0 { 1 } else { ((self.ad.cpus + ahead) / 2).max(1) };
+            if room >= worth {
+                break;
+            }
+            let running = lock(&self.running);
+            drop(self.slot_freed.wait_timeout(running, Duration::from_millis(10)).unwrap_or_else(|p| p.into_inner()));
+        }
+        self.lease_idle.store(false, Ordering::Relaxed);
+        seen
+    }
+
+    /// Queues leases the pool handed over and starts what the free cpus can run.
+    pub(crate) fn enqueue(self: &Arc<Self>, leases: Vec<Lease>) {
+        let now = Instant::now();
+        lock(&self.queue).extend(leases.into_iter().map(|lease| Queued { lease, since: now }));
+        self.start_queued();
+    }
+
+    /// Starts queued jobs, in order, while the head fits in the free cpus (a time-shared job,
+    /// cpus = 0, always does).
+    pub(crate) fn start_queued(self: &Arc<Self>) {
+        loop {
+            let next = {
+                let running = lock(&self.running);
+                let mut queue = lock(&self.queue);
+                let used: u32 = running.values().map(|r| r.cpus).sum();
+                match queue.front() {
+                    Some(q) if q.lease.spec.cpus == 0 || used + q.lease.spec.cpus <= self.ad.cpus => queue.pop_front(),
+                    _ => None,
+                }
+            };
+            match next {
+                Some(q) => self.start_job(q.lease),
+                None => return,
+            }
+        }
+    }
+
+    /// The leases of queued jobs, to renew with the running ones.
+    pub(crate) fn queued_ids(&self) -> Vec<LeaseId> {
+        lock(&self.queue).iter().map(Queued::id).collect()
+    }
+
+    /// Takes out of the queue the jobs that waited longer than [`STALE`] (all of them with
+    /// `all`), to hand back.
+    pub(crate) fn take_queued(&self, all: bool) -> Vec<LeaseId> {
+        let mut queue = lock(&self.queue);
+        let mut out = Vec::new();
+        queue.retain(|q| {
+            let stale = all || q.since.elapsed() > STALE;
+            if stale {
+                out.push(q.id());
+            }
+            !stale
+        });
+        out
+    }
+
+    /// Drops queued jobs whose lease the pool revoked.
+    pub(crate) fn drop_queued(&self, revoked: &[LeaseId]) {
+        lock(&self.queue).retain(|q| !revoked.contains(&q.id()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recent(ms: &[u64]) -> Recent {
+        let mut r = Recent::default();
+        for &m in ms {
+            r.add(Duration::from_millis(m));
+        }
+        r
+    }
+
+    #[test]
+    fn lease_ahead_is_sized_by_how_short_recent_jobs_were() {
+        assert_eq!(recent(&[1, 1, 1]).ahead(2, Duration::ZERO), 0, "too few jobs seen");
+        assert_eq!(recent(&[10; 4]).ahead(2, Duration::ZERO), 20, "100 ms of 10 ms jobs per cpu");
+        assert_eq!(recent(&[1; 8]).ahead(2, Duration::ZERO), 2 * MAX_AHEAD_PER_CPU, "bounded per cpu");
+        assert_eq!(recent(&[200; 8]).ahead(2, Duration::ZERO), 0, "jobs longer than the budget: none");
+        assert_eq!(recent(&[1; 8]).ahead(2, Duration::from_millis(150)), 0, "a long job is running: none");
+        // Only the last 32 count: long jobs long ago do not keep the queue from filling.
+        let mut r = recent(&[500; 32]);
+        for _ in 0..32 {
+            r.add(Duration::from_millis(5));
+        }
+        assert_eq!(r.ahead(1, Duration::ZERO), 20);
+    }
+}

@@ -1,0 +1,131 @@
+//! What node agents and the pool say to each other: leases (with lease-ahead), heartbeats,
+//! hand-backs, and reports of how runs ended.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{FailureKind, FileRef, JobSpec, unbounded};
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    /// At most this many jobs in the reply.
+    pub max_jobs: u32,
+    /// And at most this many cpus among them (the node's free cpus).
+    #[serde(default = "unbounded")]
+    pub max_cpus: u32,
+    /// Wait up to this long for work before replying with none.
+    pub wait_ms: u64,
+    /// Lease-ahead: how many cpus' worth of jobs beyond its free cpus the node will queue and
+    /// start as its cpus free up, without a call per job. The pool bounds it
+    /// ([`MAX_AHEAD_PER_CPU`] per cpu) and places jobs there only when no node has a free cpu for
+    /// them. 0 (the default): only what the node's free cpus can run now.
+    #[serde(default)]
+    pub ahead: u32,
+    /// Results to apply before leasing: a node reports and asks for more in one call, and the
+    /// pool commits both together. Judged as `POST /v1/nodes/report` judges them; the verdicts
+    /// come back in the reply's `report`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reports: Vec<Report>,
+}
+
+/// The most lease-ahead a node may hold, in cpus per cpu it has.
+pub const MAX_AHEAD_PER_CPU: u32 = 32;
+
+/// A job handed to a node under a lease. The epoch fences results: only a report carrying the
+/// current epoch of a running job is accepted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Lease {
+    pub job_id: u64,
+    pub epoch: u64,
+    pub index: u64,
+    /// The spec with `{index}` already substituted.
+    pub spec: JobSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LeaseResponse {
+    pub leases: Vec<Lease>,
+    /// The verdicts on the request's `reports`, when it carried some.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<ReportResponse>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LeaseId {
+    pub job_id: u64,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    pub leases: Vec<LeaseId>,
+    #[serde(default)]
+    pub draining: bool,
+    /// The node's blob cache, as it says (shown on the dashboard's nodes table).
+    #[serde(default)]
+    pub cache: Option<CacheStats>,
+    /// Leases the node hands back without having started them (jobs it queued ahead, when it
+    /// drains or when they waited too long behind longer jobs): they return to the pool at once,
+    /// as if never handed over (not counted as an attempt).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub returned: Vec<LeaseId>,
+}
+
+/// A node's blob cache: images and inputs kept by hash. Fields it does not know are ignored, so
+/// later versions may add some (it only informs the dashboard).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CacheStats {
+    pub blobs: u64,
+    pub bytes: u64,
+    /// The bound it is kept under (least recently used blobs are evicted past it).
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HeartbeatResponse {
+    /// Leases the node must stop: the job was removed, held or given to another node.
+    pub revoked: Vec<LeaseId>,
+}
+
+/// How a run ended, as a node reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RunReport {
+    /// The guest exited with this code.
+    Exited { code: i32 },
+    /// The guest ran and did not finish (time or memory limit, trap, panic, no exit status).
+    GuestFailed { failure: FailureKind, reason: String },
+    /// The job cannot run anywhere: a bad image or input.
+    BadJob { reason: String },
+    /// This node could not run it; another may.
+    HostFailed { reason: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    pub lease: LeaseId,
+    pub run: RunReport,
+    pub stdout: Option<FileRef>,
+    pub stderr: Option<FileRef>,
+    #[serde(default)]
+    pub stdout_dropped: u64,
+    #[serde(default)]
+    pub stderr_dropped: u64,
+    #[serde(default)]
+    pub outputs: Vec<FileRef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportRequest {
+    pub reports: Vec<Report>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReportResponse {
+    pub accepted: Vec<LeaseId>,
+    /// Reports refused because their lease expired or was given to another node.
+    pub refused: Vec<(LeaseId, String)>,
+}
