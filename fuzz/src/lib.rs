@@ -120,7 +120,7 @@ pub fn api_bodies(data: &[u8]) {
             "register"
         }),
         2 => serde_json::from_slice::<LeaseRequest>(body).ok().map(|r| {
-            e.set_ahead("n1", r.ahead);
+            e.set_ahead("n1", r.ahead, NOW);
             let _ = e.report("n1", confined(r.reports), NOW).expect("n1 is live");
             e.schedule(NOW);
             e.take_leases("n1", r.max_jobs.max(1), r.max_cpus, NOW);

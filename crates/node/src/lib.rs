@@ -73,7 +73,14 @@ pub enum NodeError {
 struct Running {
     cancel: Arc<AtomicBool>,
     cpus: u32,
+    memory_mb: u64,
     started: Instant,
+}
+
+impl Running {
+    fn new(spec: &JobSpec) -> Running {
+        Running { cancel: Arc::default(), cpus: spec.cpus, memory_mb: spec.memory_mb, started: Instant::now() }
+    }
 }
 
 struct Agent {
@@ -98,8 +105,6 @@ struct Agent {
     /// sends them.
     outbox: Mutex<Vec<Report>>,
     outbox_ready: Condvar,
-    /// The lease loop is waiting for cpus to free up (and will carry the results).
-    lease_idle: AtomicBool,
     work_dir: PathBuf,
     heartbeat: Duration,
     /// Set when leaving: the reporter sends what is queued and ends.
@@ -137,7 +142,6 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
         workers: Arc::default(),
         outbox: Mutex::default(),
         outbox_ready: Condvar::new(),
-        lease_idle: AtomicBool::new(false),
         work_dir,
         heartbeat: Duration::from_millis(reg.heartbeat_ms.max(100)),
         closing: AtomicBool::new(false),
@@ -284,29 +288,29 @@ impl Agent {
         }
     }
 
-    fn start_job(self: &Arc<Self>, lease: Lease) {
+    /// Runs a job already counted among the running ones (`start_queued`) on a worker thread.
+    fn spawn_job(self: &Arc<Self>, lease: Lease, cancel: Arc<AtomicBool>) {
         let id = LeaseId { job_id: lease.job_id, epoch: lease.epoch };
-        let cancel = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
-        lock(&self.running).insert(id, Running { cancel: cancel.clone(), cpus: lease.spec.cpus, started });
         let agent = self.clone();
         let spawned = self.workers.run(move || {
             let report = agent.run_job(&lease, cancel);
-            lock(&agent.recent).add(started.elapsed());
-            agent.post(report);
+            // What lease-ahead is sized by: runs of jobs that take cpus, not a failure to start.
+            if lease.spec.cpus > 0 && !matches!(report.run, RunReport::HostFailed { .. }) {
+                lock(&agent.recent).add(started.elapsed());
+            }
+            // The result is ready before the cpu is free: a lease loop woken by the freed cpu
+            // carries it when it asks for more; the reporter, woken last, sends it otherwise.
+            lock(&agent.outbox).push(report);
             lock(&agent.running).remove(&id);
             agent.slot_freed.notify_all();
             agent.start_queued();
+            agent.outbox_ready.notify_one();
         });
         if let Err(e) = spawned {
             tracing::error!("cannot start a job thread: {e}");
             lock(&self.running).remove(&id);
         }
-    }
-
-    fn post(&self, report: Report) {
-        lock(&self.outbox).push(report);
-        self.outbox_ready.notify_one();
     }
 
     /// The results ready to send (at most 1000).
@@ -324,29 +328,18 @@ impl Agent {
         }
     }
 
-    /// The next batch of results for the reporter: left a moment to the lease loop when it is
-    /// about to call anyway; `None` once the node is closing and all are sent.
+    /// The next batch of results for the reporter (those no lease call carried); `None` once the
+    /// node is closing and all are sent.
     fn next_batch(&self) -> Option<Vec<Report>> {
         let mut out = lock(&self.outbox);
-        let mut deferred = false;
         loop {
             if !out.is_empty() {
-                if !deferred && self.lease_idle.load(Ordering::Relaxed) {
-                    deferred = true;
-                    out = self
-                        .outbox_ready
-                        .wait_timeout(out, Duration::from_millis(5))
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                    continue;
-                }
                 let n = out.len().min(1000);
                 return Some(out.drain(..n).collect());
             }
             if self.closing.load(Ordering::Relaxed) {
                 return None;
             }
-            deferred = false;
             out = self.outbox_ready.wait_timeout(out, Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
@@ -406,8 +399,7 @@ impl Agent {
 
     /// Renews the leases of the running and queued jobs, and hands back those queued too long.
     fn send_heartbeat(&self, draining: bool) {
-        let mut leases: Vec<LeaseId> = lock(&self.running).keys().copied().collect();
-        leases.extend(self.queued_ids());
+        let leases = self.held_leases();
         let mut returned = std::mem::take(&mut *lock(&self.returning));
         returned.extend(self.take_queued(false));
         let req = HeartbeatRequest { leases, draining, cache: Some(self.cache.stats()), returned };

@@ -8,7 +8,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use vmgrid_proto::{Lease, LeaseId, MAX_AHEAD_PER_CPU};
@@ -61,9 +60,12 @@ impl Recent {
 }
 
 impl Agent {
-    /// How far ahead to lease now.
+    /// How far ahead to lease now (time-shared jobs, SSI processes that may live for hours, do
+    /// not count).
     pub(crate) fn ahead(&self) -> u32 {
-        let longest = lock(&self.running).values().map(|r| r.started.elapsed()).max().unwrap_or_default();
+        let running = lock(&self.running);
+        let longest = running.values().filter(|r| r.cpus > 0).map(|r| r.started.elapsed()).max().unwrap_or_default();
+        drop(running);
         lock(&self.recent).ahead(self.ad.cpus, longest)
     }
 
@@ -79,7 +81,6 @@ impl Agent {
     /// lease-ahead, half the queue with it (so that a node asks for its jobs in batches). Returns
     /// the room and the lease-ahead it was counted with.
     pub(crate) fn wait_for_room(&self) -> (u32, u32) {
-        self.lease_idle.store(true, Ordering::Relaxed);
         let mut seen = (0, 0);
         for _ in 0..10 {
             let ahead = self.ahead();
@@ -92,7 +93,6 @@ impl Agent {
             let running = lock(&self.running);
             drop(self.slot_freed.wait_timeout(running, Duration::from_millis(10)).unwrap_or_else(|p| p.into_inner()));
         }
-        self.lease_idle.store(false, Ordering::Relaxed);
         seen
     }
 
@@ -103,29 +103,42 @@ impl Agent {
         self.start_queued();
     }
 
-    /// Starts queued jobs, in order, while the head fits in the free cpus (a time-shared job,
-    /// cpus = 0, always does).
+    /// Starts queued jobs that fit in the free cpus and memory: time-shared ones (cpus = 0, SSI
+    /// processes) first, then the others in order, each the first that fits (a job too big for
+    /// what is free now waits, and is handed back if it waits too long). A job moves from the
+    /// queue to the running ones under both locks, so no two callers give one cpu twice and a
+    /// heartbeat sees every job in one or the other.
     pub(crate) fn start_queued(self: &Arc<Self>) {
         loop {
             let next = {
-                let running = lock(&self.running);
+                let mut running = lock(&self.running);
                 let mut queue = lock(&self.queue);
-                let used: u32 = running.values().map(|r| r.cpus).sum();
-                match queue.front() {
-                    Some(q) if q.lease.spec.cpus == 0 || used + q.lease.spec.cpus <= self.ad.cpus => queue.pop_front(),
-                    _ => None,
-                }
+                let (cpus, memory) = running.values().fold((0, 0), |(c, m), r| (c + r.cpus, m + r.memory_mb));
+                let fits = |q: &Queued| {
+                    let s = &q.lease.spec;
+                    (s.cpus == 0 || cpus + s.cpus <= self.ad.cpus) && memory + s.memory_mb <= self.ad.memory_mb
+                };
+                let at = (queue.iter().position(|q| q.lease.spec.cpus == 0 && fits(q)))
+                    .or_else(|| queue.iter().position(|q| q.lease.spec.cpus > 0 && fits(q)));
+                at.and_then(|i| queue.remove(i)).map(|q| {
+                    let started = super::Running::new(&q.lease.spec);
+                    let cancel = started.cancel.clone();
+                    running.insert(q.id(), started);
+                    (q.lease, cancel)
+                })
             };
             match next {
-                Some(q) => self.start_job(q.lease),
+                Some((lease, cancel)) => self.spawn_job(lease, cancel),
                 None => return,
             }
         }
     }
 
-    /// The leases of queued jobs, to renew with the running ones.
-    pub(crate) fn queued_ids(&self) -> Vec<LeaseId> {
-        lock(&self.queue).iter().map(Queued::id).collect()
+    /// The leases of the running and queued jobs, read together.
+    pub(crate) fn held_leases(&self) -> Vec<LeaseId> {
+        let running = lock(&self.running);
+        let queue = lock(&self.queue);
+        running.keys().copied().chain(queue.iter().map(Queued::id)).collect()
     }
 
     /// Takes out of the queue the jobs that waited longer than [`STALE`] (all of them with

@@ -10,7 +10,8 @@ use crate::{FailureKind, FileRef, JobSpec, unbounded};
 pub struct LeaseRequest {
     /// At most this many jobs in the reply.
     pub max_jobs: u32,
-    /// And at most this many cpus among them (the node's free cpus).
+    /// And at most this many cpus among them (the node's free cpus, and what its lease-ahead has
+    /// room for).
     #[serde(default = "unbounded")]
     pub max_cpus: u32,
     /// Wait up to this long for work before replying with none.
@@ -19,7 +20,7 @@ pub struct LeaseRequest {
     /// start as its cpus free up, without a call per job. The pool bounds it
     /// ([`MAX_AHEAD_PER_CPU`] per cpu) and places jobs there only when no node has a free cpu for
     /// them. 0 (the default): only what the node's free cpus can run now.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub ahead: u32,
     /// Results to apply before leasing: a node reports and asks for more in one call, and the
     /// pool commits both together. Judged as `POST /v1/nodes/report` judges them; the verdicts
@@ -128,4 +129,9 @@ pub struct ReportResponse {
     pub accepted: Vec<LeaseId>,
     /// Reports refused because their lease expired or was given to another node.
     pub refused: Vec<(LeaseId, String)>,
+}
+
+/// (Left out when 0, so that a node asking for no lease-ahead speaks to a coordinator of before.)
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

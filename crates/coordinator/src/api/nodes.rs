@@ -49,7 +49,7 @@ pub async fn lease(
     let (bad, good) = split_reports(&shared, std::mem::take(&mut req.reports));
     let carried = !bad.is_empty() || !good.is_empty();
     let (judged, first) = shared.call(|e| {
-        e.set_ahead(&name, req.ahead);
+        e.set_ahead(&name, req.ahead, now_ms());
         if !carried {
             return Ok(None);
         }

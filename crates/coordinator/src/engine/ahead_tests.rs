@@ -29,7 +29,7 @@ fn placement(e: &Engine) -> Vec<String> {
 #[test]
 fn a_job_is_queued_ahead_only_when_no_node_has_a_free_cpu_for_it() {
     let mut e = engine_with(&[("a", 1), ("b", 1)]);
-    e.set_ahead("a", 3);
+    e.set_ahead("a", 3, 0);
     e.submit(&alice(), spec(0), 2, 0).unwrap();
     e.schedule(1);
     let mut nodes = placement(&e);
@@ -50,7 +50,7 @@ fn a_job_is_queued_ahead_only_when_no_node_has_a_free_cpu_for_it() {
 #[test]
 fn lease_ahead_is_bounded_per_cpu() {
     let mut e = engine_with(&[("a", 2)]);
-    e.set_ahead("a", 10_000);
+    e.set_ahead("a", 10_000, 0);
     e.submit(&alice(), spec(0), 200, 0).unwrap();
     e.schedule(1);
     let placed = placement(&e).iter().filter(|p| *p == "a").count() as u32;
@@ -61,7 +61,7 @@ fn lease_ahead_is_bounded_per_cpu() {
 #[test]
 fn a_job_handed_back_unstarted_returns_to_the_pool_as_never_handed_over() {
     let mut e = engine_with(&[("a", 1)]);
-    e.set_ahead("a", 2);
+    e.set_ahead("a", 2, 0);
     e.submit(&alice(), spec(0), 3, 0).unwrap();
     e.schedule(1);
     let leases = e.take_leases("a", 100, 100, 1);
@@ -89,7 +89,7 @@ fn a_job_handed_back_unstarted_returns_to_the_pool_as_never_handed_over() {
 #[test]
 fn a_lost_nodes_queued_jobs_go_back_to_the_pool_and_its_late_results_are_refused() {
     let mut e = engine_with(&[("a", 1), ("b", 1)]);
-    e.set_ahead("a", 3);
+    e.set_ahead("a", 3, 0);
     e.submit(&alice(), spec(0), 5, 0).unwrap();
     e.schedule(1);
     let on_a = e.take_leases("a", 100, 100, 1);
@@ -115,5 +115,45 @@ fn a_lost_nodes_queued_jobs_go_back_to_the_pool_and_its_late_results_are_refused
     assert_eq!(done, 5);
     assert!(e.report("a", on_a.iter().map(|l| exited(l, 1)).collect(), 1700).is_err());
     assert!(e.job_views(&admin()).iter().all(|j| j.state == JobState::Completed && j.exit_code == Some(0)));
+    e.check_invariants().unwrap();
+}
+
+#[test]
+fn jobs_placed_ahead_and_not_collected_go_back_when_the_node_asks_for_less() {
+    let mut e = engine_with(&[("a", 1)]);
+    e.set_ahead("a", 4, 0);
+    e.submit(&alice(), spec(0), 5, 0).unwrap();
+    e.schedule(1);
+    assert_eq!(placement(&e).iter().filter(|p| *p == "a").count(), 5);
+    // Its next call asks for 1 ahead (its jobs got longer): of the 5 placed, 3 go back.
+    e.set_ahead("a", 1, 2);
+    let views = e.job_views(&admin());
+    assert_eq!(views.iter().filter(|j| j.state == JobState::Running).count(), 2);
+    for j in views.iter().filter(|j| j.state == JobState::Idle) {
+        assert_eq!(j.attempts, 0, "never handed over: not an attempt");
+    }
+    assert_eq!(e.take_leases("a", 100, 100, 3).len(), 2);
+    e.check_invariants().unwrap();
+}
+
+#[test]
+fn only_jobs_that_can_be_running_accrue_usage() {
+    let mut e = engine_with(&[("a", 1)]);
+    e.set_ahead("a", 3, 0);
+    e.submit(&alice(), spec(0), 4, 0).unwrap();
+    e.schedule(0);
+    let leases = e.take_leases("a", 100, 100, 0);
+    assert_eq!(leases.len(), 4);
+    let alice_of = |e: &Engine| e.users.get("alice").map(|u| (u.running_cpus, u.charged_cpus)).unwrap();
+    // Four held, one charged: the node runs one at a time.
+    assert_eq!(alice_of(&e), (4, 1));
+    e.check_invariants().unwrap();
+    // The first ends: the next is charged in its place.
+    e.report("a", vec![exited(&leases[0], 0)], 100).unwrap();
+    assert_eq!(alice_of(&e), (3, 1));
+    e.check_invariants().unwrap();
+    // A queued one handed back is not charged, and charges nothing when it goes.
+    e.hand_back("a", &[LeaseId { job_id: leases[3].job_id, epoch: leases[3].epoch }], 150);
+    assert_eq!(alice_of(&e), (2, 1));
     e.check_invariants().unwrap();
 }

@@ -33,6 +33,9 @@ pub(super) struct UserEntry {
     usage_at_ms: u64,
     pub running_cpus: u64,
     pub running_jobs: u64,
+    /// The cpus that accrue usage: those of its running jobs less those queued ahead on a node
+    /// behind other jobs (`Node::uncharged`), which are charged once they can be running.
+    pub charged_cpus: u64,
     factor: f64,
     pub max_cpus: Option<u64>,
     /// The usage grew since it was last saved.
@@ -46,6 +49,7 @@ impl Default for UserEntry {
             usage_at_ms: 0,
             running_cpus: 0,
             running_jobs: 0,
+            charged_cpus: 0,
             factor: 1.0,
             max_cpus: None,
             unsaved: false,
@@ -63,7 +67,7 @@ impl UserEntry {
         let tau = tau_s(half_life_ms);
         let x = dt_s / tau;
         // d = e^(−Δ/τ) = 2^(−Δ/half-life); 1 − d without cancellation for a small Δ.
-        self.usage_cpu_s * (-x).exp() + self.running_cpus as f64 * tau * -(-x).exp_m1()
+        self.usage_cpu_s * (-x).exp() + self.charged_cpus as f64 * tau * -(-x).exp_m1()
     }
 
     /// Brings the usage up to `now`, before the running cpus change.
@@ -78,7 +82,7 @@ impl UserEntry {
             return;
         }
         self.usage_cpu_s = self.usage_at(now, half_life_ms);
-        self.unsaved |= self.running_cpus > 0;
+        self.unsaved |= self.charged_cpus > 0;
         self.usage_at_ms = now;
     }
 
@@ -109,13 +113,17 @@ impl Engine {
     }
 
     /// A job of `owner` taking `cpus` started to run at `now`.
-    pub(super) fn user_started(&mut self, owner: &Arc<str>, cpus: u32, now: u64) {
+    /// (`charged`: it accrues usage from now; else once [`Engine::user_charged`] says so.)
+    pub(super) fn user_started(&mut self, owner: &Arc<str>, cpus: u32, charged: bool, now: u64) {
         let h = self.half_life_ms;
         let u = self.user_mut(owner);
         u.accrue(now, h);
         let was_idle = u.running_cpus == 0;
         u.running_cpus += cpus as u64;
         u.running_jobs += 1;
+        if charged {
+            u.charged_cpus += cpus as u64;
+        }
         // From idle to running, the stored time the usage was brought up to may be old: it is
         // saved with the placement, so a restart does not charge the running cpus for the whole
         // idle gap (found in review).
@@ -126,19 +134,34 @@ impl Engine {
     }
 
     /// A job of `owner` holding `cpus` stopped running at `now`.
-    pub(super) fn user_stopped(&mut self, owner: &Arc<str>, cpus: u32, now: u64) {
+    pub(super) fn user_stopped(&mut self, owner: &Arc<str>, cpus: u32, charged: bool, now: u64) {
         let h = self.half_life_ms;
         let u = self.user_mut(owner);
         u.accrue(now, h);
         u.running_cpus = u.running_cpus.saturating_sub(cpus as u64);
         u.running_jobs = u.running_jobs.saturating_sub(1);
+        if charged {
+            u.charged_cpus = u.charged_cpus.saturating_sub(cpus as u64);
+        }
+    }
+
+    /// A job of `owner` queued ahead on its node can be running from `now` (a job before it
+    /// ended): its cpus accrue usage from now.
+    pub(super) fn user_charged(&mut self, owner: &Arc<str>, cpus: u32, now: u64) {
+        let h = self.half_life_ms;
+        let u = self.user_mut(owner);
+        u.accrue(now, h);
+        u.charged_cpus += cpus as u64;
     }
 
     /// A running job given back at load: it counts as running since the usage was saved.
-    pub(super) fn user_runs_at_load(&mut self, owner: &Arc<str>, cpus: u32) {
+    pub(super) fn user_runs_at_load(&mut self, owner: &Arc<str>, cpus: u32, charged: bool) {
         let u = self.user_mut(owner);
         u.running_cpus += cpus as u64;
         u.running_jobs += 1;
+        if charged {
+            u.charged_cpus += cpus as u64;
+        }
     }
 
     pub(super) fn load_user(&mut self, s: StoredUser) {

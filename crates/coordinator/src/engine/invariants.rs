@@ -153,21 +153,36 @@ impl Engine {
     /// Each user's running jobs and cpus, which fair share orders users by, are those of the
     /// jobs that nodes hold for them.
     fn check_users(&self) -> Result<(), String> {
-        let mut held: HashMap<&str, (u64, u64)> = HashMap::new();
-        for n in self.nodes.values() {
+        let mut held: HashMap<&str, (u64, u64, u64)> = HashMap::new();
+        for (name, n) in &self.nodes {
+            let mut node_charged = 0;
             for id in &n.jobs {
                 let j = &self.jobs[id];
+                let cpus = u64::from(self.specs[&j.spec_id].spec.cpus);
                 let e = held.entry(&j.owner).or_default();
                 e.0 += 1;
-                e.1 += u64::from(self.specs[&j.spec_id].spec.cpus);
+                e.1 += cpus;
+                if !n.uncharged.contains(id) {
+                    e.2 += cpus;
+                    node_charged += cpus;
+                }
+            }
+            if node_charged != u64::from(n.charged_cpus) || n.charged_cpus > n.ad.cpus {
+                return Err(format!(
+                    "node {name} charges {} cpus; its jobs not queued ahead hold {node_charged}",
+                    n.charged_cpus
+                ));
+            }
+            if n.uncharged.iter().any(|id| !n.jobs.contains(id)) {
+                return Err(format!("node {name}: jobs queued ahead {:?} are not all its jobs", n.uncharged));
             }
         }
         for (user, u) in &self.users {
-            let (jobs, cpus) = held.remove(&**user).unwrap_or_default();
-            if (u.running_jobs, u.running_cpus) != (jobs, cpus) {
+            let (jobs, cpus, charged) = held.remove(&**user).unwrap_or_default();
+            if (u.running_jobs, u.running_cpus, u.charged_cpus) != (jobs, cpus, charged) {
                 return Err(format!(
-                    "{user} is counted running {} jobs on {} cpus; nodes hold {jobs} on {cpus}",
-                    u.running_jobs, u.running_cpus
+                    "{user} is counted running {} jobs on {} cpus, {} charged; nodes hold {jobs} on {cpus}, {charged} charged",
+                    u.running_jobs, u.running_cpus, u.charged_cpus
                 ));
             }
         }

@@ -239,17 +239,44 @@ impl Engine {
         let (cpus, mem, owner) = (spec.spec.cpus, spec.spec.memory_mb, j.owner.clone());
         if let Some(n) = self.nodes.get_mut(&*node) {
             let held = n.jobs.remove(&id);
+            let mut charged = false;
             if held {
                 n.used_cpus = n.used_cpus.saturating_sub(cpus);
                 n.used_memory_mb = n.used_memory_mb.saturating_sub(mem);
+                let queued = n.uncharged.iter().position(|u| *u == id).and_then(|i| n.uncharged.remove(i));
+                charged = queued.is_none();
+                if charged {
+                    n.charged_cpus = n.charged_cpus.saturating_sub(cpus);
+                }
             }
             n.pending.retain(|p| *p != id);
             if held {
-                self.user_stopped(&owner, cpus, now);
+                self.user_stopped(&owner, cpus, charged, now);
+                self.charge_queued(&node, now);
             }
         }
         self.dirty = true;
         self.wake_nodes();
+    }
+
+    /// Charges the jobs queued ahead on node `name` that its freed cpus can now run, in order.
+    fn charge_queued(&mut self, name: &str, now: u64) {
+        loop {
+            let Some(n) = self.nodes.get(name) else { return };
+            let Some(&id) = n.uncharged.front() else { return };
+            let Some((cpus, owner)) =
+                self.jobs.get(&id).and_then(|j| Some((self.specs.get(&j.spec_id)?.spec.cpus, j.owner.clone())))
+            else {
+                return;
+            };
+            if n.charged_cpus + cpus > n.ad.cpus {
+                return;
+            }
+            let n = self.nodes.get_mut(name).expect("looked up above");
+            n.uncharged.pop_front();
+            n.charged_cpus += cpus;
+            self.user_charged(&owner, cpus, now);
+        }
     }
 
     /// Applies a node's reports; each is accepted only under the job's current lease.

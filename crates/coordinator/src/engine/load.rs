@@ -144,7 +144,14 @@ impl Engine {
                     n.jobs.insert(id);
                     n.used_cpus += cpus;
                     n.used_memory_mb += mem;
-                    self.user_runs_at_load(&owner, cpus);
+                    // Jobs beyond its cpus were queued ahead: charged as the ones before end.
+                    let charged = cpus == 0 || n.charged_cpus + cpus <= n.ad.cpus;
+                    if charged {
+                        n.charged_cpus += cpus;
+                    } else {
+                        n.uncharged.push_back(id);
+                    }
+                    self.user_runs_at_load(&owner, cpus, charged);
                 }
                 None => {
                     let j = self.jobs.get_mut(&id).expect("listed above");

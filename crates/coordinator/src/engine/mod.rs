@@ -212,6 +212,11 @@ struct Node {
     /// Lease-ahead: cpus' worth of jobs it may hold beyond its cpus, queued on the node until a
     /// cpu frees up (as its last lease call asked, bounded; kept in memory, each call says it).
     ahead: u32,
+    /// The cpus of its jobs that accrue their users' usage: at most its cpus.
+    charged_cpus: u32,
+    /// Its jobs placed beyond its cpus, in order: not charged until jobs before them end (the
+    /// node starts its queue in order as cpus free up).
+    uncharged: VecDeque<u64>,
     /// Its blob cache, as its last heartbeat said.
     cache: Option<CacheStats>,
 }
@@ -229,6 +234,8 @@ impl Node {
             used_cpus: 0,
             used_memory_mb: 0,
             ahead: 0,
+            charged_cpus: 0,
+            uncharged: VecDeque::new(),
             cache: None,
         }
     }
@@ -239,13 +246,14 @@ impl Node {
     }
 
     /// What its lease-ahead can still take beyond its cpus: `ahead` cpus, and memory in
-    /// proportion (a queued job holds none of the node's memory until it starts).
+    /// proportion but never more than the node has (a queued job holds no memory until it
+    /// starts, and then must fit in the node's whole memory; the node starts it only when it does).
     fn ahead_room(&self) -> (u32, u64) {
         let cpus = self.ad.cpus.max(1);
         let memory = self.ad.memory_mb + self.ad.memory_mb / u64::from(cpus) * u64::from(self.ahead);
         (
             (self.ad.cpus + self.ahead).saturating_sub(self.used_cpus.max(self.ad.cpus)),
-            memory.saturating_sub(self.used_memory_mb.max(self.ad.memory_mb)),
+            memory.saturating_sub(self.used_memory_mb.max(self.ad.memory_mb)).min(self.ad.memory_mb),
         )
     }
 

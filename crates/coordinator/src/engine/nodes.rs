@@ -114,14 +114,28 @@ impl Engine {
     }
 
     /// How far ahead node `name` will queue (its lease call says, each time), bounded by
-    /// [`MAX_AHEAD_PER_CPU`] per cpu. More room may allow placements: a pass runs.
-    pub fn set_ahead(&mut self, name: &str, ahead: u32) {
+    /// [`MAX_AHEAD_PER_CPU`] per cpu. More room may allow placements: a pass runs. Less may leave
+    /// jobs placed there that the node will not collect: those beyond the new bound go back to
+    /// the pool (newest first; not counted as attempts).
+    pub fn set_ahead(&mut self, name: &str, ahead: u32, now: u64) {
         let Some(n) = self.nodes.get_mut(name) else { return };
         let ahead = ahead.min(n.ad.cpus.saturating_mul(MAX_AHEAD_PER_CPU));
         if ahead > n.ahead {
             self.dirty = true;
         }
         n.ahead = ahead;
+        if n.used_cpus <= n.ad.cpus + ahead {
+            return;
+        }
+        let uncollected: Vec<u64> = n.pending.iter().rev().copied().collect();
+        for id in uncollected {
+            if self.nodes.get(name).is_none_or(|n| n.used_cpus <= n.ad.cpus + n.ahead) {
+                return;
+            }
+            if self.jobs.get(&id).and_then(|j| self.specs.get(&j.spec_id)).is_some_and(|s| s.spec.cpus > 0) {
+                self.requeue(id, now, format!("node {name} asked for fewer jobs ahead before collecting it"));
+            }
+        }
     }
 
     /// Jobs a node queued and hands back unstarted: each returns to the pool as a placement never

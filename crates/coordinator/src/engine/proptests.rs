@@ -238,7 +238,7 @@ impl Pool {
             Step::Take { node, max, max_cpus, ahead } => {
                 // As the lease call does: a scheduling pass, then what is placed on the node.
                 let name = NODES[*node];
-                e.set_ahead(name, *ahead);
+                e.set_ahead(name, *ahead, now);
                 e.schedule(now);
                 if e.live_node(name, now).is_ok() {
                     for l in e.take_leases(name, *max, *max_cpus, now) {

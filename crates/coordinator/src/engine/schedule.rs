@@ -46,14 +46,16 @@ impl Snapshot {
         let mut d = vmgrid_scheduler::place(&mut self.slots, lookup, &self.users, self.batch.iter());
         // Lease-ahead, only for what no free cpu took: a job is queued behind a busy node's
         // running jobs only when no node that matches it has a cpu free now.
+        // (On a copy: time-shared jobs below start at once, so they see only free memory.)
         if self.ahead.iter().any(|&(c, _)| c > 0) && d.placements.len() < self.batch.len() {
             let placed: std::collections::HashSet<u64> = d.placements.iter().map(|p| p.job).collect();
-            for (slot, &(cpus, memory)) in self.slots.iter_mut().zip(&self.ahead) {
-                slot.free_cpus += cpus;
-                slot.free_memory_mb += memory;
+            let mut ahead = self.slots.clone();
+            for (slot, &(cpus, memory)) in ahead.iter_mut().zip(&self.ahead) {
+                slot.free_cpus = cpus;
+                slot.free_memory_mb = memory;
             }
             let rest = self.batch.iter().filter(|j| !placed.contains(&j.id));
-            let more = vmgrid_scheduler::place(&mut self.slots, lookup, &self.users, rest);
+            let more = vmgrid_scheduler::place(&mut ahead, lookup, &self.users, rest);
             d.placements.extend(more.placements);
             d.evaluated.extend(more.evaluated);
             d.waiting.extend(more.waiting);
@@ -178,10 +180,17 @@ impl Engine {
         let Some(j) = self.jobs.get(&id).filter(|j| j.state == JobState::Idle) else { return false };
         let Some(spec) = self.specs.get(&j.spec_id) else { return false };
         let Some(n) = self.nodes.get(name).filter(|n| n.state == NodeState::Ready && !n.silent) else { return false };
-        // Its free cpus, or its lease-ahead (the pass used that only for what no free cpu took).
+        // Its free cpus and memory, or its lease-ahead (the pass used that only for what no free
+        // cpu took); a time-shared job starts at once, in free memory.
         let ((cpus, memory), (ahead_cpus, ahead_memory)) = (n.free(), n.ahead_room());
-        let cpus_ok = spec.spec.cpus == 0 || cpus + ahead_cpus >= spec.spec.cpus;
-        cpus_ok && memory + ahead_memory >= spec.spec.memory_mb && self.within_quota(&j.owner, spec.spec.cpus)
+        let need = &spec.spec;
+        let fits = if need.cpus == 0 {
+            memory >= need.memory_mb
+        } else {
+            (cpus >= need.cpus && memory >= need.memory_mb)
+                || (ahead_cpus >= need.cpus && ahead_memory >= need.memory_mb)
+        };
+        fits && self.within_quota(&j.owner, spec.spec.cpus)
     }
 
     /// Job `id` runs on node `name` under a new epoch, queued there until the node collects it.
@@ -191,7 +200,10 @@ impl Engine {
             let spec = &self.specs[&j.spec_id].spec;
             (spec.cpus, spec.memory_mb, j.owner.clone())
         };
-        self.user_started(&owner, cpus, now);
+        // Charged from now if its node can run it now; else once the jobs before it end.
+        let n = &self.nodes[name];
+        let charged = cpus == 0 || n.charged_cpus + cpus <= n.ad.cpus;
+        self.user_started(&owner, cpus, charged, now);
         let j = self.jobs.get_mut(&id).expect("placed jobs exist");
         j.state = JobState::Running;
         j.started_ms = Some(now);
@@ -206,6 +218,11 @@ impl Engine {
         n.jobs.insert(id);
         n.used_cpus += cpus;
         n.used_memory_mb += mem;
+        if charged {
+            n.charged_cpus += cpus;
+        } else {
+            n.uncharged.push_back(id);
+        }
         self.persist(id, false);
     }
 }
