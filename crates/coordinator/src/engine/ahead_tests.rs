@@ -157,3 +157,18 @@ fn only_jobs_that_can_be_running_accrue_usage() {
     assert_eq!(alice_of(&e), (2, 1));
     e.check_invariants().unwrap();
 }
+
+#[test]
+fn lease_ahead_keeps_a_users_quota_in_one_pass() {
+    let mut e = engine_with(&[("a", 2)]);
+    let req = UserSettingsRequest { user: "alice".into(), factor: None, max_cpus: Some(3), no_max_cpus: false };
+    e.set_user(&admin(), &req, 0).unwrap();
+    e.set_ahead("a", 4, 0);
+    e.submit(&alice(), spec(0), 6, 0).unwrap();
+    e.schedule(1);
+    // Two on its cpus, one ahead: the quota's three, decided by the pass itself (the second step
+    // counts what the first gave), so no placement is refused and no other pass is needed.
+    assert_eq!(placement(&e).iter().filter(|p| *p == "a").count(), 3);
+    assert!(!e.needs_pass(), "a placement of the pass was refused: another pass was asked for");
+    e.check_invariants().unwrap();
+}

@@ -54,8 +54,15 @@ impl Snapshot {
                 slot.free_cpus = cpus;
                 slot.free_memory_mb = memory;
             }
+            // The users as the first step left them: what it gave counts toward share and quota.
+            let mut users = self.users.clone();
+            for j in self.batch.iter().filter(|j| placed.contains(&j.id)) {
+                if let (Some(u), Some(c)) = (users.get_mut(j.user as usize), lookup(j.cluster)) {
+                    u.running_cpus += u64::from(c.cpus);
+                }
+            }
             let rest = self.batch.iter().filter(|j| !placed.contains(&j.id));
-            let more = vmgrid_scheduler::place(&mut ahead, lookup, &self.users, rest);
+            let more = vmgrid_scheduler::place(&mut ahead, lookup, &users, rest);
             d.placements.extend(more.placements);
             d.evaluated.extend(more.evaluated);
             d.waiting.extend(more.waiting);
