@@ -259,8 +259,9 @@ impl Agent {
     /// ready in the same call.
     fn lease_loop(self: &Arc<Self>, stop: &AtomicBool) {
         let mut backoff = Duration::from_millis(50);
+        let mut eager = false;
         while !stop.load(Ordering::Relaxed) {
-            let (room, ahead) = self.wait_for_room();
+            let (room, ahead) = self.wait_for_room(eager);
             let reports = self.take_outbox();
             // With every cpu busy, the node still collects time-shared jobs (SSI processes need
             // no cpu slot), without waiting, so that a freed cpu is put to work at once.
@@ -272,6 +273,7 @@ impl Agent {
                     for (l, why) in resp.report.map(|r| r.refused).unwrap_or_default() {
                         tracing::warn!(job = l.job_id, epoch = l.epoch, "the pool refused a result: {why}");
                     }
+                    eager = wait_ms > 0 && resp.leases.len() as u32 >= max_jobs;
                     self.enqueue(resp.leases);
                 }
                 Err(e) => {

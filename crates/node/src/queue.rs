@@ -77,17 +77,19 @@ impl Agent {
         (self.ad.cpus + ahead).saturating_sub(running + queued)
     }
 
-    /// Waits (at most 100 ms) until there is room for a lease call worth making: any cpu without
-    /// lease-ahead, half the queue with it (so that a node asks for its jobs in batches). Returns
-    /// the room and the lease-ahead it was counted with.
-    pub(crate) fn wait_for_room(&self) -> (u32, u32) {
+    /// Waits (at most 100 ms) until a lease call is worth making: while the pool has more work
+    /// than the node took (`eager`: its last reply was full), once half its queue is free (so it
+    /// asks in batches); else once a cpu is free, as without lease-ahead (a node whose pool had
+    /// no more work does not keep a call open while its cpus are busy). Returns the room, with
+    /// lease-ahead, and the lease-ahead it was counted with.
+    pub(crate) fn wait_for_room(&self, eager: bool) -> (u32, u32) {
         let mut seen = (0, 0);
         for _ in 0..10 {
             let ahead = self.ahead();
             let room = self.room(ahead);
             seen = (room, ahead);
-            let worth = if ahead == 0 { 1 } else { ((self.ad.cpus + ahead) / 2).max(1) };
-            if room >= worth {
+            let ready = if eager && ahead > 0 { room >= ((self.ad.cpus + ahead) / 2).max(1) } else { self.room(0) > 0 };
+            if ready {
                 break;
             }
             let running = lock(&self.running);

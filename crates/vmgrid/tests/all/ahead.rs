@@ -96,7 +96,9 @@ fn a_draining_node_hands_back_its_queued_jobs_unstarted() {
     pool.start_node("n1", 1);
     let d = JobDir::new();
     warm_up(&pool, &d, 8);
-    let ids = sweep(&pool, &d, 30, 50);
+    // 30 jobs of 20 ms: the node takes them in one reply, and none waits long enough (1 s) to be
+    // handed back before the drain.
+    let ids = sweep(&pool, &d, 30, 20);
     pool.wait_for("n1 to hold jobs ahead of its one cpu", |p| node(p, "n1").is_some_and(|n| n.running_jobs >= 3));
     let pid = pool.node_pid("n1") as i32;
     // SAFETY: signalling a child process we started.
