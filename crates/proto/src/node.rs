@@ -118,6 +118,21 @@ pub struct Report {
     pub outputs: Vec<FileRef>,
 }
 
+impl Report {
+    /// A run that exited with `code` and left no output (what a test or a simulated node sends).
+    pub fn exited(lease: LeaseId, code: i32) -> Report {
+        Report {
+            lease,
+            run: RunReport::Exited { code },
+            stdout: None,
+            stderr: None,
+            stdout_dropped: 0,
+            stderr_dropped: 0,
+            outputs: vec![],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReportRequest {

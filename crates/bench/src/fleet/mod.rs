@@ -237,18 +237,7 @@ fn agent(pool: &str, token: &str, trust: Trust, name: String, node: &SimNode, sh
 
 /// Reports each lease's job as exited 0, at once, in one call.
 fn report(client: &Client, ids: &[LeaseId], shared: &Shared) {
-    let reports = ids
-        .iter()
-        .map(|&lease| Report {
-            lease,
-            run: RunReport::Exited { code: 0 },
-            stdout: None,
-            stderr: None,
-            stdout_dropped: 0,
-            stderr_dropped: 0,
-            outputs: vec![],
-        })
-        .collect();
+    let reports = ids.iter().map(|&lease| Report::exited(lease, 0)).collect();
     let sent = Instant::now();
     match client.report(&ReportRequest { reports }) {
         Ok(r) => {

@@ -58,15 +58,7 @@ pub(crate) fn ad(name: &str, cpus: u32) -> NodeAd {
 }
 
 pub(crate) fn exited(l: &Lease, code: i32) -> Report {
-    Report {
-        lease: LeaseId { job_id: l.job_id, epoch: l.epoch },
-        run: RunReport::Exited { code },
-        stdout: None,
-        stderr: None,
-        stdout_dropped: 0,
-        stderr_dropped: 0,
-        outputs: vec![],
-    }
+    Report::exited(LeaseId { job_id: l.job_id, epoch: l.epoch }, code)
 }
 
 fn alice() -> Principal {

@@ -3,7 +3,7 @@
 //! elsewhere exactly once (its late results refused), and when it drains it hands them back
 //! unstarted.
 
-use vmgrid_proto::{JobState, LeaseId, NodeView, Report, ReportRequest, RunReport};
+use vmgrid_proto::{JobState, LeaseId, NodeView, Report, ReportRequest};
 
 use crate::util::*;
 
@@ -71,18 +71,7 @@ fn a_killed_nodes_queued_jobs_run_elsewhere_exactly_once_and_its_late_results_ar
     });
     // n1's results for what it held, arriving late under its old credential: all refused.
     let late = pool.client_with(&credential);
-    let reports = held
-        .iter()
-        .map(|j| Report {
-            lease: LeaseId { job_id: j.id, epoch: 1 },
-            run: RunReport::Exited { code: 7 },
-            stdout: None,
-            stderr: None,
-            stdout_dropped: 0,
-            stderr_dropped: 0,
-            outputs: vec![],
-        })
-        .collect();
+    let reports = held.iter().map(|j| Report::exited(LeaseId { job_id: j.id, epoch: 1 }, 7)).collect();
     match late.report(&ReportRequest { reports }) {
         Ok(resp) => assert!(resp.accepted.is_empty(), "{resp:?}"),
         Err(e) => assert_eq!(e.status(), Some(409), "{e}"),

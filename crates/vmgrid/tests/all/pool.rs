@@ -1,6 +1,6 @@
 //! The pool, end to end: a real coordinator and real node agents as processes on loopback.
 
-use vmgrid_proto::{JobState, LeaseId, Report, ReportRequest, RunReport};
+use vmgrid_proto::{JobState, LeaseId, Report, ReportRequest};
 
 use crate::util::*;
 
@@ -224,17 +224,7 @@ fn a_killed_node_loses_its_job_to_the_other_and_its_late_result_is_refused() {
     assert_eq!(v.attempts, 2);
     // The dead node's result arrives late, under its expired lease: refused.
     let late = pool.client_with(&first_epoch_cred);
-    let r = late.report(&ReportRequest {
-        reports: vec![Report {
-            lease: LeaseId { job_id: id, epoch: 1 },
-            run: RunReport::Exited { code: 99 },
-            stdout: None,
-            stderr: None,
-            stdout_dropped: 0,
-            stderr_dropped: 0,
-            outputs: vec![],
-        }],
-    });
+    let r = late.report(&ReportRequest { reports: vec![Report::exited(LeaseId { job_id: id, epoch: 1 }, 99)] });
     match r {
         Ok(resp) => assert!(resp.accepted.is_empty() && resp.refused.len() == 1, "{resp:?}"),
         Err(e) => assert_eq!(e.status(), Some(409), "{e}"),
