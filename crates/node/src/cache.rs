@@ -9,6 +9,9 @@ use std::sync::{Arc, Mutex};
 use vmgrid_client::Client;
 use vmgrid_proto::{CacheStats, is_blob_ref};
 
+/// How stale a cached blob's time of use may get: it is brought up to date when older.
+const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub struct BlobCache {
     dir: PathBuf,
     max_bytes: u64,
@@ -38,9 +41,16 @@ impl BlobCache {
         let path = self.dir.join(hash);
         let gate = self.fetching.lock().unwrap().entry(hash.to_string()).or_default().clone();
         let _one_at_a_time = gate.lock().unwrap();
-        if path.is_file() {
-            // Touch it: eviction takes the least recently used.
-            let _ = std::fs::File::open(&path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        if let Some(m) = std::fs::metadata(&path).ok().filter(|m| m.is_file()) {
+            // Touch it: eviction takes the least recently used. At most once a minute: the
+            // runtime keeps a module it linked by the file's modification time, so touching it at
+            // every job would make it load the module again for each (measured: most of a
+            // trivial job's cost on the node).
+            let now = std::time::SystemTime::now();
+            let stale = m.modified().ok().and_then(|t| now.duration_since(t).ok()).is_none_or(|age| age >= TOUCH_EVERY);
+            if stale {
+                let _ = std::fs::File::open(&path).and_then(|f| f.set_modified(now));
+            }
             return Ok(path);
         }
         client.download(hash, &path).map_err(|e| e.to_string())?;
@@ -72,5 +82,30 @@ impl BlobCache {
         let blobs = std::fs::read_dir(&self.dir).map_or(0, |d| d.filter_map(Result::ok).count() as u64);
         *self.stats.lock().unwrap_or_else(|p| p.into_inner()) =
             CacheStats { blobs, bytes: total, max_bytes: self.max_bytes };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blob_used_again_soon_keeps_its_modification_time_and_an_old_one_is_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::new(dir.path().to_path_buf(), 1 << 20).unwrap();
+        let hash = "ab".repeat(32);
+        let path = dir.path().join(&hash);
+        std::fs::write(&path, b"module").unwrap();
+        // Never asked for: the blob is here, so no call is made.
+        let client = Client::new("http://127.0.0.1:9", "unused");
+        let recently = std::time::SystemTime::now() - std::time::Duration::from_secs(5);
+        std::fs::File::open(&path).unwrap().set_modified(recently).unwrap();
+        assert_eq!(cache.get(&client, &hash).unwrap(), path);
+        // The runtime keeps a linked module by this time: a job a moment later must not change it.
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), recently);
+        let long_ago = std::time::SystemTime::now() - TOUCH_EVERY * 2;
+        std::fs::File::open(&path).unwrap().set_modified(long_ago).unwrap();
+        cache.get(&client, &hash).unwrap();
+        assert!(std::fs::metadata(&path).unwrap().modified().unwrap() > long_ago + TOUCH_EVERY, "touched for eviction");
     }
 }
