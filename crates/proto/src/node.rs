@@ -30,7 +30,7 @@ pub struct LeaseRequest {
 }
 
 /// The most lease-ahead a node may hold, in cpus per cpu it has.
-pub const MAX_AHEAD_PER_CPU: u32 = 32;
+pub const MAX_AHEAD_PER_CPU: u32 = 128;
 
 /// A job handed to a node under a lease. The epoch fences results: only a report carrying the
 /// current epoch of a running job is accepted.

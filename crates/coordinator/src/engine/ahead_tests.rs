@@ -51,7 +51,10 @@ fn a_job_is_queued_ahead_only_when_no_node_has_a_free_cpu_for_it() {
 fn lease_ahead_is_bounded_per_cpu() {
     let mut e = engine_with(&[("a", 2)]);
     e.set_ahead("a", 10_000, 0);
-    e.submit(&alice(), spec(0), 200, 0).unwrap();
+    // Small jobs: the queue's memory is bounded too (by the node's), and here it does not bind.
+    let mut small = spec(0);
+    small.memory_mb = 1;
+    e.submit(&alice(), small, u64::from(2 * MAX_AHEAD_PER_CPU) + 50, 0).unwrap();
     e.schedule(1);
     let placed = placement(&e).iter().filter(|p| *p == "a").count() as u32;
     assert_eq!(placed, 2 + 2 * MAX_AHEAD_PER_CPU);
@@ -170,5 +173,18 @@ fn lease_ahead_keeps_a_users_quota_in_one_pass() {
     // counts what the first gave), so no placement is refused and no other pass is needed.
     assert_eq!(placement(&e).iter().filter(|p| *p == "a").count(), 3);
     assert!(!e.needs_pass(), "a placement of the pass was refused: another pass was asked for");
+    e.check_invariants().unwrap();
+}
+
+#[test]
+fn the_jobs_queued_ahead_on_a_node_fit_in_its_memory() {
+    let mut e = engine_with(&[("a", 2)]);
+    e.set_ahead("a", 2 * MAX_AHEAD_PER_CPU, 0);
+    let mut big = spec(0);
+    big.memory_mb = 256;
+    e.submit(&alice(), big, 20, 0).unwrap();
+    e.schedule(1);
+    // Two run in its 1024 MiB; queued behind them, at most its memory's worth: four.
+    assert_eq!(placement(&e).iter().filter(|p| *p == "a").count(), 6);
     e.check_invariants().unwrap();
 }
