@@ -49,7 +49,7 @@ install -m 0755 "$here/init" "$root/init"
 
 # The modules the contract needs (virtio, 9p, virtio_blk, ext4) and the appliance's NICs, with
 # their dependencies from modules.dep.
-wanted="virtio_pci virtio_blk 9pnet_virtio 9p ext4 crc32c_generic virtio_net e1000 af_packet"
+wanted="virtio_pci virtio_blk 9pnet_virtio 9p ext4 crc32c_generic virtio_net e1000 af_packet qemu_fw_cfg"
 declare -A seen=()
 resolve() {
   local name="$1" line path deps

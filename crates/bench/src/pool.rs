@@ -162,6 +162,7 @@ pub fn trivial_spec_of(image: FileRef) -> JobSpec {
         rank: Some("node.free_cpus".into()),
         max_retries: 0,
         priority: 0,
+        checkpoint_s: None,
         ssi: None,
     }
 }

@@ -289,6 +289,14 @@ impl Client {
         self.post("/v1/nodes/report", req)
     }
 
+    /// Records a checkpoint of a job this node runs (every part uploaded first).
+    pub fn checkpoint(&self, req: &CheckpointRequest) -> Result<()> {
+        let resp = self.exchange(false, |base| {
+            self.agent.post(format!("{base}/v1/nodes/checkpoint")).header("Authorization", &self.auth).send_json(req)
+        })?;
+        self.check(resp).map(|_| ())
+    }
+
     pub fn deregister(&self) -> Result<()> {
         let resp = self.exchange(false, |base| {
             self.agent.post(format!("{base}/v1/nodes/deregister")).header("Authorization", &self.auth).send_empty()

@@ -32,6 +32,7 @@ pub enum Field {
     Rank,
     MaxRetries,
     Priority,
+    CheckpointS,
 }
 
 /// Why a job is refused, and where.
@@ -73,6 +74,8 @@ pub struct Shape<'a> {
     pub max_retries: i64,
     /// `[policy] priority`: orders one user's jobs (higher first); fair share orders users.
     pub priority: i64,
+    /// `[policy] checkpoint_s`: seconds between a QEMU job's checkpoints.
+    pub checkpoint_s: Option<i64>,
 }
 
 /// Applies every rule; the first one broken is the answer.
@@ -94,7 +97,26 @@ pub fn check(s: &Shape<'_>) -> Result<(), Invalid> {
         }
     }
     int_in(Field::MaxRetries, "max_retries", s.max_retries, 0, limits::MAX_RETRIES as i64)?;
-    int_in(Field::Priority, "priority", s.priority, -limits::MAX_PRIORITY, limits::MAX_PRIORITY)
+    int_in(Field::Priority, "priority", s.priority, -limits::MAX_PRIORITY, limits::MAX_PRIORITY)?;
+    checkpoint(s)
+}
+
+/// `checkpoint_s`: only a system VM's whole state can be saved and resumed elsewhere.
+fn checkpoint(s: &Shape<'_>) -> Result<(), Invalid> {
+    let Some(n) = s.checkpoint_s else { return Ok(()) };
+    let why = match s.vm_type {
+        VmType::Qemu => None,
+        VmType::Wasm => Some(
+            "wasm jobs cannot be checkpointed: wasmtime has no API to save and restore a running instance; remove `checkpoint_s`, or run the work in a QEMU job",
+        ),
+        VmType::Jvm => Some(
+            "jvm jobs cannot be checkpointed: the JVM runs as a confined host process, not a system VM whose state QEMU can save; remove `checkpoint_s`, or run the work in a QEMU job",
+        ),
+    };
+    if let Some(why) = why {
+        return Err(invalid(Field::CheckpointS, why));
+    }
+    int_in(Field::CheckpointS, "checkpoint_s", n, limits::MIN_CHECKPOINT_S as i64, limits::MAX_TIMEOUT_S as i64)
 }
 
 /// A user's name as the pool keys it (token owners, `vmgrid users set`): 1 to 64 letters,
@@ -555,6 +577,7 @@ mod tests {
             rank: None,
             max_retries: 0,
             priority: 0,
+            checkpoint_s: None,
         }
     }
 

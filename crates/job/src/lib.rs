@@ -168,6 +168,8 @@ pub struct Policy {
     pub max_retries: u32,
     /// Orders this user's jobs: higher first, then oldest first.
     pub priority: i32,
+    /// QEMU jobs: seconds between checkpoints; a job whose node is lost resumes from its latest.
+    pub checkpoint_s: Option<u64>,
 }
 
 /// Upper bounds checked before anything runs.
@@ -179,6 +181,8 @@ pub mod limits {
     pub const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
     pub const MAX_DISK_MB: u64 = 1 << 20;
     pub const MAX_RETRIES: u32 = 100;
+    /// The shortest interval between a QEMU job's checkpoints.
+    pub const MIN_CHECKPOINT_S: u64 = 2;
     /// `[policy] priority` is between -MAX_PRIORITY and MAX_PRIORITY.
     pub const MAX_PRIORITY: i64 = 1000;
     /// A user's priority factor (`vmgrid users set --factor`).

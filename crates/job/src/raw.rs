@@ -59,4 +59,5 @@ pub(crate) struct RawPolicy {
     pub rank: Option<Spanned<String>>,
     pub max_retries: Option<Spanned<i64>>,
     pub priority: Option<Spanned<i64>>,
+    pub checkpoint_s: Option<Spanned<i64>>,
 }

@@ -66,10 +66,11 @@ impl Cx<'_> {
         let vm_span = raw.vm.span();
         let rv = raw.vm.get_ref();
         let vm_type: VmType = rv.vm_type.get_ref().parse().map_err(|m: String| self.err(rv.vm_type.span(), m))?;
-        let network = match &rv.network {
-            Some(n) => Some(n.get_ref().parse::<Network>().map_err(|m| self.err(n.span(), m))?),
-            None => None,
-        };
+        let network = rv
+            .network
+            .as_ref()
+            .map(|n| n.get_ref().parse::<Network>().map_err(|m| self.err(n.span(), m)))
+            .transpose()?;
         let name = raw.name.as_ref().map_or_else(|| self.default_name(), |n| n.get_ref().clone());
         let args: Vec<String> = rv.args.iter().map(|a| a.get_ref().clone()).collect();
         let env: BTreeMap<String, String> = rv.env.iter().map(|(k, v)| (k.clone(), v.get_ref().clone())).collect();
@@ -106,20 +107,10 @@ impl Cx<'_> {
             rank: p.rank.as_ref().map(|s| s.get_ref().as_str()),
             max_retries: int(&p.max_retries, 0),
             priority: p.priority.as_ref().map_or(0, |v| *v.get_ref()),
+            checkpoint_s: p.checkpoint_s.as_ref().map(|v| *v.get_ref()),
         };
         check::check(&shape).map_err(|inv| self.err(self.span_of(&raw, &inv.field, vm_span.clone()), inv.message))?;
-        let resources = Resources {
-            cpus: shape.cpus as u32,
-            memory_mb: shape.memory_mb as u64,
-            timeout_s: shape.timeout_s as u64,
-            disk_mb: shape.disk_mb as u64,
-        };
-        let policy = Policy {
-            requirements: p.requirements.as_ref().map(|s| s.get_ref().clone()),
-            rank: p.rank.as_ref().map(|s| s.get_ref().clone()),
-            max_retries: shape.max_retries as u32,
-            priority: shape.priority as i32,
-        };
+        let (resources, policy) = checked(&shape);
         let base = self.base_dir();
         let resolve = |s: &Option<Spanned<String>>| -> Result<Option<PathBuf>, JobFileError> {
             match s {
@@ -167,8 +158,27 @@ impl Cx<'_> {
             Field::Rank => span(p.rank.as_ref().map(|v| v.span())),
             Field::MaxRetries => span(p.max_retries.as_ref().map(|v| v.span())),
             Field::Priority => span(p.priority.as_ref().map(|v| v.span())),
+            Field::CheckpointS => span(p.checkpoint_s.as_ref().map(|v| v.span())),
         }
     }
+}
+
+/// A checked job's resources and policy.
+fn checked(shape: &Shape<'_>) -> (Resources, Policy) {
+    let resources = Resources {
+        cpus: shape.cpus as u32,
+        memory_mb: shape.memory_mb as u64,
+        timeout_s: shape.timeout_s as u64,
+        disk_mb: shape.disk_mb as u64,
+    };
+    let policy = Policy {
+        requirements: shape.requirements.map(str::to_string),
+        rank: shape.rank.map(str::to_string),
+        max_retries: shape.max_retries as u32,
+        priority: shape.priority as i32,
+        checkpoint_s: shape.checkpoint_s.map(|n| n as u64),
+    };
+    (resources, policy)
 }
 
 /// Where an input lands in the job directory: its relative path as written, or, for a path that

@@ -12,7 +12,7 @@ use vmgrid_proto::*;
 use vmgrid_runtime::jobdir::{self, Collected};
 use vmgrid_runtime::{FailureKind, Outcome, RunError, RunRequest, RunResult};
 
-use crate::{Agent, ssi};
+use crate::{Agent, checkpoint, ssi};
 
 fn report(id: LeaseId, run: RunReport) -> Report {
     Report { lease: id, run, stdout: None, stderr: None, stdout_dropped: 0, stderr_dropped: 0, outputs: Vec::new() }
@@ -20,11 +20,11 @@ fn report(id: LeaseId, run: RunReport) -> Report {
 
 impl Agent {
     /// Runs one leased job and builds its report.
-    pub(crate) fn run_job(&self, lease: &Lease, cancel: Arc<AtomicBool>) -> Report {
+    pub(crate) fn run_job(&self, lease: &Lease, cancel: Arc<AtomicBool>, vacate: Arc<AtomicBool>) -> Report {
         let id = LeaseId { job_id: lease.job_id, epoch: lease.epoch };
         let dir = self.work_dir.join(format!("job-{}-{}", lease.job_id, lease.epoch));
         let mut home_gone = false;
-        let result = self.attempt(lease, &cancel, &dir, &mut home_gone);
+        let result = self.attempt(lease, &cancel, vacate, &dir, &mut home_gone);
         let _ = std::fs::remove_dir_all(&dir);
         let stopped = cancel.load(Ordering::Relaxed);
         if stopped {
@@ -54,11 +54,13 @@ impl Agent {
         &self,
         lease: &Lease,
         cancel: &Arc<AtomicBool>,
+        vacate: Arc<AtomicBool>,
         dir: &Path,
         home_gone: &mut bool,
     ) -> Result<Report, RunError> {
         let client = self.client();
         let job = self.localize(&client, lease)?;
+        let plan = checkpoint::plan(&client, &self.cache, lease, vacate, dir)?;
         let job_dir = dir.join("job");
         std::fs::create_dir_all(&job_dir).map_err(|e| RunError::host("cannot create the job directory", e))?;
         jobdir::stage_inputs(&job, &job_dir)?;
@@ -69,8 +71,13 @@ impl Agent {
             h.started(&self.ad.name);
         }
         let host = home.clone().map(|h| h as Arc<dyn vmgrid_runtime::ssi::SsiHost>);
-        let run =
-            self.runtime.run(&RunRequest { job: &job, job_dir: &job_dir, cancel: Some(cancel.clone()), ssi: host });
+        let run = self.runtime.run(&RunRequest {
+            job: &job,
+            job_dir: &job_dir,
+            cancel: Some(cancel.clone()),
+            ssi: host,
+            checkpoint: plan.as_ref().map(|(p, _)| p),
+        });
         if let Some(h) = &home {
             match &run {
                 Ok(r) => h.finish(Some(&r.outcome), None),
@@ -120,6 +127,7 @@ fn upload(
         match &result.outcome {
             Outcome::Exited(code) => RunReport::Exited { code: *code },
             Outcome::Failed(f) => RunReport::GuestFailed { failure: f.kind, reason: f.reason.clone() },
+            Outcome::Vacated { seq } => RunReport::Vacated { seq: *seq },
         },
     );
     if !result.stdout.bytes.is_empty() {

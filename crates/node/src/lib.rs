@@ -6,6 +6,7 @@
 //! decides. A lease the coordinator revokes is cancelled here; a result it refuses is dropped.
 
 mod cache;
+mod checkpoint;
 mod fingerprint;
 mod job;
 mod queue;
@@ -72,6 +73,10 @@ pub enum NodeError {
 
 struct Running {
     cancel: Arc<AtomicBool>,
+    /// Set to checkpoint a job that takes checkpoints, stop it and report it vacated.
+    vacate: Arc<AtomicBool>,
+    /// It takes checkpoints (`checkpoint_s`): when the node drains, it moves instead of waiting.
+    checkpointed: bool,
     cpus: u32,
     memory_mb: u64,
     started: Instant,
@@ -79,7 +84,14 @@ struct Running {
 
 impl Running {
     fn new(spec: &JobSpec) -> Running {
-        Running { cancel: Arc::default(), cpus: spec.cpus, memory_mb: spec.memory_mb, started: Instant::now() }
+        Running {
+            cancel: Arc::default(),
+            vacate: Arc::default(),
+            checkpointed: spec.checkpoint_s.is_some(),
+            cpus: spec.cpus,
+            memory_mb: spec.memory_mb,
+            started: Instant::now(),
+        }
     }
 }
 
@@ -163,6 +175,10 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     tracing::info!(node = %agent.ad.name, "draining");
     let queued = agent.take_queued(true);
     lock(&agent.returning).extend(queued);
+    // Jobs that take checkpoints move at once: a last checkpoint each, and they resume elsewhere.
+    for r in lock(&agent.running).values().filter(|r| r.checkpointed) {
+        r.vacate.store(true, Ordering::Relaxed);
+    }
     agent.send_heartbeat(true);
     let deadline = Instant::now() + agent.config.drain_timeout;
     while !lock(&agent.running).is_empty() && Instant::now() < deadline {
@@ -291,12 +307,12 @@ impl Agent {
     }
 
     /// Runs a job already counted among the running ones (`start_queued`) on a worker thread.
-    fn spawn_job(self: &Arc<Self>, lease: Lease, cancel: Arc<AtomicBool>) {
+    fn spawn_job(self: &Arc<Self>, lease: Lease, cancel: Arc<AtomicBool>, vacate: Arc<AtomicBool>) {
         let id = LeaseId { job_id: lease.job_id, epoch: lease.epoch };
         let started = Instant::now();
         let agent = self.clone();
         let spawned = self.workers.run(move || {
-            let report = agent.run_job(&lease, cancel);
+            let report = agent.run_job(&lease, cancel, vacate);
             // What lease-ahead is sized by: runs of jobs that take cpus, not a failure to start.
             if lease.spec.cpus > 0 && !matches!(report.run, RunReport::HostFailed { .. }) {
                 lock(&agent.recent).add(started.elapsed());
@@ -413,6 +429,12 @@ impl Agent {
                     if let Some(r) = running.get(&l) {
                         tracing::info!(job = l.job_id, "lease revoked; stopping the job");
                         r.cancel.store(true, Ordering::Relaxed);
+                    }
+                }
+                for l in resp.vacate {
+                    if let Some(r) = running.get(&l).filter(|r| r.checkpointed) {
+                        tracing::info!(job = l.job_id, "vacate: checkpointing the job to move it");
+                        r.vacate.store(true, Ordering::Relaxed);
                     }
                 }
             }

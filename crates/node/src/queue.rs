@@ -124,13 +124,13 @@ impl Agent {
                     .or_else(|| queue.iter().position(|q| q.lease.spec.cpus > 0 && fits(q)));
                 at.and_then(|i| queue.remove(i)).map(|q| {
                     let started = super::Running::new(&q.lease.spec);
-                    let cancel = started.cancel.clone();
+                    let flags = (started.cancel.clone(), started.vacate.clone());
                     running.insert(q.id(), started);
-                    (q.lease, cancel)
+                    (q.lease, flags)
                 })
             };
             match next {
-                Some((lease, cancel)) => self.spawn_job(lease, cancel),
+                Some((lease, (cancel, vacate))) => self.spawn_job(lease, cancel, vacate),
                 None => return,
             }
         }

@@ -163,6 +163,7 @@ impl HomeLink {
                 (STATUS_KILLED, Some(f.reason.clone()))
             }
             (Some(Outcome::Failed(f)), _) => (STATUS_FAILED, Some(f.reason.clone())),
+            (Some(Outcome::Vacated { .. }), _) => (STATUS_FAILED, Some("the process was moved".into())),
             (None, e) => (STATUS_FAILED, Some(e.unwrap_or("the process could not start").to_string())),
         };
         let dropped = self.dropped.load(Ordering::Relaxed);

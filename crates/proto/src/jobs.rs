@@ -55,6 +55,19 @@ pub struct JobResult {
     /// could not be read back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec: Option<JobSpec>,
+    /// A QEMU job's latest complete checkpoint (`checkpoint_s`): its number, and the seconds the
+    /// guest had run when it was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CheckpointView {
+    pub seq: u64,
+    pub guest_s: f64,
+    /// The guest's console (its stdout) up to the checkpoint: a running job's output so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<FileRef>,
 }
 
 /// One attempt of a job: the node it ran on and how it ended.
@@ -68,6 +81,10 @@ pub struct AttemptView {
     pub ended_ms: Option<u64>,
     /// How it ended (`running` while it runs): `exited with 0`, the node lost, held by a user...
     pub outcome: String,
+    /// The checkpoint this attempt resumed from (its `seq`), if it did not start from the
+    /// beginning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<u64>,
 }
 
 /// The most ended attempts of one job the pool keeps (the oldest are forgotten first).
@@ -79,6 +96,8 @@ pub enum JobAction {
     Rm,
     Hold,
     Release,
+    /// A running job with checkpoints: checkpoint it now and resume it on another node.
+    Vacate,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]

@@ -67,6 +67,10 @@ pub struct JobSpec {
     /// Orders this user's idle jobs: higher first, then oldest first (fair share orders users).
     #[serde(default, skip_serializing_if = "users::is_zero")]
     pub priority: i32,
+    /// QEMU jobs: seconds between checkpoints of the running VM; a job whose node is lost (or
+    /// that is vacated) resumes from its latest complete checkpoint on another node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_s: Option<u64>,
     /// Set when the job is a process of a single-system image (`vmgrid ssi`): the node runs it
     /// against its home instead of a job directory of its own, and `args` is the whole argv
     /// (argv[0] is the module's path in the SSI filesystem).
@@ -382,6 +386,7 @@ impl JobSpec {
             rank: self.rank.as_deref(),
             max_retries: self.max_retries.into(),
             priority: self.priority.into(),
+            checkpoint_s: self.checkpoint_s.map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
         };
         vmgrid_job::check::check(&shape).map_err(|inv| inv.message)?;
         for f in self.image.iter().chain(&self.kernel).chain(&self.initrd) {
@@ -440,6 +445,7 @@ impl JobSpec {
             rank: job.policy.rank.clone(),
             max_retries: job.policy.max_retries,
             priority: job.policy.priority,
+            checkpoint_s: job.policy.checkpoint_s,
             ssi: None,
         }
     }
@@ -483,6 +489,7 @@ impl JobSpec {
                 rank: self.rank.clone(),
                 max_retries: self.max_retries,
                 priority: self.priority,
+                checkpoint_s: self.checkpoint_s,
             },
         })
     }

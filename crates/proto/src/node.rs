@@ -41,6 +41,49 @@ pub struct Lease {
     pub index: u64,
     /// The spec with `{index}` already substituted.
     pub spec: JobSpec,
+    /// The checkpoint to resume from instead of starting the VM afresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Checkpoint>,
+}
+
+/// A complete checkpoint of a QEMU job, as blobs in the pool: everything a node needs to resume
+/// the VM where it was. Each part but the console is compressed (zstd); a part that did not change since the
+/// job's last checkpoint has the same blob and is not sent again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    /// 1 for the job's first checkpoint, then up by one across all its attempts.
+    pub seq: u64,
+    /// The VM's RAM and device state: QEMU's migration stream.
+    pub state: FileRef,
+    /// The job directory's disk (ext4), as the guest left it at the checkpoint.
+    pub job_disk: FileRef,
+    /// The copy-on-write overlay of the job's image, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<FileRef>,
+    /// The guest's console (its stdout) up to the checkpoint, uncompressed (its owner reads it
+    /// while the job runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<FileRef>,
+    /// The accelerator the VM ran under (`tcg` or `kvm`): a VM resumes only under the same one.
+    pub accel: String,
+    /// Seconds the guest had run when the checkpoint was taken, over all its attempts.
+    pub guest_s: f64,
+}
+
+impl Checkpoint {
+    /// Its parts, each a blob that must be in the pool for the checkpoint to be usable.
+    pub fn parts(&self) -> impl Iterator<Item = &FileRef> {
+        [Some(&self.state), Some(&self.job_disk), self.overlay.as_ref(), self.console.as_ref()].into_iter().flatten()
+    }
+}
+
+/// A node's checkpoint of a job it runs, sent once all its parts are uploaded.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRequest {
+    pub lease: LeaseId,
+    pub checkpoint: Checkpoint,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -87,6 +130,10 @@ pub struct CacheStats {
 pub struct HeartbeatResponse {
     /// Leases the node must stop: the job was removed, held or given to another node.
     pub revoked: Vec<LeaseId>,
+    /// Leases whose jobs the node must checkpoint now, stop and report as vacated, so that they
+    /// resume on another node (`vmgrid vacate`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vacate: Vec<LeaseId>,
 }
 
 /// How a run ended, as a node reports it.
@@ -101,6 +148,9 @@ pub enum RunReport {
     BadJob { reason: String },
     /// This node could not run it; another may.
     HostFailed { reason: String },
+    /// The node stopped the VM right after its checkpoint `seq` (sent before this report), to
+    /// resume elsewhere: the node drains, or the job was vacated. Not a failure of the job.
+    Vacated { seq: u64 },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]

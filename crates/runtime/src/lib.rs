@@ -77,6 +77,8 @@ pub struct RunRequest<'a> {
     /// For a process of a single-system image: its home. The job directory is then the mirror of
     /// the home's files, preopened as `/`, and stdout and stderr go to the home's console.
     pub ssi: Option<Arc<dyn ssi::SsiHost>>,
+    /// A QEMU job's checkpoints: taken while it runs, and the one it resumes from.
+    pub checkpoint: Option<&'a qemu::checkpoint::Checkpointing>,
 }
 
 impl RunRequest<'_> {
@@ -92,6 +94,8 @@ pub enum Outcome {
     Exited(i32),
     /// The guest did not finish properly; the job, not the host, is at fault.
     Failed(Failure),
+    /// The VM was stopped right after its checkpoint `seq` (stored), to resume elsewhere.
+    Vacated { seq: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,7 +128,7 @@ impl RunResult {
     pub fn exit_code(&self) -> i32 {
         match &self.outcome {
             Outcome::Exited(c) => *c,
-            Outcome::Failed(_) => 1,
+            Outcome::Failed(_) | Outcome::Vacated { .. } => 1,
         }
     }
 }
@@ -174,6 +178,9 @@ impl Runtime {
     pub fn run(&self, req: &RunRequest<'_>) -> Result<RunResult, RunError> {
         if req.ssi.is_some() && req.job.vm.vm_type != VmType::Wasm {
             return Err(RunError::BadJob("an SSI process must be a WASI preview-1 module (vm = \"wasm\")".into()));
+        }
+        if req.checkpoint.is_some() && req.job.vm.vm_type != VmType::Qemu {
+            return Err(RunError::BadJob("only QEMU jobs can be checkpointed (checkpoint_s)".into()));
         }
         let (result, stopped_at) = disk::watched(req, |req| match req.job.vm.vm_type {
             VmType::Wasm => self.wasm()?.run(req, &self.config),

@@ -379,6 +379,7 @@ impl Home {
             rank: None,
             max_retries: 0,
             priority: 0,
+            checkpoint_s: None,
             ssi: Some(SsiSpec { home: self.url.clone(), token, pid }),
         }
     }

@@ -284,7 +284,12 @@ pub struct ActionArgs {
 pub fn action(action: JobAction, args: ActionArgs) -> Result<i32, CliError> {
     let resp = args.pool.client()?.action(action, &args.ids)?;
     for v in &resp.changed {
-        println!("job {}: {}", v.id, v.state.as_str());
+        match action {
+            JobAction::Vacate => {
+                println!("job {}: vacating (its node checkpoints it, then it resumes elsewhere)", v.id)
+            }
+            _ => println!("job {}: {}", v.id, v.state.as_str()),
+        }
     }
     for (id, why) in &resp.refused {
         eprintln!("vmgrid: job {id} not changed: {why}");

@@ -41,7 +41,8 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
     jobdir::stage_inputs(&job, job_dir.path())?;
     let config = RuntimeConfig { output_cap: args.output_cap, echo: true, ..RuntimeConfig::default() };
     let runtime = Runtime::new(config);
-    let result = runtime.run(&RunRequest { job: &job, job_dir: job_dir.path(), cancel: None, ssi: None });
+    let result =
+        runtime.run(&RunRequest { job: &job, job_dir: job_dir.path(), cancel: None, ssi: None, checkpoint: None });
     // Outputs are collected whatever happened, so a failed job's partial results are kept, but
     // not past the disk limit.
     let collected = match &result {
@@ -72,5 +73,7 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
             eprintln!("vmgrid: the job failed: {}", f.reason);
             Ok(1)
         }
+        // `vmgrid run` takes no checkpoints, so nothing can vacate its VM.
+        Outcome::Vacated { seq } => Err(CliError::Failed(format!("the VM was stopped after checkpoint {seq}"))),
     }
 }

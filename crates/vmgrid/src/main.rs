@@ -62,6 +62,9 @@ enum Command {
     Hold(cmd_jobs::ActionArgs),
     /// Release held jobs back to idle.
     Release(cmd_jobs::ActionArgs),
+    /// Move running QEMU jobs that take checkpoints ([policy] checkpoint_s): each is checkpointed
+    /// now, stopped, and resumed from that checkpoint on another node (owner or admin).
+    Vacate(cmd_jobs::ActionArgs),
     /// Wait for jobs; exit 0 if all completed with 0, else the first non-zero code (1 if held or removed).
     Wait(cmd_jobs::WaitArgs),
     /// Print a finished job's stdout (or stderr).
@@ -109,6 +112,7 @@ fn main() {
         Command::Rm(args) => cmd_jobs::action(vmgrid_proto::JobAction::Rm, args),
         Command::Hold(args) => cmd_jobs::action(vmgrid_proto::JobAction::Hold, args),
         Command::Release(args) => cmd_jobs::action(vmgrid_proto::JobAction::Release, args),
+        Command::Vacate(args) => cmd_jobs::action(vmgrid_proto::JobAction::Vacate, args),
         Command::Wait(args) => cmd_jobs::wait(args),
         Command::Logs(args) => cmd_jobs::logs(args),
         Command::Fetch(args) => cmd_jobs::fetch(args),

@@ -118,17 +118,38 @@ pub async fn heartbeat(
     Body(req): Body<HeartbeatRequest>,
 ) -> Result<Json<HeartbeatResponse>> {
     let name = node(&p)?;
-    let (revoked, pending) = shared.call(|e| {
+    let (resp, pending) = shared.call(|e| {
         let now = now_ms();
-        let revoked = e.heartbeat(name, &req.leases, req.draining, now);
-        if revoked.is_ok() {
+        let resp = e.heartbeat(name, &req.leases, req.draining, now);
+        if resp.is_ok() {
             e.hand_back(name, &req.returned, now);
             e.set_cache(name, req.cache);
         }
-        revoked
+        resp
     });
     shared.finish(pending).await?;
-    Ok(Json(HeartbeatResponse { revoked: revoked? }))
+    Ok(Json(resp?))
+}
+
+/// A node's checkpoint of a job it runs: recorded (durably, before the answer) only under the
+/// job's current lease and only when every part is a blob the pool holds.
+pub async fn checkpoint(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Body(req): Body<CheckpointRequest>,
+) -> Result<StatusCode> {
+    let name = node(&p)?;
+    if let Some(f) = req.checkpoint.parts().find(|f| !is_confined_path(&f.path) || !shared.blobs.has(&f.blob)) {
+        return Err(crate::engine::ApiError::BadRequest(format!(
+            "checkpoint part `{}` is not confined or its blob is not uploaded",
+            f.path
+        ))
+        .into());
+    }
+    let (done, pending) = shared.call(|e| e.checkpoint(name, &req, now_ms()));
+    shared.finish(pending).await?;
+    done?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn report(

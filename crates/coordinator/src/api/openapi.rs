@@ -20,7 +20,7 @@ use super::overview::Overview;
     paths(
         jobs_submit, jobs_list, jobs_actions, jobs_result, jobs_wait,
         dags_submit, dags_list, dags_get, dags_rm,
-        nodes_list, nodes_register, nodes_lease, nodes_heartbeat, nodes_report, nodes_deregister,
+        nodes_list, nodes_register, nodes_lease, nodes_heartbeat, nodes_report, nodes_checkpoint, nodes_deregister,
         blobs_get, blobs_head, blobs_put,
         tokens_add, tokens_list, tokens_revoke, consoles_open,
         users_list, users_settings, events_stream, overview_get,
@@ -207,6 +207,21 @@ op!(
     request_body = ReportRequest,
     responses(
         (status = 200, description = "an attempt's end recorded (node token only)", body = ReportResponse),
+        Errors
+    )
+);
+op!(
+    nodes_checkpoint,
+    post,
+    path = "/v1/nodes/checkpoint",
+    tag = "nodes",
+    request_body = CheckpointRequest,
+    responses(
+        (
+            status = 204,
+            description =
+                "the job's latest checkpoint recorded, durably (node token only; every part must be uploaded first)"
+        ),
         Errors
     )
 );

@@ -101,8 +101,8 @@ fn a_lost_nodes_queued_jobs_go_back_to_the_pool_and_its_late_results_are_refused
     assert_eq!(on_b.len(), 1);
     // b keeps heartbeating its lease; a goes silent and is declared lost.
     let held: Vec<LeaseId> = on_b.iter().map(|l| LeaseId { job_id: l.job_id, epoch: l.epoch }).collect();
-    assert!(e.heartbeat("b", &held, false, 900).unwrap().is_empty());
-    assert!(e.heartbeat("b", &held, false, 1500).unwrap().is_empty());
+    assert!(e.heartbeat("b", &held, false, 900).unwrap().revoked.is_empty());
+    assert!(e.heartbeat("b", &held, false, 1500).unwrap().revoked.is_empty());
     e.tick(1500);
     assert!(placement(&e).iter().all(|p| p != "a"));
     assert_eq!(e.report("b", vec![exited(&on_b[0], 0)], 1500).unwrap().accepted.len(), 1);

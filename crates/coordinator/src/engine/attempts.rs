@@ -19,6 +19,7 @@ impl Job {
             started_ms: self.started_ms,
             ended_ms: Some(self.finished_ms.unwrap_or(now)),
             outcome,
+            resumed_from: self.ck.as_ref().and_then(|c| c.resumed_from),
         };
         if self.history.len() >= MAX_PAST_ATTEMPTS {
             self.history.remove(0);
@@ -45,6 +46,7 @@ impl Engine {
                 started_ms: j.started_ms,
                 ended_ms: if running { None } else { j.finished_ms },
                 outcome,
+                resumed_from: j.ck.as_ref().and_then(|c| c.resumed_from),
             });
         }
         all

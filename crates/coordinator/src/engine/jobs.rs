@@ -110,6 +110,7 @@ impl Engine {
             result: if with_result { j.result.as_deref().cloned() } else { None },
             set_result: with_result,
             history: j.history.clone(),
+            checkpoint: j.ck.clone(),
         };
         self.store(Op::Job(row));
         self.wake_waiters();
@@ -132,8 +133,12 @@ impl Engine {
         if !p.may_see(&j.owner) {
             return Err(format!("job {id} belongs to {}, not {}", j.owner, p.owner()));
         }
+        if action == JobAction::Vacate {
+            return self.vacate(id);
+        }
         let state = j.state;
         let allowed = match (action, state) {
+            (JobAction::Vacate, _) => false,
             (JobAction::Rm, s) => !s.is_final(),
             (JobAction::Hold, s) => matches!(s, JobState::Idle | JobState::Running),
             (JobAction::Release, s) => s == JobState::Held,
@@ -153,8 +158,11 @@ impl Engine {
         };
         j.end_attempt(now, outcome);
         j.node = None;
+        j.vacating = false;
         match action {
+            JobAction::Vacate => unreachable!("vacate is handled above"),
             JobAction::Rm => {
+                j.ck = None;
                 j.state = JobState::Removed;
                 j.reason = Some(format!("removed by {}", p.owner()));
                 j.finished_ms = Some(now);
@@ -205,6 +213,7 @@ impl Engine {
             j.end_attempt(now, why.clone());
         }
         let lost_node = j.node.take();
+        j.vacating = false;
         let ssi = self.specs.get(&j.spec_id).is_some_and(|s| s.spec.ssi.is_some());
         if delivered && ssi {
             j.state = JobState::Held;
@@ -327,6 +336,9 @@ impl Engine {
         if let RunReport::HostFailed { reason } = &r.run {
             return self.requeue(id, now, format!("node {node_name} could not run it: {reason}"));
         }
+        if let RunReport::Vacated { seq } = r.run {
+            return self.vacated(id, seq, now);
+        }
         self.release_resources(id, now);
         let j = self.jobs.get_mut(&id).expect("reported jobs exist");
         j.result = Some(Box::new(StoredResult {
@@ -345,8 +357,14 @@ impl Engine {
                 (Some(reason.clone()), (JobState::Held, None, Some(format!("{failure}: {reason}"))))
             }
             RunReport::BadJob { reason } => (None, (JobState::Held, None, Some(format!("bad job: {reason}")))),
-            RunReport::HostFailed { .. } => unreachable!("handled above"),
+            RunReport::HostFailed { .. } | RunReport::Vacated { .. } => unreachable!("handled above"),
         };
+        // A retry is a new run from the beginning; a finished job needs no checkpoint (its last
+        // attempt still says what it resumed from).
+        if let Some(ck) = j.ck.as_deref_mut() {
+            ck.latest = None;
+        }
+        j.vacating = false;
         match retry {
             Some(why) if j.retries < max_retries => {
                 j.retries += 1;
@@ -396,6 +414,9 @@ impl Job {
             result: None,
             history: Vec::new(),
             counted: JobState::Idle,
+            ck: None,
+            vacating: false,
+            avoid: None,
         }
     }
 }
@@ -416,7 +437,7 @@ fn plain_reason(mut r: Report) -> Report {
         RunReport::GuestFailed { reason, .. } | RunReport::BadJob { reason } | RunReport::HostFailed { reason } => {
             clean(reason)
         }
-        RunReport::Exited { .. } => {}
+        RunReport::Exited { .. } | RunReport::Vacated { .. } => {}
     }
     r
 }

@@ -110,6 +110,9 @@ impl Engine {
             result: row.result.map(Box::new),
             history: row.history,
             counted: state,
+            ck: row.checkpoint,
+            vacating: false,
+            avoid: None,
         };
         self.by_state[state as usize] += 1;
         self.next_job = self.next_job.max(job.id + 1);

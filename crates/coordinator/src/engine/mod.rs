@@ -8,6 +8,7 @@
 //! idle → running → completed | held | removed; a failed run goes back to idle while retries last.
 
 pub(crate) mod attempts;
+mod checkpoints;
 mod counts;
 pub use counts::Counts;
 mod dag;
@@ -23,6 +24,8 @@ pub use fair::{DEFAULT_HALF_LIFE_MS, USAGE_SAVE_MS};
 pub use schedule::Snapshot;
 #[cfg(test)]
 mod ahead_tests;
+#[cfg(test)]
+mod checkpoint_tests;
 #[cfg(test)]
 mod page_tests;
 #[cfg(test)]
@@ -187,6 +190,13 @@ struct Job {
     history: Vec<AttemptView>,
     /// The state `Engine::by_state` counts this job in (brought up to `state` on each persist).
     counted: JobState,
+    /// A QEMU job's latest complete checkpoint, and what its current attempt resumed from.
+    ck: Option<Box<crate::store::StoredCheckpoint>>,
+    /// `vmgrid vacate` asked for a checkpoint and a move; its node hears it with its heartbeat.
+    vacating: bool,
+    /// A vacated job is not placed on the node it left until this time (ms), if another can
+    /// take it meanwhile (kept in memory only).
+    avoid: Option<(Arc<str>, u64)>,
 }
 
 struct SpecEntry {
@@ -606,6 +616,11 @@ impl Engine {
             stderr_dropped: r.stderr_dropped,
             outputs: r.outputs,
             history: self.attempt_views(j),
+            checkpoint: j.ck.as_ref().and_then(|c| c.latest.as_ref()).map(|c| CheckpointView {
+                seq: c.seq,
+                guest_s: c.guest_s,
+                console: c.console.clone(),
+            }),
             spec: self.specs.get(&j.spec_id).map(|s| {
                 let mut spec = s.spec.clone();
                 if let Some(ssi) = &mut spec.ssi {

@@ -95,7 +95,8 @@ impl Engine {
             j.lease_deadline_ms = now + self.timing.lease_ttl_ms;
             let latency = now.saturating_sub(j.submitted_ms);
             let spec = &self.specs[&j.spec_id].spec;
-            out.push(Lease { job_id: id, epoch: j.epoch, index: j.index, spec: spec.with_index(j.index) });
+            let resume = j.ck.as_ref().and_then(|c| c.latest.clone());
+            out.push(Lease { job_id: id, epoch: j.epoch, index: j.index, spec: spec.with_index(j.index), resume });
             self.count_dispatch(latency);
         }
         out
@@ -166,7 +167,7 @@ impl Engine {
         leases: &[LeaseId],
         draining: bool,
         now: u64,
-    ) -> Result<Vec<LeaseId>, ApiError> {
+    ) -> Result<HeartbeatResponse, ApiError> {
         self.live_node(name, now)?;
         let node = self.nodes.get_mut(name).expect("live");
         if node.silent {
@@ -183,16 +184,19 @@ impl Engine {
             }
         }
         let ttl = self.timing.lease_ttl_ms;
-        let mut revoked = Vec::new();
+        let (mut revoked, mut vacate) = (Vec::new(), Vec::new());
         for l in leases {
             match self.jobs.get_mut(&l.job_id) {
                 Some(j) if j.state == JobState::Running && j.epoch == l.epoch && j.node.as_deref() == Some(name) => {
                     j.lease_deadline_ms = now + ttl;
+                    if j.vacating {
+                        vacate.push(*l);
+                    }
                 }
                 _ => revoked.push(*l),
             }
         }
-        Ok(revoked)
+        Ok(HeartbeatResponse { revoked, vacate })
     }
 
     /// What node `name` says of its blob cache (kept in memory: each heartbeat says it again).

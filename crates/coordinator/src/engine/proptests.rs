@@ -251,8 +251,8 @@ impl Pool {
             Step::Heartbeat { node, draining } => {
                 let name = NODES[*node];
                 let held: Vec<LeaseId> = self.leases.iter().filter(|(n, _)| n == name).map(|(_, l)| *l).collect();
-                if let Ok(revoked) = e.heartbeat(name, &held, *draining, now) {
-                    for l in revoked {
+                if let Ok(resp) = e.heartbeat(name, &held, *draining, now) {
+                    for l in resp.revoked {
                         assert!(e.stale_lease(name, l).is_some(), "heartbeat revoked the current lease {l:?}");
                     }
                 }

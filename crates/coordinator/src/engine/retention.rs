@@ -113,6 +113,9 @@ impl Engine {
                     used.insert(&f.blob);
                 }
             }
+            if let Some(ck) = j.ck.as_ref().and_then(|c| c.latest.as_ref()) {
+                used.extend(ck.parts().map(|f| f.blob.as_str()));
+            }
         }
         self.blobs
             .iter()

@@ -21,20 +21,23 @@ const SHARED_PER_PASS: usize = 256;
 #[derive(Default)]
 pub struct Snapshot {
     /// The ready nodes; each shares its node's ad (an `Arc`), not a copy of it.
-    slots: Vec<NodeSlot>,
+    pub(super) slots: Vec<NodeSlot>,
     /// Idle jobs asking for cpus, oldest first, and time-shared ones.
-    batch: Vec<IdleJob>,
+    pub(super) batch: Vec<IdleJob>,
     shared: Vec<IdleJob>,
     clusters: HashMap<u64, Arc<SpecEntry>>,
     /// The users of those jobs (`IdleJob::user` indexes this).
     users: Vec<UserShare>,
     /// Per slot, the cpus and memory its lease-ahead can still take beyond its free cpus.
     ahead: Vec<(u32, u64)>,
+    /// Jobs just vacated from a node (`vmgrid vacate`), with the slot of that node: placed after
+    /// the batch, anywhere but there.
+    pub(super) avoiding: Vec<(IdleJob, usize)>,
 }
 
 impl Snapshot {
     pub fn is_empty(&self) -> bool {
-        self.batch.is_empty() && self.shared.is_empty()
+        self.batch.is_empty() && self.shared.is_empty() && self.avoiding.is_empty()
     }
 
     /// The matchmaker's decision (this is where requirements and rank are evaluated). Batch jobs
@@ -44,6 +47,16 @@ impl Snapshot {
         let clusters = &self.clusters;
         let lookup = |c: u64| clusters.get(&c).map(|s| &s.cluster);
         let mut d = vmgrid_scheduler::place(&mut self.slots, lookup, &self.users, self.batch.iter());
+        for (job, avoid) in &self.avoiding {
+            let slot = &mut self.slots[*avoid];
+            let kept = (slot.free_cpus, slot.free_memory_mb);
+            (slot.free_cpus, slot.free_memory_mb) = (0, 0);
+            let more = vmgrid_scheduler::place(&mut self.slots, lookup, &self.users, std::iter::once(job));
+            (self.slots[*avoid].free_cpus, self.slots[*avoid].free_memory_mb) = kept;
+            d.placements.extend(more.placements);
+            d.evaluated.extend(more.evaluated);
+            d.waiting.extend(more.waiting);
+        }
         // Lease-ahead, only for what no free cpu took: a job is queued behind a busy node's
         // running jobs only when no node that matches it has a cpu free now.
         // (On a copy: time-shared jobs below start at once, so they see only free memory.)
@@ -135,6 +148,7 @@ impl Engine {
             into.extend(ids.iter().take(take).map(|&id| IdleJob { id, cluster: spec_id, user, priority }));
             snap.clusters.insert(spec_id, entry.clone());
         }
+        self.set_aside_avoiding(&mut snap, now);
         let mut by_index: Vec<(&Arc<str>, u32)> = owners.iter().map(|(k, &v)| (k, v)).collect();
         by_index.sort_unstable_by_key(|&(_, v)| v);
         snap.users = self.shares(by_index.into_iter().map(|(k, _)| k), now);
@@ -218,6 +232,11 @@ impl Engine {
         j.epoch += 1;
         j.attempts += 1;
         j.reason = None;
+        j.avoid = None;
+        // Its new attempt resumes from its latest checkpoint, if it has one.
+        if let Some(ck) = j.ck.as_deref_mut() {
+            ck.resumed_from = ck.latest.as_ref().map(|c| c.seq);
+        }
         j.lease_deadline_ms = now + self.timing.lease_ttl_ms;
         self.unset_idle(id);
         let n = self.nodes.get_mut(name).expect("placed on a known node");

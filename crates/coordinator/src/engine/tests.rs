@@ -31,6 +31,7 @@ pub(crate) fn spec(max_retries: u32) -> JobSpec {
         rank: None,
         max_retries,
         priority: 0,
+        checkpoint_s: None,
         ssi: None,
     }
 }
@@ -483,6 +484,7 @@ fn stored_job(id: u64, spec_id: u64, state: JobState, node: Option<&str>) -> Sto
             result: None,
             set_result: false,
             history: Vec::new(),
+            checkpoint: None,
         },
     }
 }

@@ -256,6 +256,31 @@ pub struct JobRow {
     pub set_result: bool,
     /// The attempts that ended before the latest one, oldest first (stored as JSON, NULL when none).
     pub history: Vec<vmgrid_proto::AttemptView>,
+    /// Its latest complete checkpoint and what its current attempt resumed from (JSON, NULL
+    /// when it has neither).
+    pub checkpoint: Option<Box<StoredCheckpoint>>,
+}
+
+/// A QEMU job's checkpoints as the pool keeps them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoredCheckpoint {
+    /// The latest complete checkpoint (all its parts were in the pool when it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest: Option<vmgrid_proto::Checkpoint>,
+    /// The checkpoint the job's current attempt resumed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<u64>,
+}
+
+/// A job's checkpoint as the stores keep it: JSON, or NULL.
+pub fn checkpoint_column(c: &Option<Box<StoredCheckpoint>>) -> Option<String> {
+    c.as_ref().map(|c| serde_json::to_string(c).expect("a checkpoint serializes"))
+}
+
+/// A stored checkpoint read back; one that does not parse is dropped (the job then starts over,
+/// which is always correct, only slower).
+pub fn checkpoint_from_column(c: Option<String>) -> Option<Box<StoredCheckpoint>> {
+    c.and_then(|s| serde_json::from_str(&s).ok())
 }
 
 /// A job's past attempts as the stores keep them: JSON, or NULL when there are none.

@@ -8,7 +8,8 @@ use vmgrid_proto::{DagState, JobState, NodeState};
 
 use super::{
     DagNodeRow, DagRow, JobRow, Loaded, NodeRun, Op, Store, StoreError, StoredBlob, StoredJob, StoredNode,
-    StoredResult, StoredUser, TokenRole, TokenRow, history_column, history_from_column,
+    StoredResult, StoredUser, TokenRole, TokenRow, checkpoint_column, checkpoint_from_column, history_column,
+    history_from_column,
 };
 
 /// The schema as it was first released (version 1); [`MIGRATIONS`] take it to the current one.
@@ -55,6 +56,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE jobs ADD COLUMN history TEXT;",
     // 8: the last hour of the pool, a row a minute (the dashboard's chart).
     "CREATE TABLE samples (minute_ms INTEGER PRIMARY KEY, completed INTEGER NOT NULL, queued INTEGER NOT NULL);",
+    // 9: a QEMU job's latest complete checkpoint, and what its current attempt resumed from (JSON).
+    "ALTER TABLE jobs ADD COLUMN checkpoint TEXT;",
 ];
 
 /// Raises a counter of the `meta` table to at least `value`.
@@ -173,7 +176,7 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
     l.specs =
         st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
     let mut st = conn.prepare(
-        "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result, started_ms, history FROM jobs ORDER BY id",
+        "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result, started_ms, history, checkpoint FROM jobs ORDER BY id",
     )?;
     l.jobs = st.query_map([], stored_job)?.collect::<Result<_, _>>()?;
     let mut st = conn.prepare("SELECT hash, owner, size, created_ms FROM blobs")?;
@@ -311,6 +314,7 @@ fn stored_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredJob> {
             result: result.and_then(|j| serde_json::from_str::<StoredResult>(&j).ok()),
             set_result: false,
             history: history_from_column(r.get(16)?),
+            checkpoint: checkpoint_from_column(r.get(17)?),
         },
     })
 }
@@ -340,7 +344,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         }
         Op::Job(j) => {
             let mut st = tx.prepare_cached(
-                "UPDATE jobs SET state = ?2, node = ?3, epoch = ?4, attempts = ?5, retries = ?6, losses = ?7, exit_code = ?8, reason = ?9, finished_ms = ?10, result = CASE WHEN ?12 THEN ?11 ELSE result END, started_ms = ?13, history = ?14 WHERE id = ?1",
+                "UPDATE jobs SET state = ?2, node = ?3, epoch = ?4, attempts = ?5, retries = ?6, losses = ?7, exit_code = ?8, reason = ?9, finished_ms = ?10, result = CASE WHEN ?12 THEN ?11 ELSE result END, started_ms = ?13, history = ?14, checkpoint = ?15 WHERE id = ?1",
             )?;
             let result = j.result.as_ref().map(|r| serde_json::to_string(r).expect("a result serializes"));
             st.execute(params![
@@ -357,7 +361,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
                 result,
                 j.set_result,
                 j.started_ms.map(|x| x as i64),
-                history_column(&j.history)
+                history_column(&j.history),
+                checkpoint_column(&j.checkpoint)
             ])?;
         }
         Op::Node { name, ad_json, cred_hash, state } => {

@@ -197,3 +197,17 @@ fn a_priority_out_of_range_names_its_line() {
     assert_eq!(msg, "`priority` is 5000, but must be between -1000 and 1000");
     assert_eq!(parse("[vm]\ntype = \"wasm\"\nimage = \"a.wasm\"\n").unwrap().policy.priority, 0);
 }
+
+#[test]
+fn checkpoints_are_for_qemu_jobs_with_an_interval_in_range() {
+    let (line, col, msg) = invalid("[vm]\ntype = \"wasm\"\nimage = \"a.wasm\"\n[policy]\ncheckpoint_s = 60\n");
+    assert_eq!((line, col), (5, 16));
+    assert!(msg.starts_with("wasm jobs cannot be checkpointed: wasmtime has no API"), "{msg}");
+    let (_, _, msg) = invalid("[vm]\ntype = \"jvm\"\nimage = \"a.jar\"\n[policy]\ncheckpoint_s = 60\n");
+    assert!(msg.starts_with("jvm jobs cannot be checkpointed"), "{msg}");
+    let qemu = "[vm]\ntype = \"qemu\"\nkernel = \"k\"\n[policy]\ncheckpoint_s = ";
+    let (_, _, msg) = invalid(&format!("{qemu}1\n"));
+    assert_eq!(msg, "`checkpoint_s` is 1, but must be between 2 and 604800");
+    assert_eq!(parse(&format!("{qemu}60\n")).unwrap().policy.checkpoint_s, Some(60));
+    assert_eq!(parse("[vm]\ntype = \"qemu\"\nkernel = \"k\"\n").unwrap().policy.checkpoint_s, None);
+}

@@ -66,3 +66,25 @@ pub fn overlay(image: &Path, scratch: &Path) -> Result<PathBuf, RunError> {
     }
     Ok(overlay)
 }
+
+/// Puts a checkpoint's overlay back on top of this node's copy of the image (the same content,
+/// by hash, at another path): only the overlay's header changes.
+pub fn rebase(overlay: &Path, image: &Path) -> Result<PathBuf, RunError> {
+    let image = std::fs::canonicalize(image)
+        .map_err(|e| RunError::BadJob(format!("the image `{}` cannot be read: {e}", image.display())))?;
+    let format = format_of(&image)?;
+    let qemu_img = find_qemu_img()?;
+    let out = Command::new(&qemu_img)
+        .args(["rebase", "-q", "-u", "-f", "qcow2", "-F", &format, "-b"])
+        .arg(&image)
+        .arg(overlay)
+        .output()
+        .map_err(|e| RunError::host(format!("cannot run {}", qemu_img.display()), e))?;
+    if !out.status.success() {
+        return Err(RunError::Host(format!(
+            "cannot put the checkpoint's overlay on the image: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(overlay.to_path_buf())
+}

@@ -15,6 +15,11 @@ use vmgrid_job::{Job, Network};
 use super::{Accel, Caps, DropRoot, MOUNT_TAG, caps, find_qemu, kernel_cmdline};
 use crate::{RunError, tools};
 
+/// The fw_cfg file in which a checkpointed job's guest finds the checkpoint it last resumed from
+/// (`/sys/firmware/qemu_fw_cfg/by_name/opt/vmgrid/resumed/raw` in Linux): it is set by each
+/// QEMU, not saved with the VM, so it changes when the VM moves.
+pub const RESUMED_FW_CFG: &str = "opt/vmgrid/resumed";
+
 /// The unprivileged user QEMU runs as when vmgrid is root.
 pub const UNPRIVILEGED_USER: &str = "nobody";
 
@@ -104,6 +109,13 @@ pub(crate) struct Launch<'a> {
     /// The job directory, canonical.
     pub job_dir: &'a Path,
     pub overlay: Option<&'a Path>,
+    /// A checkpointed job's directory, as a disk ([`super::jobdisk`]) in place of the 9p share.
+    pub job_disk: Option<&'a Path>,
+    /// Wait for a checkpoint's state (`-incoming defer`) instead of booting.
+    pub incoming: bool,
+    /// For a checkpointed job: the checkpoint this run resumes from (0 for a fresh start), which
+    /// the guest reads from fw_cfg (`opt/vmgrid/resumed`, ten digits).
+    pub resumed: u64,
     pub qmp: &'a Path,
     pub accel: Accel,
     pub launcher: &'a Launcher,
@@ -123,16 +135,32 @@ pub(crate) fn args(l: &Launch<'_>) -> Vec<OsString> {
     push(&["-qmp", &format!("unix:{},server=on,wait=off", opt_path(l.qmp))]);
     let sandbox = l.launcher.sandbox_args();
     push(&sandbox.iter().map(String::as_str).collect::<Vec<_>>());
-    let fsdev = format!("local,id=job,path={},security_model=mapped-xattr,multidevs=remap", opt_path(l.job_dir));
-    push(&["-fsdev", &fsdev]);
-    push(&["-device", &format!("virtio-9p-pci,fsdev=job,mount_tag={MOUNT_TAG}")]);
+    if l.job_disk.is_none() {
+        let fsdev = format!("local,id=job,path={},security_model=mapped-xattr,multidevs=remap", opt_path(l.job_dir));
+        push(&["-fsdev", &fsdev]);
+        push(&["-device", &format!("virtio-9p-pci,fsdev=job,mount_tag={MOUNT_TAG}")]);
+    }
     let drop_root = l.launcher.drop_root_args();
     push(&drop_root.iter().map(String::as_str).collect::<Vec<_>>());
-    if l.accel == Accel::Kvm {
-        push(&["-cpu", "host"]);
+    // A checkpointed VM may resume on another host: a CPU model every x86 host has.
+    match (l.accel, l.job_disk.is_some()) {
+        (_, true) => push(&["-cpu", "qemu64"]),
+        (Accel::Kvm, false) => push(&["-cpu", "host"]),
+        (Accel::Tcg, false) => {}
     }
     if let Some(o) = l.overlay {
         push(&["-drive", &format!("file={},format=qcow2,if=virtio", opt_path(o))]);
+    }
+    if let Some(d) = l.job_disk {
+        let serial = super::jobdisk::SERIAL;
+        push(&["-drive", &format!("file={},format=qcow2,if=none,id=jobdisk", opt_path(d))]);
+        push(&["-device", &format!("virtio-blk-pci,drive=jobdisk,serial={serial}")]);
+    }
+    if l.job_disk.is_some() {
+        push(&["-fw_cfg", &format!("name={RESUMED_FW_CFG},string={:010}", l.resumed)]);
+    }
+    if l.incoming {
+        push(&["-incoming", "defer"]);
     }
     if let Some(k) = &job.vm.kernel {
         a.push("-kernel".into());
@@ -142,7 +170,7 @@ pub(crate) fn args(l: &Launch<'_>) -> Vec<OsString> {
             a.push(i.into());
         }
         a.push("-append".into());
-        a.push(kernel_cmdline(job).into());
+        a.push(kernel_cmdline(job, l.job_disk.is_some()).into());
     }
     match job.vm.network {
         Network::None => a.extend(["-nic".into(), "none".into()]),

@@ -8,7 +8,10 @@
 
 pub mod accel;
 pub mod caps;
+pub mod checkpoint;
+mod ckrun;
 pub mod image;
+pub mod jobdisk;
 pub mod launch;
 pub mod qmp;
 
@@ -50,6 +53,9 @@ pub fn usable() -> Result<Launcher, RunError> {
 }
 
 pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, RunError> {
+    if let Some(ck) = req.checkpoint {
+        return ckrun::run(req, config, ck);
+    }
     let job = req.job;
     for (what, p) in [("kernel", &job.vm.kernel), ("initrd", &job.vm.initrd), ("image", &job.vm.image)] {
         if let Some(p) = p
@@ -71,8 +77,17 @@ pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, Ru
     let qmp = scratch.path().join("qmp.sock");
     let _ = std::fs::remove_file(job_dir.join(EXIT_FILE));
     let accel = accel::choose(&launcher.qemu, &config.cache_dir);
-    let launch =
-        launch::Launch { job, job_dir: &job_dir, overlay: overlay.as_deref(), qmp: &qmp, accel, launcher: &launcher };
+    let launch = launch::Launch {
+        job,
+        job_dir: &job_dir,
+        overlay: overlay.as_deref(),
+        job_disk: None,
+        incoming: false,
+        resumed: 0,
+        qmp: &qmp,
+        accel,
+        launcher: &launcher,
+    };
     let mut cmd = launcher.command(&launch::args(&launch));
     tracing::debug!(?cmd, "starting qemu");
 
@@ -98,7 +113,7 @@ pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, Ru
 
 /// What a VM's end means: the guest's own outcome, a limit, or QEMU's failure (the job's, when
 /// QEMU named one of its files).
-fn outcome(
+pub(crate) fn outcome(
     req: &RunRequest<'_>,
     status: Option<std::process::ExitStatus>,
     stdout: &crate::Captured,
@@ -128,7 +143,7 @@ fn outcome(
 }
 
 /// Asks QEMU to quit over QMP, then kills it if it has not gone within the grace period.
-fn stop(vm: &mut Supervised, qmp_path: &Path) {
+pub(crate) fn stop(vm: &mut Supervised, qmp_path: &Path) {
     let asked =
         qmp::Qmp::connect(qmp_path, Duration::from_secs(1)).and_then(|mut q| q.execute("quit", serde_json::json!({})));
     if let Err(e) = &asked {
@@ -176,12 +191,16 @@ fn guest_outcome(job_dir: &Path, console: &[u8]) -> Outcome {
     }
 }
 
-/// The job's `append`, then `panic=-1` (so a panic ends the VM at once), then env as `KEY=VALUE`
-/// and args after `--`: Linux hands both to init as its environment and argv.
-pub fn kernel_cmdline(job: &Job) -> String {
+/// The job's `append`, then `panic=-1` (so a panic ends the VM at once), then (for a job whose
+/// directory is a disk, [`jobdisk`]) `vmgrid.job=disk`, then env as `KEY=VALUE` and args after
+/// `--`: Linux hands both to init as its environment and argv.
+pub fn kernel_cmdline(job: &Job, job_disk: bool) -> String {
     let mut line = job.vm.append.clone().unwrap_or_else(|| "console=ttyS0".into());
     if !line.split_whitespace().any(|w| w.starts_with("panic=")) {
         line.push_str(" panic=-1");
+    }
+    if job_disk {
+        line.push_str(" vmgrid.job=disk");
     }
     let quote = |s: &str| {
         if s.is_empty() || s.contains([' ', '\t']) { format!("\"{s}\"") } else { s.to_string() }
@@ -207,7 +226,7 @@ mod tests {
     fn cmdline_carries_env_and_args_and_ends_panics() {
         let text = "[vm]\ntype = \"qemu\"\nkernel = \"k\"\nappend = \"console=ttyS0 quiet\"\nargs = [\"sh\", \"-c\", \"echo hi there\"]\nenv = { MODE = \"fast\" }\n";
         let job = vmgrid_job::parse_job(Path::new("j.toml"), text).unwrap();
-        assert_eq!(kernel_cmdline(&job), "console=ttyS0 quiet panic=-1 MODE=fast -- sh -c \"echo hi there\"");
+        assert_eq!(kernel_cmdline(&job, false), "console=ttyS0 quiet panic=-1 MODE=fast -- sh -c \"echo hi there\"");
     }
 
     #[test]

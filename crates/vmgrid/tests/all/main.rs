@@ -5,6 +5,7 @@ mod util;
 
 mod ahead;
 mod appliance;
+mod checkpoint;
 mod dag;
 mod dashboard;
 mod failover;

@@ -211,6 +211,11 @@ impl Pool {
 
     /// Like [`Pool::start_node`], with more `vmgrid node` flags.
     pub fn start_node_with(&mut self, name: &str, cpus: u32, extra: &[&str]) {
+        self.start_node_env(name, cpus, extra, &[]);
+    }
+
+    /// Like [`Pool::start_node_with`], with more environment variables for the node.
+    pub fn start_node_env(&mut self, name: &str, cpus: u32, extra: &[&str], env: &[(&str, &str)]) {
         let child = Command::new(assert_cmd::cargo::cargo_bin("vmgrid"))
             .args(["node", "--pool", &self.url, "--name", name, "--cpus", &cpus.to_string(), "--drain-timeout-s", "10"])
             .args(extra)
@@ -219,6 +224,7 @@ impl Pool {
             .arg("--cache-dir")
             .arg(self.dir.path().join(format!("node-{name}")))
             .env("VMGRID_ACCEL", "tcg")
+            .envs(env.iter().copied())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();

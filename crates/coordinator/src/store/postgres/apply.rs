@@ -113,7 +113,7 @@ pub fn apply(tx: &mut Tx<'_, '_>, op: &Op) -> R {
 fn update_job(tx: &mut Tx<'_, '_>, j: &JobRow) -> R {
     let result = j.result.as_ref().map(|r| serde_json::to_string(r).expect("a result serializes"));
     tx.exec(
-        "UPDATE jobs SET state = $2, node = $3, epoch = $4, attempts = $5, retries = $6, losses = $7, exit_code = $8, reason = $9, finished_ms = $10, result = CASE WHEN $12 THEN $11 ELSE result END, started_ms = $13, history = $14 WHERE id = $1",
+        "UPDATE jobs SET state = $2, node = $3, epoch = $4, attempts = $5, retries = $6, losses = $7, exit_code = $8, reason = $9, finished_ms = $10, result = CASE WHEN $12 THEN $11 ELSE result END, started_ms = $13, history = $14, checkpoint = $15 WHERE id = $1",
         &[
             &(j.id as i64),
             &j.state.as_str(),
@@ -129,6 +129,7 @@ fn update_job(tx: &mut Tx<'_, '_>, j: &JobRow) -> R {
             &j.set_result,
             &opt(j.started_ms),
             &crate::store::history_column(&j.history),
+            &crate::store::checkpoint_column(&j.checkpoint),
         ],
     )?;
     Ok(())

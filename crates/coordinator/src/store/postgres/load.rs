@@ -49,7 +49,7 @@ pub fn load(tx: &mut Transaction<'_>) -> Result<Loaded, postgres::Error> {
         tx.query("SELECT id, owner, json FROM specs", &[])?.iter().map(|r| (u(r, 0), r.get(1), r.get(2))).collect();
     l.jobs = tx
         .query(
-            "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result, started_ms, history FROM jobs ORDER BY id",
+            "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result, started_ms, history, checkpoint FROM jobs ORDER BY id",
             &[],
         )?
         .iter()
@@ -176,6 +176,7 @@ fn stored_job(r: &Row) -> StoredJob {
             result: result.and_then(|j| serde_json::from_str::<StoredResult>(&j).ok()),
             set_result: false,
             history: crate::store::history_from_column(r.get(16)),
+            checkpoint: crate::store::checkpoint_from_column(r.get(17)),
         },
     }
 }

@@ -44,6 +44,7 @@ CREATE TABLE active (id INTEGER PRIMARY KEY CHECK (id = 1), url TEXT NOT NULL, s
 ",
     "ALTER TABLE jobs ADD COLUMN history TEXT;",
     "CREATE TABLE samples (minute_ms BIGINT PRIMARY KEY, completed BIGINT NOT NULL, queued BIGINT NOT NULL);",
+    "ALTER TABLE jobs ADD COLUMN checkpoint TEXT;",
 ];
 
 /// The schema version this coordinator writes.

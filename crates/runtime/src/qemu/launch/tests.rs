@@ -21,6 +21,9 @@ fn line(job: &Job, launcher: &Launcher) -> Vec<String> {
         job,
         job_dir: Path::new("/work/job,dir"),
         overlay: Some(Path::new("/tmp/s/overlay.qcow2")),
+        job_disk: None,
+        incoming: false,
+        resumed: 0,
         qmp: Path::new("/tmp/s/qmp.sock"),
         accel: Accel::Tcg,
         launcher,
@@ -125,4 +128,35 @@ fn nobody_is_found_in_the_user_database() {
     let (uid, _) = user_ids("nobody").unwrap().expect("Debian has nobody");
     assert_eq!(uid, 65534);
     assert_eq!(user_ids("no-such-user-vmgrid").unwrap(), None);
+}
+
+#[test]
+fn a_checkpointed_job_gets_its_directory_as_a_disk_a_portable_cpu_and_may_wait_for_a_state() {
+    let job = kit_job("k", "none");
+    let launcher = launcher(QEMU_10_VERSION, QEMU_10_HELP, true);
+    let launch = Launch {
+        job: &job,
+        job_dir: Path::new("/work/job"),
+        overlay: Some(Path::new("/tmp/s/overlay.qcow2")),
+        job_disk: Some(Path::new("/tmp/s/job,disk.qcow2")),
+        incoming: true,
+        resumed: 7,
+        qmp: Path::new("/tmp/s/qmp.sock"),
+        accel: Accel::Kvm,
+        launcher: &launcher,
+    };
+    let l: Vec<String> = args(&launch).into_iter().map(|a| a.into_string().unwrap()).collect();
+    assert!(!l.iter().any(|a| a == "-fsdev" || a.contains("virtio-9p")), "no 9p share: QEMU cannot migrate one: {l:?}");
+    assert_eq!(value(&l, "-cpu"), "qemu64");
+    assert_eq!(value(&l, "-incoming"), "defer");
+    assert_eq!(value(&l, "-fw_cfg"), "name=opt/vmgrid/resumed,string=0000000007");
+    let drives: Vec<&String> = l.iter().filter(|a| a.starts_with("file=")).collect();
+    assert_eq!(
+        drives,
+        [
+            "file=/tmp/s/overlay.qcow2,format=qcow2,if=virtio",
+            "file=/tmp/s/job,,disk.qcow2,format=qcow2,if=none,id=jobdisk"
+        ]
+    );
+    assert!(l.iter().any(|a| a == "virtio-blk-pci,drive=jobdisk,serial=vmgrid-job"), "{l:?}");
 }

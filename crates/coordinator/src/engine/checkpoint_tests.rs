@@ -1,0 +1,173 @@
+//! Checkpoints in the engine: recorded only under the job's lease and only when complete; a job
+//! that goes back to the pool resumes from its latest; `vacate` moves a job off its node without
+//! counting a loss; a finished job's checkpoint blobs are collectable.
+
+use super::tests::{TIMING, ad, exited, spec};
+use super::*;
+
+fn alice() -> Principal {
+    Principal::User("alice".into())
+}
+
+fn admin() -> Principal {
+    Principal::Admin("root".into())
+}
+
+/// A pool of nodes `a` and `b` (1 cpu each) with one checkpointed job, placed and leased on the
+/// first node the matchmaker picks; returns the engine, the lease and its node.
+fn running_job() -> (Engine, Lease, String) {
+    let mut e = Engine::new(TIMING);
+    for n in ["a", "b"] {
+        let mut ad = ad(n, 1);
+        ad.vm_types.push(VmType::Qemu);
+        e.register(ad, None, false, hash_token(n), 0).unwrap();
+    }
+    let mut s = spec(0);
+    s.vm_type = VmType::Qemu;
+    s.args.clear();
+    s.checkpoint_s = Some(60);
+    e.submit(&alice(), s, 1, 0).unwrap();
+    e.schedule(1);
+    let node = job_node(&e, 1).unwrap();
+    let lease = e.take_leases(&node, 1, 1, 2).pop().unwrap();
+    (e, lease, node)
+}
+
+fn job_node(e: &Engine, id: u64) -> Option<String> {
+    e.job_result(&admin(), id).unwrap().job.node
+}
+
+fn blob(e: &mut Engine, n: u8) -> FileRef {
+    let hash = format!("{n:02x}").repeat(32);
+    e.add_blob(&hash, "node:a", 10, 0);
+    FileRef { path: format!("part-{n}"), blob: hash, size: 10, inline: None }
+}
+
+fn checkpoint(e: &mut Engine, seq: u64) -> Checkpoint {
+    Checkpoint {
+        seq,
+        state: blob(e, 1),
+        job_disk: blob(e, 2),
+        overlay: None,
+        console: Some(blob(e, 3)),
+        accel: "tcg".into(),
+        guest_s: seq as f64 * 60.0,
+    }
+}
+
+fn id(l: &Lease) -> LeaseId {
+    LeaseId { job_id: l.job_id, epoch: l.epoch }
+}
+
+#[test]
+fn a_checkpoint_is_recorded_only_under_the_jobs_lease_complete_and_newer() {
+    let (mut e, lease, node) = running_job();
+    let other = if node == "a" { "b" } else { "a" };
+    let ck = checkpoint(&mut e, 1);
+    let req = |ck: &Checkpoint, lease: LeaseId| CheckpointRequest { lease, checkpoint: ck.clone() };
+    assert!(matches!(e.checkpoint(other, &req(&ck, id(&lease)), 3), Err(ApiError::Conflict(_))), "not its node");
+    let stale = LeaseId { epoch: lease.epoch + 1, ..id(&lease) };
+    assert!(matches!(e.checkpoint(&node, &req(&ck, stale), 3), Err(ApiError::Conflict(_))), "a stale epoch");
+    let mut missing = ck.clone();
+    missing.state.blob = "ee".repeat(32);
+    let err = e.checkpoint(&node, &req(&missing, id(&lease)), 3).unwrap_err();
+    assert!(err.to_string().contains("is not in the pool"), "{err}");
+    e.checkpoint(&node, &req(&ck, id(&lease)), 3).unwrap();
+    assert!(matches!(e.checkpoint(&node, &req(&ck, id(&lease)), 4), Err(ApiError::Conflict(_))), "not newer");
+    assert_eq!(e.job_result(&admin(), 1).unwrap().checkpoint.map(|c| c.seq), Some(1));
+    // A job that did not ask for checkpoints gets none.
+    e.submit(&alice(), spec(0), 1, 5).unwrap();
+    e.schedule(6);
+    let plain_node = job_node(&e, 2).unwrap();
+    let plain = e.take_leases(&plain_node, 1, 1, 7).pop().unwrap();
+    let ck = checkpoint(&mut e, 1);
+    let err = e.checkpoint(&plain_node, &req(&ck, id(&plain)), 8).unwrap_err();
+    assert!(err.to_string().contains("does not ask for checkpoints"), "{err}");
+    e.check_invariants().unwrap();
+}
+
+#[test]
+fn a_job_whose_node_is_lost_resumes_from_its_latest_checkpoint_elsewhere() {
+    let (mut e, lease, node) = running_job();
+    let ck = checkpoint(&mut e, 2);
+    e.checkpoint(&node, &CheckpointRequest { lease: id(&lease), checkpoint: ck.clone() }, 3).unwrap();
+    let other = if node == "a" { "b" } else { "a" };
+    // Only the other node heartbeats: the first is lost and its job placed again.
+    e.heartbeat(other, &[], false, TIMING.node_ttl_ms).unwrap();
+    e.tick(TIMING.node_ttl_ms + 10);
+    e.schedule(TIMING.node_ttl_ms + 11);
+    assert_eq!(job_node(&e, 1).as_deref(), Some(other));
+    let next = e.take_leases(other, 1, 1, TIMING.node_ttl_ms + 12).pop().unwrap();
+    assert_eq!(next.resume, Some(ck), "the lease carries the checkpoint");
+    e.report(other, vec![exited(&next, 0)], TIMING.node_ttl_ms + 20).unwrap();
+    let r = e.job_result(&admin(), 1).unwrap();
+    assert_eq!(r.history.iter().map(|a| a.resumed_from).collect::<Vec<_>>(), [None, Some(2)]);
+    assert_eq!(r.checkpoint, None, "a finished job keeps no checkpoint");
+    e.check_invariants().unwrap();
+}
+
+#[test]
+fn vacate_moves_a_job_to_another_node_from_its_last_checkpoint_without_a_loss() {
+    let (mut e, lease, node) = running_job();
+    let other = if node == "a" { "b" } else { "a" };
+    // Only a running job that takes checkpoints can be vacated.
+    e.submit(&alice(), spec(0), 1, 3).unwrap();
+    let refused = e.action(&alice(), JobAction::Vacate, &[2], 4);
+    assert!(refused.refused[0].1.contains("is idle"), "{refused:?}");
+    e.action(&alice(), JobAction::Rm, &[2], 4);
+    let changed = e.action(&alice(), JobAction::Vacate, &[1], 4);
+    assert_eq!(changed.changed.len(), 1, "{changed:?}");
+    // The node hears it with its heartbeat, takes a last checkpoint and reports the job vacated.
+    let hb = e.heartbeat(&node, &[id(&lease)], false, 5).unwrap();
+    assert_eq!(hb.vacate, [id(&lease)]);
+    let ck = checkpoint(&mut e, 4);
+    e.checkpoint(&node, &CheckpointRequest { lease: id(&lease), checkpoint: ck }, 6).unwrap();
+    let mut vacated = exited(&lease, 0);
+    vacated.run = RunReport::Vacated { seq: 4 };
+    let resp = e.report(&node, vec![vacated], 7).unwrap();
+    assert_eq!(resp.accepted.len(), 1);
+    // Job 1 goes to the other node even though its own is free (in a pass as the coordinator
+    // runs it, which skips an empty snapshot).
+    let mut snap = e.snapshot(8).unwrap();
+    assert!(!snap.is_empty(), "the vacated job is in the pass");
+    let decision = snap.decide();
+    e.apply(&snap, decision, 8);
+    assert_eq!(job_node(&e, 1).as_deref(), Some(other));
+    let r = e.job_result(&admin(), 1).unwrap();
+    assert_eq!(r.job.attempts, 2);
+    assert!(r.history[0].outcome.contains("checkpoint 4 taken and moved off node"), "{:?}", r.history);
+    let j = &e.jobs[&1];
+    assert_eq!((j.losses, j.retries), (0, 0), "a move is not a failure");
+    assert_eq!(e.take_leases(other, 1, 1, 9).pop().unwrap().resume.map(|c| c.seq), Some(4));
+    e.check_invariants().unwrap();
+}
+
+#[test]
+fn a_vacated_report_without_its_checkpoint_recorded_is_a_loss() {
+    let (mut e, lease, node) = running_job();
+    let mut vacated = exited(&lease, 0);
+    vacated.run = RunReport::Vacated { seq: 9 };
+    e.report(&node, vec![vacated], 5).unwrap();
+    let j = &e.jobs[&1];
+    assert_eq!((j.state, j.losses), (JobState::Idle, 1));
+    assert!(j.reason.as_deref().unwrap().contains("checkpoint 9 was not recorded"), "{:?}", j.reason);
+    e.check_invariants().unwrap();
+}
+
+#[test]
+fn only_the_latest_checkpoint_of_an_unfinished_job_holds_its_blobs() {
+    let (mut e, lease, node) = running_job();
+    let first = checkpoint(&mut e, 1);
+    e.checkpoint(&node, &CheckpointRequest { lease: id(&lease), checkpoint: first }, 3).unwrap();
+    let mut second = checkpoint(&mut e, 2);
+    second.state = blob(&mut e, 9);
+    e.checkpoint(&node, &CheckpointRequest { lease: id(&lease), checkpoint: second }, 4).unwrap();
+    let unused = e.unreferenced_blobs(u64::MAX);
+    assert_eq!(unused, ["01".repeat(32)], "the first checkpoint's state went; its other parts are the second's too");
+    e.report(&node, vec![exited(&lease, 0)], 5).unwrap();
+    let mut unused = e.unreferenced_blobs(u64::MAX);
+    unused.sort();
+    let mut all: Vec<String> = [1u8, 2, 3, 9].iter().map(|n| format!("{n:02x}").repeat(32)).collect();
+    all.sort();
+    assert_eq!(unused, all, "a finished job's checkpoint is collectable");
+}

@@ -1,0 +1,120 @@
+//! QEMU jobs' checkpoints: a node records each complete one under the job's lease; a job that
+//! goes back to the pool (its node lost, drained or told to vacate) resumes from its latest on
+//! the next node. A checkpoint is recorded only when every part of it is a blob the pool holds,
+//! so one cut off mid-upload is never used; the blobs of older checkpoints are then collected as
+//! unreferenced.
+
+use std::sync::Arc;
+
+use vmgrid_proto::*;
+
+use super::{ApiError, Engine};
+
+/// How long a vacated job keeps away from the node it left, if another node can take it.
+pub const AVOID_MS: u64 = 30_000;
+
+impl Engine {
+    /// Records a node's checkpoint of a job it runs under `req.lease`.
+    pub fn checkpoint(&mut self, name: &str, req: &CheckpointRequest, now: u64) -> Result<(), ApiError> {
+        self.live_node(name, now)?;
+        let l = req.lease;
+        if let Some(why) = self.stale_lease(name, l) {
+            return Err(ApiError::Conflict(format!("checkpoint of job {} refused: {why}", l.job_id)));
+        }
+        let ck = &req.checkpoint;
+        let j = &self.jobs[&l.job_id];
+        if self.specs.get(&j.spec_id).is_none_or(|s| s.spec.checkpoint_s.is_none()) {
+            return Err(ApiError::BadRequest(format!("job {} does not ask for checkpoints (checkpoint_s)", l.job_id)));
+        }
+        let latest = j.ck.as_ref().and_then(|c| c.latest.as_ref()).map_or(0, |c| c.seq);
+        if ck.seq <= latest {
+            return Err(ApiError::Conflict(format!(
+                "checkpoint {} of job {} is not newer than its latest, {latest}",
+                ck.seq, l.job_id
+            )));
+        }
+        if ck.accel != "tcg" && ck.accel != "kvm" {
+            return Err(ApiError::BadRequest(format!("unknown accelerator {:?}: tcg or kvm", ck.accel)));
+        }
+        if !ck.guest_s.is_finite() || ck.guest_s < 0.0 {
+            return Err(ApiError::BadRequest("guest_s must be a finite number of seconds, 0 or more".into()));
+        }
+        for f in ck.parts() {
+            if f.inline.is_some() || !is_blob_ref(&f.blob) {
+                return Err(ApiError::BadRequest(format!("checkpoint part `{}` must be a blob reference", f.path)));
+            }
+            if !self.knows_blob(&f.blob) {
+                return Err(ApiError::BadRequest(format!(
+                    "checkpoint part `{}` ({}) is not in the pool: upload every part first",
+                    f.path, f.blob
+                )));
+            }
+        }
+        let j = self.jobs.get_mut(&l.job_id).expect("checked above");
+        let stored = j.ck.get_or_insert_with(Box::default);
+        stored.latest = Some(ck.clone());
+        self.persist(l.job_id, false);
+        Ok(())
+    }
+
+    /// `vmgrid vacate`: a running job with checkpoints is checkpointed by its node and moved.
+    pub(super) fn vacate(&mut self, id: u64) -> Result<JobView, String> {
+        let j = &self.jobs[&id];
+        if j.state != JobState::Running {
+            return Err(format!("job {id} is {}, not running", j.state.as_str()));
+        }
+        if self.specs.get(&j.spec_id).is_none_or(|s| s.spec.checkpoint_s.is_none()) {
+            return Err(format!(
+                "job {id} takes no checkpoints (no `checkpoint_s` in its [policy]), so it cannot move without starting over; `vmgrid hold` and `release` restart it"
+            ));
+        }
+        self.jobs.get_mut(&id).expect("checked above").vacating = true;
+        Ok(self.view(&self.jobs[&id]))
+    }
+
+    /// Job `id`'s node stopped it right after checkpoint `seq`: it goes back to the pool and
+    /// resumes from there, without counting against its retries or losses. If that checkpoint
+    /// was not recorded, the node's stop is a loss like any other.
+    pub(super) fn vacated(&mut self, id: u64, seq: u64, now: u64) {
+        let j = &self.jobs[&id];
+        let node = j.node.clone().unwrap_or_else(|| Arc::from("?"));
+        let recorded = j.ck.as_ref().and_then(|c| c.latest.as_ref()).is_some_and(|c| c.seq == seq);
+        if !recorded {
+            return self.requeue(id, now, format!("node {node} stopped it, but its checkpoint {seq} was not recorded"));
+        }
+        let vacating = j.vacating;
+        self.release_resources(id, now);
+        let j = self.jobs.get_mut(&id).expect("checked above");
+        j.end_attempt(now, format!("checkpoint {seq} taken and moved off node {node}"));
+        j.node = None;
+        j.vacating = false;
+        j.state = JobState::Idle;
+        j.reason = Some(format!("resumes from checkpoint {seq} (moved off node {node})"));
+        if vacating {
+            j.avoid = Some((node, now + AVOID_MS));
+        }
+        self.set_idle(id);
+        self.dirty = true;
+        self.wake_nodes();
+        self.persist(id, false);
+        self.job_changed(id, now);
+    }
+
+    /// Takes out of a pass's batch the jobs vacated from a node a moment ago, when that node is
+    /// among the pass's slots: they are placed anywhere but there ([`AVOID_MS`]).
+    pub(super) fn set_aside_avoiding(&self, snap: &mut super::Snapshot, now: u64) {
+        let slot_of = |j: &super::Job| {
+            let (node, _) = j.avoid.as_ref().filter(|(_, until)| now < *until)?;
+            snap.slots.iter().position(|s| s.ad.name == **node)
+        };
+        let (mut batch, mut avoiding) = (Vec::new(), Vec::new());
+        for job in std::mem::take(&mut snap.batch) {
+            match self.jobs.get(&job.id).and_then(slot_of) {
+                Some(slot) => avoiding.push((job, slot)),
+                None => batch.push(job),
+            }
+        }
+        snap.batch = batch;
+        snap.avoiding = avoiding;
+    }
+}
