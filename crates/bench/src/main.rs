@@ -12,6 +12,7 @@
 //! Benchmarks print figures, each with its typed target and whether it is met; they assert nothing.
 
 mod appliance;
+mod checkpoint;
 mod compute;
 mod engine;
 mod fleet;
@@ -38,7 +39,7 @@ struct Args {
     /// Simulated node agents per pool size of the scale test (fleet.rs), and its sweep's jobs.
     fleet_sizes: Vec<usize>,
     fleet_jobs: u64,
-    /// Run only these parts (pool, postgres, slurm, wasm, qemu, scheduler, rss, ssi, appliance,
+    /// Run only these parts (pool, postgres, slurm, wasm, qemu, checkpoint, scheduler, rss, ssi, appliance,
     /// fleet); all when empty.
     only: Vec<String>,
 }
@@ -82,7 +83,7 @@ fn parse_args() -> Args {
             "--only" => a.only = it.next().expect("--only PART,PART").split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
                 println!(
-                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,postgres,slurm,wasm,qemu,scheduler,rss,ssi,appliance,fleet] [--fleet] [--fleet-nodes 100,1000] [--fleet-large] [--fleet-jobs 10000] [--out FILE]\n--fleet: only the pool's scale, simulated node agents against a real coordinator.\n--fleet-large: the pool's scale at 10,000 nodes too (about a minute on 2 cores).\n--out: where the table is written; the whole suite writes BENCHMARKS.md by default, a part of it (--only, --fleet) nothing.\nRun from the repository root after scripts/bench has built everything."
+                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,postgres,slurm,wasm,qemu,checkpoint,scheduler,rss,ssi,appliance,fleet] [--fleet] [--fleet-nodes 100,1000] [--fleet-large] [--fleet-jobs 10000] [--out FILE]\n--fleet: only the pool's scale, simulated node agents against a real coordinator.\n--fleet-large: the pool's scale at 10,000 nodes too (about a minute on 2 cores).\n--out: where the table is written; the whole suite writes BENCHMARKS.md by default, a part of it (--only, --fleet) nothing.\nRun from the repository root after scripts/bench has built everything."
                 );
                 std::process::exit(0);
             }
@@ -146,6 +147,9 @@ fn main() {
     compute_figures(&args, &mut rep);
     ssi_figures(&args, &mut rep);
     appliance_figures(&args, &mut rep);
+    if args.wants("checkpoint") {
+        checkpoint_figures(&args, &mut rep);
+    }
     if args.wants("fleet") {
         fleet::figures(&args.root, &args.fleet_sizes, args.fleet_jobs, &mut rep);
     }
@@ -349,5 +353,33 @@ fn appliance_figures(args: &Args, rep: &mut Report) {
             rep.info("appliance power-off (SIGTERM) to gone from the pool", format!("{:.1} s", f.left_s));
         }
         Err(e) => rep.note(format!("appliance not measured: {e}")),
+    }
+}
+
+/// QEMU checkpoints: pause, size and resume for a 256 MiB and a 1 GiB guest, idle and dirty.
+/// Target (issue #15): a 256 MiB guest checkpointed in at most 1 s of pause, resumed in at most 2 s.
+fn checkpoint_figures(args: &Args, rep: &mut Report) {
+    let sizes: &[u64] = if args.quick { &[256] } else { &[256, 1024] };
+    for &memory_mb in sizes {
+        for dirty in [false, true] {
+            let what =
+                format!("checkpoint, {memory_mb} MiB guest, {}", if dirty { "60% of RAM written" } else { "idle" });
+            match checkpoint::measure(&args.root, memory_mb, dirty) {
+                Ok(f) => {
+                    let (pause_target, resume_target) = match f.memory_mb {
+                        256 => (Target::AtMost(1.0), Target::AtMost(2.0)),
+                        _ => (Target::None, Target::None),
+                    };
+                    rep.figure(&format!("{what}: pause"), format!("{:.2} s", f.pause_s), f.pause_s, " s", pause_target);
+                    rep.info(
+                        &format!("{what}: size as saved / stored (zstd)"),
+                        format!("{:.0} MiB / {:.0} MiB ({:.1} s to compress)", f.raw_mib, f.stored_mib, f.compress_s),
+                    );
+                    let shown = format!("{:.2} s", f.resume_s);
+                    rep.figure(&format!("{what}: resume in a new QEMU"), shown, f.resume_s, " s", resume_target);
+                }
+                Err(e) => rep.note(format!("{what} not measured: {e}")),
+            }
+        }
     }
 }

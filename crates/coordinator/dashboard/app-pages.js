@@ -153,7 +153,8 @@ function attempts(history) {
   body.replaceChildren();
   for (const a of history) {
     const tr = body.insertRow();
-    for (const v of [a.attempt, a.node, fmtTime(a.started_ms), a.ended_ms == null ? "" : fmtTime(a.ended_ms), a.outcome]) {
+    const from = a.resumed_from == null ? "" : `resumed from checkpoint ${a.resumed_from}; `;
+    for (const v of [a.attempt, a.node, fmtTime(a.started_ms), a.ended_ms == null ? "" : fmtTime(a.ended_ms), from + a.outcome]) {
       tr.insertCell().textContent = v == null ? "" : String(v);
     }
     tr.dataset.outcome = a.outcome;
@@ -170,12 +171,14 @@ export async function loadJob() {
     $("job-title").dataset.state = j.state;
     dl($("job-spec"), [["owner", j.owner], ["state", j.state], ["vm type", j.vm_type], ["index", j.index],
       ["node", j.node], ["attempts", j.attempts], ["reason", j.reason], ["exit code", j.exit_code],
-      ["submitted", fmtTime(j.submitted_ms)], ["started", fmtTime(j.started_ms)], ["finished", fmtTime(j.finished_ms)]]);
+      ["submitted", fmtTime(j.submitted_ms)], ["started", fmtTime(j.started_ms)], ["finished", fmtTime(j.finished_ms)],
+      ["checkpoint", r.checkpoint ? `${r.checkpoint.seq} (after ${r.checkpoint.guest_s.toFixed(1)} s of the guest's run)` : null]]);
     attempts(r.history || []);
     jobFile(r.spec);
     const acts = $("job-actions");
     acts.replaceChildren();
     if (j.state === "idle" || j.state === "running") actionButton(acts, j, "hold");
+    if (j.state === "running" && r.spec && r.spec.checkpoint_s != null) actionButton(acts, j, "vacate");
     if (j.state === "held") actionButton(acts, j, "release");
     if (!["completed", "removed"].includes(j.state)) actionButton(acts, j, "rm");
     await tail($("job-stdout"), r.stdout, r.stdout_dropped);

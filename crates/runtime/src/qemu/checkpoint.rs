@@ -59,6 +59,10 @@ pub trait CheckpointSink: Send + Sync {
     /// checkpoint that was stored).
     fn store(&self, ck: TakenCheckpoint) -> Result<(), String>;
     fn busy(&self) -> bool;
+    /// The VM resumed from checkpoint `seq` and runs; `took` is from starting QEMU to then.
+    fn resumed(&self, seq: u64, took: Duration) {
+        tracing::info!(seq, resume_ms = took.as_millis() as u64, "resumed from a checkpoint");
+    }
 }
 
 /// A checkpoint to resume from, fetched to local files.

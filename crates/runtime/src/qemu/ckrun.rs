@@ -81,6 +81,9 @@ pub(crate) fn run(req: &RunRequest<'_>, config: &RuntimeConfig, ck: &Checkpointi
         let said = String::from_utf8_lossy(&stderr.take().bytes).trim().to_string();
         RunError::Host(if said.is_empty() { e } else { format!("{e}; QEMU said: {said}") })
     })?;
+    if let Some(from) = &ck.resume {
+        ck.sink.resumed(from.seq, start.elapsed());
+    }
     let left = Duration::from_secs(job.resources.timeout_s).saturating_sub(Duration::from_secs_f64(earlier));
     let watch = Watch {
         ck,
@@ -184,7 +187,6 @@ fn connect(qmp_path: &Path, resume: Option<(&ResumeFrom, &Path)>) -> Result<Qmp,
     let mut qmp = Qmp::connect(qmp_path, QMP_CONNECT).map_err(|e| format!("cannot reach QEMU's monitor: {e}"))?;
     if let Some((from, state)) = resume {
         checkpoint::resume(&mut qmp, from.seq, state)?;
-        tracing::info!(seq = from.seq, "resumed from a checkpoint");
     }
     Ok(qmp)
 }
