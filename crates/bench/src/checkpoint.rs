@@ -17,6 +17,7 @@ use vmgrid_runtime::{Outcome, RunRequest, Runtime, RuntimeConfig};
 pub struct CheckpointFigures {
     pub memory_mb: u64,
     pub pause_s: f64,
+    pub took_s: f64,
     pub raw_mib: f64,
     pub stored_mib: f64,
     pub compress_s: f64,
@@ -28,7 +29,7 @@ pub struct CheckpointFigures {
 #[derive(Default)]
 struct Sink {
     vacate: Arc<AtomicBool>,
-    measured: Mutex<Option<(Duration, u64, u64, Duration)>>,
+    measured: Mutex<Option<(Duration, Duration, u64, u64, Duration)>>,
     last: Mutex<Option<TakenCheckpoint>>,
     resumed: Mutex<Option<Duration>>,
 }
@@ -69,7 +70,7 @@ impl CheckpointSink for Sink {
         let mut measured = self.measured.lock().unwrap();
         if ready && measured.is_none() {
             let (raw, stored, compress) = sizes(&ck)?;
-            *measured = Some((ck.pause, raw, stored, compress));
+            *measured = Some((ck.pause, ck.took, raw, stored, compress));
             self.vacate.store(true, Ordering::SeqCst);
         }
         Ok(())
@@ -121,7 +122,7 @@ pub fn measure(root: &Path, memory_mb: u64, dirty: bool) -> Result<CheckpointFig
         }
     };
     run(&first, &plan)?;
-    let (pause, raw, stored, compress) = sink.measured.lock().unwrap().ok_or("no checkpoint was measured")?;
+    let (pause, took, raw, stored, compress) = sink.measured.lock().unwrap().ok_or("no checkpoint was measured")?;
     let last = sink.last.lock().unwrap().take().ok_or("no last checkpoint")?;
     sink.vacate.store(false, Ordering::SeqCst);
     let second = dir.path().join("second");
@@ -142,6 +143,7 @@ pub fn measure(root: &Path, memory_mb: u64, dirty: bool) -> Result<CheckpointFig
     Ok(CheckpointFigures {
         memory_mb,
         pause_s: pause.as_secs_f64(),
+        took_s: took.as_secs_f64(),
         raw_mib: mib(raw),
         stored_mib: mib(stored),
         compress_s: compress.as_secs_f64(),

@@ -370,7 +370,8 @@ fn checkpoint_figures(args: &Args, rep: &mut Report) {
                         256 => (Target::AtMost(1.0), Target::AtMost(2.0)),
                         _ => (Target::None, Target::None),
                     };
-                    rep.figure(&format!("{what}: pause"), format!("{:.2} s", f.pause_s), f.pause_s, " s", pause_target);
+                    let shown = format!("{:.2} s (of {:.2} s saving, live)", f.pause_s, f.took_s);
+                    rep.figure(&format!("{what}: pause"), shown, f.pause_s, " s", pause_target);
                     rep.info(
                         &format!("{what}: size as saved / stored (zstd)"),
                         format!("{:.0} MiB / {:.0} MiB ({:.1} s to compress)", f.raw_mib, f.stored_mib, f.compress_s),

@@ -1,10 +1,12 @@
 //! Checkpoints of a running QEMU job, and resuming one.
 //!
-//! A checkpoint pauses the VM (`stop`), saves its RAM and device state with QEMU's migration to
-//! a file (`migrate` to `file:`), copies its disks while they are flushed and inactive (the
-//! image's qcow2 overlay and the job directory's disk, [`super::jobdisk`]), keeps the console so
-//! far, and lets the VM go on (`cont`). The files go to the [`CheckpointSink`] (the node agent
-//! compresses them and stores them in the pool); the VM runs meanwhile.
+//! A checkpoint saves the VM's RAM and device state with QEMU's migration to a file (`migrate` to
+//! `file:`), live: the VM runs while its memory is written, and QEMU pauses it only for the last
+//! pages (at most [`DOWNTIME_MS`] when it can). Paused, its disks are copied while they are
+//! flushed and inactive (the image's qcow2 overlay and the job directory's disk,
+//! [`super::jobdisk`]) with the console so far, and the VM goes on (`cont`). The files go to the
+//! [`CheckpointSink`] (the node agent compresses them and stores them in the pool); the VM runs
+//! meanwhile. A run's last checkpoint (it is vacated) pauses the VM first and does not go on.
 //!
 //! A resume starts QEMU with the same devices and `-incoming defer`, on the checkpoint's disks,
 //! loads the state (`migrate-incoming` from the file) and lets it go on. The guest sees a jump
@@ -22,6 +24,10 @@ use crate::capture::CaptureSink;
 
 /// How long saving or loading a VM's state may take before it is given up.
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The pause QEMU aims at for the last pages of a live checkpoint.
+const DOWNTIME_MS: u64 = 100;
+/// Writing a checkpoint to a local file is not throttled (QEMU's default is 128 MiB/s).
+const MAX_BANDWIDTH: u64 = 64 << 30;
 
 /// A run with checkpoints: how often, where they go, and what to resume from.
 pub struct Checkpointing {
@@ -47,6 +53,9 @@ pub struct TakenCheckpoint {
     pub guest_s: f64,
     /// How long the VM was paused for it.
     pub pause: Duration,
+    /// How long it took, from the start of the save to the VM going on (it runs meanwhile but
+    /// for `pause`).
+    pub took: Duration,
     /// The run's last: the VM is stopped, and the run ends once it is stored.
     pub last: bool,
 }
@@ -82,13 +91,13 @@ pub(crate) struct Disks<'a> {
     pub job_disk: &'a Path,
 }
 
-/// Polls `query-migrate` until the migration completes; its error if it fails.
-fn wait_migrated(qmp: &mut Qmp, what: &str) -> Result<(), String> {
+/// Polls `query-migrate` until the migration completes (then its status); its error if it fails.
+fn wait_migrated(qmp: &mut Qmp, what: &str) -> Result<serde_json::Value, String> {
     let deadline = Instant::now() + MIGRATE_TIMEOUT;
     loop {
         let st = qmp.execute("query-migrate", json!({})).map_err(|e| format!("{what}: {e}"))?;
         match st.get("status").and_then(|s| s.as_str()) {
-            Some("completed") => return Ok(()),
+            Some("completed") => return Ok(st),
             Some("failed" | "cancelled") => {
                 let why = st.get("error-desc").and_then(|s| s.as_str()).unwrap_or("no reason given");
                 return Err(format!("{what} failed: {why}"));
@@ -126,27 +135,36 @@ pub(crate) fn take(
 ) -> Result<TakenCheckpoint, String> {
     let dir = writable_dir(run_as)?;
     let state = dir.path().join("state");
-    let started = Instant::now();
-    qmp.execute("stop", json!({})).map_err(|e| e.to_string())?;
+    let console_file = dir.path().join("console");
+    let stopped = Instant::now();
+    if last {
+        qmp.execute("stop", json!({})).map_err(|e| e.to_string())?;
+    }
+    // QEMU's measure of the pause until the state was saved, and when we saw that.
+    let mut paused = (Duration::ZERO, Instant::now());
     let saved = (|| {
+        let params = json!({ "max-bandwidth": MAX_BANDWIDTH, "downtime-limit": DOWNTIME_MS });
+        qmp.execute("migrate-set-parameters", params).map_err(|e| e.to_string())?;
         qmp.execute("migrate", json!({ "uri": format!("file:{}", state.display()) })).map_err(|e| e.to_string())?;
-        wait_migrated(qmp, "saving the VM's state")?;
+        let st = wait_migrated(qmp, "saving the VM's state")?;
+        // From here the VM is paused; QEMU measured how long it has been.
+        let downtime = st.get("downtime").and_then(|d| d.as_u64()).unwrap_or(0);
+        paused = (Duration::from_millis(downtime), Instant::now());
         let copy = |from: &Path, name: &str| {
             let to = dir.path().join(name);
             std::fs::copy(from, &to).map(|_| to).map_err(|e| format!("cannot copy {}: {e}", from.display()))
         };
         let overlay = disks.overlay.map(|o| copy(o, "overlay.qcow2")).transpose()?;
         let job_disk = copy(disks.job_disk, "job.qcow2")?;
+        std::fs::write(&console_file, settled(console)).map_err(|e| format!("cannot save the console: {e}"))?;
         Ok::<_, String>((overlay, job_disk))
     })();
     // The VM goes on whatever happened, unless this was its last checkpoint.
     if !last || saved.is_err() {
         qmp.execute("cont", json!({})).map_err(|e| format!("cannot resume the VM after a checkpoint: {e}"))?;
     }
-    let pause = started.elapsed();
+    let pause = if last { stopped.elapsed() } else { paused.0 + paused.1.elapsed() };
     let (overlay, job_disk) = saved?;
-    let console_file = dir.path().join("console");
-    std::fs::write(&console_file, console.snapshot().bytes).map_err(|e| format!("cannot save the console: {e}"))?;
     Ok(TakenCheckpoint {
         seq,
         state,
@@ -157,8 +175,24 @@ pub(crate) fn take(
         accel: accel.as_str(),
         guest_s,
         pause,
+        took: stopped.elapsed(),
         last,
     })
+}
+
+/// The console once the bytes the paused guest wrote have all been read from QEMU's pipe: it has
+/// not grown for 10 ms (at most 200 ms).
+fn settled(console: &CaptureSink) -> Vec<u8> {
+    let until = Instant::now() + Duration::from_millis(200);
+    let mut seen = console.snapshot().bytes;
+    loop {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = console.snapshot().bytes;
+        if now.len() == seen.len() || Instant::now() > until {
+            return now;
+        }
+        seen = now;
+    }
 }
 
 /// Loads the checkpoint's state into a QEMU started with `-incoming defer`, and lets it run.

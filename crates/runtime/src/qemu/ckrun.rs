@@ -13,6 +13,9 @@ use crate::capture::CaptureSink;
 use crate::process::{Supervised, Waited};
 use crate::{Outcome, RunError, RunRequest, RunResult, RuntimeConfig};
 
+/// The first QEMU that migrates to (and from) a `file:` URI.
+const FILE_MIGRATION: super::caps::Version = super::caps::Version(8, 2, 0);
+
 /// How long QEMU gets to open its QMP socket.
 const QMP_CONNECT: Duration = Duration::from_secs(10);
 
@@ -53,6 +56,12 @@ fn stage_run(
 pub(crate) fn run(req: &RunRequest<'_>, config: &RuntimeConfig, ck: &Checkpointing) -> Result<RunResult, RunError> {
     let job = req.job;
     let launcher = Launcher::new()?;
+    if launcher.caps.version < FILE_MIGRATION {
+        return Err(RunError::Host(format!(
+            "QEMU {} here cannot save a VM to a file (QEMU {FILE_MIGRATION} and later can), so it cannot run a job with checkpoint_s",
+            launcher.caps.version
+        )));
+    }
     let Staged { scratch, accel, job_dir, overlay, job_disk, state } = stage_run(req, config, ck, &launcher)?;
     let qmp_path = scratch.path().join("qmp.sock");
     let launch = launch::Launch {
