@@ -24,12 +24,15 @@ pub struct CheckpointFigures {
     pub resume_s: f64,
 }
 
+/// A checkpoint's pause, its whole time, its bytes saved and stored, and the time to compress.
+type Measured = (Duration, Duration, u64, u64, Duration);
+
 /// Keeps the measured checkpoint (the first taken once the guest said `ready`), then asks for a
 /// last one and keeps it to resume from.
 #[derive(Default)]
 struct Sink {
     vacate: Arc<AtomicBool>,
-    measured: Mutex<Option<(Duration, Duration, u64, u64, Duration)>>,
+    measured: Mutex<Option<Measured>>,
     last: Mutex<Option<TakenCheckpoint>>,
     resumed: Mutex<Option<Duration>>,
 }

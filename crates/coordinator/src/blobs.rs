@@ -116,6 +116,26 @@ const GRACE_MS: u64 = 3600 * 1000;
 /// How often unreferenced blobs are collected.
 const COLLECT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// Released checkpoint parts past this many bytes are collected at once, not at the next round.
+const RELEASED_COLLECT_BYTES: u64 = 256 << 20;
+/// When such an early collection last started (ms).
+static LAST_EARLY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Collects replaced checkpoints' parts now if they add up (at most every 10 s): a job
+/// checkpointed every few seconds would otherwise leave gigabytes until the next round.
+pub fn collect_released_soon(shared: &std::sync::Arc<crate::core::Shared>) {
+    use std::sync::atomic::Ordering;
+    let now = vmgrid_proto::now_ms();
+    let last = LAST_EARLY.load(Ordering::Relaxed);
+    if now < last + 10_000 || shared.peek(|e| e.released_bytes()) < RELEASED_COLLECT_BYTES {
+        return;
+    }
+    if LAST_EARLY.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        let shared = shared.clone();
+        tokio::spawn(async move { collect(&shared).await });
+    }
+}
+
 /// Deletes the blobs no spec and no result refers to any more (after a grace period), and stops
 /// charging their owners for them.
 pub async fn collect_loop(shared: std::sync::Arc<crate::core::Shared>) {

@@ -28,6 +28,8 @@ pub(crate) struct PoolSink {
     client: Client,
     lease: LeaseId,
     busy: Arc<AtomicBool>,
+    /// Set when the run ended: a checkpoint still being stored is given up.
+    ended: AtomicBool,
     /// The worker storing a periodic checkpoint, if any.
     worker: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -36,6 +38,9 @@ impl PoolSink {
     fn store_now(&self, ck: &TakenCheckpoint) -> Result<(), String> {
         let started = std::time::Instant::now();
         let upload = |path: &Path, name: &str| -> Result<FileRef, String> {
+            if self.ended.load(Ordering::SeqCst) && !ck.last {
+                return Err("the run ended".into());
+            }
             let packed = path.with_extension("zst");
             compress(path, &packed).map_err(|e| format!("cannot compress {name}: {e}"))?;
             self.client.upload_file(&packed, name).map_err(|e| format!("cannot upload {name}: {e}"))
@@ -58,7 +63,9 @@ impl PoolSink {
             marker.push(format!(".stalled-{}", ck.seq));
             let _ = std::fs::write(&marker, "");
             tracing::warn!(seq = ck.seq, "test-only: stalling before recording this checkpoint");
-            std::thread::sleep(std::time::Duration::from_secs(3600));
+            while !self.ended.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
         }
         self.client
             .checkpoint(&CheckpointRequest { lease: self.lease, checkpoint: checkpoint.clone() })
@@ -112,6 +119,12 @@ impl CheckpointSink for Sink {
 }
 
 impl PoolSink {
+    /// The run ended: a periodic checkpoint still being stored is given up, and waited for.
+    pub(crate) fn end(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+        self.join();
+    }
+
     /// Waits for a periodic checkpoint being stored.
     fn join(&self) {
         if let Some(w) = crate::lock(&self.worker).take() {
@@ -152,6 +165,7 @@ pub(crate) fn plan(
         client: client.clone(),
         lease: LeaseId { job_id: lease.job_id, epoch: lease.epoch },
         busy: Arc::default(),
+        ended: AtomicBool::new(false),
         worker: Mutex::default(),
     });
     let plan = Checkpointing {
@@ -189,7 +203,13 @@ fn fetch(
         Some(f) => {
             let path =
                 cache.get(client, &f.blob).map_err(|e| RunError::Host(format!("cannot fetch the console: {e}")))?;
-            std::fs::read(path).map_err(|e| RunError::host("cannot read the console", e))?
+            // At most what the runtime keeps of a console.
+            let cap = vmgrid_runtime::RuntimeConfig::DEFAULT_OUTPUT_CAP as u64;
+            let mut bytes = Vec::new();
+            let file = std::fs::File::open(path).map_err(|e| RunError::host("cannot read the console", e))?;
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, cap), &mut bytes)
+                .map_err(|e| RunError::host("cannot read the console", e))?;
+            bytes
         }
         None => Vec::new(),
     };

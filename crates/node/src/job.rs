@@ -78,6 +78,9 @@ impl Agent {
             ssi: host,
             checkpoint: plan.as_ref().map(|(p, _)| p),
         });
+        if let Some((_, sink)) = &plan {
+            sink.end();
+        }
         if let Some(h) = &home {
             match &run {
                 Ok(r) => h.finish(Some(&r.outcome), None),
@@ -86,12 +89,17 @@ impl Agent {
         }
         *home_gone = home.as_ref().is_some_and(|h| h.home_gone());
         let result = run?;
+        let id = LeaseId { job_id: lease.job_id, epoch: lease.epoch };
+        if let Outcome::Vacated { seq } = result.outcome {
+            // It goes on elsewhere: nothing of this run is kept.
+            return Ok(report(id, RunReport::Vacated { seq }));
+        }
         let out_dir = dir.join("out");
         let collected = match result.keeps_outputs() {
             true => jobdir::collect_outputs(&job, &job_dir, &out_dir)?,
             false => jobdir::Collected::default(),
         };
-        upload(&client, LeaseId { job_id: lease.job_id, epoch: lease.epoch }, &result, &collected, &out_dir)
+        upload(&client, id, &result, &collected, &out_dir)
     }
 
     /// The lease's job, with its files fetched into the cache (once per hash).

@@ -431,12 +431,21 @@ impl Agent {
                         r.cancel.store(true, Ordering::Relaxed);
                     }
                 }
+                let mut unstarted = Vec::new();
                 for l in resp.vacate {
-                    if let Some(r) = running.get(&l).filter(|r| r.checkpointed) {
-                        tracing::info!(job = l.job_id, "vacate: checkpointing the job to move it");
-                        r.vacate.store(true, Ordering::Relaxed);
+                    match running.get(&l) {
+                        Some(r) if r.checkpointed => {
+                            tracing::info!(job = l.job_id, "vacate: checkpointing the job to move it");
+                            r.vacate.store(true, Ordering::Relaxed);
+                        }
+                        Some(_) => {}
+                        // Queued here and not started: it goes back as it is.
+                        None => unstarted.push(l),
                     }
                 }
+                drop(running);
+                let back = self.drop_queued(&unstarted);
+                lock(&self.returning).extend(back);
             }
             Err(ClientError::Refused { status: 409 | 401, .. }) => self.fence(),
             Err(e) => {

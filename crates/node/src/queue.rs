@@ -158,9 +158,18 @@ impl Agent {
         out
     }
 
-    /// Drops queued jobs whose lease the pool revoked.
-    pub(crate) fn drop_queued(&self, revoked: &[LeaseId]) {
-        lock(&self.queue).retain(|q| !revoked.contains(&q.id()));
+    /// Drops the queued jobs whose leases are named (revoked, or to hand back unstarted); returns
+    /// those it dropped.
+    pub(crate) fn drop_queued(&self, revoked: &[LeaseId]) -> Vec<LeaseId> {
+        let mut dropped = Vec::new();
+        lock(&self.queue).retain(|q| {
+            let drop = revoked.contains(&q.id());
+            if drop {
+                dropped.push(q.id());
+            }
+            !drop
+        });
+        dropped
     }
 }
 

@@ -149,6 +149,7 @@ pub async fn checkpoint(
     let (done, pending) = shared.call(|e| e.checkpoint(name, &req, now_ms()));
     shared.finish(pending).await?;
     done?;
+    crate::blobs::collect_released_soon(&shared);
     Ok(StatusCode::NO_CONTENT)
 }
 

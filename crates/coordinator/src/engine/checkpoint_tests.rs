@@ -16,6 +16,11 @@ fn admin() -> Principal {
 /// A pool of nodes `a` and `b` (1 cpu each) with one checkpointed job, placed and leased on the
 /// first node the matchmaker picks; returns the engine, the lease and its node.
 fn running_job() -> (Engine, Lease, String) {
+    running_job_on(1)
+}
+
+/// Like [`running_job`], with its spec's image removed when `image` is 0.
+fn running_job_on(image: u8) -> (Engine, Lease, String) {
     let mut e = Engine::new(TIMING);
     for n in ["a", "b"] {
         let mut ad = ad(n, 1);
@@ -25,6 +30,10 @@ fn running_job() -> (Engine, Lease, String) {
     let mut s = spec(0);
     s.vm_type = VmType::Qemu;
     s.args.clear();
+    if image == 0 {
+        s.image = None;
+        s.kernel = Some(FileRef { path: "vmlinuz".into(), blob: "ab".repeat(32), size: 1, inline: None });
+    }
     s.checkpoint_s = Some(60);
     e.submit(&alice(), s, 1, 0).unwrap();
     e.schedule(1);
@@ -48,10 +57,10 @@ fn checkpoint(e: &mut Engine, seq: u64) -> Checkpoint {
         seq,
         state: blob(e, 1),
         job_disk: blob(e, 2),
-        overlay: None,
+        overlay: Some(blob(e, 5)),
         console: Some(blob(e, 3)),
         accel: "tcg".into(),
-        guest_s: seq as f64 * 60.0,
+        guest_s: seq as f64,
     }
 }
 
@@ -72,6 +81,15 @@ fn a_checkpoint_is_recorded_only_under_the_jobs_lease_complete_and_newer() {
     missing.state.blob = "ee".repeat(32);
     let err = e.checkpoint(&node, &req(&missing, id(&lease)), 3).unwrap_err();
     assert!(err.to_string().contains("is not in the pool"), "{err}");
+    let mut bad = ck.clone();
+    bad.guest_s = 1e30;
+    assert!(e.checkpoint(&node, &req(&bad, id(&lease)), 3).unwrap_err().to_string().contains("timeout_s"));
+    bad = ck.clone();
+    bad.seq = u64::MAX;
+    assert!(e.checkpoint(&node, &req(&bad, id(&lease)), 3).unwrap_err().to_string().contains("too far past"));
+    bad = ck.clone();
+    bad.overlay = None;
+    assert!(e.checkpoint(&node, &req(&bad, id(&lease)), 3).unwrap_err().to_string().contains("overlay"));
     e.checkpoint(&node, &req(&ck, id(&lease)), 3).unwrap();
     assert!(matches!(e.checkpoint(&node, &req(&ck, id(&lease)), 4), Err(ApiError::Conflict(_))), "not newer");
     assert_eq!(e.job_result(&admin(), 1).unwrap().checkpoint.map(|c| c.seq), Some(1));
@@ -167,7 +185,91 @@ fn only_the_latest_checkpoint_of_an_unfinished_job_holds_its_blobs() {
     e.report(&node, vec![exited(&lease, 0)], 5).unwrap();
     let mut unused = e.unreferenced_blobs(u64::MAX);
     unused.sort();
-    let mut all: Vec<String> = [1u8, 2, 3, 9].iter().map(|n| format!("{n:02x}").repeat(32)).collect();
+    let mut all: Vec<String> = [1u8, 2, 3, 5, 9].iter().map(|n| format!("{n:02x}").repeat(32)).collect();
     all.sort();
     assert_eq!(unused, all, "a finished job's checkpoint is collectable");
+}
+
+#[test]
+fn a_checkpoint_two_nodes_in_a_row_cannot_resume_is_given_up() {
+    let (mut e, lease, node) = running_job_on(0);
+    let mut ck = checkpoint(&mut e, 3);
+    ck.overlay = None;
+    e.checkpoint(&node, &CheckpointRequest { lease: id(&lease), checkpoint: ck }, 3).unwrap();
+    let fail = |e: &mut Engine, l: &Lease, node: &str, now: u64| {
+        let mut r = exited(l, 0);
+        r.run = RunReport::HostFailed { reason: "checkpoint 3 was taken under kvm".into() };
+        e.report(node, vec![r], now).unwrap();
+    };
+    // Its own node fails (it did not resume from it): the checkpoint stands.
+    fail(&mut e, &lease, &node, 4);
+    let mut now = 5;
+    for round in 0..2 {
+        e.schedule(now);
+        let n = job_node(&e, 1).unwrap();
+        let l = e.take_leases(&n, 1, 1, now + 1).pop().unwrap();
+        assert_eq!(l.resume.as_ref().map(|c| c.seq), Some(3), "round {round} resumes from it");
+        fail(&mut e, &l, &n, now + 2);
+        now += 10;
+    }
+    let j = &e.jobs[&1];
+    assert!(
+        j.reason.as_deref().unwrap().contains("could not resume checkpoint 3, so the job starts afresh"),
+        "{:?}",
+        j.reason
+    );
+    e.schedule(now);
+    let n = job_node(&e, 1).unwrap();
+    assert_eq!(e.take_leases(&n, 1, 1, now + 1).pop().unwrap().resume, None);
+    let mut gone = e.unreferenced_blobs(0);
+    gone.sort();
+    assert_eq!(gone, ["01".repeat(32), "02".repeat(32), "03".repeat(32)], "its parts are collected at once");
+    e.check_invariants().unwrap();
+}
+
+#[test]
+fn a_vacated_job_goes_back_to_its_node_when_no_other_took_it_in_time() {
+    let (mut e, lease, node) = running_job();
+    let other = if node == "a" { "b" } else { "a" };
+    // The other node is busy with a job of its own.
+    e.submit(&alice(), spec(0), 1, 2).unwrap();
+    e.schedule(2);
+    assert_eq!(job_node(&e, 2).as_deref(), Some(other));
+    e.action(&alice(), JobAction::Vacate, &[1], 3);
+    let ck = checkpoint(&mut e, 1);
+    e.checkpoint(&node, &CheckpointRequest { lease: id(&lease), checkpoint: ck }, 4).unwrap();
+    let mut r = exited(&lease, 0);
+    r.run = RunReport::Vacated { seq: 1 };
+    e.report(&node, vec![r], 5).unwrap();
+    e.schedule(6);
+    assert_eq!(job_node(&e, 1), None, "it keeps away from its node while another may free up");
+    e.heartbeat(&node, &[], false, 6 + checkpoints::AVOID_MS).unwrap();
+    e.heartbeat(other, &[], false, 6 + checkpoints::AVOID_MS).unwrap();
+    e.tick(6 + checkpoints::AVOID_MS);
+    assert!(e.needs_pass(), "the end of the wait makes a pass");
+    e.schedule(7 + checkpoints::AVOID_MS);
+    assert_eq!(job_node(&e, 1).as_deref(), Some(node.as_str()));
+    e.check_invariants().unwrap();
+}
+
+#[test]
+fn a_job_vacated_before_its_node_collected_it_goes_back_at_once() {
+    let mut e = Engine::new(TIMING);
+    for n in ["a", "b"] {
+        let mut ad = ad(n, 1);
+        ad.vm_types.push(VmType::Qemu);
+        e.register(ad, None, false, hash_token(n), 0).unwrap();
+    }
+    let mut s = spec(0);
+    (s.vm_type, s.checkpoint_s) = (VmType::Qemu, Some(60));
+    s.args.clear();
+    e.submit(&alice(), s, 1, 0).unwrap();
+    e.schedule(1);
+    let node = job_node(&e, 1).unwrap();
+    let changed = e.action(&alice(), JobAction::Vacate, &[1], 2);
+    assert_eq!(changed.changed[0].state, JobState::Idle, "{changed:?}");
+    assert_eq!(e.jobs[&1].attempts, 0, "it never started");
+    e.schedule(3);
+    assert_ne!(job_node(&e, 1), Some(node), "and it goes to the other node");
+    e.check_invariants().unwrap();
 }

@@ -9,9 +9,13 @@ use std::sync::Arc;
 use vmgrid_proto::*;
 
 use super::{ApiError, Engine};
+use crate::store::MAX_RESUME_FAILURES;
 
 /// How long a vacated job keeps away from the node it left, if another node can take it.
 pub const AVOID_MS: u64 = 30_000;
+/// How far past a job's latest checkpoint the next may be numbered (a node numbers the ones it
+/// could not store too).
+const MAX_SEQ_STEP: u64 = 1_000_000;
 
 impl Engine {
     /// Records a node's checkpoint of a job it runs under `req.lease`.
@@ -36,8 +40,21 @@ impl Engine {
         if ck.accel != "tcg" && ck.accel != "kvm" {
             return Err(ApiError::BadRequest(format!("unknown accelerator {:?}: tcg or kvm", ck.accel)));
         }
-        if !ck.guest_s.is_finite() || ck.guest_s < 0.0 {
-            return Err(ApiError::BadRequest("guest_s must be a finite number of seconds, 0 or more".into()));
+        let spec = &self.specs[&j.spec_id].spec;
+        if !ck.guest_s.is_finite() || ck.guest_s < 0.0 || ck.guest_s > spec.timeout_s as f64 + 60.0 {
+            return Err(ApiError::BadRequest(format!(
+                "guest_s must be a number of seconds from 0 to the job's timeout_s ({})",
+                spec.timeout_s
+            )));
+        }
+        if ck.seq > latest.saturating_add(MAX_SEQ_STEP) {
+            return Err(ApiError::BadRequest(format!("checkpoint {} is too far past the latest, {latest}", ck.seq)));
+        }
+        if spec.image.is_some() != ck.overlay.is_some() {
+            return Err(ApiError::BadRequest(format!(
+                "checkpoint {}: an overlay goes with a job that has an image, and only then",
+                ck.seq
+            )));
         }
         for f in ck.parts() {
             if f.inline.is_some() || !is_blob_ref(&f.blob) {
@@ -52,13 +69,57 @@ impl Engine {
         }
         let j = self.jobs.get_mut(&l.job_id).expect("checked above");
         let stored = j.ck.get_or_insert_with(Box::default);
-        stored.latest = Some(ck.clone());
+        let old = stored.latest.replace(ck.clone());
+        for f in ck.parts() {
+            self.released.remove(&f.blob);
+        }
+        // The VM resumed well enough to be checkpointed again.
+        stored.resume_failures = 0;
+        self.release(old, Some(ck));
         self.persist(l.job_id, false);
         Ok(())
     }
 
+    /// A checkpoint no longer needed (replaced by `by`, or given up): its parts that `by` does not
+    /// share are collected once nothing else refers to them.
+    pub(super) fn release(&mut self, old: Option<Checkpoint>, by: Option<&Checkpoint>) {
+        let Some(old) = old else { return };
+        let kept: Vec<&str> = by.map(|b| b.parts().map(|f| f.blob.as_str()).collect()).unwrap_or_default();
+        for f in old.parts().filter(|f| !kept.contains(&f.blob.as_str())) {
+            self.released.insert(f.blob.clone(), f.size);
+        }
+    }
+
+    /// Bytes of released checkpoint parts not yet collected.
+    pub fn released_bytes(&self) -> u64 {
+        self.released.values().sum()
+    }
+
+    /// A job whose node could not run it: if its attempt resumed from its latest checkpoint (and
+    /// took none since), that checkpoint may be what fails (another accelerator, another QEMU,
+    /// a damaged part); after [`MAX_RESUME_FAILURES`] such attempts it is given up. Returns what
+    /// the job's reason should add.
+    pub(super) fn resume_failed(&mut self, id: u64) -> Option<String> {
+        let j = self.jobs.get_mut(&id)?;
+        let ck = j.ck.as_deref_mut()?;
+        let latest = ck.latest.as_ref()?.seq;
+        if ck.resumed_from != Some(latest) {
+            return None;
+        }
+        ck.resume_failures += 1;
+        if ck.resume_failures < MAX_RESUME_FAILURES {
+            return None;
+        }
+        ck.resume_failures = 0;
+        let old = ck.latest.take();
+        self.release(old, None);
+        Some(format!(
+            "; {MAX_RESUME_FAILURES} nodes in a row could not resume checkpoint {latest}, so the job starts afresh"
+        ))
+    }
+
     /// `vmgrid vacate`: a running job with checkpoints is checkpointed by its node and moved.
-    pub(super) fn vacate(&mut self, id: u64) -> Result<JobView, String> {
+    pub(super) fn vacate(&mut self, id: u64, now: u64) -> Result<JobView, String> {
         let j = &self.jobs[&id];
         if j.state != JobState::Running {
             return Err(format!("job {id} is {}, not running", j.state.as_str()));
@@ -68,7 +129,13 @@ impl Engine {
                 "job {id} takes no checkpoints (no `checkpoint_s` in its [policy]), so it cannot move without starting over; `vmgrid hold` and `release` restart it"
             ));
         }
+        let node = j.node.clone();
         self.jobs.get_mut(&id).expect("checked above").vacating = true;
+        // Placed and not collected by its node yet: it goes back at once (a node that queued it
+        // hands it back unstarted when it hears of the vacate).
+        if node.as_deref().and_then(|n| self.nodes.get(n)).is_some_and(|n| n.pending.contains(&id)) {
+            self.requeue(id, now, "vacated before its node started it".into());
+        }
         Ok(self.view(&self.jobs[&id]))
     }
 
@@ -92,6 +159,7 @@ impl Engine {
         j.reason = Some(format!("resumes from checkpoint {seq} (moved off node {node})"));
         if vacating {
             j.avoid = Some((node, now + AVOID_MS));
+            self.avoid_ends.insert(now + AVOID_MS);
         }
         self.set_idle(id);
         self.dirty = true;

@@ -134,7 +134,7 @@ impl Engine {
             return Err(format!("job {id} belongs to {}, not {}", j.owner, p.owner()));
         }
         if action == JobAction::Vacate {
-            return self.vacate(id);
+            return self.vacate(id, now);
         }
         let state = j.state;
         let allowed = match (action, state) {
@@ -162,11 +162,12 @@ impl Engine {
         match action {
             JobAction::Vacate => unreachable!("vacate is handled above"),
             JobAction::Rm => {
-                j.ck = None;
+                let old = j.ck.take().and_then(|c| c.latest);
                 j.state = JobState::Removed;
                 j.reason = Some(format!("removed by {}", p.owner()));
                 j.finished_ms = Some(now);
                 self.finished(id);
+                self.release(old, None);
             }
             JobAction::Hold => {
                 j.state = JobState::Held;
@@ -213,7 +214,13 @@ impl Engine {
             j.end_attempt(now, why.clone());
         }
         let lost_node = j.node.take();
-        j.vacating = false;
+        // A job vacated before it started keeps away from that node for a while too.
+        if std::mem::take(&mut j.vacating)
+            && let Some(node) = &lost_node
+        {
+            j.avoid = Some((node.clone(), now + super::checkpoints::AVOID_MS));
+            self.avoid_ends.insert(now + super::checkpoints::AVOID_MS);
+        }
         let ssi = self.specs.get(&j.spec_id).is_some_and(|s| s.spec.ssi.is_some());
         if delivered && ssi {
             j.state = JobState::Held;
@@ -334,7 +341,8 @@ impl Engine {
         let max_retries = self.specs.get(&self.jobs[&id].spec_id).map_or(0, |s| s.spec.max_retries);
         let node_name = self.jobs[&id].node.as_deref().unwrap_or("").to_string();
         if let RunReport::HostFailed { reason } = &r.run {
-            return self.requeue(id, now, format!("node {node_name} could not run it: {reason}"));
+            let given_up = self.resume_failed(id).unwrap_or_default();
+            return self.requeue(id, now, format!("node {node_name} could not run it: {reason}{given_up}"));
         }
         if let RunReport::Vacated { seq } = r.run {
             return self.vacated(id, seq, now);
@@ -361,9 +369,7 @@ impl Engine {
         };
         // A retry is a new run from the beginning; a finished job needs no checkpoint (its last
         // attempt still says what it resumed from).
-        if let Some(ck) = j.ck.as_deref_mut() {
-            ck.latest = None;
-        }
+        let old = j.ck.as_deref_mut().and_then(|ck| ck.latest.take());
         j.vacating = false;
         match retry {
             Some(why) if j.retries < max_retries => {
@@ -387,6 +393,7 @@ impl Engine {
                 }
             }
         }
+        self.release(old, None);
         self.persist(id, true);
         self.job_changed(id, now);
     }

@@ -354,6 +354,11 @@ pub struct Engine {
     by_state: [u64; 5],
     /// The last hour, a sample a minute (`crate::history`).
     history: crate::history::History,
+    /// Parts of checkpoints that were replaced or given up: collected without the grace period
+    /// of a fresh upload once nothing refers to them (`retention.rs`).
+    released: HashMap<String, u64>,
+    /// When vacated jobs may go back to the nodes they left: a pass runs then.
+    avoid_ends: BTreeSet<u64>,
     out: Effects,
 }
 
@@ -409,6 +414,8 @@ impl Engine {
             kept_for_dags: HashMap::new(),
             by_state: [0; 5],
             history: crate::history::History::default(),
+            released: HashMap::new(),
+            avoid_ends: BTreeSet::new(),
             out: Effects::default(),
         }
     }

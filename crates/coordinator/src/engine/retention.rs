@@ -117,15 +117,17 @@ impl Engine {
                 used.extend(ck.parts().map(|f| f.blob.as_str()));
             }
         }
+        // A released checkpoint part needs no grace period: it was recorded, so it is whole.
         self.blobs
             .iter()
-            .filter(|(h, b)| b.created_ms < before && !used.contains(h.as_str()))
+            .filter(|(h, b)| (b.created_ms < before || self.released.contains_key(*h)) && !used.contains(h.as_str()))
             .map(|(h, _)| h.clone())
             .collect()
     }
 
     /// A blob was deleted from disk: nobody pays for it any more.
     pub fn drop_blob(&mut self, hash: &str) {
+        self.released.remove(hash);
         if let Some(b) = self.blobs.remove(hash) {
             if let Some(n) = self.blob_bytes.get_mut(&*b.owner) {
                 *n = n.saturating_sub(b.size);

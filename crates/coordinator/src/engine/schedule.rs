@@ -47,6 +47,7 @@ impl Snapshot {
         let clusters = &self.clusters;
         let lookup = |c: u64| clusters.get(&c).map(|s| &s.cluster);
         let mut d = vmgrid_scheduler::place(&mut self.slots, lookup, &self.users, self.batch.iter());
+        let batch_placed = d.placements.len();
         for (job, avoid) in &self.avoiding {
             let slot = &mut self.slots[*avoid];
             let kept = (slot.free_cpus, slot.free_memory_mb);
@@ -60,7 +61,7 @@ impl Snapshot {
         // Lease-ahead, only for what no free cpu took: a job is queued behind a busy node's
         // running jobs only when no node that matches it has a cpu free now.
         // (On a copy: time-shared jobs below start at once, so they see only free memory.)
-        if self.ahead.iter().any(|&(c, _)| c > 0) && d.placements.len() < self.batch.len() {
+        if self.ahead.iter().any(|&(c, _)| c > 0) && batch_placed < self.batch.len() {
             let placed: std::collections::HashSet<u64> = d.placements.iter().map(|p| p.job).collect();
             let mut ahead = self.slots.clone();
             for (slot, &(cpus, memory)) in ahead.iter_mut().zip(&self.ahead) {

@@ -108,16 +108,20 @@ fn wait_migrated(qmp: &mut Qmp, what: &str) -> Result<serde_json::Value, String>
     }
 }
 
-/// A directory QEMU can write to after it dropped root (`run_as`).
-fn writable_dir(run_as: Option<&str>) -> Result<tempfile::TempDir, String> {
+/// A checkpoint's directory, ours, holding an empty `state` that QEMU (after it dropped root, as
+/// `run_as`) may write but cannot replace: the directory is not its to change.
+fn checkpoint_dir(run_as: Option<&str>) -> Result<(tempfile::TempDir, PathBuf), String> {
     let dir = tempfile::Builder::new()
         .prefix("vmgrid-ckpt-")
         .tempdir()
         .map_err(|e| format!("cannot create a checkpoint directory: {e}"))?;
+    let state = dir.path().join("state");
+    std::fs::write(&state, b"").map_err(|e| format!("cannot create the state file: {e}"))?;
     if let Some(user) = run_as {
-        super::launch::hand_over(dir.path(), user).map_err(|e| e.to_string())?;
+        super::launch::give(&state, user).map_err(|e| e.to_string())?;
+        super::launch::traversable(dir.path()).map_err(|e| e.to_string())?;
     }
-    Ok(dir)
+    Ok((dir, state))
 }
 
 /// Takes checkpoint `seq` of the running VM behind `qmp`. Unless `last`, the VM runs on after
@@ -133,8 +137,7 @@ pub(crate) fn take(
     last: bool,
     run_as: Option<&str>,
 ) -> Result<TakenCheckpoint, String> {
-    let dir = writable_dir(run_as)?;
-    let state = dir.path().join("state");
+    let (dir, state) = checkpoint_dir(run_as)?;
     let console_file = dir.path().join("console");
     let stopped = Instant::now();
     if last {
@@ -159,6 +162,10 @@ pub(crate) fn take(
         std::fs::write(&console_file, settled(console)).map_err(|e| format!("cannot save the console: {e}"))?;
         Ok::<_, String>((overlay, job_disk))
     })();
+    if saved.is_err() {
+        // A save that failed or timed out must not stay under way: the next would be refused.
+        let _ = qmp.execute("migrate_cancel", json!({}));
+    }
     // The VM goes on whatever happened, unless this was its last checkpoint.
     if !last || saved.is_err() {
         qmp.execute("cont", json!({})).map_err(|e| format!("cannot resume the VM after a checkpoint: {e}"))?;

@@ -37,18 +37,31 @@ fn stage_run(
     ck: &Checkpointing,
     launcher: &Launcher,
 ) -> Result<Staged, RunError> {
+    if launcher.caps.version < FILE_MIGRATION {
+        return Err(RunError::Host(format!(
+            "QEMU {} here cannot save a VM to a file (QEMU {FILE_MIGRATION} and later can), so it cannot run a job with checkpoint_s",
+            launcher.caps.version
+        )));
+    }
     let scratch = tempfile::Builder::new()
         .prefix("vmgrid-qemu-")
         .tempdir()
         .map_err(|e| RunError::host("cannot create a scratch directory", e))?;
     let accel = accel::choose(&launcher.qemu, &config.cache_dir);
     let job_dir = std::fs::canonicalize(req.job_dir).map_err(|e| RunError::host("the job directory", e))?;
+    let _ = std::fs::remove_file(job_dir.join(super::EXIT_FILE));
     let (overlay, job_disk) = disks(req, ck.resume.as_ref(), scratch.path(), accel)?;
     // QEMU reads a checkpoint's state after it dropped root: from the scratch directory.
     let state = ck.resume.as_ref().map(|from| stage(&from.state, &scratch.path().join("state"))).transpose()?;
     if let Some((user, _)) = launcher.run_as {
-        // QEMU opens its disks again, for writing, when it goes on after a checkpoint.
-        launch::hand_over(scratch.path(), user)?;
+        // QEMU opens its disks again, for writing, when it goes on after a checkpoint, and reads
+        // the state, as `nobody`: those files are its own, in a directory it can enter but not
+        // change (so it cannot swap a file for a link that vmgrid would then follow).
+        let files = [overlay.as_deref(), Some(job_disk.as_path()), state.as_deref()];
+        for f in files.into_iter().flatten() {
+            launch::give(f, user)?;
+        }
+        launch::traversable(scratch.path())?;
     }
     Ok(Staged { scratch, accel, job_dir, overlay, job_disk, state })
 }
@@ -56,12 +69,6 @@ fn stage_run(
 pub(crate) fn run(req: &RunRequest<'_>, config: &RuntimeConfig, ck: &Checkpointing) -> Result<RunResult, RunError> {
     let job = req.job;
     let launcher = Launcher::new()?;
-    if launcher.caps.version < FILE_MIGRATION {
-        return Err(RunError::Host(format!(
-            "QEMU {} here cannot save a VM to a file (QEMU {FILE_MIGRATION} and later can), so it cannot run a job with checkpoint_s",
-            launcher.caps.version
-        )));
-    }
     let Staged { scratch, accel, job_dir, overlay, job_disk, state } = stage_run(req, config, ck, &launcher)?;
     let qmp_path = scratch.path().join("qmp.sock");
     let launch = launch::Launch {
@@ -93,7 +100,8 @@ pub(crate) fn run(req: &RunRequest<'_>, config: &RuntimeConfig, ck: &Checkpointi
     if let Some(from) = &ck.resume {
         ck.sink.resumed(from.seq, start.elapsed());
     }
-    let left = Duration::from_secs(job.resources.timeout_s).saturating_sub(Duration::from_secs_f64(earlier));
+    let ran = Duration::try_from_secs_f64(earlier).unwrap_or(Duration::MAX);
+    let left = Duration::from_secs(job.resources.timeout_s).saturating_sub(ran);
     let watch = Watch {
         ck,
         disks: Disks { overlay: overlay.as_deref(), job_disk: &job_disk },
@@ -129,16 +137,24 @@ pub(crate) fn run(req: &RunRequest<'_>, config: &RuntimeConfig, ck: &Checkpointi
     let (out, err) = (stdout.take(), stderr.take());
     let outcome = match status {
         Err(seq) => Outcome::Vacated { seq },
-        Ok(status) => {
-            // The guest's files come back from its disk once it powered off.
-            if status.is_some_and(|s| s.success()) {
-                let limit = jobdisk::size_mb(crate::disk::usage(&job_dir), job.resources.disk_mb) << 20;
-                jobdisk::extract(&job_disk, &job_dir, scratch.path(), limit)?;
-            }
-            super::outcome(req, status, &out, &err)?
-        }
+        Ok(status) => finished(req, status, (&job_dir, &job_disk, scratch.path()), (&out, &err))?,
     };
     Ok(RunResult { outcome, stdout: out, stderr: err, wall: start.elapsed() })
+}
+
+/// How a checkpointed VM that QEMU is done with ended. Its files come back from its disk (partial
+/// ones too, after a time limit); a disk the guest made unreadable is the guest's failure.
+fn finished(
+    req: &RunRequest<'_>,
+    status: Option<std::process::ExitStatus>,
+    (job_dir, job_disk, scratch): (&Path, &Path, &Path),
+    (out, err): (&crate::Captured, &crate::Captured),
+) -> Result<Outcome, RunError> {
+    let limit = (req.job.resources.disk_mb << 20) + crate::disk::usage(job_dir);
+    Ok(match jobdisk::extract(job_disk, job_dir, scratch, limit)? {
+        Some(f) if status.is_some_and(|s| s.success()) => Outcome::Failed(f),
+        _ => super::outcome(req, status, out, err)?,
+    })
 }
 
 /// The image's overlay and the job directory's disk: fresh, or the checkpoint's (its overlay put
@@ -169,15 +185,26 @@ fn disks(
             accel.as_str()
         )));
     }
+    // The checkpoint's disks are as untrusted as the guest and the node that wrote them: checked
+    // before QEMU (or qemu-img) opens them as disks.
+    let refused =
+        |what: &str, why: String| RunError::Host(format!("checkpoint {}'s {what} is refused: {why}", from.seq));
     let copy = |from: &Path, name: &str| {
         let to = scratch.join(name);
         std::fs::copy(from, &to).map(|_| to).map_err(|e| RunError::host("cannot stage the checkpoint's disks", e))
     };
     let job_disk = copy(&from.job_disk, "job.qcow2")?;
+    let most = (jobdisk::size_mb(crate::disk::usage(req.job_dir), job.resources.disk_mb) + 16) << 20;
+    image::check_untrusted_qcow2(&job_disk, most, false).map_err(|e| refused("job directory's disk", e))?;
     let overlay = match (&job.vm.image, &from.overlay) {
-        (Some(image), Some(o)) => Some(image::rebase(&copy(o, "overlay.qcow2")?, image)?),
+        (Some(image), Some(o)) => {
+            let overlay = copy(o, "overlay.qcow2")?;
+            image::check_untrusted_qcow2(&overlay, image::virtual_size(image)?, true)
+                .map_err(|e| refused("image overlay", e))?;
+            Some(image::rebase(&overlay, image)?)
+        }
         (None, None) => None,
-        _ => return Err(RunError::BadJob(format!("checkpoint {} does not match the job's image", from.seq))),
+        _ => return Err(refused("disks", "they do not match the job's image".into())),
     };
     Ok((overlay, job_disk))
 }
@@ -267,8 +294,16 @@ impl Watch<'_> {
 
     fn take(&mut self, qmp: &mut Qmp, last: bool) -> Result<checkpoint::TakenCheckpoint, String> {
         let guest_s = self.earlier + self.started.elapsed().as_secs_f64();
-        let taken =
-            checkpoint::take(qmp, self.seq + 1, &self.disks, self.console, self.accel, guest_s, last, self.run_as)?;
+        let taken = checkpoint::take(
+            qmp,
+            self.seq.saturating_add(1),
+            &self.disks,
+            self.console,
+            self.accel,
+            guest_s,
+            last,
+            self.run_as,
+        )?;
         self.seq = taken.seq;
         tracing::info!(seq = taken.seq, pause_ms = taken.pause.as_millis() as u64, "checkpoint taken");
         Ok(taken)

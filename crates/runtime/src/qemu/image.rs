@@ -88,3 +88,50 @@ pub fn rebase(overlay: &Path, image: &Path) -> Result<PathBuf, RunError> {
     }
     Ok(overlay.to_path_buf())
 }
+
+/// What `qemu-img info` says of a disk a checkpoint brought (written by a guest and a node, so as
+/// untrusted as they are): it must be a qcow2 with no external data file, no larger than
+/// `max_virtual` bytes, and (unless `backing_ok`, for an overlay that is put back on the image)
+/// without a backing file, which could name any file of this host.
+pub fn check_untrusted_qcow2(disk: &Path, max_virtual: u64, backing_ok: bool) -> Result<(), String> {
+    let qemu_img = find_qemu_img().map_err(|e| e.to_string())?;
+    let out = Command::new(&qemu_img)
+        .args(["info", "--output=json", "-f", "qcow2"])
+        .arg(disk)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", qemu_img.display()))?;
+    if !out.status.success() {
+        return Err(format!("not a qcow2 disk: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let info: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("qemu-img info printed something unexpected: {e}"))?;
+    if info.get("format").and_then(|f| f.as_str()) != Some("qcow2") {
+        return Err("not a qcow2 disk".into());
+    }
+    if !backing_ok && (info.get("backing-filename").is_some() || info.get("full-backing-filename").is_some()) {
+        return Err("it names a backing file".into());
+    }
+    if info.pointer("/format-specific/data/data-file").is_some() {
+        return Err("it names an external data file".into());
+    }
+    match info.get("virtual-size").and_then(|v| v.as_u64()) {
+        Some(v) if v <= max_virtual => Ok(()),
+        Some(v) => Err(format!("its size, {v} bytes, is over the {max_virtual} it may have")),
+        None => Err("qemu-img info gave no size".into()),
+    }
+}
+
+/// The virtual size of a disk image, in bytes.
+pub fn virtual_size(image: &Path) -> Result<u64, RunError> {
+    let qemu_img = find_qemu_img()?;
+    let out = Command::new(&qemu_img)
+        .args(["info", "--output=json"])
+        .arg(image)
+        .output()
+        .map_err(|e| RunError::host(format!("cannot run {}", qemu_img.display()), e))?;
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| RunError::BadJob(format!("the image `{}` cannot be read: {e}", image.display())))?;
+    info.get("virtual-size")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| RunError::BadJob(format!("the image `{}` has no size", image.display())))
+}

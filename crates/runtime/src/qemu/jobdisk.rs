@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::find_qemu_img;
-use crate::{RunError, tools};
+use crate::{Failure, FailureKind, RunError, tools};
 
 /// The serial of the job directory's disk (`/sys/block/vdX/serial` in the guest).
 pub const SERIAL: &str = "vmgrid-job";
@@ -79,28 +79,52 @@ pub fn build(job_dir: &Path, scratch: &Path, disk_mb: u64) -> Result<PathBuf, Ru
 }
 
 /// Replaces `job_dir`'s contents with the files of the disk `disk` (qcow2), as the guest left
-/// them. Reading stops at `limit` bytes in all.
-pub fn extract(disk: &Path, job_dir: &Path, scratch: &Path, limit: u64) -> Result<(), RunError> {
+/// them. Every entry costs its bytes, and at least [`crate::disk::ENTRY_COST`], against `limit`.
+/// What the guest made unreadable (a broken or crafted filesystem, one that holds more than the
+/// job may keep, one that nests too deep) is the guest's failure, not this host's: `Ok(Some(_))`.
+pub fn extract(disk: &Path, job_dir: &Path, scratch: &Path, limit: u64) -> Result<Option<Failure>, RunError> {
+    let guest = |kind, reason: String| Ok(Some(Failure { kind, reason }));
+    // QEMU has exited: what it left is checked before qemu-img opens it as a disk.
+    let most = (size_mb(0, limit.div_ceil(1 << 20)) + 16) << 20;
+    if let Err(why) = super::image::check_untrusted_qcow2(disk, most, false) {
+        return guest(FailureKind::GuestError, format!("the job directory's disk is refused: {why}"));
+    }
     let raw = scratch.join("job-out.raw");
     run(
         Command::new(find_qemu_img()?).args(["convert", "-q", "-f", "qcow2", "-O", "raw"]).arg(disk).arg(&raw),
         "qemu-img convert",
     )?;
-    let fs = ext4_view::Ext4::load_from_path(&raw)
-        .map_err(|e| RunError::Host(format!("the job directory's disk is not a readable ext4 filesystem: {e}")))?;
+    let fs = match ext4_view::Ext4::load_from_path(&raw) {
+        Ok(fs) => fs,
+        Err(e) => {
+            return guest(
+                FailureKind::GuestError,
+                format!("the job directory's disk is not a readable ext4 filesystem: {e}"),
+            );
+        }
+    };
     for entry in std::fs::read_dir(job_dir).map_err(|e| RunError::host("cannot read the job directory", e))? {
         let p = entry.map_err(|e| RunError::host("cannot read the job directory", e))?.path();
         let gone = if p.is_dir() && !p.is_symlink() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
         gone.map_err(|e| RunError::host(format!("cannot clear {}", p.display()), e))?;
     }
     let mut left = limit;
-    copy_dir(&fs, ext4_view::PathBuf::new("/"), job_dir, &mut left, 0)?;
+    let copied = copy_dir(&fs, ext4_view::PathBuf::new("/"), job_dir, &mut left, 0);
     let _ = std::fs::remove_file(&raw);
-    Ok(())
+    match copied {
+        Ok(()) => Ok(None),
+        Err(Bad::Host(e)) => Err(e),
+        Err(Bad::Guest(kind, reason)) => guest(kind, reason),
+    }
 }
 
 /// How deep the guest's directories may nest.
 const MAX_DEPTH: usize = 64;
+
+enum Bad {
+    Host(RunError),
+    Guest(FailureKind, String),
+}
 
 fn copy_dir(
     fs: &ext4_view::Ext4,
@@ -108,33 +132,51 @@ fn copy_dir(
     to: &Path,
     left: &mut u64,
     depth: usize,
-) -> Result<(), RunError> {
-    let bad = |e: ext4_view::Ext4Error| RunError::Host(format!("cannot read the job directory's disk: {e}"));
+) -> Result<(), Bad> {
+    let unreadable = |e: ext4_view::Ext4Error| {
+        Bad::Guest(FailureKind::GuestError, format!("the job directory's disk cannot be read: {e}"))
+    };
+    let over = || {
+        Bad::Guest(FailureKind::DiskLimit, "the job directory's disk holds more than the job may keep (disk_mb)".into())
+    };
+    let host = |what: String, e: std::io::Error| Bad::Host(RunError::host(what, e));
     if depth > MAX_DEPTH {
-        return Err(RunError::Host(format!("the job directory nests deeper than {MAX_DEPTH} directories")));
+        return Err(Bad::Guest(
+            FailureKind::GuestError,
+            format!("the job directory nests deeper than {MAX_DEPTH} directories"),
+        ));
     }
-    for entry in fs.read_dir(from.as_path()).map_err(bad)? {
-        let entry = entry.map_err(bad)?;
+    for entry in fs.read_dir(from.as_path()).map_err(unreadable)? {
+        let entry = entry.map_err(unreadable)?;
         let name = entry.file_name();
         let Ok(name) = name.as_str() else { continue };
         if name == "." || name == ".." || (depth == 0 && name == "lost+found") || name.contains('/') {
             continue;
         }
+        // Every entry costs something, so a tree of empty files or of directories linked into
+        // themselves ends too.
+        *left = left.checked_sub(crate::disk::ENTRY_COST).ok_or_else(over)?;
         let dest = to.join(name);
-        let kind = entry.file_type().map_err(bad)?;
+        let kind = entry.file_type().map_err(unreadable)?;
         if kind.is_dir() {
-            std::fs::create_dir(&dest).map_err(|e| RunError::host(format!("cannot create {}", dest.display()), e))?;
+            std::fs::create_dir(&dest).map_err(|e| host(format!("cannot create {}", dest.display()), e))?;
             copy_dir(fs, entry.path(), &dest, left, depth + 1)?;
         } else if kind.is_regular_file() {
-            let mut file = fs.open(entry.path().as_path()).map_err(bad)?;
-            let mut out = std::fs::File::create(&dest)
-                .map_err(|e| RunError::host(format!("cannot create {}", dest.display()), e))?;
-            let copied = std::io::copy(&mut (&mut file).take(*left + 1), &mut out)
-                .map_err(|e| RunError::host(format!("cannot copy {name} from the job directory's disk"), e))?;
-            if copied > *left {
-                return Err(RunError::Host("the job directory's disk holds more than it can".into()));
-            }
-            *left -= copied;
+            let mut file = fs.open(entry.path().as_path()).map_err(unreadable)?;
+            let mut out =
+                std::fs::File::create(&dest).map_err(|e| host(format!("cannot create {}", dest.display()), e))?;
+            let copied = match std::io::copy(&mut (&mut file).take(*left + 1), &mut out) {
+                Ok(n) => n,
+                // Reading the guest's file failed (its blocks are broken); writing ours would show
+                // as a host error here too, which is rare enough to call the guest's.
+                Err(e) => {
+                    return Err(Bad::Guest(
+                        FailureKind::GuestError,
+                        format!("cannot copy {name} from the job directory's disk: {e}"),
+                    ));
+                }
+            };
+            *left = left.checked_sub(copied).ok_or_else(over)?;
         }
         // Symlinks, devices, fifos and sockets stay in the guest.
     }
@@ -157,12 +199,42 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link")).unwrap();
         let disk = build(dir.path(), scratch.path(), 4).unwrap();
         std::fs::write(dir.path().join("stale"), "removed by the extraction").unwrap();
-        extract(&disk, dir.path(), scratch.path(), 1 << 20).unwrap();
+        assert_eq!(extract(&disk, dir.path(), scratch.path(), 1 << 20).unwrap(), None);
         assert_eq!(std::fs::read_to_string(dir.path().join("a.txt")).unwrap(), "alpha\n");
         assert_eq!(std::fs::read(dir.path().join("sub/deeper/b.bin")).unwrap(), vec![7u8; 300_000]);
         assert!(!dir.path().join("link").exists() && !dir.path().join("link").is_symlink(), "no symlink comes out");
         assert!(!dir.path().join("stale").exists() && !dir.path().join("lost+found").exists());
-        let err = extract(&disk, dir.path(), scratch.path(), 1000).unwrap_err();
-        assert!(err.to_string().contains("more than it can"), "{err}");
+        let over = extract(&disk, dir.path(), scratch.path(), 100_000).unwrap().expect("over its limit");
+        assert_eq!(over.kind, FailureKind::DiskLimit, "{}", over.reason);
+        std::fs::write(scratch.path().join("junk.qcow2"), vec![0u8; 4096]).unwrap();
+        let junk = extract(&scratch.path().join("junk.qcow2"), dir.path(), scratch.path(), 1 << 20).unwrap().unwrap();
+        assert_eq!(junk.kind, FailureKind::GuestError, "{}", junk.reason);
+    }
+
+    #[test]
+    fn a_disk_naming_a_host_file_or_too_large_is_refused_before_it_is_opened() {
+        let scratch = tempfile::tempdir().unwrap();
+        let secret = scratch.path().join("secret");
+        std::fs::write(&secret, vec![b's'; 1 << 20]).unwrap();
+        let evil = scratch.path().join("evil.qcow2");
+        let made = Command::new(find_qemu_img().unwrap())
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&secret)
+            .arg(&evil)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let refused = super::super::image::check_untrusted_qcow2(&evil, 1 << 30, false).unwrap_err();
+        assert!(refused.contains("backing file"), "{refused}");
+        let dir = tempfile::tempdir().unwrap();
+        let failed = extract(&evil, dir.path(), scratch.path(), 1 << 20).unwrap().expect("the guest's failure");
+        assert!(failed.reason.contains("backing file"), "{}", failed.reason);
+        assert!(!scratch.path().join("job-out.raw").exists(), "qemu-img never read it");
+        let big = scratch.path().join("big.qcow2");
+        let made =
+            Command::new(find_qemu_img().unwrap()).args(["create", "-q", "-f", "qcow2"]).arg(&big).arg("1T").status();
+        assert!(made.unwrap().success());
+        let refused = super::super::image::check_untrusted_qcow2(&big, 1 << 30, false).unwrap_err();
+        assert!(refused.contains("is over"), "{refused}");
     }
 }

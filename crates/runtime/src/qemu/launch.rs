@@ -20,6 +20,9 @@ use crate::{RunError, tools};
 /// QEMU, not saved with the VM, so it changes when the VM moves.
 pub const RESUMED_FW_CFG: &str = "opt/vmgrid/resumed";
 
+/// The machine type of a checkpointed VM: the first of QEMU 8.2, which migrates to files.
+pub const CHECKPOINT_MACHINE: &str = "pc-i440fx-8.2";
+
 /// The unprivileged user QEMU runs as when vmgrid is root.
 pub const UNPRIVILEGED_USER: &str = "nobody";
 
@@ -128,7 +131,9 @@ pub(crate) fn args(l: &Launch<'_>) -> Vec<OsString> {
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(OsString::from));
     // Commas are doubled in every value QEMU splits at commas, so no value can add options.
     push(&["-name", &format!("vmgrid-{}", job.name.replace(',', ",,"))]);
-    push(&["-machine", "pc", "-accel", l.accel.as_str()]);
+    // A checkpointed VM pins its machine type, so that a newer QEMU can load its checkpoints.
+    let machine = if l.job_disk.is_some() { CHECKPOINT_MACHINE } else { "pc" };
+    push(&["-machine", machine, "-accel", l.accel.as_str()]);
     push(&["-m", &job.resources.memory_mb.to_string(), "-smp", &job.resources.cpus.to_string()]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
     push(&["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]);
@@ -196,6 +201,23 @@ pub(crate) fn hand_over(job_dir: &Path, user: &str) -> Result<(), RunError> {
             .map_err(|e| RunError::host(format!("cannot hand {} to {user}", entry.path().display()), e))?;
     }
     Ok(())
+}
+
+/// Gives one file (not following a link) to the user QEMU runs as.
+pub(crate) fn give(file: &Path, user: &str) -> Result<(), RunError> {
+    let (uid, gid) = user_ids(user)?.ok_or_else(|| {
+        RunError::Host(format!("vmgrid runs as root but there is no `{user}` user for QEMU to run as"))
+    })?;
+    std::os::unix::fs::lchown(file, Some(uid), Some(gid))
+        .map_err(|e| RunError::host(format!("cannot hand {} to {user}", file.display()), e))
+}
+
+/// Lets other users enter a directory of ours and open the files they own in it, but not list it
+/// or add, remove or rename anything (mode 0711).
+pub(crate) fn traversable(dir: &Path) -> Result<(), RunError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .map_err(|e| RunError::host(format!("cannot open {} to QEMU", dir.display()), e))
 }
 
 /// The uid and gid of a user, from the system's user database (thread-safe `getpwnam_r`).

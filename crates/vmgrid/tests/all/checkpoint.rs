@@ -154,7 +154,7 @@ fn a_killed_nodes_vm_job_resumes_elsewhere_from_its_latest_checkpoint() {
     eprintln!("resumed at step {} from checkpoint {latest}; {redone:.1} s of work redone", points[0].0);
     assert_eq!(h.len(), 2, "{h:#?}");
     assert_eq!((h[0].node.as_str(), h[0].resumed_from), ("n1", None));
-    assert!(h[0].outcome.contains("lost"), "{h:#?}");
+    assert!(h[0].outcome.contains("lost") || h[0].outcome.contains("lease on node n1 expired"), "{h:#?}");
     assert_eq!((h[1].node.as_str(), h[1].resumed_from), ("n2", Some(latest)));
     assert_eq!(std::fs::read(&image).unwrap(), base, "the base image is untouched");
 }

@@ -148,6 +148,7 @@ fn a_checkpointed_job_gets_its_directory_as_a_disk_a_portable_cpu_and_may_wait_f
     let l: Vec<String> = args(&launch).into_iter().map(|a| a.into_string().unwrap()).collect();
     assert!(!l.iter().any(|a| a == "-fsdev" || a.contains("virtio-9p")), "no 9p share: QEMU cannot migrate one: {l:?}");
     assert_eq!(value(&l, "-cpu"), "qemu64");
+    assert_eq!(value(&l, "-machine"), "pc-i440fx-8.2");
     assert_eq!(value(&l, "-incoming"), "defer");
     assert_eq!(value(&l, "-fw_cfg"), "name=opt/vmgrid/resumed,string=0000000007");
     let drives: Vec<&String> = l.iter().filter(|a| a.starts_with("file=")).collect();
