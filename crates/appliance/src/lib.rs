@@ -32,7 +32,7 @@ impl From<vmgrid_runtime::RunError> for Error {
     fn from(e: vmgrid_runtime::RunError) -> Self {
         match e {
             vmgrid_runtime::RunError::BadJob(m) => Error::BadInput(m),
-            vmgrid_runtime::RunError::Host(m) => Error::Failed(m),
+            vmgrid_runtime::RunError::Host(m) | vmgrid_runtime::RunError::BadCheckpoint(m) => Error::Failed(m),
         }
     }
 }

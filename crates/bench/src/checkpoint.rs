@@ -21,11 +21,14 @@ pub struct CheckpointFigures {
     pub raw_mib: f64,
     pub stored_mib: f64,
     pub compress_s: f64,
+    /// Unpacking the stored parts, as the resuming node does.
+    pub unpack_s: f64,
     pub resume_s: f64,
 }
 
-/// A checkpoint's pause, its whole time, its bytes saved and stored, and the time to compress.
-type Measured = (Duration, Duration, u64, u64, Duration);
+/// A checkpoint's pause, its whole time, its bytes saved and stored, and the times to compress
+/// and to unpack.
+type Measured = (Duration, Duration, u64, u64, Duration, Duration);
 
 /// Keeps the measured checkpoint (the first taken once the guest said `ready`), then asks for a
 /// last one and keeps it to resume from.
@@ -37,30 +40,22 @@ struct Sink {
     resumed: Mutex<Option<Duration>>,
 }
 
-fn sizes(ck: &TakenCheckpoint) -> Result<(u64, u64, Duration), String> {
-    let mut raw = 0;
-    let mut stored = 0;
+/// The parts' bytes as saved and as stored (zstd, level 1, as the node does), and the times to
+/// compress them and to unpack them again.
+fn sizes(ck: &TakenCheckpoint) -> Result<(u64, u64, Duration, Duration), String> {
+    let (mut raw, mut packed) = (0, Vec::new());
     let started = Instant::now();
     for p in [Some(&ck.state), Some(&ck.job_disk), ck.overlay.as_ref()].into_iter().flatten() {
         let input = std::fs::File::open(p).map_err(|e| e.to_string())?;
         raw += input.metadata().map_err(|e| e.to_string())?.len();
-        let mut counter = Counter(0);
-        zstd::stream::copy_encode(input, &mut counter, 1).map_err(|e| e.to_string())?;
-        stored += counter.0;
+        packed.push(zstd::stream::encode_all(input, 1).map_err(|e| e.to_string())?);
     }
-    Ok((raw, stored, started.elapsed()))
-}
-
-struct Counter(u64);
-
-impl std::io::Write for Counter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len() as u64;
-        Ok(buf.len())
+    let compress = started.elapsed();
+    let started = Instant::now();
+    for part in &packed {
+        zstd::stream::copy_decode(part.as_slice(), std::io::sink()).map_err(|e| e.to_string())?;
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    Ok((raw, packed.iter().map(|p| p.len() as u64).sum(), compress, started.elapsed()))
 }
 
 impl CheckpointSink for Sink {
@@ -72,8 +67,8 @@ impl CheckpointSink for Sink {
         let ready = std::fs::read_to_string(&ck.console).unwrap_or_default().contains("ready");
         let mut measured = self.measured.lock().unwrap();
         if ready && measured.is_none() {
-            let (raw, stored, compress) = sizes(&ck)?;
-            *measured = Some((ck.pause, ck.took, raw, stored, compress));
+            let (raw, stored, compress, unpack) = sizes(&ck)?;
+            *measured = Some((ck.pause, ck.took, raw, stored, compress, unpack));
             self.vacate.store(true, Ordering::SeqCst);
         }
         Ok(())
@@ -125,7 +120,8 @@ pub fn measure(root: &Path, memory_mb: u64, dirty: bool) -> Result<CheckpointFig
         }
     };
     run(&first, &plan)?;
-    let (pause, took, raw, stored, compress) = sink.measured.lock().unwrap().ok_or("no checkpoint was measured")?;
+    let (pause, took, raw, stored, compress, unpack) =
+        sink.measured.lock().unwrap().ok_or("no checkpoint was measured")?;
     let last = sink.last.lock().unwrap().take().ok_or("no last checkpoint")?;
     sink.vacate.store(false, Ordering::SeqCst);
     let second = dir.path().join("second");
@@ -150,6 +146,7 @@ pub fn measure(root: &Path, memory_mb: u64, dirty: bool) -> Result<CheckpointFig
         raw_mib: mib(raw),
         stored_mib: mib(stored),
         compress_s: compress.as_secs_f64(),
+        unpack_s: unpack.as_secs_f64(),
         resume_s,
     })
 }

@@ -149,7 +149,7 @@ pub async fn collect_loop(shared: std::sync::Arc<crate::core::Shared>) {
 
 pub async fn collect(shared: &crate::core::Shared) -> usize {
     let now = vmgrid_proto::now_ms();
-    let (garbage, pending) = shared.call(|e| e.unreferenced_blobs(now.saturating_sub(GRACE_MS)));
+    let (garbage, pending) = shared.call(|e| e.unreferenced_blobs(now.saturating_sub(GRACE_MS), now));
     if shared.finish(pending).await.is_err() {
         return 0;
     }

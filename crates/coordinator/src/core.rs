@@ -172,6 +172,15 @@ impl Shared {
         f(&self.lock().engine)
     }
 
+    /// A change to what the engine keeps in memory only, which causes no effects (nothing to
+    /// store, nobody to wake): `Engine::reuse_blob`.
+    pub fn peek_mut<T>(&self, f: impl FnOnce(&mut Engine) -> T) -> T {
+        let mut inner = self.lock();
+        let out = f(&mut inner.engine);
+        debug_assert!(inner.engine.take_effects().is_empty(), "peek_mut is for calls without effects");
+        out
+    }
+
     /// Why the store cannot commit, while it cannot (new work is then refused at once).
     pub fn store_failing(&self) -> Option<store::Failing> {
         self.lock().writer.failing()

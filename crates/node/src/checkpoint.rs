@@ -5,8 +5,8 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use vmgrid_client::Client;
 use vmgrid_proto::*;
@@ -30,8 +30,6 @@ pub(crate) struct PoolSink {
     busy: Arc<AtomicBool>,
     /// Set when the run ended: a checkpoint still being stored is given up.
     ended: AtomicBool,
-    /// The worker storing a periodic checkpoint, if any.
-    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl PoolSink {
@@ -42,7 +40,8 @@ impl PoolSink {
                 return Err("the run ended".into());
             }
             let packed = path.with_extension("zst");
-            compress(path, &packed).map_err(|e| format!("cannot compress {name}: {e}"))?;
+            let given_up = || self.ended.load(Ordering::SeqCst) && !ck.last;
+            compress(path, &packed, given_up).map_err(|e| format!("cannot compress {name}: {e}"))?;
             self.client.upload_file(&packed, name).map_err(|e| format!("cannot upload {name}: {e}"))
         };
         let console = std::fs::metadata(&ck.console).is_ok_and(|m| m.len() > 0);
@@ -89,7 +88,9 @@ struct Sink(Arc<PoolSink>);
 impl CheckpointSink for Sink {
     fn store(&self, ck: TakenCheckpoint) -> Result<(), String> {
         if ck.last {
-            self.0.join();
+            // A periodic checkpoint still being stored is given up (at its next chunk): the pool
+            // would refuse it after this newer one anyway.
+            self.0.ended.store(true, Ordering::SeqCst);
             return self.0.store_now(&ck);
         }
         self.0.busy.store(true, Ordering::SeqCst);
@@ -102,10 +103,8 @@ impl CheckpointSink for Sink {
             me.busy.store(false, Ordering::SeqCst);
         });
         match worker {
-            Ok(w) => {
-                *crate::lock(&self.0.worker) = Some(w);
-                Ok(())
-            }
+            // Its own thread: it ends by itself, and removes its files.
+            Ok(_) => Ok(()),
             Err(e) => {
                 self.0.busy.store(false, Ordering::SeqCst);
                 Err(format!("cannot start a thread to store the checkpoint: {e}"))
@@ -119,24 +118,28 @@ impl CheckpointSink for Sink {
 }
 
 impl PoolSink {
-    /// The run ended: a periodic checkpoint still being stored is given up, and waited for.
+    /// The run ended: a periodic checkpoint still being stored is given up at its next chunk (its
+    /// thread ends by itself and removes its files; the job's report does not wait for it).
     pub(crate) fn end(&self) {
         self.ended.store(true, Ordering::SeqCst);
-        self.join();
-    }
-
-    /// Waits for a periodic checkpoint being stored.
-    fn join(&self) {
-        if let Some(w) = crate::lock(&self.worker).take() {
-            let _ = w.join();
-        }
     }
 }
 
-fn compress(from: &Path, to: &Path) -> std::io::Result<()> {
+/// Compresses a part, a MiB at a time, stopping when `given_up` says so.
+fn compress(from: &Path, to: &Path, given_up: impl Fn() -> bool) -> std::io::Result<()> {
     let mut input = std::fs::File::open(from)?;
     let mut out = zstd::stream::Encoder::new(std::fs::File::create(to)?, LEVEL)?;
-    std::io::copy(&mut input, &mut out)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        if given_up() {
+            return Err(std::io::Error::other("the run ended"));
+        }
+        let n = std::io::Read::read(&mut input, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])?;
+    }
     out.finish()?.flush()
 }
 
@@ -166,7 +169,6 @@ pub(crate) fn plan(
         lease: LeaseId { job_id: lease.job_id, epoch: lease.epoch },
         busy: Arc::default(),
         ended: AtomicBool::new(false),
-        worker: Mutex::default(),
     });
     let plan = Checkpointing {
         every: std::time::Duration::from_secs(every),
@@ -196,7 +198,7 @@ fn fetch(
             .map_err(|e| RunError::Host(format!("cannot fetch checkpoint {} ({name}): {e}", ck.seq)))?;
         let to = into.join(name);
         decompress(&packed, &to, limit)
-            .map_err(|e| RunError::Host(format!("checkpoint {}'s {name} cannot be unpacked: {e}", ck.seq)))?;
+            .map_err(|e| RunError::BadCheckpoint(format!("checkpoint {}'s {name} cannot be unpacked: {e}", ck.seq)))?;
         Ok(to)
     };
     let console = match &ck.console {

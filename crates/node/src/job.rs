@@ -47,6 +47,7 @@ impl Agent {
             Ok(r) => r,
             Err(RunError::BadJob(reason)) => report(id, RunReport::BadJob { reason }),
             Err(RunError::Host(reason)) => report(id, RunReport::HostFailed { reason }),
+            Err(RunError::BadCheckpoint(reason)) => report(id, RunReport::BadCheckpoint { reason }),
         }
     }
 

@@ -443,8 +443,9 @@ impl Agent {
                         None => unstarted.push(l),
                     }
                 }
-                drop(running);
+                // Locked after `running`, as everywhere.
                 let back = self.drop_queued(&unstarted);
+                drop(running);
                 lock(&self.returning).extend(back);
             }
             Err(ClientError::Refused { status: 409 | 401, .. }) => self.fence(),

@@ -148,6 +148,9 @@ pub enum RunReport {
     BadJob { reason: String },
     /// This node could not run it; another may.
     HostFailed { reason: String },
+    /// The checkpoint it was to resume from cannot be used (a part refused or unreadable, or
+    /// QEMU could not load it): after two nodes say so, the job starts afresh.
+    BadCheckpoint { reason: String },
     /// The node stopped the VM right after its checkpoint `seq` (sent before this report), to
     /// resume elsewhere: the node drains, or the job was vacated. Not a failure of the job.
     Vacated { seq: u64 },

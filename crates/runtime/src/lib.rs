@@ -142,6 +142,10 @@ pub enum RunError {
     /// This host cannot run the job (missing qemu, IO failure). Another host may.
     #[error("{0}")]
     Host(String),
+    /// The checkpoint the run was to resume from cannot be used: a part is refused or
+    /// unreadable, or QEMU could not load it.
+    #[error("{0}")]
+    BadCheckpoint(String),
 }
 
 impl RunError {

@@ -32,7 +32,7 @@ impl From<vmgrid_runtime::RunError> for CliError {
     fn from(e: vmgrid_runtime::RunError) -> Self {
         match e {
             vmgrid_runtime::RunError::BadJob(m) => CliError::BadInput(m),
-            vmgrid_runtime::RunError::Host(m) => CliError::Failed(m),
+            vmgrid_runtime::RunError::Host(m) | vmgrid_runtime::RunError::BadCheckpoint(m) => CliError::Failed(m),
         }
     }
 }

@@ -43,6 +43,8 @@ pub async fn head(
 ) -> Result<Response> {
     blob_caller(&p)?;
     if shared.blobs.has(&hash) {
+        // The caller may refer to it next, instead of uploading it: it is not collected meanwhile.
+        shared.peek_mut(|e| e.reuse_blob(&hash, vmgrid_proto::now_ms()));
         // Its size, as a GET would send it, and that a GET takes a range.
         let len = shared.blobs.path(&hash).and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len());
         let mut resp = StatusCode::OK.into_response();
@@ -213,6 +215,7 @@ pub async fn put(
         )));
     }
     if shared.blobs.has(&hash) {
+        shared.peek_mut(|e| e.reuse_blob(&hash, vmgrid_proto::now_ms()));
         return Ok(StatusCode::OK);
     }
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());

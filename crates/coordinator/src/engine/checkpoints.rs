@@ -74,48 +74,54 @@ impl Engine {
             self.released.remove(&f.blob);
         }
         // The VM resumed well enough to be checkpointed again.
-        stored.resume_failures = 0;
-        self.release(old, Some(ck));
+        stored.failed_on.clear();
+        self.release(old, Some(ck), now);
         self.persist(l.job_id, false);
         Ok(())
     }
 
     /// A checkpoint no longer needed (replaced by `by`, or given up): its parts that `by` does not
     /// share are collected once nothing else refers to them.
-    pub(super) fn release(&mut self, old: Option<Checkpoint>, by: Option<&Checkpoint>) {
+    pub(super) fn release(&mut self, old: Option<Checkpoint>, by: Option<&Checkpoint>, now: u64) {
         let Some(old) = old else { return };
         let kept: Vec<&str> = by.map(|b| b.parts().map(|f| f.blob.as_str()).collect()).unwrap_or_default();
         for f in old.parts().filter(|f| !kept.contains(&f.blob.as_str())) {
-            self.released.insert(f.blob.clone(), f.size);
+            self.released.insert(f.blob.clone(), now);
         }
     }
 
     /// Bytes of released checkpoint parts not yet collected.
     pub fn released_bytes(&self) -> u64 {
-        self.released.values().sum()
+        self.released.keys().filter_map(|h| self.blob_size(h)).fold(0, u64::saturating_add)
     }
 
-    /// A job whose node could not run it: if its attempt resumed from its latest checkpoint (and
-    /// took none since), that checkpoint may be what fails (another accelerator, another QEMU,
-    /// a damaged part); after [`MAX_RESUME_FAILURES`] such attempts it is given up. Returns what
-    /// the job's reason should add.
-    pub(super) fn resume_failed(&mut self, id: u64) -> Option<String> {
+    /// Someone was told the pool has this blob (an upload found it there): a released
+    /// checkpoint part it was is not collected early, and the blob's grace period starts again.
+    pub fn reuse_blob(&mut self, hash: &str, now: u64) {
+        self.released.remove(hash);
+        self.refresh_blob(hash, now);
+    }
+
+    /// Node `node` found the checkpoint job `id` was to resume from unusable (a part refused or
+    /// unreadable, or QEMU could not load it); once [`MAX_RESUME_FAILURES`] different nodes have,
+    /// it is given up and the job starts afresh. Returns what the job's reason should add.
+    pub(super) fn resume_failed(&mut self, id: u64, node: &str, now: u64) -> Option<String> {
         let j = self.jobs.get_mut(&id)?;
         let ck = j.ck.as_deref_mut()?;
         let latest = ck.latest.as_ref()?.seq;
         if ck.resumed_from != Some(latest) {
             return None;
         }
-        ck.resume_failures += 1;
-        if ck.resume_failures < MAX_RESUME_FAILURES {
+        if !ck.failed_on.iter().any(|n| n == node) {
+            ck.failed_on.push(node.to_string());
+        }
+        if ck.failed_on.len() < MAX_RESUME_FAILURES {
             return None;
         }
-        ck.resume_failures = 0;
+        ck.failed_on.clear();
         let old = ck.latest.take();
-        self.release(old, None);
-        Some(format!(
-            "; {MAX_RESUME_FAILURES} nodes in a row could not resume checkpoint {latest}, so the job starts afresh"
-        ))
+        self.release(old, None, now);
+        Some(format!("; {MAX_RESUME_FAILURES} nodes could not resume checkpoint {latest}, so the job starts afresh"))
     }
 
     /// `vmgrid vacate`: a running job with checkpoints is checkpointed by its node and moved.
@@ -158,14 +164,21 @@ impl Engine {
         j.state = JobState::Idle;
         j.reason = Some(format!("resumes from checkpoint {seq} (moved off node {node})"));
         if vacating {
-            j.avoid = Some((node, now + AVOID_MS));
-            self.avoid_ends.insert(now + AVOID_MS);
+            self.avoid_for_a_while(id, &node, now);
         }
         self.set_idle(id);
         self.dirty = true;
         self.wake_nodes();
         self.persist(id, false);
         self.job_changed(id, now);
+    }
+
+    /// Job `id` keeps away from node `node` for [`AVOID_MS`], if another node can take it.
+    pub(super) fn avoid_for_a_while(&mut self, id: u64, node: &str, now: u64) {
+        if let Some(j) = self.jobs.get_mut(&id).filter(|j| j.state == JobState::Idle) {
+            j.avoid = Some((std::sync::Arc::from(node), now + AVOID_MS));
+            self.avoid_ends.insert(now + AVOID_MS);
+        }
     }
 
     /// Takes out of a pass's batch the jobs vacated from a node a moment ago, when that node is

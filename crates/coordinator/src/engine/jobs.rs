@@ -167,7 +167,7 @@ impl Engine {
                 j.reason = Some(format!("removed by {}", p.owner()));
                 j.finished_ms = Some(now);
                 self.finished(id);
-                self.release(old, None);
+                self.release(old, None, now);
             }
             JobAction::Hold => {
                 j.state = JobState::Held;
@@ -215,12 +215,7 @@ impl Engine {
         }
         let lost_node = j.node.take();
         // A job vacated before it started keeps away from that node for a while too.
-        if std::mem::take(&mut j.vacating)
-            && let Some(node) = &lost_node
-        {
-            j.avoid = Some((node.clone(), now + super::checkpoints::AVOID_MS));
-            self.avoid_ends.insert(now + super::checkpoints::AVOID_MS);
-        }
+        let avoid = std::mem::take(&mut j.vacating).then(|| lost_node.clone()).flatten();
         let ssi = self.specs.get(&j.spec_id).is_some_and(|s| s.spec.ssi.is_some());
         if delivered && ssi {
             j.state = JobState::Held;
@@ -242,6 +237,9 @@ impl Engine {
             self.set_idle(id);
             self.dirty = true;
             self.wake_nodes();
+        }
+        if let Some(node) = avoid {
+            self.avoid_for_a_while(id, &node, now);
         }
         self.persist(id, false);
         self.job_changed(id, now);
@@ -341,8 +339,14 @@ impl Engine {
         let max_retries = self.specs.get(&self.jobs[&id].spec_id).map_or(0, |s| s.spec.max_retries);
         let node_name = self.jobs[&id].node.as_deref().unwrap_or("").to_string();
         if let RunReport::HostFailed { reason } = &r.run {
-            let given_up = self.resume_failed(id).unwrap_or_default();
-            return self.requeue(id, now, format!("node {node_name} could not run it: {reason}{given_up}"));
+            return self.requeue(id, now, format!("node {node_name} could not run it: {reason}"));
+        }
+        if let RunReport::BadCheckpoint { reason } = &r.run {
+            let given_up = self.resume_failed(id, &node_name, now).unwrap_or_default();
+            self.requeue(id, now, format!("node {node_name} could not resume it: {reason}{given_up}"));
+            // Another node tries it next, if one can.
+            self.avoid_for_a_while(id, &node_name, now);
+            return;
         }
         if let RunReport::Vacated { seq } = r.run {
             return self.vacated(id, seq, now);
@@ -365,7 +369,9 @@ impl Engine {
                 (Some(reason.clone()), (JobState::Held, None, Some(format!("{failure}: {reason}"))))
             }
             RunReport::BadJob { reason } => (None, (JobState::Held, None, Some(format!("bad job: {reason}")))),
-            RunReport::HostFailed { .. } | RunReport::Vacated { .. } => unreachable!("handled above"),
+            RunReport::HostFailed { .. } | RunReport::BadCheckpoint { .. } | RunReport::Vacated { .. } => {
+                unreachable!("handled above")
+            }
         };
         // A retry is a new run from the beginning; a finished job needs no checkpoint (its last
         // attempt still says what it resumed from).
@@ -393,7 +399,7 @@ impl Engine {
                 }
             }
         }
-        self.release(old, None);
+        self.release(old, None, now);
         self.persist(id, true);
         self.job_changed(id, now);
     }
@@ -441,9 +447,10 @@ fn plain_reason(mut r: Report) -> Report {
         }
     };
     match &mut r.run {
-        RunReport::GuestFailed { reason, .. } | RunReport::BadJob { reason } | RunReport::HostFailed { reason } => {
-            clean(reason)
-        }
+        RunReport::GuestFailed { reason, .. }
+        | RunReport::BadJob { reason }
+        | RunReport::HostFailed { reason }
+        | RunReport::BadCheckpoint { reason } => clean(reason),
         RunReport::Exited { .. } | RunReport::Vacated { .. } => {}
     }
     r

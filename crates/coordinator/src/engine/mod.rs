@@ -354,8 +354,9 @@ pub struct Engine {
     by_state: [u64; 5],
     /// The last hour, a sample a minute (`crate::history`).
     history: crate::history::History,
-    /// Parts of checkpoints that were replaced or given up: collected without the grace period
-    /// of a fresh upload once nothing refers to them (`retention.rs`).
+    /// Parts of checkpoints that were replaced or given up, and when: collected a short while
+    /// after (not after the grace period of a fresh upload) once nothing refers to them
+    /// (`retention.rs`).
     released: HashMap<String, u64>,
     /// When vacated jobs may go back to the nodes they left: a pass runs then.
     avoid_ends: BTreeSet<u64>,

@@ -214,6 +214,7 @@ impl Engine {
         while self.avoid_ends.first().is_some_and(|&t| t <= now) {
             self.avoid_ends.pop_first();
             self.dirty = true;
+            self.wake_nodes();
         }
         self.save_usage(now);
         let silent: Vec<String> = self

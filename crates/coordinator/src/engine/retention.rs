@@ -8,6 +8,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::{ApiError, Engine};
+
+/// How long a released checkpoint part waits before it may be collected.
+pub const RELEASED_GRACE_MS: u64 = 60_000;
 use crate::store::Op;
 
 /// A blob the pool holds: who uploaded it first (and pays for it), its size, when.
@@ -97,7 +100,7 @@ impl Engine {
 
     /// The blobs that no spec and no job's result refers to, uploaded before `before` (so an
     /// upload whose job is still being submitted is not taken).
-    pub fn unreferenced_blobs(&self, before: u64) -> Vec<String> {
+    pub fn unreferenced_blobs(&self, before: u64, now: u64) -> Vec<String> {
         let mut used: HashSet<&str> = HashSet::new();
         for s in self.specs.values() {
             let spec = &s.spec;
@@ -117,10 +120,15 @@ impl Engine {
                 used.extend(ck.parts().map(|f| f.blob.as_str()));
             }
         }
-        // A released checkpoint part needs no grace period: it was recorded, so it is whole.
+        // A released checkpoint part needs no long grace period: it was recorded, so it is whole,
+        // and an upload that found it since took it out of `released` (`reuse_blob`).
+        let released_before = now.saturating_sub(RELEASED_GRACE_MS);
         self.blobs
             .iter()
-            .filter(|(h, b)| (b.created_ms < before || self.released.contains_key(*h)) && !used.contains(h.as_str()))
+            .filter(|(h, b)| {
+                let released = self.released.get(*h).is_some_and(|&at| at <= released_before);
+                (b.created_ms < before || released) && !used.contains(h.as_str())
+            })
             .map(|(h, _)| h.clone())
             .collect()
     }
@@ -133,6 +141,17 @@ impl Engine {
                 *n = n.saturating_sub(b.size);
             }
             self.store(Op::DeleteBlob { hash: hash.to_string() });
+        }
+    }
+
+    pub(super) fn blob_size(&self, hash: &str) -> Option<u64> {
+        self.blobs.get(hash).map(|b| b.size)
+    }
+
+    /// Starts a blob's grace period again (someone is about to refer to it).
+    pub(super) fn refresh_blob(&mut self, hash: &str, now: u64) {
+        if let Some(b) = self.blobs.get_mut(hash) {
+            b.created_ms = b.created_ms.max(now);
         }
     }
 

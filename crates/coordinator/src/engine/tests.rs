@@ -444,8 +444,8 @@ fn blobs_are_charged_to_their_first_uploader_and_collected_when_unreferenced() {
     e.add_blob(&"cd".repeat(32), "alice", 10, 0);
     // The spec refers to ab…; cd… is garbage once old enough.
     e.submit(&alice(), spec(0), 1, 0).unwrap();
-    assert_eq!(e.unreferenced_blobs(1), vec!["cd".repeat(32)]);
-    assert!(e.unreferenced_blobs(0).is_empty(), "too young to collect");
+    assert_eq!(e.unreferenced_blobs(1, 1), vec!["cd".repeat(32)]);
+    assert!(e.unreferenced_blobs(0, 0).is_empty(), "too young to collect");
     e.drop_blob(&"cd".repeat(32));
     assert_eq!(e.blob_allowance("alice"), 40);
 }

@@ -270,18 +270,14 @@ pub struct StoredCheckpoint {
     /// The checkpoint the job's current attempt resumed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_from: Option<u64>,
-    /// Attempts in a row that resumed from `latest` and whose node could not run them: after
-    /// [`MAX_RESUME_FAILURES`], `latest` is dropped and the job starts afresh.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub resume_failures: u32,
+    /// The nodes that found `latest` unusable (`RunReport::BadCheckpoint`): once
+    /// [`MAX_RESUME_FAILURES`] different nodes have, it is dropped and the job starts afresh.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_on: Vec<String>,
 }
 
-/// How many nodes in a row may fail to resume a checkpoint before it is given up.
-pub const MAX_RESUME_FAILURES: u32 = 2;
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
-}
+/// How many different nodes must find a checkpoint unusable before it is given up.
+pub const MAX_RESUME_FAILURES: usize = 2;
 
 /// A job's checkpoint as the stores keep it: JSON, or NULL.
 pub fn checkpoint_column(c: &Option<Box<StoredCheckpoint>>) -> Option<String> {

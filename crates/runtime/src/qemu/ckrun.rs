@@ -91,11 +91,12 @@ pub(crate) fn run(req: &RunRequest<'_>, config: &RuntimeConfig, ck: &Checkpointi
     let start = Instant::now();
     let mut vm = Supervised::spawn(&mut cmd, stdout.clone(), stderr.clone())
         .map_err(|e| RunError::host(format!("cannot start {}", launcher.qemu.display()), e))?;
-    let mut qmp = connect(&qmp_path, ck.resume.as_ref().zip(state.as_deref())).map_err(|e| {
+    let mut qmp = connect(&qmp_path, ck.resume.as_ref().zip(state.as_deref())).map_err(|(e, bad)| {
         vm.kill_and_reap();
         vm.join_readers();
         let said = String::from_utf8_lossy(&stderr.take().bytes).trim().to_string();
-        RunError::Host(if said.is_empty() { e } else { format!("{e}; QEMU said: {said}") })
+        let e = if said.is_empty() { e } else { format!("{e}; QEMU said: {said}") };
+        if bad { RunError::BadCheckpoint(e) } else { RunError::Host(e) }
     })?;
     if let Some(from) = &ck.resume {
         ck.sink.resumed(from.seq, start.elapsed());
@@ -187,20 +188,25 @@ fn disks(
     }
     // The checkpoint's disks are as untrusted as the guest and the node that wrote them: checked
     // before QEMU (or qemu-img) opens them as disks.
-    let refused =
-        |what: &str, why: String| RunError::Host(format!("checkpoint {}'s {what} is refused: {why}", from.seq));
+    let refused = |what: &str, why: String| {
+        RunError::BadCheckpoint(format!("checkpoint {}'s {what} is refused: {why}", from.seq))
+    };
     let copy = |from: &Path, name: &str| {
         let to = scratch.join(name);
         std::fs::copy(from, &to).map(|_| to).map_err(|e| RunError::host("cannot stage the checkpoint's disks", e))
     };
     let job_disk = copy(&from.job_disk, "job.qcow2")?;
     let most = (jobdisk::size_mb(crate::disk::usage(req.job_dir), job.resources.disk_mb) + 16) << 20;
-    image::check_untrusted_qcow2(&job_disk, most, false).map_err(|e| refused("job directory's disk", e))?;
+    let checked = |what: &str, e: image::Untrusted| match e {
+        image::Untrusted::Refused(why) => refused(what, why),
+        image::Untrusted::Host(e) => RunError::Host(e),
+    };
+    image::check_untrusted_qcow2(&job_disk, most, false).map_err(|e| checked("job directory's disk", e))?;
     let overlay = match (&job.vm.image, &from.overlay) {
         (Some(image), Some(o)) => {
             let overlay = copy(o, "overlay.qcow2")?;
             image::check_untrusted_qcow2(&overlay, image::virtual_size(image)?, true)
-                .map_err(|e| refused("image overlay", e))?;
+                .map_err(|e| checked("image overlay", e))?;
             Some(image::rebase(&overlay, image)?)
         }
         (None, None) => None,
@@ -218,11 +224,12 @@ fn stage(from: &Path, to: &Path) -> Result<PathBuf, RunError> {
 }
 
 /// QMP, once QEMU opened it, with the checkpoint's state (staged at the path given) loaded when
-/// resuming.
-fn connect(qmp_path: &Path, resume: Option<(&ResumeFrom, &Path)>) -> Result<Qmp, String> {
-    let mut qmp = Qmp::connect(qmp_path, QMP_CONNECT).map_err(|e| format!("cannot reach QEMU's monitor: {e}"))?;
+/// resuming; an error says whether the checkpoint is at fault (QEMU could not load it).
+fn connect(qmp_path: &Path, resume: Option<(&ResumeFrom, &Path)>) -> Result<Qmp, (String, bool)> {
+    let mut qmp =
+        Qmp::connect(qmp_path, QMP_CONNECT).map_err(|e| (format!("cannot reach QEMU's monitor: {e}"), false))?;
     if let Some((from, state)) = resume {
-        checkpoint::resume(&mut qmp, from.seq, state)?;
+        checkpoint::resume(&mut qmp, from.seq, state).map_err(|e| (e, true))?;
     }
     Ok(qmp)
 }

@@ -89,36 +89,100 @@ pub fn rebase(overlay: &Path, image: &Path) -> Result<PathBuf, RunError> {
     Ok(overlay.to_path_buf())
 }
 
-/// What `qemu-img info` says of a disk a checkpoint brought (written by a guest and a node, so as
-/// untrusted as they are): it must be a qcow2 with no external data file, no larger than
-/// `max_virtual` bytes, and (unless `backing_ok`, for an overlay that is put back on the image)
-/// without a backing file, which could name any file of this host.
-pub fn check_untrusted_qcow2(disk: &Path, max_virtual: u64, backing_ok: bool) -> Result<(), String> {
-    let qemu_img = find_qemu_img().map_err(|e| e.to_string())?;
+/// Why a disk a checkpoint (or a guest) brought is not used.
+#[derive(Debug)]
+pub enum Untrusted {
+    /// The disk is not what it may be.
+    Refused(String),
+    /// This host could not tell (`qemu-img` would not run).
+    Host(String),
+}
+
+impl std::fmt::Display for Untrusted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Untrusted::Refused(s) | Untrusted::Host(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A disk a checkpoint brought (written by a guest and a node, so as untrusted as they are) must
+/// be a qcow2 with no external data file, no larger than `max_virtual` bytes, and (unless
+/// `backing_ok`, for an overlay that is put back on the image) without a backing file, which
+/// could name any file of this host. Its header is read here first, so that no QEMU tool opens a
+/// file it names (`qemu-img info` before QEMU 9.1 opened an external data file); then `qemu-img
+/// info` must agree.
+pub fn check_untrusted_qcow2(disk: &Path, max_virtual: u64, backing_ok: bool) -> Result<(), Untrusted> {
+    qcow2_header(disk, max_virtual, backing_ok).map_err(Untrusted::Refused)?;
+    let qemu_img = find_qemu_img().map_err(|e| Untrusted::Host(e.to_string()))?;
     let out = Command::new(&qemu_img)
         .args(["info", "--output=json", "-f", "qcow2"])
         .arg(disk)
         .output()
-        .map_err(|e| format!("cannot run {}: {e}", qemu_img.display()))?;
+        .map_err(|e| Untrusted::Host(format!("cannot run {}: {e}", qemu_img.display())))?;
+    let refused = |s: String| Err(Untrusted::Refused(s));
     if !out.status.success() {
-        return Err(format!("not a qcow2 disk: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        return refused(format!("not a qcow2 disk: {}", String::from_utf8_lossy(&out.stderr).trim()));
     }
-    let info: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("qemu-img info printed something unexpected: {e}"))?;
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| Untrusted::Host(format!("qemu-img info printed something unexpected: {e}")))?;
     if info.get("format").and_then(|f| f.as_str()) != Some("qcow2") {
-        return Err("not a qcow2 disk".into());
+        return refused("not a qcow2 disk".into());
     }
     if !backing_ok && (info.get("backing-filename").is_some() || info.get("full-backing-filename").is_some()) {
-        return Err("it names a backing file".into());
+        return refused("it names a backing file".into());
     }
     if info.pointer("/format-specific/data/data-file").is_some() {
-        return Err("it names an external data file".into());
+        return refused("it names an external data file".into());
     }
     match info.get("virtual-size").and_then(|v| v.as_u64()) {
         Some(v) if v <= max_virtual => Ok(()),
-        Some(v) => Err(format!("its size, {v} bytes, is over the {max_virtual} it may have")),
-        None => Err("qemu-img info gave no size".into()),
+        Some(v) => refused(format!("its size, {v} bytes, is over the {max_virtual} it may have")),
+        None => refused("qemu-img info gave no size".into()),
     }
+}
+
+/// The qcow2 header's promises, read by hand (QEMU's docs/interop/qcow2.txt): the magic, version
+/// 2 or 3, no backing file unless allowed, the size, and no external data file (incompatible
+/// feature bit 2, header extension 0x44415441).
+fn qcow2_header(disk: &Path, max_virtual: u64, backing_ok: bool) -> Result<(), String> {
+    let mut head = Vec::new();
+    let file = std::fs::File::open(disk).map_err(|e| format!("cannot be read: {e}"))?;
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, 64 << 10), &mut head)
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    let u32_at = |at: usize| head.get(at..at + 4).map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
+    let u64_at = |at: usize| head.get(at..at + 8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+    if head.get(..4) != Some(b"QFI\xfb".as_slice()) {
+        return Err("not a qcow2 disk".into());
+    }
+    let version = u32_at(4).unwrap_or(0);
+    if version != 2 && version != 3 {
+        return Err(format!("qcow2 version {version}, not 2 or 3"));
+    }
+    if !backing_ok && u64_at(8) != Some(0) {
+        return Err("it names a backing file".into());
+    }
+    match u64_at(24) {
+        Some(size) if size <= max_virtual => {}
+        Some(size) => return Err(format!("its size, {size} bytes, is over the {max_virtual} it may have")),
+        None => return Err("its header is cut short".into()),
+    }
+    if version == 2 {
+        return Ok(());
+    }
+    if u64_at(72).is_none_or(|incompatible| incompatible & (1 << 2) != 0) {
+        return Err("it names an external data file".into());
+    }
+    // The header extensions: type, length, data padded to 8 bytes, until type 0.
+    let mut at = u32_at(100).ok_or("its header is cut short")? as usize;
+    while let (Some(kind), Some(len)) = (u32_at(at), u32_at(at + 4)) {
+        match kind {
+            0 => return Ok(()),
+            0x4441_5441 => return Err("it names an external data file".into()),
+            _ => at = at + 8 + (len as usize).div_ceil(8) * 8,
+        }
+    }
+    Err("its header extensions run past the first 64 KiB".into())
 }
 
 /// The virtual size of a disk image, in bytes.

@@ -13,7 +13,6 @@
 //! and directories only, never a symlink or device, names that are plain components, and no more
 //! bytes than the disk holds.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -79,15 +78,19 @@ pub fn build(job_dir: &Path, scratch: &Path, disk_mb: u64) -> Result<PathBuf, Ru
 }
 
 /// Replaces `job_dir`'s contents with the files of the disk `disk` (qcow2), as the guest left
-/// them. Every entry costs its bytes, and at least [`crate::disk::ENTRY_COST`], against `limit`.
+/// them. Every entry costs [`crate::disk::ENTRY_COST`], and a file its bytes too, against `limit`.
 /// What the guest made unreadable (a broken or crafted filesystem, one that holds more than the
 /// job may keep, one that nests too deep) is the guest's failure, not this host's: `Ok(Some(_))`.
 pub fn extract(disk: &Path, job_dir: &Path, scratch: &Path, limit: u64) -> Result<Option<Failure>, RunError> {
     let guest = |kind, reason: String| Ok(Some(Failure { kind, reason }));
     // QEMU has exited: what it left is checked before qemu-img opens it as a disk.
     let most = (size_mb(0, limit.div_ceil(1 << 20)) + 16) << 20;
-    if let Err(why) = super::image::check_untrusted_qcow2(disk, most, false) {
-        return guest(FailureKind::GuestError, format!("the job directory's disk is refused: {why}"));
+    match super::image::check_untrusted_qcow2(disk, most, false) {
+        Ok(()) => {}
+        Err(super::image::Untrusted::Refused(why)) => {
+            return guest(FailureKind::GuestError, format!("the job directory's disk is refused: {why}"));
+        }
+        Err(super::image::Untrusted::Host(e)) => return Err(RunError::Host(e)),
     }
     let raw = scratch.join("job-out.raw");
     run(
@@ -136,51 +139,67 @@ fn copy_dir(
     let unreadable = |e: ext4_view::Ext4Error| {
         Bad::Guest(FailureKind::GuestError, format!("the job directory's disk cannot be read: {e}"))
     };
-    let over = || {
-        Bad::Guest(FailureKind::DiskLimit, "the job directory's disk holds more than the job may keep (disk_mb)".into())
-    };
-    let host = |what: String, e: std::io::Error| Bad::Host(RunError::host(what, e));
     if depth > MAX_DEPTH {
-        return Err(Bad::Guest(
-            FailureKind::GuestError,
-            format!("the job directory nests deeper than {MAX_DEPTH} directories"),
-        ));
+        let why = format!("the job directory nests deeper than {MAX_DEPTH} directories");
+        return Err(Bad::Guest(FailureKind::GuestError, why));
     }
     for entry in fs.read_dir(from.as_path()).map_err(unreadable)? {
+        // Every entry costs something, those skipped too, so a tree of empty files, of names
+        // skipped or of directories linked into themselves ends as well.
+        *left = left.checked_sub(crate::disk::ENTRY_COST).ok_or_else(over)?;
         let entry = entry.map_err(unreadable)?;
         let name = entry.file_name();
         let Ok(name) = name.as_str() else { continue };
         if name == "." || name == ".." || (depth == 0 && name == "lost+found") || name.contains('/') {
             continue;
         }
-        // Every entry costs something, so a tree of empty files or of directories linked into
-        // themselves ends too.
-        *left = left.checked_sub(crate::disk::ENTRY_COST).ok_or_else(over)?;
         let dest = to.join(name);
         let kind = entry.file_type().map_err(unreadable)?;
         if kind.is_dir() {
-            std::fs::create_dir(&dest).map_err(|e| host(format!("cannot create {}", dest.display()), e))?;
+            std::fs::create_dir(&dest).map_err(|e| made(&dest, e))?;
             copy_dir(fs, entry.path(), &dest, left, depth + 1)?;
         } else if kind.is_regular_file() {
-            let mut file = fs.open(entry.path().as_path()).map_err(unreadable)?;
-            let mut out =
-                std::fs::File::create(&dest).map_err(|e| host(format!("cannot create {}", dest.display()), e))?;
-            let copied = match std::io::copy(&mut (&mut file).take(*left + 1), &mut out) {
-                Ok(n) => n,
-                // Reading the guest's file failed (its blocks are broken); writing ours would show
-                // as a host error here too, which is rare enough to call the guest's.
-                Err(e) => {
-                    return Err(Bad::Guest(
-                        FailureKind::GuestError,
-                        format!("cannot copy {name} from the job directory's disk: {e}"),
-                    ));
-                }
-            };
-            *left = left.checked_sub(copied).ok_or_else(over)?;
+            let file = fs.open(entry.path().as_path()).map_err(unreadable)?;
+            let out = std::fs::File::create(&dest).map_err(|e| made(&dest, e))?;
+            *left = copy_file(file, out, *left, name)?;
         }
         // Symlinks, devices, fifos and sockets stay in the guest.
     }
     Ok(())
+}
+
+fn over() -> Bad {
+    Bad::Guest(FailureKind::DiskLimit, "the job directory's disk holds more than the job may keep (disk_mb)".into())
+}
+
+/// Why a file or directory of the guest's could not be made here: a name the guest gave twice,
+/// or too long, is the guest's doing; anything else is this host's.
+fn made(dest: &Path, e: std::io::Error) -> Bad {
+    use std::io::ErrorKind::*;
+    let guest = |what: &str| Bad::Guest(FailureKind::GuestError, format!("the job directory's disk {what}: {e}"));
+    match e.kind() {
+        AlreadyExists | IsADirectory | NotADirectory | InvalidFilename => guest("names a file twice or badly"),
+        _ if e.raw_os_error() == Some(libc::ENAMETOOLONG) => guest("has a name too long"),
+        _ => Bad::Host(RunError::host(format!("cannot create {}", dest.display()), e)),
+    }
+}
+
+/// Copies one of the guest's files, reading and writing apart so that each side's failure is
+/// told for whose it is; returns what is left of the budget.
+fn copy_file(mut from: ext4_view::File, mut to: std::fs::File, left: u64, name: &str) -> Result<u64, Bad> {
+    use std::io::Write;
+    let mut left = left;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = std::io::Read::read(&mut from, &mut buf).map_err(|e| {
+            Bad::Guest(FailureKind::GuestError, format!("cannot read {name} from the job directory's disk: {e}"))
+        })?;
+        if n == 0 {
+            return Ok(left);
+        }
+        left = left.checked_sub(n as u64).ok_or_else(over)?;
+        to.write_all(&buf[..n]).map_err(|e| Bad::Host(RunError::host(format!("cannot write {name}"), e)))?;
+    }
 }
 
 #[cfg(test)]
@@ -224,7 +243,7 @@ mod tests {
             .status()
             .unwrap();
         assert!(made.success());
-        let refused = super::super::image::check_untrusted_qcow2(&evil, 1 << 30, false).unwrap_err();
+        let refused = super::super::image::check_untrusted_qcow2(&evil, 1 << 30, false).unwrap_err().to_string();
         assert!(refused.contains("backing file"), "{refused}");
         let dir = tempfile::tempdir().unwrap();
         let failed = extract(&evil, dir.path(), scratch.path(), 1 << 20).unwrap().expect("the guest's failure");
@@ -234,7 +253,7 @@ mod tests {
         let made =
             Command::new(find_qemu_img().unwrap()).args(["create", "-q", "-f", "qcow2"]).arg(&big).arg("1T").status();
         assert!(made.unwrap().success());
-        let refused = super::super::image::check_untrusted_qcow2(&big, 1 << 30, false).unwrap_err();
+        let refused = super::super::image::check_untrusted_qcow2(&big, 1 << 30, false).unwrap_err().to_string();
         assert!(refused.contains("is over"), "{refused}");
     }
 }

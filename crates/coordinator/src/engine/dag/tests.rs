@@ -268,7 +268,7 @@ fn a_running_workflow_keeps_its_files_and_jobs_and_an_ended_one_goes_after_its_r
     flow.nodes[3].job.image = Some(d_image);
     e.add_blob(&blob('9'), "alice", 1, 0);
     let id = e.submit_dag(&alice(), flow, None, 1).unwrap();
-    assert!(e.unreferenced_blobs(100).is_empty(), "d's image is kept while d waits");
+    assert!(e.unreferenced_blobs(100, 100).is_empty(), "d's image is kept while d waits");
     for now in 2..5 {
         run_all(&mut e, now, |_| 0);
     }
