@@ -16,11 +16,19 @@ fn admin() -> Principal {
 /// A pool of nodes `a` and `b` (1 cpu each) with one checkpointed job, placed and leased on the
 /// first node the matchmaker picks; returns the engine, the lease and its node.
 fn running_job() -> (Engine, Lease, String) {
-    running_job_on(1)
+    running_job_on(true)
 }
 
-/// Like [`running_job`], with its spec's image removed when `image` is 0.
-fn running_job_on(image: u8) -> (Engine, Lease, String) {
+/// Like [`running_job`], with an image or with a kernel only.
+fn running_job_on(image: bool) -> (Engine, Lease, String) {
+    let (mut e, node) = placed_job(image);
+    let lease = e.take_leases(&node, 1, 1, 2).pop().unwrap();
+    (e, lease, node)
+}
+
+/// Nodes `a` and `b` (1 cpu each, QEMU) and one checkpointed job placed on one of them, not yet
+/// collected; returns the engine and that node.
+fn placed_job(image: bool) -> (Engine, String) {
     let mut e = Engine::new(TIMING);
     for n in ["a", "b"] {
         let mut ad = ad(n, 1);
@@ -28,18 +36,16 @@ fn running_job_on(image: u8) -> (Engine, Lease, String) {
         e.register(ad, None, false, hash_token(n), 0).unwrap();
     }
     let mut s = spec(0);
-    s.vm_type = VmType::Qemu;
+    (s.vm_type, s.checkpoint_s) = (VmType::Qemu, Some(60));
     s.args.clear();
-    if image == 0 {
+    if !image {
         s.image = None;
         s.kernel = Some(FileRef { path: "vmlinuz".into(), blob: "ab".repeat(32), size: 1, inline: None });
     }
-    s.checkpoint_s = Some(60);
     e.submit(&alice(), s, 1, 0).unwrap();
     e.schedule(1);
     let node = job_node(&e, 1).unwrap();
-    let lease = e.take_leases(&node, 1, 1, 2).pop().unwrap();
-    (e, lease, node)
+    (e, node)
 }
 
 fn job_node(e: &Engine, id: u64) -> Option<String> {
@@ -192,7 +198,7 @@ fn only_the_latest_checkpoint_of_an_unfinished_job_holds_its_blobs() {
 
 #[test]
 fn a_checkpoint_two_nodes_cannot_resume_is_given_up() {
-    let (mut e, lease, node) = running_job_on(0);
+    let (mut e, lease, node) = running_job_on(false);
     let mut ck = checkpoint(&mut e, 3);
     ck.overlay = None;
     e.checkpoint(&node, &CheckpointRequest { lease: id(&lease), checkpoint: ck }, 3).unwrap();
@@ -269,18 +275,7 @@ fn a_vacated_job_goes_back_to_its_node_when_no_other_took_it_in_time() {
 
 #[test]
 fn a_job_vacated_before_its_node_collected_it_goes_back_at_once() {
-    let mut e = Engine::new(TIMING);
-    for n in ["a", "b"] {
-        let mut ad = ad(n, 1);
-        ad.vm_types.push(VmType::Qemu);
-        e.register(ad, None, false, hash_token(n), 0).unwrap();
-    }
-    let mut s = spec(0);
-    (s.vm_type, s.checkpoint_s) = (VmType::Qemu, Some(60));
-    s.args.clear();
-    e.submit(&alice(), s, 1, 0).unwrap();
-    e.schedule(1);
-    let node = job_node(&e, 1).unwrap();
+    let (mut e, node) = placed_job(true);
     let changed = e.action(&alice(), JobAction::Vacate, &[1], 2);
     assert_eq!(changed.changed[0].state, JobState::Idle, "{changed:?}");
     assert_eq!(e.jobs[&1].attempts, 0, "it never started");

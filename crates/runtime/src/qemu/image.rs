@@ -14,21 +14,7 @@ const FORMATS: [&str; 6] = ["raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx"];
 /// `qemu-img info` of a self-contained image: its format. A file QEMU cannot read, or one with a
 /// backing file or a format vmgrid does not run, is the job's fault ([`RunError::BadJob`]).
 pub fn format_of(image: &Path) -> Result<String, RunError> {
-    let qemu_img = find_qemu_img()?;
-    let out = Command::new(&qemu_img)
-        .args(["info", "--output=json"])
-        .arg(image)
-        .output()
-        .map_err(|e| RunError::host(format!("cannot run {}", qemu_img.display()), e))?;
-    if !out.status.success() {
-        return Err(RunError::BadJob(format!(
-            "the image `{}` is not a disk image QEMU can read: {}",
-            image.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| RunError::Host(format!("qemu-img info printed something unexpected: {e}")))?;
+    let info = info(image)?;
     if info.get("backing-filename").is_some() {
         return Err(RunError::BadJob(format!(
             "the image `{}` has a backing file; flatten it first (`qemu-img convert -O qcow2 in out`)",
@@ -43,6 +29,26 @@ pub fn format_of(image: &Path) -> Result<String, RunError> {
         )));
     }
     Ok(format)
+}
+
+/// `qemu-img info` of a job's image (the job's own file, checked by the validator): a file QEMU
+/// cannot read is the job's fault ([`RunError::BadJob`]).
+fn info(image: &Path) -> Result<serde_json::Value, RunError> {
+    let qemu_img = find_qemu_img()?;
+    let out = Command::new(&qemu_img)
+        .args(["info", "--output=json"])
+        .arg(image)
+        .output()
+        .map_err(|e| RunError::host(format!("cannot run {}", qemu_img.display()), e))?;
+    if !out.status.success() {
+        return Err(RunError::BadJob(format!(
+            "the image `{}` is not a disk image QEMU can read: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| RunError::Host(format!("qemu-img info printed something unexpected: {e}")))
 }
 
 /// Makes `scratch/overlay.qcow2` on top of `image`; returns its path.
@@ -187,15 +193,8 @@ fn qcow2_header(disk: &Path, max_virtual: u64, backing_ok: bool) -> Result<(), S
 
 /// The virtual size of a disk image, in bytes.
 pub fn virtual_size(image: &Path) -> Result<u64, RunError> {
-    let qemu_img = find_qemu_img()?;
-    let out = Command::new(&qemu_img)
-        .args(["info", "--output=json"])
-        .arg(image)
-        .output()
-        .map_err(|e| RunError::host(format!("cannot run {}", qemu_img.display()), e))?;
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| RunError::BadJob(format!("the image `{}` cannot be read: {e}", image.display())))?;
-    info.get("virtual-size")
+    info(image)?
+        .get("virtual-size")
         .and_then(|v| v.as_u64())
         .ok_or_else(|| RunError::BadJob(format!("the image `{}` has no size", image.display())))
 }
