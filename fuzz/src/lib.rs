@@ -76,6 +76,7 @@ fn ad(name: &str, cpus: u32) -> NodeAd {
         accelerators: vec!["tcg".into()],
         labels: [("site".to_string(), "lab".to_string())].into(),
         appliance: false,
+        qemu: None,
     }
 }
 

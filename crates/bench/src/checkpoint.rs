@@ -2,14 +2,17 @@
 //! the node agent uses: for a 256 MiB and a 1 GiB guest, idle and with most of its memory
 //! written (60% of it: random bytes in a tmpfs), the pause of one checkpoint (from `stop` to
 //! `cont`: the guest's vCPUs do not run meanwhile, and its clocks do not advance), its size as
-//! QEMU writes it and as the node stores it (zstd, level 1), and the resume in another QEMU
-//! process (start to running from the checkpoint) as another node does it.
+//! QEMU writes it and as the node stores it (in chunks, zstd level 1), what the next checkpoint
+//! adds (its chunks that are new), and the resume in another QEMU process (start to running from
+//! the checkpoint) as another node does it.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vmgrid_client::chunked;
 use vmgrid_runtime::qemu::checkpoint::{CheckpointSink, Checkpointing, ResumeFrom, TakenCheckpoint};
 use vmgrid_runtime::{Outcome, RunRequest, Runtime, RuntimeConfig};
 
@@ -21,41 +24,62 @@ pub struct CheckpointFigures {
     pub raw_mib: f64,
     pub stored_mib: f64,
     pub compress_s: f64,
+    /// What the next checkpoint (one interval later) adds: its chunks the first did not have.
+    pub next_mib: f64,
     /// Unpacking the stored parts, as the resuming node does.
     pub unpack_s: f64,
     pub resume_s: f64,
 }
 
-/// A checkpoint's pause, its whole time, its bytes saved and stored, and the times to compress
-/// and to unpack.
-type Measured = (Duration, Duration, u64, u64, Duration, Duration);
-
-/// Keeps the measured checkpoint (the first taken once the guest said `ready`), then asks for a
-/// last one and keeps it to resume from.
-#[derive(Default)]
-struct Sink {
-    vacate: Arc<AtomicBool>,
-    measured: Mutex<Option<Measured>>,
-    last: Mutex<Option<TakenCheckpoint>>,
-    resumed: Mutex<Option<Duration>>,
+/// A checkpoint as the node stores it: its chunks (by the hash of their bytes, with their size
+/// compressed), the bytes saved, and the times to chunk and compress them and to unpack them.
+struct Chunked {
+    chunks: HashMap<blake3::Hash, u64>,
+    raw: u64,
+    compress: Duration,
+    unpack: Duration,
 }
 
-/// The parts' bytes as saved and as stored (zstd, level 1, as the node does), and the times to
-/// compress them and to unpack them again.
-fn sizes(ck: &TakenCheckpoint) -> Result<(u64, u64, Duration, Duration), String> {
-    let (mut raw, mut packed) = (0, Vec::new());
+impl Chunked {
+    /// The bytes stored: each distinct chunk once, compressed.
+    fn stored(&self) -> u64 {
+        self.chunks.values().sum()
+    }
+}
+
+/// The parts in chunks, compressed (zstd, level 1), as the node stores them, then unpacked again.
+fn chunked(ck: &TakenCheckpoint) -> Result<Chunked, String> {
+    let (mut raw, mut packed, mut chunks) = (0, Vec::new(), HashMap::new());
     let started = Instant::now();
     for p in [Some(&ck.state), Some(&ck.job_disk), ck.overlay.as_ref()].into_iter().flatten() {
-        let input = std::fs::File::open(p).map_err(|e| e.to_string())?;
-        raw += input.metadata().map_err(|e| e.to_string())?.len();
-        packed.push(zstd::stream::encode_all(input, 1).map_err(|e| e.to_string())?);
+        chunked::split(p, |data| {
+            raw += data.len() as u64;
+            if let std::collections::hash_map::Entry::Vacant(v) = chunks.entry(blake3::hash(data)) {
+                let bytes = chunked::pack(data)?;
+                v.insert(bytes.len() as u64);
+                packed.push(bytes);
+            }
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
     }
     let compress = started.elapsed();
     let started = Instant::now();
-    for part in &packed {
-        zstd::stream::copy_decode(part.as_slice(), std::io::sink()).map_err(|e| e.to_string())?;
+    for chunk in &packed {
+        zstd::bulk::decompress(chunk, vmgrid_proto::MAX_CHUNK_BYTES as usize).map_err(|e| e.to_string())?;
     }
-    Ok((raw, packed.iter().map(|p| p.len() as u64).sum(), compress, started.elapsed()))
+    Ok(Chunked { chunks, raw, compress, unpack: started.elapsed() })
+}
+
+/// Keeps the measured checkpoint (the first taken once the guest said `ready`) and what the one
+/// after it adds, then asks for a last one and keeps it to resume from.
+#[derive(Default)]
+struct Sink {
+    vacate: Arc<AtomicBool>,
+    measured: Mutex<Option<(Duration, Duration, Chunked)>>,
+    next: Mutex<Option<u64>>,
+    last: Mutex<Option<TakenCheckpoint>>,
+    resumed: Mutex<Option<Duration>>,
 }
 
 impl CheckpointSink for Sink {
@@ -66,10 +90,15 @@ impl CheckpointSink for Sink {
         }
         let ready = std::fs::read_to_string(&ck.console).unwrap_or_default().contains("ready");
         let mut measured = self.measured.lock().unwrap();
-        if ready && measured.is_none() {
-            let (raw, stored, compress, unpack) = sizes(&ck)?;
-            *measured = Some((ck.pause, ck.took, raw, stored, compress, unpack));
-            self.vacate.store(true, Ordering::SeqCst);
+        match measured.as_ref() {
+            None if ready => *measured = Some((ck.pause, ck.took, chunked(&ck)?)),
+            Some((_, _, first)) => {
+                let next = chunked(&ck)?;
+                let added = next.chunks.iter().filter(|(h, _)| !first.chunks.contains_key(h)).map(|(_, n)| n).sum();
+                *self.next.lock().unwrap() = Some(added);
+                self.vacate.store(true, Ordering::SeqCst);
+            }
+            None => {}
         }
         Ok(())
     }
@@ -120,8 +149,8 @@ pub fn measure(root: &Path, memory_mb: u64, dirty: bool) -> Result<CheckpointFig
         }
     };
     run(&first, &plan)?;
-    let (pause, took, raw, stored, compress, unpack) =
-        sink.measured.lock().unwrap().ok_or("no checkpoint was measured")?;
+    let (pause, took, first) = sink.measured.lock().unwrap().take().ok_or("no checkpoint was measured")?;
+    let next = sink.next.lock().unwrap().ok_or("no second checkpoint was measured")?;
     let last = sink.last.lock().unwrap().take().ok_or("no last checkpoint")?;
     sink.vacate.store(false, Ordering::SeqCst);
     let second = dir.path().join("second");
@@ -143,10 +172,11 @@ pub fn measure(root: &Path, memory_mb: u64, dirty: bool) -> Result<CheckpointFig
         memory_mb,
         pause_s: pause.as_secs_f64(),
         took_s: took.as_secs_f64(),
-        raw_mib: mib(raw),
-        stored_mib: mib(stored),
-        compress_s: compress.as_secs_f64(),
-        unpack_s: unpack.as_secs_f64(),
+        raw_mib: mib(first.raw),
+        stored_mib: mib(first.stored()),
+        compress_s: first.compress.as_secs_f64(),
+        next_mib: mib(next),
+        unpack_s: first.unpack.as_secs_f64(),
         resume_s,
     })
 }

@@ -27,6 +27,7 @@ pub fn scheduler_engine() -> (f64, usize) {
                 accelerators: vec!["tcg".into()],
                 labels: BTreeMap::from([("rack".to_string(), (i % 40).to_string())]),
                 appliance: i % 10 == 0,
+                qemu: None,
             })
             .into(),
             free_cpus: 128,

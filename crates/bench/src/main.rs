@@ -373,8 +373,12 @@ fn checkpoint_figures(args: &Args, rep: &mut Report) {
                     let shown = format!("{:.2} s (of {:.2} s saving, live)", f.pause_s, f.took_s);
                     rep.figure(&format!("{what}: pause"), shown, f.pause_s, " s", pause_target);
                     rep.info(
-                        &format!("{what}: size as saved / stored (zstd)"),
+                        &format!("{what}: size as saved / stored (chunks, zstd)"),
                         format!("{:.0} MiB / {:.0} MiB ({:.1} s to compress)", f.raw_mib, f.stored_mib, f.compress_s),
+                    );
+                    rep.info(
+                        &format!("{what}: the next checkpoint sends (new chunks)"),
+                        format!("{:.1} MiB of {:.0} MiB", f.next_mib, f.stored_mib),
                     );
                     // As another node resumes it: the stored parts unpacked, then QEMU started on
                     // them and running (fetching the blobs, over the pool's network, is apart).

@@ -5,6 +5,7 @@ use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
+pub mod chunked;
 mod failover;
 
 use failover::Coordinators;

@@ -1,22 +1,21 @@
-//! A checkpointed QEMU job on this node: its checkpoints compressed (zstd; the console as it is,
-//! so that its owner can read it) and stored in the pool as blobs, then recorded by the coordinator under the job's lease (a part that did not change
-//! has the same blob, which the pool already holds, so it is not sent again); and the checkpoint
-//! a lease resumes from, fetched and unpacked.
+//! A checkpointed QEMU job on this node: its checkpoints stored in the pool as blobs, then recorded
+//! by the coordinator under the job's lease; and the checkpoint a lease resumes from, fetched and
+//! unpacked. The RAM and the disks go in content-defined chunks, compressed
+//! ([`vmgrid_client::chunked`]): a chunk of the job's latest recorded checkpoint is not sent
+//! again, so each checkpoint sends only what changed. The console goes as it is, so that its
+//! owner can read it.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use vmgrid_client::Client;
+use vmgrid_client::chunked::{self, Known};
 use vmgrid_proto::*;
 use vmgrid_runtime::RunError;
 use vmgrid_runtime::qemu::checkpoint::{CheckpointSink, Checkpointing, ResumeFrom, TakenCheckpoint};
 
 use crate::cache::BlobCache;
-
-/// zstd's level for checkpoints: fast (a checkpoint is taken every interval, while the job runs).
-const LEVEL: i32 = 1;
 
 /// Test-only: names a file; while it exists, the node uploads each checkpoint's parts and then
 /// stalls before recording it (leaving `FILE.stalled-N` beside it), so that a test can kill it
@@ -30,26 +29,32 @@ pub(crate) struct PoolSink {
     busy: Arc<AtomicBool>,
     /// Set when the run ended: a checkpoint still being stored is given up.
     ended: AtomicBool,
+    /// The chunks of the job's latest recorded checkpoint (and its number): the pool keeps them
+    /// while that checkpoint is the latest, so the next one need not send them again.
+    recorded: Mutex<(u64, Known)>,
 }
 
 impl PoolSink {
     fn store_now(&self, ck: &TakenCheckpoint) -> Result<(), String> {
         let started = std::time::Instant::now();
-        let upload = |path: &Path, name: &str| -> Result<FileRef, String> {
-            if self.ended.load(Ordering::SeqCst) && !ck.last {
-                return Err("the run ended".into());
-            }
-            let packed = path.with_extension("zst");
-            let given_up = || self.ended.load(Ordering::SeqCst) && !ck.last;
-            compress(path, &packed, given_up).map_err(|e| format!("cannot compress {name}: {e}"))?;
-            self.client.upload_file(&packed, name).map_err(|e| format!("cannot upload {name}: {e}"))
+        let known = self.recorded.lock().unwrap_or_else(|e| e.into_inner()).1.clone();
+        let (mut chunks, mut new_bytes) = (Known::new(), 0);
+        let given_up = || self.ended.load(Ordering::SeqCst) && !ck.last;
+        let mut upload = |path: &Path, name: &str| -> Result<ChunkedFile, String> {
+            let stored = self
+                .client
+                .upload_chunked(path, name, &known, given_up)
+                .map_err(|e| format!("cannot store the {name} of checkpoint {}: {e}", ck.seq))?;
+            chunks.extend(stored.chunks);
+            new_bytes += stored.new_bytes;
+            Ok(stored.file)
         };
         let console = std::fs::metadata(&ck.console).is_ok_and(|m| m.len() > 0);
         let checkpoint = Checkpoint {
             seq: ck.seq,
-            state: upload(&ck.state, "state.zst")?,
-            job_disk: upload(&ck.job_disk, "job.qcow2.zst")?,
-            overlay: ck.overlay.as_deref().map(|o| upload(o, "overlay.qcow2.zst")).transpose()?,
+            state: upload(&ck.state, "state")?,
+            job_disk: upload(&ck.job_disk, "job.qcow2")?,
+            overlay: ck.overlay.as_deref().map(|o| upload(o, "overlay.qcow2")).transpose()?,
             console: console
                 .then(|| self.client.upload_file(&ck.console, "console"))
                 .transpose()
@@ -69,6 +74,10 @@ impl PoolSink {
         self.client
             .checkpoint(&CheckpointRequest { lease: self.lease, checkpoint: checkpoint.clone() })
             .map_err(|e| format!("the pool did not record checkpoint {}: {e}", ck.seq))?;
+        let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        if recorded.0 < ck.seq {
+            *recorded = (ck.seq, chunks);
+        }
         let bytes: u64 = checkpoint.parts().map(|f| f.size).sum();
         tracing::info!(
             job = self.lease.job_id,
@@ -76,6 +85,7 @@ impl PoolSink {
             pause_ms = ck.pause.as_millis() as u64,
             stored_ms = started.elapsed().as_millis() as u64,
             compressed_bytes = bytes,
+            sent_bytes = new_bytes,
             "checkpoint stored"
         );
         Ok(())
@@ -125,34 +135,6 @@ impl PoolSink {
     }
 }
 
-/// Compresses a part, a MiB at a time, stopping when `given_up` says so.
-fn compress(from: &Path, to: &Path, given_up: impl Fn() -> bool) -> std::io::Result<()> {
-    let mut input = std::fs::File::open(from)?;
-    let mut out = zstd::stream::Encoder::new(std::fs::File::create(to)?, LEVEL)?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        if given_up() {
-            return Err(std::io::Error::other("the run ended"));
-        }
-        let n = std::io::Read::read(&mut input, &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        out.write_all(&buf[..n])?;
-    }
-    out.finish()?.flush()
-}
-
-fn decompress(from: &Path, to: &Path, limit: u64) -> std::io::Result<()> {
-    let input = zstd::stream::Decoder::new(std::fs::File::open(from)?)?;
-    let mut out = std::fs::File::create(to)?;
-    let n = std::io::copy(&mut std::io::Read::take(input, limit + 1), &mut out)?;
-    if n > limit {
-        return Err(std::io::Error::other(format!("it unpacks to more than {limit} bytes")));
-    }
-    Ok(())
-}
-
 /// What a lease's job needs to take checkpoints, and to resume from the lease's checkpoint
 /// (fetched into `dir`); `None` for a job without `checkpoint_s`.
 pub(crate) fn plan(
@@ -164,11 +146,17 @@ pub(crate) fn plan(
 ) -> Result<Option<(Checkpointing, Arc<PoolSink>)>, RunError> {
     let Some(every) = lease.spec.checkpoint_s else { return Ok(None) };
     let resume = lease.resume.as_ref().map(|ck| fetch(client, cache, &lease.spec, ck, dir)).transpose()?;
+    // The checkpoint resumed from is the job's latest recorded: its chunks need not be sent again.
+    let (resume, recorded) = match resume {
+        Some((from, known)) => (Some(from), (lease.resume.as_ref().map_or(0, |c| c.seq), known)),
+        None => (None, (0, Known::new())),
+    };
     let sink = Arc::new(PoolSink {
         client: client.clone(),
         lease: LeaseId { job_id: lease.job_id, epoch: lease.epoch },
         busy: Arc::default(),
         ended: AtomicBool::new(false),
+        recorded: Mutex::new(recorded),
     });
     let plan = Checkpointing {
         every: std::time::Duration::from_secs(every),
@@ -179,26 +167,35 @@ pub(crate) fn plan(
     Ok(Some((plan, sink)))
 }
 
-/// Fetches checkpoint `ck`'s parts (through the cache) and unpacks them into `dir/resume`.
+/// Fetches checkpoint `ck`'s parts (through the cache) and unpacks them into `dir/resume`; with
+/// its chunks, by the hash of their bytes.
 fn fetch(
     client: &Client,
     cache: &BlobCache,
     spec: &JobSpec,
     ck: &Checkpoint,
     dir: &Path,
-) -> Result<ResumeFrom, RunError> {
+) -> Result<(ResumeFrom, Known), RunError> {
     let into = dir.join("resume");
     std::fs::create_dir_all(&into).map_err(|e| RunError::host("cannot create the resume directory", e))?;
     // RAM, and disks no larger than the job's directory and its image allow.
     let image = spec.image.as_ref().map_or(0, |f| f.size);
     let limit = (spec.memory_mb << 20) + ((spec.disk_mb + 64) << 20) * 2 + image * 2 + (64 << 20);
-    let unpack = |f: &FileRef, name: &str| -> Result<PathBuf, RunError> {
-        let packed = cache
-            .get(client, &f.blob)
-            .map_err(|e| RunError::Host(format!("cannot fetch checkpoint {} ({name}): {e}", ck.seq)))?;
+    let mut known = Known::new();
+    let mut unpack = |f: &ChunkedFile, name: &str| -> Result<PathBuf, RunError> {
         let to = into.join(name);
-        decompress(&packed, &to, limit)
-            .map_err(|e| RunError::BadCheckpoint(format!("checkpoint {}'s {name} cannot be unpacked: {e}", ck.seq)))?;
+        // A chunk the node cannot fetch is this node's trouble; one that does not unpack as it
+        // says is the checkpoint's.
+        let mut host = None;
+        let read = |c: &FileRef| {
+            let got = cache.get(client, &c.blob).map_err(|e| e.to_string()).and_then(|path| read_packed(&path));
+            got.map_err(|e| host.insert(format!("cannot fetch checkpoint {}'s {name}: {e}", ck.seq)).clone())
+        };
+        let chunks = chunked::unpack(f, &to, limit, read).map_err(|e| match host.take() {
+            Some(e) => RunError::Host(e),
+            None => RunError::BadCheckpoint(format!("checkpoint {}'s {name} cannot be unpacked: {e}", ck.seq)),
+        })?;
+        known.extend(chunks);
         Ok(to)
     };
     let console = match &ck.console {
@@ -215,7 +212,7 @@ fn fetch(
         }
         None => Vec::new(),
     };
-    Ok(ResumeFrom {
+    let from = ResumeFrom {
         seq: ck.seq,
         state: unpack(&ck.state, "state")?,
         job_disk: unpack(&ck.job_disk, "job.qcow2")?,
@@ -223,5 +220,18 @@ fn fetch(
         console,
         accel: ck.accel.clone(),
         guest_s: ck.guest_s,
-    })
+    };
+    Ok((from, known))
+}
+
+/// A chunk's blob as fetched: no larger than a chunk compresses to at worst.
+fn read_packed(path: &Path) -> Result<Vec<u8>, String> {
+    let most = MAX_CHUNK_BYTES + (64 << 10);
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, most + 1), &mut bytes).map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > most {
+        return Err(format!("a chunk's blob is larger than {most} bytes"));
+    }
+    Ok(bytes)
 }

@@ -9,10 +9,12 @@ pub fn fingerprint(config: &NodeConfig) -> NodeAd {
     let memory_mb = config.memory_mb.unwrap_or_else(host_memory_mb);
     let mut vm_types = vec![VmType::Wasm];
     let mut accelerators = Vec::new();
+    let mut qemu_version = None;
     match vmgrid_runtime::qemu::usable() {
         Ok(qemu) => {
             tracing::info!(qemu = %qemu.qemu.display(), version = %qemu.caps.version, "QEMU jobs run here");
             vm_types.push(VmType::Qemu);
+            qemu_version = Some(qemu.caps.version.to_string());
             let cache = config.cache_dir.join("runtime");
             if vmgrid_runtime::qemu::accel::choose(&qemu.qemu, &cache) == vmgrid_runtime::qemu::Accel::Kvm {
                 accelerators.push("kvm".into());
@@ -41,6 +43,7 @@ pub fn fingerprint(config: &NodeConfig) -> NodeAd {
         accelerators,
         labels: config.labels.clone(),
         appliance: config.appliance,
+        qemu: qemu_version,
     }
 }
 

@@ -215,6 +215,17 @@ pub struct NodeAd {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub appliance: bool,
+    /// The version of the QEMU that runs its QEMU jobs (`10.0.2`), if it runs any: a checkpoint
+    /// resumes only under the same QEMU or a newer one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<String>,
+}
+
+/// A QEMU version (`10.0.2`) as numbers, to compare; `None` if it is not one.
+pub fn qemu_version(v: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+    let version = (parts.next()??, parts.next()??, parts.next().unwrap_or(Some(0))?);
+    parts.next().is_none().then_some(version)
 }
 
 impl NodeAd {
@@ -235,6 +246,9 @@ impl NodeAd {
         }
         if self.vm_types.len() > 8 || self.accelerators.len() > 8 || !self.accelerators.iter().all(|a| word(a, 32)) {
             return Err("a node lists at most 8 vm types and 8 accelerators (names of up to 32 characters)".into());
+        }
+        if self.qemu.as_deref().is_some_and(|v| v.len() > 32 || qemu_version(v).is_none()) {
+            return Err("qemu is a version of up to 32 characters, such as 10.0.2".into());
         }
         if self.labels.len() > 64 {
             return Err(format!("a node has at most 64 labels, not {}", self.labels.len()));

@@ -47,34 +47,74 @@ pub struct Lease {
 }
 
 /// A complete checkpoint of a QEMU job, as blobs in the pool: everything a node needs to resume
-/// the VM where it was. Each part but the console is compressed (zstd); a part that did not change since the
-/// job's last checkpoint has the same blob and is not sent again.
+/// the VM where it was. The RAM and the disks go in content-defined chunks ([`ChunkedFile`]), so
+/// a checkpoint sends and stores only the chunks that changed since the job's last one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Checkpoint {
     /// 1 for the job's first checkpoint, then up by one across all its attempts.
     pub seq: u64,
     /// The VM's RAM and device state: QEMU's migration stream.
-    pub state: FileRef,
-    /// The job directory's disk (ext4), as the guest left it at the checkpoint.
-    pub job_disk: FileRef,
+    pub state: ChunkedFile,
+    /// The job directory's disk (ext4 in qcow2), as the guest left it at the checkpoint.
+    pub job_disk: ChunkedFile,
     /// The copy-on-write overlay of the job's image, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub overlay: Option<FileRef>,
+    pub overlay: Option<ChunkedFile>,
     /// The guest's console (its stdout) up to the checkpoint, uncompressed (its owner reads it
     /// while the job runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console: Option<FileRef>,
-    /// The accelerator the VM ran under (`tcg` or `kvm`): a VM resumes only under the same one.
+    /// The accelerator the VM ran under (`tcg` or `kvm`): a VM resumes only under the same one,
+    /// so the pool places the job only on a node that lists it.
     pub accel: String,
     /// Seconds the guest had run when the checkpoint was taken, over all its attempts.
     pub guest_s: f64,
 }
 
 impl Checkpoint {
-    /// Its parts, each a blob that must be in the pool for the checkpoint to be usable.
+    /// Its blobs, each of which must be in the pool for the checkpoint to be usable: every
+    /// chunk of its files, and its console.
     pub fn parts(&self) -> impl Iterator<Item = &FileRef> {
-        [Some(&self.state), Some(&self.job_disk), self.overlay.as_ref(), self.console.as_ref()].into_iter().flatten()
+        self.files().flat_map(|(_, f)| f.chunks.iter()).chain(self.console.as_ref())
+    }
+
+    /// Its chunked files, by name.
+    pub fn files(&self) -> impl Iterator<Item = (&'static str, &ChunkedFile)> {
+        [("state", Some(&self.state)), ("job disk", Some(&self.job_disk)), ("overlay", self.overlay.as_ref())]
+            .into_iter()
+            .filter_map(|(name, f)| Some((name, f?)))
+    }
+}
+
+/// A large file in content-defined chunks (FastCDC: a change moves only the chunk boundaries near
+/// it), each compressed with zstd and stored as its own blob. A chunk that did not change since
+/// the last time the file was stored has the same blob, which the pool holds already.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkedFile {
+    /// The file's size, unpacked.
+    pub size: u64,
+    /// Its chunks in order, each unpacking to at most [`MAX_CHUNK_BYTES`]; each `size` is that
+    /// of its blob (compressed).
+    pub chunks: Vec<FileRef>,
+}
+
+/// The most bytes one chunk of a [`ChunkedFile`] unpacks to.
+pub const MAX_CHUNK_BYTES: u64 = 4 << 20;
+/// The most chunks one [`ChunkedFile`] has (128 GiB at the average chunk, 1 MiB).
+pub const MAX_CHUNKS: usize = 1 << 17;
+
+impl ChunkedFile {
+    /// Whether its size and number of chunks are within bounds and agree.
+    pub fn check(&self) -> Result<(), String> {
+        if self.chunks.len() > MAX_CHUNKS {
+            return Err(format!("{} chunks, and at most {MAX_CHUNKS} are allowed", self.chunks.len()));
+        }
+        if self.size > self.chunks.len() as u64 * MAX_CHUNK_BYTES || (self.size == 0) != self.chunks.is_empty() {
+            return Err(format!("{} chunks cannot make {} bytes", self.chunks.len(), self.size));
+        }
+        Ok(())
     }
 }
 

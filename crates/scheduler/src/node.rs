@@ -14,7 +14,7 @@ use vmgrid_proto::NodeAd;
 use crate::NodeSlot;
 
 /// The node attributes CEL sees, in a fixed order: the ad's, then the pool's view of the node.
-pub(crate) const ATTRS: [&str; 13] = [
+pub(crate) const ATTRS: [&str; 14] = [
     "name",
     "arch",
     "os",
@@ -25,13 +25,14 @@ pub(crate) const ATTRS: [&str; 13] = [
     "accelerators",
     "labels",
     "appliance",
+    "qemu",
     "running_jobs",
     "free_cpus",
     "free_memory_mb",
 ];
 
 /// How many of [`ATTRS`] come from the ad (the first ones).
-const AD_ATTRS: usize = 10;
+const AD_ATTRS: usize = 11;
 
 /// A node's ad with what the matchmaker derives from it once: the CEL map of the ad's attributes,
 /// and a hash of each, so that nodes alike in what an expression reads share one evaluation of it.
@@ -58,6 +59,8 @@ impl MatchAd {
         let labels: HashMap<String, Value> = ad.labels.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
         put("labels", labels.into());
         put("appliance", Value::Bool(ad.appliance));
+        // The QEMU version as text (`10.0.2`), empty where the node runs no QEMU jobs.
+        put("qemu", ad.qemu.clone().unwrap_or_default().into());
         let hashes = [
             hash(&ad.name),
             hash(&ad.arch),
@@ -69,6 +72,7 @@ impl MatchAd {
             hash(&ad.accelerators),
             hash(&ad.labels),
             hash(&ad.appliance),
+            hash(&ad.qemu),
         ];
         MatchAd { ad, cel, hashes }
     }
@@ -106,9 +110,9 @@ fn hash(v: &impl Hash) -> u64 {
 /// A hash of attribute `a` (an index into [`ATTRS`]) of node `n`.
 pub(crate) fn attr_hash(n: &NodeSlot, a: usize) -> u64 {
     match a {
-        10 => hash(&n.running_jobs),
-        11 => hash(&n.free_cpus),
-        12 => hash(&n.free_memory_mb),
+        11 => hash(&n.running_jobs),
+        12 => hash(&n.free_cpus),
+        13 => hash(&n.free_memory_mb),
         _ => n.ad.hashes[a],
     }
 }

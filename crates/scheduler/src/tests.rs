@@ -16,6 +16,7 @@ fn node(name: &str, cpus: u32, memory_mb: u64, vm_types: &[&str]) -> NodeSlot {
             accelerators: vec!["tcg".into()],
             labels: BTreeMap::from([("site".to_string(), name.chars().next().unwrap().to_string())]),
             appliance: name.starts_with("app"),
+            qemu: vm_types.contains(&"qemu").then(|| "10.0.2".into()),
         })
         .into(),
         free_cpus: cpus,
@@ -82,6 +83,14 @@ fn labels_and_appliance_are_visible() {
     ]);
     let d = place(&mut nodes, &c, &one(), [IdleJob::new(1, 1), IdleJob::new(2, 2)]);
     assert_eq!(d.placements, vec![Placement { job: 1, node: 1 }, Placement { job: 2, node: 0 }]);
+}
+
+#[test]
+fn the_qemu_version_is_visible() {
+    let mut nodes = vec![node("a", 2, 512, &["wasm"]), node("b", 2, 512, &["wasm", "qemu"])];
+    let c = clusters(&[(1, Cluster::compile(VmType::Wasm, 1, 64, Some("node.qemu.startsWith('10.')"), None).unwrap())]);
+    let d = place(&mut nodes, &c, &one(), [IdleJob::new(1, 1)]);
+    assert_eq!(d.placements, vec![Placement { job: 1, node: 1 }]);
 }
 
 #[test]

@@ -188,6 +188,7 @@ fn ad(name: String) -> NodeAd {
         accelerators: vec![],
         labels: Default::default(),
         appliance: false,
+        qemu: None,
     }
 }
 

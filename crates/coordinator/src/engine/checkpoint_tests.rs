@@ -31,9 +31,7 @@ fn running_job_on(image: bool) -> (Engine, Lease, String) {
 fn placed_job(image: bool) -> (Engine, String) {
     let mut e = Engine::new(TIMING);
     for n in ["a", "b"] {
-        let mut ad = ad(n, 1);
-        ad.vm_types.push(VmType::Qemu);
-        e.register(ad, None, false, hash_token(n), 0).unwrap();
+        e.register(qemu_ad(n, "10.0.2"), None, false, hash_token(n), 0).unwrap();
     }
     let mut s = spec(0);
     (s.vm_type, s.checkpoint_s) = (VmType::Qemu, Some(60));
@@ -48,6 +46,15 @@ fn placed_job(image: bool) -> (Engine, String) {
     (e, node)
 }
 
+/// A node with 1 cpu that runs QEMU `version` under TCG.
+fn qemu_ad(name: &str, version: &str) -> NodeAd {
+    let mut ad = ad(name, 1);
+    ad.vm_types.push(VmType::Qemu);
+    ad.accelerators = vec!["tcg".into()];
+    ad.qemu = Some(version.into());
+    ad
+}
+
 fn job_node(e: &Engine, id: u64) -> Option<String> {
     e.job_result(&admin(), id).unwrap().job.node
 }
@@ -58,12 +65,17 @@ fn blob(e: &mut Engine, n: u8) -> FileRef {
     FileRef { path: format!("part-{n}"), blob: hash, size: 10, inline: None }
 }
 
+/// A chunked file of one chunk, blob `n`.
+fn file(e: &mut Engine, n: u8) -> ChunkedFile {
+    ChunkedFile { size: 10, chunks: vec![blob(e, n)] }
+}
+
 fn checkpoint(e: &mut Engine, seq: u64) -> Checkpoint {
     Checkpoint {
         seq,
-        state: blob(e, 1),
-        job_disk: blob(e, 2),
-        overlay: Some(blob(e, 5)),
+        state: file(e, 1),
+        job_disk: file(e, 2),
+        overlay: Some(file(e, 5)),
         console: Some(blob(e, 3)),
         accel: "tcg".into(),
         guest_s: seq as f64,
@@ -84,10 +96,16 @@ fn a_checkpoint_is_recorded_only_under_the_jobs_lease_complete_and_newer() {
     let stale = LeaseId { epoch: lease.epoch + 1, ..id(&lease) };
     assert!(matches!(e.checkpoint(&node, &req(&ck, stale), 3), Err(ApiError::Conflict(_))), "a stale epoch");
     let mut missing = ck.clone();
-    missing.state.blob = "ee".repeat(32);
+    missing.state.chunks[0].blob = "ee".repeat(32);
     let err = e.checkpoint(&node, &req(&missing, id(&lease)), 3).unwrap_err();
     assert!(err.to_string().contains("is not in the pool"), "{err}");
     let mut bad = ck.clone();
+    bad.job_disk.size = MAX_CHUNK_BYTES + 1;
+    let err = e.checkpoint(&node, &req(&bad, id(&lease)), 3).unwrap_err();
+    assert!(err.to_string().contains("job disk: 1 chunks cannot make"), "{err}");
+    bad.job_disk = ChunkedFile { size: 1, chunks: vec![] };
+    assert!(e.checkpoint(&node, &req(&bad, id(&lease)), 3).is_err(), "bytes from no chunks");
+    bad = ck.clone();
     bad.guest_s = 1e30;
     assert!(e.checkpoint(&node, &req(&bad, id(&lease)), 3).unwrap_err().to_string().contains("timeout_s"));
     bad = ck.clone();
@@ -184,7 +202,7 @@ fn only_the_latest_checkpoint_of_an_unfinished_job_holds_its_blobs() {
     let first = checkpoint(&mut e, 1);
     e.checkpoint(&node, &CheckpointRequest { lease: id(&lease), checkpoint: first }, 3).unwrap();
     let mut second = checkpoint(&mut e, 2);
-    second.state = blob(&mut e, 9);
+    second.state = file(&mut e, 9);
     e.checkpoint(&node, &CheckpointRequest { lease: id(&lease), checkpoint: second }, 4).unwrap();
     let unused = e.unreferenced_blobs(u64::MAX, u64::MAX);
     assert_eq!(unused, ["01".repeat(32)], "the first checkpoint's state went; its other parts are the second's too");
@@ -281,5 +299,35 @@ fn a_job_vacated_before_its_node_collected_it_goes_back_at_once() {
     assert_eq!(e.jobs[&1].attempts, 0, "it never started");
     e.schedule(3);
     assert_ne!(job_node(&e, 1), Some(node), "and it goes to the other node");
+    e.check_invariants().unwrap();
+}
+
+/// A checkpoint resumes only on a node with its accelerator and the same QEMU or a newer one:
+/// with no such node ready, the job waits and says why; a node that can joins, and it goes there.
+#[test]
+fn a_checkpoint_resumes_only_under_its_accelerator_and_the_same_qemu_or_newer() {
+    let (mut e, lease, node) = running_job();
+    let ck = checkpoint(&mut e, 4);
+    e.checkpoint(&node, &CheckpointRequest { lease: id(&lease), checkpoint: ck }, 3).unwrap();
+    let now = 4;
+    // The other node leaves; one with an older QEMU joins, and one that lists only KVM; then the
+    // job's node leaves too.
+    e.deregister(if node == "a" { "b" } else { "a" }, now);
+    e.register(qemu_ad("old", "9.2.0"), None, false, hash_token("old"), now).unwrap();
+    let mut kvm = qemu_ad("k", "10.1.0");
+    kvm.accelerators = vec!["kvm".into()];
+    e.register(kvm, None, false, hash_token("k"), now).unwrap();
+    e.deregister(&node, now);
+    e.schedule(now);
+    let r = e.job_result(&admin(), 1).unwrap();
+    assert_eq!(r.job.state, JobState::Idle);
+    let reason = r.job.reason.unwrap_or_default();
+    assert!(reason.contains("can resume its checkpoint 4 (tcg and QEMU 10.0.2 or newer)"), "{reason}");
+    // A node with a newer QEMU under TCG joins: the job resumes there.
+    e.register(qemu_ad("c", "10.1.0"), None, false, hash_token("c"), now).unwrap();
+    e.schedule(now + 1);
+    assert_eq!(job_node(&e, 1).as_deref(), Some("c"));
+    let next = e.take_leases("c", 1, 1, now + 2).pop().unwrap();
+    assert_eq!(next.resume.map(|c| c.seq), Some(4));
     e.check_invariants().unwrap();
 }

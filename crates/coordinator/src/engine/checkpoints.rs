@@ -56,6 +56,9 @@ impl Engine {
                 ck.seq
             )));
         }
+        for (name, file) in ck.files() {
+            file.check().map_err(|e| ApiError::BadRequest(format!("checkpoint {}'s {name}: {e}", ck.seq)))?;
+        }
         for f in ck.parts() {
             if f.inline.is_some() || !is_blob_ref(&f.blob) {
                 return Err(ApiError::BadRequest(format!("checkpoint part `{}` must be a blob reference", f.path)));
@@ -67,9 +70,11 @@ impl Engine {
                 )));
             }
         }
+        let taken_with = self.nodes.get(name).and_then(|n| n.ad.qemu.clone());
         let j = self.jobs.get_mut(&l.job_id).expect("checked above");
         let stored = j.ck.get_or_insert_with(Box::default);
         let old = stored.latest.replace(ck.clone());
+        stored.taken_with = taken_with;
         for f in ck.parts() {
             self.released.remove(&f.blob);
         }
@@ -119,6 +124,7 @@ impl Engine {
             return None;
         }
         ck.failed_on.clear();
+        ck.taken_with = None;
         let old = ck.latest.take();
         self.release(old, None, now);
         Some(format!("; {MAX_RESUME_FAILURES} nodes could not resume checkpoint {latest}, so the job starts afresh"))
@@ -181,21 +187,67 @@ impl Engine {
         }
     }
 
-    /// Takes out of a pass's batch the jobs vacated from a node a moment ago, when that node is
-    /// among the pass's slots: they are placed anywhere but there ([`AVOID_MS`]).
-    pub(super) fn set_aside_avoiding(&self, snap: &mut super::Snapshot, now: u64) {
-        let slot_of = |j: &super::Job| {
-            let (node, _) = j.avoid.as_ref().filter(|(_, until)| now < *until)?;
-            snap.slots.iter().position(|s| s.ad.name == **node)
-        };
+    /// Takes out of a pass's batch the jobs some of the pass's nodes must not get, with those
+    /// nodes' slots: a job whose checkpoint a node cannot resume (its accelerator is not the
+    /// node's, or the node's QEMU is older than the one that took it), and a job vacated from a
+    /// node a moment ago ([`AVOID_MS`]; placed there only if no other node takes it by then). A
+    /// job that no ready node can resume stays idle, and says why.
+    pub(super) fn set_aside_avoiding(&mut self, snap: &mut super::Snapshot, now: u64) {
+        let (mut stuck, mut unstuck_ids) = (Vec::new(), Vec::new());
         let (mut batch, mut avoiding) = (Vec::new(), Vec::new());
         for job in std::mem::take(&mut snap.batch) {
-            match self.jobs.get(&job.id).and_then(slot_of) {
-                Some(slot) => avoiding.push((job, slot)),
-                None => batch.push(job),
+            let Some(j) = self.jobs.get(&job.id) else { continue };
+            let mut off: Vec<usize> = match j.ck.as_deref().and_then(|c| Some((c.latest.as_ref()?, c))) {
+                Some((ck, stored)) => (0..snap.slots.len())
+                    .filter(|&i| !can_resume(&snap.slots[i].ad, ck, stored.taken_with.as_deref()))
+                    .collect(),
+                None => Vec::new(),
+            };
+            if off.len() == snap.slots.len() && !off.is_empty() {
+                stuck.push(job.id);
+                continue;
             }
+            let unstuck = j.unresumable.then_some(job.id);
+            let avoid = j.avoid.as_ref().filter(|(_, until)| now < *until);
+            if let Some(slot) = avoid.and_then(|(node, _)| snap.slots.iter().position(|s| s.ad.name == **node)) {
+                off.push(slot);
+            }
+            match off.is_empty() {
+                true => batch.push(job),
+                false => avoiding.push((job, off)),
+            }
+            unstuck_ids.extend(unstuck);
         }
         snap.batch = batch;
         snap.avoiding = avoiding;
+        for id in unstuck_ids {
+            self.jobs.get_mut(&id).expect("looked at above").unresumable = false;
+        }
+        for id in stuck {
+            self.no_node_can_resume(id, now);
+        }
     }
+
+    /// Job `id`'s latest checkpoint cannot resume on any ready node: it waits, and says why.
+    fn no_node_can_resume(&mut self, id: u64, now: u64) {
+        let Some(j) = self.jobs.get_mut(&id) else { return };
+        let Some(stored) = j.ck.as_deref() else { return };
+        let Some(ck) = stored.latest.as_ref() else { return };
+        let qemu = stored.taken_with.as_deref().map(|v| format!(" and QEMU {v} or newer")).unwrap_or_default();
+        let reason = format!("waits for a node that can resume its checkpoint {} ({}{qemu})", ck.seq, ck.accel);
+        j.unresumable = true;
+        if j.reason.as_deref() != Some(reason.as_str()) {
+            j.reason = Some(reason);
+            self.job_changed(id, now);
+        }
+    }
+}
+
+/// Whether a node with ad `ad` can resume checkpoint `ck`, taken under QEMU `taken_with`.
+fn can_resume(ad: &vmgrid_proto::NodeAd, ck: &Checkpoint, taken_with: Option<&str>) -> bool {
+    let newer = match taken_with.and_then(qemu_version) {
+        Some(needed) => ad.qemu.as_deref().and_then(qemu_version).is_some_and(|v| v >= needed),
+        None => true,
+    };
+    newer && ad.accelerators.iter().any(|a| *a == ck.accel)
 }

@@ -430,6 +430,7 @@ impl Job {
             ck: None,
             vacating: false,
             avoid: None,
+            unresumable: false,
         }
     }
 }

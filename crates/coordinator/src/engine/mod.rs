@@ -197,6 +197,9 @@ struct Job {
     /// A vacated job is not placed on the node it left until this time (ms), if another can
     /// take it meanwhile (kept in memory only).
     avoid: Option<(Arc<str>, u64)>,
+    /// No ready node could resume its latest checkpoint at the last pass (then `reason` says
+    /// why; kept in memory only).
+    unresumable: bool,
 }
 
 struct SpecEntry {
@@ -523,6 +526,7 @@ impl Engine {
     fn view(&self, j: &Job) -> JobView {
         let spec = self.specs.get(&j.spec_id);
         let reason = match j.state {
+            JobState::Idle if j.unresumable => j.reason.clone(),
             JobState::Idle => self.waiting.get(&j.spec_id).cloned().or_else(|| j.reason.clone()),
             _ => j.reason.clone(),
         };

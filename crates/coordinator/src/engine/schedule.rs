@@ -30,9 +30,9 @@ pub struct Snapshot {
     users: Vec<UserShare>,
     /// Per slot, the cpus and memory its lease-ahead can still take beyond its free cpus.
     ahead: Vec<(u32, u64)>,
-    /// Jobs just vacated from a node (`vmgrid vacate`), with the slot of that node: placed after
-    /// the batch, anywhere but there.
-    pub(super) avoiding: Vec<(IdleJob, usize)>,
+    /// Jobs some nodes must not get (they cannot resume the job's checkpoint, or the job was
+    /// just vacated from there), with those nodes' slots: placed after the batch, anywhere else.
+    pub(super) avoiding: Vec<(IdleJob, Vec<usize>)>,
 }
 
 impl Snapshot {
@@ -48,12 +48,20 @@ impl Snapshot {
         let lookup = |c: u64| clusters.get(&c).map(|s| &s.cluster);
         let mut d = vmgrid_scheduler::place(&mut self.slots, lookup, &self.users, self.batch.iter());
         let batch_placed = d.placements.len();
-        for (job, avoid) in &self.avoiding {
-            let slot = &mut self.slots[*avoid];
-            let kept = (slot.free_cpus, slot.free_memory_mb);
-            (slot.free_cpus, slot.free_memory_mb) = (0, 0);
+        for (job, off) in &self.avoiding {
+            let kept: Vec<(u32, u64)> = off
+                .iter()
+                .map(|&i| {
+                    let slot = &mut self.slots[i];
+                    let kept = (slot.free_cpus, slot.free_memory_mb);
+                    (slot.free_cpus, slot.free_memory_mb) = (0, 0);
+                    kept
+                })
+                .collect();
             let more = vmgrid_scheduler::place(&mut self.slots, lookup, &self.users, std::iter::once(job));
-            (self.slots[*avoid].free_cpus, self.slots[*avoid].free_memory_mb) = kept;
+            for (&i, (cpus, memory)) in off.iter().zip(kept) {
+                (self.slots[i].free_cpus, self.slots[i].free_memory_mb) = (cpus, memory);
+            }
             d.placements.extend(more.placements);
             d.evaluated.extend(more.evaluated);
             d.waiting.extend(more.waiting);

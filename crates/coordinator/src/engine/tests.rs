@@ -55,6 +55,7 @@ pub(crate) fn ad(name: &str, cpus: u32) -> NodeAd {
         accelerators: vec![],
         labels: Default::default(),
         appliance: false,
+        qemu: None,
     }
 }
 

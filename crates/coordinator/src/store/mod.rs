@@ -267,6 +267,10 @@ pub struct StoredCheckpoint {
     /// The latest complete checkpoint (all its parts were in the pool when it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest: Option<vmgrid_proto::Checkpoint>,
+    /// The QEMU version of the node that took `latest`, as its ad says: `latest` resumes only
+    /// under that QEMU or a newer one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken_with: Option<String>,
     /// The checkpoint the job's current attempt resumed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_from: Option<u64>,

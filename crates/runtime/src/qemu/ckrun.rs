@@ -47,7 +47,11 @@ fn stage_run(
         .prefix("vmgrid-qemu-")
         .tempdir()
         .map_err(|e| RunError::host("cannot create a scratch directory", e))?;
-    let accel = accel::choose(&launcher.qemu, &config.cache_dir);
+    // A checkpoint taken under TCG resumes under TCG, which every node has, even where KVM works.
+    let accel = match ck.resume.as_ref() {
+        Some(from) if from.accel == accel::Accel::Tcg.as_str() => accel::Accel::Tcg,
+        _ => accel::choose(&launcher.qemu, &config.cache_dir),
+    };
     let job_dir = std::fs::canonicalize(req.job_dir).map_err(|e| RunError::host("the job directory", e))?;
     let _ = std::fs::remove_file(job_dir.join(super::EXIT_FILE));
     let (overlay, job_disk) = disks(req, ck.resume.as_ref(), scratch.path(), accel)?;

@@ -109,6 +109,7 @@ fn bad_tokens_and_wrong_roles_are_refused() {
                 accelerators: vec![],
                 labels: Default::default(),
                 appliance: false,
+                qemu: None,
             },
             None,
         )
