@@ -163,6 +163,9 @@ pub fn trivial_spec_of(image: FileRef) -> JobSpec {
         max_retries: 0,
         priority: 0,
         checkpoint_s: None,
+        replicas: None,
+        quorum: None,
+        deterministic: false,
         ssi: None,
     }
 }

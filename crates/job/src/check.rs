@@ -33,6 +33,9 @@ pub enum Field {
     MaxRetries,
     Priority,
     CheckpointS,
+    Replicas,
+    Quorum,
+    Deterministic,
 }
 
 /// Why a job is refused, and where.
@@ -76,6 +79,12 @@ pub struct Shape<'a> {
     pub priority: i64,
     /// `[policy] checkpoint_s`: seconds between a QEMU job's checkpoints.
     pub checkpoint_s: Option<i64>,
+    /// `[policy] replicas`: distinct nodes the job runs on, for results checked by agreement.
+    pub replicas: Option<i64>,
+    /// `[policy] quorum`: how many of them must agree on the result.
+    pub quorum: Option<i64>,
+    /// `[policy] deterministic`: a wasm job run the same way on every node.
+    pub deterministic: bool,
 }
 
 /// Applies every rule; the first one broken is the answer.
@@ -98,7 +107,42 @@ pub fn check(s: &Shape<'_>) -> Result<(), Invalid> {
     }
     int_in(Field::MaxRetries, "max_retries", s.max_retries, 0, limits::MAX_RETRIES as i64)?;
     int_in(Field::Priority, "priority", s.priority, -limits::MAX_PRIORITY, limits::MAX_PRIORITY)?;
-    checkpoint(s)
+    checkpoint(s)?;
+    replicas(s)
+}
+
+/// `replicas`, `quorum` and `deterministic`: results checked by agreement between nodes.
+fn replicas(s: &Shape<'_>) -> Result<(), Invalid> {
+    if s.deterministic && s.vm_type != VmType::Wasm {
+        return Err(invalid(
+            Field::Deterministic,
+            format!(
+                "`deterministic` applies only to wasm jobs (the pool cannot make a {} guest's clocks and random numbers the same on every node)",
+                s.vm_type
+            ),
+        ));
+    }
+    let Some(n) = s.replicas else {
+        return match s.quorum {
+            Some(_) => Err(invalid(Field::Quorum, "`quorum` needs `replicas`: the number of nodes the job runs on")),
+            None => Ok(()),
+        };
+    };
+    int_in(Field::Replicas, "replicas", n, 1, limits::MAX_REPLICAS as i64)?;
+    if s.checkpoint_s.is_some() && n > 1 {
+        return Err(invalid(
+            Field::Replicas,
+            "`replicas` cannot be combined with `checkpoint_s`: a replica resumed from another node's checkpoint would not be checked by an independent run",
+        ));
+    }
+    let q = s.quorum.unwrap_or(n / 2 + 1);
+    if q <= n / 2 || q > n {
+        return Err(invalid(
+            Field::Quorum,
+            format!("`quorum` is {q}, but must be a majority of the {n} replicas: from {} to {n}", n / 2 + 1),
+        ));
+    }
+    Ok(())
 }
 
 /// `checkpoint_s`: only a system VM's whole state can be saved and resumed elsewhere.
@@ -578,6 +622,9 @@ mod tests {
             max_retries: 0,
             priority: 0,
             checkpoint_s: None,
+            replicas: None,
+            quorum: None,
+            deterministic: false,
         }
     }
 

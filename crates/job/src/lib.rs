@@ -170,6 +170,14 @@ pub struct Policy {
     pub priority: i32,
     /// QEMU jobs: seconds between checkpoints; a job whose node is lost resumes from its latest.
     pub checkpoint_s: Option<u64>,
+    /// Run on this many distinct nodes and accept the result `quorum` of them agree on (exit
+    /// code, and the hashes of stdout and of each output); `None` for one run.
+    pub replicas: Option<u32>,
+    /// How many replicas must agree: a majority, by default the smallest.
+    pub quorum: Option<u32>,
+    /// wasm jobs: the same run on every node (canonical NaNs, no threads, random numbers seeded
+    /// from the job, clocks refused).
+    pub deterministic: bool,
 }
 
 /// Upper bounds checked before anything runs.
@@ -183,6 +191,8 @@ pub mod limits {
     pub const MAX_RETRIES: u32 = 100;
     /// The shortest interval between a QEMU job's checkpoints.
     pub const MIN_CHECKPOINT_S: u64 = 2;
+    /// `[policy] replicas` is at most this.
+    pub const MAX_REPLICAS: u32 = 7;
     /// `[policy] priority` is between -MAX_PRIORITY and MAX_PRIORITY.
     pub const MAX_PRIORITY: i64 = 1000;
     /// A user's priority factor (`vmgrid users set --factor`).

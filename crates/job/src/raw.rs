@@ -60,4 +60,7 @@ pub(crate) struct RawPolicy {
     pub max_retries: Option<Spanned<i64>>,
     pub priority: Option<Spanned<i64>>,
     pub checkpoint_s: Option<Spanned<i64>>,
+    pub replicas: Option<Spanned<i64>>,
+    pub quorum: Option<Spanned<i64>>,
+    pub deterministic: Option<Spanned<bool>>,
 }

@@ -108,6 +108,9 @@ impl Cx<'_> {
             max_retries: int(&p.max_retries, 0),
             priority: p.priority.as_ref().map_or(0, |v| *v.get_ref()),
             checkpoint_s: p.checkpoint_s.as_ref().map(|v| *v.get_ref()),
+            replicas: p.replicas.as_ref().map(|v| *v.get_ref()),
+            quorum: p.quorum.as_ref().map(|v| *v.get_ref()),
+            deterministic: p.deterministic.as_ref().is_some_and(|v| *v.get_ref()),
         };
         check::check(&shape).map_err(|inv| self.err(self.span_of(&raw, &inv.field, vm_span.clone()), inv.message))?;
         let (resources, policy) = checked(&shape);
@@ -159,6 +162,9 @@ impl Cx<'_> {
             Field::MaxRetries => span(p.max_retries.as_ref().map(|v| v.span())),
             Field::Priority => span(p.priority.as_ref().map(|v| v.span())),
             Field::CheckpointS => span(p.checkpoint_s.as_ref().map(|v| v.span())),
+            Field::Replicas => span(p.replicas.as_ref().map(|v| v.span())),
+            Field::Quorum => span(p.quorum.as_ref().map(|v| v.span())),
+            Field::Deterministic => span(p.deterministic.as_ref().map(|v| v.span())),
         }
     }
 }
@@ -177,6 +183,10 @@ fn checked(shape: &Shape<'_>) -> (Resources, Policy) {
         max_retries: shape.max_retries as u32,
         priority: shape.priority as i32,
         checkpoint_s: shape.checkpoint_s.map(|n| n as u64),
+        // One replica is one run, as without the key.
+        replicas: shape.replicas.map(|n| n as u32).filter(|&n| n > 1),
+        quorum: shape.replicas.filter(|&n| n > 1).map(|n| shape.quorum.unwrap_or(n / 2 + 1) as u32),
+        deterministic: shape.deterministic,
     };
     (resources, policy)
 }

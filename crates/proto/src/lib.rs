@@ -71,6 +71,17 @@ pub struct JobSpec {
     /// that is vacated) resumes from its latest complete checkpoint on another node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_s: Option<u64>,
+    /// Run on this many distinct nodes, one after another, and accept the result `quorum` of
+    /// them agree on (exit code, and the hashes of stdout and of each output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// How many replicas must agree (a majority of them; the smallest by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<u32>,
+    /// wasm jobs: the same run on every node (canonical NaNs, no threads, random numbers seeded
+    /// from the job's id, clocks refused).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deterministic: bool,
     /// Set when the job is a process of a single-system image (`vmgrid ssi`): the node runs it
     /// against its home instead of a job directory of its own, and `args` is the whole argv
     /// (argv[0] is the module's path in the SSI filesystem).
@@ -401,6 +412,9 @@ impl JobSpec {
             max_retries: self.max_retries.into(),
             priority: self.priority.into(),
             checkpoint_s: self.checkpoint_s.map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
+            replicas: self.replicas.map(i64::from),
+            quorum: self.quorum.map(i64::from),
+            deterministic: self.deterministic,
         };
         vmgrid_job::check::check(&shape).map_err(|inv| inv.message)?;
         for f in self.image.iter().chain(&self.kernel).chain(&self.initrd) {
@@ -460,6 +474,9 @@ impl JobSpec {
             max_retries: job.policy.max_retries,
             priority: job.policy.priority,
             checkpoint_s: job.policy.checkpoint_s,
+            replicas: job.policy.replicas,
+            quorum: job.policy.quorum,
+            deterministic: job.policy.deterministic,
             ssi: None,
         }
     }
@@ -504,6 +521,9 @@ impl JobSpec {
                 max_retries: self.max_retries,
                 priority: self.priority,
                 checkpoint_s: self.checkpoint_s,
+                replicas: self.replicas,
+                quorum: self.quorum,
+                deterministic: self.deterministic,
             },
         })
     }

@@ -380,6 +380,9 @@ impl Home {
             max_retries: 0,
             priority: 0,
             checkpoint_s: None,
+            replicas: None,
+            quorum: None,
+            deterministic: false,
             ssi: Some(SsiSpec { home: self.url.clone(), token, pid }),
         }
     }

@@ -32,6 +32,9 @@ pub(crate) fn spec(max_retries: u32) -> JobSpec {
         max_retries,
         priority: 0,
         checkpoint_s: None,
+        replicas: None,
+        quorum: None,
+        deterministic: false,
         ssi: None,
     }
 }

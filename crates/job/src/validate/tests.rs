@@ -211,3 +211,28 @@ fn checkpoints_are_for_qemu_jobs_with_an_interval_in_range() {
     assert_eq!(parse(&format!("{qemu}60\n")).unwrap().policy.checkpoint_s, Some(60));
     assert_eq!(parse("[vm]\ntype = \"qemu\"\nkernel = \"k\"\n").unwrap().policy.checkpoint_s, None);
 }
+
+#[test]
+fn replicas_need_a_majority_quorum_and_deterministic_is_for_wasm() {
+    let wasm = "[vm]\ntype = \"wasm\"\nimage = \"a.wasm\"\n[policy]\n";
+    let p = parse(&format!("{wasm}replicas = 3\nquorum = 2\ndeterministic = true\n")).unwrap().policy;
+    assert_eq!((p.replicas, p.quorum, p.deterministic), (Some(3), Some(2), true));
+    let p = parse(&format!("{wasm}replicas = 4\n")).unwrap().policy;
+    assert_eq!((p.replicas, p.quorum), (Some(4), Some(3)), "the smallest majority by default");
+    let p = parse(&format!("{wasm}replicas = 1\n")).unwrap().policy;
+    assert_eq!((p.replicas, p.quorum), (None, None), "one replica is one run");
+    let (line, col, msg) = invalid(&format!("{wasm}replicas = 3\nquorum = 1\n"));
+    assert_eq!((line, col), (6, 10));
+    assert_eq!(msg, "`quorum` is 1, but must be a majority of the 3 replicas: from 2 to 3");
+    let (_, _, msg) = invalid(&format!("{wasm}replicas = 3\nquorum = 4\n"));
+    assert!(msg.starts_with("`quorum` is 4"), "{msg}");
+    let (_, _, msg) = invalid(&format!("{wasm}quorum = 2\n"));
+    assert!(msg.starts_with("`quorum` needs `replicas`"), "{msg}");
+    let (_, _, msg) = invalid(&format!("{wasm}replicas = 8\n"));
+    assert_eq!(msg, "`replicas` is 8, but must be between 1 and 7");
+    let (line, _, msg) = invalid("[vm]\ntype = \"qemu\"\nkernel = \"k\"\n[policy]\ndeterministic = true\n");
+    assert_eq!(line, 5);
+    assert!(msg.starts_with("`deterministic` applies only to wasm jobs"), "{msg}");
+    let (_, _, msg) = invalid("[vm]\ntype = \"qemu\"\nkernel = \"k\"\n[policy]\ncheckpoint_s = 60\nreplicas = 3\n");
+    assert!(msg.starts_with("`replicas` cannot be combined with `checkpoint_s`"), "{msg}");
+}
