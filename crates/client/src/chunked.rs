@@ -86,36 +86,46 @@ impl Client {
     }
 }
 
-/// Unpacks a chunked file into `to`, each chunk read with `read` (a blob's bytes, checked against
-/// its hash by whoever fetched it). Refuses a chunk that unpacks to more than
-/// [`MAX_CHUNK_BYTES`], a file of more than `limit` bytes, and one whose size is not the one it
-/// says. Returns its chunks by the hash of their bytes.
+/// Why a chunked file was not unpacked: this host's trouble (a chunk it could not fetch, a file
+/// it could not write), or the file's (a chunk that does not unpack as it says).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unpack {
+    Host(String),
+    Bad(String),
+}
+
+/// Unpacks a chunked file into `to`, each chunk's blob read with `read` (checked against its hash
+/// by whoever fetched it). Refuses a chunk that unpacks to more than [`MAX_CHUNK_BYTES`], a file
+/// of more than `limit` bytes, and one whose size is not the one it says. Returns its chunks by
+/// the hash of their bytes.
 pub fn unpack(
     file: &ChunkedFile,
     to: &Path,
     limit: u64,
-    mut read: impl FnMut(&FileRef) -> std::result::Result<Vec<u8>, String>,
-) -> std::result::Result<Known, String> {
-    file.check()?;
+    mut read: impl FnMut(&FileRef) -> std::result::Result<Vec<u8>, Unpack>,
+) -> std::result::Result<Known, Unpack> {
+    file.check().map_err(Unpack::Bad)?;
     if file.size > limit {
-        return Err(format!("it unpacks to {} bytes, more than the {limit} it may", file.size));
+        return Err(Unpack::Bad(format!("it unpacks to {} bytes, more than the {limit} it may", file.size)));
     }
-    let mut out = std::io::BufWriter::new(std::fs::File::create(to).map_err(|e| e.to_string())?);
+    let host = |e: std::io::Error| Unpack::Host(format!("cannot write {}: {e}", to.display()));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(to).map_err(host)?);
     let (mut size, mut known) = (0u64, Known::new());
     for f in &file.chunks {
-        let data = zstd::bulk::decompress(&read(f)?, MAX_CHUNK_BYTES as usize)
-            .map_err(|e| format!("chunk {} does not unpack (to at most {MAX_CHUNK_BYTES} bytes): {e}", f.path))?;
+        let data = zstd::bulk::decompress(&read(f)?, MAX_CHUNK_BYTES as usize).map_err(|e| {
+            Unpack::Bad(format!("chunk {} does not unpack (to at most {MAX_CHUNK_BYTES} bytes): {e}", f.path))
+        })?;
         size += data.len() as u64;
         if size > file.size {
-            return Err(format!("its chunks unpack to more than its size, {}", file.size));
+            return Err(Unpack::Bad(format!("its chunks unpack to more than its size, {}", file.size)));
         }
-        out.write_all(&data).map_err(|e| e.to_string())?;
+        out.write_all(&data).map_err(host)?;
         known.insert(blake3::hash(&data), f.clone());
     }
     if size != file.size {
-        return Err(format!("its chunks unpack to {size} bytes, not its size, {}", file.size));
+        return Err(Unpack::Bad(format!("its chunks unpack to {size} bytes, not its size, {}", file.size)));
     }
-    out.flush().map_err(|e| e.to_string())?;
+    out.flush().map_err(host)?;
     Ok(known)
 }
 
@@ -174,14 +184,26 @@ mod tests {
         })
         .unwrap();
         let back = dir.path().join("back");
-        let read = |f: &FileRef| blobs.get(&f.blob).cloned().ok_or_else(|| "missing".to_string());
+        let read = |f: &FileRef| blobs.get(&f.blob).cloned().ok_or_else(|| Unpack::Host("missing".into()));
         let known = unpack(&file, &back, 32 << 20, read).unwrap();
         assert_eq!(std::fs::read(&back).unwrap(), bytes);
         assert_eq!(known.len(), b.iter().collect::<std::collections::HashSet<_>>().len());
 
         // A size that is not the chunks', and a limit below the size, are refused.
+        let bad = |f: &ChunkedFile, limit| match unpack(f, &back, limit, read) {
+            Err(Unpack::Bad(e)) => e,
+            other => panic!("{other:?}"),
+        };
         let wrong = ChunkedFile { size: file.size - 1, ..file.clone() };
-        assert!(unpack(&wrong, &back, 32 << 20, read).unwrap_err().contains("more than its size"));
-        assert!(unpack(&file, &back, 1 << 20, read).unwrap_err().contains("more than the"));
+        assert!(bad(&wrong, 32 << 20).contains("more than its size"));
+        assert!(bad(&file, 1 << 20).contains("more than the"));
+        // A chunk that is not zstd is the file's fault; one that cannot be fetched, the host's.
+        let mut junk = file.clone();
+        junk.chunks[1].blob = "junk".into();
+        blobs.insert("junk".into(), vec![1, 2, 3]);
+        let read = |f: &FileRef| blobs.get(&f.blob).cloned().ok_or_else(|| Unpack::Host("missing".into()));
+        assert!(matches!(unpack(&junk, &back, 32 << 20, read), Err(Unpack::Bad(e)) if e.contains("does not unpack")));
+        junk.chunks[1].blob = "gone".into();
+        assert_eq!(unpack(&junk, &back, 32 << 20, read), Err(Unpack::Host("missing".into())));
     }
 }

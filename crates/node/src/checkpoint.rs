@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vmgrid_client::Client;
-use vmgrid_client::chunked::{self, Known};
+use vmgrid_client::chunked::{self, Known, Unpack};
 use vmgrid_proto::*;
 use vmgrid_runtime::RunError;
 use vmgrid_runtime::qemu::checkpoint::{CheckpointSink, Checkpointing, ResumeFrom, TakenCheckpoint};
@@ -71,9 +71,14 @@ impl PoolSink {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
         }
-        self.client
-            .checkpoint(&CheckpointRequest { lease: self.lease, checkpoint: checkpoint.clone() })
-            .map_err(|e| format!("the pool did not record checkpoint {}: {e}", ck.seq))?;
+        if let Err(e) = self.client.checkpoint(&CheckpointRequest { lease: self.lease, checkpoint: checkpoint.clone() })
+        {
+            // Whether it was recorded is not known (the answer may be what was lost), so which
+            // chunks the pool keeps is not either: the next checkpoint sends every chunk the pool
+            // does not hold, asking for each.
+            *self.recorded.lock().unwrap_or_else(|e| e.into_inner()) = (ck.seq, Known::new());
+            return Err(format!("the pool did not record checkpoint {}: {e}", ck.seq));
+        }
         let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
         if recorded.0 < ck.seq {
             *recorded = (ck.seq, chunks);
@@ -186,14 +191,17 @@ fn fetch(
         let to = into.join(name);
         // A chunk the node cannot fetch is this node's trouble; one that does not unpack as it
         // says is the checkpoint's.
-        let mut host = None;
         let read = |c: &FileRef| {
-            let got = cache.get(client, &c.blob).map_err(|e| e.to_string()).and_then(|path| read_packed(&path));
-            got.map_err(|e| host.insert(format!("cannot fetch checkpoint {}'s {name}: {e}", ck.seq)).clone())
+            let path = cache
+                .get(client, &c.blob)
+                .map_err(|e| Unpack::Host(format!("cannot fetch checkpoint {}'s {name}: {e}", ck.seq)))?;
+            read_packed(&path)
         };
-        let chunks = chunked::unpack(f, &to, limit, read).map_err(|e| match host.take() {
-            Some(e) => RunError::Host(e),
-            None => RunError::BadCheckpoint(format!("checkpoint {}'s {name} cannot be unpacked: {e}", ck.seq)),
+        let chunks = chunked::unpack(f, &to, limit, read).map_err(|e| match e {
+            Unpack::Host(e) => RunError::Host(e),
+            Unpack::Bad(e) => {
+                RunError::BadCheckpoint(format!("checkpoint {}'s {name} cannot be unpacked: {e}", ck.seq))
+            }
         })?;
         known.extend(chunks);
         Ok(to)
@@ -225,13 +233,13 @@ fn fetch(
 }
 
 /// A chunk's blob as fetched: no larger than a chunk compresses to at worst.
-fn read_packed(path: &Path) -> Result<Vec<u8>, String> {
-    let most = MAX_CHUNK_BYTES + (64 << 10);
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+fn read_packed(path: &Path) -> Result<Vec<u8>, Unpack> {
+    let host = |e: std::io::Error| Unpack::Host(format!("cannot read {}: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(host)?;
     let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut std::io::Read::take(file, most + 1), &mut bytes).map_err(|e| e.to_string())?;
-    if bytes.len() as u64 > most {
-        return Err(format!("a chunk's blob is larger than {most} bytes"));
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_PACKED_CHUNK_BYTES + 1), &mut bytes).map_err(host)?;
+    if bytes.len() as u64 > MAX_PACKED_CHUNK_BYTES {
+        return Err(Unpack::Bad(format!("a chunk's blob is larger than {MAX_PACKED_CHUNK_BYTES} bytes")));
     }
     Ok(bytes)
 }

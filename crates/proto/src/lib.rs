@@ -534,6 +534,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_qemu_version_is_two_or_three_numbers() {
+        assert_eq!(qemu_version("10.0.2"), Some((10, 0, 2)));
+        assert_eq!(qemu_version("9.2"), Some((9, 2, 0)));
+        assert!(qemu_version("10.0.2") > qemu_version("9.12.0"), "compared as numbers, not text");
+        for bad in ["", "10", "10.0.2.1", "10.x", "-1.0", "10..2", "99999999999.0"] {
+            assert_eq!(qemu_version(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn inline_text_must_match_its_hash_and_size_and_never_be_a_jobs_file() {
         let f = FileRef::inline_text("stdout", "hello\n");
         assert_eq!((f.size, f.check_inline()), (6, Ok(())));

@@ -102,6 +102,8 @@ pub struct ChunkedFile {
 
 /// The most bytes one chunk of a [`ChunkedFile`] unpacks to.
 pub const MAX_CHUNK_BYTES: u64 = 4 << 20;
+/// The largest blob a chunk may be: what [`MAX_CHUNK_BYTES`] compress to at worst.
+pub const MAX_PACKED_CHUNK_BYTES: u64 = MAX_CHUNK_BYTES + (64 << 10);
 /// The most chunks one [`ChunkedFile`] has (128 GiB at the average chunk, 1 MiB).
 pub const MAX_CHUNKS: usize = 1 << 17;
 

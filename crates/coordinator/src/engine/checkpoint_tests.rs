@@ -4,6 +4,7 @@
 
 use super::tests::{TIMING, ad, exited, spec};
 use super::*;
+use crate::engine::checkpoints::UNRESUMABLE_MS;
 
 fn alice() -> Principal {
     Principal::User("alice".into())
@@ -329,5 +330,44 @@ fn a_checkpoint_resumes_only_under_its_accelerator_and_the_same_qemu_or_newer() 
     assert_eq!(job_node(&e, 1).as_deref(), Some("c"));
     let next = e.take_leases("c", 1, 1, now + 2).pop().unwrap();
     assert_eq!(next.resume.map(|c| c.seq), Some(4));
+    e.check_invariants().unwrap();
+}
+
+/// A job no ready node can resume takes no place in a pass, so the jobs after it still go to the
+/// free nodes; after an hour of that its checkpoint is given up, and it starts afresh.
+#[test]
+fn a_job_no_node_can_resume_neither_blocks_the_others_nor_waits_for_ever() {
+    let mut e = Engine::new(TIMING);
+    e.register(qemu_ad("a", "10.0.2"), None, false, hash_token("a"), 0).unwrap();
+    let mut s = spec(0);
+    (s.vm_type, s.checkpoint_s, s.image) = (VmType::Qemu, Some(60), None);
+    s.kernel = Some(FileRef { path: "vmlinuz".into(), blob: "ab".repeat(32), size: 1, inline: None });
+    e.submit(&alice(), s, 3, 0).unwrap();
+    e.schedule(1);
+    let first = e.take_leases("a", 1, 1, 2).pop().unwrap();
+    let mut ck = checkpoint(&mut e, 1);
+    ck.overlay = None;
+    e.checkpoint("a", &CheckpointRequest { lease: id(&first), checkpoint: ck }, 3).unwrap();
+    // Older QEMUs join (one takes a second job); the checkpoint's node leaves.
+    e.register(qemu_ad("b", "9.2.0"), None, false, hash_token("b"), 4).unwrap();
+    e.schedule(5);
+    let second = e.take_leases("b", 1, 1, 6).pop().unwrap();
+    e.register(qemu_ad("c", "9.2.0"), None, false, hash_token("c"), 7).unwrap();
+    e.deregister("a", 8);
+    e.schedule(9);
+    let third = e.take_leases("c", 1, 1, 10).pop().expect("the third job is not blocked by the first");
+    assert_ne!(third.job_id, first.job_id);
+    let r = e.job_result(&admin(), first.job_id).unwrap();
+    assert!(r.job.reason.unwrap_or_default().contains("waits for a node that can resume its checkpoint 1"));
+    // An hour on, with the other nodes alive: the checkpoint is given up.
+    let later = 9 + UNRESUMABLE_MS;
+    for (n, l) in [("b", &second), ("c", &third)] {
+        e.heartbeat(n, &[id(l)], false, later).unwrap();
+    }
+    e.tick(later);
+    e.schedule(later);
+    let r = e.job_result(&admin(), first.job_id).unwrap();
+    assert!(r.job.reason.unwrap_or_default().contains("for 60 minutes, so it starts afresh"));
+    assert_eq!(r.checkpoint, None);
     e.check_invariants().unwrap();
 }

@@ -13,6 +13,9 @@ use crate::store::MAX_RESUME_FAILURES;
 
 /// How long a vacated job keeps away from the node it left, if another node can take it.
 pub const AVOID_MS: u64 = 30_000;
+/// How long a job waits for a ready node that can resume its checkpoint before it is given up
+/// (the job then starts afresh): an hour.
+pub const UNRESUMABLE_MS: u64 = 3_600_000;
 /// How far past a job's latest checkpoint the next may be numbered (a node numbers the ones it
 /// could not store too).
 const MAX_SEQ_STEP: u64 = 1_000_000;
@@ -58,6 +61,14 @@ impl Engine {
         }
         for (name, file) in ck.files() {
             file.check().map_err(|e| ApiError::BadRequest(format!("checkpoint {}'s {name}: {e}", ck.seq)))?;
+            if let Some(c) =
+                file.chunks.iter().find(|c| self.blob_size(&c.blob).is_some_and(|n| n > MAX_PACKED_CHUNK_BYTES))
+            {
+                return Err(ApiError::BadRequest(format!(
+                    "checkpoint {}'s {name}: chunk `{}` is a blob larger than a chunk can be ({MAX_PACKED_CHUNK_BYTES} bytes)",
+                    ck.seq, c.path
+                )));
+            }
         }
         for f in ck.parts() {
             if f.inline.is_some() || !is_blob_ref(&f.blob) {
@@ -89,7 +100,8 @@ impl Engine {
     /// share are collected once nothing else refers to them.
     pub(super) fn release(&mut self, old: Option<Checkpoint>, by: Option<&Checkpoint>, now: u64) {
         let Some(old) = old else { return };
-        let kept: Vec<&str> = by.map(|b| b.parts().map(|f| f.blob.as_str()).collect()).unwrap_or_default();
+        let kept: std::collections::HashSet<&str> =
+            by.map(|b| b.parts().map(|f| f.blob.as_str()).collect()).unwrap_or_default();
         for f in old.parts().filter(|f| !kept.contains(&f.blob.as_str())) {
             self.released.insert(f.blob.clone(), now);
         }
@@ -187,57 +199,102 @@ impl Engine {
         }
     }
 
-    /// Takes out of a pass's batch the jobs some of the pass's nodes must not get, with those
-    /// nodes' slots: a job whose checkpoint a node cannot resume (its accelerator is not the
-    /// node's, or the node's QEMU is older than the one that took it), and a job vacated from a
-    /// node a moment ago ([`AVOID_MS`]; placed there only if no other node takes it by then). A
-    /// job that no ready node can resume stays idle, and says why.
+    /// Whether one of the ready nodes with ads `ads` can resume job `id`'s latest checkpoint
+    /// (true for a job without one, and when no node is ready: the pass then says so).
+    pub(super) fn resumable<'a>(&self, id: u64, ads: impl IntoIterator<Item = &'a NodeAd>) -> bool {
+        let Some((ck, stored)) =
+            self.jobs.get(&id).and_then(|j| j.ck.as_deref()).and_then(|c| Some((c.latest.as_ref()?, c)))
+        else {
+            return true;
+        };
+        let mut ads = ads.into_iter().peekable();
+        ads.peek().is_none() || ads.any(|ad| can_resume(ad, ck, stored.taken_with.as_deref()))
+    }
+
+    /// Takes out of a pass's batch the jobs some of the pass's QEMU nodes must not get, with
+    /// those nodes' slots: a job whose checkpoint a node cannot resume (its accelerator is not
+    /// the node's, or the node's QEMU is older than the one that took it), and a job vacated
+    /// from a node a moment ago ([`AVOID_MS`]; placed there only if no other node takes it by
+    /// then). (Jobs no ready node can resume were left out of the pass, [`Engine::resumable`].)
     pub(super) fn set_aside_avoiding(&mut self, snap: &mut super::Snapshot, now: u64) {
-        let (mut stuck, mut unstuck_ids) = (Vec::new(), Vec::new());
-        let (mut batch, mut avoiding) = (Vec::new(), Vec::new());
+        let (mut batch, mut avoiding, mut unstuck) = (Vec::new(), Vec::new(), Vec::new());
         for job in std::mem::take(&mut snap.batch) {
             let Some(j) = self.jobs.get(&job.id) else { continue };
+            let qemu = |i: &usize| snap.slots[*i].ad.vm_types.contains(&VmType::Qemu);
             let mut off: Vec<usize> = match j.ck.as_deref().and_then(|c| Some((c.latest.as_ref()?, c))) {
                 Some((ck, stored)) => (0..snap.slots.len())
-                    .filter(|&i| !can_resume(&snap.slots[i].ad, ck, stored.taken_with.as_deref()))
+                    .filter(|i| qemu(i) && !can_resume(&snap.slots[*i].ad, ck, stored.taken_with.as_deref()))
                     .collect(),
                 None => Vec::new(),
             };
-            if off.len() == snap.slots.len() && !off.is_empty() {
-                stuck.push(job.id);
-                continue;
+            if self.unresumable.contains_key(&job.id) {
+                unstuck.push(job.id);
             }
-            let unstuck = j.unresumable.then_some(job.id);
             let avoid = j.avoid.as_ref().filter(|(_, until)| now < *until);
-            if let Some(slot) = avoid.and_then(|(node, _)| snap.slots.iter().position(|s| s.ad.name == **node)) {
+            if let Some(slot) = avoid.and_then(|(node, _)| snap.slots.iter().position(|s| s.ad.name == **node))
+                && !off.contains(&slot)
+            {
                 off.push(slot);
             }
             match off.is_empty() {
                 true => batch.push(job),
                 false => avoiding.push((job, off)),
             }
-            unstuck_ids.extend(unstuck);
         }
         snap.batch = batch;
         snap.avoiding = avoiding;
-        for id in unstuck_ids {
-            self.jobs.get_mut(&id).expect("looked at above").unresumable = false;
-        }
-        for id in stuck {
-            self.no_node_can_resume(id, now);
+        for id in unstuck {
+            self.unresumable.remove(&id);
+            let j = self.jobs.get_mut(&id).expect("looked at above");
+            let seq = j.ck.as_ref().and_then(|c| c.latest.as_ref()).map_or(0, |c| c.seq);
+            j.reason = Some(format!("resumes from checkpoint {seq}"));
+            self.job_changed(id, now);
         }
     }
 
     /// Job `id`'s latest checkpoint cannot resume on any ready node: it waits, and says why.
-    fn no_node_can_resume(&mut self, id: u64, now: u64) {
+    pub(super) fn no_node_can_resume(&mut self, id: u64, now: u64) {
+        self.unresumable.entry(id).or_insert(now);
         let Some(j) = self.jobs.get_mut(&id) else { return };
         let Some(stored) = j.ck.as_deref() else { return };
         let Some(ck) = stored.latest.as_ref() else { return };
         let qemu = stored.taken_with.as_deref().map(|v| format!(" and QEMU {v} or newer")).unwrap_or_default();
         let reason = format!("waits for a node that can resume its checkpoint {} ({}{qemu})", ck.seq, ck.accel);
-        j.unresumable = true;
         if j.reason.as_deref() != Some(reason.as_str()) {
             j.reason = Some(reason);
+            self.job_changed(id, now);
+        }
+    }
+
+    /// Gives up the checkpoints that no ready node could resume for [`UNRESUMABLE_MS`]: their
+    /// jobs start afresh. (A job placed, removed or resumable meanwhile is let go.)
+    pub(super) fn give_up_unresumable(&mut self, now: u64) {
+        let due: Vec<u64> = self
+            .unresumable
+            .iter()
+            .filter(|&(_, &since)| now.saturating_sub(since) >= UNRESUMABLE_MS)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            self.unresumable.remove(&id);
+            let ready = self.nodes.values().filter(|n| n.state == NodeState::Ready && !n.silent).map(|n| n.ad.ad());
+            let idle = self.jobs.get(&id).is_some_and(|j| j.state == JobState::Idle);
+            if !idle || self.resumable(id, ready) {
+                continue;
+            }
+            let j = self.jobs.get_mut(&id).expect("idle above");
+            let Some(stored) = j.ck.as_deref_mut() else { continue };
+            let old = stored.latest.take();
+            let seq = old.as_ref().map_or(0, |c| c.seq);
+            (stored.taken_with, stored.failed_on) = (None, Vec::new());
+            j.reason = Some(format!(
+                "no ready node could resume its checkpoint {seq} for {} minutes, so it starts afresh",
+                UNRESUMABLE_MS / 60_000
+            ));
+            self.release(old, None, now);
+            self.dirty = true;
+            self.wake_nodes();
+            self.persist(id, false);
             self.job_changed(id, now);
         }
     }

@@ -430,7 +430,6 @@ impl Job {
             ck: None,
             vacating: false,
             avoid: None,
-            unresumable: false,
         }
     }
 }

@@ -113,7 +113,6 @@ impl Engine {
             ck: row.checkpoint,
             vacating: false,
             avoid: None,
-            unresumable: false,
         };
         self.by_state[state as usize] += 1;
         self.next_job = self.next_job.max(job.id + 1);

@@ -197,9 +197,6 @@ struct Job {
     /// A vacated job is not placed on the node it left until this time (ms), if another can
     /// take it meanwhile (kept in memory only).
     avoid: Option<(Arc<str>, u64)>,
-    /// No ready node could resume its latest checkpoint at the last pass (then `reason` says
-    /// why; kept in memory only).
-    unresumable: bool,
 }
 
 struct SpecEntry {
@@ -363,6 +360,9 @@ pub struct Engine {
     released: HashMap<String, u64>,
     /// When vacated jobs may go back to the nodes they left: a pass runs then.
     avoid_ends: BTreeSet<u64>,
+    /// Idle jobs whose checkpoint no ready node could resume at the pass that looked at them,
+    /// and since when (their `reason` says why; kept in memory only).
+    unresumable: BTreeMap<u64, u64>,
     out: Effects,
 }
 
@@ -420,6 +420,7 @@ impl Engine {
             history: crate::history::History::default(),
             released: HashMap::new(),
             avoid_ends: BTreeSet::new(),
+            unresumable: BTreeMap::new(),
             out: Effects::default(),
         }
     }
@@ -526,7 +527,7 @@ impl Engine {
     fn view(&self, j: &Job) -> JobView {
         let spec = self.specs.get(&j.spec_id);
         let reason = match j.state {
-            JobState::Idle if j.unresumable => j.reason.clone(),
+            JobState::Idle if self.unresumable.contains_key(&j.id) => j.reason.clone(),
             JobState::Idle => self.waiting.get(&j.spec_id).cloned().or_else(|| j.reason.clone()),
             _ => j.reason.clone(),
         };

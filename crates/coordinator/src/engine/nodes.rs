@@ -210,6 +210,7 @@ impl Engine {
     /// their retention, and saves users' usage every [`super::USAGE_SAVE_MS`].
     pub fn tick(&mut self, now: u64) {
         self.expire_finished(now);
+        self.give_up_unresumable(now);
         // Vacated jobs may go back to the nodes they left: a pass looks again.
         while self.avoid_ends.first().is_some_and(|&t| t <= now) {
             self.avoid_ends.pop_first();

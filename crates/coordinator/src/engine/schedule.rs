@@ -143,6 +143,8 @@ impl Engine {
             slots.iter().map(|s| s.free_cpus as u64).sum::<u64>() + ahead.iter().map(|a| a.0 as u64).sum::<u64>();
         let mut snap = Snapshot { slots, ahead, ..Snapshot::default() };
         let mut owners: HashMap<Arc<str>, u32> = HashMap::new();
+        // Jobs whose checkpoint no ready node can resume take no place in the pass.
+        let mut stuck = Vec::new();
         for (&spec_id, ids) in &self.idle_by_spec {
             let Some(entry) = self.specs.get(&spec_id) else { continue };
             let Some(owner) = ids.first().and_then(|id| self.jobs.get(id)).map(|j| &j.owner) else { continue };
@@ -154,8 +156,19 @@ impl Engine {
             let user = *owners.entry(owner.clone()).or_insert(next);
             let priority = entry.spec.priority;
             let into = if entry.spec.cpus == 0 { &mut snap.shared } else { &mut snap.batch };
-            into.extend(ids.iter().take(take).map(|&id| IdleJob { id, cluster: spec_id, user, priority }));
+            let slots = &snap.slots;
+            let resumable = ids.iter().filter(|&&id| {
+                let ok = self.resumable(id, slots.iter().map(|s| s.ad.ad()));
+                if !ok {
+                    stuck.push(id);
+                }
+                ok
+            });
+            into.extend(resumable.take(take).map(|&id| IdleJob { id, cluster: spec_id, user, priority }));
             snap.clusters.insert(spec_id, entry.clone());
+        }
+        for id in stuck {
+            self.no_node_can_resume(id, now);
         }
         self.set_aside_avoiding(&mut snap, now);
         let mut by_index: Vec<(&Arc<str>, u32)> = owners.iter().map(|(k, &v)| (k, v)).collect();
@@ -242,6 +255,7 @@ impl Engine {
         j.attempts += 1;
         j.reason = None;
         j.avoid = None;
+        self.unresumable.remove(&id);
         // Its new attempt resumes from its latest checkpoint, if it has one.
         if let Some(ck) = j.ck.as_deref_mut() {
             ck.resumed_from = ck.latest.as_ref().map(|c| c.seq);

@@ -291,7 +291,10 @@ pub fn checkpoint_column(c: &Option<Box<StoredCheckpoint>>) -> Option<String> {
 /// A stored checkpoint read back; one that does not parse is dropped (the job then starts over,
 /// which is always correct, only slower).
 pub fn checkpoint_from_column(c: Option<String>) -> Option<Box<StoredCheckpoint>> {
-    c.and_then(|s| serde_json::from_str(&s).ok())
+    let text = c?;
+    serde_json::from_str(&text)
+        .inspect_err(|e| tracing::warn!("a stored checkpoint does not read back ({e}); its job starts afresh"))
+        .ok()
 }
 
 /// A job's past attempts as the stores keep them: JSON, or NULL when there are none.
