@@ -33,6 +33,7 @@ pub fn scheduler_engine() -> (f64, usize) {
             free_cpus: 128,
             free_memory_mb: 1 << 20,
             running_jobs: 0,
+            reputation: 0.5,
         })
         .collect();
     let clusters: std::collections::HashMap<u64, Cluster> = (0..100)

@@ -298,6 +298,15 @@ impl Client {
         self.check(resp).map(|_| ())
     }
 
+    /// Bans node `node` from the pool, or lifts its ban (admin only).
+    pub fn ban(&self, node: &str, banned: bool) -> Result<()> {
+        let req = BanRequest { node: node.to_string(), banned };
+        let resp = self.exchange(true, |base| {
+            self.agent.post(format!("{base}/v1/nodes/ban")).header("Authorization", &self.auth).send_json(&req)
+        })?;
+        self.check(resp).map(|_| ())
+    }
+
     pub fn deregister(&self) -> Result<()> {
         let resp = self.exchange(false, |base| {
             self.agent.post(format!("{base}/v1/nodes/deregister")).header("Authorization", &self.auth).send_empty()

@@ -118,6 +118,10 @@ impl Agent {
     }
 }
 
+/// Test-only: set, the node adds a line to every job's stdout before it reports it, as a node
+/// that cheats would. Never set outside tests.
+const TEST_ONLY_TAMPER: &str = "VMGRID_TEST_ONLY_TAMPER_RESULTS";
+
 /// The report of a run that ended: its outcome, its stdout and stderr and its outputs uploaded.
 fn upload(
     client: &Client,
@@ -139,8 +143,19 @@ fn upload(
             Outcome::Vacated { seq } => RunReport::Vacated { seq: *seq },
         },
     );
-    if !result.stdout.bytes.is_empty() {
-        r.stdout = Some(upload(&result.stdout.bytes, "stdout")?);
+    // Test-only: a dishonest node, which returns a stdout of its own making (to test results
+    // checked by replicas). Never set outside tests.
+    let tampered;
+    let stdout = match std::env::var_os(TEST_ONLY_TAMPER).is_some() {
+        true => {
+            tampered = [result.stdout.bytes.as_slice(), b"tampered\n"].concat();
+            tracing::warn!(job = id.job_id, "test-only: tampering with this job's stdout");
+            &tampered
+        }
+        false => &result.stdout.bytes,
+    };
+    if !stdout.is_empty() {
+        r.stdout = Some(upload(stdout, "stdout")?);
     }
     if !result.stderr.bytes.is_empty() {
         r.stderr = Some(upload(&result.stderr.bytes, "stderr")?);

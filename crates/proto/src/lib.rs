@@ -239,16 +239,24 @@ pub fn qemu_version(v: &str) -> Option<(u32, u32, u32)> {
     parts.next().is_none().then_some(version)
 }
 
+/// `s` is 1 to `max` letters, digits, `-`, `_` or `.`.
+fn word(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// The rule for a node's name.
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    match word(name, 128) {
+        true => Ok(()),
+        false => Err("a node name is 1 to 128 letters, digits, `-`, `_` or `.`".into()),
+    }
+}
+
 impl NodeAd {
     /// Bounds on what a node may say of itself: the coordinator evaluates every job's expressions
     /// over ads, and shows them to users.
     pub fn check(&self) -> Result<(), String> {
-        let word = |s: &str, max: usize| {
-            !s.is_empty() && s.len() <= max && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        };
-        if !word(&self.name, 128) {
-            return Err("a node name is 1 to 128 letters, digits, `-`, `_` or `.`".into());
-        }
+        check_node_name(&self.name)?;
         if self.cpus == 0 || self.memory_mb == 0 {
             return Err("a node needs at least one cpu and some memory".into());
         }
@@ -307,6 +315,34 @@ pub struct NodeView {
     /// The node's blob cache, as its last heartbeat said; none before one did.
     #[serde(default)]
     pub cache: Option<CacheStats>,
+    /// The share of its results that agreed with what its jobs' replicas agreed on, counting one
+    /// agreement and one disagreement before any (0.5 for a node never checked); `node.reputation`
+    /// in requirements.
+    #[serde(default = "half")]
+    pub reputation: f64,
+    /// Its results that agreed, and that did not, with what its jobs' replicas agreed on.
+    #[serde(default)]
+    pub agreements: u64,
+    #[serde(default)]
+    pub disagreements: u64,
+}
+
+fn half() -> f64 {
+    0.5
+}
+
+/// `POST /v1/nodes/ban` (admin): bans a node from the pool, or lifts its ban.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BanRequest {
+    pub node: String,
+    /// false lifts the ban.
+    #[serde(default = "yes")]
+    pub banned: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]

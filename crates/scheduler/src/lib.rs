@@ -32,6 +32,8 @@ pub struct NodeSlot {
     pub free_cpus: u32,
     pub free_memory_mb: u64,
     pub running_jobs: u32,
+    /// The node's reputation (0 to 1) from replicated jobs' agreed results.
+    pub reputation: f64,
 }
 
 /// A compiled expression and the node attributes it reads, if that can be told from its text.

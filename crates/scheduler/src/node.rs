@@ -1,6 +1,6 @@
 //! The node as CEL sees it. What comes from its ad (name, arch, labels, …) is turned into CEL once,
 //! when the ad is registered ([`MatchAd::new`]), and shared by every pass; a pass adds only what
-//! changes (`running_jobs`, `free_cpus`, `free_memory_mb`), and only for the nodes it evaluates an
+//! changes (`running_jobs`, `free_cpus`, `free_memory_mb`, `reputation`), and only for the nodes it evaluates an
 //! expression on.
 
 use std::collections::HashMap;
@@ -14,7 +14,7 @@ use vmgrid_proto::NodeAd;
 use crate::NodeSlot;
 
 /// The node attributes CEL sees, in a fixed order: the ad's, then the pool's view of the node.
-pub(crate) const ATTRS: [&str; 14] = [
+pub(crate) const ATTRS: [&str; 15] = [
     "name",
     "arch",
     "os",
@@ -29,6 +29,7 @@ pub(crate) const ATTRS: [&str; 14] = [
     "running_jobs",
     "free_cpus",
     "free_memory_mb",
+    "reputation",
 ];
 
 /// How many of [`ATTRS`] come from the ad (the first ones).
@@ -113,6 +114,7 @@ pub(crate) fn attr_hash(n: &NodeSlot, a: usize) -> u64 {
         11 => hash(&n.running_jobs),
         12 => hash(&n.free_cpus),
         13 => hash(&n.free_memory_mb),
+        14 => hash(&n.reputation.to_bits()),
         _ => n.ad.hashes[a],
     }
 }
@@ -123,5 +125,6 @@ pub fn node_value(n: &NodeSlot) -> Value {
     m.insert(Key::String(Arc::new("running_jobs".into())), Value::Int(n.running_jobs as i64));
     m.insert(Key::String(Arc::new("free_cpus".into())), Value::Int(n.free_cpus as i64));
     m.insert(Key::String(Arc::new("free_memory_mb".into())), Value::Int(n.free_memory_mb as i64));
+    m.insert(Key::String(Arc::new("reputation".into())), Value::Float(n.reputation));
     Value::Map(Map { map: Arc::new(m) })
 }

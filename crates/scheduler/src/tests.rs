@@ -22,6 +22,7 @@ fn node(name: &str, cpus: u32, memory_mb: u64, vm_types: &[&str]) -> NodeSlot {
         free_cpus: cpus,
         free_memory_mb: memory_mb,
         running_jobs: 0,
+        reputation: if name.starts_with("bad") { 0.2 } else { 0.9 },
     }
 }
 
@@ -83,6 +84,14 @@ fn labels_and_appliance_are_visible() {
     ]);
     let d = place(&mut nodes, &c, &one(), [IdleJob::new(1, 1), IdleJob::new(2, 2)]);
     assert_eq!(d.placements, vec![Placement { job: 1, node: 1 }, Placement { job: 2, node: 0 }]);
+}
+
+#[test]
+fn reputation_is_visible() {
+    let mut nodes = vec![node("bad1", 2, 512, &["wasm"]), node("good1", 2, 512, &["wasm"])];
+    let c = clusters(&[(1, Cluster::compile(VmType::Wasm, 1, 64, Some("node.reputation > 0.5"), None).unwrap())]);
+    let d = place(&mut nodes, &c, &one(), [IdleJob::new(1, 1), IdleJob::new(2, 1), IdleJob::new(3, 1)]);
+    assert!(d.placements.iter().all(|p| p.node == 1), "{:?}", d.placements);
 }
 
 #[test]

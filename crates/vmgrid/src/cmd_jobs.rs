@@ -250,12 +250,12 @@ pub fn status(args: ListArgs) -> Result<i32, CliError> {
         return Ok(0);
     }
     println!(
-        "{:<16} {:<9} {:>4} {:>4} {:>8} {:>4}  {:<16} {:<8} APPLIANCE",
-        "NAME", "STATE", "CPUS", "FREE", "MEM_MB", "JOBS", "VM_TYPES", "ACCEL"
+        "{:<16} {:<9} {:>4} {:>4} {:>8} {:>4}  {:<16} {:<8} {:<10} {:<9} APPLIANCE",
+        "NAME", "STATE", "CPUS", "FREE", "MEM_MB", "JOBS", "VM_TYPES", "ACCEL", "REPUTATION", "AGREED"
     );
     for n in &nodes {
         println!(
-            "{:<16} {:<9} {:>4} {:>4} {:>8} {:>4}  {:<16} {:<8} {}",
+            "{:<16} {:<9} {:>4} {:>4} {:>8} {:>4}  {:<16} {:<8} {:<10.2} {:<9} {}",
             field(&n.ad.name),
             n.state.as_str(),
             n.ad.cpus,
@@ -264,11 +264,39 @@ pub fn status(args: ListArgs) -> Result<i32, CliError> {
             n.running_jobs,
             n.ad.vm_types.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(","),
             n.ad.accelerators.join(","),
+            n.reputation,
+            format!("{}/{}", n.agreements, n.agreements + n.disagreements),
             n.ad.appliance
         );
     }
     let ready: Vec<_> = nodes.iter().filter(|n| n.state == NodeState::Ready).collect();
     println!("{} nodes ({} ready), {} cpus", nodes.len(), ready.len(), ready.iter().map(|n| n.ad.cpus).sum::<u32>());
+    Ok(0)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BanArgs {
+    /// Node names.
+    #[arg(required = true)]
+    nodes: Vec<String>,
+    /// Lift the ban instead: the nodes may join again.
+    #[arg(long)]
+    lift: bool,
+    #[command(flatten)]
+    pool: PoolArgs,
+}
+
+/// `vmgrid ban`: an admin bans nodes (each leaves at once, its jobs go back, and it cannot join
+/// again under its name), or lifts their bans.
+pub fn ban(args: BanArgs) -> Result<i32, CliError> {
+    let client = args.pool.client()?;
+    for n in &args.nodes {
+        client.ban(n, !args.lift)?;
+        match args.lift {
+            true => println!("node {n}: ban lifted"),
+            false => println!("node {n}: banned (it left the pool, and cannot join again under this name)"),
+        }
+    }
     Ok(0)
 }
 

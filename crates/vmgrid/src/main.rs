@@ -65,6 +65,10 @@ enum Command {
     /// Move running QEMU jobs that take checkpoints ([policy] checkpoint_s): each is checkpointed
     /// now, stopped, and resumed from that checkpoint on another node (owner or admin).
     Vacate(cmd_jobs::ActionArgs),
+    /// Ban nodes from the pool (admin only): each leaves at once, its jobs go back to the pool,
+    /// and it cannot join again under its name; `--lift` lets them back. `status` shows each
+    /// node's reputation, from the replicated jobs ([policy] replicas) it ran.
+    Ban(cmd_jobs::BanArgs),
     /// Wait for jobs; exit 0 if all completed with 0, else the first non-zero code (1 if held or removed).
     Wait(cmd_jobs::WaitArgs),
     /// Print a finished job's stdout (or stderr).
@@ -113,6 +117,7 @@ fn main() {
         Command::Hold(args) => cmd_jobs::action(vmgrid_proto::JobAction::Hold, args),
         Command::Release(args) => cmd_jobs::action(vmgrid_proto::JobAction::Release, args),
         Command::Vacate(args) => cmd_jobs::action(vmgrid_proto::JobAction::Vacate, args),
+        Command::Ban(args) => cmd_jobs::ban(args),
         Command::Wait(args) => cmd_jobs::wait(args),
         Command::Logs(args) => cmd_jobs::logs(args),
         Command::Fetch(args) => cmd_jobs::fetch(args),

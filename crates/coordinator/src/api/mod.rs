@@ -49,6 +49,7 @@ pub(crate) fn routes() -> Vec<(&'static str, MethodRouter<S>)> {
         ("/v1/nodes/report", post(nodes::report)),
         ("/v1/nodes/checkpoint", post(nodes::checkpoint)),
         ("/v1/nodes/deregister", post(nodes::deregister)),
+        ("/v1/nodes/ban", post(nodes::ban)),
         ("/v1/blobs/{hash}", get(blobs::get).head(blobs::head).put(blobs::put)),
         ("/v1/tokens", post(tokens::add).get(tokens::list)),
         ("/v1/tokens/revoke", post(tokens::revoke)),

@@ -8,7 +8,7 @@ use axum::extract::State as AxState;
 use axum::http::StatusCode;
 use vmgrid_proto::*;
 
-use super::{Auth, Body, Error, Result, S, forbidden, node, user};
+use super::{Auth, Body, Error, Result, S, admin, forbidden, node, user};
 use crate::engine::{Principal, hash_token};
 
 pub async fn list(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<Json<Vec<NodeView>>> {
@@ -202,6 +202,16 @@ fn check_files(shared: &S, r: &Report) -> std::result::Result<(), String> {
         return Err(format!("output `{}` is inline; outputs are uploaded as blobs", f.path));
     }
     Ok(())
+}
+
+/// An admin bans a node (it leaves at once and cannot register again under its name), or lifts
+/// its ban.
+pub async fn ban(AxState(shared): AxState<S>, Auth(p): Auth, Body(req): Body<BanRequest>) -> Result<StatusCode> {
+    admin(&p, "ban nodes")?;
+    let (done, pending) = shared.call(|e| e.ban(&req.node, req.banned, now_ms()));
+    shared.finish(pending).await?;
+    done?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn deregister(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<StatusCode> {

@@ -21,6 +21,7 @@ use super::overview::Overview;
         jobs_submit, jobs_list, jobs_actions, jobs_result, jobs_wait,
         dags_submit, dags_list, dags_get, dags_rm,
         nodes_list, nodes_register, nodes_lease, nodes_heartbeat, nodes_report, nodes_checkpoint, nodes_deregister,
+        nodes_ban,
         blobs_get, blobs_head, blobs_put,
         tokens_add, tokens_list, tokens_revoke, consoles_open,
         users_list, users_settings, events_stream, overview_get,
@@ -221,6 +222,20 @@ op!(
             status = 204,
             description =
                 "the job's latest checkpoint recorded, durably (node token only; every part must be uploaded first)"
+        ),
+        Errors
+    )
+);
+op!(
+    nodes_ban,
+    post,
+    path = "/v1/nodes/ban",
+    tag = "nodes",
+    request_body = BanRequest,
+    responses(
+        (
+            status = 204,
+            description = "the node is banned (it leaves the pool at once and cannot register again under its name), or its ban lifted (admin only)"
         ),
         Errors
     )

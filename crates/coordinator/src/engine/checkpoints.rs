@@ -227,8 +227,14 @@ impl Engine {
                     .collect(),
                 None => Vec::new(),
             };
-            if self.unresumable.contains_key(&job.id) {
+            if self.blocked_since.contains_key(&job.id) {
                 unstuck.push(job.id);
+            }
+            // A replicated job runs on a node that has not run it.
+            for i in (0..snap.slots.len()).filter(|i| j.votes.iter().any(|v| v.node == snap.slots[*i].ad.name)) {
+                if !off.contains(&i) {
+                    off.push(i);
+                }
             }
             let avoid = j.avoid.as_ref().filter(|(_, until)| now < *until);
             if let Some(slot) = avoid.and_then(|(node, _)| snap.slots.iter().position(|s| s.ad.name == **node))
@@ -244,22 +250,35 @@ impl Engine {
         snap.batch = batch;
         snap.avoiding = avoiding;
         for id in unstuck {
-            self.unresumable.remove(&id);
+            self.blocked_since.remove(&id);
             let j = self.jobs.get_mut(&id).expect("looked at above");
-            let seq = j.ck.as_ref().and_then(|c| c.latest.as_ref()).map_or(0, |c| c.seq);
-            j.reason = Some(format!("resumes from checkpoint {seq}"));
+            j.reason = match j.ck.as_ref().and_then(|c| c.latest.as_ref()) {
+                Some(ck) => Some(format!("resumes from checkpoint {}", ck.seq)),
+                None => None,
+            };
             self.job_changed(id, now);
         }
     }
 
-    /// Job `id`'s latest checkpoint cannot resume on any ready node: it waits, and says why.
-    pub(super) fn no_node_can_resume(&mut self, id: u64, now: u64) {
-        self.unresumable.entry(id).or_insert(now);
+    /// No ready node can take job `id`: none can resume its latest checkpoint, or (a replicated
+    /// job) each has run it. It waits, and says why.
+    pub(super) fn blocked(&mut self, id: u64, now: u64) {
+        self.blocked_since.entry(id).or_insert(now);
+        let voters: Vec<&str> = self.voters(id).collect();
+        let ran = (!voters.is_empty()).then(|| {
+            format!("waits for a node that has not run one of its replicas (they ran on {})", voters.join(", "))
+        });
         let Some(j) = self.jobs.get_mut(&id) else { return };
-        let Some(stored) = j.ck.as_deref() else { return };
-        let Some(ck) = stored.latest.as_ref() else { return };
-        let qemu = stored.taken_with.as_deref().map(|v| format!(" and QEMU {v} or newer")).unwrap_or_default();
-        let reason = format!("waits for a node that can resume its checkpoint {} ({}{qemu})", ck.seq, ck.accel);
+        let stored = j.ck.as_deref();
+        let ck = stored.and_then(|s| Some((s.latest.as_ref()?, s)));
+        let reason = match (ran, ck) {
+            (Some(reason), _) => reason,
+            (None, Some((ck, stored))) => {
+                let qemu = stored.taken_with.as_deref().map(|v| format!(" and QEMU {v} or newer")).unwrap_or_default();
+                format!("waits for a node that can resume its checkpoint {} ({}{qemu})", ck.seq, ck.accel)
+            }
+            (None, None) => return,
+        };
         if j.reason.as_deref() != Some(reason.as_str()) {
             j.reason = Some(reason);
             self.job_changed(id, now);
@@ -270,13 +289,13 @@ impl Engine {
     /// jobs start afresh. (A job placed, removed or resumable meanwhile is let go.)
     pub(super) fn give_up_unresumable(&mut self, now: u64) {
         let due: Vec<u64> = self
-            .unresumable
+            .blocked_since
             .iter()
             .filter(|&(_, &since)| now.saturating_sub(since) >= UNRESUMABLE_MS)
             .map(|(&id, _)| id)
             .collect();
         for id in due {
-            self.unresumable.remove(&id);
+            self.blocked_since.remove(&id);
             let ready = self.nodes.values().filter(|n| n.state == NodeState::Ready && !n.silent).map(|n| n.ad.ad());
             let idle = self.jobs.get(&id).is_some_and(|j| j.state == JobState::Idle);
             if !idle || self.resumable(id, ready) {

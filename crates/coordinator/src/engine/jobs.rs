@@ -111,6 +111,7 @@ impl Engine {
             set_result: with_result,
             history: j.history.clone(),
             checkpoint: j.ck.clone(),
+            votes: j.votes.clone(),
         };
         self.store(Op::Job(row));
         self.wake_waiters();
@@ -351,6 +352,17 @@ impl Engine {
         if let RunReport::Vacated { seq } = r.run {
             return self.vacated(id, seq, now);
         }
+        let replicated = self.specs.get(&self.jobs[&id].spec_id).is_some_and(|s| s.spec.replicas.unwrap_or(1) > 1);
+        if let (true, RunReport::Exited { code }) = (replicated, &r.run) {
+            let result = StoredResult {
+                stdout: r.stdout,
+                stderr: r.stderr,
+                stdout_dropped: r.stdout_dropped,
+                stderr_dropped: r.stderr_dropped,
+                outputs: r.outputs,
+            };
+            return self.vote(id, &node_name, *code, result, now);
+        }
         self.release_resources(id, now);
         let j = self.jobs.get_mut(&id).expect("reported jobs exist");
         j.result = Some(Box::new(StoredResult {
@@ -428,6 +440,7 @@ impl Job {
             history: Vec::new(),
             counted: JobState::Idle,
             ck: None,
+            votes: Vec::new(),
             vacating: false,
             avoid: None,
         }

@@ -50,6 +50,7 @@ impl Engine {
         e.users_loaded(now);
         e.next_dag = e.next_dag.max(loaded.last_dag_id + 1);
         e.history = crate::history::History::from_stored(loaded.samples);
+        e.trust = loaded.trust.into_iter().collect();
         e.load_dags(loaded.dags, now);
         e
     }
@@ -111,6 +112,7 @@ impl Engine {
             history: row.history,
             counted: state,
             ck: row.checkpoint,
+            votes: row.votes,
             vacating: false,
             avoid: None,
         };

@@ -17,6 +17,7 @@ mod invariants;
 pub(crate) mod jobs;
 mod load;
 mod nodes;
+mod replicas;
 mod retention;
 mod schedule;
 
@@ -30,6 +31,8 @@ mod checkpoint_tests;
 mod page_tests;
 #[cfg(test)]
 mod proptests;
+#[cfg(test)]
+pub(crate) mod replica_tests;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -192,6 +195,8 @@ struct Job {
     counted: JobState,
     /// A QEMU job's latest complete checkpoint, and what its current attempt resumed from.
     ck: Option<Box<crate::store::StoredCheckpoint>>,
+    /// A replicated job's results so far, until one is agreed on (`replicas.rs`).
+    votes: Vec<crate::store::Vote>,
     /// `vmgrid vacate` asked for a checkpoint and a move; its node hears it with its heartbeat.
     vacating: bool,
     /// A vacated job is not placed on the node it left until this time (ms), if another can
@@ -358,11 +363,14 @@ pub struct Engine {
     /// after (not after the grace period of a fresh upload) once nothing refers to them
     /// (`retention.rs`).
     released: HashMap<String, u64>,
+    /// Each node's agreements with its jobs' agreed results, and bans (`replicas.rs`).
+    trust: HashMap<String, crate::store::Trust>,
     /// When vacated jobs may go back to the nodes they left: a pass runs then.
     avoid_ends: BTreeSet<u64>,
-    /// Idle jobs whose checkpoint no ready node could resume at the pass that looked at them,
-    /// and since when (their `reason` says why; kept in memory only).
-    unresumable: BTreeMap<u64, u64>,
+    /// Idle jobs no ready node could take at the pass that looked at them (none could resume
+    /// the job's checkpoint, or each ran one of its replicas), and since when (their `reason` says
+    /// why; kept in memory only).
+    blocked_since: BTreeMap<u64, u64>,
     out: Effects,
 }
 
@@ -419,8 +427,9 @@ impl Engine {
             by_state: [0; 5],
             history: crate::history::History::default(),
             released: HashMap::new(),
+            trust: HashMap::new(),
             avoid_ends: BTreeSet::new(),
-            unresumable: BTreeMap::new(),
+            blocked_since: BTreeMap::new(),
             out: Effects::default(),
         }
     }
@@ -527,7 +536,7 @@ impl Engine {
     fn view(&self, j: &Job) -> JobView {
         let spec = self.specs.get(&j.spec_id);
         let reason = match j.state {
-            JobState::Idle if self.unresumable.contains_key(&j.id) => j.reason.clone(),
+            JobState::Idle if self.blocked_since.contains_key(&j.id) => j.reason.clone(),
             JobState::Idle => self.waiting.get(&j.spec_id).cloned().or_else(|| j.reason.clone()),
             _ => j.reason.clone(),
         };
@@ -655,6 +664,9 @@ impl Engine {
                 free_memory_mb: n.free().1,
                 last_seen_ms: n.last_seen_ms,
                 cache: n.cache,
+                reputation: self.reputation(&n.ad.name),
+                agreements: self.trust(&n.ad.name).agree,
+                disagreements: self.trust(&n.ad.name).disagree,
             })
             .collect()
     }

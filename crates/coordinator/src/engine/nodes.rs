@@ -20,6 +20,9 @@ impl Engine {
         now: u64,
     ) -> Result<(), ApiError> {
         let name = ad.name.clone();
+        if self.banned(&name) {
+            return Err(ApiError::Forbidden(format!("node {name} is banned from this pool by an admin")));
+        }
         if let Some(old) = self.nodes.get(&name) {
             let same_node = previous.is_some_and(|c| hash_token(c) == old.cred_hash);
             if old.state != NodeState::Lost && !same_node && !admin {

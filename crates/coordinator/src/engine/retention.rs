@@ -119,6 +119,9 @@ impl Engine {
             if let Some(ck) = j.ck.as_ref().and_then(|c| c.latest.as_ref()) {
                 used.extend(ck.parts().map(|f| f.blob.as_str()));
             }
+            for r in j.votes.iter().map(|v| &v.result) {
+                used.extend(r.stdout.iter().chain(&r.stderr).chain(&r.outputs).map(|f| f.blob.as_str()));
+            }
         }
         // A released checkpoint part needs no long grace period: it was recorded, so it is whole,
         // and an upload that found it since took it out of `released` (`reuse_blob`).

@@ -135,7 +135,13 @@ impl Engine {
             .filter(|n| n.state == NodeState::Ready && !n.silent)
             .map(|n| {
                 let (free_cpus, free_memory_mb) = n.free();
-                let slot = NodeSlot { ad: n.ad.clone(), free_cpus, free_memory_mb, running_jobs: n.jobs.len() as u32 };
+                let slot = NodeSlot {
+                    ad: n.ad.clone(),
+                    free_cpus,
+                    free_memory_mb,
+                    running_jobs: n.jobs.len() as u32,
+                    reputation: self.reputation(&n.ad.name),
+                };
                 (slot, n.ahead_room())
             })
             .unzip();
@@ -143,7 +149,8 @@ impl Engine {
             slots.iter().map(|s| s.free_cpus as u64).sum::<u64>() + ahead.iter().map(|a| a.0 as u64).sum::<u64>();
         let mut snap = Snapshot { slots, ahead, ..Snapshot::default() };
         let mut owners: HashMap<Arc<str>, u32> = HashMap::new();
-        // Jobs whose checkpoint no ready node can resume take no place in the pass.
+        // Jobs whose checkpoint no ready node can resume, and replicated jobs every ready node has
+        // run, take no place in the pass.
         let mut stuck = Vec::new();
         for (&spec_id, ids) in &self.idle_by_spec {
             let Some(entry) = self.specs.get(&spec_id) else { continue };
@@ -158,7 +165,8 @@ impl Engine {
             let into = if entry.spec.cpus == 0 { &mut snap.shared } else { &mut snap.batch };
             let slots = &snap.slots;
             let resumable = ids.iter().filter(|&&id| {
-                let ok = self.resumable(id, slots.iter().map(|s| s.ad.ad()));
+                let ads = || slots.iter().map(|s| s.ad.ad());
+                let ok = self.resumable(id, ads()) && self.untried_node(id, ads());
                 if !ok {
                     stuck.push(id);
                 }
@@ -168,7 +176,7 @@ impl Engine {
             snap.clusters.insert(spec_id, entry.clone());
         }
         for id in stuck {
-            self.no_node_can_resume(id, now);
+            self.blocked(id, now);
         }
         self.set_aside_avoiding(&mut snap, now);
         let mut by_index: Vec<(&Arc<str>, u32)> = owners.iter().map(|(k, &v)| (k, v)).collect();
@@ -255,7 +263,7 @@ impl Engine {
         j.attempts += 1;
         j.reason = None;
         j.avoid = None;
-        self.unresumable.remove(&id);
+        self.blocked_since.remove(&id);
         // Its new attempt resumes from its latest checkpoint, if it has one.
         if let Some(ck) = j.ck.as_deref_mut() {
             ck.resumed_from = ck.latest.as_ref().map(|c| c.seq);

@@ -489,6 +489,7 @@ fn stored_job(id: u64, spec_id: u64, state: JobState, node: Option<&str>) -> Sto
             set_result: false,
             history: Vec::new(),
             checkpoint: None,
+            votes: Vec::new(),
         },
     }
 }

@@ -158,6 +158,11 @@ pub enum Op {
     PruneSamples {
         before_ms: u64,
     },
+    /// A node's record of agreements and whether it is banned, replacing any stored one.
+    Trust {
+        name: String,
+        trust: Trust,
+    },
 }
 
 /// A workflow's row: its spec (JSON of a `DagSpec`) and where it is.
@@ -256,6 +261,8 @@ pub struct JobRow {
     pub set_result: bool,
     /// The attempts that ended before the latest one, oldest first (stored as JSON, NULL when none).
     pub history: Vec<vmgrid_proto::AttemptView>,
+    /// A replicated job's replicas' results until its result is decided (JSON, NULL when none).
+    pub votes: Vec<Vote>,
     /// Its latest complete checkpoint and what its current attempt resumed from (JSON, NULL
     /// when it has neither).
     pub checkpoint: Option<Box<StoredCheckpoint>>,
@@ -278,6 +285,43 @@ pub struct StoredCheckpoint {
     /// [`MAX_RESUME_FAILURES`] different nodes have, it is dropped and the job starts afresh.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed_on: Vec<String>,
+}
+
+/// One replica's result of a job with `replicas` (its vote), kept until the job's result is
+/// decided.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Vote {
+    pub node: String,
+    pub exit_code: i32,
+    /// What replicas agree on: a hash of the exit code, of stdout, and of each output's name and
+    /// content.
+    pub digest: String,
+    pub result: StoredResult,
+}
+
+/// A job's votes as the stores keep them: JSON, or NULL when there are none.
+pub fn votes_column(v: &[Vote]) -> Option<String> {
+    (!v.is_empty()).then(|| serde_json::to_string(v).expect("votes serialize"))
+}
+
+/// Stored votes read back; votes that do not parse are dropped (the job's replicas then run
+/// again, which is always correct, only slower), and logged.
+pub fn votes_from_column(c: Option<String>) -> Vec<Vote> {
+    c.and_then(|s| {
+        serde_json::from_str(&s)
+            .inspect_err(|e| tracing::warn!("a job's stored votes do not read back ({e}); its replicas run again"))
+            .ok()
+    })
+    .unwrap_or_default()
+}
+
+/// What the pool knows of a node's honesty: how often its results agreed with, or differed from,
+/// the result its job's replicas agreed on; and whether an admin banned it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Trust {
+    pub agree: u64,
+    pub disagree: u64,
+    pub banned: bool,
 }
 
 /// How many different nodes must find a checkpoint unusable before it is given up.
@@ -345,6 +389,8 @@ pub struct Loaded {
     pub last_dag_id: u64,
     /// The closed minutes of the last hour, oldest first.
     pub samples: Vec<crate::history::Sample>,
+    /// What the pool knows of each node's honesty, by name.
+    pub trust: Vec<(String, Trust)>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -8,8 +8,8 @@ use vmgrid_proto::{DagState, JobState, NodeState};
 
 use super::{
     DagNodeRow, DagRow, JobRow, Loaded, NodeRun, Op, Store, StoreError, StoredBlob, StoredJob, StoredNode,
-    StoredResult, StoredUser, TokenRole, TokenRow, checkpoint_column, checkpoint_from_column, history_column,
-    history_from_column,
+    StoredResult, StoredUser, TokenRole, TokenRow, Trust, checkpoint_column, checkpoint_from_column, history_column,
+    history_from_column, votes_column, votes_from_column,
 };
 
 /// The schema as it was first released (version 1); [`MIGRATIONS`] take it to the current one.
@@ -58,6 +58,10 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE samples (minute_ms INTEGER PRIMARY KEY, completed INTEGER NOT NULL, queued INTEGER NOT NULL);",
     // 9: a QEMU job's latest complete checkpoint, and what its current attempt resumed from (JSON).
     "ALTER TABLE jobs ADD COLUMN checkpoint TEXT;",
+    // 10: a replicated job's replicas' results until one is agreed on (JSON); each node's record of
+    // agreements and whether it is banned.
+    "ALTER TABLE jobs ADD COLUMN votes TEXT;
+     CREATE TABLE node_trust (name TEXT PRIMARY KEY, agree INTEGER NOT NULL, disagree INTEGER NOT NULL, banned INTEGER NOT NULL);",
 ];
 
 /// Raises a counter of the `meta` table to at least `value`.
@@ -176,9 +180,16 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
     l.specs =
         st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
     let mut st = conn.prepare(
-        "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result, started_ms, history, checkpoint FROM jobs ORDER BY id",
+        "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result, started_ms, history, checkpoint, votes FROM jobs ORDER BY id",
     )?;
     l.jobs = st.query_map([], stored_job)?.collect::<Result<_, _>>()?;
+    let mut st = conn.prepare("SELECT name, agree, disagree, banned FROM node_trust")?;
+    l.trust = st
+        .query_map([], |r| {
+            let (agree, disagree) = (r.get::<_, i64>(1)?.max(0) as u64, r.get::<_, i64>(2)?.max(0) as u64);
+            Ok((r.get(0)?, Trust { agree, disagree, banned: r.get(3)? }))
+        })?
+        .collect::<Result<_, _>>()?;
     let mut st = conn.prepare("SELECT hash, owner, size, created_ms FROM blobs")?;
     l.blobs = st
         .query_map([], |r| {
@@ -315,6 +326,7 @@ fn stored_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredJob> {
             set_result: false,
             history: history_from_column(r.get(16)?),
             checkpoint: checkpoint_from_column(r.get(17)?),
+            votes: votes_from_column(r.get(18)?),
         },
     })
 }
@@ -344,7 +356,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         }
         Op::Job(j) => {
             let mut st = tx.prepare_cached(
-                "UPDATE jobs SET state = ?2, node = ?3, epoch = ?4, attempts = ?5, retries = ?6, losses = ?7, exit_code = ?8, reason = ?9, finished_ms = ?10, result = CASE WHEN ?12 THEN ?11 ELSE result END, started_ms = ?13, history = ?14, checkpoint = ?15 WHERE id = ?1",
+                "UPDATE jobs SET state = ?2, node = ?3, epoch = ?4, attempts = ?5, retries = ?6, losses = ?7, exit_code = ?8, reason = ?9, finished_ms = ?10, result = CASE WHEN ?12 THEN ?11 ELSE result END, started_ms = ?13, history = ?14, checkpoint = ?15, votes = ?16 WHERE id = ?1",
             )?;
             let result = j.result.as_ref().map(|r| serde_json::to_string(r).expect("a result serializes"));
             st.execute(params![
@@ -362,13 +374,20 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
                 j.set_result,
                 j.started_ms.map(|x| x as i64),
                 history_column(&j.history),
-                checkpoint_column(&j.checkpoint)
+                checkpoint_column(&j.checkpoint),
+                votes_column(&j.votes)
             ])?;
         }
         Op::Node { name, ad_json, cred_hash, state } => {
             tx.execute(
                 "INSERT OR REPLACE INTO nodes (name, ad, cred_hash, state) VALUES (?1, ?2, ?3, ?4)",
                 params![name, ad_json, cred_hash, state.as_str()],
+            )?;
+        }
+        Op::Trust { name, trust: t } => {
+            tx.execute(
+                "INSERT OR REPLACE INTO node_trust (name, agree, disagree, banned) VALUES (?1, ?2, ?3, ?4)",
+                params![name, t.agree as i64, t.disagree as i64, t.banned],
             )?;
         }
         Op::DeleteNode { name } => {
@@ -576,6 +595,16 @@ mod tests {
         assert_eq!(e.history_samples(), hour[..1], "the closed minute read back");
         assert_eq!(e.authenticate("admin-secret", 10), Some(&admin));
         assert_eq!(e.authenticate("cred", 10), Some(&Principal::Node("n1".into())));
+    }
+
+    #[test]
+    fn votes_and_reputations_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.sqlite");
+        crate::engine::replica_tests::votes_and_reputations_survive(|e| {
+            SqliteStore::open(&path).unwrap().commit(&e.take_effects().ops).unwrap();
+            Engine::load(SqliteStore::open(&path).unwrap().load().unwrap(), crate::engine::tests::TIMING, 6)
+        });
     }
 
     /// A job id names one job for good: the newest jobs dropped by retention, then a restart, do

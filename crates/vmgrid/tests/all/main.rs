@@ -15,6 +15,7 @@ mod job_file;
 mod jvm;
 mod netns;
 mod pool;
+mod replicas;
 mod run_qemu;
 mod run_wasm;
 mod security;

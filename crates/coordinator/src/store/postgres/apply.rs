@@ -96,6 +96,13 @@ pub fn apply(tx: &mut Tx<'_, '_>, op: &Op) -> R {
         Op::PruneSamples { before_ms } => {
             tx.exec("DELETE FROM samples WHERE minute_ms < $1", &[&(*before_ms as i64)])?;
         }
+        Op::Trust { name, trust: t } => {
+            tx.exec(
+                "INSERT INTO node_trust (name, agree, disagree, banned) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (name) DO UPDATE SET agree = $2, disagree = $3, banned = $4",
+                &[name, &(t.agree as i64), &(t.disagree as i64), &t.banned],
+            )?;
+        }
         Op::UserSettings { user, factor, max_cpus } => {
             tx.exec(
                 "INSERT INTO users (name, factor, max_cpus) VALUES ($1, $2, $3)
@@ -113,7 +120,7 @@ pub fn apply(tx: &mut Tx<'_, '_>, op: &Op) -> R {
 fn update_job(tx: &mut Tx<'_, '_>, j: &JobRow) -> R {
     let result = j.result.as_ref().map(|r| serde_json::to_string(r).expect("a result serializes"));
     tx.exec(
-        "UPDATE jobs SET state = $2, node = $3, epoch = $4, attempts = $5, retries = $6, losses = $7, exit_code = $8, reason = $9, finished_ms = $10, result = CASE WHEN $12 THEN $11 ELSE result END, started_ms = $13, history = $14, checkpoint = $15 WHERE id = $1",
+        "UPDATE jobs SET state = $2, node = $3, epoch = $4, attempts = $5, retries = $6, losses = $7, exit_code = $8, reason = $9, finished_ms = $10, result = CASE WHEN $12 THEN $11 ELSE result END, started_ms = $13, history = $14, checkpoint = $15, votes = $16 WHERE id = $1",
         &[
             &(j.id as i64),
             &j.state.as_str(),
@@ -130,6 +137,7 @@ fn update_job(tx: &mut Tx<'_, '_>, j: &JobRow) -> R {
             &opt(j.started_ms),
             &crate::store::history_column(&j.history),
             &crate::store::checkpoint_column(&j.checkpoint),
+            &crate::store::votes_column(&j.votes),
         ],
     )?;
     Ok(())

@@ -49,7 +49,7 @@ pub fn load(tx: &mut Transaction<'_>) -> Result<Loaded, postgres::Error> {
         tx.query("SELECT id, owner, json FROM specs", &[])?.iter().map(|r| (u(r, 0), r.get(1), r.get(2))).collect();
     l.jobs = tx
         .query(
-            "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result, started_ms, history, checkpoint FROM jobs ORDER BY id",
+            "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result, started_ms, history, checkpoint, votes FROM jobs ORDER BY id",
             &[],
         )?
         .iter()
@@ -87,6 +87,11 @@ pub fn load(tx: &mut Transaction<'_>) -> Result<Loaded, postgres::Error> {
         .query("SELECT name, ad, cred_hash, state FROM nodes", &[])?
         .iter()
         .map(|r| StoredNode { name: r.get(0), ad_json: r.get(1), cred_hash: r.get(2), state: node_state(r.get(3)) })
+        .collect();
+    l.trust = tx
+        .query("SELECT name, agree, disagree, banned FROM node_trust", &[])?
+        .iter()
+        .map(|r| (r.get(0), crate::store::Trust { agree: u(r, 1), disagree: u(r, 2), banned: r.get(3) }))
         .collect();
     l.dags = load_dags(tx)?;
     Ok(l)
@@ -177,6 +182,7 @@ fn stored_job(r: &Row) -> StoredJob {
             set_result: false,
             history: crate::store::history_from_column(r.get(16)),
             checkpoint: crate::store::checkpoint_from_column(r.get(17)),
+            votes: crate::store::votes_from_column(r.get(18)),
         },
     }
 }

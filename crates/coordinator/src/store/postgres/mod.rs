@@ -45,6 +45,8 @@ CREATE TABLE active (id INTEGER PRIMARY KEY CHECK (id = 1), url TEXT NOT NULL, s
     "ALTER TABLE jobs ADD COLUMN history TEXT;",
     "CREATE TABLE samples (minute_ms BIGINT PRIMARY KEY, completed BIGINT NOT NULL, queued BIGINT NOT NULL);",
     "ALTER TABLE jobs ADD COLUMN checkpoint TEXT;",
+    "ALTER TABLE jobs ADD COLUMN votes TEXT;
+     CREATE TABLE node_trust (name TEXT PRIMARY KEY, agree BIGINT NOT NULL, disagree BIGINT NOT NULL, banned BOOLEAN NOT NULL);",
 ];
 
 /// The schema version this coordinator writes.

@@ -48,6 +48,15 @@ fn acknowledged_state_survives_a_restart() {
     assert_eq!(e.authenticate("cred", 10), Some(&Principal::Node("n1".into())));
 }
 
+#[test]
+fn votes_and_reputations_survive_a_restart() {
+    let db = TestDb::start();
+    crate::engine::replica_tests::votes_and_reputations_survive(|e| {
+        PgStore::open(&db.url()).unwrap().commit(&e.take_effects().ops).unwrap();
+        Engine::load(PgStore::open(&db.url()).unwrap().load().unwrap(), crate::engine::tests::TIMING, 6)
+    });
+}
+
 /// A job id names one job for good, across retention and a restart.
 #[test]
 fn ids_of_jobs_dropped_by_retention_are_not_reused_after_a_restart() {

@@ -1,0 +1,162 @@
+//! Results checked by agreement (`[policy] replicas`, `quorum`): a job runs on `replicas`
+//! distinct nodes, one after another, and its result is the one `quorum` of them agree on: the
+//! same exit code, stdout and outputs (by name and content). Until then each run's result is a
+//! vote (`Job::votes`, durable). Each node's agreements and disagreements with the agreed results
+//! make its reputation (`node.reputation` in CEL, shown by `vmgrid status`); an admin can ban a
+//! node, which then cannot join the pool again under that name.
+
+use std::collections::HashMap;
+
+use vmgrid_proto::*;
+
+use super::{ApiError, Engine};
+use crate::store::{Op, StoredResult, Trust, Vote};
+
+/// A replicated job is held once it ran on this many times its `replicas` nodes with no result
+/// that `quorum` of them agree on.
+pub const MAX_RUNS_PER_REPLICA: u32 = 2;
+
+/// What replicas agree on: the exit code, stdout (its hash, and how much was cut), and each
+/// output's name and content (in name order). stderr is left out: a run's diagnostics may differ.
+pub fn digest(exit_code: i32, r: &StoredResult) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(format!("exit {exit_code}\n").as_bytes());
+    let stdout = r.stdout.as_ref().map_or("", |f| f.blob.as_str());
+    h.update(format!("stdout {stdout} {}\n", r.stdout_dropped).as_bytes());
+    let mut outputs: Vec<(&str, &str)> = r.outputs.iter().map(|f| (f.path.as_str(), f.blob.as_str())).collect();
+    outputs.sort_unstable();
+    for (path, blob) in outputs {
+        h.update(format!("output {} {path} {blob}\n", path.len()).as_bytes());
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// The result `quorum` of the votes agree on, if one is: the first to get there, in vote order.
+fn agreed(votes: &[Vote], quorum: u32) -> Option<String> {
+    let mut counts: HashMap<&str, u32> = HashMap::new();
+    votes.iter().find_map(|v| {
+        let n = counts.entry(&v.digest).or_default();
+        *n += 1;
+        (*n >= quorum).then(|| v.digest.clone())
+    })
+}
+
+impl Engine {
+    /// A replicated job's run on node `node` ended with `exit_code` and `result`: a vote. Once
+    /// `replicas` have run, the result `quorum` of them agree on is the job's; until then, or
+    /// while none is agreed on, the job runs again on a node that has not run it, up to
+    /// [`MAX_RUNS_PER_REPLICA`] times `replicas` runs; then it is held.
+    pub(super) fn vote(&mut self, id: u64, node: &str, exit_code: i32, result: StoredResult, now: u64) {
+        let spec = &self.specs[&self.jobs[&id].spec_id].spec;
+        let (replicas, quorum) = (spec.replicas.unwrap_or(1), spec.quorum.unwrap_or(1));
+        let digest = digest(exit_code, &result);
+        self.release_resources(id, now);
+        let j = self.jobs.get_mut(&id).expect("reported jobs exist");
+        let short = &digest[..12];
+        j.end_attempt(now, format!("exited with {exit_code}; result {short}"));
+        j.votes.push(Vote { node: node.to_string(), exit_code, digest: digest.clone(), result });
+        j.node = None;
+        let ran = j.votes.len() as u32;
+        let winner = (ran >= replicas).then(|| agreed(&j.votes, quorum)).flatten();
+        if let Some(winner) = winner {
+            return self.accept(id, &winner, now);
+        }
+        if ran < replicas * MAX_RUNS_PER_REPLICA {
+            j.state = JobState::Idle;
+            j.reason = Some(match ran < replicas {
+                true => format!("{ran} of its {replicas} replicas ran; the next runs on a node that has not run it"),
+                false => format!(
+                    "its {ran} replicas gave no result that {quorum} agree on; one more runs on a node that has not run it"
+                ),
+            });
+            self.set_idle(id);
+            self.wake_nodes();
+        } else {
+            let mut results: Vec<&str> = j.votes.iter().map(|v| &v.digest[..12]).collect();
+            results.dedup();
+            j.state = JobState::Held;
+            j.finished_ms = Some(now);
+            j.reason = Some(format!(
+                "no result that {quorum} of its {ran} replicas agree on (results {}); `vmgrid release` runs them again",
+                results.join(", ")
+            ));
+            j.votes.clear();
+        }
+        self.persist(id, false);
+        self.job_changed(id, now);
+    }
+
+    /// Job `id`'s result is the one with digest `winner`: the job completes with it, and each
+    /// node that voted is credited with an agreement or a disagreement.
+    fn accept(&mut self, id: u64, winner: &str, now: u64) {
+        let j = self.jobs.get_mut(&id).expect("voted jobs exist");
+        let votes = std::mem::take(&mut j.votes);
+        let agreeing = votes.iter().filter(|v| v.digest == winner).count();
+        let won = votes.iter().find(|v| v.digest == winner).expect("the winner is a vote");
+        j.result = Some(Box::new(won.result.clone()));
+        j.exit_code = Some(won.exit_code);
+        j.state = JobState::Completed;
+        j.finished_ms = Some(now);
+        j.reason = Some(format!("{agreeing} of its {} replicas agreed on this result", votes.len()));
+        self.metrics.jobs_completed += 1;
+        self.finished(id);
+        for v in &votes {
+            let t = self.trust.entry(v.node.clone()).or_default();
+            match v.digest == winner {
+                true => t.agree += 1,
+                false => t.disagree += 1,
+            }
+            let op = Op::Trust { name: v.node.clone(), trust: *t };
+            self.store(op);
+        }
+        self.dirty = true;
+        self.persist(id, true);
+        self.job_changed(id, now);
+    }
+
+    /// Whether one of the ready nodes with ads `ads` that runs job `id`'s vm type has not run
+    /// one of its replicas yet (true for a job without replicas, and when no node is ready).
+    pub(super) fn untried_node<'a>(&self, id: u64, ads: impl IntoIterator<Item = &'a NodeAd>) -> bool {
+        let Some(j) = self.jobs.get(&id).filter(|j| !j.votes.is_empty()) else { return true };
+        let Some(vm) = self.specs.get(&j.spec_id).map(|s| s.spec.vm_type) else { return true };
+        let mut ads = ads.into_iter().filter(|ad| ad.vm_types.contains(&vm)).peekable();
+        ads.peek().is_none() || ads.any(|ad| !j.votes.iter().any(|v| v.node == ad.name))
+    }
+
+    /// The names of the nodes that ran one of job `id`'s replicas.
+    pub(super) fn voters(&self, id: u64) -> impl Iterator<Item = &str> {
+        self.jobs.get(&id).into_iter().flat_map(|j| j.votes.iter().map(|v| v.node.as_str()))
+    }
+
+    /// A node's reputation: the share of its results that agreed with the result its job's
+    /// replicas agreed on, counting one agreement and one disagreement before any (so a node
+    /// never checked is 0.5, and one check moves it only so far).
+    pub fn reputation(&self, node: &str) -> f64 {
+        let t = self.trust.get(node).copied().unwrap_or_default();
+        (t.agree + 1) as f64 / (t.agree + t.disagree + 2) as f64
+    }
+
+    /// What the pool knows of node `name`'s honesty.
+    pub fn trust(&self, node: &str) -> Trust {
+        self.trust.get(node).copied().unwrap_or_default()
+    }
+
+    /// An admin bans node `name` (or lifts its ban): a banned node leaves the pool at once (its
+    /// jobs go back, its credential is revoked) and cannot register again under that name.
+    pub fn ban(&mut self, name: &str, banned: bool, now: u64) -> Result<(), ApiError> {
+        check_node_name(name).map_err(ApiError::BadRequest)?;
+        let t = self.trust.entry(name.to_string()).or_default();
+        t.banned = banned;
+        let op = Op::Trust { name: name.to_string(), trust: *t };
+        self.store(op);
+        if banned {
+            self.deregister(name, now);
+        }
+        Ok(())
+    }
+
+    /// Whether node `name` is banned from the pool.
+    pub fn banned(&self, name: &str) -> bool {
+        self.trust.get(name).is_some_and(|t| t.banned)
+    }
+}
