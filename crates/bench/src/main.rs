@@ -83,7 +83,7 @@ fn parse_args() -> Args {
             "--only" => a.only = it.next().expect("--only PART,PART").split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
                 println!(
-                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,postgres,slurm,wasm,qemu,checkpoint,scheduler,rss,ssi,appliance,fleet] [--fleet] [--fleet-nodes 100,1000] [--fleet-large] [--fleet-jobs 10000] [--out FILE]\n--fleet: only the pool's scale, simulated node agents against a real coordinator.\n--fleet-large: the pool's scale at 10,000 nodes too (about a minute on 2 cores).\n--out: where the table is written; the whole suite writes BENCHMARKS.md by default, a part of it (--only, --fleet) nothing.\nRun from the repository root after scripts/bench has built everything."
+                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,replicas,postgres,slurm,wasm,qemu,checkpoint,scheduler,rss,ssi,appliance,fleet] [--fleet] [--fleet-nodes 100,1000] [--fleet-large] [--fleet-jobs 10000] [--out FILE]\n--fleet: only the pool's scale, simulated node agents against a real coordinator.\n--fleet-large: the pool's scale at 10,000 nodes too (about a minute on 2 cores).\n--out: where the table is written; the whole suite writes BENCHMARKS.md by default, a part of it (--only, --fleet) nothing.\nRun from the repository root after scripts/bench has built everything."
                 );
                 std::process::exit(0);
             }
@@ -121,8 +121,9 @@ pub fn sh(cmd: &str) -> String {
 fn main() {
     let args = parse_args();
     // Only the scheduler engine runs without the release binary.
-    let needs_bin =
-        ["pool", "postgres", "slurm", "wasm", "qemu", "rss", "ssi", "appliance", "fleet"].iter().any(|p| args.wants(p));
+    let needs_bin = ["pool", "replicas", "postgres", "slurm", "wasm", "qemu", "rss", "ssi", "appliance", "fleet"]
+        .iter()
+        .any(|p| args.wants(p));
     if needs_bin && !pool::vmgrid_bin(&args.root).exists() {
         eprintln!("vmgrid-bench: {} is missing; run scripts/bench", pool::vmgrid_bin(&args.root).display());
         std::process::exit(1);
@@ -138,6 +139,9 @@ fn main() {
     let date = sh("date -u +%Y-%m-%dT%H:%MZ");
     println!("vmgrid benchmarks, {date}\nmachine: {machine}\n");
     let ours = if args.wants("pool") { pool_figures(&args, &mut rep) } else { BTreeMap::new() };
+    if args.wants("replicas") {
+        replica_figures(&args, &mut rep);
+    }
     if args.wants("postgres") {
         postgres_figures(&args, &ours, &mut rep);
     }
@@ -209,6 +213,28 @@ fn separate_figures(args: &Args, rep: &mut Report) {
             Target::AtLeast(10_000.0),
         );
     }
+}
+
+/// What `replicas = 3` costs a sweep: the same trivial jobs through a coordinator and three node
+/// processes, once as they are and once each run on three distinct nodes (one after another) with
+/// the result two of them agree on. The cost is at least 3x by construction.
+fn replica_figures(args: &Args, rep: &mut Report) {
+    let n = args.sizes[0].min(5_000);
+    let pool = pool::Pool::separate(&args.root, 3);
+    let spec = pool::trivial_spec(&pool.client, &args.root);
+    pool::vmgrid_throughput(&pool, &spec, 200);
+    let plain = pool::vmgrid_throughput(&pool, &spec, n);
+    let replicated = vmgrid_proto::JobSpec { replicas: Some(3), quorum: Some(2), ..spec };
+    let rate = pool::vmgrid_throughput(&pool, &replicated, n);
+    let what = format!("{n} trivial wasm jobs, coordinator + 3 node processes");
+    rep.figure(&format!("throughput, {what}"), format!("{plain:.0} jobs/s"), plain, " jobs/s", Target::None);
+    rep.figure(
+        &format!("throughput, {what}, replicas = 3 (quorum 2)"),
+        format!("{rate:.0} jobs/s ({:.1}x fewer: each job runs 3 times)", plain / rate),
+        rate,
+        " jobs/s",
+        Target::None,
+    );
 }
 
 /// The same throughput and latency with the pool's state in PostgreSQL (a private cluster on

@@ -147,6 +147,27 @@ fn a_requirement_on_reputation_keeps_a_node_that_disagreed_away_and_a_banned_nod
     e.check_invariants().unwrap();
 }
 
+/// A banned node's results not yet judged no longer count: its replica runs again elsewhere.
+#[test]
+fn a_banned_nodes_pending_result_does_not_count() {
+    let mut e = pool(&["c"]);
+    e.submit(&alice(), replicated(3, 2), 1, 0).unwrap();
+    assert_eq!(run_replica(&mut e, 1, |_| "bad\n".into()), "c");
+    for n in ["a", "b"] {
+        e.register(ad(n, 1), None, false, hash_token(n), 2).unwrap();
+    }
+    e.ban("c", true, 3).unwrap();
+    run_replica(&mut e, 4, |_| "ok\n".into());
+    run_replica(&mut e, 5, |_| "ok\n".into());
+    e.schedule(6);
+    assert_eq!(e.job_result(&admin(), 1).unwrap().job.state, JobState::Idle, "two votes of three");
+    e.register(ad("d", 1), None, false, hash_token("d"), 7).unwrap();
+    assert_eq!(run_replica(&mut e, 8, |_| "ok\n".into()), "d");
+    let r = e.job_result(&admin(), 1).unwrap();
+    assert!(r.job.reason.unwrap_or_default().contains("3 of its 3 replicas agreed"));
+    assert_eq!(e.trust("c").disagree, 0, "its discarded result is not judged");
+}
+
 /// A replicated job's votes and the nodes' records survive a restart: `reload` commits the
 /// engine's effects to a store and loads a new engine from it.
 pub(crate) fn votes_and_reputations_survive(reload: impl FnOnce(&mut Engine) -> Engine) {

@@ -142,7 +142,8 @@ impl Engine {
     }
 
     /// An admin bans node `name` (or lifts its ban): a banned node leaves the pool at once (its
-    /// jobs go back, its credential is revoked) and cannot register again under that name.
+    /// jobs go back, its credential is revoked), cannot register again under that name, and its
+    /// results not yet judged no longer count (they run again elsewhere).
     pub fn ban(&mut self, name: &str, banned: bool, now: u64) -> Result<(), ApiError> {
         check_node_name(name).map_err(ApiError::BadRequest)?;
         let t = self.trust.entry(name.to_string()).or_default();
@@ -151,6 +152,15 @@ impl Engine {
         self.store(op);
         if banned {
             self.deregister(name, now);
+            let voted: Vec<u64> =
+                self.jobs.values().filter(|j| j.votes.iter().any(|v| v.node == name)).map(|j| j.id).collect();
+            for id in voted {
+                let j = self.jobs.get_mut(&id).expect("listed above");
+                j.votes.retain(|v| v.node != name);
+                self.persist(id, false);
+                self.job_changed(id, now);
+            }
+            self.dirty = true;
         }
         Ok(())
     }
