@@ -72,7 +72,7 @@ fn a_lost_lease_a_retry_and_the_completion_are_each_an_attempt_with_its_node_and
     assert_eq!(a[2], (3, "n2".into(), Some(1200), Some(1300), "exited with 0".into()));
     // What the store got is what a restarted coordinator reads back.
     let stored = e.take_effects().ops.into_iter().rev().find_map(|op| match op {
-        crate::store::Op::Job(r) if r.id == 1 => Some(r.history),
+        crate::store::Op::Job(r) if r.id == 1 => Some(r.history.clone()),
         _ => None,
     });
     assert_eq!(stored.unwrap().len(), 2, "the two ended attempts before the latest");

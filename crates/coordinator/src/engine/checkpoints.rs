@@ -252,10 +252,8 @@ impl Engine {
         for id in unstuck {
             self.blocked_since.remove(&id);
             let j = self.jobs.get_mut(&id).expect("looked at above");
-            j.reason = match j.ck.as_ref().and_then(|c| c.latest.as_ref()) {
-                Some(ck) => Some(format!("resumes from checkpoint {}", ck.seq)),
-                None => None,
-            };
+            j.reason =
+                j.ck.as_ref().and_then(|c| c.latest.as_ref()).map(|ck| format!("resumes from checkpoint {}", ck.seq));
             self.job_changed(id, now);
         }
     }
@@ -325,5 +323,5 @@ fn can_resume(ad: &vmgrid_proto::NodeAd, ck: &Checkpoint, taken_with: Option<&st
         Some(needed) => ad.qemu.as_deref().and_then(qemu_version).is_some_and(|v| v >= needed),
         None => true,
     };
-    newer && ad.accelerators.iter().any(|a| *a == ck.accel)
+    newer && ad.accelerators.contains(&ck.accel)
 }

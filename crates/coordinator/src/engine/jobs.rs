@@ -113,7 +113,7 @@ impl Engine {
             checkpoint: j.ck.clone(),
             votes: j.votes.clone(),
         };
-        self.store(Op::Job(row));
+        self.store(Op::Job(Box::new(row)));
         self.wake_waiters();
     }
 

@@ -86,7 +86,7 @@ pub enum Op {
         owner: String,
         submitted_ms: u64,
     },
-    Job(JobRow),
+    Job(Box<JobRow>),
     Node {
         name: String,
         ad_json: String,

@@ -151,6 +151,16 @@ fn node_state(s: &str) -> NodeState {
     }
 }
 
+/// Each node's record of agreements, and bans.
+fn load_trust(conn: &Connection) -> rusqlite::Result<Vec<(String, Trust)>> {
+    let mut st = conn.prepare("SELECT name, agree, disagree, banned FROM node_trust")?;
+    st.query_map([], |r| {
+        let (agree, disagree) = (r.get::<_, i64>(1)?.max(0) as u64, r.get::<_, i64>(2)?.max(0) as u64);
+        Ok((r.get(0)?, Trust { agree, disagree, banned: r.get(3)? }))
+    })?
+    .collect()
+}
+
 fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
     let mut l = Loaded::default();
     let mut st = conn.prepare("SELECT hash, role, owner, id, created_ms, expires_ms, detail FROM tokens")?;
@@ -183,13 +193,7 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
         "SELECT id, spec_id, idx, owner, state, node, epoch, attempts, retries, losses, exit_code, reason, submitted_ms, finished_ms, result, started_ms, history, checkpoint, votes FROM jobs ORDER BY id",
     )?;
     l.jobs = st.query_map([], stored_job)?.collect::<Result<_, _>>()?;
-    let mut st = conn.prepare("SELECT name, agree, disagree, banned FROM node_trust")?;
-    l.trust = st
-        .query_map([], |r| {
-            let (agree, disagree) = (r.get::<_, i64>(1)?.max(0) as u64, r.get::<_, i64>(2)?.max(0) as u64);
-            Ok((r.get(0)?, Trust { agree, disagree, banned: r.get(3)? }))
-        })?
-        .collect::<Result<_, _>>()?;
+    l.trust = load_trust(conn)?;
     let mut st = conn.prepare("SELECT hash, owner, size, created_ms FROM blobs")?;
     l.blobs = st
         .query_map([], |r| {
@@ -354,30 +358,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         Op::Jobs { spec_id, first_id, count, owner, submitted_ms } => {
             insert_jobs(tx, *spec_id, *first_id, *count, owner, *submitted_ms)?
         }
-        Op::Job(j) => {
-            let mut st = tx.prepare_cached(
-                "UPDATE jobs SET state = ?2, node = ?3, epoch = ?4, attempts = ?5, retries = ?6, losses = ?7, exit_code = ?8, reason = ?9, finished_ms = ?10, result = CASE WHEN ?12 THEN ?11 ELSE result END, started_ms = ?13, history = ?14, checkpoint = ?15, votes = ?16 WHERE id = ?1",
-            )?;
-            let result = j.result.as_ref().map(|r| serde_json::to_string(r).expect("a result serializes"));
-            st.execute(params![
-                j.id as i64,
-                j.state.as_str(),
-                j.node,
-                j.epoch as i64,
-                j.attempts,
-                j.retries,
-                j.losses,
-                j.exit_code,
-                j.reason,
-                j.finished_ms.map(|x| x as i64),
-                result,
-                j.set_result,
-                j.started_ms.map(|x| x as i64),
-                history_column(&j.history),
-                checkpoint_column(&j.checkpoint),
-                votes_column(&j.votes)
-            ])?;
-        }
+        Op::Job(j) => update_job(tx, j)?,
         Op::Node { name, ad_json, cred_hash, state } => {
             tx.execute(
                 "INSERT OR REPLACE INTO nodes (name, ad, cred_hash, state) VALUES (?1, ?2, ?3, ?4)",
@@ -528,6 +509,33 @@ fn insert_jobs(
         st.execute(params![(first_id + i) as i64, spec_id as i64, i as i64, owner, submitted_ms as i64])?;
     }
     tx.prepare_cached(RAISE)?.execute(params!["next_job", (first_id + count) as i64])?;
+    Ok(())
+}
+
+/// A job's mutable columns written.
+fn update_job(tx: &rusqlite::Transaction<'_>, j: &JobRow) -> rusqlite::Result<()> {
+    let mut st = tx.prepare_cached(
+        "UPDATE jobs SET state = ?2, node = ?3, epoch = ?4, attempts = ?5, retries = ?6, losses = ?7, exit_code = ?8, reason = ?9, finished_ms = ?10, result = CASE WHEN ?12 THEN ?11 ELSE result END, started_ms = ?13, history = ?14, checkpoint = ?15, votes = ?16 WHERE id = ?1",
+    )?;
+    let result = j.result.as_ref().map(|r| serde_json::to_string(r).expect("a result serializes"));
+    st.execute(params![
+        j.id as i64,
+        j.state.as_str(),
+        j.node,
+        j.epoch as i64,
+        j.attempts,
+        j.retries,
+        j.losses,
+        j.exit_code,
+        j.reason,
+        j.finished_ms.map(|x| x as i64),
+        result,
+        j.set_result,
+        j.started_ms.map(|x| x as i64),
+        history_column(&j.history),
+        checkpoint_column(&j.checkpoint),
+        votes_column(&j.votes)
+    ])?;
     Ok(())
 }
 
