@@ -181,6 +181,7 @@ async function loadNodes() {
       cell(tr, n.vm_types.join(", "));
       cell(tr, Object.entries(n.labels || {}).map(([k, v]) => `${k}=${v}`).join(", "));
       cell(tr, n.running_jobs);
+      cell(tr, `${n.reputation.toFixed(2)} (${n.agreements} of ${n.agreements + n.disagreements})`);
       const c = n.cache;
       cell(tr, c ? `${c.blobs} blob${c.blobs === 1 ? "" : "s"}, ${size(c.bytes)} of ${size(c.max_bytes)}` : "");
       body.appendChild(tr);
