@@ -58,7 +58,13 @@ pub fn scheduler_engine() -> (f64, usize) {
         .collect();
     // Each user's jobs span the clusters, with a few job priorities.
     let jobs: Vec<IdleJob> = (0..1_000_000u64)
-        .map(|id| IdleJob { id, cluster: (id / 100) % 100, user: (id % 100) as u32, priority: (id % 3) as i32 })
+        .map(|id| IdleJob {
+            id,
+            cluster: (id / 100) % 100,
+            user: (id % 100) as u32,
+            priority: (id % 3) as i32,
+            exclude: None,
+        })
         .collect();
     let mut slots = nodes.clone();
     let start = Instant::now();

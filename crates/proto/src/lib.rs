@@ -473,6 +473,9 @@ impl JobSpec {
             ));
         }
         if let Some(ssi) = &self.ssi {
+            if self.replicas.is_some_and(|n| n > 1) {
+                return Err("an SSI process runs once (it acts on its home), so it cannot have replicas".into());
+            }
             if self.vm_type != VmType::Wasm {
                 return Err("an SSI process must be a wasm job".into());
             }

@@ -103,7 +103,7 @@ impl<'u> Queues<'u> {
         let mut queues: Vec<Vec<IdleJob>> = vec![Vec::new(); users.len()];
         let mut unknown = Vec::new();
         for j in jobs {
-            let j = *j.borrow();
+            let j = j.borrow().clone();
             match queues.get_mut(j.user as usize) {
                 Some(q) => q.push(j),
                 None => unknown.push(j),
@@ -136,7 +136,7 @@ impl<'u> Queues<'u> {
     pub fn pop(&mut self) -> Option<(usize, IdleJob)> {
         let Reverse(t) = self.turns.pop()?;
         let u = t.user as usize;
-        let job = self.jobs[u][self.next[u]];
+        let job = self.jobs[u][self.next[u]].clone();
         self.next[u] += 1;
         Some((u, job))
     }

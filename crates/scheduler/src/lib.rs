@@ -148,18 +148,27 @@ impl Cluster {
 
 /// One idle job: its id, the cluster it belongs to, its user (an index into the `users` given to
 /// [`place`]) and its own priority, which orders it among its user's jobs (higher first).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdleJob {
     pub id: u64,
     pub cluster: u64,
     pub user: u32,
     pub priority: i32,
+    /// Nodes (indices into the `nodes` given to [`place`]) this job must not go to, though its
+    /// cluster matches them: a replicated job's nodes that ran it, a checkpoint's nodes that
+    /// cannot resume it.
+    pub exclude: Option<std::sync::Arc<[usize]>>,
 }
 
 impl IdleJob {
     /// A job of user 0 with priority 0.
     pub fn new(id: u64, cluster: u64) -> IdleJob {
-        IdleJob { id, cluster, user: 0, priority: 0 }
+        IdleJob { id, cluster, user: 0, priority: 0, exclude: None }
+    }
+
+    /// Whether this job may go to node `i`.
+    fn allows(&self, i: usize) -> bool {
+        self.exclude.as_ref().is_none_or(|x| !x.contains(&i))
     }
 }
 
@@ -279,14 +288,14 @@ impl<'n> Pass<'n> {
         if cluster.cpus == 0 {
             return place_shared(nodes, list, cluster, job, decision);
         }
-        while *cursor < list.len() {
-            let n = &nodes[list[*cursor]];
-            if n.free_cpus >= cluster.cpus && n.free_memory_mb >= cluster.memory_mb {
-                break;
-            }
+        let fits = |n: &NodeSlot| n.free_cpus >= cluster.cpus && n.free_memory_mb >= cluster.memory_mb;
+        // The cursor moves past nodes full for every job of the cluster; a job's own exclusions
+        // only skip nodes, for it.
+        while *cursor < list.len() && !fits(&nodes[list[*cursor]]) {
             *cursor += 1;
         }
-        if *cursor == list.len() {
+        let pick = list[*cursor..].iter().copied().find(|&i| job.allows(i) && fits(&nodes[i]));
+        let Some(idx) = pick else {
             decision.waiting.entry(job.cluster).or_insert_with(|| {
                 format!(
                     "waiting for {} cpu(s) and {} MiB free on one of the {} matching node(s)",
@@ -296,8 +305,7 @@ impl<'n> Pass<'n> {
                 )
             });
             return false;
-        }
-        let idx = list[*cursor];
+        };
         let n = &mut nodes[idx];
         n.free_cpus -= cluster.cpus;
         n.free_memory_mb -= cluster.memory_mb;
@@ -320,7 +328,7 @@ fn place_shared(
     let best = list
         .iter()
         .copied()
-        .filter(|&i| nodes[i].free_memory_mb >= cluster.memory_mb)
+        .filter(|&i| job.allows(i) && nodes[i].free_memory_mb >= cluster.memory_mb)
         .min_by_key(|&i| nodes[i].running_jobs);
     match best {
         Some(idx) => {

@@ -86,6 +86,21 @@ fn labels_and_appliance_are_visible() {
     assert_eq!(d.placements, vec![Placement { job: 1, node: 1 }, Placement { job: 2, node: 0 }]);
 }
 
+/// A job's own exclusions skip nodes for it alone: the jobs after it still get the node it may
+/// not have.
+#[test]
+fn a_jobs_exclusions_skip_nodes_for_it_alone() {
+    let mut nodes = vec![node("a1", 1, 512, &["wasm"]), node("a2", 1, 512, &["wasm"])];
+    let c = clusters(&[(1, Cluster::compile(VmType::Wasm, 1, 64, None, None).unwrap())]);
+    let picky = IdleJob { exclude: Some(vec![0].into()), ..IdleJob::new(1, 1) };
+    let d = place(&mut nodes, &c, &one(), [picky, IdleJob::new(2, 1)]);
+    assert_eq!(d.placements, vec![Placement { job: 1, node: 1 }, Placement { job: 2, node: 0 }]);
+    let mut nodes = vec![node("a1", 1, 512, &["wasm"])];
+    let picky = IdleJob { exclude: Some(vec![0].into()), ..IdleJob::new(1, 1) };
+    let d = place(&mut nodes, &c, &one(), [picky]);
+    assert!(d.placements.is_empty(), "its only node is excluded");
+}
+
 #[test]
 fn reputation_is_visible() {
     let mut nodes = vec![node("bad1", 2, 512, &["wasm"]), node("good1", 2, 512, &["wasm"])];
@@ -112,7 +127,7 @@ fn unmatchable_jobs_stay_idle_with_a_reason() {
         (4, Cluster::compile(VmType::Wasm, 1, 64, Some("node.nonexistent == 1"), None).unwrap()),
     ]);
     let js = [IdleJob::new(1, 1), IdleJob::new(2, 2), IdleJob::new(3, 3), IdleJob::new(4, 4)];
-    let d = place(&mut nodes, &c, &one(), js);
+    let d = place(&mut nodes, &c, &one(), js.clone());
     assert!(d.placements.is_empty());
     assert!(d.waiting[&1].contains("2 do not run qemu jobs"), "{}", d.waiting[&1]);
     assert!(d.waiting[&2].contains("fewer than 4 cpu(s)"), "{}", d.waiting[&2]);
@@ -218,7 +233,7 @@ fn user(name: &str, running_cpus: u64, recent_cpus: f64, factor: f64, max_cpus: 
 
 /// Jobs `ids` of user `user` in cluster 1, with `priority`.
 fn of(user: u32, priority: i32, ids: std::ops::Range<u64>) -> Vec<IdleJob> {
-    ids.map(|id| IdleJob { id, cluster: 1, user, priority }).collect()
+    ids.map(|id| IdleJob { id, cluster: 1, user, priority, exclude: None }).collect()
 }
 
 /// How many of the placements went to jobs of each id range's owner (ids below 100 are alice's).
@@ -274,7 +289,7 @@ fn a_user_at_their_quota_waits_with_the_reason_and_others_go_on() {
     ]);
     let users = [user("alice", 1, 0.0, 1.0, Some(3)), user("bob", 0, 0.0, 1.0, None)];
     let mut js = of(0, 0, 1..10);
-    js.extend((100..110).map(|id| IdleJob { id, cluster: 2, user: 1, priority: 0 }));
+    js.extend((100..110).map(|id| IdleJob { id, cluster: 2, user: 1, priority: 0, exclude: None }));
     let d = place(&mut nodes, &c, &users, &js);
     assert_eq!(split(&d), (2, 6), "alice gets 2 more (3 in all), bob the rest");
     assert_eq!(
@@ -311,7 +326,8 @@ fn a_jobs_own_priority_orders_it_among_its_users_jobs_only() {
 #[test]
 fn a_job_of_a_user_the_pass_does_not_know_waits_with_a_reason() {
     let mut nodes = vec![node("a", 4, 4096, &["wasm"])];
-    let d = place(&mut nodes, &one_cluster(), &one(), [IdleJob { id: 1, cluster: 1, user: 7, priority: 0 }]);
+    let d =
+        place(&mut nodes, &one_cluster(), &one(), [IdleJob { id: 1, cluster: 1, user: 7, priority: 0, exclude: None }]);
     assert!(d.placements.is_empty());
     assert_eq!(d.waiting[&1], "the job's user is unknown to the matchmaker");
 }

@@ -211,44 +211,37 @@ impl Engine {
         ads.peek().is_none() || ads.any(|ad| can_resume(ad, ck, stored.taken_with.as_deref()))
     }
 
-    /// Takes out of a pass's batch the jobs some of the pass's QEMU nodes must not get, with
-    /// those nodes' slots: a job whose checkpoint a node cannot resume (its accelerator is not
-    /// the node's, or the node's QEMU is older than the one that took it), and a job vacated
-    /// from a node a moment ago ([`AVOID_MS`]; placed there only if no other node takes it by
-    /// then). (Jobs no ready node can resume were left out of the pass, [`Engine::resumable`].)
-    pub(super) fn set_aside_avoiding(&mut self, snap: &mut super::Snapshot, now: u64) {
-        let (mut batch, mut avoiding, mut unstuck) = (Vec::new(), Vec::new(), Vec::new());
-        for job in std::mem::take(&mut snap.batch) {
+    /// Marks the nodes each job of a pass must not go to ([`IdleJob::exclude`]): the QEMU nodes
+    /// that cannot resume its checkpoint (its accelerator is not theirs, or their QEMU is older
+    /// than the one that took it), the nodes that ran one of its replicas, and the node it was
+    /// vacated from a moment ago ([`AVOID_MS`]; it may go back there once that is over). The job
+    /// keeps its place in the pass (fair share, priority, lease-ahead). Jobs no ready node can
+    /// take were left out of the pass ([`Engine::resumable`], [`Engine::untried_node`]).
+    ///
+    /// [`IdleJob::exclude`]: vmgrid_scheduler::IdleJob::exclude
+    pub(super) fn set_exclusions(&mut self, snap: &mut super::Snapshot, now: u64) {
+        let mut unstuck = Vec::new();
+        for job in snap.batch.iter_mut().chain(snap.shared.iter_mut()) {
             let Some(j) = self.jobs.get(&job.id) else { continue };
-            let qemu = |i: &usize| snap.slots[*i].ad.vm_types.contains(&VmType::Qemu);
-            let mut off: Vec<usize> = match j.ck.as_deref().and_then(|c| Some((c.latest.as_ref()?, c))) {
-                Some((ck, stored)) => (0..snap.slots.len())
-                    .filter(|i| qemu(i) && !can_resume(&snap.slots[*i].ad, ck, stored.taken_with.as_deref()))
-                    .collect(),
-                None => Vec::new(),
-            };
             if self.blocked_since.contains_key(&job.id) {
                 unstuck.push(job.id);
             }
-            // A replicated job runs on a node that has not run it.
-            for i in (0..snap.slots.len()).filter(|i| j.votes.iter().any(|v| v.node == snap.slots[*i].ad.name)) {
-                if !off.contains(&i) {
-                    off.push(i);
-                }
+            let ck = j.ck.as_deref().and_then(|c| Some((c.latest.as_ref()?, c)));
+            let avoid = j.avoid.as_ref().filter(|(_, until)| now < *until).map(|(node, _)| node);
+            if ck.is_none() && j.votes.is_empty() && avoid.is_none() {
+                continue;
             }
-            let avoid = j.avoid.as_ref().filter(|(_, until)| now < *until);
-            if let Some(slot) = avoid.and_then(|(node, _)| snap.slots.iter().position(|s| s.ad.name == **node))
-                && !off.contains(&slot)
-            {
-                off.push(slot);
-            }
-            match off.is_empty() {
-                true => batch.push(job),
-                false => avoiding.push((job, off)),
-            }
+            let off: Vec<usize> = (0..snap.slots.len())
+                .filter(|&i| {
+                    let ad = &snap.slots[i].ad;
+                    let unresumable = ck.is_some_and(|(ck, stored)| {
+                        ad.vm_types.contains(&VmType::Qemu) && !can_resume(ad, ck, stored.taken_with.as_deref())
+                    });
+                    unresumable || j.votes.iter().any(|v| v.node == ad.name) || avoid.is_some_and(|n| **n == ad.name)
+                })
+                .collect();
+            job.exclude = (!off.is_empty()).then(|| off.into());
         }
-        snap.batch = batch;
-        snap.avoiding = avoiding;
         for id in unstuck {
             self.blocked_since.remove(&id);
             let j = self.jobs.get_mut(&id).expect("looked at above");

@@ -15,6 +15,7 @@ impl Engine {
     /// (O(jobs + nodes)): for tests and fuzzing, not for the request path.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.check_jobs()?;
+        self.check_replicas()?;
         self.check_nodes()?;
         self.check_counts()?;
         self.check_state_counts()?;
@@ -82,6 +83,30 @@ impl Engine {
         let kept: usize = self.kept_for_dags.values().map(Vec::len).sum();
         if self.final_by_time.len() + kept != self.jobs.values().filter(|j| j.state.is_final()).count() {
             return Err("the retention index holds jobs that are gone".into());
+        }
+        Ok(())
+    }
+
+    /// A replicated job's votes come from distinct nodes, fewer than it may ever hold, and a job
+    /// that ended holds none; a job set aside as blocked is idle.
+    fn check_replicas(&self) -> Result<(), String> {
+        for (&id, j) in self.jobs.iter().filter(|(_, j)| !j.votes.is_empty()) {
+            let replicas = self.specs.get(&j.spec_id).and_then(|s| s.spec.replicas).unwrap_or(1);
+            let mut nodes: Vec<&str> = j.votes.iter().map(|v| v.node.as_str()).collect();
+            nodes.sort_unstable();
+            nodes.dedup();
+            if nodes.len() != j.votes.len() || j.votes.len() as u32 >= replicas * super::replicas::MAX_RUNS_PER_REPLICA
+            {
+                return Err(format!("job {id} (replicas {replicas}) holds the votes of {nodes:?}"));
+            }
+            if j.state.is_final() {
+                return Err(format!("job {id} is {} but holds {} votes", j.state.as_str(), j.votes.len()));
+            }
+        }
+        if let Some(id) =
+            self.blocked_since.keys().find(|id| self.jobs.get(id).is_none_or(|j| j.state != JobState::Idle))
+        {
+            return Err(format!("job {id} is set aside as blocked but is not an idle job"));
         }
         Ok(())
     }

@@ -164,6 +164,8 @@ impl Engine {
             JobAction::Vacate => unreachable!("vacate is handled above"),
             JobAction::Rm => {
                 let old = j.ck.take().and_then(|c| c.latest);
+                // Its replicas' results are let go (their files are collected).
+                j.votes.clear();
                 j.state = JobState::Removed;
                 j.reason = Some(format!("removed by {}", p.owner()));
                 j.finished_ms = Some(now);
@@ -186,6 +188,7 @@ impl Engine {
                 self.wake_nodes();
             }
         }
+        self.blocked_since.remove(&id);
         self.persist(id, action == JobAction::Release);
         self.job_changed(id, now);
         Ok(self.view(&self.jobs[&id]))
@@ -352,27 +355,14 @@ impl Engine {
         if let RunReport::Vacated { seq } = r.run {
             return self.vacated(id, seq, now);
         }
-        let replicated = self.specs.get(&self.jobs[&id].spec_id).is_some_and(|s| s.spec.replicas.unwrap_or(1) > 1);
-        if let (true, RunReport::Exited { code }) = (replicated, &r.run) {
-            let result = StoredResult {
-                stdout: r.stdout,
-                stderr: r.stderr,
-                stdout_dropped: r.stdout_dropped,
-                stderr_dropped: r.stderr_dropped,
-                outputs: r.outputs,
-            };
-            return self.vote(id, &node_name, *code, result, now);
+        if let Some(ended) = self.ended_as_vote(id, &r.run) {
+            return self.vote(id, &node_name, ended, stored_result(r), now);
         }
         self.release_resources(id, now);
         let j = self.jobs.get_mut(&id).expect("reported jobs exist");
-        j.result = Some(Box::new(StoredResult {
-            stdout: r.stdout,
-            stderr: r.stderr,
-            stdout_dropped: r.stdout_dropped,
-            stderr_dropped: r.stderr_dropped,
-            outputs: r.outputs,
-        }));
-        let (retry, end) = match r.run {
+        let run = r.run.clone();
+        j.result = Some(Box::new(stored_result(r)));
+        let (retry, end) = match run {
             RunReport::Exited { code: 0 } => (None, (JobState::Completed, Some(0), None)),
             RunReport::Exited { code } => {
                 (Some(format!("exited with {code}")), (JobState::Completed, Some(code), None))
@@ -444,6 +434,17 @@ impl Job {
             vacating: false,
             avoid: None,
         }
+    }
+}
+
+/// A report's files as the pool keeps them.
+fn stored_result(r: Report) -> StoredResult {
+    StoredResult {
+        stdout: r.stdout,
+        stderr: r.stderr,
+        stdout_dropped: r.stdout_dropped,
+        stderr_dropped: r.stderr_dropped,
+        outputs: r.outputs,
     }
 }
 

@@ -147,6 +147,59 @@ fn a_requirement_on_reputation_keeps_a_node_that_disagreed_away_and_a_banned_nod
     e.check_invariants().unwrap();
 }
 
+/// A spec sent without `quorum` gets the validator's default, a majority: one node's result does
+/// not decide it.
+#[test]
+fn a_spec_without_quorum_needs_a_majority() {
+    let mut e = pool(&["a", "b", "c"]);
+    e.submit(&alice(), JobSpec { replicas: Some(3), quorum: None, ..spec(0) }, 1, 0).unwrap();
+    let first = run_replica(&mut e, 1, |_| "first\n".into());
+    for now in 2..=3 {
+        run_replica(&mut e, now, |n| if n == first { "first\n".into() } else { "ok\n".into() });
+    }
+    let r = e.job_result(&admin(), 1).unwrap();
+    assert_eq!(r.stdout.as_ref().and_then(|f| f.inline.as_deref()), Some("ok\n"));
+    assert_eq!(e.trust(&first).disagree, 1);
+}
+
+/// A failed run is a vote too: a node cannot escape being judged by failing the job, and the
+/// replicas may agree that the job fails, which holds it.
+#[test]
+fn failures_are_votes() {
+    let mut e = pool(&["a", "b", "c", "d"]);
+    e.submit(&alice(), replicated(3, 2), 1, 0).unwrap();
+    let fail = |e: &mut Engine, now: u64| {
+        e.schedule(now);
+        let node = e.job_result(&admin(), 1).unwrap().job.node.expect("placed");
+        let lease = e.take_leases(&node, 1, 1, now).pop().unwrap();
+        let mut r = exited(&lease, 0);
+        r.run = RunReport::GuestFailed { failure: FailureKind::TimeLimit, reason: format!("slow on {node}") };
+        e.report(&node, vec![r], now).unwrap();
+        node
+    };
+    let failed = fail(&mut e, 1);
+    run_replica(&mut e, 2, |_| "ok\n".into());
+    run_replica(&mut e, 3, |_| "ok\n".into());
+    assert_eq!(e.job_result(&admin(), 1).unwrap().job.state, JobState::Completed);
+    assert_eq!(e.trust(&failed).disagree, 1, "the failing node is judged");
+    // Replicas that agree the job fails hold it, with the failure.
+    e.submit(&alice(), replicated(3, 2), 1, 4).unwrap();
+    let mut now = 5;
+    while e.job_result(&admin(), 2).unwrap().job.state == JobState::Idle {
+        e.schedule(now);
+        let node = e.job_result(&admin(), 2).unwrap().job.node.expect("placed");
+        let lease = e.take_leases(&node, 1, 1, now).pop().unwrap();
+        let mut r = exited(&lease, 0);
+        r.run = RunReport::GuestFailed { failure: FailureKind::TimeLimit, reason: "timed out".into() };
+        e.report(&node, vec![r], now).unwrap();
+        now += 1;
+    }
+    let j = e.job_result(&admin(), 2).unwrap().job;
+    assert_eq!(j.state, JobState::Held);
+    assert!(j.reason.unwrap_or_default().contains("(3 of its 3 replicas agreed on this failure)"));
+    e.check_invariants().unwrap();
+}
+
 /// A banned node's results not yet judged no longer count: its replica runs again elsewhere.
 #[test]
 fn a_banned_nodes_pending_result_does_not_count() {

@@ -16,11 +16,21 @@ use crate::store::{Op, StoredResult, Trust, Vote};
 /// that `quorum` of them agree on.
 pub const MAX_RUNS_PER_REPLICA: u32 = 2;
 
-/// What replicas agree on: the exit code, stdout (its hash, and how much was cut), and each
-/// output's name and content (in name order). stderr is left out: a run's diagnostics may differ.
-pub fn digest(exit_code: i32, r: &StoredResult) -> String {
+/// How a replica's run ended: it exited with a code, or it failed (the kind of failure, and why).
+pub enum Ended {
+    Exited(i32),
+    Failed { kind: String, reason: String },
+}
+
+/// What replicas agree on: how the run ended (an exit code, or a kind of failure: its words may
+/// differ from node to node), stdout (its hash, and how much was cut), and each output's name
+/// and content (in name order). stderr is left out: a run's diagnostics may differ.
+pub fn digest(ended: &Ended, r: &StoredResult) -> String {
     let mut h = blake3::Hasher::new();
-    h.update(format!("exit {exit_code}\n").as_bytes());
+    match ended {
+        Ended::Exited(code) => h.update(format!("exit {code}\n").as_bytes()),
+        Ended::Failed { kind, .. } => h.update(format!("failed {kind}\n").as_bytes()),
+    };
     let stdout = r.stdout.as_ref().map_or("", |f| f.blob.as_str());
     h.update(format!("stdout {stdout} {}\n", r.stdout_dropped).as_bytes());
     let mut outputs: Vec<(&str, &str)> = r.outputs.iter().map(|f| (f.path.as_str(), f.blob.as_str())).collect();
@@ -42,19 +52,45 @@ fn agreed(votes: &[Vote], quorum: u32) -> Option<String> {
 }
 
 impl Engine {
-    /// A replicated job's run on node `node` ended with `exit_code` and `result`: a vote. Once
+    /// A run of job `id` that ended as `run` as a vote, if the job has replicas: every run that
+    /// ended is one, a failure too (a node cannot escape being judged by failing the job); not a
+    /// host's failure, a cancel (a drain, a revoked lease) or a vacate, which are no outcome of
+    /// the job's.
+    pub(super) fn ended_as_vote(&self, id: u64, run: &RunReport) -> Option<Ended> {
+        let spec = &self.specs.get(&self.jobs.get(&id)?.spec_id)?.spec;
+        if spec.replicas.unwrap_or(1) <= 1 {
+            return None;
+        }
+        match run {
+            RunReport::Exited { code } => Some(Ended::Exited(*code)),
+            RunReport::GuestFailed { failure, reason } if *failure != FailureKind::Cancelled => {
+                Some(Ended::Failed { kind: failure.to_string(), reason: reason.clone() })
+            }
+            RunReport::BadJob { reason } => Some(Ended::Failed { kind: "bad job".into(), reason: reason.clone() }),
+            _ => None,
+        }
+    }
+
+    /// A replicated job's run on node `node` ended (`ended`, with `result`): a vote. Once
     /// `replicas` have run, the result `quorum` of them agree on is the job's; until then, or
     /// while none is agreed on, the job runs again on a node that has not run it, up to
     /// [`MAX_RUNS_PER_REPLICA`] times `replicas` runs; then it is held.
-    pub(super) fn vote(&mut self, id: u64, node: &str, exit_code: i32, result: StoredResult, now: u64) {
+    pub(super) fn vote(&mut self, id: u64, node: &str, ended: Ended, result: StoredResult, now: u64) {
         let spec = &self.specs[&self.jobs[&id].spec_id].spec;
-        let (replicas, quorum) = (spec.replicas.unwrap_or(1), spec.quorum.unwrap_or(1));
-        let digest = digest(exit_code, &result);
+        let replicas = spec.replicas.unwrap_or(1);
+        // The validator's default, for a spec that did not say.
+        let quorum = spec.quorum.unwrap_or(replicas / 2 + 1);
+        let digest = digest(&ended, &result);
         self.release_resources(id, now);
         let j = self.jobs.get_mut(&id).expect("reported jobs exist");
         let short = &digest[..12];
-        j.end_attempt(now, format!("exited with {exit_code}; result {short}"));
-        j.votes.push(Vote { node: node.to_string(), exit_code, digest: digest.clone(), result });
+        let (exit_code, failure) = match ended {
+            Ended::Exited(code) => (code, None),
+            Ended::Failed { kind, reason } => (0, Some(format!("{kind}: {reason}"))),
+        };
+        let how = failure.clone().unwrap_or_else(|| format!("exited with {exit_code}"));
+        j.end_attempt(now, format!("{how}; result {short}"));
+        j.votes.push(Vote { node: node.to_string(), exit_code, failure, digest: digest.clone(), result });
         j.node = None;
         let ran = j.votes.len() as u32;
         let winner = (ran >= replicas).then(|| agreed(&j.votes, quorum)).flatten();
@@ -73,6 +109,7 @@ impl Engine {
             self.wake_nodes();
         } else {
             let mut results: Vec<&str> = j.votes.iter().map(|v| &v.digest[..12]).collect();
+            results.sort_unstable();
             results.dedup();
             j.state = JobState::Held;
             j.finished_ms = Some(now);
@@ -94,12 +131,22 @@ impl Engine {
         let agreeing = votes.iter().filter(|v| v.digest == winner).count();
         let won = votes.iter().find(|v| v.digest == winner).expect("the winner is a vote");
         j.result = Some(Box::new(won.result.clone()));
-        j.exit_code = Some(won.exit_code);
-        j.state = JobState::Completed;
         j.finished_ms = Some(now);
-        j.reason = Some(format!("{agreeing} of its {} replicas agreed on this result", votes.len()));
-        self.metrics.jobs_completed += 1;
-        self.finished(id);
+        let agreed = format!("{agreeing} of its {} replicas agreed", votes.len());
+        match &won.failure {
+            // The replicas agree that the job fails: it is held, as one failed run would be.
+            Some(failure) => {
+                j.state = JobState::Held;
+                j.reason = Some(format!("{failure} ({agreed} on this failure)"));
+            }
+            None => {
+                j.exit_code = Some(won.exit_code);
+                j.state = JobState::Completed;
+                j.reason = Some(format!("{agreed} on this result"));
+                self.metrics.jobs_completed += 1;
+                self.finished(id);
+            }
+        }
         for v in &votes {
             let t = self.trust.entry(v.node.clone()).or_default();
             match v.digest == winner {

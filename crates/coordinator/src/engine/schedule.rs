@@ -24,20 +24,17 @@ pub struct Snapshot {
     pub(super) slots: Vec<NodeSlot>,
     /// Idle jobs asking for cpus, oldest first, and time-shared ones.
     pub(super) batch: Vec<IdleJob>,
-    shared: Vec<IdleJob>,
+    pub(super) shared: Vec<IdleJob>,
     clusters: HashMap<u64, Arc<SpecEntry>>,
     /// The users of those jobs (`IdleJob::user` indexes this).
     users: Vec<UserShare>,
     /// Per slot, the cpus and memory its lease-ahead can still take beyond its free cpus.
     ahead: Vec<(u32, u64)>,
-    /// Jobs some nodes must not get (they cannot resume the job's checkpoint, or the job was
-    /// just vacated from there), with those nodes' slots: placed after the batch, anywhere else.
-    pub(super) avoiding: Vec<(IdleJob, Vec<usize>)>,
 }
 
 impl Snapshot {
     pub fn is_empty(&self) -> bool {
-        self.batch.is_empty() && self.shared.is_empty() && self.avoiding.is_empty()
+        self.batch.is_empty() && self.shared.is_empty()
     }
 
     /// The matchmaker's decision (this is where requirements and rank are evaluated). Batch jobs
@@ -48,24 +45,6 @@ impl Snapshot {
         let lookup = |c: u64| clusters.get(&c).map(|s| &s.cluster);
         let mut d = vmgrid_scheduler::place(&mut self.slots, lookup, &self.users, self.batch.iter());
         let batch_placed = d.placements.len();
-        for (job, off) in &self.avoiding {
-            let kept: Vec<(u32, u64)> = off
-                .iter()
-                .map(|&i| {
-                    let slot = &mut self.slots[i];
-                    let kept = (slot.free_cpus, slot.free_memory_mb);
-                    (slot.free_cpus, slot.free_memory_mb) = (0, 0);
-                    kept
-                })
-                .collect();
-            let more = vmgrid_scheduler::place(&mut self.slots, lookup, &self.users, std::iter::once(job));
-            for (&i, (cpus, memory)) in off.iter().zip(kept) {
-                (self.slots[i].free_cpus, self.slots[i].free_memory_mb) = (cpus, memory);
-            }
-            d.placements.extend(more.placements);
-            d.evaluated.extend(more.evaluated);
-            d.waiting.extend(more.waiting);
-        }
         // Lease-ahead, only for what no free cpu took: a job is queued behind a busy node's
         // running jobs only when no node that matches it has a cpu free now.
         // (On a copy: time-shared jobs below start at once, so they see only free memory.)
@@ -172,13 +151,19 @@ impl Engine {
                 }
                 ok
             });
-            into.extend(resumable.take(take).map(|&id| IdleJob { id, cluster: spec_id, user, priority }));
+            into.extend(resumable.take(take).map(|&id| IdleJob {
+                id,
+                cluster: spec_id,
+                user,
+                priority,
+                exclude: None,
+            }));
             snap.clusters.insert(spec_id, entry.clone());
         }
         for id in stuck {
             self.blocked(id, now);
         }
-        self.set_aside_avoiding(&mut snap, now);
+        self.set_exclusions(&mut snap, now);
         let mut by_index: Vec<(&Arc<str>, u32)> = owners.iter().map(|(k, &v)| (k, v)).collect();
         by_index.sort_unstable_by_key(|&(_, v)| v);
         snap.users = self.shares(by_index.into_iter().map(|(k, _)| k), now);

@@ -293,6 +293,9 @@ pub struct StoredCheckpoint {
 pub struct Vote {
     pub node: String,
     pub exit_code: i32,
+    /// How the run failed (its kind and reason), if it did not exit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
     /// What replicas agree on: a hash of the exit code, of stdout, and of each output's name and
     /// content.
     pub digest: String,
