@@ -78,6 +78,7 @@ impl Agent {
             cancel: Some(cancel.clone()),
             ssi: host,
             checkpoint: plan.as_ref().map(|(p, _)| p),
+            seed: lease.job_id,
         });
         if let Some((_, sink)) = &plan {
             sink.end();

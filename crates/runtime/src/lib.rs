@@ -79,6 +79,8 @@ pub struct RunRequest<'a> {
     pub ssi: Option<Arc<dyn ssi::SsiHost>>,
     /// A QEMU job's checkpoints: taken while it runs, and the one it resumes from.
     pub checkpoint: Option<&'a qemu::checkpoint::Checkpointing>,
+    /// The job's id: a deterministic job's random numbers are seeded from it.
+    pub seed: u64,
 }
 
 impl RunRequest<'_> {

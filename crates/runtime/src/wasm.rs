@@ -3,13 +3,15 @@
 //! The guest gets the job directory (preopened as `/job`, `.` and `/`), its args and env, and
 //! bounded stdout/stderr; nothing else. Where wasmtime-wasi's answers differ from Linux's
 //! (trailing slashes, `O_NOFOLLOW`), `posix` gives Linux's. Memory is bounded by a store limiter, time by epoch interruption.
+//! A `[policy] deterministic` job runs on a second engine, made for the first such job, with
+//! `determinism`'s settings and calls: the same outputs on every node.
 //! Compiled modules are cached on disk, keyed by the module's blake3 and the engine's
 //! compatibility hash; this module holds vmgrid's only `unsafe` wasm code, the cache load.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::SystemTime;
 use std::time::{Duration, Instant};
 
@@ -21,6 +23,7 @@ use crate::capture::CaptureSink;
 use crate::{Failure, FailureKind, Outcome, RunError, RunRequest, RunResult, RuntimeConfig};
 
 mod abi;
+mod determinism;
 mod posix;
 mod ssi;
 mod stream;
@@ -31,16 +34,52 @@ const EPOCH_TICK: Duration = Duration::from_millis(10);
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
 pub struct WasmRuntime {
-    engine: Engine,
-    linker: Linker<GuestState>,
-    /// WASI with the SSI mirror and the `vmgrid` import module, for processes of an SSI.
-    ssi_linker: Linker<GuestState>,
+    plain: Flavor,
+    /// For `[policy] deterministic` jobs (see `determinism`), made for the first one.
+    deterministic: OnceLock<Result<Flavor, String>>,
     cache_dir: PathBuf,
-    /// Linked modules by (path, size, mtime, ssi): a node running a sweep links its module once.
+    /// Linked modules by (path, size, mtime, ssi, deterministic): a node running a sweep links its
+    /// module once.
     ready: Mutex<HashMap<ReadyKey, InstancePre<GuestState>>>,
 }
 
-type ReadyKey = (PathBuf, u64, SystemTime, bool);
+type ReadyKey = (PathBuf, u64, SystemTime, bool, bool);
+
+/// An engine and the linkers bound to it.
+struct Flavor {
+    engine: Engine,
+    linker: Linker<GuestState>,
+    /// WASI with the SSI mirror and the `vmgrid` import module, for processes of an SSI; none
+    /// for the deterministic engine (an SSI process is never deterministic).
+    ssi_linker: Option<Linker<GuestState>>,
+}
+
+impl Flavor {
+    fn new(cfg: &Config, deterministic: bool) -> wasmtime::Result<Flavor> {
+        let engine = Engine::new(cfg)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut GuestState| &mut s.wasi)?;
+        posix::add_to_linker(&mut linker)?;
+        let ssi_linker = if deterministic {
+            determinism::add_to_linker(&mut linker)?;
+            None
+        } else {
+            let mut ssi_linker = linker.clone();
+            ssi::add_to_linker(&mut ssi_linker)?;
+            Some(ssi_linker)
+        };
+        // The ticker only holds a weak handle, so it ends when the engine does.
+        let weak = engine.weak();
+        std::thread::Builder::new().name("vmgrid-epoch".into()).spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })?;
+        Ok(Flavor { engine, linker, ssi_linker })
+    }
+}
 
 /// Linked modules kept in memory; past this, the map starts over.
 const READY_MODULES: usize = 64;
@@ -72,52 +111,59 @@ impl ResourceLimiter for MemoryLimit {
     }
 }
 
+/// What both engines share: epoch interruption for the time limit, Cranelift's speed.
+fn base_config() -> Config {
+    let mut cfg = Config::new();
+    cfg.epoch_interruption(true);
+    cfg.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    cfg
+}
+
 impl WasmRuntime {
     pub fn new(config: &RuntimeConfig) -> wasmtime::Result<WasmRuntime> {
-        let mut cfg = Config::new();
-        cfg.epoch_interruption(true);
-        cfg.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let mut cfg = base_config();
         if config.pooled_instances > 0 {
             let n = config.pooled_instances;
             let mut pool = wasmtime::PoolingAllocationConfig::default();
             pool.total_core_instances(n).total_memories(n).total_tables(n).total_stacks(n);
             cfg.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         }
-        let engine = Engine::new(&cfg)?;
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut GuestState| &mut s.wasi)?;
-        posix::add_to_linker(&mut linker)?;
-        let mut ssi_linker = linker.clone();
-        ssi::add_to_linker(&mut ssi_linker)?;
-        // The ticker only holds a weak handle, so it ends when the engine does.
-        let weak = engine.weak();
-        std::thread::Builder::new().name("vmgrid-epoch".into()).spawn(move || {
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(EPOCH_TICK);
-            }
-        })?;
         Ok(WasmRuntime {
-            engine,
-            linker,
-            ssi_linker,
+            plain: Flavor::new(&cfg, false)?,
+            deterministic: OnceLock::new(),
             cache_dir: config.cache_dir.join("wasm"),
             ready: Mutex::new(HashMap::new()),
         })
     }
 
+    /// The engine for a job: the deterministic one is made on first use, and allocates each
+    /// instance on demand (a second pool would reserve as much address space again, for the
+    /// few deterministic jobs).
+    fn flavor(&self, deterministic: bool) -> Result<&Flavor, RunError> {
+        if !deterministic {
+            return Ok(&self.plain);
+        }
+        self.deterministic
+            .get_or_init(|| {
+                let mut cfg = base_config();
+                determinism::configure(&mut cfg);
+                Flavor::new(&cfg, true).map_err(|e| format!("{e:#}"))
+            })
+            .as_ref()
+            .map_err(|e| RunError::Host(format!("cannot start the deterministic wasm engine: {e}")))
+    }
+
     /// A linked module, from memory if this image was linked before.
-    fn prepared(&self, image: &Path, for_ssi: bool) -> Result<InstancePre<GuestState>, RunError> {
+    fn prepared(&self, image: &Path, for_ssi: bool, deterministic: bool) -> Result<InstancePre<GuestState>, RunError> {
         let key = std::fs::metadata(image)
             .ok()
-            .and_then(|m| Some((image.to_path_buf(), m.len(), m.modified().ok()?, for_ssi)));
+            .and_then(|m| Some((image.to_path_buf(), m.len(), m.modified().ok()?, for_ssi, deterministic)));
         if let Some(k) = &key
             && let Some(pre) = self.ready.lock().unwrap_or_else(|p| p.into_inner()).get(k)
         {
             return Ok(pre.clone());
         }
-        let pre = self.prepare(image, for_ssi)?;
+        let pre = self.prepare(self.flavor(deterministic)?, image, for_ssi)?;
         if let Some(k) = key {
             let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
             if ready.len() >= READY_MODULES {
@@ -129,7 +175,7 @@ impl WasmRuntime {
     }
 
     /// Loads and compiles (or fetches from the cache) a module, ready to instantiate.
-    fn prepare(&self, image: &Path, for_ssi: bool) -> Result<InstancePre<GuestState>, RunError> {
+    fn prepare(&self, flavor: &Flavor, image: &Path, for_ssi: bool) -> Result<InstancePre<GuestState>, RunError> {
         let bytes = std::fs::read(image)
             .map_err(|e| RunError::BadJob(format!("cannot read the wasm image `{}`: {e}", image.display())))?;
         if bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] != [1, 0, 0, 0] {
@@ -138,8 +184,12 @@ impl WasmRuntime {
                 image.display()
             )));
         }
-        let module = self.load_module(image, &bytes)?;
-        let linker = if for_ssi { &self.ssi_linker } else { &self.linker };
+        let module = self.load_module(&flavor.engine, image, &bytes)?;
+        let linker = match (for_ssi, &flavor.ssi_linker) {
+            (false, _) => &flavor.linker,
+            (true, Some(ssi_linker)) => ssi_linker,
+            (true, None) => return Err(RunError::BadJob("an SSI process cannot be deterministic".into())),
+        };
         linker.instantiate_pre(&module).map_err(|e| {
             let hint = if !for_ssi && module.imports().any(|i| i.module() == "vmgrid") {
                 " (it imports `vmgrid`, so it is a process for `vmgrid ssi`, not a job)"
@@ -150,22 +200,22 @@ impl WasmRuntime {
         })
     }
 
-    fn load_module(&self, image: &Path, bytes: &[u8]) -> Result<Module, RunError> {
-        let path = self.cache_path(bytes);
+    fn load_module(&self, engine: &Engine, image: &Path, bytes: &[u8]) -> Result<Module, RunError> {
+        let path = self.cache_path(engine, bytes);
         if path.exists() {
             // SAFETY: `deserialize_file` trusts the file to be a module that this engine
             // serialized. The file lives in vmgrid's own cache directory, is written only by
             // `store_in_cache` below from `Module::serialize` (atomically, by rename), and its
             // name carries the engine's compatibility hash, so a different wasmtime or different
-            // settings use a different file. Jobs cannot write there: guests only see their job
-            // directory. wasmtime still checks the header and version and fails cleanly on
-            // a mismatch, in which case we recompile.
-            match unsafe { Module::deserialize_file(&self.engine, &path) } {
+            // settings (the deterministic engine's) use a different file. Jobs cannot write
+            // there: guests only see their job directory. wasmtime still checks the header and
+            // version and fails cleanly on a mismatch, in which case we recompile.
+            match unsafe { Module::deserialize_file(engine, &path) } {
                 Ok(m) => return Ok(m),
                 Err(e) => tracing::warn!(path = %path.display(), "ignoring unusable cached module: {e:#}"),
             }
         }
-        let module = Module::new(&self.engine, bytes)
+        let module = Module::new(engine, bytes)
             .map_err(|e| RunError::BadJob(format!("`{}` is not a valid WebAssembly module: {e:#}", image.display())))?;
         if let Err(e) = self.store_in_cache(&module, &path) {
             tracing::warn!(path = %path.display(), "cannot cache the compiled module: {e:#}");
@@ -173,9 +223,9 @@ impl WasmRuntime {
         Ok(module)
     }
 
-    fn cache_path(&self, bytes: &[u8]) -> PathBuf {
+    fn cache_path(&self, engine: &Engine, bytes: &[u8]) -> PathBuf {
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut h);
+        engine.precompile_compatibility_hash().hash(&mut h);
         let engine_hash = h.finish();
         self.cache_dir.join(format!("{}-{engine_hash:016x}.cwasm", blake3::hash(bytes).to_hex()))
     }
@@ -191,41 +241,12 @@ impl WasmRuntime {
     pub fn run(&self, req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, RunError> {
         let job = req.job;
         let image = job.vm.image.as_deref().ok_or_else(|| RunError::BadJob("a wasm job needs `image`".into()))?;
-        let pre = self.prepared(image, req.ssi.is_some())?;
+        let deterministic = job.policy.deterministic;
+        let pre = self.prepared(image, req.ssi.is_some(), deterministic)?;
         let start = Instant::now();
         let (stdout, stderr) = CaptureSink::pair(config);
-        let (out_stream, err_stream) = match &req.ssi {
-            Some(host) => {
-                (stream::CapturedStream::Home(host.clone(), 1), stream::CapturedStream::Home(host.clone(), 2))
-            }
-            None => (stream::CapturedStream::Capture(stdout.clone()), stream::CapturedStream::Capture(stderr.clone())),
-        };
-
-        let argv0 = image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "main.wasm".into());
-        // An SSI process's args are its whole argv: argv[0] is its path in the SSI filesystem.
-        let argv = if req.ssi.is_some() {
-            job.vm.args.clone()
-        } else {
-            std::iter::once(argv0).chain(job.vm.args.iter().cloned()).collect()
-        };
-        let mut wasi = WasiCtxBuilder::new();
-        wasi.args(&argv).stdout(out_stream).stderr(err_stream).allow_blocking_current_thread(true);
-        for (k, v) in &job.vm.env {
-            wasi.env(k, v);
-        }
-        // An SSI process sees the one filesystem as `/`; a job sees its job directory as `/job`,
-        // `.` and `/` (descriptors 3, 4 and 5), as `wasmtime --dir DIR::/` would give it.
-        let guest_paths: &[&str] = if req.ssi.is_some() { &["/"] } else { &["/job", ".", "/"] };
-        for guest_path in guest_paths {
-            wasi.preopened_dir(req.job_dir, guest_path, FsPerms::ReadWrite)
-                .map_err(|e| RunError::host(format!("cannot open the job directory {}", req.job_dir.display()), e))?;
-        }
-        let state = GuestState {
-            wasi: wasi.build_p1(),
-            limits: MemoryLimit { max_bytes: (job.resources.memory_mb as usize) << 20, denied: None },
-            ssi: req.ssi.as_ref().map(|h| ssi::SsiFs::new(h.clone(), req.job_dir.to_path_buf())),
-        };
-        let mut store = Store::new(&self.engine, state);
+        let state = guest_state(req, image, &stdout, &stderr)?;
+        let mut store = Store::new(&self.flavor(deterministic)?.engine, state);
         store.limiter(|s| &mut s.limits);
         // Every tick checks the time limit and the cancel flag.
         let deadline = start + Duration::from_secs(job.resources.timeout_s);
@@ -263,6 +284,48 @@ impl WasmRuntime {
     }
 }
 
+/// The guest's WASI context (args, env, stdout and stderr, the preopened job directory and, for
+/// a deterministic job, its seeded random numbers) and its limits.
+fn guest_state(
+    req: &RunRequest<'_>,
+    image: &Path,
+    stdout: &CaptureSink,
+    stderr: &CaptureSink,
+) -> Result<GuestState, RunError> {
+    let job = req.job;
+    let (out_stream, err_stream) = match &req.ssi {
+        Some(host) => (stream::CapturedStream::Home(host.clone(), 1), stream::CapturedStream::Home(host.clone(), 2)),
+        None => (stream::CapturedStream::Capture(stdout.clone()), stream::CapturedStream::Capture(stderr.clone())),
+    };
+    let argv0 = image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "main.wasm".into());
+    // An SSI process's args are its whole argv: argv[0] is its path in the SSI filesystem.
+    let argv = if req.ssi.is_some() {
+        job.vm.args.clone()
+    } else {
+        std::iter::once(argv0).chain(job.vm.args.iter().cloned()).collect()
+    };
+    let mut wasi = WasiCtxBuilder::new();
+    wasi.args(&argv).stdout(out_stream).stderr(err_stream).allow_blocking_current_thread(true);
+    for (k, v) in &job.vm.env {
+        wasi.env(k, v);
+    }
+    if job.policy.deterministic {
+        determinism::seed_random(&mut wasi, req.seed);
+    }
+    // An SSI process sees the one filesystem as `/`; a job sees its job directory as `/job`,
+    // `.` and `/` (descriptors 3, 4 and 5), as `wasmtime --dir DIR::/` would give it.
+    let guest_paths: &[&str] = if req.ssi.is_some() { &["/"] } else { &["/job", ".", "/"] };
+    for guest_path in guest_paths {
+        wasi.preopened_dir(req.job_dir, guest_path, FsPerms::ReadWrite)
+            .map_err(|e| RunError::host(format!("cannot open the job directory {}", req.job_dir.display()), e))?;
+    }
+    Ok(GuestState {
+        wasi: wasi.build_p1(),
+        limits: MemoryLimit { max_bytes: (job.resources.memory_mb as usize) << 20, denied: None },
+        ssi: req.ssi.as_ref().map(|h| ssi::SsiFs::new(h.clone(), req.job_dir.to_path_buf())),
+    })
+}
+
 fn classify(e: wasmtime::Error, store: &Store<GuestState>, memory_mb: u64, timeout_s: u64) -> Outcome {
     if let Some(exit) = e.downcast_ref::<I32Exit>() {
         if exit.0 != 0
@@ -271,6 +334,9 @@ fn classify(e: wasmtime::Error, store: &Store<GuestState>, memory_mb: u64, timeo
             return Outcome::Failed(memory_failure(memory_mb, desired));
         }
         return Outcome::Exited(exit.0);
+    }
+    if let Some(refused) = e.downcast_ref::<determinism::Refused>() {
+        return Outcome::Failed(Failure { kind: FailureKind::GuestError, reason: refused.to_string() });
     }
     if let Some(Trap::Interrupt) = e.downcast_ref::<Trap>() {
         return Outcome::Failed(Failure {

@@ -41,8 +41,15 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
     jobdir::stage_inputs(&job, job_dir.path())?;
     let config = RuntimeConfig { output_cap: args.output_cap, echo: true, ..RuntimeConfig::default() };
     let runtime = Runtime::new(config);
-    let result =
-        runtime.run(&RunRequest { job: &job, job_dir: job_dir.path(), cancel: None, ssi: None, checkpoint: None });
+    // A local run has no job id: a deterministic job's random numbers are seeded with 0.
+    let result = runtime.run(&RunRequest {
+        job: &job,
+        job_dir: job_dir.path(),
+        cancel: None,
+        ssi: None,
+        checkpoint: None,
+        seed: 0,
+    });
     // Outputs are collected whatever happened, so a failed job's partial results are kept, but
     // not past the disk limit.
     let collected = match &result {

@@ -4,9 +4,10 @@
 //! the SSI home resolved). A bad guest pointer is an errno (`EFAULT`) or wasmtime-wasi's own
 //! answer, never a trap of ours; nothing here decides what a path may reach.
 
-use wasmtime::Caller;
+use wasmtime::{AsContextMut, Caller};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p1::wasi_snapshot_preview1 as abi;
+use wasmtime_wasi::p1::wasi_snapshot_preview1::WasiSnapshotPreview1;
 use wasmtime_wasi::runtime::in_tokio;
 
 use crate::ssi::Errno;
@@ -64,13 +65,17 @@ pub(crate) fn write_bytes(caller: &mut Caller<'_, GuestState>, ptr: i32, bytes: 
     }
 }
 
-/// Runs wasmtime-wasi's own implementation of a call on the guest's memory.
+/// Runs wasmtime-wasi's own implementation of a call on the guest's memory. As wiggle's own
+/// linker does, it first gives the call the store's hostcall fuel (the bytes it may copy in from
+/// the guest); without it a call that copies finds none left and answers `ENOMEM`.
 pub(crate) fn real<T>(
     caller: &mut Caller<'_, GuestState>,
     f: impl FnOnce(&mut WasiP1Ctx, &mut GuestMemory<'_>) -> T,
 ) -> wasmtime::Result<T> {
     let mem = memory(caller)?;
+    let fuel = caller.as_context_mut().hostcall_fuel();
     let (data, state) = mem.data_and_store_mut(caller);
+    state.wasi.set_hostcall_fuel(fuel);
     let mut gm = GuestMemory::Unshared(data);
     Ok(f(&mut state.wasi, &mut gm))
 }
@@ -94,6 +99,8 @@ pub(crate) fn scratch<T>(
     }
     let out = buf.len();
     buf.resize(out + out_len.max(8), 0);
+    // The call copies in at most the whole scratch memory.
+    wasi.set_hostcall_fuel(buf.len());
     let r = {
         let mut gm = GuestMemory::Unshared(&mut buf);
         f(wasi, &mut gm, &ptrs, out as i32)

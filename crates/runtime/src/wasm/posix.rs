@@ -23,7 +23,9 @@ pub(crate) fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result
     linker.allow_shadowing(true);
     linker.func_wrap(W, "path_unlink_file", unlink)?;
     linker.func_wrap(W, "path_remove_directory", rmdir)?;
-    linker.func_wrap(W, "path_filestat_get", path_filestat_get)?;
+    linker.func_wrap(W, "path_filestat_get", |mut c: Caller<'_, GuestState>, fd, flags, ptr, len, out| {
+        path_filestat_get(&mut c, fd, flags, ptr, len, out)
+    })?;
     linker.func_wrap(W, "path_symlink", symlink)?;
     linker.func_wrap(W, "path_open", path_open)?;
     linker.func_wrap(W, "sock_shutdown", sock_shutdown)?;
@@ -64,11 +66,19 @@ fn rmdir(mut c: Caller<'_, GuestState>, fd: i32, ptr: i32, len: i32) -> R {
     real(&mut c, |w, m| in_tokio(abi::path_remove_directory(w, m, fd, ptr, len)))?
 }
 
-fn path_filestat_get(mut c: Caller<'_, GuestState>, fd: i32, flags: i32, ptr: i32, len: i32, out: i32) -> R {
+/// `path_filestat_get`, for the linker and for `determinism`, which shadows it again.
+pub(crate) fn path_filestat_get(
+    c: &mut Caller<'_, GuestState>,
+    fd: i32,
+    flags: i32,
+    ptr: i32,
+    len: i32,
+    out: i32,
+) -> R {
     // A trailing slash asks for what the link names, as `stat` does.
-    let slash = read_str(&mut c, ptr, len)?.is_some_and(|p| strip_slash(&p).is_some());
+    let slash = read_str(c, ptr, len)?.is_some_and(|p| strip_slash(&p).is_some());
     let flags = if slash { flags | LOOKUP_FOLLOW } else { flags };
-    real(&mut c, |w, m| in_tokio(abi::path_filestat_get(w, m, fd, flags, ptr, len, out)))?
+    real(c, |w, m| in_tokio(abi::path_filestat_get(w, m, fd, flags, ptr, len, out)))?
 }
 
 fn symlink(mut c: Caller<'_, GuestState>, old: i32, old_len: i32, fd: i32, new: i32, new_len: i32) -> R {

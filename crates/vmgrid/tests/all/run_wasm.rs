@@ -198,6 +198,21 @@ fn a_trap_is_a_failure_with_a_reason() {
 }
 
 #[test]
+fn a_deterministic_job_that_sleeps_fails_saying_why_and_a_plain_one_sleeps() {
+    for (policy, code) in [("[policy]\ndeterministic = true\n", 1), ("", 0)] {
+        let d = JobDir::new();
+        let job = probe_job(&d, &["write:a.txt:kept", "read:a.txt", "sleep:1"], policy);
+        let out = vmgrid().arg("run").arg(&job).output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "{}", stderr_of(&out));
+        // A Rust program runs as usual up to its first clock.
+        assert_eq!(stdout_of(&out), "kept\n");
+        let refused = "the job failed: deterministic job: poll_oneoff with a clock subscription is refused \
+                       (clocks differ between nodes)";
+        assert_eq!(stderr_of(&out).contains(refused), code == 1, "{}", stderr_of(&out));
+    }
+}
+
+#[test]
 fn wat_modules_run_and_compiled_modules_are_cached() {
     let d = JobDir::new();
     // A WAT module that writes "hi\n" to stdout and exits 5.
