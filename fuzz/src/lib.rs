@@ -77,6 +77,7 @@ fn ad(name: &str, cpus: u32) -> NodeAd {
         labels: [("site".to_string(), "lab".to_string())].into(),
         appliance: false,
         qemu: None,
+        peer: None,
     }
 }
 

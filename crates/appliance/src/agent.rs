@@ -79,6 +79,9 @@ fn serve(args: AgentOptions) -> Result<i32, Error> {
         // The cache lives in RAM: a quarter of it at most.
         cache_max_mb: (memory_mb / 4).clamp(64, 4096),
         drain_timeout: Duration::from_secs(config.drain_timeout_s.unwrap_or(30)),
+        // The appliance fetches from the pool alone (its network may not reach other nodes).
+        peer_listen: None,
+        peer_upload_bytes_s: 0,
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

@@ -28,6 +28,7 @@ pub fn scheduler_engine() -> (f64, usize) {
                 labels: BTreeMap::from([("rack".to_string(), (i % 40).to_string())]),
                 appliance: i % 10 == 0,
                 qemu: None,
+                peer: None,
             })
             .into(),
             free_cpus: 128,

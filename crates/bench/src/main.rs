@@ -16,6 +16,7 @@ mod checkpoint;
 mod compute;
 mod engine;
 mod fleet;
+mod peers;
 mod pool;
 mod report;
 mod ssi;
@@ -83,7 +84,7 @@ fn parse_args() -> Args {
             "--only" => a.only = it.next().expect("--only PART,PART").split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
                 println!(
-                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,replicas,postgres,slurm,wasm,qemu,checkpoint,scheduler,rss,ssi,appliance,fleet] [--fleet] [--fleet-nodes 100,1000] [--fleet-large] [--fleet-jobs 10000] [--out FILE]\n--fleet: only the pool's scale, simulated node agents against a real coordinator.\n--fleet-large: the pool's scale at 10,000 nodes too (about a minute on 2 cores).\n--out: where the table is written; the whole suite writes BENCHMARKS.md by default, a part of it (--only, --fleet) nothing.\nRun from the repository root after scripts/bench has built everything."
+                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,replicas,peers,postgres,slurm,wasm,qemu,checkpoint,scheduler,rss,ssi,appliance,fleet] [--fleet] [--fleet-nodes 100,1000] [--fleet-large] [--fleet-jobs 10000] [--out FILE]\n--fleet: only the pool's scale, simulated node agents against a real coordinator.\n--fleet-large: the pool's scale at 10,000 nodes too (about a minute on 2 cores).\n--out: where the table is written; the whole suite writes BENCHMARKS.md by default, a part of it (--only, --fleet) nothing.\nRun from the repository root after scripts/bench has built everything."
                 );
                 std::process::exit(0);
             }
@@ -121,9 +122,10 @@ pub fn sh(cmd: &str) -> String {
 fn main() {
     let args = parse_args();
     // Only the scheduler engine runs without the release binary.
-    let needs_bin = ["pool", "replicas", "postgres", "slurm", "wasm", "qemu", "rss", "ssi", "appliance", "fleet"]
-        .iter()
-        .any(|p| args.wants(p));
+    let needs_bin =
+        ["pool", "replicas", "peers", "postgres", "slurm", "wasm", "qemu", "rss", "ssi", "appliance", "fleet"]
+            .iter()
+            .any(|p| args.wants(p));
     if needs_bin && !pool::vmgrid_bin(&args.root).exists() {
         eprintln!("vmgrid-bench: {} is missing; run scripts/bench", pool::vmgrid_bin(&args.root).display());
         std::process::exit(1);
@@ -141,6 +143,9 @@ fn main() {
     let ours = if args.wants("pool") { pool_figures(&args, &mut rep) } else { BTreeMap::new() };
     if args.wants("replicas") {
         replica_figures(&args, &mut rep);
+    }
+    if args.wants("peers") {
+        peer_figures(&args, &mut rep);
     }
     if args.wants("postgres") {
         postgres_figures(&args, &ours, &mut rep);
@@ -235,6 +240,31 @@ fn replica_figures(args: &Args, rep: &mut Report) {
         " jobs/s",
         Target::None,
     );
+}
+
+/// Large blobs between nodes: N node processes each getting one 1 GiB input, from the
+/// coordinator alone and from each other (`--quick`: 256 MiB).
+fn peer_figures(args: &Args, rep: &mut Report) {
+    let (nodes, mib) = (4, if args.quick { 256 } else { 1024 });
+    for peers in [false, true] {
+        let how = if peers { "from each other (and the coordinator)" } else { "from the coordinator alone" };
+        let what = format!("{nodes} node processes get one {mib} MiB input, {how}");
+        match peers::measure(&args.root, nodes, mib, peers) {
+            Ok(f) => rep.figure(
+                &what,
+                format!(
+                    "{:.1} s; the coordinator sent {:.0} MiB ({:.1}x the input)",
+                    f.seconds,
+                    f.served_mib,
+                    f.served_mib / mib as f64
+                ),
+                f.seconds,
+                " s",
+                Target::None,
+            ),
+            Err(e) => rep.note(format!("{what}: not measured: {e}")),
+        }
+    }
 }
 
 /// The same throughput and latency with the pool's state in PostgreSQL (a private cluster on

@@ -56,6 +56,11 @@ impl Pool {
     /// A coordinator process and `nodes` node processes, each offering its share of the host's
     /// cpus, over TCP on loopback (TLS, the pool's CA), as a real pool runs.
     pub fn separate(root: &Path, nodes: u32) -> Pool {
+        Pool::separate_with(root, nodes, &[])
+    }
+
+    /// Like [`Pool::separate`], with more `vmgrid node` flags.
+    pub fn separate_with(root: &Path, nodes: u32, extra: &[&str]) -> Pool {
         let dir = std::env::temp_dir().join(format!("vmgrid-bench-sep-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let child = Command::new(vmgrid_bin(root))
@@ -69,6 +74,8 @@ impl Pool {
         let node = |i: u32| {
             Command::new(vmgrid_bin(root))
                 .args(["node", "--pool", client.url(), "--name", &format!("sep-{i}"), "--cpus", &cpus.to_string()])
+                .args(["--peer-listen", "127.0.0.1:0"])
+                .args(extra)
                 .arg("--token-file")
                 .arg(dir.join("pool.token"))
                 .arg("--cache-dir")

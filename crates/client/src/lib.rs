@@ -426,6 +426,39 @@ impl Client {
         }
     }
 
+    /// A blob's pieces and their hashes (node credentials only).
+    pub fn pieces(&self, hash: &str) -> Result<Pieces> {
+        self.get(&format!("/v1/blobs/{hash}/pieces"))
+    }
+
+    /// The nodes that share a blob (node credentials only).
+    pub fn peers(&self, hash: &str) -> Result<Vec<Peer>> {
+        self.get::<PeersResponse>(&format!("/v1/blobs/{hash}/peers")).map(|r| r.peers)
+    }
+
+    /// `len` bytes of a blob from byte `first` (at most 16 MiB).
+    pub fn blob_range(&self, hash: &str, first: u64, len: u64) -> Result<Vec<u8>> {
+        let range = format!("bytes={first}-{}", first + len.max(1) - 1);
+        let resp = self.exchange(true, |base| {
+            self.agent
+                .get(format!("{base}/v1/blobs/{hash}"))
+                .header("Authorization", &self.auth)
+                .header("Range", &range)
+                .call()
+        })?;
+        let mut resp = self.check(resp)?;
+        let bytes = resp
+            .body_mut()
+            .with_config()
+            .limit(16 << 20)
+            .read_to_vec()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if bytes.len() as u64 != len {
+            return Err(ClientError::Protocol(format!("asked for {len} bytes of blob {hash}, got {}", bytes.len())));
+        }
+        Ok(bytes)
+    }
+
     /// Downloads a blob to `dest`, checking its hash; the file appears only when complete.
     pub fn download(&self, hash: &str, dest: &Path) -> Result<u64> {
         let resp = self.call_get(&format!("/v1/blobs/{hash}"))?;

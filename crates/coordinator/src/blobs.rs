@@ -4,17 +4,63 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use vmgrid_proto::is_blob_ref;
+use vmgrid_proto::{MAX_PIECE_BYTES, PIECE_BYTES, Piece, Pieces, is_blob_ref};
 
 #[derive(Clone)]
 pub struct Blobs {
     dir: PathBuf,
+    /// Bytes sent by `GET /v1/blobs/{hash}` (what nodes fetching from each other spare the pool).
+    served: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The pieces of the blobs nodes fetched from each other lately, by hash (a few).
+    pieces: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Pieces>>>>,
 }
+
+/// The most blobs whose pieces are kept in memory.
+const PIECES_KEPT: usize = 64;
 
 impl Blobs {
     pub fn new(dir: PathBuf) -> std::io::Result<Blobs> {
         crate::files::private_dir(&dir)?;
-        Ok(Blobs { dir })
+        Ok(Blobs { dir, served: Default::default(), pieces: Default::default() })
+    }
+
+    /// Counts bytes sent of a blob.
+    pub fn served(&self, bytes: u64) {
+        self.served.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes sent of blobs so far.
+    pub fn served_bytes(&self) -> u64 {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A blob's pieces, cut where its content says (FastCDC, about [`PIECE_BYTES`]), and the hash
+    /// of each, read once and then kept (for the last [`PIECES_KEPT`] blobs asked for). Blocks
+    /// while it reads the blob.
+    pub fn pieces(&self, hash: &str) -> std::io::Result<std::sync::Arc<Pieces>> {
+        if let Some(p) = self.pieces.lock().unwrap_or_else(|e| e.into_inner()).get(hash) {
+            return Ok(p.clone());
+        }
+        let path = self.path(hash).ok_or_else(|| std::io::Error::other("not a blob hash"))?;
+        let file = std::fs::File::open(path)?;
+        let (min, max) = ((PIECE_BYTES / 4) as u32, MAX_PIECE_BYTES as u32);
+        let mut list = Vec::new();
+        for c in fastcdc::v2020::StreamCDC::new(file, min, PIECE_BYTES as u32, max) {
+            let c = c.map_err(|e| std::io::Error::other(e.to_string()))?;
+            list.push(Piece {
+                first: c.offset,
+                len: c.length as u64,
+                hash: blake3::hash(&c.data).to_hex().to_string(),
+            });
+        }
+        let size = list.last().map_or(0, |p| p.first + p.len);
+        let pieces = std::sync::Arc::new(Pieces { size, pieces: list });
+        let mut kept = self.pieces.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() >= PIECES_KEPT {
+            kept.clear();
+        }
+        kept.insert(hash.to_string(), pieces.clone());
+        Ok(pieces)
     }
 
     pub fn dir(&self) -> &std::path::Path {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use vmgrid_client::Client;
-use vmgrid_proto::{CacheStats, is_blob_ref};
+use vmgrid_proto::{CacheStats, FileRef, PEER_MIN_BYTES, is_blob_ref};
 
 /// How stale a cached blob's time of use may get: it is brought up to date when older.
 const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
@@ -18,12 +18,20 @@ pub struct BlobCache {
     fetching: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// What it holds, as of its last change (heartbeats report it).
     stats: Mutex<CacheStats>,
+    /// Large blobs come from other nodes too, once the pool gave this node a peer identity.
+    pub peering: std::sync::OnceLock<Arc<crate::peer::Peering>>,
 }
 
 impl BlobCache {
     pub fn new(dir: PathBuf, max_bytes: u64) -> std::io::Result<BlobCache> {
         std::fs::create_dir_all(&dir)?;
-        let cache = BlobCache { dir, max_bytes, fetching: Mutex::new(HashMap::new()), stats: Mutex::default() };
+        let cache = BlobCache {
+            dir,
+            max_bytes,
+            fetching: Mutex::new(HashMap::new()),
+            stats: Mutex::default(),
+            peering: std::sync::OnceLock::new(),
+        };
         cache.evict(None);
         Ok(cache)
     }
@@ -35,6 +43,25 @@ impl BlobCache {
 
     /// The local path of a blob, fetched from the pool if it is not here yet.
     pub fn get(&self, client: &Client, hash: &str) -> Result<PathBuf, String> {
+        self.get_with(client, hash, |path| client.download(hash, path).map(|_| ()).map_err(|e| e.to_string()))
+    }
+
+    /// The local path of file `f`'s blob: a large one fetched in pieces from the nodes that
+    /// share it (and the pool), a small one from the pool.
+    pub fn get_file(&self, client: &Client, f: &FileRef) -> Result<PathBuf, String> {
+        match self.peering.get().filter(|_| f.size >= PEER_MIN_BYTES) {
+            Some(peering) => self.get_with(client, &f.blob, |path| peering.fetch(client, f, path)),
+            None => self.get(client, &f.blob),
+        }
+    }
+
+    fn get_with(
+        &self,
+        client: &Client,
+        hash: &str,
+        fetch: impl FnOnce(&std::path::Path) -> Result<(), String>,
+    ) -> Result<PathBuf, String> {
+        let _ = client;
         if !is_blob_ref(hash) {
             return Err(format!("`{hash}` is not a blob hash"));
         }
@@ -53,7 +80,7 @@ impl BlobCache {
             }
             return Ok(path);
         }
-        client.download(hash, &path).map_err(|e| e.to_string())?;
+        fetch(&path)?;
         tracing::debug!(blob = hash, "fetched into the cache");
         self.evict(Some(&path));
         Ok(path)

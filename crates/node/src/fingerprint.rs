@@ -44,6 +44,7 @@ pub fn fingerprint(config: &NodeConfig) -> NodeAd {
         labels: config.labels.clone(),
         appliance: config.appliance,
         qemu: qemu_version,
+        peer: None,
     }
 }
 

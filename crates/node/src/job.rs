@@ -111,7 +111,7 @@ impl Agent {
         for f in spec.image.iter().chain(&spec.kernel).chain(&spec.initrd).chain(&spec.inputs) {
             let p = self
                 .cache
-                .get(client, &f.blob)
+                .get_file(client, f)
                 .map_err(|e| RunError::Host(format!("cannot fetch `{}`: {e}", f.path)))?;
             located.insert(f.blob.clone(), p);
         }

@@ -9,6 +9,7 @@ mod cache;
 mod checkpoint;
 mod fingerprint;
 mod job;
+mod peer;
 mod queue;
 mod ssi;
 mod workers;
@@ -61,6 +62,12 @@ pub struct NodeConfig {
     pub cache_max_mb: u64,
     /// How long a stopping node waits for its running jobs before handing them back.
     pub drain_timeout: Duration,
+    /// Where to serve the pieces of large blobs to the pool's other nodes (`None`: it does not,
+    /// and fetches from the pool alone). An unspecified IP (`0.0.0.0`) listens everywhere and
+    /// says the address this host reaches the pool from.
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// The most bytes a second it sends to other nodes.
+    pub peer_upload_bytes_s: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +132,15 @@ struct Agent {
 
 /// Runs the agent until `stop` is set; then it drains and leaves the pool.
 pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
-    let ad = fingerprint(&config);
+    let mut ad = fingerprint(&config);
+    let peer_listener = match config.peer_listen {
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr)?;
+            ad.peer = Some(peer::advertised(&listener, &config.pool)?.to_string());
+            Some(listener)
+        }
+        None => None,
+    };
     // The cache holds the node's credential and its jobs' files: its owner's alone.
     std::fs::create_dir_all(&config.cache_dir)?;
     std::fs::set_permissions(&config.cache_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
@@ -159,6 +174,15 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
         closing: AtomicBool::new(false),
     });
     tracing::info!(node = %agent.ad.name, pool = %agent.config.pool, "joined the pool");
+    if let (Some(listener), Some(identity)) = (peer_listener, reg.peer_identity.as_ref()) {
+        let blobs = agent.config.cache_dir.join("blobs");
+        let (peering, tls) = peer::Peering::new(identity, &blobs, &agent.ad.name, agent.config.peer_upload_bytes_s)
+            .map_err(std::io::Error::other)?;
+        let peering = Arc::new(peering);
+        peer::serve(listener, peering.clone(), tls)?;
+        let _ = agent.cache.peering.set(peering);
+        tracing::info!(peer = ?agent.ad.peer, "serving large blobs to the pool's other nodes");
+    }
     let reporter = {
         let a = agent.clone();
         std::thread::Builder::new().name("vmgrid-report".into()).spawn(move || a.report_loop())?
@@ -420,7 +444,8 @@ impl Agent {
         let leases = self.held_leases();
         let mut returned = std::mem::take(&mut *lock(&self.returning));
         returned.extend(self.take_queued(false));
-        let req = HeartbeatRequest { leases, draining, cache: Some(self.cache.stats()), returned };
+        let sharing = self.cache.peering.get().map(|p| p.sharing());
+        let req = HeartbeatRequest { leases, draining, cache: Some(self.cache.stats()), returned, sharing };
         match self.client().heartbeat(&req) {
             Ok(resp) => {
                 self.drop_queued(&resp.revoked);

@@ -17,6 +17,8 @@ pub use vmgrid_job::{FailureKind, Network, VmType};
 
 mod node;
 pub use node::*;
+mod peers;
+pub use peers::*;
 mod users;
 pub use users::{
     MAX_TOKEN_TTL_S, RevokeRequest, Role, TokenRequest, TokenResponse, TokenView, UserSettingsRequest, UserView,
@@ -230,6 +232,9 @@ pub struct NodeAd {
     /// resumes only under the same QEMU or a newer one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu: Option<String>,
+    /// Where it serves the pieces of the blobs it holds to other nodes (`ip:port`), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }
 
 /// A QEMU version (`10.0.2`) as numbers, to compare; `None` if it is not one.
@@ -268,6 +273,9 @@ impl NodeAd {
         }
         if self.qemu.as_deref().is_some_and(|v| v.len() > 32 || qemu_version(v).is_none()) {
             return Err("qemu is a version of up to 32 characters, such as 10.0.2".into());
+        }
+        if self.peer.as_deref().is_some_and(|p| p.parse::<std::net::SocketAddr>().is_err()) {
+            return Err("peer is the address a node serves blobs on, as ip:port".into());
         }
         if self.labels.len() > 64 {
             return Err(format!("a node has at most 64 labels, not {}", self.labels.len()));
@@ -361,6 +369,10 @@ pub struct RegisterResponse {
     pub credential: String,
     pub lease_ttl_ms: u64,
     pub heartbeat_ms: u64,
+    /// For a node whose ad has a `peer` address, in a pool with its own CA: its certificate to
+    /// serve blobs to other nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_identity: Option<PeerIdentity>,
 }
 
 /// A `vmgrid ssi` console asks to be the home of processes; the pool decides its URL (the

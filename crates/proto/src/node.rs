@@ -156,6 +156,10 @@ pub struct HeartbeatRequest {
     /// as if never handed over (not counted as an attempt).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub returned: Vec<LeaseId>,
+    /// The large blobs ([`crate::PEER_MIN_BYTES`] and up) it holds, whole or in part, and serves
+    /// to other nodes: at most [`crate::MAX_SHARING`]; `None` leaves what it said before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sharing: Option<Vec<String>>,
 }
 
 /// A node's blob cache: images and inputs kept by hash. Fields it does not know are ignored, so

@@ -17,6 +17,7 @@ fn node(name: &str, cpus: u32, memory_mb: u64, vm_types: &[&str]) -> NodeSlot {
             labels: BTreeMap::from([("site".to_string(), name.chars().next().unwrap().to_string())]),
             appliance: name.starts_with("app"),
             qemu: vm_types.contains(&"qemu").then(|| "10.0.2".into()),
+            peer: None,
         })
         .into(),
         free_cpus: cpus,

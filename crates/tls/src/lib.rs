@@ -104,6 +104,16 @@ impl Ca {
 
     /// A server certificate for `names` (DNS names or IP addresses), signed by this authority.
     pub fn issue(&self, names: &[String]) -> Result<Identity, TlsError> {
+        self.issue_for(names, &[ExtendedKeyUsagePurpose::ServerAuth])
+    }
+
+    /// A certificate for a node that serves blobs to other nodes at `names`, and shows it to the
+    /// nodes it fetches from: for servers and clients both.
+    pub fn issue_peer(&self, names: &[String]) -> Result<Identity, TlsError> {
+        self.issue_for(names, &[ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth])
+    }
+
+    fn issue_for(&self, names: &[String], usages: &[ExtendedKeyUsagePurpose]) -> Result<Identity, TlsError> {
         let key = KeyPair::generate().map_err(generate)?;
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -111,7 +121,7 @@ impl Ca {
         p.distinguished_name = dn;
         p.subject_alt_names = names.iter().map(|n| san(n)).collect::<Result<_, _>>()?;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.extended_key_usages = usages.to_vec();
         let now = time_now();
         p.not_before = now - time::Duration::days(1);
         p.not_after = now + time::Duration::days(LEAF_DAYS);
@@ -167,6 +177,28 @@ pub fn server_config(identity: &Identity) -> Result<Arc<rustls::ServerConfig>, T
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The rustls configuration of a node serving blobs to other nodes: it presents `identity`, and
+/// takes only clients with a certificate from the CA `ca_pem` (the pool's nodes).
+pub fn peer_server_config(identity: &Identity, ca_pem: &str) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let chain = certs(&identity.cert_pem, "the node's certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes())
+        .map_err(|e| TlsError::Pem { what: "the node's key".into(), why: e.to_string() })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(ca_pem, "the pool's CA")? {
+        roots.add(c).map_err(|e| TlsError::Config(e.to_string()))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(Arc::new(config))
 }
 

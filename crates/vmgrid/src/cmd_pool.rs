@@ -179,6 +179,18 @@ pub struct NodeArgs {
     /// On SIGTERM, wait this long for running jobs before handing them back.
     #[arg(long, default_value_t = 30)]
     drain_timeout_s: u64,
+    /// Where to serve large blobs (images, inputs of 16 MiB and up) to the pool's other nodes,
+    /// over TLS with a certificate from the pool's CA, to nodes only; they then fetch from each
+    /// other instead of all from the coordinator. `0.0.0.0:PORT` listens everywhere and tells
+    /// the pool the address this host reaches it from.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0")]
+    peer_listen: std::net::SocketAddr,
+    /// Serve no blobs to other nodes, and fetch every blob from the coordinator.
+    #[arg(long)]
+    no_peers: bool,
+    /// The most MiB a second this node sends to other nodes.
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    peer_upload_mib_s: u64,
 }
 
 fn host_name() -> String {
@@ -240,6 +252,8 @@ pub fn node(args: NodeArgs) -> Result<i32, CliError> {
         cache_dir,
         cache_max_mb: args.cache_max_mb,
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
+        peer_listen: (!args.no_peers).then_some(args.peer_listen),
+        peer_upload_bytes_s: args.peer_upload_mib_s.max(1) << 20,
     };
     let stop = stop_on_signals()?;
     eprintln!("vmgrid: node {} joining {}", config.name, config.pool);
@@ -310,6 +324,9 @@ pub fn up(args: UpArgs) -> Result<i32, CliError> {
             cache_dir: data_dir.join(format!("node-{i}")),
             cache_max_mb: 4096,
             drain_timeout: Duration::from_secs(30),
+            // In one process on one host, nodes share the host's disk: nothing to gain.
+            peer_listen: None,
+            peer_upload_bytes_s: 0,
         };
         let s = stop.clone();
         agents.push(std::thread::spawn(move || {

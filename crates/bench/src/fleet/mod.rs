@@ -189,6 +189,7 @@ fn ad(name: String) -> NodeAd {
         labels: Default::default(),
         appliance: false,
         qemu: None,
+        peer: None,
     }
 }
 
@@ -267,7 +268,13 @@ fn heartbeats(base: Client, nodes: &[Arc<SimNode>], interval: Duration, shared: 
         }
         let leases = nodes[i].held.lock().unwrap().clone();
         let sent = Instant::now();
-        match clients[i].heartbeat(&HeartbeatRequest { leases, draining: false, cache: None, returned: vec![] }) {
+        match clients[i].heartbeat(&HeartbeatRequest {
+            leases,
+            draining: false,
+            cache: None,
+            returned: vec![],
+            sharing: None,
+        }) {
             Ok(_) => {
                 shared.heartbeat_ms.lock().unwrap().push(ms(sent));
                 shared.heartbeats.fetch_add(1, Ordering::Relaxed);

@@ -10,6 +10,8 @@ use futures_util::StreamExt;
 use super::{Auth, Error, Path, Query, Result, S, forbidden};
 use crate::blobs::CommitError;
 use crate::engine::Principal;
+use axum::Json;
+use vmgrid_proto::{PeersResponse, Pieces, is_blob_ref};
 
 fn blob_caller(p: &Principal) -> Result<()> {
     match p {
@@ -161,6 +163,7 @@ pub async fn get(
         resp.headers_mut().insert(header::CONTENT_RANGE, format!("bytes */{len}").parse().expect("ascii"));
         return Ok(resp);
     };
+    shared.blobs.served(part.map_or(len, |(first, last)| last - first + 1));
     let Some((first, last)) = part else {
         let headers = [(header::CONTENT_LENGTH, len.to_string()), (header::ACCEPT_RANGES, "bytes".into())];
         return Ok((headers, HttpBody::from_stream(chunks(file))).into_response());
@@ -258,3 +261,33 @@ async fn store(shared: &S, p: &Principal, hash: &str, body: HttpBody) -> Result<
 #[cfg(test)]
 #[path = "blobs_tests.rs"]
 mod tests;
+
+/// The nodes that share a blob, for a node that needs it (node credentials only).
+pub async fn peers(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Path(hash): Path<String>,
+) -> Result<Json<PeersResponse>> {
+    let name = super::node(&p)?;
+    if !is_blob_ref(&hash) {
+        return Err(Error(StatusCode::BAD_REQUEST, "not a blob hash".into()));
+    }
+    Ok(Json(PeersResponse { peers: shared.peek(|e| e.peers_of(&hash, name)) }))
+}
+
+/// A blob's pieces and the hash of each, for a node that fetches it from other nodes and checks
+/// each piece it gets (node credentials only).
+pub async fn pieces(AxState(shared): AxState<S>, Auth(p): Auth, Path(hash): Path<String>) -> Result<Json<Pieces>> {
+    let name = super::node(&p)?;
+    if !shared.blobs.has(&hash) {
+        return Err(Error(StatusCode::NOT_FOUND, format!("no blob {hash}")));
+    }
+    // It serves the pieces it gets from now on: the nodes after it may ask it.
+    shared.peek_mut(|e| e.started_fetching(name, &hash));
+    let blobs = shared.blobs.clone();
+    let pieces = tokio::task::spawn_blocking(move || blobs.pieces(&hash))
+        .await
+        .map_err(|e| Error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| storage("cannot read a blob", &e))?;
+    Ok(Json((*pieces).clone()))
+}

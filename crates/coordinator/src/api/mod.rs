@@ -51,6 +51,8 @@ pub(crate) fn routes() -> Vec<(&'static str, MethodRouter<S>)> {
         ("/v1/nodes/deregister", post(nodes::deregister)),
         ("/v1/nodes/ban", post(nodes::ban)),
         ("/v1/blobs/{hash}", get(blobs::get).head(blobs::head).put(blobs::put)),
+        ("/v1/blobs/{hash}/peers", get(blobs::peers)),
+        ("/v1/blobs/{hash}/pieces", get(blobs::pieces)),
         ("/v1/tokens", post(tokens::add).get(tokens::list)),
         ("/v1/tokens/revoke", post(tokens::revoke)),
         ("/v1/consoles", post(tokens::console)),
@@ -222,6 +224,10 @@ async fn get_metrics(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<Respo
     if matches!(p, Principal::Pool) {
         return Err(forbidden(&p, "read metrics"));
     }
-    let text = shared.peek(metrics::render);
+    let mut text = shared.peek(metrics::render);
+    text.push_str(&format!(
+        "# HELP vmgrid_blob_bytes_served_total Bytes of blobs the coordinator sent.\n# TYPE vmgrid_blob_bytes_served_total counter\nvmgrid_blob_bytes_served_total {}\n",
+        shared.blobs.served_bytes()
+    ));
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }

@@ -24,8 +24,21 @@ pub async fn register(
     if !matches!(p, Principal::Pool | Principal::Admin(_)) {
         return Err(forbidden(&p, "register nodes; use the pool token"));
     }
-    let ad = req.ad;
+    let mut ad = req.ad;
     ad.check().map_err(|e| Error(StatusCode::BAD_REQUEST, e))?;
+    // A node serves blobs to other nodes only with a certificate from the pool's CA; without one
+    // (a pool with certificates of its own), it is not offered as a peer.
+    let peer_identity = match (ad.peer.as_deref(), shared.ca()) {
+        (Some(addr), Some(ca)) => {
+            let ip = addr.parse::<std::net::SocketAddr>().map(|a| a.ip().to_string()).unwrap_or_default();
+            let id = ca.issue_peer(&[ip]).map_err(|e| Error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            Some(PeerIdentity { cert_pem: id.cert_pem, key_pem: id.key_pem, ca_pem: ca.cert_pem().to_string() })
+        }
+        _ => None,
+    };
+    if peer_identity.is_none() {
+        ad.peer = None;
+    }
     let credential = crate::new_token();
     let admin = matches!(p, Principal::Admin(_));
     let (r, pending) = shared.call(|e| {
@@ -34,7 +47,12 @@ pub async fn register(
     });
     shared.finish(pending).await?;
     let timing = r?;
-    Ok(Json(RegisterResponse { credential, lease_ttl_ms: timing.lease_ttl_ms, heartbeat_ms: timing.heartbeat_ms }))
+    Ok(Json(RegisterResponse {
+        credential,
+        lease_ttl_ms: timing.lease_ttl_ms,
+        heartbeat_ms: timing.heartbeat_ms,
+        peer_identity,
+    }))
 }
 
 pub async fn lease(
@@ -124,6 +142,9 @@ pub async fn heartbeat(
         if resp.is_ok() {
             e.hand_back(name, &req.returned, now);
             e.set_cache(name, req.cache);
+            if let Some(blobs) = req.sharing {
+                e.set_sharing(name, blobs);
+            }
         }
         resp
     });

@@ -22,7 +22,7 @@ use super::overview::Overview;
         dags_submit, dags_list, dags_get, dags_rm,
         nodes_list, nodes_register, nodes_lease, nodes_heartbeat, nodes_report, nodes_checkpoint, nodes_deregister,
         nodes_ban,
-        blobs_get, blobs_head, blobs_put,
+        blobs_get, blobs_head, blobs_put, blobs_peers, blobs_pieces,
         tokens_add, tokens_list, tokens_revoke, consoles_open,
         users_list, users_settings, events_stream, overview_get,
         metrics, openapi_json, dashboard_index, dashboard_script, dashboard_pages, dashboard_style,
@@ -246,6 +246,37 @@ op!(
     path = "/v1/nodes/deregister",
     tag = "nodes",
     responses((status = 204, description = "the node left the pool (node token only)"), Errors)
+);
+op!(
+    blobs_peers,
+    get,
+    path = "/v1/blobs/{hash}/peers",
+    tag = "blobs",
+    params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits")),
+    responses(
+        (
+            status = 200,
+            description = "the ready nodes that share the blob, whole or in part, and where they serve its pieces (node credentials only)",
+            body = PeersResponse
+        ),
+        Errors
+    )
+);
+op!(
+    blobs_pieces,
+    get,
+    path = "/v1/blobs/{hash}/pieces",
+    tag = "blobs",
+    params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits")),
+    responses(
+        (
+            status = 200,
+            description = "the blob's 4 MiB pieces and the BLAKE3 hash of each, to check pieces fetched from other nodes (node credentials only)",
+            body = Pieces
+        ),
+        (status = 404, description = "no such blob", body = ApiError),
+        Errors
+    )
 );
 op!(blobs_get, get, path = "/v1/blobs/{hash}", tag = "blobs",
     params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits"),

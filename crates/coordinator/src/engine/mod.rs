@@ -20,6 +20,7 @@ mod nodes;
 mod replicas;
 mod retention;
 mod schedule;
+mod sharing;
 
 pub use fair::{DEFAULT_HALF_LIFE_MS, USAGE_SAVE_MS};
 pub use schedule::Snapshot;
@@ -365,6 +366,8 @@ pub struct Engine {
     released: HashMap<String, u64>,
     /// Each node's agreements with its jobs' agreed results, and bans (`replicas.rs`).
     trust: HashMap<String, crate::store::Trust>,
+    /// Which nodes share which large blobs (`sharing.rs`).
+    sharing: sharing::Sharing,
     /// When vacated jobs may go back to the nodes they left: a pass runs then.
     avoid_ends: BTreeSet<u64>,
     /// Idle jobs no ready node could take at the pass that looked at them (none could resume
@@ -428,6 +431,7 @@ impl Engine {
             history: crate::history::History::default(),
             released: HashMap::new(),
             trust: HashMap::new(),
+            sharing: Default::default(),
             avoid_ends: BTreeSet::new(),
             blocked_since: BTreeMap::new(),
             out: Effects::default(),

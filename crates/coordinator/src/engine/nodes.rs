@@ -265,6 +265,7 @@ impl Engine {
             self.requeue(id, now, format!("node {name} left the pool"));
         }
         self.nodes.remove(name);
+        self.sharing.forget(name);
         self.tokens.remove(&hash);
         self.store(Op::RevokeToken { hash });
         self.store(Op::DeleteNode { name: name.into() });

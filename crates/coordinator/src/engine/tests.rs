@@ -59,6 +59,7 @@ pub(crate) fn ad(name: &str, cpus: u32) -> NodeAd {
         labels: Default::default(),
         appliance: false,
         qemu: None,
+        peer: None,
     }
 }
 

@@ -14,6 +14,7 @@ mod glidein;
 mod job_file;
 mod jvm;
 mod netns;
+mod peers;
 mod pool;
 mod replicas;
 mod run_qemu;

@@ -110,6 +110,7 @@ fn bad_tokens_and_wrong_roles_are_refused() {
                 labels: Default::default(),
                 appliance: false,
                 qemu: None,
+                peer: None,
             },
             None,
         )

@@ -412,6 +412,7 @@ fn a_nodes_inline_output_is_checked_against_its_hash_and_outputs_are_never_inlin
         labels: Default::default(),
         appliance: false,
         qemu: None,
+        peer: None,
     };
     let cred = pool.client_with(pool_token.trim()).register(&ad, None).unwrap().credential;
     let node = pool.client_with(&cred);

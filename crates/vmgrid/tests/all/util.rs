@@ -218,6 +218,8 @@ impl Pool {
     pub fn start_node_env(&mut self, name: &str, cpus: u32, extra: &[&str], env: &[(&str, &str)]) {
         let child = Command::new(assert_cmd::cargo::cargo_bin("vmgrid"))
             .args(["node", "--pool", &self.url, "--name", name, "--cpus", &cpus.to_string(), "--drain-timeout-s", "10"])
+            // Nodes serve each other large blobs on loopback only.
+            .args(["--peer-listen", "127.0.0.1:0"])
             .args(extra)
             .arg("--token-file")
             .arg(self.data_dir().join("pool.token"))
