@@ -133,20 +133,8 @@ struct Agent {
 /// Runs the agent until `stop` is set; then it drains and leaves the pool.
 pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     let mut ad = fingerprint(&config);
-    let peer_listener = match config.peer_listen {
-        Some(addr) => {
-            let listener = std::net::TcpListener::bind(addr)?;
-            ad.peer = Some(peer::advertised(&listener, &config.pool)?.to_string());
-            Some(listener)
-        }
-        None => None,
-    };
-    // The cache holds the node's credential and its jobs' files: its owner's alone.
-    std::fs::create_dir_all(&config.cache_dir)?;
-    std::fs::set_permissions(&config.cache_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-    let work_dir = config.cache_dir.join("jobs");
-    let _ = std::fs::remove_dir_all(&work_dir);
-    std::fs::create_dir_all(&work_dir)?;
+    let peer_listener = peer_listener(&config, &mut ad)?;
+    let work_dir = prepare_cache(&config.cache_dir)?;
     let (client, reg) = register(&config, &ad, &stop)?;
     let Some(reg) = reg else { return Ok(()) };
     let agent = Arc::new(Agent {
@@ -175,13 +163,7 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     });
     tracing::info!(node = %agent.ad.name, pool = %agent.config.pool, "joined the pool");
     if let (Some(listener), Some(identity)) = (peer_listener, reg.peer_identity.as_ref()) {
-        let blobs = agent.config.cache_dir.join("blobs");
-        let (peering, tls) = peer::Peering::new(identity, &blobs, &agent.ad.name, agent.config.peer_upload_bytes_s)
-            .map_err(std::io::Error::other)?;
-        let peering = Arc::new(peering);
-        peer::serve(listener, peering.clone(), tls)?;
-        let _ = agent.cache.peering.set(peering);
-        tracing::info!(peer = ?agent.ad.peer, "serving large blobs to the pool's other nodes");
+        agent.share_blobs(listener, identity)?;
     }
     let reporter = {
         let a = agent.clone();
@@ -224,6 +206,39 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     }
     tracing::info!("left the pool");
     Ok(())
+}
+
+/// The node's cache directory, its owner's alone (it holds the node's credential and its jobs'
+/// files), with an empty directory for its jobs; returns that.
+fn prepare_cache(dir: &std::path::Path) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let work_dir = dir.join("jobs");
+    let _ = std::fs::remove_dir_all(&work_dir);
+    std::fs::create_dir_all(&work_dir)?;
+    Ok(work_dir)
+}
+
+/// The listener this node serves large blobs to other nodes on, if it does; `ad` then says where.
+fn peer_listener(config: &NodeConfig, ad: &mut NodeAd) -> std::io::Result<Option<std::net::TcpListener>> {
+    let Some(addr) = config.peer_listen else { return Ok(None) };
+    let listener = std::net::TcpListener::bind(addr)?;
+    ad.peer = Some(peer::advertised(&listener, &config.pool)?.to_string());
+    Ok(Some(listener))
+}
+
+impl Agent {
+    /// Serves large blobs to the pool's other nodes on `listener`, and fetches them from them.
+    fn share_blobs(&self, listener: std::net::TcpListener, identity: &PeerIdentity) -> std::io::Result<()> {
+        let blobs = self.config.cache_dir.join("blobs");
+        let (peering, tls) = peer::Peering::new(identity, &blobs, &self.ad.name, self.config.peer_upload_bytes_s)
+            .map_err(std::io::Error::other)?;
+        let peering = Arc::new(peering);
+        peer::serve(listener, peering.clone(), tls)?;
+        let _ = self.cache.peering.set(peering);
+        tracing::info!(peer = ?self.ad.peer, "serving large blobs to the pool's other nodes");
+        Ok(())
+    }
 }
 
 /// Registers, retrying while the pool is unreachable (it may be starting or restarting).
