@@ -67,3 +67,62 @@ fn replicated_jobs_get_the_honest_result_and_a_dishonest_node_is_found_out() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
     pool.admin().register(&cheat.ad, None).unwrap();
 }
+
+/// Prints 32 bytes from `random_get` (hex is not needed: stdout is a blob either way).
+const RANDOM_WAT: &str = r#"(module
+  (import "wasi_snapshot_preview1" "random_get" (func $random_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (drop (call $random_get (i32.const 64) (i32.const 32)))
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const 32))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#;
+
+/// Reads the real-time clock.
+const CLOCK_WAT: &str = r#"(module
+  (import "wasi_snapshot_preview1" "clock_time_get" (func $clock_time_get (param i32 i64 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start") (drop (call $clock_time_get (i32.const 0) (i64.const 1) (i32.const 64)))))"#;
+
+/// With `deterministic = true`, a wasm job that draws random numbers gives the same result on
+/// every node, so its replicas agree; without it they differ and it waits for another node; a
+/// deterministic job that reads the clock is refused on every node, and held for it.
+#[test]
+fn a_deterministic_job_agrees_on_every_node_and_one_reading_the_clock_is_refused() {
+    let mut pool = Pool::start();
+    for n in ["d1", "d2", "d3"] {
+        pool.start_node(n, 1);
+    }
+    let d = JobDir::new();
+    d.write("rand.wat", RANDOM_WAT);
+    d.write("clock.wat", CLOCK_WAT);
+    let submit = |image: &str, deterministic: bool| {
+        let job = d.job(&format!(
+            "name = \"det\"\n[vm]\ntype = \"wasm\"\nimage = \"{image}\"\n[policy]\nreplicas = 3\ndeterministic = {deterministic}\n"
+        ));
+        let out = pool.cli().arg("submit").arg(job).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+        ids_of(&out)[0]
+    };
+    let same = submit("rand.wat", true);
+    let differ = submit("rand.wat", false);
+    let clock = submit("clock.wat", true);
+    pool.wait_for("the deterministic jobs to end", |p| {
+        p.job(same).state.is_final() && p.job(clock).state == JobState::Held
+    });
+    let r = pool.admin().job(same).unwrap();
+    assert_eq!(r.job.state, JobState::Completed);
+    assert!(r.job.reason.as_deref().unwrap_or("").contains("3 of its 3 replicas agreed"), "{r:#?}");
+    assert_eq!(r.stdout.as_ref().map(|f| f.size), Some(32));
+    let r = pool.admin().job(clock).unwrap();
+    let reason = r.job.reason.unwrap_or_default();
+    assert!(reason.contains("clock_time_get is refused"), "{reason}");
+    assert!(reason.contains("3 of its 3 replicas agreed on this failure"), "{reason}");
+    // Three different results on the pool's three nodes: it waits for a fourth.
+    pool.wait_for("the job to wait for a node", |p| {
+        p.job(differ).reason.unwrap_or_default().contains("waits for a node that has not run one of its replicas")
+    });
+    let r = pool.admin().job(differ).unwrap();
+    assert_eq!((r.job.state, r.history.len()), (JobState::Idle, 3));
+}
