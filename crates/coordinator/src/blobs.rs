@@ -12,7 +12,16 @@ pub struct Blobs {
     /// Bytes sent by `GET /v1/blobs/{hash}` (what nodes fetching from each other spare the pool).
     served: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// The pieces of the blobs nodes fetched from each other lately, by hash (a few).
-    pieces: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Pieces>>>>,
+    pieces: std::sync::Arc<std::sync::Mutex<PiecesKept>>,
+}
+
+/// Blobs' pieces, the oldest forgotten first, and a gate per blob being read (so that nodes
+/// asking at once wait for one reading).
+#[derive(Default)]
+struct PiecesKept {
+    by_hash: std::collections::HashMap<String, std::sync::Arc<Pieces>>,
+    order: std::collections::VecDeque<String>,
+    reading: std::collections::HashMap<String, std::sync::Arc<std::sync::Mutex<()>>>,
 }
 
 /// The most blobs whose pieces are kept in memory.
@@ -22,6 +31,10 @@ impl Blobs {
     pub fn new(dir: PathBuf) -> std::io::Result<Blobs> {
         crate::files::private_dir(&dir)?;
         Ok(Blobs { dir, served: Default::default(), pieces: Default::default() })
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, PiecesKept> {
+        self.pieces.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Counts bytes sent of a blob.
@@ -38,7 +51,15 @@ impl Blobs {
     /// of each, read once and then kept (for the last [`PIECES_KEPT`] blobs asked for). Blocks
     /// while it reads the blob.
     pub fn pieces(&self, hash: &str) -> std::io::Result<std::sync::Arc<Pieces>> {
-        if let Some(p) = self.pieces.lock().unwrap_or_else(|e| e.into_inner()).get(hash) {
+        let gate = {
+            let mut k = self.kept();
+            if let Some(p) = k.by_hash.get(hash) {
+                return Ok(p.clone());
+            }
+            k.reading.entry(hash.to_string()).or_default().clone()
+        };
+        let _one_reading = gate.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = self.kept().by_hash.get(hash) {
             return Ok(p.clone());
         }
         let path = self.path(hash).ok_or_else(|| std::io::Error::other("not a blob hash"))?;
@@ -55,11 +76,15 @@ impl Blobs {
         }
         let size = list.last().map_or(0, |p| p.first + p.len);
         let pieces = std::sync::Arc::new(Pieces { size, pieces: list });
-        let mut kept = self.pieces.lock().unwrap_or_else(|e| e.into_inner());
-        if kept.len() >= PIECES_KEPT {
-            kept.clear();
+        let mut k = self.kept();
+        if k.order.len() >= PIECES_KEPT
+            && let Some(oldest) = k.order.pop_front()
+        {
+            k.by_hash.remove(&oldest);
         }
-        kept.insert(hash.to_string(), pieces.clone());
+        k.order.push_back(hash.to_string());
+        k.by_hash.insert(hash.to_string(), pieces.clone());
+        k.reading.remove(hash);
         Ok(pieces)
     }
 

@@ -140,6 +140,11 @@ impl Shared {
         self.transport.ca.as_deref()
     }
 
+    /// The CA of nodes' certificates for serving each other blobs, if the pool has its own CA.
+    pub fn peer_ca(&self) -> Option<&vmgrid_tls::Ca> {
+        self.transport.peer_ca.as_deref()
+    }
+
     pub fn scheme(&self) -> &'static str {
         self.transport.scheme()
     }

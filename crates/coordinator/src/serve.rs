@@ -29,6 +29,10 @@ pub(crate) struct Transport {
     pub server: Option<Arc<rustls::ServerConfig>>,
     /// The pool's CA, when the pool has its own (it then signs consoles' certificates).
     pub ca: Option<Arc<Ca>>,
+    /// The CA of the certificates nodes serve each other blobs with, apart from the pool's: a
+    /// node's certificate names the address it says it serves at, which the coordinator cannot
+    /// check, so no client or node trusts it for anything but another node's blobs.
+    pub peer_ca: Option<Arc<Ca>>,
 }
 
 impl Transport {
@@ -39,6 +43,8 @@ impl Transport {
 
 pub const CA_CERT_FILE: &str = "ca.pem";
 const CA_KEY_FILE: &str = "ca.key";
+const PEER_CA_CERT_FILE: &str = "peer-ca.pem";
+const PEER_CA_KEY_FILE: &str = "peer-ca.key";
 
 pub(crate) fn transport(tls: &Tls, dir: &Path, listen: SocketAddr) -> Result<Transport, String> {
     match tls {
@@ -48,27 +54,28 @@ pub(crate) fn transport(tls: &Tls, dir: &Path, listen: SocketAddr) -> Result<Tra
                     "plain HTTP is only for a loopback address, and {listen} is not one: drop --insecure-http to serve HTTPS"
                 ));
             }
-            Ok(Transport { server: None, ca: None })
+            Ok(Transport { server: None, ca: None, peer_ca: None })
         }
         Tls::Files { cert, key } => {
             let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
             let identity = Identity { cert_pem: read(cert)?, key_pem: read(key)? };
             let server = vmgrid_tls::server_config(&identity).map_err(|e| e.to_string())?;
-            Ok(Transport { server: Some(server), ca: None })
+            Ok(Transport { server: Some(server), ca: None, peer_ca: None })
         }
         Tls::PoolCa { names } => {
-            let ca = pool_ca(dir)?;
+            let ca = load_or_make_ca(dir, CA_CERT_FILE, CA_KEY_FILE)?;
             let identity = ca.issue(&server_names(names, listen)).map_err(|e| e.to_string())?;
             let server = vmgrid_tls::server_config(&identity).map_err(|e| e.to_string())?;
-            Ok(Transport { server: Some(server), ca: Some(Arc::new(ca)) })
+            let peer_ca = load_or_make_ca(dir, PEER_CA_CERT_FILE, PEER_CA_KEY_FILE)?;
+            Ok(Transport { server: Some(server), ca: Some(Arc::new(ca)), peer_ca: Some(Arc::new(peer_ca)) })
         }
     }
 }
 
-/// The pool's CA from the data dir, made (and written, the key readable by its owner only) on
+/// A CA of the pool's from the data dir, made (and written, the key readable by its owner only) on
 /// the first start.
-fn pool_ca(dir: &Path) -> Result<Ca, String> {
-    let (cert, key) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
+fn load_or_make_ca(dir: &Path, cert_file: &str, key_file: &str) -> Result<Ca, String> {
+    let (cert, key) = (dir.join(cert_file), dir.join(key_file));
     if cert.is_file() && key.is_file() {
         let cert_pem = std::fs::read_to_string(&cert).map_err(|e| format!("cannot read {}: {e}", cert.display()))?;
         let key_pem = read_private(&key).map_err(|e| format!("cannot read {}: {e}", key.display()))?;

@@ -50,7 +50,14 @@ impl BlobCache {
     /// share it (and the pool), a small one from the pool.
     pub fn get_file(&self, client: &Client, f: &FileRef) -> Result<PathBuf, String> {
         match self.peering.get().filter(|_| f.size >= PEER_MIN_BYTES) {
-            Some(peering) => self.get_with(client, &f.blob, |path| peering.fetch(client, f, path)),
+            // Whatever stops a fetch in pieces (the pool cannot list them, say), the pool alone
+            // serves the whole blob.
+            Some(peering) => self.get_with(client, &f.blob, |path| {
+                peering.fetch(client, f, path).or_else(|e| {
+                    tracing::warn!(blob = %f.blob, "fetching from the pool alone: {e}");
+                    client.download(&f.blob, path).map(|_| ()).map_err(|e| e.to_string())
+                })
+            }),
             None => self.get(client, &f.blob),
         }
     }

@@ -220,21 +220,32 @@ fn prepare_cache(dir: &std::path::Path) -> std::io::Result<PathBuf> {
 }
 
 /// The listener this node serves large blobs to other nodes on, if it does; `ad` then says where.
+/// A node that cannot tell the address others would reach it at fetches from the pool alone.
 fn peer_listener(config: &NodeConfig, ad: &mut NodeAd) -> std::io::Result<Option<std::net::TcpListener>> {
     let Some(addr) = config.peer_listen else { return Ok(None) };
     let listener = std::net::TcpListener::bind(addr)?;
-    ad.peer = Some(peer::advertised(&listener, &config.pool)?.to_string());
-    Ok(Some(listener))
+    match peer::advertised(&listener, &config.pool) {
+        Ok(at) => {
+            ad.peer = Some(at.to_string());
+            Ok(Some(listener))
+        }
+        Err(e) => {
+            tracing::warn!(
+                "serving no blobs to other nodes: cannot tell the address they would reach this one at: {e}"
+            );
+            Ok(None)
+        }
+    }
 }
 
 impl Agent {
     /// Serves large blobs to the pool's other nodes on `listener`, and fetches them from them.
     fn share_blobs(&self, listener: std::net::TcpListener, identity: &PeerIdentity) -> std::io::Result<()> {
         let blobs = self.config.cache_dir.join("blobs");
-        let (peering, tls) = peer::Peering::new(identity, &blobs, &self.ad.name, self.config.peer_upload_bytes_s)
+        let peering = peer::Peering::new(identity, &blobs, &self.ad.name, self.config.peer_upload_bytes_s)
             .map_err(std::io::Error::other)?;
         let peering = Arc::new(peering);
-        peer::serve(listener, peering.clone(), tls)?;
+        peer::serve(listener, peering.clone())?;
         let _ = self.cache.peering.set(peering);
         tracing::info!(peer = ?self.ad.peer, "serving large blobs to the pool's other nodes");
         Ok(())
@@ -459,10 +470,15 @@ impl Agent {
         let leases = self.held_leases();
         let mut returned = std::mem::take(&mut *lock(&self.returning));
         returned.extend(self.take_queued(false));
-        let sharing = self.cache.peering.get().map(|p| p.sharing());
-        let req = HeartbeatRequest { leases, draining, cache: Some(self.cache.stats()), returned, sharing };
+        let peering = self.cache.peering.get();
+        let sharing = peering.map(|p| p.sharing());
+        let renew_peer = peering.is_some_and(|p| p.renew_due());
+        let req = HeartbeatRequest { leases, draining, cache: Some(self.cache.stats()), returned, sharing, renew_peer };
         match self.client().heartbeat(&req) {
             Ok(resp) => {
+                if let (Some(p), Some(id)) = (peering, &resp.peer_identity) {
+                    p.renew(id);
+                }
                 self.drop_queued(&resp.revoked);
                 let running = lock(&self.running);
                 for l in resp.revoked {

@@ -160,6 +160,10 @@ pub struct HeartbeatRequest {
     /// to other nodes: at most [`crate::MAX_SHARING`]; `None` leaves what it said before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sharing: Option<Vec<String>>,
+    /// The node's certificate for serving blobs ([`crate::PeerIdentity`]) is due to be renewed:
+    /// the answer carries the next.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub renew_peer: bool,
 }
 
 /// A node's blob cache: images and inputs kept by hash. Fields it does not know are ignored, so
@@ -180,6 +184,9 @@ pub struct HeartbeatResponse {
     /// resume on another node (`vmgrid vacate`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vacate: Vec<LeaseId>,
+    /// The node's next certificate for serving blobs, when it asked (`renew_peer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_identity: Option<crate::PeerIdentity>,
 }
 
 /// How a run ended, as a node reports it.

@@ -41,6 +41,8 @@ const CA_NAME: &str = "vmgrid pool CA";
 /// How long issued certificates last. A coordinator issues its own at every start, a console at
 /// every registration.
 const LEAF_DAYS: i64 = 397;
+/// How long a node's certificate for serving blobs to other nodes lasts.
+pub const PEER_HOURS: i64 = 24;
 
 /// A pool's certificate authority: its certificate (public) and its key (secret).
 pub struct Ca {
@@ -104,16 +106,23 @@ impl Ca {
 
     /// A server certificate for `names` (DNS names or IP addresses), signed by this authority.
     pub fn issue(&self, names: &[String]) -> Result<Identity, TlsError> {
-        self.issue_for(names, &[ExtendedKeyUsagePurpose::ServerAuth])
+        self.issue_for(names, &[ExtendedKeyUsagePurpose::ServerAuth], time::Duration::days(LEAF_DAYS))
     }
 
     /// A certificate for a node that serves blobs to other nodes at `names`, and shows it to the
-    /// nodes it fetches from: for servers and clients both.
+    /// nodes it fetches from (servers and clients both), valid for [`PEER_HOURS`]: the node gets
+    /// a new one before, and a node that left keeps its own only that long.
     pub fn issue_peer(&self, names: &[String]) -> Result<Identity, TlsError> {
-        self.issue_for(names, &[ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth])
+        let usages = [ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue_for(names, &usages, time::Duration::hours(PEER_HOURS))
     }
 
-    fn issue_for(&self, names: &[String], usages: &[ExtendedKeyUsagePurpose]) -> Result<Identity, TlsError> {
+    fn issue_for(
+        &self,
+        names: &[String],
+        usages: &[ExtendedKeyUsagePurpose],
+        valid: time::Duration,
+    ) -> Result<Identity, TlsError> {
         let key = KeyPair::generate().map_err(generate)?;
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -124,7 +133,7 @@ impl Ca {
         p.extended_key_usages = usages.to_vec();
         let now = time_now();
         p.not_before = now - time::Duration::days(1);
-        p.not_after = now + time::Duration::days(LEAF_DAYS);
+        p.not_after = now + valid;
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = p.signed_by(&key, &issuer).map_err(generate)?;
         Ok(Identity { cert_pem: format!("{}{}", cert.pem(), self.cert_pem), key_pem: key.serialize_pem() })

@@ -274,6 +274,7 @@ fn heartbeats(base: Client, nodes: &[Arc<SimNode>], interval: Duration, shared: 
             cache: None,
             returned: vec![],
             sharing: None,
+            renew_peer: false,
         }) {
             Ok(_) => {
                 shared.heartbeat_ms.lock().unwrap().push(ms(sent));

@@ -26,16 +26,9 @@ pub async fn register(
     }
     let mut ad = req.ad;
     ad.check().map_err(|e| Error(StatusCode::BAD_REQUEST, e))?;
-    // A node serves blobs to other nodes only with a certificate from the pool's CA; without one
-    // (a pool with certificates of its own), it is not offered as a peer.
-    let peer_identity = match (ad.peer.as_deref(), shared.ca()) {
-        (Some(addr), Some(ca)) => {
-            let ip = addr.parse::<std::net::SocketAddr>().map(|a| a.ip().to_string()).unwrap_or_default();
-            let id = ca.issue_peer(&[ip]).map_err(|e| Error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-            Some(PeerIdentity { cert_pem: id.cert_pem, key_pem: id.key_pem, ca_pem: ca.cert_pem().to_string() })
-        }
-        _ => None,
-    };
+    // A node serves blobs to other nodes only with a certificate from the pool's peer CA;
+    // without one (a pool with certificates of its own), it is not offered as a peer.
+    let peer_identity = ad.peer.as_deref().map(|addr| peer_identity(&shared, addr)).transpose()?.flatten();
     if peer_identity.is_none() {
         ad.peer = None;
     }
@@ -53,6 +46,16 @@ pub async fn register(
         heartbeat_ms: timing.heartbeat_ms,
         peer_identity,
     }))
+}
+
+/// A certificate from the pool's peer CA for a node serving blobs at `addr` (`ip:port`), if the
+/// pool has that CA. It names only the address the node says: the peer CA is trusted by nodes
+/// for each other's blobs alone, whose pieces they check by hash anyway.
+fn peer_identity(shared: &S, addr: &str) -> Result<Option<PeerIdentity>> {
+    let Some(ca) = shared.peer_ca() else { return Ok(None) };
+    let ip = addr.parse::<std::net::SocketAddr>().map(|a| a.ip().to_string()).unwrap_or_default();
+    let id = ca.issue_peer(&[ip]).map_err(|e| Error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Some(PeerIdentity { cert_pem: id.cert_pem, key_pem: id.key_pem, ca_pem: ca.cert_pem().to_string() }))
 }
 
 pub async fn lease(
@@ -136,6 +139,7 @@ pub async fn heartbeat(
     Body(req): Body<HeartbeatRequest>,
 ) -> Result<Json<HeartbeatResponse>> {
     let name = node(&p)?;
+    let peer = req.renew_peer.then(|| shared.peek(|e| e.node_ad(name).and_then(|ad| ad.peer))).flatten();
     let (resp, pending) = shared.call(|e| {
         let now = now_ms();
         let resp = e.heartbeat(name, &req.leases, req.draining, now);
@@ -149,7 +153,10 @@ pub async fn heartbeat(
         resp
     });
     shared.finish(pending).await?;
-    Ok(Json(resp?))
+    let mut resp = resp?;
+    // A node's certificate for serving blobs lasts a day: it asks for the next one before.
+    resp.peer_identity = peer.map(|addr| peer_identity(&shared, &addr)).transpose()?.flatten();
+    Ok(Json(resp))
 }
 
 /// A node's checkpoint of a job it runs: recorded (durably, before the answer) only under the

@@ -199,7 +199,12 @@ impl Engine {
                 _ => revoked.push(*l),
             }
         }
-        Ok(HeartbeatResponse { revoked, vacate })
+        Ok(HeartbeatResponse { revoked, vacate, peer_identity: None })
+    }
+
+    /// Node `name`'s ad, if it is in the pool.
+    pub fn node_ad(&self, name: &str) -> Option<NodeAd> {
+        self.nodes.get(name).map(|n| n.ad.ad().clone())
     }
 
     /// What node `name` says of its blob cache (kept in memory: each heartbeat says it again).
