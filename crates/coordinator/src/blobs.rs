@@ -62,6 +62,22 @@ impl Blobs {
         if let Some(p) = self.kept().by_hash.get(hash) {
             return Ok(p.clone());
         }
+        let read = self.read_pieces(hash);
+        let mut k = self.kept();
+        k.reading.remove(hash);
+        let pieces = std::sync::Arc::new(read?);
+        if k.order.len() >= PIECES_KEPT
+            && let Some(oldest) = k.order.pop_front()
+        {
+            k.by_hash.remove(&oldest);
+        }
+        k.order.push_back(hash.to_string());
+        k.by_hash.insert(hash.to_string(), pieces.clone());
+        Ok(pieces)
+    }
+
+    /// A blob's pieces, read from its file.
+    fn read_pieces(&self, hash: &str) -> std::io::Result<Pieces> {
         let path = self.path(hash).ok_or_else(|| std::io::Error::other("not a blob hash"))?;
         let file = std::fs::File::open(path)?;
         let (min, max) = ((PIECE_BYTES / 4) as u32, MAX_PIECE_BYTES as u32);
@@ -75,17 +91,7 @@ impl Blobs {
             });
         }
         let size = list.last().map_or(0, |p| p.first + p.len);
-        let pieces = std::sync::Arc::new(Pieces { size, pieces: list });
-        let mut k = self.kept();
-        if k.order.len() >= PIECES_KEPT
-            && let Some(oldest) = k.order.pop_front()
-        {
-            k.by_hash.remove(&oldest);
-        }
-        k.order.push_back(hash.to_string());
-        k.by_hash.insert(hash.to_string(), pieces.clone());
-        k.reading.remove(hash);
-        Ok(pieces)
+        Ok(Pieces { size, pieces: list })
     }
 
     pub fn dir(&self) -> &std::path::Path {

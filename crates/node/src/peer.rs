@@ -247,7 +247,10 @@ impl Peering {
         for t in 0..TRIES_PER_PIECE.min(peers.len()) {
             let peer = &peers[(k + t) % peers.len()];
             match get(peer) {
-                Ok(Some(b)) => return Some(b),
+                Ok(Some(b)) => {
+                    peers.retain(|p| !bad.contains(&p.node));
+                    return Some(b);
+                }
                 Ok(None) => {}
                 Err(()) => {
                     bad.insert(peer.node.clone());
@@ -315,7 +318,7 @@ fn tls_of(identity: &PeerIdentity) -> Result<(ureq::Agent, Arc<rustls::ServerCon
     let agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(3)))
-        .timeout_global(Some(REQUEST_DEADLINE))
+        .timeout_global(Some(PEER_IO_TIMEOUT))
         .tls_config(tls)
         .build()
         .into();

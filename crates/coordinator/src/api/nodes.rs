@@ -155,7 +155,15 @@ pub async fn heartbeat(
     shared.finish(pending).await?;
     let mut resp = resp?;
     // A node's certificate for serving blobs lasts a day: it asks for the next one before.
-    resp.peer_identity = peer.map(|addr| peer_identity(&shared, &addr)).transpose()?.flatten();
+    // One that cannot be issued now is asked for again with the next heartbeat; the heartbeat
+    // itself stands.
+    resp.peer_identity = peer.and_then(|addr| match peer_identity(&shared, &addr) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!(node = name, "cannot issue a certificate for serving blobs: {}", e.1);
+            None
+        }
+    });
     Ok(Json(resp))
 }
 
