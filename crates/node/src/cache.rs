@@ -43,7 +43,7 @@ impl BlobCache {
 
     /// The local path of a blob, fetched from the pool if it is not here yet.
     pub fn get(&self, client: &Client, hash: &str) -> Result<PathBuf, String> {
-        self.get_with(client, hash, |path| client.download(hash, path).map(|_| ()).map_err(|e| e.to_string()))
+        self.get_with(hash, |path| client.download(hash, path).map(|_| ()).map_err(|e| e.to_string()))
     }
 
     /// The local path of file `f`'s blob: a large one fetched in pieces from the nodes that
@@ -52,7 +52,7 @@ impl BlobCache {
         match self.peering.get().filter(|_| f.size >= PEER_MIN_BYTES) {
             // Whatever stops a fetch in pieces (the pool cannot list them, say), the pool alone
             // serves the whole blob.
-            Some(peering) => self.get_with(client, &f.blob, |path| {
+            Some(peering) => self.get_with(&f.blob, |path| {
                 peering.fetch(client, f, path).or_else(|e| {
                     tracing::warn!(blob = %f.blob, "fetching from the pool alone: {e}");
                     client.download(&f.blob, path).map(|_| ()).map_err(|e| e.to_string())
@@ -64,11 +64,9 @@ impl BlobCache {
 
     fn get_with(
         &self,
-        client: &Client,
         hash: &str,
         fetch: impl FnOnce(&std::path::Path) -> Result<(), String>,
     ) -> Result<PathBuf, String> {
-        let _ = client;
         if !is_blob_ref(hash) {
             return Err(format!("`{hash}` is not a blob hash"));
         }

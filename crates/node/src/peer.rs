@@ -121,7 +121,7 @@ impl Peering {
     pub fn fetch(&self, client: &Client, f: &FileRef, dest: &Path) -> Result<(), String> {
         let pieces = client.pieces(&f.blob).map_err(|e| e.to_string())?;
         // The pool's size, not the one the job's spec says: the whole is checked by its hash.
-        pieces.check(pieces.size).map_err(|e| format!("the pool's pieces of blob {}: {e}", f.blob))?;
+        pieces.check().map_err(|e| format!("the pool's pieces of blob {}: {e}", f.blob))?;
         let part = self.start(&f.blob, pieces)?;
         let result = self.fill(client, &f.blob, &part);
         lock(&self.partial).remove(&f.blob);

@@ -32,8 +32,8 @@ pub struct Piece {
 
 impl Pieces {
     /// Whether the pieces follow each other with no gap, each at most [`MAX_PIECE_BYTES`], and
-    /// cover `size` bytes.
-    pub fn check(&self, size: u64) -> Result<(), String> {
+    /// cover the blob's size.
+    pub fn check(&self) -> Result<(), String> {
         let mut at = 0u64;
         for p in &self.pieces {
             if p.first != at || p.len == 0 || p.len > MAX_PIECE_BYTES || !crate::is_blob_ref(&p.hash) {
@@ -41,9 +41,9 @@ impl Pieces {
             }
             at += p.len;
         }
-        match at == size && self.size == size {
+        match at == self.size {
             true => Ok(()),
-            false => Err(format!("the pieces cover {at} bytes, not the blob's {size}")),
+            false => Err(format!("the pieces cover {at} bytes, not the blob's {}", self.size)),
         }
     }
 }

@@ -356,12 +356,12 @@ impl Engine {
             return self.vacated(id, seq, now);
         }
         if let Some(ended) = self.ended_as_vote(id, &r.run) {
-            return self.vote(id, &node_name, ended, stored_result(r), now);
+            return self.vote(id, &node_name, ended, split_report(r).1, now);
         }
         self.release_resources(id, now);
         let j = self.jobs.get_mut(&id).expect("reported jobs exist");
-        let run = r.run.clone();
-        j.result = Some(Box::new(stored_result(r)));
+        let (run, result) = split_report(r);
+        j.result = Some(Box::new(result));
         let (retry, end) = match run {
             RunReport::Exited { code: 0 } => (None, (JobState::Completed, Some(0), None)),
             RunReport::Exited { code } => {
@@ -437,15 +437,16 @@ impl Job {
     }
 }
 
-/// A report's files as the pool keeps them.
-fn stored_result(r: Report) -> StoredResult {
-    StoredResult {
+/// A report's outcome, and its files as the pool keeps them.
+fn split_report(r: Report) -> (RunReport, StoredResult) {
+    let files = StoredResult {
         stdout: r.stdout,
         stderr: r.stderr,
         stdout_dropped: r.stdout_dropped,
         stderr_dropped: r.stderr_dropped,
         outputs: r.outputs,
-    }
+    };
+    (r.run, files)
 }
 
 /// The longest reason a node's report may give; the rest is cut.
