@@ -174,6 +174,7 @@ pub fn trivial_spec_of(image: FileRef) -> JobSpec {
         quorum: None,
         deterministic: false,
         ssi: None,
+        group: None,
     }
 }
 

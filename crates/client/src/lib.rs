@@ -7,6 +7,7 @@ use std::time::Duration;
 
 pub mod chunked;
 mod failover;
+mod overlay;
 
 use failover::Coordinators;
 pub use failover::FAILOVER_WINDOW;

@@ -44,6 +44,8 @@ pub(crate) struct Shared {
     pub ticks: watch::Sender<u64>,
     /// The open event streams, counted per owner ([`crate::api::Streams`]).
     pub streams: Arc<crate::api::Streams>,
+    /// The overlay's soft state: nodes' keys, endpoints and paths, and the relay's mailboxes.
+    pub overlay: crate::overlay::Overlay,
 }
 
 /// What a call leaves to do once the lock is released: wait for its commit, then wake.
@@ -89,6 +91,7 @@ impl Shared {
             scheduling: AtomicBool::new(false),
             ticks: watch::Sender::new(0),
             streams: Arc::default(),
+            overlay: Default::default(),
         }
     }
 

@@ -12,6 +12,7 @@ pub mod engine;
 mod files;
 mod history;
 mod metrics;
+mod overlay;
 mod parked;
 mod serve;
 mod standby;
@@ -202,9 +203,22 @@ pub fn start(config: Config, handle_signals: bool) -> Result<Running, StartError
                 let _ = shared.finish(loaded).await;
                 let ticker = tokio::spawn(tick_loop(shared.clone()));
                 let collector = tokio::spawn(blobs::collect_loop(shared.clone()));
+                // The overlay's reflector, on the API's port number; without it nodes relay.
+                let reflector = match tokio::net::UdpSocket::bind(addr).await {
+                    Ok(sock) => Some(tokio::spawn(overlay::reflect(sock))),
+                    Err(e) => {
+                        tracing::warn!(
+                            "no overlay reflector on udp {addr}: {e}; grid VMs on different nodes will relay"
+                        );
+                        None
+                    }
+                };
                 serve_until_stopped(shared, listener, rx, handle_signals).await;
                 ticker.abort();
                 collector.abort();
+                if let Some(r) = reflector {
+                    r.abort();
+                }
             });
             runtime.shutdown_timeout(Duration::from_secs(1));
         })

@@ -9,6 +9,8 @@ use std::path::{Component, Path};
 
 use crate::{Network, VmType, limits};
 
+pub mod grid;
+
 /// The part of a job a rule refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Field {
@@ -148,6 +150,7 @@ fn replicas(s: &Shape<'_>) -> Result<(), Invalid> {
 /// `checkpoint_s`: only a system VM's whole state can be saved and resumed elsewhere.
 fn checkpoint(s: &Shape<'_>) -> Result<(), Invalid> {
     let Some(n) = s.checkpoint_s else { return Ok(()) };
+    grid::not_checkpointed(s)?;
     let why = match s.vm_type {
         VmType::Qemu => None,
         VmType::Wasm => Some(

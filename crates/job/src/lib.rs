@@ -74,6 +74,9 @@ pub enum Network {
     #[default]
     None,
     User,
+    /// An address on the pool's overlay: the VM reaches the other VMs of its job group, wherever
+    /// they run, and nothing else.
+    Grid,
 }
 
 impl std::str::FromStr for Network {
@@ -83,7 +86,10 @@ impl std::str::FromStr for Network {
         match s {
             "none" => Ok(Network::None),
             "user" => Ok(Network::User),
-            other => Err(format!("unknown network `{other}`, expected `none` or `user`")),
+            "grid" => Ok(Network::Grid),
+            other => Err(format!(
+                "unknown network `{other}`, expected `none` (no NIC), `user` (QEMU's NAT to the outside) or `grid` (the pool's overlay, reaching the VMs of the job's group)"
+            )),
         }
     }
 }
@@ -206,6 +212,8 @@ pub mod limits {
     /// Dependencies (`after` entries) of all the jobs of a workflow together.
     pub const MAX_DAG_EDGES: usize = 100_000;
     pub const MAX_ARGS: usize = 4096;
+    /// The most VMs in one job group (`vmgrid submit --count N --group`).
+    pub const MAX_GROUP: u32 = 256;
     pub const MAX_ENV: usize = 4096;
     /// Args and env together, in bytes (each with its separator), as an exec would count them.
     pub const MAX_ARGV_ENV_BYTES: usize = 1 << 20;

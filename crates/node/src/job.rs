@@ -60,11 +60,12 @@ impl Agent {
         home_gone: &mut bool,
     ) -> Result<Report, RunError> {
         let client = self.client();
-        let job = self.localize(&client, lease)?;
+        let mut job = self.localize(&client, lease)?;
         let plan = checkpoint::plan(&client, &self.cache, lease, vacate, dir)?;
         let job_dir = dir.join("job");
         std::fs::create_dir_all(&job_dir).map_err(|e| RunError::host("cannot create the job directory", e))?;
         jobdir::stage_inputs(&job, &job_dir)?;
+        let net = self.join_overlay(lease, &mut job, &job_dir)?;
         // An SSI process runs against its home: its job directory is the mirror of the home's
         // files, and the home hears of its start, output and end first.
         let home = lease.spec.ssi.clone().map(|spec| ssi::HomeLink::start(spec, cancel.clone(), &self.config.trust));
@@ -79,7 +80,9 @@ impl Agent {
             ssi: host,
             checkpoint: plan.as_ref().map(|(p, _)| p),
             seed: lease.job_id,
+            net: net.as_ref().map(|a| &a.net),
         });
+        drop(net);
         if let Some((_, sink)) = &plan {
             sink.end();
         }
@@ -102,6 +105,35 @@ impl Agent {
             false => jobdir::Collected::default(),
         };
         upload(&client, id, &result, &collected, &out_dir)
+    }
+
+    /// A grid job's VM on the overlay's switch: its address and its group's go in its
+    /// environment (`VMGRID_ADDR`, `VMGRID_PEERS` when the kernel command line has room) and in
+    /// `/job/.vmgrid-peers` (`ADDRESS peer-INDEX` a line, in instance order).
+    fn join_overlay(
+        &self,
+        lease: &Lease,
+        job: &mut vmgrid_job::Job,
+        job_dir: &Path,
+    ) -> Result<Option<crate::overlay::Attached>, RunError> {
+        if job.vm.network != vmgrid_job::Network::Grid {
+            return Ok(None);
+        }
+        let att = self
+            .overlay
+            .attach(lease.job_id, lease.index, lease.spec.group)
+            .map_err(|e| RunError::host("cannot attach the VM to the overlay", e))?;
+        let hosts: String = att.members.iter().enumerate().map(|(i, a)| format!("{a} peer-{i}\n")).collect();
+        std::fs::write(job_dir.join(".vmgrid-peers"), hosts)
+            .map_err(|e| RunError::host("cannot write the job's peers", e))?;
+        let prefix = vmgrid_proto::overlay::PREFIX;
+        job.vm.env.insert("VMGRID_ADDR".into(), format!("{}/{prefix}", att.addr));
+        let peers = att.members.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+        // The kernel's command line is 2 KiB at most; a large group's guest reads the file.
+        if peers.len() <= 512 {
+            job.vm.env.insert("VMGRID_PEERS".into(), peers);
+        }
+        Ok(Some(att))
     }
 
     /// The lease's job, with its files fetched into the cache (once per hash).

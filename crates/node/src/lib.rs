@@ -9,6 +9,7 @@ mod cache;
 mod checkpoint;
 mod fingerprint;
 mod job;
+mod overlay;
 mod peer;
 mod queue;
 mod ssi;
@@ -128,6 +129,8 @@ struct Agent {
     heartbeat: Duration,
     /// Set when leaving: the reporter sends what is queued and ends.
     closing: AtomicBool,
+    /// This node's end of the pool's virtual network, for its `network = "grid"` VMs.
+    overlay: Arc<overlay::Overlay>,
 }
 
 /// Runs the agent until `stop` is set; then it drains and leaves the pool.
@@ -137,6 +140,7 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     let work_dir = prepare_cache(&config.cache_dir)?;
     let (client, reg) = register(&config, &ad, &stop)?;
     let Some(reg) = reg else { return Ok(()) };
+    let overlay = overlay::Overlay::start(&config.cache_dir, &config.pool, client.clone())?;
     let agent = Arc::new(Agent {
         cache: cache::BlobCache::new(config.cache_dir.join("blobs"), config.cache_max_mb << 20)?,
         runtime: Runtime::new(RuntimeConfig {
@@ -160,6 +164,7 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
         work_dir,
         heartbeat: Duration::from_millis(reg.heartbeat_ms.max(100)),
         closing: AtomicBool::new(false),
+        overlay,
     });
     tracing::info!(node = %agent.ad.name, pool = %agent.config.pool, "joined the pool");
     if let (Some(listener), Some(identity)) = (peer_listener, reg.peer_identity.as_ref()) {
@@ -204,6 +209,7 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     if let Err(e) = client.deregister() {
         tracing::warn!("could not deregister: {e}");
     }
+    agent.overlay.stop();
     tracing::info!("left the pool");
     Ok(())
 }
@@ -300,6 +306,7 @@ impl Agent {
         self.fence();
         match register(&self.config, &self.ad, stop) {
             Ok((c, Some(_))) => {
+                self.overlay.rotate(c.clone());
                 *lock(&self.client) = c;
                 self.rejoins.fetch_add(1, Ordering::SeqCst);
             }

@@ -17,6 +17,7 @@ pub use vmgrid_job::{FailureKind, Network, VmType};
 
 mod node;
 pub use node::*;
+pub mod overlay;
 mod peers;
 pub use peers::*;
 mod users;
@@ -89,6 +90,11 @@ pub struct JobSpec {
     /// (argv[0] is the module's path in the SSI filesystem).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssi: Option<SsiSpec>,
+    /// `network = "grid"` jobs: the submit's instances 0..group-1 are one job group (`vmgrid
+    /// submit --count N --group`), whose VMs reach each other on the overlay; it equals the
+    /// submit's count. Without it, each grid job is a group of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u32>,
 }
 
 /// Where an SSI process's home (the console that owns its files and process table) is, and the
@@ -465,6 +471,9 @@ impl JobSpec {
             deterministic: self.deterministic,
         };
         vmgrid_job::check::check(&shape).map_err(|inv| inv.message)?;
+        if let Some(n) = self.group {
+            vmgrid_job::check::grid::group(self.vm_type, self.network, n)?;
+        }
         for f in self.image.iter().chain(&self.kernel).chain(&self.initrd) {
             if !is_blob_ref(&f.blob) {
                 return Err(format!("`{}` is not a blob reference (64 hex digits of blake3)", f.blob));
@@ -529,6 +538,7 @@ impl JobSpec {
             quorum: job.policy.quorum,
             deterministic: job.policy.deterministic,
             ssi: None,
+            group: None,
         }
     }
 

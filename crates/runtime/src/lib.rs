@@ -81,6 +81,8 @@ pub struct RunRequest<'a> {
     pub checkpoint: Option<&'a qemu::checkpoint::Checkpointing>,
     /// The job's id: a deterministic job's random numbers are seeded from it.
     pub seed: u64,
+    /// A `network = "grid"` QEMU job's NIC: the node's end of it is the overlay's switch.
+    pub net: Option<&'a qemu::NetAttach>,
 }
 
 impl RunRequest<'_> {

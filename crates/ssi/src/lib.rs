@@ -384,6 +384,7 @@ impl Home {
             quorum: None,
             deterministic: false,
             ssi: Some(SsiSpec { home: self.url.clone(), token, pid }),
+            group: None,
         }
     }
 

@@ -32,6 +32,12 @@ pub struct SubmitArgs {
     /// Submit N instances, 0..N-1; `{index}` in args and env becomes the instance number.
     #[arg(long, default_value_t = 1)]
     count: u64,
+    /// Make the N instances one job group: QEMU jobs with `network = "grid"` whose VMs start
+    /// together and reach each other (and nothing else) on the pool's overlay, wherever they
+    /// run. Each VM finds its group's addresses in /job/.vmgrid-peers (`ADDRESS peer-INDEX` a
+    /// line) and in $VMGRID_PEERS (comma-separated, by instance), its own in $VMGRID_ADDR.
+    #[arg(long)]
+    group: bool,
     /// Wait for the jobs to finish, with progress on a terminal; exit as `vmgrid wait` does.
     #[arg(long)]
     wait: bool,
@@ -78,8 +84,17 @@ pub fn submit(args: SubmitArgs) -> Result<i32, CliError> {
     if args.count == 0 {
         return Err(CliError::BadInput("--count must be at least 1".into()));
     }
+    let group = match args.group {
+        true => {
+            let n = u32::try_from(args.count).unwrap_or(u32::MAX);
+            vmgrid_job::check::grid::group(job.vm.vm_type, job.vm.network, n)
+                .map_err(|e| CliError::BadInput(format!("--group: {e}")))?;
+            Some(n)
+        }
+        false => None,
+    };
     let client = args.pool.client()?;
-    let spec = to_spec(&client, &job)?;
+    let spec = JobSpec { group, ..to_spec(&client, &job)? };
     let resp = client.submit(&SubmitRequest { spec, count: args.count })?;
     let mut out = String::with_capacity(resp.ids.len() * 8);
     for id in &resp.ids {

@@ -49,6 +49,8 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
         ssi: None,
         checkpoint: None,
         seed: 0,
+        // `network = "grid"` needs a pool's overlay: run here, the VM has no NIC.
+        net: None,
     });
     // Outputs are collected whatever happened, so a failed job's partial results are kept, but
     // not past the disk limit.

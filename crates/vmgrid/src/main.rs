@@ -6,6 +6,7 @@ mod cmd_appliance;
 mod cmd_dag;
 mod cmd_glidein;
 mod cmd_jobs;
+mod cmd_net;
 mod cmd_pool;
 mod cmd_run;
 mod cmd_ssi;
@@ -69,6 +70,10 @@ enum Command {
     /// and it cannot join again under its name; `--lift` lets them back. `status` shows each
     /// node's reputation, from the replicated jobs ([policy] replicas) it ran.
     Ban(cmd_jobs::BanArgs),
+    /// The pool's virtual network (`network = "grid"`): each node's overlay key and endpoint, and
+    /// whether each pair of nodes reaches the other directly (UDP through their NATs) or through
+    /// the pool's relay.
+    Net(cmd_net::NetArgs),
     /// Wait for jobs; exit 0 if all completed with 0, else the first non-zero code (1 if held or removed).
     Wait(cmd_jobs::WaitArgs),
     /// Print a finished job's stdout (or stderr).
@@ -119,6 +124,7 @@ fn main() {
         Command::Vacate(args) => cmd_jobs::action(vmgrid_proto::JobAction::Vacate, args),
         Command::Ban(args) => cmd_jobs::ban(args),
         Command::Wait(args) => cmd_jobs::wait(args),
+        Command::Net(args) => cmd_net::net(args),
         Command::Logs(args) => cmd_jobs::logs(args),
         Command::Fetch(args) => cmd_jobs::fetch(args),
         Command::Dag(args) => cmd_dag::run(args),

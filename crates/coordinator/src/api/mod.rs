@@ -10,6 +10,7 @@ mod events;
 mod jobs;
 mod nodes;
 mod openapi;
+mod overlay;
 mod overview;
 mod tokens;
 mod users;
@@ -50,6 +51,9 @@ pub(crate) fn routes() -> Vec<(&'static str, MethodRouter<S>)> {
         ("/v1/nodes/checkpoint", post(nodes::checkpoint)),
         ("/v1/nodes/deregister", post(nodes::deregister)),
         ("/v1/nodes/ban", post(nodes::ban)),
+        ("/v1/overlay", post(overlay::hello)),
+        ("/v1/overlay/relay", post(overlay::relay_send).get(overlay::relay_recv)),
+        ("/v1/net", get(overlay::net)),
         ("/v1/blobs/{hash}", get(blobs::get).head(blobs::head).put(blobs::put)),
         ("/v1/blobs/{hash}/peers", get(blobs::peers)),
         ("/v1/blobs/{hash}/pieces", get(blobs::pieces)),

@@ -253,6 +253,7 @@ pub async fn ban(AxState(shared): AxState<S>, Auth(p): Auth, Body(req): Body<Ban
 pub async fn deregister(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<StatusCode> {
     let name = node(&p)?;
     let ((), pending) = shared.call(|e| e.deregister(name, now_ms()));
+    shared.overlay.forget(name);
     shared.finish(pending).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -21,7 +21,7 @@ use super::overview::Overview;
         jobs_submit, jobs_list, jobs_actions, jobs_result, jobs_wait,
         dags_submit, dags_list, dags_get, dags_rm,
         nodes_list, nodes_register, nodes_lease, nodes_heartbeat, nodes_report, nodes_checkpoint, nodes_deregister,
-        nodes_ban,
+        nodes_ban, overlay_hello, overlay_relay_send, overlay_relay_recv, net_list,
         blobs_get, blobs_head, blobs_put, blobs_peers, blobs_pieces,
         tokens_add, tokens_list, tokens_revoke, consoles_open,
         users_list, users_settings, events_stream, overview_get,
@@ -239,6 +239,44 @@ op!(
         ),
         Errors
     )
+);
+op!(
+    overlay_hello,
+    post,
+    path = "/v1/overlay",
+    tag = "overlay",
+    request_body = vmgrid_proto::overlay::OverlayHello,
+    responses(
+        (
+            status = 200,
+            description = "the node's WireGuard key, observed endpoint and paths recorded; the answer is the groups of its running grid jobs and the keys and endpoints of the nodes that run their other members (node credentials only)",
+            body = vmgrid_proto::overlay::OverlayMap
+        ),
+        Errors
+    )
+);
+op!(
+    overlay_relay_send,
+    post,
+    path = "/v1/overlay/relay",
+    tag = "overlay",
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "WireGuard packets for other nodes: each a byte of name length, the node's name, two bytes (big-endian) of packet length and the packet"),
+    responses((status = 204, description = "queued for the nodes named, those that run members of a group with the caller's jobs (node credentials only)"), Errors)
+);
+op!(
+    overlay_relay_recv,
+    get,
+    path = "/v1/overlay/relay",
+    tag = "overlay",
+    params(("wait_ms" = Option<u64>, Query, description = "wait up to this long (at most 30 s) for a packet")),
+    responses((status = 200, description = "the WireGuard packets relayed to the calling node, each with the name of the node it came from; empty when none came (node credentials only)", content_type = "application/octet-stream", body = Vec<u8>), Errors)
+);
+op!(
+    net_list,
+    get,
+    path = "/v1/net",
+    tag = "overlay",
+    responses((status = 200, description = "each node's end of the overlay: key, observed endpoint, and the path (direct or relay) to each node it has a tunnel with", body = Vec<vmgrid_proto::overlay::NetView>), Errors)
 );
 op!(
     nodes_deregister,

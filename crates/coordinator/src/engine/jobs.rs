@@ -31,6 +31,13 @@ impl Engine {
         if count == 0 || count > MAX_COUNT {
             return Err(ApiError::BadRequest(format!("count is {count}; it must be between 1 and {MAX_COUNT}")));
         }
+        if let Some(n) = spec.group
+            && u64::from(n) != count
+        {
+            return Err(ApiError::BadRequest(format!(
+                "a job group is the whole submit: `group` is {n} and the count {count}"
+            )));
+        }
         let owner = p.owner();
         let queued = self.queued_and_reserved(owner);
         if queued + count > self.limits.max_queued_per_user {

@@ -17,6 +17,7 @@ mod invariants;
 pub(crate) mod jobs;
 mod load;
 mod nodes;
+mod overlay;
 mod replicas;
 mod retention;
 mod schedule;

@@ -36,6 +36,7 @@ pub(crate) fn spec(max_retries: u32) -> JobSpec {
         quorum: None,
         deterministic: false,
         ssi: None,
+        group: None,
     }
 }
 

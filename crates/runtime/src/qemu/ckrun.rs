@@ -85,6 +85,7 @@ pub(crate) fn run(req: &RunRequest<'_>, config: &RuntimeConfig, ck: &Checkpointi
         qmp: &qmp_path,
         accel,
         launcher: &launcher,
+        net: None,
     };
     let mut cmd = launcher.command(&launch::args(&launch));
     let (stdout, stderr) = CaptureSink::pair(config);

@@ -122,6 +122,8 @@ pub(crate) struct Launch<'a> {
     pub qmp: &'a Path,
     pub accel: Accel,
     pub launcher: &'a Launcher,
+    /// The NIC on the pool's overlay, for a `network = "grid"` job.
+    pub net: Option<&'a super::NetAttach>,
 }
 
 /// QEMU's arguments for one job VM.
@@ -180,6 +182,11 @@ pub(crate) fn args(l: &Launch<'_>) -> Vec<OsString> {
     match job.vm.network {
         Network::None => a.extend(["-nic".into(), "none".into()]),
         Network::User => a.extend(["-nic".into(), "user,model=virtio-net-pci".into()]),
+        Network::Grid => match l.net {
+            Some(net) => a.extend(net.qemu_args().map(OsString::from)),
+            // Without the node's switch (`vmgrid run`), the VM has no NIC at all.
+            None => a.extend(["-nic".into(), "none".into()]),
+        },
     }
     a
 }

@@ -28,6 +28,49 @@ pub use accel::Accel;
 pub use caps::{Caps, DropRoot};
 pub use launch::Launcher;
 
+/// A job VM's NIC on the pool's overlay (`network = "grid"`): QEMU's end of a connected
+/// `SOCK_DGRAM` socket pair (one datagram is one Ethernet frame) whose other end the node's
+/// virtual switch holds, and the MAC the switch expects the guest to use. The socket is inherited
+/// by QEMU alone (it is never a path on the host), so no other process can reach the VM's NIC.
+#[derive(Debug)]
+pub struct NetAttach {
+    pub fd: std::os::fd::OwnedFd,
+    pub mac: [u8; 6],
+}
+
+impl NetAttach {
+    /// QEMU's `-netdev` and `-device` values for it.
+    pub fn qemu_args(&self) -> [String; 4] {
+        use std::os::fd::AsRawFd;
+        let m = self.mac;
+        let mac = format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5]);
+        [
+            "-netdev".into(),
+            format!("dgram,id=grid,local.type=fd,local.str={}", self.fd.as_raw_fd()),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=grid,mac={mac}"),
+        ]
+    }
+
+    /// Lets the QEMU started by `cmd` inherit the socket (it is close-on-exec for every other
+    /// child of this process).
+    pub fn pass_to(&self, cmd: &mut std::process::Command) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: the closure runs in the forked child before exec and calls only fcntl, which
+        // is async-signal-safe, on a descriptor this process holds open for the child's lifetime.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
 /// The file in which the guest leaves its decimal exit code before it powers off.
 pub const EXIT_FILE: &str = ".vmgrid-exit";
 /// The 9p mount tag of the job directory.
@@ -87,8 +130,12 @@ pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, Ru
         qmp: &qmp,
         accel,
         launcher: &launcher,
+        net: req.net,
     };
     let mut cmd = launcher.command(&launch::args(&launch));
+    if let Some(net) = req.net {
+        net.pass_to(&mut cmd);
+    }
     tracing::debug!(?cmd, "starting qemu");
 
     let (stdout, stderr) = CaptureSink::pair(config);

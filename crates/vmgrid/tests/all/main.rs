@@ -14,6 +14,8 @@ mod glidein;
 mod job_file;
 mod jvm;
 mod netns;
+mod overlay;
+mod overlay_nat;
 mod peers;
 mod pool;
 mod replicas;

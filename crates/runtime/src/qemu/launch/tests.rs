@@ -27,6 +27,7 @@ fn line(job: &Job, launcher: &Launcher) -> Vec<String> {
         qmp: Path::new("/tmp/s/qmp.sock"),
         accel: Accel::Tcg,
         launcher,
+        net: None,
     };
     args(&launch).into_iter().map(|a| a.into_string().unwrap()).collect()
 }
@@ -144,6 +145,7 @@ fn a_checkpointed_job_gets_its_directory_as_a_disk_a_portable_cpu_and_may_wait_f
         qmp: Path::new("/tmp/s/qmp.sock"),
         accel: Accel::Kvm,
         launcher: &launcher,
+        net: None,
     };
     let l: Vec<String> = args(&launch).into_iter().map(|a| a.into_string().unwrap()).collect();
     assert!(!l.iter().any(|a| a == "-fsdev" || a.contains("virtio-9p")), "no 9p share: QEMU cannot migrate one: {l:?}");

@@ -1,0 +1,68 @@
+//! `/v1/overlay` and `/v1/net`: the overlay's control plane for nodes (hello and map, the relay)
+//! and its view for users (`vmgrid net`). The state is [`crate::overlay::Overlay`]'s.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State as AxState;
+use axum::http::StatusCode;
+use vmgrid_proto::overlay::{MAX_RELAY_BODY, NetView, OverlayHello, OverlayMap, relay_decode};
+
+use super::{Auth, Body, Error, Query, Result, S, node, user};
+
+/// A node's hello: its key, endpoint and paths; the answer is its map.
+pub async fn hello(
+    AxState(shared): AxState<S>,
+    Auth(p): Auth,
+    Body(h): Body<OverlayHello>,
+) -> Result<Json<OverlayMap>> {
+    let name = node(&p)?.to_string();
+    h.check().map_err(|e| Error(StatusCode::BAD_REQUEST, e))?;
+    let groups = shared.peek(|e| e.overlay_groups(&name));
+    Ok(Json(shared.overlay.hello(&name, h, groups)))
+}
+
+/// Packets from a node for others (a relay body); those it may not send are dropped.
+pub async fn relay_send(AxState(shared): AxState<S>, Auth(p): Auth, body: Bytes) -> Result<StatusCode> {
+    let name = node(&p)?.to_string();
+    let packets = relay_decode(&body).map_err(|e| Error(StatusCode::BAD_REQUEST, e))?;
+    shared.overlay.relay(&name, packets);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(serde::Deserialize)]
+pub struct Wait {
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// The packets waiting for the calling node: at once, or as soon as one comes within `wait_ms`
+/// (at most 30 s); an empty body when none did.
+pub async fn relay_recv(AxState(shared): AxState<S>, Auth(p): Auth, Query(w): Query<Wait>) -> Result<Vec<u8>> {
+    let name = node(&p)?.to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(w.wait_ms.min(30_000));
+    loop {
+        match shared.overlay.take(&name, MAX_RELAY_BODY) {
+            Ok(body) => return Ok(body),
+            Err(Some(notify)) => {
+                if tokio::time::timeout_at(deadline, notify.notified()).await.is_err() {
+                    return Ok(Vec::new());
+                }
+            }
+            // A node that said no hello yet has nothing waiting.
+            Err(None) => {
+                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + Duration::from_millis(500))).await;
+                if tokio::time::Instant::now() >= deadline {
+                    return Ok(Vec::new());
+                }
+            }
+        }
+    }
+}
+
+/// Every node's end of the overlay and how it reaches the others.
+pub async fn net(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<Json<Vec<NetView>>> {
+    user(&p, "see the pool's network")?;
+    Ok(Json(shared.overlay.views()))
+}

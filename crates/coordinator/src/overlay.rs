@@ -1,0 +1,163 @@
+//! The pool's side of the overlay (`network = "grid"`): what each node said about its end of it
+//! (WireGuard key, observed endpoint, paths), the UDP reflector that tells a node the address
+//! its packets come from (as STUN would), and the relay that carries WireGuard packets between
+//! nodes that cannot reach each other directly. All of it is soft state in memory: nodes say it
+//! again every second, so a restarted coordinator knows it again within one.
+//!
+//! The relay carries only packets between nodes that run members of one group now (as the
+//! engine says), boundedly per node; they are WireGuard packets, so the pool sees ciphertext.
+//! The reflector answers only probes, never with more bytes than the probe had.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use vmgrid_proto::overlay::{
+    NetView, OverlayGroup, OverlayHello, OverlayMap, OverlayPeer, PROBE_LEN, PROBE_MAGIC, PeerPath, REPLY_MAGIC,
+    relay_encode,
+};
+
+/// A node not heard from for this long is left out of maps and `vmgrid net`.
+const STALE: Duration = Duration::from_secs(30);
+/// The most bytes waiting in one node's relay mailbox; past it, packets are dropped (as a full
+/// link drops them: TCP in the VMs slows down).
+const MAILBOX_BYTES: usize = 4 << 20;
+
+#[derive(Default)]
+pub(crate) struct Overlay {
+    ends: Mutex<HashMap<String, End>>,
+}
+
+struct End {
+    key: String,
+    endpoint: Option<String>,
+    paths: Vec<PeerPath>,
+    seen: Instant,
+    /// The nodes its map named: the only ones it may relay to.
+    peers: HashSet<String>,
+    mailbox: VecDeque<(String, Vec<u8>)>,
+    queued: usize,
+    notify: Arc<Notify>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Overlay {
+    /// Records a node's hello and answers with its map: its groups, and the keys and endpoints
+    /// of the nodes that run their other members.
+    pub fn hello(&self, node: &str, hello: OverlayHello, groups: Vec<OverlayGroup>) -> OverlayMap {
+        let mut ends = lock(&self.ends);
+        let peers: HashSet<String> =
+            groups.iter().flat_map(|g| &g.members).map(|m| m.node.clone()).filter(|n| n != node).collect();
+        let end = ends.entry(node.to_string()).or_insert_with(|| End {
+            key: String::new(),
+            endpoint: None,
+            paths: Vec::new(),
+            seen: Instant::now(),
+            peers: HashSet::new(),
+            mailbox: VecDeque::new(),
+            queued: 0,
+            notify: Arc::default(),
+        });
+        if end.key != hello.key {
+            // A new key (the node registered again): what waited for the old one is useless.
+            end.mailbox.clear();
+            end.queued = 0;
+        }
+        end.key = hello.key;
+        end.endpoint = hello.endpoint;
+        end.paths = hello.paths;
+        end.seen = Instant::now();
+        end.peers = peers.clone();
+        let mut out: Vec<OverlayPeer> = peers
+            .iter()
+            .filter_map(|p| {
+                let e = ends.get(p).filter(|e| e.seen.elapsed() < STALE)?;
+                Some(OverlayPeer { node: p.clone(), key: e.key.clone(), endpoint: e.endpoint.clone() })
+            })
+            .collect();
+        out.sort_by(|a, b| a.node.cmp(&b.node));
+        OverlayMap { groups, peers: out }
+    }
+
+    /// Queues packets from `from` for the nodes they name; returns how many were dropped (not a
+    /// peer of `from`'s, or a full mailbox).
+    pub fn relay(&self, from: &str, packets: Vec<(String, &[u8])>) -> usize {
+        let mut ends = lock(&self.ends);
+        let Some(allowed) = ends.get(from).map(|e| e.peers.clone()) else { return packets.len() };
+        let mut dropped = 0;
+        for (to, p) in packets {
+            match ends.get_mut(&to).filter(|_| allowed.contains(&to)) {
+                Some(e) if e.queued + p.len() <= MAILBOX_BYTES => {
+                    e.queued += p.len();
+                    e.mailbox.push_back((from.to_string(), p.to_vec()));
+                    e.notify.notify_one();
+                }
+                _ => dropped += 1,
+            }
+        }
+        dropped
+    }
+
+    /// The packets waiting for `node`, encoded as a relay body (at most `max` bytes), or the
+    /// notification to wait on when there are none.
+    pub fn take(&self, node: &str, max: usize) -> Result<Vec<u8>, Option<Arc<Notify>>> {
+        let mut ends = lock(&self.ends);
+        let Some(e) = ends.get_mut(node) else { return Err(None) };
+        if e.mailbox.is_empty() {
+            return Err(Some(e.notify.clone()));
+        }
+        let mut body = Vec::new();
+        while let Some((from, p)) = e.mailbox.front() {
+            if !body.is_empty() && body.len() + p.len() + from.len() + 3 > max {
+                break;
+            }
+            relay_encode(&mut body, from, p);
+            e.queued -= p.len();
+            e.mailbox.pop_front();
+        }
+        Ok(body)
+    }
+
+    /// Every node's end heard from lately, for `vmgrid net`.
+    pub fn views(&self) -> Vec<NetView> {
+        let ends = lock(&self.ends);
+        let mut v: Vec<NetView> = ends
+            .iter()
+            .filter(|(_, e)| e.seen.elapsed() < STALE)
+            .map(|(n, e)| NetView {
+                node: n.clone(),
+                key: e.key.clone(),
+                endpoint: e.endpoint.clone(),
+                paths: e.paths.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.node.cmp(&b.node));
+        v
+    }
+
+    /// Forgets a node that left the pool.
+    pub fn forget(&self, node: &str) {
+        lock(&self.ends).remove(node);
+    }
+}
+
+/// The reflector: answers each probe with the address it came from. It shares the API's port
+/// number (UDP and TCP ports are apart), so a node finds it from the pool's URL.
+pub(crate) async fn reflect(sock: tokio::net::UdpSocket) {
+    let mut buf = [0u8; 2048];
+    loop {
+        let Ok((n, from)) = sock.recv_from(&mut buf).await else { continue };
+        if n < PROBE_LEN || !buf[..n].starts_with(PROBE_MAGIC) {
+            continue;
+        }
+        let mut reply = REPLY_MAGIC.to_vec();
+        reply.extend_from_slice(from.to_string().as_bytes());
+        if reply.len() <= n {
+            let _ = sock.send_to(&reply, from).await;
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! The WireGuard tunnels to other nodes (boringtun's `Tunn`, one per peer node) and the path each
+//! packet takes: straight to the peer's endpoint over UDP while packets come back that way, else
+//! through the pool's relay. WireGuard refuses replayed packets, so a packet sent both ways while
+//! a path is being tried arrives once.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::Tunn;
+use boringtun::x25519::{PublicKey, StaticSecret};
+use vmgrid_proto::overlay::{Path, PeerPath};
+
+/// A direct path is alive while a packet came over it this recently (keepalives go every
+/// [`KEEPALIVE_S`] seconds).
+const ALIVE: Duration = Duration::from_secs(3);
+/// For this long after a tunnel starts, packets go both ways: directly (to punch through the
+/// NATs) and through the relay (in case that never works).
+const TRYING: Duration = Duration::from_secs(3);
+const KEEPALIVE_S: u16 = 1;
+
+pub(super) struct Peer {
+    pub key: [u8; 32],
+    pub tunn: Tunn,
+    index: u32,
+    /// Where its packets come from (authenticated), or else where the pool's reflector saw it.
+    pub endpoint: Option<SocketAddr>,
+    created: Instant,
+    last_direct: Option<Instant>,
+    last_rx: Option<Instant>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+/// Where one wire packet goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Route {
+    pub direct: Option<SocketAddr>,
+    pub relay: bool,
+}
+
+impl Peer {
+    pub fn new(secret: &StaticSecret, key: [u8; 32], index: u32, endpoint: Option<SocketAddr>) -> Peer {
+        let tunn = Tunn::new(secret.clone(), PublicKey::from(key), None, Some(KEEPALIVE_S), index, None);
+        Peer {
+            key,
+            tunn,
+            index,
+            endpoint,
+            created: Instant::now(),
+            last_direct: None,
+            last_rx: None,
+            tx_bytes: 0,
+            rx_bytes: 0,
+        }
+    }
+
+    fn direct_alive(&self) -> bool {
+        self.last_direct.is_some_and(|t| t.elapsed() < ALIVE)
+    }
+
+    /// The way `packet` (a WireGuard packet for this peer) goes.
+    pub fn route(&self, packet: &[u8]) -> Route {
+        let Some(ep) = self.endpoint else { return Route { direct: None, relay: true } };
+        if self.direct_alive() {
+            return Route { direct: Some(ep), relay: false };
+        }
+        // Handshakes and keepalives also try the direct path, so it is found again once the
+        // NATs let it through; the rest goes direct only while it is being tried.
+        let probe = packet.first() == Some(&1) || packet.len() == 32;
+        let trying = self.created.elapsed() < TRYING;
+        Route { direct: (trying || probe).then_some(ep), relay: true }
+    }
+
+    /// A packet from it was authenticated: over UDP from `from`, or through the relay.
+    pub fn heard(&mut self, from: Option<SocketAddr>) {
+        let now = Instant::now();
+        self.last_rx = Some(now);
+        if let Some(addr) = from {
+            self.last_direct = Some(now);
+            self.endpoint = Some(addr);
+        }
+    }
+
+    pub fn path(&self) -> Path {
+        if self.direct_alive() {
+            Path::Direct
+        } else if self.last_rx.is_some_and(|t| t.elapsed() < ALIVE) {
+            Path::Relay
+        } else {
+            Path::Connecting
+        }
+    }
+}
+
+/// The tunnels, by peer node.
+#[derive(Default)]
+pub(super) struct Peers {
+    by_node: HashMap<String, Peer>,
+    next_index: u32,
+}
+
+impl Peers {
+    pub fn get_mut(&mut self, node: &str) -> Option<&mut Peer> {
+        self.by_node.get_mut(node)
+    }
+
+    /// The tunnel whose local index is `receiver_idx`'s (its upper 24 bits).
+    pub fn by_index(&mut self, receiver_idx: u32) -> Option<(&String, &mut Peer)> {
+        self.by_node.iter_mut().find(|(_, p)| p.index == receiver_idx >> 8)
+    }
+
+    pub fn by_key(&mut self, key: &[u8; 32]) -> Option<(&String, &mut Peer)> {
+        self.by_node.iter_mut().find(|(_, p)| &p.key == key)
+    }
+
+    /// Starts a tunnel to `node` (replacing one under another key); returns it if it is new.
+    pub fn ensure(
+        &mut self,
+        secret: &StaticSecret,
+        node: &str,
+        key: [u8; 32],
+        endpoint: Option<SocketAddr>,
+    ) -> Option<&mut Peer> {
+        if let Some(p) = self.by_node.get_mut(node)
+            && p.key == key
+        {
+            // The reflector's view is only a fallback for the address packets really come from.
+            if !p.direct_alive() && endpoint.is_some() {
+                p.endpoint = endpoint;
+            }
+            return None;
+        }
+        self.next_index = (self.next_index + 1) & 0x00ff_ffff;
+        let peer = Peer::new(secret, key, self.next_index, endpoint);
+        self.by_node.insert(node.to_string(), peer);
+        self.by_node.get_mut(node)
+    }
+
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.by_node.retain(|n, _| keep(n));
+    }
+
+    pub fn clear(&mut self) {
+        self.by_node.clear();
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&String, &mut Peer)> {
+        self.by_node.iter_mut()
+    }
+
+    pub fn paths(&self) -> Vec<PeerPath> {
+        let mut v: Vec<PeerPath> = self
+            .by_node
+            .iter()
+            .map(|(n, p)| PeerPath { node: n.clone(), path: p.path(), tx_bytes: p.tx_bytes, rx_bytes: p.rx_bytes })
+            .collect();
+        v.sort_by(|a, b| a.node.cmp(&b.node));
+        v
+    }
+}
