@@ -16,6 +16,7 @@ mod checkpoint;
 mod compute;
 mod engine;
 mod fleet;
+mod overlay;
 mod peers;
 mod pool;
 mod report;
@@ -84,7 +85,7 @@ fn parse_args() -> Args {
             "--only" => a.only = it.next().expect("--only PART,PART").split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
                 println!(
-                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,replicas,peers,postgres,slurm,wasm,qemu,checkpoint,scheduler,rss,ssi,appliance,fleet] [--fleet] [--fleet-nodes 100,1000] [--fleet-large] [--fleet-jobs 10000] [--out FILE]\n--fleet: only the pool's scale, simulated node agents against a real coordinator.\n--fleet-large: the pool's scale at 10,000 nodes too (about a minute on 2 cores).\n--out: where the table is written; the whole suite writes BENCHMARKS.md by default, a part of it (--only, --fleet) nothing.\nRun from the repository root after scripts/bench has built everything."
+                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,replicas,peers,postgres,slurm,wasm,qemu,checkpoint,scheduler,rss,ssi,appliance,fleet,overlay] [--fleet] [--fleet-nodes 100,1000] [--fleet-large] [--fleet-jobs 10000] [--out FILE]\n--fleet: only the pool's scale, simulated node agents against a real coordinator.\n--fleet-large: the pool's scale at 10,000 nodes too (about a minute on 2 cores).\n--out: where the table is written; the whole suite writes BENCHMARKS.md by default, a part of it (--only, --fleet) nothing.\nRun from the repository root after scripts/bench has built everything."
                 );
                 std::process::exit(0);
             }
@@ -122,10 +123,22 @@ pub fn sh(cmd: &str) -> String {
 fn main() {
     let args = parse_args();
     // Only the scheduler engine runs without the release binary.
-    let needs_bin =
-        ["pool", "replicas", "peers", "postgres", "slurm", "wasm", "qemu", "rss", "ssi", "appliance", "fleet"]
-            .iter()
-            .any(|p| args.wants(p));
+    let needs_bin = [
+        "pool",
+        "replicas",
+        "peers",
+        "postgres",
+        "slurm",
+        "wasm",
+        "qemu",
+        "rss",
+        "ssi",
+        "appliance",
+        "fleet",
+        "overlay",
+    ]
+    .iter()
+    .any(|p| args.wants(p));
     if needs_bin && !pool::vmgrid_bin(&args.root).exists() {
         eprintln!("vmgrid-bench: {} is missing; run scripts/bench", pool::vmgrid_bin(&args.root).display());
         std::process::exit(1);
@@ -158,6 +171,9 @@ fn main() {
     appliance_figures(&args, &mut rep);
     if args.wants("checkpoint") {
         checkpoint_figures(&args, &mut rep);
+    }
+    if args.wants("overlay") {
+        overlay_figures(&args, &mut rep);
     }
     if args.wants("fleet") {
         fleet::figures(&args.root, &args.fleet_sizes, args.fleet_jobs, &mut rep);
@@ -444,6 +460,25 @@ fn checkpoint_figures(args: &Args, rep: &mut Report) {
                 }
                 Err(e) => rep.note(format!("{what} not measured: {e}")),
             }
+        }
+    }
+}
+
+/// The overlay between two VMs on two nodes, direct and relayed, beside QEMU's socket networking.
+fn overlay_figures(args: &Args, rep: &mut Report) {
+    type Measure = fn(&std::path::Path) -> Result<overlay::Net, String>;
+    let ways: [(&str, Measure); 3] = [
+        ("QEMU socket networking (-netdev dgram, loopback)", overlay::plain_socket),
+        ("overlay, direct (WireGuard over UDP, loopback)", |r| overlay::overlay(r, false)),
+        ("overlay, relayed through the coordinator", |r| overlay::overlay(r, true)),
+    ];
+    for (what, measure) in ways {
+        match measure(&args.root) {
+            Ok(n) => {
+                rep.info(&format!("2 TCG VMs, TCP throughput: {what}"), format!("{:.1} MiB/s", n.mib_s));
+                rep.info(&format!("2 TCG VMs, ping round trip: {what}"), format!("{:.2} ms", n.rtt_ms));
+            }
+            Err(e) => rep.note(format!("{what} not measured: {e}")),
         }
     }
 }

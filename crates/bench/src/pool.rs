@@ -61,6 +61,11 @@ impl Pool {
 
     /// Like [`Pool::separate`], with more `vmgrid node` flags.
     pub fn separate_with(root: &Path, nodes: u32, extra: &[&str]) -> Pool {
+        Pool::separate_env(root, nodes, extra, &[])
+    }
+
+    /// Like [`Pool::separate_with`], with more environment variables for the nodes.
+    pub fn separate_env(root: &Path, nodes: u32, extra: &[&str], env: &[(&str, &str)]) -> Pool {
         let dir = std::env::temp_dir().join(format!("vmgrid-bench-sep-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let child = Command::new(vmgrid_bin(root))
@@ -76,6 +81,7 @@ impl Pool {
                 .args(["node", "--pool", client.url(), "--name", &format!("sep-{i}"), "--cpus", &cpus.to_string()])
                 .args(["--peer-listen", "127.0.0.1:0"])
                 .args(extra)
+                .envs(env.iter().copied())
                 .arg("--token-file")
                 .arg(dir.join("pool.token"))
                 .arg("--cache-dir")

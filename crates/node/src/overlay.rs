@@ -41,6 +41,10 @@ use crate::lock;
 const HELLO_EVERY: Duration = Duration::from_secs(1);
 const TICK: Duration = Duration::from_millis(100);
 
+/// Test-only (and the benchmark's): set, the node sends every tunnel's packets through the relay,
+/// as if UDP between the nodes were blocked. Never set outside tests and benchmarks.
+const TEST_ONLY_RELAY: &str = "VMGRID_TEST_ONLY_OVERLAY_RELAY";
+
 /// One of the overlay's threads.
 type Loop = fn(&Overlay);
 
@@ -54,6 +58,8 @@ pub(crate) struct Overlay {
     relay_out: Mutex<Vec<u8>>,
     relay_ready: Condvar,
     stop: AtomicBool,
+    /// [`TEST_ONLY_RELAY`]: never send directly.
+    relay_only: bool,
 }
 
 struct State {
@@ -128,6 +134,7 @@ impl Overlay {
             relay_out: Mutex::default(),
             relay_ready: Condvar::new(),
             stop: AtomicBool::new(false),
+            relay_only: std::env::var_os(TEST_ONLY_RELAY).is_some(),
         });
         let loops: [(&str, Loop); 4] = [
             ("vmgrid-overlay-udp", Overlay::udp_loop),

@@ -2,10 +2,32 @@
 //! and where their other members run. Addresses are a function of job ids
 //! ([`vmgrid_proto::overlay::addr_of`]), so nothing here is stored beyond the jobs themselves.
 
+use std::collections::{HashMap, HashSet};
+
 use vmgrid_proto::overlay::{OverlayGroup, OverlayMember, addr_of, group_of};
 use vmgrid_proto::{JobState, Network};
 
 use super::Engine;
+
+impl Engine {
+    /// Gang placement: the job groups (`JobSpec::group`) of which a pass placed some idle members
+    /// but not all. Their placements are dropped, so a group's VMs start together; they wait for
+    /// a pass with room for all of them (a change of the pool makes one).
+    pub(super) fn groups_short(&self, placements: &[vmgrid_scheduler::Placement]) -> HashSet<u64> {
+        let mut placed: HashMap<u64, usize> = HashMap::new();
+        for p in placements {
+            let Some(j) = self.jobs.get(&p.job) else { continue };
+            if self.specs.get(&j.spec_id).is_some_and(|s| s.spec.group.is_some()) {
+                *placed.entry(j.spec_id).or_default() += 1;
+            }
+        }
+        placed
+            .into_iter()
+            .filter(|(spec, n)| self.idle_by_spec.get(spec).map_or(0, |ids| ids.len()) > *n)
+            .map(|(spec, _)| spec)
+            .collect()
+    }
+}
 
 impl Engine {
     /// For each grid job running on `node`: the members of its group that run now, and where.
@@ -29,5 +51,38 @@ impl Engine {
             groups.push(OverlayGroup { job_id: id, members });
         }
         groups
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{TIMING, ad, spec};
+    use super::*;
+    use crate::engine::{Principal, hash_token};
+
+    #[test]
+    fn a_job_groups_vms_are_placed_together_or_not_at_all() {
+        let mut e = Engine::new(TIMING);
+        let mut s = spec(0);
+        s.vm_type = vmgrid_proto::VmType::Qemu;
+        s.network = Network::Grid;
+        s.group = Some(3);
+        s.args.clear();
+        let qemu_ad = |n: &str| vmgrid_proto::NodeAd { vm_types: vec![vmgrid_proto::VmType::Qemu], ..ad(n, 1) };
+        let user = Principal::User("alice".into());
+        let ids = e.submit(&user, s, 3, 0).unwrap();
+        for n in ["a", "b"] {
+            e.register(qemu_ad(n), None, false, hash_token(n), 0).unwrap();
+        }
+        e.schedule(1);
+        assert!(ids.iter().all(|id| e.jobs[id].state == JobState::Idle), "two cpus for a group of three: none starts");
+        e.register(qemu_ad("c"), None, false, hash_token("c"), 2).unwrap();
+        e.schedule(3);
+        assert!(ids.iter().all(|id| e.jobs[id].state == JobState::Running), "room for all three: all start");
+        let groups = e.overlay_groups(e.jobs[&ids[0]].node.as_deref().unwrap());
+        assert_eq!(groups.len(), 1);
+        let members: Vec<u64> = groups[0].members.iter().map(|m| m.job_id).collect();
+        assert_eq!(members, ids, "the map names every member, each on its node");
+        assert_eq!(groups[0].members[2].addr, vmgrid_proto::overlay::addr_of(ids[2]));
     }
 }

@@ -197,7 +197,11 @@ impl Engine {
         }
         self.waiting.extend(decision.waiting);
         let mut placed = Vec::new();
+        let short = self.groups_short(&decision.placements);
         for p in decision.placements {
+            if self.jobs.get(&p.job).is_some_and(|j| short.contains(&j.spec_id)) {
+                continue;
+            }
             // A node is filed under its ad's name.
             let name = &snap.slots[p.node].ad.name;
             if self.still_fits(p.job, name) {

@@ -10,7 +10,7 @@ use boringtun::x25519::PublicKey;
 use vmgrid_proto::overlay::{MAX_RELAY_BODY, MAX_RELAY_PACKET, relay_encode};
 
 use super::switch::{self, FromVm};
-use super::tunnels::Peer;
+use super::tunnels::{Peer, Route};
 use super::{Overlay, Vm};
 use crate::lock;
 
@@ -114,7 +114,10 @@ impl Overlay {
 
     /// Sends a WireGuard packet to `node`'s tunnel end: directly, through the relay, or both.
     pub(super) fn send_wire(&self, node: &str, peer: &Peer, packet: &[u8]) {
-        let route = peer.route(packet);
+        let route = match self.relay_only {
+            true => Route { direct: None, relay: true },
+            false => peer.route(packet),
+        };
         if let Some(ep) = route.direct {
             let _ = self.udp.send_to(packet, ep);
         }
