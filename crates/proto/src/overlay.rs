@@ -161,6 +161,9 @@ impl OverlayHello {
         if self.paths.len() > 4096 {
             return Err("at most 4096 paths".into());
         }
+        for p in &self.paths {
+            crate::check_node_name(&p.node)?;
+        }
         Ok(())
     }
 }

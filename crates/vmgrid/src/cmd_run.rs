@@ -34,6 +34,11 @@ pub struct RunArgs {
 
 pub fn run(args: RunArgs) -> Result<i32, CliError> {
     let job = vmgrid_job::load_job(&args.job)?;
+    if job.vm.network == vmgrid_job::Network::Grid {
+        eprintln!(
+            "vmgrid: `network = \"grid\"` is the pool's overlay, which a VM run here is not on: it runs without a NIC (submit it to a pool with `vmgrid submit`)"
+        );
+    }
     let job_dir = tempfile::Builder::new()
         .prefix(&format!("vmgrid-{}-", job.name))
         .tempdir()

@@ -83,7 +83,7 @@ impl Overlay {
         let Some(vm) = st.vms.get(&addr) else { return };
         let (dst, packet) = match switch::from_vm(frame, vm.mac, addr) {
             FromVm::Reply(r) => {
-                let _ = vm.sock.send(&r);
+                to_nic(&vm.sock, &r);
                 return;
             }
             FromVm::Drop(why) => {
@@ -96,7 +96,7 @@ impl Overlay {
             return;
         }
         if let Some(to) = st.vms.get(&dst) {
-            let _ = to.sock.send(&switch::to_vm(packet, to.mac));
+            to_nic(&to.sock, &switch::to_vm(packet, to.mac));
             return;
         }
         let Some(node) = st.routes.get(&dst) else { return };
@@ -159,5 +159,18 @@ fn deliver(
         tracing::trace!(%src, %dst, node, "dropped a packet from a tunnel: not from a member of the group there");
         return;
     }
-    let _ = vm.sock.send(&switch::to_vm(&packet[..len], vm.mac));
+    to_nic(&vm.sock, &switch::to_vm(&packet[..len], vm.mac));
+}
+
+/// Hands a frame to a VM's NIC without waiting: a VM that does not read its frames (paused,
+/// hung, or slower than its peers) loses them, as a full NIC queue does, and never holds up the
+/// switch.
+fn to_nic(sock: &std::os::unix::net::UnixDatagram, frame: &[u8]) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for as long as `sock` is borrowed, and the pointer and
+    // length describe `frame`, which outlives the call; send(2) only reads from it.
+    let sent = unsafe { libc::send(sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), libc::MSG_DONTWAIT) };
+    if sent < 0 {
+        tracing::trace!("a frame for a VM was dropped: {}", std::io::Error::last_os_error());
+    }
 }

@@ -58,3 +58,27 @@ fn help_teaches_with_examples() {
     let text = stdout_of(&out);
     assert!(text.contains("Examples:") && text.contains("--out"), "{text}");
 }
+
+#[test]
+fn an_unknown_network_names_its_line_and_the_three_networks() {
+    let d = JobDir::new();
+    let job = d.job("[vm]\ntype = \"qemu\"\nkernel = \"k\"\nnetwork = \"grids\"\n");
+    let out = vmgrid().arg("run").arg(&job).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr_of(&out);
+    assert!(err.contains("job.toml:4:11") && err.contains("`grid`") && err.contains("`user`"), "{err}");
+}
+
+#[test]
+fn a_group_of_jobs_not_on_the_grid_network_is_refused_before_anything_is_sent() {
+    let d = JobDir::new();
+    let job = d.job(&format!("[vm]\ntype = \"wasm\"\nimage = {}\n", toml_path(&guest_wasm("probe"))));
+    // No pool is named: the refusal comes first.
+    let out =
+        vmgrid().args(["submit", "--count", "2", "--group"]).arg(&job).env_remove("VMGRID_CONFIG").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr_of(&out);
+    assert!(err.contains("--group") && err.contains("network = \"grid\""), "{err}");
+    let help = stdout_of(&vmgrid().args(["submit", "--help"]).output().unwrap());
+    assert!(help.contains("--group") && help.contains("VMGRID_PEERS") && help.contains(".vmgrid-peers"), "{help}");
+}
