@@ -161,3 +161,54 @@ pub(crate) async fn reflect(sock: tokio::net::UdpSocket) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmgrid_proto::overlay::{OverlayMember, relay_decode};
+
+    fn hello(key: u8) -> OverlayHello {
+        OverlayHello {
+            key: vmgrid_proto::overlay::key_hex(&[key; 32]),
+            endpoint: Some("10.0.0.1:7".into()),
+            paths: vec![],
+        }
+    }
+
+    fn group(of: &[(&str, u64)]) -> Vec<OverlayGroup> {
+        let members = of
+            .iter()
+            .map(|(n, id)| OverlayMember {
+                job_id: *id,
+                addr: vmgrid_proto::overlay::addr_of(*id),
+                node: n.to_string(),
+            })
+            .collect();
+        vec![OverlayGroup { job_id: of[0].1, members }]
+    }
+
+    #[test]
+    fn the_relay_carries_packets_only_between_nodes_of_one_group_and_boundedly() {
+        let o = Overlay::default();
+        let map = o.hello("a", hello(1), group(&[("a", 1), ("b", 2)]));
+        assert!(map.peers.is_empty(), "b has not said hello yet");
+        let map = o.hello("b", hello(2), group(&[("b", 2), ("a", 1)]));
+        assert_eq!(map.peers.len(), 1);
+        assert_eq!(map.peers[0].key, vmgrid_proto::overlay::key_hex(&[1; 32]));
+        o.hello("c", hello(3), vec![]);
+        // a may send to b, not to c (no group in common) nor to a node it never heard of.
+        let dropped = o.relay("a", vec![("b".into(), &b"to b"[..]), ("c".into(), b"to c"), ("z".into(), b"?")]);
+        assert_eq!(dropped, 2);
+        let body = o.take("b", 1 << 20).unwrap();
+        assert_eq!(relay_decode(&body).unwrap(), vec![("a".to_string(), &b"to b"[..])]);
+        assert!(o.take("c", 1 << 20).is_err(), "c got nothing");
+        // A mailbox holds at most MAILBOX_BYTES; the rest is dropped.
+        let big = vec![0u8; 2000];
+        let n = MAILBOX_BYTES / 2000 + 10;
+        let dropped = o.relay("a", (0..n).map(|_| ("b".to_string(), &big[..])).collect());
+        assert_eq!(dropped, 10);
+        // A new key (b registered again) empties what waited for the old one.
+        o.hello("b", hello(9), group(&[("b", 2), ("a", 1)]));
+        assert!(o.take("b", 1 << 20).is_err());
+    }
+}

@@ -14,13 +14,13 @@ use serde::{Deserialize, Serialize};
 pub const NET: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 0);
 pub const PREFIX: u8 = 10;
 /// The addresses of the range a job can have (all but its first and last).
-const HOSTS: u64 = (1 << (32 - PREFIX as u64)) - 2;
+pub const HOSTS: u64 = (1 << (32 - PREFIX as u64)) - 2;
 
 /// The most VMs one job group has.
 pub const MAX_GROUP: u32 = vmgrid_job::limits::MAX_GROUP;
 
 /// The address of grid job `job_id`. The members of a group (consecutive ids) never share one;
-/// two live jobs of different groups would only if their ids differed by a multiple of 4,194,302.
+/// jobs whose ids differ by a multiple of [`HOSTS`] do, and the pool never runs two such at once.
 pub fn addr_of(job_id: u64) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(NET) + 1 + (job_id % HOSTS) as u32)
 }

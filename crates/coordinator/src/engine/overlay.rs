@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use vmgrid_proto::overlay::{OverlayGroup, OverlayMember, addr_of, group_of};
+use vmgrid_proto::overlay::{HOSTS, OverlayGroup, OverlayMember, addr_of, group_of};
 use vmgrid_proto::{JobState, Network};
 
 use super::Engine;
@@ -26,6 +26,23 @@ impl Engine {
             .filter(|(spec, n)| self.idle_by_spec.get(spec).map_or(0, |ids| ids.len()) > *n)
             .map(|(spec, _)| spec)
             .collect()
+    }
+
+    /// Whether grid job `id` would share its overlay address with a grid job that runs now (ids
+    /// [`HOSTS`] apart share one): it then waits until that one ends. There are `next_job /
+    /// HOSTS` candidates: none below four million jobs.
+    pub(super) fn address_taken(&self, id: u64) -> bool {
+        if !self.jobs.get(&id).and_then(|j| self.specs.get(&j.spec_id)).is_some_and(|s| s.spec.network == Network::Grid)
+        {
+            return false;
+        }
+        let grid = |j: u64| {
+            self.jobs.get(&j).is_some_and(|job| {
+                job.state == JobState::Running
+                    && self.specs.get(&job.spec_id).is_some_and(|s| s.spec.network == Network::Grid)
+            })
+        };
+        (id % HOSTS..self.next_job).step_by(HOSTS as usize).any(|other| other != id && grid(other))
     }
 }
 
@@ -84,5 +101,27 @@ mod tests {
         let members: Vec<u64> = groups[0].members.iter().map(|m| m.job_id).collect();
         assert_eq!(members, ids, "the map names every member, each on its node");
         assert_eq!(groups[0].members[2].addr, vmgrid_proto::overlay::addr_of(ids[2]));
+    }
+
+    #[test]
+    fn a_grid_job_waits_while_another_with_its_address_runs() {
+        let mut e = Engine::new(TIMING);
+        let mut s = spec(0);
+        s.vm_type = vmgrid_proto::VmType::Qemu;
+        s.network = Network::Grid;
+        s.args.clear();
+        let user = Principal::User("alice".into());
+        let qemu_ad = |n: &str| vmgrid_proto::NodeAd { vm_types: vec![vmgrid_proto::VmType::Qemu], ..ad(n, 1) };
+        for n in ["a", "b"] {
+            e.register(qemu_ad(n), None, false, hash_token(n), 0).unwrap();
+        }
+        let first = e.submit(&user, s.clone(), 1, 0).unwrap()[0];
+        e.schedule(1);
+        assert_eq!(e.jobs[&first].state, JobState::Running);
+        e.next_job = first + HOSTS;
+        let twin = e.submit(&user, s, 1, 2).unwrap()[0];
+        assert_eq!(addr_of(twin), addr_of(first));
+        e.schedule(3);
+        assert_eq!(e.jobs[&twin].state, JobState::Idle, "a free node, but the address is taken");
     }
 }

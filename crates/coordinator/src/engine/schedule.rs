@@ -199,7 +199,8 @@ impl Engine {
         let mut placed = Vec::new();
         let short = self.groups_short(&decision.placements);
         for p in decision.placements {
-            if self.jobs.get(&p.job).is_some_and(|j| short.contains(&j.spec_id)) {
+            // A group waits for room for all its VMs; a grid VM, for its address to be free.
+            if self.jobs.get(&p.job).is_some_and(|j| short.contains(&j.spec_id)) || self.address_taken(p.job) {
                 continue;
             }
             // A node is filed under its ad's name.
