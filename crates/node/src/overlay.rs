@@ -96,7 +96,10 @@ pub(crate) struct Attached {
 
 impl Drop for Attached {
     fn drop(&mut self) {
-        lock(&self.overlay.st).vms.remove(&self.addr);
+        let mut st = lock(&self.overlay.st);
+        st.vms.remove(&self.addr);
+        st.hello_now = true;
+        drop(st);
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -220,12 +223,12 @@ impl Overlay {
     }
 
     /// Says hello (probing the reflector first) and applies the map the pool answers with. A
-    /// node with no grid VM says nothing and keeps no tunnel.
+    /// node whose last grid VM left says hello until the pool's map has no group for it (so its
+    /// last paths and byte counts are told), then nothing.
     fn hello(&self) {
         let hello = {
             let mut st = lock(&self.st);
-            if st.vms.is_empty() {
-                st.peers.clear();
+            if st.vms.is_empty() && st.peers.is_empty() {
                 st.routes.clear();
                 return;
             }

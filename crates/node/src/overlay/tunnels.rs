@@ -141,6 +141,10 @@ impl Peers {
         self.by_node.retain(|n, _| keep(n));
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.by_node.is_empty()
+    }
+
     pub fn clear(&mut self) {
         self.by_node.clear();
     }

@@ -71,12 +71,17 @@ pub fn assert_exchanged(got: &[String; 2]) {
     assert!(got[1].starts_with("from 0 at 100."), "instance 1 received {:?}", got[1]);
 }
 
-/// The path `vmgrid net --json` says `from` uses to reach `to`.
-pub fn path_between(cli: impl Fn() -> assert_cmd::Command, from: &str, to: &str) -> Option<NetPath> {
+/// What `vmgrid net --json` says of how `from` reaches `to`.
+pub fn pair(cli: impl Fn() -> assert_cmd::Command, from: &str, to: &str) -> Option<vmgrid_proto::overlay::PeerPath> {
     let o = cli().args(["net", "--json"]).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
     let views: Vec<NetView> = serde_json::from_slice(&o.stdout).unwrap();
-    views.iter().find(|v| v.node == from)?.paths.iter().find(|p| p.node == to).map(|p| p.path)
+    views.into_iter().find(|v| v.node == from)?.paths.into_iter().find(|p| p.node == to)
+}
+
+/// The path `vmgrid net --json` says `from` uses to reach `to`.
+pub fn path_between(cli: impl Fn() -> assert_cmd::Command, from: &str, to: &str) -> Option<NetPath> {
+    pair(cli, from, to).map(|p| p.path)
 }
 
 #[test]
@@ -90,6 +95,13 @@ fn two_vms_on_two_nodes_talk_tcp_through_a_wireguard_tunnel() {
     let got = run_group(|| pool.cli(), &job, &d.out());
     assert_exchanged(&got);
     assert_eq!(path_between(|| pool.cli(), "ov-a", "ov-b"), Some(NetPath::Direct), "on loopback the path is direct");
+    // Each node tells its last byte counts once its VM has left.
+    wait_until("the nodes to count the bytes their tunnel carried", || {
+        ["ov-a", "ov-b"]
+            .iter()
+            .zip(["ov-b", "ov-a"])
+            .all(|(from, to)| pair(|| pool.cli(), from, to).is_some_and(|p| p.tx_bytes > 0 && p.rx_bytes > 0))
+    });
     let text = stdout_of(&pool.cli().arg("net").output().unwrap());
     assert!(text.contains("ov-a") && text.contains("direct"), "{text}");
 }
