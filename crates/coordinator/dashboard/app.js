@@ -203,6 +203,7 @@ async function loadUsers() {
       cell(tr, u.running_jobs);
       cell(tr, u.idle_jobs);
       cell(tr, u.running_cpus);
+      cell(tr, u.usage_cpu_s.toFixed(1));
       cell(tr, u.recent_cpus.toFixed(2));
       cell(tr, u.factor);
       cell(tr, u.max_cpus ?? "none");

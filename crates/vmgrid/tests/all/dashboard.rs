@@ -108,8 +108,9 @@ fn pool_admin(pool: &Pool) -> String {
 
 /// The browser test (`tests/dashboard/e2e.mjs`) in headless Chromium against a real pool: sign in,
 /// a sweep moving from idle to completed live (streamed events, no reload, no polling requests),
-/// a job's page with its output, hold and release, a killed node seen lost, one user's jobs
-/// hidden from another. Its screenshots go to the directory in `VMGRID_SCREENSHOTS` (the
+/// a job's page with its output, hold, release and rm (each confirmed; a dismissed one sends
+/// nothing), the state filter, the users' usage, a killed node seen lost, one user's jobs hidden
+/// from another. Its screenshots go to the directory in `VMGRID_SCREENSHOTS` (the
 /// ones in `docs/` were made with `VMGRID_SCREENSHOTS=docs`), else to a scratch directory.
 #[test]
 fn the_dashboard_in_a_browser_signs_in_shows_jobs_and_nodes_and_acts() {
@@ -142,8 +143,10 @@ fn the_dashboard_in_a_browser_signs_in_shows_jobs_and_nodes_and_acts() {
         ],
         "[files]\noutputs = [\"out/*.txt\"]\n",
     );
-    for (token, count) in [(&alice, "3"), (&bob, "1")] {
-        let out = pool.cli().env("VMGRID_TOKEN", token).args(["submit", "--count", count]).arg(&job).output().unwrap();
+    // Alice's sweep (jobs 1-3), Bob's job (4), and a job of Alice's that she removes (5).
+    let spare = probe_job_file(jobs.path(), "spare", &["args", "never run"], "");
+    for (token, count, file) in [(&alice, "3", &job), (&bob, "1", &job), (&alice, "1", &spare)] {
+        let out = pool.cli().env("VMGRID_TOKEN", token).args(["submit", "--count", count]).arg(file).output().unwrap();
         assert!(out.status.success(), "{}", stderr_of(&out));
     }
     let scratch = JobDir::new();
