@@ -239,7 +239,13 @@ impl Client {
     /// One page of jobs after id `after`, in `state` if given.
     pub fn jobs_page(&self, after: u64, limit: usize, state: Option<JobState>) -> Result<JobPage> {
         let state = state.map(|s| format!("&state={}", s.as_str())).unwrap_or_default();
-        self.get(&format!("/v1/jobs?after={after}&limit={limit}{state}"))
+        self.jobs_query(&format!("after={after}&limit={limit}{state}"))
+    }
+
+    /// One page of jobs for a query string of `GET /v1/jobs` (`after`, `limit`, `state`, `owner`,
+    /// `name`, `order`), as the dashboard asks for it.
+    pub fn jobs_query(&self, query: &str) -> Result<JobPage> {
+        self.get(&format!("/v1/jobs?{query}"))
     }
 
     pub fn job(&self, id: u64) -> Result<JobResult> {
