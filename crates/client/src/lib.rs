@@ -256,8 +256,15 @@ impl Client {
         self.get(&format!("/v1/jobs/{id}/wait?timeout_ms={}", timeout.as_millis()))
     }
 
+    /// Acts on `ids`, [`MAX_ACTION_IDS`] at a time.
     pub fn action(&self, action: JobAction, ids: &[u64]) -> Result<ActionResponse> {
-        self.post("/v1/jobs/actions", &ActionRequest { action, ids: ids.to_vec() })
+        let mut all = ActionResponse { changed: Vec::new(), refused: Vec::new() };
+        for ids in ids.chunks(MAX_ACTION_IDS) {
+            let resp: ActionResponse = self.post("/v1/jobs/actions", &ActionRequest { action, ids: ids.to_vec() })?;
+            all.changed.extend(resp.changed);
+            all.refused.extend(resp.refused);
+        }
+        Ok(all)
     }
 
     pub fn submit_dag(&self, req: &DagSubmitRequest) -> Result<DagView> {

@@ -224,7 +224,7 @@ try {
   const status = await page.evaluate(async (id) => (await fetch(`/v1/jobs/${id}`, {
     headers: { Authorization: `Bearer ${sessionStorage.getItem("vmgrid-token")}` },
   })).status, first);
-  check(status === 403, `bob cannot read alice's job ${first} (${status})`);
+  check(status === 404, `bob cannot read alice's job ${first}; to him it does not exist (${status})`);
   errors.length = 0; // the browser logs that refused call itself
   await page.click("#signout");
   await signIn(page, admin);
