@@ -1,6 +1,6 @@
 //! The coordinator's engine figures: the pure matchmaker with 1M jobs of 100 users (fair share on:
 //! users take turns by effective priority, some at a quota) and 10k nodes, and the coordinator's
-//! memory with 1M jobs queued.
+//! memory with 1M jobs queued, and how fast the dashboard's job list pages through them.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -85,7 +85,37 @@ pub fn coordinator(root: &Path, dir: &Path) -> Result<(Child, Client), String> {
     Ok((child, client_of(dir)))
 }
 
-pub fn coordinator_rss(root: &Path) -> Result<(f64, f64), String> {
+/// The coordinator with 1M jobs queued: its RSS (MiB), the submit's seconds, and the job list's
+/// pages as the dashboard asks for them, each with its median time over 5 asks (ms).
+pub type Queued = (f64, f64, Vec<(&'static str, f64)>);
+
+/// The pages: the first and the newest, one deep in the queue, and two filters that match
+/// nothing, which read the most a page may read (100,000 jobs) before answering with a cursor.
+const PAGES: [(&str, &str); 5] = [
+    ("first page", "after=0&limit=50"),
+    ("newest first", "after=0&limit=50&order=newest"),
+    ("page after job 900,000", "after=900000&limit=50"),
+    ("state filter matching none", "after=0&limit=50&state=held"),
+    ("name filter matching none", "after=0&limit=50&name=no-such-name"),
+];
+
+fn page_times(client: &Client) -> Result<Vec<(&'static str, f64)>, String> {
+    PAGES
+        .iter()
+        .map(|(what, query)| {
+            let mut ms = Vec::new();
+            for _ in 0..5 {
+                let start = Instant::now();
+                client.jobs_query(query).map_err(|e| format!("{what}: {e}"))?;
+                ms.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            ms.sort_by(f64::total_cmp);
+            Ok((*what, ms[2]))
+        })
+        .collect()
+}
+
+pub fn coordinator_rss(root: &Path) -> Result<Queued, String> {
     let dir = std::env::temp_dir().join(format!("vmgrid-bench-rss-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (mut child, client) = coordinator(root, &dir)?;
@@ -99,9 +129,10 @@ pub fn coordinator_rss(root: &Path) -> Result<(f64, f64), String> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0.0);
+    let pages = if r.is_ok() { page_times(&client) } else { Ok(Vec::new()) };
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
     r.map_err(|e| e.to_string())?;
-    Ok((rss_kb / 1024.0, submit_s))
+    Ok((rss_kb / 1024.0, submit_s, pages?))
 }

@@ -240,7 +240,13 @@ impl Client {
     /// One page of jobs after id `after`, in `state` if given.
     pub fn jobs_page(&self, after: u64, limit: usize, state: Option<JobState>) -> Result<JobPage> {
         let state = state.map(|s| format!("&state={}", s.as_str())).unwrap_or_default();
-        self.get(&format!("/v1/jobs?after={after}&limit={limit}{state}"))
+        self.jobs_query(&format!("after={after}&limit={limit}{state}"))
+    }
+
+    /// One page of jobs for a query string of `GET /v1/jobs` (`after`, `limit`, `state`, `owner`,
+    /// `name`, `order`), as the dashboard asks for it.
+    pub fn jobs_query(&self, query: &str) -> Result<JobPage> {
+        self.get(&format!("/v1/jobs?{query}"))
     }
 
     pub fn job(&self, id: u64) -> Result<JobResult> {
@@ -251,8 +257,15 @@ impl Client {
         self.get(&format!("/v1/jobs/{id}/wait?timeout_ms={}", timeout.as_millis()))
     }
 
+    /// Acts on `ids`, [`MAX_ACTION_IDS`] at a time.
     pub fn action(&self, action: JobAction, ids: &[u64]) -> Result<ActionResponse> {
-        self.post("/v1/jobs/actions", &ActionRequest { action, ids: ids.to_vec() })
+        let mut all = ActionResponse { changed: Vec::new(), refused: Vec::new() };
+        for ids in ids.chunks(MAX_ACTION_IDS) {
+            let resp: ActionResponse = self.post("/v1/jobs/actions", &ActionRequest { action, ids: ids.to_vec() })?;
+            all.changed.extend(resp.changed);
+            all.refused.extend(resp.refused);
+        }
+        Ok(all)
     }
 
     pub fn submit_dag(&self, req: &DagSubmitRequest) -> Result<DagView> {

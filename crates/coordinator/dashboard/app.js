@@ -84,7 +84,6 @@ function signOut() {
   $("app").hidden = true;
   $("signout").hidden = true;
   $("signin").hidden = false;
-  $("who").textContent = "";
 }
 
 // The pool filters by state, owner and name and orders by id (across every page, not only the one
@@ -203,6 +202,7 @@ async function loadUsers() {
       cell(tr, u.running_jobs);
       cell(tr, u.idle_jobs);
       cell(tr, u.running_cpus);
+      cell(tr, u.usage_cpu_s.toFixed(1));
       cell(tr, u.recent_cpus.toFixed(2));
       cell(tr, u.factor);
       cell(tr, u.max_cpus ?? "none");
@@ -242,6 +242,7 @@ async function follow() {
   view.stream = ctl;
   let wait = 1000;
   while (view.stream === ctl) {
+    let why = "";
     try {
       const resp = await fetch("/v1/events", {
         headers: { Authorization: `Bearer ${sessionStorage.getItem(KEY)}`, Accept: "text/event-stream" },
@@ -249,14 +250,18 @@ async function follow() {
         signal: ctl.signal,
       });
       if (resp.status === 401) return signOut();
-      if (!resp.ok) throw new Error(`event stream: ${resp.status}`);
+      if (!resp.ok) {
+        // Refused (too many streams open, the pool unavailable): say why, then try again.
+        why = await resp.json().then((b) => b.error, () => `HTTP ${resp.status}`);
+        throw new Error(why);
+      }
       wait = 1000;
       $("live").textContent = "live";
       await readEvents(resp.body, (type) => { if (type === "changed") refresh(); });
     } catch (e) {
       if (ctl.signal.aborted) return;
     }
-    $("live").textContent = "reconnecting";
+    $("live").textContent = why ? `not live: ${why}; retrying` : "reconnecting";
     await new Promise((r) => setTimeout(r, wait)); // a reconnect with backoff, not a poll
     wait = Math.min(wait * 2, 30000);
   }

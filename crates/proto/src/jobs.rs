@@ -104,8 +104,13 @@ pub enum JobAction {
 #[serde(deny_unknown_fields)]
 pub struct ActionRequest {
     pub action: JobAction,
+    /// At most [`MAX_ACTION_IDS`] (the client sends more in several requests).
+    #[schema(max_items = 10000)]
     pub ids: Vec<u64>,
 }
+
+/// The most job ids one `POST /v1/jobs/actions` acts on (the engine's lock is held meanwhile).
+pub const MAX_ACTION_IDS: usize = 10_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ActionResponse {

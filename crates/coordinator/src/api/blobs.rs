@@ -138,6 +138,9 @@ fn range(headers: &axum::http::HeaderMap, len: u64) -> std::result::Result<Optio
     }
 }
 
+/// What a blob is served as: bytes, never a page a browser would render (with `nosniff`).
+const OCTETS: &str = "application/octet-stream";
+
 /// A blob, whole or one byte range of it (`Range`: a dashboard reads an output's tail, a client
 /// can resume a cut download).
 pub async fn get(
@@ -165,7 +168,11 @@ pub async fn get(
     };
     shared.blobs.served(part.map_or(len, |(first, last)| last - first + 1));
     let Some((first, last)) = part else {
-        let headers = [(header::CONTENT_LENGTH, len.to_string()), (header::ACCEPT_RANGES, "bytes".into())];
+        let headers = [
+            (header::CONTENT_TYPE, OCTETS.to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+            (header::ACCEPT_RANGES, "bytes".into()),
+        ];
         return Ok((headers, HttpBody::from_stream(chunks(file))).into_response());
     };
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -173,6 +180,7 @@ pub async fn get(
     file.seek(std::io::SeekFrom::Start(first)).await.map_err(|e| storage("cannot read a blob", &e))?;
     let body = HttpBody::from_stream(chunks_of(file.take(last - first + 1)));
     let headers = [
+        (header::CONTENT_TYPE, OCTETS.to_string()),
         (header::CONTENT_LENGTH, (last - first + 1).to_string()),
         (header::CONTENT_RANGE, format!("bytes {first}-{last}/{len}")),
         (header::ACCEPT_RANGES, "bytes".into()),

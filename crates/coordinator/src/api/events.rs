@@ -35,7 +35,7 @@ pub struct ChangedEvent {
 }
 
 /// How many event streams may be open at once, in all; more are refused (503).
-pub const MAX_STREAMS: usize = 64;
+pub const MAX_STREAMS: usize = 256;
 /// How many one owner (a user, an admin) may hold open; more are refused (429), so one user's
 /// tabs or scripts cannot take every stream of the pool.
 pub const MAX_STREAMS_PER_OWNER: usize = 8;

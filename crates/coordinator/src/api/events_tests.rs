@@ -143,10 +143,10 @@ fn a_stream_ends_when_its_token_expires() {
     running.stop();
 }
 
-/// The pool's bound: 64 streams in all, whoever holds them; and every open stream ends when the
+/// The pool's bound: MAX_STREAMS (256) streams in all, whoever holds them; and every open stream ends when the
 /// coordinator stops (the stop does not wait for the dashboards to close them).
 #[test]
-fn the_pool_holds_at_most_64_streams_and_ends_them_all_when_it_stops() {
+fn the_pool_holds_at_most_max_streams_and_ends_them_all_when_it_stops() {
     let (dir, running) = coordinator();
     let addr = running.addr;
     let admin = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap();

@@ -139,6 +139,10 @@ pub async fn actions(
     Body(req): Body<ActionRequest>,
 ) -> Result<Json<ActionResponse>> {
     user(&p, "manage jobs")?;
+    if req.ids.len() > MAX_ACTION_IDS {
+        let why = format!("at most {MAX_ACTION_IDS} job ids a request; this one has {}", req.ids.len());
+        return Err(Error(StatusCode::BAD_REQUEST, why));
+    }
     let (resp, pending) = shared.call(|e| e.action(&p, req.action, &req.ids, now_ms()));
     shared.finish(pending).await?;
     Ok(Json(resp))

@@ -85,7 +85,20 @@ pub fn router(shared: S) -> Router {
         })
         .fallback(|| async { Error(StatusCode::NOT_FOUND, "no such API call; see `vmgrid --help`".into()) })
         .layer(DefaultBodyLimit::max(16 << 20))
+        .layer(axum::middleware::map_response(locked_down))
         .with_state(shared)
+}
+
+/// Every answer that is not one of the dashboard's files (which set their own, looser policy)
+/// may load, run and frame nothing, and is never content-sniffed: JSON, errors, blobs, the
+/// event stream, `/metrics` and this API's 404s alike.
+async fn locked_down(mut resp: Response) -> Response {
+    use axum::http::HeaderValue;
+    let h = resp.headers_mut();
+    h.entry(header::CONTENT_SECURITY_POLICY)
+        .or_insert(HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'; base-uri 'none'"));
+    h.entry(header::X_CONTENT_TYPE_OPTIONS).or_insert(HeaderValue::from_static("nosniff"));
+    resp
 }
 
 /// An error reply: a status and a sentence, as JSON.

@@ -28,7 +28,7 @@ use super::overview::Overview;
         metrics, openapi_json, dashboard_index, dashboard_script, dashboard_pages, dashboard_style,
     ),
     components(schemas(ApiError, super::jobs::Order)),
-    modifiers(&Bearer),
+    modifiers(&Bearer, &OpenFlattened, &KnownBlobs),
     security(("bearer" = [])),
 )]
 pub struct ApiDoc;
@@ -44,6 +44,60 @@ impl Modify for Bearer {
         doc.components.get_or_insert_with(Default::default).add_security_scheme("bearer", SecurityScheme::Http(scheme));
     }
 }
+
+/// A type that flattens another (`NodeView` its `NodeAd`) is described as `allOf` of the two;
+/// but the flattened one refuses unknown fields on its own (`additionalProperties: false`), which
+/// no object with the other part's fields could satisfy. Inside an `allOf`, such a part is put
+/// inline, open.
+struct OpenFlattened;
+
+impl Modify for OpenFlattened {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::schema::Schema;
+        let Some(components) = doc.components.as_mut() else { return };
+        let closed: BTreeMap<String, Schema> = components
+            .schemas
+            .iter()
+            .filter_map(|(name, s)| match s {
+                RefOr::T(Schema::Object(o)) if o.additional_properties.is_some() => {
+                    let mut open = o.clone();
+                    open.additional_properties = None;
+                    Some((format!("#/components/schemas/{name}"), Schema::Object(open)))
+                }
+                _ => None,
+            })
+            .collect();
+        for schema in components.schemas.values_mut() {
+            if let RefOr::T(Schema::AllOf(all)) = schema {
+                for part in &mut all.items {
+                    if let RefOr::Ref(r) = part
+                        && let Some(open) = closed.get(&r.ref_location)
+                    {
+                        *part = RefOr::T(open.clone());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An upload of a blob the pool already holds is answered at once, without reading a body: the
+/// body of `PUT /v1/blobs/{hash}` is not required.
+struct KnownBlobs;
+
+impl Modify for KnownBlobs {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let put = doc.paths.paths.get_mut("/v1/blobs/{hash}").and_then(|p| p.put.as_mut());
+        if let Some(body) = put.and_then(|op| op.request_body.as_mut()) {
+            body.required = Some(utoipa::openapi::Required::False);
+        }
+    }
+}
+
+/// The blob the document's examples name (by its BLAKE3 hash, in each blob call's `hash`
+/// parameter): scripts/schemathesis stores it before fuzzing, so the examples find a real blob.
+#[cfg(test)]
+pub const EXAMPLE_BLOB: &str = "an example blob of the vmgrid API document\n";
 
 /// The errors every authenticated call can answer with, each a JSON [`ApiError`].
 const ERRORS: [(&str, &str); 6] = [
@@ -123,7 +177,7 @@ op!(
 op!(jobs_list, get, path = "/v1/jobs", tag = "jobs",
     params(("after" = Option<u64>, Query, description = "where the previous page ended (its `next_after`): only jobs past this id in the list's order; 0 or none: from the start"),
            ("order" = Option<super::jobs::Order>, Query, description = "`oldest` (the default: by id, smallest first) or `newest` (largest id first)"),
-           ("limit" = Option<u64>, Query, description = "at most this many (default 1000)"),
+           ("limit" = Option<u64>, Query, description = "at most this many: 1 to 10,000 (default 1000; 0 is taken as 1, more than 10,000 as 10,000)"),
            ("state" = Option<String>, Query, description = "only jobs in this state (idle, running, held, completed, removed)"),
            ("owner" = Option<String>, Query, description = "only this owner's jobs (at most 256 characters)"),
            ("name" = Option<String>, Query, description = "only jobs whose name contains this, case folded (at most 256 characters)")),
@@ -141,11 +195,11 @@ op!(
     get,
     path = "/v1/jobs/{id}",
     tag = "jobs",
-    params(("id" = u64, Path, description = "the job's id")),
+    params(("id" = u64, Path, description = "the job's id", example = 1)),
     responses((status = 200, description = "the job, its attempts and its outputs", body = JobResult), Errors)
 );
 op!(jobs_wait, get, path = "/v1/jobs/{id}/wait", tag = "jobs",
-    params(("id" = u64, Path, description = "the job's id"),
+    params(("id" = u64, Path, description = "the job's id", example = 1),
            ("timeout_ms" = Option<u64>, Query, description = "answer after this long at the latest (at most 600000)")),
     responses((status = 200, description = "the job once completed, removed or held, or at the timeout", body = JobView), Errors));
 op!(
@@ -163,7 +217,7 @@ op!(
     get,
     path = "/v1/dags/{id}",
     tag = "dags",
-    params(("id" = u64, Path, description = "the workflow's id")),
+    params(("id" = u64, Path, description = "the workflow's id", example = 1)),
     responses((status = 200, description = "the workflow", body = DagView), Errors)
 );
 op!(
@@ -171,7 +225,7 @@ op!(
     post,
     path = "/v1/dags/{id}/rm",
     tag = "dags",
-    params(("id" = u64, Path, description = "the workflow's id")),
+    params(("id" = u64, Path, description = "the workflow's id", example = 1)),
     responses((status = 200, description = "the workflow, its jobs removed", body = DagView), Errors)
 );
 op!(nodes_list, get, path = "/v1/nodes", tag = "nodes",
@@ -290,7 +344,12 @@ op!(
     get,
     path = "/v1/blobs/{hash}/peers",
     tag = "blobs",
-    params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits")),
+    params((
+        "hash" = String,
+        Path,
+        description = "the blob's BLAKE3 hash, 64 hex digits",
+        example = "11b23894befa4fcf6ae7dc5012358b6550062d75dc2936d401f3ac4c6bb07887"
+    )),
     responses(
         (
             status = 200,
@@ -305,7 +364,12 @@ op!(
     get,
     path = "/v1/blobs/{hash}/pieces",
     tag = "blobs",
-    params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits")),
+    params((
+        "hash" = String,
+        Path,
+        description = "the blob's BLAKE3 hash, 64 hex digits",
+        example = "11b23894befa4fcf6ae7dc5012358b6550062d75dc2936d401f3ac4c6bb07887"
+    )),
     responses(
         (
             status = 200,
@@ -317,18 +381,18 @@ op!(
     )
 );
 op!(blobs_get, get, path = "/v1/blobs/{hash}", tag = "blobs",
-    params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits"),
+    params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits", example = "11b23894befa4fcf6ae7dc5012358b6550062d75dc2936d401f3ac4c6bb07887"),
            ("Range" = Option<String>, Header, description = "one byte range: `bytes=A-B`, `bytes=A-` (to resume) or `bytes=-N` (the last N bytes); other forms get the whole blob")),
     responses((status = 200, description = "the blob's bytes", content_type = "application/octet-stream", body = Vec<u8>),
               (status = 206, description = "the range asked for, named in `Content-Range`", content_type = "application/octet-stream", body = Vec<u8>),
               (status = 416, description = "no byte of the range is in the blob; `Content-Range: bytes */LEN` says its size", body = ApiError),
               BlobErrors));
 op!(blobs_head, head, path = "/v1/blobs/{hash}", tag = "blobs",
-    params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits"),
+    params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits", example = "11b23894befa4fcf6ae7dc5012358b6550062d75dc2936d401f3ac4c6bb07887"),
            ("size" = Option<u64>, Query, description = "the size of an upload the caller means to make: the answer is the refusal it would get")),
     responses((status = 200, description = "the pool has the blob"), HeadErrors));
-op!(blobs_put, put, path = "/v1/blobs/{hash}", tag = "blobs", params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits")),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+op!(blobs_put, put, path = "/v1/blobs/{hash}", tag = "blobs", params(("hash" = String, Path, description = "the blob's BLAKE3 hash, 64 hex digits", example = "11b23894befa4fcf6ae7dc5012358b6550062d75dc2936d401f3ac4c6bb07887")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the blob's bytes; may be left out when the pool has the blob already (it answers 200 at once)"),
     responses((status = 200, description = "the pool had the blob already"), (status = 201, description = "the blob stored"), BlobErrors));
 op!(
     tokens_add,

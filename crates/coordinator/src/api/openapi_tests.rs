@@ -131,3 +131,96 @@ fn bad_path_and_query_parameters_and_wrong_methods_get_the_documented_json_error
     }
     running.stop();
 }
+
+/// A part of an `allOf` that refused properties it does not list would refuse the other parts'
+/// (no node list could match `NodeView` so); and a real `NodeView`'s fields are each described.
+#[test]
+fn no_part_of_an_all_of_refuses_the_other_parts_fields() {
+    let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    let parts = |name: &str| -> Vec<serde_json::Value> {
+        let all = schemas[name]["allOf"].as_array().cloned().unwrap_or_default();
+        all.into_iter()
+            .map(|p| match p["$ref"].as_str() {
+                Some(r) => schemas[r.trim_start_matches("#/components/schemas/")].clone(),
+                None => p,
+            })
+            .collect()
+    };
+    for name in schemas.keys() {
+        for part in parts(name) {
+            assert_ne!(part.get("additionalProperties"), Some(&serde_json::json!(false)), "{name}: {part}");
+        }
+    }
+    let ad = vmgrid_proto::NodeAd {
+        name: "n1".into(),
+        arch: "x86_64".into(),
+        os: "linux".into(),
+        cpus: 2,
+        memory_mb: 1024,
+        disk_mb: 1024,
+        vm_types: vec![vmgrid_proto::VmType::Wasm],
+        accelerators: vec!["tcg".into()],
+        labels: BTreeMap::from([("rack".to_string(), "a".to_string())]),
+        appliance: false,
+        qemu: Some("10.0.2".into()),
+        peer: None,
+    };
+    let view = vmgrid_proto::NodeView {
+        ad,
+        state: vmgrid_proto::NodeState::Ready,
+        running_jobs: 0,
+        free_cpus: 2,
+        free_memory_mb: 1024,
+        last_seen_ms: 1,
+        cache: None,
+        reputation: 0.5,
+        agreements: 0,
+        disagreements: 0,
+    };
+    let described: BTreeSet<String> =
+        parts("NodeView").iter().flat_map(|p| p["properties"].as_object().unwrap().keys().cloned()).collect();
+    let sent = serde_json::to_value(&view).unwrap();
+    for field in sent.as_object().unwrap().keys() {
+        assert!(described.contains(field), "NodeView's {field} is not in the document");
+    }
+}
+
+/// One request acts on at most `MAX_ACTION_IDS` jobs (the engine's lock is held meanwhile); the
+/// document says so, and more is a 400 that says how many.
+#[test]
+fn an_action_on_more_jobs_than_a_request_may_name_is_refused() {
+    let (dir, running) = coordinator();
+    let token = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap();
+    let post = |n: usize| {
+        let body = serde_json::json!({ "action": "rm", "ids": (1..=n as u64).collect::<Vec<_>>() }).to_string();
+        let mut s = std::net::TcpStream::connect(running.addr).unwrap();
+        write!(
+            s,
+            "POST /v1/jobs/actions HTTP/1.1\r\nHost: vmgrid\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            token.trim(),
+            body.len()
+        )
+        .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        raw
+    };
+    let ok = post(vmgrid_proto::MAX_ACTION_IDS);
+    assert!(ok.starts_with("HTTP/1.1 200") && ok.contains("no such job"), "{}", &ok[..200.min(ok.len())]);
+    let refused = post(vmgrid_proto::MAX_ACTION_IDS + 1);
+    assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+    assert!(refused.contains("at most 10000 job ids a request; this one has 10001"), "{refused}");
+    let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+    assert_eq!(doc["components"]["schemas"]["ActionRequest"]["properties"]["ids"]["maxItems"], 10000);
+    running.stop();
+}
+
+/// The blob calls' example hash is the hash of the example blob that scripts/schemathesis stores.
+#[test]
+fn the_example_blob_hash_is_the_example_blobs() {
+    let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+    let params = &doc["paths"]["/v1/blobs/{hash}"]["get"]["parameters"];
+    let hash = params.as_array().unwrap().iter().find(|p| p["name"] == "hash").unwrap()["example"].clone();
+    assert_eq!(hash, blake3::hash(super::EXAMPLE_BLOB.as_bytes()).to_hex().as_str());
+}

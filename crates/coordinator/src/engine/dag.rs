@@ -195,10 +195,8 @@ impl Engine {
 
     /// Marks done, in `nodes`, what was done in workflow `old_id`.
     fn rescued_nodes(&self, p: &Principal, old_id: u64, spec: &DagSpec, nodes: &mut [DagNode]) -> Result<(), ApiError> {
-        let old = self.dags.get(&old_id).ok_or_else(|| ApiError::NotFound(format!("no workflow {old_id}")))?;
-        if !p.may_see(&old.owner) {
-            return Err(ApiError::Forbidden(format!("workflow {old_id} belongs to {}", old.owner)));
-        }
+        let old = self.dags.get(&old_id).filter(|d| p.may_see(&d.owner));
+        let old = old.ok_or_else(|| ApiError::NotFound(format!("no workflow {old_id}")))?;
         // The rescue runs as the one who submits it: another's (an admin's) would take the
         // workflow's only rescue from its owner, and run its jobs as someone else.
         if p.owner() != &*old.owner {
@@ -436,10 +434,8 @@ impl Engine {
     /// Removes a running workflow (its owner or an admin): its queued and running jobs are
     /// removed, its waiting nodes skipped; the final node does not run.
     pub fn dag_rm(&mut self, p: &Principal, id: u64, now: u64) -> Result<DagView, ApiError> {
-        let d = self.dags.get(&id).ok_or_else(|| ApiError::NotFound(format!("no workflow {id}")))?;
-        if !p.may_see(&d.owner) {
-            return Err(ApiError::Forbidden(format!("workflow {id} belongs to {}, not {}", d.owner, p.owner())));
-        }
+        let d = self.dags.get(&id).filter(|d| p.may_see(&d.owner));
+        let d = d.ok_or_else(|| ApiError::NotFound(format!("no workflow {id}")))?;
         if d.state != DagState::Running {
             return Err(ApiError::Conflict(format!("workflow {id} is {} already", d.state.as_str())));
         }

@@ -1,5 +1,5 @@
 //! The engine's internal consistency, stated once and checked by [`Engine::check_invariants`]:
-//! the indexes agree with the jobs (idle sets, node queues, per-user and per-spec counts, the
+//! the indexes agree with the jobs (idle sets, node queues, each owner's ids, per-user and per-spec counts, the
 //! retention index, each user's running jobs and cpus for fair share), no node holds more
 //! than it offers, each job's past attempts are bounded and in order, and workflows agree with their jobs (`dag.rs`'s `check_dags`). The state-machine property test
 //! (engine/proptests.rs) and the fuzz targets (fuzz/) call it after every step.
@@ -15,6 +15,7 @@ impl Engine {
     /// (O(jobs + nodes)): for tests and fuzzing, not for the request path.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.check_jobs()?;
+        self.check_owners()?;
         self.check_replicas()?;
         self.check_nodes()?;
         self.check_counts()?;

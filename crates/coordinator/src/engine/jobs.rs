@@ -70,6 +70,9 @@ impl Engine {
         let first = self.next_job;
         self.next_job += count;
         *self.queued.entry(owner.clone()).or_default() += count;
+        if count > 0 {
+            self.owners.add(owner, first, first + count - 1);
+        }
         *self.spec_jobs.entry(spec_id).or_default() += count;
         self.by_state[JobState::Idle as usize] += count;
         for i in 0..count {
@@ -137,10 +140,8 @@ impl Engine {
     }
 
     fn act(&mut self, p: &Principal, action: JobAction, id: u64, now: u64) -> Result<JobView, String> {
-        let j = self.jobs.get(&id).ok_or("no such job")?;
-        if !p.may_see(&j.owner) {
-            return Err(format!("job {id} belongs to {}, not {}", j.owner, p.owner()));
-        }
+        // Another user's job is refused as a missing one (its owner is not the caller's to learn).
+        let j = self.jobs.get(&id).filter(|j| p.may_see(&j.owner)).ok_or("no such job")?;
         if action == JobAction::Vacate {
             return self.vacate(id, now);
         }

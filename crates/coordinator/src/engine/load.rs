@@ -125,6 +125,7 @@ impl Engine {
         }
         *self.spec_jobs.entry(job.spec_id).or_default() += 1;
         let id = job.id;
+        self.owners.add(&job.owner, id, id);
         self.jobs.insert(id, job);
         if state == JobState::Idle {
             self.set_idle(id);

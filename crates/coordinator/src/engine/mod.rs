@@ -18,6 +18,7 @@ pub(crate) mod jobs;
 mod load;
 mod nodes;
 mod overlay;
+mod pages;
 mod replicas;
 mod retention;
 mod schedule;
@@ -334,6 +335,8 @@ pub struct Engine {
     limits: Limits,
     /// Jobs not yet completed or removed, by owner (what `Limits::max_queued_per_user` bounds).
     queued: HashMap<Arc<str>, u64>,
+    /// Every job's id, by owner, as ranges: what a user's page of the job list reads.
+    owners: pages::Owners,
     /// Completed and removed jobs by the time they finished, for retention.
     final_by_time: BTreeSet<(u64, u64)>,
     /// How many jobs each spec has (a spec goes when its last job does).
@@ -415,6 +418,7 @@ impl Engine {
             timing,
             limits: Limits::default(),
             queued: HashMap::new(),
+            owners: pages::Owners::default(),
             final_by_time: BTreeSet::new(),
             spec_jobs: HashMap::new(),
             blobs: HashMap::new(),
@@ -567,44 +571,6 @@ impl Engine {
         self.jobs.values().filter(|j| p.may_see(&j.owner)).map(|j| self.view(j)).collect()
     }
 
-    /// Up to `limit` jobs after id `after` that `p` may see (in `state`, if given), in id order
-    /// (or newest first, where `after` is the id the previous page ended at going down).
-    pub fn job_page(&self, p: &Principal, after: u64, limit: usize, filter: &JobFilter) -> JobPage {
-        let limit = limit.clamp(1, MAX_PAGE);
-        let mut jobs = Vec::new();
-        let mut next_after = None;
-        let name_of = |j: &Job| self.specs.get(&j.spec_id).map_or("", |s| s.spec.name.as_str());
-        let needle = filter.name.as_deref().map(str::to_lowercase);
-        let matches = |j: &Job| {
-            p.may_see(&j.owner)
-                && filter.state.is_none_or(|s| j.state == s)
-                && filter.owner.as_deref().is_none_or(|o| *j.owner == *o)
-                && needle.as_deref().is_none_or(|n| name_of(j).to_lowercase().contains(n))
-        };
-        // A page looks at no more than MAX_PAGE_SCAN jobs (the engine's lock is held meanwhile):
-        // a filter that matches few of a million jobs gives short pages, each with where to go on.
-        let order: Box<dyn Iterator<Item = (&u64, &Job)>> = match (filter.newest_first, after) {
-            (false, _) => Box::new(self.jobs.range(after.saturating_add(1)..)),
-            (true, 0) => Box::new(self.jobs.iter().rev()),
-            (true, _) => Box::new(self.jobs.range(..after).rev()),
-        };
-        for (looked, (&id, j)) in order.enumerate() {
-            if jobs.len() == limit {
-                next_after = jobs.last().map(|v: &JobView| v.id);
-                break;
-            }
-            if looked == MAX_PAGE_SCAN {
-                // Where this page stopped looking: the next one starts at `id`.
-                next_after = Some(if filter.newest_first { id + 1 } else { id - 1 });
-                break;
-            }
-            if matches(j) {
-                jobs.push(self.view(j));
-            }
-        }
-        JobPage { jobs, next_after }
-    }
-
     /// Registers a `vmgrid ssi` console of user `p` at `home` (the URL the pool chose for it)
     /// under the hash of the credential the runtime made.
     pub fn register_console(
@@ -630,10 +596,9 @@ impl Engine {
 
     /// One job with its results, if `p` may see it.
     pub fn job_result(&self, p: &Principal, id: u64) -> Result<JobResult, ApiError> {
-        let j = self.jobs.get(&id).ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
-        if !p.may_see(&j.owner) {
-            return Err(ApiError::Forbidden(format!("job {id} belongs to {}", j.owner)));
-        }
+        // Another user's job is answered as a missing one: its id and owner are not theirs to learn.
+        let j = self.jobs.get(&id).filter(|j| p.may_see(&j.owner));
+        let j = j.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
         let r = j.result.as_deref().cloned().unwrap_or_default();
         Ok(JobResult {
             job: self.view(j),

@@ -35,20 +35,29 @@ fn a_job_page_filters_by_owner_and_name_on_every_page() {
 }
 
 /// A filter that matches few jobs of many gives short pages, each bounded in the jobs it looks
-/// at, and the pages together list every match once.
+/// at, and the pages together list every match once. A user's own pages (and an admin's for one
+/// owner) read only that owner's jobs, so they are full however many jobs others have.
 #[test]
 fn a_page_looks_at_a_bounded_number_of_jobs_and_says_where_to_go_on() {
     let mut e = Engine::new(TIMING);
     e.set_limits(Limits { max_queued_per_user: 10_000_000, ..Limits::default() });
     let (alice, bob) = (Principal::User("alice".into()), Principal::User("bob".into()));
-    e.submit(&alice, spec(0), 2, 0).unwrap();
+    let mut rare = spec(0);
+    rare.name = "rare".into();
+    e.submit(&alice, rare.clone(), 2, 0).unwrap();
     e.submit(&bob, spec(0), (MAX_PAGE_SCAN * 2) as u64, 0).unwrap();
-    e.submit(&alice, spec(0), 3, 0).unwrap();
-    let walk = |newest_first| {
-        let filter = JobFilter { newest_first, ..JobFilter::default() };
+    e.submit(&alice, rare, 3, 0).unwrap();
+    let admin = Principal::Admin("root".into());
+    let walk_as = |p: &Principal, newest_first, owner: Option<&str>, name: Option<&str>| {
+        let filter = JobFilter {
+            newest_first,
+            owner: owner.map(str::to_string),
+            name: name.map(str::to_string),
+            ..JobFilter::default()
+        };
         let (mut after, mut seen, mut pages) = (0, Vec::new(), 0);
         loop {
-            let page = e.job_page(&alice, after, 1000, &filter);
+            let page = e.job_page(p, after, 1000, &filter);
             pages += 1;
             seen.extend(page.jobs.iter().map(|j| j.id));
             match page.next_after {
@@ -59,12 +68,35 @@ fn a_page_looks_at_a_bounded_number_of_jobs_and_says_where_to_go_on() {
         (seen, pages)
     };
     let last = (MAX_PAGE_SCAN * 2) as u64 + 2;
-    let (seen, pages) = walk(false);
-    assert_eq!(seen, vec![1, 2, last + 1, last + 2, last + 3], "alice's five jobs, each once");
+    let mine = vec![1, 2, last + 1, last + 2, last + 3];
+    let newest: Vec<u64> = mine.iter().rev().copied().collect();
+    let (seen, pages) = walk_as(&admin, false, None, Some("rare"));
+    assert_eq!(seen, mine, "alice's five jobs, each once");
     assert_eq!(pages, 3, "two full scans and the last page");
-    let (seen, pages) = walk(true);
-    assert_eq!(seen, vec![last + 3, last + 2, last + 1, 2, 1], "newest first: the same five, largest id first");
+    let (seen, pages) = walk_as(&admin, true, None, Some("rare"));
+    assert_eq!(seen, newest, "newest first: the same five, largest id first");
     assert_eq!(pages, 3);
+    for (p, owner) in [(&alice, None), (&admin, Some("alice"))] {
+        assert_eq!(walk_as(p, false, owner, None), (mine.clone(), 1), "one owner's jobs: one page");
+        assert_eq!(walk_as(p, true, owner, None), (newest.clone(), 1));
+    }
+    // Pages of two, both ways, across the gap of bob's jobs.
+    let two = |newest_first| {
+        let filter = JobFilter { newest_first, ..JobFilter::default() };
+        let (mut after, mut pages) = (0, Vec::new());
+        loop {
+            let page = e.job_page(&alice, after, 2, &filter);
+            pages.push(page.jobs.iter().map(|j| j.id).collect::<Vec<_>>());
+            match page.next_after {
+                Some(next) => after = next,
+                None => return pages,
+            }
+        }
+    };
+    assert_eq!(two(false), vec![vec![1, 2], vec![last + 1, last + 2], vec![last + 3]]);
+    assert_eq!(two(true), vec![vec![last + 3, last + 2], vec![last + 1, 2], vec![1]]);
+    assert!(walk_as(&bob, false, Some("alice"), None).0.is_empty(), "bob never sees alice's jobs");
+    e.check_invariants().unwrap();
 }
 
 /// Newest first, pages of two: each page goes on below where the last one ended.

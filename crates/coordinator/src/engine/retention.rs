@@ -50,6 +50,8 @@ impl Engine {
                 continue;
             }
             let Some(j) = self.jobs.remove(&id) else { continue };
+            let jobs = &self.jobs;
+            self.owners.removed(&j.owner, id, |first, last| jobs.range(first..=last).next().is_none());
             self.by_state[j.counted as usize] -= 1;
             self.store(Op::DeleteJob { id });
             let left = self.spec_jobs.entry(j.spec_id).or_default();

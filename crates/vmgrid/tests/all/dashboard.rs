@@ -72,6 +72,25 @@ fn the_dashboard_is_served_with_a_strict_policy_and_no_inline_script() {
     // The page holds no data: the API it reads answers nothing without a token.
     let (head, body) = get(&pool, "/v1/jobs", &[]);
     assert!(head.starts_with("http/1.1 401"), "{head}{body}");
+    // Every other answer (JSON, errors, the API's 404, the document, blobs) may load, run and
+    // frame nothing, and is not sniffed.
+    let admin = format!("Authorization: Bearer {}", pool_admin(&pool).trim());
+    let blob = pool.admin().upload_bytes(b"<script>alert(1)</script>", "page.html").unwrap();
+    for (path, auth) in [
+        ("/v1/jobs", ""),
+        ("/nowhere", ""),
+        ("/openapi.json", ""),
+        ("/v1/overview", admin.as_str()),
+        (&*format!("/v1/blobs/{}", blob.blob), admin.as_str()),
+    ] {
+        let (head, _) = get(&pool, path, &[auth].into_iter().filter(|a| !a.is_empty()).collect::<Vec<_>>());
+        let csp = head.lines().find_map(|l| l.strip_prefix("content-security-policy: "));
+        assert_eq!(csp, Some("default-src 'none'; frame-ancestors 'none'; base-uri 'none'"), "{path}: {head}");
+        assert!(head.contains("x-content-type-options: nosniff"), "{path}: {head}");
+        if path.starts_with("/v1/blobs/") {
+            assert!(head.contains("content-type: application/octet-stream"), "{path}: {head}");
+        }
+    }
 }
 
 #[test]
@@ -96,8 +115,13 @@ fn a_user_token_reads_only_its_own_jobs_through_the_api_the_dashboard_uses() {
     let page: serde_json::Value = serde_json::from_str(&page).unwrap();
     let ids: Vec<u64> = page["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_u64().unwrap()).collect();
     assert_eq!(ids, vec![a], "alice sees only her job: {page}");
-    let (head, _) = get(&pool, &format!("/v1/jobs/{b}"), &[&auth(&alice)]);
-    assert!(head.starts_with("http/1.1 403"), "{head}");
+    // Bob's job is, to alice, answered as a job that does not exist: its owner is not hers to learn.
+    let (head, body) = get(&pool, &format!("/v1/jobs/{b}"), &[&auth(&alice)]);
+    let (_, missing) = get(&pool, "/v1/jobs/999999", &[&auth(&alice)]);
+    assert!(head.starts_with("http/1.1 404") && body == format!(r#"{{"error":"no job {b}"}}"#), "{head}{body}");
+    assert_eq!(missing, r#"{"error":"no job 999999"}"#);
+    let (head, body) = get(&pool, &format!("/v1/jobs/{b}/wait?timeout_ms=0"), &[&auth(&alice)]);
+    assert!(head.starts_with("http/1.1 404") && !body.contains("bob"), "{head}{body}");
     let (_, all) = get(&pool, "/v1/jobs?after=0&limit=50", &[&auth(pool_admin(&pool).trim())]);
     assert!(all.contains(&format!("\"id\":{a},")) && all.contains(&format!("\"id\":{b},")), "{all}");
 }
@@ -108,8 +132,9 @@ fn pool_admin(pool: &Pool) -> String {
 
 /// The browser test (`tests/dashboard/e2e.mjs`) in headless Chromium against a real pool: sign in,
 /// a sweep moving from idle to completed live (streamed events, no reload, no polling requests),
-/// a job's page with its output, hold and release, a killed node seen lost, one user's jobs
-/// hidden from another. Its screenshots go to the directory in `VMGRID_SCREENSHOTS` (the
+/// a job's page with its output, hold, release and rm (each confirmed; a dismissed one sends
+/// nothing), the state filter, the users' usage, a killed node seen lost, one user's jobs hidden
+/// from another. Its screenshots go to the directory in `VMGRID_SCREENSHOTS` (the
 /// ones in `docs/` were made with `VMGRID_SCREENSHOTS=docs`), else to a scratch directory.
 #[test]
 fn the_dashboard_in_a_browser_signs_in_shows_jobs_and_nodes_and_acts() {
@@ -142,8 +167,10 @@ fn the_dashboard_in_a_browser_signs_in_shows_jobs_and_nodes_and_acts() {
         ],
         "[files]\noutputs = [\"out/*.txt\"]\n",
     );
-    for (token, count) in [(&alice, "3"), (&bob, "1")] {
-        let out = pool.cli().env("VMGRID_TOKEN", token).args(["submit", "--count", count]).arg(&job).output().unwrap();
+    // Alice's sweep (jobs 1-3), Bob's job (4), and a job of Alice's that she removes (5).
+    let spare = probe_job_file(jobs.path(), "spare", &["args", "never run"], "");
+    for (token, count, file) in [(&alice, "3", &job), (&bob, "1", &job), (&alice, "1", &spare)] {
+        let out = pool.cli().env("VMGRID_TOKEN", token).args(["submit", "--count", count]).arg(file).output().unwrap();
         assert!(out.status.success(), "{}", stderr_of(&out));
     }
     let scratch = JobDir::new();

@@ -26,6 +26,9 @@ pub fn guest_wasm(name: &str) -> PathBuf {
         let status = Command::new(env!("CARGO"))
             .args(["build", "--quiet", "--release", "--target", "wasm32-wasip1", "--manifest-path"])
             .arg(root.join("guests/Cargo.toml"))
+            // Where this reads them from, even under a CARGO_TARGET_DIR meant for the workspace.
+            .arg("--target-dir")
+            .arg(root.join("guests/target"))
             .status()
             .expect("run cargo to build the guest programs");
         assert!(status.success(), "building guests/ for wasm32-wasip1 failed (rustup target add wasm32-wasip1?)");

@@ -70,7 +70,10 @@ try {
   const page = await context.newPage();
   const errors = [];
   page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
-  page.on("dialog", (d) => d.accept());
+  // Every action asks for confirmation; the test answers yes unless it sets `confirming` to false.
+  let confirming = true;
+  const dialogs = [];
+  page.on("dialog", (d) => { dialogs.push(d.message()); return confirming ? d.accept() : d.dismiss(); });
   const urls = [];
   page.on("request", (r) => urls.push(r.url()));
   const since = (n, part) => urls.slice(n).filter((u) => new URL(u).pathname.startsWith(part)).length;
@@ -84,12 +87,28 @@ try {
   check(await page.evaluate(() => sessionStorage.length === 0), "a refused token is not kept");
   errors.length = 0; // the browser logs the refused call itself; from here on, none is expected
 
-  // Alice sees her sweep (idle: no node yet), not Bob's job.
+  // Alice sees her sweep and her spare job (idle: no node yet), not Bob's job.
   await signIn(page, alice);
   let seen = await states(page);
-  check(seen.length === 3 && seen.every(([, s]) => s === "idle"), `alice sees her 3 idle jobs: ${JSON.stringify(seen)}`);
+  check(seen.length === 4 && seen.every(([, s]) => s === "idle"), `alice sees her 4 idle jobs: ${JSON.stringify(seen)}`);
   const owners = await page.$$eval("#jobs tbody tr td:nth-child(3)", (tds) => tds.map((t) => t.textContent));
   check(owners.every((o) => o === "alice"), "alice sees no other user's job");
+
+  // She removes the spare one: a dismissed confirmation sends nothing, a confirmed one removes it.
+  const spare = Math.max(...seen.map(([id]) => id));
+  confirming = false;
+  const asked = urls.length;
+  await page.click(`#jobs tr[data-id="${spare}"] .act-rm`);
+  await page.evaluate(() => true); // runs once the page's script goes on after the dialog
+  check(dialogs.at(-1) === `rm job ${spare} (spare)?`, `rm asks first: ${JSON.stringify(dialogs.at(-1))}`);
+  check(since(asked, "/v1/jobs/actions") === 0, "a dismissed rm sends nothing");
+  check((await states(page)).some(([id, s]) => id === spare && s === "idle"), "a dismissed rm leaves the job idle");
+  confirming = true;
+  await page.click(`#jobs tr[data-id="${spare}"] .act-rm`);
+  await page.waitForSelector(`#jobs tr[data-id="${spare}"][data-state="removed"]`);
+  check(true, `job ${spare} removed, once confirmed`);
+  const sweep = async () => (await states(page)).filter(([id]) => id !== spare);
+  seen = await sweep();
 
   // Hold one (confirmed), then release it.
   const first = seen[0][0];
@@ -105,8 +124,8 @@ try {
   await page.evaluate(() => { window.stillHere = true; });
   const before = urls.length;
   await ask("start-node");
-  await until(page, "a job shows running, live", async () => (await states(page)).some(([, s]) => s === "running"));
-  await until(page, "the sweep completed, live", async () => (await states(page)).every(([, s]) => s === "completed"));
+  await until(page, "a job shows running, live", async () => (await sweep()).some(([, s]) => s === "running"));
+  await until(page, "the sweep completed, live", async () => (await sweep()).every(([, s]) => s === "completed"));
   check(await page.evaluate(() => window.stillHere === true), "the page was not reloaded");
   check(since(before, "/v1/events") === 0, "the page kept its one event stream (no new one)");
   const reloads = since(before, "/v1/jobs");
@@ -175,8 +194,15 @@ try {
   check((await page.textContent("#page-info")).startsWith("page 2"), "a click on another column sorts the page shown, on that page");
   await page.click("#prev");
   await until(page, "the previous page is the first again",
-    async () => JSON.stringify((await states(page)).map(([id]) => id)) === JSON.stringify(page1));
+    async () => JSON.stringify((await states(page)).map(([id]) => id).sort()) === JSON.stringify(page1.slice().sort()));
   await page.selectOption("#f-limit", "50");
+  await page.selectOption("#f-state", "removed");
+  await until(page, "the state filter shows only the removed job",
+    async () => JSON.stringify(await states(page)) === JSON.stringify([[spare, "removed"]]));
+  await page.selectOption("#f-state", "completed");
+  await until(page, "the state filter shows only the completed sweep",
+    async () => (await states(page)).length === 3 && (await states(page)).every(([, s]) => s === "completed"));
+  await page.selectOption("#f-state", "");
   await page.fill("#f-name", "no-such-name");
   await until(page, "the name filter, applied by the pool, hides what does not match", async () => (await states(page)).length === 0);
   await page.fill("#f-name", "");
@@ -198,11 +224,17 @@ try {
   const status = await page.evaluate(async (id) => (await fetch(`/v1/jobs/${id}`, {
     headers: { Authorization: `Bearer ${sessionStorage.getItem("vmgrid-token")}` },
   })).status, first);
-  check(status === 403, `bob cannot read alice's job ${first} (${status})`);
+  check(status === 404, `bob cannot read alice's job ${first}; to him it does not exist (${status})`);
   errors.length = 0; // the browser logs that refused call itself
   await page.click("#signout");
   await signIn(page, admin);
-  check((await states(page)).length === 4, "the admin sees every job");
+  check((await states(page)).length === 5, "the admin sees every job");
+  await tab(page, "users");
+  await holds(page, () => document.querySelectorAll("#users tbody tr").length >= 2);
+  const usage = await page.$$eval("#users tbody tr", (trs) => trs.map((tr) => [...tr.cells].map((c) => c.textContent)));
+  const row = (u) => usage.find((r) => r[0] === u);
+  check(row("alice") && row("bob") && Number(row("alice")[4]) > 0 && Number(row("bob")[4]) > 0,
+    `the users tab shows each user's usage (cpu·s): ${JSON.stringify(usage)}`);
   await page.click('button[data-tab="nodes"]');
   await page.waitForSelector('#nodes tbody tr[data-state="ready"]');
   const cache = await page.textContent('#nodes tbody tr[data-state="ready"] td:last-child');

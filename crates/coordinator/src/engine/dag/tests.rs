@@ -157,7 +157,7 @@ fn a_rescue_runs_only_what_did_not_complete_and_reuses_the_done_nodes_outputs() 
     assert_eq!(e.dag_view(&alice(), id).unwrap().state, DagState::Failed);
     let a_job = e.dag_view(&alice(), id).unwrap().nodes[0].jobs.clone();
     let bob = Principal::User("bob".into());
-    assert!(matches!(e.submit_dag(&bob, diamond(), Some(id), 4), Err(ApiError::Forbidden(_))));
+    assert!(matches!(e.submit_dag(&bob, diamond(), Some(id), 4), Err(ApiError::NotFound(_))));
     let rescue = e.submit_dag(&alice(), diamond(), Some(id), 4).unwrap();
     let v = e.dag_view(&alice(), rescue).unwrap();
     assert_eq!(v.rescue_of, Some(id));
@@ -194,7 +194,7 @@ fn a_running_workflow_cannot_be_rescued_and_rm_removes_its_jobs_for_its_owner_on
     let id = e.submit_dag(&alice(), diamond(), None, 1).unwrap();
     assert!(matches!(e.submit_dag(&alice(), diamond(), Some(id), 2), Err(ApiError::Conflict(_))));
     let job = e.dag_view(&alice(), id).unwrap().nodes[0].jobs[0];
-    assert!(matches!(e.dag_rm(&Principal::User("bob".into()), id, 2), Err(ApiError::Forbidden(_))));
+    assert!(matches!(e.dag_rm(&Principal::User("bob".into()), id, 2), Err(ApiError::NotFound(_))));
     // Its first job runs on n1 when the workflow is removed: the run is kept in its attempts.
     e.schedule(2);
     assert_eq!(e.take_leases("n1", 8, 8, 2).len(), 1);

@@ -27,10 +27,8 @@ impl Engine {
 
     /// Workflow `id` as `vmgrid dag status` shows it, if `p` may see it.
     pub fn dag_view(&self, p: &Principal, id: u64) -> Result<DagView, ApiError> {
-        let d = self.dags.get(&id).ok_or_else(|| ApiError::NotFound(format!("no workflow {id}")))?;
-        if !p.may_see(&d.owner) {
-            return Err(ApiError::Forbidden(format!("workflow {id} belongs to {}", d.owner)));
-        }
+        let d = self.dags.get(&id).filter(|d| p.may_see(&d.owner));
+        let d = d.ok_or_else(|| ApiError::NotFound(format!("no workflow {id}")))?;
         let nodes: Vec<DagNodeView> = (0..d.nodes.len()).map(|i| self.node_view(d, i)).collect();
         Ok(DagView {
             id,
