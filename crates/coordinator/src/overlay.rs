@@ -5,7 +5,9 @@
 //! again every second, so a restarted coordinator knows it again within one.
 //!
 //! The relay carries only packets between nodes that run members of one group now (as the
-//! engine says), boundedly per node; they are WireGuard packets, so the pool sees ciphertext.
+//! engine says at each relay call), to nodes heard from lately, boundedly per node (each packet
+//! charged with its bookkeeping); they are WireGuard packets, so the pool sees ciphertext. Nodes
+//! not heard from for [`STALE`] are forgotten. No two nodes heard from lately hold one key.
 //! The reflector answers only probes, never with more bytes than the probe had.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -23,10 +25,32 @@ const STALE: Duration = Duration::from_secs(30);
 /// The most bytes waiting in one node's relay mailbox; past it, packets are dropped (as a full
 /// link drops them: TCP in the VMs slows down).
 const MAILBOX_BYTES: usize = 4 << 20;
+/// What a queued packet costs its mailbox beyond its bytes and its sender's name.
+const ENTRY_COST: usize = 64;
+/// The shortest WireGuard message (a transport message with no payload); shorter is no packet.
+const MIN_PACKET: usize = 32;
 
 #[derive(Default)]
 pub(crate) struct Overlay {
-    ends: Mutex<HashMap<String, End>>,
+    ends: Mutex<Ends>,
+}
+
+#[derive(Default)]
+struct Ends {
+    map: HashMap<String, End>,
+    /// When nodes not heard from were last forgotten.
+    swept: Option<Instant>,
+}
+
+impl End {
+    fn fresh(&self) -> bool {
+        self.seen.elapsed() < STALE
+    }
+}
+
+/// What one queued packet costs its mailbox.
+fn cost(from: &str, packet: &[u8]) -> usize {
+    packet.len() + from.len() + ENTRY_COST
 }
 
 struct End {
@@ -34,8 +58,6 @@ struct End {
     endpoint: Option<String>,
     paths: Vec<PeerPath>,
     seen: Instant,
-    /// The nodes its map named: the only ones it may relay to.
-    peers: HashSet<String>,
     mailbox: VecDeque<(String, Vec<u8>)>,
     queued: usize,
     notify: Arc<Notify>,
@@ -47,17 +69,28 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Overlay {
     /// Records a node's hello and answers with its map: its groups, and the keys and endpoints
-    /// of the nodes that run their other members.
-    pub fn hello(&self, node: &str, hello: OverlayHello, groups: Vec<OverlayGroup>) -> OverlayMap {
-        let mut ends = lock(&self.ends);
+    /// of the nodes that run their other members. A key another node holds is refused.
+    pub fn hello(&self, node: &str, mut hello: OverlayHello, groups: Vec<OverlayGroup>) -> Result<OverlayMap, String> {
+        let mut guard = lock(&self.ends);
+        let st = &mut *guard;
+        if st.swept.is_none_or(|t| t.elapsed() >= STALE) {
+            st.map.retain(|_, e| e.fresh());
+            st.swept = Some(Instant::now());
+        }
+        if st.map.iter().any(|(n, e)| n != node && e.key == hello.key && e.fresh()) {
+            return Err("this WireGuard key is another node's: a node makes its own key pair".into());
+        }
+        let ends = &mut st.map;
         let peers: HashSet<String> =
             groups.iter().flat_map(|g| &g.members).map(|m| m.node.clone()).filter(|n| n != node).collect();
+        // What a node says of its paths is kept only for nodes of the overlay (what `vmgrid net`
+        // shows): its last paths outlive its last VM, so not only its peers of now.
+        hello.paths.retain(|p| p.node != node && ends.contains_key(&p.node));
         let end = ends.entry(node.to_string()).or_insert_with(|| End {
             key: String::new(),
             endpoint: None,
             paths: Vec::new(),
             seen: Instant::now(),
-            peers: HashSet::new(),
             mailbox: VecDeque::new(),
             queued: 0,
             notify: Arc::default(),
@@ -71,7 +104,6 @@ impl Overlay {
         end.endpoint = hello.endpoint;
         end.paths = hello.paths;
         end.seen = Instant::now();
-        end.peers = peers.clone();
         let mut out: Vec<OverlayPeer> = peers
             .iter()
             .filter_map(|p| {
@@ -80,19 +112,24 @@ impl Overlay {
             })
             .collect();
         out.sort_by(|a, b| a.node.cmp(&b.node));
-        OverlayMap { groups, peers: out }
+        Ok(OverlayMap { groups, peers: out })
     }
 
-    /// Queues packets from `from` for the nodes they name; returns how many were dropped (not a
-    /// peer of `from`'s, or a full mailbox).
-    pub fn relay(&self, from: &str, packets: Vec<(String, &[u8])>) -> usize {
-        let mut ends = lock(&self.ends);
-        let Some(allowed) = ends.get(from).map(|e| e.peers.clone()) else { return packets.len() };
+    /// Queues packets from `from` for the nodes they name; returns how many were dropped: not
+    /// one of `allowed` (the nodes that run members of `from`'s groups now, as the engine says),
+    /// not heard from lately, too short to be a WireGuard message, or a full mailbox.
+    pub fn relay(&self, from: &str, allowed: &HashSet<String>, packets: Vec<(String, &[u8])>) -> usize {
+        let mut guard = lock(&self.ends);
+        let ends = &mut guard.map;
+        if !ends.get(from).is_some_and(End::fresh) {
+            return packets.len();
+        }
         let mut dropped = 0;
         for (to, p) in packets {
-            match ends.get_mut(&to).filter(|_| allowed.contains(&to)) {
-                Some(e) if e.queued + p.len() <= MAILBOX_BYTES => {
-                    e.queued += p.len();
+            let c = cost(from, p);
+            match ends.get_mut(&to).filter(|e| allowed.contains(&to) && e.fresh() && p.len() >= MIN_PACKET) {
+                Some(e) if e.queued + c <= MAILBOX_BYTES => {
+                    e.queued += c;
                     e.mailbox.push_back((from.to_string(), p.to_vec()));
                     e.notify.notify_one();
                 }
@@ -106,7 +143,7 @@ impl Overlay {
     /// notification to wait on when there are none.
     pub fn take(&self, node: &str, max: usize) -> Result<Vec<u8>, Option<Arc<Notify>>> {
         let mut ends = lock(&self.ends);
-        let Some(e) = ends.get_mut(node) else { return Err(None) };
+        let Some(e) = ends.map.get_mut(node) else { return Err(None) };
         if e.mailbox.is_empty() {
             return Err(Some(e.notify.clone()));
         }
@@ -116,7 +153,7 @@ impl Overlay {
                 break;
             }
             relay_encode(&mut body, from, p);
-            e.queued -= p.len();
+            e.queued -= cost(from, p);
             e.mailbox.pop_front();
         }
         Ok(body)
@@ -126,8 +163,9 @@ impl Overlay {
     pub fn views(&self) -> Vec<NetView> {
         let ends = lock(&self.ends);
         let mut v: Vec<NetView> = ends
+            .map
             .iter()
-            .filter(|(_, e)| e.seen.elapsed() < STALE)
+            .filter(|(_, e)| e.fresh())
             .map(|(n, e)| NetView {
                 node: n.clone(),
                 key: e.key.clone(),
@@ -141,7 +179,7 @@ impl Overlay {
 
     /// Forgets a node that left the pool.
     pub fn forget(&self, node: &str) {
-        lock(&self.ends).remove(node);
+        lock(&self.ends).map.remove(node);
     }
 }
 
@@ -190,25 +228,53 @@ mod tests {
     #[test]
     fn the_relay_carries_packets_only_between_nodes_of_one_group_and_boundedly() {
         let o = Overlay::default();
-        let map = o.hello("a", hello(1), group(&[("a", 1), ("b", 2)]));
+        let map = o.hello("a", hello(1), group(&[("a", 1), ("b", 2)])).unwrap();
         assert!(map.peers.is_empty(), "b has not said hello yet");
-        let map = o.hello("b", hello(2), group(&[("b", 2), ("a", 1)]));
+        let map = o.hello("b", hello(2), group(&[("b", 2), ("a", 1)])).unwrap();
         assert_eq!(map.peers.len(), 1);
         assert_eq!(map.peers[0].key, vmgrid_proto::overlay::key_hex(&[1; 32]));
-        o.hello("c", hello(3), vec![]);
-        // a may send to b, not to c (no group in common) nor to a node it never heard of.
-        let dropped = o.relay("a", vec![("b".into(), &b"to b"[..]), ("c".into(), b"to c"), ("z".into(), b"?")]);
-        assert_eq!(dropped, 2);
+        o.hello("c", hello(3), vec![]).unwrap();
+        // a may send to b (the engine says they share a group now), not to c, nor to a node it
+        // never heard of, and nothing shorter than a WireGuard message.
+        let peers_of_a: HashSet<String> = ["b".to_string()].into();
+        let packet = [7u8; MIN_PACKET];
+        let sent = vec![("b".into(), &packet[..]), ("c".into(), &packet[..]), ("z".into(), &packet[..])];
+        assert_eq!(o.relay("a", &peers_of_a, sent), 2);
+        assert_eq!(o.relay("a", &peers_of_a, vec![("b".into(), &b""[..]), ("b".into(), &packet[1..])]), 2);
         let body = o.take("b", 1 << 20).unwrap();
-        assert_eq!(relay_decode(&body).unwrap(), vec![("a".to_string(), &b"to b"[..])]);
+        assert_eq!(relay_decode(&body).unwrap(), vec![("a".to_string(), &packet[..])]);
         assert!(o.take("c", 1 << 20).is_err(), "c got nothing");
-        // A mailbox holds at most MAILBOX_BYTES; the rest is dropped.
-        let big = vec![0u8; 2000];
-        let n = MAILBOX_BYTES / 2000 + 10;
-        let dropped = o.relay("a", (0..n).map(|_| ("b".to_string(), &big[..])).collect());
+        // Once the engine says their group is over, a relays nothing more to b.
+        assert_eq!(o.relay("a", &HashSet::new(), vec![("b".into(), &packet[..])]), 1);
+        // A mailbox holds at most MAILBOX_BYTES, each packet charged with its bookkeeping.
+        let n = MAILBOX_BYTES / cost("a", &packet) + 10;
+        let dropped = o.relay("a", &peers_of_a, (0..n).map(|_| ("b".to_string(), &packet[..])).collect());
         assert_eq!(dropped, 10);
         // A new key (b registered again) empties what waited for the old one.
-        o.hello("b", hello(9), group(&[("b", 2), ("a", 1)]));
+        o.hello("b", hello(9), group(&[("b", 2), ("a", 1)])).unwrap();
         assert!(o.take("b", 1 << 20).is_err());
+    }
+
+    #[test]
+    fn a_key_another_node_holds_is_refused_and_paths_name_only_overlay_nodes() {
+        let o = Overlay::default();
+        o.hello("a", hello(1), vec![]).unwrap();
+        let err = o.hello("b", hello(1), vec![]).unwrap_err();
+        assert!(err.contains("another node's"), "{err}");
+        o.hello("a", hello(1), vec![]).unwrap();
+        o.hello("b", hello(2), vec![]).unwrap();
+        let mut h = hello(1);
+        h.paths = ["b", "nowhere", "a"]
+            .iter()
+            .map(|n| vmgrid_proto::overlay::PeerPath {
+                node: n.to_string(),
+                path: vmgrid_proto::overlay::Path::Direct,
+                tx_bytes: 1,
+                rx_bytes: 1,
+            })
+            .collect();
+        o.hello("a", h, vec![]).unwrap();
+        let a = o.views().into_iter().find(|v| v.node == "a").unwrap();
+        assert_eq!(a.paths.iter().map(|p| p.node.as_str()).collect::<Vec<_>>(), ["b"]);
     }
 }

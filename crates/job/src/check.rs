@@ -109,6 +109,7 @@ pub fn check(s: &Shape<'_>) -> Result<(), Invalid> {
     }
     int_in(Field::MaxRetries, "max_retries", s.max_retries, 0, limits::MAX_RETRIES as i64)?;
     int_in(Field::Priority, "priority", s.priority, -limits::MAX_PRIORITY, limits::MAX_PRIORITY)?;
+    grid::rules(s)?;
     checkpoint(s)?;
     replicas(s)
 }
@@ -150,7 +151,6 @@ fn replicas(s: &Shape<'_>) -> Result<(), Invalid> {
 /// `checkpoint_s`: only a system VM's whole state can be saved and resumed elsewhere.
 fn checkpoint(s: &Shape<'_>) -> Result<(), Invalid> {
     let Some(n) = s.checkpoint_s else { return Ok(()) };
-    grid::not_checkpointed(s)?;
     let why = match s.vm_type {
         VmType::Qemu => None,
         VmType::Wasm => Some(

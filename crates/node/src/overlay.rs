@@ -97,7 +97,10 @@ pub(crate) struct Attached {
 impl Drop for Attached {
     fn drop(&mut self) {
         let mut st = lock(&self.overlay.st);
-        st.vms.remove(&self.addr);
+        // Only its own entry: the same job leased here again may have attached a newer VM.
+        if st.vms.get(&self.addr).is_some_and(|vm| Arc::ptr_eq(&vm.sock, &self.sock)) {
+            st.vms.remove(&self.addr);
+        }
         st.hello_now = true;
         drop(st);
         let _ = self.sock.shutdown(std::net::Shutdown::Both);

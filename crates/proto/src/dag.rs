@@ -51,6 +51,12 @@ impl DagSpec {
             if n.job.ssi.is_some() {
                 return Err(format!("job `{}`: `ssi` is set by the pool; a workflow's job cannot set it", n.name));
             }
+            if n.job.group.is_some() {
+                return Err(format!(
+                    "job `{}`: a workflow's job cannot be a job group (`group`): submit a group with `vmgrid submit --count N --group`",
+                    n.name
+                ));
+            }
             n.job.check().map_err(|m| format!("job `{}`: {m}", n.name))?;
         }
         Ok(())

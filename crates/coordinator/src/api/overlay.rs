@@ -20,14 +20,18 @@ pub async fn hello(
     let name = node(&p)?.to_string();
     h.check().map_err(|e| Error(StatusCode::BAD_REQUEST, e))?;
     let groups = shared.peek(|e| e.overlay_groups(&name));
-    Ok(Json(shared.overlay.hello(&name, h, groups)))
+    let map = shared.overlay.hello(&name, h, groups).map_err(|e| Error(StatusCode::CONFLICT, e))?;
+    Ok(Json(map))
 }
 
 /// Packets from a node for others (a relay body); those it may not send are dropped.
 pub async fn relay_send(AxState(shared): AxState<S>, Auth(p): Auth, body: Bytes) -> Result<StatusCode> {
     let name = node(&p)?.to_string();
     let packets = relay_decode(&body).map_err(|e| Error(StatusCode::BAD_REQUEST, e))?;
-    shared.overlay.relay(&name, packets);
+    // Where it may send now: the nodes that run members of its groups, as the engine says.
+    let groups = shared.peek(|e| e.overlay_groups(&name));
+    let allowed = groups.iter().flat_map(|g| &g.members).map(|m| m.node.clone()).filter(|n| *n != name).collect();
+    shared.overlay.relay(&name, &allowed, packets);
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -197,15 +197,26 @@ impl Engine {
         }
         self.waiting.extend(decision.waiting);
         let mut placed = Vec::new();
-        let short = self.groups_short(&decision.placements);
+        let mut short = self.groups_short(&decision.placements);
+        // A group starts only if every member placed can start now: in free room (never queued
+        // in a node's lease-ahead, where it could wait behind other jobs) at a free address.
+        for p in &decision.placements {
+            let Some(j) = self.jobs.get(&p.job) else { continue };
+            let grouped = self.specs.get(&j.spec_id).is_some_and(|s| s.spec.group.is_some());
+            if grouped && (self.address_taken(p.job) || !self.still_fits(p.job, &snap.slots[p.node].ad.name, false)) {
+                short.insert(j.spec_id);
+            }
+        }
         for p in decision.placements {
             // A group waits for room for all its VMs; a grid VM, for its address to be free.
-            if self.jobs.get(&p.job).is_some_and(|j| short.contains(&j.spec_id)) || self.address_taken(p.job) {
+            let Some(j) = self.jobs.get(&p.job) else { continue };
+            let grouped = self.specs.get(&j.spec_id).is_some_and(|s| s.spec.group.is_some());
+            if short.contains(&j.spec_id) || self.address_taken(p.job) {
                 continue;
             }
             // A node is filed under its ad's name.
             let name = &snap.slots[p.node].ad.name;
-            if self.still_fits(p.job, name) {
+            if self.still_fits(p.job, name, !grouped) {
                 self.place(p.job, name, now);
                 placed.push(name.as_str());
             } else {
@@ -215,9 +226,9 @@ impl Engine {
         placed
     }
 
-    /// Whether job `id` is still idle and node `name` still ready, heard from, and with room (free
-    /// or lease-ahead).
-    fn still_fits(&self, id: u64, name: &str) -> bool {
+    /// Whether job `id` is still idle and node `name` still ready, heard from, and with room (free,
+    /// or lease-ahead if `ahead`).
+    fn still_fits(&self, id: u64, name: &str, ahead: bool) -> bool {
         let Some(j) = self.jobs.get(&id).filter(|j| j.state == JobState::Idle) else { return false };
         let Some(spec) = self.specs.get(&j.spec_id) else { return false };
         let Some(n) = self.nodes.get(name).filter(|n| n.state == NodeState::Ready && !n.silent) else { return false };
@@ -229,7 +240,7 @@ impl Engine {
             memory >= need.memory_mb
         } else {
             (cpus >= need.cpus && memory >= need.memory_mb)
-                || (ahead_cpus >= need.cpus && ahead_memory >= need.memory_mb)
+                || (ahead && ahead_cpus >= need.cpus && ahead_memory >= need.memory_mb)
         };
         fits && self.within_quota(&j.owner, spec.spec.cpus)
     }

@@ -131,6 +131,12 @@ impl Peers {
             }
             return None;
         }
+        // A key another node's tunnel has already is refused: handshakes are matched to tunnels
+        // by key, so a node claiming another's key could take that node's handshakes.
+        if self.by_node.iter().any(|(n, p)| n != node && p.key == key) {
+            tracing::warn!(node, "a peer's WireGuard key is another peer's; no tunnel to it");
+            return None;
+        }
         self.next_index = (self.next_index + 1) & 0x00ff_ffff;
         let peer = Peer::new(secret, key, self.next_index, endpoint);
         self.by_node.insert(node.to_string(), peer);
@@ -161,5 +167,22 @@ impl Peers {
             .collect();
         v.sort_by(|a, b| a.node.cmp(&b.node));
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_another_peer_has_gets_no_tunnel() {
+        let secret = StaticSecret::from([1u8; 32]);
+        let key = |b: u8| PublicKey::from(&StaticSecret::from([b; 32])).to_bytes();
+        let mut peers = Peers::default();
+        assert!(peers.ensure(&secret, "b", key(2), None).is_some(), "a new peer gets a tunnel");
+        assert!(peers.ensure(&secret, "impostor", key(2), None).is_none(), "b's key under another name");
+        assert!(peers.get_mut("impostor").is_none());
+        assert_eq!(peers.by_key(&key(2)).map(|(n, _)| n.clone()).as_deref(), Some("b"));
+        assert!(peers.ensure(&secret, "c", key(3), None).is_some());
     }
 }

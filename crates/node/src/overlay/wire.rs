@@ -96,7 +96,10 @@ impl Overlay {
             return;
         }
         if let Some(to) = st.vms.get(&dst) {
-            to_nic(&to.sock, &switch::to_vm(packet, to.mac));
+            // Both ends must count the other as a member: the receiver's group decides too.
+            if to.group.contains(&addr) {
+                to_nic(&to.sock, &switch::to_vm(packet, to.mac));
+            }
             return;
         }
         let Some(node) = st.routes.get(&dst) else { return };

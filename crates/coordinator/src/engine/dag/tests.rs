@@ -327,3 +327,14 @@ fn a_sweep_node_is_done_only_when_its_last_instance_completes_in_whatever_order(
         "a sweep's outputs by index"
     );
 }
+
+/// A job group is a whole submit; a workflow's job cannot be one (its count and its group could
+/// disagree, and a group larger than its count would take in other users' jobs' addresses).
+#[test]
+fn a_workflows_job_cannot_be_a_job_group() {
+    let mut e = Engine::new(TIMING);
+    let mut d = diamond();
+    d.nodes[0].job.group = Some(256);
+    let Err(ApiError::BadRequest(m)) = e.submit_dag(&alice(), d, None, 1) else { panic!("a group in a workflow") };
+    assert!(m.contains("job `a`: a workflow's job cannot be a job group"), "{m}");
+}
