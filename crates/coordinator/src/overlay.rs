@@ -7,7 +7,7 @@
 //! The relay carries only packets between nodes that run members of one group now (as the
 //! engine says at each relay call), to nodes heard from lately, boundedly per node (each packet
 //! charged with its bookkeeping); they are WireGuard packets, so the pool sees ciphertext. Nodes
-//! not heard from for [`STALE`] are forgotten. No two nodes heard from lately hold one key.
+//! not heard from for [`STALE`] are forgotten.
 //! The reflector answers only probes, never with more bytes than the probe had.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -69,16 +69,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Overlay {
     /// Records a node's hello and answers with its map: its groups, and the keys and endpoints
-    /// of the nodes that run their other members. A key another node holds is refused.
-    pub fn hello(&self, node: &str, mut hello: OverlayHello, groups: Vec<OverlayGroup>) -> Result<OverlayMap, String> {
+    /// of the nodes that run their other members.
+    pub fn hello(&self, node: &str, mut hello: OverlayHello, groups: Vec<OverlayGroup>) -> OverlayMap {
         let mut guard = lock(&self.ends);
         let st = &mut *guard;
         if st.swept.is_none_or(|t| t.elapsed() >= STALE) {
             st.map.retain(|_, e| e.fresh());
             st.swept = Some(Instant::now());
-        }
-        if st.map.iter().any(|(n, e)| n != node && e.key == hello.key && e.fresh()) {
-            return Err("this WireGuard key is another node's: a node makes its own key pair".into());
         }
         let ends = &mut st.map;
         let peers: HashSet<String> =
@@ -112,7 +109,7 @@ impl Overlay {
             })
             .collect();
         out.sort_by(|a, b| a.node.cmp(&b.node));
-        Ok(OverlayMap { groups, peers: out })
+        OverlayMap { groups, peers: out }
     }
 
     /// Queues packets from `from` for the nodes they name; returns how many were dropped: not
@@ -228,12 +225,12 @@ mod tests {
     #[test]
     fn the_relay_carries_packets_only_between_nodes_of_one_group_and_boundedly() {
         let o = Overlay::default();
-        let map = o.hello("a", hello(1), group(&[("a", 1), ("b", 2)])).unwrap();
+        let map = o.hello("a", hello(1), group(&[("a", 1), ("b", 2)]));
         assert!(map.peers.is_empty(), "b has not said hello yet");
-        let map = o.hello("b", hello(2), group(&[("b", 2), ("a", 1)])).unwrap();
+        let map = o.hello("b", hello(2), group(&[("b", 2), ("a", 1)]));
         assert_eq!(map.peers.len(), 1);
         assert_eq!(map.peers[0].key, vmgrid_proto::overlay::key_hex(&[1; 32]));
-        o.hello("c", hello(3), vec![]).unwrap();
+        o.hello("c", hello(3), vec![]);
         // a may send to b (the engine says they share a group now), not to c, nor to a node it
         // never heard of, and nothing shorter than a WireGuard message.
         let peers_of_a: HashSet<String> = ["b".to_string()].into();
@@ -251,18 +248,15 @@ mod tests {
         let dropped = o.relay("a", &peers_of_a, (0..n).map(|_| ("b".to_string(), &packet[..])).collect());
         assert_eq!(dropped, 10);
         // A new key (b registered again) empties what waited for the old one.
-        o.hello("b", hello(9), group(&[("b", 2), ("a", 1)])).unwrap();
+        o.hello("b", hello(9), group(&[("b", 2), ("a", 1)]));
         assert!(o.take("b", 1 << 20).is_err());
     }
 
     #[test]
-    fn a_key_another_node_holds_is_refused_and_paths_name_only_overlay_nodes() {
+    fn paths_name_only_overlay_nodes() {
         let o = Overlay::default();
-        o.hello("a", hello(1), vec![]).unwrap();
-        let err = o.hello("b", hello(1), vec![]).unwrap_err();
-        assert!(err.contains("another node's"), "{err}");
-        o.hello("a", hello(1), vec![]).unwrap();
-        o.hello("b", hello(2), vec![]).unwrap();
+        o.hello("a", hello(1), vec![]);
+        o.hello("b", hello(2), vec![]);
         let mut h = hello(1);
         h.paths = ["b", "nowhere", "a"]
             .iter()
@@ -273,7 +267,7 @@ mod tests {
                 rx_bytes: 1,
             })
             .collect();
-        o.hello("a", h, vec![]).unwrap();
+        o.hello("a", h, vec![]);
         let a = o.views().into_iter().find(|v| v.node == "a").unwrap();
         assert_eq!(a.paths.iter().map(|p| p.node.as_str()).collect::<Vec<_>>(), ["b"]);
     }

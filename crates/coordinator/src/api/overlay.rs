@@ -20,8 +20,7 @@ pub async fn hello(
     let name = node(&p)?.to_string();
     h.check().map_err(|e| Error(StatusCode::BAD_REQUEST, e))?;
     let groups = shared.peek(|e| e.overlay_groups(&name));
-    let map = shared.overlay.hello(&name, h, groups).map_err(|e| Error(StatusCode::CONFLICT, e))?;
-    Ok(Json(map))
+    Ok(Json(shared.overlay.hello(&name, h, groups)))
 }
 
 /// Packets from a node for others (a relay body); those it may not send are dropped.

@@ -28,6 +28,37 @@ impl Engine {
             .collect()
     }
 
+    /// The groups of which a member the pass placed could not start at once. The placements are
+    /// walked in the order they will be made, each charged to its node's free room: a member
+    /// that does not fit in what is left (it would be queued in the node's lease-ahead, behind
+    /// other jobs), or whose address a running job or an earlier placement has, keeps its whole
+    /// group waiting.
+    pub(super) fn groups_unstartable(
+        &self,
+        snap: &super::Snapshot,
+        placements: &[vmgrid_scheduler::Placement],
+    ) -> HashSet<u64> {
+        let mut free: HashMap<&str, (u32, u64)> = HashMap::new();
+        let mut addrs = HashSet::new();
+        let mut short = HashSet::new();
+        for p in placements {
+            let Some(j) = self.jobs.get(&p.job) else { continue };
+            let Some(entry) = self.specs.get(&j.spec_id) else { continue };
+            let (name, need) = (snap.slots[p.node].ad.name.as_str(), &entry.spec);
+            let room = free.entry(name).or_insert_with(|| self.nodes.get(name).map_or((0, 0), |n| n.free()));
+            let fits = room.0 >= need.cpus && room.1 >= need.memory_mb;
+            if fits {
+                *room = (room.0 - need.cpus, room.1 - need.memory_mb);
+            }
+            let fresh_address = need.network != Network::Grid || addrs.insert(addr_of(p.job));
+            let startable = fits && fresh_address && !self.address_taken(p.job) && self.still_fits(p.job, name, false);
+            if need.group.is_some() && !startable {
+                short.insert(j.spec_id);
+            }
+        }
+        short
+    }
+
     /// Whether grid job `id` would share its overlay address with a grid job that runs now (ids
     /// [`HOSTS`] apart share one): it then waits until that one ends. There are `next_job /
     /// HOSTS` candidates: none below four million jobs.
@@ -101,6 +132,33 @@ mod tests {
         let members: Vec<u64> = groups[0].members.iter().map(|m| m.job_id).collect();
         assert_eq!(members, ids, "the map names every member, each on its node");
         assert_eq!(groups[0].members[2].addr, vmgrid_proto::overlay::addr_of(ids[2]));
+    }
+
+    /// A node with one free cpu and room ahead: the pass puts one member in the free cpu and the
+    /// other in the lease-ahead; neither starts, for the second could not start at once.
+    #[test]
+    fn a_group_does_not_start_with_a_member_queued_ahead() {
+        let mut e = Engine::new(TIMING);
+        let qemu_ad = |n: &str| vmgrid_proto::NodeAd { vm_types: vec![vmgrid_proto::VmType::Qemu], ..ad(n, 2) };
+        e.register(qemu_ad("a"), None, false, hash_token("a"), 0).unwrap();
+        e.set_ahead("a", 1, 0);
+        let user = Principal::User("alice".into());
+        let mut busy = spec(0);
+        busy.vm_type = vmgrid_proto::VmType::Qemu;
+        busy.args.clear();
+        let first = e.submit(&user, busy.clone(), 1, 0).unwrap()[0];
+        e.schedule(1);
+        assert_eq!(e.jobs[&first].state, JobState::Running);
+        let mut s = busy;
+        s.network = Network::Grid;
+        s.group = Some(2);
+        let ids = e.submit(&user, s, 2, 2).unwrap();
+        e.schedule(3);
+        assert!(
+            ids.iter().all(|id| e.jobs[id].state == JobState::Idle),
+            "one free cpu for a group of two: none starts"
+        );
+        e.check_invariants().unwrap();
     }
 
     #[test]

@@ -198,15 +198,7 @@ impl Engine {
         self.waiting.extend(decision.waiting);
         let mut placed = Vec::new();
         let mut short = self.groups_short(&decision.placements);
-        // A group starts only if every member placed can start now: in free room (never queued
-        // in a node's lease-ahead, where it could wait behind other jobs) at a free address.
-        for p in &decision.placements {
-            let Some(j) = self.jobs.get(&p.job) else { continue };
-            let grouped = self.specs.get(&j.spec_id).is_some_and(|s| s.spec.group.is_some());
-            if grouped && (self.address_taken(p.job) || !self.still_fits(p.job, &snap.slots[p.node].ad.name, false)) {
-                short.insert(j.spec_id);
-            }
-        }
+        short.extend(self.groups_unstartable(snap, &decision.placements));
         for p in decision.placements {
             // A group waits for room for all its VMs; a grid VM, for its address to be free.
             let Some(j) = self.jobs.get(&p.job) else { continue };
@@ -228,7 +220,7 @@ impl Engine {
 
     /// Whether job `id` is still idle and node `name` still ready, heard from, and with room (free,
     /// or lease-ahead if `ahead`).
-    fn still_fits(&self, id: u64, name: &str, ahead: bool) -> bool {
+    pub(super) fn still_fits(&self, id: u64, name: &str, ahead: bool) -> bool {
         let Some(j) = self.jobs.get(&id).filter(|j| j.state == JobState::Idle) else { return false };
         let Some(spec) = self.specs.get(&j.spec_id) else { return false };
         let Some(n) = self.nodes.get(name).filter(|n| n.state == NodeState::Ready && !n.silent) else { return false };
