@@ -78,6 +78,7 @@ fn ad(name: &str, cpus: u32) -> NodeAd {
         appliance: false,
         qemu: None,
         peer: None,
+        overlay: None,
     }
 }
 

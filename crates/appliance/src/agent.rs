@@ -82,6 +82,7 @@ fn serve(args: AgentOptions) -> Result<i32, Error> {
         // The appliance fetches from the pool alone (its network may not reach other nodes).
         peer_listen: None,
         peer_upload_bytes_s: 0,
+        overlay_host: config.network == crate::config::Network::Grid,
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

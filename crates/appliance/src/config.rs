@@ -38,6 +38,36 @@ pub struct ApplianceConfig {
     /// The pool's CA certificate (PEM), which the appliance trusts for the pool's TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<String>,
+    /// `grid`: the appliance is on the pool's overlay itself (`vmgrid0`, an address in
+    /// 100.127.0.0/16), reaching the pool's other appliances that are; `user` (the default):
+    /// only its own NIC, to the pool.
+    #[serde(default, skip_serializing_if = "Network::is_user")]
+    pub network: Network,
+}
+
+/// The appliance's networks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    #[default]
+    User,
+    Grid,
+}
+
+impl Network {
+    fn is_user(&self) -> bool {
+        *self == Network::User
+    }
+
+    pub fn parse(s: &str) -> Result<Network, String> {
+        match s {
+            "user" => Ok(Network::User),
+            "grid" => Ok(Network::Grid),
+            _ => Err(format!(
+                "--network is `user` (the default: the appliance's NIC to the pool) or `grid` (also on the pool's overlay), not `{s}`"
+            )),
+        }
+    }
 }
 
 impl ApplianceConfig {
@@ -188,8 +218,12 @@ mod tests {
             labels: BTreeMap::from([("site".into(), "lab".into())]),
             drain_timeout_s: Some(5),
             ca: Some(vmgrid_tls::Ca::generate().unwrap().cert_pem().to_string()),
+            network: Network::Grid,
         };
         assert_eq!(ApplianceConfig::parse(&c.to_toml()).unwrap(), c);
+        assert!(c.to_toml().contains("network = \"grid\""));
+        let err = ApplianceConfig::parse("pool = \"http://x\"\ntoken = \"t\"\nnetwork = \"none\"\n").unwrap_err();
+        assert!(err.contains("expected `user` or `grid`"), "{err}");
         let err = ApplianceConfig::parse("pool = \"http://x\"\ntoken = \"t\"\ncolour = 1\n").unwrap_err();
         assert!(err.contains("colour"), "{err}");
         let err = ApplianceConfig::parse("pool = \"ftp://x\"\ntoken = \"t\"\n").unwrap_err();

@@ -36,6 +36,7 @@ pub const IMAGE_NAME: &str = "vmgrid-appliance";
 const MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_net",
+    "tun",
     "e1000",
     "vmxnet3",
     "virtio_blk",

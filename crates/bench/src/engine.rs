@@ -29,6 +29,7 @@ pub fn scheduler_engine() -> (f64, usize) {
                 appliance: i % 10 == 0,
                 qemu: None,
                 peer: None,
+                overlay: None,
             })
             .into(),
             free_cpus: 128,

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use vmgrid_proto::overlay::{
-    NetView, OverlayGroup, OverlayHello, OverlayMap, OverlayPeer, PROBE_LEN, PROBE_MAGIC, PeerPath, REPLY_MAGIC,
-    relay_encode,
+    NetView, OverlayGroup, OverlayHello, OverlayHost, OverlayMap, OverlayPeer, PROBE_LEN, PROBE_MAGIC, PeerPath,
+    REPLY_MAGIC, relay_encode,
 };
 
 /// A node not heard from for this long is left out of maps and `vmgrid net`.
@@ -63,6 +63,14 @@ struct End {
     notify: Arc<Notify>,
 }
 
+/// The nodes `node` may have tunnels to: those that run members of its groups, and, when it is
+/// on the overlay itself, the other nodes that are.
+pub(crate) fn peers_of(node: &str, groups: &[OverlayGroup], host: Option<&OverlayHost>) -> HashSet<String> {
+    let members = groups.iter().flat_map(|g| &g.members).map(|m| &m.node);
+    let hosts = host.into_iter().flat_map(|h| &h.members).map(|m| &m.node);
+    members.chain(hosts).filter(|n| *n != node).cloned().collect()
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -70,7 +78,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Overlay {
     /// Records a node's hello and answers with its map: its groups, and the keys and endpoints
     /// of the nodes that run their other members.
-    pub fn hello(&self, node: &str, mut hello: OverlayHello, groups: Vec<OverlayGroup>) -> OverlayMap {
+    pub fn hello(
+        &self,
+        node: &str,
+        mut hello: OverlayHello,
+        groups: Vec<OverlayGroup>,
+        host: Option<OverlayHost>,
+    ) -> OverlayMap {
         let mut guard = lock(&self.ends);
         let st = &mut *guard;
         if st.swept.is_none_or(|t| t.elapsed() >= STALE) {
@@ -78,8 +92,7 @@ impl Overlay {
             st.swept = Some(Instant::now());
         }
         let ends = &mut st.map;
-        let peers: HashSet<String> =
-            groups.iter().flat_map(|g| &g.members).map(|m| m.node.clone()).filter(|n| n != node).collect();
+        let peers = peers_of(node, &groups, host.as_ref());
         // What a node says of its paths is kept only for nodes of the overlay (what `vmgrid net`
         // shows): its last paths outlive its last VM, so not only its peers of now.
         hello.paths.retain(|p| p.node != node && ends.contains_key(&p.node));
@@ -109,7 +122,7 @@ impl Overlay {
             })
             .collect();
         out.sort_by(|a, b| a.node.cmp(&b.node));
-        OverlayMap { groups, peers: out }
+        OverlayMap { groups, peers: out, host }
     }
 
     /// Queues packets from `from` for the nodes they name; returns how many were dropped: not
@@ -225,12 +238,12 @@ mod tests {
     #[test]
     fn the_relay_carries_packets_only_between_nodes_of_one_group_and_boundedly() {
         let o = Overlay::default();
-        let map = o.hello("a", hello(1), group(&[("a", 1), ("b", 2)]));
+        let map = o.hello("a", hello(1), group(&[("a", 1), ("b", 2)]), None);
         assert!(map.peers.is_empty(), "b has not said hello yet");
-        let map = o.hello("b", hello(2), group(&[("b", 2), ("a", 1)]));
+        let map = o.hello("b", hello(2), group(&[("b", 2), ("a", 1)]), None);
         assert_eq!(map.peers.len(), 1);
         assert_eq!(map.peers[0].key, vmgrid_proto::overlay::key_hex(&[1; 32]));
-        o.hello("c", hello(3), vec![]);
+        o.hello("c", hello(3), vec![], None);
         // a may send to b (the engine says they share a group now), not to c, nor to a node it
         // never heard of, and nothing shorter than a WireGuard message.
         let peers_of_a: HashSet<String> = ["b".to_string()].into();
@@ -248,15 +261,15 @@ mod tests {
         let dropped = o.relay("a", &peers_of_a, (0..n).map(|_| ("b".to_string(), &packet[..])).collect());
         assert_eq!(dropped, 10);
         // A new key (b registered again) empties what waited for the old one.
-        o.hello("b", hello(9), group(&[("b", 2), ("a", 1)]));
+        o.hello("b", hello(9), group(&[("b", 2), ("a", 1)]), None);
         assert!(o.take("b", 1 << 20).is_err());
     }
 
     #[test]
     fn paths_name_only_overlay_nodes() {
         let o = Overlay::default();
-        o.hello("a", hello(1), vec![]);
-        o.hello("b", hello(2), vec![]);
+        o.hello("a", hello(1), vec![], None);
+        o.hello("b", hello(2), vec![], None);
         let mut h = hello(1);
         h.paths = ["b", "nowhere", "a"]
             .iter()
@@ -267,7 +280,7 @@ mod tests {
                 rx_bytes: 1,
             })
             .collect();
-        o.hello("a", h, vec![]);
+        o.hello("a", h, vec![], None);
         let a = o.views().into_iter().find(|v| v.node == "a").unwrap();
         assert_eq!(a.paths.iter().map(|p| p.node.as_str()).collect::<Vec<_>>(), ["b"]);
     }

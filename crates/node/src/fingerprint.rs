@@ -45,6 +45,7 @@ pub fn fingerprint(config: &NodeConfig) -> NodeAd {
         appliance: config.appliance,
         qemu: qemu_version,
         peer: None,
+        overlay: None,
     }
 }
 

@@ -121,6 +121,8 @@ impl Agent {
         }
         let att = self
             .overlay
+            .as_ref()
+            .ok_or_else(|| RunError::host("cannot attach the VM to the overlay", "this node runs no QEMU jobs"))?
             .attach(lease.job_id, lease.index, lease.spec.group)
             .map_err(|e| RunError::host("cannot attach the VM to the overlay", e))?;
         let hosts: String = att.members.iter().enumerate().map(|(i, a)| format!("{a} peer-{i}\n")).collect();

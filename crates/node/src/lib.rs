@@ -69,6 +69,10 @@ pub struct NodeConfig {
     pub peer_listen: Option<std::net::SocketAddr>,
     /// The most bytes a second it sends to other nodes.
     pub peer_upload_bytes_s: u64,
+    /// Put this machine itself on the pool's overlay (the appliance with `--network grid`): a
+    /// TAP device `vmgrid0` with the address the pool gives, reaching the pool's other nodes
+    /// that are on it too.
+    pub overlay_host: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,8 +133,9 @@ struct Agent {
     heartbeat: Duration,
     /// Set when leaving: the reporter sends what is queued and ends.
     closing: AtomicBool,
-    /// This node's end of the pool's virtual network, for its `network = "grid"` VMs.
-    overlay: Arc<overlay::Overlay>,
+    /// This node's end of the pool's virtual network, for its `network = "grid"` VMs (started
+    /// only on a node that runs QEMU jobs or is on the overlay itself).
+    overlay: Option<Arc<overlay::Overlay>>,
 }
 
 /// Runs the agent until `stop` is set; then it drains and leaves the pool.
@@ -138,9 +143,15 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     let mut ad = fingerprint(&config);
     let peer_listener = peer_listener(&config, &mut ad)?;
     let work_dir = prepare_cache(&config.cache_dir)?;
+    let key = overlay::new_key(&config.cache_dir)?;
+    ad.overlay = Some(key.ad(config.overlay_host));
     let (client, reg) = register(&config, &ad, &stop)?;
     let Some(reg) = reg else { return Ok(()) };
-    let overlay = overlay::Overlay::start(&config.cache_dir, &config.pool, client.clone())?;
+    let overlay = if ad.vm_types.contains(&VmType::Qemu) || config.overlay_host {
+        Some(overlay::Overlay::start(&config.pool, client.clone(), key, config.overlay_host)?)
+    } else {
+        None
+    };
     let agent = Arc::new(Agent {
         cache: cache::BlobCache::new(config.cache_dir.join("blobs"), config.cache_max_mb << 20)?,
         runtime: Runtime::new(RuntimeConfig {
@@ -209,7 +220,9 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     if let Err(e) = client.deregister() {
         tracing::warn!("could not deregister: {e}");
     }
-    agent.overlay.stop();
+    if let Some(o) = &agent.overlay {
+        o.stop();
+    }
     tracing::info!("left the pool");
     Ok(())
 }
@@ -304,9 +317,21 @@ impl Agent {
     fn rejoin(&self, stop: &AtomicBool) {
         tracing::warn!(node = %self.ad.name, "the pool no longer knows this node; stopping its jobs and registering again");
         self.fence();
-        match register(&self.config, &self.ad, stop) {
+        // A new registration, a new overlay key registered with it.
+        let key = match overlay::new_key(&self.config.cache_dir) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!("cannot make a new overlay key: {e}; trying again in 2 s");
+                std::thread::sleep(Duration::from_secs(2));
+                return;
+            }
+        };
+        let ad = NodeAd { overlay: Some(key.ad(self.config.overlay_host)), ..self.ad.clone() };
+        match register(&self.config, &ad, stop) {
             Ok((c, Some(_))) => {
-                self.overlay.rotate(c.clone());
+                if let Some(o) = &self.overlay {
+                    o.rotate(c.clone(), key);
+                }
                 *lock(&self.client) = c;
                 self.rejoins.fetch_add(1, Ordering::SeqCst);
             }

@@ -15,9 +15,15 @@
 //! - A packet from a tunnel reaches a VM only if its source is a member of the VM's group that
 //!   the pool says runs on the node the tunnel goes to.
 //!
-//! The key pair is new each time the node registers (it rotates with the node's credential); the
-//! private key is kept in `overlay.key` (0600) in the node's directory.
+//! - A node started to be on the overlay itself (the appliance with `--network grid`) puts a TAP
+//!   device on the switch as it puts a VM's NIC (`host.rs`): its group is the pool's other nodes
+//!   that are on the overlay themselves.
+//!
+//! The key pair is new each time the node registers, and registered with its credential (in its
+//! ad): the pool takes no hello with another key. The private key is kept in `overlay.key` (0600)
+//! in the node's directory.
 
+mod host;
 mod switch;
 mod tunnels;
 mod wire;
@@ -25,14 +31,16 @@ mod wire;
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use boringtun::x25519::{PublicKey, StaticSecret};
 use vmgrid_client::Client;
-use vmgrid_proto::overlay::{OverlayHello, OverlayMap, PROBE_LEN, PROBE_MAGIC, addr_of, group_of, key_hex, mac_of};
+use vmgrid_proto::overlay::{
+    NodeOverlay, OverlayHello, OverlayMap, PROBE_LEN, PROBE_MAGIC, addr_of, group_of, key_hex, mac_of,
+};
 use vmgrid_runtime::qemu::NetAttach;
 
 use crate::lock;
@@ -52,7 +60,6 @@ pub(crate) struct Overlay {
     st: Mutex<State>,
     udp: UdpSocket,
     reflector: Option<SocketAddr>,
-    key_file: PathBuf,
     client: Mutex<Client>,
     /// Packets for the relay, encoded as a relay body, and its sender's wake-up.
     relay_out: Mutex<Vec<u8>>,
@@ -60,6 +67,21 @@ pub(crate) struct Overlay {
     stop: AtomicBool,
     /// [`TEST_ONLY_RELAY`]: never send directly.
     relay_only: bool,
+    /// The TAP device of a node that is on the overlay itself.
+    tap: Option<Arc<std::fs::File>>,
+}
+
+/// A node's overlay key pair, made before it registers: the public key goes in its ad.
+pub(crate) struct KeyPair {
+    secret: StaticSecret,
+    public: [u8; 32],
+}
+
+impl KeyPair {
+    /// The ad's part of the overlay: this key, and whether the node is on the overlay itself.
+    pub fn ad(&self, host: bool) -> NodeOverlay {
+        NodeOverlay { key: key_hex(&self.public), host, addr: None }
+    }
 }
 
 struct State {
@@ -73,11 +95,21 @@ struct State {
     peers: tunnels::Peers,
     /// Say hello at the next tick (a VM came).
     hello_now: bool,
+    /// This node's own address on the overlay, once the pool gave it (with a TAP device).
+    host_addr: Option<Ipv4Addr>,
+}
+
+/// A NIC on the switch, as the switch hands it frames.
+pub(crate) enum Nic {
+    /// A VM's: QEMU's socket pair.
+    Sock(Arc<UnixDatagram>),
+    /// This machine's own TAP device.
+    Tap(Arc<std::fs::File>),
 }
 
 struct Vm {
     mac: [u8; 6],
-    sock: Arc<UnixDatagram>,
+    sock: Nic,
     /// The addresses of its group's members (itself included).
     group: HashSet<Ipv4Addr>,
 }
@@ -98,7 +130,7 @@ impl Drop for Attached {
     fn drop(&mut self) {
         let mut st = lock(&self.overlay.st);
         // Only its own entry: the same job leased here again may have attached a newer VM.
-        if st.vms.get(&self.addr).is_some_and(|vm| Arc::ptr_eq(&vm.sock, &self.sock)) {
+        if st.vms.get(&self.addr).is_some_and(|vm| matches!(&vm.sock, Nic::Sock(s) if Arc::ptr_eq(s, &self.sock))) {
             st.vms.remove(&self.addr);
         }
         st.hello_now = true;
@@ -111,8 +143,9 @@ impl Drop for Attached {
 }
 
 impl Overlay {
-    /// Opens the node's UDP socket, makes its key pair and starts its threads.
-    pub fn start(dir: &Path, pool: &str, client: Client) -> std::io::Result<Arc<Overlay>> {
+    /// Opens the node's UDP socket (and, for a node on the overlay itself, its TAP device) and
+    /// starts its threads, with the key pair it registered with.
+    pub fn start(pool: &str, client: Client, key: KeyPair, host: bool) -> std::io::Result<Arc<Overlay>> {
         let udp = UdpSocket::bind("0.0.0.0:0")?;
         udp.set_read_timeout(Some(Duration::from_millis(500)))?;
         let reflector = reflector_of(pool);
@@ -121,27 +154,31 @@ impl Overlay {
                 "cannot tell the pool's address from {pool}: grid VMs on other nodes are reached through the relay"
             );
         }
-        let key_file = dir.join("overlay.key");
-        let (secret, public) = new_key(&key_file)?;
+        let tap = if host { Some(Arc::new(host::open_tap()?)) } else { None };
         let overlay = Arc::new(Overlay {
             st: Mutex::new(State {
-                secret,
-                public,
+                secret: key.secret,
+                public: key.public,
                 endpoint: None,
                 vms: HashMap::new(),
                 routes: HashMap::new(),
                 peers: tunnels::Peers::default(),
                 hello_now: false,
+                host_addr: None,
             }),
             udp,
             reflector,
-            key_file,
             client: Mutex::new(client),
             relay_out: Mutex::default(),
             relay_ready: Condvar::new(),
             stop: AtomicBool::new(false),
             relay_only: std::env::var_os(TEST_ONLY_RELAY).is_some(),
+            tap: tap.clone(),
         });
+        if let Some(tap) = tap {
+            let o = overlay.clone();
+            std::thread::Builder::new().name("vmgrid-overlay-tap".into()).spawn(move || o.tap_loop(tap))?;
+        }
         let loops: [(&str, Loop); 4] = [
             ("vmgrid-overlay-udp", Overlay::udp_loop),
             ("vmgrid-overlay-tick", Overlay::tick_loop),
@@ -155,19 +192,14 @@ impl Overlay {
         Ok(overlay)
     }
 
-    /// The node registered again: a new key pair (the old tunnels end) and its new credential.
-    pub fn rotate(&self, client: Client) {
+    /// The node registered again, with a new key pair (the old tunnels end) and credential.
+    pub fn rotate(&self, client: Client, key: KeyPair) {
         *lock(&self.client) = client;
-        match new_key(&self.key_file) {
-            Ok((secret, public)) => {
-                let mut st = lock(&self.st);
-                st.secret = secret;
-                st.public = public;
-                st.peers.clear();
-                st.hello_now = true;
-            }
-            Err(e) => tracing::error!("cannot make a new overlay key: {e}; keeping the old one"),
-        }
+        let mut st = lock(&self.st);
+        st.secret = key.secret;
+        st.public = key.public;
+        st.peers.clear();
+        st.hello_now = true;
     }
 
     pub fn stop(&self) {
@@ -184,7 +216,7 @@ impl Overlay {
         let sock = Arc::new(ours);
         {
             let mut st = lock(&self.st);
-            st.vms.insert(addr, Vm { mac, sock: sock.clone(), group: members.iter().copied().collect() });
+            st.vms.insert(addr, Vm { mac, sock: Nic::Sock(sock.clone()), group: members.iter().copied().collect() });
             st.hello_now = true;
         }
         let (o, s) = (self.clone(), sock.clone());
@@ -231,7 +263,7 @@ impl Overlay {
     fn hello(&self) {
         let hello = {
             let mut st = lock(&self.st);
-            if st.vms.is_empty() && st.peers.is_empty() {
+            if st.vms.is_empty() && st.peers.is_empty() && self.tap.is_none() {
                 st.routes.clear();
                 return;
             }
@@ -259,6 +291,10 @@ impl Overlay {
         let mut guard = lock(&self.st);
         let st = &mut *guard;
         st.routes = map.groups.iter().flat_map(|g| &g.members).map(|m| (m.addr, m.node.clone())).collect();
+        if let (Some(tap), Some(h)) = (&self.tap, &map.host) {
+            st.routes.extend(h.members.iter().map(|m| (m.addr, m.node.clone())));
+            self.seat_host(st, tap, h);
+        }
         for p in &map.peers {
             let Some(key) = vmgrid_proto::overlay::parse_key(&p.key) else { continue };
             let ep = p.endpoint.as_deref().and_then(|e| e.parse().ok());
@@ -319,14 +355,14 @@ impl Overlay {
     }
 }
 
-/// A new key pair; the private key is written (0600) to `file`.
-fn new_key(file: &Path) -> std::io::Result<(StaticSecret, [u8; 32])> {
+/// A new key pair; the private key is written (0600) to `overlay.key` in `dir`.
+pub(crate) fn new_key(dir: &Path) -> std::io::Result<KeyPair> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
     let secret = StaticSecret::from(bytes);
-    crate::write_secret(file, &key_hex(&secret.to_bytes()))?;
+    crate::write_secret(&dir.join("overlay.key"), &key_hex(&secret.to_bytes()))?;
     let public = PublicKey::from(&secret).to_bytes();
-    Ok((secret, public))
+    Ok(KeyPair { secret, public })
 }
 
 /// The pool's reflector: the UDP port of the same number as its API's, on its (first) URL's host.

@@ -241,6 +241,10 @@ pub struct NodeAd {
     /// Where it serves the pieces of the blobs it holds to other nodes (`ip:port`), if it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
+    /// Its part of the pool's overlay (`network = "grid"`): its WireGuard key, and whether it is
+    /// on the overlay itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<overlay::NodeOverlay>,
 }
 
 /// A QEMU version (`10.0.2`) as numbers, to compare; `None` if it is not one.
@@ -282,6 +286,9 @@ impl NodeAd {
         }
         if self.peer.as_deref().is_some_and(|p| p.parse::<std::net::SocketAddr>().is_err()) {
             return Err("peer is the address a node serves blobs on, as ip:port".into());
+        }
+        if let Some(o) = &self.overlay {
+            o.check()?;
         }
         if self.labels.len() > 64 {
             return Err(format!("a node has at most 64 labels, not {}", self.labels.len()));

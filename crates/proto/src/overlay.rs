@@ -13,8 +13,24 @@ use serde::{Deserialize, Serialize};
 /// The overlay's range: 100.64.0.0/10 (shared address space, RFC 6598), never a site's own LAN.
 pub const NET: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 0);
 pub const PREFIX: u8 = 10;
-/// The addresses of the range a job can have (all but its first and last).
-pub const HOSTS: u64 = (1 << (32 - PREFIX as u64)) - 2;
+/// The addresses a job can have: the range's first 63 /16s but its first address
+/// (100.64.0.1 to 100.126.255.255).
+pub const HOSTS: u64 = (1 << (32 - PREFIX as u64)) - (1 << 16) - 1;
+/// The range's last /16 is the nodes' that are on the overlay themselves (appliances started
+/// with `--network grid`): 100.127.0.1 to 100.127.255.254.
+pub const NODE_NET: Ipv4Addr = Ipv4Addr::new(100, 127, 0, 0);
+pub const NODE_ADDRS: u32 = (1 << 16) - 2;
+
+/// The `i`th address a node on the overlay can have (`i < NODE_ADDRS`).
+pub fn node_addr(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(NODE_NET) + 1 + i % NODE_ADDRS)
+}
+
+/// Whether `a` is an address of [`NODE_NET`] a node can have.
+pub fn is_node_addr(a: Ipv4Addr) -> bool {
+    let a = u32::from(a);
+    a > u32::from(NODE_NET) && a <= u32::from(NODE_NET) + NODE_ADDRS
+}
 
 /// The most VMs one job group has.
 pub const MAX_GROUP: u32 = vmgrid_job::limits::MAX_GROUP;
@@ -40,6 +56,36 @@ pub fn group_of(job_id: u64, index: u64, group: Option<u32>) -> Vec<u64> {
             (first..first + u64::from(n)).collect()
         }
         _ => vec![job_id],
+    }
+}
+
+/// A node's part of the overlay, in its ad: its WireGuard key, registered with its credential
+/// (a hello must carry this key), and whether the node itself is on the overlay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeOverlay {
+    /// The node's WireGuard public key (x25519, 64 hex digits); a new one at each registration.
+    pub key: String,
+    /// The node itself is on the overlay (an appliance started with `--network grid`): it
+    /// reaches, and is reached by, the other nodes that are, and no job's VM.
+    #[serde(default)]
+    pub host: bool,
+    /// Its address on the overlay when `host`: the pool gives it at registration (what a node
+    /// says here is ignored) and keeps it while the node is in the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub addr: Option<Ipv4Addr>,
+}
+
+impl NodeOverlay {
+    pub fn check(&self) -> Result<(), String> {
+        if parse_key(&self.key).is_none() {
+            return Err("`overlay.key` must be 64 hex digits (an x25519 public key)".into());
+        }
+        if self.addr.is_some_and(|a| !is_node_addr(a)) {
+            return Err(format!("`overlay.addr` is in {NODE_NET}/16"));
+        }
+        Ok(())
     }
 }
 
@@ -97,6 +143,26 @@ impl Path {
 pub struct OverlayMap {
     pub groups: Vec<OverlayGroup>,
     pub peers: Vec<OverlayPeer>,
+    /// For a node that is on the overlay itself: its address and the other such nodes'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<OverlayHost>,
+}
+
+/// The nodes that are on the overlay themselves: each reaches the others.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OverlayHost {
+    /// The asking node's own address.
+    #[schema(value_type = String)]
+    pub addr: Ipv4Addr,
+    /// Every such node now (the asking one too).
+    pub members: Vec<OverlayHostMember>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OverlayHostMember {
+    #[schema(value_type = String)]
+    pub addr: Ipv4Addr,
+    pub node: String,
 }
 
 /// One of the node's running grid jobs and the members of its group that run now.
@@ -220,8 +286,12 @@ mod tests {
     #[test]
     fn addresses_stay_inside_the_range_and_groups_are_one_submits_instances() {
         assert_eq!(addr_of(0), Ipv4Addr::new(100, 64, 0, 1));
-        assert_eq!(addr_of(HOSTS - 1), Ipv4Addr::new(100, 127, 255, 254));
+        assert_eq!(addr_of(HOSTS - 1), Ipv4Addr::new(100, 126, 255, 255));
         assert_eq!(addr_of(HOSTS), addr_of(0));
+        assert!((0..HOSTS).step_by(997).all(|i| !is_node_addr(addr_of(i))), "jobs and nodes never share");
+        assert_eq!(node_addr(0), Ipv4Addr::new(100, 127, 0, 1));
+        assert_eq!(node_addr(NODE_ADDRS - 1), Ipv4Addr::new(100, 127, 255, 254));
+        assert!(is_node_addr(node_addr(NODE_ADDRS - 1)) && !is_node_addr(Ipv4Addr::new(100, 127, 255, 255)));
         assert_eq!(mac_of(Ipv4Addr::new(100, 64, 0, 9)), [0x52, 0x47, 100, 64, 0, 9]);
         assert_eq!(group_of(12, 2, Some(3)), vec![10, 11, 12]);
         assert_eq!(group_of(12, 2, None), vec![12]);

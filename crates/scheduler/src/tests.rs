@@ -18,6 +18,7 @@ fn node(name: &str, cpus: u32, memory_mb: u64, vm_types: &[&str]) -> NodeSlot {
             appliance: name.starts_with("app"),
             qemu: vm_types.contains(&"qemu").then(|| "10.0.2".into()),
             peer: None,
+            overlay: None,
         })
         .into(),
         free_cpus: cpus,

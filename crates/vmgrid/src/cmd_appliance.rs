@@ -91,6 +91,12 @@ struct PoolSettings {
     /// On power-off, how long running jobs get to finish before they go back to the pool.
     #[arg(long, default_value_t = 30, value_name = "S")]
     drain_timeout_s: u64,
+    /// `grid` also puts the appliance on the pool's overlay (device vmgrid0, an address in
+    /// 100.127.0.0/16; `ip addr show vmgrid0` at its console): it reaches the pool's other
+    /// appliances started so, over WireGuard, through NATs (relayed by the pool when a direct
+    /// path fails), and no job's VM. `vmgrid status --json` shows each one's address.
+    #[arg(long, default_value = "user", value_name = "user|grid")]
+    network: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -181,6 +187,7 @@ fn appliance_config(settings: &PoolSettings, name: Option<String>) -> Result<App
         labels,
         drain_timeout_s: Some(settings.drain_timeout_s),
         ca,
+        network: config::Network::parse(&settings.network).map_err(CliError::BadInput)?,
     };
     c.check().map_err(CliError::BadInput)?;
     Ok(c)

@@ -190,6 +190,7 @@ fn ad(name: String) -> NodeAd {
         appliance: false,
         qemu: None,
         peer: None,
+        overlay: None,
     }
 }
 

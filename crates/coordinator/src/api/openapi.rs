@@ -303,7 +303,7 @@ op!(
     responses(
         (
             status = 200,
-            description = "the node's WireGuard key, observed endpoint and paths recorded; the answer is the groups of its running grid jobs and the keys and endpoints of the nodes that run their other members (node credentials only)",
+            description = "the node's WireGuard key, observed endpoint and paths recorded; the answer is the groups of its running grid jobs and the keys and endpoints of the nodes that run their other members, and, for a node on the overlay itself, its address and the other such nodes (node credentials only; 409 when `key` is not the key the node registered with)",
             body = vmgrid_proto::overlay::OverlayMap
         ),
         Errors

@@ -165,6 +165,7 @@ fn no_part_of_an_all_of_refuses_the_other_parts_fields() {
         appliance: false,
         qemu: Some("10.0.2".into()),
         peer: None,
+        overlay: None,
     };
     let view = vmgrid_proto::NodeView {
         ad,

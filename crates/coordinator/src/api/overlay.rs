@@ -7,7 +7,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State as AxState;
 use axum::http::StatusCode;
-use vmgrid_proto::overlay::{MAX_RELAY_BODY, NetView, OverlayHello, OverlayMap, relay_decode};
+use vmgrid_proto::overlay::{MAX_RELAY_BODY, NetView, OverlayHello, OverlayMap, parse_key, relay_decode};
 
 use super::{Auth, Body, Error, Query, Result, S, node, user};
 
@@ -19,8 +19,18 @@ pub async fn hello(
 ) -> Result<Json<OverlayMap>> {
     let name = node(&p)?.to_string();
     h.check().map_err(|e| Error(StatusCode::BAD_REQUEST, e))?;
-    let groups = shared.peek(|e| e.overlay_groups(&name));
-    Ok(Json(shared.overlay.hello(&name, h, groups)))
+    let (registered, groups, host) =
+        shared.peek(|e| (e.overlay_key(&name), e.overlay_groups(&name), e.overlay_host(&name)));
+    // The key must be the one the node registered with its credential: a node cannot take
+    // another's handshakes by saying its key.
+    let same = registered.as_deref().and_then(parse_key).is_some_and(|k| parse_key(&h.key) == Some(k));
+    if !same {
+        return Err(Error(
+            StatusCode::CONFLICT,
+            format!("node {name}: this is not the overlay key it registered with; register again"),
+        ));
+    }
+    Ok(Json(shared.overlay.hello(&name, h, groups, host)))
 }
 
 /// Packets from a node for others (a relay body); those it may not send are dropped.
@@ -28,8 +38,8 @@ pub async fn relay_send(AxState(shared): AxState<S>, Auth(p): Auth, body: Bytes)
     let name = node(&p)?.to_string();
     let packets = relay_decode(&body).map_err(|e| Error(StatusCode::BAD_REQUEST, e))?;
     // Where it may send now: the nodes that run members of its groups, as the engine says.
-    let groups = shared.peek(|e| e.overlay_groups(&name));
-    let allowed = groups.iter().flat_map(|g| &g.members).map(|m| m.node.clone()).filter(|n| *n != name).collect();
+    let (groups, host) = shared.peek(|e| (e.overlay_groups(&name), e.overlay_host(&name)));
+    let allowed = crate::overlay::peers_of(&name, &groups, host.as_ref());
     shared.overlay.relay(&name, &allowed, packets);
     Ok(StatusCode::NO_CONTENT)
 }

@@ -113,7 +113,12 @@ impl Engine {
     }
 
     fn check_nodes(&self) -> Result<(), String> {
+        let mut addrs = HashSet::new();
         for (name, n) in &self.nodes {
+            let addr = n.ad.ad().overlay.as_ref().and_then(|o| o.addr).filter(|_| n.state != NodeState::Lost);
+            if addr.is_some_and(|a| !addrs.insert(a)) {
+                return Err(format!("node {name}'s overlay address {addr:?} is another node's too"));
+            }
             if n.ad.name != *name {
                 return Err(format!("node {name} is filed under its ad's name {}", n.ad.name));
             }

@@ -13,7 +13,7 @@ impl Engine {
     /// node (its previous credential) or is an admin.
     pub fn register(
         &mut self,
-        ad: NodeAd,
+        mut ad: NodeAd,
         previous: Option<&str>,
         admin: bool,
         cred_hash: String,
@@ -23,6 +23,8 @@ impl Engine {
         if self.banned(&name) {
             return Err(ApiError::Forbidden(format!("node {name} is banned from this pool by an admin")));
         }
+        // Before anything changes: a node that cannot join changes nothing.
+        self.give_node_address(&mut ad).map_err(ApiError::Conflict)?;
         if let Some(old) = self.nodes.get(&name) {
             let same_node = previous.is_some_and(|c| hash_token(c) == old.cred_hash);
             if old.state != NodeState::Lost && !same_node && !admin {

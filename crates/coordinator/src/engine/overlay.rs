@@ -4,8 +4,12 @@
 
 use std::collections::{HashMap, HashSet};
 
-use vmgrid_proto::overlay::{HOSTS, OverlayGroup, OverlayMember, addr_of, group_of};
-use vmgrid_proto::{JobState, Network};
+use std::net::Ipv4Addr;
+
+use vmgrid_proto::overlay::{
+    HOSTS, NODE_ADDRS, OverlayGroup, OverlayHost, OverlayHostMember, OverlayMember, addr_of, group_of, node_addr,
+};
+use vmgrid_proto::{JobState, Network, NodeAd, NodeState};
 
 use super::Engine;
 
@@ -78,6 +82,48 @@ impl Engine {
 }
 
 impl Engine {
+    /// Gives a registering node that is on the overlay itself (`overlay.host`) the lowest
+    /// address of [`vmgrid_proto::overlay::NODE_NET`] no other node in the pool holds (a lost
+    /// node's is free again); any other node gets none, whatever its ad said.
+    pub(super) fn give_node_address(&self, ad: &mut NodeAd) -> Result<(), String> {
+        let Some(o) = ad.overlay.as_mut() else { return Ok(()) };
+        o.addr = None;
+        if !o.host {
+            return Ok(());
+        }
+        let held: HashSet<Ipv4Addr> = self
+            .nodes
+            .iter()
+            .filter(|(name, n)| **name != ad.name && n.state != NodeState::Lost)
+            .filter_map(|(_, n)| n.ad.ad().overlay.as_ref()?.addr)
+            .collect();
+        let free = (0..NODE_ADDRS).map(node_addr).find(|a| !held.contains(a));
+        o.addr =
+            Some(free.ok_or_else(|| format!("the pool's overlay has no address left for a node ({NODE_ADDRS} held)"))?);
+        Ok(())
+    }
+
+    /// The WireGuard key `node` registered with, if it is in the pool with one.
+    pub fn overlay_key(&self, node: &str) -> Option<String> {
+        let n = self.nodes.get(node).filter(|n| n.state != NodeState::Lost)?;
+        Some(n.ad.ad().overlay.as_ref()?.key.clone())
+    }
+
+    /// For a node on the overlay itself: its address and every such node in the pool now.
+    pub fn overlay_host(&self, node: &str) -> Option<OverlayHost> {
+        let n = self.nodes.get(node).filter(|n| n.state != NodeState::Lost)?;
+        let addr = n.ad.ad().overlay.as_ref()?.addr?;
+        let members = self
+            .nodes
+            .iter()
+            .filter(|(_, m)| m.state != NodeState::Lost)
+            .filter_map(|(name, m)| {
+                Some(OverlayHostMember { addr: m.ad.ad().overlay.as_ref()?.addr?, node: name.clone() })
+            })
+            .collect();
+        Some(OverlayHost { addr, members })
+    }
+
     /// For each grid job running on `node`: the members of its group that run now, and where.
     pub fn overlay_groups(&self, node: &str) -> Vec<OverlayGroup> {
         let Some(n) = self.nodes.get(node) else { return Vec::new() };
@@ -158,6 +204,42 @@ mod tests {
             ids.iter().all(|id| e.jobs[id].state == JobState::Idle),
             "one free cpu for a group of two: none starts"
         );
+        e.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn nodes_on_the_overlay_get_addresses_from_the_pool_and_a_lost_ones_is_given_again() {
+        use vmgrid_proto::overlay::{NodeOverlay, key_hex, node_addr};
+        let mut e = Engine::new(TIMING);
+        // Each claims an address: the pool ignores it.
+        let on = |n: &str, host: bool| vmgrid_proto::NodeAd {
+            overlay: Some(NodeOverlay { key: key_hex(&[n.as_bytes()[0]; 32]), host, addr: Some(node_addr(77)) }),
+            ..ad(n, 1)
+        };
+        for (n, host) in [("a", true), ("b", true), ("c", false)] {
+            e.register(on(n, host), None, false, hash_token(n), 0).unwrap();
+        }
+        assert_eq!(e.overlay_host("a").map(|h| h.addr), Some(node_addr(0)));
+        assert_eq!(e.overlay_host("b").map(|h| h.addr), Some(node_addr(1)));
+        assert_eq!(e.overlay_host("c"), None, "a node not on the overlay itself has no address");
+        let members: Vec<(String, Ipv4Addr)> =
+            e.overlay_host("a").unwrap().members.into_iter().map(|m| (m.node, m.addr)).collect();
+        assert_eq!(members, vec![("a".into(), node_addr(0)), ("b".into(), node_addr(1))]);
+        assert_eq!(e.overlay_key("c"), Some(key_hex(&[b'c'; 32])), "every node's key is registered");
+        // The address is kept with the node's registration.
+        let stored = e.take_effects().ops.iter().any(|op| {
+            matches!(op, crate::store::Op::Node { name, ad_json, .. } if name == "b" && ad_json.contains("100.127.0.2"))
+        });
+        assert!(stored, "b's address is stored with it");
+        // a is lost: its address is free, and the next node on the overlay gets it.
+        e.live_node("b", 1500).unwrap();
+        e.live_node("c", 1500).unwrap();
+        e.tick(1500);
+        assert_eq!(e.overlay_host("a"), None);
+        assert_eq!(e.overlay_key("a"), None, "a lost node's key is no longer registered");
+        e.register(on("d", true), None, false, hash_token("d"), 1500).unwrap();
+        assert_eq!(e.overlay_host("d").map(|h| h.addr), Some(node_addr(0)));
+        assert_eq!(e.overlay_host("b").unwrap().members.len(), 2, "b and d, not the lost a");
         e.check_invariants().unwrap();
     }
 

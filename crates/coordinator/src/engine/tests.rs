@@ -61,6 +61,7 @@ pub(crate) fn ad(name: &str, cpus: u32) -> NodeAd {
         appliance: false,
         qemu: None,
         peer: None,
+        overlay: None,
     }
 }
 

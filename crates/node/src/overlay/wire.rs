@@ -168,8 +168,18 @@ fn deliver(
 /// Hands a frame to a VM's NIC without waiting: a VM that does not read its frames (paused,
 /// hung, or slower than its peers) loses them, as a full NIC queue does, and never holds up the
 /// switch.
-fn to_nic(sock: &std::os::unix::net::UnixDatagram, frame: &[u8]) {
+fn to_nic(nic: &super::Nic, frame: &[u8]) {
     use std::os::fd::AsRawFd;
+    let sock = match nic {
+        super::Nic::Sock(s) => s,
+        // A TAP device takes a frame at once (the kernel's stack receives it).
+        super::Nic::Tap(t) => {
+            if let Err(e) = std::io::Write::write(&mut &**t, frame) {
+                tracing::trace!("a frame for this machine was dropped: {e}");
+            }
+            return;
+        }
+    };
     // SAFETY: the descriptor is open for as long as `sock` is borrowed, and the pointer and
     // length describe `frame`, which outlives the call; send(2) only reads from it.
     let sent = unsafe { libc::send(sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), libc::MSG_DONTWAIT) };

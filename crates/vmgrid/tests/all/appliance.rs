@@ -1,8 +1,9 @@
 //! The grid appliance, end to end: `vmgrid appliance build` makes the image in four formats, and
 //! two appliances boot from it through the BIOS (no -kernel) under QEMU, join a coordinator on
 //! this host next to one ordinary node, run jobs that require `node.appliance`, take a job
-//! submitted at one's console, and leave: one by power-off (at once), one by a hard kill (its
-//! leases expire and its job finishes on the host node).
+//! submitted at one's console, reach each other over the pool's overlay (`--network grid`), and
+//! leave: one by power-off (at once), one by a hard kill (its leases expire and its job finishes
+//! on the host node).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -191,7 +192,7 @@ impl Appliance {
             .arg(pool.data_dir().join("pool.token"))
             .arg("--image")
             .arg(image)
-            .args(["--drain-timeout-s", "10", "--state-dir"])
+            .args(["--drain-timeout-s", "10", "--network", "grid", "--state-dir"])
             .arg(pool.dir.path().join(format!("appliance-{name}")))
             .env("VMGRID_CACHE_DIR", repo_root().join("target/test-cache"))
             .stdin(if console { Stdio::piped() } else { Stdio::null() })
@@ -253,6 +254,12 @@ fn tail(s: &str, n: usize) -> &str {
     &s[i..]
 }
 
+/// The node's address on the overlay, as the pool gave it.
+fn overlay_addr(pool: &Pool, name: &str) -> Option<std::net::Ipv4Addr> {
+    let nodes = pool.admin().nodes().unwrap();
+    nodes.into_iter().find(|n| n.ad.name == name)?.ad.overlay?.addr
+}
+
 fn node_state(pool: &Pool, name: &str) -> Option<(NodeState, bool)> {
     pool.admin().nodes().unwrap().into_iter().find(|n| n.ad.name == name).map(|n| (n.state, n.ad.appliance))
 }
@@ -266,6 +273,38 @@ const HELLO_WAT: &str = r#"(module
 (i32.store (i32.const 0) (i32.const 16))
 (i32.store (i32.const 4) (i32.const 33))
 (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#;
+
+/// Both appliances were started with `--network grid`: each has an address of the nodes' part
+/// of the overlay (the ordinary node none), and app-a's console reaches app-b's address over
+/// the overlay, through each appliance's own QEMU user-mode NAT (relayed by the pool when the
+/// NATs give no direct path); `vmgrid net` says which path.
+fn overlay_between_appliances(pool: &Pool, a: &mut Appliance) {
+    let (Some(addr_a), Some(addr_b)) = (overlay_addr(pool, "app-a"), overlay_addr(pool, "app-b")) else {
+        panic!("an appliance started with --network grid has no overlay address: {:?}", pool.admin().nodes());
+    };
+    assert_ne!(addr_a, addr_b);
+    assert!(vmgrid_proto::overlay::is_node_addr(addr_a) && vmgrid_proto::overlay::is_node_addr(addr_b));
+    assert_eq!(overlay_addr(pool, "host"), None, "a node not started on the overlay has no address");
+    let started = Instant::now();
+    a.type_line(&format!("ip -4 addr show vmgrid0; ping -c 3 -W 5 {addr_b}; echo ping\"\"-exit=$?"));
+    let done = poll_until(Duration::from_secs(90), || a.console.lock().unwrap().contains("ping-exit="));
+    let console = a.console.lock().unwrap().clone();
+    assert!(done, "no answer at the console:\n{}", tail(&console, 3000));
+    assert!(console.contains(&format!("inet {addr_a}/10")), "app-a's vmgrid0:\n{}", tail(&console, 3000));
+    assert!(console.contains("ping-exit=0"), "app-a cannot reach app-b over the overlay:\n{}", tail(&console, 3000));
+    let out = pool.cli().args(["net", "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    let net: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let path = net.as_array().unwrap().iter().find(|v| v["node"] == "app-a").and_then(|v| {
+        v["paths"].as_array()?.iter().find(|p| p["node"] == "app-b").map(|p| p["path"].as_str().unwrap().to_string())
+    });
+    assert!(matches!(path.as_deref(), Some("direct" | "relay")), "app-a to app-b: {path:?}\n{net}");
+    eprintln!(
+        "appliance: app-a ({addr_a}) pinged app-b ({addr_b}) over the overlay ({}) in {:.1} s",
+        path.unwrap(),
+        started.elapsed().as_secs_f64()
+    );
+}
 
 #[test]
 fn two_appliances_join_run_jobs_take_a_console_job_and_leave() {
@@ -371,6 +410,7 @@ fn two_appliances_join_run_jobs_take_a_console_job_and_leave() {
         hello.node.as_deref().unwrap_or("?"),
         console_started.elapsed().as_secs_f64()
     );
+    overlay_between_appliances(&pool, &mut a);
 
     // Power app-a off (SIGTERM to `appliance start`): it drains, deregisters, and is gone from
     // the pool at once, rather than lingering until it is declared lost.

@@ -111,6 +111,7 @@ fn bad_tokens_and_wrong_roles_are_refused() {
                 appliance: false,
                 qemu: None,
                 peer: None,
+                overlay: None,
             },
             None,
         )

@@ -393,27 +393,14 @@ impl Drop for Mount {
 /// on as blobs), and an honest report's inline stdout is what `vmgrid logs` prints.
 #[test]
 fn a_nodes_inline_output_is_checked_against_its_hash_and_outputs_are_never_inline() {
-    use vmgrid_proto::{FileRef, LeaseId, LeaseRequest, NodeAd, Report, ReportRequest, RunReport};
+    use vmgrid_proto::{FileRef, LeaseId, LeaseRequest, Report, ReportRequest, RunReport};
     let pool = Pool::start();
     let d = JobDir::new();
     let job = probe_job_file(d.path(), "inline", &["exit:0"], "");
     let id = ids_of(&pool.cli().arg("submit").arg(&job).output().unwrap())[0];
     // A hand-made node (real HTTP, the pool token) takes the job.
     let pool_token = std::fs::read_to_string(pool.data_dir().join("pool.token")).unwrap();
-    let ad = NodeAd {
-        name: "hostile".into(),
-        arch: std::env::consts::ARCH.into(),
-        os: "linux".into(),
-        cpus: 1,
-        memory_mb: 1024,
-        disk_mb: 1024,
-        vm_types: vec![vmgrid_proto::VmType::Wasm],
-        accelerators: vec![],
-        labels: Default::default(),
-        appliance: false,
-        qemu: None,
-        peer: None,
-    };
+    let ad = hand_made_ad("hostile", None);
     let cred = pool.client_with(pool_token.trim()).register(&ad, None).unwrap().credential;
     let node = pool.client_with(&cred);
     let leases = node
@@ -449,4 +436,57 @@ fn a_nodes_inline_output_is_checked_against_its_hash_and_outputs_are_never_inlin
     assert_eq!(r.accepted, vec![lease], "{r:?}");
     let out = pool.cli().args(["logs", &id.to_string()]).output().unwrap();
     assert_eq!(stdout_of(&out), "the honest text\n");
+}
+
+/// A node ad as a hand-made node (real HTTP, the pool token) says it, with an overlay key.
+fn hand_made_ad(name: &str, key: Option<[u8; 32]>) -> vmgrid_proto::NodeAd {
+    use vmgrid_proto::overlay::{NodeOverlay, key_hex};
+    vmgrid_proto::NodeAd {
+        name: name.into(),
+        arch: std::env::consts::ARCH.into(),
+        os: "linux".into(),
+        cpus: 1,
+        memory_mb: 1024,
+        disk_mb: 1024,
+        vm_types: vec![vmgrid_proto::VmType::Wasm],
+        accelerators: vec![],
+        labels: Default::default(),
+        appliance: false,
+        qemu: None,
+        peer: None,
+        overlay: key.map(|k| NodeOverlay { key: key_hex(&k), host: false, addr: None }),
+    }
+}
+
+/// A node's overlay key is registered with its credential: a hello with another node's key (or
+/// with any key, from a node that registered none) is refused, so a node cannot take another's
+/// WireGuard handshakes; a malformed key does not register.
+#[test]
+fn a_node_cannot_say_another_nodes_overlay_key() {
+    use vmgrid_client::ClientError;
+    use vmgrid_proto::overlay::{OverlayHello, key_hex};
+    let pool = Pool::start();
+    let pool_token = std::fs::read_to_string(pool.data_dir().join("pool.token")).unwrap();
+    let joiner = pool.client_with(pool_token.trim());
+    let (k1, k2) = ([1u8; 32], [2u8; 32]);
+    let cred1 = joiner.register(&hand_made_ad("n1", Some(k1)), None).unwrap().credential;
+    let cred2 = joiner.register(&hand_made_ad("n2", Some(k2)), None).unwrap().credential;
+    let cred3 = joiner.register(&hand_made_ad("n3", None), None).unwrap().credential;
+    let hello = |key: [u8; 32]| OverlayHello { key: key_hex(&key), endpoint: None, paths: vec![] };
+    for (cred, key, who) in [(&cred2, k1, "n2 saying n1's key"), (&cred3, [3u8; 32], "n3, which registered none")] {
+        match pool.client_with(cred).overlay_hello(&hello(key)) {
+            Err(ClientError::Refused { status: 409, message }) => {
+                assert!(message.contains("not the overlay key it registered with"), "{who}: {message}")
+            }
+            other => panic!("{who}: {other:?}"),
+        }
+    }
+    assert!(pool.client_with(&cred1).overlay_hello(&hello(k1)).is_ok(), "n1 with its own key");
+    assert!(pool.client_with(&cred2).overlay_hello(&hello(k2)).is_ok(), "n2 with its own key");
+    let mut bad = hand_made_ad("n4", None);
+    bad.overlay = Some(vmgrid_proto::overlay::NodeOverlay { key: "not a key".into(), host: false, addr: None });
+    match joiner.register(&bad, None) {
+        Err(ClientError::Refused { status: 400, message }) => assert!(message.contains("overlay.key"), "{message}"),
+        other => panic!("a malformed key registered: {other:?}"),
+    }
 }
