@@ -25,6 +25,9 @@ const STALE: Duration = Duration::from_secs(30);
 /// The most bytes waiting in one node's relay mailbox; past it, packets are dropped (as a full
 /// link drops them: TCP in the VMs slows down).
 const MAILBOX_BYTES: usize = 4 << 20;
+/// The most of one node's mailbox one sender may fill: a node that floods another leaves room for
+/// the rest of its peers.
+const SENDER_BYTES: usize = MAILBOX_BYTES / 4;
 /// What a queued packet costs its mailbox beyond its bytes and its sender's name.
 const ENTRY_COST: usize = 64;
 /// The shortest WireGuard message (a transport message with no payload); shorter is no packet.
@@ -60,6 +63,8 @@ struct End {
     seen: Instant,
     mailbox: VecDeque<(String, Vec<u8>)>,
     queued: usize,
+    /// What each sender has waiting in the mailbox.
+    by_sender: HashMap<String, usize>,
     notify: Arc<Notify>,
 }
 
@@ -103,12 +108,14 @@ impl Overlay {
             seen: Instant::now(),
             mailbox: VecDeque::new(),
             queued: 0,
+            by_sender: HashMap::new(),
             notify: Arc::default(),
         });
         if end.key != hello.key {
             // A new key (the node registered again): what waited for the old one is useless.
             end.mailbox.clear();
             end.queued = 0;
+            end.by_sender.clear();
         }
         end.key = hello.key;
         end.endpoint = hello.endpoint;
@@ -138,8 +145,12 @@ impl Overlay {
         for (to, p) in packets {
             let c = cost(from, p);
             match ends.get_mut(&to).filter(|e| allowed.contains(&to) && e.fresh() && p.len() >= MIN_PACKET) {
-                Some(e) if e.queued + c <= MAILBOX_BYTES => {
+                Some(e)
+                    if e.queued + c <= MAILBOX_BYTES
+                        && e.by_sender.get(from).copied().unwrap_or(0) + c <= SENDER_BYTES =>
+                {
                     e.queued += c;
+                    *e.by_sender.entry(from.to_string()).or_default() += c;
                     e.mailbox.push_back((from.to_string(), p.to_vec()));
                     e.notify.notify_one();
                 }
@@ -163,7 +174,14 @@ impl Overlay {
                 break;
             }
             relay_encode(&mut body, from, p);
-            e.queued -= cost(from, p);
+            let c = cost(from, p);
+            e.queued -= c;
+            if let Some(n) = e.by_sender.get_mut(from.as_str()) {
+                *n -= c;
+                if *n == 0 {
+                    e.by_sender.remove(from.as_str());
+                }
+            }
             e.mailbox.pop_front();
         }
         Ok(body)
@@ -256,10 +274,25 @@ mod tests {
         assert!(o.take("c", 1 << 20).is_err(), "c got nothing");
         // Once the engine says their group is over, a relays nothing more to b.
         assert_eq!(o.relay("a", &HashSet::new(), vec![("b".into(), &packet[..])]), 1);
-        // A mailbox holds at most MAILBOX_BYTES, each packet charged with its bookkeeping.
-        let n = MAILBOX_BYTES / cost("a", &packet) + 10;
-        let dropped = o.relay("a", &peers_of_a, (0..n).map(|_| ("b".to_string(), &packet[..])).collect());
+        // One sender fills at most SENDER_BYTES of a mailbox, each packet charged with its
+        // bookkeeping; the others still get through, up to MAILBOX_BYTES in all.
+        let per = SENDER_BYTES / cost("a", &packet);
+        let dropped = o.relay("a", &peers_of_a, (0..per + 10).map(|_| ("b".to_string(), &packet[..])).collect());
         assert_eq!(dropped, 10);
+        let peers_of_others: HashSet<String> = ["b".to_string()].into();
+        for sender in ["c", "d", "e", "f"] {
+            o.hello(sender, hello(5), vec![], None);
+            let batch = (0..per).map(|_| ("b".to_string(), &packet[..])).collect();
+            let dropped = o.relay(sender, &peers_of_others, batch);
+            // a, c, d and e fill the mailbox; f finds it full.
+            assert_eq!(dropped, if sender == "f" { per } else { 0 }, "{sender}");
+        }
+        let mut taken = 0;
+        while let Ok(body) = o.take("b", 1 << 20) {
+            taken += relay_decode(&body).unwrap().len();
+        }
+        assert_eq!(taken, 4 * per, "taken, the mailbox is empty again");
+        assert_eq!(o.relay("a", &peers_of_a, vec![("b".into(), &packet[..])]), 0, "and a may send again");
         // A new key (b registered again) empties what waited for the old one.
         o.hello("b", hello(9), group(&[("b", 2), ("a", 1)]), None);
         assert!(o.take("b", 1 << 20).is_err());
