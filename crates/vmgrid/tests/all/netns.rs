@@ -5,7 +5,7 @@
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -75,15 +75,7 @@ impl Lan {
 
     /// `vmgrid args…` in host `n`'s namespace, stderr to `log`.
     fn vmgrid(&self, n: u8, args: &[&str], log: &Path) -> Child {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns(n)])
-            .arg(assert_cmd::cargo::cargo_bin("vmgrid"))
-            .args(args)
-            .env("VMGRID_ACCEL", "tcg")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap()
+        spawn_vmgrid_in(&self.ns(n), args, log)
     }
 
     /// Runs `f` on a thread that lives in host `n`'s namespace (so its sockets do).

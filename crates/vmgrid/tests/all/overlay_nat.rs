@@ -6,7 +6,7 @@
 //! deletes the namespaces); every address lives inside them, and all of them go when it ends.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use vmgrid_proto::NodeState;
@@ -136,15 +136,7 @@ impl Sites {
     }
 
     fn spawn(&mut self, what: &str, args: &[&str], log: &Path) {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns(what)])
-            .arg(assert_cmd::cargo::cargo_bin("vmgrid"))
-            .args(args)
-            .env("VMGRID_ACCEL", "tcg")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap();
+        let child = spawn_vmgrid_in(&self.ns(what), args, log);
         self.children.push(child);
     }
 

@@ -331,3 +331,16 @@ pub fn poll_until(limit: std::time::Duration, mut cond: impl FnMut() -> bool) ->
     }
     true
 }
+
+/// `vmgrid args…` inside network namespace `ns` (TCG: no KVM there either), stderr to `log`.
+pub fn spawn_vmgrid_in(ns: &str, args: &[&str], log: &Path) -> std::process::Child {
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(assert_cmd::cargo::cargo_bin("vmgrid"))
+        .args(args)
+        .env("VMGRID_ACCEL", "tcg")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
