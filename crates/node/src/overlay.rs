@@ -7,7 +7,8 @@
 //!   frame whose source MAC or address is not the VM's, and forwards IPv4 only to the members of
 //!   the VM's group (`switch.rs`).
 //! - One UDP socket carries every tunnel. Its endpoint as the pool sees it comes from the pool's
-//!   reflector (a probe to the API's port number); the pool hands each node the others' keys and
+//!   reflector (a probe to the API's port number), with a token the hello carries back (the pool
+//!   hands out no endpoint without one); the pool hands each node the others' keys and
 //!   endpoints, and both sides send first, so the NATs between them let the packets in.
 //! - When no packet comes back directly, the WireGuard packets go through the pool (`/v1/overlay/
 //!   relay`), over this node's HTTPS connection to it: the pool sees ciphertext only
@@ -32,7 +33,9 @@ use std::time::{Duration, Instant};
 
 use boringtun::x25519::{PublicKey, StaticSecret};
 use vmgrid_client::Client;
-use vmgrid_proto::overlay::{OverlayHello, OverlayMap, PROBE_LEN, PROBE_MAGIC, addr_of, group_of, key_hex, mac_of};
+use vmgrid_proto::overlay::{
+    OverlayHello, OverlayMap, PROBE_LEN, PROBE_MAGIC, REPLY_MAGIC, addr_of, group_of, key_hex, mac_of, reply_decode,
+};
 use vmgrid_runtime::qemu::NetAttach;
 
 use crate::lock;
@@ -52,6 +55,9 @@ pub(crate) struct Overlay {
     st: Mutex<State>,
     udp: UdpSocket,
     reflector: Option<SocketAddr>,
+    /// The reflector's token for `State::endpoint`, said with it in the hello; locked only with
+    /// `st` held, so the two are always from one reply.
+    endpoint_token: Mutex<Option<String>>,
     key_file: PathBuf,
     client: Mutex<Client>,
     /// Packets for the relay, encoded as a relay body, and its sender's wake-up.
@@ -135,6 +141,7 @@ impl Overlay {
             }),
             udp,
             reflector,
+            endpoint_token: Mutex::new(None),
             key_file,
             client: Mutex::new(client),
             relay_out: Mutex::default(),
@@ -203,9 +210,11 @@ impl Overlay {
         while !self.stop.load(Ordering::Relaxed) {
             let Ok((n, from)) = self.udp.recv_from(&mut buf) else { continue };
             let packet = &buf[..n];
-            if Some(from) == self.reflector && packet.starts_with(vmgrid_proto::overlay::REPLY_MAGIC) {
-                let seen = std::str::from_utf8(&packet[vmgrid_proto::overlay::REPLY_MAGIC.len()..]).ok();
-                lock(&self.st).endpoint = seen.and_then(|s| s.parse().ok());
+            if Some(from) == self.reflector && packet.starts_with(REPLY_MAGIC) {
+                let (seen, token) = reply_decode(packet).unzip();
+                let mut st = lock(&self.st);
+                st.endpoint = seen;
+                *lock(&self.endpoint_token) = token;
                 continue;
             }
             self.on_wire(packet, wire::Via::Udp(from));
@@ -238,6 +247,7 @@ impl Overlay {
             OverlayHello {
                 key: key_hex(&st.public),
                 endpoint: st.endpoint.map(|e| e.to_string()),
+                endpoint_token: lock(&self.endpoint_token).clone(),
                 paths: st.peers.paths(),
             }
         };
