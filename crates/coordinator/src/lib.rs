@@ -205,7 +205,7 @@ pub fn start(config: Config, handle_signals: bool) -> Result<Running, StartError
                 let collector = tokio::spawn(blobs::collect_loop(shared.clone()));
                 // The overlay's reflector, on the API's port number; without it nodes relay.
                 let reflector = match tokio::net::UdpSocket::bind(addr).await {
-                    Ok(sock) => Some(tokio::spawn(overlay::reflect(sock))),
+                    Ok(sock) => Some(tokio::spawn(overlay::reflect(sock, shared.clone()))),
                     Err(e) => {
                         tracing::warn!(
                             "no overlay reflector on udp {addr}: {e}; grid VMs on different nodes will relay"

@@ -8,16 +8,21 @@
 //! engine says at each relay call), to nodes heard from lately, boundedly per node (each packet
 //! charged with its bookkeeping); they are WireGuard packets, so the pool sees ciphertext. Nodes
 //! not heard from for [`STALE`] are forgotten.
-//! The reflector answers only probes, never with more bytes than the probe had.
+//! The reflector answers only probes, never with more bytes than the probe had, and its answer
+//! carries a token for the address it saw ([`Stamps`]): a node's endpoint reaches other nodes
+//! only with a token the pool made for that very address, so a node cannot have its peers send
+//! packets to an address it does not receive at.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{SocketAddr, SocketAddrV6};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ring::hmac;
 use tokio::sync::Notify;
 use vmgrid_proto::overlay::{
     NetView, OverlayGroup, OverlayHello, OverlayHost, OverlayMap, OverlayPeer, PROBE_LEN, PROBE_MAGIC, PeerPath,
-    REPLY_MAGIC, relay_encode,
+    relay_encode, reply_encode,
 };
 
 /// A node not heard from for this long is left out of maps and `vmgrid net`.
@@ -32,10 +37,72 @@ const SENDER_BYTES: usize = MAILBOX_BYTES / 4;
 const ENTRY_COST: usize = 64;
 /// The shortest WireGuard message (a transport message with no payload); shorter is no packet.
 const MIN_PACKET: usize = 32;
+/// A reflector's token is good in the period it was made in and the next one: 2 to 4 minutes.
+/// Nodes probe before each hello, so theirs are always fresh.
+const TOKEN_PERIOD: Duration = Duration::from_secs(120);
 
 #[derive(Default)]
 pub(crate) struct Overlay {
     ends: Mutex<Ends>,
+    stamps: Stamps,
+}
+
+/// The reflector's tokens: HMAC-SHA256 over a period's number and an address (its canonical
+/// text), keyed by a secret made at start and kept only in memory. A restarted coordinator
+/// refuses the old tokens; nodes probe again before each hello and so have new ones at once.
+struct Stamps {
+    key: hmac::Key,
+    start: Instant,
+}
+
+impl Default for Stamps {
+    fn default() -> Stamps {
+        let key = hmac::Key::generate(hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+            .expect("the kernel's random source is readable");
+        Stamps { key, start: Instant::now() }
+    }
+}
+
+impl Stamps {
+    fn period(&self) -> u64 {
+        self.start.elapsed().as_secs() / TOKEN_PERIOD.as_secs()
+    }
+
+    fn message(addr: SocketAddr, period: u64) -> Vec<u8> {
+        let mut m = period.to_be_bytes().to_vec();
+        m.extend_from_slice(canonical(addr).to_string().as_bytes());
+        m
+    }
+
+    /// The token, in hex, for a probe from `addr` seen in `period`.
+    fn token(&self, addr: SocketAddr, period: u64) -> String {
+        hex::encode(hmac::sign(&self.key, &Self::message(addr, period)))
+    }
+
+    /// `endpoint` in canonical form if `token` is this coordinator's for that address, made in
+    /// `period` or the one before.
+    fn verify(&self, endpoint: &str, token: &str, period: u64) -> Option<String> {
+        let addr = canonical(endpoint.parse().ok()?);
+        let tag = hex::decode(token).ok()?;
+        [Some(period), period.checked_sub(1)]
+            .into_iter()
+            .flatten()
+            .any(|p| hmac::verify(&self.key, &Self::message(addr, p), &tag).is_ok())
+            .then(|| addr.to_string())
+    }
+}
+
+/// An address as the reflector tells it and its tokens cover it: a probe over IPv4 to a socket
+/// on `[::]` arrives from `::ffff:a.b.c.d`, which is `a.b.c.d` (a node's IPv4 socket can send
+/// only there); IPv6 without its flow label.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), a.port()),
+            None => SocketAddr::V6(SocketAddrV6::new(*a.ip(), a.port(), 0, a.scope_id())),
+        },
+        v4 => v4,
+    }
 }
 
 #[derive(Default)]
@@ -82,7 +149,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Overlay {
     /// Records a node's hello and answers with its map: its groups, and the keys and endpoints
-    /// of the nodes that run their other members.
+    /// of the nodes that run their other members (and, for a node on the overlay itself, of the
+    /// other such nodes). The endpoint it says is kept only with the reflector's token for it
+    /// (else its peers reach it through the relay).
     pub fn hello(
         &self,
         node: &str,
@@ -90,6 +159,17 @@ impl Overlay {
         groups: Vec<OverlayGroup>,
         host: Option<OverlayHost>,
     ) -> OverlayMap {
+        let endpoint = match (&hello.endpoint, &hello.endpoint_token) {
+            (Some(e), Some(t)) => self.stamps.verify(e, t, self.stamps.period()),
+            _ => None,
+        };
+        if endpoint.is_none() && hello.endpoint.is_some() {
+            tracing::debug!(
+                node,
+                endpoint = hello.endpoint,
+                "an overlay endpoint without the reflector's token for it"
+            );
+        }
         let mut guard = lock(&self.ends);
         let st = &mut *guard;
         if st.swept.is_none_or(|t| t.elapsed() >= STALE) {
@@ -118,7 +198,7 @@ impl Overlay {
             end.by_sender.clear();
         }
         end.key = hello.key;
-        end.endpoint = hello.endpoint;
+        end.endpoint = endpoint;
         end.paths = hello.paths;
         end.seen = Instant::now();
         let mut out: Vec<OverlayPeer> = peers
@@ -209,20 +289,26 @@ impl Overlay {
     pub fn forget(&self, node: &str) {
         lock(&self.ends).map.remove(node);
     }
+
+    /// The reflector's answer to a datagram from `from`: for a probe, the address it came from
+    /// and the token for it, if that is no longer than the probe; else nothing.
+    pub fn reply(&self, datagram: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
+        if datagram.len() < PROBE_LEN || !datagram.starts_with(PROBE_MAGIC) {
+            return None;
+        }
+        let seen = canonical(from);
+        let reply = reply_encode(&seen.to_string(), &self.stamps.token(seen, self.stamps.period()));
+        (reply.len() <= datagram.len()).then_some(reply)
+    }
 }
 
-/// The reflector: answers each probe with the address it came from. It shares the API's port
-/// number (UDP and TCP ports are apart), so a node finds it from the pool's URL.
-pub(crate) async fn reflect(sock: tokio::net::UdpSocket) {
+/// The reflector: answers each probe with the address it came from and a token for it. It shares
+/// the API's port number (UDP and TCP ports are apart), so a node finds it from the pool's URL.
+pub(crate) async fn reflect(sock: tokio::net::UdpSocket, shared: Arc<crate::core::Shared>) {
     let mut buf = [0u8; 2048];
     loop {
         let Ok((n, from)) = sock.recv_from(&mut buf).await else { continue };
-        if n < PROBE_LEN || !buf[..n].starts_with(PROBE_MAGIC) {
-            continue;
-        }
-        let mut reply = REPLY_MAGIC.to_vec();
-        reply.extend_from_slice(from.to_string().as_bytes());
-        if reply.len() <= n {
+        if let Some(reply) = shared.overlay.reply(&buf[..n], from) {
             let _ = sock.send_to(&reply, from).await;
         }
     }
@@ -231,12 +317,13 @@ pub(crate) async fn reflect(sock: tokio::net::UdpSocket) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmgrid_proto::overlay::{OverlayMember, relay_decode};
+    use vmgrid_proto::overlay::{OverlayMember, relay_decode, reply_decode};
 
     fn hello(key: u8) -> OverlayHello {
         OverlayHello {
             key: vmgrid_proto::overlay::key_hex(&[key; 32]),
             endpoint: Some("10.0.0.1:7".into()),
+            endpoint_token: None,
             paths: vec![],
         }
     }
@@ -316,5 +403,46 @@ mod tests {
         o.hello("a", h, vec![], None);
         let a = o.views().into_iter().find(|v| v.node == "a").unwrap();
         assert_eq!(a.paths.iter().map(|p| p.node.as_str()).collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[test]
+    fn an_endpoint_reaches_peers_only_with_the_reflectors_token_for_that_address() {
+        let o = Overlay::default();
+        // A probe over IPv4 to a socket on [::]: the reflector answers with the IPv4 address and
+        // a token for it, never with more bytes than the probe, and answers no short probe.
+        let from: SocketAddr = "[::ffff:10.0.0.1]:7".parse().unwrap();
+        let mut probe = PROBE_MAGIC.to_vec();
+        probe.resize(PROBE_LEN, 0);
+        let reply = o.reply(&probe, from).unwrap();
+        assert!(reply.len() <= probe.len());
+        let (seen, token) = reply_decode(&reply).unwrap();
+        assert_eq!(seen, "10.0.0.1:7".parse().unwrap());
+        assert!(o.reply(&probe[..PROBE_LEN - 1], from).is_none());
+        assert!(o.reply(&[0; PROBE_LEN], from).is_none());
+        // What a hands out of b's endpoint, after b said `endpoint` with `token`.
+        let b_seen_by_a = |endpoint: &str, token: Option<&str>| {
+            let mut h = hello(2);
+            h.endpoint = Some(endpoint.into());
+            h.endpoint_token = token.map(Into::into);
+            o.hello("b", h, group(&[("b", 2), ("a", 1)]), None);
+            o.hello("a", hello(1), group(&[("a", 1), ("b", 2)]), None).peers[0].endpoint.clone()
+        };
+        assert_eq!(b_seen_by_a("10.0.0.1:7", Some(&token)).as_deref(), Some("10.0.0.1:7"));
+        // The same address written otherwise is the same address.
+        assert_eq!(b_seen_by_a("[::ffff:10.0.0.1]:7", Some(&token)).as_deref(), Some("10.0.0.1:7"));
+        // Another address, no token, or another coordinator's token: no endpoint (a relays).
+        assert_eq!(b_seen_by_a("10.0.0.1:8", Some(&token)), None);
+        assert_eq!(b_seen_by_a("10.0.0.2:7", Some(&token)), None);
+        assert_eq!(b_seen_by_a("10.0.0.1:7", None), None);
+        let (_, foreign) = reply_decode(&Overlay::default().reply(&probe, from).unwrap()).unwrap();
+        assert_eq!(b_seen_by_a("10.0.0.1:7", Some(&foreign)), None);
+        assert!(o.views().iter().all(|v| v.endpoint.is_none()));
+        // A token is good in its period and the next, not later nor earlier.
+        let (st, addr) = (&o.stamps, "10.0.0.1:7".parse().unwrap());
+        assert!(st.verify("10.0.0.1:7", &st.token(addr, 6), 6).is_some());
+        assert!(st.verify("10.0.0.1:7", &st.token(addr, 5), 6).is_some());
+        assert!(st.verify("10.0.0.1:7", &st.token(addr, 4), 6).is_none());
+        assert!(st.verify("10.0.0.1:7", &st.token(addr, 7), 6).is_none());
+        assert!(st.verify("10.0.0.1:7", "zz", 6).is_none());
     }
 }

@@ -7,7 +7,8 @@
 //!   frame whose source MAC or address is not the VM's, and forwards IPv4 only to the members of
 //!   the VM's group (`switch.rs`).
 //! - One UDP socket carries every tunnel. Its endpoint as the pool sees it comes from the pool's
-//!   reflector (a probe to the API's port number); the pool hands each node the others' keys and
+//!   reflector (a probe to the API's port number), with a token the hello carries back (the pool
+//!   hands out no endpoint without one); the pool hands each node the others' keys and
 //!   endpoints, and both sides send first, so the NATs between them let the packets in.
 //! - When no packet comes back directly, the WireGuard packets go through the pool (`/v1/overlay/
 //!   relay`), over this node's HTTPS connection to it: the pool sees ciphertext only
@@ -39,7 +40,8 @@ use std::time::{Duration, Instant};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use vmgrid_client::Client;
 use vmgrid_proto::overlay::{
-    NodeOverlay, OverlayHello, OverlayMap, PROBE_LEN, PROBE_MAGIC, addr_of, group_of, key_hex, mac_of,
+    NodeOverlay, OverlayHello, OverlayMap, PROBE_LEN, PROBE_MAGIC, REPLY_MAGIC, addr_of, group_of, key_hex, mac_of,
+    reply_decode,
 };
 use vmgrid_runtime::qemu::NetAttach;
 
@@ -60,6 +62,9 @@ pub(crate) struct Overlay {
     st: Mutex<State>,
     udp: UdpSocket,
     reflector: Option<SocketAddr>,
+    /// The reflector's token for `State::endpoint`, said with it in the hello; locked only with
+    /// `st` held, so the two are always from one reply.
+    endpoint_token: Mutex<Option<String>>,
     client: Mutex<Client>,
     /// Packets for the relay, encoded as a relay body, and its sender's wake-up.
     relay_out: Mutex<Vec<u8>>,
@@ -168,6 +173,7 @@ impl Overlay {
             }),
             udp,
             reflector,
+            endpoint_token: Mutex::new(None),
             client: Mutex::new(client),
             relay_out: Mutex::default(),
             relay_ready: Condvar::new(),
@@ -235,9 +241,11 @@ impl Overlay {
         while !self.stop.load(Ordering::Relaxed) {
             let Ok((n, from)) = self.udp.recv_from(&mut buf) else { continue };
             let packet = &buf[..n];
-            if Some(from) == self.reflector && packet.starts_with(vmgrid_proto::overlay::REPLY_MAGIC) {
-                let seen = std::str::from_utf8(&packet[vmgrid_proto::overlay::REPLY_MAGIC.len()..]).ok();
-                lock(&self.st).endpoint = seen.and_then(|s| s.parse().ok());
+            if Some(from) == self.reflector && packet.starts_with(REPLY_MAGIC) {
+                let (seen, token) = reply_decode(packet).unzip();
+                let mut st = lock(&self.st);
+                st.endpoint = seen;
+                *lock(&self.endpoint_token) = token;
                 continue;
             }
             self.on_wire(packet, wire::Via::Udp(from));
@@ -270,6 +278,7 @@ impl Overlay {
             OverlayHello {
                 key: key_hex(&st.public),
                 endpoint: st.endpoint.map(|e| e.to_string()),
+                endpoint_token: lock(&self.endpoint_token).clone(),
                 paths: st.peers.paths(),
             }
         };

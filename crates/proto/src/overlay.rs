@@ -6,7 +6,7 @@
 //! Addresses are a function of the job id, which the pool's store keeps: a job's address is as
 //! durable as the job, and the same on every node without a call.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -98,6 +98,11 @@ pub struct OverlayHello {
     /// Its UDP endpoint as the pool's reflector saw it (`ip:port`), if it has heard back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The reflector's token for that endpoint (hex), from the same reply: the pool hands the
+    /// endpoint to other nodes only if the token is its own for that address and a few minutes
+    /// old at most, so a node cannot send its peers' packets to an address it does not receive at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_token: Option<String>,
     /// How it reaches each node it has a tunnel with.
     #[serde(default)]
     pub paths: Vec<PeerPath>,
@@ -220,9 +225,14 @@ impl OverlayHello {
             return Err("`key` must be 64 hex digits (an x25519 public key)".into());
         }
         if let Some(e) = &self.endpoint
-            && e.parse::<std::net::SocketAddr>().is_err()
+            && e.parse::<SocketAddr>().is_err()
         {
             return Err(format!("`endpoint` {e:?} is not ip:port"));
+        }
+        if let Some(t) = &self.endpoint_token
+            && (t.len() > MAX_TOKEN_HEX || !t.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(format!("`endpoint_token` must be at most {MAX_TOKEN_HEX} hex digits"));
         }
         if self.paths.len() > 4096 {
             return Err("at most 4096 paths".into());
@@ -237,9 +247,34 @@ impl OverlayHello {
 /// A node's probe to the pool's UDP reflector (on the API's port number), padded to
 /// [`PROBE_LEN`]: the reply is never longer than the probe, so the reflector amplifies nothing.
 pub const PROBE_MAGIC: &[u8] = b"VMGRID?";
-pub const PROBE_LEN: usize = 64;
-/// The reflector's reply: this, then the probe's source `ip:port` as the pool saw it.
+/// Room for the longest reply: its magic, an IPv6 `[ip%scope]:port` (58 bytes), a space and a
+/// token of [`MAX_TOKEN_HEX`] digits.
+pub const PROBE_LEN: usize = 160;
+/// The reflector's reply: this, then the probe's source `ip:port` as the pool saw it, a space,
+/// and the pool's token for that address (hex digits), which the node says in its hello.
 pub const REPLY_MAGIC: &[u8] = b"VMGRID!";
+/// The longest token, in hex digits.
+pub const MAX_TOKEN_HEX: usize = 64;
+
+/// The reflector's reply to a probe it saw come from `seen`, with its token for that address.
+pub fn reply_encode(seen: &str, token: &str) -> Vec<u8> {
+    let mut reply = REPLY_MAGIC.to_vec();
+    reply.extend_from_slice(seen.as_bytes());
+    reply.push(b' ');
+    reply.extend_from_slice(token.as_bytes());
+    reply
+}
+
+/// The address and token in a reflector's reply, if it is one and well formed.
+pub fn reply_decode(packet: &[u8]) -> Option<(SocketAddr, String)> {
+    let text = std::str::from_utf8(packet.strip_prefix(REPLY_MAGIC)?).ok()?;
+    let (seen, token) = text.split_once(' ')?;
+    let well_formed = !token.is_empty() && token.len() <= MAX_TOKEN_HEX;
+    if !well_formed || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some((seen.parse().ok()?, token.to_string()))
+}
 
 /// The largest packet the pool relays (a WireGuard packet of a 1420-byte MTU and its headers).
 pub const MAX_RELAY_PACKET: usize = 2048;
@@ -308,5 +343,20 @@ mod tests {
         assert!(relay_decode(&[5, b'a']).is_err());
         assert_eq!(parse_key(&key_hex(&[7; 32])), Some([7; 32]));
         assert!(parse_key("zz").is_none());
+    }
+
+    #[test]
+    fn a_reflector_reply_round_trips_and_the_longest_fits_in_a_probe() {
+        let token = "ab".repeat(MAX_TOKEN_HEX / 2);
+        let reply = reply_encode("10.0.0.1:7", &token);
+        assert_eq!(reply_decode(&reply), Some(("10.0.0.1:7".parse().unwrap(), token.clone())));
+        let longest = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535";
+        assert!(longest.parse::<SocketAddr>().is_ok());
+        assert!(reply_encode(longest, &token).len() <= PROBE_LEN);
+        // No token, a token that is not hex, or no reply at all: nothing.
+        assert_eq!(reply_decode(b"VMGRID!10.0.0.1:7"), None);
+        assert_eq!(reply_decode(&reply_encode("10.0.0.1:7", "xyz")), None);
+        assert_eq!(reply_decode(&reply_encode("10.0.0.1:7", "")), None);
+        assert_eq!(reply_decode(b"VMGRID?10.0.0.1:7 ab"), None);
     }
 }

@@ -1,13 +1,15 @@
 //! The WireGuard tunnels to other nodes (boringtun's `Tunn`, one per peer node) and the path each
 //! packet takes: straight to the peer's endpoint over UDP while packets come back that way, else
 //! through the pool's relay. WireGuard refuses replayed packets, so a packet sent both ways while
-//! a path is being tried arrives once.
+//! a path is being tried arrives once. Every tunnel shares one handshake rate limiter.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use boringtun::noise::Tunn;
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use vmgrid_proto::overlay::{Path, PeerPath};
 
@@ -18,6 +20,11 @@ const ALIVE: Duration = Duration::from_secs(3);
 /// NATs) and through the relay (in case that never works).
 const TRYING: Duration = Duration::from_secs(3);
 const KEEPALIVE_S: u16 = 1;
+/// The handshake messages a node takes in a second (from anyone, over UDP or the relay) before
+/// each sender must prove, with a cookie, that it receives at the address it sends from
+/// (boringtun's own device takes 100). Each message that reaches a tunnel is counted twice: once
+/// before the tunnel is looked up (`wire.rs`), once by the tunnel.
+pub(super) const HANDSHAKES_PER_S: u64 = 100;
 
 pub(super) struct Peer {
     pub key: [u8; 32],
@@ -40,8 +47,15 @@ pub(super) struct Route {
 }
 
 impl Peer {
-    pub fn new(secret: &StaticSecret, key: [u8; 32], index: u32, endpoint: Option<SocketAddr>) -> Peer {
-        let tunn = Tunn::new(secret.clone(), PublicKey::from(key), None, Some(KEEPALIVE_S), index, None);
+    pub fn new(
+        secret: &StaticSecret,
+        key: [u8; 32],
+        index: u32,
+        endpoint: Option<SocketAddr>,
+        limiter: Arc<RateLimiter>,
+    ) -> Peer {
+        let keepalive = Some(KEEPALIVE_S);
+        let tunn = Tunn::new(secret.clone(), PublicKey::from(key), None, keepalive, index, Some(limiter));
         Peer {
             key,
             tunn,
@@ -98,9 +112,30 @@ impl Peer {
 pub(super) struct Peers {
     by_node: HashMap<String, Peer>,
     next_index: u32,
+    /// The handshake rate limiter all tunnels share, and the public key it checks `mac1` for.
+    limiter: Option<([u8; 32], Arc<RateLimiter>)>,
 }
 
 impl Peers {
+    /// The handshake rate limiter for this node's key `public`, made anew when the key changes.
+    pub fn limiter(&mut self, public: &[u8; 32]) -> Arc<RateLimiter> {
+        match &self.limiter {
+            Some((k, l)) if k == public => l.clone(),
+            _ => {
+                let l = Arc::new(RateLimiter::new(&PublicKey::from(*public), HANDSHAKES_PER_S));
+                self.limiter = Some((*public, l.clone()));
+                l
+            }
+        }
+    }
+
+    /// Starts the rate limiter's next second, if a second has passed since the last one began.
+    pub fn reset_limiter(&self) {
+        if let Some((_, l)) = &self.limiter {
+            l.reset_count();
+        }
+    }
+
     pub fn get_mut(&mut self, node: &str) -> Option<&mut Peer> {
         self.by_node.get_mut(node)
     }
@@ -138,7 +173,8 @@ impl Peers {
             return None;
         }
         self.next_index = (self.next_index + 1) & 0x00ff_ffff;
-        let peer = Peer::new(secret, key, self.next_index, endpoint);
+        let limiter = self.limiter(PublicKey::from(secret).as_bytes());
+        let peer = Peer::new(secret, key, self.next_index, endpoint, limiter);
         self.by_node.insert(node.to_string(), peer);
         self.by_node.get_mut(node)
     }
@@ -184,5 +220,15 @@ mod tests {
         assert!(peers.get_mut("impostor").is_none());
         assert_eq!(peers.by_key(&key(2)).map(|(n, _)| n.clone()).as_deref(), Some("b"));
         assert!(peers.ensure(&secret, "c", key(3), None).is_some());
+    }
+
+    #[test]
+    fn every_tunnel_shares_the_rate_limiter_of_the_nodes_key_of_now() {
+        let mut peers = Peers::default();
+        let (k1, k2) = ([1u8; 32], [2u8; 32]);
+        let first = peers.limiter(&k1);
+        assert!(Arc::ptr_eq(&first, &peers.limiter(&k1)));
+        // A new key (the node registered again): a new limiter, checking mac1 for that key.
+        assert!(!Arc::ptr_eq(&first, &peers.limiter(&k2)));
     }
 }

@@ -472,7 +472,8 @@ fn a_node_cannot_say_another_nodes_overlay_key() {
     let cred1 = joiner.register(&hand_made_ad("n1", Some(k1)), None).unwrap().credential;
     let cred2 = joiner.register(&hand_made_ad("n2", Some(k2)), None).unwrap().credential;
     let cred3 = joiner.register(&hand_made_ad("n3", None), None).unwrap().credential;
-    let hello = |key: [u8; 32]| OverlayHello { key: key_hex(&key), endpoint: None, paths: vec![] };
+    let hello =
+        |key: [u8; 32]| OverlayHello { key: key_hex(&key), endpoint: None, endpoint_token: None, paths: vec![] };
     for (cred, key, who) in [(&cred2, k1, "n2 saying n1's key"), (&cred3, [3u8; 32], "n3, which registered none")] {
         match pool.client_with(cred).overlay_hello(&hello(key)) {
             Err(ClientError::Refused { status: 409, message }) => {
