@@ -10,7 +10,7 @@ use std::time::Duration;
 use vmgrid_node::NodeConfig;
 
 use crate::Error;
-use crate::config::ApplianceConfig;
+use crate::config::{ApplianceConfig, Network};
 use crate::{MARKER, tools};
 
 #[derive(Debug, Clone)]
@@ -53,7 +53,6 @@ fn serve(args: AgentOptions) -> Result<i32, Error> {
         .clone()
         .unwrap_or_else(|| args.config.parent().unwrap_or(Path::new("/")).join("client.toml"));
     write_client_config(&client_config, &config)?;
-
     std::fs::create_dir_all(&args.state_dir)
         .map_err(tools::io(format!("cannot create {}", args.state_dir.display())))?;
     // Each boot is a new node: an old credential would name a registration that is gone.
@@ -82,7 +81,7 @@ fn serve(args: AgentOptions) -> Result<i32, Error> {
         // The appliance fetches from the pool alone (its network may not reach other nodes).
         peer_listen: None,
         peer_upload_bytes_s: 0,
-        overlay_host: config.network == crate::config::Network::Grid,
+        overlay_host: (config.network == Network::Grid).then_some(crate::netdev::configure),
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

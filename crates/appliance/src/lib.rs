@@ -13,6 +13,7 @@ pub mod agent;
 pub mod config;
 mod cpio;
 pub mod image;
+mod netdev;
 pub mod tools;
 pub mod vm;
 

@@ -70,10 +70,14 @@ pub struct NodeConfig {
     /// The most bytes a second it sends to other nodes.
     pub peer_upload_bytes_s: u64,
     /// Put this machine itself on the pool's overlay (the appliance with `--network grid`): a
-    /// TAP device `vmgrid0` with the address the pool gives, reaching the pool's other nodes
-    /// that are on it too.
-    pub overlay_host: bool,
+    /// TAP device `vmgrid0`, configured by this with the address the pool gives, reaching the
+    /// pool's other nodes that are on it too.
+    pub overlay_host: Option<ConfigureDevice>,
 }
+
+/// Configures the node's own overlay device: `(device, address, prefix, MAC)`; it is up and has
+/// that address and MAC when this returns `Ok`.
+pub type ConfigureDevice = fn(&str, std::net::Ipv4Addr, u8, [u8; 6]) -> std::io::Result<()>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -143,15 +147,15 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     let mut ad = fingerprint(&config);
     let peer_listener = peer_listener(&config, &mut ad)?;
     let work_dir = prepare_cache(&config.cache_dir)?;
-    let key = overlay::new_key(&config.cache_dir)?;
-    ad.overlay = Some(key.ad(config.overlay_host));
+    // The overlay only on a node that runs QEMU jobs or is on it itself.
+    let prepared = match ad.vm_types.contains(&VmType::Qemu) || config.overlay_host.is_some() {
+        true => Some(overlay::Prepared::new(&config.cache_dir, config.overlay_host)?),
+        false => None,
+    };
+    ad.overlay = prepared.as_ref().map(overlay::Prepared::ad);
     let (client, reg) = register(&config, &ad, &stop)?;
     let Some(reg) = reg else { return Ok(()) };
-    let overlay = if ad.vm_types.contains(&VmType::Qemu) || config.overlay_host {
-        Some(overlay::Overlay::start(&config.pool, client.clone(), key, config.overlay_host)?)
-    } else {
-        None
-    };
+    let overlay = prepared.map(|p| overlay::Overlay::start(&config.pool, client.clone(), p)).transpose()?;
     let agent = Arc::new(Agent {
         cache: cache::BlobCache::new(config.cache_dir.join("blobs"), config.cache_max_mb << 20)?,
         runtime: Runtime::new(RuntimeConfig {
@@ -191,27 +195,7 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
         std::thread::Builder::new().name("vmgrid-heartbeat".into()).spawn(move || a.heartbeat_loop(&s))?
     };
     agent.lease_loop(&stop);
-
-    // Drain: tell the pool, hand back the jobs queued ahead, let running jobs finish (or hand
-    // them back), then leave.
-    tracing::info!(node = %agent.ad.name, "draining");
-    let queued = agent.take_queued(true);
-    lock(&agent.returning).extend(queued);
-    // Jobs that take checkpoints move at once: a last checkpoint each, and they resume elsewhere.
-    for r in lock(&agent.running).values().filter(|r| r.checkpointed) {
-        r.vacate.store(true, Ordering::Relaxed);
-    }
-    agent.send_heartbeat(true);
-    let deadline = Instant::now() + agent.config.drain_timeout;
-    while !lock(&agent.running).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    for r in lock(&agent.running).values() {
-        r.cancel.store(true, Ordering::Relaxed);
-    }
-    while !lock(&agent.running).is_empty() && Instant::now() < deadline + Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    agent.drain();
     hb_stop.store(true, Ordering::Relaxed);
     let _ = heartbeater.join();
     agent.closing.store(true, Ordering::Relaxed);
@@ -225,6 +209,31 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     }
     tracing::info!("left the pool");
     Ok(())
+}
+
+impl Agent {
+    /// Tells the pool this node drains, hands back the jobs queued ahead, and lets running jobs
+    /// finish (or hands them back) within the drain time.
+    fn drain(&self) {
+        tracing::info!(node = %self.ad.name, "draining");
+        let queued = self.take_queued(true);
+        lock(&self.returning).extend(queued);
+        // Jobs that take checkpoints move at once: a last checkpoint each, and they resume elsewhere.
+        for r in lock(&self.running).values().filter(|r| r.checkpointed) {
+            r.vacate.store(true, Ordering::Relaxed);
+        }
+        self.send_heartbeat(true);
+        let deadline = Instant::now() + self.config.drain_timeout;
+        while !lock(&self.running).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for r in lock(&self.running).values() {
+            r.cancel.store(true, Ordering::Relaxed);
+        }
+        while !lock(&self.running).is_empty() && Instant::now() < deadline + Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// The node's cache directory, its owner's alone (it holds the node's credential and its jobs'
@@ -318,7 +327,7 @@ impl Agent {
         tracing::warn!(node = %self.ad.name, "the pool no longer knows this node; stopping its jobs and registering again");
         self.fence();
         // A new registration, a new overlay key registered with it.
-        let key = match overlay::new_key(&self.config.cache_dir) {
+        let key = match self.overlay.as_ref().map(|_| overlay::new_key(&self.config.cache_dir)).transpose() {
             Ok(k) => k,
             Err(e) => {
                 tracing::error!("cannot make a new overlay key: {e}; trying again in 2 s");
@@ -326,10 +335,11 @@ impl Agent {
                 return;
             }
         };
-        let ad = NodeAd { overlay: Some(key.ad(self.config.overlay_host)), ..self.ad.clone() };
+        let overlay_ad = key.as_ref().map(|k| k.ad(self.config.overlay_host.is_some()));
+        let ad = NodeAd { overlay: overlay_ad, ..self.ad.clone() };
         match register(&self.config, &ad, stop) {
             Ok((c, Some(_))) => {
-                if let Some(o) = &self.overlay {
+                if let (Some(o), Some(key)) = (&self.overlay, key) {
                     o.rotate(c.clone(), key);
                 }
                 *lock(&self.client) = c;

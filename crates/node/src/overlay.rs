@@ -72,8 +72,28 @@ pub(crate) struct Overlay {
     stop: AtomicBool,
     /// [`TEST_ONLY_RELAY`]: never send directly.
     relay_only: bool,
-    /// The TAP device of a node that is on the overlay itself.
-    tap: Option<Arc<std::fs::File>>,
+    /// The TAP device of a node that is on the overlay itself, and what configures it.
+    tap: Option<(Arc<std::fs::File>, crate::ConfigureDevice)>,
+}
+
+/// What a node needs for the overlay, made before it registers: its key pair (the public key goes
+/// in its ad) and, for a node on the overlay itself, its TAP device (a node that cannot make one
+/// does not join).
+pub(crate) struct Prepared {
+    pub key: KeyPair,
+    tap: Option<(std::fs::File, crate::ConfigureDevice)>,
+}
+
+impl Prepared {
+    pub fn new(dir: &Path, host: Option<crate::ConfigureDevice>) -> std::io::Result<Prepared> {
+        let tap = host.map(|c| host::open_tap().map(|t| (t, c))).transpose()?;
+        Ok(Prepared { key: new_key(dir)?, tap })
+    }
+
+    /// The ad's part of the overlay.
+    pub fn ad(&self) -> NodeOverlay {
+        self.key.ad(self.tap.is_some())
+    }
 }
 
 /// A node's overlay key pair, made before it registers: the public key goes in its ad.
@@ -102,6 +122,8 @@ struct State {
     hello_now: bool,
     /// This node's own address on the overlay, once the pool gave it (with a TAP device).
     host_addr: Option<Ipv4Addr>,
+    /// When configuring the device failed: not tried again before this.
+    host_retry: Option<Instant>,
 }
 
 /// A NIC on the switch, as the switch hands it frames.
@@ -150,7 +172,7 @@ impl Drop for Attached {
 impl Overlay {
     /// Opens the node's UDP socket (and, for a node on the overlay itself, its TAP device) and
     /// starts its threads, with the key pair it registered with.
-    pub fn start(pool: &str, client: Client, key: KeyPair, host: bool) -> std::io::Result<Arc<Overlay>> {
+    pub fn start(pool: &str, client: Client, prepared: Prepared) -> std::io::Result<Arc<Overlay>> {
         let udp = UdpSocket::bind("0.0.0.0:0")?;
         udp.set_read_timeout(Some(Duration::from_millis(500)))?;
         let reflector = reflector_of(pool);
@@ -159,7 +181,8 @@ impl Overlay {
                 "cannot tell the pool's address from {pool}: grid VMs on other nodes are reached through the relay"
             );
         }
-        let tap = if host { Some(Arc::new(host::open_tap()?)) } else { None };
+        let Prepared { key, tap } = prepared;
+        let tap = tap.map(|(t, c)| (Arc::new(t), c));
         let overlay = Arc::new(Overlay {
             st: Mutex::new(State {
                 secret: key.secret,
@@ -170,6 +193,7 @@ impl Overlay {
                 peers: tunnels::Peers::default(),
                 hello_now: false,
                 host_addr: None,
+                host_retry: None,
             }),
             udp,
             reflector,
@@ -181,7 +205,7 @@ impl Overlay {
             relay_only: std::env::var_os(TEST_ONLY_RELAY).is_some(),
             tap: tap.clone(),
         });
-        if let Some(tap) = tap {
+        if let Some((tap, _)) = tap {
             let o = overlay.clone();
             std::thread::Builder::new().name("vmgrid-overlay-tap".into()).spawn(move || o.tap_loop(tap))?;
         }
@@ -200,12 +224,13 @@ impl Overlay {
 
     /// The node registered again, with a new key pair (the old tunnels end) and credential.
     pub fn rotate(&self, client: Client, key: KeyPair) {
-        *lock(&self.client) = client;
+        // The key first: a hello between the two would say the old key under the new credential.
         let mut st = lock(&self.st);
         st.secret = key.secret;
         st.public = key.public;
         st.peers.clear();
         st.hello_now = true;
+        *lock(&self.client) = client;
     }
 
     pub fn stop(&self) {
@@ -290,6 +315,8 @@ impl Overlay {
         let client = lock(&self.client).clone();
         match client.overlay_hello(&hello) {
             Ok(map) => self.apply(map),
+            // A refusal is the pool's word on this node (a key it did not register): said.
+            Err(e @ vmgrid_client::ClientError::Refused { .. }) => tracing::warn!("overlay hello refused: {e}"),
             Err(e) => tracing::debug!("overlay hello: {e}"),
         }
     }
@@ -300,9 +327,8 @@ impl Overlay {
         let mut guard = lock(&self.st);
         let st = &mut *guard;
         st.routes = map.groups.iter().flat_map(|g| &g.members).map(|m| (m.addr, m.node.clone())).collect();
-        if let (Some(tap), Some(h)) = (&self.tap, &map.host) {
+        if let (Some(_), Some(h)) = (&self.tap, &map.host) {
             st.routes.extend(h.members.iter().map(|m| (m.addr, m.node.clone())));
-            self.seat_host(st, tap, h);
         }
         for p in &map.peers {
             let Some(key) = vmgrid_proto::overlay::parse_key(&p.key) else { continue };
@@ -318,6 +344,10 @@ impl Overlay {
             }
         }
         st.peers.retain(|n| map.peers.iter().any(|p| p.node == n));
+        drop(guard);
+        if let Some(h) = &map.host {
+            self.seat_host(h);
+        }
     }
 
     fn relay_in_loop(&self) {

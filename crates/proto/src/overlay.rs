@@ -19,6 +19,9 @@ pub const HOSTS: u64 = (1 << (32 - PREFIX as u64)) - (1 << 16) - 1;
 /// The range's last /16 is the nodes' that are on the overlay themselves (appliances started
 /// with `--network grid`): 100.127.0.1 to 100.127.255.254.
 pub const NODE_NET: Ipv4Addr = Ipv4Addr::new(100, 127, 0, 0);
+/// A node on the overlay routes only this part of the range to it: the rest of 100.64.0.0/10 may
+/// be a site's own (a pool reached over a Tailscale-style network, say).
+pub const NODE_PREFIX: u8 = 16;
 pub const NODE_ADDRS: u32 = (1 << 16) - 2;
 
 /// The `i`th address a node on the overlay can have (`i < NODE_ADDRS`).

@@ -254,7 +254,7 @@ pub fn node(args: NodeArgs) -> Result<i32, CliError> {
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
         peer_listen: (!args.no_peers).then_some(args.peer_listen),
         peer_upload_bytes_s: args.peer_upload_mib_s.max(1) << 20,
-        overlay_host: false,
+        overlay_host: None,
     };
     let stop = stop_on_signals()?;
     eprintln!("vmgrid: node {} joining {}", config.name, config.pool);
@@ -328,7 +328,7 @@ pub fn up(args: UpArgs) -> Result<i32, CliError> {
             // In one process on one host, nodes share the host's disk: nothing to gain.
             peer_listen: None,
             peer_upload_bytes_s: 0,
-            overlay_host: false,
+            overlay_host: None,
         };
         let s = stop.clone();
         agents.push(std::thread::spawn(move || {

@@ -1,6 +1,7 @@
 //! `/v1/overlay` and `/v1/net`: the overlay's control plane for nodes (hello and map, the relay)
 //! and its view for users (`vmgrid net`). The state is [`crate::overlay::Overlay`]'s.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::Json;
@@ -19,8 +20,13 @@ pub async fn hello(
 ) -> Result<Json<OverlayMap>> {
     let name = node(&p)?.to_string();
     h.check().map_err(|e| Error(StatusCode::BAD_REQUEST, e))?;
-    let (registered, groups, host) =
-        shared.peek(|e| (e.overlay_key(&name), e.overlay_groups(&name), e.overlay_host(&name)));
+    let (registered, groups, host, keys) = shared.peek(|e| {
+        let (groups, host) = (e.overlay_groups(&name), e.overlay_host(&name));
+        let peers = crate::overlay::peers_of(&name, &groups, host.as_ref());
+        let keys: HashMap<String, String> =
+            peers.into_iter().filter_map(|p| Some((e.overlay_key(&p)?, p))).map(|(k, p)| (p, k)).collect();
+        (e.overlay_key(&name), groups, host, keys)
+    });
     // The key must be the one the node registered with its credential: a node cannot take
     // another's handshakes by saying its key.
     let same = registered.as_deref().and_then(parse_key).is_some_and(|k| parse_key(&h.key) == Some(k));
@@ -30,7 +36,11 @@ pub async fn hello(
             format!("node {name}: this is not the overlay key it registered with; register again"),
         ));
     }
-    Ok(Json(shared.overlay.hello(&name, h, groups, host)))
+    let mut map = shared.overlay.hello(&name, h, groups, host);
+    // Only the keys the peers registered: one that registered again since its last hello is
+    // left out until it says hello with its new key.
+    map.peers.retain(|p| keys.get(&p.node).and_then(|k| parse_key(k)).is_some_and(|k| parse_key(&p.key) == Some(k)));
+    Ok(Json(map))
 }
 
 /// Packets from a node for others (a relay body); those it may not send are dropped.

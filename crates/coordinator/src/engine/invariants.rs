@@ -119,6 +119,14 @@ impl Engine {
             if addr.is_some_and(|a| !addrs.insert(a)) {
                 return Err(format!("node {name}'s overlay address {addr:?} is another node's too"));
             }
+            if let Some(o) = &n.ad.ad().overlay
+                && o.addr.is_some_and(|a| !o.host || !vmgrid_proto::overlay::is_node_addr(a))
+            {
+                return Err(format!(
+                    "node {name} has overlay address {:?} without being on it, or outside its range",
+                    o.addr
+                ));
+            }
             if n.ad.name != *name {
                 return Err(format!("node {name} is filed under its ad's name {}", n.ad.name));
             }

@@ -82,9 +82,10 @@ impl Engine {
 }
 
 impl Engine {
-    /// Gives a registering node that is on the overlay itself (`overlay.host`) the lowest
-    /// address of [`vmgrid_proto::overlay::NODE_NET`] no other node in the pool holds (a lost
-    /// node's is free again); any other node gets none, whatever its ad said.
+    /// Gives a registering node that is on the overlay itself (`overlay.host`) the address its
+    /// previous registration had, if no other node holds it now, else the lowest address of
+    /// [`vmgrid_proto::overlay::NODE_NET`] no other node in the pool holds (a lost node's is free
+    /// again); any other node gets none, whatever its ad said.
     pub(super) fn give_node_address(&self, ad: &mut NodeAd) -> Result<(), String> {
         let Some(o) = ad.overlay.as_mut() else { return Ok(()) };
         o.addr = None;
@@ -97,7 +98,8 @@ impl Engine {
             .filter(|(name, n)| **name != ad.name && n.state != NodeState::Lost)
             .filter_map(|(_, n)| n.ad.ad().overlay.as_ref()?.addr)
             .collect();
-        let free = (0..NODE_ADDRS).map(node_addr).find(|a| !held.contains(a));
+        let previous = self.nodes.get(&ad.name).and_then(|n| n.ad.ad().overlay.as_ref()?.addr);
+        let free = previous.into_iter().chain((0..NODE_ADDRS).map(node_addr)).find(|a| !held.contains(a));
         o.addr =
             Some(free.ok_or_else(|| format!("the pool's overlay has no address left for a node ({NODE_ADDRS} held)"))?);
         Ok(())
@@ -240,6 +242,12 @@ mod tests {
         e.register(on("d", true), None, false, hash_token("d"), 1500).unwrap();
         assert_eq!(e.overlay_host("d").map(|h| h.addr), Some(node_addr(0)));
         assert_eq!(e.overlay_host("b").unwrap().members.len(), 2, "b and d, not the lost a");
+        // A node that registers again keeps its address while no other node holds it...
+        e.register(on("b", true), Some("b"), false, hash_token("b2"), 1600).unwrap();
+        assert_eq!(e.overlay_host("b").map(|h| h.addr), Some(node_addr(1)), "b keeps its address");
+        // ...and gets another when one does (d took the lost a's).
+        e.register(on("a", true), None, false, hash_token("a2"), 1600).unwrap();
+        assert_eq!(e.overlay_host("a").map(|h| h.addr), Some(node_addr(2)));
         e.check_invariants().unwrap();
     }
 

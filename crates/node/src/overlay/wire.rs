@@ -266,6 +266,7 @@ mod tests {
             peers: Peers::default(),
             hello_now: false,
             host_addr: None,
+            host_retry: None,
         };
         Overlay {
             st: Mutex::new(st),

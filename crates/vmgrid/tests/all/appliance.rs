@@ -290,7 +290,7 @@ fn overlay_between_appliances(pool: &Pool, a: &mut Appliance) {
     let done = poll_until(Duration::from_secs(90), || a.console.lock().unwrap().contains("ping-exit="));
     let console = a.console.lock().unwrap().clone();
     assert!(done, "no answer at the console:\n{}", tail(&console, 3000));
-    assert!(console.contains(&format!("inet {addr_a}/10")), "app-a's vmgrid0:\n{}", tail(&console, 3000));
+    assert!(console.contains(&format!("inet {addr_a}/16")), "app-a's vmgrid0:\n{}", tail(&console, 3000));
     assert!(console.contains("ping-exit=0"), "app-a cannot reach app-b over the overlay:\n{}", tail(&console, 3000));
     let out = pool.cli().args(["net", "--json"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));

@@ -460,7 +460,8 @@ fn hand_made_ad(name: &str, key: Option<[u8; 32]>) -> vmgrid_proto::NodeAd {
 
 /// A node's overlay key is registered with its credential: a hello with another node's key (or
 /// with any key, from a node that registered none) is refused, so a node cannot take another's
-/// WireGuard handshakes; a malformed key does not register.
+/// WireGuard handshakes; a node's map carries its peers' registered keys only; a malformed key does
+/// not register.
 #[test]
 fn a_node_cannot_say_another_nodes_overlay_key() {
     use vmgrid_client::ClientError;
@@ -484,6 +485,31 @@ fn a_node_cannot_say_another_nodes_overlay_key() {
     }
     assert!(pool.client_with(&cred1).overlay_hello(&hello(k1)).is_ok(), "n1 with its own key");
     assert!(pool.client_with(&cred2).overlay_hello(&hello(k2)).is_ok(), "n2 with its own key");
+    // Two nodes on the overlay themselves see each other's registered keys only: after n6
+    // registers again, n5's map leaves it out until n6 says hello with its new key.
+    let host = |name: &str, key: [u8; 32], previous: Option<String>| {
+        let mut ad = hand_made_ad(name, Some(key));
+        let o = ad.overlay.as_mut().unwrap();
+        o.host = true;
+        o.addr = Some("100.127.9.9".parse().unwrap());
+        joiner.register(&ad, previous).unwrap().credential
+    };
+    let (cred5, cred6) = (host("n5", [5; 32], None), host("n6", [6; 32], None));
+    pool.client_with(&cred6).overlay_hello(&hello([6; 32])).unwrap();
+    let map = pool.client_with(&cred5).overlay_hello(&hello([5; 32])).unwrap();
+    let peer_keys = |m: &vmgrid_proto::overlay::OverlayMap| m.peers.iter().map(|p| p.key.clone()).collect::<Vec<_>>();
+    assert_eq!(peer_keys(&map), [key_hex(&[6; 32])]);
+    let addrs = map.host.unwrap().members.into_iter().map(|m| m.addr.to_string()).collect::<Vec<_>>();
+    assert_eq!(addrs, ["100.127.0.1", "100.127.0.2"], "the pool gives the addresses; a claim is ignored");
+    let cred6b = host("n6", [66; 32], Some(cred6.clone()));
+    match pool.client_with(&cred6b).overlay_hello(&hello([6; 32])) {
+        Err(ClientError::Refused { status: 409, .. }) => {}
+        other => panic!("n6's old key after it registered again: {other:?}"),
+    }
+    assert!(peer_keys(&pool.client_with(&cred5).overlay_hello(&hello([5; 32])).unwrap()).is_empty());
+    pool.client_with(&cred6b).overlay_hello(&hello([66; 32])).unwrap();
+    let map = pool.client_with(&cred5).overlay_hello(&hello([5; 32])).unwrap();
+    assert_eq!(peer_keys(&map), [key_hex(&[66; 32])]);
     let mut bad = hand_made_ad("n4", None);
     bad.overlay = Some(vmgrid_proto::overlay::NodeOverlay { key: "not a key".into(), host: false, addr: None });
     match joiner.register(&bad, None) {
