@@ -62,9 +62,6 @@ pub(crate) struct Overlay {
     st: Mutex<State>,
     udp: UdpSocket,
     reflector: Option<SocketAddr>,
-    /// The reflector's token for `State::endpoint`, said with it in the hello; locked only with
-    /// `st` held, so the two are always from one reply.
-    endpoint_token: Mutex<Option<String>>,
     client: Mutex<Client>,
     /// Packets for the relay, encoded as a relay body, and its sender's wake-up.
     relay_out: Mutex<Vec<u8>>,
@@ -114,6 +111,8 @@ struct State {
     public: [u8; 32],
     /// This node's UDP endpoint as the pool's reflector saw it.
     endpoint: Option<SocketAddr>,
+    /// The reflector's token for `endpoint`, said with it in the hello (from the same reply).
+    endpoint_token: Option<String>,
     vms: HashMap<Ipv4Addr, Vm>,
     /// Where each member of the local VMs' groups runs, as the pool said.
     routes: HashMap<Ipv4Addr, String>,
@@ -136,7 +135,7 @@ pub(crate) enum Nic {
 
 struct Vm {
     mac: [u8; 6],
-    sock: Nic,
+    nic: Nic,
     /// The addresses of its group's members (itself included).
     group: HashSet<Ipv4Addr>,
 }
@@ -157,7 +156,7 @@ impl Drop for Attached {
     fn drop(&mut self) {
         let mut st = lock(&self.overlay.st);
         // Only its own entry: the same job leased here again may have attached a newer VM.
-        if st.vms.get(&self.addr).is_some_and(|vm| matches!(&vm.sock, Nic::Sock(s) if Arc::ptr_eq(s, &self.sock))) {
+        if st.vms.get(&self.addr).is_some_and(|vm| matches!(&vm.nic, Nic::Sock(s) if Arc::ptr_eq(s, &self.sock))) {
             st.vms.remove(&self.addr);
         }
         st.hello_now = true;
@@ -188,6 +187,7 @@ impl Overlay {
                 secret: key.secret,
                 public: key.public,
                 endpoint: None,
+                endpoint_token: None,
                 vms: HashMap::new(),
                 routes: HashMap::new(),
                 peers: tunnels::Peers::default(),
@@ -197,7 +197,6 @@ impl Overlay {
             }),
             udp,
             reflector,
-            endpoint_token: Mutex::new(None),
             client: Mutex::new(client),
             relay_out: Mutex::default(),
             relay_ready: Condvar::new(),
@@ -247,7 +246,7 @@ impl Overlay {
         let sock = Arc::new(ours);
         {
             let mut st = lock(&self.st);
-            st.vms.insert(addr, Vm { mac, sock: Nic::Sock(sock.clone()), group: members.iter().copied().collect() });
+            st.vms.insert(addr, Vm { mac, nic: Nic::Sock(sock.clone()), group: members.iter().copied().collect() });
             st.hello_now = true;
         }
         let (o, s) = (self.clone(), sock.clone());
@@ -270,7 +269,7 @@ impl Overlay {
                 let (seen, token) = reply_decode(packet).unzip();
                 let mut st = lock(&self.st);
                 st.endpoint = seen;
-                *lock(&self.endpoint_token) = token;
+                st.endpoint_token = token;
                 continue;
             }
             self.on_wire(packet, wire::Via::Udp(from));
@@ -303,7 +302,7 @@ impl Overlay {
             OverlayHello {
                 key: key_hex(&st.public),
                 endpoint: st.endpoint.map(|e| e.to_string()),
-                endpoint_token: lock(&self.endpoint_token).clone(),
+                endpoint_token: st.endpoint_token.clone(),
                 paths: st.peers.paths(),
             }
         };

@@ -24,7 +24,7 @@ pub async fn hello(
         let (groups, host) = (e.overlay_groups(&name), e.overlay_host(&name));
         let peers = crate::overlay::peers_of(&name, &groups, host.as_ref());
         let keys: HashMap<String, String> =
-            peers.into_iter().filter_map(|p| Some((e.overlay_key(&p)?, p))).map(|(k, p)| (p, k)).collect();
+            peers.into_iter().filter_map(|p| e.overlay_key(&p).map(|k| (p, k))).collect();
         (e.overlay_key(&name), groups, host, keys)
     });
     // The key must be the one the node registered with its credential: a node cannot take

@@ -76,7 +76,7 @@ impl Overlay {
                     st.vms.remove(&old);
                 }
                 st.host_retry = None;
-                st.vms.insert(h.addr, Vm { mac, sock: Nic::Tap(tap.clone()), group });
+                st.vms.insert(h.addr, Vm { mac, nic: Nic::Tap(tap.clone()), group });
                 tracing::info!("this machine is {}/{NODE_PREFIX} on the pool's overlay ({DEVICE})", h.addr);
             }
             Err(e) => {

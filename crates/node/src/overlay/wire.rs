@@ -113,7 +113,7 @@ impl Overlay {
         let Some(vm) = st.vms.get(&addr) else { return };
         let (dst, packet) = match switch::from_vm(frame, vm.mac, addr) {
             FromVm::Reply(r) => {
-                to_nic(&vm.sock, &r);
+                to_nic(&vm.nic, &r);
                 return;
             }
             FromVm::Drop(why) => {
@@ -128,7 +128,7 @@ impl Overlay {
         if let Some(to) = st.vms.get(&dst) {
             // Both ends must count the other as a member: the receiver's group decides too.
             if to.group.contains(&addr) {
-                to_nic(&to.sock, &switch::to_vm(packet, to.mac));
+                to_nic(&to.nic, &switch::to_vm(packet, to.mac));
             }
             return;
         }
@@ -209,7 +209,7 @@ fn deliver(
         tracing::trace!(%src, %dst, node, "dropped a packet from a tunnel: not from a member of the group there");
         return;
     }
-    to_nic(&vm.sock, &switch::to_vm(&packet[..len], vm.mac));
+    to_nic(&vm.nic, &switch::to_vm(&packet[..len], vm.mac));
 }
 
 /// Hands a frame to a VM's NIC without waiting: a VM that does not read its frames (paused,
@@ -261,6 +261,7 @@ mod tests {
             secret,
             public,
             endpoint: None,
+            endpoint_token: None,
             vms: HashMap::new(),
             routes: HashMap::new(),
             peers: Peers::default(),
@@ -272,7 +273,6 @@ mod tests {
             st: Mutex::new(st),
             udp: UdpSocket::bind("127.0.0.1:0").unwrap(),
             reflector: None,
-            endpoint_token: Mutex::new(None),
             client: Mutex::new(vmgrid_client::Client::new("https://127.0.0.1:1", "unused")),
             relay_out: Mutex::default(),
             relay_ready: Condvar::new(),
