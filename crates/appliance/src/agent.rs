@@ -38,14 +38,18 @@ pub fn run(args: AgentOptions) -> Result<i32, Error> {
     }
 }
 
-fn serve(args: AgentOptions) -> Result<i32, Error> {
-    let text = std::fs::read_to_string(&args.config)
-        .map_err(|e| Error::BadInput(format!("cannot read {}: {e}", args.config.display())))?;
-    let config = ApplianceConfig::parse(&text).map_err(|e| {
+fn read_config(path: &Path) -> Result<ApplianceConfig, Error> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| Error::BadInput(format!("cannot read {}: {e}", path.display())))?;
+    ApplianceConfig::parse(&text).map_err(|e| {
         Error::BadInput(format!(
             "the appliance configuration is invalid: {e}; write a new config disk with `vmgrid appliance config`"
         ))
-    })?;
+    })
+}
+
+fn serve(args: AgentOptions) -> Result<i32, Error> {
+    let config = read_config(&args.config)?;
     let name = config.name.clone().unwrap_or_else(|| format!("appliance-{}", tools::hex(&tools::random_bytes::<3>())));
     set_host_name(&name);
     let client_config = args
@@ -82,6 +86,7 @@ fn serve(args: AgentOptions) -> Result<i32, Error> {
         peer_listen: None,
         peer_upload_bytes_s: 0,
         overlay_host: (config.network == Network::Grid).then_some(crate::netdev::configure),
+        wasm_worker: std::env::current_exe().ok(),
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

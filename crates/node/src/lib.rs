@@ -73,6 +73,9 @@ pub struct NodeConfig {
     /// TAP device `vmgrid0`, configured by this with the address the pool gives, reaching the
     /// pool's other nodes that are on it too.
     pub overlay_host: Option<ConfigureDevice>,
+    /// The vmgrid binary, to run wasm jobs in worker processes at full speed (see
+    /// `vmgrid_runtime::wasm::worker`); None runs them in the node's process, with epoch checks.
+    pub wasm_worker: Option<PathBuf>,
 }
 
 /// Configures the node's own overlay device: `(device, address, prefix, MAC)`; it is up and has
@@ -162,6 +165,7 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
             cache_dir: config.cache_dir.join("runtime"),
             // At most one instance per cpu runs at a time; the pool has room to spare.
             pooled_instances: (ad.cpus * 2).clamp(16, 1000),
+            wasm_worker: config.wasm_worker.clone(),
             ..RuntimeConfig::default()
         }),
         config,

@@ -3,7 +3,7 @@
 //! The runtime is a library with a typed request ([`RunRequest`]) and a typed result
 //! ([`RunResult`] or [`RunError`]). It is the only part of vmgrid that starts guest code or
 //! processes (`qemu-system-*`, `qemu-img`, `java`); it knows nothing of pools, HTTP or SQLite.
-//! One module per VM type: [`wasm`] (wasmtime, in process), [`qemu`] (a system VM) and [`jvm`].
+//! One module per VM type: [`wasm`] (wasmtime, in process or in worker processes), [`qemu`] (a system VM) and [`jvm`].
 
 pub mod capture;
 pub mod disk;
@@ -36,6 +36,10 @@ pub struct RuntimeConfig {
     /// With N > 0, wasm instances come from a pool of N preallocated slots (wasmtime's pooling
     /// allocator), which a node running many short jobs reuses; 0 allocates each on demand.
     pub pooled_instances: u32,
+    /// The vmgrid binary: wasm jobs then run in worker processes it starts (`wasm::worker`),
+    /// compiled without epoch checks and killed at their time limit. None runs them in this
+    /// process, with epoch interruption. SSI processes always run in this process.
+    pub wasm_worker: Option<PathBuf>,
 }
 
 impl RuntimeConfig {
@@ -63,6 +67,7 @@ impl Default for RuntimeConfig {
             output_cap: Self::DEFAULT_OUTPUT_CAP,
             echo: false,
             pooled_instances: 0,
+            wasm_worker: None,
         }
     }
 }
@@ -162,11 +167,13 @@ impl RunError {
 pub struct Runtime {
     config: RuntimeConfig,
     wasm: std::sync::OnceLock<Result<wasm::WasmRuntime, String>>,
+    workers: Option<wasm::worker::Workers>,
 }
 
 impl Runtime {
     pub fn new(config: RuntimeConfig) -> Runtime {
-        Runtime { config, wasm: std::sync::OnceLock::new() }
+        let workers = config.wasm_worker.clone().map(|p| wasm::worker::Workers::new(p, &config));
+        Runtime { config, wasm: std::sync::OnceLock::new(), workers }
     }
 
     pub fn config(&self) -> &RuntimeConfig {
@@ -175,7 +182,7 @@ impl Runtime {
 
     fn wasm(&self) -> Result<&wasm::WasmRuntime, RunError> {
         self.wasm
-            .get_or_init(|| wasm::WasmRuntime::new(&self.config).map_err(|e| format!("{e:#}")))
+            .get_or_init(|| wasm::WasmRuntime::new(&self.config, true).map_err(|e| format!("{e:#}")))
             .as_ref()
             .map_err(|e| RunError::Host(format!("cannot start the wasm engine: {e}")))
     }
@@ -191,7 +198,10 @@ impl Runtime {
             return Err(RunError::BadJob("only QEMU jobs can be checkpointed (checkpoint_s)".into()));
         }
         let (result, stopped_at) = disk::watched(req, |req| match req.job.vm.vm_type {
-            VmType::Wasm => self.wasm()?.run(req, &self.config),
+            VmType::Wasm => match (&self.workers, &req.ssi) {
+                (Some(workers), None) => workers.run(&wasm::Task::of(req)?, req.cancel.as_deref()),
+                _ => self.wasm()?.run(req, &self.config),
+            },
             VmType::Qemu => qemu::run(req, &self.config),
             VmType::Jvm => jvm::run(req, &self.config),
         });

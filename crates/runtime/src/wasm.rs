@@ -2,16 +2,19 @@
 //!
 //! The guest gets the job directory (preopened as `/job`, `.` and `/`), its args and env, and
 //! bounded stdout/stderr; nothing else. Where wasmtime-wasi's answers differ from Linux's
-//! (trailing slashes, `O_NOFOLLOW`), `posix` gives Linux's. Memory is bounded by a store limiter, time by epoch interruption.
+//! (trailing slashes, `O_NOFOLLOW`), `posix` gives Linux's. Memory is bounded by a store limiter.
+//! Time is bounded by epoch interruption in this process, or, in a worker process (`worker`), by
+//! the parent killing the worker: its code then has no epoch checks and runs at full speed.
 //! A `[policy] deterministic` job runs on a second engine, made for the first such job, with
 //! `determinism`'s settings and calls: the same outputs on every node.
 //! Compiled modules are cached on disk, keyed by the module's blake3 and the engine's
 //! compatibility hash; this module holds vmgrid's only `unsafe` wasm code, the cache load.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 use std::time::{Duration, Instant};
 
@@ -27,6 +30,7 @@ mod determinism;
 mod posix;
 mod ssi;
 mod stream;
+pub mod worker;
 
 /// One epoch tick. Time limits are enforced to within about this much.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -34,6 +38,8 @@ const EPOCH_TICK: Duration = Duration::from_millis(10);
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
 pub struct WasmRuntime {
+    /// Whether guests are compiled with epoch checks (the time limit in this process).
+    epochs: bool,
     plain: Flavor,
     /// For `[policy] deterministic` jobs (see `determinism`), made for the first one.
     deterministic: OnceLock<Result<Flavor, String>>,
@@ -55,7 +61,7 @@ struct Flavor {
 }
 
 impl Flavor {
-    fn new(cfg: &Config, deterministic: bool) -> wasmtime::Result<Flavor> {
+    fn new(cfg: &Config, deterministic: bool, epochs: bool) -> wasmtime::Result<Flavor> {
         let engine = Engine::new(cfg)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut GuestState| &mut s.wasi)?;
@@ -68,15 +74,17 @@ impl Flavor {
             ssi::add_to_linker(&mut ssi_linker)?;
             Some(ssi_linker)
         };
-        // The ticker only holds a weak handle, so it ends when the engine does.
-        let weak = engine.weak();
-        std::thread::Builder::new().name("vmgrid-epoch".into()).spawn(move || {
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(EPOCH_TICK);
-            }
-        })?;
+        if epochs {
+            // The ticker only holds a weak handle, so it ends when the engine does.
+            let weak = engine.weak();
+            std::thread::Builder::new().name("vmgrid-epoch".into()).spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })?;
+        }
         Ok(Flavor { engine, linker, ssi_linker })
     }
 }
@@ -111,17 +119,54 @@ impl ResourceLimiter for MemoryLimit {
     }
 }
 
-/// What both engines share: epoch interruption for the time limit, Cranelift's speed.
-fn base_config() -> Config {
+/// What both engines share: Cranelift's speed and, with `epochs`, epoch interruption for the
+/// time limit (a check at every loop header and function entry).
+fn base_config(epochs: bool) -> Config {
     let mut cfg = Config::new();
-    cfg.epoch_interruption(true);
+    cfg.epoch_interruption(epochs);
     cfg.cranelift_opt_level(wasmtime::OptLevel::Speed);
     cfg
 }
 
+/// What the wasm runtime needs of a job: what a worker process is sent.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Task {
+    image: PathBuf,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+    job_dir: PathBuf,
+    memory_mb: u64,
+    timeout_s: u64,
+    deterministic: bool,
+    seed: u64,
+}
+
+impl Task {
+    pub(crate) fn of(req: &RunRequest<'_>) -> Result<Task, RunError> {
+        let job = req.job;
+        let image = job.vm.image.clone().ok_or_else(|| RunError::BadJob("a wasm job needs `image`".into()))?;
+        Ok(Task {
+            image,
+            args: job.vm.args.clone(),
+            env: job.vm.env.clone(),
+            job_dir: req.job_dir.to_path_buf(),
+            memory_mb: job.resources.memory_mb,
+            timeout_s: job.resources.timeout_s,
+            deterministic: job.policy.deterministic,
+            seed: req.seed,
+        })
+    }
+
+    pub(crate) fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_s)
+    }
+}
+
 impl WasmRuntime {
-    pub fn new(config: &RuntimeConfig) -> wasmtime::Result<WasmRuntime> {
-        let mut cfg = base_config();
+    /// A runtime whose guests check epochs (`epochs`, the time limit in this process) or not (in
+    /// a worker process, whose parent enforces the limit).
+    pub fn new(config: &RuntimeConfig, epochs: bool) -> wasmtime::Result<WasmRuntime> {
+        let mut cfg = base_config(epochs);
         if config.pooled_instances > 0 {
             let n = config.pooled_instances;
             let mut pool = wasmtime::PoolingAllocationConfig::default();
@@ -129,7 +174,8 @@ impl WasmRuntime {
             cfg.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         }
         Ok(WasmRuntime {
-            plain: Flavor::new(&cfg, false)?,
+            epochs,
+            plain: Flavor::new(&cfg, false, epochs)?,
             deterministic: OnceLock::new(),
             cache_dir: config.cache_dir.join("wasm"),
             ready: Mutex::new(HashMap::new()),
@@ -145,9 +191,9 @@ impl WasmRuntime {
         }
         self.deterministic
             .get_or_init(|| {
-                let mut cfg = base_config();
+                let mut cfg = base_config(self.epochs);
                 determinism::configure(&mut cfg);
-                Flavor::new(&cfg, true).map_err(|e| format!("{e:#}"))
+                Flavor::new(&cfg, true, self.epochs).map_err(|e| format!("{e:#}"))
             })
             .as_ref()
             .map_err(|e| RunError::Host(format!("cannot start the deterministic wasm engine: {e}")))
@@ -239,28 +285,35 @@ impl WasmRuntime {
     }
 
     pub fn run(&self, req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, RunError> {
-        let job = req.job;
-        let image = job.vm.image.as_deref().ok_or_else(|| RunError::BadJob("a wasm job needs `image`".into()))?;
-        let deterministic = job.policy.deterministic;
-        let pre = self.prepared(image, req.ssi.is_some(), deterministic)?;
+        self.run_task(&Task::of(req)?, req.ssi.clone(), req.cancel.clone(), config)
+    }
+
+    /// Runs `task`; an SSI process's streams and files go to its home `ssi`. Only a runtime with
+    /// epochs stops the guest at its time limit or when `cancel` is set.
+    pub(crate) fn run_task(
+        &self,
+        task: &Task,
+        ssi: Option<Arc<dyn crate::ssi::SsiHost>>,
+        cancel: Option<Arc<AtomicBool>>,
+        config: &RuntimeConfig,
+    ) -> Result<RunResult, RunError> {
+        let pre = self.prepared(&task.image, ssi.is_some(), task.deterministic)?;
         let start = Instant::now();
         let (stdout, stderr) = CaptureSink::pair(config);
-        let state = guest_state(req, image, &stdout, &stderr)?;
-        let mut store = Store::new(&self.flavor(deterministic)?.engine, state);
+        let state = guest_state(task, ssi, &stdout, &stderr)?;
+        let mut store = Store::new(&self.flavor(task.deterministic)?.engine, state);
         store.limiter(|s| &mut s.limits);
-        // Every tick checks the time limit and the cancel flag.
-        let deadline = start + Duration::from_secs(job.resources.timeout_s);
-        let cancel = req.cancel.clone();
-        store.epoch_deadline_callback(move |_| {
-            if Instant::now() >= deadline
-                || cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
-            {
-                Err(Trap::Interrupt.into())
-            } else {
-                Ok(wasmtime::UpdateDeadline::Continue(1))
-            }
-        });
-        store.set_epoch_deadline(1);
+        let cancelled = move || cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed));
+        if self.epochs {
+            // Every tick checks the time limit and the cancel flag.
+            let deadline = start + task.timeout();
+            let cancelled = cancelled.clone();
+            store.epoch_deadline_callback(move |_| match Instant::now() >= deadline || cancelled() {
+                true => Err(Trap::Interrupt.into()),
+                false => Ok(wasmtime::UpdateDeadline::Continue(1)),
+            });
+            store.set_epoch_deadline(1);
+        }
 
         let ended = pre.instantiate(&mut store).and_then(|instance| {
             let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
@@ -270,8 +323,8 @@ impl WasmRuntime {
         let written_back = store.data_mut().ssi.as_mut().map_or(Ok(()), |s| s.close_all());
         let mut outcome = match ended {
             Ok(()) => Outcome::Exited(0),
-            Err(_) if req.cancelled() => Outcome::Failed(crate::cancelled_failure()),
-            Err(e) => classify(e, &store, job.resources.memory_mb, job.resources.timeout_s),
+            Err(_) if cancelled() => Outcome::Failed(crate::cancelled_failure()),
+            Err(e) => classify(e, &store, task.memory_mb, task.timeout_s),
         };
         if let (Err(errno), Outcome::Exited(_)) = (written_back, &outcome) {
             outcome = Outcome::Failed(Failure {
@@ -287,42 +340,41 @@ impl WasmRuntime {
 /// The guest's WASI context (args, env, stdout and stderr, the preopened job directory and, for
 /// a deterministic job, its seeded random numbers) and its limits.
 fn guest_state(
-    req: &RunRequest<'_>,
-    image: &Path,
+    task: &Task,
+    ssi: Option<Arc<dyn crate::ssi::SsiHost>>,
     stdout: &CaptureSink,
     stderr: &CaptureSink,
 ) -> Result<GuestState, RunError> {
-    let job = req.job;
-    let (out_stream, err_stream) = match &req.ssi {
+    let (out_stream, err_stream) = match &ssi {
         Some(host) => (stream::CapturedStream::Home(host.clone(), 1), stream::CapturedStream::Home(host.clone(), 2)),
         None => (stream::CapturedStream::Capture(stdout.clone()), stream::CapturedStream::Capture(stderr.clone())),
     };
-    let argv0 = image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "main.wasm".into());
+    let argv0 = task.image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "main.wasm".into());
     // An SSI process's args are its whole argv: argv[0] is its path in the SSI filesystem.
-    let argv = if req.ssi.is_some() {
-        job.vm.args.clone()
+    let argv = if ssi.is_some() {
+        task.args.clone()
     } else {
-        std::iter::once(argv0).chain(job.vm.args.iter().cloned()).collect()
+        std::iter::once(argv0).chain(task.args.iter().cloned()).collect()
     };
     let mut wasi = WasiCtxBuilder::new();
     wasi.args(&argv).stdout(out_stream).stderr(err_stream).allow_blocking_current_thread(true);
-    for (k, v) in &job.vm.env {
+    for (k, v) in &task.env {
         wasi.env(k, v);
     }
-    if job.policy.deterministic {
-        determinism::seed_random(&mut wasi, req.seed);
+    if task.deterministic {
+        determinism::seed_random(&mut wasi, task.seed);
     }
     // An SSI process sees the one filesystem as `/`; a job sees its job directory as `/job`,
     // `.` and `/` (descriptors 3, 4 and 5), as `wasmtime --dir DIR::/` would give it.
-    let guest_paths: &[&str] = if req.ssi.is_some() { &["/"] } else { &["/job", ".", "/"] };
+    let guest_paths: &[&str] = if ssi.is_some() { &["/"] } else { &["/job", ".", "/"] };
     for guest_path in guest_paths {
-        wasi.preopened_dir(req.job_dir, guest_path, FsPerms::ReadWrite)
-            .map_err(|e| RunError::host(format!("cannot open the job directory {}", req.job_dir.display()), e))?;
+        wasi.preopened_dir(&task.job_dir, guest_path, FsPerms::ReadWrite)
+            .map_err(|e| RunError::host(format!("cannot open the job directory {}", task.job_dir.display()), e))?;
     }
     Ok(GuestState {
         wasi: wasi.build_p1(),
-        limits: MemoryLimit { max_bytes: (job.resources.memory_mb as usize) << 20, denied: None },
-        ssi: req.ssi.as_ref().map(|h| ssi::SsiFs::new(h.clone(), req.job_dir.to_path_buf())),
+        limits: MemoryLimit { max_bytes: (task.memory_mb as usize) << 20, denied: None },
+        ssi: ssi.map(|h| ssi::SsiFs::new(h, task.job_dir.clone())),
     })
 }
 

@@ -44,7 +44,12 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
         .tempdir()
         .map_err(|e| CliError::Failed(format!("cannot create a job directory: {e}")))?;
     jobdir::stage_inputs(&job, job_dir.path())?;
-    let config = RuntimeConfig { output_cap: args.output_cap, echo: true, ..RuntimeConfig::default() };
+    let config = RuntimeConfig {
+        output_cap: args.output_cap,
+        echo: true,
+        wasm_worker: std::env::current_exe().ok(),
+        ..RuntimeConfig::default()
+    };
     let runtime = Runtime::new(config);
     // A local run has no job id: a deterministic job's random numbers are seeded with 0.
     let result = runtime.run(&RunRequest {

@@ -99,6 +99,10 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    // A wasm worker (started by this binary's runtime, never by a person): not a command.
+    if std::env::args_os().nth(1).is_some_and(|a| a == vmgrid_runtime::wasm::worker::COMMAND) {
+        std::process::exit(vmgrid_runtime::wasm::worker::serve());
+    }
     let cli = Cli::parse();
     // Commands that print and end behave like other Unix tools when their reader goes away
     // (`vmgrid q | head`): SIGPIPE ends them quietly instead of a failed print panicking. The

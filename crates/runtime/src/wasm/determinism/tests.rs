@@ -71,7 +71,13 @@ fn poller(tag: u8) -> String {
 }
 
 fn runtime(cache: &Path, pooled_instances: u32) -> Runtime {
-    Runtime::new(RuntimeConfig { cache_dir: cache.into(), output_cap: 1 << 20, echo: false, pooled_instances })
+    Runtime::new(RuntimeConfig {
+        cache_dir: cache.into(),
+        output_cap: 1 << 20,
+        echo: false,
+        pooled_instances,
+        wasm_worker: None,
+    })
 }
 
 /// Runs `wat` as a wasm job in a fresh job directory.

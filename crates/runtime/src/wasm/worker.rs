@@ -1,0 +1,331 @@
+//! Wasm jobs in worker processes: guests compiled without epoch checks, so they run at full
+//! speed, and a time limit still kept: the parent kills the worker at the deadline (or when the
+//! job is cancelled) and starts another for the next job.
+//!
+//! A worker is the vmgrid binary started as `vmgrid __wasm-worker` (see [`COMMAND`]) with one end
+//! of a socket pair as its descriptor 3. It reads its configuration, then runs one task at a time
+//! and answers each with its outcome and captured output. Its stdout and stderr are its
+//! parent's, so `vmgrid run` echoes a guest's output as it comes. It exits when its parent closes
+//! the socket or dies, even in the middle of a guest. Workers are kept and reused: a node running
+//! a sweep starts one per cpu, not one per job.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vmgrid_job::FailureKind;
+
+use super::{Task, WasmRuntime};
+use crate::{Captured, Failure, Outcome, RunError, RunResult, RuntimeConfig};
+
+/// The hidden first argument that makes the vmgrid binary a wasm worker.
+pub const COMMAND: &str = "__wasm-worker";
+/// The worker's end of its socket.
+const FD: i32 = 3;
+/// How often a waiting parent looks at the job's cancel flag.
+const POLL: Duration = Duration::from_millis(10);
+/// A frame's largest header; output bytes follow it and are bounded by the output cap.
+const MAX_HEADER: usize = 1 << 20;
+
+/// What a worker is told once, when it starts.
+#[derive(Serialize, Deserialize)]
+struct Setup {
+    cache_dir: PathBuf,
+    output_cap: usize,
+    echo: bool,
+    pooled: bool,
+}
+
+/// How a task ended, as a worker says it; its stdout and stderr follow as two byte frames.
+#[derive(Serialize, Deserialize)]
+enum Ended {
+    Exited(i32),
+    Failed { kind: FailureKind, reason: String },
+    BadJob(String),
+    Host(String),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Answer {
+    ended: Ended,
+    stdout_dropped: u64,
+    stderr_dropped: u64,
+    wall_us: u64,
+}
+
+fn write_frame(w: &mut impl Write, bytes: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(bytes.len()).map_err(|_| std::io::Error::other("a frame over 4 GiB"))?;
+    w.write_all(&len.to_le_bytes())?;
+    w.write_all(bytes)
+}
+
+fn read_frame(r: &mut impl Read, max: usize) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max {
+        return Err(std::io::Error::other(format!("a frame of {len} bytes, over {max}")));
+    }
+    let mut bytes = vec![0; len];
+    r.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+fn send<T: Serialize>(w: &mut impl Write, value: &T) -> std::io::Result<()> {
+    write_frame(w, &serde_json::to_vec(value).map_err(std::io::Error::other)?)
+}
+
+fn receive<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> std::io::Result<T> {
+    serde_json::from_slice(&read_frame(r, MAX_HEADER)?).map_err(std::io::Error::other)
+}
+
+/// The worker's main: serves tasks on descriptor 3 until the parent goes away. Returns the
+/// process's exit code.
+pub fn serve() -> i32 {
+    // SAFETY: descriptor 3 is the socket the parent passed (`Workers::start` puts it there); we
+    // take ownership of it once, here, and nothing else in this process uses descriptor 3.
+    let mut sock = unsafe { UnixStream::from_raw_fd(FD) };
+    if let Err(e) = sock.peer_addr() {
+        eprintln!("vmgrid: `{COMMAND}` is started by vmgrid itself, with a socket as descriptor 3 ({e})");
+        return 2;
+    }
+    exit_with_parent(FD);
+    let setup: Setup = match receive(&mut sock) {
+        Ok(s) => s,
+        Err(_) => return 0,
+    };
+    let config = RuntimeConfig {
+        cache_dir: setup.cache_dir,
+        output_cap: setup.output_cap,
+        echo: setup.echo,
+        pooled_instances: u32::from(setup.pooled),
+        wasm_worker: None,
+    };
+    let runtime = WasmRuntime::new(&config, false).map_err(|e| format!("cannot start the wasm engine: {e:#}"));
+    while let Ok(task) = receive::<Task>(&mut sock) {
+        let result = runtime.as_ref().map_err(|e| RunError::Host(e.clone()));
+        let result = result.and_then(|rt| rt.run_task(&task, None, None, &config));
+        if answer(&mut sock, result).is_err() {
+            break;
+        }
+    }
+    0
+}
+
+/// Ends this process as soon as the parent's end of `fd` closes, even while a guest runs.
+fn exit_with_parent(fd: i32) {
+    let watch = move || {
+        let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+        loop {
+            // SAFETY: one valid pollfd, which outlives the call.
+            let n = unsafe { libc::poll(&mut p, 1, -1) };
+            if n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+                // SAFETY: ending the process at once; nothing of ours needs to be flushed.
+                unsafe { libc::_exit(0) };
+            }
+        }
+    };
+    if std::thread::Builder::new().name("vmgrid-worker-watch".into()).spawn(watch).is_err() {
+        // SAFETY: as above: without the watch, a guest could outlive a killed node.
+        unsafe { libc::_exit(1) };
+    }
+}
+
+fn answer(sock: &mut UnixStream, result: Result<RunResult, RunError>) -> std::io::Result<()> {
+    let (ended, out, err, wall) = match result {
+        Ok(r) => {
+            let ended = match r.outcome {
+                Outcome::Exited(code) => Ended::Exited(code),
+                Outcome::Failed(f) => Ended::Failed { kind: f.kind, reason: f.reason },
+                Outcome::Vacated { .. } => Ended::Host("a wasm job cannot be vacated".into()),
+            };
+            (ended, r.stdout, r.stderr, r.wall)
+        }
+        Err(RunError::BadJob(m)) => (Ended::BadJob(m), Captured::default(), Captured::default(), Duration::ZERO),
+        Err(RunError::Host(m) | RunError::BadCheckpoint(m)) => {
+            (Ended::Host(m), Captured::default(), Captured::default(), Duration::ZERO)
+        }
+    };
+    let head =
+        Answer { ended, stdout_dropped: out.dropped, stderr_dropped: err.dropped, wall_us: wall.as_micros() as u64 };
+    let mut w = std::io::BufWriter::new(sock);
+    send(&mut w, &head)?;
+    write_frame(&mut w, &out.bytes)?;
+    write_frame(&mut w, &err.bytes)?;
+    w.flush()
+}
+
+/// Writes to a worker's socket without SIGPIPE: a worker that died is an error to handle, and
+/// `vmgrid run` keeps SIGPIPE's default (it would end us).
+struct Unpiped<'a>(&'a UnixStream);
+
+impl Write for Unpiped<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // SAFETY: `buf` is valid for `buf.len()` bytes for the call; the descriptor is open.
+        let n = unsafe { libc::send(self.0.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+        match n {
+            n if n >= 0 => Ok(n as usize),
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One worker process and the parent's end of its socket.
+struct Worker {
+    child: Child,
+    sock: UnixStream,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The parent's side: idle workers, and how to start more.
+pub(crate) struct Workers {
+    program: PathBuf,
+    config: RuntimeConfig,
+    idle: Mutex<Vec<Worker>>,
+}
+
+impl Workers {
+    pub(crate) fn new(program: PathBuf, config: &RuntimeConfig) -> Workers {
+        Workers { program, config: config.clone(), idle: Mutex::new(Vec::new()) }
+    }
+
+    fn start(&self) -> std::io::Result<Worker> {
+        let (mine, theirs) = UnixStream::pair()?;
+        let fd = theirs.as_raw_fd();
+        let mut cmd = Command::new(&self.program);
+        cmd.arg(COMMAND).stdin(Stdio::null());
+        // SAFETY: the closure runs in the forked child before exec and calls only dup2 and
+        // fcntl, both async-signal-safe, on descriptors it owns.
+        unsafe {
+            cmd.pre_exec(move || {
+                // dup2 onto itself would keep close-on-exec: clear it instead.
+                let r = match fd == FD {
+                    true => libc::fcntl(FD, libc::F_SETFD, 0),
+                    false => libc::dup2(fd, FD),
+                };
+                if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+            });
+        }
+        let child = cmd.spawn()?;
+        drop(theirs);
+        let w = Worker { child, sock: mine };
+        let setup = Setup {
+            cache_dir: self.config.cache_dir.clone(),
+            output_cap: self.config.output_cap,
+            echo: self.config.echo,
+            pooled: self.config.pooled_instances > 0,
+        };
+        send(&mut Unpiped(&w.sock), &setup)?;
+        Ok(w)
+    }
+
+    /// An idle worker that took `task`, or a new one: an idle worker may have died meanwhile.
+    fn hand(&self, task: &Task) -> Result<Worker, RunError> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        if let Some(w) = idle
+            && send(&mut Unpiped(&w.sock), task).is_ok()
+        {
+            return Ok(w);
+        }
+        let cannot =
+            |e: std::io::Error| RunError::host(format!("cannot start a wasm worker ({})", self.program.display()), e);
+        let w = self.start().map_err(cannot)?;
+        send(&mut Unpiped(&w.sock), task).map_err(cannot)?;
+        Ok(w)
+    }
+
+    /// Runs `task` on a worker; kills it at the time limit or once `cancel` is set.
+    pub(crate) fn run(&self, task: &Task, cancel: Option<&AtomicBool>) -> Result<RunResult, RunError> {
+        let start = Instant::now();
+        let mut w = self.hand(task)?;
+        let deadline = start + task.timeout();
+        loop {
+            if readable(&w.sock, POLL.min(deadline.saturating_duration_since(Instant::now())))? {
+                break;
+            }
+            if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Ok(stopped(crate::cancelled_failure(), start));
+            }
+            if Instant::now() >= deadline {
+                let reason = format!("the time limit of {} s was exceeded (timeout_s)", task.timeout_s);
+                return Ok(stopped(Failure { kind: FailureKind::TimeLimit, reason }, start));
+            }
+        }
+        let result = read_answer(&mut w.sock, self.config.output_cap).map_err(|e| died(&mut w, e))?;
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(w);
+        result
+    }
+}
+
+/// A run the parent stopped (the worker is dropped, so killed): no output is kept.
+fn stopped(failure: Failure, start: Instant) -> RunResult {
+    RunResult {
+        outcome: Outcome::Failed(failure),
+        stdout: Captured::default(),
+        stderr: Captured::default(),
+        wall: start.elapsed(),
+    }
+}
+
+/// Why a worker that stopped answering did: it died (a signal) or broke the protocol.
+fn died(w: &mut Worker, e: std::io::Error) -> RunError {
+    let _ = w.child.kill();
+    match w.child.wait() {
+        Ok(status) => RunError::Host(format!("the wasm worker running the job died ({status})")),
+        Err(_) => RunError::host("the wasm worker running the job stopped answering", e),
+    }
+}
+
+/// Whether `sock` has something to read within `wait`.
+fn readable(sock: &UnixStream, wait: Duration) -> Result<bool, RunError> {
+    let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, which outlives the call.
+    let n = unsafe { libc::poll(&mut p, 1, wait.as_millis() as i32) };
+    match n {
+        n if n > 0 => Ok(true),
+        0 => Ok(false),
+        _ => {
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::Interrupted => Ok(false),
+                _ => Err(RunError::host("cannot wait for the wasm worker", e)),
+            }
+        }
+    }
+}
+
+/// A worker's answer; each stream holds at most `cap` bytes (the capture's bound).
+fn read_answer(sock: &mut UnixStream, cap: usize) -> std::io::Result<Result<RunResult, RunError>> {
+    let head: Answer = receive(sock)?;
+    let stdout = read_frame(sock, cap)?;
+    let stderr = read_frame(sock, cap)?;
+    let outcome = match head.ended {
+        Ended::Exited(code) => Outcome::Exited(code),
+        Ended::Failed { kind, reason } => Outcome::Failed(Failure { kind, reason }),
+        Ended::BadJob(m) => return Ok(Err(RunError::BadJob(m))),
+        Ended::Host(m) => return Ok(Err(RunError::Host(m))),
+    };
+    Ok(Ok(RunResult {
+        outcome,
+        stdout: Captured { bytes: stdout, dropped: head.stdout_dropped },
+        stderr: Captured { bytes: stderr, dropped: head.stderr_dropped },
+        wall: Duration::from_micros(head.wall_us),
+    }))
+}
