@@ -86,7 +86,7 @@ fn serve(args: AgentOptions) -> Result<i32, Error> {
         peer_listen: None,
         peer_upload_bytes_s: 0,
         overlay_host: (config.network == Network::Grid).then_some(crate::netdev::configure),
-        wasm_worker: std::env::current_exe().ok(),
+        wasm_worker: vmgrid_runtime::wasm::worker::this_program(),
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

@@ -255,7 +255,7 @@ pub fn node(args: NodeArgs) -> Result<i32, CliError> {
         peer_listen: (!args.no_peers).then_some(args.peer_listen),
         peer_upload_bytes_s: args.peer_upload_mib_s.max(1) << 20,
         overlay_host: None,
-        wasm_worker: std::env::current_exe().ok(),
+        wasm_worker: vmgrid_runtime::wasm::worker::this_program(),
     };
     let stop = stop_on_signals()?;
     eprintln!("vmgrid: node {} joining {}", config.name, config.pool);
@@ -330,7 +330,7 @@ pub fn up(args: UpArgs) -> Result<i32, CliError> {
             peer_listen: None,
             peer_upload_bytes_s: 0,
             overlay_host: None,
-            wasm_worker: std::env::current_exe().ok(),
+            wasm_worker: vmgrid_runtime::wasm::worker::this_program(),
         };
         let s = stop.clone();
         agents.push(std::thread::spawn(move || {

@@ -47,7 +47,7 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
     let config = RuntimeConfig {
         output_cap: args.output_cap,
         echo: true,
-        wasm_worker: std::env::current_exe().ok(),
+        wasm_worker: vmgrid_runtime::wasm::worker::this_program(),
         ..RuntimeConfig::default()
     };
     let runtime = Runtime::new(config);

@@ -34,6 +34,16 @@ const POLL: Duration = Duration::from_millis(10);
 /// A frame's largest header; output bytes follow it and are bounded by the output cap.
 const MAX_HEADER: usize = 1 << 20;
 
+/// This program, to start as a worker: `/proc/self/exe`, which still names it after its file was
+/// replaced or removed (an upgrade in place), else its path.
+pub fn this_program() -> Option<PathBuf> {
+    let proc = PathBuf::from("/proc/self/exe");
+    match proc.exists() {
+        true => Some(proc),
+        false => std::env::current_exe().ok(),
+    }
+}
+
 /// What a worker is told once, when it starts.
 #[derive(Serialize, Deserialize)]
 struct Setup {
@@ -210,7 +220,8 @@ impl Workers {
         let (mine, theirs) = UnixStream::pair()?;
         let fd = theirs.as_raw_fd();
         let mut cmd = Command::new(&self.program);
-        cmd.arg(COMMAND).stdin(Stdio::null());
+        // `ps` shows `vmgrid __wasm-worker`, whatever path started it.
+        cmd.arg0("vmgrid").arg(COMMAND).stdin(Stdio::null());
         // SAFETY: the closure runs in the forked child before exec and calls only dup2 and
         // fcntl, both async-signal-safe, on descriptors it owns.
         unsafe {
