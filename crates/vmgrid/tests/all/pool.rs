@@ -239,6 +239,32 @@ fn a_killed_node_loses_its_job_to_the_other_and_its_late_result_is_refused() {
 }
 
 #[test]
+fn a_nodes_wasm_worker_is_killed_at_the_time_limit_on_rm_and_with_its_node() {
+    let mut pool = Pool::start();
+    pool.start_node("n1", 1);
+    let d = JobDir::new();
+    let submit = |pool: &Pool, timeout_s: u32| {
+        let job = probe_job_file(d.path(), "spin", &["spin"], &format!("[resources]\ntimeout_s = {timeout_s}\n"));
+        ids_of(&pool.cli().arg("submit").arg(&job).output().unwrap())[0]
+    };
+    // The time limit: the node kills the spinning guest's worker and says why.
+    let id = submit(&pool, 1);
+    pool.wait_for("the time limit", |p| p.job(id).reason.as_deref().is_some_and(|r| r.contains("time limit of 1 s")));
+    // rm: the running guest's worker is killed at once.
+    let id = submit(&pool, 300);
+    pool.wait_for("the job to run", |p| p.job(id).state == JobState::Running);
+    let worker = wasm_worker_of(pool.node_pid("n1"));
+    pool.cli().args(["rm", &id.to_string()]).assert().success();
+    wait_until("the removed job's worker to end", || !running(worker));
+    // kill -9 of the node: its worker ends with it, mid-guest.
+    let id = submit(&pool, 300);
+    pool.wait_for("the job to run", |p| p.job(id).state == JobState::Running);
+    let worker = wasm_worker_of(pool.node_pid("n1"));
+    pool.kill_node("n1");
+    wait_until("the killed node's worker to end", || !running(worker));
+}
+
+#[test]
 fn a_node_cut_off_and_brought_back_is_fenced() {
     let mut pool = Pool::start();
     pool.start_node("n1", 1);

@@ -64,21 +64,6 @@ fn time_limit_stops_a_spinning_guest() {
     assert!(stderr_of(&out).contains("time limit of 1 s"), "{}", stderr_of(&out));
 }
 
-/// The children of process `pid` (all its threads').
-fn children_of(pid: u32) -> Vec<u32> {
-    let tasks =
-        std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default();
-    let lists = tasks.iter().filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok());
-    lists.flat_map(|l| l.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<_>>()).collect()
-}
-
-/// Whether process `pid` is still running (a zombie has ended).
-fn running(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The state follows the command name, which is in parentheses.
-    stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
-}
-
 #[test]
 fn a_guest_runs_in_a_worker_process_that_ends_with_a_killed_vmgrid() {
     let d = JobDir::new();
@@ -86,15 +71,7 @@ fn a_guest_runs_in_a_worker_process_that_ends_with_a_killed_vmgrid() {
     let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("vmgrid"));
     cmd.env("VMGRID_CACHE_DIR", repo_root().join("target/test-cache")).arg("run").arg(&job);
     let mut run = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
-    let mut worker = None;
-    wait_until("the wasm worker", || {
-        worker = children_of(run.id()).into_iter().find(|&c| {
-            let cmdline = std::fs::read(format!("/proc/{c}/cmdline")).unwrap_or_default();
-            cmdline.split(|&b| b == 0).nth(1) == Some(b"__wasm-worker".as_slice())
-        });
-        worker.is_some()
-    });
-    let worker = worker.unwrap();
+    let worker = wasm_worker_of(run.id());
     // The spinning guest runs in the worker, not in vmgrid run.
     run.kill().unwrap();
     run.wait().unwrap();

@@ -332,6 +332,34 @@ pub fn poll_until(limit: std::time::Duration, mut cond: impl FnMut() -> bool) ->
     true
 }
 
+/// The children of process `pid` (all its threads').
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let tasks =
+        std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default();
+    let lists = tasks.iter().filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok());
+    lists.flat_map(|l| l.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<_>>()).collect()
+}
+
+/// Whether process `pid` is still running (a zombie has ended).
+pub fn running(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the command name, which is in parentheses.
+    stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+}
+
+/// The wasm worker process (`vmgrid __wasm-worker`) that process `pid` runs, once it has one.
+pub fn wasm_worker_of(pid: u32) -> u32 {
+    let mut worker = None;
+    wait_until("a wasm worker", || {
+        worker = children_of(pid).into_iter().find(|&c| {
+            let cmdline = std::fs::read(format!("/proc/{c}/cmdline")).unwrap_or_default();
+            cmdline.split(|&b| b == 0).nth(1) == Some(b"__wasm-worker".as_slice())
+        });
+        worker.is_some()
+    });
+    worker.unwrap()
+}
+
 /// `vmgrid args…` inside network namespace `ns` (TCG: no KVM there either), stderr to `log`.
 pub fn spawn_vmgrid_in(ns: &str, args: &[&str], log: &Path) -> std::process::Child {
     Command::new("ip")
