@@ -6,7 +6,8 @@
 //! of a socket pair as its descriptor 3. It reads its configuration, then runs one task at a time
 //! and answers each with its outcome and captured output. Its stdout and stderr are its
 //! parent's, so `vmgrid run` echoes a guest's output as it comes. It exits when its parent closes
-//! the socket or dies, even in the middle of a guest. Workers are kept and reused: a node running
+//! the socket or dies, even in the middle of a guest; it ignores the signals a terminal or a
+//! service manager sends a whole group (SIGINT, SIGTERM, SIGHUP), which are the node's. Workers are kept and reused: a node running
 //! a sweep starts one per cpu, not one per job.
 
 use std::io::{Read, Write};
@@ -105,6 +106,12 @@ pub fn serve() -> i32 {
     if let Err(e) = sock.peer_addr() {
         eprintln!("vmgrid: `{COMMAND}` is started by vmgrid itself, with a socket as descriptor 3 ({e})");
         return 2;
+    }
+    // A terminal's Ctrl-C or a service manager's SIGTERM to the whole group is for the node,
+    // which drains: its running jobs finish. The worker ends with its parent, through the socket.
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: setting a signal's disposition to ignored, before this process starts a thread.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
     exit_with_parent(FD);
     let setup: Setup = match receive(&mut sock) {
