@@ -2,6 +2,11 @@
 //! operations are queued in the order of the state changes that caused them. Everything slow
 //! happens after the lock is released: waiting for the commit of what a call queued (a reply is
 //! sent only once its changes are on disk), waking callers that wait, and logging.
+//!
+//! A scheduling pass is woken as soon as a call queues a change that may allow placements, not
+//! once it is durable: the pass runs while the change commits, and its placements go to disk in
+//! the next group commit. Nothing is acknowledged early by that: the lease reply that carries a
+//! placement waits for its own ticket, which comes after the change's.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,7 +57,6 @@ pub(crate) struct Shared {
 #[must_use = "a reply must wait for the changes it reports to be durable"]
 pub(crate) struct Pending {
     ticket: u64,
-    wake_nodes: bool,
     wake_waiters: bool,
     changed: bool,
 }
@@ -68,7 +72,6 @@ impl Pending {
     pub fn after(mut self, earlier: Option<Pending>) -> Pending {
         if let Some(e) = earlier {
             self.ticket = self.ticket.max(e.ticket);
-            self.wake_nodes |= e.wake_nodes;
             self.wake_waiters |= e.wake_waiters;
             self.changed |= e.changed;
         }
@@ -169,10 +172,13 @@ impl Shared {
             ticket = core.writer.push(op);
         }
         drop(core);
+        if fx.wake_nodes {
+            self.work.notify_one();
+        }
         for e in fx.events {
             log(&e);
         }
-        (out, Pending { ticket, wake_nodes: fx.wake_nodes, wake_waiters: fx.wake_waiters, changed })
+        (out, Pending { ticket, wake_waiters: fx.wake_waiters, changed })
     }
 
     /// Reads the engine without waiting for anything (authentication, metrics).
@@ -194,7 +200,7 @@ impl Shared {
         self.lock().writer.failing()
     }
 
-    /// Waits until what the call queued is durable, then wakes whoever it concerns. While the
+    /// Waits until what the call queued is durable, then wakes the `wait` calls it concerns. While the
     /// store cannot commit (a full disk), the wait ends after [`STORE_PATIENCE`] with why: the
     /// change is then not acknowledged (it is saved once the store can), and the caller says so.
     pub async fn finish(&self, p: Pending) -> Result<(), store::Failing> {
@@ -202,9 +208,6 @@ impl Shared {
         if tokio::time::timeout(STORE_PATIENCE, durable).await.is_err() {
             let why = self.lock().writer.failing().unwrap_or(store::Failing("the job store is slow".into()));
             return Err(why);
-        }
-        if p.wake_nodes {
-            self.work.notify_one();
         }
         if p.wake_waiters {
             self.changed.notify_waiters();

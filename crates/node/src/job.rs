@@ -18,14 +18,23 @@ fn report(id: LeaseId, run: RunReport) -> Report {
     Report { lease: id, run, stdout: None, stderr: None, stdout_dropped: 0, stderr_dropped: 0, outputs: Vec::new() }
 }
 
+/// The report of a job this node could not start, for a reason of its own.
+pub(crate) fn host_failed(id: LeaseId, reason: String) -> Report {
+    report(id, RunReport::HostFailed { reason })
+}
+
 impl Agent {
-    /// Runs one leased job and builds its report.
-    pub(crate) fn run_job(&self, lease: &Lease, cancel: Arc<AtomicBool>, vacate: Arc<AtomicBool>) -> Report {
+    /// Runs one leased job in `dir` (empty, with an empty `job` directory) and builds its report.
+    pub(crate) fn run_job(
+        &self,
+        lease: &Lease,
+        dir: &Path,
+        cancel: Arc<AtomicBool>,
+        vacate: Arc<AtomicBool>,
+    ) -> Report {
         let id = LeaseId { job_id: lease.job_id, epoch: lease.epoch };
-        let dir = self.work_dir.join(format!("job-{}-{}", lease.job_id, lease.epoch));
         let mut home_gone = false;
-        let result = self.attempt(lease, &cancel, vacate, &dir, &mut home_gone);
-        let _ = std::fs::remove_dir_all(&dir);
+        let result = self.attempt(lease, &cancel, vacate, dir, &mut home_gone);
         let stopped = cancel.load(Ordering::Relaxed);
         if stopped {
             // Still reported: the coordinator, not the node, decides what a result is worth, and
@@ -63,7 +72,6 @@ impl Agent {
         let mut job = self.localize(&client, lease)?;
         let plan = checkpoint::plan(&client, &self.cache, lease, vacate, dir)?;
         let job_dir = dir.join("job");
-        std::fs::create_dir_all(&job_dir).map_err(|e| RunError::host("cannot create the job directory", e))?;
         jobdir::stage_inputs(&job, &job_dir)?;
         let net = self.join_overlay(lease, &mut job, &job_dir)?;
         // An SSI process runs against its home: its job directory is the mirror of the home's

@@ -9,6 +9,7 @@ mod cache;
 mod checkpoint;
 mod fingerprint;
 mod job;
+mod jobdirs;
 mod overlay;
 mod peer;
 mod queue;
@@ -136,7 +137,8 @@ struct Agent {
     /// sends them.
     outbox: Mutex<Vec<Report>>,
     outbox_ready: Condvar,
-    work_dir: PathBuf,
+    /// The directories jobs run in: reused when empty, removed off the path to the result.
+    dirs: jobdirs::JobDirs,
     heartbeat: Duration,
     /// Set when leaving: the reporter sends what is queued and ends.
     closing: AtomicBool,
@@ -180,7 +182,7 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
         workers: Arc::default(),
         outbox: Mutex::default(),
         outbox_ready: Condvar::new(),
-        work_dir,
+        dirs: jobdirs::JobDirs::new(work_dir)?,
         heartbeat: Duration::from_millis(reg.heartbeat_ms.max(100)),
         closing: AtomicBool::new(false),
         overlay,
@@ -408,7 +410,11 @@ impl Agent {
         let started = Instant::now();
         let agent = self.clone();
         let spawned = self.workers.run(move || {
-            let report = agent.run_job(&lease, cancel, vacate);
+            let dir = agent.dirs.take();
+            let report = match &dir {
+                Ok(dir) => agent.run_job(&lease, &dir.path, cancel, vacate),
+                Err(e) => job::host_failed(id, format!("cannot create the job directory: {e}")),
+            };
             // What lease-ahead is sized by: runs of jobs that take cpus, not a failure to start.
             if lease.spec.cpus > 0 && !matches!(report.run, RunReport::HostFailed { .. }) {
                 lock(&agent.recent).add(started.elapsed());
@@ -420,6 +426,11 @@ impl Agent {
             agent.slot_freed.notify_all();
             agent.start_queued();
             agent.outbox_ready.notify_one();
+            // Off the path to the result: an empty directory goes to the next job as it is, any
+            // other is removed by the cleaner.
+            if let Ok(dir) = dir {
+                agent.dirs.give_back(dir, lease.spec.vm_type == VmType::Wasm);
+            }
         });
         if let Err(e) = spawned {
             tracing::error!("cannot start a job thread: {e}");
