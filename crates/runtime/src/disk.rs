@@ -29,6 +29,10 @@ pub const ENTRY_COST: u64 = 4096;
 /// Runs `run` with a request whose cancel flag the watchdog also sets, and returns its result
 /// with the bytes the directory held when the watchdog stopped the VM for holding too much.
 pub(crate) fn watched<T>(req: &RunRequest<'_>, run: impl FnOnce(&RunRequest<'_>) -> T) -> (T, Option<u64>) {
+    let Some(ticker) = ticker() else {
+        // No watchdog (no thread could start): the directory is measured when the run ends.
+        return (run(req), None);
+    };
     let watch = Arc::new(Watch {
         dir: req.job_dir.to_path_buf(),
         cap: req.job.resources.disk_mb.saturating_mul(1 << 20),
@@ -38,10 +42,10 @@ pub(crate) fn watched<T>(req: &RunRequest<'_>, run: impl FnOnce(&RunRequest<'_>)
         state: Mutex::default(),
         ended_cv: Condvar::new(),
     });
-    ticker().add(watch.clone());
+    ticker.add(watch.clone());
     let inner = RunRequest { cancel: Some(watch.stop.clone()), ..req.clone() };
     let out = run(&inner);
-    ticker().remove(&watch);
+    ticker.remove(&watch);
     (out, watch.end())
 }
 
@@ -123,12 +127,18 @@ struct Young {
     asleep: bool,
 }
 
-fn ticker() -> &'static Ticker {
-    static TICKER: OnceLock<&'static Ticker> = OnceLock::new();
-    TICKER.get_or_init(|| {
+/// The ticker, started with the first job; None if its thread could not start (said once).
+fn ticker() -> Option<&'static Ticker> {
+    static TICKER: OnceLock<Option<&'static Ticker>> = OnceLock::new();
+    *TICKER.get_or_init(|| {
         let t: &'static Ticker = Box::leak(Box::new(Ticker { young: Mutex::default(), added: Condvar::new() }));
-        std::thread::Builder::new().name("vmgrid-disk".into()).spawn(|| t.run()).expect("start the disk watchdog");
-        t
+        match std::thread::Builder::new().name("vmgrid-disk".into()).spawn(|| t.run()) {
+            Ok(_) => Some(t),
+            Err(e) => {
+                tracing::error!("cannot start the disk watchdog ({e}): job directories are measured only when jobs end");
+                None
+            }
+        }
     })
 }
 
