@@ -135,7 +135,9 @@ fn ticker() -> Option<&'static Ticker> {
         match std::thread::Builder::new().name("vmgrid-disk".into()).spawn(|| t.run()) {
             Ok(_) => Some(t),
             Err(e) => {
-                tracing::error!("cannot start the disk watchdog ({e}): job directories are measured only when jobs end");
+                tracing::error!(
+                    "cannot start the disk watchdog ({e}): job directories are measured only when jobs end"
+                );
                 None
             }
         }

@@ -187,6 +187,23 @@ impl Runtime {
             .map_err(|e| RunError::Host(format!("cannot start the wasm engine: {e}")))
     }
 
+    /// A wasm job: in a worker process, unless its module's last run here was short (see
+    /// `wasm::worker`), it is an SSI process or this runtime has no workers.
+    fn run_wasm(&self, req: &RunRequest<'_>) -> Result<RunResult, RunError> {
+        let Some(workers) = self.workers.as_ref().filter(|_| req.ssi.is_none()) else {
+            return self.wasm()?.run(req, &self.config);
+        };
+        let task = wasm::Task::of(req)?;
+        let result = match workers.short(task.image()) {
+            true => self.wasm()?.run(req, &self.config),
+            false => workers.run(&task, req.cancel.as_deref()),
+        };
+        if let Ok(r) = &result {
+            workers.ran(task.image(), r.wall);
+        }
+        result
+    }
+
     /// Runs the job in its VM and waits for it. Outputs stay in the job directory. A job whose
     /// directory grows past its `disk_mb` is stopped as soon as the watchdog sees it, and fails
     /// with [`FailureKind::DiskLimit`].
@@ -198,10 +215,7 @@ impl Runtime {
             return Err(RunError::BadJob("only QEMU jobs can be checkpointed (checkpoint_s)".into()));
         }
         let (result, stopped_at) = disk::watched(req, |req| match req.job.vm.vm_type {
-            VmType::Wasm => match (&self.workers, &req.ssi) {
-                (Some(workers), None) => workers.run(&wasm::Task::of(req)?, req.cancel.as_deref()),
-                _ => self.wasm()?.run(req, &self.config),
-            },
+            VmType::Wasm => self.run_wasm(req),
             VmType::Qemu => qemu::run(req, &self.config),
             VmType::Jvm => jvm::run(req, &self.config),
         });

@@ -157,6 +157,10 @@ impl Task {
         })
     }
 
+    pub(crate) fn image(&self) -> &Path {
+        &self.image
+    }
+
     pub(crate) fn timeout(&self) -> Duration {
         Duration::from_secs(self.timeout_s)
     }

@@ -9,12 +9,18 @@
 //! the socket or dies, even in the middle of a guest; it ignores the signals a terminal or a
 //! service manager sends a whole group (SIGINT, SIGTERM, SIGHUP), which are the node's. Workers are kept and reused: a node running
 //! a sweep starts one per cpu, not one per job.
+//!
+//! A module whose last run here was shorter than [`SHORT_RUN`] runs in the caller's process,
+//! with epoch checks, instead: for so short a run, the round trip to a worker (two processes
+//! woken) costs more than the checks, which cost in proportion to the guest's compute. A run of
+//! either kind keeps the time limit; only its speed differs.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +40,10 @@ const FD: i32 = 3;
 const POLL: Duration = Duration::from_millis(10);
 /// A frame's largest header; output bytes follow it and are bounded by the output cap.
 const MAX_HEADER: usize = 1 << 20;
+/// A module that last ran shorter than this runs in the caller's process (see the module doc).
+pub const SHORT_RUN: Duration = Duration::from_millis(1);
+/// Modules whose last run is remembered; past this, the memory starts over.
+const REMEMBERED: usize = 1024;
 
 /// This program, to start as a worker: `/proc/self/exe`, which still names it after its file was
 /// replaced or removed (an upgrade in place), else its path.
@@ -216,11 +226,27 @@ pub(crate) struct Workers {
     program: PathBuf,
     config: RuntimeConfig,
     idle: Mutex<Vec<Worker>>,
+    /// How long each module's last run took, by its image's path.
+    last_run: Mutex<HashMap<PathBuf, Duration>>,
 }
 
 impl Workers {
     pub(crate) fn new(program: PathBuf, config: &RuntimeConfig) -> Workers {
-        Workers { program, config: config.clone(), idle: Mutex::new(Vec::new()) }
+        Workers { program, config: config.clone(), idle: Mutex::default(), last_run: Mutex::default() }
+    }
+
+    /// Whether `image`'s last run here was shorter than [`SHORT_RUN`] (never run: no).
+    pub(crate) fn short(&self, image: &Path) -> bool {
+        self.last_run.lock().unwrap_or_else(|p| p.into_inner()).get(image).is_some_and(|&d| d < SHORT_RUN)
+    }
+
+    /// `image` ran for `wall`.
+    pub(crate) fn ran(&self, image: &Path, wall: Duration) {
+        let mut last = self.last_run.lock().unwrap_or_else(|p| p.into_inner());
+        if last.len() >= REMEMBERED && !last.contains_key(image) {
+            last.clear();
+        }
+        last.insert(image.to_path_buf(), wall);
     }
 
     fn start(&self) -> std::io::Result<Worker> {
@@ -346,4 +372,26 @@ fn read_answer(sock: &mut UnixStream, cap: usize) -> std::io::Result<Result<RunR
         stderr: Captured { bytes: stderr, dropped: head.stderr_dropped },
         wall: Duration::from_micros(head.wall_us),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_module_runs_in_process_only_after_a_short_run() {
+        let w = Workers::new(PathBuf::from("/nonexistent/vmgrid"), &RuntimeConfig::default());
+        let (a, b) = (Path::new("/cache/a.wasm"), Path::new("/cache/b.wasm"));
+        assert!(!w.short(a), "a module never run here goes to a worker");
+        w.ran(a, SHORT_RUN / 2);
+        w.ran(b, SHORT_RUN * 2);
+        assert!(w.short(a));
+        assert!(!w.short(b), "a long run goes to a worker");
+        w.ran(a, Duration::from_secs(1));
+        assert!(!w.short(a), "its last run counts: it went long");
+        for i in 0..REMEMBERED {
+            w.ran(&PathBuf::from(format!("/cache/{i}.wasm")), SHORT_RUN / 2);
+        }
+        assert!(w.last_run.lock().unwrap().len() <= REMEMBERED, "the memory stays bounded");
+    }
 }
