@@ -27,6 +27,9 @@ const SPARE: usize = 64;
 /// beside it (collected outputs, a checkpoint to resume from).
 pub struct JobDir {
     pub path: PathBuf,
+    /// The job directory's size when it was made: a directory that grew (ext4 never shrinks one)
+    /// is not reused, so no job is charged, or learns, what an earlier one wrote.
+    made_size: u64,
 }
 
 impl JobDir {
@@ -61,17 +64,23 @@ impl JobDirs {
         if let Some(d) = crate::lock(&self.spare).pop() {
             return Ok(d);
         }
-        let path = self.root.join(format!("d{}", self.next.fetch_add(1, Ordering::Relaxed)));
-        std::fs::create_dir(&path)?;
-        let dir = JobDir { path };
-        std::fs::create_dir(dir.job())?;
-        Ok(dir)
+        // A name left over by an earlier run of the node (not removed at its start) is skipped.
+        let path = loop {
+            let path = self.root.join(format!("d{}", self.next.fetch_add(1, Ordering::Relaxed)));
+            match std::fs::create_dir(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                made => break made.map(|()| path)?,
+            }
+        };
+        let job = path.join("job");
+        std::fs::create_dir(&job)?;
+        Ok(JobDir { made_size: std::fs::metadata(&job)?.len(), path })
     }
 
     /// Done with `dir`: kept for the next job if `reusable` and still empty, else removed (by
     /// the cleaner, or here when its backlog is full).
     pub fn give_back(&self, dir: JobDir, reusable: bool) {
-        if reusable && as_made(&dir) {
+        if reusable && as_made(&dir) && reset_times(&dir.job()).is_ok() {
             let mut spare = crate::lock(&self.spare);
             if spare.len() < SPARE {
                 spare.push(dir);
@@ -86,8 +95,17 @@ impl JobDirs {
     }
 }
 
-/// Whether `dir` is as [`JobDirs::take`] made it: its job directory alone, empty.
+/// Sets `dir`'s times to now, so the next job sees none an earlier one set.
+fn reset_times(dir: &Path) -> std::io::Result<()> {
+    let now = std::time::SystemTime::now();
+    std::fs::File::open(dir)?.set_times(std::fs::FileTimes::new().set_accessed(now).set_modified(now))
+}
+
+/// Whether `dir` is as [`JobDirs::take`] made it: its job directory alone, empty, and no larger.
 fn as_made(dir: &JobDir) -> bool {
+    if std::fs::metadata(dir.job()).map(|m| m.len()).ok() != Some(dir.made_size) {
+        return false;
+    }
     let only = |p: &Path, name: Option<&str>| {
         std::fs::read_dir(p).is_ok_and(|mut entries| {
             let first = entries.next().map(|e| e.map(|e| e.file_name()));
@@ -139,6 +157,27 @@ mod tests {
         let third = c.path.clone();
         dirs.give_back(c, true);
         assert_ne!(dirs.take().unwrap().path, third);
+    }
+
+    #[test]
+    fn a_directory_that_grew_is_not_reused_and_a_reused_ones_times_are_reset() {
+        let (_root, dirs) = dirs();
+        let a = dirs.take().unwrap();
+        let old = std::time::SystemTime::UNIX_EPOCH;
+        std::fs::File::open(a.job()).unwrap().set_times(std::fs::FileTimes::new().set_modified(old)).unwrap();
+        let first = a.path.clone();
+        dirs.give_back(a, true);
+        let b = dirs.take().unwrap();
+        assert_eq!(b.path, first);
+        let mtime = std::fs::metadata(b.job()).unwrap().modified().unwrap();
+        assert!(mtime > old, "the earlier job's times are gone");
+        // Many long names grow the directory (ext4 never shrinks it): gone, they leave it larger.
+        let names: Vec<_> = (0..2000).map(|i| b.job().join(format!("{i:0>200}"))).collect();
+        names.iter().for_each(|n| std::fs::write(n, "").unwrap());
+        names.iter().for_each(|n| std::fs::remove_file(n).unwrap());
+        let grew = std::fs::metadata(b.job()).unwrap().len() > b.made_size;
+        dirs.give_back(b, true);
+        assert_eq!(dirs.take().unwrap().path == first, !grew, "reused only if it did not grow");
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::RunRequest;
@@ -127,21 +127,21 @@ struct Young {
     asleep: bool,
 }
 
-/// The ticker, started with the first job; None if its thread could not start (said once).
+/// The ticker, started with the first job; None if its thread could not start now (the next
+/// job tries again).
 fn ticker() -> Option<&'static Ticker> {
-    static TICKER: OnceLock<Option<&'static Ticker>> = OnceLock::new();
-    *TICKER.get_or_init(|| {
+    static TICKER: Mutex<Option<&'static Ticker>> = Mutex::new(None);
+    let mut ticker = TICKER.lock().unwrap_or_else(|p| p.into_inner());
+    if ticker.is_none() {
         let t: &'static Ticker = Box::leak(Box::new(Ticker { young: Mutex::default(), added: Condvar::new() }));
         match std::thread::Builder::new().name("vmgrid-disk".into()).spawn(|| t.run()) {
-            Ok(_) => Some(t),
+            Ok(_) => *ticker = Some(t),
             Err(e) => {
-                tracing::error!(
-                    "cannot start the disk watchdog ({e}): job directories are measured only when jobs end"
-                );
-                None
+                tracing::error!("cannot start the disk watchdog ({e}): this job's directory is measured when it ends")
             }
         }
-    })
+    }
+    *ticker
 }
 
 impl Ticker {

@@ -187,19 +187,21 @@ impl Runtime {
             .map_err(|e| RunError::Host(format!("cannot start the wasm engine: {e}")))
     }
 
-    /// A wasm job: in a worker process, unless its module's last run here was short (see
-    /// `wasm::worker`), it is an SSI process or this runtime has no workers.
+    /// A wasm job: in a worker process, unless its module cannot sleep and its last run here was
+    /// short (see `wasm::worker`), it is an SSI process, or no worker can be started.
     fn run_wasm(&self, req: &RunRequest<'_>) -> Result<RunResult, RunError> {
         let Some(workers) = self.workers.as_ref().filter(|_| req.ssi.is_none()) else {
             return self.wasm()?.run(req, &self.config);
         };
         let task = wasm::Task::of(req)?;
-        let result = match workers.short(task.image()) {
-            true => self.wasm()?.run(req, &self.config),
-            false => workers.run(&task, req.cancel.as_deref()),
-        };
-        if let Ok(r) = &result {
-            workers.ran(task.image(), r.wall);
+        let short = workers.short(task.image());
+        if !short && let Some(result) = workers.run(&task, req.cancel.as_deref()) {
+            return result;
+        }
+        let result = self.wasm()?.run(req, &self.config);
+        if short && let Ok(r) = &result {
+            // It cannot sleep: only such a module is remembered as short.
+            workers.ran(task.image(), r.wall, false);
         }
         result
     }

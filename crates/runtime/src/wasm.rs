@@ -171,6 +171,11 @@ impl WasmRuntime {
     /// a worker process, whose parent enforces the limit).
     pub fn new(config: &RuntimeConfig, epochs: bool) -> wasmtime::Result<WasmRuntime> {
         let mut cfg = base_config(epochs);
+        if !epochs {
+            // A worker process, one per running job: each compiling on all cpus would start
+            // that many threads per worker.
+            cfg.parallel_compilation(false);
+        }
         if config.pooled_instances > 0 {
             let n = config.pooled_instances;
             let mut pool = wasmtime::PoolingAllocationConfig::default();
@@ -286,6 +291,13 @@ impl WasmRuntime {
         std::fs::write(tmp.path(), module.serialize()?)?;
         tmp.persist(path)?;
         Ok(())
+    }
+
+    /// Loads (or compiles) `task`'s module, ready to run, and says whether it can sleep: whether
+    /// it imports `poll_oneoff`, a call that blocks where no epoch check can stop it.
+    pub(crate) fn ready(&self, task: &Task) -> Result<bool, RunError> {
+        let pre = self.prepared(&task.image, false, task.deterministic)?;
+        Ok(pre.module().imports().any(|i| i.name() == "poll_oneoff"))
     }
 
     pub fn run(&self, req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, RunError> {

@@ -38,8 +38,13 @@ pub const COMMAND: &str = "__wasm-worker";
 const FD: i32 = 3;
 /// How often a waiting parent looks at the job's cancel flag.
 const POLL: Duration = Duration::from_millis(10);
-/// A frame's largest header; output bytes follow it and are bounded by the output cap.
-const MAX_HEADER: usize = 1 << 20;
+/// A frame's largest header; output bytes follow it and are bounded by the output cap. A task's
+/// args and env are at most 1 MiB (the job's validator), up to 6x that as escaped JSON.
+const MAX_HEADER: usize = 16 << 20;
+/// The longest reason a worker sends (a guest's trap or link error can name long strings).
+const MAX_REASON: usize = 8 << 10;
+/// How long a worker may take to load or compile a module before the time limit starts.
+const LOAD_BOUND: Duration = Duration::from_secs(600);
 /// A module that last ran shorter than this runs in the caller's process (see the module doc).
 pub const SHORT_RUN: Duration = Duration::from_millis(1);
 /// Modules whose last run is remembered; past this, the memory starts over.
@@ -79,6 +84,17 @@ struct Answer {
     stdout_dropped: u64,
     stderr_dropped: u64,
     wall_us: u64,
+    /// The module imports `poll_oneoff`: it can sleep in a call that epoch checks cannot
+    /// interrupt, so it never runs in the caller's process.
+    can_sleep: bool,
+}
+
+/// What a worker sends for a task: `Started` once its module is loaded (the time limit starts
+/// then, as in process), then its `Answer`.
+#[derive(Serialize, Deserialize)]
+enum Msg {
+    Started,
+    Answer(Answer),
 }
 
 fn write_frame(w: &mut impl Write, bytes: &[u8]) -> std::io::Result<()> {
@@ -137,9 +153,17 @@ pub fn serve() -> i32 {
     };
     let runtime = WasmRuntime::new(&config, false).map_err(|e| format!("cannot start the wasm engine: {e:#}"));
     while let Ok(task) = receive::<Task>(&mut sock) {
-        let result = runtime.as_ref().map_err(|e| RunError::Host(e.clone()));
-        let result = result.and_then(|rt| rt.run_task(&task, None, None, &config));
-        if answer(&mut sock, result).is_err() {
+        let runtime = runtime.as_ref().map_err(|e| RunError::Host(e.clone()));
+        let (result, can_sleep) = match runtime.and_then(|rt| Ok((rt, rt.ready(&task)?))) {
+            Ok((rt, can_sleep)) => {
+                if send(&mut Unpiped(&sock), &Msg::Started).is_err() {
+                    break;
+                }
+                (rt.run_task(&task, None, None, &config), can_sleep)
+            }
+            Err(e) => (Err(e), true),
+        };
+        if answer(&mut sock, result, can_sleep).is_err() {
             break;
         }
     }
@@ -153,7 +177,9 @@ fn exit_with_parent(fd: i32) {
         loop {
             // SAFETY: one valid pollfd, which outlives the call.
             let n = unsafe { libc::poll(&mut p, 1, -1) };
-            if n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            let interrupted = n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted;
+            let gone = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
+            if (n < 0 && !interrupted) || (n > 0 && p.revents & gone != 0) {
                 // SAFETY: ending the process at once; nothing of ours needs to be flushed.
                 unsafe { libc::_exit(0) };
             }
@@ -165,25 +191,39 @@ fn exit_with_parent(fd: i32) {
     }
 }
 
-fn answer(sock: &mut UnixStream, result: Result<RunResult, RunError>) -> std::io::Result<()> {
+/// `s` cut to at most [`MAX_REASON`] bytes, on a character boundary.
+fn bounded(mut s: String) -> String {
+    if s.len() > MAX_REASON {
+        let mut end = MAX_REASON;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str(" [...]");
+    }
+    s
+}
+
+fn answer(sock: &mut UnixStream, result: Result<RunResult, RunError>, can_sleep: bool) -> std::io::Result<()> {
+    let none = Captured::default;
     let (ended, out, err, wall) = match result {
         Ok(r) => {
             let ended = match r.outcome {
                 Outcome::Exited(code) => Ended::Exited(code),
-                Outcome::Failed(f) => Ended::Failed { kind: f.kind, reason: f.reason },
+                Outcome::Failed(f) => Ended::Failed { kind: f.kind, reason: bounded(f.reason) },
                 Outcome::Vacated { .. } => Ended::Host("a wasm job cannot be vacated".into()),
             };
             (ended, r.stdout, r.stderr, r.wall)
         }
-        Err(RunError::BadJob(m)) => (Ended::BadJob(m), Captured::default(), Captured::default(), Duration::ZERO),
+        Err(RunError::BadJob(m)) => (Ended::BadJob(bounded(m)), none(), none(), Duration::ZERO),
         Err(RunError::Host(m) | RunError::BadCheckpoint(m)) => {
-            (Ended::Host(m), Captured::default(), Captured::default(), Duration::ZERO)
+            (Ended::Host(bounded(m)), none(), none(), Duration::ZERO)
         }
     };
-    let head =
-        Answer { ended, stdout_dropped: out.dropped, stderr_dropped: err.dropped, wall_us: wall.as_micros() as u64 };
-    let mut w = std::io::BufWriter::new(sock);
-    send(&mut w, &head)?;
+    let wall_us = wall.as_micros() as u64;
+    let head = Answer { ended, stdout_dropped: out.dropped, stderr_dropped: err.dropped, wall_us, can_sleep };
+    let mut w = std::io::BufWriter::new(Unpiped(sock));
+    send(&mut w, &Msg::Answer(head))?;
     write_frame(&mut w, &out.bytes)?;
     write_frame(&mut w, &err.bytes)?;
     w.flush()
@@ -226,13 +266,21 @@ pub(crate) struct Workers {
     program: PathBuf,
     config: RuntimeConfig,
     idle: Mutex<Vec<Worker>>,
-    /// How long each module's last run took, by its image's path.
+    /// How long each module that cannot sleep last ran, by its image's path.
     last_run: Mutex<HashMap<PathBuf, Duration>>,
+    /// Said once: no worker could be started, so wasm jobs run in this process.
+    warned: AtomicBool,
 }
 
 impl Workers {
     pub(crate) fn new(program: PathBuf, config: &RuntimeConfig) -> Workers {
-        Workers { program, config: config.clone(), idle: Mutex::default(), last_run: Mutex::default() }
+        Workers {
+            program,
+            config: config.clone(),
+            idle: Mutex::default(),
+            last_run: Mutex::default(),
+            warned: AtomicBool::new(false),
+        }
     }
 
     /// Whether `image`'s last run here was shorter than [`SHORT_RUN`] (never run: no).
@@ -240,9 +288,14 @@ impl Workers {
         self.last_run.lock().unwrap_or_else(|p| p.into_inner()).get(image).is_some_and(|&d| d < SHORT_RUN)
     }
 
-    /// `image` ran for `wall`.
-    pub(crate) fn ran(&self, image: &Path, wall: Duration) {
+    /// `image` ran for `wall`; a module that `can_sleep` is forgotten (it always runs in a
+    /// worker, whose kill stops a sleep).
+    pub(crate) fn ran(&self, image: &Path, wall: Duration, can_sleep: bool) {
         let mut last = self.last_run.lock().unwrap_or_else(|p| p.into_inner());
+        if can_sleep {
+            last.remove(image);
+            return;
+        }
         if last.len() >= REMEMBERED && !last.contains_key(image) {
             last.clear();
         }
@@ -280,41 +333,80 @@ impl Workers {
         Ok(w)
     }
 
-    /// An idle worker that took `task`, or a new one: an idle worker may have died meanwhile.
-    fn hand(&self, task: &Task) -> Result<Worker, RunError> {
+    /// An idle worker that took `task`, or a new one (an idle worker may have died meanwhile);
+    /// None when none can be started.
+    fn hand(&self, task: &Task) -> Result<Option<Worker>, RunError> {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         if let Some(w) = idle
             && send(&mut Unpiped(&w.sock), task).is_ok()
         {
-            return Ok(w);
+            return Ok(Some(w));
         }
-        let cannot =
-            |e: std::io::Error| RunError::host(format!("cannot start a wasm worker ({})", self.program.display()), e);
-        let w = self.start().map_err(cannot)?;
-        send(&mut Unpiped(&w.sock), task).map_err(cannot)?;
-        Ok(w)
+        let w = match self.start() {
+            Ok(w) => w,
+            Err(e) => {
+                if !self.warned.swap(true, Ordering::Relaxed) {
+                    let program = std::fs::read_link(&self.program).unwrap_or(self.program.clone());
+                    tracing::error!(
+                        "cannot start a wasm worker ({}): {e}; wasm jobs run in this process",
+                        program.display()
+                    );
+                }
+                return Ok(None);
+            }
+        };
+        send(&mut Unpiped(&w.sock), task).map_err(|e| RunError::host("cannot send a wasm worker its job", e))?;
+        Ok(Some(w))
     }
 
-    /// Runs `task` on a worker; kills it at the time limit or once `cancel` is set.
-    pub(crate) fn run(&self, task: &Task, cancel: Option<&AtomicBool>) -> Result<RunResult, RunError> {
+    /// Runs `task` on a worker; kills it at the time limit (counted from its module's load, as in
+    /// process) or once `cancel` is set. None when no worker can be started: the caller runs it.
+    pub(crate) fn run(&self, task: &Task, cancel: Option<&AtomicBool>) -> Option<Result<RunResult, RunError>> {
         let start = Instant::now();
-        let mut w = self.hand(task)?;
-        let deadline = start + task.timeout();
+        match self.hand(task) {
+            Ok(Some(w)) => Some(self.wait(w, task, cancel, start)),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    fn wait(
+        &self,
+        mut w: Worker,
+        task: &Task,
+        cancel: Option<&AtomicBool>,
+        start: Instant,
+    ) -> Result<RunResult, RunError> {
+        let (mut deadline, mut started) = (start + LOAD_BOUND, false);
         loop {
             if readable(&w.sock, POLL.min(deadline.saturating_duration_since(Instant::now())))? {
-                break;
+                let head = match receive::<Msg>(&mut w.sock) {
+                    Ok(Msg::Started) => {
+                        (deadline, started) = (Instant::now() + task.timeout(), true);
+                        continue;
+                    }
+                    Ok(Msg::Answer(head)) => head,
+                    Err(e) => return Err(died(&mut w, e)),
+                };
+                let can_sleep = head.can_sleep;
+                let result = read_answer(&mut w.sock, head, self.config.output_cap).map_err(|e| died(&mut w, e))?;
+                self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(w);
+                if let Ok(r) = &result {
+                    self.ran(task.image(), r.wall, can_sleep);
+                }
+                return result;
             }
             if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                 return Ok(stopped(crate::cancelled_failure(), start));
             }
             if Instant::now() >= deadline {
+                if !started {
+                    return Err(RunError::Host(format!("the module took over {} s to load", LOAD_BOUND.as_secs())));
+                }
                 let reason = format!("the time limit of {} s was exceeded (timeout_s)", task.timeout_s);
                 return Ok(stopped(Failure { kind: FailureKind::TimeLimit, reason }, start));
             }
         }
-        let result = read_answer(&mut w.sock, self.config.output_cap).map_err(|e| died(&mut w, e))?;
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(w);
-        result
     }
 }
 
@@ -328,12 +420,16 @@ fn stopped(failure: Failure, start: Instant) -> RunResult {
     }
 }
 
-/// Why a worker that stopped answering did: it died (a signal) or broke the protocol.
+/// Why a worker stopped answering: it died (its answer ended early), or its answer was
+/// unusable. It is not used again either way (dropping it kills it).
 fn died(w: &mut Worker, e: std::io::Error) -> RunError {
-    let _ = w.child.kill();
-    match w.child.wait() {
-        Ok(status) => RunError::Host(format!("the wasm worker running the job died ({status})")),
-        Err(_) => RunError::host("the wasm worker running the job stopped answering", e),
+    let ended = match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => w.child.wait().ok(),
+        _ => None,
+    };
+    match ended {
+        Some(status) => RunError::Host(format!("the wasm worker running the job died ({status})")),
+        None => RunError::host("the wasm worker running the job gave an unusable answer", e),
     }
 }
 
@@ -355,9 +451,8 @@ fn readable(sock: &UnixStream, wait: Duration) -> Result<bool, RunError> {
     }
 }
 
-/// A worker's answer; each stream holds at most `cap` bytes (the capture's bound).
-fn read_answer(sock: &mut UnixStream, cap: usize) -> std::io::Result<Result<RunResult, RunError>> {
-    let head: Answer = receive(sock)?;
+/// The rest of a worker's answer; each stream holds at most `cap` bytes (the capture's bound).
+fn read_answer(sock: &mut UnixStream, head: Answer, cap: usize) -> std::io::Result<Result<RunResult, RunError>> {
     let stdout = read_frame(sock, cap)?;
     let stderr = read_frame(sock, cap)?;
     let outcome = match head.ended {
@@ -383,14 +478,16 @@ mod tests {
         let w = Workers::new(PathBuf::from("/nonexistent/vmgrid"), &RuntimeConfig::default());
         let (a, b) = (Path::new("/cache/a.wasm"), Path::new("/cache/b.wasm"));
         assert!(!w.short(a), "a module never run here goes to a worker");
-        w.ran(a, SHORT_RUN / 2);
-        w.ran(b, SHORT_RUN * 2);
+        w.ran(a, SHORT_RUN / 2, false);
+        w.ran(b, SHORT_RUN * 2, false);
         assert!(w.short(a));
         assert!(!w.short(b), "a long run goes to a worker");
-        w.ran(a, Duration::from_secs(1));
+        w.ran(a, Duration::from_secs(1), false);
         assert!(!w.short(a), "its last run counts: it went long");
+        w.ran(b, SHORT_RUN / 2, true);
+        assert!(!w.short(b), "a module that can sleep always goes to a worker");
         for i in 0..REMEMBERED {
-            w.ran(&PathBuf::from(format!("/cache/{i}.wasm")), SHORT_RUN / 2);
+            w.ran(&PathBuf::from(format!("/cache/{i}.wasm")), SHORT_RUN / 2, false);
         }
         assert!(w.last_run.lock().unwrap().len() <= REMEMBERED, "the memory stays bounded");
     }

@@ -243,13 +243,21 @@ fn a_nodes_wasm_worker_is_killed_at_the_time_limit_on_rm_and_with_its_node() {
     let mut pool = Pool::start();
     pool.start_node("n1", 1);
     let d = JobDir::new();
-    let submit = |pool: &Pool, timeout_s: u32| {
-        let job = probe_job_file(d.path(), "spin", &["spin"], &format!("[resources]\ntimeout_s = {timeout_s}\n"));
+    let submit_as = |pool: &Pool, args: &[&str], timeout_s: u32| {
+        let job = probe_job_file(d.path(), "spin", args, &format!("[resources]\ntimeout_s = {timeout_s}\n"));
         ids_of(&pool.cli().arg("submit").arg(&job).output().unwrap())[0]
     };
+    let submit = |pool: &Pool, timeout_s: u32| submit_as(pool, &["spin"], timeout_s);
+    let limited = |p: &Pool, id: u64| p.job(id).reason.as_deref().is_some_and(|r| r.contains("time limit of 1 s"));
     // The time limit: the node kills the spinning guest's worker and says why.
     let id = submit(&pool, 1);
-    pool.wait_for("the time limit", |p| p.job(id).reason.as_deref().is_some_and(|r| r.contains("time limit of 1 s")));
+    pool.wait_for("the time limit", |p| limited(p, id));
+    // A module that ran short once, then sleeps: it can sleep (it imports poll_oneoff), so it
+    // still runs in a worker, whose kill ends the sleep at the limit.
+    let id = submit_as(&pool, &["exit:0"], 60);
+    pool.wait_for("a short run", |p| p.job(id).state == JobState::Completed);
+    let id = submit_as(&pool, &["sleep:600000"], 1);
+    pool.wait_for("the time limit of a sleeping guest", |p| limited(p, id));
     // rm: the running guest's worker is killed at once.
     let id = submit(&pool, 300);
     pool.wait_for("the job to run", |p| p.job(id).state == JobState::Running);
