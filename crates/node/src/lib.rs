@@ -230,14 +230,19 @@ impl Agent {
         }
         self.send_heartbeat(true);
         let deadline = Instant::now() + self.config.drain_timeout;
-        while !lock(&self.running).is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_until_idle(deadline);
         for r in lock(&self.running).values() {
             r.cancel.store(true, Ordering::Relaxed);
         }
-        while !lock(&self.running).is_empty() && Instant::now() < deadline + Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(20));
+        self.wait_until_idle(deadline + Duration::from_secs(10));
+    }
+
+    /// Waits until no job runs (each one that ends wakes `slot_freed`), or until `deadline`.
+    fn wait_until_idle(&self, deadline: Instant) {
+        let mut running = lock(&self.running);
+        while !running.is_empty() {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else { return };
+            running = self.slot_freed.wait_timeout(running, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }
@@ -435,6 +440,7 @@ impl Agent {
         if let Err(e) = spawned {
             tracing::error!("cannot start a job thread: {e}");
             lock(&self.running).remove(&id);
+            self.slot_freed.notify_all();
         }
     }
 

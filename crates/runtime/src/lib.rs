@@ -24,8 +24,8 @@ pub use capture::Captured;
 pub use vmgrid_job::FailureKind;
 use vmgrid_job::{Job, VmType};
 
-/// How a runtime is set up on this host.
-#[derive(Debug, Clone)]
+/// How a runtime is set up on this host (sent whole to a wasm worker).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RuntimeConfig {
     /// Compiled wasm modules, the accelerator probe's answer and other rebuildable state.
     pub cache_dir: PathBuf,

@@ -60,15 +60,6 @@ pub fn this_program() -> Option<PathBuf> {
     }
 }
 
-/// What a worker is told once, when it starts.
-#[derive(Serialize, Deserialize)]
-struct Setup {
-    cache_dir: PathBuf,
-    output_cap: usize,
-    echo: bool,
-    pooled: bool,
-}
-
 /// How a task ended, as a worker says it; its stdout and stderr follow as two byte frames.
 #[derive(Serialize, Deserialize)]
 enum Ended {
@@ -140,16 +131,10 @@ pub fn serve() -> i32 {
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
     exit_with_parent(FD);
-    let setup: Setup = match receive(&mut sock) {
-        Ok(s) => s,
+    // Its runtime's configuration, sent once (`Workers::start`).
+    let config: RuntimeConfig = match receive(&mut sock) {
+        Ok(c) => c,
         Err(_) => return 0,
-    };
-    let config = RuntimeConfig {
-        cache_dir: setup.cache_dir,
-        output_cap: setup.output_cap,
-        echo: setup.echo,
-        pooled_instances: u32::from(setup.pooled),
-        wasm_worker: None,
     };
     let runtime = WasmRuntime::new(&config, false).map_err(|e| format!("cannot start the wasm engine: {e:#}"));
     while let Ok(task) = receive::<Task>(&mut sock) {
@@ -323,13 +308,10 @@ impl Workers {
         let child = cmd.spawn()?;
         drop(theirs);
         let w = Worker { child, sock: mine };
-        let setup = Setup {
-            cache_dir: self.config.cache_dir.clone(),
-            output_cap: self.config.output_cap,
-            echo: self.config.echo,
-            pooled: self.config.pooled_instances > 0,
-        };
-        send(&mut Unpiped(&w.sock), &setup)?;
+        // A worker runs one instance at a time, and starts no workers of its own.
+        let pooled_instances = self.config.pooled_instances.min(1);
+        let config = RuntimeConfig { pooled_instances, wasm_worker: None, ..self.config.clone() };
+        send(&mut Unpiped(&w.sock), &config)?;
         Ok(w)
     }
 
