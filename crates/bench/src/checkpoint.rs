@@ -142,8 +142,16 @@ pub fn measure(root: &Path, memory_mb: u64, dirty: bool) -> Result<CheckpointFig
     let plan =
         Checkpointing { every: Duration::from_secs(2), sink: sink.clone(), resume: None, vacate: sink.vacate.clone() };
     let run = |job_dir: &Path, plan: &Checkpointing| {
-        let req =
-            RunRequest { job: &job, job_dir, cancel: None, ssi: None, checkpoint: Some(plan), seed: 0, net: None };
+        let req = RunRequest {
+            job: &job,
+            job_dir,
+            cancel: None,
+            ssi: None,
+            checkpoint: Some(plan),
+            seed: 0,
+            net: None,
+            empty_dir: false,
+        };
         match runtime.run(&req).map_err(|e| e.to_string())?.outcome {
             Outcome::Vacated { .. } => Ok(()),
             other => Err(format!("the guest ended without being vacated: {other:?}")),

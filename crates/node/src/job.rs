@@ -24,24 +24,25 @@ pub(crate) fn host_failed(id: LeaseId, reason: String) -> Report {
 }
 
 impl Agent {
-    /// Runs one leased job in `dir` (empty, with an empty `job` directory) and builds its report.
+    /// Runs one leased job in `dir` (empty, with an empty `job` directory) and builds its report;
+    /// says too whether `dir` is known to be as it was (nothing staged, made or collected in it).
     pub(crate) fn run_job(
         &self,
         lease: &Lease,
         dir: &Path,
         cancel: Arc<AtomicBool>,
         vacate: Arc<AtomicBool>,
-    ) -> Report {
+    ) -> (Report, bool) {
         let id = LeaseId { job_id: lease.job_id, epoch: lease.epoch };
-        let mut home_gone = false;
-        let result = self.attempt(lease, &cancel, vacate, dir, &mut home_gone);
+        let (mut home_gone, mut untouched) = (false, false);
+        let result = self.attempt(lease, &cancel, vacate, dir, (&mut home_gone, &mut untouched));
         let stopped = cancel.load(Ordering::Relaxed);
         if stopped {
             // Still reported: the coordinator, not the node, decides what a result is worth, and
             // it refuses one whose lease is gone.
             tracing::info!(job = lease.job_id, epoch = lease.epoch, "stopped: the lease was revoked");
         }
-        match result {
+        let report = match result {
             // An SSI process whose console went away is over: nothing would take its output.
             Ok(r) if home_gone => Report {
                 run: RunReport::GuestFailed {
@@ -57,7 +58,8 @@ impl Agent {
             Err(RunError::BadJob(reason)) => report(id, RunReport::BadJob { reason }),
             Err(RunError::Host(reason)) => report(id, RunReport::HostFailed { reason }),
             Err(RunError::BadCheckpoint(reason)) => report(id, RunReport::BadCheckpoint { reason }),
-        }
+        };
+        (report, untouched)
     }
 
     fn attempt(
@@ -66,7 +68,7 @@ impl Agent {
         cancel: &Arc<AtomicBool>,
         vacate: Arc<AtomicBool>,
         dir: &Path,
-        home_gone: &mut bool,
+        (home_gone, untouched): (&mut bool, &mut bool),
     ) -> Result<Report, RunError> {
         let client = self.client();
         let mut job = self.localize(&client, lease)?;
@@ -74,6 +76,7 @@ impl Agent {
         let job_dir = dir.join("job");
         jobdir::stage_inputs(&job, &job_dir)?;
         let net = self.join_overlay(lease, &mut job, &job_dir)?;
+        let empty_dir = job.files.inputs.is_empty() && net.is_none() && lease.spec.ssi.is_none() && plan.is_none();
         // An SSI process runs against its home: its job directory is the mirror of the home's
         // files, and the home hears of its start, output and end first.
         let home = lease.spec.ssi.clone().map(|spec| ssi::HomeLink::start(spec, cancel.clone(), &self.config.trust));
@@ -89,6 +92,7 @@ impl Agent {
             checkpoint: plan.as_ref().map(|(p, _)| p),
             seed: lease.job_id,
             net: net.as_ref().map(|a| &a.net),
+            empty_dir,
         });
         drop(net);
         if let Some((_, sink)) = &plan {
@@ -102,6 +106,8 @@ impl Agent {
         }
         *home_gone = home.as_ref().is_some_and(|h| h.home_gone());
         let result = run?;
+        // Nothing is collected beside the job directory either: no outputs are asked for.
+        *untouched = empty_dir && !result.created && job.files.outputs.is_empty();
         let id = LeaseId { job_id: lease.job_id, epoch: lease.epoch };
         if let Outcome::Vacated { seq } = result.outcome {
             // It goes on elsewhere: nothing of this run is kept.

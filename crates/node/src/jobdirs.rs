@@ -8,7 +8,10 @@
 //!
 //! A directory is reused only after a wasm job: WASI gives a guest no way to change the
 //! directory's own mode, owner or attributes, so an empty directory is as good as a new one. A
-//! QEMU or JVM guest might change them, so its directory is always removed.
+//! QEMU or JVM guest might change them, so its directory is always removed. Whether a wasm job
+//! left it empty is looked at (two listings and a `stat`), unless the job is known to have left
+//! it as it was: nothing was staged or collected in it, and the guest called none of the calls
+//! that make a file, directory or link (the runtime sees every call, `RunResult::created`).
 //!
 //! A node that stops with directories not yet removed removes them at its next start (the
 //! whole `jobs` directory is emptied then).
@@ -22,6 +25,17 @@ use std::sync::mpsc;
 pub const BACKLOG: usize = 256;
 /// The most empty directories kept for reuse (one per job that ran at once is enough).
 const SPARE: usize = 64;
+
+/// What may become of a job's directory once its job is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// Removed.
+    No,
+    /// Reused if it is as it was made; removed otherwise.
+    IfAsMade,
+    /// Reused: nothing was made in it (see the module doc).
+    Untouched,
+}
 
 /// A job's directory: `path` holds the job directory proper (`job`) and whatever the node puts
 /// beside it (collected outputs, a checkpoint to resume from).
@@ -77,10 +91,15 @@ impl JobDirs {
         Ok(JobDir { made_size: std::fs::metadata(&job)?.len(), path })
     }
 
-    /// Done with `dir`: kept for the next job if `reusable` and still empty, else removed (by
-    /// the cleaner, or here when its backlog is full).
-    pub fn give_back(&self, dir: JobDir, reusable: bool) {
-        if reusable && as_made(&dir) && reset_times(&dir.job()).is_ok() {
+    /// Done with `dir`: kept for the next job as `reuse` says, else removed (by the cleaner, or
+    /// here when its backlog is full).
+    pub fn give_back(&self, dir: JobDir, reuse: Reuse) {
+        let reusable = match reuse {
+            Reuse::No => false,
+            Reuse::IfAsMade => as_made(&dir),
+            Reuse::Untouched => true,
+        };
+        if reusable && reset_times(&dir.job()).is_ok() {
             let mut spare = crate::lock(&self.spare);
             if spare.len() < SPARE {
                 spare.push(dir);
@@ -95,10 +114,16 @@ impl JobDirs {
     }
 }
 
-/// Sets `dir`'s times to now, so the next job sees none an earlier one set.
+/// Sets `dir`'s times to now, so the next job sees none an earlier one set. One `utimensat` on
+/// the path: opening the directory to set them on its descriptor walked the path twice.
 fn reset_times(dir: &Path) -> std::io::Result<()> {
-    let now = std::time::SystemTime::now();
-    std::fs::File::open(dir)?.set_times(std::fs::FileTimes::new().set_accessed(now).set_modified(now))
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: a NUL-terminated path that outlives the call; no times given means now for both.
+    match unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), std::ptr::null(), 0) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
 }
 
 /// Whether `dir` is as [`JobDirs::take`] made it: its job directory alone, empty, and no larger.
@@ -144,18 +169,18 @@ mod tests {
         let a = dirs.take().unwrap();
         let first = a.path.clone();
         assert!(a.job().is_dir());
-        dirs.give_back(a, true);
+        dirs.give_back(a, Reuse::IfAsMade);
         let b = dirs.take().unwrap();
         assert_eq!(b.path, first, "the empty directory is taken again");
         std::fs::write(b.job().join("left"), "x").unwrap();
-        dirs.give_back(b, true);
+        dirs.give_back(b, Reuse::IfAsMade);
         let c = dirs.take().unwrap();
         assert_ne!(c.path, first, "a directory with a file in it is not reused");
         assert_eq!(std::fs::read_dir(c.job()).unwrap().count(), 0, "a new directory is empty");
         // Something beside the job directory (collected outputs) is not as made either.
         std::fs::create_dir(c.path.join("out")).unwrap();
         let third = c.path.clone();
-        dirs.give_back(c, true);
+        dirs.give_back(c, Reuse::IfAsMade);
         assert_ne!(dirs.take().unwrap().path, third);
     }
 
@@ -166,7 +191,7 @@ mod tests {
         let old = std::time::SystemTime::UNIX_EPOCH;
         std::fs::File::open(a.job()).unwrap().set_times(std::fs::FileTimes::new().set_modified(old)).unwrap();
         let first = a.path.clone();
-        dirs.give_back(a, true);
+        dirs.give_back(a, Reuse::IfAsMade);
         let b = dirs.take().unwrap();
         assert_eq!(b.path, first);
         let mtime = std::fs::metadata(b.job()).unwrap().modified().unwrap();
@@ -176,7 +201,7 @@ mod tests {
         names.iter().for_each(|n| std::fs::write(n, "").unwrap());
         names.iter().for_each(|n| std::fs::remove_file(n).unwrap());
         let grew = std::fs::metadata(b.job()).unwrap().len() > b.made_size;
-        dirs.give_back(b, true);
+        dirs.give_back(b, Reuse::IfAsMade);
         assert_eq!(dirs.take().unwrap().path == first, !grew, "reused only if it did not grow");
     }
 
@@ -185,13 +210,13 @@ mod tests {
         let (_root, dirs) = dirs();
         let a = dirs.take().unwrap();
         let path = a.path.clone();
-        dirs.give_back(a, false);
+        dirs.give_back(a, Reuse::No);
         assert_ne!(dirs.take().unwrap().path, path);
         // The cleaner removes it; its backlog is drained in order, so once a later directory
         // is gone, this one is too.
         let marker = dirs.take().unwrap();
         let marker_path = marker.path.clone();
-        dirs.give_back(marker, false);
+        dirs.give_back(marker, Reuse::No);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while marker_path.exists() {
             assert!(std::time::Instant::now() < deadline, "the cleaner never removed it");

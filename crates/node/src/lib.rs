@@ -10,6 +10,7 @@ mod checkpoint;
 mod fingerprint;
 mod job;
 mod jobdirs;
+use jobdirs::Reuse;
 mod overlay;
 mod peer;
 mod queue;
@@ -416,9 +417,9 @@ impl Agent {
         let agent = self.clone();
         let spawned = self.workers.run(move || {
             let dir = agent.dirs.take();
-            let report = match &dir {
+            let (report, untouched) = match &dir {
                 Ok(dir) => agent.run_job(&lease, &dir.path, cancel, vacate),
-                Err(e) => job::host_failed(id, format!("cannot create the job directory: {e}")),
+                Err(e) => (job::host_failed(id, format!("cannot create the job directory: {e}")), false),
             };
             // What lease-ahead is sized by: runs of jobs that take cpus, not a failure to start.
             if lease.spec.cpus > 0 && !matches!(report.run, RunReport::HostFailed { .. }) {
@@ -434,7 +435,12 @@ impl Agent {
             // Off the path to the result: an empty directory goes to the next job as it is, any
             // other is removed by the cleaner.
             if let Ok(dir) = dir {
-                agent.dirs.give_back(dir, lease.spec.vm_type == VmType::Wasm);
+                let reuse = match (lease.spec.vm_type, untouched) {
+                    (VmType::Wasm, true) => Reuse::Untouched,
+                    (VmType::Wasm, false) => Reuse::IfAsMade,
+                    _ => Reuse::No,
+                };
+                agent.dirs.give_back(dir, reuse);
             }
         });
         if let Err(e) = spawned {

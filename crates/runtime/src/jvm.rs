@@ -248,5 +248,5 @@ pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, Ru
         }
         o => o,
     };
-    Ok(RunResult { outcome, stdout: stdout.take(), stderr, wall: start.elapsed() })
+    Ok(RunResult { outcome, stdout: stdout.take(), stderr, wall: start.elapsed(), created: true })
 }

@@ -88,6 +88,9 @@ pub struct RunRequest<'a> {
     pub seed: u64,
     /// A `network = "grid"` QEMU job's NIC: the node's end of it is the overlay's switch.
     pub net: Option<&'a qemu::NetAttach>,
+    /// The job directory was empty when the run began (no inputs staged): if the guest made
+    /// nothing in it (`RunResult::created`), it is not measured again when the guest ends.
+    pub empty_dir: bool,
 }
 
 impl RunRequest<'_> {
@@ -124,6 +127,10 @@ pub struct RunResult {
     pub stdout: Captured,
     pub stderr: Captured,
     pub wall: Duration,
+    /// Whether the guest may have made something in its job directory. Only a wasm guest, whose
+    /// every file call vmgrid sees, is known not to have (it made no file, directory or link);
+    /// a directory it found empty is then still empty.
+    pub created: bool,
 }
 
 impl RunResult {
@@ -200,8 +207,7 @@ impl Runtime {
         }
         let result = self.wasm()?.run(req, &self.config);
         if short && let Ok(r) = &result {
-            // It cannot sleep: only such a module is remembered as short.
-            workers.ran(task.image(), r.wall, false);
+            workers.ran(task.image(), r.wall);
         }
         result
     }
@@ -225,7 +231,8 @@ impl Runtime {
         let cap = req.job.resources.disk_mb.saturating_mul(1 << 20);
         // The watchdog measures between ticks: a job that ended in between is measured once more.
         let over = stopped_at.map(|u| (u, "the VM was stopped")).or_else(|| {
-            let ended = matches!(result.outcome, Outcome::Exited(_)).then(|| disk::usage(req.job_dir));
+            let untouched = req.empty_dir && !result.created;
+            let ended = (matches!(result.outcome, Outcome::Exited(_)) && !untouched).then(|| disk::usage(req.job_dir));
             ended.filter(|&u| u > cap).map(|u| (u, "the VM had ended"))
         });
         if let Some((used, what)) = over {

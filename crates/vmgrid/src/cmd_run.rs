@@ -61,6 +61,7 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
         seed: 0,
         // `network = "grid"` needs a pool's overlay: run here, the VM has no NIC.
         net: None,
+        empty_dir: job.files.inputs.is_empty(),
     });
     // Outputs are collected whatever happened, so a failed job's partial results are kept, but
     // not past the disk limit.

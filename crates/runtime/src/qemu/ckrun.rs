@@ -145,7 +145,7 @@ pub(crate) fn run(req: &RunRequest<'_>, config: &RuntimeConfig, ck: &Checkpointi
         Err(seq) => Outcome::Vacated { seq },
         Ok(status) => finished(req, status, (&job_dir, &job_disk, scratch.path()), (&out, &err))?,
     };
-    Ok(RunResult { outcome, stdout: out, stderr: err, wall: start.elapsed() })
+    Ok(RunResult { outcome, stdout: out, stderr: err, wall: start.elapsed(), created: true })
 }
 
 /// How a checkpointed VM that QEMU is done with ended. Its files come back from its disk (partial

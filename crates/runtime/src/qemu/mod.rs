@@ -155,7 +155,7 @@ pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, Ru
     vm.join_readers();
     let (stdout, stderr, wall) = (stdout.take(), stderr.take(), start.elapsed());
     let outcome = outcome(req, status, &stdout, &stderr)?;
-    Ok(RunResult { outcome, stdout, stderr, wall })
+    Ok(RunResult { outcome, stdout, stderr, wall, created: true })
 }
 
 /// What a VM's end means: the guest's own outcome, a limit, or QEMU's failure (the job's, when

@@ -5,14 +5,18 @@
 //! (`EBADF` for a descriptor that is not open, `ENOTSOCK` for one that is). Each call still goes
 //! through wasmtime-wasi's own implementation, which alone decides what a path can reach: these
 //! only take a trailing slash off or look at what the path names first, never widen access.
+//!
+//! The calls that make something in the job directory (a file by `path_open` with `O_CREAT`, a
+//! directory, a symlink, a hard link, a rename's new name) are noted in `GuestState::created`,
+//! before they run: a guest that made none left a directory it found empty as it was.
 
 use wasmtime::{Caller, Linker};
 use wasmtime_wasi::p1::wasi_snapshot_preview1 as abi;
 use wasmtime_wasi::runtime::in_tokio;
 
 use super::abi::{
-    FILESTAT_TYPE, FILETYPE_DIRECTORY, FILETYPE_SYMBOLIC_LINK, LOOKUP_FOLLOW, O_DIRECTORY, R, W, fail, filestat,
-    read_str, real, scratch, wasi,
+    FILESTAT_TYPE, FILETYPE_DIRECTORY, FILETYPE_SYMBOLIC_LINK, LOOKUP_FOLLOW, O_CREAT, O_DIRECTORY, R, W, fail,
+    filestat, read_str, real, scratch, wasi,
 };
 use crate::ssi::errno;
 use crate::wasm::GuestState;
@@ -29,6 +33,34 @@ pub(crate) fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result
     linker.func_wrap(W, "path_symlink", symlink)?;
     linker.func_wrap(W, "path_open", path_open)?;
     linker.func_wrap(W, "sock_shutdown", sock_shutdown)?;
+    linker.func_wrap(W, "path_create_directory", |mut c: Caller<'_, GuestState>, fd: i32, p: i32, n: i32| -> R {
+        c.data_mut().created = true;
+        real(&mut c, |w, m| in_tokio(abi::path_create_directory(w, m, fd, p, n)))?
+    })?;
+    linker.func_wrap(
+        W,
+        "path_link",
+        |mut c: Caller<'_, GuestState>,
+         fd: i32,
+         flags: i32,
+         old: i32,
+         old_len: i32,
+         fd2: i32,
+         new: i32,
+         new_len: i32|
+         -> R {
+            c.data_mut().created = true;
+            real(&mut c, |w, m| in_tokio(abi::path_link(w, m, fd, flags, old, old_len, fd2, new, new_len)))?
+        },
+    )?;
+    linker.func_wrap(
+        W,
+        "path_rename",
+        |mut c: Caller<'_, GuestState>, fd: i32, old: i32, old_len: i32, fd2: i32, new: i32, new_len: i32| -> R {
+            c.data_mut().created = true;
+            real(&mut c, |w, m| in_tokio(abi::path_rename(w, m, fd, old, old_len, fd2, new, new_len)))?
+        },
+    )?;
     linker.allow_shadowing(false);
     Ok(())
 }
@@ -82,6 +114,7 @@ pub(crate) fn path_filestat_get(
 }
 
 fn symlink(mut c: Caller<'_, GuestState>, old: i32, old_len: i32, fd: i32, new: i32, new_len: i32) -> R {
+    c.data_mut().created = true;
     if let Some(path) = read_str(&mut c, new, new_len)?
         && let Some(name) = strip_slash(&path)
     {
@@ -107,6 +140,9 @@ fn path_open(
     fdflags: i32,
     fd_out: i32,
 ) -> R {
+    if oflags & O_CREAT != 0 {
+        c.data_mut().created = true;
+    }
     let r = real(&mut c, |w, m| {
         in_tokio(abi::path_open(w, m, fd, dirflags, ptr, len, oflags, rights, inheriting, fdflags, fd_out))
     })??;
@@ -122,6 +158,9 @@ fn path_open(
     }
     Ok(r)
 }
+
+#[cfg(test)]
+mod tests;
 
 fn sock_shutdown(mut c: Caller<'_, GuestState>, fd: i32, how: i32) -> R {
     let (r, _) = scratch(wasi(&mut c), &[], 24, |w, m, _, out| in_tokio(abi::fd_fdstat_get(w, m, fd, out)));

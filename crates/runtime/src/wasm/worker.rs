@@ -13,7 +13,8 @@
 //! A module whose last run here was shorter than [`SHORT_RUN`] runs in the caller's process,
 //! with epoch checks, instead: for so short a run, the round trip to a worker (two processes
 //! woken) costs more than the checks, which cost in proportion to the guest's compute. A run of
-//! either kind keeps the time limit; only its speed differs.
+//! either kind keeps the time limit, a sleeping guest's too (`wasm::sleep`); only its speed
+//! differs.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -75,9 +76,8 @@ struct Answer {
     stdout_dropped: u64,
     stderr_dropped: u64,
     wall_us: u64,
-    /// The module imports `poll_oneoff`: it can sleep in a call that epoch checks cannot
-    /// interrupt, so it never runs in the caller's process.
-    can_sleep: bool,
+    /// See [`RunResult::created`].
+    created: bool,
 }
 
 /// What a worker sends for a task: `Started` once its module is loaded (the time limit starts
@@ -139,16 +139,16 @@ pub fn serve() -> i32 {
     let runtime = WasmRuntime::new(&config, false).map_err(|e| format!("cannot start the wasm engine: {e:#}"));
     while let Ok(task) = receive::<Task>(&mut sock) {
         let runtime = runtime.as_ref().map_err(|e| RunError::Host(e.clone()));
-        let (result, can_sleep) = match runtime.and_then(|rt| Ok((rt, rt.ready(&task)?))) {
-            Ok((rt, can_sleep)) => {
+        let result = match runtime.and_then(|rt| rt.ready(&task).map(|()| rt)) {
+            Ok(rt) => {
                 if send(&mut Unpiped(&sock), &Msg::Started).is_err() {
                     break;
                 }
-                (rt.run_task(&task, None, None, &config), can_sleep)
+                rt.run_task(&task, None, None, &config)
             }
-            Err(e) => (Err(e), true),
+            Err(e) => Err(e),
         };
-        if answer(&mut sock, result, can_sleep).is_err() {
+        if answer(&mut sock, result).is_err() {
             break;
         }
     }
@@ -189,24 +189,24 @@ fn bounded(mut s: String) -> String {
     s
 }
 
-fn answer(sock: &mut UnixStream, result: Result<RunResult, RunError>, can_sleep: bool) -> std::io::Result<()> {
+fn answer(sock: &mut UnixStream, result: Result<RunResult, RunError>) -> std::io::Result<()> {
     let none = Captured::default;
-    let (ended, out, err, wall) = match result {
+    let (ended, out, err, wall, created) = match result {
         Ok(r) => {
             let ended = match r.outcome {
                 Outcome::Exited(code) => Ended::Exited(code),
                 Outcome::Failed(f) => Ended::Failed { kind: f.kind, reason: bounded(f.reason) },
                 Outcome::Vacated { .. } => Ended::Host("a wasm job cannot be vacated".into()),
             };
-            (ended, r.stdout, r.stderr, r.wall)
+            (ended, r.stdout, r.stderr, r.wall, r.created)
         }
-        Err(RunError::BadJob(m)) => (Ended::BadJob(bounded(m)), none(), none(), Duration::ZERO),
+        Err(RunError::BadJob(m)) => (Ended::BadJob(bounded(m)), none(), none(), Duration::ZERO, true),
         Err(RunError::Host(m) | RunError::BadCheckpoint(m)) => {
-            (Ended::Host(bounded(m)), none(), none(), Duration::ZERO)
+            (Ended::Host(bounded(m)), none(), none(), Duration::ZERO, true)
         }
     };
     let wall_us = wall.as_micros() as u64;
-    let head = Answer { ended, stdout_dropped: out.dropped, stderr_dropped: err.dropped, wall_us, can_sleep };
+    let head = Answer { ended, stdout_dropped: out.dropped, stderr_dropped: err.dropped, wall_us, created };
     let mut w = std::io::BufWriter::new(Unpiped(sock));
     send(&mut w, &Msg::Answer(head))?;
     write_frame(&mut w, &out.bytes)?;
@@ -273,14 +273,9 @@ impl Workers {
         self.last_run.lock().unwrap_or_else(|p| p.into_inner()).get(image).is_some_and(|&d| d < SHORT_RUN)
     }
 
-    /// `image` ran for `wall`; a module that `can_sleep` is forgotten (it always runs in a
-    /// worker, whose kill stops a sleep).
-    pub(crate) fn ran(&self, image: &Path, wall: Duration, can_sleep: bool) {
+    /// `image` ran for `wall`.
+    pub(crate) fn ran(&self, image: &Path, wall: Duration) {
         let mut last = self.last_run.lock().unwrap_or_else(|p| p.into_inner());
-        if can_sleep {
-            last.remove(image);
-            return;
-        }
         if last.len() >= REMEMBERED && !last.contains_key(image) {
             last.clear();
         }
@@ -370,11 +365,10 @@ impl Workers {
                     Ok(Msg::Answer(head)) => head,
                     Err(e) => return Err(died(&mut w, e)),
                 };
-                let can_sleep = head.can_sleep;
                 let result = read_answer(&mut w.sock, head, self.config.output_cap).map_err(|e| died(&mut w, e))?;
                 self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(w);
                 if let Ok(r) = &result {
-                    self.ran(task.image(), r.wall, can_sleep);
+                    self.ran(task.image(), r.wall);
                 }
                 return result;
             }
@@ -399,6 +393,7 @@ fn stopped(failure: Failure, start: Instant) -> RunResult {
         stdout: Captured::default(),
         stderr: Captured::default(),
         wall: start.elapsed(),
+        created: true,
     }
 }
 
@@ -448,6 +443,7 @@ fn read_answer(sock: &mut UnixStream, head: Answer, cap: usize) -> std::io::Resu
         stdout: Captured { bytes: stdout, dropped: head.stdout_dropped },
         stderr: Captured { bytes: stderr, dropped: head.stderr_dropped },
         wall: Duration::from_micros(head.wall_us),
+        created: head.created,
     }))
 }
 
@@ -460,16 +456,14 @@ mod tests {
         let w = Workers::new(PathBuf::from("/nonexistent/vmgrid"), &RuntimeConfig::default());
         let (a, b) = (Path::new("/cache/a.wasm"), Path::new("/cache/b.wasm"));
         assert!(!w.short(a), "a module never run here goes to a worker");
-        w.ran(a, SHORT_RUN / 2, false);
-        w.ran(b, SHORT_RUN * 2, false);
+        w.ran(a, SHORT_RUN / 2);
+        w.ran(b, SHORT_RUN * 2);
         assert!(w.short(a));
         assert!(!w.short(b), "a long run goes to a worker");
-        w.ran(a, Duration::from_secs(1), false);
+        w.ran(a, Duration::from_secs(1));
         assert!(!w.short(a), "its last run counts: it went long");
-        w.ran(b, SHORT_RUN / 2, true);
-        assert!(!w.short(b), "a module that can sleep always goes to a worker");
         for i in 0..REMEMBERED {
-            w.ran(&PathBuf::from(format!("/cache/{i}.wasm")), SHORT_RUN / 2, false);
+            w.ran(&PathBuf::from(format!("/cache/{i}.wasm")), SHORT_RUN / 2);
         }
         assert!(w.last_run.lock().unwrap().len() <= REMEMBERED, "the memory stays bounded");
     }

@@ -104,7 +104,16 @@ fn run(rt: &Runtime, wat: &str, deterministic: bool, seed: u64) -> Result<RunRes
         files: Files::default(),
         policy: Policy { deterministic, ..Policy::default() },
     };
-    rt.run(&RunRequest { job: &job, job_dir: &job_dir, cancel: None, ssi: None, checkpoint: None, seed, net: None })
+    rt.run(&RunRequest {
+        job: &job,
+        job_dir: &job_dir,
+        cancel: None,
+        ssi: None,
+        checkpoint: None,
+        seed,
+        net: None,
+        empty_dir: false,
+    })
 }
 
 fn stdout_of_success(r: Result<RunResult, RunError>) -> Vec<u8> {

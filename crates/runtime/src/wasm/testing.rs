@@ -1,0 +1,63 @@
+//! What the wasm runtime's tests share: a WAT guest run as a job, in process.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use vmgrid_job::{Files, Job, Network, Policy, Resources, Vm, VmType};
+
+use crate::{RunError, RunRequest, RunResult, Runtime, RuntimeConfig};
+
+/// Runs `wat` as a wasm job in process (no worker), with `timeout_s` and `cancel`.
+pub(crate) fn run(
+    wat: &str,
+    timeout_s: u64,
+    cancel: Option<Arc<AtomicBool>>,
+) -> (Result<RunResult, RunError>, Duration) {
+    run_with(wat, Resources { timeout_s, ..Resources::default() }, cancel)
+}
+
+/// Runs `wat` as a wasm job in process in an empty job directory, with `resources`.
+pub(crate) fn run_with(
+    wat: &str,
+    resources: Resources,
+    cancel: Option<Arc<AtomicBool>>,
+) -> (Result<RunResult, RunError>, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("guest.wat");
+    std::fs::write(&image, wat).unwrap();
+    let job_dir = dir.path().join("job");
+    std::fs::create_dir(&job_dir).unwrap();
+    let config = RuntimeConfig { cache_dir: dir.path().join("cache"), output_cap: 1 << 20, ..RuntimeConfig::default() };
+    let rt = Runtime::new(config);
+    let job = Job {
+        source: dir.path().join("job.toml"),
+        name: "guest".into(),
+        vm: Vm {
+            vm_type: VmType::Wasm,
+            image: Some(image),
+            args: vec![],
+            env: BTreeMap::new(),
+            kernel: None,
+            initrd: None,
+            append: None,
+            network: Network::None,
+        },
+        resources,
+        files: Files::default(),
+        policy: Policy::default(),
+    };
+    let start = Instant::now();
+    let r = rt.run(&RunRequest {
+        job: &job,
+        job_dir: &job_dir,
+        cancel,
+        ssi: None,
+        checkpoint: None,
+        seed: 1,
+        net: None,
+        empty_dir: true,
+    });
+    (r, start.elapsed())
+}
