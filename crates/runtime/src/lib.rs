@@ -194,8 +194,8 @@ impl Runtime {
             .map_err(|e| RunError::Host(format!("cannot start the wasm engine: {e}")))
     }
 
-    /// A wasm job: in a worker process, unless its module cannot sleep and its last run here was
-    /// short (see `wasm::worker`), it is an SSI process, or no worker can be started.
+    /// A wasm job: in a worker process, unless its module's last run here was short (see
+    /// `wasm::worker`), it is an SSI process, or no worker can be started.
     fn run_wasm(&self, req: &RunRequest<'_>) -> Result<RunResult, RunError> {
         let Some(workers) = self.workers.as_ref().filter(|_| req.ssi.is_none()) else {
             return self.wasm()?.run(req, &self.config);

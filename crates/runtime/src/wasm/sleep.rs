@@ -2,8 +2,11 @@
 //! kept by epoch checks in its code, and none runs while it sleeps in a host call: a guest that
 //! sleeps would sleep past its limit, and past a cancel. A poll on clocks alone (how `sleep` and
 //! `nanosleep` reach WASI) sleeps here instead, in slices that each look at the guest's
-//! [`Stop`]. A poll with a descriptor goes to wasmtime-wasi, where it does not wait: a guest's
-//! descriptors are files, an empty stdin and captured streams, all always ready.
+//! [`Stop`]; one that cannot be slept on (no subscriptions, a clock other than real time or the
+//! monotonic one, unknown flags, too many) is answered here with its errno, never handed on (one
+//! relative clock, whatever its id, would make wasmtime-wasi sleep unstoppably). Only a poll with
+//! a descriptor goes to wasmtime-wasi, where it does not wait: a guest's descriptors are files, an
+//! empty stdin and captured streams, all always ready.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +29,11 @@ const CLOCK_REALTIME: u32 = 0;
 const CLOCK_MONOTONIC: u32 = 1;
 const SUBSCRIPTION_CLOCK_ABSTIME: u16 = 1;
 const EFAULT: i32 = 21;
+const EINVAL: i32 = 28;
+const ENOMEM: i32 = 48;
+/// The most subscriptions' bytes one poll may copy out of the guest (a few are what a program
+/// asks for); past it the poll is `ENOMEM`, as wasmtime-wasi's bound on a call's copies answers.
+const MAX_SUBSCRIPTION_BYTES: usize = 1 << 20;
 /// How long a sleep goes between looks at its stop; as long as an epoch tick.
 const SLICE: Duration = super::EPOCH_TICK;
 
@@ -55,8 +63,12 @@ pub(crate) fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result
 /// does; the guest's stop ends the sleep and the guest with [`Trap::Interrupt`], as an epoch
 /// check would.
 fn poll_oneoff(mut c: Caller<'_, GuestState>, subs: i32, events: i32, n: i32, nevents: i32) -> R {
-    let Some(clocks) = clock_waits(&mut c, subs, n)? else {
-        return real(&mut c, |w, m| in_tokio(abi::poll_oneoff(w, m, subs, events, n, nevents)))?;
+    let clocks = match clock_waits(&mut c, subs, n)? {
+        Poll::Clocks(clocks) => clocks,
+        Poll::Errno(e) => return Ok(e),
+        Poll::Descriptors => {
+            return real(&mut c, |w, m| in_tokio(abi::poll_oneoff(w, m, subs, events, n, nevents)))?;
+        }
     };
     let first = clocks.iter().map(|&(_, wait)| wait).min().unwrap_or_default();
     // A wait too long for an `Instant` is one that only the stop ends.
@@ -85,32 +97,51 @@ fn poll_oneoff(mut c: Caller<'_, GuestState>, subs: i32, events: i32, n: i32, ne
     Ok(0)
 }
 
-/// Each subscription's userdata and how long from now it is due, if all are clocks this sleeps
-/// on; `None` hands the call to wasmtime-wasi, which answers the rest (a descriptor, no
-/// subscriptions, a pointer out of bounds, another clock).
-fn clock_waits(c: &mut Caller<'_, GuestState>, subs: i32, n: i32) -> wasmtime::Result<Option<Vec<(u64, Duration)>>> {
-    let len = (n as u32 as usize).checked_mul(SUBSCRIPTION_LEN).filter(|&l| l > 0 && l <= i32::MAX as usize);
-    let Some(bytes) = len.map(|l| read_bytes(c, subs, l as i32)).transpose()?.flatten() else {
-        return Ok(None);
+/// What a poll asks for.
+enum Poll {
+    /// Clocks alone: each one's userdata and how long from now it is due.
+    Clocks(Vec<(u64, Duration)>),
+    /// A descriptor among them: wasmtime-wasi's to answer.
+    Descriptors,
+    /// Nothing to wait on: this errno at once.
+    Errno(i32),
+}
+
+fn clock_waits(c: &mut Caller<'_, GuestState>, subs: i32, n: i32) -> wasmtime::Result<Poll> {
+    let len = n as u32 as usize * SUBSCRIPTION_LEN;
+    if len == 0 {
+        // WASI has no indefinite sleep.
+        return Ok(Poll::Errno(EINVAL));
+    }
+    if len > MAX_SUBSCRIPTION_BYTES {
+        return Ok(Poll::Errno(ENOMEM));
+    }
+    let Some(bytes) = read_bytes(c, subs, len as i32)? else {
+        return Ok(Poll::Errno(EFAULT));
     };
+    if bytes.chunks_exact(SUBSCRIPTION_LEN).any(|s| s[8] != EVENTTYPE_CLOCK) {
+        return Ok(Poll::Descriptors);
+    }
     let mut waits = Vec::with_capacity(bytes.len() / SUBSCRIPTION_LEN);
     for s in bytes.chunks_exact(SUBSCRIPTION_LEN) {
         let le = |at: usize, width: usize| s[at..at + width].iter().rev().fold(0u64, |v, &b| (v << 8) | u64::from(b));
-        if s[8] != EVENTTYPE_CLOCK {
-            return Ok(None);
-        }
         let (id, timeout, flags) = (le(16, 4) as u32, le(24, 8), le(40, 2) as u16);
+        if flags & !SUBSCRIPTION_CLOCK_ABSTIME != 0 {
+            return Ok(Poll::Errno(EINVAL));
+        }
         let wait = match (id, flags & SUBSCRIPTION_CLOCK_ABSTIME != 0) {
             (CLOCK_REALTIME | CLOCK_MONOTONIC, false) => timeout,
             (CLOCK_REALTIME | CLOCK_MONOTONIC, true) => match now(c, id)? {
                 Some(now) => timeout.saturating_sub(now),
-                None => return Ok(None),
+                None => return Ok(Poll::Errno(EINVAL)),
             },
-            _ => return Ok(None),
+            // The cpu-time clocks: no sleeping on them (wasmtime-wasi refuses them too, but for
+            // a lone relative one, which it sleeps on as if it were the monotonic clock).
+            _ => return Ok(Poll::Errno(EINVAL)),
         };
         waits.push((le(0, 8), Duration::from_nanos(wait)));
     }
-    Ok(Some(waits))
+    Ok(Poll::Clocks(waits))
 }
 
 /// The guest's clock `id` now, in ns, as wasmtime-wasi's `clock_time_get` tells it (the

@@ -251,7 +251,7 @@ pub(crate) struct Workers {
     program: PathBuf,
     config: RuntimeConfig,
     idle: Mutex<Vec<Worker>>,
-    /// How long each module that cannot sleep last ran, by its image's path.
+    /// How long each module last ran, by its image's path.
     last_run: Mutex<HashMap<PathBuf, Duration>>,
     /// Said once: no worker could be started, so wasm jobs run in this process.
     warned: AtomicBool,

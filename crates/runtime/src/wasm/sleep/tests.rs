@@ -106,3 +106,22 @@ fn the_time_limit_and_a_cancel_end_a_sleep_in_process() {
     assert_eq!(r.unwrap().outcome, Outcome::Failed(crate::cancelled_failure()));
     assert!(wall < Duration::from_secs(30), "{wall:?}");
 }
+
+#[test]
+fn a_poll_that_cannot_be_slept_on_is_an_errno_at_once() {
+    let exit = |wat: &str| {
+        let (r, wall) = run(wat, 60, None);
+        assert!(wall < Duration::from_secs(30), "it waited: {wall:?}");
+        r.unwrap().outcome
+    };
+    // A lone relative cpu-time clock (id 2, then 3) for an hour: EINVAL, not an hour's sleep.
+    for id in [2, 3] {
+        assert_eq!(exit(&poller(&clock(0, 1, id, &ms(3_600_000), 0), 1)), Outcome::Exited(28), "clock {id}");
+    }
+    // No subscriptions (EINVAL), unknown flags (EINVAL), more than a poll may copy (ENOMEM), and
+    // subscriptions out of bounds (EFAULT).
+    assert_eq!(exit(&poller("", 0)), Outcome::Exited(28));
+    assert_eq!(exit(&poller(&clock(0, 1, 1, &ms(1), 2), 1)), Outcome::Exited(28));
+    assert_eq!(exit(&poller("", 100_000)), Outcome::Exited(48));
+    assert_eq!(exit(&poller("", 1_400)), Outcome::Exited(21));
+}
