@@ -36,6 +36,9 @@ struct Inner {
     cap: usize,
     captured: Captured,
     echo: Echo,
+    /// Where the kept bytes are copied too as they come (a wasm worker's memfd, which its parent
+    /// reads should it have to kill the worker).
+    mirror: Option<Arc<std::fs::File>>,
 }
 
 /// A shareable, bounded sink. Clones write to the same capture.
@@ -44,7 +47,7 @@ pub struct CaptureSink(Arc<Mutex<Inner>>);
 
 impl CaptureSink {
     pub(crate) fn new(cap: usize, echo: Echo) -> CaptureSink {
-        CaptureSink(Arc::new(Mutex::new(Inner { cap, captured: Captured::default(), echo })))
+        CaptureSink(Arc::new(Mutex::new(Inner { cap, captured: Captured::default(), echo, mirror: None })))
     }
 
     /// A sink that keeps the first `cap` bytes and echoes nothing.
@@ -63,6 +66,10 @@ impl CaptureSink {
         let keep = buf.len().min(room);
         if keep > 0 {
             inner.captured.bytes.extend_from_slice(&buf[..keep]);
+            if let Some(m) = &inner.mirror {
+                // Best effort too: the run's own capture is what its answer carries.
+                let _ = (&**m).write_all(&buf[..keep]);
+            }
             // Echo is best effort: a closed terminal must not fail the job.
             let _ = match inner.echo {
                 Echo::None => Ok(()),
@@ -79,6 +86,11 @@ impl CaptureSink {
     pub(crate) fn pair(config: &crate::RuntimeConfig) -> (CaptureSink, CaptureSink) {
         let (out, err) = if config.echo { (Echo::Stdout, Echo::Stderr) } else { (Echo::None, Echo::None) };
         (CaptureSink::new(config.output_cap, out), CaptureSink::new(config.output_cap, err))
+    }
+
+    /// Copies what is kept from now on to `file` as well.
+    pub(crate) fn mirror_to(&self, file: Arc<std::fs::File>) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).mirror = Some(file);
     }
 
     pub fn take(&self) -> Captured {

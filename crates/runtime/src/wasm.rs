@@ -52,6 +52,8 @@ pub struct WasmRuntime {
     /// Linked modules by (path, size, mtime, ssi, deterministic): a node running a sweep links its
     /// module once.
     ready: Mutex<HashMap<ReadyKey, InstancePre<GuestState>>>,
+    /// In a worker: the files its guests' kept stdout and stderr are copied to as they come.
+    mirrors: Option<(Arc<std::fs::File>, Arc<std::fs::File>)>,
 }
 
 type ReadyKey = (PathBuf, u64, SystemTime, bool, bool);
@@ -207,7 +209,13 @@ impl WasmRuntime {
             deterministic: OnceLock::new(),
             cache_dir: config.cache_dir.join("wasm"),
             ready: Mutex::new(HashMap::new()),
+            mirrors: None,
         })
+    }
+
+    /// Copies each guest's kept stdout and stderr to `out` and `err` as well, as they come.
+    pub(crate) fn mirror_output(&mut self, out: std::fs::File, err: std::fs::File) {
+        self.mirrors = Some((Arc::new(out), Arc::new(err)));
     }
 
     /// The engine for a job: the deterministic one is made on first use, and allocates each
@@ -334,6 +342,10 @@ impl WasmRuntime {
         let pre = self.prepared(&task.image, ssi.is_some(), task.deterministic)?;
         let start = Instant::now();
         let (stdout, stderr) = CaptureSink::pair(config);
+        if let Some((out, err)) = &self.mirrors {
+            stdout.mirror_to(out.clone());
+            stderr.mirror_to(err.clone());
+        }
         let mut state = guest_state(task, ssi, &stdout, &stderr)?;
         // No deadline: a time limit past what an `Instant` holds.
         let deadline = start.checked_add(task.timeout());

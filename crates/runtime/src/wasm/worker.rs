@@ -37,6 +37,10 @@ use crate::{Captured, Failure, Outcome, RunError, RunResult, RuntimeConfig};
 pub const COMMAND: &str = "__wasm-worker";
 /// The worker's end of its socket.
 const FD: i32 = 3;
+/// The memfds a worker copies its guest's kept stdout and stderr to as they come: what its parent
+/// reads, should it kill the worker at a time limit or a cancel, to keep the output so far.
+const OUT_FD: i32 = 4;
+const ERR_FD: i32 = 5;
 /// How often a waiting parent looks at the job's cancel flag.
 const POLL: Duration = Duration::from_millis(10);
 /// A frame's largest header; output bytes follow it and are bounded by the output cap. A task's
@@ -136,7 +140,13 @@ pub fn serve() -> i32 {
         Ok(c) => c,
         Err(_) => return 0,
     };
-    let runtime = WasmRuntime::new(&config, false).map_err(|e| format!("cannot start the wasm engine: {e:#}"));
+    let mut runtime = WasmRuntime::new(&config, false).map_err(|e| format!("cannot start the wasm engine: {e:#}"));
+    if let Ok(rt) = &mut runtime {
+        // SAFETY: descriptors 4 and 5 are the memfds the parent passed (`Workers::start`); they
+        // are taken once, here, and nothing else in this process uses them.
+        let (out, err) = unsafe { (std::fs::File::from_raw_fd(OUT_FD), std::fs::File::from_raw_fd(ERR_FD)) };
+        rt.mirror_output(out, err);
+    }
     while let Ok(task) = receive::<Task>(&mut sock) {
         let runtime = runtime.as_ref().map_err(|e| RunError::Host(e.clone()));
         let result = match runtime.and_then(|rt| rt.ready(&task).map(|()| rt)) {
@@ -237,6 +247,36 @@ impl Write for Unpiped<'_> {
 struct Worker {
     child: Child,
     sock: UnixStream,
+    /// The parent's ends of the worker's output memfds (see [`OUT_FD`]).
+    out: std::fs::File,
+    err: std::fs::File,
+}
+
+impl Worker {
+    /// Empties the output memfds for the next task (their offset is the worker's too).
+    fn clear_output(&self) -> std::io::Result<()> {
+        use std::io::Seek;
+        for f in [&self.out, &self.err] {
+            f.set_len(0)?;
+            (&*f).seek(std::io::SeekFrom::Start(0))?;
+        }
+        Ok(())
+    }
+
+    /// Kills the worker, then reads what its guest had written so far, each stream up to `cap`.
+    fn kill_and_collect(mut self, cap: usize) -> (Captured, Captured) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let read = |f: &std::fs::File| {
+            let mut bytes = Vec::new();
+            let _ = std::io::Read::take(f, cap as u64).read_to_end(&mut bytes);
+            Captured { bytes, dropped: 0 }
+        };
+        use std::io::Seek;
+        let _ = (&self.out).seek(std::io::SeekFrom::Start(0));
+        let _ = (&self.err).seek(std::io::SeekFrom::Start(0));
+        (read(&self.out), read(&self.err))
+    }
 }
 
 impl Drop for Worker {
@@ -284,25 +324,35 @@ impl Workers {
 
     fn start(&self) -> std::io::Result<Worker> {
         let (mine, theirs) = UnixStream::pair()?;
-        let fd = theirs.as_raw_fd();
+        let (out, err) = (memfd("vmgrid-worker-stdout")?, memfd("vmgrid-worker-stderr")?);
+        let fds = [theirs.as_raw_fd(), out.as_raw_fd(), err.as_raw_fd()];
         let mut cmd = Command::new(&self.program);
         // `ps` shows `vmgrid __wasm-worker`, whatever path started it.
         cmd.arg0("vmgrid").arg(COMMAND).stdin(Stdio::null());
-        // SAFETY: the closure runs in the forked child before exec and calls only dup2 and
-        // fcntl, both async-signal-safe, on descriptors it owns.
+        // SAFETY: the closure runs in the forked child before exec and calls only fcntl and dup2,
+        // both async-signal-safe, on descriptors it owns.
         unsafe {
             cmd.pre_exec(move || {
-                // dup2 onto itself would keep close-on-exec: clear it instead.
-                let r = match fd == FD {
-                    true => libc::fcntl(FD, libc::F_SETFD, 0),
-                    false => libc::dup2(fd, FD),
-                };
-                if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+                // All first to descriptors above the targets (close-on-exec), then each onto its
+                // target (which dup2 leaves open across exec): no source is overwritten first.
+                let mut high = [0; 3];
+                for (h, &fd) in high.iter_mut().zip(&fds) {
+                    *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+                    if *h < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, &h) in high.iter().enumerate() {
+                    if libc::dup2(h, FD + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
             });
         }
         let child = cmd.spawn()?;
         drop(theirs);
-        let w = Worker { child, sock: mine };
+        let w = Worker { child, sock: mine, out, err };
         // A worker runs one instance at a time, and starts no workers of its own.
         let pooled_instances = self.config.pooled_instances.min(1);
         let config = RuntimeConfig { pooled_instances, wasm_worker: None, ..self.config.clone() };
@@ -315,6 +365,7 @@ impl Workers {
     fn hand(&self, task: &Task) -> Result<Option<Worker>, RunError> {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         if let Some(w) = idle
+            && w.clear_output().is_ok()
             && send(&mut Unpiped(&w.sock), task).is_ok()
         {
             return Ok(Some(w));
@@ -373,28 +424,24 @@ impl Workers {
                 return result;
             }
             if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-                return Ok(stopped(crate::cancelled_failure(), start));
+                return Ok(stopped(crate::cancelled_failure(), start, w, self.config.output_cap));
             }
             if Instant::now() >= deadline {
                 if !started {
                     return Err(RunError::Host(format!("the module took over {} s to load", LOAD_BOUND.as_secs())));
                 }
                 let reason = format!("the time limit of {} s was exceeded (timeout_s)", task.timeout_s);
-                return Ok(stopped(Failure { kind: FailureKind::TimeLimit, reason }, start));
+                return Ok(stopped(Failure { kind: FailureKind::TimeLimit, reason }, start, w, self.config.output_cap));
             }
         }
     }
 }
 
-/// A run the parent stopped (the worker is dropped, so killed): no output is kept.
-fn stopped(failure: Failure, start: Instant) -> RunResult {
-    RunResult {
-        outcome: Outcome::Failed(failure),
-        stdout: Captured::default(),
-        stderr: Captured::default(),
-        wall: start.elapsed(),
-        created: true,
-    }
+/// A run the parent stopped: the worker is killed, and what its guest wrote so far is kept (how
+/// much was dropped past the cap is not known then).
+fn stopped(failure: Failure, start: Instant, w: Worker, cap: usize) -> RunResult {
+    let (stdout, stderr) = w.kill_and_collect(cap);
+    RunResult { outcome: Outcome::Failed(failure), stdout, stderr, wall: start.elapsed(), created: true }
 }
 
 /// Why a worker stopped answering: it died (its answer ended early), or its answer was
@@ -408,6 +455,18 @@ fn died(w: &mut Worker, e: std::io::Error) -> RunError {
         Some(status) => RunError::Host(format!("the wasm worker running the job died ({status})")),
         None => RunError::host("the wasm worker running the job gave an unusable answer", e),
     }
+}
+
+/// A new memfd, close-on-exec, named `name` (as `/proc/PID/fd` shows it).
+fn memfd(name: &str) -> std::io::Result<std::fs::File> {
+    let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: a NUL-terminated name that outlives the call.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor, owned by this `File` alone.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
 /// Whether `sock` has something to read within `wait`.

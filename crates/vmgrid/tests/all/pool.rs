@@ -271,9 +271,12 @@ fn a_nodes_wasm_worker_is_killed_at_the_time_limit_on_rm_and_with_its_node() {
     };
     let submit = |pool: &Pool, timeout_s: u32| submit_as(pool, &["spin"], timeout_s);
     let limited = |p: &Pool, id: u64| p.job(id).reason.as_deref().is_some_and(|r| r.contains("time limit of 1 s"));
-    // The time limit: the node kills the spinning guest's worker and says why.
-    let id = submit(&pool, 1);
+    // The time limit: the node kills the spinning guest's worker and says why, and keeps what
+    // the guest wrote before it was killed.
+    let id = submit_as(&pool, &["cwd", "stderr:spinning", "spin"], 1);
     pool.wait_for("the time limit", |p| limited(p, id));
+    let logs = |args: &[&str]| stdout_of(&pool.cli().arg("logs").arg(id.to_string()).args(args).output().unwrap());
+    assert_eq!((logs(&[]), logs(&["--stderr"])), ("/\n".to_string(), "spinning\n".to_string()));
     // A module that ran short once, then sleeps: it runs in the node's process (its last run was
     // short), where epoch checks cannot reach a sleep; the sleep itself wakes for the limit.
     let id = submit_as(&pool, &["exit:0"], 60);
