@@ -1,6 +1,7 @@
 //! What the wasm runtime's tests share: a WAT guest run as a job, in process.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -25,14 +26,30 @@ pub(crate) fn run_with(
     cancel: Option<Arc<AtomicBool>>,
 ) -> (Result<RunResult, RunError>, Duration) {
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("guest.wat");
-    std::fs::write(&image, wat).unwrap();
-    let job_dir = dir.path().join("job");
-    std::fs::create_dir(&job_dir).unwrap();
     let config = RuntimeConfig { cache_dir: dir.path().join("cache"), output_cap: 1 << 20, ..RuntimeConfig::default() };
     let rt = Runtime::new(config);
+    let start = Instant::now();
+    let r = run_on(&rt, dir.path(), wat, resources, Policy::default(), 1, cancel);
+    (r, start.elapsed())
+}
+
+/// Runs `wat` on `rt` as a wasm job with `resources` and `policy`, seeded with `seed`, its image
+/// and its (empty) job directory in `dir`.
+pub(crate) fn run_on(
+    rt: &Runtime,
+    dir: &Path,
+    wat: &str,
+    resources: Resources,
+    policy: Policy,
+    seed: u64,
+    cancel: Option<Arc<AtomicBool>>,
+) -> Result<RunResult, RunError> {
+    let image = dir.join("guest.wat");
+    std::fs::write(&image, wat).unwrap();
+    let job_dir = dir.join("job");
+    std::fs::create_dir(&job_dir).unwrap();
     let job = Job {
-        source: dir.path().join("job.toml"),
+        source: dir.join("job.toml"),
         name: "guest".into(),
         vm: Vm {
             vm_type: VmType::Wasm,
@@ -46,18 +63,16 @@ pub(crate) fn run_with(
         },
         resources,
         files: Files::default(),
-        policy: Policy::default(),
+        policy,
     };
-    let start = Instant::now();
-    let r = rt.run(&RunRequest {
+    rt.run(&RunRequest {
         job: &job,
         job_dir: &job_dir,
         cancel,
         ssi: None,
         checkpoint: None,
-        seed: 1,
+        seed,
         net: None,
         empty_dir: true,
-    });
-    (r, start.elapsed())
+    })
 }

@@ -1,12 +1,12 @@
 //! Deterministic jobs in real wasmtime, with WAT guests: the same seed gives the same bytes on
 //! two runtimes (two nodes), NaNs come out canonical, and the clocks are refused.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use vmgrid_job::{Files, Job, Network, Policy, Resources, Vm, VmType};
+use vmgrid_job::{Policy, Resources};
 
-use crate::{FailureKind, Outcome, RunError, RunRequest, RunResult, Runtime, RuntimeConfig};
+use crate::wasm::testing::run_on;
+use crate::{FailureKind, Outcome, RunError, RunResult, Runtime, RuntimeConfig};
 
 const IMPORTS: &str = r#"
   (import "wasi_snapshot_preview1" "random_get" (func $random_get (param i32 i32) (result i32)))
@@ -83,37 +83,8 @@ fn runtime(cache: &Path, pooled_instances: u32) -> Runtime {
 /// Runs `wat` as a wasm job in a fresh job directory.
 fn run(rt: &Runtime, wat: &str, deterministic: bool, seed: u64) -> Result<RunResult, RunError> {
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("guest.wat");
-    std::fs::write(&image, wat).unwrap();
-    let job_dir = dir.path().join("job");
-    std::fs::create_dir(&job_dir).unwrap();
-    let job = Job {
-        source: dir.path().join("job.toml"),
-        name: "det".into(),
-        vm: Vm {
-            vm_type: VmType::Wasm,
-            image: Some(image),
-            args: vec![],
-            env: BTreeMap::new(),
-            kernel: None,
-            initrd: None,
-            append: None,
-            network: Network::None,
-        },
-        resources: Resources { timeout_s: 60, ..Resources::default() },
-        files: Files::default(),
-        policy: Policy { deterministic, ..Policy::default() },
-    };
-    rt.run(&RunRequest {
-        job: &job,
-        job_dir: &job_dir,
-        cancel: None,
-        ssi: None,
-        checkpoint: None,
-        seed,
-        net: None,
-        empty_dir: false,
-    })
+    let resources = Resources { timeout_s: 60, ..Resources::default() };
+    run_on(rt, dir.path(), wat, resources, Policy { deterministic, ..Policy::default() }, seed, None)
 }
 
 fn stdout_of_success(r: Result<RunResult, RunError>) -> Vec<u8> {
