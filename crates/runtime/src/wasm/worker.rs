@@ -3,8 +3,11 @@
 //! job is cancelled) and starts another for the next job.
 //!
 //! A worker is the vmgrid binary started as `vmgrid __wasm-worker` (see [`COMMAND`]) with one end
-//! of a socket pair as its descriptor 3. It reads its configuration, then runs one task at a time
-//! and answers each with its outcome and captured output. Its stdout and stderr are its
+//! of a socket pair as its descriptor 3, and two memfds as 4 and 5 that it copies its guest's
+//! kept stdout and stderr to as they come ([`OUT_FD`]). It reads its configuration, then runs one
+//! task at a time and answers each with its outcome and captured output. A task it is killed in
+//! keeps what the memfds hold (but not a count of what was dropped past the cap); each write the
+//! guest makes below the cap costs one more system call. Its stdout and stderr are its
 //! parent's, so `vmgrid run` echoes a guest's output as it comes. It exits when its parent closes
 //! the socket or dies, even in the middle of a guest; it ignores the signals a terminal or a
 //! service manager sends a whole group (SIGINT, SIGTERM, SIGHUP), which are the node's. Workers are kept and reused: a node running
@@ -253,10 +256,14 @@ struct Worker {
 }
 
 impl Worker {
-    /// Empties the output memfds for the next task (their offset is the worker's too).
+    /// Empties the output memfds for the next task (their offset is the worker's too); `/dev/null`
+    /// in their place (see [`output_copy`]) needs nothing.
     fn clear_output(&self) -> std::io::Result<()> {
         use std::io::Seek;
         for f in [&self.out, &self.err] {
+            if !f.metadata()?.is_file() {
+                continue;
+            }
             f.set_len(0)?;
             (&*f).seek(std::io::SeekFrom::Start(0))?;
         }
@@ -324,7 +331,7 @@ impl Workers {
 
     fn start(&self) -> std::io::Result<Worker> {
         let (mine, theirs) = UnixStream::pair()?;
-        let (out, err) = (memfd("vmgrid-worker-stdout")?, memfd("vmgrid-worker-stderr")?);
+        let (out, err) = (output_copy("vmgrid-worker-stdout")?, output_copy("vmgrid-worker-stderr")?);
         let fds = [theirs.as_raw_fd(), out.as_raw_fd(), err.as_raw_fd()];
         let mut cmd = Command::new(&self.program);
         // `ps` shows `vmgrid __wasm-worker`, whatever path started it.
@@ -365,7 +372,6 @@ impl Workers {
     fn hand(&self, task: &Task) -> Result<Option<Worker>, RunError> {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         if let Some(w) = idle
-            && w.clear_output().is_ok()
             && send(&mut Unpiped(&w.sock), task).is_ok()
         {
             return Ok(Some(w));
@@ -417,7 +423,11 @@ impl Workers {
                     Err(e) => return Err(died(&mut w, e)),
                 };
                 let result = read_answer(&mut w.sock, head, self.config.output_cap).map_err(|e| died(&mut w, e))?;
-                self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(w);
+                // Its copy of the output is emptied now, not when it next gets a task: an idle
+                // worker holds none of it (a worker that cannot be emptied is not kept).
+                if w.clear_output().is_ok() {
+                    self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(w);
+                }
                 if let Ok(r) = &result {
                     self.ran(task.image(), r.wall);
                 }
@@ -455,6 +465,16 @@ fn died(w: &mut Worker, e: std::io::Error) -> RunError {
         Some(status) => RunError::Host(format!("the wasm worker running the job died ({status})")),
         None => RunError::host("the wasm worker running the job gave an unusable answer", e),
     }
+}
+
+/// Where a worker copies one of its streams: a new memfd, or, where none can be made (a seccomp
+/// profile, an old kernel), `/dev/null`: the worker still runs, and a job it is killed in keeps
+/// no output, as before there were copies.
+fn output_copy(name: &str) -> std::io::Result<std::fs::File> {
+    memfd(name).or_else(|e| {
+        tracing::warn!("cannot make a memfd for a wasm worker's output ({e}); a killed job's output is lost");
+        std::fs::OpenOptions::new().write(true).read(true).open("/dev/null")
+    })
 }
 
 /// A new memfd, close-on-exec, named `name` (as `/proc/PID/fd` shows it).
