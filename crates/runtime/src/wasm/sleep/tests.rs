@@ -97,6 +97,8 @@ fn the_time_limit_and_a_cancel_end_a_sleep_in_process() {
     let forever = clock(0, 1, 1, "(i64.const -1)", 0);
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
+    // The user's `rm`, arriving while the guest sleeps (most likely; a cancel that came before
+    // the sleep began ends the guest the same way, so no timing is asserted).
     let canceller = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(100));
         flag.store(true, Ordering::Relaxed);
