@@ -143,6 +143,9 @@ struct Agent {
     heartbeat: Duration,
     /// Set when leaving: the reporter sends what is queued and ends.
     closing: AtomicBool,
+    /// The caller's stop flag (set by SIGTERM or SIGINT): once it is, no queued job starts; the
+    /// lease loop ends and the drain hands them back.
+    stop: Arc<AtomicBool>,
     /// This node's end of the pool's virtual network, for its `network = "grid"` VMs (started
     /// only on a node that runs QEMU jobs or is on the overlay itself).
     overlay: Option<Arc<overlay::Overlay>>,
@@ -186,6 +189,7 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
         dirs: jobdirs::JobDirs::new(work_dir)?,
         heartbeat: Duration::from_millis(reg.heartbeat_ms.max(100)),
         closing: AtomicBool::new(false),
+        stop: stop.clone(),
         overlay,
     });
     tracing::info!(node = %agent.ad.name, pool = %agent.config.pool, "joined the pool");

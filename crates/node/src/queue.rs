@@ -109,9 +109,14 @@ impl Agent {
     /// processes) first, then the others in order, each the first that fits (a job too big for
     /// what is free now waits, and is handed back if it waits too long). A job moves from the
     /// queue to the running ones under both locks, so no two callers give one cpu twice and a
-    /// heartbeat sees every job in one or the other.
+    /// heartbeat sees every job in one or the other. Once the node is asked to stop, nothing
+    /// more starts: what is queued is handed back by the drain, not run while the lease loop
+    /// finishes its call.
     pub(crate) fn start_queued(self: &Arc<Self>) {
         loop {
+            if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
             let next = {
                 let mut running = lock(&self.running);
                 let mut queue = lock(&self.queue);
