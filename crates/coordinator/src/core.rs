@@ -175,6 +175,9 @@ impl Shared {
         if fx.wake_nodes {
             self.work.notify_one();
         }
+        for node in &fx.end_calls {
+            self.parked.wake(node);
+        }
         for e in fx.events {
             log(&e);
         }

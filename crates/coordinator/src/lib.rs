@@ -257,6 +257,7 @@ async fn serve_until_stopped(
     handle_signals: bool,
 ) {
     let streams = shared.streams.clone();
+    let parked = shared.clone();
     let shutdown = async move {
         if handle_signals {
             let mut term =
@@ -270,8 +271,9 @@ async fn serve_until_stopped(
             let _ = rx.await;
         }
         // The dashboards' event streams never end by themselves: end them, or the graceful
-        // shutdown waits for them.
+        // shutdown waits for them. Nor do lease calls waiting for work, before their wait is up.
         streams.close();
+        parked.parked.close();
     };
     let tls = shared.server_tls();
     serve_app(api::router(shared), listener, tls, shutdown).await;
@@ -303,10 +305,17 @@ async fn tick_loop(shared: Arc<core::Shared>) {
     loop {
         every.tick().await;
         let now = vmgrid_proto::now_ms();
-        let ((), pending) = shared.call(|e| {
+        let (dirty, pending) = shared.call(|e| {
             e.tick(now);
             e.sample_history(now);
+            e.needs_pass()
         });
+        // A change no call has scheduled a pass for yet (a node heard from again after it was
+        // silent; passes that did not settle): a parked call runs one, rather than the change
+        // waiting for the next call to end its wait for work.
+        if dirty {
+            shared.work.notify_one();
+        }
         let _ = shared.finish(pending).await;
     }
 }

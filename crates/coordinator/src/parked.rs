@@ -3,6 +3,7 @@
 //! them all for each placement would have each take the engine's lock to find nothing.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -12,6 +13,8 @@ use tokio::sync::Notify;
 #[derive(Default)]
 pub(crate) struct ParkedNodes {
     map: Mutex<HashMap<String, Arc<Notify>>>,
+    /// The server stops: parked calls end now (a graceful shutdown waits for every call).
+    closed: AtomicBool,
 }
 
 impl ParkedNodes {
@@ -23,6 +26,19 @@ impl ParkedNodes {
     pub fn park(&self, name: &str) -> Parked<'_> {
         let notify = self.lock().entry(name.to_string()).or_default().clone();
         Parked { nodes: self, name: name.to_string(), notify }
+    }
+
+    /// Ends every parked call, and any call that parks from now on (the server stops).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        for n in self.lock().values() {
+            n.notify_waiters();
+        }
+    }
+
+    /// Whether the server stops ([`ParkedNodes::close`]).
+    pub fn closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// Wakes node `name`'s parked lease calls; whether it had any entry.
@@ -82,6 +98,18 @@ mod tests {
         assert!(!ready(wb.as_mut()), "node b sleeps on");
         assert!(!nodes.wake("c"), "a node with no parked call has no entry");
         assert_eq!(nodes.len(), 2);
+    }
+
+    #[test]
+    fn closing_wakes_every_parked_call_and_says_so_to_later_ones() {
+        let nodes = ParkedNodes::default();
+        let (a, b) = (nodes.park("a"), nodes.park("b"));
+        let mut wa = pin!(a.notify.notified());
+        let mut wb = pin!(b.notify.notified());
+        assert!(!ready(wa.as_mut()) && !ready(wb.as_mut()) && !nodes.closed());
+        nodes.close();
+        assert!(ready(wa.as_mut()) && ready(wb.as_mut()), "every node's call wakes");
+        assert!(nodes.closed(), "a call that parks later sees it and does not wait");
     }
 
     #[test]

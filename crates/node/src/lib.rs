@@ -7,6 +7,7 @@
 
 mod cache;
 mod checkpoint;
+mod drain;
 mod fingerprint;
 mod job;
 mod jobdirs;
@@ -209,6 +210,11 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     agent.drain();
     hb_stop.store(true, Ordering::Relaxed);
     let _ = heartbeater.join();
+    // A hand-back the heartbeat thread took and failed to send is back in the list: one more go
+    // now that no other thread sends it.
+    if !lock(&agent.returning).is_empty() {
+        agent.hand_back_all(Instant::now() + Duration::from_secs(5));
+    }
     agent.closing.store(true, Ordering::Relaxed);
     let _ = reporter.join();
     let client = agent.client();
@@ -220,36 +226,6 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     }
     tracing::info!("left the pool");
     Ok(())
-}
-
-impl Agent {
-    /// Tells the pool this node drains, hands back the jobs queued ahead, and lets running jobs
-    /// finish (or hands them back) within the drain time.
-    fn drain(&self) {
-        tracing::info!(node = %self.ad.name, "draining");
-        let queued = self.take_queued(true);
-        lock(&self.returning).extend(queued);
-        // Jobs that take checkpoints move at once: a last checkpoint each, and they resume elsewhere.
-        for r in lock(&self.running).values().filter(|r| r.checkpointed) {
-            r.vacate.store(true, Ordering::Relaxed);
-        }
-        self.send_heartbeat(true);
-        let deadline = Instant::now() + self.config.drain_timeout;
-        self.wait_until_idle(deadline);
-        for r in lock(&self.running).values() {
-            r.cancel.store(true, Ordering::Relaxed);
-        }
-        self.wait_until_idle(deadline + Duration::from_secs(10));
-    }
-
-    /// Waits until no job runs (each one that ends wakes `slot_freed`), or until `deadline`.
-    fn wait_until_idle(&self, deadline: Instant) {
-        let mut running = lock(&self.running);
-        while !running.is_empty() {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else { return };
-            running = self.slot_freed.wait_timeout(running, left).unwrap_or_else(|p| p.into_inner()).0;
-        }
-    }
 }
 
 /// The node's cache directory, its owner's alone (it holds the node's credential and its jobs'
@@ -386,10 +362,21 @@ impl Agent {
         let mut eager = false;
         while !stop.load(Ordering::Relaxed) {
             let (room, ahead) = self.wait_for_room(eager);
+            // Asked to stop while it waited: no last call for jobs it would only hand back.
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
             let reports = self.take_outbox();
             // With every cpu busy, the node still collects time-shared jobs (SSI processes need
             // no cpu slot), without waiting, so that a freed cpu is put to work at once.
-            let (max_jobs, wait_ms) = if room == 0 { (64, 0) } else { (room, 1000) };
+            // A node with a free cpu waits long for work (the pool ends the wait when there is
+            // some); one that only has lease-ahead room asks again within a second, so the pool
+            // hears soon when its jobs turn long and it wants none queued.
+            let (max_jobs, wait_ms) = match (room, self.room(0)) {
+                (0, _) => (64, 0),
+                (_, 0) => (room, 1000),
+                _ => (room, LEASE_WAIT_MS),
+            };
             let req = LeaseRequest { max_jobs, max_cpus: room, wait_ms, ahead, reports };
             match self.client().lease(&req) {
                 Ok(resp) => {
@@ -587,10 +574,15 @@ impl Agent {
 
     fn heartbeat_loop(&self, stop: &AtomicBool) {
         let mut last = Instant::now();
+        let mut told = false;
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(20));
-            if last.elapsed() >= self.heartbeat {
-                self.send_heartbeat(false);
+            // Asked to stop: the pool hears it at once, places nothing more here, and ends the
+            // lease call that waits for work, so the drain starts now, not when the call ends.
+            let stopping = self.stop.load(Ordering::Relaxed);
+            if last.elapsed() >= self.heartbeat || (stopping && !told) {
+                told |= stopping;
+                self.send_heartbeat(stopping);
                 last = Instant::now();
             }
         }

@@ -71,7 +71,7 @@ impl Agent {
 
     /// The cpus a lease call may ask for: the node's cpus and lease-ahead, less what its running
     /// and queued jobs hold.
-    fn room(&self, ahead: u32) -> u32 {
+    pub(crate) fn room(&self, ahead: u32) -> u32 {
         let running: u32 = lock(&self.running).values().map(|r| r.cpus).sum();
         let queued: u32 = lock(&self.queue).iter().map(|q| q.lease.spec.cpus).sum();
         (self.ad.cpus + ahead).saturating_sub(running + queued)

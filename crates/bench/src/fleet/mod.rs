@@ -36,8 +36,9 @@ const NODE_CPUS: u32 = 2;
 const NODES_PER_HEARTBEAT_THREAD: usize = 5;
 /// Single jobs submitted one at a time on the idle pool, for submit-to-lease.
 const PROBES: usize = 100;
-/// How long the idle pool is watched (a few heartbeat intervals).
-const IDLE: Duration = Duration::from_secs(6);
+/// How long the idle pool is watched: a few heartbeat intervals, and two of a node's lease
+/// calls waiting for work (each ends only when its wait is up).
+const IDLE: Duration = Duration::from_millis(2 * LEASE_WAIT_MS);
 
 /// One pool size's figures.
 #[derive(Debug, Clone)]
@@ -139,6 +140,9 @@ struct Shared {
     lease_ms: Mutex<Vec<f64>>,
     report_ms: Mutex<Vec<f64>>,
     heartbeat_ms: Mutex<Vec<f64>>,
+    /// When the sweep began: a lease call parked before it is timed from then, not from when it
+    /// began waiting in the idle pool.
+    sweep_began: Mutex<Option<Instant>>,
     /// When a node got each job's lease, by job id.
     leased_at: Mutex<HashMap<u64, Instant>>,
     leased: Condvar,
@@ -212,7 +216,8 @@ fn agent(pool: &str, token: &str, trust: Trust, name: String, node: &SimNode, sh
         }
     };
     shared.registered.fetch_add(1, Ordering::Relaxed);
-    let req = LeaseRequest { max_jobs: NODE_CPUS, max_cpus: NODE_CPUS, wait_ms: 1000, ahead: 0, reports: vec![] };
+    let req =
+        LeaseRequest { max_jobs: NODE_CPUS, max_cpus: NODE_CPUS, wait_ms: LEASE_WAIT_MS, ahead: 0, reports: vec![] };
     while !shared.stopping() {
         let asked = Instant::now();
         let leases = match client.lease(&req) {
@@ -225,7 +230,8 @@ fn agent(pool: &str, token: &str, trust: Trust, name: String, node: &SimNode, sh
             }
         };
         let got = Instant::now();
-        shared.lease_ms.lock().unwrap().push(ms(asked));
+        let from = shared.sweep_began.lock().unwrap().map_or(asked, |b| b.max(asked));
+        shared.lease_ms.lock().unwrap().push(ms(from));
         let ids: Vec<LeaseId> = leases.iter().map(|l| LeaseId { job_id: l.job_id, epoch: l.epoch }).collect();
         {
             let mut at = shared.leased_at.lock().unwrap();
@@ -374,6 +380,7 @@ fn sweep(
 ) -> Result<(f64, f64, f64), String> {
     let (cpu0, own0, before) = (coord.cpu_s(), cpu_s_of("/proc/self/stat"), s.accepted.load(Ordering::Relaxed));
     let start = Instant::now();
+    *s.sweep_began.lock().unwrap() = Some(start);
     admin.submit(&SubmitRequest { spec: spec.clone(), count: jobs }).map_err(|e| format!("submit: {e}"))?;
     let deadline = start + Duration::from_secs(900);
     while s.accepted.load(Ordering::Relaxed) < before + jobs {

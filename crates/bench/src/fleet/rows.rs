@@ -102,9 +102,10 @@ fn reach(measured: &[FleetFigures]) -> Option<String> {
     let per_node_pct = healthy.idle_cpu_pct / healthy.nodes as f64;
     let one_core = if per_node_pct > 0.0 { 100.0 / per_node_pct } else { f64::INFINITY };
     let mut note = format!(
-        "How far one coordinator goes: at {} nodes an idle pool (a heartbeat every {} ms and a 1 s long poll per node) takes {:.1}% of one core, {:.4}% per node; linearly, heartbeats and idle polls alone would fill one core at about {:.0} nodes ({:.0} slots of {NODE_CPUS} cpus; HTCondor pools run 200,000), before any job is placed.",
+        "How far one coordinator goes: at {} nodes an idle pool (a heartbeat every {} ms and a lease call waiting up to {} s for work per node) takes {:.1}% of one core, {:.4}% per node; linearly, heartbeats and idle polls alone would fill one core at about {:.0} nodes ({:.0} slots of {NODE_CPUS} cpus; HTCondor pools run 200,000), before any job is placed.",
         healthy.nodes,
         healthy.heartbeat_ms,
+        vmgrid_proto::LEASE_WAIT_MS / 1000,
         healthy.idle_cpu_pct,
         per_node_pct,
         one_core,

@@ -89,6 +89,8 @@ pub async fn lease(
     }
     let mut first = Some(first);
     let parked = shared.parked.park(&name);
+    // The registration this call began under, once its first look found the node live.
+    let mut registration: Option<String> = None;
     loop {
         // Woken to run a pass (one parked call for the pool), or because a pass placed work here.
         let (pass, mine) = (shared.work.notified(), parked.notify.notified());
@@ -98,24 +100,23 @@ pub async fn lease(
         // The pass's placements are durable with this call's reply, and their tick tells the
         // dashboards that jobs started to run.
         let (placed, scheduled) = shared.schedule();
-        let (r, pending) = shared.call(|e| {
-            let now = now_ms();
-            e.live_node(&name, now)?;
-            Ok::<_, crate::engine::ApiError>(e.take_leases(&name, req.max_jobs.max(1), req.max_cpus, now))
-        });
+        let (r, pending) = shared.call(|e| look(e, &name, &req, &mut registration));
         let pending = pending.after(scheduled).after(first.take());
         // Only the nodes this pass placed work on (their replies wait for it to be durable).
         for other in placed.iter().filter(|n| **n != name) {
             shared.parked.wake(other);
         }
-        let leases = match r {
+        let (leases, draining) = match r {
             Ok(v) => v,
             Err(e) => {
                 shared.finish(pending).await?;
                 return Err(e.into());
             }
         };
-        if !leases.is_empty() || tokio::time::Instant::now() >= deadline {
+        // A draining node gets nothing more: its call ends, and the node gets on with its drain.
+        // A server that stops ends every call (its graceful shutdown waits for them).
+        let over = draining || shared.parked.closed() || tokio::time::Instant::now() >= deadline;
+        if !leases.is_empty() || over {
             shared.finish(pending).await?;
             return Ok(Json(LeaseResponse { leases, report: report.take() }));
         }
@@ -131,6 +132,28 @@ pub async fn lease(
         })
         .await;
     }
+}
+
+/// One look of a lease call at what is placed on its node: the leases it takes, and whether the
+/// node drains (its call then ends). The node counts as heard from at the call's first look
+/// only, which notes the registration the call began under; a later look refuses the call if
+/// the node was lost or registered again since.
+fn look(
+    e: &mut crate::engine::Engine,
+    name: &str,
+    req: &LeaseRequest,
+    registration: &mut Option<String>,
+) -> std::result::Result<(Vec<Lease>, bool), crate::engine::ApiError> {
+    let now = now_ms();
+    match registration {
+        Some(cred) => e.same_registration(name, cred)?,
+        None => {
+            e.live_node(name, now)?;
+            *registration = e.node_registration(name);
+        }
+    }
+    let leases = e.take_leases(name, req.max_jobs.max(1), req.max_cpus, now);
+    Ok((leases, e.draining(name)))
 }
 
 pub async fn heartbeat(

@@ -149,6 +149,9 @@ pub struct Effects {
     pub ops: Vec<Op>,
     /// There may be work for nodes that wait in a lease call.
     pub wake_nodes: bool,
+    /// Nodes whose lease calls must end now, work or not: a node that drains, or was declared
+    /// lost (its call then answers that it must register again).
+    pub end_calls: Vec<String>,
     /// Jobs changed state: callers waiting on jobs look again.
     pub wake_waiters: bool,
     /// What an operator wants in the log.
@@ -157,7 +160,11 @@ pub struct Effects {
 
 impl Effects {
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty() && !self.wake_nodes && !self.wake_waiters && self.events.is_empty()
+        self.ops.is_empty()
+            && !self.wake_nodes
+            && !self.wake_waiters
+            && self.events.is_empty()
+            && self.end_calls.is_empty()
     }
 }
 
@@ -462,6 +469,10 @@ impl Engine {
 
     fn wake_waiters(&mut self) {
         self.out.wake_waiters = true;
+    }
+
+    fn end_calls_of(&mut self, node: &str) {
+        self.out.end_calls.push(node.to_string());
     }
 
     pub fn timing(&self) -> Timing {

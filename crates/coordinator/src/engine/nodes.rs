@@ -40,6 +40,8 @@ impl Engine {
             for id in jobs {
                 self.requeue(id, now, format!("node {name} restarted"));
             }
+            // A lease call of the old registration still waiting ends, taking nothing.
+            self.end_calls_of(&name);
             self.tokens.remove(&old_hash);
             self.store(Op::RevokeToken { hash: old_hash });
         }
@@ -52,6 +54,27 @@ impl Engine {
         self.wake_nodes();
         self.wake_waiters();
         Ok(())
+    }
+
+    /// The credential hash of node `name`'s registration, if it is in the pool.
+    pub fn node_registration(&self, name: &str) -> Option<String> {
+        self.nodes.get(name).map(|n| n.cred_hash.clone())
+    }
+
+    /// Whether a lease call that began under registration `cred` of node `name` may still take
+    /// its work: the node is not lost and has not registered again since. (A call waiting for
+    /// work is not the node being heard from: only the call's start counts, in `live_node`.)
+    pub fn same_registration(&self, name: &str, cred: &str) -> Result<(), ApiError> {
+        match self.nodes.get(name) {
+            None => Err(ApiError::Conflict(format!("node {name} is not registered; register again"))),
+            Some(n) if n.state == NodeState::Lost => Err(ApiError::Conflict(format!(
+                "node {name} was declared lost and its jobs given to others; register again"
+            ))),
+            Some(n) if n.cred_hash != cred => {
+                Err(ApiError::Conflict(format!("node {name} registered again since this call began")))
+            }
+            Some(_) => Ok(()),
+        }
     }
 
     /// The node `name`, if it is still part of the pool; it counts as heard from.
@@ -184,6 +207,7 @@ impl Engine {
             let pending: Vec<u64> = node.pending.iter().copied().collect();
             let op = node.store_op(name);
             self.store(op);
+            self.end_calls_of(name);
             for id in pending {
                 self.requeue(id, now, format!("node {name} is draining"));
             }
@@ -202,6 +226,11 @@ impl Engine {
             }
         }
         Ok(HeartbeatResponse { revoked, vacate, peer_identity: None })
+    }
+
+    /// Whether node `name` drains (its lease calls then wait for nothing).
+    pub fn draining(&self, name: &str) -> bool {
+        self.nodes.get(name).is_some_and(|n| n.state == NodeState::Draining)
     }
 
     /// Node `name`'s ad, if it is in the pool.
@@ -236,6 +265,8 @@ impl Engine {
             .collect();
         for name in silent {
             self.event(Event::NodeLost { node: name.clone() });
+            // A lease call it has waiting answers now that it must register again.
+            self.end_calls_of(&name);
             let n = self.nodes.get_mut(&name).expect("listed above");
             n.state = NodeState::Lost;
             let jobs: Vec<u64> = n.jobs.iter().copied().collect();

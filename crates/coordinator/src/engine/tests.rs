@@ -133,6 +133,7 @@ fn registering_stores_the_credential_and_the_node_and_wakes_everyone() {
                 },
             ],
             wake_nodes: true,
+            end_calls: vec![],
             wake_waiters: true,
             events: vec![],
         }
@@ -189,6 +190,7 @@ fn a_result_under_a_stale_epoch_is_refused_and_changes_nothing() {
     e.tick(1500);
     let fx = e.take_effects();
     assert_eq!(fx.events, vec![Event::NodeLost { node: holder.clone() }]);
+    assert_eq!(fx.end_calls, vec![holder.clone()], "its waiting lease call ends, to say it is lost");
     assert_eq!(job_rows(&fx.ops), vec![(1, JobState::Idle, None, 1)]);
     assert_eq!(node_state(&e, &holder), NodeState::Lost);
     let second = lease_all(&mut e, other, 1600);
@@ -280,8 +282,13 @@ fn a_draining_node_hands_back_unclaimed_placements_without_touching_other_nodes(
     e.submit(&alice(), spec(0), 2, 0).unwrap();
     e.schedule(0);
     assert!(e.has_pending("n1"));
+    e.take_effects();
     e.heartbeat("n1", &[], true, 1).unwrap();
     assert_eq!(node_state(&e, "n1"), NodeState::Draining);
+    assert_eq!(e.take_effects().end_calls, vec!["n1".to_string()], "its waiting lease call ends");
+    assert!(e.draining("n1"));
+    e.heartbeat("n1", &[], true, 2).unwrap();
+    assert!(e.take_effects().end_calls.is_empty(), "said once, when it starts to drain");
     let n1 = &e.node_views()[0];
     assert_eq!((n1.running_jobs, n1.free_cpus), (0, 2));
     assert_eq!(job(&e, 1).state, JobState::Idle);
@@ -305,7 +312,9 @@ fn a_live_nodes_name_cannot_be_taken_over() {
     // The node itself, restarting, proves who it is; an admin may replace it.
     e.take_effects();
     e.register(ad("n1", 1), Some("c1"), false, hash_token("c2"), 2).unwrap();
-    assert!(e.take_effects().ops.contains(&Op::RevokeToken { hash: hash_token("c1") }));
+    let fx = e.take_effects();
+    assert!(fx.ops.contains(&Op::RevokeToken { hash: hash_token("c1") }) && fx.end_calls == ["n1"]);
+    assert!(e.same_registration("n1", &hash_token("c1")).is_err(), "the old one's lease call takes nothing");
     assert!(e.authenticate("c1", 2).is_none(), "the old credential is revoked");
     e.register(ad("n1", 1), None, true, hash_token("c3"), 3).unwrap();
     assert!(e.authenticate("c2", 3).is_none());

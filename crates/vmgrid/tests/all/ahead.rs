@@ -3,7 +3,7 @@
 //! elsewhere exactly once (its late results refused), and when it drains it hands them back
 //! unstarted.
 
-use vmgrid_proto::{JobState, LeaseId, NodeView, Report, ReportRequest};
+use vmgrid_proto::{JobState, LeaseId, Report, ReportRequest};
 
 use crate::util::*;
 
@@ -24,16 +24,40 @@ fn sweep(pool: &Pool, d: &JobDir, n: u32, ms: u32) -> Vec<u64> {
     ids_of(&out)
 }
 
-fn node(pool: &Pool, name: &str) -> Option<NodeView> {
-    pool.admin().nodes().unwrap().into_iter().find(|n| n.ad.name == name)
-}
-
 /// The jobs node `name` holds now, running or queued ahead.
 fn held_by(pool: &Pool, ids: &[u64], name: &str) -> Vec<vmgrid_proto::JobView> {
     let jobs = pool.admin().jobs().unwrap();
     jobs.into_iter()
         .filter(|j| ids.contains(&j.id) && j.state == JobState::Running && j.node.as_deref() == Some(name))
         .collect()
+}
+
+/// Stops node `name` (SIGSTOP) at a moment the pool sees it hold at least `n` of `ids`: its
+/// running job and, with `n` >= 3, some queued behind it (a job that finished and is not reported
+/// yet counts too). Returns what it holds then; the node stays stopped, for the caller to signal
+/// and then resume. Each look is one small call to the pool (the node's view), well within the
+/// tests' 1.5 s leases; the jobs are listed only once enough are held.
+fn stop_holding(pool: &Pool, ids: &[u64], name: &str, n: usize) -> Vec<vmgrid_proto::JobView> {
+    let pid = pool.node_pid(name) as i32;
+    let mut held = Vec::new();
+    let found = poll_until(std::time::Duration::from_secs(60), || {
+        // SAFETY: signalling a child process we started (resumed below unless this look finds
+        // enough).
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let holds =
+            |p: &Pool| p.admin().nodes().unwrap().iter().any(|v| v.ad.name == name && v.running_jobs as usize >= n);
+        if holds(pool) {
+            held = held_by(pool, ids, name);
+        }
+        let enough = held.len() >= n;
+        if !enough {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+        enough
+    });
+    assert!(found, "{name} never held {n} jobs at once");
+    held
 }
 
 /// Every job completed once with its own output, and the pool accepted exactly one result each.
@@ -57,13 +81,13 @@ fn a_killed_nodes_queued_jobs_run_elsewhere_exactly_once_and_its_late_results_ar
     pool.start_node("n1", 1);
     let d = JobDir::new();
     warm_up(&pool, &d, 8);
-    let ids = sweep(&pool, &d, 40, 40);
-    pool.wait_for("n1 to hold jobs ahead of its one cpu", |p| node(p, "n1").is_some_and(|n| n.running_jobs >= 3));
+    // Short jobs, so that even on a busy machine (where they run slower) the node holds several
+    // ahead of its one cpu: about 100 ms of them.
+    let ids = sweep(&pool, &d, 200, 5);
     let credential = pool.node_credential("n1");
-    pool.kill_node("n1");
     // What n1 held when it died: its running job and those queued behind it.
-    let held = held_by(&pool, &ids, "n1");
-    assert!(held.len() >= 2, "n1 held {} jobs when killed", held.len());
+    let held = stop_holding(&pool, &ids, "n1", 3);
+    pool.kill_node("n1");
     pool.start_node("n2", 1);
     pool.wait_for("every job to complete", |p| {
         let jobs = p.admin().jobs().unwrap();
@@ -85,14 +109,17 @@ fn a_draining_node_hands_back_its_queued_jobs_unstarted() {
     pool.start_node("n1", 1);
     let d = JobDir::new();
     warm_up(&pool, &d, 8);
-    // 120 jobs of 20 ms: the node keeps some queued behind its one cpu for seconds, so the signal
-    // finds some there even on a busy machine (where jobs run slower and the node leases fewer
-    // ahead). Once it is asked to stop it starts none of them.
-    let ids = sweep(&pool, &d, 120, 20);
-    pool.wait_for("n1 to hold jobs ahead of its one cpu", |p| node(p, "n1").is_some_and(|n| n.running_jobs >= 2));
+    // 200 jobs of 5 ms: the node keeps some queued behind its one cpu (about 100 ms of them, by
+    // their durations). It is stopped while it holds several, and asked to drain then: once it
+    // is, it starts none of those it queued.
+    let ids = sweep(&pool, &d, 200, 5);
+    stop_holding(&pool, &ids, "n1", 4);
     let pid = pool.node_pid("n1") as i32;
-    // SAFETY: signalling a child process we started.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    // SAFETY: signalling a child process we started (stopped: the drain begins as it resumes).
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+        libc::kill(pid, libc::SIGCONT);
+    }
     let (_, mut child) = pool.nodes.remove(0);
     assert!(child.wait().unwrap().success(), "n1 exits 0 after draining");
     let jobs: Vec<_> = pool.admin().jobs().unwrap().into_iter().filter(|j| ids.contains(&j.id)).collect();

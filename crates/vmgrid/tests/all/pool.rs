@@ -373,10 +373,16 @@ fn a_node_asked_to_stop_finishes_its_job_and_leaves() {
     let mut pool = Pool::start();
     pool.start_node("n1", 1);
     let d = JobDir::new();
-    let job = probe_job_file(d.path(), "drain", &["sleep:1500", "args", "finished"], "");
+    let job = probe_job_file(d.path(), "drain", &["write:started:yes", "sleep:1500", "args", "finished"], "");
     let out = pool.cli().arg("submit").arg(&job).output().unwrap();
     let id = ids_of(&out)[0];
-    pool.wait_for("the job to run", |p| p.job(id).state == JobState::Running);
+    // Started on the node, not only placed there (a job a stopping node has not started yet is
+    // handed back): its guest wrote `started` in its job directory.
+    let jobs = pool.dir.path().join("node-n1/jobs");
+    wait_until("the job to start on n1", || {
+        std::fs::read_dir(&jobs)
+            .is_ok_and(|mut dirs| dirs.any(|d| d.is_ok_and(|d| d.path().join("job/started").exists())))
+    });
     let pid = pool.node_pid("n1") as i32;
     // SAFETY: signalling a child process we started.
     unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -385,6 +391,27 @@ fn a_node_asked_to_stop_finishes_its_job_and_leaves() {
     assert!(status.success(), "the node exits 0 after draining: {status}");
     let v = pool.job(id);
     assert_eq!((v.state, v.node.as_deref(), v.exit_code, v.attempts), (JobState::Completed, Some("n1"), Some(0), 1));
+    assert!(pool.admin().nodes().unwrap().is_empty(), "the node left the pool");
+}
+
+#[test]
+fn an_idle_node_asked_to_stop_leaves_without_waiting_out_its_lease_call() {
+    let mut pool = Pool::start();
+    pool.start_node("n1", 1);
+    pool.wait_for("n1 to join", |p| !p.admin().nodes().unwrap().is_empty());
+    // Its lease call now waits for work (up to LEASE_WAIT_MS); the pool ends it when the node's
+    // heartbeat says it drains.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let pid = pool.node_pid("n1") as i32;
+    let asked = std::time::Instant::now();
+    // SAFETY: signalling a child process we started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let (_, mut child) = pool.nodes.remove(0);
+    let status = child.wait().unwrap();
+    let took = asked.elapsed();
+    assert!(status.success(), "the node exits 0 after draining: {status}");
+    let wait = std::time::Duration::from_millis(vmgrid_proto::LEASE_WAIT_MS);
+    assert!(took < wait / 2, "the node left in {took:?}, not after its lease call's wait ({wait:?})");
     assert!(pool.admin().nodes().unwrap().is_empty(), "the node left the pool");
 }
 
