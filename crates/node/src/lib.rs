@@ -213,7 +213,7 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     // A hand-back the heartbeat thread took and failed to send is back in the list: one more go
     // now that no other thread sends it.
     if !lock(&agent.returning).is_empty() {
-        agent.hand_back_all(Instant::now() + Duration::from_secs(5));
+        agent.hand_back_all(Instant::now() + Duration::from_secs(2));
     }
     agent.closing.store(true, Ordering::Relaxed);
     let _ = reporter.join();

@@ -3,7 +3,7 @@
 //! A real `vmgrid coordinator` process (the release binary, HTTPS under the pool's own CA, its
 //! state in SQLite) serves N **simulated node agents**, all in this one process: each registers
 //! with the pool token and gets its own credential, long-polls for leases on its own connection
-//! (as `vmgrid node` does: at most its free cpus, waiting up to a second), and reports each
+//! (as `vmgrid node` does: at most its free cpus, waiting up to `LEASE_WAIT_MS` for work), and reports each
 //! result the moment it gets the lease, without running anything. Heartbeats go at the interval
 //! the pool gives at registration, each under its node's credential, sent by threads that each
 //! serve 5 nodes over one connection (a pool of 10,000 agents with two connections each would pass
@@ -140,8 +140,8 @@ struct Shared {
     lease_ms: Mutex<Vec<f64>>,
     report_ms: Mutex<Vec<f64>>,
     heartbeat_ms: Mutex<Vec<f64>>,
-    /// When the sweep began: a lease call parked before it is timed from then, not from when it
-    /// began waiting in the idle pool.
+    /// When the sweep began: a lease call made before it (waiting in the idle pool) is not
+    /// counted among the round trips.
     sweep_began: Mutex<Option<Instant>>,
     /// When a node got each job's lease, by job id.
     leased_at: Mutex<HashMap<u64, Instant>>,
@@ -230,8 +230,10 @@ fn agent(pool: &str, token: &str, trust: Trust, name: String, node: &SimNode, sh
             }
         };
         let got = Instant::now();
-        let from = shared.sweep_began.lock().unwrap().map_or(asked, |b| b.max(asked));
-        shared.lease_ms.lock().unwrap().push(ms(from));
+        // A call made before the sweep began waited in the idle pool: not a round trip.
+        if shared.sweep_began.lock().unwrap().is_none_or(|b| asked >= b) {
+            shared.lease_ms.lock().unwrap().push(ms(asked));
+        }
         let ids: Vec<LeaseId> = leases.iter().map(|l| LeaseId { job_id: l.job_id, epoch: l.epoch }).collect();
         {
             let mut at = shared.leased_at.lock().unwrap();

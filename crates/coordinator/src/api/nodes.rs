@@ -61,6 +61,7 @@ fn peer_identity(shared: &S, addr: &str) -> Result<Option<PeerIdentity>> {
 pub async fn lease(
     AxState(shared): AxState<S>,
     Auth(p): Auth,
+    headers: axum::http::HeaderMap,
     Body(mut req): Body<LeaseRequest>,
 ) -> Result<Json<LeaseResponse>> {
     let name = node(&p)?.to_string();
@@ -89,8 +90,9 @@ pub async fn lease(
     }
     let mut first = Some(first);
     let parked = shared.parked.park(&name);
-    // The registration this call began under, once its first look found the node live.
-    let mut registration: Option<String> = None;
+    // The registration this call was made under (its credential): a later one ends it.
+    let registration = hash_token(super::bearer(&headers)?);
+    let mut first_look = true;
     loop {
         // Woken to run a pass (one parked call for the pool), or because a pass placed work here.
         let (pass, mine) = (shared.work.notified(), parked.notify.notified());
@@ -100,7 +102,7 @@ pub async fn lease(
         // The pass's placements are durable with this call's reply, and their tick tells the
         // dashboards that jobs started to run.
         let (placed, scheduled) = shared.schedule();
-        let (r, pending) = shared.call(|e| look(e, &name, &req, &mut registration));
+        let (r, pending) = shared.call(|e| look(e, &name, &req, &registration, std::mem::take(&mut first_look)));
         let pending = pending.after(scheduled).after(first.take());
         // Only the nodes this pass placed work on (their replies wait for it to be durable).
         for other in placed.iter().filter(|n| **n != name) {
@@ -135,22 +137,21 @@ pub async fn lease(
 }
 
 /// One look of a lease call at what is placed on its node: the leases it takes, and whether the
-/// node drains (its call then ends). The node counts as heard from at the call's first look
-/// only, which notes the registration the call began under; a later look refuses the call if
-/// the node was lost or registered again since.
+/// node drains (its call then ends). The call is refused once the node was lost or registered
+/// again since the call was made (`registration`, its credential's hash). The node counts as
+/// heard from at the call's first look only: a call left waiting by a node that died does not
+/// keep it alive.
 fn look(
     e: &mut crate::engine::Engine,
     name: &str,
     req: &LeaseRequest,
-    registration: &mut Option<String>,
+    registration: &str,
+    first: bool,
 ) -> std::result::Result<(Vec<Lease>, bool), crate::engine::ApiError> {
     let now = now_ms();
-    match registration {
-        Some(cred) => e.same_registration(name, cred)?,
-        None => {
-            e.live_node(name, now)?;
-            *registration = e.node_registration(name);
-        }
+    e.same_registration(name, registration)?;
+    if first {
+        e.live_node(name, now)?;
     }
     let leases = e.take_leases(name, req.max_jobs.max(1), req.max_cpus, now);
     Ok((leases, e.draining(name)))

@@ -56,14 +56,10 @@ impl Engine {
         Ok(())
     }
 
-    /// The credential hash of node `name`'s registration, if it is in the pool.
-    pub fn node_registration(&self, name: &str) -> Option<String> {
-        self.nodes.get(name).map(|n| n.cred_hash.clone())
-    }
-
-    /// Whether a lease call that began under registration `cred` of node `name` may still take
-    /// its work: the node is not lost and has not registered again since. (A call waiting for
-    /// work is not the node being heard from: only the call's start counts, in `live_node`.)
+    /// Whether a lease call made under registration `cred` (its credential's hash) of node
+    /// `name` may still take its work: the node is not lost and has not registered again since.
+    /// (A call waiting for work is not the node being heard from: only the call's first look
+    /// counts, in `live_node`.)
     pub fn same_registration(&self, name: &str, cred: &str) -> Result<(), ApiError> {
         match self.nodes.get(name) {
             None => Err(ApiError::Conflict(format!("node {name} is not registered; register again"))),
@@ -302,6 +298,8 @@ impl Engine {
         for id in jobs {
             self.requeue(id, now, format!("node {name} left the pool"));
         }
+        // Its lease call still waiting, if any (a banned node, a revoked token), ends now.
+        self.end_calls_of(name);
         self.nodes.remove(name);
         self.sharing.forget(name);
         self.tokens.remove(&hash);

@@ -315,6 +315,7 @@ fn a_live_nodes_name_cannot_be_taken_over() {
     let fx = e.take_effects();
     assert!(fx.ops.contains(&Op::RevokeToken { hash: hash_token("c1") }) && fx.end_calls == ["n1"]);
     assert!(e.same_registration("n1", &hash_token("c1")).is_err(), "the old one's lease call takes nothing");
+    assert!(e.same_registration("n1", &hash_token("c2")).is_ok());
     assert!(e.authenticate("c1", 2).is_none(), "the old credential is revoked");
     e.register(ad("n1", 1), None, true, hash_token("c3"), 3).unwrap();
     assert!(e.authenticate("c2", 3).is_none());
