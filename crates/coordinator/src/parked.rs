@@ -47,8 +47,8 @@ impl ParkedNodes {
         notify.map(|n| n.notify_waiters()).is_some()
     }
 
-    #[cfg(test)]
-    fn len(&self) -> usize {
+    /// How many nodes have a lease call open (`/metrics`: most of them wait for work).
+    pub fn len(&self) -> usize {
         self.lock().len()
     }
 }

@@ -243,6 +243,10 @@ async fn get_metrics(AxState(shared): AxState<S>, Auth(p): Auth) -> Result<Respo
     }
     let mut text = shared.peek(metrics::render);
     text.push_str(&format!(
+        "# HELP vmgrid_lease_calls_open Nodes with a lease call open (most wait for work).\n# TYPE vmgrid_lease_calls_open gauge\nvmgrid_lease_calls_open {}\n",
+        shared.parked.len()
+    ));
+    text.push_str(&format!(
         "# HELP vmgrid_blob_bytes_served_total Bytes of blobs the coordinator sent.\n# TYPE vmgrid_blob_bytes_served_total counter\nvmgrid_blob_bytes_served_total {}\n",
         shared.blobs.served_bytes()
     ));

@@ -61,29 +61,27 @@ impl Engine {
     /// (A call waiting for work is not the node being heard from: only the call's first look
     /// counts, in `live_node`.)
     pub fn same_registration(&self, name: &str, cred: &str) -> Result<(), ApiError> {
+        if self.in_pool(name)?.cred_hash != cred {
+            return Err(ApiError::Conflict(format!("node {name} registered again since this call began")));
+        }
+        Ok(())
+    }
+
+    /// The node `name`, if it is still part of the pool; it counts as heard from.
+    pub fn live_node(&mut self, name: &str, now: u64) -> Result<(), ApiError> {
+        self.in_pool(name)?;
+        self.nodes.get_mut(name).expect("in the pool").last_seen_ms = now;
+        Ok(())
+    }
+
+    /// The node `name`, if it is registered and not lost; else why it must register again.
+    fn in_pool(&self, name: &str) -> Result<&Node, ApiError> {
         match self.nodes.get(name) {
             None => Err(ApiError::Conflict(format!("node {name} is not registered; register again"))),
             Some(n) if n.state == NodeState::Lost => Err(ApiError::Conflict(format!(
                 "node {name} was declared lost and its jobs given to others; register again"
             ))),
-            Some(n) if n.cred_hash != cred => {
-                Err(ApiError::Conflict(format!("node {name} registered again since this call began")))
-            }
-            Some(_) => Ok(()),
-        }
-    }
-
-    /// The node `name`, if it is still part of the pool; it counts as heard from.
-    pub fn live_node(&mut self, name: &str, now: u64) -> Result<(), ApiError> {
-        match self.nodes.get_mut(name) {
-            None => Err(ApiError::Conflict(format!("node {name} is not registered; register again"))),
-            Some(n) if n.state == NodeState::Lost => Err(ApiError::Conflict(format!(
-                "node {name} was declared lost and its jobs given to others; register again"
-            ))),
-            Some(n) => {
-                n.last_seen_ms = now;
-                Ok(())
-            }
+            Some(n) => Ok(n),
         }
     }
 

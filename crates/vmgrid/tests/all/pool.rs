@@ -399,11 +399,11 @@ fn an_idle_node_asked_to_stop_leaves_without_waiting_out_its_lease_call() {
     let mut pool = Pool::start();
     pool.start_node("n1", 1);
     pool.wait_for("n1 to join", |p| !p.admin().nodes().unwrap().is_empty());
-    // Its lease call now waits for work (up to LEASE_WAIT_MS); the pool ends it when the node's
-    // heartbeat says it drains. Nothing tells from outside that the call is waiting, so the
-    // test gives the node half a second to make it (it does so as it joins); were it not made
-    // yet, the node would leave without one and the test would still pass, checking less.
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Its lease call waits for work (up to LEASE_WAIT_MS); the pool ends it when the node's
+    // heartbeat says it drains.
+    pool.wait_for("n1's lease call to wait for work", |p| {
+        p.admin().metrics().unwrap().lines().any(|l| l == "vmgrid_lease_calls_open 1")
+    });
     let pid = pool.node_pid("n1") as i32;
     let asked = std::time::Instant::now();
     // SAFETY: signalling a child process we started.
