@@ -6,6 +6,9 @@
 //! stack), and nested comprehension macros multiply their lists' lengths (seven nested `exists`
 //! over eleven elements are 19 million steps).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
 /// An expression that is too large or costly, or does not parse.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExprError {
@@ -26,8 +29,39 @@ pub fn parses(which: &'static str, src: &str) -> Result<(), ExprError> {
     if src.is_empty() {
         return Ok(());
     }
+    compiled(which, src).map(drop)
+}
+
+/// Distinct expression texts kept parsed; past this many the memo starts over.
+const KEEP_PARSED: usize = 1024;
+
+type Parsed = HashMap<String, Arc<cel::Program>>;
+
+/// Expressions that passed [`check`] and parsed, by their text. The validator and the matchmaker
+/// both need the parse, and a pool's submits repeat a few texts: parsing each on every submit
+/// (four parses for a job with `requirements` and `rank`) was about a tenth of the coordinator's
+/// CPU for a single job. Only a text that passed is kept, so a hit skips nothing.
+fn parsed() -> MutexGuard<'static, Parsed> {
+    static PARSED: OnceLock<Mutex<Parsed>> = OnceLock::new();
+    PARSED.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `src` (trimmed, not empty) checked against the bounds and parsed, or the parse of the same
+/// text made before.
+pub fn compiled(which: &'static str, src: &str) -> Result<Arc<cel::Program>, ExprError> {
+    if let Some(p) = parsed().get(src) {
+        return Ok(p.clone());
+    }
     check(which, src)?;
-    cel::Program::compile(src).map(drop).map_err(|e| ExprError { which, message: e.to_string().trim().to_string() })
+    let program =
+        cel::Program::compile(src).map_err(|e| ExprError { which, message: e.to_string().trim().to_string() })?;
+    let program = Arc::new(program);
+    let mut memo = parsed();
+    if memo.len() >= KEEP_PARSED {
+        memo.clear();
+    }
+    memo.insert(src.to_string(), program.clone());
+    Ok(program)
 }
 
 /// Operators, commas, member accesses and brackets, in all.
@@ -171,6 +205,19 @@ mod tests {
         assert!(parses("requirements", &src).unwrap_err().message.contains("inside another comprehension"));
         assert!(parses("requirements", "r'a\\' == node.name || R\"x\" == node.name || b'y' == b'y'").is_ok());
         assert!(parses("requirements", "node.cpus > 1 // a comment with \" and (((\n").is_ok());
+    }
+
+    #[test]
+    fn a_text_is_parsed_once_and_a_refused_one_is_refused_again() {
+        let src = "node.memory_mb >= 12345 && \"wasm\" in node.vm_types";
+        let (a, b) = (compiled("requirements", src).unwrap(), compiled("rank", src).unwrap());
+        assert!(Arc::ptr_eq(&a, &b), "the second asks for the first's parse");
+        for _ in 0..2 {
+            assert!(compiled("rank", "node.f)ree_cpus").unwrap_err().message.contains("1:7"));
+            let deep = format!("{}1{}", "(".repeat(40), ")".repeat(40));
+            assert!(compiled("rank", &deep).unwrap_err().message.contains("32 deep"), "bounds before the memo");
+        }
+        assert!(!parsed().contains_key("node.f)ree_cpus"), "what is refused is not kept");
     }
 
     #[test]

@@ -128,12 +128,7 @@ impl Cluster {
         let compile = |which: &'static str, src: Option<&str>| -> Result<Option<Expr>, ExprError> {
             match src.map(str::trim).filter(|s| !s.is_empty()) {
                 None => Ok(None),
-                Some(s) => {
-                    limits::check(which, s)?;
-                    let program = Program::compile(s)
-                        .map_err(|e| ExprError { which, message: e.to_string().trim().to_string() })?;
-                    Ok(Some(Expr { program: Arc::new(program), reads: reads_of(s) }))
-                }
+                Some(s) => Ok(Some(Expr { program: limits::compiled(which, s)?, reads: reads_of(s) })),
             }
         };
         Ok(Cluster {
