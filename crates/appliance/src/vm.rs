@@ -48,10 +48,7 @@ pub fn start(opts: StartOptions) -> Result<i32, Error> {
     std::fs::create_dir_all(&opts.state_dir)
         .map_err(tools::io(format!("cannot create {}", opts.state_dir.display())))?;
     // Sockets need short paths (108 bytes), so the scratch directory is in /tmp.
-    let scratch = tempfile::Builder::new()
-        .prefix("vmgrid-appliance-")
-        .tempdir()
-        .map_err(tools::io("cannot create a scratch directory"))?;
+    let scratch = vmgrid_runtime::scratch::dir("appliance").map_err(tools::io("cannot create a scratch directory"))?;
     let image = std::fs::canonicalize(&opts.image)
         .map_err(|e| Error::BadInput(format!("the appliance image `{}` cannot be read: {e}", opts.image.display())))?;
     let overlay = vmgrid_runtime::qemu::image::overlay(&image, scratch.path())?;

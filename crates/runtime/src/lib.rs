@@ -11,6 +11,7 @@ pub mod jobdir;
 pub mod jvm;
 pub mod process;
 pub mod qemu;
+pub mod scratch;
 pub mod ssi;
 pub mod tools;
 pub mod wasm;

@@ -39,8 +39,9 @@ pub fn run(args: RunArgs) -> Result<i32, CliError> {
             "vmgrid: `network = \"grid\"` is the pool's overlay, which a VM run here is not on: it runs without a NIC (submit it to a pool with `vmgrid submit`)"
         );
     }
+    // `vmgrid-run-`: no job name can make it look like a scratch directory (`runtime::scratch`).
     let job_dir = tempfile::Builder::new()
-        .prefix(&format!("vmgrid-{}-", job.name))
+        .prefix(&format!("vmgrid-run-{}-", job.name))
         .tempdir()
         .map_err(|e| CliError::Failed(format!("cannot create a job directory: {e}")))?;
     jobdir::stage_inputs(&job, job_dir.path())?;

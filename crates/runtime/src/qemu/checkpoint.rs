@@ -111,10 +111,7 @@ fn wait_migrated(qmp: &mut Qmp, what: &str) -> Result<serde_json::Value, String>
 /// A checkpoint's directory, ours, holding an empty `state` that QEMU (after it dropped root, as
 /// `run_as`) may write but cannot replace: the directory is not its to change.
 fn checkpoint_dir(run_as: Option<&str>) -> Result<(tempfile::TempDir, PathBuf), String> {
-    let dir = tempfile::Builder::new()
-        .prefix("vmgrid-ckpt-")
-        .tempdir()
-        .map_err(|e| format!("cannot create a checkpoint directory: {e}"))?;
+    let dir = crate::scratch::dir("ckpt").map_err(|e| format!("cannot create a checkpoint directory: {e}"))?;
     let state = dir.path().join("state");
     std::fs::write(&state, b"").map_err(|e| format!("cannot create the state file: {e}"))?;
     if let Some(user) = run_as {

@@ -43,10 +43,7 @@ fn stage_run(
             launcher.caps.version
         )));
     }
-    let scratch = tempfile::Builder::new()
-        .prefix("vmgrid-qemu-")
-        .tempdir()
-        .map_err(|e| RunError::host("cannot create a scratch directory", e))?;
+    let scratch = crate::scratch::dir("qemu").map_err(|e| RunError::host("cannot create a scratch directory", e))?;
     // A checkpoint taken under TCG resumes under TCG, which every node has, even where KVM works.
     let accel = match ck.resume.as_ref() {
         Some(from) if from.accel == accel::Accel::Tcg.as_str() => accel::Accel::Tcg,

@@ -108,10 +108,7 @@ pub fn run(req: &RunRequest<'_>, config: &RuntimeConfig) -> Result<RunResult, Ru
         }
     }
     let launcher = Launcher::new()?;
-    let scratch = tempfile::Builder::new()
-        .prefix("vmgrid-qemu-")
-        .tempdir()
-        .map_err(|e| RunError::host("cannot create a scratch directory", e))?;
+    let scratch = crate::scratch::dir("qemu").map_err(|e| RunError::host("cannot create a scratch directory", e))?;
     let overlay = job.vm.image.as_deref().map(|image| image::overlay(image, scratch.path())).transpose()?;
     let job_dir = std::fs::canonicalize(req.job_dir).map_err(|e| RunError::host("the job directory", e))?;
     if let Some((user, _)) = launcher.run_as {

@@ -128,6 +128,8 @@ fn a_killed_nodes_vm_job_resumes_elsewhere_from_its_latest_checkpoint() {
     let base = std::fs::read(&image).unwrap();
     let id = submit(&pool, &job);
     let seq = wait_checkpoint(&pool, &d, id, 0, 20);
+    let n1 = pool.node_pid("n1");
+    assert!(!scratch_of(n1).is_empty(), "n1's QEMU has its scratch directory in the temp directory");
     pool.kill_node("n1");
     let killed_at = now_s();
     let ck = result(&pool, id).checkpoint.unwrap();
@@ -157,6 +159,19 @@ fn a_killed_nodes_vm_job_resumes_elsewhere_from_its_latest_checkpoint() {
     assert!(h[0].outcome.contains("lost") || h[0].outcome.contains("lease on node n1 expired"), "{h:#?}");
     assert_eq!((h[1].node.as_str(), h[1].resumed_from), ("n2", Some(latest)));
     assert_eq!(std::fs::read(&image).unwrap(), base, "the base image is untouched");
+    // n1 could not remove its scratch; n2's first scratch directory removed it.
+    assert_eq!(scratch_of(n1), Vec::<String>::new(), "what the killed node left in the temp directory");
+}
+
+/// The scratch directories (`vmgrid_runtime::scratch`) that the process `pid` made.
+fn scratch_of(pid: u32) -> Vec<String> {
+    let pid = pid.to_string();
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("vmgrid-") && n.split('-').nth(3) == Some(pid.as_str()))
+        .collect()
 }
 
 #[test]

@@ -3,7 +3,7 @@
 // requests on stdout ("start-node", "kill-node") by doing them and writing "done" on stdin.
 // Environment: VMGRID_URL, ALICE, BOB (user tokens), ADMIN, SHOTS (the directory for screenshots).
 import { chromium } from "playwright-core";
-import { mkdtempSync, readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
@@ -60,7 +60,8 @@ async function signIn(page, token) {
 }
 
 // The pool's own CA signs its certificate; this loopback test does not install it in Chromium.
-const context = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), "vmgrid-chromium-")), {
+const profile = mkdtempSync(join(tmpdir(), "vmgrid-chromium-"));
+const context = await chromium.launchPersistentContext(profile, {
   executablePath: "/usr/bin/chromium",
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"],
   ignoreHTTPSErrors: true,
@@ -246,5 +247,6 @@ try {
   console.log("passed");
 } finally {
   await context.close();
+  rmSync(profile, { recursive: true, force: true });
 }
 process.exit(0); // stdin (the test's answers) stays open

@@ -1,0 +1,121 @@
+//! Scratch directories in the system's temp directory: a QEMU job's overlay and QMP socket, a
+//! checkpoint's saved state, an appliance's sockets. They are there, not under a node's own
+//! directory, because a socket's path must be short (108 bytes) and QEMU, once it has dropped
+//! root, must reach the state file.
+//!
+//! A process removes its scratch when done, but a process killed with SIGKILL (a node that
+//! crashed, or that a test killed) cannot: each directory left that way held a disk overlay and,
+//! for a checkpoint, the whole saved RAM (80 MB for a 256 MiB guest). So each directory is named
+//! for the process that made it (its PID namespace and PID), and the first scratch directory a
+//! process makes removes those of processes of this machine's namespace that are gone, when they
+//! are directories of this account. A directory of a live process, of another PID namespace
+//! (another container sharing this /tmp) or of another account is left alone.
+
+use std::path::Path;
+use std::sync::Once;
+
+/// The kinds of scratch directory, the part of the name after `vmgrid-`.
+const KINDS: [&str; 3] = ["qemu", "ckpt", "appliance"];
+
+/// A new scratch directory of `kind` (one of [`KINDS`]), removed when the value is dropped.
+pub fn dir(kind: &str) -> std::io::Result<tempfile::TempDir> {
+    debug_assert!(KINDS.contains(&kind), "unknown scratch kind {kind}");
+    static SWEPT: Once = Once::new();
+    let tmp = std::env::temp_dir();
+    SWEPT.call_once(|| {
+        let n = sweep(&tmp, namespace().as_deref());
+        if n > 0 {
+            tracing::info!("removed {n} scratch directories that killed vmgrid processes left in {}", tmp.display());
+        }
+    });
+    tempfile::Builder::new().prefix(&prefix(kind, namespace().as_deref(), std::process::id())).tempdir_in(tmp)
+}
+
+/// This process's PID namespace (the inode number of `/proc/self/ns/pid`), if it can be told.
+fn namespace() -> Option<String> {
+    let link = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    let s = link.to_str()?;
+    Some(s.strip_prefix("pid:[")?.strip_suffix(']')?.to_string())
+}
+
+fn prefix(kind: &str, ns: Option<&str>, pid: u32) -> String {
+    format!("vmgrid-{kind}-{}-{pid}-", ns.unwrap_or("x"))
+}
+
+/// The PID namespace and PID a scratch directory's name gives its maker.
+fn maker(name: &str) -> Option<(&str, u32)> {
+    let rest = name.strip_prefix("vmgrid-")?;
+    let rest = KINDS.iter().find_map(|k| rest.strip_prefix(k)?.strip_prefix('-'))?;
+    let mut parts = rest.splitn(3, '-');
+    let (ns, pid) = (parts.next()?, parts.next()?);
+    parts.next()?;
+    Some((ns, pid.parse().ok()?))
+}
+
+/// Removes from `tmp` the scratch directories of this account whose maker, in namespace `ns`,
+/// is gone; returns how many. Nothing is swept without a known namespace.
+fn sweep(tmp: &Path, ns: Option<&str>) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let (Some(ns), Ok(entries)) = (ns, std::fs::read_dir(tmp)) else { return 0 };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some((their_ns, pid)) = name.to_str().and_then(maker) else { continue };
+        if their_ns != ns || Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        // Not followed: a link, or another account's directory, is not ours to remove.
+        let ours = entry.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me);
+        if ours && std::fs::remove_dir_all(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A PID no process has: above the kernel's largest.
+    const GONE: u32 = 4_194_304 + 7;
+
+    #[test]
+    fn what_a_gone_process_left_is_removed_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        let make = |name: &str| {
+            std::fs::create_dir(t.join(name)).unwrap();
+            std::fs::write(t.join(name).join("state"), b"saved RAM").unwrap();
+        };
+        let gone = format!("{}abc", prefix("ckpt", Some("41"), GONE));
+        let live = format!("{}abc", prefix("qemu", Some("41"), std::process::id()));
+        let other_ns = format!("{}abc", prefix("qemu", Some("42"), GONE));
+        for n in [&gone, &live, &other_ns, &"vmgrid-qemu-abcdef".to_string(), &"vmgrid-other-41-9-x".to_string()] {
+            make(n);
+        }
+        let link = format!("{}lnk", prefix("appliance", Some("41"), GONE));
+        std::os::unix::fs::symlink(t.join(&live), t.join(&link)).unwrap();
+        assert_eq!(sweep(t, Some("41")), 1);
+        assert!(!t.join(&gone).exists(), "a gone process's directory is removed");
+        for kept in [&live, &other_ns, &link] {
+            assert!(t.join(kept).exists(), "{kept} is kept");
+        }
+        assert!(t.join(&live).join("state").exists(), "a link is not followed");
+        assert!(t.join("vmgrid-qemu-abcdef").exists(), "a name without its maker is left");
+        assert_eq!(sweep(t, None), 0, "no namespace, no sweep");
+    }
+
+    #[test]
+    fn a_scratch_directory_names_its_maker() {
+        let d = dir("qemu").unwrap();
+        let name = d.path().file_name().unwrap().to_str().unwrap().to_string();
+        let (ns, pid) = maker(&name).unwrap();
+        assert_eq!(pid, std::process::id());
+        assert_eq!(Some(ns.to_string()), namespace());
+        assert_eq!(maker("vmgrid-qemu-1-2"), None, "no random part");
+        assert_eq!(maker("vmgrid-qemu-1-x-abc"), None);
+    }
+}
