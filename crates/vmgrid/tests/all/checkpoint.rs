@@ -163,14 +163,18 @@ fn a_killed_nodes_vm_job_resumes_elsewhere_from_its_latest_checkpoint() {
     assert_eq!(scratch_of(n1), Vec::<String>::new(), "what the killed node left in the temp directory");
 }
 
-/// The scratch directories (`vmgrid_runtime::scratch`) that the process `pid` made.
+/// The scratch directories (`vmgrid_runtime::scratch`: `vmgrid-KIND-HOST-PID-…`) that the
+/// process `pid` made.
 fn scratch_of(pid: u32) -> Vec<String> {
     let pid = pid.to_string();
     std::fs::read_dir(std::env::temp_dir())
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.starts_with("vmgrid-") && n.split('-').nth(3) == Some(pid.as_str()))
+        .filter(|n| {
+            let p: Vec<&str> = n.split('-').collect();
+            p.len() == 5 && p[0] == "vmgrid" && ["qemu", "ckpt"].contains(&p[1]) && p[3] == pid
+        })
         .collect()
 }
 
