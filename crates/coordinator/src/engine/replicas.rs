@@ -179,7 +179,10 @@ impl Engine {
     /// replicas agreed on, counting one agreement and one disagreement before any (so a node
     /// never checked is 0.5, and one check moves it only so far).
     pub fn reputation(&self, node: &str) -> f64 {
-        let t = self.trust.get(node).copied().unwrap_or_default();
+        // A pool that never judged a replicated result knows nothing of anyone: no lookup (a
+        // scheduling pass asks for every ready node's).
+        let t =
+            if self.trust.is_empty() { Trust::default() } else { self.trust.get(node).copied().unwrap_or_default() };
         (t.agree + 1) as f64 / (t.agree + t.disagree + 2) as f64
     }
 
