@@ -32,8 +32,10 @@ pub fn wasm_vs_native(root: &Path) -> Result<(f64, f64), String> {
     .map_err(|e| e.to_string())?;
     let run_wasm = || time_cmd(Command::new(vmgrid_bin(root)).arg("run").arg(&job).arg("--out").arg(&dir));
     run_wasm(); // warm the module cache
+    // Best of seven, alternating: runs on this machine vary by 30% with its other tenants, and
+    // the best of many is the run that met the least of them, on each side.
     let (mut n, mut w) = (f64::MAX, f64::MAX);
-    for _ in 0..3 {
+    for _ in 0..7 {
         n = n.min(time_cmd(Command::new(&native).args(["20000000", "5"])));
         w = w.min(run_wasm());
     }
