@@ -28,7 +28,7 @@ impl Target {
     pub fn verdict(self, value: f64) -> String {
         match self {
             Target::AtLeast(t) if value >= t => "met".into(),
-            Target::AtLeast(t) => format!("missed ({:.1}x short)", t / value.max(f64::MIN_POSITIVE)),
+            Target::AtLeast(t) => format!("missed ({:.2}x short)", t / value.max(f64::MIN_POSITIVE)),
             Target::AtMost(t) if value <= t => "met".into(),
             Target::AtMost(t) => format!("missed ({:.2}x over)", value / t),
             Target::None => "-".into(),
@@ -112,7 +112,7 @@ mod tests {
     #[test]
     fn verdicts_say_met_or_by_how_much_missed() {
         assert_eq!(Target::AtLeast(10_000.0).verdict(12_000.0), "met");
-        assert_eq!(Target::AtLeast(10_000.0).verdict(900.0), "missed (11.1x short)");
+        assert_eq!(Target::AtLeast(10_000.0).verdict(900.0), "missed (11.11x short)");
         assert_eq!(Target::AtMost(2.0).verdict(2.99), "missed (1.50x over)");
         assert_eq!(Target::AtMost(1.1).verdict(1.03), "met");
         assert_eq!(Target::AtLeast(10_000.0).text(" jobs/s"), ">= 10,000 jobs/s");

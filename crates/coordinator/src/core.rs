@@ -30,6 +30,8 @@ struct Core {
 pub(crate) struct Shared {
     core: Mutex<Core>,
     committed: watch::Receiver<u64>,
+    /// Holds the commit of a change that wakes a pass until the pass's placements join it.
+    hold: Arc<store::Hold>,
     /// Wakes one long-polling lease call (`notify_one`) to run a scheduling pass: something
     /// changed that may allow placements. After it, only the nodes the pass placed work on are
     /// woken (`parked`), not every parked call.
@@ -82,9 +84,11 @@ impl Pending {
 impl Shared {
     pub fn new(engine: Engine, writer: Writer, blobs: Blobs, transport: Transport, max_blob_bytes: u64) -> Shared {
         let committed = writer.committed();
+        let hold = writer.hold();
         Shared {
             core: Mutex::new(Core { engine, writer }),
             committed,
+            hold,
             work: Notify::new(),
             parked: ParkedNodes::default(),
             changed: Notify::new(),
@@ -128,6 +132,7 @@ impl Shared {
             last = Some(pending.after(last));
         }
         self.scheduling.store(false, Ordering::Release);
+        self.hold.release();
         // A change that came after the last snapshot, while this pass still ran, found the pass
         // busy and was left to it: another parked call takes it.
         if settled && self.peek(|e| e.needs_pass()) {
@@ -168,6 +173,11 @@ impl Shared {
         let fx = core.engine.take_effects();
         let changed = !fx.ops.is_empty() || fx.wake_waiters || !fx.events.is_empty();
         let mut ticket = core.writer.last_ticket();
+        // A pass will run (a parked lease call is woken, or this call runs one next): its
+        // placements join this change's commit rather than wait for the one after it.
+        if fx.wake_nodes && !fx.ops.is_empty() && self.parked.len() > 0 {
+            self.hold.set();
+        }
         for op in fx.ops {
             ticket = core.writer.push(op);
         }

@@ -4,8 +4,11 @@
 //! submits or reports costs one fsync, not one each. Callers wait for the commit of their ticket
 //! before they acknowledge anything.
 
+mod hold;
 pub mod postgres;
 pub mod sqlite;
+
+pub use hold::{HOLD_MAX, Hold};
 
 use std::sync::{Arc, Mutex, mpsc};
 
@@ -410,6 +413,7 @@ pub trait Store: Send + 'static {
 /// The queue into the writer thread and the sequence number of the last durable operation.
 pub struct Writer {
     tx: mpsc::Sender<(u64, Op)>,
+    hold: Arc<Hold>,
     next: u64,
     committed: watch::Receiver<u64>,
     failing: Arc<Mutex<Option<String>>>,
@@ -428,10 +432,13 @@ impl Writer {
         let (done_tx, committed) = watch::channel(0u64);
         let failing: Arc<Mutex<Option<String>>> = Arc::default();
         let flag = failing.clone();
+        let hold = Arc::new(Hold::default());
+        let held = hold.clone();
         std::thread::Builder::new()
             .name("vmgrid-store".into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
+                    held.wait(HOLD_MAX);
                     let mut batch = vec![first];
                     while batch.len() < 50_000 {
                         match rx.try_recv() {
@@ -446,7 +453,7 @@ impl Writer {
                 }
             })
             .expect("spawn the store thread");
-        Writer { tx, next: 0, committed, failing }
+        Writer { tx, hold, next: 0, committed, failing }
     }
 
     /// Why the store cannot commit, while it cannot.
@@ -460,6 +467,11 @@ impl Writer {
         self.next += 1;
         let _ = self.tx.send((self.next, op));
         self.next
+    }
+
+    /// What holds the next commit for a scheduling pass ([`Hold`]).
+    pub fn hold(&self) -> Arc<Hold> {
+        self.hold.clone()
     }
 
     pub fn last_ticket(&self) -> u64 {

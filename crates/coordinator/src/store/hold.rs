@@ -1,0 +1,90 @@
+//! A short hold on the next commit, so that a scheduling pass joins the commit of the change
+//! that woke it. A result or a submit that may allow placements wakes a pass; without the hold
+//! the writer commits the change at once and the pass's placements wait for the next commit, two
+//! fsyncs in series before a node hears of its new work. With it, the writer waits (at most
+//! [`HOLD_MAX`]) for the pass to finish, and one group commit makes both durable. Nothing is
+//! acknowledged earlier by this: only the commit waits, never a reply.
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// The longest a commit waits for a pass: a pass over a few thousand nodes takes well under
+/// this, and a pass that was never run (no lease call to run it) costs no more than this.
+pub const HOLD_MAX: Duration = Duration::from_millis(1);
+
+#[derive(Default)]
+pub struct Hold {
+    /// Since when a pass is awaited, if one is.
+    since: Mutex<Option<Instant>>,
+    released: Condvar,
+}
+
+impl Hold {
+    fn lock(&self) -> MutexGuard<'_, Option<Instant>> {
+        self.since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A pass is coming: the commit that takes the change about to be queued waits for it.
+    pub fn set(&self) {
+        let mut since = self.lock();
+        if since.is_none() {
+            *since = Some(Instant::now());
+        }
+    }
+
+    /// The pass is done (its placements are queued): the writer may commit.
+    pub fn release(&self) {
+        if self.lock().take().is_some() {
+            self.released.notify_all();
+        }
+    }
+
+    /// Waits until the awaited pass is done, at most `max` after it was awaited; a hold that ran
+    /// out is dropped, so that a pass that never comes delays one commit only.
+    pub fn wait(&self, max: Duration) {
+        let mut since = self.lock();
+        while let Some(from) = *since {
+            let left = (from + max).saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                *since = None;
+                return;
+            }
+            since = self.released.wait_timeout(since, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_commit_waits_for_the_pass_and_no_longer_than_the_bound() {
+        let hold = Arc::new(Hold::default());
+        // Nothing awaited: no wait.
+        let t = Instant::now();
+        hold.wait(Duration::from_secs(5));
+        assert!(t.elapsed() < Duration::from_secs(1));
+        // Released by the pass from another thread: the wait ends then.
+        hold.set();
+        let h = hold.clone();
+        let pass = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            h.release();
+        });
+        let t = Instant::now();
+        hold.wait(Duration::from_secs(30));
+        let waited = t.elapsed();
+        pass.join().unwrap();
+        assert!(waited >= Duration::from_millis(40) && waited < Duration::from_secs(20), "{waited:?}");
+        // A pass that never comes: the bound, then the hold is dropped for the next commit.
+        hold.set();
+        let t = Instant::now();
+        hold.wait(Duration::from_millis(20));
+        assert!(t.elapsed() >= Duration::from_millis(20));
+        let t = Instant::now();
+        hold.wait(Duration::from_secs(30));
+        assert!(t.elapsed() < Duration::from_secs(1), "a hold that ran out delays the next commit");
+    }
+}
