@@ -28,6 +28,14 @@ impl Tx<'_, '_> {
         };
         self.tx.execute(&st, params)
     }
+
+    /// A statement planned for its parameters each time (an unnamed statement: one more round
+    /// trip). A prepared statement's plan is kept once PostgreSQL finds a generic one as cheap;
+    /// for a batch given as arrays, a generic plan made while the table was small joins by
+    /// scanning the whole table, every batch after.
+    fn exec_planned(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, postgres::Error> {
+        self.tx.execute(sql, params)
+    }
 }
 
 /// Raises a counter of the `meta` table to at least `value`.
@@ -37,7 +45,52 @@ fn opt(x: Option<u64>) -> Option<i64> {
     x.map(|x| x as i64)
 }
 
-pub fn apply(tx: &mut Tx<'_, '_>, op: &Op) -> R {
+/// Applies a commit's operations in order, except that job updates wait and go together in one
+/// statement (a sweep's placements and results are thousands of them, each a round trip
+/// otherwise). They are applied before any operation that adds or deletes jobs, and at the end:
+/// no other operation reads or writes the `jobs` table, so the rows come out as applying each
+/// operation in turn would leave them.
+pub fn apply_all(tx: &mut Tx<'_, '_>, ops: &[Op]) -> R {
+    let mut rows: Vec<Update<'_>> = Vec::new();
+    let mut at: HashMap<u64, usize> = HashMap::new();
+    for op in ops {
+        match op {
+            Op::Job(j) => match at.get(&j.id) {
+                Some(&i) => rows[i].then(j),
+                None => {
+                    at.insert(j.id, rows.len());
+                    rows.push(Update { row: j, result: j });
+                }
+            },
+            Op::Jobs { .. } | Op::DeleteJob { .. } | Op::DagRelease { .. } => {
+                update_jobs(tx, &rows)?;
+                rows.clear();
+                at.clear();
+                apply(tx, op)?;
+            }
+            _ => apply(tx, op)?,
+        }
+    }
+    update_jobs(tx, &rows)
+}
+
+/// One job's updates in a commit, as one: every column as the last update has it, but the
+/// result as the last update that wrote it has it (an update may leave the result alone).
+struct Update<'a> {
+    row: &'a JobRow,
+    result: &'a JobRow,
+}
+
+impl<'a> Update<'a> {
+    fn then(&mut self, later: &'a JobRow) {
+        self.row = later;
+        if later.set_result || !self.result.set_result {
+            self.result = later;
+        }
+    }
+}
+
+fn apply(tx: &mut Tx<'_, '_>, op: &Op) -> R {
     match op {
         Op::Token(t) => {
             tx.exec(
@@ -53,7 +106,7 @@ pub fn apply(tx: &mut Tx<'_, '_>, op: &Op) -> R {
         Op::Jobs { spec_id, first_id, count, owner, submitted_ms } => {
             insert_jobs(tx, *spec_id, *first_id, *count, owner, *submitted_ms)?
         }
-        Op::Job(j) => update_job(tx, j)?,
+        Op::Job(j) => update_jobs(tx, &[Update { row: j, result: j }])?,
         Op::Node { name, ad_json, cred_hash, state } => {
             tx.exec(
                 "INSERT INTO nodes (name, ad, cred_hash, state) VALUES ($1, $2, $3, $4)
@@ -117,8 +170,13 @@ pub fn apply(tx: &mut Tx<'_, '_>, op: &Op) -> R {
     Ok(())
 }
 
-fn update_job(tx: &mut Tx<'_, '_>, j: &JobRow) -> R {
-    let result = j.result.as_ref().map(|r| serde_json::to_string(r).expect("a result serializes"));
+/// Below this many jobs a commit updates them one prepared statement each: planning the batched
+/// statement costs more than the round trips it saves.
+const BATCH_FROM: usize = 8;
+
+fn update_job(tx: &mut Tx<'_, '_>, u: &Update<'_>) -> R {
+    let (j, result) = (u.row, u.result.result.as_ref());
+    let result = result.map(|r| serde_json::to_string(r).expect("a result serializes"));
     tx.exec(
         "UPDATE jobs SET state = $2, node = $3, epoch = $4, attempts = $5, retries = $6, losses = $7, exit_code = $8, reason = $9, finished_ms = $10, result = CASE WHEN $12 THEN $11 ELSE result END, started_ms = $13, history = $14, checkpoint = $15, votes = $16 WHERE id = $1",
         &[
@@ -133,11 +191,69 @@ fn update_job(tx: &mut Tx<'_, '_>, j: &JobRow) -> R {
             &j.reason,
             &opt(j.finished_ms),
             &result,
-            &j.set_result,
+            &u.result.set_result,
             &opt(j.started_ms),
             &crate::store::history_column(&j.history),
             &crate::store::checkpoint_column(&j.checkpoint),
             &crate::store::votes_column(&j.votes),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Updates of distinct jobs: a few by the prepared statement each, more in one statement that
+/// takes each column as an array.
+fn update_jobs(tx: &mut Tx<'_, '_>, updates: &[Update<'_>]) -> R {
+    if updates.len() < BATCH_FROM {
+        return updates.iter().try_for_each(|u| update_job(tx, u));
+    }
+    let rows: Vec<&JobRow> = updates.iter().map(|u| u.row).collect();
+    let col = |f: &dyn Fn(&JobRow) -> i64| rows.iter().map(|j| f(j)).collect::<Vec<i64>>();
+    let opt_col = |f: &dyn Fn(&JobRow) -> Option<u64>| rows.iter().map(|j| opt(f(j))).collect::<Vec<_>>();
+    let text = |f: &dyn Fn(&JobRow) -> Option<String>| rows.iter().map(|j| f(j)).collect::<Vec<Option<String>>>();
+    let (id, epoch) = (col(&|j| j.id as i64), col(&|j| j.epoch as i64));
+    let (attempts, retries, losses) =
+        (col(&|j| j.attempts as i64), col(&|j| j.retries as i64), col(&|j| j.losses as i64));
+    let state: Vec<&str> = rows.iter().map(|j| j.state.as_str()).collect();
+    let exit_code: Vec<Option<i32>> = rows.iter().map(|j| j.exit_code).collect();
+    let set_result: Vec<bool> = updates.iter().map(|u| u.result.set_result).collect();
+    let (finished, started) = (opt_col(&|j| j.finished_ms), opt_col(&|j| j.started_ms));
+    let (node, reason) = (text(&|j| j.node.clone()), text(&|j| j.reason.clone()));
+    let result: Vec<Option<String>> = updates
+        .iter()
+        .map(|u| u.result.result.as_ref().map(|r| serde_json::to_string(r).expect("a result serializes")))
+        .collect();
+    let history = text(&|j| crate::store::history_column(&j.history));
+    let checkpoint = text(&|j| crate::store::checkpoint_column(&j.checkpoint));
+    let votes = text(&|j| crate::store::votes_column(&j.votes));
+    tx.exec_planned(
+        "UPDATE jobs SET state = v.state, node = v.node, epoch = v.epoch, attempts = v.attempts, retries = v.retries,
+           losses = v.losses, exit_code = v.exit_code, reason = v.reason, finished_ms = v.finished_ms,
+           result = CASE WHEN v.set_result THEN v.result ELSE jobs.result END, started_ms = v.started_ms,
+           history = v.history, checkpoint = v.checkpoint, votes = v.votes
+         FROM unnest($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[], $7::BIGINT[],
+           $8::INTEGER[], $9::TEXT[], $10::BIGINT[], $11::TEXT[], $12::BOOLEAN[], $13::BIGINT[], $14::TEXT[],
+           $15::TEXT[], $16::TEXT[])
+           AS v(id, state, node, epoch, attempts, retries, losses, exit_code, reason, finished_ms, result,
+             set_result, started_ms, history, checkpoint, votes)
+         WHERE jobs.id = v.id",
+        &[
+            &id,
+            &state,
+            &node,
+            &epoch,
+            &attempts,
+            &retries,
+            &losses,
+            &exit_code,
+            &reason,
+            &finished,
+            &result,
+            &set_result,
+            &started,
+            &history,
+            &checkpoint,
+            &votes,
         ],
     )?;
     Ok(())

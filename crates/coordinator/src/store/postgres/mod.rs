@@ -267,9 +267,7 @@ impl Store for PgStore {
     fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError> {
         let mut tx = self.client.transaction().map_err(err)?;
         let mut t = apply::Tx { tx: &mut tx, prepared: &mut self.prepared };
-        for op in ops {
-            apply::apply(&mut t, op).map_err(err)?;
-        }
+        apply::apply_all(&mut t, ops).map_err(err)?;
         tx.commit().map_err(err)
     }
 }

@@ -315,3 +315,79 @@ fn a_version_2_database_with_jobs_opens_with_empty_histories_and_no_samples() {
     let v: i64 = c.query_one("SELECT version FROM schema_version", &[]).unwrap().get(0);
     assert_eq!(v, SCHEMA_VERSION);
 }
+
+/// A commit's job updates go in one statement: the jobs come out as applying each operation in
+/// turn leaves them (the SQLite store does that), also where one job is updated several times, a
+/// later update leaves the result alone, or a job is deleted between updates.
+#[test]
+fn batched_job_updates_leave_the_rows_that_updates_in_turn_leave() {
+    use crate::store::{JobRow, StoredResult, sqlite::SqliteStore};
+    let row = |id: u64, state: JobState, set_result: bool, dropped: Option<u64>, reason: &str| {
+        Op::Job(Box::new(JobRow {
+            id,
+            state,
+            node: Some(format!("n{id}")),
+            epoch: id + 1,
+            attempts: 1,
+            retries: 0,
+            losses: 0,
+            exit_code: (state == JobState::Completed).then_some(0),
+            reason: (!reason.is_empty()).then(|| reason.to_string()),
+            started_ms: Some(5),
+            finished_ms: None,
+            result: dropped.map(|d| StoredResult { stdout_dropped: d, ..Default::default() }),
+            set_result,
+            history: Vec::new(),
+            votes: Vec::new(),
+            checkpoint: None,
+        }))
+    };
+    let spec = Op::Spec { id: 1, owner: "a".into(), json: "{}".into() };
+    let jobs = |first_id, count| Op::Jobs { spec_id: 1, first_id, count, owner: "a".into(), submitted_ms: 0 };
+    let first = vec![spec, jobs(1, 3), row(3, JobState::Completed, true, Some(3), "")];
+    let mut second = vec![
+        row(1, JobState::Running, false, None, ""),
+        row(1, JobState::Completed, true, Some(7), ""),
+        // Leaves the result as the update before it wrote it.
+        row(1, JobState::Completed, false, None, "later"),
+        row(2, JobState::Running, false, None, ""),
+        Op::DeleteJob { id: 2 },
+        jobs(4, 1),
+        row(4, JobState::Running, false, None, ""),
+        // Leaves job 3's result, written by the commit before, alone.
+        row(3, JobState::Completed, false, None, "kept"),
+        Op::UserUsage { user: "a".into(), usage_cpu_s: 1.5, at_ms: 9 },
+        row(4, JobState::Held, true, None, "held"),
+        jobs(5, 12),
+    ];
+    // Enough updates in a run to go as one batched statement, with the same cases in it.
+    for id in 5..17 {
+        second.push(row(id, JobState::Completed, true, Some(id), ""));
+        second.push(row(id, JobState::Completed, id % 2 == 0, None, "again"));
+    }
+    let db = TestDb::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut pg = PgStore::open(&db.url()).unwrap();
+    let mut lite = SqliteStore::open(&dir.path().join("jobs.db")).unwrap();
+    for ops in [&first, &second] {
+        pg.commit(ops).unwrap();
+        lite.commit(ops).unwrap();
+    }
+    let by_id = |mut jobs: Vec<crate::store::StoredJob>| {
+        jobs.sort_by_key(|j| j.row.id);
+        jobs
+    };
+    let (pg_jobs, lite_jobs) = (by_id(pg.load().unwrap().jobs), by_id(lite.load().unwrap().jobs));
+    assert_eq!(pg_jobs, lite_jobs);
+    let ids: Vec<u64> = pg_jobs.iter().map(|j| j.row.id).collect();
+    assert_eq!(ids, [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]);
+    for j in &pg_jobs[3..] {
+        let kept = (j.row.id % 2 == 1).then_some(j.row.id);
+        assert_eq!(j.row.result.as_ref().map(|r| r.stdout_dropped), kept, "job {}", j.row.id);
+    }
+    let one = &pg_jobs[0].row;
+    assert_eq!((one.state, one.reason.as_deref()), (JobState::Completed, Some("later")));
+    assert_eq!(one.result.as_ref().map(|r| r.stdout_dropped), Some(7), "the result the later update left alone");
+    assert_eq!(pg_jobs[1].row.result.as_ref().map(|r| r.stdout_dropped), Some(3));
+    assert_eq!((pg_jobs[2].row.state, pg_jobs[2].row.result.is_none()), (JobState::Held, true));
+}
