@@ -9,7 +9,7 @@
 //! placement waits for its own ticket, which comes after the change's.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::{Notify, watch};
@@ -46,6 +46,9 @@ pub(crate) struct Shared {
     pub max_blob_bytes: u64,
     /// A scheduling pass is running (one at a time).
     scheduling: AtomicBool,
+    /// Lease calls waiting for work now ([`Shared::wait_for_work`]): one of them runs the pass a
+    /// change wakes.
+    waiting: AtomicUsize,
     /// Counts durable changes (jobs, nodes): the dashboard's event streams wait on it. A watch
     /// keeps only the latest count, so a slow stream skips ticks instead of queueing them.
     pub ticks: watch::Sender<u64>,
@@ -96,6 +99,7 @@ impl Shared {
             transport,
             max_blob_bytes,
             scheduling: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
             ticks: watch::Sender::new(0),
             streams: Arc::default(),
             overlay: Default::default(),
@@ -111,6 +115,16 @@ impl Shared {
         if self.scheduling.swap(true, Ordering::AcqRel) {
             return (placed, None);
         }
+        // Ends the pass however it ends (a panic in a user's expression included): the next
+        // change may run one, and the hold on the writer goes.
+        struct Over<'a>(&'a Shared);
+        impl Drop for Over<'_> {
+            fn drop(&mut self) {
+                self.0.scheduling.store(false, Ordering::Release);
+                self.0.hold.release();
+            }
+        }
+        let over = Over(self);
         let mut last = None;
         let mut settled = false;
         for _ in 0..8 {
@@ -131,14 +145,27 @@ impl Shared {
             placed.extend(on);
             last = Some(pending.after(last));
         }
-        self.scheduling.store(false, Ordering::Release);
-        self.hold.release();
+        drop(over);
         // A change that came after the last snapshot, while this pass still ran, found the pass
         // busy and was left to it: another parked call takes it.
         if settled && self.peek(|e| e.needs_pass()) {
             self.work.notify_one();
         }
         (placed, last)
+    }
+
+    /// Waits for `woken` (a lease call's wait for work), counted in [`Shared::waiting`] while it
+    /// waits.
+    pub async fn wait_for_work<T>(&self, woken: impl std::future::Future<Output = T>) -> T {
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _counted = Waiting(&self.waiting);
+        woken.await
     }
 
     /// The server's TLS configuration; `None` when it serves plain HTTP.
@@ -175,7 +202,7 @@ impl Shared {
         let mut ticket = core.writer.last_ticket();
         // A pass will run (a parked lease call is woken, or this call runs one next): its
         // placements join this change's commit rather than wait for the one after it.
-        if fx.wake_nodes && !fx.ops.is_empty() && self.parked.len() > 0 {
+        if fx.wake_nodes && !fx.ops.is_empty() && self.waiting.load(Ordering::Acquire) > 0 {
             self.hold.set();
         }
         for op in fx.ops {

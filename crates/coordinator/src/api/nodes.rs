@@ -126,13 +126,13 @@ pub async fn lease(
             // Placements for other nodes: durable, and told to the dashboards, before waiting.
             shared.finish(pending).await?;
         }
-        let _ = tokio::time::timeout_at(deadline, async {
+        let woken = tokio::time::timeout_at(deadline, async {
             tokio::select! {
                 _ = pass => {}
                 _ = mine => {}
             }
-        })
-        .await;
+        });
+        let _ = shared.wait_for_work(woken).await;
     }
 }
 

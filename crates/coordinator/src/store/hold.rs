@@ -3,7 +3,8 @@
 //! the writer commits the change at once and the pass's placements wait for the next commit, two
 //! fsyncs in series before a node hears of its new work. With it, the writer waits (at most
 //! [`HOLD_MAX`]) for the pass to finish, and one group commit makes both durable. Nothing is
-//! acknowledged earlier by this: only the commit waits, never a reply.
+//! acknowledged earlier by this; a commit, and the replies waiting for it, wait at most
+//! [`HOLD_MAX`] longer.
 
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -39,14 +40,19 @@ impl Hold {
         }
     }
 
-    /// Waits until the awaited pass is done, at most `max` after it was awaited; a hold that ran
-    /// out is dropped, so that a pass that never comes delays one commit only.
+    /// Waits until the awaited pass is done, at most `max` after it was awaited (a hold set
+    /// again meanwhile, for a later change, does not extend the wait); a hold that ran out is
+    /// dropped, so that a pass that never comes delays one commit only.
     pub fn wait(&self, max: Duration) {
         let mut since = self.lock();
-        while let Some(from) = *since {
-            let left = (from + max).saturating_duration_since(Instant::now());
+        let Some(from) = *since else { return };
+        let end = from + max;
+        while since.is_some() {
+            let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                *since = None;
+                if since.is_some_and(|s| s <= from) {
+                    *since = None;
+                }
                 return;
             }
             since = self.released.wait_timeout(since, left).unwrap_or_else(|p| p.into_inner()).0;
@@ -86,5 +92,21 @@ mod tests {
         let t = Instant::now();
         hold.wait(Duration::from_secs(30));
         assert!(t.elapsed() < Duration::from_secs(1), "a hold that ran out delays the next commit");
+        // Released and set again (the next change) before the writer woke: the first wait's
+        // bound holds; the new hold stays for the next commit.
+        hold.set();
+        let h = hold.clone();
+        let churn = std::thread::spawn(move || {
+            for _ in 0..40 {
+                h.release();
+                h.set();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let t = Instant::now();
+        hold.wait(Duration::from_millis(50));
+        let waited = t.elapsed();
+        churn.join().unwrap();
+        assert!(waited < Duration::from_millis(150), "a wait outlived its bound: {waited:?}");
     }
 }

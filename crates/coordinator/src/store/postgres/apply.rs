@@ -47,9 +47,9 @@ fn opt(x: Option<u64>) -> Option<i64> {
 
 /// Applies a commit's operations in order, except that job updates wait and go together in one
 /// statement (a sweep's placements and results are thousands of them, each a round trip
-/// otherwise). They are applied before any operation that adds or deletes jobs, and at the end:
-/// no other operation reads or writes the `jobs` table, so the rows come out as applying each
-/// operation in turn would leave them.
+/// otherwise). They are applied before an operation that adds or deletes one of their jobs, and
+/// at the end: no other operation reads or writes the `jobs` table, so the rows come out as
+/// applying each operation in turn would leave them.
 pub fn apply_all(tx: &mut Tx<'_, '_>, ops: &[Op]) -> R {
     let mut rows: Vec<Update<'_>> = Vec::new();
     let mut at: HashMap<u64, usize> = HashMap::new();
@@ -62,7 +62,7 @@ pub fn apply_all(tx: &mut Tx<'_, '_>, ops: &[Op]) -> R {
                     rows.push(Update { row: j, result: j });
                 }
             },
-            Op::Jobs { .. } | Op::DeleteJob { .. } | Op::DagRelease { .. } => {
+            Op::Jobs { .. } | Op::DeleteJob { .. } | Op::DagRelease { .. } if touches(op, &at) => {
                 update_jobs(tx, &rows)?;
                 rows.clear();
                 at.clear();
@@ -72,6 +72,22 @@ pub fn apply_all(tx: &mut Tx<'_, '_>, ops: &[Op]) -> R {
         }
     }
     update_jobs(tx, &rows)
+}
+
+/// Whether `op` adds or deletes a job that has updates waiting (`at`): they must go first, as
+/// they came first. Other jobs' updates may wait past it.
+fn touches(op: &Op, at: &HashMap<u64, usize>) -> bool {
+    let (first, count) = match op {
+        Op::Jobs { first_id, count, .. } => (*first_id, *count),
+        Op::DagRelease { node, count, .. } => (node.first_job.unwrap_or(0), *count),
+        Op::DeleteJob { id } => (*id, 1),
+        _ => return false,
+    };
+    if count < at.len() as u64 {
+        (first..first.saturating_add(count)).any(|id| at.contains_key(&id))
+    } else {
+        at.keys().any(|&id| id >= first && id - first < count)
+    }
 }
 
 /// One job's updates in a commit, as one: every column as the last update has it, but the

@@ -318,7 +318,8 @@ fn a_version_2_database_with_jobs_opens_with_empty_histories_and_no_samples() {
 
 /// A commit's job updates go in one statement: the jobs come out as applying each operation in
 /// turn leaves them (the SQLite store does that), also where one job is updated several times, a
-/// later update leaves the result alone, or a job is deleted between updates.
+/// later update leaves the result alone, a job is deleted between updates, or an update comes
+/// before the job's insert.
 #[test]
 fn batched_job_updates_leave_the_rows_that_updates_in_turn_leave() {
     use crate::store::{JobRow, StoredResult, sqlite::SqliteStore};
@@ -326,7 +327,7 @@ fn batched_job_updates_leave_the_rows_that_updates_in_turn_leave() {
         Op::Job(Box::new(JobRow {
             id,
             state,
-            node: Some(format!("n{id}")),
+            node: (!id.is_multiple_of(3)).then(|| format!("n{id}")),
             epoch: id + 1,
             attempts: 1,
             retries: 0,
@@ -344,7 +345,9 @@ fn batched_job_updates_leave_the_rows_that_updates_in_turn_leave() {
     };
     let spec = Op::Spec { id: 1, owner: "a".into(), json: "{}".into() };
     let jobs = |first_id, count| Op::Jobs { spec_id: 1, first_id, count, owner: "a".into(), submitted_ms: 0 };
-    let first = vec![spec, jobs(1, 3), row(3, JobState::Completed, true, Some(3), "")];
+    let mut first = vec![spec, jobs(1, 3), row(3, JobState::Completed, true, Some(3), ""), jobs(5, 12)];
+    // Enough updates in a run to go as one batched statement: each writes a result.
+    first.extend((5..17).map(|id| row(id, JobState::Completed, true, Some(id), "")));
     let mut second = vec![
         row(1, JobState::Running, false, None, ""),
         row(1, JobState::Completed, true, Some(7), ""),
@@ -358,12 +361,17 @@ fn batched_job_updates_leave_the_rows_that_updates_in_turn_leave() {
         row(3, JobState::Completed, false, None, "kept"),
         Op::UserUsage { user: "a".into(), usage_cpu_s: 1.5, at_ms: 9 },
         row(4, JobState::Held, true, None, "held"),
-        jobs(5, 12),
     ];
-    // Enough updates in a run to go as one batched statement, with the same cases in it.
+    // A batch again: even jobs leave the stored result alone, odd ones leave it and then write
+    // another; a submit of other jobs comes in the middle, and an update before its job's insert.
     for id in 5..17 {
-        second.push(row(id, JobState::Completed, true, Some(id), ""));
-        second.push(row(id, JobState::Completed, id % 2 == 0, None, "again"));
+        second.push(row(id, JobState::Running, false, None, "again"));
+        if !id.is_multiple_of(2) {
+            second.push(row(id, JobState::Completed, true, Some(100 + id), ""));
+        }
+        if id == 10 {
+            second.extend([jobs(17, 2), row(19, JobState::Running, false, None, "too early"), jobs(19, 1)]);
+        }
     }
     let db = TestDb::start();
     let dir = tempfile::tempdir().unwrap();
@@ -380,11 +388,13 @@ fn batched_job_updates_leave_the_rows_that_updates_in_turn_leave() {
     let (pg_jobs, lite_jobs) = (by_id(pg.load().unwrap().jobs), by_id(lite.load().unwrap().jobs));
     assert_eq!(pg_jobs, lite_jobs);
     let ids: Vec<u64> = pg_jobs.iter().map(|j| j.row.id).collect();
-    assert_eq!(ids, [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]);
-    for j in &pg_jobs[3..] {
-        let kept = (j.row.id % 2 == 1).then_some(j.row.id);
-        assert_eq!(j.row.result.as_ref().map(|r| r.stdout_dropped), kept, "job {}", j.row.id);
+    assert_eq!(ids, (1..20).filter(|&i| i != 2).collect::<Vec<u64>>());
+    for j in &pg_jobs[3..15] {
+        let id = j.row.id;
+        let want = if !id.is_multiple_of(2) { 100 + id } else { id };
+        assert_eq!(j.row.result.as_ref().map(|r| r.stdout_dropped), Some(want), "job {id}");
     }
+    assert_eq!(pg_jobs[17].row.state, JobState::Idle, "an update before its job's insert found no job");
     let one = &pg_jobs[0].row;
     assert_eq!((one.state, one.reason.as_deref()), (JobState::Completed, Some("later")));
     assert_eq!(one.result.as_ref().map(|r| r.stdout_dropped), Some(7), "the result the later update left alone");
