@@ -154,9 +154,12 @@ impl Shared {
         (placed, last)
     }
 
-    /// Waits for `woken` (a lease call's wait for work), counted in [`Shared::waiting`] while it
-    /// waits.
-    pub async fn wait_for_work<T>(&self, woken: impl std::future::Future<Output = T>) -> T {
+    /// A lease call's wait for work, until `deadline`: woken by `mine` (a pass placed work on its
+    /// node) or to run a pass (one waiting call for the pool). Only a call that waits takes that
+    /// wake-up: a change's commit may be held for the pass it wakes ([`store::Hold`]), and a call
+    /// still looking, or waiting for a commit, would not run it; a wake-up with no call waiting
+    /// is kept (`notify_one` keeps a permit) for the next one. Counted in `waiting` meanwhile.
+    pub async fn wait_for_work(&self, mine: impl std::future::Future<Output = ()>, deadline: tokio::time::Instant) {
         struct Waiting<'a>(&'a AtomicUsize);
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
@@ -165,7 +168,14 @@ impl Shared {
         }
         self.waiting.fetch_add(1, Ordering::AcqRel);
         let _counted = Waiting(&self.waiting);
-        woken.await
+        let pass = self.work.notified();
+        let _ = tokio::time::timeout_at(deadline, async {
+            tokio::select! {
+                _ = pass => {}
+                _ = mine => {}
+            }
+        })
+        .await;
     }
 
     /// The server's TLS configuration; `None` when it serves plain HTTP.

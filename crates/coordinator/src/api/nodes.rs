@@ -94,10 +94,10 @@ pub async fn lease(
     let registration = hash_token(super::bearer(&headers)?);
     let mut first_look = true;
     loop {
-        // Woken to run a pass (one parked call for the pool), or because a pass placed work here.
-        let (pass, mine) = (shared.work.notified(), parked.notify.notified());
-        tokio::pin!(pass, mine);
-        pass.as_mut().enable();
+        // Woken because a pass placed work here: enabled now, so that a wake-up during this look
+        // is not missed (`notify_waiters` keeps no permit).
+        let mine = parked.notify.notified();
+        tokio::pin!(mine);
         mine.as_mut().enable();
         // The pass's placements are durable with this call's reply, and their tick tells the
         // dashboards that jobs started to run.
@@ -126,13 +126,7 @@ pub async fn lease(
             // Placements for other nodes: durable, and told to the dashboards, before waiting.
             shared.finish(pending).await?;
         }
-        let woken = tokio::time::timeout_at(deadline, async {
-            tokio::select! {
-                _ = pass => {}
-                _ = mine => {}
-            }
-        });
-        let _ = shared.wait_for_work(woken).await;
+        shared.wait_for_work(mine.as_mut(), deadline).await;
     }
 }
 
