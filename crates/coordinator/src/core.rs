@@ -4,9 +4,11 @@
 //! sent only once its changes are on disk), waking callers that wait, and logging.
 //!
 //! A scheduling pass is woken as soon as a call queues a change that may allow placements, not
-//! once it is durable: the pass runs while the change commits, and its placements go to disk in
-//! the next group commit. Nothing is acknowledged early by that: the lease reply that carries a
-//! placement waits for its own ticket, which comes after the change's.
+//! once it is durable. While a lease call waits to run it, the change's commit is held (at most
+//! [`store::HOLD_MAX`]) until the pass has queued its placements, and both go to disk in one
+//! group commit; otherwise the pass runs while the change commits, and its placements go in the
+//! next. Nothing is acknowledged early by either: the lease reply that carries a placement waits
+//! for its own ticket, which comes after the change's.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -210,8 +212,8 @@ impl Shared {
         let fx = core.engine.take_effects();
         let changed = !fx.ops.is_empty() || fx.wake_waiters || !fx.events.is_empty();
         let mut ticket = core.writer.last_ticket();
-        // A pass will run (a parked lease call is woken, or this call runs one next): its
-        // placements join this change's commit rather than wait for the one after it.
+        // A pass will run (a lease call waiting for work is woken to run it): its placements
+        // join this change's commit rather than wait for the one after it.
         if fx.wake_nodes && !fx.ops.is_empty() && self.waiting.load(Ordering::Acquire) > 0 {
             self.hold.set();
         }
