@@ -72,18 +72,23 @@ mod tests {
         let t = Instant::now();
         hold.wait(Duration::from_secs(5));
         assert!(t.elapsed() < Duration::from_secs(1));
-        // Released by the pass from another thread: the wait ends then.
+        // The writer waits on another thread; the pass releases it: the wait ends then, not
+        // before, and long before its bound.
         hold.set();
         let h = hold.clone();
-        let pass = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            h.release();
+        let (started, waiting) = std::sync::mpsc::channel();
+        let writer = std::thread::spawn(move || {
+            started.send(()).unwrap();
+            let t = Instant::now();
+            h.wait(Duration::from_secs(30));
+            (Instant::now(), t.elapsed())
         });
-        let t = Instant::now();
-        hold.wait(Duration::from_secs(30));
-        let waited = t.elapsed();
-        pass.join().unwrap();
-        assert!(waited >= Duration::from_millis(40) && waited < Duration::from_secs(20), "{waited:?}");
+        waiting.recv().unwrap();
+        let released = Instant::now();
+        hold.release();
+        let (ended, waited) = writer.join().unwrap();
+        assert!(ended >= released, "the wait ended before the pass released it");
+        assert!(waited < Duration::from_secs(20), "{waited:?}");
         // A pass that never comes: the bound, then the hold is dropped for the next commit.
         hold.set();
         let t = Instant::now();
@@ -95,17 +100,19 @@ mod tests {
         // Released and set again (the next change) before the writer woke: the first wait's
         // bound holds; the new hold stays for the next commit.
         hold.set();
-        let h = hold.clone();
+        let (h, done) = (hold.clone(), Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        let over = done.clone();
         let churn = std::thread::spawn(move || {
-            for _ in 0..40 {
+            while !over.load(std::sync::atomic::Ordering::Acquire) {
                 h.release();
                 h.set();
-                std::thread::sleep(Duration::from_millis(5));
+                std::thread::yield_now();
             }
         });
         let t = Instant::now();
         hold.wait(Duration::from_millis(50));
         let waited = t.elapsed();
+        done.store(true, std::sync::atomic::Ordering::Release);
         churn.join().unwrap();
         assert!(waited < Duration::from_millis(150), "a wait outlived its bound: {waited:?}");
     }
