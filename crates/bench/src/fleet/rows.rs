@@ -56,12 +56,12 @@ fn rows(f: &FleetFigures, rep: &mut Table) {
     );
     let kept = f.heartbeats_kept * 100.0;
     rep.figure(&what("heartbeats sent on time"), format!("{kept:.0}%"), kept, "%", Target::AtLeast(95.0));
-    let (l, r, h) = (f.lease_ms, f.report_ms, f.heartbeat_rtt_ms);
+    let (l, h) = (f.lease_ms, f.heartbeat_rtt_ms);
     rep.info(
         &what("round trips p50/p99; coordinator CPU"),
         format!(
-            "lease that got work {:.1}/{:.1} ms, report {:.1}/{:.1} ms, heartbeat {:.1}/{:.1} ms; {:.3} ms per job in a sweep, {:.2} ms per single job; joined in {:.1} s",
-            l.0, l.1, r.0, r.1, h.0, h.1, f.cpu_ms_per_job, f.probe_cpu_ms, f.register_s
+            "lease that got work (carrying the last results) {:.1}/{:.1} ms, heartbeat {:.1}/{:.1} ms; {:.3} ms per job in a sweep, {:.2} ms per single job; joined in {:.1} s",
+            l.0, l.1, h.0, h.1, f.cpu_ms_per_job, f.probe_cpu_ms, f.register_s
         ),
     );
     let (n, hb, c, a) = (f.nodes, f.heartbeat_ms, f.sweep_cpu_s, f.agents_cpu_s);
