@@ -98,12 +98,17 @@ impl Pool {
     }
 
     fn completed(&self) -> u64 {
-        let m = self.client.metrics().unwrap_or_default();
-        m.lines()
-            .find_map(|l| l.strip_prefix("vmgrid_jobs{state=\"completed\"} "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+        completed_of(&self.client).unwrap_or(0)
     }
+}
+
+/// How many jobs the pool counts completed (its `vmgrid_jobs` gauge), or why not.
+pub fn completed_of(client: &Client) -> Result<u64, String> {
+    let m = client.metrics().map_err(|e| format!("metrics: {e}"))?;
+    m.lines()
+        .find_map(|l| l.strip_prefix("vmgrid_jobs{state=\"completed\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| "the metrics give no count of completed jobs".to_string())
 }
 
 /// A client for the pool whose data dir is `dir`, once its client.toml appears, trusting the

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use vmgrid_client::{Client, Trust};
 use vmgrid_proto::*;
 
-use crate::pool::{percentile, vmgrid_bin};
+use crate::pool::{completed_of as completed, percentile, vmgrid_bin};
 
 mod rows;
 pub use rows::figures;
@@ -391,15 +391,6 @@ fn sweep(
     }
     let rate = jobs as f64 / start.elapsed().as_secs_f64();
     Ok((rate, coord.cpu_s() - cpu0, cpu_s_of("/proc/self/stat") - own0))
-}
-
-/// How many jobs the coordinator counts completed, from its metrics.
-fn completed(admin: &Client) -> Result<u64, String> {
-    let text = admin.metrics().map_err(|e| format!("metrics: {e}"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("vmgrid_jobs{state=\"completed\"} "))
-        .and_then(|n| n.trim().parse().ok())
-        .ok_or_else(|| "the metrics give no count of completed jobs".to_string())
 }
 
 /// Submit to lease of single jobs, one at a time, on the idle pool: p50 and p99 in ms, and the
