@@ -102,6 +102,31 @@ impl Pool {
     }
 }
 
+/// Waits until the pool counts `n` more jobs completed than `before` (its `vmgrid_jobs` gauge,
+/// read every `every`; a read that fails counts as not yet), then until what it counted is
+/// durable: the gauge counts a result once applied, its commit a group commit or two later, and
+/// a `wait` call answers only once everything queued before it is on disk. Errs past `deadline`.
+pub fn until_done(
+    client: &Client,
+    before: u64,
+    n: u64,
+    last: u64,
+    every: Duration,
+    deadline: Instant,
+) -> Result<(), String> {
+    loop {
+        let done = completed_of(client).map_or(0, |c| c.saturating_sub(before));
+        if done >= n {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{done} of {n} results before the deadline"));
+        }
+        std::thread::sleep(every);
+    }
+    client.wait(last, Duration::from_secs(60)).map(drop).map_err(|e| format!("wait for job {last}: {e}"))
+}
+
 /// How many jobs the pool counts completed (its `vmgrid_jobs` gauge), or why not.
 pub fn completed_of(client: &Client) -> Result<u64, String> {
     let m = client.metrics().map_err(|e| format!("metrics: {e}"))?;
@@ -193,10 +218,10 @@ pub fn trivial_spec_of(image: FileRef) -> JobSpec {
 pub fn vmgrid_throughput(pool: &Pool, spec: &JobSpec, n: u64) -> f64 {
     let before = pool.completed();
     let start = Instant::now();
-    pool.client.submit(&SubmitRequest { spec: spec.clone(), count: n }).expect("submit the sweep");
-    while pool.completed() < before + n {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let ids = pool.client.submit(&SubmitRequest { spec: spec.clone(), count: n }).expect("submit the sweep").ids;
+    let last = *ids.last().expect("a sweep has jobs");
+    let deadline = start + Duration::from_secs(3600);
+    until_done(&pool.client, before, n, last, Duration::from_millis(20), deadline).expect("the sweep's results");
     n as f64 / start.elapsed().as_secs_f64()
 }
 

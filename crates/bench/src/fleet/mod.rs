@@ -5,7 +5,9 @@
 //! with the pool token and gets its own credential, long-polls for leases on its own connection
 //! (as `vmgrid node` does: at most its free cpus, waiting up to `LEASE_WAIT_MS` for work), and
 //! "runs" each job it gets in no time: its results ride on its next lease call, as `vmgrid node`
-//! sends the results that are ready with its call for more work. Heartbeats go at the interval
+//! sends the results that are ready with its call for more work. That is a node's best case: one
+//! call per lease of up to its cpus' jobs (a real node also leases ahead, asks again as each cpu
+//! frees, and sends results in a report call of their own while its lease call waits). Heartbeats go at the interval
 //! the pool gives at registration, each under its node's credential, sent by threads that each
 //! serve 5 nodes over one connection (a pool of 10,000 agents with two connections each would pass
 //! this machine's 20,000 open files). They are real HTTP clients of a real coordinator; only the
@@ -27,7 +29,7 @@ use std::time::{Duration, Instant};
 use vmgrid_client::{Client, Trust};
 use vmgrid_proto::*;
 
-use crate::pool::{completed_of as completed, percentile, vmgrid_bin};
+use crate::pool::{completed_of, percentile, until_done, vmgrid_bin};
 
 mod rows;
 pub use rows::figures;
@@ -64,7 +66,8 @@ pub struct FleetFigures {
     pub submit_to_lease_ms: (f64, f64),
     /// The coordinator's CPU per single job on the idle pool, above what the idle pool takes.
     pub probe_cpu_ms: f64,
-    /// Failed calls by kind (register, lease, report, heartbeat; retried), and the first one.
+    /// Failed calls by kind (register, lease, heartbeat; retried), results refused ("report"),
+    /// and the first one.
     pub errors: std::collections::BTreeMap<&'static str, u64>,
     pub first_error: Option<String>,
 }
@@ -196,7 +199,8 @@ fn ad(name: String) -> NodeAd {
     }
 }
 
-/// One simulated agent: registers, then leases and reports until told to stop.
+/// One simulated agent: registers, then asks for leases until told to stop, each call carrying
+/// the results of the jobs the last one got.
 fn agent(pool: &str, token: &str, trust: Trust, name: String, node: &SimNode, shared: &Shared) {
     let joiner = Client::with_trust(pool, token, trust);
     let client = loop {
@@ -214,7 +218,9 @@ fn agent(pool: &str, token: &str, trust: Trust, name: String, node: &SimNode, sh
         }
     };
     shared.registered.fetch_add(1, Ordering::Relaxed);
-    // The results of the jobs it got last, sent with its next call (again, if a call failed).
+    // The results of the jobs it got last, sent with its next call (again, if a call failed: a
+    // result already taken is then refused as stale, and counted as a "report" error). Those of
+    // the last call before the stop are never sent: the coordinator is stopped with them.
     let mut done: Vec<LeaseId> = Vec::new();
     while !shared.stopping() {
         let reports = done.iter().map(|&lease| Report::exited(lease, 0)).collect();
@@ -362,10 +368,9 @@ impl Drop for Fleet {
     }
 }
 
-/// Submits `jobs` in one batch and waits until the coordinator counts them all completed (its
-/// `vmgrid_jobs` gauge, read every 10 ms; a result counts there once applied, and is durable with
-/// the group commit under way, before the reply to the call that carried it): jobs/s, the
-/// coordinator's CPU and this process's over it.
+/// Submits `jobs` in one batch and waits until the coordinator counts them all completed and
+/// durable ([`crate::pool::until_done`], the gauge read every 10 ms): jobs/s, the coordinator's
+/// CPU and this process's over it.
 fn sweep(
     coord: &Coordinator,
     admin: &Client,
@@ -373,22 +378,14 @@ fn sweep(
     jobs: u64,
     s: &Shared,
 ) -> Result<(f64, f64, f64), String> {
-    let before = completed(admin)?;
+    let before = completed_of(admin)?;
     let (cpu0, own0) = (coord.cpu_s(), cpu_s_of("/proc/self/stat"));
     let start = Instant::now();
     *s.sweep_began.lock().unwrap() = Some(start);
-    admin.submit(&SubmitRequest { spec: spec.clone(), count: jobs }).map_err(|e| format!("submit: {e}"))?;
+    let ids = admin.submit(&SubmitRequest { spec: spec.clone(), count: jobs }).map_err(|e| format!("submit: {e}"))?.ids;
+    let last = *ids.last().ok_or("submit returned no job id")?;
     let deadline = start + Duration::from_secs(900);
-    loop {
-        let done = completed(admin)? - before;
-        if done >= jobs {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{done} of {jobs} results in 900 s"));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    until_done(admin, before, jobs, last, Duration::from_millis(10), deadline).map_err(|e| format!("{e} (900 s)"))?;
     let rate = jobs as f64 / start.elapsed().as_secs_f64();
     Ok((rate, coord.cpu_s() - cpu0, cpu_s_of("/proc/self/stat") - own0))
 }
