@@ -137,12 +137,15 @@ impl Shared {
                 break;
             };
             if snap.is_empty() {
+                self.peek_mut(|e| e.recycle(snap));
                 continue;
             }
             let decision = tokio::task::block_in_place(|| snap.decide());
             let (on, pending) = self.call(|e| {
                 let on = e.apply(&snap, decision, vmgrid_proto::now_ms());
-                on.into_iter().map(str::to_string).collect::<Vec<_>>()
+                let on = on.into_iter().map(str::to_string).collect::<Vec<_>>();
+                e.recycle(snap);
+                on
             });
             placed.extend(on);
             last = Some(pending.after(last));

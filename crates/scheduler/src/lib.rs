@@ -15,13 +15,13 @@ pub use vmgrid_job::expr as limits;
 pub use vmgrid_job::expr::ExprError;
 
 pub use fair::UserShare;
-pub use node::{MatchAd, node_value};
+pub use node::MatchAd;
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use cel::{Context, Env, Program, Value};
-use node::{ATTRS, attr_hash};
+use node::{ATTRS, Seen, attr_hash, node_value};
 use vmgrid_proto::VmType;
 
 /// A ready node with the resources it has free right now. Its ad is shared, not copied, by each
@@ -241,7 +241,7 @@ pub fn place<'c, C: Clusters<'c>, J: std::borrow::Borrow<IdleJob>>(
 struct Pass<'n> {
     nodes: &'n mut [NodeSlot],
     /// The nodes as the pass found them: expressions see these, not what the pass placed since.
-    start: Vec<NodeSlot>,
+    start: Vec<Seen>,
     /// Each of those as CEL sees it, built the first time an expression is evaluated on it.
     values: Vec<Option<Value>>,
     free_cpus: u64,
@@ -253,7 +253,7 @@ struct Pass<'n> {
 impl<'n> Pass<'n> {
     fn new(nodes: &'n mut [NodeSlot]) -> Pass<'n> {
         Pass {
-            start: nodes.to_vec(),
+            start: nodes.iter().map(Seen::of).collect(),
             values: vec![None; nodes.len()],
             free_cpus: nodes.iter().map(|n| n.free_cpus as u64).sum(),
             nodes,
@@ -267,7 +267,7 @@ impl<'n> Pass<'n> {
         let (nodes, decision) = (&mut *self.nodes, &mut self.decision);
         let (list, cursor) = self.candidates.entry(job.cluster).or_insert_with(|| {
             decision.evaluated.push(job.cluster);
-            let (list, why) = match_nodes(&self.start, &mut self.values, cluster);
+            let (list, why) = match_nodes(nodes, &self.start, &mut self.values, cluster);
             if let Some(why) = why {
                 decision.waiting.insert(job.cluster, why);
             }
@@ -352,24 +352,31 @@ fn stdlib() -> Arc<Env> {
 fn eval(
     e: &Expr,
     i: usize,
-    nodes: &[NodeSlot],
+    (nodes, start): (&[NodeSlot], &[Seen]),
     values: &mut [Option<Value>],
     memo: &mut HashMap<u64, Result<Value, String>>,
 ) -> Result<Value, String> {
     let mut run = || {
-        let node = values[i].get_or_insert_with(|| node_value(&nodes[i])).clone();
+        let node = values[i].get_or_insert_with(|| node_value(&nodes[i].ad, &start[i])).clone();
         let mut ctx = Context::with_env(stdlib());
         ctx.add_variable_from_value("node", node);
         e.program.execute(&ctx).map_err(|err| err.to_string())
     };
     let Some(reads) = &e.reads else { return run() };
     let key = reads.iter().fold(0xcbf2_9ce4_8422_2325u64, |k, &a| {
-        (k ^ attr_hash(&nodes[i], a)).wrapping_mul(0x100_0000_01b3).rotate_left(17)
+        (k ^ attr_hash(&nodes[i].ad, &start[i], a)).wrapping_mul(0x100_0000_01b3).rotate_left(17)
     });
     memo.entry(key).or_insert_with(run).clone()
 }
 
-fn match_nodes(nodes: &[NodeSlot], values: &mut [Option<Value>], cluster: &Cluster) -> (Vec<usize>, Option<String>) {
+/// The nodes that match `cluster`, best rank first. A node's ad is the same as when the pass
+/// began; what expressions see of the rest is `start`.
+fn match_nodes(
+    nodes: &[NodeSlot],
+    start: &[Seen],
+    values: &mut [Option<Value>],
+    cluster: &Cluster,
+) -> (Vec<usize>, Option<String>) {
     if nodes.is_empty() {
         return (Vec::new(), Some("no ready nodes in the pool".into()));
     }
@@ -389,7 +396,7 @@ fn match_nodes(nodes: &[NodeSlot], values: &mut [Option<Value>], cluster: &Clust
             continue;
         }
         if let Some(req) = &cluster.requirements {
-            match eval(req, i, nodes, values, &mut req_memo) {
+            match eval(req, i, (nodes, start), values, &mut req_memo) {
                 Ok(Value::Bool(true)) => {}
                 Ok(Value::Bool(false)) => {
                     rejected += 1;
@@ -407,7 +414,7 @@ fn match_nodes(nodes: &[NodeSlot], values: &mut [Option<Value>], cluster: &Clust
         }
         let rank = match &cluster.rank {
             None => 0.0,
-            Some(r) => match eval(r, i, nodes, values, &mut rank_memo) {
+            Some(r) => match eval(r, i, (nodes, start), values, &mut rank_memo) {
                 Ok(Value::Int(x)) => x as f64,
                 Ok(Value::UInt(x)) => x as f64,
                 Ok(Value::Float(x)) => x,

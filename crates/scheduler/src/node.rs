@@ -108,23 +108,44 @@ fn hash(v: &impl Hash) -> u64 {
     s.finish()
 }
 
-/// A hash of attribute `a` (an index into [`ATTRS`]) of node `n`.
-pub(crate) fn attr_hash(n: &NodeSlot, a: usize) -> u64 {
+/// The pool's view of a node as a pass found it, what its expressions see beside the ad (a copy
+/// of these numbers only: a copy of the slots would take an `Arc` of each ad).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Seen {
+    running_jobs: u32,
+    free_cpus: u32,
+    free_memory_mb: u64,
+    reputation: f64,
+}
+
+impl Seen {
+    pub(crate) fn of(n: &NodeSlot) -> Seen {
+        Seen {
+            running_jobs: n.running_jobs,
+            free_cpus: n.free_cpus,
+            free_memory_mb: n.free_memory_mb,
+            reputation: n.reputation,
+        }
+    }
+}
+
+/// A hash of attribute `a` (an index into [`ATTRS`]) of the node with ad `ad`, as `seen`.
+pub(crate) fn attr_hash(ad: &MatchAd, seen: &Seen, a: usize) -> u64 {
     match a {
-        11 => hash(&n.running_jobs),
-        12 => hash(&n.free_cpus),
-        13 => hash(&n.free_memory_mb),
-        14 => hash(&n.reputation.to_bits()),
-        _ => n.ad.hashes[a],
+        11 => hash(&seen.running_jobs),
+        12 => hash(&seen.free_cpus),
+        13 => hash(&seen.free_memory_mb),
+        14 => hash(&seen.reputation.to_bits()),
+        _ => ad.hashes[a],
     }
 }
 
 /// The node as CEL sees it: its ad plus the pool's view.
-pub fn node_value(n: &NodeSlot) -> Value {
-    let mut m = n.ad.cel.clone();
-    m.insert(Key::String(Arc::new("running_jobs".into())), Value::Int(n.running_jobs as i64));
-    m.insert(Key::String(Arc::new("free_cpus".into())), Value::Int(n.free_cpus as i64));
-    m.insert(Key::String(Arc::new("free_memory_mb".into())), Value::Int(n.free_memory_mb as i64));
-    m.insert(Key::String(Arc::new("reputation".into())), Value::Float(n.reputation));
+pub(crate) fn node_value(ad: &MatchAd, seen: &Seen) -> Value {
+    let mut m = ad.cel.clone();
+    m.insert(Key::String(Arc::new("running_jobs".into())), Value::Int(seen.running_jobs as i64));
+    m.insert(Key::String(Arc::new("free_cpus".into())), Value::Int(seen.free_cpus as i64));
+    m.insert(Key::String(Arc::new("free_memory_mb".into())), Value::Int(seen.free_memory_mb as i64));
+    m.insert(Key::String(Arc::new("reputation".into())), Value::Float(seen.reputation));
     Value::Map(Map { map: Arc::new(m) })
 }

@@ -37,6 +37,8 @@ mod proptests;
 #[cfg(test)]
 pub(crate) mod replica_tests;
 #[cfg(test)]
+mod slot_tests;
+#[cfg(test)]
 pub(crate) mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -222,6 +224,9 @@ struct SpecEntry {
 struct Node {
     /// Shared with each scheduling pass, which reads it as CEL built once, at registration.
     ad: Arc<MatchAd>,
+    /// Its ad's cpus and memory (MiB), kept here too: a pass reads every ready node's free room,
+    /// and the ad behind its `Arc` would be a cache miss per node.
+    size: (u32, u64),
     state: NodeState,
     cred_hash: String,
     last_seen_ms: u64,
@@ -249,6 +254,7 @@ struct Node {
 impl Node {
     fn new(ad: NodeAd, state: NodeState, cred_hash: String, now: u64) -> Node {
         Node {
+            size: (ad.cpus, ad.memory_mb),
             ad: Arc::new(MatchAd::new(ad)),
             state,
             cred_hash,
@@ -267,18 +273,20 @@ impl Node {
 
     /// Free cpus and memory now: what its cpus can run at once.
     fn free(&self) -> (u32, u64) {
-        (self.ad.cpus.saturating_sub(self.used_cpus), self.ad.memory_mb.saturating_sub(self.used_memory_mb))
+        let (cpus, memory_mb) = self.size;
+        (cpus.saturating_sub(self.used_cpus), memory_mb.saturating_sub(self.used_memory_mb))
     }
 
     /// What its lease-ahead can still take beyond its cpus: `ahead` cpus, and memory in
     /// proportion but never more than the node has (a queued job holds no memory until it
     /// starts, and then must fit in the node's whole memory; the node starts it only when it does).
     fn ahead_room(&self) -> (u32, u64) {
-        let cpus = self.ad.cpus.max(1);
-        let memory = self.ad.memory_mb + self.ad.memory_mb / u64::from(cpus) * u64::from(self.ahead);
+        let (ad_cpus, ad_memory_mb) = self.size;
+        let cpus = ad_cpus.max(1);
+        let memory = ad_memory_mb + ad_memory_mb / u64::from(cpus) * u64::from(self.ahead);
         (
-            (self.ad.cpus + self.ahead).saturating_sub(self.used_cpus.max(self.ad.cpus)),
-            memory.saturating_sub(self.used_memory_mb.max(self.ad.memory_mb)).min(self.ad.memory_mb),
+            (ad_cpus + self.ahead).saturating_sub(self.used_cpus.max(ad_cpus)),
+            memory.saturating_sub(self.used_memory_mb.max(ad_memory_mb)).min(ad_memory_mb),
         )
     }
 
@@ -334,6 +342,10 @@ pub struct Engine {
     tokens: HashMap<String, TokenEntry>,
     /// Why the idle jobs of a spec are waiting, from the last scheduling pass.
     waiting: HashMap<u64, String>,
+    /// The last pass's ready nodes, given back when it is over ([`Engine::recycle`]): the next
+    /// pass refreshes their free room in place, and takes a new `Arc` of a node's ad only where
+    /// the ready nodes changed (the counts of a thousand `Arc`s are a cache miss each).
+    slot_cache: Vec<vmgrid_scheduler::NodeSlot>,
     next_job: u64,
     next_spec: u64,
     /// Something changed that may allow new placements.
@@ -419,6 +431,7 @@ impl Engine {
             nodes: BTreeMap::new(),
             tokens: HashMap::new(),
             waiting: HashMap::new(),
+            slot_cache: Vec::new(),
             next_job: 1,
             next_spec: 1,
             dirty: true,

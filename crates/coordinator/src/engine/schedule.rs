@@ -50,8 +50,10 @@ impl Snapshot {
         // (On a copy: time-shared jobs below start at once, so they see only free memory.)
         if self.ahead.iter().any(|&(c, _)| c > 0) && batch_placed < self.batch.len() {
             let placed: std::collections::HashSet<u64> = d.placements.iter().map(|p| p.job).collect();
-            let mut ahead = self.slots.clone();
-            for (slot, &(cpus, memory)) in ahead.iter_mut().zip(&self.ahead) {
+            // On the slots themselves, put back after (a copy would take an `Arc` per node).
+            let kept: Vec<(u32, u64, u32)> =
+                self.slots.iter().map(|s| (s.free_cpus, s.free_memory_mb, s.running_jobs)).collect();
+            for (slot, &(cpus, memory)) in self.slots.iter_mut().zip(&self.ahead) {
                 slot.free_cpus = cpus;
                 slot.free_memory_mb = memory;
             }
@@ -63,7 +65,10 @@ impl Snapshot {
                 }
             }
             let rest = self.batch.iter().filter(|j| !placed.contains(&j.id));
-            let more = vmgrid_scheduler::place(&mut ahead, lookup, &users, rest);
+            let more = vmgrid_scheduler::place(&mut self.slots, lookup, &users, rest);
+            for (slot, &(cpus, memory, running)) in self.slots.iter_mut().zip(&kept) {
+                (slot.free_cpus, slot.free_memory_mb, slot.running_jobs) = (cpus, memory, running);
+            }
             d.placements.extend(more.placements);
             d.evaluated.extend(more.evaluated);
             d.waiting.extend(more.waiting);
@@ -85,7 +90,9 @@ impl Engine {
         match self.snapshot(now) {
             Some(mut s) => {
                 let d = s.decide();
-                self.apply(&s, d, now).len()
+                let placed = self.apply(&s, d, now).len();
+                self.recycle(s);
+                placed
             }
             None => 0,
         }
@@ -108,22 +115,26 @@ impl Engine {
             return Some(Snapshot::default());
         }
         // A node whose leases just expired is not given new work until it heartbeats again.
-        let (slots, ahead): (Vec<NodeSlot>, Vec<(u32, u64)>) = self
-            .nodes
-            .values()
-            .filter(|n| n.state == NodeState::Ready && !n.silent)
-            .map(|n| {
-                let (free_cpus, free_memory_mb) = n.free();
-                let slot = NodeSlot {
-                    ad: n.ad.clone(),
-                    free_cpus,
-                    free_memory_mb,
-                    running_jobs: n.jobs.len() as u32,
-                    reputation: self.reputation(&n.ad.name),
-                };
-                (slot, n.ahead_room())
-            })
-            .unzip();
+        // The last pass's slots are refreshed in place while the ready nodes stay the same ones.
+        let mut slots = std::mem::take(&mut self.slot_cache);
+        let mut ahead = Vec::with_capacity(slots.len());
+        for n in self.nodes.values().filter(|n| n.state == NodeState::Ready && !n.silent) {
+            let (free_cpus, free_memory_mb) = n.free();
+            let (running_jobs, reputation) = (n.jobs.len() as u32, self.reputation(&n.ad.name));
+            let i = ahead.len();
+            match slots.get_mut(i).filter(|s| Arc::ptr_eq(&s.ad, &n.ad)) {
+                Some(s) => {
+                    (s.free_cpus, s.free_memory_mb) = (free_cpus, free_memory_mb);
+                    (s.running_jobs, s.reputation) = (running_jobs, reputation);
+                }
+                None => {
+                    slots.truncate(i);
+                    slots.push(NodeSlot { ad: n.ad.clone(), free_cpus, free_memory_mb, running_jobs, reputation });
+                }
+            }
+            ahead.push(n.ahead_room());
+        }
+        slots.truncate(ahead.len());
         let free_cpus: u64 =
             slots.iter().map(|s| s.free_cpus as u64).sum::<u64>() + ahead.iter().map(|a| a.0 as u64).sum::<u64>();
         let mut snap = Snapshot { slots, ahead, ..Snapshot::default() };
@@ -216,6 +227,14 @@ impl Engine {
             }
         }
         placed
+    }
+
+    /// Takes back a pass's snapshot once it is applied, for the next pass to refresh. A snapshot
+    /// with nothing to place took no slots (the cache still has them).
+    pub fn recycle(&mut self, snap: Snapshot) {
+        if self.slot_cache.is_empty() {
+            self.slot_cache = snap.slots;
+        }
     }
 
     /// Whether job `id` is still idle and node `name` still ready, heard from, and with room (free,
