@@ -7,8 +7,8 @@
 //! compute; the pool on PostgreSQL against SQLite; a QEMU job against plain qemu-system; the scheduler engine with 1M jobs (100 users, fair
 //! share on) and 10k nodes;
 //! the coordinator's memory with 1M jobs queued; the single-system image's fan-out; the appliance;
-//! the pool's scale with 100 and 1,000 simulated node agents (`--fleet-large` adds 10,000, about
-//! a minute more; `--fleet` runs it alone).
+//! the pool's scale with 100, 1,000 and 10,000 simulated node agents (`--fleet` runs it alone,
+//! `--fleet-nodes` picks the sizes).
 //! Benchmarks print figures, each with its typed target and whether it is met; they assert nothing.
 
 mod appliance;
@@ -61,7 +61,7 @@ fn parse_args() -> Args {
         slurm: true,
         latency_runs: 300,
         quick: false,
-        fleet_sizes: vec![100, 1_000],
+        fleet_sizes: vec![100, 1_000, 10_000],
         fleet_jobs: 10_000,
         only: Vec::new(),
     };
@@ -79,13 +79,12 @@ fn parse_args() -> Args {
             "--sizes" => a.sizes = numbers("--sizes", it.next()),
             "--fleet" => a.only = vec!["fleet".into()],
             "--fleet-nodes" => a.fleet_sizes = numbers("--fleet-nodes", it.next()),
-            "--fleet-large" => a.fleet_sizes.push(10_000),
             "--fleet-jobs" => a.fleet_jobs = numbers("--fleet-jobs", it.next()).into_iter().next().unwrap_or(0),
             "--out" => a.out = Some(PathBuf::from(it.next().unwrap_or_else(|| usage_error("--out needs a file")))),
             "--only" => a.only = it.next().expect("--only PART,PART").split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
                 println!(
-                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,replicas,peers,postgres,slurm,wasm,qemu,checkpoint,scheduler,rss,ssi,appliance,fleet,overlay] [--fleet] [--fleet-nodes 100,1000] [--fleet-large] [--fleet-jobs 10000] [--out FILE]\n--fleet: only the pool's scale, simulated node agents against a real coordinator.\n--fleet-large: the pool's scale at 10,000 nodes too (about a minute on 2 cores).\n--out: where the table is written; the whole suite writes BENCHMARKS.md by default, a part of it (--only, --fleet) nothing.\nRun from the repository root after scripts/bench has built everything."
+                    "usage: vmgrid-bench [--quick] [--no-slurm] [--sizes 10000,100000] [--only pool,replicas,peers,postgres,slurm,wasm,qemu,checkpoint,scheduler,rss,ssi,appliance,fleet,overlay] [--fleet] [--fleet-nodes 100,1000,10000] [--fleet-jobs 10000] [--out FILE]\n--fleet: only the pool's scale, simulated node agents against a real coordinator.\n--out: where the table is written; the whole suite writes BENCHMARKS.md by default, a part of it (--only, --fleet) nothing.\nRun from the repository root after scripts/bench has built everything."
                 );
                 std::process::exit(0);
             }

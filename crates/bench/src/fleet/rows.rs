@@ -57,11 +57,17 @@ fn rows(f: &FleetFigures, rep: &mut Table) {
     let kept = f.heartbeats_kept * 100.0;
     rep.figure(&what("heartbeats sent on time"), format!("{kept:.0}%"), kept, "%", Target::AtLeast(95.0));
     let (l, h) = (f.lease_ms, f.heartbeat_rtt_ms);
+    // No samples (both 0): every job of the sweep went to a call already waiting before it.
+    let lease = if l == (0.0, 0.0) {
+        "no lease call made during the sweep got work".to_string()
+    } else {
+        format!("lease that got work (carrying the last results) {:.1}/{:.1} ms", l.0, l.1)
+    };
     rep.info(
         &what("round trips p50/p99; coordinator CPU"),
         format!(
-            "lease that got work (carrying the last results) {:.1}/{:.1} ms, heartbeat {:.1}/{:.1} ms; {:.3} ms per job in a sweep, {:.2} ms per single job; joined in {:.1} s",
-            l.0, l.1, h.0, h.1, f.cpu_ms_per_job, f.probe_cpu_ms, f.register_s
+            "{lease}, heartbeat {:.1}/{:.1} ms; {:.3} ms per job in a sweep, {:.2} ms per single job; joined in {:.1} s",
+            h.0, h.1, f.cpu_ms_per_job, f.probe_cpu_ms, f.register_s
         ),
     );
     let (n, hb, c, a) = (f.nodes, f.heartbeat_ms, f.sweep_cpu_s, f.agents_cpu_s);
@@ -76,15 +82,19 @@ fn growth(measured: &[FleetFigures]) -> Option<String> {
     let mut note = String::new();
     if big.nodes > small.nodes {
         let x = |a: f64, b: f64| if a > 0.0 { b / a } else { f64::NAN };
+        // A pool whose sweep went whole to calls already waiting has no lease round trip.
+        let lease = match (small.lease_ms.1, big.lease_ms.1) {
+            (a, b) if a > 0.0 && b > 0.0 => format!("lease p99 x{:.1}, ", b / a),
+            _ => String::new(),
+        };
         note = format!(
-            "Pool scale from {} to {} simulated nodes (x{:.0}): idle coordinator CPU x{:.1}, CPU per job x{:.1}, CPU per single job x{:.1}, lease p99 x{:.1}, heartbeat p99 x{:.1}, submit-to-lease p50 x{:.1}, jobs/s x{:.2}. ",
+            "Pool scale from {} to {} simulated nodes (x{:.0}): idle coordinator CPU x{:.1}, CPU per job x{:.1}, CPU per single job x{:.1}, {lease}heartbeat p99 x{:.1}, submit-to-lease p50 x{:.1}, jobs/s x{:.2}. ",
             small.nodes,
             big.nodes,
             x(small.nodes as f64, big.nodes as f64),
             x(small.idle_cpu_pct, big.idle_cpu_pct),
             x(small.cpu_ms_per_job, big.cpu_ms_per_job),
             x(small.probe_cpu_ms, big.probe_cpu_ms),
-            x(small.lease_ms.1, big.lease_ms.1),
             x(small.heartbeat_rtt_ms.1, big.heartbeat_rtt_ms.1),
             x(small.submit_to_lease_ms.0, big.submit_to_lease_ms.0),
             x(small.jobs_per_s, big.jobs_per_s),
