@@ -137,14 +137,14 @@ impl Shared {
                 break;
             };
             if snap.is_empty() {
-                self.peek_mut(|e| e.recycle(snap));
+                self.peek_mut(|e| e.recycle(&mut snap));
                 continue;
             }
             let decision = tokio::task::block_in_place(|| snap.decide());
             let (on, pending) = self.call(|e| {
                 let on = e.apply(&snap, decision, vmgrid_proto::now_ms());
                 let on = on.into_iter().map(str::to_string).collect::<Vec<_>>();
-                e.recycle(snap);
+                e.recycle(&mut snap);
                 on
             });
             placed.extend(on);

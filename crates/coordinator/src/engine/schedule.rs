@@ -47,10 +47,10 @@ impl Snapshot {
         let batch_placed = d.placements.len();
         // Lease-ahead, only for what no free cpu took: a job is queued behind a busy node's
         // running jobs only when no node that matches it has a cpu free now.
-        // (On a copy: time-shared jobs below start at once, so they see only free memory.)
         if self.ahead.iter().any(|&(c, _)| c > 0) && batch_placed < self.batch.len() {
             let placed: std::collections::HashSet<u64> = d.placements.iter().map(|p| p.job).collect();
-            // On the slots themselves, put back after (a copy would take an `Arc` per node).
+            // On the slots themselves, their numbers put back after: time-shared jobs below
+            // start at once, so they see only free memory (a copy would take an `Arc` per node).
             let kept: Vec<(u32, u64, u32)> =
                 self.slots.iter().map(|s| (s.free_cpus, s.free_memory_mb, s.running_jobs)).collect();
             for (slot, &(cpus, memory)) in self.slots.iter_mut().zip(&self.ahead) {
@@ -91,7 +91,7 @@ impl Engine {
             Some(mut s) => {
                 let d = s.decide();
                 let placed = self.apply(&s, d, now).len();
-                self.recycle(s);
+                self.recycle(&mut s);
                 placed
             }
             None => 0,
@@ -135,6 +135,8 @@ impl Engine {
             ahead.push(n.ahead_room());
         }
         slots.truncate(ahead.len());
+        #[cfg(test)]
+        self.check_slots(&slots);
         let free_cpus: u64 =
             slots.iter().map(|s| s.free_cpus as u64).sum::<u64>() + ahead.iter().map(|a| a.0 as u64).sum::<u64>();
         let mut snap = Snapshot { slots, ahead, ..Snapshot::default() };
@@ -229,12 +231,31 @@ impl Engine {
         placed
     }
 
-    /// Takes back a pass's snapshot once it is applied, for the next pass to refresh. A snapshot
-    /// with nothing to place took no slots (the cache still has them).
-    pub fn recycle(&mut self, snap: Snapshot) {
+    /// Takes back a pass's slots once it is applied, for the next pass to refresh (the rest of
+    /// the snapshot is the caller's to drop, after the engine's lock). A snapshot with nothing to
+    /// place took no slots (the cache still has them).
+    pub fn recycle(&mut self, snap: &mut Snapshot) {
         if self.slot_cache.is_empty() {
-            self.slot_cache = snap.slots;
+            self.slot_cache = std::mem::take(&mut snap.slots);
         }
+    }
+
+    /// That a pass's slots, refreshed from the last pass's, are what a copy of every ready node
+    /// would give (every snapshot the engine's unit and property tests take is checked).
+    #[cfg(test)]
+    fn check_slots(&self, slots: &[NodeSlot]) {
+        let ready = self.nodes.values().filter(|n| n.state == NodeState::Ready && !n.silent);
+        let fresh: Vec<_> = ready
+            .map(|n| {
+                let (cpus, memory) = n.free();
+                (Arc::as_ptr(&n.ad), cpus, memory, n.jobs.len() as u32, self.reputation(&n.ad.name).to_bits())
+            })
+            .collect();
+        let seen: Vec<_> = slots
+            .iter()
+            .map(|s| (Arc::as_ptr(&s.ad), s.free_cpus, s.free_memory_mb, s.running_jobs, s.reputation.to_bits()))
+            .collect();
+        assert_eq!(seen, fresh, "a pass's slots are the ready nodes as they are");
     }
 
     /// Whether job `id` is still idle and node `name` still ready, heard from, and with room (free,

@@ -35,7 +35,7 @@ fn pass(e: &mut Engine, now: u64) -> Vec<String> {
     assert_eq!(saw, fresh(e), "the pass at {now} sees the ready nodes as they are");
     let decision = snap.decide();
     e.apply(&snap, decision, now);
-    e.recycle(snap);
+    e.recycle(&mut snap);
     e.check_invariants().unwrap();
     saw.into_iter().map(|s| s.0).collect()
 }
@@ -67,9 +67,9 @@ fn a_pass_sees_the_ready_nodes_as_they_are_after_joins_leaves_and_placements() {
     assert_eq!(e.slot_cache.len(), 3, "the slots are given back");
     // A pass with nothing to place takes no slots and keeps the cache.
     e.dirty = true;
-    let nothing = e.snapshot(3).expect("dirty");
+    let mut nothing = e.snapshot(3).expect("dirty");
     assert!(nothing.is_empty() && nothing.slots.is_empty());
-    e.recycle(nothing);
+    e.recycle(&mut nothing);
     assert_eq!(e.slot_cache.len(), 3, "a pass with nothing to place leaves the cache as it was");
     // Joins before, between and after the others.
     for (n, cpus) in [("a", 1), ("e", 4), ("g", 2)] {
@@ -87,4 +87,25 @@ fn a_pass_sees_the_ready_nodes_as_they_are_after_joins_leaves_and_placements() {
     // The last one goes: the cache is cut short.
     e.deregister("g", 10);
     assert_eq!(pass(&mut e, 11), ["a", "b", "f"]);
+}
+
+#[test]
+fn the_lease_ahead_step_leaves_the_slots_as_the_first_step_left_them() {
+    // One cpu and room for two more ahead: the first step takes the cpu, the second queues two.
+    let mut e = Engine::new(TIMING);
+    e.register(ad("a", 1), None, false, hash_token("a"), 0).unwrap();
+    e.set_ahead("a", 2, 0);
+    e.submit(&Principal::User("alice".into()), spec(0), 3, 1).unwrap();
+    let mut snap = e.snapshot(1).expect("a submit calls for a pass");
+    let before = seen(&snap);
+    let decision = snap.decide();
+    assert_eq!(decision.placements.len(), 3, "one on the free cpu, two queued ahead");
+    // Time-shared jobs, placed after the lease-ahead step, see these: one job's worth taken.
+    let after = seen(&snap);
+    let memory = spec(0).memory_mb;
+    assert_eq!(
+        (after[0].1, after[0].2, after[0].3),
+        (before[0].1 - 1, before[0].2 - memory, before[0].3 + 1),
+        "the slots as the first step left them"
+    );
 }
