@@ -1,9 +1,11 @@
 //! Where wasm's time goes against native, one factor at a time: the compute guest run in this
-//! process under wasmtime configurations that each differ from vmgrid's in one setting (epoch
-//! interruption, bounds checks elided by the memory reservation or explicit, the pooling
-//! allocator, NaN canonicalization, Cranelift's optimization), against its native build.
-//! vmgrid's configuration is a worker process's (`vmgrid_runtime::wasm::worker`): no epoch
-//! checks, the time limit kept by the parent killing the worker.
+//! process under wasmtime configurations that each differ from vmgrid's in one setting (binaryen's
+//! optimizer before Cranelift, epoch interruption, bounds checks elided by the memory reservation
+//! or explicit, the pooling allocator, NaN canonicalization, Cranelift's optimization), against
+//! its native build. vmgrid's configuration is a worker process's
+//! (`vmgrid_runtime::wasm::worker`): the module optimized by `wasm-opt` (as
+//! `vmgrid_runtime::wasm::optimize` runs it), no epoch checks, the time limit kept by the parent
+//! killing the worker.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -18,6 +20,8 @@ const ARGS: [&str; 3] = ["compute", "20000000", "5"];
 /// A wasmtime configuration to time, described by how it differs from vmgrid's.
 struct Variant {
     what: &'static str,
+    /// Whether the module is first optimized by binaryen, as vmgrid does.
+    binaryen: bool,
     epoch: bool,
     tune: fn(&mut Config),
 }
@@ -28,17 +32,26 @@ fn vmgrid_config(c: &mut Config) {
 
 const VARIANTS: &[Variant] = &[
     Variant {
-        what: "vmgrid's configuration (a worker process: no epoch checks, Cranelift speed)",
+        what: "vmgrid's configuration (a worker process: binaryen -O2, then Cranelift speed, no epoch checks)",
+        binaryen: true,
+        epoch: false,
+        tune: vmgrid_config,
+    },
+    Variant {
+        what: "Cranelift alone (the module as submitted, without binaryen)",
+        binaryen: false,
         epoch: false,
         tune: vmgrid_config,
     },
     Variant {
         what: "with epoch interruption (the time limit in process, as an SSI process runs)",
+        binaryen: true,
         epoch: true,
         tune: vmgrid_config,
     },
     Variant {
         what: "explicit bounds checks (no memory reservation or guard)",
+        binaryen: true,
         epoch: false,
         tune: |c| {
             vmgrid_config(c);
@@ -47,6 +60,7 @@ const VARIANTS: &[Variant] = &[
     },
     Variant {
         what: "pooling allocator (as a node runs it)",
+        binaryen: true,
         epoch: false,
         tune: |c| {
             vmgrid_config(c);
@@ -56,7 +70,8 @@ const VARIANTS: &[Variant] = &[
         },
     },
     Variant {
-        what: "NaN canonicalization (a deterministic mode's cost)",
+        what: "NaN canonicalization (a deterministic mode's cost; deterministic jobs also skip binaryen)",
+        binaryen: true,
         epoch: false,
         tune: |c| {
             vmgrid_config(c);
@@ -65,6 +80,7 @@ const VARIANTS: &[Variant] = &[
     },
     Variant {
         what: "Cranelift without optimization",
+        binaryen: true,
         epoch: false,
         tune: |c| {
             c.cranelift_opt_level(OptLevel::None);
@@ -97,9 +113,10 @@ fn run_once(engine: &Engine, module: &Module, epoch: bool) -> Result<f64, String
 /// The native build's seconds, and each variant's: (what, seconds).
 type Timings = (f64, Vec<(&'static str, f64)>);
 
-/// Each variant's best of three runs, and the native build's best over the whole measure: it runs
-/// before each of them, so that a spell of this machine's noise (runs here vary by 30%) falls on
-/// both sides of a ratio, not on the native runs alone.
+/// Each variant's best of five runs, and the native build's best over the whole measure. The runs
+/// go in rounds, each round one run of the native build and of every variant in turn, so that a
+/// spell of this machine's noise (runs here vary by 30%) falls on every side of the ratios, not on
+/// one variant's runs alone.
 pub fn measure(root: &Path) -> Result<Timings, String> {
     let native = root.join("guests/target/release/compute");
     let wasm = crate::pool::guest(root, "compute");
@@ -110,7 +127,11 @@ pub fn measure(root: &Path) -> Result<Timings, String> {
     let mut native_once = || {
         native_s = native_s.min(crate::compute::time_cmd(std::process::Command::new(&native).args(&ARGS[1..])));
     };
-    let mut out = Vec::new();
+    let optimizer = vmgrid_runtime::wasm::optimize::Optimizer::find()
+        .map_err(|e| format!("binaryen's optimizer is not usable here ({e}); scripts/bench installs it"))?;
+    let submitted = std::fs::read(&wasm).map_err(|e| e.to_string())?;
+    let optimized = optimizer.optimize(&submitted).map_err(|e| format!("binaryen did not optimize the guest: {e}"))?;
+    let mut ready = Vec::new();
     for v in VARIANTS {
         let mut cfg = Config::new();
         cfg.epoch_interruption(v.epoch);
@@ -124,13 +145,16 @@ pub fn measure(root: &Path) -> Result<Timings, String> {
                 std::thread::sleep(Duration::from_millis(10));
             }
         });
-        let module = Module::from_file(&engine, &wasm).map_err(|e| e.to_string())?;
-        let mut best = f64::MAX;
-        for _ in 0..3 {
-            native_once();
-            best = best.min(run_once(&engine, &module, v.epoch)?);
-        }
-        out.push((v.what, best));
+        let bytes = if v.binaryen { &optimized } else { &submitted };
+        let module = Module::new(&engine, bytes).map_err(|e| e.to_string())?;
+        ready.push((v, engine, module));
     }
-    Ok((native_s, out))
+    let mut best = vec![f64::MAX; ready.len()];
+    for _ in 0..5 {
+        for (i, (v, engine, module)) in ready.iter().enumerate() {
+            native_once();
+            best[i] = best[i].min(run_once(engine, module, v.epoch)?);
+        }
+    }
+    Ok((native_s, ready.iter().zip(best).map(|((v, ..), s)| (v.what, s)).collect()))
 }

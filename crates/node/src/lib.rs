@@ -194,6 +194,9 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
         overlay,
     });
     tracing::info!(node = %agent.ad.name, pool = %agent.config.pool, "joined the pool");
+    if agent.ad.vm_types.contains(&VmType::Wasm) {
+        vmgrid_runtime::wasm::optimize::log_availability();
+    }
     if let (Some(listener), Some(identity)) = (peer_listener, reg.peer_identity.as_ref()) {
         agent.share_blobs(listener, identity)?;
     }

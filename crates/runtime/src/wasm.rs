@@ -7,8 +7,10 @@
 //! the parent killing the worker: its code then has no epoch checks and runs at full speed.
 //! A `[policy] deterministic` job runs on a second engine, made for the first such job, with
 //! `determinism`'s settings and calls: the same outputs on every node.
-//! Compiled modules are cached on disk, keyed by the module's blake3 and the engine's
-//! compatibility hash; this module holds vmgrid's only `unsafe` wasm code, the cache load.
+//! A module is optimized by binaryen (`optimize`), confined, before Cranelift compiles it, unless
+//! the job is deterministic or there is no `wasm-opt` here. Compiled modules are cached on disk,
+//! keyed by the module's blake3, the engine's compatibility hash and the optimizer's identity;
+//! this module holds vmgrid's only `unsafe` wasm code, the cache load.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
@@ -27,6 +29,7 @@ use crate::{Failure, FailureKind, Outcome, RunError, RunRequest, RunResult, Runt
 
 mod abi;
 mod determinism;
+pub mod optimize;
 mod posix;
 mod sleep;
 mod ssi;
@@ -49,6 +52,9 @@ pub struct WasmRuntime {
     /// For `[policy] deterministic` jobs (see `determinism`), made for the first one.
     deterministic: OnceLock<Result<Flavor, String>>,
     cache_dir: PathBuf,
+    /// binaryen's optimizer, run over a module before it is compiled (none if this host has
+    /// none); never for the deterministic engine.
+    optimizer: Option<optimize::Optimizer>,
     /// Linked modules by (path, size, mtime, ssi, deterministic): a node running a sweep links its
     /// module once.
     ready: Mutex<HashMap<ReadyKey, InstancePre<GuestState>>>,
@@ -65,6 +71,8 @@ struct Flavor {
     /// WASI with the SSI mirror and the `vmgrid` import module, for processes of an SSI; none
     /// for the deterministic engine (an SSI process is never deterministic).
     ssi_linker: Option<Linker<GuestState>>,
+    /// The deterministic engine, whose modules are compiled as submitted (see `optimize`).
+    deterministic: bool,
 }
 
 impl Flavor {
@@ -93,7 +101,7 @@ impl Flavor {
                 }
             })?;
         }
-        Ok(Flavor { engine, linker, ssi_linker })
+        Ok(Flavor { engine, linker, ssi_linker, deterministic })
     }
 }
 
@@ -208,9 +216,17 @@ impl WasmRuntime {
             plain: Flavor::new(&cfg, false, epochs)?,
             deterministic: OnceLock::new(),
             cache_dir: config.cache_dir.join("wasm"),
+            optimizer: optimize::Optimizer::find().ok(),
             ready: Mutex::new(HashMap::new()),
             mirrors: None,
         })
+    }
+
+    /// The same runtime with `optimizer` instead of the one found on this host (tests).
+    #[cfg(test)]
+    pub(crate) fn with_optimizer(mut self, optimizer: Option<optimize::Optimizer>) -> WasmRuntime {
+        self.optimizer = optimizer;
+        self
     }
 
     /// Copies each guest's kept stdout and stderr to `out` and `err` as well, as they come.
@@ -266,7 +282,7 @@ impl WasmRuntime {
                 image.display()
             )));
         }
-        let module = self.load_module(&flavor.engine, image, &bytes)?;
+        let module = self.load_module(flavor, image, &bytes)?;
         let linker = match (for_ssi, &flavor.ssi_linker) {
             (false, _) => &flavor.linker,
             (true, Some(ssi_linker)) => ssi_linker,
@@ -282,8 +298,10 @@ impl WasmRuntime {
         })
     }
 
-    fn load_module(&self, engine: &Engine, image: &Path, bytes: &[u8]) -> Result<Module, RunError> {
-        let path = self.cache_path(engine, bytes);
+    fn load_module(&self, flavor: &Flavor, image: &Path, bytes: &[u8]) -> Result<Module, RunError> {
+        let engine = &flavor.engine;
+        let optimizer = self.optimizer.as_ref().filter(|_| !flavor.deterministic);
+        let path = self.cache_path(engine, bytes, optimizer.map(optimize::Optimizer::identity));
         if path.exists() {
             // SAFETY: `deserialize_file` trusts the file to be a module that this engine
             // serialized. The file lives in vmgrid's own cache directory, is written only by
@@ -297,17 +315,36 @@ impl WasmRuntime {
                 Err(e) => tracing::warn!(path = %path.display(), "ignoring unusable cached module: {e:#}"),
             }
         }
-        let module = Module::new(engine, bytes)
-            .map_err(|e| RunError::BadJob(format!("`{}` is not a valid WebAssembly module: {e:#}", image.display())))?;
+        let invalid =
+            |e: String| RunError::BadJob(format!("`{}` is not a valid WebAssembly module: {e}", image.display()));
+        let module = match optimizer {
+            None => Module::new(engine, bytes).map_err(|e| invalid(format!("{e:#}")))?,
+            Some(optimizer) => {
+                // binaryen only sees what wasmtime has validated (a WAT image as its binary).
+                let binary = wat::parse_bytes(bytes).map_err(|e| invalid(e.to_string()))?;
+                Module::validate(engine, &binary).map_err(|e| invalid(format!("{e:#}")))?;
+                let optimized = optimizer
+                    .optimize(&binary)
+                    .and_then(|b| Module::new(engine, &b).map_err(|e| format!("wasmtime refused what it made: {e:#}")));
+                match optimized {
+                    Ok(m) => m,
+                    Err(why) => {
+                        tracing::warn!(image = %image.display(), "binaryen did not optimize the module, so it is compiled as submitted: {why}");
+                        Module::new(engine, &binary).map_err(|e| invalid(format!("{e:#}")))?
+                    }
+                }
+            }
+        };
         if let Err(e) = self.store_in_cache(&module, &path) {
             tracing::warn!(path = %path.display(), "cannot cache the compiled module: {e:#}");
         }
         Ok(module)
     }
 
-    fn cache_path(&self, engine: &Engine, bytes: &[u8]) -> PathBuf {
+    fn cache_path(&self, engine: &Engine, bytes: &[u8], optimizer: Option<u64>) -> PathBuf {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
+        optimizer.hash(&mut h);
         let engine_hash = h.finish();
         self.cache_dir.join(format!("{}-{engine_hash:016x}.cwasm", blake3::hash(bytes).to_hex()))
     }

@@ -1,7 +1,7 @@
 //! What the wasm runtime's tests share: a WAT guest run as a job, in process.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -44,6 +44,22 @@ pub(crate) fn run_on(
     seed: u64,
     cancel: Option<Arc<AtomicBool>>,
 ) -> Result<RunResult, RunError> {
+    let (job, job_dir) = job(dir, wat, resources, policy);
+    rt.run(&RunRequest {
+        job: &job,
+        job_dir: &job_dir,
+        cancel,
+        ssi: None,
+        checkpoint: None,
+        seed,
+        net: None,
+        empty_dir: true,
+    })
+}
+
+/// A wasm job of `wat` with `resources` and `policy`: its image and its (empty) job directory
+/// (returned) in `dir`.
+pub(crate) fn job(dir: &Path, wat: &str, resources: Resources, policy: Policy) -> (Job, PathBuf) {
     let image = dir.join("guest.wat");
     std::fs::write(&image, wat).unwrap();
     let job_dir = dir.join("job");
@@ -65,14 +81,5 @@ pub(crate) fn run_on(
         files: Files::default(),
         policy,
     };
-    rt.run(&RunRequest {
-        job: &job,
-        job_dir: &job_dir,
-        cancel,
-        ssi: None,
-        checkpoint: None,
-        seed,
-        net: None,
-        empty_dir: true,
-    })
+    (job, job_dir)
 }
