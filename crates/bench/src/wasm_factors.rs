@@ -130,7 +130,8 @@ pub fn measure(root: &Path) -> Result<Timings, String> {
     let optimizer = vmgrid_runtime::wasm::optimize::Optimizer::find()
         .map_err(|e| format!("binaryen's optimizer is not usable here ({e}); scripts/bench installs it"))?;
     let submitted = std::fs::read(&wasm).map_err(|e| e.to_string())?;
-    let optimized = optimizer.optimize(&submitted).map_err(|e| format!("binaryen did not optimize the guest: {e}"))?;
+    let optimized =
+        optimizer.optimize(&submitted).map_err(|e| format!("binaryen did not optimize the guest: {}", e.why))?;
     let mut ready = Vec::new();
     for v in VARIANTS {
         let mut cfg = Config::new();

@@ -1,5 +1,5 @@
 //! Scratch directories in the system's temp directory: a QEMU job's overlay and QMP socket, a
-//! checkpoint's saved state, an appliance's sockets. They are there, not under a node's own
+//! checkpoint's saved state, an appliance's sockets, a module binaryen optimizes. They are there, not under a node's own
 //! directory, because a socket's path must be short (108 bytes) and QEMU, once it has dropped
 //! root, must reach the state file.
 //!
@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::Once;
 
 /// The kinds of scratch directory, the part of the name after `vmgrid-`.
-const KINDS: [&str; 3] = ["qemu", "ckpt", "appliance"];
+const KINDS: [&str; 4] = ["qemu", "ckpt", "appliance", "wasm-opt"];
 
 /// A new scratch directory of `kind` (one of [`KINDS`]), removed when the value is dropped.
 pub fn dir(kind: &str) -> std::io::Result<tempfile::TempDir> {

@@ -323,14 +323,17 @@ impl WasmRuntime {
                 // binaryen only sees what wasmtime has validated (a WAT image as its binary).
                 let binary = wat::parse_bytes(bytes).map_err(|e| invalid(e.to_string()))?;
                 Module::validate(engine, &binary).map_err(|e| invalid(format!("{e:#}")))?;
-                let optimized = optimizer
-                    .optimize(&binary)
-                    .and_then(|b| Module::new(engine, &b).map_err(|e| format!("wasmtime refused what it made: {e:#}")));
-                match optimized {
+                match optimizer.compile(engine, &binary) {
                     Ok(m) => m,
-                    Err(why) => {
+                    Err(no) => {
+                        let why = &no.why;
                         tracing::warn!(image = %image.display(), "binaryen did not optimize the module, so it is compiled as submitted: {why}");
-                        Module::new(engine, &binary).map_err(|e| invalid(format!("{e:#}")))?
+                        let module = Module::new(engine, &binary).map_err(|e| invalid(format!("{e:#}")))?;
+                        if !no.lasting {
+                            // Not cached: its next load tries binaryen again.
+                            return Ok(module);
+                        }
+                        module
                     }
                 }
             }

@@ -3,18 +3,21 @@
 //! Cranelift compiles quickly but allocates registers poorly in large functions. On the compute
 //! benchmark's sieve, which rustc inlines into `main`, it kept the loop's values in stack slots
 //! and spilled or reloaded three of them on every round: 1.2-1.3x the native build's time. After
-//! binaryen's passes, the same loop compiles to what LLVM makes of it natively, with no stack
-//! traffic, and the program runs at native speed. The optimizer runs once per module on a node:
-//! the compiled module is cached, under a name that also carries the optimizer's identity.
+//! binaryen's passes, the same loop compiles with no stack traffic, and the program runs at
+//! native speed. The optimizer runs once per module on a node: the compiled module is cached,
+//! under a name that also carries the optimizer's identity.
 //!
 //! A module is untrusted input to a C++ program, so `wasm-opt` only sees modules that wasmtime
 //! has validated, and runs confined: bubblewrap with new namespaces (no network), the host's
-//! `/usr` read-only and a private directory holding the module and nothing else of the host's
-//! filesystem, never as root (a root node runs it as `nobody`), one thread, and limits on its
-//! time, memory, output and open files. Whatever goes wrong (no tool, a crash, a timeout, an
-//! output wasmtime rejects) compiles the module as submitted, with a warning in the log.
-//! Deterministic jobs are never optimized: binaryen may fold float operations while optimizing,
-//! and a NaN it folds is not canonicalized as one computed at run time would be.
+//! `/usr` read-only, the module as one read-only file, and nothing else of the host's filesystem
+//! and no descriptor of ours but a pipe for its output; never as root (a root node runs it as
+//! `nobody`, who is given nothing on the host to write); binaryen on one thread; limits on its
+//! time, address space, output and open files (per process: a tool taken over could start more).
+//! Whatever goes wrong compiles the module as submitted, with a warning in the log. So does an
+//! output that wasmtime refuses or whose imports differ (binaryen drops unused imports, which
+//! would make a module link on a node with binaryen and not on one without). Deterministic jobs
+//! are never optimized: binaryen may fold float operations while optimizing, and a NaN it folds
+//! is not canonicalized as one computed at run time would be.
 
 use std::hash::{Hash, Hasher};
 use std::os::unix::process::CommandExt;
@@ -28,8 +31,9 @@ use crate::qemu::launch::{UNPRIVILEGED_USER, effective_uid, user_ids};
 
 /// Names the optimizer; `off` turns it off.
 pub const ENV: &str = "VMGRID_WASM_OPT";
-/// The optimization level: binaryen's default (`-O`). On the compute guest -O1 to -O4 all ran
-/// within this machine's noise of each other; -O2 takes about 0.4 s on its 80 KB module.
+/// The optimization level: binaryen's usual level for speed (its `-O` is `-Os`). On the compute
+/// guest -O1 to -O4 all ran within this machine's noise of each other; -O2 takes about 0.4 s on
+/// its 80 KB module.
 const LEVEL: &str = "-O2";
 /// The wasm features binaryen may keep or use: those wasmtime's default engine accepts that
 /// binaryen 108 (Debian 12) knows. A module's own `target_features` section adds to these.
@@ -45,20 +49,42 @@ const FEATURES: [&str; 9] = [
     "--enable-extended-const",
 ];
 /// Modules larger than this are compiled as submitted: binaryen's time and memory grow with a
-/// module, and the job waits for them.
-pub const MAX_MODULE: usize = 32 << 20;
+/// module (about 7 s of cpu for 2 MB here), and the job waits for them.
+pub const MAX_MODULE: usize = 8 << 20;
 /// The longest a module may take, however large.
 const MAX_LIMIT: Duration = Duration::from_secs(120);
-/// Where the private directory is inside the sandbox.
+/// What a root node runs the tool as nobody with, inside the sandbox (which has only `/usr`).
+const SETPRIV: &str = "/usr/bin/setpriv";
+/// Where the module is inside the sandbox.
 const WORK: &str = "/work";
+/// `close_range`'s flag that marks the descriptors close-on-exec instead of closing them.
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+
+/// Why a module was not optimized, and whether that would happen again: then the module as
+/// submitted is cached in the optimized one's place, else it is compiled again on its next load.
+#[derive(Debug)]
+pub struct NotOptimized {
+    pub why: String,
+    pub lasting: bool,
+}
+
+impl NotOptimized {
+    fn lasting(why: impl Into<String>) -> NotOptimized {
+        NotOptimized { why: why.into(), lasting: true }
+    }
+
+    fn passing(why: impl Into<String>) -> NotOptimized {
+        NotOptimized { why: why.into(), lasting: false }
+    }
+}
 
 /// binaryen's `wasm-opt` and what confines it.
 #[derive(Debug, Clone)]
 pub struct Optimizer {
     wasm_opt: PathBuf,
     bwrap: PathBuf,
-    /// The tool's path, size and modification time, hashed: a cached module compiled after a
-    /// different optimizer (or none) is not reused.
+    /// The tool's and its library's paths, sizes and modification times, hashed: a cached module
+    /// compiled after a different optimizer (or none) is not reused.
     identity: u64,
     /// Seconds allowed per run, beyond one second per 32 KiB of module.
     base_limit: Duration,
@@ -88,11 +114,18 @@ impl Optimizer {
         let bwrap = crate::tools::find(Some("VMGRID_BWRAP"), "bwrap")
             .filter(|b| b.is_file())
             .ok_or("no `bwrap` to confine `wasm-opt` in (Debian: `apt-get install bubblewrap`)")?;
-        if effective_uid() == 0 && crate::tools::find(None, "setpriv").is_none() {
-            return Err("vmgrid runs as root and there is no `setpriv` to run `wasm-opt` as nobody".into());
+        if effective_uid() == 0 && !Path::new(SETPRIV).is_file() {
+            return Err(format!("vmgrid runs as root and there is no `{SETPRIV}` to run `wasm-opt` as nobody"));
         }
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (&wasm_opt, meta.len(), meta.modified().ok(), LEVEL, FEATURES).hash(&mut h);
+        // Debian's `wasm-opt` is a small program; binaryen itself is its library.
+        let bin = wasm_opt.parent().and_then(Path::parent).unwrap_or(Path::new("/"));
+        for lib in [bin.join("lib/libbinaryen.so"), bin.join("lib/x86_64-linux-gnu/libbinaryen.so")] {
+            if let Ok(m) = std::fs::metadata(&lib) {
+                (lib, m.len(), m.modified().ok()).hash(&mut h);
+            }
+        }
         Ok(Optimizer { wasm_opt, bwrap, identity: h.finish(), base_limit: Duration::from_secs(30) })
     }
 
@@ -100,6 +133,13 @@ impl Optimizer {
     #[cfg(test)]
     pub(crate) fn with_base_limit(mut self, base: Duration) -> Optimizer {
         self.base_limit = base;
+        self
+    }
+
+    /// The same optimizer confined by `bwrap` (tests).
+    #[cfg(test)]
+    pub(crate) fn with_bwrap(mut self, bwrap: PathBuf) -> Optimizer {
+        self.bwrap = bwrap;
         self
     }
 
@@ -117,75 +157,105 @@ impl Optimizer {
         (self.base_limit + Duration::from_secs((len >> 15) as u64)).min(MAX_LIMIT.max(self.base_limit))
     }
 
-    /// `module` (binary; validated by the caller) optimized, or why not.
-    pub fn optimize(&self, module: &[u8]) -> Result<Vec<u8>, String> {
-        if module.len() > MAX_MODULE {
-            return Err(format!("the module is over {} MiB", MAX_MODULE >> 20));
+    /// `binary` (validated by the caller) optimized and compiled on `engine`, if wasmtime takes
+    /// binaryen's output and it imports what `binary` does.
+    pub(crate) fn compile(&self, engine: &wasmtime::Engine, binary: &[u8]) -> Result<wasmtime::Module, NotOptimized> {
+        let made = self.optimize(binary)?;
+        let module = wasmtime::Module::new(engine, &made)
+            .map_err(|e| NotOptimized::lasting(format!("wasmtime refused what it made: {e:#}")))?;
+        let mut before = imports(binary).map_err(NotOptimized::lasting)?;
+        let mut after: Vec<(String, String)> =
+            module.imports().map(|i| (i.module().to_string(), i.name().to_string())).collect();
+        before.sort();
+        after.sort();
+        if before != after {
+            return Err(NotOptimized::lasting(format!(
+                "it changed the module's imports ({} to {}), which would change where it links",
+                before.len(),
+                after.len()
+            )));
         }
-        let dir = tempfile::Builder::new()
-            .prefix("vmgrid-wasm-opt-")
-            .tempdir()
-            .map_err(|e| format!("cannot make a directory for it: {e}"))?;
-        std::fs::write(dir.path().join("in.wasm"), module).map_err(|e| format!("cannot write the module: {e}"))?;
-        let run_as = if effective_uid() == 0 {
-            let ids = user_ids(UNPRIVILEGED_USER)
-                .map_err(|e| e.to_string())?
-                .ok_or(format!("vmgrid runs as root and there is no `{UNPRIVILEGED_USER}` user to run it as"))?;
-            for p in [dir.path().to_path_buf(), dir.path().join("in.wasm")] {
-                std::os::unix::fs::lchown(&p, Some(ids.0), Some(ids.1))
-                    .map_err(|e| format!("cannot hand {} to {UNPRIVILEGED_USER}: {e}", p.display()))?;
-            }
-            Some(ids)
-        } else {
-            None
+        Ok(module)
+    }
+
+    /// `module` (binary; validated by the caller) optimized, or why not.
+    pub fn optimize(&self, module: &[u8]) -> Result<Vec<u8>, NotOptimized> {
+        if module.len() > MAX_MODULE {
+            return Err(NotOptimized::lasting(format!("the module is over {} MiB", MAX_MODULE >> 20)));
+        }
+        // Ours alone (0700), so nobody, whom the tool runs as on a root node, can change nothing
+        // in it; the module is bound into the sandbox read-only, and the output comes on a pipe.
+        let dir =
+            crate::scratch::dir("wasm-opt").map_err(|e| NotOptimized::passing(format!("no scratch directory: {e}")))?;
+        let input = dir.path().join("in.wasm");
+        std::fs::write(&input, module)
+            .and_then(|()| std::fs::set_permissions(&input, std::os::unix::fs::PermissionsExt::from_mode(0o444)))
+            .map_err(|e| NotOptimized::passing(format!("cannot write the module: {e}")))?;
+        let run_as = match effective_uid() {
+            0 => Some(
+                user_ids(UNPRIVILEGED_USER)
+                    .map_err(|e| NotOptimized::passing(e.to_string()))?
+                    .ok_or(NotOptimized::lasting(format!("there is no `{UNPRIVILEGED_USER}` user to run it as")))?,
+            ),
+            _ => None,
         };
         let out_cap = module.len() * 4 + (1 << 20);
-        let mut cmd = Command::new(&self.bwrap);
-        cmd.args(self.sandbox_args(dir.path(), run_as));
-        cmd.arg(&self.wasm_opt).arg(LEVEL).args(FEATURES).arg("--strip-dwarf");
-        cmd.arg(format!("{WORK}/in.wasm")).arg("-o").arg(format!("{WORK}/out.wasm"));
-        cmd.env_clear().env("PATH", "/usr/bin:/bin").env("BINARYEN_CORES", "1");
-        confine(&mut cmd, module.len() as u64, out_cap as u64, self.limit(module.len()));
-        let err = CaptureSink::bounded(4096);
-        let mut child = Supervised::spawn(&mut cmd, CaptureSink::bounded(4096), err.clone())
-            .map_err(|e| format!("cannot start `{}`: {e}", self.bwrap.display()))?;
         let limit = self.limit(module.len());
-        let status = match child.wait_until(Instant::now() + limit).map_err(|e| e.to_string())? {
-            Waited::Exited(st) => st,
-            Waited::TimedOut => {
-                child.kill_and_reap();
-                return Err(format!("`wasm-opt` took over {} s", limit.as_secs()));
+        let mut cmd = Command::new(&self.bwrap);
+        cmd.args(self.sandbox_args(&input, run_as));
+        cmd.arg(&self.wasm_opt).arg(LEVEL).args(FEATURES).arg("--strip-dwarf");
+        cmd.arg(format!("{WORK}/in.wasm")).args(["-o", "-"]);
+        cmd.env_clear().env("PATH", "/usr/bin:/bin").env("BINARYEN_CORES", "1");
+        confine(&mut cmd, module.len() as u64, limit);
+        let (out, err) = (CaptureSink::bounded(out_cap), CaptureSink::bounded(4096));
+        let mut child = Supervised::spawn(&mut cmd, out.clone(), err.clone())
+            .map_err(|e| NotOptimized::passing(format!("cannot start `{}`: {e}", self.bwrap.display())))?;
+        // Waited on in slices, to stop a tool that writes past the output's cap at once.
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            let slice = deadline.min(Instant::now() + Duration::from_millis(20));
+            match child.wait_until(slice).map_err(|e| NotOptimized::passing(e.to_string()))? {
+                Waited::Exited(st) => break st,
+                Waited::TimedOut if out.overflowed() => {
+                    child.kill_and_reap();
+                    return Err(NotOptimized::lasting(format!("`wasm-opt` made over {out_cap} bytes")));
+                }
+                Waited::TimedOut if Instant::now() >= deadline => {
+                    child.kill_and_reap();
+                    return Err(NotOptimized::lasting(format!("`wasm-opt` took over {} s", limit.as_secs())));
+                }
+                Waited::TimedOut => {}
             }
         };
         child.join_readers();
         if !status.success() {
-            let said = String::from_utf8_lossy(&err.take().bytes).trim().to_string();
-            let said = said.lines().last().unwrap_or("").to_string();
-            return Err(format!(
-                "`wasm-opt` failed ({status}){}",
-                if said.is_empty() { said } else { format!(": {said}") }
-            ));
+            let said = String::from_utf8_lossy(&err.take().bytes).trim().lines().last().unwrap_or("").to_string();
+            let said = if said.is_empty() { said } else { format!(": {said}") };
+            return Err(NotOptimized::lasting(format!("`wasm-opt` failed ({status}){said}")));
         }
-        let out = dir.path().join("out.wasm");
-        let len = std::fs::symlink_metadata(&out).map_err(|e| format!("`wasm-opt` left no module: {e}"))?;
-        if !len.is_file() || len.len() as usize > out_cap {
-            return Err(format!("`wasm-opt` left something other than a module of at most {out_cap} bytes"));
+        let made = out.take();
+        if made.dropped > 0 {
+            return Err(NotOptimized::lasting(format!("`wasm-opt` made over {out_cap} bytes")));
         }
-        std::fs::read(&out).map_err(|e| format!("cannot read what `wasm-opt` made: {e}"))
+        if made.bytes.is_empty() {
+            return Err(NotOptimized::lasting("`wasm-opt` made no module"));
+        }
+        Ok(made.bytes)
     }
 
-    /// The host directories a tool outside `/usr` needs, bound read-only at the same paths: its
-    /// own, and a `lib` beside its `bin` (binaryen's release archives find their library there).
-    fn tool_dirs(&self) -> Vec<PathBuf> {
-        let Some(dir) = self.wasm_opt.parent().filter(|_| !self.wasm_opt.starts_with("/usr")) else {
+    /// What a tool outside `/usr` needs of the host, bound read-only at the same paths: the tool,
+    /// and a `lib` beside its `bin` (binaryen's release archives find their library there).
+    fn tool_paths(&self) -> Vec<PathBuf> {
+        if self.wasm_opt.starts_with("/usr") {
             return Vec::new();
-        };
+        }
+        let dir = self.wasm_opt.parent().unwrap_or(Path::new("/"));
         let lib = dir.parent().map(|p| p.join("lib")).filter(|l| dir.ends_with("bin") && l.is_dir());
-        std::iter::once(dir.to_path_buf()).chain(lib).collect()
+        std::iter::once(self.wasm_opt.clone()).chain(lib).collect()
     }
 
     /// bubblewrap's arguments, up to and including the `--` before the tool's argv.
-    fn sandbox_args(&self, dir: &Path, run_as: Option<(u32, u32)>) -> Vec<String> {
+    fn sandbox_args(&self, input: &Path, run_as: Option<(u32, u32)>) -> Vec<String> {
         let mut a: Vec<String> = [
             "--die-with-parent",
             "--new-session",
@@ -213,26 +283,25 @@ impl Optimizer {
         ]
         .map(String::from)
         .to_vec();
-        for dir in self.tool_dirs() {
+        for path in self.tool_paths() {
             // Its parents are made searchable (bwrap would make them 0700, shut to nobody).
-            let parents: Vec<&Path> = dir.ancestors().skip(1).filter(|p| p.parent().is_some()).collect();
+            let parents: Vec<&Path> = path.ancestors().skip(1).filter(|p| p.parent().is_some()).collect();
             for p in parents.into_iter().rev() {
                 a.extend(["--perms".into(), "0755".into(), "--dir".into(), p.display().to_string()]);
             }
-            let d = dir.display().to_string();
-            a.extend(["--ro-bind".into(), d.clone(), d]);
+            let p = path.display().to_string();
+            a.extend(["--ro-bind".into(), p.clone(), p]);
         }
-        a.extend(["--bind".into(), dir.display().to_string(), WORK.into(), "--chdir".into(), WORK.into()]);
+        a.extend(["--perms".into(), "0755".into(), "--dir".into(), WORK.into()]);
+        a.extend(["--ro-bind".into(), input.display().to_string(), format!("{WORK}/in.wasm")]);
+        a.extend(["--chdir".into(), WORK.into()]);
         match run_as {
             None => a.extend(["--unshare-user".into(), "--cap-drop".into(), "ALL".into(), "--".into()]),
             Some((uid, gid)) => {
                 a.push("--".into());
-                a.extend(
-                    ["/usr/bin/setpriv".into(), format!("--reuid={uid}"), format!("--regid={gid}")].into_iter().chain(
-                        ["--clear-groups", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all"]
-                            .map(String::from),
-                    ),
-                );
+                a.extend([SETPRIV.into(), format!("--reuid={uid}"), format!("--regid={gid}")].into_iter().chain(
+                    ["--clear-groups", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all"].map(String::from),
+                ));
             }
         }
         a
@@ -240,9 +309,13 @@ impl Optimizer {
 }
 
 /// Logs whether modules compiled here go through binaryen, or why not (a node says so as it
-/// starts).
+/// starts), having tried it on a small module.
 pub fn log_availability() {
-    match Optimizer::find() {
+    let tried = Optimizer::find().and_then(|o| {
+        let probe = wat::parse_str(r#"(module (func (export "_start")))"#).map_err(|e| e.to_string())?;
+        o.optimize(&probe).map(|_| o).map_err(|e| format!("it failed on a test module: {}", e.why))
+    });
+    match tried {
         Ok(o) => {
             tracing::info!(tool = %o.tool().display(), "wasm modules are optimized by binaryen before they are compiled")
         }
@@ -250,21 +323,40 @@ pub fn log_availability() {
     }
 }
 
+/// A module's imports, as (module, name) pairs.
+fn imports(binary: &[u8]) -> Result<Vec<(String, String)>, String> {
+    let mut all = Vec::new();
+    for payload in wasmparser::Parser::new(0).parse_all(binary) {
+        if let wasmparser::Payload::ImportSection(s) = payload.map_err(|e| e.to_string())? {
+            for i in s.into_imports() {
+                let i = i.map_err(|e| e.to_string())?;
+                all.push((i.module.to_string(), i.name.to_string()));
+            }
+        }
+    }
+    Ok(all)
+}
+
 /// Limits for the sandbox and the tool: cpu time, address space (1 GiB and 64 bytes per byte of
-/// module), file size (the output's cap), open files, no core dumps.
-fn confine(cmd: &mut Command, len: u64, out_cap: u64, limit: Duration) {
+/// module), files (it writes none), open files, no core dumps; and no descriptor of ours but its
+/// standard ones (a wasm worker's socket to its node would otherwise pass through bwrap).
+fn confine(cmd: &mut Command, len: u64, limit: Duration) {
     let memory = (1u64 << 30) + len * 64;
     let limits = [
         (libc::RLIMIT_CPU, limit.as_secs() + 1),
         (libc::RLIMIT_AS, memory),
-        (libc::RLIMIT_FSIZE, out_cap),
+        (libc::RLIMIT_FSIZE, 1 << 20),
         (libc::RLIMIT_NOFILE, 64),
         (libc::RLIMIT_CORE, 0),
     ];
-    // SAFETY: the closure runs in the forked child before exec and calls only setrlimit, which
-    // is async-signal-safe, with plain integers it owns.
+    // SAFETY: the closure runs in the forked child before exec and calls only close_range and
+    // setrlimit, both async-signal-safe, with plain integers it owns. Marking descriptors 3 and
+    // up close-on-exec (rather than closing them) leaves std's own exec-error pipe working.
     unsafe {
         cmd.pre_exec(move || {
+            if libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             for (resource, value) in limits {
                 let lim = libc::rlimit { rlim_cur: value, rlim_max: value };
                 if libc::setrlimit(resource, &lim) != 0 {

@@ -138,6 +138,12 @@ pub fn serve() -> i32 {
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
     exit_with_parent(FD);
+    // The descriptors came across exec with close-on-exec cleared (dup2 clears it); nothing this
+    // worker starts (binaryen's optimizer) may inherit its socket to the node or its output copies.
+    for fd in [FD, OUT_FD, ERR_FD] {
+        // SAFETY: fcntl on a descriptor number; one that is not open only gives EBADF.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     // Its runtime's configuration, sent once (`Workers::start`).
     let config: RuntimeConfig = match receive(&mut sock) {
         Ok(c) => c,

@@ -32,9 +32,14 @@ fn printer(text: &str) -> String {
 /// A stand-in for `wasm-opt`: a shell script with `body`, in `dir` (made searchable: the tool
 /// runs as nobody when the tests run as root).
 fn mock_tool(dir: &Path, name: &str, body: &str) -> PathBuf {
+    mock_script(dir, name, &format!("#!/bin/sh\n{body}\n"))
+}
+
+/// A stand-in for `wasm-opt`: `script`, in `dir`.
+fn mock_script(dir: &Path, name: &str, script: &str) -> PathBuf {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::write(&path, script).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     path
 }
@@ -65,7 +70,7 @@ fn stdout_with(optimizer: Option<Optimizer>, wat: &str, deterministic: bool) -> 
 fn binaryen_optimizes_a_validated_module_and_it_runs_the_same() {
     let optimizer = Optimizer::find().expect("binaryen and bubblewrap are installed (scripts/setup)");
     let module = wat::parse_str(printer("same")).unwrap();
-    let optimized = optimizer.optimize(&module).expect("wasm-opt optimizes a valid module");
+    let optimized = optimizer.optimize(&module).map_err(|e| e.why).expect("wasm-opt optimizes a valid module");
     wasmtime::Module::validate(&wasmtime::Engine::default(), &optimized).expect("what it made is valid");
     assert!(
         optimized.len() < module.len(),
@@ -81,9 +86,13 @@ fn what_the_optimizer_makes_is_what_runs_and_deterministic_jobs_skip_it() {
     let tools = tempfile::tempdir().unwrap();
     let made = wat::parse_str(printer("optimized")).unwrap();
     let octal: String = made.iter().map(|b| format!("\\{b:03o}")).collect();
-    let tool =
-        mock_tool(tools.path(), "mock-wasm-opt", &format!("for a; do out=$a; done\nprintf '{octal}' > \"$out\""));
+    let tool = mock_tool(tools.path(), "mock-wasm-opt", &format!("printf '{octal}'"));
     let optimizer = Optimizer::at(&tool).unwrap();
+    let original = wat::parse_str(printer("original")).unwrap();
+    optimizer
+        .compile(&wasmtime::Engine::default(), &original)
+        .map_err(|e| e.why)
+        .expect("the stand-in's module is taken");
     assert_eq!(stdout_with(Some(optimizer.clone()), &printer("original"), false), "optimized\n");
     assert_eq!(stdout_with(Some(optimizer), &printer("original"), true), "original\n");
     assert_eq!(stdout_with(None, &printer("original"), false), "original\n");
@@ -96,35 +105,93 @@ fn a_failing_hanging_or_lying_optimizer_leaves_the_module_as_submitted() {
     let cases = [
         ("mock-wasm-opt-fails", "echo 'the parser fell over' >&2; exit 3", "the parser fell over"),
         ("mock-wasm-opt-hangs", "exec sleep 600", "took over 1 s"),
-        ("mock-wasm-opt-lies", "for a; do out=$a; done\necho 'not a module' > \"$out\"", "wasmtime refused"),
-        ("mock-wasm-opt-silent", "exit 0", "left no module"),
+        ("mock-wasm-opt-lies", "echo 'not a module'", "wasmtime refused"),
+        ("mock-wasm-opt-silent", "exit 0", "made no module"),
+        ("mock-wasm-opt-floods", "exec cat /dev/zero", "made over"),
     ];
     for (name, body, why) in cases {
         let tool = mock_tool(tools.path(), name, body);
         let optimizer = Optimizer::at(&tool).unwrap().with_base_limit(Duration::from_secs(1));
         let start = Instant::now();
-        let got = optimizer.optimize(&module).and_then(|b| {
-            wasmtime::Module::new(&wasmtime::Engine::default(), &b)
-                .map(drop)
-                .map_err(|e| format!("wasmtime refused: {e}"))
-        });
-        let err = got.expect_err(name);
-        assert!(err.contains(why), "{name}: {err}");
+        let err = optimizer.compile(&wasmtime::Engine::default(), &module).map(drop).expect_err(name);
+        assert!(err.why.contains(why), "{name}: {}", err.why);
+        assert!(err.lasting, "{name}: {}", err.why);
         assert!(start.elapsed() < Duration::from_secs(20), "{name} took {:?}", start.elapsed());
         assert_eq!(stdout_with(Some(optimizer), &printer("original"), false), "original\n", "{name}");
     }
 }
 
 #[test]
-fn the_optimizer_runs_without_root_or_the_hosts_files() {
+fn the_optimizer_runs_without_root_the_hosts_files_or_our_descriptors() {
     let tools = tempfile::tempdir().unwrap();
-    let body = "echo \"uid=$(id -u) sees=$(ls / | tr '\\n' ' ')\" >&2; exit 1";
-    let optimizer = Optimizer::at(&mock_tool(tools.path(), "mock-wasm-opt-looks", body)).unwrap();
-    let err = optimizer.optimize(&wat::parse_str(printer("x")).unwrap()).unwrap_err();
+    // A descriptor of ours that a child would inherit (as a wasm worker's socket to its node is),
+    // placed at 100 or above, clear of the tool's shell's own.
+    let ours = std::fs::File::open("/dev/null").unwrap();
+    // SAFETY: fcntl on a descriptor this test holds open; F_DUPFD's copy is not close-on-exec.
+    let fd = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&ours), libc::F_DUPFD, 100) };
+    assert!(fd >= 100);
+    let script = format!(
+        r#"#!/bin/bash
+open=""
+true >&{fd} 2>/dev/null && open="$open,{fd}"
+(echo x > /work/in.wasm) 2>/dev/null && open="$open,wrote-in"
+touch /work/new 2>/dev/null && open="$open,wrote-work"
+echo "uid=$(id -u) fds=$open; sees=$(ls / | tr '\n' ' ')" >&2; exit 1
+"#
+    );
+    let optimizer = Optimizer::at(&mock_script(tools.path(), "mock-wasm-opt-looks", &script)).unwrap();
+    let err = optimizer.optimize(&wat::parse_str(printer("x")).unwrap()).unwrap_err().why;
+    // SAFETY: closing the copy this test made.
+    unsafe { libc::close(fd) };
     assert!(!err.contains("uid=0 "), "{err}");
+    assert!(err.contains("fds=;"), "the tool could use descriptors of ours or write its input: {err}");
     let seen: Vec<&str> = err.split("sees=").nth(1).unwrap().split_whitespace().collect();
     for entry in &seen {
         assert!(["bin", "dev", "lib", "lib64", "tmp", "usr", "work"].contains(entry), "{entry} is visible: {err}");
     }
     assert!(seen.contains(&"work"), "{err}");
+}
+
+#[test]
+fn binaryen_dropping_an_unused_import_leaves_the_module_as_submitted() {
+    // A module with an import it never calls links only where that import exists: binaryen
+    // removes it, and the optimized module would link anywhere.
+    let wat = printer("original").replacen(
+        "(memory",
+        r#"(import "wasi_snapshot_preview1" "sched_yield" (func $unused_import (result i32)))
+  (memory"#,
+        1,
+    );
+    let module = wat::parse_str(&wat).unwrap();
+    let optimizer = Optimizer::find().expect("binaryen and bubblewrap are installed (scripts/setup)");
+    let err = optimizer.compile(&wasmtime::Engine::default(), &module).map(drop).unwrap_err();
+    assert!(err.why.contains("imports") && err.lasting, "{}", err.why);
+    assert_eq!(stdout_with(Some(optimizer), &wat, false), "original\n");
+}
+
+#[test]
+fn a_lasting_failure_is_cached_and_a_passing_one_is_not() {
+    let tools = tempfile::tempdir().unwrap();
+    let fails = Optimizer::at(&mock_tool(tools.path(), "mock-wasm-opt-fails", "exit 3")).unwrap();
+    let unstartable = fails.clone().with_bwrap(tools.path().join("no-such-bwrap"));
+    for (optimizer, cached) in [(fails, 1), (unstartable, 0)] {
+        let dir = tempfile::tempdir().unwrap();
+        let config =
+            RuntimeConfig { cache_dir: dir.path().join("cache"), output_cap: 1 << 20, ..RuntimeConfig::default() };
+        let rt = WasmRuntime::new(&config, true).unwrap().with_optimizer(Some(optimizer));
+        let (job, job_dir) = job(dir.path(), &printer("original"), Resources::default(), Policy::default());
+        let req = RunRequest {
+            job: &job,
+            job_dir: &job_dir,
+            cancel: None,
+            ssi: None,
+            checkpoint: None,
+            seed: 1,
+            net: None,
+            empty_dir: true,
+        };
+        assert_eq!(rt.run(&req, &config).unwrap().stdout.bytes, b"original\n");
+        let files = std::fs::read_dir(dir.path().join("cache/wasm")).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(files, cached, "cached modules");
+    }
 }
