@@ -195,7 +195,8 @@ pub fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
     });
     tracing::info!(node = %agent.ad.name, pool = %agent.config.pool, "joined the pool");
     if agent.ad.vm_types.contains(&VmType::Wasm) {
-        vmgrid_runtime::wasm::optimize::log_availability();
+        // On a thread: the probe must not hold up the first heartbeat.
+        std::thread::spawn(vmgrid_runtime::wasm::optimize::log_availability);
     }
     if let (Some(listener), Some(identity)) = (peer_listener, reg.peer_identity.as_ref()) {
         agent.share_blobs(listener, identity)?;

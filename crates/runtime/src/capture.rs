@@ -55,6 +55,11 @@ impl CaptureSink {
         CaptureSink::new(cap, Echo::None)
     }
 
+    /// How many bytes were dropped past the cap so far.
+    pub fn dropped(&self) -> u64 {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).captured.dropped
+    }
+
     /// Whether anything was dropped past the cap so far.
     pub fn overflowed(&self) -> bool {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).captured.dropped > 0

@@ -330,7 +330,8 @@ impl WasmRuntime {
                         tracing::warn!(image = %image.display(), "binaryen did not optimize the module, so it is compiled as submitted: {why}");
                         let module = Module::new(engine, &binary).map_err(|e| invalid(format!("{e:#}")))?;
                         if !no.lasting {
-                            // Not cached: its next load tries binaryen again.
+                            // Not cached on disk: a later process tries binaryen again (this one
+                            // keeps the module it linked).
                             return Ok(module);
                         }
                         module

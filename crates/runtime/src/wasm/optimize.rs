@@ -10,9 +10,11 @@
 //! A module is untrusted input to a C++ program, so `wasm-opt` only sees modules that wasmtime
 //! has validated, and runs confined: bubblewrap with new namespaces (no network), the host's
 //! `/usr` read-only, the module as one read-only file, and nothing else of the host's filesystem
-//! and no descriptor of ours but a pipe for its output; never as root (a root node runs it as
-//! `nobody`, who is given nothing on the host to write); binaryen on one thread; limits on its
-//! time, address space, output and open files (per process: a tool taken over could start more).
+//! (and the tool itself, with a `lib` beside its `bin`, when it is outside `/usr`), and no
+//! descriptor of ours but a pipe for its output; never as root (a root node runs it as a user id
+//! of its own, picked at random, so that no other process can reach into it or be reached);
+//! binaryen on one thread; limits on its time, address space, output, open files and (with its
+//! own id) processes.
 //! Whatever goes wrong compiles the module as submitted, with a warning in the log. So does an
 //! output that wasmtime refuses or whose imports differ (binaryen drops unused imports, which
 //! would make a module link on a node with binaryen and not on one without). Deterministic jobs
@@ -27,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use crate::capture::CaptureSink;
 use crate::process::{Supervised, Waited};
-use crate::qemu::launch::{UNPRIVILEGED_USER, effective_uid, user_ids};
+use crate::qemu::launch::effective_uid;
 
 /// Names the optimizer; `off` turns it off.
 pub const ENV: &str = "VMGRID_WASM_OPT";
@@ -121,7 +123,8 @@ impl Optimizer {
         (&wasm_opt, meta.len(), meta.modified().ok(), LEVEL, FEATURES).hash(&mut h);
         // Debian's `wasm-opt` is a small program; binaryen itself is its library.
         let bin = wasm_opt.parent().and_then(Path::parent).unwrap_or(Path::new("/"));
-        for lib in [bin.join("lib/libbinaryen.so"), bin.join("lib/x86_64-linux-gnu/libbinaryen.so")] {
+        let multiarch = format!("lib/{}-linux-gnu/libbinaryen.so", std::env::consts::ARCH);
+        for lib in [bin.join("lib/libbinaryen.so"), bin.join(multiarch)] {
             if let Ok(m) = std::fs::metadata(&lib) {
                 (lib, m.len(), m.modified().ok()).hash(&mut h);
             }
@@ -161,11 +164,8 @@ impl Optimizer {
     /// binaryen's output and it imports what `binary` does.
     pub(crate) fn compile(&self, engine: &wasmtime::Engine, binary: &[u8]) -> Result<wasmtime::Module, NotOptimized> {
         let made = self.optimize(binary)?;
-        let module = wasmtime::Module::new(engine, &made)
-            .map_err(|e| NotOptimized::lasting(format!("wasmtime refused what it made: {e:#}")))?;
-        let mut before = imports(binary).map_err(NotOptimized::lasting)?;
-        let mut after: Vec<(String, String)> =
-            module.imports().map(|i| (i.module().to_string(), i.name().to_string())).collect();
+        let refused = |e: String| NotOptimized::lasting(format!("wasmtime refused what it made: {e}"));
+        let (mut before, mut after) = (imports(binary).map_err(refused)?, imports(&made).map_err(refused)?);
         before.sort();
         after.sort();
         if before != after {
@@ -175,7 +175,7 @@ impl Optimizer {
                 after.len()
             )));
         }
-        Ok(module)
+        wasmtime::Module::new(engine, &made).map_err(|e| refused(format!("{e:#}")))
     }
 
     /// `module` (binary; validated by the caller) optimized, or why not.
@@ -183,59 +183,33 @@ impl Optimizer {
         if module.len() > MAX_MODULE {
             return Err(NotOptimized::lasting(format!("the module is over {} MiB", MAX_MODULE >> 20)));
         }
-        // Ours alone (0700), so nobody, whom the tool runs as on a root node, can change nothing
-        // in it; the module is bound into the sandbox read-only, and the output comes on a pipe.
+        // Ours alone (0700): no other account can change anything in it. The module is bound into
+        // the sandbox read-only, and the output comes on a pipe.
         let dir =
             crate::scratch::dir("wasm-opt").map_err(|e| NotOptimized::passing(format!("no scratch directory: {e}")))?;
         let input = dir.path().join("in.wasm");
         std::fs::write(&input, module)
             .and_then(|()| std::fs::set_permissions(&input, std::os::unix::fs::PermissionsExt::from_mode(0o444)))
             .map_err(|e| NotOptimized::passing(format!("cannot write the module: {e}")))?;
-        let run_as = match effective_uid() {
-            0 => Some(
-                user_ids(UNPRIVILEGED_USER)
-                    .map_err(|e| NotOptimized::passing(e.to_string()))?
-                    .ok_or(NotOptimized::lasting(format!("there is no `{UNPRIVILEGED_USER}` user to run it as")))?,
-            ),
-            _ => None,
-        };
+        // A root node runs the tool as a user id of its own, which no other process has: another
+        // process of one shared user (QEMU's `nobody`) could reach into it through /proc.
+        let run_as = (effective_uid() == 0).then(fresh_id);
         let out_cap = module.len() * 4 + (1 << 20);
-        let limit = self.limit(module.len());
         let mut cmd = Command::new(&self.bwrap);
         cmd.args(self.sandbox_args(&input, run_as));
         cmd.arg(&self.wasm_opt).arg(LEVEL).args(FEATURES).arg("--strip-dwarf");
         cmd.arg(format!("{WORK}/in.wasm")).args(["-o", "-"]);
         cmd.env_clear().env("PATH", "/usr/bin:/bin").env("BINARYEN_CORES", "1");
-        confine(&mut cmd, module.len() as u64, limit);
-        let (out, err) = (CaptureSink::bounded(out_cap), CaptureSink::bounded(4096));
-        let mut child = Supervised::spawn(&mut cmd, out.clone(), err.clone())
-            .map_err(|e| NotOptimized::passing(format!("cannot start `{}`: {e}", self.bwrap.display())))?;
-        // Waited on in slices, to stop a tool that writes past the output's cap at once.
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            let slice = deadline.min(Instant::now() + Duration::from_millis(20));
-            match child.wait_until(slice).map_err(|e| NotOptimized::passing(e.to_string()))? {
-                Waited::Exited(st) => break st,
-                Waited::TimedOut if out.overflowed() => {
-                    child.kill_and_reap();
-                    return Err(NotOptimized::lasting(format!("`wasm-opt` made over {out_cap} bytes")));
-                }
-                Waited::TimedOut if Instant::now() >= deadline => {
-                    child.kill_and_reap();
-                    return Err(NotOptimized::lasting(format!("`wasm-opt` took over {} s", limit.as_secs())));
-                }
-                Waited::TimedOut => {}
-            }
-        };
-        child.join_readers();
-        if !status.success() {
-            let said = String::from_utf8_lossy(&err.take().bytes).trim().lines().last().unwrap_or("").to_string();
-            let said = if said.is_empty() { said } else { format!(": {said}") };
-            return Err(NotOptimized::lasting(format!("`wasm-opt` failed ({status}){said}")));
-        }
+        let limit = self.limit(module.len());
+        confine(&mut cmd, module.len() as u64, limit, run_as.is_some());
+        let out = CaptureSink::bounded(out_cap);
+        let failed = run(&mut cmd, out.clone(), limit, &self.bwrap)?;
         let made = out.take();
         if made.dropped > 0 {
             return Err(NotOptimized::lasting(format!("`wasm-opt` made over {out_cap} bytes")));
+        }
+        if let Some(failed) = failed {
+            return Err(failed);
         }
         if made.bytes.is_empty() {
             return Err(NotOptimized::lasting("`wasm-opt` made no module"));
@@ -255,7 +229,7 @@ impl Optimizer {
     }
 
     /// bubblewrap's arguments, up to and including the `--` before the tool's argv.
-    fn sandbox_args(&self, input: &Path, run_as: Option<(u32, u32)>) -> Vec<String> {
+    fn sandbox_args(&self, input: &Path, run_as: Option<u32>) -> Vec<String> {
         let mut a: Vec<String> = [
             "--die-with-parent",
             "--new-session",
@@ -297,9 +271,9 @@ impl Optimizer {
         a.extend(["--chdir".into(), WORK.into()]);
         match run_as {
             None => a.extend(["--unshare-user".into(), "--cap-drop".into(), "ALL".into(), "--".into()]),
-            Some((uid, gid)) => {
+            Some(id) => {
                 a.push("--".into());
-                a.extend([SETPRIV.into(), format!("--reuid={uid}"), format!("--regid={gid}")].into_iter().chain(
+                a.extend([SETPRIV.into(), format!("--reuid={id}"), format!("--regid={id}")].into_iter().chain(
                     ["--clear-groups", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all"].map(String::from),
                 ));
             }
@@ -337,10 +311,68 @@ fn imports(binary: &[u8]) -> Result<Vec<(String, String)>, String> {
     Ok(all)
 }
 
+/// The first of the user ids a root node runs the tool as, one picked at random per run from the
+/// 2^24 above it: ids no account or container range is given on a normal system.
+const FIRST_ID: u32 = 0x7e00_0000;
+
+/// A user id for one run of the tool (see [`FIRST_ID`]).
+fn fresh_id() -> u32 {
+    use std::hash::BuildHasher;
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // RandomState is seeded at random once per process; the pid and the count tell runs apart.
+    let h = std::collections::hash_map::RandomState::new().hash_one((std::process::id(), run));
+    FIRST_ID + (h as u32 & 0x00ff_ffff)
+}
+
+/// Runs the sandboxed tool to its end, its stdout into `out`: what it said if it failed (the last
+/// line of its stderr), or an error if it could not be run or was stopped: at `limit`, or at once
+/// when it writes past `out`'s cap or floods its stderr.
+fn run(
+    cmd: &mut Command,
+    out: CaptureSink,
+    limit: Duration,
+    bwrap: &Path,
+) -> Result<Option<NotOptimized>, NotOptimized> {
+    let err = CaptureSink::bounded(4096);
+    let mut child = Supervised::spawn(cmd, out.clone(), err.clone())
+        .map_err(|e| NotOptimized::passing(format!("cannot start `{}`: {e}", bwrap.display())))?;
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        let slice = deadline.min(Instant::now() + Duration::from_millis(20));
+        match child.wait_until(slice).map_err(|e| NotOptimized::passing(e.to_string()))? {
+            Waited::Exited(st) => break st,
+            Waited::TimedOut if out.overflowed() || err.dropped() > 1 << 20 => {
+                child.kill_and_reap();
+                return Err(NotOptimized::lasting("`wasm-opt` wrote past its output's cap"));
+            }
+            Waited::TimedOut if Instant::now() >= deadline => {
+                child.kill_and_reap();
+                return Err(NotOptimized::lasting(format!("`wasm-opt` took over {} s", limit.as_secs())));
+            }
+            Waited::TimedOut => {}
+        }
+    };
+    child.join_readers();
+    if status.success() {
+        return Ok(None);
+    }
+    let said = String::from_utf8_lossy(&err.take().bytes).trim().lines().last().unwrap_or("").to_string();
+    let why =
+        format!("`wasm-opt` failed ({status}){}", if said.is_empty() { String::new() } else { format!(": {said}") });
+    // Killed by a signal we did not send (the kernel's OOM killer, a service manager's stop; bwrap
+    // passes a signal's death on as 128 and its number), or a sandbox that could not be set up:
+    // the module itself may well be fine next time.
+    let signalled = std::os::unix::process::ExitStatusExt::signal(&status).is_some();
+    let passing = signalled || status.code().is_some_and(|c| c > 128) || said.starts_with("bwrap:");
+    Ok(Some(NotOptimized { why, lasting: !passing }))
+}
+
 /// Limits for the sandbox and the tool: cpu time, address space (1 GiB and 64 bytes per byte of
-/// module), files (it writes none), open files, no core dumps; and no descriptor of ours but its
-/// standard ones (a wasm worker's socket to its node would otherwise pass through bwrap).
-fn confine(cmd: &mut Command, len: u64, limit: Duration) {
+/// module), files (it writes none), open files, no core dumps, and with a user id of its own
+/// (`own_id`, a root node) 64 processes; and no descriptor of ours but its standard ones (a wasm
+/// worker's socket to its node would otherwise pass through bwrap).
+fn confine(cmd: &mut Command, len: u64, limit: Duration, own_id: bool) {
     let memory = (1u64 << 30) + len * 64;
     let limits = [
         (libc::RLIMIT_CPU, limit.as_secs() + 1),
@@ -348,14 +380,24 @@ fn confine(cmd: &mut Command, len: u64, limit: Duration) {
         (libc::RLIMIT_FSIZE, 1 << 20),
         (libc::RLIMIT_NOFILE, 64),
         (libc::RLIMIT_CORE, 0),
+        // Counted per real user id: only an id of its own makes this bound the tool alone.
+        (libc::RLIMIT_NPROC, if own_id { 64 } else { libc::RLIM_INFINITY }),
     ];
-    // SAFETY: the closure runs in the forked child before exec and calls only close_range and
-    // setrlimit, both async-signal-safe, with plain integers it owns. Marking descriptors 3 and
-    // up close-on-exec (rather than closing them) leaves std's own exec-error pipe working.
+    // SAFETY: the closure runs in the forked child before exec and calls only close_range,
+    // getrlimit, fcntl and setrlimit, all async-signal-safe, with plain integers it owns. Marking
+    // descriptors 3 and up close-on-exec (rather than closing them) leaves std's own exec-error
+    // pipe working; a kernel without close_range's flag (before 5.11) gets one fcntl per
+    // descriptor up to the limit on open files.
     unsafe {
         cmd.pre_exec(move || {
             if libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
-                return Err(std::io::Error::last_os_error());
+                let mut open = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut open) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                for fd in 3..open.rlim_cur.min(1 << 20) as i32 {
+                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                }
             }
             for (resource, value) in limits {
                 let lim = libc::rlimit { rlim_cur: value, rlim_max: value };
