@@ -77,40 +77,8 @@ fn java_home(java: &Path) -> Option<&Path> {
 
 /// The sandbox around `java`: everything up to and including the `--` before the JVM's argv.
 fn sandbox_args(jvm: &Jvm, job_dir: &Path, as_root: bool) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "--die-with-parent",
-        "--new-session",
-        "--unshare-pid",
-        "--unshare-net",
-        "--unshare-ipc",
-        "--unshare-uts",
-        "--unshare-cgroup-try",
-        "--hostname",
-        "vmgrid-jvm",
-        "--ro-bind",
-        "/usr",
-        "/usr",
-        "--symlink",
-        "usr/lib",
-        "/lib",
-        "--symlink",
-        "usr/lib64",
-        "/lib64",
-        "--symlink",
-        "usr/bin",
-        "/bin",
-        "--symlink",
-        "usr/sbin",
-        "/sbin",
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--tmpfs",
-        "/tmp",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut a = crate::tools::bwrap_base();
+    a.extend(["--hostname", "vmgrid-jvm", "--proc", "/proc"].map(String::from));
     if !as_root {
         // As root, setpriv needs CAP_SETUID to become nobody, and drops every capability itself.
         a.extend(["--unshare-user".into(), "--cap-drop".into(), "ALL".into()]);

@@ -23,3 +23,39 @@ pub fn require(env: Option<&str>, name: &str, package: &str) -> Result<PathBuf, 
         RunError::Host(format!("`{name}` was not found on PATH; install it (Debian: `apt-get install {package}`){set}"))
     })
 }
+
+/// The bubblewrap arguments vmgrid's sandboxes (a JVM job's, binaryen's) start from: new PID,
+/// network, IPC, UTS and cgroup namespaces, dying with us, a session of its own, the host's `/usr`
+/// read-only with the usual links into it, and a private `/dev` and `/tmp`.
+pub(crate) fn bwrap_base() -> Vec<String> {
+    [
+        "--die-with-parent",
+        "--new-session",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+        "--symlink",
+        "usr/lib",
+        "/lib",
+        "--symlink",
+        "usr/lib64",
+        "/lib64",
+        "--symlink",
+        "usr/bin",
+        "/bin",
+        "--symlink",
+        "usr/sbin",
+        "/sbin",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+    ]
+    .map(String::from)
+    .to_vec()
+}

@@ -230,33 +230,7 @@ impl Optimizer {
 
     /// bubblewrap's arguments, up to and including the `--` before the tool's argv.
     fn sandbox_args(&self, input: &Path, run_as: Option<u32>) -> Vec<String> {
-        let mut a: Vec<String> = [
-            "--die-with-parent",
-            "--new-session",
-            "--unshare-pid",
-            "--unshare-net",
-            "--unshare-ipc",
-            "--unshare-uts",
-            "--unshare-cgroup-try",
-            "--ro-bind",
-            "/usr",
-            "/usr",
-            "--symlink",
-            "usr/lib",
-            "/lib",
-            "--symlink",
-            "usr/lib64",
-            "/lib64",
-            "--symlink",
-            "usr/bin",
-            "/bin",
-            "--dev",
-            "/dev",
-            "--tmpfs",
-            "/tmp",
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut a = crate::tools::bwrap_base();
         for path in self.tool_paths() {
             // Its parents are made searchable (bwrap would make them 0700, shut to nobody).
             let parents: Vec<&Path> = path.ancestors().skip(1).filter(|p| p.parent().is_some()).collect();

@@ -46,11 +46,16 @@ fn mock_script(dir: &Path, name: &str, script: &str) -> PathBuf {
 
 /// What `wat` prints as a job on a runtime with `optimizer` (`deterministic` or not).
 fn stdout_with(optimizer: Option<Optimizer>, wat: &str, deterministic: bool) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let config = RuntimeConfig { cache_dir: dir.path().join("cache"), output_cap: 1 << 20, ..RuntimeConfig::default() };
+    run_in(tempfile::tempdir().unwrap().path(), optimizer, wat, deterministic)
+}
+
+/// What `wat` prints as a job on a runtime with `optimizer`, its image, job directory and cache
+/// (`cache/`) in `dir`.
+fn run_in(dir: &Path, optimizer: Option<Optimizer>, wat: &str, deterministic: bool) -> String {
+    let config = RuntimeConfig { cache_dir: dir.join("cache"), output_cap: 1 << 20, ..RuntimeConfig::default() };
     let rt = WasmRuntime::new(&config, true).unwrap().with_optimizer(optimizer);
     let policy = Policy { deterministic, ..Policy::default() };
-    let (job, job_dir) = job(dir.path(), wat, Resources { timeout_s: 60, ..Resources::default() }, policy);
+    let (job, job_dir) = job(dir, wat, Resources { timeout_s: 60, ..Resources::default() }, policy);
     let req = RunRequest {
         job: &job,
         job_dir: &job_dir,
@@ -153,7 +158,10 @@ echo "uid=$(id -u) fds=$open; sees=$(ls / | tr '\n' ' ')" >&2; exit 1
     assert!(err.contains("fds=;"), "the tool could use descriptors of ours or write its input: {err}");
     let seen: Vec<&str> = err.split("sees=").nth(1).unwrap().split_whitespace().collect();
     for entry in &seen {
-        assert!(["bin", "dev", "lib", "lib64", "tmp", "usr", "work"].contains(entry), "{entry} is visible: {err}");
+        assert!(
+            ["bin", "dev", "lib", "lib64", "sbin", "tmp", "usr", "work"].contains(entry),
+            "{entry} is visible: {err}"
+        );
     }
     assert!(seen.contains(&"work"), "{err}");
 }
@@ -183,21 +191,7 @@ fn a_lasting_failure_is_cached_and_a_passing_one_is_not() {
     let killed = Optimizer::at(&mock_tool(tools.path(), "mock-wasm-opt-killed", "kill -9 $$")).unwrap();
     for (optimizer, cached) in [(fails, 1), (unstartable, 0), (killed, 0)] {
         let dir = tempfile::tempdir().unwrap();
-        let config =
-            RuntimeConfig { cache_dir: dir.path().join("cache"), output_cap: 1 << 20, ..RuntimeConfig::default() };
-        let rt = WasmRuntime::new(&config, true).unwrap().with_optimizer(Some(optimizer));
-        let (job, job_dir) = job(dir.path(), &printer("original"), Resources::default(), Policy::default());
-        let req = RunRequest {
-            job: &job,
-            job_dir: &job_dir,
-            cancel: None,
-            ssi: None,
-            checkpoint: None,
-            seed: 1,
-            net: None,
-            empty_dir: true,
-        };
-        assert_eq!(rt.run(&req, &config).unwrap().stdout.bytes, b"original\n");
+        assert_eq!(run_in(dir.path(), Some(optimizer), &printer("original"), false), "original\n");
         let files = std::fs::read_dir(dir.path().join("cache/wasm")).map(|d| d.count()).unwrap_or(0);
         assert_eq!(files, cached, "cached modules");
     }
