@@ -55,7 +55,8 @@ const FEATURES: [&str; 9] = [
 pub const MAX_MODULE: usize = 8 << 20;
 /// The longest a module may take, however large.
 const MAX_LIMIT: Duration = Duration::from_secs(120);
-/// What a root node runs the tool as nobody with, inside the sandbox (which has only `/usr`).
+/// What a root node drops to the tool's own user id with, inside the sandbox (which has only
+/// `/usr`).
 const SETPRIV: &str = "/usr/bin/setpriv";
 /// Where the module is inside the sandbox.
 const WORK: &str = "/work";
@@ -116,8 +117,18 @@ impl Optimizer {
         let bwrap = crate::tools::find(Some("VMGRID_BWRAP"), "bwrap")
             .filter(|b| b.is_file())
             .ok_or("no `bwrap` to confine `wasm-opt` in (Debian: `apt-get install bubblewrap`)")?;
-        if effective_uid() == 0 && !Path::new(SETPRIV).is_file() {
-            return Err(format!("vmgrid runs as root and there is no `{SETPRIV}` to run `wasm-opt` as nobody"));
+        if effective_uid() == 0 {
+            if !Path::new(SETPRIV).is_file() {
+                return Err(format!("vmgrid runs as root and there is no `{SETPRIV}` to drop root with"));
+            }
+            for map in ["/proc/self/uid_map", "/proc/self/gid_map"] {
+                if !maps_own_ids(&std::fs::read_to_string(map).unwrap_or_default()) {
+                    return Err(format!(
+                        "this root's user namespace does not map the ids {FIRST_ID}-{} that `wasm-opt` runs as ({map})",
+                        FIRST_ID + ID_COUNT - 1
+                    ));
+                }
+            }
         }
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (&wasm_opt, meta.len(), meta.modified().ok(), LEVEL, FEATURES).hash(&mut h);
@@ -232,7 +243,7 @@ impl Optimizer {
     fn sandbox_args(&self, input: &Path, run_as: Option<u32>) -> Vec<String> {
         let mut a = crate::tools::bwrap_base();
         for path in self.tool_paths() {
-            // Its parents are made searchable (bwrap would make them 0700, shut to nobody).
+            // Its parents are made searchable (bwrap would make them 0700, shut to the tool's user).
             let parents: Vec<&Path> = path.ancestors().skip(1).filter(|p| p.parent().is_some()).collect();
             for p in parents.into_iter().rev() {
                 a.extend(["--perms".into(), "0755".into(), "--dir".into(), p.display().to_string()]);
@@ -289,6 +300,18 @@ fn imports(binary: &[u8]) -> Result<Vec<(String, String)>, String> {
 /// 2^24 above it: ids no account or container range is given on a normal system.
 const FIRST_ID: u32 = 0x7e00_0000;
 
+/// How many ids from [`FIRST_ID`] a run's id is picked from.
+const ID_COUNT: u32 = 1 << 24;
+
+/// Whether a `/proc/self/uid_map` (or `gid_map`) maps every id a run may get: not in a user
+/// namespace that maps only the usual 65,536 ids, as containers' do.
+fn maps_own_ids(map: &str) -> bool {
+    map.lines().any(|l| {
+        let f: Vec<u64> = l.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        f.len() == 3 && f[0] <= FIRST_ID as u64 && f[0] + f[2] >= (FIRST_ID + ID_COUNT) as u64
+    })
+}
+
 /// A user id for one run of the tool (see [`FIRST_ID`]).
 fn fresh_id() -> u32 {
     use std::hash::BuildHasher;
@@ -296,7 +319,7 @@ fn fresh_id() -> u32 {
     let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // RandomState is seeded at random once per process; the pid and the count tell runs apart.
     let h = std::collections::hash_map::RandomState::new().hash_one((std::process::id(), run));
-    FIRST_ID + (h as u32 & 0x00ff_ffff)
+    FIRST_ID + (h as u32 % ID_COUNT)
 }
 
 /// Runs the sandboxed tool to its end, its stdout into `out`: what it said if it failed (the last
@@ -334,11 +357,15 @@ fn run(
     let said = String::from_utf8_lossy(&err.take().bytes).trim().lines().last().unwrap_or("").to_string();
     let why =
         format!("`wasm-opt` failed ({status}){}", if said.is_empty() { String::new() } else { format!(": {said}") });
-    // Killed by a signal we did not send (the kernel's OOM killer, a service manager's stop; bwrap
-    // passes a signal's death on as 128 and its number), or a sandbox that could not be set up:
-    // the module itself may well be fine next time.
-    let signalled = std::os::unix::process::ExitStatusExt::signal(&status).is_some();
-    let passing = signalled || status.code().is_some_and(|c| c > 128) || said.starts_with("bwrap:");
+    // Killed from outside (the kernel's OOM killer, a service manager's stop; bwrap passes a
+    // signal's death on as 128 and its number), or a sandbox or program that could not be set up:
+    // the module itself may well be fine next time. A crash (SIGSEGV, SIGABRT) or the cpu limit
+    // (SIGXCPU) on this module would happen again.
+    let outside = [libc::SIGKILL, libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+    let signal = std::os::unix::process::ExitStatusExt::signal(&status).or(status.code().map(|c| c - 128));
+    let passing = signal.is_some_and(|s| outside.contains(&s))
+        || ["bwrap:", "setpriv:"].iter().any(|p| said.starts_with(p))
+        || said.contains("error while loading shared libraries");
     Ok(Some(NotOptimized { why, lasting: !passing }))
 }
 
@@ -348,15 +375,17 @@ fn run(
 /// worker's socket to its node would otherwise pass through bwrap).
 fn confine(cmd: &mut Command, len: u64, limit: Duration, own_id: bool) {
     let memory = (1u64 << 30) + len * 64;
-    let limits = [
+    let mut limits = vec![
         (libc::RLIMIT_CPU, limit.as_secs() + 1),
         (libc::RLIMIT_AS, memory),
         (libc::RLIMIT_FSIZE, 1 << 20),
         (libc::RLIMIT_NOFILE, 64),
         (libc::RLIMIT_CORE, 0),
-        // Counted per real user id: only an id of its own makes this bound the tool alone.
-        (libc::RLIMIT_NPROC, if own_id { 64 } else { libc::RLIM_INFINITY }),
     ];
+    if own_id {
+        // Counted per real user id: only an id of its own makes this bound the tool alone.
+        limits.push((libc::RLIMIT_NPROC, 64));
+    }
     // SAFETY: the closure runs in the forked child before exec and calls only close_range,
     // getrlimit, fcntl and setrlimit, all async-signal-safe, with plain integers it owns. Marking
     // descriptors 3 and up close-on-exec (rather than closing them) leaves std's own exec-error
@@ -373,7 +402,7 @@ fn confine(cmd: &mut Command, len: u64, limit: Duration, own_id: bool) {
                     libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
                 }
             }
-            for (resource, value) in limits {
+            for &(resource, value) in &limits {
                 let lim = libc::rlimit { rlim_cur: value, rlim_max: value };
                 if libc::setrlimit(resource, &lim) != 0 {
                     return Err(std::io::Error::last_os_error());

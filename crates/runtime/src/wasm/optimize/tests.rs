@@ -189,10 +189,18 @@ fn a_lasting_failure_is_cached_and_a_passing_one_is_not() {
     let fails = Optimizer::at(&mock_tool(tools.path(), "mock-wasm-opt-fails", "exit 3")).unwrap();
     let unstartable = fails.clone().with_bwrap(tools.path().join("no-such-bwrap"));
     let killed = Optimizer::at(&mock_tool(tools.path(), "mock-wasm-opt-killed", "kill -9 $$")).unwrap();
-    for (optimizer, cached) in [(fails, 1), (unstartable, 0), (killed, 0)] {
+    let crashes = Optimizer::at(&mock_tool(tools.path(), "mock-wasm-opt-crashes", "kill -SEGV $$")).unwrap();
+    for (optimizer, cached) in [(fails, 1), (unstartable, 0), (killed, 0), (crashes, 1)] {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(run_in(dir.path(), Some(optimizer), &printer("original"), false), "original\n");
         let files = std::fs::read_dir(dir.path().join("cache/wasm")).map(|d| d.count()).unwrap_or(0);
         assert_eq!(files, cached, "cached modules");
     }
+}
+
+#[test]
+fn a_root_in_a_user_namespace_that_maps_few_ids_has_no_optimizer() {
+    assert!(super::maps_own_ids("         0          0 4294967295\n"));
+    assert!(!super::maps_own_ids("         0     100000      65536\n"));
+    assert!(!super::maps_own_ids(""));
 }
