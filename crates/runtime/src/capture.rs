@@ -60,11 +60,6 @@ impl CaptureSink {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).captured.dropped
     }
 
-    /// Whether anything was dropped past the cap so far.
-    pub fn overflowed(&self) -> bool {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).captured.dropped > 0
-    }
-
     /// A copy of what was captured so far, leaving it in place.
     pub fn snapshot(&self) -> Captured {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).captured.clone()

@@ -52,7 +52,7 @@ const FEATURES: [&str; 9] = [
 ];
 /// Modules larger than this are compiled as submitted: binaryen's time and memory grow with a
 /// module (about 7 s of cpu for 2 MB here), and the job waits for them.
-pub const MAX_MODULE: usize = 8 << 20;
+const MAX_MODULE: usize = 8 << 20;
 /// The longest a module may take, however large.
 const MAX_LIMIT: Duration = Duration::from_secs(120);
 /// What a root node drops to the tool's own user id with, inside the sandbox (which has only
@@ -339,7 +339,7 @@ fn run(
         let slice = deadline.min(Instant::now() + Duration::from_millis(20));
         match child.wait_until(slice).map_err(|e| NotOptimized::passing(e.to_string()))? {
             Waited::Exited(st) => break st,
-            Waited::TimedOut if out.overflowed() || err.dropped() > 1 << 20 => {
+            Waited::TimedOut if out.dropped() > 0 || err.dropped() > 1 << 20 => {
                 child.kill_and_reap();
                 return Err(NotOptimized::lasting("`wasm-opt` wrote past its output's cap"));
             }
